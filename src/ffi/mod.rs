@@ -1,0 +1,30 @@
+//! The C ABI. Every `extern "C"` function runs inside [`boundary::ffi_boundary`]; this layer
+//! converts and checks arguments, nothing else.
+//!
+//! Ownership: every `hdb_*_new`/`_load` hands the caller an object that it frees with the
+//! matching `hdb_*_free` (NULL is a no-op). Objects keep what they depend on alive, so free
+//! order does not matter. Thread safety: `const` objects (model, adapter, hypernet) may be used
+//! from many threads at once; a session belongs to one thread at a time.
+
+#![allow(non_camel_case_types)]
+
+pub mod boundary;
+pub mod log;
+pub mod model;
+pub mod params;
+pub mod runtime;
+pub mod status;
+pub mod version;
+
+pub use status::hdb_status;
+
+/// A progress callback: `done` of `total` units of `stage` (a short UTF-8 name) are finished.
+/// Return `true` to go on, `false` to cancel (the call then returns `HDB_STATUS_CANCELLED`).
+pub type hdb_progress_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut std::ffi::c_void,
+        done: u64,
+        total: u64,
+        stage: *const std::ffi::c_char,
+    ) -> bool,
+>;

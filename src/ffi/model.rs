@@ -1,0 +1,258 @@
+//! `hdb_model`: a frozen SD model, loaded once and shared (read-only) by any number of threads.
+
+use std::ffi::{c_char, c_void, CString};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::boundary::{arg_path, arg_ref, ffi_boundary, ffi_infallible, out_ptr, write_string};
+use super::hdb_progress_fn;
+use super::params::{read_params, write_out_struct};
+use super::runtime::hdb_runtime;
+use super::status::hdb_status;
+use crate::error::Error;
+use crate::io::diffusers::Variant;
+use crate::io::keymap::Component;
+use crate::model::{Architecture, LoadOptions, Model, SourceFormat};
+use crate::runtime::Runtime;
+use crate::tensor::DType;
+
+/// Opaque, immutable model. Thread-safe: any number of threads may use one model at once.
+pub struct hdb_model {
+    pub(crate) model: Model,
+    /// Keeps the runtime alive for as long as the model lives.
+    pub(crate) _runtime: Arc<Runtime>,
+}
+
+/// Which weight files of a diffusers folder to read.
+pub type hdb_weights_variant = u32;
+/// The plain files if present, else the `fp16` variant (default).
+pub const HDB_WEIGHTS_AUTO: hdb_weights_variant = 0;
+/// Only `*.safetensors` (no variant).
+pub const HDB_WEIGHTS_FULL: hdb_weights_variant = 1;
+/// Only `*.fp16.safetensors`.
+pub const HDB_WEIGHTS_FP16: hdb_weights_variant = 2;
+
+/// Options for `hdb_model_load`. Get the defaults from `hdb_model_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct hdb_model_params {
+    pub struct_size: u32,
+    /// One of `HDB_WEIGHTS_*`.
+    pub weights_variant: hdb_weights_variant,
+    /// Called after each weight file is read (stage "load"); may be NULL.
+    pub progress: hdb_progress_fn,
+    /// Passed to `progress` unchanged.
+    pub progress_user_data: *mut c_void,
+}
+
+fn default_model_params() -> hdb_model_params {
+    hdb_model_params {
+        struct_size: std::mem::size_of::<hdb_model_params>() as u32,
+        weights_variant: HDB_WEIGHTS_AUTO,
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+    }
+}
+
+/// The default model params.
+#[no_mangle]
+pub extern "C" fn hdb_model_params_default() -> hdb_model_params {
+    ffi_infallible(default_model_params(), default_model_params)
+}
+
+/// Architectures reported in `hdb_model_info.architecture`.
+pub type hdb_architecture = u32;
+pub const HDB_ARCH_UNKNOWN: hdb_architecture = 0;
+pub const HDB_ARCH_SD1: hdb_architecture = 1;
+pub const HDB_ARCH_SD2: hdb_architecture = 2;
+pub const HDB_ARCH_SDXL: hdb_architecture = 3;
+
+/// Storage formats reported in `hdb_model_info.source_format`.
+pub type hdb_source_format = u32;
+pub const HDB_FORMAT_DIFFUSERS: hdb_source_format = 1;
+pub const HDB_FORMAT_LDM_SINGLE_FILE: hdb_source_format = 2;
+
+/// Element types.
+pub type hdb_dtype = u32;
+pub const HDB_DTYPE_NONE: hdb_dtype = 0;
+pub const HDB_DTYPE_F32: hdb_dtype = 1;
+pub const HDB_DTYPE_F16: hdb_dtype = 2;
+pub const HDB_DTYPE_BF16: hdb_dtype = 3;
+
+/// One component of a model.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct hdb_component_info {
+    /// 1 when the model has this component.
+    pub present: u32,
+    /// The dtype holding most of its parameters (`HDB_DTYPE_*`).
+    pub dtype: hdb_dtype,
+    pub tensor_count: u64,
+    pub parameter_count: u64,
+}
+
+/// What a model holds. Set `struct_size = sizeof(hdb_model_info)` before the call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct hdb_model_info {
+    pub struct_size: u32,
+    /// `HDB_ARCH_*`.
+    pub architecture: hdb_architecture,
+    /// `HDB_FORMAT_*`.
+    pub source_format: hdb_source_format,
+    /// The UNet's cross-attention width (768 for SD 1.x); 0 when unknown.
+    pub cross_attention_dim: u32,
+    /// 1 when a `tokenizer/` folder was found.
+    pub has_tokenizer: u32,
+    pub unet: hdb_component_info,
+    pub text_encoder: hdb_component_info,
+    pub vae: hdb_component_info,
+}
+
+/// Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
+/// `tokenizer/`; `*.fp16.safetensors` and sharded files too), a folder holding one diffusers
+/// component, or an LDM single-file `.safetensors` checkpoint. Weights are memory-mapped and
+/// kept in their dtype. On success `*out` owns the model (free with `hdb_model_free`).
+///
+/// # Safety
+/// `rt` a live runtime; `path` a NUL-terminated path (any bytes on Unix); `params` NULL or
+/// valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_load(
+    rt: *mut hdb_runtime,
+    path: *const c_char,
+    params: *const hdb_model_params,
+    out: *mut *mut hdb_model,
+) -> hdb_status {
+    ffi_boundary("hdb_model_load", || {
+        // SAFETY: caller contract for each pointer.
+        let rt = unsafe { arg_ref(rt, "rt") }?;
+        let path = unsafe { arg_path(path, "path") }?;
+        let out = out_ptr(out, "out")?;
+        let p = unsafe { read_params(params, default_model_params(), "params") }?;
+        let variant = match p.weights_variant {
+            HDB_WEIGHTS_AUTO => Variant::Auto,
+            HDB_WEIGHTS_FULL => Variant::Full,
+            HDB_WEIGHTS_FP16 => Variant::Fp16,
+            v => {
+                return Err(Error::invalid_arg(
+                    "params.weights_variant",
+                    format!("{v} is not an HDB_WEIGHTS_* value"),
+                ))
+            }
+        };
+        let stage = CString::new("load").unwrap_or_default();
+        let mut report = |done: usize, total: usize, _f: &Path| match p.progress {
+            // SAFETY: the host's callback with its own user data.
+            Some(cb) => unsafe {
+                cb(p.progress_user_data, done as u64, total as u64, stage.as_ptr())
+            },
+            None => true,
+        };
+        let model = Model::load(
+            &path,
+            LoadOptions {
+                variant,
+                progress: Some(&mut report),
+            },
+        )?;
+        let boxed = Box::new(hdb_model {
+            model,
+            _runtime: rt.inner.clone(),
+        });
+        // SAFETY: out checked non-null.
+        unsafe { *out = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
+fn dtype_code(d: Option<DType>) -> hdb_dtype {
+    match d {
+        None => HDB_DTYPE_NONE,
+        Some(DType::F32) => HDB_DTYPE_F32,
+        Some(DType::F16) => HDB_DTYPE_F16,
+        Some(DType::BF16) => HDB_DTYPE_BF16,
+    }
+}
+
+fn component_info(m: &Model, c: Component) -> hdb_component_info {
+    m.component(c).map_or_else(Default::default, |cw| {
+        let s = cw.summary();
+        hdb_component_info {
+            present: 1,
+            dtype: dtype_code(cw.main_dtype()),
+            tensor_count: s.tensors as u64,
+            parameter_count: s.parameters,
+        }
+    })
+}
+
+/// Reports what a model holds.
+///
+/// # Safety
+/// `model` a live model; `out` a struct whose `struct_size` is set.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_get_info(model: *const hdb_model, out: *mut hdb_model_info) -> hdb_status {
+    ffi_boundary("hdb_model_get_info", || {
+        // SAFETY: caller contract.
+        let m = &unsafe { arg_ref(model, "model") }?.model;
+        let out = out_ptr(out, "out")?;
+        let info = hdb_model_info {
+            struct_size: std::mem::size_of::<hdb_model_info>() as u32,
+            architecture: match m.architecture {
+                Architecture::Unknown => HDB_ARCH_UNKNOWN,
+                Architecture::Sd1 => HDB_ARCH_SD1,
+                Architecture::Sd2 => HDB_ARCH_SD2,
+                Architecture::Sdxl => HDB_ARCH_SDXL,
+            },
+            source_format: match m.format {
+                SourceFormat::Diffusers => HDB_FORMAT_DIFFUSERS,
+                SourceFormat::LdmSingleFile => HDB_FORMAT_LDM_SINGLE_FILE,
+            },
+            cross_attention_dim: m.cross_attention_dim().unwrap_or(0) as u32,
+            has_tokenizer: m.tokenizer.is_some() as u32,
+            unet: component_info(m, Component::Unet),
+            text_encoder: component_info(m, Component::TextEncoder),
+            vae: component_info(m, Component::Vae),
+        };
+        // SAFETY: out non-null, sized by the caller.
+        unsafe { write_out_struct(out, &info, "out") }
+    })
+}
+
+/// Writes a JSON description of the model (path, format, architecture, per-component tensor
+/// and parameter counts by dtype) into `buf`, NUL-terminated. `*needed` (if non-NULL) gets
+/// the size required, NUL included; with `buf` NULL or too small the call returns
+/// `HDB_STATUS_BUFFER_TOO_SMALL` after setting it.
+///
+/// # Safety
+/// `model` a live model; `buf` NULL or valid for `buf_len` bytes; `needed` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_describe(
+    model: *const hdb_model,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> hdb_status {
+    ffi_boundary("hdb_model_describe", || {
+        // SAFETY: caller contract.
+        let m = &unsafe { arg_ref(model, "model") }?.model;
+        let text = m.describe().to_string();
+        // SAFETY: caller contract on buf/needed.
+        unsafe { write_string(&text, buf, buf_len, needed) }
+    })
+}
+
+/// Frees a model; NULL is a no-op.
+///
+/// # Safety
+/// `model` NULL or a model from `hdb_model_load` not yet freed and no longer in use.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_free(model: *mut hdb_model) {
+    ffi_infallible((), || {
+        if !model.is_null() {
+            // SAFETY: created by Box::into_raw in hdb_model_load, freed once.
+            drop(unsafe { Box::from_raw(model) });
+        }
+    })
+}

@@ -1,0 +1,62 @@
+//! Versioned structs: every params/info struct starts with `uint32_t struct_size`, so fields
+//! can be appended without breaking callers compiled against an older header.
+
+use crate::error::{Error, Result};
+
+/// Largest `struct_size` accepted; anything bigger is surely garbage, not a newer header.
+const MAX_STRUCT_SIZE: u32 = 1 << 16;
+
+/// Reads a caller's params struct: NULL means `default`; otherwise the first
+/// `min(struct_size, size_of::<T>())` bytes come from the caller and the rest keep
+/// `default`'s values (fields an older caller did not know about).
+///
+/// # Safety
+/// `p` must be NULL or point to at least `struct_size` readable bytes, starting with a u32.
+/// `T` must be `repr(C)`, start with a `u32` size field, and every bit pattern of its
+/// fields must be valid (integers, raw pointers, `Option<fn>`).
+pub unsafe fn read_params<T: Copy>(p: *const T, default: T, name: &'static str) -> Result<T> {
+    if p.is_null() {
+        return Ok(default);
+    }
+    // SAFETY: non-null; the caller's struct begins with its u32 size.
+    let size = unsafe { (p as *const u32).read_unaligned() };
+    check_size(size, name)?;
+    let n = (size as usize).min(std::mem::size_of::<T>());
+    let mut out = default;
+    // SAFETY: n bytes are readable from p (its struct_size) and writable in out (size_of T).
+    unsafe {
+        std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, n);
+    }
+    Ok(out)
+}
+
+/// Writes an info struct into the caller's, copying only the `struct_size` bytes the caller
+/// has room for (its `struct_size` field, set by the caller, is kept).
+///
+/// # Safety
+/// `out` must be non-NULL and point to at least its `struct_size` writable bytes.
+pub unsafe fn write_out_struct<T: Copy>(out: *mut T, value: &T, name: &'static str) -> Result<()> {
+    // SAFETY: the caller set struct_size in the first u32.
+    let size = unsafe { (out as *const u32).read_unaligned() };
+    check_size(size, name)?;
+    let n = (size as usize).min(std::mem::size_of::<T>());
+    // SAFETY: the caller owns at least `size` bytes; we skip the size field itself.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (value as *const T as *const u8).add(4),
+            (out as *mut u8).add(4),
+            n - 4,
+        );
+    }
+    Ok(())
+}
+
+fn check_size(size: u32, name: &'static str) -> Result<()> {
+    if !(4..=MAX_STRUCT_SIZE).contains(&size) {
+        return Err(Error::invalid_arg(
+            name,
+            format!("struct_size is {size}; set it to sizeof the struct (use the _default() function)"),
+        ));
+    }
+    Ok(())
+}

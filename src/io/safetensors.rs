@@ -1,0 +1,297 @@
+//! safetensors files, memory-mapped. The header is validated by the `safetensors` crate
+//! (offsets contiguous, in bounds, sizes matching dtype x shape, file length exact); every
+//! error is reported with the file's path.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Shape};
+
+/// One tensor's place in a file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: StDtype,
+    pub shape: Shape,
+    /// Byte range inside the whole file (header included), validated to lie inside it.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorEntry {
+    /// The float dtype hdb computes with, or an error naming the file and key.
+    pub fn float_dtype(&self, path: &Path) -> Result<DType> {
+        float_dtype(self.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: path.to_path_buf(),
+            key: self.name.clone(),
+            dtype: format!("{:?}", self.dtype),
+            expected: "F32, F16, BF16",
+        })
+    }
+}
+
+/// Maps a safetensors dtype to hdb's float storage types.
+pub fn float_dtype(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A parsed safetensors file whose bytes stay mapped for as long as it lives.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    bytes: Bytes,
+    tensors: BTreeMap<String, TensorEntry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// The header of a safetensors buffer, parsed and checked against the buffer's length.
+pub struct Header {
+    pub tensors: BTreeMap<String, TensorEntry>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Parses and validates the header of `bytes` (the whole file). `path` is only used in errors.
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let invalid = |reason: String| Error::InvalidFile {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        reason,
+    };
+    if bytes.len() < 8 {
+        return Err(invalid(format!(
+            "file is {} bytes, too short for the 8-byte header length",
+            bytes.len()
+        )));
+    }
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        let claimed = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+        invalid(describe_error(&e, claimed, bytes.len()))
+    })?;
+    let data_start = 8 + header_len;
+    let mut tensors = BTreeMap::new();
+    for (name, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        // read_metadata checked the offsets are contiguous and end at the file's end;
+        // checked arithmetic keeps that true here even if it ever changes.
+        let start = data_start.checked_add(s);
+        let end = data_start.checked_add(e);
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(invalid(format!("tensor '{name}': data offsets overflow")));
+        };
+        if start > end || end > bytes.len() {
+            return Err(invalid(format!(
+                "tensor '{name}': data [{start}, {end}) lies outside the file ({} bytes)",
+                bytes.len()
+            )));
+        }
+        let entry = TensorEntry {
+            name: name.clone(),
+            dtype: info.dtype,
+            shape: Shape(info.shape.clone()),
+            start,
+            end,
+        };
+        tensors.insert(name, entry);
+    }
+    let metadata = meta
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    Ok(Header { tensors, metadata })
+}
+
+fn describe_error(e: &safetensors::SafeTensorError, claimed: u64, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeaderLength => format!(
+            "header claims {claimed} bytes but the file has only {file_len} (truncated?)"
+        ),
+        E::HeaderTooLarge => format!("header length {claimed} is larger than any valid header"),
+        E::MetadataIncompleteBuffer => format!(
+            "the tensors' data offsets do not match the file length {file_len} (truncated or padded?)"
+        ),
+        E::InvalidHeaderDeserialization(j) => format!("header is not valid JSON: {j}"),
+        E::InvalidHeader(u) => format!("header is not UTF-8: {u}"),
+        other => format!("{other}"),
+    }
+}
+
+impl SafetensorsFile {
+    /// Opens and memory-maps `path`, validating its header.
+    ///
+    /// The mapping is read-only; as with any mmap, the file must not be truncated by another
+    /// process while hdb holds it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 8 {
+            // mmap of an empty file fails with EINVAL; say what is really wrong.
+            return Err(Error::InvalidFile {
+                path: path.to_path_buf(),
+                format: "safetensors",
+                reason: format!("file is {len} bytes, too short for the 8-byte header length"),
+            });
+        }
+        // SAFETY: the map is read-only and private to this object; see the doc comment for
+        // the one caveat every mmap reader shares.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, Bytes::Mapped(mmap))
+    }
+
+    /// Parses a safetensors file held in memory. `name` stands for the path in errors.
+    pub fn from_vec(name: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_bytes(name, Bytes::Owned(bytes))
+    }
+
+    fn from_bytes(path: &Path, bytes: Bytes) -> Result<Self> {
+        let Header { tensors, metadata } = parse_header(path, bytes.as_slice())?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            bytes,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensors by name, in name order.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorEntry> {
+        self.tensors.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// The `__metadata__` string map of the header.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The raw little-endian bytes of a tensor of this file.
+    pub fn data(&self, entry: &TensorEntry) -> &[u8] {
+        // Ranges were validated against this very buffer in `parse_header`.
+        self.data_range(entry.start, entry.end)
+    }
+
+    /// Bytes `[start, end)` of the file; empty if out of range (ranges come from validated entries).
+    pub fn data_range(&self, start: usize, end: usize) -> &[u8] {
+        self.bytes.as_slice().get(start..end).unwrap_or(&[])
+    }
+
+    /// A tensor converted to f32, or an error naming the file and key.
+    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let entry = self.get(name).ok_or_else(|| Error::InvalidFile {
+            path: self.path.clone(),
+            format: "safetensors",
+            reason: format!("no tensor named '{name}'"),
+        })?;
+        let dtype = entry.float_dtype(&self.path)?;
+        let mut out = Vec::new();
+        dtype.to_f32(self.data(entry), &mut out);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with_header(header: &str, data_len: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.resize(v.len() + data_len, 0);
+        v
+    }
+
+    #[test]
+    fn parses_a_valid_file() {
+        let bytes = file_with_header(
+            r#"{"__metadata__":{"k":"v"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F16","shape":[1],"data_offsets":[8,10]}}"#,
+            10,
+        );
+        let f = SafetensorsFile::from_vec(Path::new("mem"), bytes).expect("valid");
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.metadata().get("k").map(String::as_str), Some("v"));
+        let a = f.get("a").expect("a");
+        assert_eq!(f.data(a).len(), 8);
+        assert_eq!(f.to_f32("a").expect("f32"), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn truncated_data_names_the_file() {
+        let bytes = file_with_header(
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            8,
+        );
+        let e = SafetensorsFile::from_vec(Path::new("x/model.safetensors"), bytes)
+            .expect_err("truncated");
+        let msg = e.to_string();
+        assert!(msg.contains("x/model.safetensors"), "{msg}");
+        assert!(msg.contains("truncated"), "{msg}");
+    }
+
+    #[test]
+    fn header_longer_than_file_is_an_error() {
+        let mut bytes = file_with_header(r#"{}"#, 0);
+        bytes[..8].copy_from_slice(&1000u64.to_le_bytes());
+        let e = SafetensorsFile::from_vec(Path::new("h.safetensors"), bytes).expect_err("bad");
+        assert!(e.to_string().contains("claims 1000 bytes"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_dtype_names_file_and_key() {
+        let bytes = file_with_header(
+            r#"{"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        let f = SafetensorsFile::from_vec(Path::new("t.safetensors"), bytes).expect("valid");
+        let e = f.to_f32("ids").expect_err("i64");
+        let msg = e.to_string();
+        assert!(msg.contains("t.safetensors") && msg.contains("'ids'"), "{msg}");
+    }
+}

@@ -1,0 +1,366 @@
+//! A frozen Stable Diffusion model: its components' weights under canonical diffusers names,
+//! read from a diffusers folder or an LDM single-file checkpoint. Immutable once loaded.
+
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::io::diffusers::{find_weights, read_json, weights_stem, Variant};
+use crate::io::keymap::{self, Component, LdmLayout};
+use crate::io::safetensors::SafetensorsFile;
+use crate::tensor::{DType, Shape};
+pub use weights::{Weight, WeightStore};
+
+/// How the model was stored on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// A diffusers folder (`model_index.json` and component sub-folders, or one component).
+    Diffusers,
+    /// One LDM checkpoint (`model.diffusion_model.*`, `cond_stage_model.*`, `first_stage_model.*`).
+    LdmSingleFile,
+}
+
+/// The model family, detected from the UNet's structure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// SD 1.x: convolutional `proj_in`/`proj_out` in the transformer blocks.
+    Sd1,
+    /// SD 2.x: linear `proj_in`/`proj_out`.
+    Sd2,
+    /// SDXL (added embeddings); recognised so it can be refused clearly.
+    Sdxl,
+    /// No UNet, or one hdb cannot classify.
+    Unknown,
+}
+
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Sd1 => "SD 1.x",
+            Architecture::Sd2 => "SD 2.x",
+            Architecture::Sdxl => "SDXL",
+            Architecture::Unknown => "unknown",
+        }
+    }
+}
+
+/// One component's weights and, for diffusers folders, its `config.json`.
+#[derive(Debug)]
+pub struct ComponentWeights {
+    pub component: Component,
+    pub config: Option<serde_json::Value>,
+    pub weights: WeightStore,
+}
+
+/// Options for [`Model::load`].
+#[derive(Default)]
+pub struct LoadOptions<'a> {
+    pub variant: Variant,
+    /// Called after each file is read with (files done, files total, file path); returning
+    /// `false` cancels the load.
+    pub progress: Option<&'a mut dyn FnMut(usize, usize, &Path) -> bool>,
+}
+
+/// A loaded, immutable model.
+#[derive(Debug)]
+pub struct Model {
+    pub path: PathBuf,
+    pub format: SourceFormat,
+    pub components: BTreeMap<Component, ComponentWeights>,
+    /// The `tokenizer/` folder, when the model has one.
+    pub tokenizer: Option<PathBuf>,
+    pub architecture: Architecture,
+}
+
+impl Model {
+    /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
+    /// contents), or an LDM single-file `.safetensors` checkpoint.
+    pub fn load(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let mut model = if meta.is_dir() {
+            load_diffusers(path, opts)?
+        } else {
+            load_ldm(path, opts)?
+        };
+        model.architecture = detect_architecture(&model);
+        log::info!(
+            "loaded {} ({}, {:?}): {}",
+            path.display(),
+            model.architecture.name(),
+            model.format,
+            model
+                .components
+                .values()
+                .map(|c| format!("{} {} tensors", c.component.name(), c.weights.len()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(model)
+    }
+
+    pub fn component(&self, c: Component) -> Option<&ComponentWeights> {
+        self.components.get(&c)
+    }
+
+    /// The UNet's cross-attention width (768 for SD 1.x), read from its weights.
+    pub fn cross_attention_dim(&self) -> Option<usize> {
+        let unet = self.component(Component::Unet)?;
+        unet.weights
+            .iter()
+            .find(|(k, _)| k.ends_with("attn2.to_k.weight"))
+            .and_then(|(_, w)| w.shape.dims().get(1).copied())
+    }
+}
+
+fn tick(opts: &mut LoadOptions<'_>, done: usize, total: usize, file: &Path) -> Result<()> {
+    if let Some(cb) = opts.progress.as_mut() {
+        if !cb(done, total, file) {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(())
+}
+
+const COMPONENTS: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::Vae];
+
+fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
+    // A pipeline folder has component sub-folders; a component folder has the files itself.
+    let mut plan: Vec<(Component, PathBuf, Vec<PathBuf>)> = Vec::new();
+    for c in COMPONENTS {
+        let sub = dir.join(c.name());
+        if let Some(files) = find_weights(&sub, weights_stem(c), opts.variant)? {
+            plan.push((c, sub, files));
+        }
+    }
+    if plan.is_empty() {
+        let cfg = dir.join("config.json");
+        if let Some(c) = standalone_component(&cfg) {
+            if let Some(files) = find_weights(dir, weights_stem(c), opts.variant)? {
+                plan.push((c, dir.to_path_buf(), files));
+            }
+        }
+    }
+    if plan.is_empty() {
+        let reason = if dir.join("model_index.json").is_file() {
+            "model_index.json is present but none of unet/, text_encoder/, vae/ holds safetensors weights"
+        } else {
+            "expected a diffusers folder (model_index.json with unet/, text_encoder/, vae/) or a component folder (config.json + safetensors weights)"
+        };
+        return Err(Error::not_a_model(dir, reason));
+    }
+    let total: usize = plan.iter().map(|(_, _, f)| f.len()).sum();
+    let mut done = 0;
+    let mut components = BTreeMap::new();
+    for (c, sub, files) in plan {
+        let cfg_path = sub.join("config.json");
+        let config = if cfg_path.is_file() {
+            Some(read_json(&cfg_path)?)
+        } else {
+            None
+        };
+        let mut store = WeightStore::default();
+        for f in files {
+            let file = Arc::new(SafetensorsFile::open(&f)?);
+            let idx = store.add_file(file.clone());
+            for e in file.tensors() {
+                if is_skipped_buffer(e) {
+                    continue;
+                }
+                store.insert(e.name.clone(), idx, &e.name, e.shape.clone())?;
+            }
+            done += 1;
+            tick(&mut opts, done, total, &f)?;
+        }
+        components.insert(
+            c,
+            ComponentWeights {
+                component: c,
+                config,
+                weights: store,
+            },
+        );
+    }
+    let tok = dir.join("tokenizer");
+    let tokenizer = (tok.join("vocab.json").is_file() || tok.join("tokenizer.json").is_file())
+        .then_some(tok);
+    Ok(Model {
+        path: dir.to_path_buf(),
+        format: SourceFormat::Diffusers,
+        components,
+        tokenizer,
+        architecture: Architecture::Unknown,
+    })
+}
+
+/// Integer buffers (CLIP's `position_ids`) are not weights; they are skipped, not refused.
+fn is_skipped_buffer(e: &crate::io::safetensors::TensorEntry) -> bool {
+    weights::is_buffer(&e.name) && crate::io::safetensors::float_dtype(e.dtype).is_none()
+}
+
+/// Guesses which component a lone `config.json` describes, from its `_class_name`.
+fn standalone_component(cfg: &Path) -> Option<Component> {
+    let json = read_json(cfg).ok()?;
+    let class = json.get("_class_name").and_then(|v| v.as_str());
+    let arch = json
+        .get("architectures")
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.first())
+        .and_then(|v| v.as_str());
+    match (class, arch) {
+        (Some("UNet2DConditionModel"), _) => Some(Component::Unet),
+        (Some("AutoencoderKL"), _) => Some(Component::Vae),
+        (_, Some("CLIPTextModel")) => Some(Component::TextEncoder),
+        _ => None,
+    }
+}
+
+fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if matches!(ext, "ckpt" | "pt" | "pth" | "bin") {
+        return Err(Error::Unsupported(format!(
+            "{}: pickle checkpoints are not read (they can run code); convert to safetensors",
+            path.display()
+        )));
+    }
+    let file = Arc::new(SafetensorsFile::open(path)?);
+    let has_unet = file.tensors().any(|e| e.name.starts_with("model.diffusion_model."));
+    if !has_unet {
+        return Err(Error::not_a_model(
+            path,
+            "a safetensors file without 'model.diffusion_model.*' keys is not an LDM checkpoint",
+        ));
+    }
+    let layout = LdmLayout::infer(file.tensors().map(|e| e.name.as_str()))
+        .map_err(|r| Error::invalid_model(path, r))?;
+    let mut stores: BTreeMap<Component, WeightStore> = BTreeMap::new();
+    let mut skipped = 0usize;
+    for e in file.tensors() {
+        let Some(mapped) =
+            keymap::ldm_to_diffusers(&e.name, &layout).map_err(|r| Error::invalid_model(path, r))?
+        else {
+            skipped += 1;
+            continue;
+        };
+        let mut shape = e.shape.clone();
+        if mapped.squeeze_1x1 {
+            let d = shape.dims();
+            if d.len() == 4 && d[2] == 1 && d[3] == 1 {
+                shape = Shape(d[..2].to_vec());
+            }
+        }
+        let store = stores.entry(mapped.component).or_default();
+        // Every LDM component reads the one file: add it once per store.
+        let idx = match store.file_count() {
+            0 => store.add_file(file.clone()),
+            _ => 0,
+        };
+        store.insert(mapped.name, idx, &e.name, shape)?;
+    }
+    if skipped > 0 {
+        log::debug!("{}: skipped {skipped} non-weight tensors", path.display());
+    }
+    tick(&mut opts, 1, 1, path)?;
+    let components = stores
+        .into_iter()
+        .map(|(c, weights)| {
+            let cw = ComponentWeights {
+                component: c,
+                config: None,
+                weights,
+            };
+            (c, cw)
+        })
+        .collect();
+    Ok(Model {
+        path: path.to_path_buf(),
+        format: SourceFormat::LdmSingleFile,
+        components,
+        tokenizer: None,
+        architecture: Architecture::Unknown,
+    })
+}
+
+fn detect_architecture(m: &Model) -> Architecture {
+    let Some(unet) = m.component(Component::Unet) else {
+        return Architecture::Unknown;
+    };
+    let w = &unet.weights;
+    if w.iter().any(|(k, _)| k.starts_with("add_embedding.")) {
+        return Architecture::Sdxl;
+    }
+    match w
+        .iter()
+        .find(|(k, _)| k.ends_with(".proj_in.weight"))
+        .map(|(_, w)| w.shape.rank())
+    {
+        Some(4) => Architecture::Sd1,
+        Some(2) => Architecture::Sd2,
+        _ => Architecture::Unknown,
+    }
+}
+
+/// A summary of one component, for `hdb info` and `hdb_model_info`.
+#[derive(Clone, Debug, Default)]
+pub struct ComponentSummary {
+    pub tensors: usize,
+    pub parameters: u64,
+    pub dtypes: BTreeMap<DType, u64>,
+}
+
+impl ComponentWeights {
+    pub fn summary(&self) -> ComponentSummary {
+        ComponentSummary {
+            tensors: self.weights.len(),
+            parameters: self.weights.parameter_count(),
+            dtypes: self.weights.dtype_counts(),
+        }
+    }
+
+    /// The dtype holding most parameters.
+    pub fn main_dtype(&self) -> Option<DType> {
+        self.weights
+            .dtype_counts()
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(d, _)| d)
+    }
+}
+
+impl Model {
+    /// A JSON description: path, format, architecture, and per component its tensor count,
+    /// parameter count and parameters per dtype.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut comps = serde_json::Map::new();
+        for (c, cw) in &self.components {
+            let s = cw.summary();
+            let dtypes: serde_json::Map<String, serde_json::Value> = s
+                .dtypes
+                .iter()
+                .map(|(d, n)| (d.name().to_string(), (*n).into()))
+                .collect();
+            comps.insert(
+                c.name().to_string(),
+                serde_json::json!({
+                    "tensors": s.tensors,
+                    "parameters": s.parameters,
+                    "dtypes": dtypes,
+                    "has_config": cw.config.is_some(),
+                }),
+            );
+        }
+        serde_json::json!({
+            "path": self.path.display().to_string(),
+            "format": match self.format {
+                SourceFormat::Diffusers => "diffusers",
+                SourceFormat::LdmSingleFile => "ldm-single-file",
+            },
+            "architecture": self.architecture.name(),
+            "cross_attention_dim": self.cross_attention_dim(),
+            "tokenizer": self.tokenizer.as_ref().map(|p| p.display().to_string()),
+            "components": comps,
+        })
+    }
+}
