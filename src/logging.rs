@@ -43,7 +43,11 @@ pub fn set_sink(sink: Option<Sink>, max_level: LevelFilter) -> bool {
         let _ = log::set_logger(&ROUTER);
     });
     let active = std::ptr::addr_eq(log::logger() as *const dyn Log, &ROUTER as *const Router);
-    let level = if sink.is_some() { max_level } else { LevelFilter::Off };
+    let level = if sink.is_some() {
+        max_level
+    } else {
+        LevelFilter::Off
+    };
     if let Ok(mut guard) = SINK.write() {
         *guard = sink;
     }

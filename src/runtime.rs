@@ -150,8 +150,14 @@ mod tests {
     fn parses_device_strings() {
         assert_eq!(DeviceRequest::parse("auto").ok(), Some(DeviceRequest::Auto));
         assert_eq!(DeviceRequest::parse("cpu").ok(), Some(DeviceRequest::Cpu));
-        assert_eq!(DeviceRequest::parse("cuda").ok(), Some(DeviceRequest::Cuda(0)));
-        assert_eq!(DeviceRequest::parse("cuda:3").ok(), Some(DeviceRequest::Cuda(3)));
+        assert_eq!(
+            DeviceRequest::parse("cuda").ok(),
+            Some(DeviceRequest::Cuda(0))
+        );
+        assert_eq!(
+            DeviceRequest::parse("cuda:3").ok(),
+            Some(DeviceRequest::Cuda(3))
+        );
         let e = DeviceRequest::parse("tpu").expect_err("bad");
         assert!(e.to_string().contains("'device'"), "{e}");
     }

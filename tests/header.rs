@@ -86,8 +86,18 @@ fn header_compiles_strictly_as_c_and_cpp_included_twice() {
                return (int)p.struct_size + HDB_VERSION_MAJOR + (int)HDB_STATUS_OK; }\n";
     let c = dir.path().join("t.c");
     std::fs::write(&c, src).expect("write");
-    compile("cc", &["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"], &c, dir.path());
+    compile(
+        "cc",
+        &["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"],
+        &c,
+        dir.path(),
+    );
     let cpp = dir.path().join("t.cpp");
     std::fs::write(&cpp, src).expect("write");
-    compile("c++", &["-std=c++17", "-Wall", "-Wextra", "-Werror", "-pedantic"], &cpp, dir.path());
+    compile(
+        "c++",
+        &["-std=c++17", "-Wall", "-Wextra", "-Werror", "-pedantic"],
+        &cpp,
+        dir.path(),
+    );
 }

@@ -37,7 +37,9 @@ fn valid_seed(rng: &mut Rng) -> Vec<u8> {
     let mut off = 0usize;
     for i in 0..(1 + rng.below(4)) {
         let (dt, size) = dtypes[rng.below(dtypes.len() as u64) as usize];
-        let shape: Vec<usize> = (0..rng.below(4)).map(|_| 1 + rng.below(5) as usize).collect();
+        let shape: Vec<usize> = (0..rng.below(4))
+            .map(|_| 1 + rng.below(5) as usize)
+            .collect();
         let n: usize = shape.iter().product::<usize>() * size;
         let key = if rng.below(2) == 0 {
             format!("model.diffusion_model.input_blocks.{i}.0.in_layers.0.weight")
@@ -50,7 +52,10 @@ fn valid_seed(rng: &mut Rng) -> Vec<u8> {
         ));
         off += n;
     }
-    let header = format!(r#"{{"__metadata__":{{"format":"pt"}},{}}}"#, entries.join(","));
+    let header = format!(
+        r#"{{"__metadata__":{{"format":"pt"}},{}}}"#,
+        entries.join(",")
+    );
     file(&header, off)
 }
 
@@ -82,16 +87,18 @@ fn mutate(rng: &mut Rng, mut v: Vec<u8>) -> Vec<u8> {
         // Replace digits in the JSON (offsets, shapes) with huge or odd numbers.
         5 => {
             let text_end = v.len().min(8 + 512);
-            for i in 8..text_end {
-                if v[i].is_ascii_digit() && rng.below(6) == 0 {
-                    v[i] = b'9';
+            for b in v.iter_mut().take(text_end).skip(8) {
+                if b.is_ascii_digit() && rng.below(6) == 0 {
+                    *b = b'9';
                 }
             }
         }
         // Splice a random printable run into the header.
         6 => {
             let at = 8 + rng.below(v.len().saturating_sub(8) as u64) as usize;
-            let junk: Vec<u8> = (0..rng.below(16)).map(|_| b"{}[]\",:-0e9aI6F"[rng.below(15) as usize]).collect();
+            let junk: Vec<u8> = (0..rng.below(16))
+                .map(|_| b"{}[]\",:-0e9aI6F"[rng.below(15) as usize])
+                .collect();
             if at <= v.len() {
                 v.splice(at..at, junk);
             }
@@ -109,26 +116,48 @@ fn random_and_mutated_headers_end_in_a_result_or_an_error() {
     let start = std::time::Instant::now();
     for case in 0..20000u32 {
         let seed = valid_seed(&mut rng);
-        let bytes = if case % 10 == 0 { seed } else { mutate(&mut rng, seed) };
+        let bytes = if case % 10 == 0 {
+            seed
+        } else {
+            mutate(&mut rng, seed)
+        };
         let outcome = catch_unwind(AssertUnwindSafe(|| parse_header(Path::new("fuzz"), &bytes)));
         match outcome {
-            Err(_) => panic!("case {case}: parse_header panicked on {:?}", String::from_utf8_lossy(&bytes)),
+            Err(_) => panic!(
+                "case {case}: parse_header panicked on {:?}",
+                String::from_utf8_lossy(&bytes)
+            ),
             Ok(Err(e)) => {
-                assert!(e.to_string().contains("fuzz"), "case {case}: error does not name the file: {e}");
+                assert!(
+                    e.to_string().contains("fuzz"),
+                    "case {case}: error does not name the file: {e}"
+                );
                 err += 1;
             }
             Ok(Ok(h)) => {
                 for t in h.tensors.values() {
-                    assert!(t.start <= t.end && t.end <= bytes.len(), "case {case}: '{}' out of bounds", t.name);
+                    assert!(
+                        t.start <= t.end && t.end <= bytes.len(),
+                        "case {case}: '{}' out of bounds",
+                        t.name
+                    );
                     let n = t.shape.numel().expect("accepted shape has a size");
-                    assert_eq!(t.end - t.start, n * t.dtype.bitsize() / 8, "case {case}: '{}' size", t.name);
+                    assert_eq!(
+                        t.end - t.start,
+                        n * t.dtype.bitsize() / 8,
+                        "case {case}: '{}' size",
+                        t.name
+                    );
                 }
                 ok += 1;
             }
         }
     }
     println!("{ok} accepted, {err} rejected in {:?}", start.elapsed());
-    assert!(ok >= 2000 && err >= 5000, "the generator should produce both kinds ({ok} ok, {err} err)");
+    assert!(
+        ok >= 2000 && err >= 5000,
+        "the generator should produce both kinds ({ok} ok, {err} err)"
+    );
 }
 
 #[test]
@@ -140,13 +169,17 @@ fn mutated_files_on_disk_never_crash_model_loading() {
         let bytes = mutate(&mut rng, seed);
         let path = dir.path().join(format!("case{case}.safetensors"));
         std::fs::write(&path, &bytes).expect("write");
-        let r = catch_unwind(AssertUnwindSafe(|| hdb::Model::load(&path, Default::default())));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            hdb::Model::load(&path, Default::default())
+        }));
         match r {
             Err(_) => panic!("case {case}: Model::load panicked"),
             Ok(Err(e)) => {
                 let msg = e.to_string();
-                assert!(msg.contains(&format!("case{case}")) || msg.contains("model.diffusion_model"),
-                    "case {case}: error names neither file nor key: {msg}");
+                assert!(
+                    msg.contains(&format!("case{case}")) || msg.contains("model.diffusion_model"),
+                    "case {case}: error names neither file nor key: {msg}"
+                );
             }
             Ok(Ok(_)) => {}
         }

@@ -8,7 +8,11 @@ use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::{LoadOptions, Model};
 
 #[derive(Parser)]
-#[command(name = "hdb", version, about = "HyperDreamBooth runtime for Stable Diffusion 1.x")]
+#[command(
+    name = "hdb",
+    version,
+    about = "HyperDreamBooth runtime for Stable Diffusion 1.x"
+)]
 struct Cli {
     /// Log more (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -41,7 +45,9 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Trace,
     };
     hdb::logging::set_sink(
-        Some(Box::new(|lvl, target, msg| eprintln!("[{lvl} {target}] {msg}"))),
+        Some(Box::new(|lvl, target, msg| {
+            eprintln!("[{lvl} {target}] {msg}")
+        })),
         level,
     );
     let result = match cli.command {
@@ -114,7 +120,10 @@ fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
         None => println!("tokenizer:     none"),
     }
     println!();
-    println!("{:<14} {:>8} {:>14}  dtypes", "component", "tensors", "parameters");
+    println!(
+        "{:<14} {:>8} {:>14}  dtypes",
+        "component", "tensors", "parameters"
+    );
     for (c, cw) in &model.components {
         let s = cw.summary();
         let dtypes: Vec<String> = s
@@ -155,12 +164,16 @@ fn tensor_listing(model: &Model) -> serde_json::Value {
 
 fn info_safetensors(path: &Path, json: bool) -> hdb::Result<()> {
     let f = SafetensorsFile::open(path)?;
-    let params: u64 = f.tensors().map(|e| e.shape.numel().unwrap_or(0) as u64).sum();
+    let params: u64 = f
+        .tensors()
+        .map(|e| e.shape.numel().unwrap_or(0) as u64)
+        .sum();
     if json {
         let tensors: serde_json::Map<String, serde_json::Value> = f
             .tensors()
             .map(|e| {
-                let v = serde_json::json!({"dtype": format!("{:?}", e.dtype), "shape": e.shape.dims()});
+                let v =
+                    serde_json::json!({"dtype": format!("{:?}", e.dtype), "shape": e.shape.dims()});
                 (e.name.clone(), v)
             })
             .collect();
@@ -177,7 +190,11 @@ fn info_safetensors(path: &Path, json: bool) -> hdb::Result<()> {
     println!("safetensors:   {} (not a model)", path.display());
     println!("tensors:       {}  ({} elements)", f.len(), human(params));
     for (k, v) in f.metadata() {
-        let v = if v.len() > 120 { format!("{}...", &v[..v.floor_char_boundary(120)]) } else { v.clone() };
+        let v = if v.len() > 120 {
+            format!("{}...", v.chars().take(120).collect::<String>())
+        } else {
+            v.clone()
+        };
         println!("metadata:      {k} = {v}");
     }
     for e in f.tensors() {

@@ -125,7 +125,12 @@ pub unsafe fn arg_path(p: *const c_char, name: &'static str) -> Result<std::path
 ///
 /// # Safety
 /// `buf` must be NULL or valid for `buf_len` bytes; `needed` NULL or valid.
-pub unsafe fn write_string(text: &str, buf: *mut c_char, buf_len: usize, needed: *mut usize) -> Result<()> {
+pub unsafe fn write_string(
+    text: &str,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> Result<()> {
     let n = text.len() + 1;
     if !needed.is_null() {
         // SAFETY: non-null per check; the caller guarantees validity.

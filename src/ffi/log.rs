@@ -85,7 +85,9 @@ pub extern "C" fn hdb_set_log_callback(
             sink
         });
         if !crate::logging::set_sink(sink, level) {
-            log::warn!("another `log` logger is installed in this process; hdb's callback is not used");
+            log::warn!(
+                "another `log` logger is installed in this process; hdb's callback is not used"
+            );
         }
         Ok(())
     })

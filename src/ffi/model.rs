@@ -145,7 +145,12 @@ pub unsafe extern "C" fn hdb_model_load(
         let mut report = |done: usize, total: usize, _f: &Path| match p.progress {
             // SAFETY: the host's callback with its own user data.
             Some(cb) => unsafe {
-                cb(p.progress_user_data, done as u64, total as u64, stage.as_ptr())
+                cb(
+                    p.progress_user_data,
+                    done as u64,
+                    total as u64,
+                    stage.as_ptr(),
+                )
             },
             None => true,
         };
@@ -192,7 +197,10 @@ fn component_info(m: &Model, c: Component) -> hdb_component_info {
 /// # Safety
 /// `model` a live model; `out` a struct whose `struct_size` is set.
 #[no_mangle]
-pub unsafe extern "C" fn hdb_model_get_info(model: *const hdb_model, out: *mut hdb_model_info) -> hdb_status {
+pub unsafe extern "C" fn hdb_model_get_info(
+    model: *const hdb_model,
+    out: *mut hdb_model_info,
+) -> hdb_status {
     ffi_boundary("hdb_model_get_info", || {
         // SAFETY: caller contract.
         let m = &unsafe { arg_ref(model, "model") }?.model;

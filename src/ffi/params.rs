@@ -55,7 +55,9 @@ fn check_size(size: u32, name: &'static str) -> Result<()> {
     if !(4..=MAX_STRUCT_SIZE).contains(&size) {
         return Err(Error::invalid_arg(
             name,
-            format!("struct_size is {size}; set it to sizeof the struct (use the _default() function)"),
+            format!(
+                "struct_size is {size}; set it to sizeof the struct (use the _default() function)"
+            ),
         ));
     }
     Ok(())

@@ -4,11 +4,12 @@ use std::ffi::c_char;
 
 use super::boundary::ffi_infallible;
 
-const VERSION_C: &std::ffi::CStr =
-    match std::ffi::CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
-        Ok(s) => s,
-        Err(_) => c"unknown",
-    };
+const VERSION_C: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
+) {
+    Ok(s) => s,
+    Err(_) => c"unknown",
+};
 
 /// The library version, `"MAJOR.MINOR.PATCH"`; static storage.
 #[no_mangle]

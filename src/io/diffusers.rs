@@ -30,12 +30,14 @@ pub fn weights_stem(c: Component) -> &'static str {
 /// Finds the safetensors files of one component folder (`unet/`, `vae/`, `text_encoder/`).
 /// Returns `Ok(None)` when the folder has no weights at all.
 pub fn find_weights(dir: &Path, stem: &str, variant: Variant) -> Result<Option<Vec<PathBuf>>> {
-    let full = [
-        (format!("{stem}.safetensors"), format!("{stem}.safetensors.index.json")),
-    ];
-    let fp16 = [
-        (format!("{stem}.fp16.safetensors"), format!("{stem}.safetensors.index.fp16.json")),
-    ];
+    let full = [(
+        format!("{stem}.safetensors"),
+        format!("{stem}.safetensors.index.json"),
+    )];
+    let fp16 = [(
+        format!("{stem}.fp16.safetensors"),
+        format!("{stem}.safetensors.index.fp16.json"),
+    )];
     let order: Vec<&(String, String)> = match variant {
         Variant::Auto => full.iter().chain(fp16.iter()).collect(),
         Variant::Full => full.iter().collect(),
@@ -82,7 +84,9 @@ fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| invalid(format!("weight_map['{key}'] is not a string")))?;
         // A shard name is a plain file name next to the index; refuse paths that escape it.
         if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(invalid(format!("weight_map['{key}'] = '{file}' is not a file name")));
+            return Err(invalid(format!(
+                "weight_map['{key}'] = '{file}' is not a file name"
+            )));
         }
         files.insert(file.to_string());
     }
@@ -108,17 +112,25 @@ mod tests {
     fn prefers_full_then_fp16_and_reads_shards() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        assert!(find_weights(d, "model", Variant::Auto).expect("ok").is_none());
+        assert!(find_weights(d, "model", Variant::Auto)
+            .expect("ok")
+            .is_none());
         std::fs::write(d.join("model.fp16.safetensors"), b"x").expect("write");
-        let f = find_weights(d, "model", Variant::Auto).expect("ok").expect("some");
+        let f = find_weights(d, "model", Variant::Auto)
+            .expect("ok")
+            .expect("some");
         assert!(f[0].ends_with("model.fp16.safetensors"));
-        assert!(find_weights(d, "model", Variant::Full).expect("ok").is_none());
+        assert!(find_weights(d, "model", Variant::Full)
+            .expect("ok")
+            .is_none());
         std::fs::write(
             d.join("model.safetensors.index.json"),
             br#"{"weight_map":{"a":"model-00002-of-00002.safetensors","b":"model-00001-of-00002.safetensors"}}"#,
         )
         .expect("write");
-        let f = find_weights(d, "model", Variant::Auto).expect("ok").expect("some");
+        let f = find_weights(d, "model", Variant::Auto)
+            .expect("ok")
+            .expect("some");
         assert_eq!(f.len(), 2);
         assert!(f[0].ends_with("model-00001-of-00002.safetensors"));
     }

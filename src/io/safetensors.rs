@@ -292,6 +292,9 @@ mod tests {
         let f = SafetensorsFile::from_vec(Path::new("t.safetensors"), bytes).expect("valid");
         let e = f.to_f32("ids").expect_err("i64");
         let msg = e.to_string();
-        assert!(msg.contains("t.safetensors") && msg.contains("'ids'"), "{msg}");
+        assert!(
+            msg.contains("t.safetensors") && msg.contains("'ids'"),
+            "{msg}"
+        );
     }
 }

@@ -55,13 +55,15 @@ pub struct ComponentWeights {
     pub weights: WeightStore,
 }
 
+/// Called after each file is read with (files done, files total, file path); returning
+/// `false` cancels the load.
+pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize, &Path) -> bool;
+
 /// Options for [`Model::load`].
 #[derive(Default)]
 pub struct LoadOptions<'a> {
     pub variant: Variant,
-    /// Called after each file is read with (files done, files total, file path); returning
-    /// `false` cancels the load.
-    pub progress: Option<&'a mut dyn FnMut(usize, usize, &Path) -> bool>,
+    pub progress: Option<LoadProgress<'a>>,
 }
 
 /// A loaded, immutable model.
@@ -184,8 +186,8 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         );
     }
     let tok = dir.join("tokenizer");
-    let tokenizer = (tok.join("vocab.json").is_file() || tok.join("tokenizer.json").is_file())
-        .then_some(tok);
+    let tokenizer =
+        (tok.join("vocab.json").is_file() || tok.join("tokenizer.json").is_file()).then_some(tok);
     Ok(Model {
         path: dir.to_path_buf(),
         format: SourceFormat::Diffusers,
@@ -226,7 +228,9 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         )));
     }
     let file = Arc::new(SafetensorsFile::open(path)?);
-    let has_unet = file.tensors().any(|e| e.name.starts_with("model.diffusion_model."));
+    let has_unet = file
+        .tensors()
+        .any(|e| e.name.starts_with("model.diffusion_model."));
     if !has_unet {
         return Err(Error::not_a_model(
             path,
@@ -238,8 +242,8 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
     let mut stores: BTreeMap<Component, WeightStore> = BTreeMap::new();
     let mut skipped = 0usize;
     for e in file.tensors() {
-        let Some(mapped) =
-            keymap::ldm_to_diffusers(&e.name, &layout).map_err(|r| Error::invalid_model(path, r))?
+        let Some(mapped) = keymap::ldm_to_diffusers(&e.name, &layout)
+            .map_err(|r| Error::invalid_model(path, r))?
         else {
             skipped += 1;
             continue;

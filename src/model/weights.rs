@@ -43,23 +43,35 @@ impl WeightStore {
 
     /// Registers tensor `source_key` of file `file` under `name` with the canonical `shape`
     /// (same element count as in the file). Errors name the file and key.
-    pub fn insert(&mut self, name: String, file: usize, source_key: &str, shape: Shape) -> Result<()> {
+    pub fn insert(
+        &mut self,
+        name: String,
+        file: usize,
+        source_key: &str,
+        shape: Shape,
+    ) -> Result<()> {
         let f = self
             .files
             .get(file)
             .ok_or_else(|| Error::Internal(format!("no file #{file} in weight store")))?;
-        let entry = f.get(source_key).ok_or_else(|| {
-            Error::invalid_model(f.path(), format!("no tensor '{source_key}'"))
-        })?;
+        let entry = f
+            .get(source_key)
+            .ok_or_else(|| Error::invalid_model(f.path(), format!("no tensor '{source_key}'")))?;
         let dtype = entry.float_dtype(f.path())?;
         if shape.numel() != entry.shape.numel() {
             return Err(Error::invalid_model(
                 f.path(),
-                format!("tensor '{source_key}' has shape {} which cannot be viewed as {shape}", entry.shape),
+                format!(
+                    "tensor '{source_key}' has shape {} which cannot be viewed as {shape}",
+                    entry.shape
+                ),
             ));
         }
         if let Some(prev) = self.weights.get(&name) {
-            let prev_file = self.files.get(prev.file).map(|f| f.path().display().to_string());
+            let prev_file = self
+                .files
+                .get(prev.file)
+                .map(|f| f.path().display().to_string());
             return Err(Error::invalid_model(
                 f.path(),
                 format!(
@@ -118,7 +130,11 @@ impl WeightStore {
     /// A weight as f32 values, or an error naming the missing key.
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
         let w = self.get(name).ok_or_else(|| {
-            let path = self.files.first().map(|f| f.path()).unwrap_or(Path::new("?"));
+            let path = self
+                .files
+                .first()
+                .map(|f| f.path())
+                .unwrap_or(Path::new("?"));
             Error::invalid_model(path, format!("missing tensor '{name}'"))
         })?;
         let mut out = Vec::new();
