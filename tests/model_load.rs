@@ -150,3 +150,19 @@ fn progress_is_reported_and_can_cancel() {
     .expect_err("cancelled");
     assert!(matches!(e, hdb::Error::Cancelled), "{e}");
 }
+
+#[test]
+fn flat_text_encoder_names_from_transformers_5_are_made_canonical() {
+    // transformers >= 5.6 drops CLIPTextModel's `text_model.` level when saving.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let te = dir.path().join("text_encoder");
+    std::fs::create_dir(&te).expect("mkdir");
+    let header = r#"{"final_layer_norm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 8]);
+    std::fs::write(te.join("model.safetensors"), bytes).expect("write");
+    let m = Model::load(dir.path(), LoadOptions::default()).expect("load");
+    let w = &m.component(Component::TextEncoder).expect("text encoder").weights;
+    assert!(w.get("text_model.final_layer_norm.weight").is_some());
+}

@@ -171,7 +171,7 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
                 if is_skipped_buffer(e) {
                     continue;
                 }
-                store.insert(e.name.clone(), idx, &e.name, e.shape.clone())?;
+                store.insert(canonical_name(c, &e.name), idx, &e.name, e.shape.clone())?;
             }
             done += 1;
             tick(&mut opts, done, total, &f)?;
@@ -195,6 +195,17 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         tokenizer,
         architecture: Architecture::Unknown,
     })
+}
+
+/// The canonical name of a tensor in a diffusers component file. transformers >= 5.6 saves
+/// `CLIPTextModel` without its `text_model.` level (`embeddings.*`, `encoder.*`,
+/// `final_layer_norm.*`); every SD 1.x release has it, so that spelling is canonical.
+fn canonical_name(c: Component, name: &str) -> String {
+    if c == Component::TextEncoder && !name.starts_with("text_model.") {
+        format!("text_model.{name}")
+    } else {
+        name.to_string()
+    }
 }
 
 /// Integer buffers (CLIP's `position_ids`) are not weights; they are skipped, not refused.
