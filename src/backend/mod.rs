@@ -1,2 +1,4 @@
-//! Compute backends. The CPU backend arrives with the UNet; the CUDA backend is chosen at
-//! run time (see `runtime`).
+//! Compute backends. The CPU backend ([`cpu`]) runs every op; the CUDA backend is chosen at
+//! run time (see `runtime`) once it exists.
+
+pub mod cpu;

@@ -1,0 +1,203 @@
+//! The CPU backend: f32 ops as plain functions `op(out, inputs..., dims)` over row-major
+//! slices, each with a shape comment and a unit test. Ops parallelise with rayon, so they use
+//! the thread pool of the runtime whose `install` they run in.
+//!
+//! Layouts are PyTorch's (NCHW activations, `[out, in]` linear weights, `[c_out, c_in, k, k]`
+//! conv weights). Matrix products go through the `gemm` crate; element-wise kernels live in
+//! `simd` and are compiled for AVX-512, AVX2 and baseline x86-64, chosen at run time.
+
+pub mod act;
+pub mod attention;
+pub mod conv;
+pub mod linear;
+pub mod misc;
+pub mod norm;
+pub(crate) mod simd;
+
+pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
+pub use attention::attention;
+pub use conv::{conv2d, Conv2d};
+pub use linear::{linear, matmul};
+pub use misc::{
+    add_channel_bias, add_inplace, concat_channels, nchw_to_nhwc, nhwc_to_nchw, timestep_embedding,
+    upsample_nearest2x,
+};
+pub use norm::{group_norm, layer_norm};
+
+/// Below this many elements an element-wise op runs on the calling thread: rayon's fork/join
+/// costs more than the work.
+pub(crate) const PAR_MIN: usize = 1 << 15;
+
+/// Elements per rayon task for element-wise ops (64 KiB of f32: L2-sized, far above the
+/// scheduling overhead).
+pub(crate) const PAR_CHUNK: usize = 1 << 14;
+
+/// A raw pointer that may cross threads. Users write disjoint ranges through it; each use
+/// states why the ranges are disjoint.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used to write disjoint ranges of one live `&mut [f32]` from rayon tasks that
+// all finish before that borrow ends.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `f` over `chunk`-element pieces of `y` (paired with the same pieces of `x`), in
+/// parallel when the slice is large.
+pub(crate) fn par_zip(
+    y: &mut [f32],
+    x: &[f32],
+    chunk: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    debug_assert_eq!(y.len(), x.len());
+    if y.len() < PAR_MIN || rayon::current_num_threads() == 1 {
+        f(y, x);
+    } else {
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| f(y, x));
+    }
+}
+
+/// Runs `f` over `chunk`-element pieces of `y`, in parallel when the slice is large.
+pub(crate) fn par_each(y: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    use rayon::prelude::*;
+    if y.len() < PAR_MIN || rayon::current_num_threads() == 1 {
+        f(y);
+    } else {
+        y.par_chunks_mut(chunk).for_each(f);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers shared by the op tests: a seeded generator, a closeness check that names the
+    //! worst element, and the PyTorch fixture reader.
+
+    /// Deterministic uniform values in [-1, 1) (xorshift64*).
+    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s >> 12;
+                s ^= s << 25;
+                s ^= s >> 27;
+                let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Panics unless every |got - want| <= `tol` x max|want| (`tol` itself if `want` is all
+    /// zeros). The message names the worst element, its index and both values.
+    pub fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f64) {
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "{name}: length {} != {}",
+            got.len(),
+            want.len()
+        );
+        let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let bound = tol * if scale > 0.0 { scale } else { 1.0 };
+        let mut worst = (0f64, 0usize);
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let e = (g as f64 - w as f64).abs();
+            if e > worst.0 || e.is_nan() {
+                worst = (if e.is_nan() { f64::INFINITY } else { e }, i);
+            }
+        }
+        let (e, i) = worst;
+        assert!(
+            e <= bound,
+            "{name}: worst |err| {e:.3e} at index {i} (got {}, want {}); bound {bound:.3e} = {tol:.1e} x max|want| {scale:.4e}",
+            got.get(i).copied().unwrap_or(f32::NAN),
+            want.get(i).copied().unwrap_or(f32::NAN),
+        );
+    }
+
+    /// Tolerance for the PyTorch fixtures: 1e-5 x max|ref|.
+    pub const TORCH_TOL: f64 = 1e-5;
+
+    /// The PyTorch fixture file; a missing file or key is a test failure, never a skip.
+    pub fn fixtures() -> crate::io::safetensors::SafetensorsFile {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops.safetensors");
+        match crate::io::safetensors::SafetensorsFile::open(&path) {
+            Ok(f) => f,
+            Err(e) => panic!("PyTorch fixtures unavailable ({}): {e}", path.display()),
+        }
+    }
+
+    /// One fixture tensor as f32.
+    pub fn fixture(f: &crate::io::safetensors::SafetensorsFile, name: &str) -> Vec<f32> {
+        match f.to_f32(name) {
+            Ok(v) => v,
+            Err(e) => panic!("fixture tensor {name}: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{assert_close, rand_vec};
+    use super::*;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            Ok(p) => p,
+            Err(e) => panic!("thread pool: {e}"),
+        }
+    }
+
+    /// conv2d, linear and attention at sizes that take the parallel paths give the same
+    /// results in a 1-thread and a 2-thread pool (within 1e-6 x max|value|).
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        let run = || {
+            let p = Conv2d {
+                batch: 2,
+                c_in: 24,
+                h: 33,
+                w: 35,
+                c_out: 20,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            };
+            let (ho, wo) = p.out_hw();
+            let x = rand_vec(2 * 24 * 33 * 35, 50);
+            let w = rand_vec(20 * 24 * 9, 51);
+            let b = rand_vec(20, 52);
+            let mut conv = vec![0f32; 2 * 20 * ho * wo];
+            conv2d(&mut conv, &x, &w, Some(&b), &p);
+            let (m, k, n) = (300, 200, 150);
+            let xl = rand_vec(m * k, 53);
+            let wl = rand_vec(n * k, 54);
+            let mut lin = vec![0f32; m * n];
+            let bl = rand_vec(n, 55);
+            linear(&mut lin, &xl, &wl, Some(&bl), m, k, n);
+            let (bt, lq, lk, h, d) = (2, 300, 280, 3, 40);
+            let q = rand_vec(bt * lq * h * d, 56);
+            let kk = rand_vec(bt * lk * h * d, 57);
+            let v = rand_vec(bt * lk * h * d, 58);
+            let mut att = vec![0f32; q.len()];
+            attention(&mut att, &q, &kk, &v, bt, lq, lk, h, d);
+            (conv, lin, att)
+        };
+        let one = pool(1).install(run);
+        let two = pool(2).install(run);
+        assert_close("conv2d 1 vs 2 threads", &two.0, &one.0, 1e-6);
+        assert_close("linear 1 vs 2 threads", &two.1, &one.1, 1e-6);
+        assert_close("attention 1 vs 2 threads", &two.2, &one.2, 1e-6);
+    }
+}
