@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hdb::io::safetensors::SafetensorsFile;
+use hdb::model::unet::UnetInput;
 use hdb::model::{LoadOptions, Model};
 
 #[derive(Parser)]
@@ -23,6 +24,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmarks at full SD 1.5 shapes with random weights made in-process.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+    /// Run one UNet evaluation: IN holds `sample` [B,4,H,W], `timestep` [B] (or a scalar) and
+    /// `encoder_hidden_states` [B,L,C]; OUT gets `out` [B,4,H,W] (all f32).
+    Unet {
+        /// A diffusers folder, a folder with just `unet/`, or an LDM single file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// CPU threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Describe a model (diffusers folder, component folder, LDM single file) or any
     /// safetensors file: components, tensors, dtypes, parameter counts, architecture.
     Info {
@@ -33,6 +53,28 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// SD 1.5 UNet forward: batch 2 (classifier-free guidance), 64x64 latents, 77x768 context.
+    Unet {
+        /// CPU threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed runs after one warm-up; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Latent size (64 = 512x512 images).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Also run the PyTorch eager peer (tools/bench_torch_unet.py) with this Python, in
+        /// the same session and thread count, and print the ratio.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
     },
 }
 
@@ -51,6 +93,22 @@ fn main() -> ExitCode {
         level,
     );
     let result = match cli.command {
+        Command::Bench {
+            what:
+                BenchWhat::Unet {
+                    threads,
+                    runs,
+                    size,
+                    batch,
+                    peer_python,
+                },
+        } => bench_unet(threads, runs, size, batch, peer_python.as_deref()),
+        Command::Unet {
+            model,
+            input,
+            output,
+            threads,
+        } => unet(&model, &input, &output, threads),
         Command::Info {
             path,
             tensors,
@@ -145,6 +203,199 @@ fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
                 println!("{}.{name}  {}  {}", c.name(), w.dtype, w.shape);
             }
         }
+    }
+    Ok(())
+}
+
+fn unet(model_path: &Path, input: &Path, output: &Path, threads: usize) -> hdb::Result<()> {
+    use hdb::io::safetensors::{read_as_f32, write_f32};
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })?;
+    let inp = SafetensorsFile::open(input)?;
+    let bad = |name: &str, shape: &[usize], want: &str| hdb::Error::InvalidFile {
+        path: input.to_path_buf(),
+        format: "UNet input",
+        reason: format!("'{name}' has shape {shape:?}, expected {want}"),
+    };
+    let (s_shape, sample) = read_as_f32(&inp, "sample")?;
+    let [b, c, h, w] = s_shape[..] else {
+        return Err(bad("sample", &s_shape, "[B, 4, H, W]"));
+    };
+    let (t_shape, mut t) = read_as_f32(&inp, "timestep")?;
+    if t.len() == 1 && b > 1 {
+        t = vec![t[0]; b]; // a scalar timestep applies to the whole batch, as in diffusers
+    } else if t.len() != b || t_shape.len() > 1 {
+        return Err(bad("timestep", &t_shape, &format!("[{b}] or a scalar")));
+    }
+    let (c_shape, ctx) = read_as_f32(&inp, "encoder_hidden_states")?;
+    let [cb, l, _] = c_shape[..] else {
+        return Err(bad("encoder_hidden_states", &c_shape, "[B, L, C]"));
+    };
+    if cb != b {
+        return Err(bad(
+            "encoder_hidden_states",
+            &c_shape,
+            &format!("batch {b} like 'sample'"),
+        ));
+    }
+    let model = load_model(model_path)?;
+    let start = std::time::Instant::now();
+    let unet = model.unet()?;
+    if c != unet.config.in_channels {
+        return Err(bad(
+            "sample",
+            &s_shape,
+            &format!("[B, {}, H, W]", unet.config.in_channels),
+        ));
+    }
+    if c_shape[2] != unet.config.cross_attention_dim {
+        return Err(bad(
+            "encoder_hidden_states",
+            &c_shape,
+            &format!("[B, L, {}]", unet.config.cross_attention_dim),
+        ));
+    }
+    let built = start.elapsed();
+    let y = rt.install(|| {
+        unet.forward(&UnetInput {
+            sample: &sample,
+            timesteps: &t,
+            context: &ctx,
+            batch: b,
+            height: h,
+            width: w,
+            context_len: l,
+        })
+    })?;
+    log::info!(
+        "UNet built in {built:?}, forward in {:?}",
+        start.elapsed() - built
+    );
+    write_f32(
+        output,
+        &[("out", vec![b, unet.config.out_channels, h, w], &y)],
+    )
+}
+
+/// Peak resident set size of this process in MB (Linux; 0 elsewhere).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn bench_unet(
+    threads: usize,
+    runs: usize,
+    size: usize,
+    batch: usize,
+    peer: Option<&Path>,
+) -> hdb::Result<()> {
+    use hdb::model::config::UnetConfig;
+    use hdb::model::random::RandomWeights;
+    use hdb::model::unet::Unet;
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })?;
+    let threads = rt.threads();
+    let cfg = UnetConfig::default();
+    let (l, cdim) = (77, cfg.cross_attention_dim);
+    let t0 = std::time::Instant::now();
+    let unet = rt.install(|| Unet::load(cfg.clone(), &RandomWeights { seed: 0x5D15 }))?;
+    eprintln!(
+        "random SD 1.5 UNet weights made in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut rng = hdb::model::random::SplitMix64(7);
+    let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
+    let sample = noise(batch * 4 * size * size);
+    let ctx = noise(batch * l * cdim);
+    let t: Vec<f32> = (0..batch).map(|i| 999.0 - 500.0 * i as f32).collect();
+    let flops = cfg.flops(batch, size, size, l);
+    let mut times = Vec::new();
+    for i in 0..=runs {
+        let s = std::time::Instant::now();
+        let y = rt.install(|| {
+            unet.forward(&UnetInput {
+                sample: &sample,
+                timesteps: &t,
+                context: &ctx,
+                batch,
+                height: size,
+                width: size,
+                context_len: l,
+            })
+        })?;
+        let dt = s.elapsed().as_secs_f64();
+        if y.iter().any(|x| !x.is_finite()) {
+            return Err(hdb::Error::Internal("UNet output is not finite".into()));
+        }
+        eprintln!("{} {:.3} s", if i == 0 { "warm-up" } else { "run" }, dt);
+        if i > 0 {
+            times.push(dt);
+        }
+    }
+    let med = median(&mut times);
+    println!(
+        "hdb cpu f32: SD 1.5 UNet batch {batch}, {size}x{size} latents, {l}x{cdim} context, {threads} threads: \
+         {med:.3} s/forward (median of {runs}), {:.1} GFLOP/s ({:.1} GFLOP), peak RSS {:.0} MB",
+        flops / med / 1e9,
+        flops / 1e9,
+        peak_rss_mb()
+    );
+    if let Some(py) = peer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_torch_unet.py");
+        let out = std::process::Command::new(py)
+            .arg(&script)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--runs",
+                &runs.to_string(),
+                "--size",
+                &size.to_string(),
+                "--batch",
+                &batch.to_string(),
+            ])
+            .output()
+            .map_err(|e| hdb::Error::io(py, e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .ok_or_else(|| {
+                hdb::Error::Internal(format!(
+                    "the peer printed no JSON: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            })?;
+        let peer_s = json["median_s"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "peer pytorch-eager (torch {}, diffusers {}): {peer_s:.3} s/forward, {:.1} GFLOP/s, peak RSS {:.0} MB",
+            json["torch"].as_str().unwrap_or("?"),
+            json["diffusers"].as_str().unwrap_or("?"),
+            flops / peer_s / 1e9,
+            json["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!(
+            "ratio: hdb is {:.2}x the speed of PyTorch eager",
+            peer_s / med
+        );
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod log;
 pub mod model;
 pub mod params;
 pub mod runtime;
+pub mod session;
 pub mod status;
 pub mod version;
 

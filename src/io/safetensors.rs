@@ -237,6 +237,66 @@ impl SafetensorsFile {
     }
 }
 
+/// Writes f32 tensors `(name, shape, values)` to a safetensors file, atomically (a temporary
+/// file in the same folder renamed over `path`), so a failed write never leaves half a file.
+pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    for ((name, shape, values), data) in tensors.iter().zip(&bytes) {
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(Error::Internal(format!(
+                "tensor '{name}' has {} values for shape {shape:?}",
+                values.len()
+            )));
+        }
+        let view = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), data)
+            .map_err(|e| Error::Internal(format!("tensor '{name}': {e}")))?;
+        views.push((name.to_string(), view));
+    }
+    let data = safetensors::serialize(views, None).map_err(|e| Error::InvalidFile {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A tensor of any numeric dtype as f32 (integers converted; used for inputs such as
+/// timesteps that tools often store as i64).
+pub fn read_as_f32(file: &SafetensorsFile, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let e = file.get(name).ok_or_else(|| Error::InvalidFile {
+        path: file.path().to_path_buf(),
+        format: "safetensors",
+        reason: format!("no tensor named '{name}'"),
+    })?;
+    let b = file.data(e);
+    let v: Vec<f32> = match e.dtype {
+        StDtype::I64 => b
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        StDtype::I32 => b
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f32)
+            .collect(),
+        StDtype::F64 => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+            .collect(),
+        _ => {
+            let mut out = Vec::new();
+            e.float_dtype(file.path())?.to_f32(b, &mut out);
+            out
+        }
+    };
+    Ok((e.shape.dims().to_vec(), v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,9 @@
 //! A frozen Stable Diffusion model: its components' weights under canonical diffusers names,
 //! read from a diffusers folder or an LDM single-file checkpoint. Immutable once loaded.
 
+pub mod config;
+pub mod random;
+pub mod unet;
 pub mod weights;
 
 use std::collections::BTreeMap;
@@ -51,7 +54,8 @@ impl Architecture {
 #[derive(Debug)]
 pub struct ComponentWeights {
     pub component: Component,
-    pub config: Option<serde_json::Value>,
+    /// `config.json` and where it was read from.
+    pub config: Option<(PathBuf, serde_json::Value)>,
     pub weights: WeightStore,
 }
 
@@ -75,9 +79,25 @@ pub struct Model {
     /// The `tokenizer/` folder, when the model has one.
     pub tokenizer: Option<PathBuf>,
     pub architecture: Architecture,
+    /// The UNet, built on first use and shared by every session.
+    unet: std::sync::Mutex<Option<Arc<unet::Unet>>>,
 }
 
 impl Model {
+    /// The model's UNet, built (and shape-checked) on the first call.
+    pub fn unet(&self) -> Result<Arc<unet::Unet>> {
+        let mut guard = self
+            .unet
+            .lock()
+            .map_err(|_| Error::Internal("UNet cache lock poisoned".into()))?;
+        if let Some(u) = guard.as_ref() {
+            return Ok(u.clone());
+        }
+        let u = Arc::new(unet::Unet::from_model(self)?);
+        *guard = Some(u.clone());
+        Ok(u)
+    }
+
     /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
     /// contents), or an LDM single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
@@ -159,7 +179,7 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
     for (c, sub, files) in plan {
         let cfg_path = sub.join("config.json");
         let config = if cfg_path.is_file() {
-            Some(read_json(&cfg_path)?)
+            Some((cfg_path.clone(), read_json(&cfg_path)?))
         } else {
             None
         };
@@ -194,6 +214,7 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         components,
         tokenizer,
         architecture: Architecture::Unknown,
+        unet: Default::default(),
     })
 }
 
@@ -295,6 +316,7 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         components,
         tokenizer: None,
         architecture: Architecture::Unknown,
+        unet: Default::default(),
     })
 }
 

@@ -1,0 +1,57 @@
+//! Deterministic random weights of any shape, for benchmarks and the built-in demo model (no
+//! download). Scaled like PyTorch's default init so activations stay in a realistic range.
+
+use crate::error::Result;
+use crate::model::unet::WeightSource;
+use crate::model::weights::F32Weight;
+
+/// splitmix64 (see DESIGN.md section 4; the LiDB basis uses the same generator).
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), from 53 random bits, rounded to f32.
+    pub fn next_f32(&mut self) -> f32 {
+        ((self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)) as f32
+    }
+}
+
+/// fnv1a64 of a string, to give every tensor name its own stream.
+pub fn fnv1a64(s: &str) -> u64 {
+    s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    })
+}
+
+/// Random weights: `name` and `seed` fix the values. Matrices and kernels are uniform in
+/// +-1/sqrt(fan_in); 1-D `*.weight` (norm scales) are near 1; biases small.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<F32Weight> {
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let (center, scale) = if shape.len() >= 2 {
+            (0.0, 1.0 / (fan_in as f32).sqrt())
+        } else if name.ends_with(".weight") {
+            (1.0, 0.1)
+        } else {
+            (0.0, 0.05)
+        };
+        let mut rng = SplitMix64(self.seed ^ fnv1a64(name));
+        let v = (0..n)
+            .map(|_| center + scale * (2.0 * rng.next_f32() - 1.0))
+            .collect();
+        Ok(F32Weight::Owned(v))
+    }
+}

@@ -1,0 +1,740 @@
+//! diffusers' `UNet2DConditionModel` (SD 1.x and 2.x) on the CPU backend: weights as f32
+//! (borrowed from the mapped file when stored as f32), compute in f32.
+
+use crate::backend::cpu as ops;
+use crate::error::{Error, Result};
+use crate::model::config::{BlockKind, UnetConfig};
+use crate::model::weights::F32Weight;
+use crate::model::WeightStore;
+
+/// Where the UNet's weights come from: a loaded model, or (benchmarks) random values.
+pub trait WeightSource {
+    /// The f32 values of `name`, which must have shape `shape`; errors name the key.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<F32Weight>;
+}
+
+impl WeightSource for WeightStore {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<F32Weight> {
+        self.f32(name, shape)
+    }
+}
+
+struct Linear {
+    w: F32Weight,
+    b: Option<F32Weight>,
+    din: usize,
+    dout: usize,
+}
+
+impl Linear {
+    fn load(src: &dyn WeightSource, p: &str, din: usize, dout: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            w: src.get(&format!("{p}.weight"), &[dout, din])?,
+            b: if bias {
+                Some(src.get(&format!("{p}.bias"), &[dout])?)
+            } else {
+                None
+            },
+            din,
+            dout,
+        })
+    }
+
+    /// x [rows, din] -> [rows, dout]
+    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = vec![0.0; rows * self.dout];
+        ops::linear(
+            &mut y,
+            x,
+            &self.w,
+            self.b.as_deref(),
+            rows,
+            self.din,
+            self.dout,
+        );
+        y
+    }
+}
+
+struct Conv {
+    w: F32Weight,
+    b: F32Weight,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+}
+
+impl Conv {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        Ok(Conv {
+            w: src.get(&format!("{p}.weight"), &[cout, cin, k, k])?,
+            b: src.get(&format!("{p}.bias"), &[cout])?,
+            cin,
+            cout,
+            k,
+            stride,
+        })
+    }
+
+    fn forward(&self, x: &Act) -> Act {
+        let p = ops::Conv2d {
+            batch: x.b,
+            c_in: self.cin,
+            h: x.h,
+            w: x.w,
+            c_out: self.cout,
+            kernel: self.k,
+            stride: self.stride,
+            padding: self.k / 2,
+        };
+        let (h, w) = p.out_hw();
+        let mut y = vec![0.0; x.b * self.cout * h * w];
+        ops::conv2d(&mut y, &x.data, &self.w, Some(&self.b), &p);
+        Act {
+            data: y,
+            b: x.b,
+            c: self.cout,
+            h,
+            w,
+        }
+    }
+}
+
+struct GroupNorm {
+    gamma: F32Weight,
+    beta: F32Weight,
+    groups: usize,
+    eps: f32,
+}
+
+impl GroupNorm {
+    fn load(src: &dyn WeightSource, p: &str, c: usize, groups: usize, eps: f32) -> Result<Self> {
+        Ok(GroupNorm {
+            gamma: src.get(&format!("{p}.weight"), &[c])?,
+            beta: src.get(&format!("{p}.bias"), &[c])?,
+            groups,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Act, silu: bool) -> Act {
+        let mut y = vec![0.0; x.data.len()];
+        ops::group_norm(
+            &mut y,
+            &x.data,
+            &self.gamma,
+            &self.beta,
+            x.b,
+            x.c,
+            x.h * x.w,
+            self.groups,
+            self.eps,
+            silu,
+        );
+        Act { data: y, ..*x }
+    }
+}
+
+struct LayerNorm {
+    gamma: F32Weight,
+    beta: F32Weight,
+    dim: usize,
+}
+
+impl LayerNorm {
+    fn load(src: &dyn WeightSource, p: &str, dim: usize) -> Result<Self> {
+        Ok(LayerNorm {
+            gamma: src.get(&format!("{p}.weight"), &[dim])?,
+            beta: src.get(&format!("{p}.bias"), &[dim])?,
+            dim,
+        })
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0; x.len()];
+        ops::layer_norm(
+            &mut y,
+            x,
+            &self.gamma,
+            &self.beta,
+            x.len() / self.dim,
+            self.dim,
+            1e-5,
+        );
+        y
+    }
+}
+
+/// An NCHW activation.
+pub struct Act {
+    pub data: Vec<f32>,
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Act {
+    fn clone_act(&self) -> Act {
+        Act {
+            data: self.data.clone(),
+            ..*self
+        }
+    }
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl Resnet {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        cfg: &UnetConfig,
+    ) -> Result<Self> {
+        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        Ok(Resnet {
+            norm1: GroupNorm::load(src, &format!("{p}.norm1"), cin, g, eps)?,
+            conv1: Conv::load(src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
+            time_emb_proj: Linear::load(src, &format!("{p}.time_emb_proj"), temb, cout, true)?,
+            norm2: GroupNorm::load(src, &format!("{p}.norm2"), cout, g, eps)?,
+            conv2: Conv::load(src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
+            shortcut: if cin != cout {
+                Some(Conv::load(
+                    src,
+                    &format!("{p}.conv_shortcut"),
+                    cin,
+                    cout,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `emb_silu` is SiLU(time embedding) [B, temb].
+    fn forward(&self, x: &Act, emb_silu: &[f32]) -> Act {
+        let h = self.norm1.forward(x, true);
+        let mut h = self.conv1.forward(&h);
+        let t = self.time_emb_proj.forward(emb_silu, x.b);
+        ops::add_channel_bias(&mut h.data, &t, h.b, h.c, h.h * h.w);
+        let h = self.norm2.forward(&h, true);
+        let mut h = self.conv2.forward(&h);
+        match &self.shortcut {
+            Some(s) => ops::add_inplace(&mut h.data, &s.forward(x).data),
+            None => ops::add_inplace(&mut h.data, &x.data),
+        }
+        h
+    }
+}
+
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        c: usize,
+        ctx_dim: usize,
+        heads: usize,
+    ) -> Result<Self> {
+        Ok(Attention {
+            to_q: Linear::load(src, &format!("{p}.to_q"), c, c, false)?,
+            to_k: Linear::load(src, &format!("{p}.to_k"), ctx_dim, c, false)?,
+            to_v: Linear::load(src, &format!("{p}.to_v"), ctx_dim, c, false)?,
+            to_out: Linear::load(src, &format!("{p}.to_out.0"), c, c, true)?,
+            heads,
+        })
+    }
+
+    /// x [B, lq, c], ctx [B, lk, ctx_dim] -> [B, lq, c]
+    fn forward(&self, x: &[f32], ctx: &[f32], b: usize, lq: usize, lk: usize) -> Vec<f32> {
+        let q = self.to_q.forward(x, b * lq);
+        let k = self.to_k.forward(ctx, b * lk);
+        let v = self.to_v.forward(ctx, b * lk);
+        let c = self.to_q.dout;
+        let mut o = vec![0.0; b * lq * c];
+        ops::attention(&mut o, &q, &k, &v, b, lq, lk, self.heads, c / self.heads);
+        self.to_out.forward(&o, b * lq)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        c: usize,
+        heads: usize,
+        ctx_dim: usize,
+    ) -> Result<Self> {
+        Ok(TransformerBlock {
+            norm1: LayerNorm::load(src, &format!("{p}.norm1"), c)?,
+            attn1: Attention::load(src, &format!("{p}.attn1"), c, c, heads)?,
+            norm2: LayerNorm::load(src, &format!("{p}.norm2"), c)?,
+            attn2: Attention::load(src, &format!("{p}.attn2"), c, ctx_dim, heads)?,
+            norm3: LayerNorm::load(src, &format!("{p}.norm3"), c)?,
+            ff_proj: Linear::load(src, &format!("{p}.ff.net.0.proj"), c, 8 * c, true)?,
+            ff_out: Linear::load(src, &format!("{p}.ff.net.2"), 4 * c, c, true)?,
+        })
+    }
+
+    /// x [B, t, c] in place; ctx [B, l, ctx_dim].
+    fn forward(&self, x: &mut [f32], ctx: &[f32], b: usize, t: usize, l: usize) {
+        let c = self.norm1.dim;
+        let n = self.norm1.forward(x);
+        ops::add_inplace(x, &self.attn1.forward(&n, &n, b, t, t));
+        let n = self.norm2.forward(x);
+        ops::add_inplace(x, &self.attn2.forward(&n, ctx, b, t, l));
+        let n = self.norm3.forward(x);
+        let f = self.ff_proj.forward(&n, b * t);
+        let mut g = vec![0.0; b * t * 4 * c];
+        ops::geglu(&mut g, &f, b * t, 4 * c);
+        ops::add_inplace(x, &self.ff_out.forward(&g, b * t));
+    }
+}
+
+enum Proj {
+    Conv(Conv),
+    Linear(Linear),
+}
+
+struct Transformer2d {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl Transformer2d {
+    fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        c: usize,
+        heads: usize,
+        depth: usize,
+        cfg: &UnetConfig,
+    ) -> Result<Self> {
+        let proj = |name: &str| -> Result<Proj> {
+            let p = format!("{p}.{name}");
+            Ok(if cfg.use_linear_projection {
+                Proj::Linear(Linear::load(src, &p, c, c, true)?)
+            } else {
+                Proj::Conv(Conv::load(src, &p, c, c, 1, 1)?)
+            })
+        };
+        Ok(Transformer2d {
+            norm: GroupNorm::load(src, &format!("{p}.norm"), c, cfg.norm_num_groups, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..depth)
+                .map(|i| {
+                    TransformerBlock::load(
+                        src,
+                        &format!("{p}.transformer_blocks.{i}"),
+                        c,
+                        heads,
+                        cfg.cross_attention_dim,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Act, ctx: &[f32], l: usize) -> Act {
+        let (b, c, hw) = (x.b, x.c, x.h * x.w);
+        let h = self.norm.forward(x, false);
+        let mut tokens = vec![0.0; h.data.len()];
+        match &self.proj_in {
+            Proj::Conv(conv) => ops::nchw_to_nhwc(&mut tokens, &conv.forward(&h).data, b, c, hw),
+            Proj::Linear(lin) => {
+                ops::nchw_to_nhwc(&mut tokens, &h.data, b, c, hw);
+                tokens = lin.forward(&tokens, b * hw);
+            }
+        }
+        for blk in &self.blocks {
+            blk.forward(&mut tokens, ctx, b, hw, l);
+        }
+        let mut out = Act {
+            data: vec![0.0; tokens.len()],
+            ..*x
+        };
+        match &self.proj_out {
+            Proj::Conv(conv) => {
+                let mut t = Act {
+                    data: vec![0.0; tokens.len()],
+                    ..*x
+                };
+                ops::nhwc_to_nchw(&mut t.data, &tokens, b, c, hw);
+                out = conv.forward(&t);
+            }
+            Proj::Linear(lin) => {
+                ops::nhwc_to_nchw(&mut out.data, &lin.forward(&tokens, b * hw), b, c, hw)
+            }
+        }
+        ops::add_inplace(&mut out.data, &x.data);
+        out
+    }
+}
+
+struct Block {
+    resnets: Vec<Resnet>,
+    attentions: Vec<Transformer2d>,
+    /// Downsampler (stride-2 conv) or upsampler (nearest 2x then conv).
+    resample: Option<Conv>,
+}
+
+/// One UNet evaluation's inputs, exactly diffusers' `UNet2DConditionModel` arguments.
+#[derive(Clone, Copy, Debug)]
+pub struct UnetInput<'a> {
+    /// [batch, in_channels, height, width]
+    pub sample: &'a [f32],
+    /// [batch]
+    pub timesteps: &'a [f32],
+    /// encoder_hidden_states [batch, context_len, cross_attention_dim]
+    pub context: &'a [f32],
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub context_len: usize,
+}
+
+/// The UNet, ready to run.
+pub struct Unet {
+    pub config: UnetConfig,
+    time_1: Linear,
+    time_2: Linear,
+    conv_in: Conv,
+    down: Vec<Block>,
+    mid: (Resnet, Transformer2d, Resnet),
+    up: Vec<Block>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl std::fmt::Debug for Unet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unet")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unet {
+    /// Builds the UNet of `config` from `src`, checking every tensor's presence and shape.
+    pub fn load(config: UnetConfig, src: &dyn WeightSource) -> Result<Unet> {
+        let cfg = &config;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb = 4 * ch[0];
+        let down = (0..n)
+            .map(|i| {
+                let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+                let p = format!("down_blocks.{i}");
+                let resnets = (0..cfg.layers_per_block)
+                    .map(|j| {
+                        Resnet::load(
+                            src,
+                            &format!("{p}.resnets.{j}"),
+                            if j == 0 { cin } else { ch[i] },
+                            ch[i],
+                            temb,
+                            cfg,
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                let attentions = match cfg.down_blocks[i] {
+                    BlockKind::CrossAttn => (0..cfg.layers_per_block)
+                        .map(|j| {
+                            Transformer2d::load(
+                                src,
+                                &format!("{p}.attentions.{j}"),
+                                ch[i],
+                                cfg.heads[i],
+                                cfg.transformer_layers[i],
+                                cfg,
+                            )
+                        })
+                        .collect::<Result<_>>()?,
+                    BlockKind::Plain => Vec::new(),
+                };
+                let resample = if i + 1 < n {
+                    Some(Conv::load(
+                        src,
+                        &format!("{p}.downsamplers.0.conv"),
+                        ch[i],
+                        ch[i],
+                        3,
+                        2,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Block {
+                    resnets,
+                    attentions,
+                    resample,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let top = ch[n - 1];
+        let mid = (
+            Resnet::load(src, "mid_block.resnets.0", top, top, temb, cfg)?,
+            Transformer2d::load(
+                src,
+                "mid_block.attentions.0",
+                top,
+                cfg.heads[n - 1],
+                cfg.transformer_layers[n - 1],
+                cfg,
+            )?,
+            Resnet::load(src, "mid_block.resnets.1", top, top, temb, cfg)?,
+        );
+        // diffusers' up path: block i works at rev[i] channels; its resnets see the previous
+        // block's output (first) and skips from the matching down block.
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let up = (0..n)
+            .map(|i| {
+                let prev = if i == 0 { rev[0] } else { rev[i - 1] };
+                let out = rev[i];
+                let input = rev[(i + 1).min(n - 1)];
+                let p = format!("up_blocks.{i}");
+                let resnets = (0..=cfg.layers_per_block)
+                    .map(|j| {
+                        let skip = if j == cfg.layers_per_block {
+                            input
+                        } else {
+                            out
+                        };
+                        let res_in = if j == 0 { prev } else { out };
+                        Resnet::load(
+                            src,
+                            &format!("{p}.resnets.{j}"),
+                            res_in + skip,
+                            out,
+                            temb,
+                            cfg,
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                let attentions = match cfg.up_blocks[i] {
+                    BlockKind::CrossAttn => (0..=cfg.layers_per_block)
+                        .map(|j| {
+                            Transformer2d::load(
+                                src,
+                                &format!("{p}.attentions.{j}"),
+                                out,
+                                cfg.heads[n - 1 - i],
+                                cfg.transformer_layers[n - 1 - i],
+                                cfg,
+                            )
+                        })
+                        .collect::<Result<_>>()?,
+                    BlockKind::Plain => Vec::new(),
+                };
+                let resample = if i + 1 < n {
+                    Some(Conv::load(
+                        src,
+                        &format!("{p}.upsamplers.0.conv"),
+                        out,
+                        out,
+                        3,
+                        1,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Block {
+                    resnets,
+                    attentions,
+                    resample,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Unet {
+            time_1: Linear::load(src, "time_embedding.linear_1", ch[0], temb, true)?,
+            time_2: Linear::load(src, "time_embedding.linear_2", temb, temb, true)?,
+            conv_in: Conv::load(src, "conv_in", cfg.in_channels, ch[0], 3, 1)?,
+            down,
+            mid,
+            up,
+            norm_out: GroupNorm::load(
+                src,
+                "conv_norm_out",
+                ch[0],
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+            )?,
+            conv_out: Conv::load(src, "conv_out", ch[0], cfg.out_channels, 3, 1)?,
+            config,
+        })
+    }
+
+    /// Loads the UNet of a model: config from `unet/config.json`, else inferred from shapes.
+    pub fn from_model(model: &crate::Model) -> Result<Unet> {
+        let unet = model
+            .component(crate::io::keymap::Component::Unet)
+            .ok_or_else(|| Error::invalid_model(&model.path, "the model has no UNet"))?;
+        let config = match &unet.config {
+            Some((path, json)) => UnetConfig::from_json(json, path)?,
+            None => UnetConfig::infer(&unet.weights, &model.path)?,
+        };
+        Unet::load(config, &unet.weights)
+    }
+
+    /// One evaluation -> [B, out, H, W]. Shapes are checked; errors name the argument.
+    pub fn forward(&self, x: &UnetInput<'_>) -> Result<Vec<f32>> {
+        let UnetInput {
+            sample,
+            timesteps,
+            context,
+            batch: b,
+            height: h,
+            width: w,
+            context_len: l,
+        } = *x;
+        let cfg = &self.config;
+        let expect = |name: &'static str, got: usize, want: usize, shape: String| {
+            if got != want {
+                Err(Error::invalid_arg(
+                    name,
+                    format!("has {got} values, expected {shape} = {want}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        expect(
+            "sample",
+            sample.len(),
+            b * cfg.in_channels * h * w,
+            format!("[{b}, {}, {h}, {w}]", cfg.in_channels),
+        )?;
+        expect("timestep", timesteps.len(), b, format!("[{b}]"))?;
+        expect(
+            "encoder_hidden_states",
+            context.len(),
+            b * l * cfg.cross_attention_dim,
+            format!("[{b}, {l}, {}]", cfg.cross_attention_dim),
+        )?;
+        if b == 0 || h == 0 || w == 0 || l == 0 {
+            return Err(Error::invalid_arg(
+                "sample",
+                "batch, height, width and context length must be positive",
+            ));
+        }
+        let factor = 1usize << (cfg.block_out_channels.len() - 1);
+        if h % factor != 0 || w % factor != 0 {
+            return Err(Error::invalid_arg(
+                "sample",
+                format!("height {h} and width {w} must be multiples of {factor} for this UNet"),
+            ));
+        }
+        let c0 = cfg.block_out_channels[0];
+        let mut temb = vec![0.0; b * c0];
+        ops::timestep_embedding(
+            &mut temb,
+            timesteps,
+            c0,
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+            10000.0,
+        );
+        let mut e = self.time_1.forward(&temb, b);
+        ops::silu_inplace(&mut e);
+        let mut emb = self.time_2.forward(&e, b);
+        ops::silu_inplace(&mut emb); // every resnet applies SiLU first; do it once
+        let x = Act {
+            data: sample.to_vec(),
+            b,
+            c: cfg.in_channels,
+            h,
+            w,
+        };
+        let mut x = self.conv_in.forward(&x);
+        // diffusers keeps conv_in's output and every down layer's output as skips.
+        let mut skips: Vec<Act> = vec![x.clone_act()];
+        for blk in &self.down {
+            for (j, r) in blk.resnets.iter().enumerate() {
+                x = r.forward(&x, &emb);
+                if let Some(a) = blk.attentions.get(j) {
+                    x = a.forward(&x, context, l);
+                }
+                skips.push(x.clone_act());
+            }
+            if let Some(ds) = &blk.resample {
+                x = ds.forward(&x);
+                skips.push(x.clone_act());
+            }
+        }
+        x = self.mid.0.forward(&x, &emb);
+        x = self.mid.1.forward(&x, context, l);
+        x = self.mid.2.forward(&x, &emb);
+        for blk in &self.up {
+            for (j, r) in blk.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::Internal("UNet skip stack ran dry".into()))?;
+                let mut cat = vec![0.0; (x.c + skip.c) * b * x.h * x.w];
+                ops::concat_channels(&mut cat, &x.data, &skip.data, b, x.c, skip.c, x.h * x.w);
+                x = r.forward(
+                    &Act {
+                        data: cat,
+                        c: x.c + skip.c,
+                        ..x
+                    },
+                    &emb,
+                );
+                if let Some(a) = blk.attentions.get(j) {
+                    x = a.forward(&x, context, l);
+                }
+            }
+            if let Some(us) = &blk.resample {
+                let mut up = vec![0.0; x.data.len() * 4];
+                ops::upsample_nearest2x(&mut up, &x.data, b * x.c, x.h, x.w);
+                x = us.forward(&Act {
+                    data: up,
+                    h: 2 * x.h,
+                    w: 2 * x.w,
+                    ..x
+                });
+            }
+        }
+        let hn = self.norm_out.forward(&x, true);
+        Ok(self.conv_out.forward(&hn).data)
+    }
+}
