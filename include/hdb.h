@@ -132,6 +132,11 @@ typedef struct hdb_model hdb_model;
 typedef struct hdb_runtime hdb_runtime;
 
 /**
+ * Opaque session. Belongs to one thread at a time; keeps its model alive.
+ */
+typedef struct hdb_session hdb_session;
+
+/**
  * Log levels, most severe first. `HDB_LOG_LEVEL_OFF` disables logging.
  */
 typedef uint32_t hdb_log_level;
@@ -224,6 +229,10 @@ typedef struct hdb_model_info {
    * 1 when a `tokenizer/` folder was found.
    */
   uint32_t has_tokenizer;
+  /**
+   * Always 0 (explicit, so no uninitialised padding bytes are copied out).
+   */
+  uint32_t reserved0;
   struct hdb_component_info unet;
   struct hdb_component_info text_encoder;
   struct hdb_component_info vae;
@@ -271,6 +280,17 @@ typedef struct hdb_runtime_info {
    */
   uint32_t num_threads;
 } hdb_runtime_info;
+
+/**
+ * Options for `hdb_session_new`. Get the defaults from `hdb_session_params_default()`.
+ */
+typedef struct hdb_session_params {
+  uint32_t struct_size;
+  /**
+   * Reserved for future options; set to 0.
+   */
+  uint32_t reserved;
+} hdb_session_params;
 
 #define HDB_LOG_LEVEL_OFF 0
 
@@ -336,8 +356,8 @@ const char *hdb_last_error_message(void);
 /**
  * Sends the library's log records up to `max_level` to `callback` (replacing any earlier
  * one); a NULL callback or `HDB_LOG_LEVEL_OFF` stops logging. The callback must be
- * thread-safe: it may be called from hdb's worker threads. This is the only process-wide
- * setting of hdb.
+ * thread-safe: it may be called from hdb's worker threads. It may call hdb functions,
+ * including this one (e.g. to stop logging). This is the only process-wide setting of hdb.
  */
 hdb_status hdb_set_log_callback(hdb_log_fn callback, void *user_data, hdb_log_level max_level);
 
@@ -415,6 +435,41 @@ hdb_status hdb_runtime_get_info(const struct hdb_runtime *rt, struct hdb_runtime
  * `rt` NULL or a runtime from `hdb_runtime_new` not yet freed.
  */
 void hdb_runtime_free(struct hdb_runtime *rt);
+
+/**
+ * The default session params.
+ */
+struct hdb_session_params hdb_session_params_default(void);
+
+/**
+ * Creates a session on `model`. On success `*out` owns it (free with `hdb_session_free`).
+ *
+ * # Safety
+ * `model` a live model; `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_session_new(const struct hdb_model *model, const struct hdb_session_params *params, struct hdb_session **out);
+
+/**
+ * Runs one UNet evaluation, exactly diffusers' `UNet2DConditionModel(sample, timestep,
+ * encoder_hidden_states).sample`:
+ * `sample` [batch, in_channels, height, width], `timesteps` [batch],
+ * `context` [batch, context_tokens, cross_attention_dim] -> `out` [batch, out_channels,
+ * height, width], all f32, row-major. Each `*_len` is the buffer's length in floats and must
+ * equal the shape's size (the error names the argument and the expected shape). The UNet is
+ * built on the model's first call (seconds for SD 1.5) and shared afterwards.
+ *
+ * # Safety
+ * `session` a live session used by this thread only; each buffer valid for its length.
+ */
+hdb_status hdb_session_unet(struct hdb_session *session, const float *sample, size_t sample_len, const float *timesteps, size_t timesteps_len, const float *context, size_t context_len, uint32_t batch, uint32_t height, uint32_t width, uint32_t context_tokens, float *out, size_t out_len);
+
+/**
+ * Frees a session; NULL is a no-op.
+ *
+ * # Safety
+ * `session` NULL or a session from `hdb_session_new` not yet freed.
+ */
+void hdb_session_free(struct hdb_session *session);
 
 /**
  * The name of a status code (`"HDB_STATUS_OK"`, ...), or `"HDB_STATUS_UNKNOWN"`. Takes a

@@ -8,7 +8,7 @@ use log::{LevelFilter, Log, Metadata, Record};
 /// Receives (level, target module, message).
 pub type Sink = Box<dyn Fn(log::Level, &str, &str) + Send + Sync>;
 
-static SINK: RwLock<Option<Sink>> = RwLock::new(None);
+static SINK: RwLock<Option<std::sync::Arc<Sink>>> = RwLock::new(None);
 static INSTALL: Once = Once::new();
 
 struct Router;
@@ -24,10 +24,10 @@ impl Log for Router {
         if !self.enabled(r.metadata()) {
             return;
         }
-        if let Ok(guard) = SINK.read() {
-            if let Some(sink) = guard.as_ref() {
-                sink(r.level(), r.target(), &r.args().to_string());
-            }
+        // Call the sink with no lock held: it may itself call set_sink (e.g. to stop logging).
+        let sink = SINK.read().ok().and_then(|g| g.clone());
+        if let Some(sink) = sink {
+            sink(r.level(), r.target(), &r.args().to_string());
         }
     }
 
@@ -49,7 +49,7 @@ pub fn set_sink(sink: Option<Sink>, max_level: LevelFilter) -> bool {
         LevelFilter::Off
     };
     if let Ok(mut guard) = SINK.write() {
-        *guard = sink;
+        *guard = sink.map(std::sync::Arc::new);
     }
     if active {
         log::set_max_level(level);

@@ -51,8 +51,8 @@ fn level_of(l: log::Level) -> hdb_log_level {
 
 /// Sends the library's log records up to `max_level` to `callback` (replacing any earlier
 /// one); a NULL callback or `HDB_LOG_LEVEL_OFF` stops logging. The callback must be
-/// thread-safe: it may be called from hdb's worker threads. This is the only process-wide
-/// setting of hdb.
+/// thread-safe: it may be called from hdb's worker threads. It may call hdb functions,
+/// including this one (e.g. to stop logging). This is the only process-wide setting of hdb.
 #[no_mangle]
 pub extern "C" fn hdb_set_log_callback(
     callback: hdb_log_fn,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::boundary::{arg_path, arg_ref, ffi_boundary, ffi_infallible, out_ptr, write_string};
 use super::hdb_progress_fn;
+use super::params::Versioned;
 use super::params::{read_params, write_out_struct};
 use super::runtime::hdb_runtime;
 use super::status::hdb_status;
@@ -18,9 +19,13 @@ use crate::tensor::DType;
 
 /// Opaque, immutable model. Thread-safe: any number of threads may use one model at once.
 pub struct hdb_model {
+    pub(crate) inner: Arc<ModelShared>,
+}
+
+/// What sessions share with the model handle, so either may be freed first.
+pub(crate) struct ModelShared {
     pub(crate) model: Model,
-    /// Keeps the runtime alive for as long as the model lives.
-    pub(crate) _runtime: Arc<Runtime>,
+    pub(crate) runtime: Arc<Runtime>,
 }
 
 /// Which weight files of a diffusers folder to read.
@@ -43,6 +48,10 @@ pub struct hdb_model_params {
     pub progress: hdb_progress_fn,
     /// Passed to `progress` unchanged.
     pub progress_user_data: *mut c_void,
+}
+
+impl Versioned for hdb_model_params {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_model_params>()];
 }
 
 fn default_model_params() -> hdb_model_params {
@@ -104,9 +113,15 @@ pub struct hdb_model_info {
     pub cross_attention_dim: u32,
     /// 1 when a `tokenizer/` folder was found.
     pub has_tokenizer: u32,
+    /// Always 0 (explicit, so no uninitialised padding bytes are copied out).
+    pub reserved0: u32,
     pub unet: hdb_component_info,
     pub text_encoder: hdb_component_info,
     pub vae: hdb_component_info,
+}
+
+impl Versioned for hdb_model_info {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_model_info>()];
 }
 
 /// Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
@@ -162,8 +177,10 @@ pub unsafe extern "C" fn hdb_model_load(
             },
         )?;
         let boxed = Box::new(hdb_model {
-            model,
-            _runtime: rt.inner.clone(),
+            inner: Arc::new(ModelShared {
+                model,
+                runtime: rt.inner.clone(),
+            }),
         });
         // SAFETY: out checked non-null.
         unsafe { *out = Box::into_raw(boxed) };
@@ -203,7 +220,7 @@ pub unsafe extern "C" fn hdb_model_get_info(
 ) -> hdb_status {
     ffi_boundary("hdb_model_get_info", || {
         // SAFETY: caller contract.
-        let m = &unsafe { arg_ref(model, "model") }?.model;
+        let m = &unsafe { arg_ref(model, "model") }?.inner.model;
         let out = out_ptr(out, "out")?;
         let info = hdb_model_info {
             struct_size: std::mem::size_of::<hdb_model_info>() as u32,
@@ -219,6 +236,7 @@ pub unsafe extern "C" fn hdb_model_get_info(
             },
             cross_attention_dim: m.cross_attention_dim().unwrap_or(0) as u32,
             has_tokenizer: m.tokenizer.is_some() as u32,
+            reserved0: 0,
             unet: component_info(m, Component::Unet),
             text_encoder: component_info(m, Component::TextEncoder),
             vae: component_info(m, Component::Vae),
@@ -244,7 +262,7 @@ pub unsafe extern "C" fn hdb_model_describe(
 ) -> hdb_status {
     ffi_boundary("hdb_model_describe", || {
         // SAFETY: caller contract.
-        let m = &unsafe { arg_ref(model, "model") }?.model;
+        let m = &unsafe { arg_ref(model, "model") }?.inner.model;
         let text = m.describe().to_string();
         // SAFETY: caller contract on buf/needed.
         unsafe { write_string(&text, buf, buf_len, needed) }

@@ -3,6 +3,37 @@
 
 use crate::error::{Error, Result};
 
+/// A struct that crosses the ABI with a leading `struct_size`. `SIZES` lists the sizes of
+/// every released version, oldest first (append when a version adds fields). Only those sizes,
+/// or larger ones from newer headers, are accepted, so a copy never ends inside a field.
+pub trait Versioned: Copy {
+    const SIZES: &'static [usize];
+}
+
+/// The largest released size of `T` that `struct_size` covers, or an error naming `name`.
+fn usable_size<T: Versioned>(struct_size: u32, name: &'static str) -> Result<usize> {
+    let size = struct_size as usize;
+    let newest = std::mem::size_of::<T>();
+    if size >= newest && size <= MAX_STRUCT_SIZE as usize {
+        return Ok(newest);
+    }
+    T::SIZES
+        .iter()
+        .rev()
+        .copied()
+        .find(|&s| s == size)
+        .ok_or_else(|| {
+            Error::invalid_arg(
+                name,
+                format!(
+                    "struct_size is {size}, which is not the size of any version of this struct \
+                 ({:?}); set it from the _default() function or sizeof",
+                    T::SIZES
+                ),
+            )
+        })
+}
+
 /// Largest `struct_size` accepted; anything bigger is surely garbage, not a newer header.
 const MAX_STRUCT_SIZE: u32 = 1 << 16;
 
@@ -14,14 +45,13 @@ const MAX_STRUCT_SIZE: u32 = 1 << 16;
 /// `p` must be NULL or point to at least `struct_size` readable bytes, starting with a u32.
 /// `T` must be `repr(C)`, start with a `u32` size field, and every bit pattern of its
 /// fields must be valid (integers, raw pointers, `Option<fn>`).
-pub unsafe fn read_params<T: Copy>(p: *const T, default: T, name: &'static str) -> Result<T> {
+pub unsafe fn read_params<T: Versioned>(p: *const T, default: T, name: &'static str) -> Result<T> {
     if p.is_null() {
         return Ok(default);
     }
     // SAFETY: non-null; the caller's struct begins with its u32 size.
     let size = unsafe { (p as *const u32).read_unaligned() };
-    check_size(size, name)?;
-    let n = (size as usize).min(std::mem::size_of::<T>());
+    let n = usable_size::<T>(size, name)?;
     let mut out = default;
     // SAFETY: n bytes are readable from p (its struct_size) and writable in out (size_of T).
     unsafe {
@@ -35,11 +65,14 @@ pub unsafe fn read_params<T: Copy>(p: *const T, default: T, name: &'static str) 
 ///
 /// # Safety
 /// `out` must be non-NULL and point to at least its `struct_size` writable bytes.
-pub unsafe fn write_out_struct<T: Copy>(out: *mut T, value: &T, name: &'static str) -> Result<()> {
+pub unsafe fn write_out_struct<T: Versioned>(
+    out: *mut T,
+    value: &T,
+    name: &'static str,
+) -> Result<()> {
     // SAFETY: the caller set struct_size in the first u32.
     let size = unsafe { (out as *const u32).read_unaligned() };
-    check_size(size, name)?;
-    let n = (size as usize).min(std::mem::size_of::<T>());
+    let n = usable_size::<T>(size, name)?;
     // SAFETY: the caller owns at least `size` bytes; we skip the size field itself.
     unsafe {
         std::ptr::copy_nonoverlapping(
@@ -47,18 +80,6 @@ pub unsafe fn write_out_struct<T: Copy>(out: *mut T, value: &T, name: &'static s
             (out as *mut u8).add(4),
             n - 4,
         );
-    }
-    Ok(())
-}
-
-fn check_size(size: u32, name: &'static str) -> Result<()> {
-    if !(4..=MAX_STRUCT_SIZE).contains(&size) {
-        return Err(Error::invalid_arg(
-            name,
-            format!(
-                "struct_size is {size}; set it to sizeof the struct (use the _default() function)"
-            ),
-        ));
     }
     Ok(())
 }

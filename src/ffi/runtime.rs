@@ -4,6 +4,7 @@ use std::ffi::c_char;
 use std::sync::Arc;
 
 use super::boundary::{arg_ref, arg_str, ffi_boundary, ffi_infallible, out_ptr};
+use super::params::Versioned;
 use super::params::{read_params, write_out_struct};
 use super::status::hdb_status;
 use crate::runtime::{Device, DeviceRequest, Runtime, RuntimeOptions};
@@ -24,6 +25,10 @@ pub struct hdb_runtime_params {
     /// `"auto"` (default; CUDA when usable, else CPU), `"cpu"`, `"cuda"` or `"cuda:N"`.
     /// NULL means `"auto"`. Only read during `hdb_runtime_new`.
     pub device: *const c_char,
+}
+
+impl Versioned for hdb_runtime_params {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_runtime_params>()];
 }
 
 /// The default runtime params: auto device, all cores.
@@ -56,6 +61,10 @@ pub struct hdb_runtime_info {
     pub device_index: u32,
     /// CPU worker threads.
     pub num_threads: u32,
+}
+
+impl Versioned for hdb_runtime_info {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_runtime_info>()];
 }
 
 /// Creates a runtime. `params` may be NULL for the defaults. Asking for `"cuda:N"` where no
