@@ -163,6 +163,9 @@ fn flat_text_encoder_names_from_transformers_5_are_made_canonical() {
     bytes.extend_from_slice(&[0u8; 8]);
     std::fs::write(te.join("model.safetensors"), bytes).expect("write");
     let m = Model::load(dir.path(), LoadOptions::default()).expect("load");
-    let w = &m.component(Component::TextEncoder).expect("text encoder").weights;
+    let w = &m
+        .component(Component::TextEncoder)
+        .expect("text encoder")
+        .weights;
     assert!(w.get("text_model.final_layer_norm.weight").is_some());
 }
