@@ -2,3 +2,4 @@
 //! run time (see `runtime`) once it exists.
 
 pub mod cpu;
+pub mod profile;

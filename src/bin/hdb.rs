@@ -75,6 +75,9 @@ enum BenchWhat {
         /// the same session and thread count, and print the ratio.
         #[arg(long)]
         peer_python: Option<PathBuf>,
+        /// Print where the time goes (per op category, over the timed runs).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -101,8 +104,9 @@ fn main() -> ExitCode {
                     size,
                     batch,
                     peer_python,
+                    profile,
                 },
-        } => bench_unet(threads, runs, size, batch, peer_python.as_deref()),
+        } => bench_unet(threads, runs, size, batch, peer_python.as_deref(), profile),
         Command::Unet {
             model,
             input,
@@ -303,6 +307,7 @@ fn bench_unet(
     size: usize,
     batch: usize,
     peer: Option<&Path>,
+    profile: bool,
 ) -> hdb::Result<()> {
     use hdb::model::config::UnetConfig;
     use hdb::model::random::RandomWeights;
@@ -348,7 +353,12 @@ fn bench_unet(
         if i > 0 {
             times.push(dt);
         }
+        if i == 0 {
+            hdb::backend::profile::enable(profile);
+        }
     }
+    let spent = hdb::backend::profile::report();
+    hdb::backend::profile::enable(false);
     let med = median(&mut times);
     println!(
         "hdb cpu f32: SD 1.5 UNet batch {batch}, {size}x{size} latents, {l}x{cdim} context, {threads} threads: \
@@ -357,6 +367,19 @@ fn bench_unet(
         flops / 1e9,
         peak_rss_mb()
     );
+    if profile {
+        let total: f64 = times.iter().sum();
+        println!("where the time goes (per forward, over {runs} runs):");
+        for (name, d, n) in &spent {
+            let per = d.as_secs_f64() / runs.max(1) as f64;
+            println!(
+                "  {name:<20} {:>8.1} ms  {:>5.1}%  {:>5} calls",
+                per * 1e3,
+                100.0 * d.as_secs_f64() / total,
+                n / runs.max(1) as u64
+            );
+        }
+    }
     if let Some(py) = peer {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_torch_unet.py");
         let out = std::process::Command::new(py)

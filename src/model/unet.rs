@@ -2,6 +2,7 @@
 //! (borrowed from the mapped file when stored as f32), compute in f32.
 
 use crate::backend::cpu as ops;
+use crate::backend::profile::scope;
 use crate::error::{Error, Result};
 use crate::model::config::{BlockKind, UnetConfig};
 use crate::model::weights::F32Weight;
@@ -42,6 +43,7 @@ impl Linear {
 
     /// x [rows, din] -> [rows, dout]
     fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let _p = scope("linear");
         let mut y = vec![0.0; rows * self.dout];
         ops::linear(
             &mut y,
@@ -96,6 +98,11 @@ impl Conv {
             padding: self.k / 2,
         };
         let (h, w) = p.out_hw();
+        let _p = scope(match (self.k, self.stride) {
+            (1, _) => "conv 1x1",
+            (_, 1) => "conv 3x3",
+            _ => "conv 3x3 stride 2",
+        });
         let mut y = vec![0.0; x.b * self.cout * h * w];
         ops::conv2d(&mut y, &x.data, &self.w, Some(&self.b), &p);
         Act {
@@ -126,6 +133,7 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Act, silu: bool) -> Act {
+        let _p = scope("group norm");
         let mut y = vec![0.0; x.data.len()];
         ops::group_norm(
             &mut y,
@@ -159,6 +167,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let _p = scope("layer norm");
         let mut y = vec![0.0; x.len()];
         ops::layer_norm(
             &mut y,
@@ -184,11 +193,30 @@ pub struct Act {
 
 impl Act {
     fn clone_act(&self) -> Act {
+        let _p = scope("copies");
         Act {
             data: self.data.clone(),
             ..*self
         }
     }
+}
+
+/// y += x
+fn add(y: &mut [f32], x: &[f32]) {
+    let _p = scope("add");
+    ops::add_inplace(y, x);
+}
+
+/// [B, C, HW] -> [B, HW, C] (`to_tokens`) or back.
+fn transpose(x: &[f32], b: usize, c: usize, hw: usize, to_tokens: bool) -> Vec<f32> {
+    let _p = scope("copies");
+    let mut y = vec![0.0; x.len()];
+    if to_tokens {
+        ops::nchw_to_nhwc(&mut y, x, b, c, hw);
+    } else {
+        ops::nhwc_to_nchw(&mut y, x, b, c, hw);
+    }
+    y
 }
 
 struct Resnet {
@@ -236,12 +264,18 @@ impl Resnet {
         let h = self.norm1.forward(x, true);
         let mut h = self.conv1.forward(&h);
         let t = self.time_emb_proj.forward(emb_silu, x.b);
-        ops::add_channel_bias(&mut h.data, &t, h.b, h.c, h.h * h.w);
+        {
+            let _p = scope("add");
+            ops::add_channel_bias(&mut h.data, &t, h.b, h.c, h.h * h.w);
+        }
         let h = self.norm2.forward(&h, true);
         let mut h = self.conv2.forward(&h);
         match &self.shortcut {
-            Some(s) => ops::add_inplace(&mut h.data, &s.forward(x).data),
-            None => ops::add_inplace(&mut h.data, &x.data),
+            Some(s) => {
+                let sc = s.forward(x);
+                add(&mut h.data, &sc.data);
+            }
+            None => add(&mut h.data, &x.data),
         }
         h
     }
@@ -279,7 +313,15 @@ impl Attention {
         let v = self.to_v.forward(ctx, b * lk);
         let c = self.to_q.dout;
         let mut o = vec![0.0; b * lq * c];
-        ops::attention(&mut o, &q, &k, &v, b, lq, lk, self.heads, c / self.heads);
+        {
+            let same = std::ptr::eq(x.as_ptr(), ctx.as_ptr());
+            let _p = scope(if same {
+                "attention (self)"
+            } else {
+                "attention (cross)"
+            });
+            ops::attention(&mut o, &q, &k, &v, b, lq, lk, self.heads, c / self.heads);
+        }
         self.to_out.forward(&o, b * lq)
     }
 }
@@ -317,14 +359,20 @@ impl TransformerBlock {
     fn forward(&self, x: &mut [f32], ctx: &[f32], b: usize, t: usize, l: usize) {
         let c = self.norm1.dim;
         let n = self.norm1.forward(x);
-        ops::add_inplace(x, &self.attn1.forward(&n, &n, b, t, t));
+        let a = self.attn1.forward(&n, &n, b, t, t);
+        add(x, &a);
         let n = self.norm2.forward(x);
-        ops::add_inplace(x, &self.attn2.forward(&n, ctx, b, t, l));
+        let a = self.attn2.forward(&n, ctx, b, t, l);
+        add(x, &a);
         let n = self.norm3.forward(x);
         let f = self.ff_proj.forward(&n, b * t);
         let mut g = vec![0.0; b * t * 4 * c];
-        ops::geglu(&mut g, &f, b * t, 4 * c);
-        ops::add_inplace(x, &self.ff_out.forward(&g, b * t));
+        {
+            let _p = scope("geglu");
+            ops::geglu(&mut g, &f, b * t, 4 * c);
+        }
+        let f = self.ff_out.forward(&g, b * t);
+        add(x, &f);
     }
 }
 
@@ -378,35 +426,24 @@ impl Transformer2d {
     fn forward(&self, x: &Act, ctx: &[f32], l: usize) -> Act {
         let (b, c, hw) = (x.b, x.c, x.h * x.w);
         let h = self.norm.forward(x, false);
-        let mut tokens = vec![0.0; h.data.len()];
-        match &self.proj_in {
-            Proj::Conv(conv) => ops::nchw_to_nhwc(&mut tokens, &conv.forward(&h).data, b, c, hw),
-            Proj::Linear(lin) => {
-                ops::nchw_to_nhwc(&mut tokens, &h.data, b, c, hw);
-                tokens = lin.forward(&tokens, b * hw);
-            }
-        }
+        let mut tokens = match &self.proj_in {
+            Proj::Conv(conv) => transpose(&conv.forward(&h).data, b, c, hw, true),
+            Proj::Linear(lin) => lin.forward(&transpose(&h.data, b, c, hw, true), b * hw),
+        };
         for blk in &self.blocks {
             blk.forward(&mut tokens, ctx, b, hw, l);
         }
-        let mut out = Act {
-            data: vec![0.0; tokens.len()],
-            ..*x
+        let mut out = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(&Act {
+                data: transpose(&tokens, b, c, hw, false),
+                ..*x
+            }),
+            Proj::Linear(lin) => Act {
+                data: transpose(&lin.forward(&tokens, b * hw), b, c, hw, false),
+                ..*x
+            },
         };
-        match &self.proj_out {
-            Proj::Conv(conv) => {
-                let mut t = Act {
-                    data: vec![0.0; tokens.len()],
-                    ..*x
-                };
-                ops::nhwc_to_nchw(&mut t.data, &tokens, b, c, hw);
-                out = conv.forward(&t);
-            }
-            Proj::Linear(lin) => {
-                ops::nhwc_to_nchw(&mut out.data, &lin.forward(&tokens, b * hw), b, c, hw)
-            }
-        }
-        ops::add_inplace(&mut out.data, &x.data);
+        add(&mut out.data, &x.data);
         out
     }
 }
@@ -710,7 +747,10 @@ impl Unet {
                     .pop()
                     .ok_or_else(|| Error::Internal("UNet skip stack ran dry".into()))?;
                 let mut cat = vec![0.0; (x.c + skip.c) * b * x.h * x.w];
-                ops::concat_channels(&mut cat, &x.data, &skip.data, b, x.c, skip.c, x.h * x.w);
+                {
+                    let _p = scope("copies");
+                    ops::concat_channels(&mut cat, &x.data, &skip.data, b, x.c, skip.c, x.h * x.w);
+                }
                 x = r.forward(
                     &Act {
                         data: cat,
@@ -725,7 +765,10 @@ impl Unet {
             }
             if let Some(us) = &blk.resample {
                 let mut up = vec![0.0; x.data.len() * 4];
-                ops::upsample_nearest2x(&mut up, &x.data, b * x.c, x.h, x.w);
+                {
+                    let _p = scope("copies");
+                    ops::upsample_nearest2x(&mut up, &x.data, b * x.c, x.h, x.w);
+                }
                 x = us.forward(&Act {
                     data: up,
                     h: 2 * x.h,
