@@ -138,9 +138,13 @@ fn show(out: &Output) -> String {
 
 /// Compiles `tests/c/<rel>.c` into the bin dir as `<exe_name>`.
 fn compile(rel: &str, exe_name: &str) -> PathBuf {
+    compile_file(&root().join("tests/c").join(format!("{rel}.c")), exe_name)
+}
+
+/// Compiles the C file `src` into the bin dir as `<exe_name>`.
+fn compile_file(src: &Path, exe_name: &str) -> PathBuf {
     let s = setup();
     let root = root();
-    let src = root.join("tests/c").join(format!("{rel}.c"));
     assert!(src.is_file(), "{} is missing", src.display());
     let exe = s.bin_dir.join(exe_name);
     // Build under a private name, then rename: concurrent test runs never see a half-written file.
@@ -152,7 +156,7 @@ fn compile(rel: &str, exe_name: &str) -> PathBuf {
     cmd.args(CFLAGS)
         .arg("-I")
         .arg(root.join("include"))
-        .arg(&src)
+        .arg(src)
         .arg("-o")
         .arg(&tmp)
         .arg(format!("-L{}", s.lib_dir.display()))
@@ -275,5 +279,38 @@ fn leak_checker_catches_a_leaked_model() {
         stderr.contains("hdb::model::") || stderr.contains("hdb::io::"),
         "the leak report does not point into hdb's model loading:\n{}",
         show(&out)
+    );
+}
+
+/// README.md's C example, exactly as printed there, compiles strictly and runs on the fixture.
+#[test]
+fn readme_c_example_compiles_and_runs() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## Using it from C")
+        .nth(1)
+        .expect("README has a '## Using it from C' section");
+    let code = section
+        .split("```c\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the section has a ```c block");
+    let src = setup().bin_dir.join("readme_minimal.c");
+    std::fs::write(&src, code).expect("write the example");
+    let exe = compile_file(&src, "readme_minimal");
+    let out = Command::new(&exe)
+        .arg(root().join("tests/fixtures/tiny-sd"))
+        .env("ASAN_OPTIONS", "detect_leaks=1")
+        .output()
+        .expect("run the README example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "README example failed:\n{}",
+        show(&out)
+    );
+    assert!(
+        stdout.contains("architecture 1") && stdout.contains(env!("CARGO_PKG_VERSION")),
+        "unexpected README example output: {stdout}"
     );
 }
