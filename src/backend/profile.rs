@@ -23,7 +23,7 @@ pub fn report() -> Vec<(&'static str, Duration, u64)> {
         .lock()
         .map(|t| t.iter().map(|(k, (d, n))| (*k, *d, *n)).collect())
         .unwrap_or_default();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 
