@@ -122,6 +122,11 @@ typedef uint32_t hdb_status;
 #endif // __cplusplus
 
 /**
+ * Opaque, immutable adapter. Thread-safe; may be shared by any number of sessions.
+ */
+typedef struct hdb_adapter hdb_adapter;
+
+/**
  * Opaque, immutable model. Thread-safe: any number of threads may use one model at once.
  */
 typedef struct hdb_model hdb_model;
@@ -292,6 +297,11 @@ typedef struct hdb_session_params {
   uint32_t reserved;
 } hdb_session_params;
 
+/**
+ * How a session applies its adapters.
+ */
+typedef uint32_t hdb_apply_mode;
+
 #define HDB_LOG_LEVEL_OFF 0
 
 #define HDB_LOG_LEVEL_ERROR 1
@@ -343,9 +353,58 @@ typedef struct hdb_session_params {
 
 #define HDB_DEVICE_CUDA 1
 
+/**
+ * `W = W_base + sum scale_i * dW_i`, recomputed from the pristine base on every change
+ * (exact; costs a pass over the adapted weights; one identity set for the whole batch).
+ */
+#define HDB_APPLY_MERGE 0
+
+/**
+ * `y = x W^T + sum scale_i * up_i(down_i(x))`: swapping costs only the adapters, and each
+ * batch sample may carry its own adapter (`hdb_session_set_sample_adapters`).
+ */
+#define HDB_APPLY_RUNTIME 1
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Loads an adapter file for `model`: a LiDB v1 adapter (composed with its basis), or a
+ * kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
+ * that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
+ * naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
+ *
+ * # Safety
+ * `model` a live model; `path` a NUL-terminated path; `out` valid.
+ */
+hdb_status hdb_adapter_load(const struct hdb_model *model, const char *path, struct hdb_adapter **out);
+
+/**
+ * As `hdb_adapter_load`, from `len` bytes of a file held in memory (copied; the caller keeps
+ * its buffer).
+ *
+ * # Safety
+ * `model` a live model; `bytes` valid for `len` bytes; `out` valid.
+ */
+hdb_status hdb_adapter_load_from_memory(const struct hdb_model *model, const uint8_t *bytes, size_t len, struct hdb_adapter **out);
+
+/**
+ * Saves an adapter in the form it was loaded in: a LiDB adapter as LiDB v1 (~100 KB for SD
+ * 1.5), an imported LoRA as a PEFT file. The file is written atomically.
+ *
+ * # Safety
+ * `adapter` a live adapter; `path` a NUL-terminated path.
+ */
+hdb_status hdb_adapter_save(const struct hdb_adapter *adapter, const char *path);
+
+/**
+ * Frees an adapter; NULL is a no-op. Sessions using it keep their own reference.
+ *
+ * # Safety
+ * `adapter` NULL or an adapter from `hdb_adapter_load*` not yet freed.
+ */
+void hdb_adapter_free(struct hdb_adapter *adapter);
 
 /**
  * The message of the last failing call on this thread ("" if none). Valid until the next
@@ -462,6 +521,29 @@ hdb_status hdb_session_new(const struct hdb_model *model, const struct hdb_sessi
  * `session` a live session used by this thread only; each buffer valid for its length.
  */
 hdb_status hdb_session_unet(struct hdb_session *session, const float *sample, size_t sample_len, const float *timesteps, size_t timesteps_len, const float *context, size_t context_len, uint32_t batch, uint32_t height, uint32_t width, uint32_t context_tokens, float *out, size_t out_len);
+
+/**
+ * Makes `adapters[0..n]` (with `scales[0..n]`, or 1.0 each when `scales` is NULL) the
+ * session's active set, applied in `mode` (`HDB_APPLY_MERGE` or `HDB_APPLY_RUNTIME`).
+ * `n = 0` removes all adapters (the pristine base weights run again). The session keeps what
+ * it needs, so the caller may free the adapters. On failure the previous set stays active.
+ * Changing the set clears per-sample indices.
+ *
+ * # Safety
+ * `session` a live session used by this thread only; `adapters` valid for `n` pointers to
+ * live adapters; `scales` NULL or valid for `n` floats.
+ */
+hdb_status hdb_session_set_adapters(struct hdb_session *session, const struct hdb_adapter *const *adapters, const float *scales, size_t n, hdb_apply_mode mode);
+
+/**
+ * Runtime mode: gives each sample of the next UNet calls its own adapter, as an index into
+ * the active set (-1 = none); `n` must equal those calls' batch. NULL or `n = 0` returns to
+ * applying the whole set to every sample.
+ *
+ * # Safety
+ * `session` a live session used by this thread only; `indices` NULL or valid for `n` values.
+ */
+hdb_status hdb_session_set_sample_adapters(struct hdb_session *session, const int32_t *indices, size_t n);
 
 /**
  * Frees a session; NULL is a no-op.

@@ -4,6 +4,7 @@
 //! [`backend`] runs ops -> [`ffi`] exposes it all to C. See `../shared/DESIGN.md` (in the
 //! repository: README.md) for the picture.
 
+pub mod adapter;
 pub mod backend;
 pub mod error;
 pub mod ffi;

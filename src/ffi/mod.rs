@@ -8,6 +8,7 @@
 
 #![allow(non_camel_case_types)]
 
+pub mod adapter;
 pub mod boundary;
 pub mod log;
 pub mod model;

@@ -3,18 +3,33 @@
 
 use std::sync::Arc;
 
+use super::adapter::hdb_adapter;
 use super::boundary::{arg_ref, ffi_boundary, ffi_infallible, out_ptr};
 use super::model::{hdb_model, ModelShared};
 use super::params::read_params;
 use super::params::Versioned;
 use super::status::hdb_status;
+use crate::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use crate::error::Error;
 use crate::model::unet::UnetInput;
 
 /// Opaque session. Belongs to one thread at a time; keeps its model alive.
 pub struct hdb_session {
     shared: Arc<ModelShared>,
+    /// The active adapter set (owns copies of what it needs).
+    applied: Option<Applied>,
+    /// Runtime mode: an adapter index per batch sample for the next UNet calls.
+    per_sample: Option<Vec<i32>>,
 }
+
+/// How a session applies its adapters.
+pub type hdb_apply_mode = u32;
+/// `W = W_base + sum scale_i * dW_i`, recomputed from the pristine base on every change
+/// (exact; costs a pass over the adapted weights; one identity set for the whole batch).
+pub const HDB_APPLY_MERGE: hdb_apply_mode = 0;
+/// `y = x W^T + sum scale_i * up_i(down_i(x))`: swapping costs only the adapters, and each
+/// batch sample may carry its own adapter (`hdb_session_set_sample_adapters`).
+pub const HDB_APPLY_RUNTIME: hdb_apply_mode = 1;
 
 /// Options for `hdb_session_new`. Get the defaults from `hdb_session_params_default()`.
 #[repr(C)]
@@ -59,6 +74,8 @@ pub unsafe extern "C" fn hdb_session_new(
         let _p = unsafe { read_params(params, default_session_params(), "params") }?;
         let boxed = Box::new(hdb_session {
             shared: m.inner.clone(),
+            applied: None,
+            per_sample: None,
         });
         // SAFETY: out checked non-null.
         unsafe { *out = Box::into_raw(boxed) };
@@ -129,19 +146,118 @@ pub unsafe extern "C" fn hdb_session_unet(
                 ),
             ));
         }
-        let y = shared.runtime.install(|| {
-            unet.forward(&UnetInput {
-                sample,
-                timesteps,
-                context,
-                batch: b,
-                height: h,
-                width: w,
-                context_len: l,
-            })
-        })?;
+        let ad = s.applied.as_ref().map(|applied| AdapterCtx {
+            applied,
+            per_sample: s.per_sample.as_deref(),
+        });
+        let input = UnetInput {
+            sample,
+            timesteps,
+            context,
+            batch: b,
+            height: h,
+            width: w,
+            context_len: l,
+        };
+        let y = shared
+            .runtime
+            .install(|| unet.forward_with(&input, ad.as_ref()))?;
         // SAFETY: out is valid for out_len == y.len() floats.
         unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), out, y.len()) };
+        Ok(())
+    })
+}
+
+/// Makes `adapters[0..n]` (with `scales[0..n]`, or 1.0 each when `scales` is NULL) the
+/// session's active set, applied in `mode` (`HDB_APPLY_MERGE` or `HDB_APPLY_RUNTIME`).
+/// `n = 0` removes all adapters (the pristine base weights run again). The session keeps what
+/// it needs, so the caller may free the adapters. On failure the previous set stays active.
+/// Changing the set clears per-sample indices.
+///
+/// # Safety
+/// `session` a live session used by this thread only; `adapters` valid for `n` pointers to
+/// live adapters; `scales` NULL or valid for `n` floats.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_session_set_adapters(
+    session: *mut hdb_session,
+    adapters: *const *const hdb_adapter,
+    scales: *const f32,
+    n: usize,
+    mode: hdb_apply_mode,
+) -> hdb_status {
+    ffi_boundary("hdb_session_set_adapters", || {
+        // SAFETY: caller contract for each pointer.
+        let s = unsafe { session.as_mut() }.ok_or(Error::NullArgument("session"))?;
+        let mode = match mode {
+            HDB_APPLY_MERGE => ApplyMode::Merge,
+            HDB_APPLY_RUNTIME => ApplyMode::Runtime,
+            m => {
+                return Err(Error::invalid_arg(
+                    "mode",
+                    format!("{m} is not an HDB_APPLY_* value"),
+                ))
+            }
+        };
+        if n > 0 && adapters.is_null() {
+            return Err(Error::NullArgument("adapters"));
+        }
+        let mut set = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: adapters valid for n pointers.
+            let a = unsafe { (*adapters.add(i)).as_ref() }
+                .ok_or_else(|| Error::invalid_arg("adapters", format!("adapters[{i}] is NULL")))?;
+            // SAFETY: scales NULL or valid for n floats.
+            let scale = if scales.is_null() {
+                1.0
+            } else {
+                unsafe { *scales.add(i) }
+            };
+            set.push((&*a.inner, scale));
+        }
+        let unet = s.shared.model.unet()?;
+        let applied = s
+            .shared
+            .runtime
+            .install(|| Applied::new(&set, mode, |k| unet.projection(k)))?;
+        s.applied = (n > 0).then_some(applied);
+        s.per_sample = None;
+        Ok(())
+    })
+}
+
+/// Runtime mode: gives each sample of the next UNet calls its own adapter, as an index into
+/// the active set (-1 = none); `n` must equal those calls' batch. NULL or `n = 0` returns to
+/// applying the whole set to every sample.
+///
+/// # Safety
+/// `session` a live session used by this thread only; `indices` NULL or valid for `n` values.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_session_set_sample_adapters(
+    session: *mut hdb_session,
+    indices: *const i32,
+    n: usize,
+) -> hdb_status {
+    ffi_boundary("hdb_session_set_sample_adapters", || {
+        // SAFETY: caller contract.
+        let s = unsafe { session.as_mut() }.ok_or(Error::NullArgument("session"))?;
+        if indices.is_null() || n == 0 {
+            s.per_sample = None;
+            return Ok(());
+        }
+        // SAFETY: valid for n values.
+        let idx = unsafe { std::slice::from_raw_parts(indices, n) }.to_vec();
+        let Some(applied) = &s.applied else {
+            return Err(Error::invalid_arg(
+                "indices",
+                "the session has no adapters; call hdb_session_set_adapters first",
+            ));
+        };
+        AdapterCtx {
+            applied,
+            per_sample: Some(&idx),
+        }
+        .validate(n)?;
+        s.per_sample = Some(idx);
         Ok(())
     })
 }

@@ -240,6 +240,15 @@ impl SafetensorsFile {
 /// Writes f32 tensors `(name, shape, values)` to a safetensors file, atomically (a temporary
 /// file in the same folder renamed over `path`), so a failed write never leaves half a file.
 pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
+    write_f32_with_metadata(path, tensors, &[])
+}
+
+/// As [`write_f32`], with `__metadata__` string pairs.
+pub fn write_f32_with_metadata(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: &[(String, String)],
+) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
@@ -256,7 +265,13 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<
             .map_err(|e| Error::Internal(format!("tensor '{name}': {e}")))?;
         views.push((name.to_string(), view));
     }
-    let data = safetensors::serialize(views, None).map_err(|e| Error::InvalidFile {
+    let meta = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .cloned()
+            .collect::<std::collections::HashMap<_, _>>()
+    });
+    let data = safetensors::serialize(views, meta).map_err(|e| Error::InvalidFile {
         path: path.to_path_buf(),
         format: "safetensors",
         reason: e.to_string(),

@@ -1,6 +1,7 @@
 //! diffusers' `UNet2DConditionModel` (SD 1.x and 2.x) on the CPU backend: weights as f32
 //! (borrowed from the mapped file when stored as f32), compute in f32.
 
+use crate::adapter::apply::AdapterCtx;
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
 use crate::error::{Error, Result};
@@ -25,6 +26,8 @@ struct Linear {
     b: Option<F32Weight>,
     din: usize,
     dout: usize,
+    /// The adapter key (`unet.<path>`) of an adaptable projection.
+    key: Option<String>,
 }
 
 impl Linear {
@@ -38,7 +41,33 @@ impl Linear {
             },
             din,
             dout,
+            key: None,
         })
+    }
+
+    /// A projection adapters may change.
+    fn adaptable(mut self, p: &str) -> Self {
+        self.key = Some(format!("unet.{p}"));
+        self
+    }
+
+    /// As `forward`, with the session's adapters: `rows` are `batch` equal runs of samples.
+    fn forward_adapted(
+        &self,
+        x: &[f32],
+        rows: usize,
+        batch: usize,
+        ad: Option<&AdapterCtx<'_>>,
+    ) -> Vec<f32> {
+        let (Some(ad), Some(key)) = (ad, &self.key) else {
+            return self.forward(x, rows);
+        };
+        let _p = scope("linear");
+        let mut y = vec![0.0; rows * self.dout];
+        let w = ad.weight(key).unwrap_or(&self.w);
+        ops::linear(&mut y, x, w, self.b.as_deref(), rows, self.din, self.dout);
+        ad.add_runtime(key, &mut y, x, batch, self.din, self.dout);
+        y
     }
 
     /// x [rows, din] -> [rows, dout]
@@ -298,19 +327,31 @@ impl Attention {
         heads: usize,
     ) -> Result<Self> {
         Ok(Attention {
-            to_q: Linear::load(src, &format!("{p}.to_q"), c, c, false)?,
-            to_k: Linear::load(src, &format!("{p}.to_k"), ctx_dim, c, false)?,
-            to_v: Linear::load(src, &format!("{p}.to_v"), ctx_dim, c, false)?,
-            to_out: Linear::load(src, &format!("{p}.to_out.0"), c, c, true)?,
+            to_q: Linear::load(src, &format!("{p}.to_q"), c, c, false)?
+                .adaptable(&format!("{p}.to_q")),
+            to_k: Linear::load(src, &format!("{p}.to_k"), ctx_dim, c, false)?
+                .adaptable(&format!("{p}.to_k")),
+            to_v: Linear::load(src, &format!("{p}.to_v"), ctx_dim, c, false)?
+                .adaptable(&format!("{p}.to_v")),
+            to_out: Linear::load(src, &format!("{p}.to_out.0"), c, c, true)?
+                .adaptable(&format!("{p}.to_out.0")),
             heads,
         })
     }
 
     /// x [B, lq, c], ctx [B, lk, ctx_dim] -> [B, lq, c]
-    fn forward(&self, x: &[f32], ctx: &[f32], b: usize, lq: usize, lk: usize) -> Vec<f32> {
-        let q = self.to_q.forward(x, b * lq);
-        let k = self.to_k.forward(ctx, b * lk);
-        let v = self.to_v.forward(ctx, b * lk);
+    fn forward(
+        &self,
+        x: &[f32],
+        ctx: &[f32],
+        b: usize,
+        lq: usize,
+        lk: usize,
+        ad: Option<&AdapterCtx<'_>>,
+    ) -> Vec<f32> {
+        let q = self.to_q.forward_adapted(x, b * lq, b, ad);
+        let k = self.to_k.forward_adapted(ctx, b * lk, b, ad);
+        let v = self.to_v.forward_adapted(ctx, b * lk, b, ad);
         let c = self.to_q.dout;
         let mut o = vec![0.0; b * lq * c];
         {
@@ -322,7 +363,7 @@ impl Attention {
             });
             ops::attention(&mut o, &q, &k, &v, b, lq, lk, self.heads, c / self.heads);
         }
-        self.to_out.forward(&o, b * lq)
+        self.to_out.forward_adapted(&o, b * lq, b, ad)
     }
 }
 
@@ -356,13 +397,21 @@ impl TransformerBlock {
     }
 
     /// x [B, t, c] in place; ctx [B, l, ctx_dim].
-    fn forward(&self, x: &mut [f32], ctx: &[f32], b: usize, t: usize, l: usize) {
+    fn forward(
+        &self,
+        x: &mut [f32],
+        ctx: &[f32],
+        b: usize,
+        t: usize,
+        l: usize,
+        ad: Option<&AdapterCtx<'_>>,
+    ) {
         let c = self.norm1.dim;
         let n = self.norm1.forward(x);
-        let a = self.attn1.forward(&n, &n, b, t, t);
+        let a = self.attn1.forward(&n, &n, b, t, t, ad);
         add(x, &a);
         let n = self.norm2.forward(x);
-        let a = self.attn2.forward(&n, ctx, b, t, l);
+        let a = self.attn2.forward(&n, ctx, b, t, l, ad);
         add(x, &a);
         let n = self.norm3.forward(x);
         let f = self.ff_proj.forward(&n, b * t);
@@ -423,7 +472,7 @@ impl Transformer2d {
         })
     }
 
-    fn forward(&self, x: &Act, ctx: &[f32], l: usize) -> Act {
+    fn forward(&self, x: &Act, ctx: &[f32], l: usize, ad: Option<&AdapterCtx<'_>>) -> Act {
         let (b, c, hw) = (x.b, x.c, x.h * x.w);
         let h = self.norm.forward(x, false);
         let mut tokens = match &self.proj_in {
@@ -431,7 +480,7 @@ impl Transformer2d {
             Proj::Linear(lin) => lin.forward(&transpose(&h.data, b, c, hw, true), b * hw),
         };
         for blk in &self.blocks {
-            blk.forward(&mut tokens, ctx, b, hw, l);
+            blk.forward(&mut tokens, ctx, b, hw, l, ad);
         }
         let mut out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&Act {
@@ -655,6 +704,40 @@ impl Unet {
 
     /// One evaluation -> [B, out, H, W]. Shapes are checked; errors name the argument.
     pub fn forward(&self, x: &UnetInput<'_>) -> Result<Vec<f32>> {
+        self.forward_with(x, None)
+    }
+
+    /// The base weight [dout, din] of adaptable projection `key` (`unet.<path>`).
+    pub fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
+        self.projections()
+            .into_iter()
+            .find(|l| l.key.as_deref() == Some(key))
+            .map(|l| (&l.w[..], l.dout, l.din))
+    }
+
+    fn projections(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        let blocks = self
+            .down
+            .iter()
+            .chain(&self.up)
+            .flat_map(|b| &b.attentions)
+            .chain(std::iter::once(&self.mid.1));
+        for t in blocks {
+            for blk in &t.blocks {
+                for a in [&blk.attn1, &blk.attn2] {
+                    out.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
+                }
+            }
+        }
+        out
+    }
+
+    /// One evaluation with a session's adapters.
+    pub fn forward_with(&self, x: &UnetInput<'_>, ad: Option<&AdapterCtx<'_>>) -> Result<Vec<f32>> {
+        if let Some(ad) = ad {
+            ad.validate(x.batch)?;
+        }
         let UnetInput {
             sample,
             timesteps,
@@ -729,7 +812,7 @@ impl Unet {
             for (j, r) in blk.resnets.iter().enumerate() {
                 x = r.forward(&x, &emb);
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, context, l);
+                    x = a.forward(&x, context, l, ad);
                 }
                 skips.push(x.clone_act());
             }
@@ -739,7 +822,7 @@ impl Unet {
             }
         }
         x = self.mid.0.forward(&x, &emb);
-        x = self.mid.1.forward(&x, context, l);
+        x = self.mid.1.forward(&x, context, l, ad);
         x = self.mid.2.forward(&x, &emb);
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -760,7 +843,7 @@ impl Unet {
                     &emb,
                 );
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, context, l);
+                    x = a.forward(&x, context, l, ad);
                 }
             }
             if let Some(us) = &blk.resample {

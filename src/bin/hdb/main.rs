@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod adapter_cmd;
+
 use clap::{Parser, Subcommand};
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::unet::UnetInput;
@@ -42,6 +44,22 @@ enum Command {
         /// CPU threads (default: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// An adapter (LiDB, kohya or PEFT LoRA); repeat for several. IN may hold
+        /// `adapter_index` [B] (i64) to give each sample its own: an index into this list,
+        /// -1 for none (needs --mode runtime).
+        #[arg(long = "adapter")]
+        adapters: Vec<PathBuf>,
+        /// The scale of each --adapter, in order (default 1.0 each).
+        #[arg(long = "scale")]
+        scales: Vec<f32>,
+        /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
+        #[arg(long, value_enum, default_value = "merge")]
+        mode: Mode,
+    },
+    /// Identity adapters: describe, export to LoRA, write the basis.
+    Adapter {
+        #[command(subcommand)]
+        what: adapter_cmd::AdapterCmd,
     },
     /// Describe a model (diffusers folder, component folder, LDM single file) or any
     /// safetensors file: components, tensors, dtypes, parameter counts, architecture.
@@ -112,7 +130,11 @@ fn main() -> ExitCode {
             input,
             output,
             threads,
-        } => unet(&model, &input, &output, threads),
+            adapters,
+            scales,
+            mode,
+        } => unet(&model, &input, &output, threads, &adapters, &scales, mode),
+        Command::Adapter { what } => adapter_cmd::run(what),
         Command::Info {
             path,
             tensors,
@@ -211,7 +233,22 @@ fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
     Ok(())
 }
 
-fn unet(model_path: &Path, input: &Path, output: &Path, threads: usize) -> hdb::Result<()> {
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Mode {
+    Merge,
+    Runtime,
+}
+
+fn unet(
+    model_path: &Path,
+    input: &Path,
+    output: &Path,
+    threads: usize,
+    adapter_paths: &[PathBuf],
+    scales: &[f32],
+    mode: Mode,
+) -> hdb::Result<()> {
+    use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
     use hdb::io::safetensors::{read_as_f32, write_f32};
     let rt = hdb::Runtime::new(hdb::RuntimeOptions {
         device: hdb::runtime::DeviceRequest::Cpu,
@@ -261,17 +298,59 @@ fn unet(model_path: &Path, input: &Path, output: &Path, threads: usize) -> hdb::
             &format!("[B, L, {}]", unet.config.cross_attention_dim),
         ));
     }
+    if !scales.is_empty() && scales.len() != adapter_paths.len() {
+        return Err(hdb::Error::invalid_arg(
+            "--scale",
+            format!(
+                "{} scales for {} adapters",
+                scales.len(),
+                adapter_paths.len()
+            ),
+        ));
+    }
+    let table = hdb::adapter::adaptable_layers(&model);
+    let adapters = adapter_paths
+        .iter()
+        .map(|p| hdb::adapter::load(&SafetensorsFile::open(p)?, &table))
+        .collect::<hdb::Result<Vec<_>>>()?;
+    let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a, scales.get(i).copied().unwrap_or(1.0)))
+        .collect();
+    let mode = match mode {
+        Mode::Merge => ApplyMode::Merge,
+        Mode::Runtime => ApplyMode::Runtime,
+    };
+    let applied = rt.install(|| Applied::new(&set, mode, |k| unet.projection(k)))?;
+    let per_sample: Option<Vec<i32>> = match inp.get("adapter_index") {
+        None => None,
+        Some(_) => Some(
+            read_as_f32(&inp, "adapter_index")?
+                .1
+                .iter()
+                .map(|&v| v as i32)
+                .collect(),
+        ),
+    };
+    let ad = (!adapters.is_empty() || per_sample.is_some()).then_some(AdapterCtx {
+        applied: &applied,
+        per_sample: per_sample.as_deref(),
+    });
     let built = start.elapsed();
     let y = rt.install(|| {
-        unet.forward(&UnetInput {
-            sample: &sample,
-            timesteps: &t,
-            context: &ctx,
-            batch: b,
-            height: h,
-            width: w,
-            context_len: l,
-        })
+        unet.forward_with(
+            &UnetInput {
+                sample: &sample,
+                timesteps: &t,
+                context: &ctx,
+                batch: b,
+                height: h,
+                width: w,
+                context_len: l,
+            },
+            ad.as_ref(),
+        )
     })?;
     log::info!(
         "UNet built in {built:?}, forward in {:?}",

@@ -1,0 +1,166 @@
+//! Applying adapters to the UNet, per session. Two modes:
+//! - merge: `W = W_base + sum_i scale_i * up_i . down_i`, computed from the pristine base into
+//!   the session's own copies of just the adapted projections (the shared model never changes,
+//!   and an empty set restores the base exactly);
+//! - runtime: `y = x W^T + sum_i scale_i * up_i(down_i(x))`, so a swap costs only the adapter,
+//!   and each sample of a batch may carry its own adapter.
+
+use std::collections::BTreeMap;
+
+use super::Adapter;
+use crate::backend::cpu as ops;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyMode {
+    Merge,
+    Runtime,
+}
+
+/// One layer's share of the active adapters.
+#[derive(Debug, Default)]
+pub struct LayerApply {
+    /// Merge mode: the whole merged weight [dout, din].
+    pub merged: Option<Vec<f32>>,
+    /// Runtime mode: (index of the adapter in the set, down [r, din], up [dout, r] x scale, rank).
+    pub runtime: Vec<(usize, Vec<f32>, Vec<f32>, usize)>,
+}
+
+/// A session's active adapter set, resolved per layer key (`unet.<path>`).
+#[derive(Debug)]
+pub struct Applied {
+    pub mode: ApplyMode,
+    pub count: usize,
+    pub layers: BTreeMap<String, LayerApply>,
+}
+
+impl Applied {
+    /// Resolves `adapters` (each with its scale) for a model whose base weight of key K is
+    /// `base(K)` ([dout, din] values and shape). Layers of other components (the text
+    /// encoder's) are skipped here: they are applied by that component.
+    pub fn new<'a>(
+        adapters: &[(&Adapter, f32)],
+        mode: ApplyMode,
+        base: impl Fn(&str) -> Option<(&'a [f32], usize, usize)>,
+    ) -> Result<Applied> {
+        let mut layers: BTreeMap<String, LayerApply> = BTreeMap::new();
+        for (i, (a, scale)) in adapters.iter().enumerate() {
+            if !scale.is_finite() {
+                return Err(Error::invalid_arg(
+                    "scales",
+                    format!("scale #{i} is {scale}"),
+                ));
+            }
+            for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with("unet.")) {
+                let (w, dout, din) = base(k).ok_or_else(|| {
+                    Error::AdapterMismatch(format!(
+                        "layer '{k}' of adapter #{i} is not in this UNet"
+                    ))
+                })?;
+                let entry = layers.entry(k.clone()).or_default();
+                let up: Vec<f32> = l.up.iter().map(|x| x * scale).collect();
+                match mode {
+                    ApplyMode::Merge => {
+                        let m = entry.merged.get_or_insert_with(|| w.to_vec());
+                        // m [dout, din] += up [dout, r] . down [r, din]
+                        ops::matmul(m, &up, &l.down, dout, l.rank, din, false, true);
+                    }
+                    ApplyMode::Runtime => entry.runtime.push((i, l.down.clone(), up, l.rank)),
+                }
+            }
+        }
+        Ok(Applied {
+            mode,
+            count: adapters.len(),
+            layers,
+        })
+    }
+}
+
+/// What a UNet evaluation applies: the set, and optionally an adapter index per sample
+/// (runtime mode; -1 = none).
+#[derive(Clone, Copy, Debug)]
+pub struct AdapterCtx<'a> {
+    pub applied: &'a Applied,
+    pub per_sample: Option<&'a [i32]>,
+}
+
+impl AdapterCtx<'_> {
+    /// Checks the per-sample indices against a batch.
+    pub fn validate(&self, batch: usize) -> Result<()> {
+        if let Some(idx) = self.per_sample {
+            if self.applied.mode != ApplyMode::Runtime {
+                return Err(Error::invalid_arg(
+                    "adapter_index",
+                    "per-sample adapters need the runtime apply mode (merge applies one set to every sample)",
+                ));
+            }
+            if idx.len() != batch {
+                return Err(Error::invalid_arg(
+                    "adapter_index",
+                    format!("has {} entries for a batch of {batch}", idx.len()),
+                ));
+            }
+            if let Some((j, &i)) = idx
+                .iter()
+                .enumerate()
+                .find(|(_, &i)| i < -1 || i >= self.applied.count as i32)
+            {
+                return Err(Error::invalid_arg(
+                    "adapter_index",
+                    format!(
+                        "sample {j} has index {i}; valid: -1 (none) or 0..{}",
+                        self.applied.count
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The merged weight of `key`, if merge mode changed it.
+    pub fn weight(&self, key: &str) -> Option<&[f32]> {
+        self.applied
+            .layers
+            .get(key)
+            .and_then(|l| l.merged.as_deref())
+    }
+
+    /// Runtime mode: y [rows, dout] += sum scale * (x [rows, din] . down^T) . up^T, where rows
+    /// are `batch` equal runs of samples.
+    pub fn add_runtime(
+        &self,
+        key: &str,
+        y: &mut [f32],
+        x: &[f32],
+        batch: usize,
+        din: usize,
+        dout: usize,
+    ) {
+        let Some(l) = self.applied.layers.get(key) else {
+            return;
+        };
+        let rows = x.len() / din;
+        let per = rows / batch.max(1);
+        for (i, down, up, r) in &l.runtime {
+            let r = *r;
+            let apply = |y: &mut [f32], x: &[f32], n: usize| {
+                let mut t = vec![0f32; n * r];
+                ops::matmul(&mut t, x, down, n, din, r, true, false);
+                ops::matmul(y, &t, up, n, r, dout, true, true);
+            };
+            match self.per_sample {
+                None => apply(y, x, rows),
+                Some(idx) => {
+                    for (s, _) in idx.iter().enumerate().filter(|(_, &a)| a == *i as i32) {
+                        apply(
+                            &mut y[s * per * dout..(s + 1) * per * dout],
+                            &x[s * per * din..(s + 1) * per * din],
+                            per,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! `hdb_adapter`: one identity (LiDB or LoRA), validated against a model; immutable.
+
+use std::ffi::c_char;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::boundary::{arg_path, arg_ref, ffi_boundary, ffi_infallible, out_ptr};
+use super::model::hdb_model;
+use super::status::hdb_status;
+use crate::adapter::{adaptable_layers, Adapter};
+use crate::error::Error;
+use crate::io::safetensors::SafetensorsFile;
+
+/// Opaque, immutable adapter. Thread-safe; may be shared by any number of sessions.
+pub struct hdb_adapter {
+    pub(crate) inner: Arc<Adapter>,
+}
+
+fn publish(adapter: Adapter, out: *mut *mut hdb_adapter) {
+    let boxed = Box::new(hdb_adapter {
+        inner: Arc::new(adapter),
+    });
+    // SAFETY: callers checked `out` non-null.
+    unsafe { *out = Box::into_raw(boxed) };
+}
+
+/// Loads an adapter file for `model`: a LiDB v1 adapter (composed with its basis), or a
+/// kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
+/// that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
+/// naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
+///
+/// # Safety
+/// `model` a live model; `path` a NUL-terminated path; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_adapter_load(
+    model: *const hdb_model,
+    path: *const c_char,
+    out: *mut *mut hdb_adapter,
+) -> hdb_status {
+    ffi_boundary("hdb_adapter_load", || {
+        // SAFETY: caller contract for each pointer.
+        let m = unsafe { arg_ref(model, "model") }?;
+        let path = unsafe { arg_path(path, "path") }?;
+        let out = out_ptr(out, "out")?;
+        let f = SafetensorsFile::open(&path)?;
+        let a = crate::adapter::load(&f, &adaptable_layers(&m.inner.model))?;
+        publish(a, out);
+        Ok(())
+    })
+}
+
+/// As `hdb_adapter_load`, from `len` bytes of a file held in memory (copied; the caller keeps
+/// its buffer).
+///
+/// # Safety
+/// `model` a live model; `bytes` valid for `len` bytes; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_adapter_load_from_memory(
+    model: *const hdb_model,
+    bytes: *const u8,
+    len: usize,
+    out: *mut *mut hdb_adapter,
+) -> hdb_status {
+    ffi_boundary("hdb_adapter_load_from_memory", || {
+        // SAFETY: caller contract for each pointer.
+        let m = unsafe { arg_ref(model, "model") }?;
+        if bytes.is_null() {
+            return Err(Error::NullArgument("bytes"));
+        }
+        let out = out_ptr(out, "out")?;
+        // SAFETY: non-null, valid for len bytes per the caller's contract.
+        let data = unsafe { std::slice::from_raw_parts(bytes, len) }.to_vec();
+        let f = SafetensorsFile::from_vec(Path::new("<memory>"), data)?;
+        let a = crate::adapter::load(&f, &adaptable_layers(&m.inner.model))?;
+        publish(a, out);
+        Ok(())
+    })
+}
+
+/// Saves an adapter in the form it was loaded in: a LiDB adapter as LiDB v1 (~100 KB for SD
+/// 1.5), an imported LoRA as a PEFT file. The file is written atomically.
+///
+/// # Safety
+/// `adapter` a live adapter; `path` a NUL-terminated path.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_adapter_save(
+    adapter: *const hdb_adapter,
+    path: *const c_char,
+) -> hdb_status {
+    ffi_boundary("hdb_adapter_save", || {
+        // SAFETY: caller contract for each pointer.
+        let a = unsafe { arg_ref(adapter, "adapter") }?;
+        let path = unsafe { arg_path(path, "path") }?;
+        a.inner.save(&path)
+    })
+}
+
+/// Frees an adapter; NULL is a no-op. Sessions using it keep their own reference.
+///
+/// # Safety
+/// `adapter` NULL or an adapter from `hdb_adapter_load*` not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_adapter_free(adapter: *mut hdb_adapter) {
+    ffi_infallible((), || {
+        if !adapter.is_null() {
+            // SAFETY: created by Box::into_raw in publish, freed once.
+            drop(unsafe { Box::from_raw(adapter) });
+        }
+    })
+}
