@@ -38,7 +38,7 @@ ln -s "$so" "$work/lib/libhdb.so.1"
 
 build() { # build <source> <exe>
     "$cc" -std=c11 -Wall -Wextra -Werror -g -O0 -I include "$1" -o "$2" \
-        -L"$work/lib" -lhdb -Wl,-rpath,"$work/lib" -pthread
+        -L"$work/lib" -lhdb -Wl,-rpath,"$work/lib" -pthread -lm
 }
 
 run_valgrind() { # run_valgrind <name> <exe> <log>
