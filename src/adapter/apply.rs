@@ -43,7 +43,21 @@ impl Applied {
         mode: ApplyMode,
         base: impl Fn(&str) -> Option<(&'a [f32], usize, usize)>,
     ) -> Result<Applied> {
-        let mut layers: BTreeMap<String, LayerApply> = BTreeMap::new();
+        Applied::replacing(None, adapters, mode, base)
+    }
+
+    /// As [`Applied::new`], reusing the merged-weight buffers of `previous` (the set this one
+    /// replaces) so a swap writes into memory that is already mapped. `previous` is only
+    /// touched once the new set has been validated, so on error it stays usable.
+    pub fn replacing<'a>(
+        previous: Option<&mut Applied>,
+        adapters: &[(&Adapter, f32)],
+        mode: ApplyMode,
+        base: impl Fn(&str) -> Option<(&'a [f32], usize, usize)>,
+    ) -> Result<Applied> {
+        // key -> (adapter index, down, up x scale, rank), in adapter order
+        let mut per_layer: BTreeMap<String, LayerApply> = BTreeMap::new();
+        let mut bases: BTreeMap<String, (&'a [f32], usize, usize)> = BTreeMap::new();
         for (i, (a, scale)) in adapters.iter().enumerate() {
             if !scale.is_finite() {
                 return Err(Error::invalid_arg(
@@ -52,29 +66,77 @@ impl Applied {
                 ));
             }
             for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with("unet.")) {
-                let (w, dout, din) = base(k).ok_or_else(|| {
+                let b = base(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
                         "layer '{k}' of adapter #{i} is not in this UNet"
                     ))
                 })?;
-                let entry = layers.entry(k.clone()).or_default();
+                bases.insert(k.clone(), b);
                 let up: Vec<f32> = l.up.iter().map(|x| x * scale).collect();
-                match mode {
-                    ApplyMode::Merge => {
-                        let m = entry.merged.get_or_insert_with(|| w.to_vec());
-                        // m [dout, din] += up [dout, r] . down [r, din]
-                        ops::matmul(m, &up, &l.down, dout, l.rank, din, false, true);
-                    }
-                    ApplyMode::Runtime => entry.runtime.push((i, l.down.clone(), up, l.rank)),
-                }
+                per_layer.entry(k.clone()).or_default().runtime.push((
+                    i,
+                    l.down.clone(),
+                    up,
+                    l.rank,
+                ));
+            }
+        }
+        if mode == ApplyMode::Merge {
+            let mut spare: Vec<Vec<f32>> = previous
+                .map(|p| {
+                    p.layers
+                        .values_mut()
+                        .filter_map(|l| l.merged.take())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (k, la) in per_layer.iter_mut() {
+                let (w, dout, din) = bases[k];
+                let mut m = match spare.iter().position(|b| b.len() == w.len()) {
+                    Some(i) => spare.swap_remove(i),
+                    None => vec![0.0; w.len()],
+                };
+                merge_rows(&mut m, w, &la.runtime, dout, din);
+                la.merged = Some(m);
+                la.runtime.clear();
             }
         }
         Ok(Applied {
             mode,
             count: adapters.len(),
-            layers,
+            layers: per_layer,
         })
     }
+}
+
+/// `out = w + sum up . down` in one pass over the rows of `w` [dout, din]: each base row is
+/// read once and each merged row written once (bandwidth-bound; rows in parallel).
+fn merge_rows(
+    out: &mut [f32],
+    w: &[f32],
+    factors: &[(usize, Vec<f32>, Vec<f32>, usize)],
+    dout: usize,
+    din: usize,
+) {
+    use rayon::prelude::*;
+    let rows_per_task = (1 << 16) / din.max(1) + 1;
+    out.par_chunks_mut(rows_per_task * din)
+        .zip(w.par_chunks(rows_per_task * din))
+        .enumerate()
+        .for_each(|(t, (o, b))| {
+            for (j, (orow, brow)) in o.chunks_mut(din).zip(b.chunks(din)).enumerate() {
+                let row = t * rows_per_task + j;
+                orow.copy_from_slice(brow);
+                for (_, down, up, r) in factors {
+                    for q in 0..*r {
+                        let c = up[row * r + q];
+                        let d = &down[q * din..(q + 1) * din];
+                        orow.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
+                    }
+                }
+            }
+        });
+    let _ = dout;
 }
 
 /// What a UNet evaluation applies: the set, and optionally an adapter index per sample

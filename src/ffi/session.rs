@@ -215,10 +215,11 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             set.push((&*a.inner, scale));
         }
         let unet = s.shared.model.unet()?;
+        let previous = s.applied.as_mut();
         let applied = s
             .shared
             .runtime
-            .install(|| Applied::new(&set, mode, |k| unet.projection(k)))?;
+            .install(|| Applied::replacing(previous, &set, mode, |k| unet.projection(k)))?;
         s.applied = (n > 0).then_some(applied);
         s.per_sample = None;
         Ok(())

@@ -715,6 +715,24 @@ impl Unet {
             .map(|l| (&l.w[..], l.dout, l.din))
     }
 
+    /// The adaptable projections of this UNet by adapter key (`unet.<path>`).
+    pub fn adaptable_layers(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+        self.projections()
+            .into_iter()
+            .filter_map(|l| {
+                Some((
+                    l.key.clone()?,
+                    crate::adapter::LayerShape {
+                        din: l.din,
+                        dout: l.dout,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     fn projections(&self) -> Vec<&Linear> {
         let mut out = Vec::new();
         let blocks = self

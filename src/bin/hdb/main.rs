@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod adapter_cmd;
+mod bench_adapter;
 
 use clap::{Parser, Subcommand};
 use hdb::io::safetensors::SafetensorsFile;
@@ -76,6 +77,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Identity swaps at SD 1.5 shapes: compose time, merge-mode swap against memcpy,
+    /// runtime-mode swap, and a batch with one identity per sample against one identity.
+    Adapter {
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Latent size of the batched forward.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Batch (and number of identities) of the batched forward.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
     /// SD 1.5 UNet forward: batch 2 (classifier-free guidance), 64x64 latents, 77x768 context.
     Unet {
         /// CPU threads (default: all cores).
@@ -114,6 +129,15 @@ fn main() -> ExitCode {
         level,
     );
     let result = match cli.command {
+        Command::Bench {
+            what:
+                BenchWhat::Adapter {
+                    threads,
+                    runs,
+                    size,
+                    batch,
+                },
+        } => bench_adapter::run(threads, runs, size, batch),
         Command::Bench {
             what:
                 BenchWhat::Unet {

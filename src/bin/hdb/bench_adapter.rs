@@ -1,0 +1,158 @@
+//! `hdb bench adapter`: what swapping identities costs at SD 1.5 shapes.
+
+use std::time::Instant;
+
+use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+use hdb::adapter::lidb::{Lidb, LidbMeta};
+use hdb::model::config::UnetConfig;
+use hdb::model::random::{RandomWeights, SplitMix64};
+use hdb::model::unet::{Unet, UnetInput};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn random_identity(unet: &Unet, seed: u64) -> Lidb {
+    let mut rng = SplitMix64(seed);
+    let mut g =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| 0.5 * (2.0 * rng.next_f32() - 1.0)).collect() };
+    let layers = unet
+        .adaptable_layers()
+        .into_keys()
+        .map(|k| (k, (g(100), g(50))))
+        .collect();
+    Lidb {
+        meta: LidbMeta {
+            rank: 1,
+            a: 100,
+            b: 50,
+            basis_seed: 42,
+            alpha: 1.0,
+            base: Some("sd15".into()),
+        },
+        layers,
+    }
+}
+
+pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Result<()> {
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })?;
+    let threads = rt.threads();
+    let unet = rt.install(|| Unet::load(UnetConfig::default(), &RandomWeights { seed: 0x5D15 }))?;
+    let table = unet.adaptable_layers();
+    let bytes: usize = table.values().map(|s| s.din * s.dout * 4).sum();
+    println!(
+        "SD 1.5 UNet: {} adapted projections, {:.1} MB of f32 weights; {threads} threads",
+        table.len(),
+        bytes as f64 / 1e6
+    );
+
+    let ids: Vec<Lidb> = (0..batch as u64)
+        .map(|i| random_identity(&unet, 100 + i))
+        .collect();
+    let t = Instant::now();
+    let adapters = rt.install(|| {
+        ids.iter()
+            .map(|l| l.compose(&table))
+            .collect::<hdb::Result<Vec<_>>>()
+    })?;
+    println!(
+        "compose (basis + factors), per identity: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3 / batch as f64
+    );
+
+    // Merge-mode swap against a memcpy of the same weights, both into already-mapped buffers.
+    let mut dst: Vec<Vec<f32>> = table.values().map(|s| vec![0.0; s.din * s.dout]).collect();
+    let mut copy = Vec::new();
+    let mut merge = Vec::new();
+    let mut applied = rt.install(|| {
+        Applied::new(&[(&adapters[0], 1.0)], ApplyMode::Merge, |k| {
+            unet.projection(k)
+        })
+    })?;
+    for i in 0..runs.max(3) {
+        let t = Instant::now();
+        rt.install(|| {
+            use rayon::prelude::*;
+            dst.par_iter_mut()
+                .zip(table.keys().collect::<Vec<_>>())
+                .for_each(|(d, k)| {
+                    if let Some((w, _, _)) = unet.projection(k) {
+                        d.copy_from_slice(w);
+                    }
+                })
+        });
+        copy.push(t.elapsed().as_secs_f64());
+        let a = &adapters[(i + 1) % adapters.len()];
+        let t = Instant::now();
+        applied = rt.install(|| {
+            Applied::replacing(Some(&mut applied), &[(a, 1.0)], ApplyMode::Merge, |k| {
+                unet.projection(k)
+            })
+        })?;
+        merge.push(t.elapsed().as_secs_f64());
+    }
+    let (c, m) = (median(copy), median(merge));
+    let gbs = |s: f64| 2.0 * bytes as f64 / s / 1e9;
+    println!(
+        "merge swap: {:.2} ms ({:.1} GB/s read+write) vs memcpy {:.2} ms ({:.1} GB/s): {:.2} of memcpy",
+        m * 1e3,
+        gbs(m),
+        c * 1e3,
+        gbs(c),
+        c / m
+    );
+    let mut swaps = Vec::new();
+    for i in 0..runs.max(3) {
+        let a = &adapters[i % adapters.len()];
+        let t = Instant::now();
+        let r = Applied::new(&[(a, 1.0)], ApplyMode::Runtime, |k| unet.projection(k))?;
+        swaps.push(t.elapsed().as_secs_f64());
+        drop(r);
+    }
+    println!("runtime swap: {:.3} ms", median(swaps) * 1e3);
+
+    // A batch with one identity per sample against the same batch with one identity.
+    let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters.iter().map(|a| (a, 1.0)).collect();
+    let many = Applied::new(&set, ApplyMode::Runtime, |k| unet.projection(k))?;
+    let one = Applied::new(&set[..1], ApplyMode::Runtime, |k| unet.projection(k))?;
+    let idx_many: Vec<i32> = (0..batch as i32).collect();
+    let idx_one = vec![0i32; batch];
+    let mut rng = SplitMix64(9);
+    let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
+    let (sample, ctx) = (noise(batch * 4 * size * size), noise(batch * 77 * 768));
+    let ts = vec![500.0; batch];
+    let input = UnetInput {
+        sample: &sample,
+        timesteps: &ts,
+        context: &ctx,
+        batch,
+        height: size,
+        width: size,
+        context_len: 77,
+    };
+    let time = |applied: &Applied, idx: &[i32]| -> hdb::Result<f64> {
+        let ad = AdapterCtx {
+            applied,
+            per_sample: Some(idx),
+        };
+        let mut v = Vec::new();
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            rt.install(|| unet.forward_with(&input, Some(&ad)))?;
+            v.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(v))
+    };
+    time(&one, &idx_one)?; // warm-up
+    let t1 = time(&one, &idx_one)?;
+    let tn = time(&many, &idx_many)?;
+    println!(
+        "batch {batch} at {size}x{size}: one identity {t1:.3} s, {batch} identities {tn:.3} s: {:+.1}%",
+        100.0 * (tn / t1 - 1.0)
+    );
+    Ok(())
+}
