@@ -2,6 +2,7 @@
 //! read from a diffusers folder or an LDM single-file checkpoint. Immutable once loaded.
 
 pub mod config;
+pub(crate) mod layers;
 pub mod random;
 pub mod unet;
 pub mod weights;

@@ -1,0 +1,260 @@
+//! Building blocks shared by the model components: weight-backed linear, convolution and
+//! norm layers over the CPU ops, and NCHW activations.
+
+use crate::adapter::apply::AdapterCtx;
+use crate::backend::cpu as ops;
+use crate::backend::profile::scope;
+use crate::error::Result;
+use crate::model::weights::F32Weight;
+use crate::model::WeightStore;
+
+/// Where the UNet's weights come from: a loaded model, or (benchmarks) random values.
+pub trait WeightSource {
+    /// The f32 values of `name`, which must have shape `shape`; errors name the key.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<F32Weight>;
+}
+
+impl WeightSource for WeightStore {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<F32Weight> {
+        self.f32(name, shape)
+    }
+}
+
+pub(crate) struct Linear {
+    pub(crate) w: F32Weight,
+    pub(crate) b: Option<F32Weight>,
+    pub(crate) din: usize,
+    pub(crate) dout: usize,
+    /// The adapter key (`unet.<path>`) of an adaptable projection.
+    pub(crate) key: Option<String>,
+}
+
+impl Linear {
+    pub(crate) fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        din: usize,
+        dout: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(Linear {
+            w: src.get(&format!("{p}.weight"), &[dout, din])?,
+            b: if bias {
+                Some(src.get(&format!("{p}.bias"), &[dout])?)
+            } else {
+                None
+            },
+            din,
+            dout,
+            key: None,
+        })
+    }
+
+    /// A projection adapters may change.
+    pub(crate) fn adaptable(mut self, p: &str) -> Self {
+        self.key = Some(format!("unet.{p}"));
+        self
+    }
+
+    /// As `forward`, with the session's adapters: `rows` are `batch` equal runs of samples.
+    pub(crate) fn forward_adapted(
+        &self,
+        x: &[f32],
+        rows: usize,
+        batch: usize,
+        ad: Option<&AdapterCtx<'_>>,
+    ) -> Vec<f32> {
+        let (Some(ad), Some(key)) = (ad, &self.key) else {
+            return self.forward(x, rows);
+        };
+        let _p = scope("linear");
+        let mut y = vec![0.0; rows * self.dout];
+        let w = ad.weight(key).unwrap_or(&self.w);
+        ops::linear(&mut y, x, w, self.b.as_deref(), rows, self.din, self.dout);
+        ad.add_runtime(key, &mut y, x, batch, self.din, self.dout);
+        y
+    }
+
+    /// x [rows, din] -> [rows, dout]
+    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let _p = scope("linear");
+        let mut y = vec![0.0; rows * self.dout];
+        ops::linear(
+            &mut y,
+            x,
+            &self.w,
+            self.b.as_deref(),
+            rows,
+            self.din,
+            self.dout,
+        );
+        y
+    }
+}
+
+pub(crate) struct Conv {
+    pub(crate) w: F32Weight,
+    pub(crate) b: F32Weight,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+}
+
+impl Conv {
+    pub(crate) fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        Ok(Conv {
+            w: src.get(&format!("{p}.weight"), &[cout, cin, k, k])?,
+            b: src.get(&format!("{p}.bias"), &[cout])?,
+            cin,
+            cout,
+            k,
+            stride,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Act) -> Act {
+        let p = ops::Conv2d {
+            batch: x.b,
+            c_in: self.cin,
+            h: x.h,
+            w: x.w,
+            c_out: self.cout,
+            kernel: self.k,
+            stride: self.stride,
+            padding: self.k / 2,
+        };
+        let (h, w) = p.out_hw();
+        let _p = scope(match (self.k, self.stride) {
+            (1, _) => "conv 1x1",
+            (_, 1) => "conv 3x3",
+            _ => "conv 3x3 stride 2",
+        });
+        let mut y = vec![0.0; x.b * self.cout * h * w];
+        ops::conv2d(&mut y, &x.data, &self.w, Some(&self.b), &p);
+        Act {
+            data: y,
+            b: x.b,
+            c: self.cout,
+            h,
+            w,
+        }
+    }
+}
+
+pub(crate) struct GroupNorm {
+    pub(crate) gamma: F32Weight,
+    pub(crate) beta: F32Weight,
+    pub(crate) groups: usize,
+    pub(crate) eps: f32,
+}
+
+impl GroupNorm {
+    pub(crate) fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        c: usize,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Self> {
+        Ok(GroupNorm {
+            gamma: src.get(&format!("{p}.weight"), &[c])?,
+            beta: src.get(&format!("{p}.bias"), &[c])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Act, silu: bool) -> Act {
+        let _p = scope("group norm");
+        let mut y = vec![0.0; x.data.len()];
+        ops::group_norm(
+            &mut y,
+            &x.data,
+            &self.gamma,
+            &self.beta,
+            x.b,
+            x.c,
+            x.h * x.w,
+            self.groups,
+            self.eps,
+            silu,
+        );
+        Act { data: y, ..*x }
+    }
+}
+
+pub(crate) struct LayerNorm {
+    pub(crate) gamma: F32Weight,
+    pub(crate) beta: F32Weight,
+    pub(crate) dim: usize,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(src: &dyn WeightSource, p: &str, dim: usize) -> Result<Self> {
+        Ok(LayerNorm {
+            gamma: src.get(&format!("{p}.weight"), &[dim])?,
+            beta: src.get(&format!("{p}.bias"), &[dim])?,
+            dim,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let _p = scope("layer norm");
+        let mut y = vec![0.0; x.len()];
+        ops::layer_norm(
+            &mut y,
+            x,
+            &self.gamma,
+            &self.beta,
+            x.len() / self.dim,
+            self.dim,
+            1e-5,
+        );
+        y
+    }
+}
+
+/// An NCHW activation.
+pub struct Act {
+    pub data: Vec<f32>,
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Act {
+    pub(crate) fn clone_act(&self) -> Act {
+        let _p = scope("copies");
+        Act {
+            data: self.data.clone(),
+            ..*self
+        }
+    }
+}
+
+/// y += x
+pub(crate) fn add(y: &mut [f32], x: &[f32]) {
+    let _p = scope("add");
+    ops::add_inplace(y, x);
+}
+
+/// [B, C, HW] -> [B, HW, C] (`to_tokens`) or back.
+pub(crate) fn transpose(x: &[f32], b: usize, c: usize, hw: usize, to_tokens: bool) -> Vec<f32> {
+    let _p = scope("copies");
+    let mut y = vec![0.0; x.len()];
+    if to_tokens {
+        ops::nchw_to_nhwc(&mut y, x, b, c, hw);
+    } else {
+        ops::nhwc_to_nchw(&mut y, x, b, c, hw);
+    }
+    y
+}
