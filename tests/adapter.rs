@@ -93,7 +93,7 @@ fn run(
     mode: ApplyMode,
     per_sample: Option<&[i32]>,
 ) -> Vec<f32> {
-    let applied = Applied::new(set, mode, |k| unet.projection(k)).expect("apply");
+    let applied = Applied::new(set, mode, unet).expect("apply");
     let inp = inputs();
     unet.forward_with(
         &inp.args(),
@@ -477,8 +477,7 @@ fn per_sample_indices_are_checked() {
     let unet = m.unet().expect("unet");
     let id1 = adapter(&m, "id1.lidb.safetensors");
     let inp = inputs();
-    let runtime =
-        Applied::new(&[(&id1, 1.0)], ApplyMode::Runtime, |k| unet.projection(k)).expect("apply");
+    let runtime = Applied::new(&[(&id1, 1.0)], ApplyMode::Runtime, &*unet).expect("apply");
     for (idx, why) in [
         (&[0, 1][..], "index 1"),
         (&[0][..], "1 entries"),
@@ -496,8 +495,7 @@ fn per_sample_indices_are_checked() {
             "{e}"
         );
     }
-    let merged =
-        Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, |k| unet.projection(k)).expect("apply");
+    let merged = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &*unet).expect("apply");
     let ad = AdapterCtx {
         applied: &merged,
         per_sample: Some(&[0, 0]),

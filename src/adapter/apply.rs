@@ -17,6 +17,14 @@ pub enum ApplyMode {
     Runtime,
 }
 
+/// A model component whose linear projections adapters change (the UNet, the text encoder).
+pub trait Adaptable: Sync {
+    /// The adapter key prefix of its layers: `unet.` or `text_encoder.`.
+    fn key_prefix(&self) -> &'static str;
+    /// The base weight `[dout, din]` of the projection with adapter key `key`, and its dims.
+    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)>;
+}
+
 /// One layer's share of the active adapters.
 #[derive(Debug, Default)]
 pub struct LayerApply {
@@ -35,15 +43,14 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// Resolves `adapters` (each with its scale) for a model whose base weight of key K is
-    /// `base(K)` ([dout, din] values and shape). Layers of other components (the text
-    /// encoder's) are skipped here: they are applied by that component.
-    pub fn new<'a>(
+    /// Resolves `adapters` (each with its scale) for one component. Layers of other components
+    /// are skipped here: each component resolves its own.
+    pub fn new(
         adapters: &[(&Adapter, f32)],
         mode: ApplyMode,
-        base: impl Fn(&str) -> Option<(&'a [f32], usize, usize)>,
+        target: &dyn Adaptable,
     ) -> Result<Applied> {
-        Applied::replacing(None, adapters, mode, base)
+        Applied::replacing(None, adapters, mode, target)
     }
 
     /// As [`Applied::new`], reusing the merged-weight buffers of `previous` (the set this one
@@ -53,7 +60,7 @@ impl Applied {
         previous: Option<&mut Applied>,
         adapters: &[(&Adapter, f32)],
         mode: ApplyMode,
-        base: impl Fn(&str) -> Option<(&'a [f32], usize, usize)>,
+        target: &'a dyn Adaptable,
     ) -> Result<Applied> {
         // key -> (adapter index, down, up x scale, rank), in adapter order
         let mut per_layer: BTreeMap<String, LayerApply> = BTreeMap::new();
@@ -65,10 +72,11 @@ impl Applied {
                     format!("scale #{i} is {scale}"),
                 ));
             }
-            for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with("unet.")) {
-                let b = base(k).ok_or_else(|| {
+            let prefix = target.key_prefix();
+            for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                let b = target.projection(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
-                        "layer '{k}' of adapter #{i} is not in this UNet"
+                        "layer '{k}' of adapter #{i} is not in this model"
                     ))
                 })?;
                 bases.insert(k.clone(), b);

@@ -219,7 +219,7 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
         let applied = s
             .shared
             .runtime
-            .install(|| Applied::replacing(previous, &set, mode, |k| unet.projection(k)))?;
+            .install(|| Applied::replacing(previous, &set, mode, &*unet))?;
         s.applied = (n > 0).then_some(applied);
         s.per_sample = None;
         Ok(())

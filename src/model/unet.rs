@@ -293,6 +293,16 @@ pub struct Unet {
     conv_out: Conv,
 }
 
+impl crate::adapter::apply::Adaptable for Unet {
+    fn key_prefix(&self) -> &'static str {
+        "unet."
+    }
+
+    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
+        Unet::projection(self, key)
+    }
+}
+
 impl std::fmt::Debug for Unet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Unet")

@@ -68,11 +68,8 @@ pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Resul
     let mut dst: Vec<Vec<f32>> = table.values().map(|s| vec![0.0; s.din * s.dout]).collect();
     let mut copy = Vec::new();
     let mut merge = Vec::new();
-    let mut applied = rt.install(|| {
-        Applied::new(&[(&adapters[0], 1.0)], ApplyMode::Merge, |k| {
-            unet.projection(k)
-        })
-    })?;
+    let mut applied =
+        rt.install(|| Applied::new(&[(&adapters[0], 1.0)], ApplyMode::Merge, &unet))?;
     for i in 0..runs.max(3) {
         let t = Instant::now();
         rt.install(|| {
@@ -89,9 +86,7 @@ pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Resul
         let a = &adapters[(i + 1) % adapters.len()];
         let t = Instant::now();
         applied = rt.install(|| {
-            Applied::replacing(Some(&mut applied), &[(a, 1.0)], ApplyMode::Merge, |k| {
-                unet.projection(k)
-            })
+            Applied::replacing(Some(&mut applied), &[(a, 1.0)], ApplyMode::Merge, &unet)
         })?;
         merge.push(t.elapsed().as_secs_f64());
     }
@@ -109,7 +104,7 @@ pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Resul
     for i in 0..runs.max(3) {
         let a = &adapters[i % adapters.len()];
         let t = Instant::now();
-        let r = Applied::new(&[(a, 1.0)], ApplyMode::Runtime, |k| unet.projection(k))?;
+        let r = Applied::new(&[(a, 1.0)], ApplyMode::Runtime, &unet)?;
         swaps.push(t.elapsed().as_secs_f64());
         drop(r);
     }
@@ -117,8 +112,8 @@ pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Resul
 
     // A batch with one identity per sample against the same batch with one identity.
     let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters.iter().map(|a| (a, 1.0)).collect();
-    let many = Applied::new(&set, ApplyMode::Runtime, |k| unet.projection(k))?;
-    let one = Applied::new(&set[..1], ApplyMode::Runtime, |k| unet.projection(k))?;
+    let many = Applied::new(&set, ApplyMode::Runtime, &unet)?;
+    let one = Applied::new(&set[..1], ApplyMode::Runtime, &unet)?;
     let idx_many: Vec<i32> = (0..batch as i32).collect();
     let idx_one = vec![0i32; batch];
     let mut rng = SplitMix64(9);

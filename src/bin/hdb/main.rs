@@ -346,7 +346,7 @@ fn unet(
         Mode::Merge => ApplyMode::Merge,
         Mode::Runtime => ApplyMode::Runtime,
     };
-    let applied = rt.install(|| Applied::new(&set, mode, |k| unet.projection(k)))?;
+    let applied = rt.install(|| Applied::new(&set, mode, &*unet))?;
     let per_sample: Option<Vec<i32>> = match inp.get("adapter_index") {
         None => None,
         Some(_) => Some(
