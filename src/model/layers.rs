@@ -50,9 +50,9 @@ impl Linear {
         })
     }
 
-    /// A projection adapters may change.
-    pub(crate) fn adaptable(mut self, p: &str) -> Self {
-        self.key = Some(format!("unet.{p}"));
+    /// Marks a projection adapters may change, under its adapter key (e.g. `unet.<path>`).
+    pub(crate) fn adaptable(mut self, key: String) -> Self {
+        self.key = Some(key);
         self
     }
 
@@ -195,14 +195,21 @@ pub(crate) struct LayerNorm {
     pub(crate) gamma: F32Weight,
     pub(crate) beta: F32Weight,
     pub(crate) dim: usize,
+    pub(crate) eps: f32,
 }
 
 impl LayerNorm {
+    /// torch's default eps, 1e-5.
     pub(crate) fn load(src: &dyn WeightSource, p: &str, dim: usize) -> Result<Self> {
+        Self::load_eps(src, p, dim, 1e-5)
+    }
+
+    pub(crate) fn load_eps(src: &dyn WeightSource, p: &str, dim: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
             gamma: src.get(&format!("{p}.weight"), &[dim])?,
             beta: src.get(&format!("{p}.bias"), &[dim])?,
             dim,
+            eps,
         })
     }
 
@@ -216,7 +223,7 @@ impl LayerNorm {
             &self.beta,
             x.len() / self.dim,
             self.dim,
-            1e-5,
+            self.eps,
         );
         y
     }

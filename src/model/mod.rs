@@ -4,6 +4,7 @@
 pub mod config;
 pub(crate) mod layers;
 pub mod random;
+pub mod text_encoder;
 pub mod unet;
 pub mod weights;
 

@@ -89,13 +89,13 @@ impl Attention {
     ) -> Result<Self> {
         Ok(Attention {
             to_q: Linear::load(src, &format!("{p}.to_q"), c, c, false)?
-                .adaptable(&format!("{p}.to_q")),
+                .adaptable(format!("unet.{p}.to_q")),
             to_k: Linear::load(src, &format!("{p}.to_k"), ctx_dim, c, false)?
-                .adaptable(&format!("{p}.to_k")),
+                .adaptable(format!("unet.{p}.to_k")),
             to_v: Linear::load(src, &format!("{p}.to_v"), ctx_dim, c, false)?
-                .adaptable(&format!("{p}.to_v")),
+                .adaptable(format!("unet.{p}.to_v")),
             to_out: Linear::load(src, &format!("{p}.to_out.0"), c, c, true)?
-                .adaptable(&format!("{p}.to_out.0")),
+                .adaptable(format!("unet.{p}.to_out.0")),
             heads,
         })
     }

@@ -1,0 +1,362 @@
+//! transformers' `CLIPTextModel` (SD 1.x's text encoder) on the CPU backend: token and position
+//! embeddings, pre-norm transformer layers with causal self-attention and quick-GELU MLPs, a
+//! final layer norm. Its attention projections take LiDB/LoRA adapters like the UNet's.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::adapter::apply::{Adaptable, AdapterCtx};
+use crate::backend::cpu as ops;
+use crate::backend::profile::scope;
+use crate::error::{Error, Result};
+use crate::io::keymap::Component;
+use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
+use crate::model::weights::F32Weight;
+use crate::model::WeightStore;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP, SD 1.x).
+    QuickGelu,
+    /// Exact erf GELU.
+    Gelu,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextEncoderConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f32,
+    pub hidden_act: Activation,
+}
+
+impl Default for TextEncoderConfig {
+    /// CLIP ViT-L/14's text tower, as in SD 1.x.
+    fn default() -> Self {
+        TextEncoderConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            layer_norm_eps: 1e-5,
+            hidden_act: Activation::QuickGelu,
+        }
+    }
+}
+
+impl TextEncoderConfig {
+    /// Reads a transformers `CLIPTextConfig` (`text_encoder/config.json`).
+    pub fn from_json(json: &Value, path: &Path) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidFile {
+            path: path.to_path_buf(),
+            format: "text encoder config",
+            reason,
+        };
+        let d = TextEncoderConfig::default();
+        let uint = |k: &str, def: usize| -> Result<usize> {
+            match json.get(k) {
+                None | Some(Value::Null) => Ok(def),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&x| x > 0)
+                    .map(|x| x as usize)
+                    .ok_or_else(|| invalid(format!("'{k}' must be a positive integer"))),
+            }
+        };
+        let hidden_act = match json.get("hidden_act").and_then(Value::as_str) {
+            None | Some("quick_gelu") => Activation::QuickGelu,
+            Some("gelu") => Activation::Gelu,
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: text encoder 'hidden_act' = {other}",
+                    path.display()
+                )))
+            }
+        };
+        let cfg = TextEncoderConfig {
+            vocab_size: uint("vocab_size", d.vocab_size)?,
+            hidden_size: uint("hidden_size", d.hidden_size)?,
+            intermediate_size: uint("intermediate_size", d.intermediate_size)?,
+            num_hidden_layers: uint("num_hidden_layers", d.num_hidden_layers)?,
+            num_attention_heads: uint("num_attention_heads", d.num_attention_heads)?,
+            max_position_embeddings: uint("max_position_embeddings", d.max_position_embeddings)?,
+            layer_norm_eps: json
+                .get("layer_norm_eps")
+                .and_then(Value::as_f64)
+                .map_or(d.layer_norm_eps, |x| x as f32),
+            hidden_act,
+        };
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(invalid(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// Infers the config of an LDM single file's text encoder from its shapes (64-wide heads,
+    /// quick-GELU, as CLIP ViT-L/14).
+    pub fn infer(w: &WeightStore, path: &Path) -> Result<Self> {
+        let dims = |name: &str| -> Result<Vec<usize>> {
+            w.get(name).map(|x| x.shape.dims().to_vec()).ok_or_else(|| {
+                Error::invalid_model(
+                    path,
+                    format!("cannot infer the text encoder: missing tensor '{name}'"),
+                )
+            })
+        };
+        let tok = dims("text_model.embeddings.token_embedding.weight")?;
+        let pos = dims("text_model.embeddings.position_embedding.weight")?;
+        let fc1 = dims("text_model.encoder.layers.0.mlp.fc1.weight")?;
+        let mut layers = 0;
+        while w
+            .get(&format!(
+                "text_model.encoder.layers.{layers}.layer_norm1.weight"
+            ))
+            .is_some()
+        {
+            layers += 1;
+        }
+        let hidden = tok.get(1).copied().unwrap_or(0);
+        Ok(TextEncoderConfig {
+            vocab_size: tok.first().copied().unwrap_or(0),
+            hidden_size: hidden,
+            intermediate_size: fc1.first().copied().unwrap_or(0),
+            num_hidden_layers: layers,
+            num_attention_heads: (hidden / 64).max(1),
+            max_position_embeddings: pos.first().copied().unwrap_or(0),
+            ..TextEncoderConfig::default()
+        })
+    }
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct TextEncoder {
+    pub config: TextEncoderConfig,
+    token_embedding: F32Weight,
+    position_embedding: F32Weight,
+    layers: Vec<Layer>,
+    final_ln: LayerNorm,
+}
+
+impl std::fmt::Debug for TextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextEncoder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextEncoder {
+    pub fn load(config: TextEncoderConfig, src: &dyn WeightSource) -> Result<TextEncoder> {
+        let (d, ff) = (config.hidden_size, config.intermediate_size);
+        let eps = config.layer_norm_eps;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("text_model.encoder.layers.{i}");
+                let proj = |name: &str| -> Result<Linear> {
+                    let path = format!("{p}.self_attn.{name}");
+                    Ok(Linear::load(src, &path, d, d, true)?
+                        .adaptable(format!("text_encoder.{path}")))
+                };
+                Ok(Layer {
+                    ln1: LayerNorm::load_eps(src, &format!("{p}.layer_norm1"), d, eps)?,
+                    q: proj("q_proj")?,
+                    k: proj("k_proj")?,
+                    v: proj("v_proj")?,
+                    out: proj("out_proj")?,
+                    ln2: LayerNorm::load_eps(src, &format!("{p}.layer_norm2"), d, eps)?,
+                    fc1: Linear::load(src, &format!("{p}.mlp.fc1"), d, ff, true)?,
+                    fc2: Linear::load(src, &format!("{p}.mlp.fc2"), ff, d, true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TextEncoder {
+            token_embedding: src.get(
+                "text_model.embeddings.token_embedding.weight",
+                &[config.vocab_size, d],
+            )?,
+            position_embedding: src.get(
+                "text_model.embeddings.position_embedding.weight",
+                &[config.max_position_embeddings, d],
+            )?,
+            layers,
+            final_ln: LayerNorm::load_eps(src, "text_model.final_layer_norm", d, eps)?,
+            config,
+        })
+    }
+
+    /// The model's text encoder: config from `text_encoder/config.json`, else inferred.
+    pub fn from_model(model: &crate::Model) -> Result<TextEncoder> {
+        let te = model
+            .component(Component::TextEncoder)
+            .ok_or_else(|| Error::invalid_model(&model.path, "the model has no text encoder"))?;
+        let config = match &te.config {
+            Some((path, json)) => TextEncoderConfig::from_json(json, path)?,
+            None => TextEncoderConfig::infer(&te.weights, &model.path)?,
+        };
+        TextEncoder::load(config, &te.weights)
+    }
+
+    /// `ids` [batch, len] (len <= max_position_embeddings) -> last_hidden_state [batch, len,
+    /// hidden], what SD conditions on. Ids out of the vocabulary are an error naming the first.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        ad: Option<&AdapterCtx<'_>>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let d = cfg.hidden_size;
+        if batch == 0 || ids.len() % batch != 0 {
+            return Err(Error::invalid_arg(
+                "ids",
+                format!("{} ids do not split into {batch} sequences", ids.len()),
+            ));
+        }
+        let len = ids.len() / batch;
+        if len == 0 || len > cfg.max_position_embeddings {
+            return Err(Error::invalid_arg(
+                "ids",
+                format!(
+                    "sequences of {len} tokens; 1..={} allowed",
+                    cfg.max_position_embeddings
+                ),
+            ));
+        }
+        if let Some((i, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= cfg.vocab_size)
+        {
+            return Err(Error::invalid_arg(
+                "ids",
+                format!(
+                    "id {id} at position {i} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                ),
+            ));
+        }
+        if let Some(ad) = ad {
+            ad.validate(batch)?;
+        }
+        let mut h = vec![0f32; batch * len * d];
+        for (r, &id) in ids.iter().enumerate() {
+            let t = &self.token_embedding[id as usize * d..(id as usize + 1) * d];
+            let p = &self.position_embedding[(r % len) * d..(r % len + 1) * d];
+            h[r * d..(r + 1) * d]
+                .iter_mut()
+                .zip(t.iter().zip(p))
+                .for_each(|(o, (a, b))| *o = a + b);
+        }
+        let rows = batch * len;
+        for l in &self.layers {
+            let n = l.ln1.forward(&h);
+            let q = l.q.forward_adapted(&n, rows, batch, ad);
+            let k = l.k.forward_adapted(&n, rows, batch, ad);
+            let v = l.v.forward_adapted(&n, rows, batch, ad);
+            let a = causal_attention(
+                &q,
+                &k,
+                &v,
+                batch,
+                len,
+                cfg.num_attention_heads,
+                d / cfg.num_attention_heads,
+            );
+            let o = l.out.forward_adapted(&a, rows, batch, ad);
+            add(&mut h, &o);
+            let n = l.ln2.forward(&h);
+            let mut f = l.fc1.forward(&n, rows);
+            {
+                let _p = scope("activation");
+                match cfg.hidden_act {
+                    Activation::QuickGelu => f
+                        .iter_mut()
+                        .for_each(|x| *x *= 1.0 / (1.0 + (-1.702 * *x).exp())),
+                    Activation::Gelu => ops::gelu_inplace(&mut f),
+                }
+            }
+            let f = l.fc2.forward(&f, rows);
+            add(&mut h, &f);
+        }
+        Ok(self.final_ln.forward(&h))
+    }
+
+    fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
+    }
+}
+
+impl Adaptable for TextEncoder {
+    fn key_prefix(&self) -> &'static str {
+        "text_encoder."
+    }
+
+    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
+        self.projections()
+            .find(|l| l.key.as_deref() == Some(key))
+            .map(|l| (&l.w[..], l.dout, l.din))
+    }
+}
+
+/// softmax(q k^T / sqrt(d) + causal mask) v per batch and head; q/k/v [batch, len, heads*d].
+/// Text sequences are at most 77 tokens, so the score matrix is small.
+fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    len: usize,
+    heads: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let _p = scope("attention (causal)");
+    let w = heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; batch * len * w];
+    let mut scores = vec![0f32; len];
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..len {
+                let qi = &q[(b * len + i) * w + h * hd..][..hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate().take(i + 1) {
+                    let kj = &k[(b * len + j) * w + h * hd..][..hd];
+                    *s = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f32>() * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut().take(i + 1) {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[(b * len + i) * w + h * hd..][..hd];
+                for (j, s) in scores.iter().enumerate().take(i + 1) {
+                    let vj = &v[(b * len + j) * w + h * hd..][..hd];
+                    let p = s / sum;
+                    o.iter_mut().zip(vj).for_each(|(x, y)| *x += p * y);
+                }
+            }
+        }
+    }
+    out
+}
