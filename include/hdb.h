@@ -32,6 +32,11 @@
 #define HDB_ABI_VERSION 1
 
 /**
+ * SD 1.x's text length (`model_max_length` of its tokenizer, the text encoder's positions).
+ */
+#define DEFAULT_MAX_LEN 77
+
+/**
  * The result of every fallible hdb call. On anything but `HDB_STATUS_OK`,
  * `hdb_last_error_message()` describes what went wrong and out-pointers are left untouched.
  */
@@ -122,6 +127,11 @@ typedef uint32_t hdb_status;
 #endif // __cplusplus
 
 /**
+ * The sampler a generation uses.
+ */
+typedef struct SamplerKind SamplerKind;
+
+/**
  * Opaque, immutable adapter. Thread-safe; may be shared by any number of sessions.
  */
 typedef struct hdb_adapter hdb_adapter;
@@ -142,6 +152,95 @@ typedef struct hdb_runtime hdb_runtime;
 typedef struct hdb_session hdb_session;
 
 /**
+ * Samplers (diffusers' schedulers with SD 1.5's config).
+ */
+typedef uint32_t hdb_sampler;
+
+/**
+ * A progress callback: `done` of `total` units of `stage` (a short UTF-8 name) are finished.
+ * Return `true` to go on, `false` to cancel (the call then returns `HDB_STATUS_CANCELLED`).
+ */
+typedef bool (*hdb_progress_fn)(void *user_data, uint64_t done, uint64_t total, const char *stage);
+
+/**
+ * Options for `hdb_generate`. Get the defaults from `hdb_generate_params_default()`.
+ */
+typedef struct hdb_generate_params {
+  uint32_t struct_size;
+  /**
+   * Denoising steps (default 25).
+   */
+  uint32_t steps;
+  /**
+   * Classifier-free guidance scale (default 7.5; <= 1 disables guidance).
+   */
+  float guidance;
+  /**
+   * `HDB_SAMPLER_*` (default Euler ancestral).
+   */
+  hdb_sampler sampler;
+  /**
+   * Seed of hdb's noise generator (splitmix64 + Box-Muller; see the README).
+   */
+  uint64_t seed;
+  /**
+   * Image size in pixels, multiples of the VAE's factor (8 for SD); default 512 x 512.
+   */
+  uint32_t width;
+  uint32_t height;
+  /**
+   * Images per call (default 1). With per-sample adapters set on the session, each image
+   * gets its own identity.
+   */
+  uint32_t batch;
+  uint32_t reserved;
+  /**
+   * UTF-8 prompt; NULL means "".
+   */
+  const char *prompt;
+  /**
+   * UTF-8 negative prompt; NULL means "".
+   */
+  const char *negative_prompt;
+  /**
+   * Optional starting latents [batch, 4, height/8, width/8] (unscaled noise, as diffusers'
+   * `latents=`); NULL for seeded noise.
+   */
+  const float *latents;
+  size_t latents_len;
+  /**
+   * Called after each step (stage "denoise"), possibly from an hdb worker thread while the
+   * caller waits; returning false cancels within one step (HDB_STATUS_CANCELLED).
+   */
+  hdb_progress_fn progress;
+  void *progress_user_data;
+} hdb_generate_params;
+
+/**
+ * Pixel formats of `hdb_image`.
+ */
+typedef uint32_t hdb_pixel_format;
+
+/**
+ * An 8-bit image in caller memory: `height` rows, `stride` bytes apart, at `data`
+ * (`data_len` bytes in all).
+ */
+typedef struct hdb_image {
+  uint8_t *data;
+  size_t data_len;
+  uint32_t width;
+  uint32_t height;
+  /**
+   * Bytes from one row to the next (>= width * 3 for RGB8).
+   */
+  uint32_t stride;
+  /**
+   * `HDB_PIXEL_*`.
+   */
+  hdb_pixel_format format;
+} hdb_image;
+
+/**
  * Log levels, most severe first. `HDB_LOG_LEVEL_OFF` disables logging.
  */
 typedef uint32_t hdb_log_level;
@@ -156,12 +255,6 @@ typedef void (*hdb_log_fn)(void *user_data, hdb_log_level level, const char *tar
  * Which weight files of a diffusers folder to read.
  */
 typedef uint32_t hdb_weights_variant;
-
-/**
- * A progress callback: `done` of `total` units of `stage` (a short UTF-8 name) are finished.
- * Return `true` to go on, `false` to cancel (the call then returns `HDB_STATUS_CANCELLED`).
- */
-typedef bool (*hdb_progress_fn)(void *user_data, uint64_t done, uint64_t total, const char *stage);
 
 /**
  * Options for `hdb_model_load`. Get the defaults from `hdb_model_params_default()`.
@@ -302,6 +395,21 @@ typedef struct hdb_session_params {
  */
 typedef uint32_t hdb_apply_mode;
 
+#define HDB_SAMPLER_DDIM 0
+
+#define HDB_SAMPLER_EULER 1
+
+#define HDB_SAMPLER_EULER_A 2
+
+#define HDB_SAMPLER_DPMPP_2M 3
+
+#define HDB_SAMPLER_DPMPP_2M_KARRAS 4
+
+/**
+ * 3 bytes a pixel, R G B.
+ */
+#define HDB_PIXEL_RGB8 0
+
 #define HDB_LOG_LEVEL_OFF 0
 
 #define HDB_LOG_LEVEL_ERROR 1
@@ -365,6 +473,8 @@ typedef uint32_t hdb_apply_mode;
  */
 #define HDB_APPLY_RUNTIME 1
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -411,6 +521,24 @@ void hdb_adapter_free(struct hdb_adapter *adapter);
  * failing hdb call on this thread; copy it to keep it.
  */
 const char *hdb_last_error_message(void);
+
+/**
+ * The default generate params.
+ */
+struct hdb_generate_params hdb_generate_params_default(void);
+
+/**
+ * Renders `params.batch` images into `out[0..n_out]`: caller-allocated `data` of
+ * `data_len` bytes each, rows `stride` bytes apart (0 = packed, `width * 3`); on success
+ * width, height, stride and format are set. Uses the session's adapters (one set, or one identity per image after
+ * `hdb_session_set_sample_adapters` with n = batch). A cancelled or failed call leaves the
+ * session usable and `out` images unspecified.
+ *
+ * # Safety
+ * `session` a live session used by this thread only; `params` valid; `out` valid for
+ * `n_out` images whose `data` is valid for `data_len` bytes.
+ */
+hdb_status hdb_generate(struct hdb_session *session, const struct hdb_generate_params *params, struct hdb_image *out, size_t n_out);
 
 /**
  * Sends the library's log records up to `max_level` to `callback` (replacing any earlier

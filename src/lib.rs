@@ -11,6 +11,7 @@ pub mod ffi;
 pub mod io;
 pub mod logging;
 pub mod model;
+pub mod pipeline;
 pub mod runtime;
 pub mod tensor;
 

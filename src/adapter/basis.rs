@@ -2,7 +2,7 @@
 //! and `U_aux [out, b]` of one layer, bit-reproducible from (basis_seed, layer key).
 
 use crate::error::{Error, Result};
-use crate::model::random::{fnv1a64, SplitMix64};
+use crate::model::random::{fnv1a64, normals, SplitMix64};
 
 /// One layer's basis.
 #[derive(Clone, Debug, PartialEq)]
@@ -11,25 +11,6 @@ pub struct Basis {
     pub d_aux: Vec<f32>,
     /// [out, b], orthonormal columns.
     pub u_aux: Vec<f32>,
-}
-
-/// Uniform in (0, 1): `((next >> 11) + 0.5) * 2^-53`, never 0 so `ln` is finite.
-fn uniform(rng: &mut SplitMix64) -> f64 {
-    ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
-}
-
-/// `n` standard normals by Box-Muller on consecutive uniform pairs (cos, then sin).
-fn normals(rng: &mut SplitMix64, n: usize) -> Vec<f64> {
-    let mut v = Vec::with_capacity(n + 1);
-    while v.len() < n {
-        let (u1, u2) = (uniform(rng), uniform(rng));
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = 2.0 * std::f64::consts::PI * u2;
-        v.push(r * t.cos());
-        v.push(r * t.sin());
-    }
-    v.truncate(n); // an odd total drops the last sine
-    v
 }
 
 /// Modified Gram-Schmidt on the rows of `m` [rows, cols], in place.

@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod boundary;
+pub mod generate;
 pub mod log;
 pub mod model;
 pub mod params;

@@ -26,6 +26,27 @@ pub struct hdb_model {
 pub(crate) struct ModelShared {
     pub(crate) model: Model,
     pub(crate) runtime: Arc<Runtime>,
+    /// Text encoder, tokenizer and VAE beside the model's UNet: built on first use.
+    pipeline: std::sync::Mutex<Option<Arc<crate::pipeline::Pipeline>>>,
+}
+
+impl ModelShared {
+    /// The text-to-image pipeline of this model, built (in the runtime's threads) on first use.
+    pub(crate) fn pipeline(&self) -> crate::Result<Arc<crate::pipeline::Pipeline>> {
+        let mut guard = self
+            .pipeline
+            .lock()
+            .map_err(|_| Error::Internal("pipeline cache lock poisoned".into()))?;
+        if let Some(p) = guard.as_ref() {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(
+            self.runtime
+                .install(|| crate::pipeline::Pipeline::from_model(&self.model))?,
+        );
+        *guard = Some(p.clone());
+        Ok(p)
+    }
 }
 
 /// Which weight files of a diffusers folder to read.
@@ -180,6 +201,7 @@ pub unsafe extern "C" fn hdb_model_load(
             inner: Arc::new(ModelShared {
                 model,
                 runtime: rt.inner.clone(),
+                pipeline: Default::default(),
             }),
         });
         // SAFETY: out checked non-null.

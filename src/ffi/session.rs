@@ -15,11 +15,13 @@ use crate::model::unet::UnetInput;
 
 /// Opaque session. Belongs to one thread at a time; keeps its model alive.
 pub struct hdb_session {
-    shared: Arc<ModelShared>,
-    /// The active adapter set (owns copies of what it needs).
-    applied: Option<Applied>,
+    pub(crate) shared: Arc<ModelShared>,
+    /// The active adapter set on the UNet (owns copies of what it needs).
+    pub(crate) applied: Option<Applied>,
+    /// The same set on the text encoder, when it touches text-encoder layers.
+    pub(crate) applied_te: Option<Applied>,
     /// Runtime mode: an adapter index per batch sample for the next UNet calls.
-    per_sample: Option<Vec<i32>>,
+    pub(crate) per_sample: Option<Vec<i32>>,
 }
 
 /// How a session applies its adapters.
@@ -75,6 +77,7 @@ pub unsafe extern "C" fn hdb_session_new(
         let boxed = Box::new(hdb_session {
             shared: m.inner.clone(),
             applied: None,
+            applied_te: None,
             per_sample: None,
         });
         // SAFETY: out checked non-null.
@@ -215,12 +218,26 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             set.push((&*a.inner, scale));
         }
         let unet = s.shared.model.unet()?;
+        let touches_te = set
+            .iter()
+            .any(|(a, _)| a.layers.keys().any(|k| k.starts_with("text_encoder.")));
+        let applied_te = if touches_te {
+            let p = s.shared.pipeline()?;
+            Some(
+                s.shared
+                    .runtime
+                    .install(|| Applied::new(&set, mode, &p.text_encoder))?,
+            )
+        } else {
+            None
+        };
         let previous = s.applied.as_mut();
         let applied = s
             .shared
             .runtime
             .install(|| Applied::replacing(previous, &set, mode, &*unet))?;
         s.applied = (n > 0).then_some(applied);
+        s.applied_te = applied_te.filter(|_| n > 0);
         s.per_sample = None;
         Ok(())
     })

@@ -4,8 +4,11 @@
 pub mod config;
 pub(crate) mod layers;
 pub mod random;
+pub mod scheduler;
 pub mod text_encoder;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 use std::collections::BTreeMap;

@@ -24,6 +24,28 @@ impl SplitMix64 {
     }
 }
 
+/// Uniform in (0, 1): `((next >> 11) + 0.5) * 2^-53`, never 0 so `ln` is finite.
+pub fn uniform_open(rng: &mut SplitMix64) -> f64 {
+    ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+}
+
+/// hdb's documented normal generator (also the LiDB basis' and the pipeline's noise): `n`
+/// standard normals by Box-Muller on consecutive uniform pairs `(u1, u2)` of
+/// [`uniform_open`], `sqrt(-2 ln u1) cos(2 pi u2)` then `sqrt(-2 ln u1) sin(2 pi u2)`, in f64;
+/// an odd count drops the last sine.
+pub fn normals(rng: &mut SplitMix64, n: usize) -> Vec<f64> {
+    let mut v = Vec::with_capacity(n + 1);
+    while v.len() < n {
+        let (u1, u2) = (uniform_open(rng), uniform_open(rng));
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * u2;
+        v.push(r * t.cos());
+        v.push(r * t.sin());
+    }
+    v.truncate(n);
+    v
+}
+
 /// fnv1a64 of a string, to give every tensor name its own stream.
 pub fn fnv1a64(s: &str) -> u64 {
     s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {

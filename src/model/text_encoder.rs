@@ -301,6 +301,23 @@ impl TextEncoder {
         Ok(self.final_ln.forward(&h))
     }
 
+    /// The adaptable projections by adapter key (`text_encoder.<path>`).
+    pub fn adaptable_layers(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+        self.projections()
+            .filter_map(|l| {
+                Some((
+                    l.key.clone()?,
+                    crate::adapter::LayerShape {
+                        din: l.din,
+                        dout: l.dout,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     fn projections(&self) -> impl Iterator<Item = &Linear> {
         self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
     }

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 mod adapter_cmd;
 mod bench_adapter;
+mod demo;
+mod generate;
 
 use clap::{Parser, Subcommand};
 use hdb::io::safetensors::SafetensorsFile;
@@ -27,6 +29,69 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole path in one command: a model (built-in, or --model PATH), two identities,
+    /// swaps, a batch with one identity per image, PNGs and a timing table.
+    Demo {
+        /// A real SD 1.5 diffusers folder; default: a small built-in random model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Where the PNGs and identity files go.
+        #[arg(long, default_value = "hdb-demo")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 12)]
+        steps: usize,
+        /// Image size (default 128 built-in, 512 with --model).
+        #[arg(long)]
+        size: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Text to image (PNG): the whole SD pipeline with optional identity adapters.
+    Generate {
+        /// A diffusers folder (with tokenizer/) or an LDM single file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value = "")]
+        negative: String,
+        #[arg(long, default_value_t = 25)]
+        steps: usize,
+        /// Classifier-free guidance scale (<= 1 disables guidance).
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
+        #[arg(long, default_value = "euler_a", value_parser = generate::parse_sampler)]
+        sampler: hdb::model::scheduler::SamplerKind,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        #[arg(long, default_value_t = 512)]
+        height: usize,
+        /// Images per run (out.png becomes out-0.png, out-1.png, ...).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// An identity adapter (LiDB, kohya or PEFT LoRA); repeatable.
+        #[arg(long = "adapter")]
+        adapters: Vec<PathBuf>,
+        /// Scale of each --adapter, in order (default 1.0).
+        #[arg(long = "scale")]
+        scales: Vec<f32>,
+        #[arg(long, value_enum, default_value = "merge")]
+        mode: Mode,
+        /// Start from `latents` [B,4,H/8,W/8] in this safetensors file (unscaled noise, as
+        /// diffusers' latents= argument), instead of seeded noise; B sets the batch.
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        /// Also write the final denoised latents (diffusers' output_type="latent") here.
+        #[arg(long)]
+        dump_latents: Option<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Benchmarks at full SD 1.5 shapes with random weights made in-process.
     Bench {
         #[command(subcommand)]
@@ -129,6 +194,62 @@ fn main() -> ExitCode {
         level,
     );
     let result = match cli.command {
+        Command::Demo {
+            model,
+            out,
+            steps,
+            size,
+            threads,
+        } => demo::run(demo::DemoArgs {
+            model,
+            out,
+            steps,
+            size,
+            threads,
+        }),
+        Command::Generate {
+            model,
+            prompt,
+            negative,
+            steps,
+            guidance,
+            sampler,
+            seed,
+            width,
+            height,
+            batch,
+            adapters,
+            scales,
+            mode,
+            latents,
+            dump_latents,
+            output,
+            threads,
+        } => generate::generate(generate::GenerateArgs {
+            model,
+            params: hdb::pipeline::GenerateParams {
+                prompt,
+                negative_prompt: negative,
+                steps,
+                guidance,
+                sampler,
+                seed,
+                width,
+                height,
+                batch,
+                latents: None,
+            },
+            adapters,
+            scales,
+            mode: match mode {
+                Mode::Merge => hdb::adapter::apply::ApplyMode::Merge,
+                Mode::Runtime => hdb::adapter::apply::ApplyMode::Runtime,
+            },
+            latents,
+            dump_latents,
+            output,
+            threads,
+        }),
         Command::Bench {
             what:
                 BenchWhat::Adapter {

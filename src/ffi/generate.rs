@@ -1,0 +1,263 @@
+//! `hdb_generate`: text to RGB8 images on a session, with its adapters.
+
+use std::ffi::{c_char, c_void, CString};
+
+use super::boundary::{arg_ref, arg_str, ffi_boundary, ffi_infallible};
+use super::hdb_progress_fn;
+use super::params::{read_params, Versioned};
+use super::session::hdb_session;
+use super::status::hdb_status;
+use crate::error::Error;
+use crate::model::scheduler::SamplerKind;
+use crate::pipeline::{GenerateAdapters, GenerateParams};
+
+/// Samplers (diffusers' schedulers with SD 1.5's config).
+pub type hdb_sampler = u32;
+pub const HDB_SAMPLER_DDIM: hdb_sampler = 0;
+pub const HDB_SAMPLER_EULER: hdb_sampler = 1;
+pub const HDB_SAMPLER_EULER_A: hdb_sampler = 2;
+pub const HDB_SAMPLER_DPMPP_2M: hdb_sampler = 3;
+pub const HDB_SAMPLER_DPMPP_2M_KARRAS: hdb_sampler = 4;
+
+/// Pixel formats of `hdb_image`.
+pub type hdb_pixel_format = u32;
+/// 3 bytes a pixel, R G B.
+pub const HDB_PIXEL_RGB8: hdb_pixel_format = 0;
+
+/// An 8-bit image in caller memory: `height` rows, `stride` bytes apart, at `data`
+/// (`data_len` bytes in all).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct hdb_image {
+    pub data: *mut u8,
+    pub data_len: usize,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes from one row to the next (>= width * 3 for RGB8).
+    pub stride: u32,
+    /// `HDB_PIXEL_*`.
+    pub format: hdb_pixel_format,
+}
+
+/// Options for `hdb_generate`. Get the defaults from `hdb_generate_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct hdb_generate_params {
+    pub struct_size: u32,
+    /// Denoising steps (default 25).
+    pub steps: u32,
+    /// Classifier-free guidance scale (default 7.5; <= 1 disables guidance).
+    pub guidance: f32,
+    /// `HDB_SAMPLER_*` (default Euler ancestral).
+    pub sampler: hdb_sampler,
+    /// Seed of hdb's noise generator (splitmix64 + Box-Muller; see the README).
+    pub seed: u64,
+    /// Image size in pixels, multiples of the VAE's factor (8 for SD); default 512 x 512.
+    pub width: u32,
+    pub height: u32,
+    /// Images per call (default 1). With per-sample adapters set on the session, each image
+    /// gets its own identity.
+    pub batch: u32,
+    pub reserved: u32,
+    /// UTF-8 prompt; NULL means "".
+    pub prompt: *const c_char,
+    /// UTF-8 negative prompt; NULL means "".
+    pub negative_prompt: *const c_char,
+    /// Optional starting latents [batch, 4, height/8, width/8] (unscaled noise, as diffusers'
+    /// `latents=`); NULL for seeded noise.
+    pub latents: *const f32,
+    pub latents_len: usize,
+    /// Called after each step (stage "denoise"), possibly from an hdb worker thread while the
+    /// caller waits; returning false cancels within one step (HDB_STATUS_CANCELLED).
+    pub progress: hdb_progress_fn,
+    pub progress_user_data: *mut c_void,
+}
+
+impl Versioned for hdb_generate_params {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_generate_params>()];
+}
+
+fn default_generate_params() -> hdb_generate_params {
+    hdb_generate_params {
+        struct_size: std::mem::size_of::<hdb_generate_params>() as u32,
+        steps: 25,
+        guidance: 7.5,
+        sampler: HDB_SAMPLER_EULER_A,
+        seed: 0,
+        width: 512,
+        height: 512,
+        batch: 1,
+        reserved: 0,
+        prompt: std::ptr::null(),
+        negative_prompt: std::ptr::null(),
+        latents: std::ptr::null(),
+        latents_len: 0,
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+    }
+}
+
+/// The host's progress callback, called from hdb's worker thread during a generation.
+struct HostProgress {
+    cb: hdb_progress_fn,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the header documents that the progress callback may run on an hdb thread while the
+// calling thread waits in hdb_generate; user_data is only passed back to it.
+unsafe impl Send for HostProgress {}
+unsafe impl Sync for HostProgress {}
+
+impl HostProgress {
+    fn call(&self, done: usize, total: usize, stage: &CString) -> bool {
+        match self.cb {
+            // SAFETY: the host's callback with its own user data.
+            Some(cb) => unsafe { cb(self.user_data, done as u64, total as u64, stage.as_ptr()) },
+            None => true,
+        }
+    }
+}
+
+/// The default generate params.
+#[no_mangle]
+pub extern "C" fn hdb_generate_params_default() -> hdb_generate_params {
+    ffi_infallible(default_generate_params(), default_generate_params)
+}
+
+/// Renders `params.batch` images into `out[0..n_out]`: caller-allocated `data` of
+/// `data_len` bytes each, rows `stride` bytes apart (0 = packed, `width * 3`); on success
+/// width, height, stride and format are set. Uses the session's adapters (one set, or one identity per image after
+/// `hdb_session_set_sample_adapters` with n = batch). A cancelled or failed call leaves the
+/// session usable and `out` images unspecified.
+///
+/// # Safety
+/// `session` a live session used by this thread only; `params` valid; `out` valid for
+/// `n_out` images whose `data` is valid for `data_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_generate(
+    session: *mut hdb_session,
+    params: *const hdb_generate_params,
+    out: *mut hdb_image,
+    n_out: usize,
+) -> hdb_status {
+    ffi_boundary("hdb_generate", || {
+        // SAFETY: caller contract for each pointer.
+        let s = unsafe { arg_ref(session, "session") }?;
+        if params.is_null() {
+            return Err(Error::NullArgument("params"));
+        }
+        let p = unsafe { read_params(params, default_generate_params(), "params") }?;
+        if out.is_null() {
+            return Err(Error::NullArgument("out"));
+        }
+        let text = |ptr: *const c_char, name: &'static str| -> crate::Result<String> {
+            // SAFETY: the field is NULL or a NUL-terminated string.
+            Ok(if ptr.is_null() {
+                String::new()
+            } else {
+                unsafe { arg_str(ptr, name) }?.to_string()
+            })
+        };
+        let sampler = match p.sampler {
+            HDB_SAMPLER_DDIM => SamplerKind::Ddim,
+            HDB_SAMPLER_EULER => SamplerKind::Euler,
+            HDB_SAMPLER_EULER_A => SamplerKind::EulerAncestral,
+            HDB_SAMPLER_DPMPP_2M => SamplerKind::DpmPp2M,
+            HDB_SAMPLER_DPMPP_2M_KARRAS => SamplerKind::DpmPp2MKarras,
+            v => {
+                return Err(Error::invalid_arg(
+                    "params.sampler",
+                    format!("{v} is not an HDB_SAMPLER_* value"),
+                ))
+            }
+        };
+        let latents = if p.latents.is_null() {
+            None
+        } else {
+            // SAFETY: valid for latents_len floats per the field's contract.
+            Some(unsafe { std::slice::from_raw_parts(p.latents, p.latents_len) }.to_vec())
+        };
+        let gp = GenerateParams {
+            prompt: text(p.prompt, "params.prompt")?,
+            negative_prompt: text(p.negative_prompt, "params.negative_prompt")?,
+            steps: p.steps as usize,
+            guidance: p.guidance,
+            sampler,
+            seed: p.seed,
+            width: p.width as usize,
+            height: p.height as usize,
+            batch: p.batch as usize,
+            latents,
+        };
+        if n_out < gp.batch {
+            return Err(Error::invalid_arg(
+                "n_out",
+                format!("{n_out} images for a batch of {}", gp.batch),
+            ));
+        }
+        // SAFETY: out valid for n_out images.
+        let outs = unsafe { std::slice::from_raw_parts_mut(out, n_out) };
+        let row = gp.width * 3;
+        for (i, img) in outs.iter().take(gp.batch).enumerate() {
+            let stride = if img.stride == 0 {
+                row
+            } else {
+                img.stride as usize
+            };
+            let need = gp.height.saturating_sub(1) * stride + row;
+            if stride < row {
+                return Err(Error::invalid_arg(
+                    "out",
+                    format!("out[{i}].stride {stride} < width * 3 = {row}"),
+                ));
+            }
+            if img.data.is_null() || img.data_len < need {
+                return Err(Error::invalid_arg(
+                    "out",
+                    format!(
+                        "out[{i}] needs {need} bytes of data ({}x{} RGB8)",
+                        gp.width, gp.height
+                    ),
+                ));
+            }
+        }
+        let pipeline = s.shared.pipeline()?;
+        let ad = GenerateAdapters {
+            unet: s.applied.as_ref(),
+            text_encoder: s.applied_te.as_ref(),
+            per_image: s.per_sample.as_deref(),
+        };
+        let stage = CString::new("denoise").unwrap_or_default();
+        let host = HostProgress {
+            cb: p.progress,
+            user_data: p.progress_user_data,
+        };
+        let mut report = |done: usize, total: usize| host.call(done, total, &stage);
+        let res = s
+            .shared
+            .runtime
+            .install(|| pipeline.generate(&gp, ad, Some(&mut report)))?;
+        for (img, rgb) in outs.iter_mut().zip(&res.images) {
+            let stride = if img.stride == 0 {
+                row
+            } else {
+                img.stride as usize
+            };
+            for y in 0..res.height {
+                // SAFETY: data holds at least (height - 1) * stride + row bytes, checked above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        rgb[y * row..].as_ptr(),
+                        img.data.add(y * stride),
+                        row,
+                    )
+                };
+            }
+            img.width = res.width as u32;
+            img.height = res.height as u32;
+            img.stride = stride as u32;
+            img.format = HDB_PIXEL_RGB8;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,938 @@
+//! diffusers' `AutoencoderKL` (the SD 1.x/2.x VAE) on the CPU backend: the decoder (latents
+//! -> image) and the encoder (image -> diagonal Gaussian: mean and log-variance), weights as
+//! f32, compute in f32.
+//!
+//! The structure is diffusers' `Encoder`/`Decoder` of `models/autoencoders/vae.py`: resnets
+//! without a time embedding (GroupNorm eps 1e-6, SiLU), `DownEncoderBlock2D`s whose downsampler
+//! pads the bottom and right by one zero before a stride-2 3x3 convolution without padding,
+//! `UpDecoderBlock2D`s (nearest 2x, then a 3x3 convolution), and a mid block whose attention
+//! has one head as wide as the channels.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::backend::cpu as ops;
+use crate::backend::profile::scope;
+use crate::error::{Error, Result};
+use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, Linear, WeightSource};
+use crate::model::WeightStore;
+
+/// The VAE's epsilon, in every resnet, the attention's norm and the output norms.
+const EPS: f32 = 1e-6;
+
+/// diffusers' `AutoencoderKL` configuration. `Default` is SD 1.5's `vae/config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeConfig {
+    /// Image channels into the encoder (3).
+    pub in_channels: usize,
+    /// Image channels out of the decoder (3).
+    pub out_channels: usize,
+    /// Latent channels (4).
+    pub latent_channels: usize,
+    /// Channels of each encoder block; the decoder uses them reversed.
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (decoder blocks have one more).
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by this after encoding (the pipeline's job, not `decode`'s).
+    pub scaling_factor: f32,
+    /// Subtracted before scaling when set (none of SD 1.x/2.x; again the pipeline's job).
+    pub shift_factor: Option<f32>,
+    /// A 1x1 convolution on the encoder's moments.
+    pub use_quant_conv: bool,
+    /// A 1x1 convolution on the latents before the decoder.
+    pub use_post_quant_conv: bool,
+    /// Self-attention in the encoder's and decoder's mid blocks.
+    pub mid_block_add_attention: bool,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            latent_channels: 4,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+}
+
+/// Most encoder blocks accepted (SD has 4; the downscale factor is 2^(blocks - 1)).
+const MAX_BLOCKS: usize = 12;
+
+impl VaeConfig {
+    /// Reads a diffusers `AutoencoderKL` config. Keys it lacks take diffusers' own defaults
+    /// (what `from_pretrained` would build), not SD 1.5's. Settings that change the computation
+    /// in ways hdb does not implement are refused; `force_upcast` and `sample_size` (tiling)
+    /// do not matter here and are ignored.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidFile {
+            path: path.to_path_buf(),
+            format: "VAE config",
+            reason,
+        };
+        let unsupported =
+            |what: String| Error::Unsupported(format!("{}: VAE config: {what}", path.display()));
+        if !v.is_object() {
+            return Err(invalid("expected a JSON object".into()));
+        }
+        let present = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let uint = |k: &str, def: usize| -> Result<usize> {
+            match present(k) {
+                None => Ok(def),
+                Some(x) => x
+                    .as_u64()
+                    .filter(|&x| x > 0)
+                    .map(|x| x as usize)
+                    .ok_or_else(|| invalid(format!("'{k}' must be a positive integer"))),
+            }
+        };
+        let boolean = |k: &str, def: bool| -> Result<bool> {
+            match present(k) {
+                None => Ok(def),
+                Some(x) => x
+                    .as_bool()
+                    .ok_or_else(|| invalid(format!("'{k}' must be true or false"))),
+            }
+        };
+        let float = |k: &str| -> Result<Option<f32>> {
+            match present(k) {
+                None => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .map(|x| Some(x as f32))
+                    .ok_or_else(|| invalid(format!("'{k}' must be a finite number"))),
+            }
+        };
+        if let Some(class) = present("_class_name") {
+            if class.as_str() != Some("AutoencoderKL") {
+                return Err(unsupported(format!(
+                    "_class_name {class} (only AutoencoderKL is implemented)"
+                )));
+            }
+        }
+        if let Some(act) = present("act_fn") {
+            if act.as_str() != Some("silu") {
+                return Err(unsupported(format!("act_fn {act} (only \"silu\")")));
+            }
+        }
+        for k in ["latents_mean", "latents_std"] {
+            if present(k).is_some() {
+                return Err(unsupported(format!(
+                    "'{k}' (per-channel latent normalisation, used by SDXL-family pipelines)"
+                )));
+            }
+        }
+        // diffusers' AutoencoderKL defaults.
+        let block_out_channels = match present("block_out_channels") {
+            None => vec![64],
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|x| x.as_u64().filter(|&x| x > 0).map(|x| x as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    invalid("'block_out_channels' must be a list of positive integers".into())
+                })?,
+            Some(_) => {
+                return Err(invalid(
+                    "'block_out_channels' must be a non-empty list of positive integers".into(),
+                ))
+            }
+        };
+        let n = block_out_channels.len();
+        for (k, want) in [
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ] {
+            let types: Vec<Value> = match present(k) {
+                None => vec![Value::from(want)],
+                Some(Value::Array(a)) => a.clone(),
+                Some(_) => return Err(invalid(format!("'{k}' must be a list of block names"))),
+            };
+            if types.len() != n {
+                return Err(invalid(format!(
+                    "'{k}' has {} entries but block_out_channels has {n}",
+                    types.len()
+                )));
+            }
+            if let Some(t) = types.iter().find(|t| t.as_str() != Some(want)) {
+                return Err(unsupported(format!("{k} entry {t} (only \"{want}\")")));
+            }
+        }
+        let cfg = VaeConfig {
+            in_channels: uint("in_channels", 3)?,
+            out_channels: uint("out_channels", 3)?,
+            latent_channels: uint("latent_channels", 4)?,
+            block_out_channels,
+            layers_per_block: uint("layers_per_block", 1)?,
+            norm_num_groups: uint("norm_num_groups", 32)?,
+            scaling_factor: float("scaling_factor")?.unwrap_or(0.18215),
+            shift_factor: float("shift_factor")?,
+            use_quant_conv: boolean("use_quant_conv", true)?,
+            use_post_quant_conv: boolean("use_post_quant_conv", true)?,
+            mid_block_add_attention: boolean("mid_block_add_attention", true)?,
+        };
+        cfg.validate().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    /// Infers the configuration of an LDM single file's VAE from its tensor shapes. The one
+    /// thing shapes cannot tell, the number of norm groups, is SD's 32; a VAE whose channels
+    /// are not multiples of 32 is refused (use [`VaeConfig::infer_with_groups`] when the group
+    /// count is known). The scaling factor is SD 1.x/2.x's 0.18215.
+    pub fn infer(w: &WeightStore, path: &Path) -> Result<Self> {
+        let cfg = Self::infer_with_groups(w, path, 1)?;
+        if let Some(c) = cfg.block_out_channels.iter().find(|&&c| c % 32 != 0) {
+            return Err(Error::invalid_model(
+                path,
+                format!(
+                    "cannot infer the VAE's norm_num_groups from its shapes: block_out_channels \
+                     {:?} has {c}, not a multiple of 32 (every SD release's value); load it from \
+                     a diffusers folder with its config.json",
+                    cfg.block_out_channels
+                ),
+            ));
+        }
+        Ok(VaeConfig {
+            norm_num_groups: 32,
+            ..cfg
+        })
+    }
+
+    /// As [`VaeConfig::infer`], with the norm group count given.
+    pub fn infer_with_groups(w: &WeightStore, path: &Path, norm_num_groups: usize) -> Result<Self> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            w.get(name).map(|x| x.shape.dims().to_vec()).ok_or_else(|| {
+                Error::invalid_model(
+                    path,
+                    format!("cannot infer the VAE config: missing tensor '{name}'"),
+                )
+            })
+        };
+        let dim = |name: &str, i: usize| -> Result<usize> {
+            shape(name)?.get(i).copied().ok_or_else(|| {
+                Error::invalid_model(
+                    path,
+                    format!("tensor '{name}' has fewer than {} dims", i + 1),
+                )
+            })
+        };
+        let has = |name: &str| w.get(name).is_some();
+        let mut block_out_channels = Vec::new();
+        while let Some(x) = w.get(&format!(
+            "encoder.down_blocks.{}.resnets.0.conv1.weight",
+            block_out_channels.len()
+        )) {
+            block_out_channels.push(x.shape.dims().first().copied().unwrap_or(0));
+        }
+        if block_out_channels.is_empty() {
+            return Err(Error::invalid_model(
+                path,
+                "cannot infer the VAE config: no 'encoder.down_blocks.0.resnets.0.conv1.weight'",
+            ));
+        }
+        let mut layers_per_block = 0;
+        while has(&format!(
+            "encoder.down_blocks.0.resnets.{layers_per_block}.conv1.weight"
+        )) {
+            layers_per_block += 1;
+        }
+        let attn = |coder: &str| has(&format!("{coder}.mid_block.attentions.0.group_norm.weight"));
+        let mid_block_add_attention = attn("encoder");
+        if attn("decoder") != mid_block_add_attention {
+            return Err(Error::invalid_model(
+                path,
+                "the VAE's encoder and decoder disagree on having a mid-block attention",
+            ));
+        }
+        let cfg = VaeConfig {
+            in_channels: dim("encoder.conv_in.weight", 1)?,
+            out_channels: dim("decoder.conv_out.weight", 0)?,
+            latent_channels: dim("decoder.conv_in.weight", 1)?,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            use_quant_conv: has("quant_conv.weight"),
+            use_post_quant_conv: has("post_quant_conv.weight"),
+            mid_block_add_attention,
+            ..VaeConfig::default()
+        };
+        cfg.validate()
+            .map_err(|r| Error::invalid_model(path, format!("inferred VAE config: {r}")))?;
+        Ok(cfg)
+    }
+
+    /// The image size over the latent size: 2^(blocks - 1) (8 for SD).
+    pub fn downscale(&self) -> usize {
+        1usize
+            << self
+                .block_out_channels
+                .len()
+                .clamp(1, MAX_BLOCKS)
+                .saturating_sub(1)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.block_out_channels.len();
+        if n == 0 || n > MAX_BLOCKS {
+            return Err(format!(
+                "block_out_channels has {n} entries; 1 to {MAX_BLOCKS} are supported"
+            ));
+        }
+        for (k, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+            ("layers_per_block", self.layers_per_block),
+            ("norm_num_groups", self.norm_num_groups),
+        ] {
+            if v == 0 {
+                return Err(format!("{k} must be positive"));
+            }
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c == 0 || c % self.norm_num_groups != 0 {
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not a positive multiple of norm_num_groups {}",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
+            return Err(format!(
+                "scaling_factor {} must be finite and non-zero",
+                self.scaling_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `ResnetBlock2D` without a time embedding: x + conv2(silu(gn2(conv1(silu(gn1(x)))))), the
+/// skip through a 1x1 convolution when the channel count changes.
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl Resnet {
+    fn load(src: &dyn WeightSource, p: &str, cin: usize, cout: usize, g: usize) -> Result<Self> {
+        Ok(Resnet {
+            norm1: GroupNorm::load(src, &format!("{p}.norm1"), cin, g, EPS)?,
+            conv1: Conv::load(src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
+            norm2: GroupNorm::load(src, &format!("{p}.norm2"), cout, g, EPS)?,
+            conv2: Conv::load(src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
+            shortcut: if cin != cout {
+                Some(Conv::load(
+                    src,
+                    &format!("{p}.conv_shortcut"),
+                    cin,
+                    cout,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: Act) -> Act {
+        // Assignments, not shadowing: each intermediate is freed as soon as it is used (at
+        // 512x512 one activation is 128 MB or more).
+        let mut h = self.norm1.forward(&x, true);
+        h = self.conv1.forward(&h);
+        h = self.norm2.forward(&h, true);
+        h = self.conv2.forward(&h);
+        match &self.shortcut {
+            Some(s) => add(&mut h.data, &s.forward(&x).data),
+            None => add(&mut h.data, &x.data),
+        }
+        h
+    }
+}
+
+/// A linear layer under its current diffusers name, or the name diffusers < 0.14 saved
+/// (`query`, `key`, `value`, `proj_attn`), which diffusers still converts on load. Errors
+/// report the current name.
+fn linear_or_legacy(
+    src: &dyn WeightSource,
+    p: &str,
+    name: &str,
+    legacy: &str,
+    c: usize,
+) -> Result<Linear> {
+    Linear::load(src, &format!("{p}.{name}"), c, c, true)
+        .or_else(|e| Linear::load(src, &format!("{p}.{legacy}"), c, c, true).map_err(|_| e))
+}
+
+/// The mid block's `Attention`: one head of width C over the H x W positions, with its own
+/// GroupNorm in front and the input added back.
+struct MidAttention {
+    norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl MidAttention {
+    fn load(src: &dyn WeightSource, p: &str, c: usize, g: usize) -> Result<Self> {
+        Ok(MidAttention {
+            norm: GroupNorm::load(src, &format!("{p}.group_norm"), c, g, EPS)?,
+            to_q: linear_or_legacy(src, p, "to_q", "query", c)?,
+            to_k: linear_or_legacy(src, p, "to_k", "key", c)?,
+            to_v: linear_or_legacy(src, p, "to_v", "value", c)?,
+            to_out: linear_or_legacy(src, p, "to_out.0", "proj_attn", c)?,
+        })
+    }
+
+    fn forward(&self, x: Act) -> Act {
+        let (b, c, hw) = (x.b, x.c, x.h * x.w);
+        let n = self.norm.forward(&x, false);
+        let tokens = transpose(&n.data, b, c, hw, true);
+        drop(n);
+        let q = self.to_q.forward(&tokens, b * hw);
+        let k = self.to_k.forward(&tokens, b * hw);
+        let v = self.to_v.forward(&tokens, b * hw);
+        drop(tokens);
+        let mut o = vec![0.0; q.len()];
+        {
+            let _p = scope("attention (self)");
+            ops::attention(&mut o, &q, &k, &v, b, hw, hw, 1, c);
+        }
+        drop((q, k, v));
+        let proj = self.to_out.forward(&o, b * hw);
+        drop(o);
+        let mut y = transpose(&proj, b, c, hw, false);
+        drop(proj);
+        add(&mut y, &x.data);
+        Act { data: y, ..x }
+    }
+}
+
+/// `UNetMidBlock2D`: resnet, (attention), resnet.
+struct Mid {
+    res0: Resnet,
+    attn: Option<MidAttention>,
+    res1: Resnet,
+}
+
+impl Mid {
+    fn load(src: &dyn WeightSource, p: &str, c: usize, cfg: &VaeConfig) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        Ok(Mid {
+            res0: Resnet::load(src, &format!("{p}.resnets.0"), c, c, g)?,
+            attn: if cfg.mid_block_add_attention {
+                Some(MidAttention::load(src, &format!("{p}.attentions.0"), c, g)?)
+            } else {
+                None
+            },
+            res1: Resnet::load(src, &format!("{p}.resnets.1"), c, c, g)?,
+        })
+    }
+
+    fn forward(&self, x: Act) -> Act {
+        let mut x = self.res0.forward(x);
+        if let Some(a) = &self.attn {
+            x = a.forward(x);
+        }
+        self.res1.forward(x)
+    }
+}
+
+/// `Downsample2D` with padding 0: zero-pad the bottom row and right column, then a stride-2
+/// 3x3 convolution without padding.
+fn downsample(conv: &Conv, x: &Act) -> Act {
+    let (hp, wp) = (x.h + 1, x.w + 1);
+    let mut padded = vec![0.0; x.b * x.c * hp * wp];
+    {
+        let _p = scope("copies");
+        for (dst, src) in padded
+            .chunks_exact_mut(hp * wp)
+            .zip(x.data.chunks_exact(x.h * x.w))
+        {
+            for (d, s) in dst.chunks_exact_mut(wp).zip(src.chunks_exact(x.w)) {
+                d[..x.w].copy_from_slice(s);
+            }
+        }
+    }
+    let p = ops::Conv2d {
+        batch: x.b,
+        c_in: conv.cin,
+        h: hp,
+        w: wp,
+        c_out: conv.cout,
+        kernel: conv.k,
+        stride: 2,
+        padding: 0,
+    };
+    let (h, w) = p.out_hw();
+    let _p = scope("conv 3x3 stride 2");
+    let mut y = vec![0.0; x.b * conv.cout * h * w];
+    ops::conv2d(&mut y, &padded, &conv.w, Some(&conv.b), &p);
+    Act {
+        data: y,
+        b: x.b,
+        c: conv.cout,
+        h,
+        w,
+    }
+}
+
+/// `Upsample2D`: nearest 2x, then a 3x3 convolution.
+fn upsample(conv: &Conv, x: Act) -> Act {
+    let mut up = vec![0.0; x.data.len() * 4];
+    {
+        let _p = scope("copies");
+        ops::upsample_nearest2x(&mut up, &x.data, x.b * x.c, x.h, x.w);
+    }
+    let up = Act {
+        data: up,
+        b: x.b,
+        c: x.c,
+        h: 2 * x.h,
+        w: 2 * x.w,
+    };
+    drop(x);
+    conv.forward(&up)
+}
+
+struct Block {
+    resnets: Vec<Resnet>,
+    /// The encoder's downsampler or the decoder's upsampler convolution.
+    resample: Option<Conv>,
+}
+
+struct Encoder {
+    conv_in: Conv,
+    down: Vec<Block>,
+    mid: Mid,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl Encoder {
+    fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let (n, g) = (ch.len(), cfg.norm_num_groups);
+        let down = (0..n)
+            .map(|i| {
+                let p = format!("encoder.down_blocks.{i}");
+                let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+                let resnets = (0..cfg.layers_per_block)
+                    .map(|j| {
+                        let r_in = if j == 0 { cin } else { ch[i] };
+                        Resnet::load(src, &format!("{p}.resnets.{j}"), r_in, ch[i], g)
+                    })
+                    .collect::<Result<_>>()?;
+                let resample = if i + 1 < n {
+                    let p = format!("{p}.downsamplers.0.conv");
+                    Some(Conv::load(src, &p, ch[i], ch[i], 3, 2)?)
+                } else {
+                    None
+                };
+                Ok(Block { resnets, resample })
+            })
+            .collect::<Result<_>>()?;
+        let top = ch[n - 1];
+        Ok(Encoder {
+            conv_in: Conv::load(src, "encoder.conv_in", cfg.in_channels, ch[0], 3, 1)?,
+            down,
+            mid: Mid::load(src, "encoder.mid_block", top, cfg)?,
+            norm_out: GroupNorm::load(src, "encoder.conv_norm_out", top, g, EPS)?,
+            conv_out: Conv::load(src, "encoder.conv_out", top, 2 * cfg.latent_channels, 3, 1)?,
+        })
+    }
+
+    /// image [B, in, H, W] -> moments [B, 2 latent, H/f, W/f]
+    fn forward(&self, x: Act) -> Act {
+        let mut x = self.conv_in.forward(&x);
+        for blk in &self.down {
+            for r in &blk.resnets {
+                x = r.forward(x);
+            }
+            if let Some(conv) = &blk.resample {
+                x = downsample(conv, &x);
+            }
+        }
+        x = self.mid.forward(x);
+        let h = self.norm_out.forward(&x, true);
+        drop(x);
+        self.conv_out.forward(&h)
+    }
+}
+
+struct Decoder {
+    conv_in: Conv,
+    mid: Mid,
+    up: Vec<Block>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl Decoder {
+    fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let (n, g) = (rev.len(), cfg.norm_num_groups);
+        let up = (0..n)
+            .map(|i| {
+                let p = format!("decoder.up_blocks.{i}");
+                let prev = if i == 0 { rev[0] } else { rev[i - 1] };
+                let resnets = (0..=cfg.layers_per_block)
+                    .map(|j| {
+                        let r_in = if j == 0 { prev } else { rev[i] };
+                        Resnet::load(src, &format!("{p}.resnets.{j}"), r_in, rev[i], g)
+                    })
+                    .collect::<Result<_>>()?;
+                let resample = if i + 1 < n {
+                    let p = format!("{p}.upsamplers.0.conv");
+                    Some(Conv::load(src, &p, rev[i], rev[i], 3, 1)?)
+                } else {
+                    None
+                };
+                Ok(Block { resnets, resample })
+            })
+            .collect::<Result<_>>()?;
+        let c0 = rev[n - 1];
+        Ok(Decoder {
+            conv_in: Conv::load(src, "decoder.conv_in", cfg.latent_channels, rev[0], 3, 1)?,
+            mid: Mid::load(src, "decoder.mid_block", rev[0], cfg)?,
+            up,
+            norm_out: GroupNorm::load(src, "decoder.conv_norm_out", c0, g, EPS)?,
+            conv_out: Conv::load(src, "decoder.conv_out", c0, cfg.out_channels, 3, 1)?,
+        })
+    }
+
+    /// z [B, latent, h, w] -> image [B, out, h f, w f]
+    fn forward(&self, z: &Act) -> Act {
+        let mut x = self.conv_in.forward(z);
+        x = self.mid.forward(x);
+        for blk in &self.up {
+            for r in &blk.resnets {
+                x = r.forward(x);
+            }
+            if let Some(conv) = &blk.resample {
+                x = upsample(conv, x);
+            }
+        }
+        let h = self.norm_out.forward(&x, true);
+        drop(x);
+        self.conv_out.forward(&h)
+    }
+}
+
+/// The VAE, ready to run.
+pub struct Vae {
+    pub config: VaeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<Conv>,
+    post_quant_conv: Option<Conv>,
+}
+
+impl std::fmt::Debug for Vae {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vae")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `b * c * h * w` without overflow, or an error naming `name`.
+fn volume(name: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::invalid_arg(name, format!("size {dims:?} overflows")))
+}
+
+fn check_len(name: &'static str, got: usize, dims: [usize; 4]) -> Result<()> {
+    let want = volume(name, &dims)?;
+    if got != want {
+        return Err(Error::invalid_arg(
+            name,
+            format!(
+                "has {got} values, expected [{}, {}, {}, {}] = {want}",
+                dims[0], dims[1], dims[2], dims[3]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Vae {
+    /// Builds the VAE of `config` from `src`, checking every tensor's presence and shape.
+    pub fn load(config: VaeConfig, src: &dyn WeightSource) -> Result<Vae> {
+        config
+            .validate()
+            .map_err(|r| Error::invalid_arg("config", r))?;
+        let l = config.latent_channels;
+        Ok(Vae {
+            encoder: Encoder::load(src, &config)?,
+            decoder: Decoder::load(src, &config)?,
+            quant_conv: if config.use_quant_conv {
+                Some(Conv::load(src, "quant_conv", 2 * l, 2 * l, 1, 1)?)
+            } else {
+                None
+            },
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(Conv::load(src, "post_quant_conv", l, l, 1, 1)?)
+            } else {
+                None
+            },
+            config,
+        })
+    }
+
+    /// Loads the VAE of a model: config from `vae/config.json`, else inferred from shapes
+    /// (LDM single files; see [`VaeConfig::infer`]).
+    pub fn from_model(model: &crate::Model) -> Result<Vae> {
+        let vae = model
+            .component(crate::io::keymap::Component::Vae)
+            .ok_or_else(|| Error::invalid_model(&model.path, "the model has no VAE"))?;
+        let config = match &vae.config {
+            Some((path, json)) => VaeConfig::from_json(json, path)?,
+            None => VaeConfig::infer(&vae.weights, &model.path)?,
+        };
+        Vae::load(config, &vae.weights)
+    }
+
+    /// latents [B, latent_channels, h, w] (already divided by scaling_factor, as diffusers'
+    /// decode() expects) -> image [B, out_channels, h*f, w*f] in about [-1, 1].
+    pub fn decode(&self, latents: &[f32], b: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let f = cfg.downscale();
+        check_len("latents", latents.len(), [b, cfg.latent_channels, h, w])?;
+        if b == 0 || h == 0 || w == 0 {
+            return Err(Error::invalid_arg(
+                "latents",
+                "batch, height and width must be positive",
+            ));
+        }
+        // The largest activation: the last up block's channels at full size.
+        let (c0, top) = (cfg.block_out_channels[0], cfg.block_out_channels.len() - 1);
+        volume("latents", &[b, c0.max(cfg.out_channels), h, w, f, f])?;
+        volume("latents", &[b, cfg.block_out_channels[top], h, w, 4])?;
+        let z = Act {
+            data: latents.to_vec(),
+            b,
+            c: cfg.latent_channels,
+            h,
+            w,
+        };
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(&z),
+            None => z,
+        };
+        Ok(self.decoder.forward(&z).data)
+    }
+
+    /// image [B, in_channels, H, W] in [-1, 1] -> (mean, logvar) each [B, latent_channels,
+    /// H/f, W/f] (logvar clamped to [-30, 20] as diffusers does).
+    pub fn encode(
+        &self,
+        image: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let cfg = &self.config;
+        let f = cfg.downscale();
+        check_len("image", image.len(), [b, cfg.in_channels, h, w])?;
+        if b == 0 || h == 0 || w == 0 {
+            return Err(Error::invalid_arg(
+                "image",
+                "batch, height and width must be positive",
+            ));
+        }
+        if h % f != 0 || w % f != 0 {
+            return Err(Error::invalid_arg(
+                "image",
+                format!("height {h} and width {w} must be multiples of {f} for this VAE"),
+            ));
+        }
+        let widest = cfg.block_out_channels.iter().copied().max().unwrap_or(1);
+        volume("image", &[b, widest, h + 1, w + 1])?;
+        let x = Act {
+            data: image.to_vec(),
+            b,
+            c: cfg.in_channels,
+            h,
+            w,
+        };
+        let m = self.encoder.forward(x);
+        let m = match &self.quant_conv {
+            Some(c) => c.forward(&m),
+            None => m,
+        };
+        let (l, hw) = (cfg.latent_channels, m.h * m.w);
+        let mut mean = Vec::with_capacity(b * l * hw);
+        let mut logvar = Vec::with_capacity(b * l * hw);
+        for s in m.data.chunks_exact(2 * l * hw) {
+            let (mu, lv) = s.split_at(l * hw);
+            mean.extend_from_slice(mu);
+            logvar.extend(lv.iter().map(|&v| v.clamp(-30.0, 20.0)));
+        }
+        Ok((mean, logvar))
+    }
+
+    /// A draw from the encoder's distribution with the caller's standard-normal `noise`:
+    /// mean + exp(logvar / 2) * noise, what diffusers' `latent_dist.sample()` computes (the
+    /// pipeline then multiplies by `scaling_factor`). All three have the same length.
+    pub fn sample(mean: &[f32], logvar: &[f32], noise: &[f32]) -> Result<Vec<f32>> {
+        if logvar.len() != mean.len() {
+            return Err(Error::invalid_arg(
+                "logvar",
+                format!("has {} values, mean has {}", logvar.len(), mean.len()),
+            ));
+        }
+        if noise.len() != mean.len() {
+            return Err(Error::invalid_arg(
+                "noise",
+                format!("has {} values, mean has {}", noise.len(), mean.len()),
+            ));
+        }
+        Ok(mean
+            .iter()
+            .zip(logvar)
+            .zip(noise)
+            .map(|((&m, &lv), &n)| m + (0.5 * lv).exp() * n)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::random::RandomWeights;
+
+    fn small() -> VaeConfig {
+        VaeConfig {
+            block_out_channels: vec![4, 8],
+            layers_per_block: 1,
+            norm_num_groups: 2,
+            ..VaeConfig::default()
+        }
+    }
+
+    #[test]
+    fn default_is_sd15() {
+        let json: Value = serde_json::json!({
+            "_class_name": "AutoencoderKL", "act_fn": "silu",
+            "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+            "out_channels": 3, "sample_size": 512, "scaling_factor": 0.18215, "force_upcast": true
+        });
+        let cfg = VaeConfig::from_json(&json, Path::new("vae/config.json")).unwrap();
+        assert_eq!(cfg, VaeConfig::default());
+        assert_eq!(cfg.downscale(), 8);
+    }
+
+    #[test]
+    fn config_refusals_name_the_setting() {
+        let base = serde_json::json!({
+            "block_out_channels": [4, 8], "norm_num_groups": 2,
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"]
+        });
+        let p = Path::new("vae/config.json");
+        assert!(VaeConfig::from_json(&base, p).is_ok());
+        for (k, v, needle) in [
+            ("act_fn", serde_json::json!("gelu"), "act_fn"),
+            (
+                "_class_name",
+                serde_json::json!("AutoencoderTiny"),
+                "_class_name",
+            ),
+            (
+                "latents_mean",
+                serde_json::json!([0.0, 0.0, 0.0, 0.0]),
+                "latents_mean",
+            ),
+            (
+                "down_block_types",
+                serde_json::json!(["DownEncoderBlock2D"]),
+                "down_block_types",
+            ),
+            (
+                "up_block_types",
+                serde_json::json!(["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
+                "up_block_types",
+            ),
+            ("norm_num_groups", serde_json::json!(3), "norm_num_groups"),
+            (
+                "block_out_channels",
+                serde_json::json!([]),
+                "block_out_channels",
+            ),
+            ("layers_per_block", serde_json::json!(0), "layers_per_block"),
+            ("use_quant_conv", serde_json::json!("no"), "use_quant_conv"),
+        ] {
+            let mut j = base.clone();
+            j[k] = v;
+            let e = VaeConfig::from_json(&j, p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{k}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_invalid_arguments() {
+        let vae = Vae::load(small(), &RandomWeights { seed: 1 }).unwrap();
+        assert_eq!(vae.config.downscale(), 2);
+        let is_arg = |r: Result<()>, name: &str| match r {
+            Err(Error::InvalidArgument { name: n, reason }) => {
+                assert_eq!(n, name, "{reason}");
+                reason
+            }
+            other => panic!("expected InvalidArgument({name}), got {other:?}"),
+        };
+        let r = is_arg(vae.decode(&[0.0; 10], 1, 2, 2).map(|_| ()), "latents");
+        assert!(r.contains("[1, 4, 2, 2]"), "{r}");
+        is_arg(vae.decode(&[], 0, 2, 2).map(|_| ()), "latents");
+        is_arg(vae.decode(&[], 1, usize::MAX, 4).map(|_| ()), "latents");
+        let r = is_arg(vae.encode(&[0.0; 3 * 5 * 4], 1, 5, 4).map(|_| ()), "image");
+        assert!(r.contains("multiples of 2"), "{r}");
+        is_arg(vae.encode(&[0.0; 7], 1, 4, 4).map(|_| ()), "image");
+        is_arg(
+            Vae::sample(&[0.0; 4], &[0.0; 3], &[0.0; 4]).map(|_| ()),
+            "logvar",
+        );
+        is_arg(
+            Vae::sample(&[0.0; 4], &[0.0; 4], &[0.0; 5]).map(|_| ()),
+            "noise",
+        );
+        // Round trip shapes.
+        let img = vae.decode(&[0.5; 2 * 4 * 3 * 5], 2, 3, 5).unwrap();
+        assert_eq!(img.len(), 2 * 3 * 6 * 10);
+        let (m, l) = vae.encode(&img, 2, 6, 10).unwrap();
+        assert_eq!((m.len(), l.len()), (2 * 4 * 3 * 5, 2 * 4 * 3 * 5));
+        assert!(m.iter().chain(&l).all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn missing_optional_parts_are_not_loaded() {
+        let cfg = VaeConfig {
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+            mid_block_add_attention: false,
+            ..small()
+        };
+        let vae = Vae::load(cfg, &RandomWeights { seed: 1 }).unwrap();
+        assert!(vae.quant_conv.is_none() && vae.post_quant_conv.is_none());
+        assert!(vae.encoder.mid.attn.is_none() && vae.decoder.mid.attn.is_none());
+    }
+}

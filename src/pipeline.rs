@@ -1,0 +1,284 @@
+//! Text to image: tokenize, encode the prompt and the negative prompt, denoise with
+//! classifier-free guidance, decode with the VAE. Equal to diffusers' StableDiffusionPipeline
+//! given the same latents; seeded noise comes from hdb's own RNG
+//! ([`crate::model::random::normals`] on a splitmix64 stream seeded with the seed).
+
+use std::path::Path;
+
+use crate::adapter::apply::{AdapterCtx, Applied};
+use crate::error::{Error, Result};
+use crate::io::diffusers::read_json;
+use crate::model::random::{normals, SplitMix64};
+use crate::model::scheduler::{self, SamplerKind, SchedulerConfig};
+use crate::model::text_encoder::TextEncoder;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{Unet, UnetInput};
+use crate::model::vae::Vae;
+use crate::model::Model;
+
+/// Everything a generation needs, built once and shared.
+pub struct Pipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: TextEncoder,
+    pub unet: std::sync::Arc<Unet>,
+    pub vae: Vae,
+    pub scheduler: SchedulerConfig,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").finish_non_exhaustive()
+    }
+}
+
+/// One generation's settings (diffusers' StableDiffusionPipeline arguments).
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; <= 1 disables guidance (one UNet pass per step).
+    pub guidance: f32,
+    pub sampler: SamplerKind,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    /// Start from these latents [batch, C, H/f, W/f] (unscaled noise, as diffusers'
+    /// `latents=`) instead of seeded noise.
+    pub latents: Option<Vec<f32>>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 25,
+            guidance: 7.5,
+            sampler: SamplerKind::EulerAncestral,
+            seed: 0,
+            width: 512,
+            height: 512,
+            batch: 1,
+            latents: None,
+        }
+    }
+}
+
+/// A session's adapters for one generation: one set for the text encoder and the UNet, and
+/// optionally an index per image (runtime mode).
+#[derive(Clone, Copy, Default)]
+pub struct GenerateAdapters<'a> {
+    pub unet: Option<&'a Applied>,
+    pub text_encoder: Option<&'a Applied>,
+    pub per_image: Option<&'a [i32]>,
+}
+
+/// The result: RGB8 images (row-major, 3 bytes a pixel) and the final latents.
+#[derive(Debug)]
+pub struct Generated {
+    pub images: Vec<Vec<u8>>,
+    pub width: usize,
+    pub height: usize,
+    /// [batch, C, H/f, W/f]: what diffusers returns with `output_type="latent"`.
+    pub latents: Vec<f32>,
+    /// Images as floats in [0, 1], [batch, H, W, 3] (diffusers' `output_type="np"`).
+    pub pixels: Vec<f32>,
+}
+
+/// Called after each denoising step with (step done, steps total); `false` cancels.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
+
+impl Pipeline {
+    /// Builds every component of a diffusers folder or LDM file (the tokenizer needs the
+    /// folder's `tokenizer/`).
+    pub fn from_model(model: &Model) -> Result<Pipeline> {
+        let tok = model.tokenizer.as_ref().ok_or_else(|| {
+            Error::invalid_model(&model.path, "the model has no tokenizer/ folder")
+        })?;
+        let scheduler = match scheduler_config_path(&model.path) {
+            Some(p) => SchedulerConfig::from_json(&read_json(&p)?, &p)?,
+            None => SchedulerConfig::default(),
+        };
+        Ok(Pipeline {
+            tokenizer: ClipTokenizer::from_folder(tok)?,
+            text_encoder: TextEncoder::from_model(model)?,
+            unet: model.unet()?,
+            vae: Vae::from_model(model)?,
+            scheduler,
+        })
+    }
+
+    /// Prompt embeddings for `texts` (each padded to the tokenizer's length) -> [n, L, D].
+    pub fn encode_prompts(
+        &self,
+        texts: &[&str],
+        ad: Option<&AdapterCtx<'_>>,
+    ) -> Result<(Vec<f32>, usize)> {
+        let ids: Vec<u32> = texts
+            .iter()
+            .flat_map(|t| self.tokenizer.encode_padded(t))
+            .collect();
+        let len = self.tokenizer.max_len();
+        Ok((self.text_encoder.forward(&ids, texts.len(), ad)?, len))
+    }
+
+    /// Runs a generation. Errors name the parameter at fault; cancelling through `progress`
+    /// returns `Error::Cancelled` within one step.
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        ad: GenerateAdapters<'_>,
+        mut progress: Option<Progress<'_>>,
+    ) -> Result<Generated> {
+        let f = self.vae.config.downscale();
+        let lc = self.unet.config.in_channels;
+        if p.batch == 0 {
+            return Err(Error::invalid_arg("batch", "must be at least 1"));
+        }
+        if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
+            return Err(Error::invalid_arg(
+                "width/height",
+                format!("{}x{} must be positive multiples of {f}", p.width, p.height),
+            ));
+        }
+        if !p.guidance.is_finite() {
+            return Err(Error::invalid_arg(
+                "guidance",
+                format!("{} is not a finite number", p.guidance),
+            ));
+        }
+        let (h, w, b) = (p.height / f, p.width / f, p.batch);
+        let n = b * lc * h * w;
+        if let Some(idx) = ad.per_image {
+            if idx.len() != b {
+                return Err(Error::invalid_arg(
+                    "adapter_index",
+                    format!("{} entries for a batch of {b}", idx.len()),
+                ));
+            }
+        }
+        let cfg = p.guidance > 1.0;
+        let mut sched = scheduler::make(p.sampler, &self.scheduler, p.steps)?;
+        let mut rng = SplitMix64(p.seed);
+        let mut latents: Vec<f32> = match &p.latents {
+            Some(l) if l.len() == n => l.clone(),
+            Some(l) => {
+                return Err(Error::invalid_arg(
+                    "latents",
+                    format!(
+                        "has {} values, expected [{b}, {lc}, {h}, {w}] = {n}",
+                        l.len()
+                    ),
+                ))
+            }
+            None => normals(&mut rng, n).into_iter().map(|x| x as f32).collect(),
+        };
+        let sigma0 = sched.init_noise_sigma();
+        latents.iter_mut().for_each(|x| *x *= sigma0);
+
+        // Text: [negative x b ; prompt x b] with guidance (diffusers' order), else [prompt x b].
+        let doubled: Option<Vec<i32>> = ad.per_image.map(|i| {
+            if cfg {
+                i.iter().chain(i).copied().collect()
+            } else {
+                i.to_vec()
+            }
+        });
+        let te_ad = ad.text_encoder.map(|applied| AdapterCtx {
+            applied,
+            per_sample: doubled.as_deref(),
+        });
+        let unet_ad = ad.unet.map(|applied| AdapterCtx {
+            applied,
+            per_sample: doubled.as_deref(),
+        });
+        let mut texts: Vec<&str> = Vec::new();
+        if cfg {
+            texts.extend(std::iter::repeat_n(p.negative_prompt.as_str(), b));
+        }
+        texts.extend(std::iter::repeat_n(p.prompt.as_str(), b));
+        let (context, l) = self.encode_prompts(&texts, te_ad.as_ref())?;
+
+        let total = sched.timesteps().len();
+        for i in 0..total {
+            let t = sched.timesteps()[i];
+            let x = sched.scale_model_input(&latents, i);
+            let model_in: Vec<f32> = if cfg {
+                x.iter().chain(&x).copied().collect()
+            } else {
+                x
+            };
+            let nb = if cfg { 2 * b } else { b };
+            let ts = vec![t; nb];
+            let input = UnetInput {
+                sample: &model_in,
+                timesteps: &ts,
+                context: &context,
+                batch: nb,
+                height: h,
+                width: w,
+                context_len: l,
+            };
+            let eps = self.unet.forward_with(&input, unet_ad.as_ref())?;
+            let eps: Vec<f32> = if cfg {
+                let (u, c) = eps.split_at(n);
+                u.iter()
+                    .zip(c)
+                    .map(|(u, c)| u + p.guidance * (c - u))
+                    .collect()
+            } else {
+                eps
+            };
+            let mut noise = |k: usize| {
+                normals(&mut rng, k)
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect::<Vec<f32>>()
+            };
+            latents = sched.step(&eps, i, &latents, &mut noise)?;
+            if let Some(cb) = progress.as_mut() {
+                if !cb(i + 1, total) {
+                    return Err(Error::Cancelled);
+                }
+            }
+        }
+        let scaled: Vec<f32> = latents
+            .iter()
+            .map(|x| x / self.vae.config.scaling_factor)
+            .collect();
+        let img = self.vae.decode(&scaled, b, h, w)?;
+        let (hh, ww) = (h * f, w * f);
+        let oc = self.vae.config.out_channels;
+        let mut pixels = vec![0f32; b * hh * ww * 3];
+        let mut images = Vec::with_capacity(b);
+        for s in 0..b {
+            let mut rgb = vec![0u8; hh * ww * 3];
+            for y in 0..hh {
+                for x in 0..ww {
+                    for c in 0..3 {
+                        let v = img[((s * oc + c.min(oc - 1)) * hh + y) * ww + x];
+                        let v = (v / 2.0 + 0.5).clamp(0.0, 1.0);
+                        let at = (y * ww + x) * 3 + c;
+                        pixels[s * hh * ww * 3 + at] = v;
+                        rgb[at] = (v * 255.0).round() as u8;
+                    }
+                }
+            }
+            images.push(rgb);
+        }
+        Ok(Generated {
+            images,
+            width: ww,
+            height: hh,
+            latents,
+            pixels,
+        })
+    }
+}
+
+fn scheduler_config_path(model: &Path) -> Option<std::path::PathBuf> {
+    let p = model.join("scheduler/scheduler_config.json");
+    p.is_file().then_some(p)
+}

@@ -1,0 +1,154 @@
+//! `hdb generate` (from given latents, equal to diffusers) and `hdb demo`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use hdb::io::safetensors::SafetensorsFile;
+
+fn fx(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).expect("png"),
+    ));
+    let reader = dec.read_info().expect("png header");
+    let info = reader.info();
+    (info.width, info.height)
+}
+
+#[test]
+fn generate_from_latents_matches_diffusers_and_writes_pngs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, dump) = (
+        dir.path().join("img.png"),
+        dir.path().join("latents.safetensors"),
+    );
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["generate", "--model"])
+        .arg(fx("tiny-sd"))
+        .args([
+            "--prompt",
+            "a photo of sks person",
+            "--negative",
+            "blurry, low quality",
+            "--steps",
+            "4",
+        ])
+        .args([
+            "--sampler",
+            "dpmpp_2m",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--latents",
+        ])
+        .arg(fx("pipeline/latents.safetensors"))
+        .arg("--dump-latents")
+        .arg(&dump)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run hdb");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = SafetensorsFile::open(&dump)
+        .expect("dump")
+        .to_f32("latents")
+        .expect("latents");
+    let want = SafetensorsFile::open(&fx("pipeline/dpmpp_2m.safetensors"))
+        .expect("ref")
+        .to_f32("latents")
+        .expect("ref");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        got.len() == want.len() && worst <= 1e-4 * scale,
+        "latents differ by {worst} (max|ref| {scale})"
+    );
+    for i in 0..2 {
+        assert_eq!(png_size(&dir.path().join(format!("img-{i}.png"))), (64, 64));
+    }
+}
+
+#[test]
+fn generate_rejects_bad_arguments_clearly() {
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["generate", "--model"])
+        .arg(fx("tiny-sd"))
+        .args([
+            "--prompt",
+            "x",
+            "--width",
+            "60",
+            "--height",
+            "64",
+            "-o",
+            "/nonexistent/x.png",
+        ])
+        .output()
+        .expect("run hdb");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("multiples of 8"),
+        "{err}"
+    );
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["generate", "--model"])
+        .arg(fx("tiny-sd"))
+        .args(["--prompt", "x", "--sampler", "plms", "-o", "x.png"])
+        .output()
+        .expect("run hdb");
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("plms"));
+}
+
+#[test]
+fn demo_runs_the_whole_path_on_the_built_in_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args([
+            "demo",
+            "--steps",
+            "3",
+            "--size",
+            "64",
+            "--threads",
+            "2",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run hdb demo");
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    for row in [
+        "load model",
+        "swap identity, merge mode",
+        "per denoising step",
+        "total",
+    ] {
+        assert!(
+            stdout.contains(row),
+            "timing table lacks '{row}':\n{stdout}"
+        );
+    }
+    for f in [
+        "identity-1.png",
+        "batch-0-identity-0.png",
+        "batch-1-identity-1.png",
+    ] {
+        assert_eq!(png_size(&dir.path().join(f)), (64, 64), "{f}");
+    }
+    assert!(dir.path().join("identity-0.lidb.safetensors").is_file());
+}
