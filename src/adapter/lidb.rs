@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::basis::basis;
+use super::basis::{basis, Basis};
 use super::{Adapter, AdapterSource, LayerShape, LoraLayer};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
@@ -27,6 +27,44 @@ pub struct Lidb {
     pub meta: LidbMeta,
     /// K -> (D_train [r, a], U_train [b, r]).
     pub layers: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+}
+
+/// (layer key, basis_seed, a, b, in, out)
+type BasisId = (String, u64, usize, usize, usize, usize);
+
+/// Bases by [`BasisId`], shared by every identity loaded for a model.
+#[derive(Default)]
+pub struct BasisCache {
+    map: std::sync::Mutex<std::collections::HashMap<BasisId, std::sync::Arc<Basis>>>,
+}
+
+impl std::fmt::Debug for BasisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BasisCache")
+    }
+}
+
+impl BasisCache {
+    /// The basis of one layer, computed on first use.
+    pub fn get(
+        &self,
+        key: &str,
+        seed: u64,
+        a: usize,
+        b: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<std::sync::Arc<Basis>> {
+        let id = (key.to_string(), seed, a, b, din, dout);
+        if let Some(bs) = self.map.lock().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(bs);
+        }
+        let bs = std::sync::Arc::new(basis(key, seed, a, b, din, dout)?);
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(id, bs.clone());
+        }
+        Ok(bs)
+    }
 }
 
 /// Is this safetensors file a LiDB adapter (by its metadata)?
@@ -171,38 +209,54 @@ impl Lidb {
     /// `down = D_train . D_aux` [r, in], `up = alpha * U_aux . U_train` [out, r].
     /// A layer the model lacks, or one too small for (a, b), is `AdapterMismatch`.
     pub fn compose(&self, table: &BTreeMap<String, LayerShape>) -> Result<Adapter> {
+        self.compose_cached(table, &BasisCache::default())
+    }
+
+    /// As [`Lidb::compose`], taking each layer's basis from `cache` (made once per model,
+    /// it makes every later identity with the same seed, a and b cheap to load). Layers are
+    /// composed in parallel on the current rayon pool.
+    pub fn compose_cached(
+        &self,
+        table: &BTreeMap<String, LayerShape>,
+        cache: &BasisCache,
+    ) -> Result<Adapter> {
+        use rayon::prelude::*;
         let m = &self.meta;
-        let mut layers = BTreeMap::new();
-        for (k, (d_train, u_train)) in &self.layers {
-            let s = table.get(k).ok_or_else(|| {
-                Error::AdapterMismatch(format!(
-                    "layer '{k}' is not an adaptable layer of this model"
-                ))
-            })?;
-            let bs = basis(k, m.basis_seed, m.a, m.b, s.din, s.dout)?;
-            let (r, a, b) = (m.rank, m.a, m.b);
-            let mut down = vec![0f32; r * s.din];
-            for i in 0..r {
-                for j in 0..a {
-                    let c = d_train[i * a + j];
-                    let row = &bs.d_aux[j * s.din..(j + 1) * s.din];
-                    down[i * s.din..(i + 1) * s.din]
-                        .iter_mut()
-                        .zip(row)
-                        .for_each(|(o, x)| *o += c * x);
-                }
-            }
-            let mut up = vec![0f32; s.dout * r];
-            for o in 0..s.dout {
+        let (r, a, b) = (m.rank, m.a, m.b);
+        let composed = self
+            .layers
+            .par_iter()
+            .map(|(k, (d_train, u_train))| {
+                let s = table.get(k).ok_or_else(|| {
+                    Error::AdapterMismatch(format!(
+                        "layer '{k}' is not an adaptable layer of this model"
+                    ))
+                })?;
+                let bs = cache.get(k, m.basis_seed, a, b, s.din, s.dout)?;
+                let mut down = vec![0f32; r * s.din];
                 for i in 0..r {
-                    let dot: f32 = (0..b)
-                        .map(|j| bs.u_aux[o * b + j] * u_train[j * r + i])
-                        .sum();
-                    up[o * r + i] = m.alpha * dot;
+                    for j in 0..a {
+                        let c = d_train[i * a + j];
+                        let row = &bs.d_aux[j * s.din..(j + 1) * s.din];
+                        down[i * s.din..(i + 1) * s.din]
+                            .iter_mut()
+                            .zip(row)
+                            .for_each(|(o, x)| *o += c * x);
+                    }
                 }
-            }
-            layers.insert(k.clone(), LoraLayer { rank: r, down, up });
-        }
+                let mut up = vec![0f32; s.dout * r];
+                for o in 0..s.dout {
+                    for i in 0..r {
+                        let dot: f32 = (0..b)
+                            .map(|j| bs.u_aux[o * b + j] * u_train[j * r + i])
+                            .sum();
+                        up[o * r + i] = m.alpha * dot;
+                    }
+                }
+                Ok((k.clone(), LoraLayer { rank: r, down, up }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let layers: BTreeMap<String, LoraLayer> = composed.into_iter().collect();
         let adapter = Adapter {
             layers,
             source: AdapterSource::Lidb(self.clone()),

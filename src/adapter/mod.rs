@@ -138,6 +138,15 @@ pub fn load(
     f: &crate::io::safetensors::SafetensorsFile,
     table: &BTreeMap<String, LayerShape>,
 ) -> Result<Adapter> {
+    load_cached(f, table, &lidb::BasisCache::default())
+}
+
+/// As [`load`], with LiDB bases from a model's cache.
+pub fn load_cached(
+    f: &crate::io::safetensors::SafetensorsFile,
+    table: &BTreeMap<String, LayerShape>,
+    cache: &lidb::BasisCache,
+) -> Result<Adapter> {
     let with_path = |e: Error| match e {
         Error::AdapterMismatch(m) if !m.contains(&f.path().display().to_string()) => {
             Error::AdapterMismatch(format!("{}: {m}", f.path().display()))
@@ -146,7 +155,7 @@ pub fn load(
     };
     if lidb::is_lidb(f) {
         lidb::Lidb::from_safetensors(f)?
-            .compose(table)
+            .compose_cached(table, cache)
             .map_err(with_path)
     } else {
         lora::import(f, table).map_err(with_path)

@@ -43,7 +43,10 @@ pub unsafe extern "C" fn hdb_adapter_load(
         let path = unsafe { arg_path(path, "path") }?;
         let out = out_ptr(out, "out")?;
         let f = SafetensorsFile::open(&path)?;
-        let a = crate::adapter::load(&f, &adaptable_layers(&m.inner.model))?;
+        let sh = &m.inner;
+        let a = sh
+            .runtime
+            .install(|| crate::adapter::load_cached(&f, &adaptable_layers(&sh.model), &sh.bases))?;
         publish(a, out);
         Ok(())
     })
@@ -71,7 +74,10 @@ pub unsafe extern "C" fn hdb_adapter_load_from_memory(
         // SAFETY: non-null, valid for len bytes per the caller's contract.
         let data = unsafe { std::slice::from_raw_parts(bytes, len) }.to_vec();
         let f = SafetensorsFile::from_vec(Path::new("<memory>"), data)?;
-        let a = crate::adapter::load(&f, &adaptable_layers(&m.inner.model))?;
+        let sh = &m.inner;
+        let a = sh
+            .runtime
+            .install(|| crate::adapter::load_cached(&f, &adaptable_layers(&sh.model), &sh.bases))?;
         publish(a, out);
         Ok(())
     })

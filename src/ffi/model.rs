@@ -28,6 +28,8 @@ pub(crate) struct ModelShared {
     pub(crate) runtime: Arc<Runtime>,
     /// Text encoder, tokenizer and VAE beside the model's UNet: built on first use.
     pipeline: std::sync::Mutex<Option<Arc<crate::pipeline::Pipeline>>>,
+    /// LiDB bases, computed once per layer for every identity loaded on this model.
+    pub(crate) bases: crate::adapter::lidb::BasisCache,
 }
 
 impl ModelShared {
@@ -202,6 +204,7 @@ pub unsafe extern "C" fn hdb_model_load(
                 model,
                 runtime: rt.inner.clone(),
                 pipeline: Default::default(),
+                bases: Default::default(),
             }),
         });
         // SAFETY: out checked non-null.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod adapter_cmd;
 mod bench_adapter;
+mod bench_pipeline;
 mod demo;
 mod generate;
 
@@ -142,6 +143,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// SD 1.5's text encoder, one UNet step with guidance and the VAE decode at 512x512, with
+    /// random weights, optionally against PyTorch (tools/bench_torch_pipeline.py) in the same run.
+    Pipeline {
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
     /// Identity swaps at SD 1.5 shapes: compose time, merge-mode swap against memcpy,
     /// runtime-mode swap, and a batch with one identity per sample against one identity.
     Adapter {
@@ -194,6 +205,14 @@ fn main() -> ExitCode {
         level,
     );
     let result = match cli.command {
+        Command::Bench {
+            what:
+                BenchWhat::Pipeline {
+                    threads,
+                    runs,
+                    peer_python,
+                },
+        } => bench_pipeline::run(threads, runs, peer_python.as_deref()),
         Command::Demo {
             model,
             out,

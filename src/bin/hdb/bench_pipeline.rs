@@ -1,0 +1,108 @@
+//! `hdb bench pipeline`: SD 1.5's components at full size with random weights: text encoder,
+//! one UNet step with guidance, VAE decode at 512x512, each against PyTorch in the same run.
+
+use std::path::Path;
+use std::time::Instant;
+
+use hdb::model::config::UnetConfig;
+use hdb::model::random::{RandomWeights, SplitMix64};
+use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
+use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::vae::{Vae, VaeConfig};
+
+fn median_time(runs: usize, mut f: impl FnMut() -> hdb::Result<()>) -> hdb::Result<f64> {
+    f()?; // warm-up
+    let mut v = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })?;
+    let threads = rt.threads();
+    let w = RandomWeights { seed: 0x5D15 };
+    let te = rt.install(|| TextEncoder::load(TextEncoderConfig::default(), &w))?;
+    let unet = rt.install(|| Unet::load(UnetConfig::default(), &w))?;
+    let vae = rt.install(|| Vae::load(VaeConfig::default(), &w))?;
+    let mut rng = SplitMix64(3);
+    let ids: Vec<u32> = (0..2 * 77)
+        .map(|_| (rng.next_u64() % 49408) as u32)
+        .collect();
+    let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
+    let (sample, ctx, z) = (
+        noise(2 * 4 * 64 * 64),
+        noise(2 * 77 * 768),
+        noise(4 * 64 * 64),
+    );
+    let ts = [500.0f32, 500.0];
+    let input = UnetInput {
+        sample: &sample,
+        timesteps: &ts,
+        context: &ctx,
+        batch: 2,
+        height: 64,
+        width: 64,
+        context_len: 77,
+    };
+    let t_te = median_time(runs, || {
+        rt.install(|| te.forward(&ids, 2, None)).map(|_| ())
+    })?;
+    let t_unet = median_time(runs, || rt.install(|| unet.forward(&input)).map(|_| ()))?;
+    let t_vae = median_time(runs, || {
+        rt.install(|| vae.decode(&z, 1, 64, 64)).map(|_| ())
+    })?;
+    let rows = [
+        ("text encoder (2 x 77 tokens)", t_te, "text_encoder_s"),
+        ("UNet step with CFG (batch 2, 64x64)", t_unet, "unet_step_s"),
+        ("VAE decode 512x512", t_vae, "vae_decode_s"),
+    ];
+    let peer_json = match peer {
+        None => None,
+        Some(py) => {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_torch_pipeline.py");
+            let out = std::process::Command::new(py)
+                .arg(&script)
+                .args([
+                    "--threads",
+                    &threads.to_string(),
+                    "--runs",
+                    &runs.to_string(),
+                ])
+                .output()
+                .map_err(|e| hdb::Error::io(py, e))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let json = text
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+            if json.is_none() {
+                return Err(hdb::Error::Internal(format!(
+                    "the peer printed no JSON: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            json
+        }
+    };
+    println!("SD 1.5 components, random weights, f32, {threads} threads, median of {runs} (after a warm-up)");
+    println!("{:<38} {:>10} {:>12} {:>8}", "", "hdb", "PyTorch", "ratio");
+    for (name, t, key) in rows {
+        match peer_json.as_ref().and_then(|j| j[key].as_f64()) {
+            Some(p) => println!("{name:<38} {t:>9.3}s {p:>11.3}s {:>7.2}x", p / t),
+            None => println!("{name:<38} {t:>9.3}s"),
+        }
+    }
+    if let Some(j) = &peer_json {
+        println!("peer: torch {}", j["torch"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
