@@ -130,6 +130,9 @@ static int test_main(int argc, char **argv) {
                  "NaN scale");
     CHECK_STATUS(hdb_session_set_adapters(s, NULL, NULL, 1, HDB_APPLY_MERGE), HDB_STATUS_NULL_ARGUMENT,
                  "NULL list with n = 1");
+    CHECK_STATUS(hdb_session_set_adapters(NULL, one, NULL, 1, HDB_APPLY_MERGE), HDB_STATUS_NULL_ARGUMENT,
+                 "NULL session");
+    CHECK_MSG("'session'", "names 'session'");
     unet(s, tmp, "after failed changes");
     CHECK(same(tmp, mix, 0, N), "failed changes left the previous set and indices active");
 

@@ -18,6 +18,8 @@
  *   hdb_runtime_get_info(rt, out)                      - both required
  *   hdb_runtime_free(rt)                               - NULL is a no-op
  *   hdb_status_name(status), hdb_version_string(void), hdb_abi_version(void) - none
+ * The session, adapter and generate functions get the same checks in session.c, adapter.c and
+ * generate.c, beside the objects they need.
  */
 #include "common.h"
 
