@@ -132,6 +132,24 @@ impl Model {
         self.components.get(&c)
     }
 
+    /// A component's weights and config: parsed from its `config.json` (diffusers folders),
+    /// else inferred from tensor shapes (LDM single files).
+    pub fn component_config<C>(
+        &self,
+        c: Component,
+        from_json: fn(&serde_json::Value, &Path) -> Result<C>,
+        infer: fn(&WeightStore, &Path) -> Result<C>,
+    ) -> Result<(&WeightStore, C)> {
+        let cw = self.component(c).ok_or_else(|| {
+            Error::invalid_model(&self.path, format!("the model has no {}", c.name()))
+        })?;
+        let config = match &cw.config {
+            Some((path, json)) => from_json(json, path)?,
+            None => infer(&cw.weights, &self.path)?,
+        };
+        Ok((&cw.weights, config))
+    }
+
     /// The UNet's cross-attention width (768 for SD 1.x), read from its weights.
     pub fn cross_attention_dim(&self) -> Option<usize> {
         let unet = self.component(Component::Unet)?;

@@ -10,7 +10,6 @@ use crate::adapter::apply::{Adaptable, AdapterCtx};
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
 use crate::error::{Error, Result};
-use crate::io::keymap::Component;
 use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
 use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
@@ -206,14 +205,12 @@ impl TextEncoder {
 
     /// The model's text encoder: config from `text_encoder/config.json`, else inferred.
     pub fn from_model(model: &crate::Model) -> Result<TextEncoder> {
-        let te = model
-            .component(Component::TextEncoder)
-            .ok_or_else(|| Error::invalid_model(&model.path, "the model has no text encoder"))?;
-        let config = match &te.config {
-            Some((path, json)) => TextEncoderConfig::from_json(json, path)?,
-            None => TextEncoderConfig::infer(&te.weights, &model.path)?,
-        };
-        TextEncoder::load(config, &te.weights)
+        let (weights, config) = model.component_config(
+            crate::io::keymap::Component::TextEncoder,
+            TextEncoderConfig::from_json,
+            TextEncoderConfig::infer,
+        )?;
+        TextEncoder::load(config, weights)
     }
 
     /// `ids` [batch, len] (len <= max_position_embeddings) -> last_hidden_state [batch, len,

@@ -463,14 +463,12 @@ impl Unet {
 
     /// Loads the UNet of a model: config from `unet/config.json`, else inferred from shapes.
     pub fn from_model(model: &crate::Model) -> Result<Unet> {
-        let unet = model
-            .component(crate::io::keymap::Component::Unet)
-            .ok_or_else(|| Error::invalid_model(&model.path, "the model has no UNet"))?;
-        let config = match &unet.config {
-            Some((path, json)) => UnetConfig::from_json(json, path)?,
-            None => UnetConfig::infer(&unet.weights, &model.path)?,
-        };
-        Unet::load(config, &unet.weights)
+        let (weights, config) = model.component_config(
+            crate::io::keymap::Component::Unet,
+            UnetConfig::from_json,
+            UnetConfig::infer,
+        )?;
+        Unet::load(config, weights)
     }
 
     /// One evaluation -> [B, out, H, W]. Shapes are checked; errors name the argument.

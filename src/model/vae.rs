@@ -699,14 +699,12 @@ impl Vae {
     /// Loads the VAE of a model: config from `vae/config.json`, else inferred from shapes
     /// (LDM single files; see [`VaeConfig::infer`]).
     pub fn from_model(model: &crate::Model) -> Result<Vae> {
-        let vae = model
-            .component(crate::io::keymap::Component::Vae)
-            .ok_or_else(|| Error::invalid_model(&model.path, "the model has no VAE"))?;
-        let config = match &vae.config {
-            Some((path, json)) => VaeConfig::from_json(json, path)?,
-            None => VaeConfig::infer(&vae.weights, &model.path)?,
-        };
-        Vae::load(config, &vae.weights)
+        let (weights, config) = model.component_config(
+            crate::io::keymap::Component::Vae,
+            VaeConfig::from_json,
+            VaeConfig::infer,
+        )?;
+        Vae::load(config, weights)
     }
 
     /// latents [B, latent_channels, h, w] (already divided by scaling_factor, as diffusers'

@@ -10,6 +10,32 @@ use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
 
+/// Runs a PyTorch peer script of tools/ with `python` and returns the JSON line it prints last.
+pub fn run_peer(
+    python: &Path,
+    script: &str,
+    args: &[(&str, usize)],
+) -> hdb::Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(&script);
+    for (k, v) in args {
+        cmd.arg(k).arg(v.to_string());
+    }
+    let out = cmd.output().map_err(|e| hdb::Error::io(python, e))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .ok_or_else(|| {
+            hdb::Error::Internal(format!(
+                "the peer {} printed no JSON: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+}
+
 fn median_time(runs: usize, mut f: impl FnMut() -> hdb::Result<()>) -> hdb::Result<f64> {
     f()?; // warm-up
     let mut v = Vec::new();
@@ -66,32 +92,11 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     ];
     let peer_json = match peer {
         None => None,
-        Some(py) => {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_torch_pipeline.py");
-            let out = std::process::Command::new(py)
-                .arg(&script)
-                .args([
-                    "--threads",
-                    &threads.to_string(),
-                    "--runs",
-                    &runs.to_string(),
-                ])
-                .output()
-                .map_err(|e| hdb::Error::io(py, e))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let json = text
-                .lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
-            if json.is_none() {
-                return Err(hdb::Error::Internal(format!(
-                    "the peer printed no JSON: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            json
-        }
+        Some(py) => Some(run_peer(
+            py,
+            "tools/bench_torch_pipeline.py",
+            &[("--threads", threads), ("--runs", runs)],
+        )?),
     };
     println!("SD 1.5 components, random weights, f32, {threads} threads, median of {runs} (after a warm-up)");
     println!("{:<38} {:>10} {:>12} {:>8}", "", "hdb", "PyTorch", "ratio");

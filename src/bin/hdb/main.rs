@@ -624,32 +624,13 @@ fn bench_unet(
         }
     }
     if let Some(py) = peer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench_torch_unet.py");
-        let out = std::process::Command::new(py)
-            .arg(&script)
-            .args([
-                "--threads",
-                &threads.to_string(),
-                "--runs",
-                &runs.to_string(),
-                "--size",
-                &size.to_string(),
-                "--batch",
-                &batch.to_string(),
-            ])
-            .output()
-            .map_err(|e| hdb::Error::io(py, e))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let json = text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .ok_or_else(|| {
-                hdb::Error::Internal(format!(
-                    "the peer printed no JSON: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            })?;
+        let args = [
+            ("--threads", threads),
+            ("--runs", runs),
+            ("--size", size),
+            ("--batch", batch),
+        ];
+        let json = bench_pipeline::run_peer(py, "tools/bench_torch_unet.py", &args)?;
         let peer_s = json["median_s"].as_f64().unwrap_or(f64::NAN);
         println!(
             "peer pytorch-eager (torch {}, diffusers {}): {peer_s:.3} s/forward, {:.1} GFLOP/s, peak RSS {:.0} MB",
