@@ -324,3 +324,36 @@ fn readme_c_example_compiles_and_runs() {
         "unexpected README example output: {stdout}"
     );
 }
+
+/// The shared library exports the C API and nothing else, and carries its SONAME.
+#[test]
+fn shared_library_exports_only_hdb_symbols() {
+    let so = setup().lib_dir.join("libhdb.so");
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&so)
+        .output()
+        .expect("run nm");
+    assert!(out.status.success(), "nm failed:\n{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert!(
+        names.len() >= 20 && names.contains(&"hdb_generate"),
+        "{names:?}"
+    );
+    let foreign: Vec<&&str> = names.iter().filter(|n| !n.starts_with("hdb_")).collect();
+    assert!(foreign.is_empty(), "non-hdb exports: {foreign:?}");
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(&so)
+        .output()
+        .expect("run readelf");
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dynamic.contains("Library soname: [libhdb.so.1]"),
+        "{dynamic}"
+    );
+}
