@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod backend;
 pub mod error;
 pub mod ffi;
+pub mod hypernet;
 pub mod io;
 pub mod logging;
 pub mod model;
