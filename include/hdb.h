@@ -32,6 +32,16 @@
 #define HDB_ABI_VERSION 1
 
 /**
+ * The format version hdb reads and writes.
+ */
+#define VERSION 1
+
+/**
+ * Smallest accepted image side, in pixels.
+ */
+#define MIN_SIDE 16
+
+/**
  * SD 1.x's text length (`model_max_length` of its tokenizer, the text encoder's positions).
  */
 #define DEFAULT_MAX_LEN 77
@@ -137,6 +147,11 @@ typedef struct SamplerKind SamplerKind;
 typedef struct hdb_adapter hdb_adapter;
 
 /**
+ * Opaque, immutable hypernetwork. Thread-safe.
+ */
+typedef struct hdb_hypernet hdb_hypernet;
+
+/**
  * Opaque, immutable model. Thread-safe: any number of threads may use one model at once.
  */
 typedef struct hdb_model hdb_model;
@@ -239,6 +254,23 @@ typedef struct hdb_image {
    */
   hdb_pixel_format format;
 } hdb_image;
+
+/**
+ * Options for `hdb_hypernet_predict`. Get the defaults from `hdb_predict_params_default()`.
+ */
+typedef struct hdb_predict_params {
+  uint32_t struct_size;
+  /**
+   * Refinement iterations; 0 = the file's default (4 for the paper's setup).
+   */
+  uint32_t iterations;
+  /**
+   * Called after each iteration (stage "predict"), possibly from an hdb worker thread;
+   * returning false cancels (HDB_STATUS_CANCELLED).
+   */
+  hdb_progress_fn progress;
+  void *progress_user_data;
+} hdb_predict_params;
 
 /**
  * Log levels, most severe first. `HDB_LOG_LEVEL_OFF` disables logging.
@@ -473,6 +505,14 @@ typedef uint32_t hdb_apply_mode;
  */
 #define HDB_APPLY_RUNTIME 1
 
+/**
+ * OpenAI CLIP's image mean and std (timm's and open_clip's for CLIP towers), as the decimals
+ * a config JSON holds: read as f64, then rounded to f32, exactly as a config is.
+ */
+#define OPENAI_CLIP_MEAN { 0.48145466, 0.4578275, 0.40821073, }
+
+#define OPENAI_CLIP_STD { 0.26862954, 0.26130258, 0.27577711, }
+
 
 
 #ifdef __cplusplus
@@ -539,6 +579,41 @@ struct hdb_generate_params hdb_generate_params_default(void);
  * `n_out` images whose `data` is valid for `data_len` bytes.
  */
 hdb_status hdb_generate(struct hdb_session *session, const struct hdb_generate_params *params, struct hdb_image *out, size_t n_out);
+
+/**
+ * The default predict params.
+ */
+struct hdb_predict_params hdb_predict_params_default(void);
+
+/**
+ * Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
+ * `HDB_STATUS_INVALID_FILE` naming it. On success `*out` owns it (`hdb_hypernet_free`).
+ *
+ * # Safety
+ * `rt` a live runtime; `path` a NUL-terminated path; `out` valid.
+ */
+hdb_status hdb_hypernet_load(struct hdb_runtime *rt, const char *path, struct hdb_hypernet **out);
+
+/**
+ * Predicts the identity adapter of the face in `face` (an RGB8 image of any size, at least
+ * 16x16; the caller passes a face crop: it is center-cropped to a square and resized) for
+ * `model`. A hypernetwork whose layer list does not fit the model is
+ * `HDB_STATUS_ADAPTER_MISMATCH`. On success `*out` owns a new adapter, ready for
+ * `hdb_session_set_adapters` or `hdb_adapter_save`.
+ *
+ * # Safety
+ * `hypernet` and `model` live; `face` valid with `data` valid for `data_len` bytes;
+ * `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_hypernet_predict(const struct hdb_hypernet *hypernet, const struct hdb_model *model, const struct hdb_image *face, const struct hdb_predict_params *params, struct hdb_adapter **out);
+
+/**
+ * Frees a hypernetwork; NULL is a no-op.
+ *
+ * # Safety
+ * `hypernet` NULL or from `hdb_hypernet_load`, not yet freed.
+ */
+void hdb_hypernet_free(struct hdb_hypernet *hypernet);
 
 /**
  * Sends the library's log records up to `max_level` to `callback` (replacing any earlier

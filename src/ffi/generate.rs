@@ -3,10 +3,10 @@
 use std::ffi::{c_char, c_void, CString};
 
 use super::boundary::{arg_ref, arg_str, ffi_boundary, ffi_infallible};
-use super::hdb_progress_fn;
 use super::params::{read_params, Versioned};
 use super::session::hdb_session;
 use super::status::hdb_status;
+use super::{hdb_progress_fn, HostProgress};
 use crate::error::Error;
 use crate::model::scheduler::SamplerKind;
 use crate::pipeline::{GenerateAdapters, GenerateParams};
@@ -94,27 +94,6 @@ fn default_generate_params() -> hdb_generate_params {
         latents_len: 0,
         progress: None,
         progress_user_data: std::ptr::null_mut(),
-    }
-}
-
-/// The host's progress callback, called from hdb's worker thread during a generation.
-struct HostProgress {
-    cb: hdb_progress_fn,
-    user_data: *mut c_void,
-}
-
-// SAFETY: the header documents that the progress callback may run on an hdb thread while the
-// calling thread waits in hdb_generate; user_data is only passed back to it.
-unsafe impl Send for HostProgress {}
-unsafe impl Sync for HostProgress {}
-
-impl HostProgress {
-    fn call(&self, done: usize, total: usize, stage: &CString) -> bool {
-        match self.cb {
-            // SAFETY: the host's callback with its own user data.
-            Some(cb) => unsafe { cb(self.user_data, done as u64, total as u64, stage.as_ptr()) },
-            None => true,
-        }
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod adapter;
 pub mod boundary;
 pub mod generate;
+pub mod hypernet;
 pub mod log;
 pub mod model;
 pub mod params;
@@ -31,3 +32,26 @@ pub type hdb_progress_fn = Option<
         stage: *const std::ffi::c_char,
     ) -> bool,
 >;
+
+/// A host progress callback and its user data, called from hdb's worker threads during a long
+/// call while the calling thread waits (the headers say so).
+pub(crate) struct HostProgress {
+    pub(crate) cb: hdb_progress_fn,
+    pub(crate) user_data: *mut std::ffi::c_void,
+}
+
+// SAFETY: the header documents that progress callbacks may run on an hdb thread while the
+// caller waits; user_data is only passed back to the callback.
+unsafe impl Send for HostProgress {}
+unsafe impl Sync for HostProgress {}
+
+impl HostProgress {
+    /// Calls the callback (if any) with (done, total, stage); `true` means go on.
+    pub(crate) fn call(&self, done: usize, total: usize, stage: &std::ffi::CStr) -> bool {
+        match self.cb {
+            // SAFETY: the host's callback with its own user data.
+            Some(cb) => unsafe { cb(self.user_data, done as u64, total as u64, stage.as_ptr()) },
+            None => true,
+        }
+    }
+}

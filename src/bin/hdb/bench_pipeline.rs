@@ -11,17 +11,10 @@ use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
 
 /// Runs a PyTorch peer script of tools/ with `python` and returns the JSON line it prints last.
-pub fn run_peer(
-    python: &Path,
-    script: &str,
-    args: &[(&str, usize)],
-) -> hdb::Result<serde_json::Value> {
+pub fn run_peer(python: &Path, script: &str, args: &[&str]) -> hdb::Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let mut cmd = std::process::Command::new(python);
-    cmd.arg(&script);
-    for (k, v) in args {
-        cmd.arg(k).arg(v.to_string());
-    }
+    cmd.arg(&script).args(args);
     let out = cmd.output().map_err(|e| hdb::Error::io(python, e))?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -92,11 +85,14 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     ];
     let peer_json = match peer {
         None => None,
-        Some(py) => Some(run_peer(
-            py,
-            "tools/bench_torch_pipeline.py",
-            &[("--threads", threads), ("--runs", runs)],
-        )?),
+        Some(py) => {
+            let (t, r) = (threads.to_string(), runs.to_string());
+            Some(run_peer(
+                py,
+                "tools/bench_torch_pipeline.py",
+                &["--threads", &t, "--runs", &r],
+            )?)
+        }
     };
     println!("SD 1.5 components, random weights, f32, {threads} threads, median of {runs} (after a warm-up)");
     println!("{:<38} {:>10} {:>12} {:>8}", "", "hdb", "PyTorch", "ratio");

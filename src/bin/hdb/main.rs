@@ -8,6 +8,7 @@ mod bench_adapter;
 mod bench_pipeline;
 mod demo;
 mod generate;
+mod hypernet_cmd;
 
 use clap::{Parser, Subcommand};
 use hdb::io::safetensors::SafetensorsFile;
@@ -30,6 +31,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// One face image (PNG) -> a LiDB identity adapter for a model, by the hypernetwork.
+    Predict {
+        #[arg(long)]
+        hypernet: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        /// A face crop (PNG, any size >= 16x16; center-cropped to a square, resized).
+        #[arg(long)]
+        face: PathBuf,
+        /// Refinement iterations (default: the file's).
+        #[arg(long)]
+        iterations: Option<usize>,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// The whole path in one command: a model (built-in, or --model PATH), two identities,
     /// swaps, a batch with one identity per image, PNGs and a timing table.
     Demo {
@@ -143,6 +161,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// One hypernetwork prediction at the default config (ViT-H/14, d_model 1024, 176 layer
+    /// tokens, 4 iterations) with random weights, optionally against the PyTorch reference.
+    Hypernet {
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
     /// SD 1.5's text encoder, one UNet step with guidance and the VAE decode at 512x512, with
     /// random weights, optionally against PyTorch (tools/bench_torch_pipeline.py) in the same run.
     Pipeline {
@@ -205,6 +233,22 @@ fn main() -> ExitCode {
         level,
     );
     let result = match cli.command {
+        Command::Predict {
+            hypernet,
+            model,
+            face,
+            iterations,
+            output,
+            threads,
+        } => hypernet_cmd::predict(&hypernet, &model, &face, iterations, &output, threads),
+        Command::Bench {
+            what:
+                BenchWhat::Hypernet {
+                    threads,
+                    runs,
+                    peer_python,
+                },
+        } => hypernet_cmd::bench(threads, runs, peer_python.as_deref()),
         Command::Bench {
             what:
                 BenchWhat::Pipeline {
@@ -346,6 +390,9 @@ fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
     // A safetensors file that is not a model is still worth describing.
     let not_a_model = matches!(model, Err(hdb::Error::NotAModel { .. }));
     if not_a_model && path.is_file() {
+        if hypernet_cmd::info(path, json)? {
+            return Ok(());
+        }
         return info_safetensors(path, json);
     }
     let model = model?;
@@ -624,12 +671,13 @@ fn bench_unet(
         }
     }
     if let Some(py) = peer {
-        let args = [
-            ("--threads", threads),
-            ("--runs", runs),
-            ("--size", size),
-            ("--batch", batch),
-        ];
+        let (t, r, s, b) = (
+            threads.to_string(),
+            runs.to_string(),
+            size.to_string(),
+            batch.to_string(),
+        );
+        let args = ["--threads", &t, "--runs", &r, "--size", &s, "--batch", &b];
         let json = bench_pipeline::run_peer(py, "tools/bench_torch_unet.py", &args)?;
         let peer_s = json["median_s"].as_f64().unwrap_or(f64::NAN);
         println!(

@@ -1,0 +1,165 @@
+//! `hdb predict` (face image -> identity adapter), `hdb bench hypernet`, and the hypernetwork
+//! side of `hdb info`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use hdb::hypernet::{Hypernet, HypernetConfig};
+use hdb::io::safetensors::SafetensorsFile;
+use hdb::model::random::RandomWeights;
+
+/// Reads a PNG as RGB8 (gray, alpha and 16-bit images converted): (pixels, width, height).
+pub fn read_png(path: &Path) -> hdb::Result<(Vec<u8>, usize, usize)> {
+    let bad = |e: String| hdb::Error::InvalidFile {
+        path: path.to_path_buf(),
+        format: "PNG",
+        reason: e,
+    };
+    let file = std::fs::File::open(path).map_err(|e| hdb::Error::io(path, e))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec.read_info().map_err(|e| bad(e.to_string()))?;
+    let mut buf = vec![
+        0;
+        reader
+            .output_buffer_size()
+            .ok_or_else(|| bad("image too large".into()))?
+    ];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| bad(e.to_string()))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let px = &buf[..info.buffer_size()];
+    let rgb: Vec<u8> = match info.color_type {
+        png::ColorType::Rgb => px.to_vec(),
+        png::ColorType::Rgba => px
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        png::ColorType::Grayscale => px.iter().flat_map(|&g| [g, g, g]).collect(),
+        png::ColorType::GrayscaleAlpha => px
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        png::ColorType::Indexed => return Err(bad("palette image was not expanded".into())),
+    };
+    Ok((rgb, w, h))
+}
+
+pub fn predict(
+    hypernet: &Path,
+    model: &Path,
+    face: &Path,
+    iterations: Option<usize>,
+    output: &Path,
+    threads: usize,
+) -> hdb::Result<()> {
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })?;
+    let net = Hypernet::load(hypernet)?;
+    let m = super::load_model(model)?;
+    let table = hdb::adapter::adaptable_layers(&m);
+    net.check_layers(&table)?;
+    let (rgb, w, h) = read_png(face)?;
+    let image = net.preprocess(&rgb, w, h, w * 3)?;
+    let total = iterations.unwrap_or(net.config.iterations);
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let t = Instant::now();
+    let mut progress = |done: usize, _: usize| {
+        bar.set_position(done as u64);
+        true
+    };
+    let theta = rt.install(|| net.predict(&image, iterations, Some(&mut progress)))?;
+    bar.finish_and_clear();
+    let lidb = net.to_lidb(&theta)?;
+    rt.install(|| lidb.compose(&table))?; // the adapter must load into this model
+    lidb.save(output)?;
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({} layers, {size} bytes) in {:.2} s",
+        output.display(),
+        lidb.layers.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `hdb info` for a hypernetwork file; `Ok(false)` when the file is not one.
+pub fn info(path: &Path, json: bool) -> hdb::Result<bool> {
+    let f = SafetensorsFile::open(path)?;
+    if !hdb::hypernet::is_hypernet(&f) {
+        return Ok(false);
+    }
+    let net = Hypernet::load(path)?;
+    let c = &net.config;
+    if json {
+        println!("{}", c.to_json());
+        return Ok(true);
+    }
+    println!("hypernetwork v1: {}", path.display());
+    println!("parameters:    {:.1} M", c.parameter_count() as f64 / 1e6);
+    println!("image size:    {} px", c.img_size());
+    println!(
+        "layer tokens:  {} (rank {}, a {}, b {})",
+        c.layer_keys.len(),
+        c.rank,
+        c.a,
+        c.b
+    );
+    println!(
+        "decoder:       d_model {}, {} heads, {} layers; {} iterations by default",
+        c.d_model, c.heads, c.layers, c.iterations
+    );
+    Ok(true)
+}
+
+pub fn bench(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })?;
+    let threads = rt.threads();
+    let t = Instant::now();
+    let net = rt
+        .install(|| Hypernet::from_source(HypernetConfig::default(), &RandomWeights { seed: 1 }))?;
+    eprintln!(
+        "default hypernetwork ({:.1} M parameters, random weights) made in {:.1} s",
+        net.config.parameter_count() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let size = 256;
+    let rgb: Vec<u8> = (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let image = net.preprocess(&rgb, size, size, size * 3)?;
+    let mut times = Vec::new();
+    for i in 0..=runs.max(1) {
+        let t = Instant::now();
+        rt.install(|| net.predict(&image, None, None))?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!(
+        "hdb cpu f32: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations), {threads} threads: {med:.3} s (median of {})",
+        net.config.iterations,
+        times.len()
+    );
+    if let Some(py) = peer {
+        let r = runs.max(1).to_string();
+        let json = super::bench_pipeline::run_peer(
+            py,
+            "tools/hypernet_ref.py",
+            &["bench", "--threads", &threads.to_string(), "--repeat", &r],
+        )?;
+        let p = json["median_s"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "peer pytorch-eager (torch {}): {p:.3} s",
+            json["torch"].as_str().unwrap_or("?")
+        );
+        println!("ratio: hdb is {:.2}x the speed of PyTorch eager", p / med);
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! `hdb_hypernet`: one face image -> a LiDB identity adapter for a model.
+
+use std::ffi::{c_char, c_void, CString};
+use std::sync::Arc;
+
+use super::adapter::hdb_adapter;
+use super::boundary::{arg_path, arg_ref, ffi_boundary, ffi_infallible, out_ptr};
+use super::generate::{hdb_image, HDB_PIXEL_RGB8};
+use super::model::hdb_model;
+use super::params::{read_params, Versioned};
+use super::runtime::hdb_runtime;
+use super::status::hdb_status;
+use super::{hdb_progress_fn, HostProgress};
+use crate::adapter::{adaptable_layers, Adapter};
+use crate::error::Error;
+use crate::hypernet::Hypernet;
+use crate::runtime::Runtime;
+
+/// Opaque, immutable hypernetwork. Thread-safe.
+pub struct hdb_hypernet {
+    net: Hypernet,
+    runtime: Arc<Runtime>,
+}
+
+/// Options for `hdb_hypernet_predict`. Get the defaults from `hdb_predict_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct hdb_predict_params {
+    pub struct_size: u32,
+    /// Refinement iterations; 0 = the file's default (4 for the paper's setup).
+    pub iterations: u32,
+    /// Called after each iteration (stage "predict"), possibly from an hdb worker thread;
+    /// returning false cancels (HDB_STATUS_CANCELLED).
+    pub progress: hdb_progress_fn,
+    pub progress_user_data: *mut c_void,
+}
+
+impl Versioned for hdb_predict_params {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_predict_params>()];
+}
+
+fn default_predict_params() -> hdb_predict_params {
+    hdb_predict_params {
+        struct_size: std::mem::size_of::<hdb_predict_params>() as u32,
+        iterations: 0,
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+    }
+}
+
+/// The default predict params.
+#[no_mangle]
+pub extern "C" fn hdb_predict_params_default() -> hdb_predict_params {
+    ffi_infallible(default_predict_params(), default_predict_params)
+}
+
+/// Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
+/// `HDB_STATUS_INVALID_FILE` naming it. On success `*out` owns it (`hdb_hypernet_free`).
+///
+/// # Safety
+/// `rt` a live runtime; `path` a NUL-terminated path; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_hypernet_load(
+    rt: *mut hdb_runtime,
+    path: *const c_char,
+    out: *mut *mut hdb_hypernet,
+) -> hdb_status {
+    ffi_boundary("hdb_hypernet_load", || {
+        // SAFETY: caller contract for each pointer.
+        let rt = unsafe { arg_ref(rt, "rt") }?;
+        let path = unsafe { arg_path(path, "path") }?;
+        let out = out_ptr(out, "out")?;
+        let net = Hypernet::load(&path)?;
+        let boxed = Box::new(hdb_hypernet {
+            net,
+            runtime: rt.inner.clone(),
+        });
+        // SAFETY: out checked non-null.
+        unsafe { *out = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
+/// Predicts the identity adapter of the face in `face` (an RGB8 image of any size, at least
+/// 16x16; the caller passes a face crop: it is center-cropped to a square and resized) for
+/// `model`. A hypernetwork whose layer list does not fit the model is
+/// `HDB_STATUS_ADAPTER_MISMATCH`. On success `*out` owns a new adapter, ready for
+/// `hdb_session_set_adapters` or `hdb_adapter_save`.
+///
+/// # Safety
+/// `hypernet` and `model` live; `face` valid with `data` valid for `data_len` bytes;
+/// `params` NULL or valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_hypernet_predict(
+    hypernet: *const hdb_hypernet,
+    model: *const hdb_model,
+    face: *const hdb_image,
+    params: *const hdb_predict_params,
+    out: *mut *mut hdb_adapter,
+) -> hdb_status {
+    ffi_boundary("hdb_hypernet_predict", || {
+        // SAFETY: caller contract for each pointer.
+        let h = unsafe { arg_ref(hypernet, "hypernet") }?;
+        let m = unsafe { arg_ref(model, "model") }?;
+        let face = unsafe { arg_ref(face, "face") }?;
+        let p = unsafe { read_params(params, default_predict_params(), "params") }?;
+        let out = out_ptr(out, "out")?;
+        if face.format != HDB_PIXEL_RGB8 {
+            return Err(Error::invalid_arg(
+                "face.format",
+                format!("{} is not HDB_PIXEL_RGB8", face.format),
+            ));
+        }
+        if face.data.is_null() {
+            return Err(Error::NullArgument("face.data"));
+        }
+        // SAFETY: data valid for data_len bytes per the caller's contract.
+        let rgb = unsafe { std::slice::from_raw_parts(face.data as *const u8, face.data_len) };
+        let (w, hh) = (face.width as usize, face.height as usize);
+        let stride = if face.stride == 0 {
+            w * 3
+        } else {
+            face.stride as usize
+        };
+        let table = adaptable_layers(&m.inner.model);
+        h.net.check_layers(&table)?;
+        let image = h.net.preprocess(rgb, w, hh, stride)?;
+        let iterations = (p.iterations > 0).then_some(p.iterations as usize);
+        let host = HostProgress {
+            cb: p.progress,
+            user_data: p.progress_user_data,
+        };
+        let stage = CString::new("predict").unwrap_or_default();
+        let mut report = |done: usize, total: usize| host.call(done, total, &stage);
+        let theta = h
+            .runtime
+            .install(|| h.net.predict(&image, iterations, Some(&mut report)))?;
+        let lidb = h.net.to_lidb(&theta)?;
+        let sh = &m.inner;
+        let adapter: Adapter = sh
+            .runtime
+            .install(|| lidb.compose_cached(&table, &sh.bases))?;
+        let boxed = Box::new(hdb_adapter {
+            inner: Arc::new(adapter),
+        });
+        // SAFETY: out checked non-null.
+        unsafe { *out = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
+/// Frees a hypernetwork; NULL is a no-op.
+///
+/// # Safety
+/// `hypernet` NULL or from `hdb_hypernet_load`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_hypernet_free(hypernet: *mut hdb_hypernet) {
+    ffi_infallible((), || {
+        if !hypernet.is_null() {
+            // SAFETY: created by Box::into_raw in hdb_hypernet_load, freed once.
+            drop(unsafe { Box::from_raw(hypernet) });
+        }
+    })
+}

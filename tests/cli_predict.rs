@@ -1,0 +1,74 @@
+//! `hdb predict`: a face PNG -> a LiDB adapter equal to the library's own prediction.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use hdb::adapter::lidb::Lidb;
+use hdb::hypernet::Hypernet;
+
+fn fx(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+#[test]
+fn predict_writes_the_adapter_the_library_predicts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (w, h) = (45usize, 37usize);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 37) % 253) as u8).collect();
+    let face = dir.path().join("face.png");
+    {
+        let f = std::fs::File::create(&face).expect("png file");
+        let mut enc = png::Encoder::new(f, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().expect("header");
+        wr.write_image_data(&rgb).expect("pixels");
+    }
+    let out = dir.path().join("id.lidb.safetensors");
+    let net_path = fx("hypernet/tiny.hypernet.safetensors");
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["predict", "--hypernet"])
+        .arg(&net_path)
+        .arg("--model")
+        .arg(fx("tiny-sd"))
+        .arg("--face")
+        .arg(&face)
+        .args(["--iterations", "2", "-o"])
+        .arg(&out)
+        .output()
+        .expect("run hdb");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = Lidb::load(&out).expect("written adapter");
+    let net = Hypernet::load(&net_path).expect("hypernet");
+    let image = net.preprocess(&rgb, w, h, w * 3).expect("preprocess");
+    let want = net
+        .to_lidb(&net.predict(&image, Some(2), None).expect("predict"))
+        .expect("lidb");
+    assert_eq!(got, want);
+
+    // A face smaller than 16x16 is refused with the argument named.
+    let tiny = dir.path().join("tiny.png");
+    let f = std::fs::File::create(&tiny).expect("png file");
+    let mut enc = png::Encoder::new(f, 8, 8);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .expect("header")
+        .write_image_data(&[0; 8 * 8 * 3])
+        .expect("pixels");
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["predict", "--hypernet"])
+        .arg(&net_path)
+        .arg("--model")
+        .arg(fx("tiny-sd"))
+        .arg("--face")
+        .arg(&tiny)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run hdb");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("16"), "{err}");
+}
