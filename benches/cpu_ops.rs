@@ -90,6 +90,13 @@ fn run(want: &dyn Fn(&str) -> bool) {
         (2048, 640, 5120, "linear 2048x640 . 640x5120 (geglu proj)"),
         (8192, 320, 2560, "linear 8192x320 . 320x2560 (geglu proj)"),
         (8192, 1280, 320, "linear 8192x1280 . 1280x320 (ff out)"),
+        (257, 1280, 5120, "linear 257x1280 . 1280x5120 (ViT-H mlp)"),
+        (
+            257,
+            5120,
+            1280,
+            "linear 257x5120 . 5120x1280 (ViT-H mlp out)",
+        ),
     ] {
         if !want(name) {
             continue;

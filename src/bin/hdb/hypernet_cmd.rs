@@ -140,8 +140,19 @@ pub fn bench(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    hdb::backend::profile::enable(true);
+    rt.install(|| net.predict(&image, None, None))?;
+    let spent = hdb::backend::profile::report();
+    hdb::backend::profile::enable(false);
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
+    eprintln!("where the time goes (one more prediction):");
+    for (name, d, n) in &spent {
+        eprintln!(
+            "  {name:<24} {:>8.1} ms {n:>6} calls",
+            d.as_secs_f64() * 1e3
+        );
+    }
     println!(
         "hdb cpu f32: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations), {threads} threads: {med:.3} s (median of {})",
         net.config.iterations,
