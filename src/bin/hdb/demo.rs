@@ -1,15 +1,16 @@
 //! `hdb demo`: the whole path on a small built-in model (random weights, made in-process) or a
-//! real SD 1.5 folder: two identities, swaps, a batch with one identity per image, PNGs and a
+//! real SD 1.5 folder: two identities predicted by the hypernetwork from face images, swaps, a batch with one identity per image, PNGs and a
 //! timing table.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hdb::adapter::apply::{Applied, ApplyMode};
-use hdb::adapter::lidb::{Lidb, LidbMeta};
+use hdb::adapter::lidb::Lidb;
 use hdb::adapter::Adapter;
+use hdb::hypernet::{EncoderConfig, Hypernet, HypernetConfig};
 use hdb::model::config::{BlockKind, UnetConfig};
-use hdb::model::random::{RandomWeights, SplitMix64};
+use hdb::model::random::RandomWeights;
 use hdb::model::scheduler::{SamplerKind, SchedulerConfig};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::tokenizer::ClipTokenizer;
@@ -21,6 +22,7 @@ use super::generate::{step_bar, write_png};
 
 pub struct DemoArgs {
     pub model: Option<PathBuf>,
+    pub hypernet: Option<PathBuf>,
     pub out: PathBuf,
     pub steps: usize,
     pub size: Option<usize>,
@@ -66,40 +68,54 @@ fn builtin() -> hdb::Result<Pipeline> {
     })
 }
 
-/// A random identity over every adaptable layer (rank 1; a, b as large as the paper's 100/50
-/// allow for the model's narrowest layer).
-fn random_identity(p: &Pipeline, seed: u64) -> Lidb {
-    let mut layers: Vec<(String, usize, usize)> = p
-        .unet
-        .adaptable_layers()
-        .into_iter()
-        .map(|(k, s)| (k, s.din, s.dout))
-        .collect();
-    layers.extend(
-        p.text_encoder
-            .adaptable_layers()
-            .into_iter()
-            .map(|(k, s)| (k, s.din, s.dout)),
-    );
-    let a = layers.iter().map(|l| l.1).min().unwrap_or(1).min(100);
-    let b = layers.iter().map(|l| l.2).min().unwrap_or(1).min(50);
-    let mut rng = SplitMix64(seed);
-    let mut g =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| 0.6 * (2.0 * rng.next_f32() - 1.0)).collect() };
-    Lidb {
-        meta: LidbMeta {
-            rank: 1,
-            a,
-            b,
-            basis_seed: 0x4844_4221,
-            alpha: 1.0,
-            base: None,
-        },
-        layers: layers
-            .into_iter()
-            .map(|(k, _, _)| (k, (g(a), g(b))))
-            .collect(),
+/// The hypernetwork that makes the demo's identities: `--hypernet FILE`, or one with random
+/// weights (no trained weights are published) shaped for the pipeline's adaptable layers: the
+/// paper's default for a real model, a small one for the built-in model.
+fn hypernet(p: &Pipeline, file: Option<&Path>, builtin: bool) -> hdb::Result<Hypernet> {
+    if let Some(f) = file {
+        return Hypernet::load(f);
     }
+    let table = adaptable(p);
+    let a = table.values().map(|l| l.din).min().unwrap_or(1).min(100);
+    let b = table.values().map(|l| l.dout).min().unwrap_or(1).min(50);
+    let mut cfg = HypernetConfig {
+        a,
+        b,
+        layer_keys: table.keys().cloned().collect(),
+        ..HypernetConfig::default()
+    };
+    if builtin {
+        cfg.encoder = EncoderConfig {
+            img_size: 64,
+            patch_size: 16,
+            width: 64,
+            depth: 2,
+            heads: 2,
+            ..EncoderConfig::default()
+        };
+        (cfg.d_model, cfg.heads, cfg.layers) = (64, 2, 2);
+    }
+    Hypernet::from_source(cfg, &RandomWeights { seed: 77 })
+}
+
+/// A synthetic "face" photo: smooth color fields that differ per identity.
+fn face(i: usize, w: usize, h: usize) -> Vec<u8> {
+    let mut rgb = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            let r = 0.5 + 0.5 * (6.0 * fx + i as f32 * 1.7).sin() * (4.0 * fy).cos();
+            let g = 0.5 + 0.5 * (5.0 * fy - i as f32).sin();
+            let b = 0.5
+                + 0.5
+                    * ((fx - 0.5).powi(2) + (fy - 0.5).powi(2)).sqrt().cos()
+                    * (1.0 - i as f32 * 0.5);
+            for (c, v) in [r, g, b].into_iter().enumerate() {
+                rgb[(y * w + x) * 3 + c] = (v.clamp(0.0, 1.0) * 255.0) as u8;
+            }
+        }
+    }
+    rgb
 }
 
 fn adaptable(p: &Pipeline) -> std::collections::BTreeMap<String, hdb::adapter::LayerShape> {
@@ -134,23 +150,46 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     };
     rows.push(("load model".into(), ms(t.elapsed().as_secs_f64())));
     println!("hdb demo on the {what}, {} threads", rt.threads());
-    println!("identities are random LiDB adapters until the hypernetwork lands (issue 6)");
 
     let table = adaptable(&pipeline);
-    let ids: Vec<Lidb> = (0..2)
-        .map(|i| random_identity(&pipeline, 1000 + i))
-        .collect();
+    let t = Instant::now();
+    let net = rt.install(|| hypernet(&pipeline, a.hypernet.as_deref(), a.model.is_none()))?;
+    let source = if a.hypernet.is_some() {
+        "the given hypernetwork"
+    } else {
+        "a hypernetwork with random weights"
+    };
+    println!("identities: predicted by {source} from two synthetic face images");
+    rows.push((
+        format!(
+            "load hypernetwork ({:.1} M parameters)",
+            net.config.parameter_count() as f64 / 1e6
+        ),
+        ms(t.elapsed().as_secs_f64()),
+    ));
     let mut adapters: Vec<Adapter> = Vec::new();
-    for (i, l) in ids.iter().enumerate() {
+    for i in 0..2 {
+        let (w, h) = (96, 80);
+        let t = Instant::now();
+        let image = net.preprocess(&face(i, w, h), w, h, w * 3)?;
+        let theta = rt.install(|| net.predict(&image, None, None))?;
+        let lidb = net.to_lidb(&theta)?;
+        rows.push((
+            format!(
+                "predict identity {i} from a face ({} iterations)",
+                net.config.iterations
+            ),
+            ms(t.elapsed().as_secs_f64()),
+        ));
         let path = a.out.join(format!("identity-{i}.lidb.safetensors"));
-        l.save(&path)?;
+        lidb.save(&path)?;
         let t = Instant::now();
         adapters.push(rt.install(|| Lidb::load(&path)?.compose(&table))?);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         rows.push((
             format!(
                 "load identity {i} ({size} bytes, {} layers)",
-                l.layers.len()
+                lidb.layers.len()
             ),
             ms(t.elapsed().as_secs_f64()),
         ));

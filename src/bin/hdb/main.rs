@@ -54,6 +54,9 @@ enum Command {
         /// A real SD 1.5 diffusers folder; default: a small built-in random model.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// A hypernetwork v1 file; default: one with random weights shaped for the model.
+        #[arg(long)]
+        hypernet: Option<PathBuf>,
         /// Where the PNGs and identity files go.
         #[arg(long, default_value = "hdb-demo")]
         out: PathBuf,
@@ -259,12 +262,14 @@ fn main() -> ExitCode {
         } => bench_pipeline::run(threads, runs, peer_python.as_deref()),
         Command::Demo {
             model,
+            hypernet,
             out,
             steps,
             size,
             threads,
         } => demo::run(demo::DemoArgs {
             model,
+            hypernet,
             out,
             steps,
             size,
