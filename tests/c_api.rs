@@ -249,7 +249,10 @@ macro_rules! c_tests {
     };
 }
 
-c_tests!(version, runtime, null_args, bad_files, model_load, logging, session, adapter, generate, hypernet);
+c_tests!(
+    version, runtime, null_args, bad_files, model_load, logging, session, adapter, generate,
+    hypernet
+);
 
 #[test]
 fn all_c_programs_have_a_test() {
