@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every check hdb has, in the order a failure is cheapest to read: formatting, lints, the Rust
-# and C test suites (C under AddressSanitizer + UBSan via cargo test), then the C programs under
-# valgrind. This is the README's test command and what .ci/run runs.
+# and C test suites (C under AddressSanitizer + UBSan via cargo test), the CUDA kernels through
+# NVRTC, then the C programs under valgrind. This is the README's test command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The CUDA backend must keep compiling on machines without CUDA.
-cargo clippy --lib --features cuda -- -D warnings
+cargo clippy --features cuda --lib --test kernels_compile -- -D warnings
 cargo test
+# The CUDA kernels must compile for sm_80 and sm_90: NVRTC from pip, no GPU needed.
+nvrtc_env="$(scripts/nvrtc-env.sh)"
+( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )
 scripts/valgrind-c-tests.sh

@@ -2,4 +2,6 @@
 //! run time (see `runtime`) once it exists.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod profile;

@@ -1,0 +1,344 @@
+// attention.cu: fused multi-head attention, out = softmax(scale * q k^T) v, flash style: an
+// online softmax over key tiles, never materialising the lq x lk score matrix.
+//
+// UNVERIFIED on a GPU: compiled by NVRTC only. Check both kernels against the CPU backend
+// (backend::cpu::attention) before trusting a result; attention_scalar_* is the simpler of
+// the two and the first thing to check flash_attn_* against.
+//
+// Layout (both kernels, as the CPU backend): q, out [batch, lq, heads * d]; k, v
+// [batch, lk, heads * d]; head h owns columns h*d .. (h+1)*d of a row. Row strides ld_q, ld_k,
+// ld_v, ld_o are in elements (>= heads * d), so q, k and v may be slices of one fused qkv
+// buffer; a batch's rows follow one another (batch stride = rows * ld). out may not overlap
+// q, k or v. scale is the host's 1 / sqrt(d).
+//
+// ---------------------------------------------------------------------------------------------
+// flash_attn_d{40,64,80,160}_{f16,bf16}(T* out, const T* q, const T* k, const T* v, int lq,
+//                                       int lk, long long ld_q, long long ld_k, long long ld_v,
+//                                       long long ld_o, float scale)
+//   Tensor cores: mma.sync.m16n8k16 (f16 or bf16 in, f32 accumulate), inline PTX.
+//   Templated on the head dim d, no padding to 64/96 in memory: d = 40 is zero-padded to 48
+//   only inside shared memory for the k-dimension of q k^T (the mma's k is 16); p v uses
+//   n-tiles of 8, so d = 40 needs 5 of them, exactly. Other head dims need one more
+//   instantiation (d % 8 == 0, smem within 48 KB).
+//   grid  = (ceil(lq / 64), heads, batch); block = 128 threads (4 warps, 16 query rows each).
+//   Static shared memory (16-bit elements, row stride DP + 8 to spread banks): q tile
+//   64 x (DP+8), k and v tiles BN x (DP+8); DP = d rounded up to 16; BN = 64 keys for
+//   d <= 80, 32 for d = 160. d40: 21.5 KB, d64: 27.6 KB, d80: 33.8 KB, d160: 43 KB (< 48 KB:
+//   no opt-in needed).
+//   Per key tile: S = q k^T (f32 fragments), masked past lk, scaled by scale * log2(e);
+//   running row max and sum with exp2; O rescaled; P rounded to the input dtype and fed as
+//   the A operand of O += P v straight from the S accumulator fragments (FlashAttention-2's
+//   register reuse). Softmax statistics and O are f32; O / l is rounded once.
+//   Precision: P in f16 (11-bit mantissa) or bf16 (8-bit) limits the result to ~1e-3 / ~8e-3
+//   relative, as in FlashAttention-2.
+//   Napkin math, SD 1.5 self-attention at 64x64 latents, batch 2, 8 heads, d = 40,
+//   lq = lk = 4096: 4 * B*H*lq*lk*d = 43 GFLOP -> ~43 us at 990 TFLOP/s dense fp16 (H100
+//   SXM); realistic target ~40 % of peak = ~110 us; bytes (q, k, v, out) 21 MB = 6 us.
+//   Compute-bound. Cross-attention (lk = 77, two tiles of 64 with the second masked) is
+//   bytes-bound: q + out at 4096 x 320 x 2 B x 2 batches = 10.5 MB -> ~3 us.
+//   TODO(perf): ldmatrix(.trans) for the k and v fragments (v's B fragment is gathered from
+//   scalar 16-bit shared loads now), cp.async double buffering of k/v tiles, 16-byte global
+//   loads, more query rows per warp, and an sm_90 wgmma variant.
+//
+// attention_scalar_{f32,f16,bf16}(T* out, const T* q, const T* k, const T* v, int lq, int lk,
+//                                 int d, long long ld_q, long long ld_k, long long ld_v,
+//                                 long long ld_o, float scale)
+//   The plain-FMA version for any d <= 256 (the f32 path, odd head dims, and the reference
+//   the tensor-core kernel is checked against on the GPU). One warp per query row: the warp
+//   takes keys 32 at a time, lane j scoring key j (f32 dot product), then an online softmax
+//   update, then each lane accumulates output columns lane, lane + 32, ... over those keys.
+//   grid  = (ceil(lq / 4), heads, batch); block = 128 threads (4 warps = 4 query rows);
+//   static shared memory 4 x 256 x 4 = 4 KB (the query rows in f32).
+//   Napkin math: the same 43 GFLOP on the f32 FMA units (67 TFLOP/s on an H100 SXM) is
+//   >= 0.7 ms, and k/v rows are re-read per query row from L2: a correctness fallback, not
+//   the fast path.
+// ---------------------------------------------------------------------------------------------
+
+#include "common.cuh"
+
+// D += A (16x16, row) . B (16x8, col), f32 accumulators; fragment layouts per the PTX ISA,
+// "Matrix Fragments for mma.m16n8k16 with floating point type" (g = lane / 4, t = lane % 4):
+//   a[0]: A[g][2t, 2t+1]  a[1]: A[g+8][2t, 2t+1]  a[2]: A[g][2t+8, 2t+9]  a[3]: A[g+8][2t+8, 2t+9]
+//   b0: B[2t, 2t+1][g]    b1: B[2t+8, 2t+9][g]
+//   c[0], c[1]: C[g][2t, 2t+1]   c[2], c[3]: C[g+8][2t, 2t+1]
+// (lower element index in the low 16 bits of each register).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                          unsigned int b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<hdb_f16>(float (&c)[4], const unsigned int (&a)[4],
+                                                   unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<hdb_bf16>(float (&c)[4], const unsigned int (&a)[4],
+                                                    unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two consecutive 16-bit elements of shared memory as one mma operand register.
+__device__ __forceinline__ unsigned int smem_pair(const unsigned short* s, int i) {
+    return pack2(s[i], s[i + 1]);
+}
+
+template <typename T, int D, int BN>
+__device__ __forceinline__ void flash_attn(T* __restrict__ out, const T* __restrict__ q,
+                                           const T* __restrict__ k, const T* __restrict__ v,
+                                           int lq, int lk, long long ld_q, long long ld_k,
+                                           long long ld_v, long long ld_o, float scale) {
+    constexpr int BM = 64;                  // query rows per block (4 warps x 16)
+    constexpr int DP = (D + 15) / 16 * 16;  // k-dim of q k^T, zero-padded in smem only
+    constexpr int SK = DP + 8;              // smem row stride in elements (bank spread)
+    constexpr int KS = DP / 16;             // mma k-steps of q k^T
+    constexpr int NT = BN / 8;              // n-tiles of S (keys)
+    constexpr int DT = D / 8;               // n-tiles of O (head columns)
+    static_assert(D % 8 == 0, "head dim must be a multiple of 8");
+    static_assert(BN % 16 == 0, "key tile must be a multiple of 16");
+    static_assert((BM + 2 * BN) * SK * 2 <= 48 * 1024, "static shared memory over 48 KB");
+
+    __shared__ __align__(16) unsigned short sq[BM * SK];
+    __shared__ __align__(16) unsigned short sk[BN * SK];
+    __shared__ __align__(16) unsigned short sv[BN * SK];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int q0 = blockIdx.x * BM;
+    const T* qb = q + (long long)b * lq * ld_q + (long long)h * D;
+    const T* kb = k + (long long)b * lk * ld_k + (long long)h * D;
+    const T* vb = v + (long long)b * lk * ld_v + (long long)h * D;
+    T* ob = out + (long long)b * lq * ld_o + (long long)h * D;
+
+    // q tile -> smem (rows past lq and columns past D are zero) -> A fragments in registers.
+    for (int i = tid; i < BM * DP; i += blockDim.x) {
+        const int r = i / DP, c = i - r * DP;
+        unsigned short val = 0;
+        if (q0 + r < lq && c < D) val = qb[(long long)(q0 + r) * ld_q + c].bits;
+        sq[r * SK + c] = val;
+    }
+    __syncthreads();
+    const int wr = warp * 16; // this warp's first row in the tile
+    unsigned int qa[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        qa[ks][0] = smem_pair(sq, (wr + g) * SK + ks * 16 + 2 * t4);
+        qa[ks][1] = smem_pair(sq, (wr + g + 8) * SK + ks * 16 + 2 * t4);
+        qa[ks][2] = smem_pair(sq, (wr + g) * SK + ks * 16 + 2 * t4 + 8);
+        qa[ks][3] = smem_pair(sq, (wr + g + 8) * SK + ks * 16 + 2 * t4 + 8);
+    }
+
+    // This thread's share of O: rows wr+g (acc[.][0..1]) and wr+g+8 (acc[.][2..3]).
+    float acc[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.0f;
+    float m0 = HDB_NEG_INF, m1 = HDB_NEG_INF; // running max (log2 domain), rows g and g+8
+    float l0 = 0.0f, l1 = 0.0f;               // this thread's part of the running sums
+    const float sl2 = scale * 1.4426950408889634f;
+
+    for (int kt = 0; kt < lk; kt += BN) {
+        __syncthreads(); // everyone is done with the previous k/v tile
+        for (int i = tid; i < BN * DP; i += blockDim.x) {
+            const int r = i / DP, c = i - r * DP;
+            unsigned short kv = 0, vv = 0;
+            if (kt + r < lk && c < D) {
+                kv = kb[(long long)(kt + r) * ld_k + c].bits;
+                vv = vb[(long long)(kt + r) * ld_v + c].bits;
+            }
+            sk[r * SK + c] = kv;
+            sv[r * SK + c] = vv;
+        }
+        __syncthreads();
+
+        // S = q k^T for this warp's 16 rows and the tile's BN keys.
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const int kr = (nt * 8 + g) * SK + 2 * t4; // key nt*8+g, dims 2t, 2t+1
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                mma_16816<T>(s[nt], qa[ks], smem_pair(sk, kr + ks * 16),
+                             smem_pair(sk, kr + ks * 16 + 8));
+        }
+
+        // Scale into the log2 domain, mask keys past lk, row max over the quad.
+        float mx0 = HDB_NEG_INF, mx1 = HDB_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kt + nt * 8 + 2 * t4 + (e & 1);
+                const float val = key < lk ? s[nt][e] * sl2 : HDB_NEG_INF;
+                s[nt][e] = val;
+                if (e < 2) mx0 = fmaxf(mx0, val);
+                else mx1 = fmaxf(mx1, val);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // A row with no finite score yet keeps 0 as its reference, so exp2 never sees inf-inf.
+        const float r0 = mn0 == HDB_NEG_INF ? 0.0f : mn0;
+        const float r1 = mn1 == HDB_NEG_INF ? 0.0f : mn1;
+        const float c0 = exp2f(m0 - r0), c1 = exp2f(m1 - r1); // 0 on the first tile
+        m0 = mn0;
+        m1 = mn1;
+
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - r0);
+            s[nt][1] = exp2f(s[nt][1] - r0);
+            s[nt][2] = exp2f(s[nt][2] - r1);
+            s[nt][3] = exp2f(s[nt][3] - r1);
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + ps0;
+        l1 = l1 * c1 + ps1;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            acc[dt][0] *= c0;
+            acc[dt][1] *= c0;
+            acc[dt][2] *= c1;
+            acc[dt][3] *= c1;
+        }
+
+        // O += P v. The S fragments of n-tiles 2kk and 2kk+1 (keys kk*16 .. kk*16+15) are
+        // exactly the A fragment of k-step kk.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned int pa[4];
+            pa[0] = pack2(half_bits<T>(s[2 * kk][0]), half_bits<T>(s[2 * kk][1]));
+            pa[1] = pack2(half_bits<T>(s[2 * kk][2]), half_bits<T>(s[2 * kk][3]));
+            pa[2] = pack2(half_bits<T>(s[2 * kk + 1][0]), half_bits<T>(s[2 * kk + 1][1]));
+            pa[3] = pack2(half_bits<T>(s[2 * kk + 1][2]), half_bits<T>(s[2 * kk + 1][3]));
+            const int kr = kk * 16 + 2 * t4; // keys kr, kr+1 (b0) and kr+8, kr+9 (b1)
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const int n = dt * 8 + g; // head column
+                const unsigned int b0 = pack2(sv[kr * SK + n], sv[(kr + 1) * SK + n]);
+                const unsigned int b1 = pack2(sv[(kr + 8) * SK + n], sv[(kr + 9) * SK + n]);
+                mma_16816<T>(acc[dt], pa, b0, b1);
+            }
+        }
+    }
+
+    // Finish: the quad's partial sums make the row sum; out = O / l.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
+    const float inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int row0 = q0 + wr + g, row1 = row0 + 8;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + 2 * t4;
+        if (row0 < lq) {
+            ob[(long long)row0 * ld_o + col] = from_f32<T>(acc[dt][0] * inv0);
+            ob[(long long)row0 * ld_o + col + 1] = from_f32<T>(acc[dt][1] * inv0);
+        }
+        if (row1 < lq) {
+            ob[(long long)row1 * ld_o + col] = from_f32<T>(acc[dt][2] * inv1);
+            ob[(long long)row1 * ld_o + col + 1] = from_f32<T>(acc[dt][3] * inv1);
+        }
+    }
+}
+
+#define HDB_FLASH_ATTN(sfx, T, D, BN)                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        flash_attn_d##D##_##sfx(T* __restrict__ out, const T* __restrict__ q,                  \
+                                const T* __restrict__ k, const T* __restrict__ v, int lq,      \
+                                int lk, long long ld_q, long long ld_k, long long ld_v,        \
+                                long long ld_o, float scale) {                                 \
+        flash_attn<T, D, BN>(out, q, k, v, lq, lk, ld_q, ld_k, ld_v, ld_o, scale);             \
+    }
+#define HDB_FLASH_ATTN_ALL_D(sfx, T) \
+    HDB_FLASH_ATTN(sfx, T, 40, 64)   \
+    HDB_FLASH_ATTN(sfx, T, 64, 64)   \
+    HDB_FLASH_ATTN(sfx, T, 80, 64)   \
+    HDB_FLASH_ATTN(sfx, T, 160, 32)
+HDB_FOR_EACH_HALF_DTYPE(HDB_FLASH_ATTN_ALL_D)
+
+#define SCALAR_ROWS 4    // query rows (warps) per block
+#define SCALAR_MAX_D 256 // head dims up to this
+#define SCALAR_SLOTS (SCALAR_MAX_D / 32)
+
+template <typename T>
+__device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* __restrict__ q,
+                                                 const T* __restrict__ k, const T* __restrict__ v,
+                                                 int lq, int lk, int d, long long ld_q,
+                                                 long long ld_k, long long ld_v, long long ld_o,
+                                                 float scale) {
+    __shared__ float sq[SCALAR_ROWS][SCALAR_MAX_D];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int row = blockIdx.x * SCALAR_ROWS + warp;
+    if (row >= lq || d > SCALAR_MAX_D) return; // no block-wide barrier below
+    const T* qr = q + ((long long)b * lq + row) * ld_q + (long long)h * d;
+    const T* kb = k + (long long)b * lk * ld_k + (long long)h * d;
+    const T* vb = v + (long long)b * lk * ld_v + (long long)h * d;
+    T* orow = out + ((long long)b * lq + row) * ld_o + (long long)h * d;
+
+    for (int c = lane; c < d; c += 32) sq[warp][c] = to_f32(qr[c]);
+    __syncwarp();
+
+    float o[SCALAR_SLOTS]; // output columns lane + 32 * j
+#pragma unroll
+    for (int j = 0; j < SCALAR_SLOTS; ++j) o[j] = 0.0f;
+    float m = HDB_NEG_INF, l = 0.0f;
+    for (int k0 = 0; k0 < lk; k0 += 32) {
+        const int key = k0 + lane;
+        float sc = HDB_NEG_INF;
+        if (key < lk) {
+            const T* kr = kb + (long long)key * ld_k;
+            float dot = 0.0f;
+            for (int c = 0; c < d; ++c) dot += sq[warp][c] * to_f32(kr[c]);
+            sc = dot * scale;
+        }
+        const float mn = fmaxf(m, warp_max(sc)); // finite: key k0 < lk always exists
+        const float corr = expf(m - mn);         // 0 on the first chunk
+        const float p = key < lk ? expf(sc - mn) : 0.0f;
+        l = l * corr + warp_sum(p);
+        m = mn;
+#pragma unroll
+        for (int j = 0; j < SCALAR_SLOTS; ++j) o[j] *= corr;
+        const int nk = min(32, lk - k0);
+        for (int kk = 0; kk < nk; ++kk) {
+            const float pk = __shfl_sync(0xffffffffu, p, kk);
+            const T* vr = vb + (long long)(k0 + kk) * ld_v;
+#pragma unroll
+            for (int j = 0; j < SCALAR_SLOTS; ++j) {
+                const int c = lane + 32 * j;
+                if (c < d) o[j] += pk * to_f32(vr[c]);
+            }
+        }
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int j = 0; j < SCALAR_SLOTS; ++j) {
+        const int c = lane + 32 * j;
+        if (c < d) orow[c] = from_f32<T>(o[j] * inv);
+    }
+}
+
+#define HDB_ATTN_SCALAR(sfx, T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        attention_scalar_##sfx(T* __restrict__ out, const T* __restrict__ q,                   \
+                               const T* __restrict__ k, const T* __restrict__ v, int lq,       \
+                               int lk, int d, long long ld_q, long long ld_k, long long ld_v,  \
+                               long long ld_o, float scale) {                                  \
+        attention_scalar<T>(out, q, k, v, lq, lk, d, ld_q, ld_k, ld_v, ld_o, scale);           \
+    }
+HDB_FOR_EACH_DTYPE(HDB_ATTN_SCALAR)

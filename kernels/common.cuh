@@ -1,0 +1,123 @@
+// common.cuh: what every hdb kernel file shares. The Rust side (src/backend/cuda) pastes this
+// file in place of each `#include "common.cuh"` before handing a source to NVRTC.
+//
+// Self-contained on purpose: no CUDA header is included (not cuda_fp16.h, not mma.h), so the
+// kernels compile with libnvrtc alone. A machine that runs hdb needs the driver and libnvrtc,
+// not a CUDA toolkit. Half types are raw 16-bit storage converted with the PTX `cvt`
+// instructions that cuda_fp16.h itself uses; tensor-core code uses inline PTX `mma.sync`.
+//
+// Conventions of every kernel file:
+// - Storage types: f32 = float, f16 = hdb_f16 (IEEE half), bf16 = hdb_bf16 (bfloat16).
+//   Arithmetic and accumulation are f32; a result is rounded to the storage type once
+//   (round to nearest even).
+// - Kernel names are `<op>_<dtype>`, `extern "C"`, so the host finds them by name in the PTX.
+// - Element counts and offsets that can pass 2^31 are `long long`.
+// - Targets sm_80 and newer (bf16 conversion and mma.sync m16n8k16 need sm_80).
+#pragma once
+
+// ---------------------------------------------------------------------------------------------
+// Storage types
+// ---------------------------------------------------------------------------------------------
+
+struct hdb_f16 {
+    unsigned short bits;
+};
+struct hdb_bf16 {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+
+__device__ __forceinline__ float to_f32(hdb_f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+// bf16 is the high half of an f32: widening is exact.
+__device__ __forceinline__ float to_f32(hdb_bf16 x) {
+    return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+
+template <> __device__ __forceinline__ hdb_f16 from_f32<hdb_f16>(float x) {
+    hdb_f16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+
+template <> __device__ __forceinline__ hdb_bf16 from_f32<hdb_bf16>(float x) {
+    hdb_bf16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+
+// Raw 16-bit pattern of `x` rounded to the half type T (for packing mma operands).
+template <typename T> __device__ __forceinline__ unsigned int half_bits(float x) {
+    return (unsigned int)from_f32<T>(x).bits;
+}
+
+// Two 16-bit values in one 32-bit register, `lo` in the low half: the element order mma.sync
+// expects ("low to high").
+__device__ __forceinline__ unsigned int pack2(unsigned int lo, unsigned int hi) {
+    return (lo & 0xffffu) | (hi << 16);
+}
+
+#define HDB_NEG_INF __int_as_float(0xff800000)
+
+// ---------------------------------------------------------------------------------------------
+// One low-rank factor pair, as lidb.cu (merge) and lora.cu (runtime) read it. Host mirror:
+// `#[repr(C)] struct { down: u64, up: u64, rank: i32, scale: f32 }`, 24 bytes, 8-aligned.
+// ---------------------------------------------------------------------------------------------
+
+struct hdb_lora_factor {
+    const float* down; // [rank, din] row-major
+    const float* up;   // [dout, rank] row-major (LiDB: alpha already applied by compose)
+    int rank;
+    float scale; // the adapter's user scale; applied by the kernel
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reductions (blockDim.x a multiple of 32, at most 1024)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum of `v` over the block, returned to every thread. `scratch` is 32 floats of shared
+// memory; the function synchronises before reusing it, so it may be called repeatedly.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads(); // a previous call may still be reading scratch
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instantiation helper: X(suffix, storage type) once per dtype.
+// ---------------------------------------------------------------------------------------------
+
+#define HDB_FOR_EACH_DTYPE(X) \
+    X(f32, float)             \
+    X(f16, hdb_f16)           \
+    X(bf16, hdb_bf16)
+
+#define HDB_FOR_EACH_HALF_DTYPE(X) \
+    X(f16, hdb_f16)                \
+    X(bf16, hdb_bf16)

@@ -1,0 +1,168 @@
+//! Every CUDA kernel compiles with NVRTC for every CI architecture, and the PTX holds exactly
+//! the kernels `backend::cuda::KERNEL_FILES` lists. Needs libnvrtc, not a GPU:
+//!
+//!     eval "$(scripts/nvrtc-env.sh)" && cargo test --features cuda --test kernels_compile
+//!
+//! Without libnvrtc the test fails (it does not skip): CI installs it, so a skip would hide a
+//! kernel that no longer compiles.
+#![cfg(feature = "cuda")]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use hdb::backend::cuda::{compile_ptx, nvrtc_available, ptx_entries, CI_ARCHS, KERNEL_FILES};
+
+fn require_nvrtc() {
+    assert!(
+        nvrtc_available(),
+        "libnvrtc could not be loaded, so the CUDA kernels cannot be compile-checked.\n\
+         Install NVRTC (no GPU or CUDA toolkit needed) and put it on the loader path:\n\
+         \n    eval \"$(scripts/nvrtc-env.sh)\" && cargo test --features cuda --test kernels_compile\n\n\
+         (the script pip-installs nvidia-cuda-nvrtc-cu12 into target/nvrtc-venv and prints\n\
+         LD_LIBRARY_PATH and HDB_CUDA_INCLUDE; .ci/run does the same)"
+    );
+}
+
+/// Extra NVRTC include folders: `HDB_CUDA_INCLUDE`, `:`-separated.
+fn include_paths() -> Vec<String> {
+    std::env::var("HDB_CUDA_INCLUDE")
+        .map(|v| {
+            v.split(':')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    require_nvrtc();
+    let includes = include_paths();
+    // One thread per (file, arch): NVRTC programs are independent, and the attention file
+    // dominates, so this is about as fast as the slowest single compile allows.
+    let jobs: Vec<_> = KERNEL_FILES
+        .iter()
+        .flat_map(|f| CI_ARCHS.iter().map(move |&a| (f, a)))
+        .collect();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(f, arch)| {
+                let includes = &includes;
+                s.spawn(move || {
+                    let t = std::time::Instant::now();
+                    let r = compile_ptx(f, arch, includes);
+                    (f, arch, r, t.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let mut failures = Vec::new();
+    for (f, arch, r, took) in results {
+        match r {
+            Err(e) => failures.push(format!("{e}")),
+            Ok(ptx) => {
+                let entries: BTreeSet<&str> = ptx_entries(&ptx).into_iter().collect();
+                let listed: BTreeSet<&str> = f.kernels.iter().copied().collect();
+                let missing: Vec<_> = listed.difference(&entries).collect();
+                let unlisted: Vec<_> = entries.difference(&listed).collect();
+                if !missing.is_empty() {
+                    failures.push(format!(
+                        "kernels/{} for {arch}: listed kernels missing from the PTX: {missing:?}",
+                        f.file
+                    ));
+                }
+                if !unlisted.is_empty() {
+                    failures.push(format!(
+                        "kernels/{} for {arch}: PTX entries not listed in KERNEL_FILES: \
+                         {unlisted:?}",
+                        f.file
+                    ));
+                }
+                println!(
+                    "kernels/{:<15} {arch}: {:>2} kernels, {:>7} bytes of PTX, {:.2} s",
+                    f.file,
+                    entries.len(),
+                    ptx.len(),
+                    took.as_secs_f64()
+                );
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn every_kernel_file_is_listed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .collect();
+    let listed: BTreeSet<String> = KERNEL_FILES.iter().map(|f| f.file.to_string()).collect();
+    assert_eq!(on_disk, listed, "kernels/*.cu and KERNEL_FILES differ");
+}
+
+/// The kernels include no CUDA header, so the machine running hdb needs libnvrtc alone (no
+/// toolkit headers). Keep it so, or make the backend find the headers at run time.
+#[test]
+fn kernels_need_no_cuda_headers() {
+    for f in KERNEL_FILES {
+        for (i, line) in f.source().lines().enumerate() {
+            let l = line.trim_start();
+            if l.starts_with("#include") {
+                panic!(
+                    "kernels/{} (after pasting common.cuh) line {}: {l}",
+                    f.file,
+                    i + 1
+                );
+            }
+        }
+    }
+}
+
+/// Each file opens with its launch contract and says it has not been run on a GPU yet
+/// (DESIGN.md section 6). Drop the UNVERIFIED line of a file once a GPU run checked it.
+#[test]
+fn kernel_files_open_with_their_contract() {
+    for f in KERNEL_FILES {
+        let head: String = f
+            .raw_source
+            .lines()
+            .take_while(|l| l.starts_with("//") || l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            head.contains(f.file),
+            "kernels/{}: the opening comment should name the file",
+            f.file
+        );
+        for k in f.kernels {
+            // `flash_attn_d40_f16` is described as `flash_attn_d{40,...}_{f16,...}`.
+            let op = k.rsplit_once('_').map_or(*k, |(op, _)| op);
+            let op = match op.rsplit_once("_d") {
+                Some((stem, dim)) if dim.bytes().all(|b| b.is_ascii_digit()) => stem,
+                _ => op,
+            };
+            assert!(
+                head.contains(op),
+                "kernels/{}: the opening comment does not describe {op} ({k})",
+                f.file
+            );
+        }
+        assert!(
+            head.to_lowercase().contains("napkin math"),
+            "kernels/{}: the opening comment has no napkin math",
+            f.file
+        );
+    }
+}
