@@ -265,3 +265,70 @@ pub(crate) fn transpose(x: &[f32], b: usize, c: usize, hw: usize, to_tokens: boo
     }
     y
 }
+
+/// diffusers' `ResnetBlock2D`: `x + conv2(silu(gn2(conv1(silu(gn1(x))) + t)))`, where `t` is the
+/// projected time embedding (UNet) or absent (VAE); a 1x1 `conv_shortcut` when channels change.
+pub(crate) struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl Resnet {
+    /// `temb`: the time-embedding width, for resnets that take one.
+    pub(crate) fn load(
+        src: &dyn WeightSource,
+        p: &str,
+        (cin, cout): (usize, usize),
+        (groups, eps): (usize, f32),
+        temb: Option<usize>,
+    ) -> Result<Self> {
+        Ok(Resnet {
+            norm1: GroupNorm::load(src, &format!("{p}.norm1"), cin, groups, eps)?,
+            conv1: Conv::load(src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
+            time_emb_proj: temb
+                .map(|t| Linear::load(src, &format!("{p}.time_emb_proj"), t, cout, true))
+                .transpose()?,
+            norm2: GroupNorm::load(src, &format!("{p}.norm2"), cout, groups, eps)?,
+            conv2: Conv::load(src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
+            shortcut: if cin != cout {
+                Some(Conv::load(
+                    src,
+                    &format!("{p}.conv_shortcut"),
+                    cin,
+                    cout,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `emb_silu`: SiLU(time embedding) [B, temb] for resnets that take one.
+    pub(crate) fn forward(&self, x: &Act, emb_silu: Option<&[f32]>) -> Act {
+        // Assignments, not shadowing: each intermediate is freed as soon as it is used (at
+        // 512x512 one VAE activation is 128 MB or more).
+        let mut h = self.norm1.forward(x, true);
+        h = self.conv1.forward(&h);
+        if let (Some(proj), Some(e)) = (&self.time_emb_proj, emb_silu) {
+            let t = proj.forward(e, x.b);
+            let _p = scope("add");
+            ops::add_channel_bias(&mut h.data, &t, h.b, h.c, h.h * h.w);
+        }
+        h = self.norm2.forward(&h, true);
+        h = self.conv2.forward(&h);
+        match &self.shortcut {
+            Some(s) => {
+                let sc = s.forward(x);
+                add(&mut h.data, &sc.data);
+            }
+            None => add(&mut h.data, &x.data),
+        }
+        h
+    }
+}

@@ -7,69 +7,7 @@ use crate::backend::profile::scope;
 use crate::error::{Error, Result};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
-use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, LayerNorm, Linear};
-
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
-}
-
-impl Resnet {
-    fn load(
-        src: &dyn WeightSource,
-        p: &str,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-        cfg: &UnetConfig,
-    ) -> Result<Self> {
-        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps);
-        Ok(Resnet {
-            norm1: GroupNorm::load(src, &format!("{p}.norm1"), cin, g, eps)?,
-            conv1: Conv::load(src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
-            time_emb_proj: Linear::load(src, &format!("{p}.time_emb_proj"), temb, cout, true)?,
-            norm2: GroupNorm::load(src, &format!("{p}.norm2"), cout, g, eps)?,
-            conv2: Conv::load(src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
-            shortcut: if cin != cout {
-                Some(Conv::load(
-                    src,
-                    &format!("{p}.conv_shortcut"),
-                    cin,
-                    cout,
-                    1,
-                    1,
-                )?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// `emb_silu` is SiLU(time embedding) [B, temb].
-    fn forward(&self, x: &Act, emb_silu: &[f32]) -> Act {
-        let h = self.norm1.forward(x, true);
-        let mut h = self.conv1.forward(&h);
-        let t = self.time_emb_proj.forward(emb_silu, x.b);
-        {
-            let _p = scope("add");
-            ops::add_channel_bias(&mut h.data, &t, h.b, h.c, h.h * h.w);
-        }
-        let h = self.norm2.forward(&h, true);
-        let mut h = self.conv2.forward(&h);
-        match &self.shortcut {
-            Some(s) => {
-                let sc = s.forward(x);
-                add(&mut h.data, &sc.data);
-            }
-            None => add(&mut h.data, &x.data),
-        }
-        h
-    }
-}
+use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, LayerNorm, Linear, Resnet};
 
 struct Attention {
     to_q: Linear,
@@ -327,10 +265,9 @@ impl Unet {
                         Resnet::load(
                             src,
                             &format!("{p}.resnets.{j}"),
-                            if j == 0 { cin } else { ch[i] },
-                            ch[i],
-                            temb,
-                            cfg,
+                            (if j == 0 { cin } else { ch[i] }, ch[i]),
+                            (cfg.norm_num_groups, cfg.norm_eps),
+                            Some(temb),
                         )
                     })
                     .collect::<Result<_>>()?;
@@ -370,7 +307,13 @@ impl Unet {
             .collect::<Result<Vec<_>>>()?;
         let top = ch[n - 1];
         let mid = (
-            Resnet::load(src, "mid_block.resnets.0", top, top, temb, cfg)?,
+            Resnet::load(
+                src,
+                "mid_block.resnets.0",
+                (top, top),
+                (cfg.norm_num_groups, cfg.norm_eps),
+                Some(temb),
+            )?,
             Transformer2d::load(
                 src,
                 "mid_block.attentions.0",
@@ -379,7 +322,13 @@ impl Unet {
                 cfg.transformer_layers[n - 1],
                 cfg,
             )?,
-            Resnet::load(src, "mid_block.resnets.1", top, top, temb, cfg)?,
+            Resnet::load(
+                src,
+                "mid_block.resnets.1",
+                (top, top),
+                (cfg.norm_num_groups, cfg.norm_eps),
+                Some(temb),
+            )?,
         );
         // diffusers' up path: block i works at rev[i] channels; its resnets see the previous
         // block's output (first) and skips from the matching down block.
@@ -401,10 +350,9 @@ impl Unet {
                         Resnet::load(
                             src,
                             &format!("{p}.resnets.{j}"),
-                            res_in + skip,
-                            out,
-                            temb,
-                            cfg,
+                            (res_in + skip, out),
+                            (cfg.norm_num_groups, cfg.norm_eps),
+                            Some(temb),
                         )
                     })
                     .collect::<Result<_>>()?;
@@ -597,7 +545,7 @@ impl Unet {
         let mut skips: Vec<Act> = vec![x.clone_act()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, &emb);
+                x = r.forward(&x, Some(&emb));
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, context, l, ad);
                 }
@@ -608,9 +556,9 @@ impl Unet {
                 skips.push(x.clone_act());
             }
         }
-        x = self.mid.0.forward(&x, &emb);
+        x = self.mid.0.forward(&x, Some(&emb));
         x = self.mid.1.forward(&x, context, l, ad);
-        x = self.mid.2.forward(&x, &emb);
+        x = self.mid.2.forward(&x, Some(&emb));
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips
@@ -627,7 +575,7 @@ impl Unet {
                         c: x.c + skip.c,
                         ..x
                     },
-                    &emb,
+                    Some(&emb),
                 );
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, context, l, ad);

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
 use crate::error::{Error, Result};
-use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, Linear, WeightSource};
+use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, Linear, Resnet, WeightSource};
 use crate::model::WeightStore;
 
 /// The VAE's epsilon, in every resnet, the attention's norm and the output norms.
@@ -317,53 +317,6 @@ impl VaeConfig {
     }
 }
 
-/// `ResnetBlock2D` without a time embedding: x + conv2(silu(gn2(conv1(silu(gn1(x)))))), the
-/// skip through a 1x1 convolution when the channel count changes.
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv,
-    norm2: GroupNorm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
-}
-
-impl Resnet {
-    fn load(src: &dyn WeightSource, p: &str, cin: usize, cout: usize, g: usize) -> Result<Self> {
-        Ok(Resnet {
-            norm1: GroupNorm::load(src, &format!("{p}.norm1"), cin, g, EPS)?,
-            conv1: Conv::load(src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
-            norm2: GroupNorm::load(src, &format!("{p}.norm2"), cout, g, EPS)?,
-            conv2: Conv::load(src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
-            shortcut: if cin != cout {
-                Some(Conv::load(
-                    src,
-                    &format!("{p}.conv_shortcut"),
-                    cin,
-                    cout,
-                    1,
-                    1,
-                )?)
-            } else {
-                None
-            },
-        })
-    }
-
-    fn forward(&self, x: Act) -> Act {
-        // Assignments, not shadowing: each intermediate is freed as soon as it is used (at
-        // 512x512 one activation is 128 MB or more).
-        let mut h = self.norm1.forward(&x, true);
-        h = self.conv1.forward(&h);
-        h = self.norm2.forward(&h, true);
-        h = self.conv2.forward(&h);
-        match &self.shortcut {
-            Some(s) => add(&mut h.data, &s.forward(&x).data),
-            None => add(&mut h.data, &x.data),
-        }
-        h
-    }
-}
-
 /// A linear layer under its current diffusers name, or the name diffusers < 0.14 saved
 /// (`query`, `key`, `value`, `proj_attn`), which diffusers still converts on load. Errors
 /// report the current name.
@@ -434,22 +387,22 @@ impl Mid {
     fn load(src: &dyn WeightSource, p: &str, c: usize, cfg: &VaeConfig) -> Result<Self> {
         let g = cfg.norm_num_groups;
         Ok(Mid {
-            res0: Resnet::load(src, &format!("{p}.resnets.0"), c, c, g)?,
+            res0: Resnet::load(src, &format!("{p}.resnets.0"), (c, c), (g, EPS), None)?,
             attn: if cfg.mid_block_add_attention {
                 Some(MidAttention::load(src, &format!("{p}.attentions.0"), c, g)?)
             } else {
                 None
             },
-            res1: Resnet::load(src, &format!("{p}.resnets.1"), c, c, g)?,
+            res1: Resnet::load(src, &format!("{p}.resnets.1"), (c, c), (g, EPS), None)?,
         })
     }
 
     fn forward(&self, x: Act) -> Act {
-        let mut x = self.res0.forward(x);
+        let mut x = self.res0.forward(&x, None);
         if let Some(a) = &self.attn {
             x = a.forward(x);
         }
-        self.res1.forward(x)
+        self.res1.forward(&x, None)
     }
 }
 
@@ -535,7 +488,13 @@ impl Encoder {
                 let resnets = (0..cfg.layers_per_block)
                     .map(|j| {
                         let r_in = if j == 0 { cin } else { ch[i] };
-                        Resnet::load(src, &format!("{p}.resnets.{j}"), r_in, ch[i], g)
+                        Resnet::load(
+                            src,
+                            &format!("{p}.resnets.{j}"),
+                            (r_in, ch[i]),
+                            (g, EPS),
+                            None,
+                        )
                     })
                     .collect::<Result<_>>()?;
                 let resample = if i + 1 < n {
@@ -562,7 +521,7 @@ impl Encoder {
         let mut x = self.conv_in.forward(&x);
         for blk in &self.down {
             for r in &blk.resnets {
-                x = r.forward(x);
+                x = r.forward(&x, None);
             }
             if let Some(conv) = &blk.resample {
                 x = downsample(conv, &x);
@@ -594,7 +553,13 @@ impl Decoder {
                 let resnets = (0..=cfg.layers_per_block)
                     .map(|j| {
                         let r_in = if j == 0 { prev } else { rev[i] };
-                        Resnet::load(src, &format!("{p}.resnets.{j}"), r_in, rev[i], g)
+                        Resnet::load(
+                            src,
+                            &format!("{p}.resnets.{j}"),
+                            (r_in, rev[i]),
+                            (g, EPS),
+                            None,
+                        )
                     })
                     .collect::<Result<_>>()?;
                 let resample = if i + 1 < n {
@@ -622,7 +587,7 @@ impl Decoder {
         x = self.mid.forward(x);
         for blk in &self.up {
             for r in &blk.resnets {
-                x = r.forward(x);
+                x = r.forward(&x, None);
             }
             if let Some(conv) = &blk.resample {
                 x = upsample(conv, x);
