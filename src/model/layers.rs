@@ -332,3 +332,32 @@ impl Resnet {
         h
     }
 }
+
+/// The adapter keys and shapes of the adaptable projections among `layers`.
+pub(crate) fn layer_table<'a>(
+    layers: impl IntoIterator<Item = &'a Linear>,
+) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+    layers
+        .into_iter()
+        .filter_map(|l| {
+            Some((
+                l.key.clone()?,
+                crate::adapter::LayerShape {
+                    din: l.din,
+                    dout: l.dout,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The base weight `[dout, din]` and dims of the projection with adapter key `key`.
+pub(crate) fn find_projection<'a>(
+    layers: impl IntoIterator<Item = &'a Linear>,
+    key: &str,
+) -> Option<(&'a [f32], usize, usize)> {
+    layers
+        .into_iter()
+        .find(|l| l.key.as_deref() == Some(key))
+        .map(|l| (&l.w[..], l.dout, l.din))
+}

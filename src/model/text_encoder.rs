@@ -10,7 +10,7 @@ use crate::adapter::apply::{Adaptable, AdapterCtx};
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
 use crate::error::{Error, Result};
-use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
+use crate::model::layers::{add, find_projection, layer_table, LayerNorm, Linear, WeightSource};
 use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
 
@@ -302,17 +302,7 @@ impl TextEncoder {
     pub fn adaptable_layers(
         &self,
     ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
-        self.projections()
-            .filter_map(|l| {
-                Some((
-                    l.key.clone()?,
-                    crate::adapter::LayerShape {
-                        din: l.din,
-                        dout: l.dout,
-                    },
-                ))
-            })
-            .collect()
+        layer_table(self.projections())
     }
 
     fn projections(&self) -> impl Iterator<Item = &Linear> {
@@ -326,9 +316,7 @@ impl Adaptable for TextEncoder {
     }
 
     fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        self.projections()
-            .find(|l| l.key.as_deref() == Some(key))
-            .map(|l| (&l.w[..], l.dout, l.din))
+        find_projection(self.projections(), key)
     }
 }
 

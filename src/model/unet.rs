@@ -7,7 +7,9 @@ use crate::backend::profile::scope;
 use crate::error::{Error, Result};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
-use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, LayerNorm, Linear, Resnet};
+use crate::model::layers::{
+    add, find_projection, layer_table, transpose, Act, Conv, GroupNorm, LayerNorm, Linear, Resnet,
+};
 
 struct Attention {
     to_q: Linear,
@@ -426,28 +428,14 @@ impl Unet {
 
     /// The base weight [dout, din] of adaptable projection `key` (`unet.<path>`).
     pub fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        self.projections()
-            .into_iter()
-            .find(|l| l.key.as_deref() == Some(key))
-            .map(|l| (&l.w[..], l.dout, l.din))
+        find_projection(self.projections(), key)
     }
 
     /// The adaptable projections of this UNet by adapter key (`unet.<path>`).
     pub fn adaptable_layers(
         &self,
     ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
-        self.projections()
-            .into_iter()
-            .filter_map(|l| {
-                Some((
-                    l.key.clone()?,
-                    crate::adapter::LayerShape {
-                        din: l.din,
-                        dout: l.dout,
-                    },
-                ))
-            })
-            .collect()
+        layer_table(self.projections())
     }
 
     fn projections(&self) -> Vec<&Linear> {
