@@ -36,10 +36,7 @@ fn random_identity(unet: &Unet, seed: u64) -> Lidb {
 }
 
 pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Result<()> {
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })?;
+    let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
     let unet = rt.install(|| Unet::load(UnetConfig::default(), &RandomWeights { seed: 0x5D15 }))?;
     let table = unet.adaptable_layers();

@@ -42,10 +42,7 @@ fn median_time(runs: usize, mut f: impl FnMut() -> hdb::Result<()>) -> hdb::Resu
 }
 
 pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })?;
+    let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
     let w = RandomWeights { seed: 0x5D15 };
     let te = rt.install(|| TextEncoder::load(TextEncoderConfig::default(), &w))?;

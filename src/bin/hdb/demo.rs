@@ -126,10 +126,7 @@ fn adaptable(p: &Pipeline) -> std::collections::BTreeMap<String, hdb::adapter::L
 
 pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let total = Instant::now();
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads: a.threads,
-    })?;
+    let rt = super::cpu_runtime(a.threads)?;
     let mut rows: Vec<(String, String)> = Vec::new();
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);
     std::fs::create_dir_all(&a.out).map_err(|e| hdb::Error::io(&a.out, e))?;

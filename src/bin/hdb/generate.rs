@@ -85,10 +85,7 @@ pub fn apply(
 }
 
 pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads: a.threads,
-    })?;
+    let rt = super::cpu_runtime(a.threads)?;
     let model = super::load_model(&a.model)?;
     let t = Instant::now();
     let pipeline = rt.install(|| Pipeline::from_model(&model))?;

@@ -54,10 +54,7 @@ pub fn predict(
     output: &Path,
     threads: usize,
 ) -> hdb::Result<()> {
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })?;
+    let rt = super::cpu_runtime(threads)?;
     let net = Hypernet::load(hypernet)?;
     let m = super::load_model(model)?;
     let table = hdb::adapter::adaptable_layers(&m);
@@ -116,10 +113,7 @@ pub fn info(path: &Path, json: bool) -> hdb::Result<bool> {
 }
 
 pub fn bench(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })?;
+    let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
     let t = Instant::now();
     let net = rt

@@ -466,10 +466,7 @@ fn unet(
 ) -> hdb::Result<()> {
     use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
     use hdb::io::safetensors::{read_as_f32, write_f32};
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })?;
+    let rt = cpu_runtime(threads)?;
     let inp = SafetensorsFile::open(input)?;
     let bad = |name: &str, shape: &[usize], want: &str| hdb::Error::InvalidFile {
         path: input.to_path_buf(),
@@ -578,6 +575,14 @@ fn unet(
     )
 }
 
+/// The CLI's runtime: the CPU backend with `threads` threads (0 = one per core).
+fn cpu_runtime(threads: usize) -> hdb::Result<hdb::Runtime> {
+    hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads,
+    })
+}
+
 /// Peak resident set size of this process in MB (Linux; 0 elsewhere).
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -607,10 +612,7 @@ fn bench_unet(
     use hdb::model::config::UnetConfig;
     use hdb::model::random::RandomWeights;
     use hdb::model::unet::Unet;
-    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })?;
+    let rt = cpu_runtime(threads)?;
     let threads = rt.threads();
     let cfg = UnetConfig::default();
     let (l, cdim) = (77, cfg.cross_attention_dim);
