@@ -1,9 +1,9 @@
 // attention.cu: fused multi-head attention, out = softmax(scale * q k^T) v, flash style: an
 // online softmax over key tiles, never materialising the lq x lk score matrix.
 //
-// UNVERIFIED on a GPU: compiled by NVRTC only. Check both kernels against the CPU backend
-// (backend::cpu::attention) before trusting a result; attention_scalar_* is the simpler of
-// the two and the first thing to check flash_attn_* against.
+// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
+// (scripts/gpu-check.sh; figures in docs/perf.md): backend::cpu::attention, for
+// attention_scalar_* and flash_attn_*. flash2_attn_* (below) is the faster rewrite of flash_attn_*.
 //
 // Layout (both kernels, as the CPU backend): q, out [batch, lq, heads * d]; k, v
 // [batch, lk, heads * d]; head h owns columns h*d .. (h+1)*d of a row. Row strides ld_q, ld_k,
@@ -52,6 +52,18 @@
 //   Napkin math: the same 43 GFLOP on the f32 FMA units (67 TFLOP/s on an H100 SXM) is
 //   >= 0.7 ms, and k/v rows are re-read per query row from L2: a correctness fallback, not
 //   the fast path.
+//
+// flash2_attn_d{40,64,80,160}_{f16,bf16}: the same contract and arguments as flash_attn_*,
+// plus: q, k, v 16-byte aligned at every row (ld_* % 8 == 0, base addresses % 16 == 0: the
+// host checks and falls back to flash_attn_* otherwise). Dynamic shared memory:
+// (64 + 4 * BN) * (DP + 8) * 2 bytes (d40: 35.8 KB, d64: 46 KB, d80: 56.3 KB, d160: 64.5 KB;
+// the host raises the function's dynamic shared memory limit above 48 KB).
+//   grid = (ceil(lq / 64), heads, batch); block = 128 threads (4 warps x 16 query rows).
+//   What changes against flash_attn_*: k/v tiles arrive by cp.async (16 bytes a copy) into two
+//   stages, so the next tile loads while this one computes; every mma operand comes from
+//   shared memory by ldmatrix (v through ldmatrix.trans) instead of 16-bit loads; tiles past
+//   lk are zero-filled by the copy and masked only in the last tile. BN = 64 keys (32 for
+//   d = 160, for registers and shared memory).
 // ---------------------------------------------------------------------------------------------
 
 #include "common.cuh"
@@ -342,3 +354,246 @@ __device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* _
         attention_scalar<T>(out, q, k, v, lq, lk, d, ld_q, ld_k, ld_v, ld_o, scale);           \
     }
 HDB_FOR_EACH_DTYPE(HDB_ATTN_SCALAR)
+
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned int (&r)[4], unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned int (&r)[4], unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2_t(unsigned int& r0, unsigned int& r1, unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr));
+}
+
+template <typename T, int D, int BN>
+__device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __restrict__ q,
+                                            const T* __restrict__ k, const T* __restrict__ v,
+                                            int lq, int lk, long long ld_q, long long ld_k,
+                                            long long ld_v, long long ld_o, float scale) {
+    constexpr int BM = 64;
+    constexpr int DP = (D + 15) / 16 * 16;
+    constexpr int SK = DP + 8; // row stride (elements): 16-byte rows, conflict-free ldmatrix
+    constexpr int KS = DP / 16;
+    constexpr int NT = BN / 8;
+    constexpr int DT = D / 8;
+    constexpr int CH = D / 8; // 16-byte chunks per row
+    static_assert(D % 8 == 0 && BN % 16 == 0 && NT % 2 == 0, "tile shape");
+    extern __shared__ __align__(16) unsigned short smem[];
+    unsigned short* sq = smem;                 // [BM][SK]
+    unsigned short* skv = smem + BM * SK;      // [stage 2][k, v][BN][SK]
+    const unsigned int sq_a = smem_addr(sq);
+    const unsigned int skv_a = smem_addr(skv);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int q0 = blockIdx.x * BM;
+    const T* qb = q + (long long)b * lq * ld_q + (long long)h * D;
+    const T* kb = k + (long long)b * lk * ld_k + (long long)h * D;
+    const T* vb = v + (long long)b * lk * ld_v + (long long)h * D;
+    T* ob = out + (long long)b * lq * ld_o + (long long)h * D;
+
+    // Zero the padding columns D..DP of q and of both k stages (read by q k^T; v's are not).
+    if (DP > D) {
+        for (int i = tid; i < (BM + 2 * BN) * (DP - D); i += blockDim.x) {
+            const int r = i / (DP - D), c = D + i % (DP - D);
+            if (r < BM) sq[r * SK + c] = 0;
+            else {
+                const int rr = r - BM; // stage rr / BN, k rows
+                skv[(rr / BN) * 2 * BN * SK + (rr % BN) * SK + c] = 0;
+            }
+        }
+    }
+    // q tile and the first k/v tile.
+    for (int i = tid; i < BM * CH; i += blockDim.x) {
+        const int r = i / CH, c = i - r * CH;
+        const bool in = q0 + r < lq;
+        cp_async16(sq_a + (r * SK + c * 8) * 2, qb + (long long)(in ? q0 + r : 0) * ld_q + c * 8,
+                   in ? 16 : 0);
+    }
+    auto load_kv = [&](int stage, int kt) {
+        const unsigned int ks_a = skv_a + stage * 2 * BN * SK * 2;
+        const unsigned int vs_a = ks_a + BN * SK * 2;
+        for (int i = tid; i < BN * CH; i += blockDim.x) {
+            const int r = i / CH, c = i - r * CH;
+            const bool in = kt + r < lk;
+            const long long row = in ? kt + r : 0;
+            cp_async16(ks_a + (r * SK + c * 8) * 2, kb + row * ld_k + c * 8, in ? 16 : 0);
+            cp_async16(vs_a + (r * SK + c * 8) * 2, vb + row * ld_v + c * 8, in ? 16 : 0);
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    const int wr = warp * 16;
+    unsigned int qa[KS][4];
+    float acc[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.0f;
+    float m0 = HDB_NEG_INF, m1 = HDB_NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    const float sl2 = scale * 1.4426950408889634f;
+    const int ntiles = (lk + BN - 1) / BN;
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int kt = it * BN;
+        if (it + 1 < ntiles) {
+            load_kv((it + 1) & 1, kt + BN);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+            // ldmatrix.x4: lane L addresses row (L & 7) + 8 * ((L >> 3) & 1), column 8 * (L >> 4)
+            // of the 16 x 16 block: registers a[0..3] as mma's A fragment.
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                ldsm_x4(qa[ks], sq_a + ((wr + (lane & 7) + ((lane >> 3) & 1) * 8) * SK +
+                                        ks * 16 + (lane >> 4) * 8) * 2);
+        }
+        const unsigned int ks_a = skv_a + (it & 1) * 2 * BN * SK * 2;
+        const unsigned int vs_a = ks_a + BN * SK * 2;
+
+        // S = q k^T: per k-step, one ldmatrix.x4 gives b0, b1 of two 8-key n-tiles.
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                unsigned int kf[4];
+                const int key = (2 * np + (lane >> 4)) * 8 + (lane & 7);
+                const int col = ks * 16 + ((lane >> 3) & 1) * 8;
+                ldsm_x4(kf, ks_a + (key * SK + col) * 2);
+                mma_16816<T>(s[2 * np], qa[ks], kf[0], kf[1]);
+                mma_16816<T>(s[2 * np + 1], qa[ks], kf[2], kf[3]);
+            }
+        }
+
+        float mx0 = HDB_NEG_INF, mx1 = HDB_NEG_INF;
+        const bool edge = kt + BN > lk;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float val = s[nt][e] * sl2;
+                if (edge && kt + nt * 8 + 2 * t4 + (e & 1) >= lk) val = HDB_NEG_INF;
+                s[nt][e] = val;
+                if (e < 2) mx0 = fmaxf(mx0, val);
+                else mx1 = fmaxf(mx1, val);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float r0 = mn0 == HDB_NEG_INF ? 0.0f : mn0;
+        const float r1 = mn1 == HDB_NEG_INF ? 0.0f : mn1;
+        const float c0 = exp2f(m0 - r0), c1 = exp2f(m1 - r1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - r0);
+            s[nt][1] = exp2f(s[nt][1] - r0);
+            s[nt][2] = exp2f(s[nt][2] - r1);
+            s[nt][3] = exp2f(s[nt][3] - r1);
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + ps0;
+        l1 = l1 * c1 + ps1;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            acc[dt][0] *= c0;
+            acc[dt][1] *= c0;
+            acc[dt][2] *= c1;
+            acc[dt][3] *= c1;
+        }
+
+        // O += P v: v's B fragments by ldmatrix.trans, two head-column tiles per x4.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned int pa[4];
+            pa[0] = pack2(half_bits<T>(s[2 * kk][0]), half_bits<T>(s[2 * kk][1]));
+            pa[1] = pack2(half_bits<T>(s[2 * kk][2]), half_bits<T>(s[2 * kk][3]));
+            pa[2] = pack2(half_bits<T>(s[2 * kk + 1][0]), half_bits<T>(s[2 * kk + 1][1]));
+            pa[3] = pack2(half_bits<T>(s[2 * kk + 1][2]), half_bits<T>(s[2 * kk + 1][3]));
+            const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+#pragma unroll
+            for (int dt = 0; dt + 1 < DT; dt += 2) {
+                unsigned int vf[4];
+                ldsm_x4_t(vf, vs_a + (key * SK + (dt + (lane >> 4)) * 8) * 2);
+                mma_16816<T>(acc[dt], pa, vf[0], vf[1]);
+                mma_16816<T>(acc[dt + 1], pa, vf[2], vf[3]);
+            }
+            if (DT % 2) {
+                unsigned int v0, v1;
+                ldsm_x2_t(v0, v1, vs_a + (key * SK + (DT - 1) * 8) * 2);
+                mma_16816<T>(acc[DT - 1], pa, v0, v1);
+            }
+        }
+        __syncthreads(); // this stage is overwritten by the load two iterations on
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
+    const float inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int row0 = q0 + wr + g, row1 = row0 + 8;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + 2 * t4;
+        if (row0 < lq) {
+            const unsigned int p = pack2(half_bits<T>(acc[dt][0] * inv0), half_bits<T>(acc[dt][1] * inv0));
+            *(unsigned int*)(ob + (long long)row0 * ld_o + col) = p;
+        }
+        if (row1 < lq) {
+            const unsigned int p = pack2(half_bits<T>(acc[dt][2] * inv1), half_bits<T>(acc[dt][3] * inv1));
+            *(unsigned int*)(ob + (long long)row1 * ld_o + col) = p;
+        }
+    }
+}
+
+#define HDB_FLASH2_ATTN(sfx, T, D, BN)                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        flash2_attn_d##D##_##sfx(T* __restrict__ out, const T* __restrict__ q,                 \
+                                 const T* __restrict__ k, const T* __restrict__ v, int lq,     \
+                                 int lk, long long ld_q, long long ld_k, long long ld_v,       \
+                                 long long ld_o, float scale) {                                \
+        flash2_attn<T, D, BN>(out, q, k, v, lq, lk, ld_q, ld_k, ld_v, ld_o, scale);            \
+    }
+#define HDB_FLASH2_ATTN_ALL_D(sfx, T) \
+    HDB_FLASH2_ATTN(sfx, T, 40, 64)   \
+    HDB_FLASH2_ATTN(sfx, T, 64, 64)   \
+    HDB_FLASH2_ATTN(sfx, T, 80, 64)   \
+    HDB_FLASH2_ATTN(sfx, T, 160, 32)
+HDB_FOR_EACH_HALF_DTYPE(HDB_FLASH2_ATTN_ALL_D)

@@ -121,3 +121,46 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 #define HDB_FOR_EACH_HALF_DTYPE(X) \
     X(f16, hdb_f16)                \
     X(bf16, hdb_bf16)
+
+// ---------------------------------------------------------------------------------------------
+// 16-byte vector access: eight consecutive elements as f32 (two float4 for f32, one uint4 of
+// halves otherwise), and raw 16-byte copies (bit-exact). Pointers must be 16-byte aligned.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void load8(const float* p, float (&x)[8]) {
+    const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+}
+template <typename H> __device__ __forceinline__ void load8(const H* p, float (&x)[8]) {
+    const uint4 u = *(const uint4*)p;
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        H lo, hi;
+        lo.bits = (unsigned short)(w[i] & 0xffffu);
+        hi.bits = (unsigned short)(w[i] >> 16);
+        x[2 * i] = to_f32(lo);
+        x[2 * i + 1] = to_f32(hi);
+    }
+}
+__device__ __forceinline__ void store8(float* p, const float (&x)[8]) {
+    ((float4*)p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    ((float4*)p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+template <typename H> __device__ __forceinline__ void store8(H* p, const float (&x)[8]) {
+    uint4 u;
+    u.x = pack2(half_bits<H>(x[0]), half_bits<H>(x[1]));
+    u.y = pack2(half_bits<H>(x[2]), half_bits<H>(x[3]));
+    u.z = pack2(half_bits<H>(x[4]), half_bits<H>(x[5]));
+    u.w = pack2(half_bits<H>(x[6]), half_bits<H>(x[7]));
+    *(uint4*)p = u;
+}
+template <typename T> __device__ __forceinline__ void copy8(T* dst, const T* src) {
+#pragma unroll
+    for (int i = 0; i < (int)(8 * sizeof(T) / 16); ++i) ((uint4*)dst)[i] = ((const uint4*)src)[i];
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return ((unsigned long long)p & 15ull) == 0;
+}

@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The CUDA backend must keep compiling on machines without CUDA.
-cargo clippy --features cuda --lib --test kernels_compile -- -D warnings
+cargo clippy --features cuda --all-targets -- -D warnings
 cargo test
 # The CUDA kernels must compile for sm_80 and sm_90: NVRTC from pip, no GPU needed.
 nvrtc_env="$(scripts/nvrtc-env.sh)"
 ( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )
+# The GPU tests must build; they are #[ignore]d (counted as skipped) without a GPU, and
+# scripts/gpu-check.sh runs them with --include-ignored on a GPU machine.
+cargo test --features cuda --test cuda_parity --test cuda_unet
 scripts/valgrind-c-tests.sh

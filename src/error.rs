@@ -49,6 +49,9 @@ pub enum Error {
     NoDevice(String),
     #[error("device error: {0}")]
     Device(String),
+    /// A device allocation failed (the host's own allocations abort, as Rust's do).
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
     #[error("cancelled by the progress callback")]
     Cancelled,
     #[error("buffer too small: need {needed} bytes, got {got}")]
@@ -108,6 +111,7 @@ impl Error {
             Error::AdapterMismatch(_) => hdb_status::HDB_STATUS_ADAPTER_MISMATCH,
             Error::NoDevice(_) => hdb_status::HDB_STATUS_NO_DEVICE,
             Error::Device(_) => hdb_status::HDB_STATUS_DEVICE_ERROR,
+            Error::OutOfMemory(_) => hdb_status::HDB_STATUS_OUT_OF_MEMORY,
             Error::Cancelled => hdb_status::HDB_STATUS_CANCELLED,
             Error::BufferTooSmall { .. } => hdb_status::HDB_STATUS_BUFFER_TOO_SMALL,
             Error::Internal(_) => hdb_status::HDB_STATUS_INTERNAL,

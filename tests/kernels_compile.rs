@@ -130,8 +130,8 @@ fn kernels_need_no_cuda_headers() {
     }
 }
 
-/// Each file opens with its launch contract and says it has not been run on a GPU yet
-/// (DESIGN.md section 6). Drop the UNVERIFIED line of a file once a GPU run checked it.
+/// Each file opens with its launch contract, naming every kernel it defines, and its napkin
+/// math (DESIGN.md section 6).
 #[test]
 fn kernel_files_open_with_their_contract() {
     for f in KERNEL_FILES {

@@ -269,12 +269,12 @@ pub(crate) fn transpose(x: &[f32], b: usize, c: usize, hw: usize, to_tokens: boo
 /// diffusers' `ResnetBlock2D`: `x + conv2(silu(gn2(conv1(silu(gn1(x))) + t)))`, where `t` is the
 /// projected time embedding (UNet) or absent (VAE); a 1x1 `conv_shortcut` when channels change.
 pub(crate) struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv,
-    time_emb_proj: Option<Linear>,
-    norm2: GroupNorm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
+    pub(crate) norm1: GroupNorm,
+    pub(crate) conv1: Conv,
+    pub(crate) time_emb_proj: Option<Linear>,
+    pub(crate) norm2: GroupNorm,
+    pub(crate) conv2: Conv,
+    pub(crate) shortcut: Option<Conv>,
 }
 
 impl Resnet {

@@ -11,12 +11,12 @@ use crate::model::layers::{
     add, find_projection, layer_table, transpose, Act, Conv, GroupNorm, LayerNorm, Linear, Resnet,
 };
 
-struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    heads: usize,
+pub(crate) struct Attention {
+    pub(crate) to_q: Linear,
+    pub(crate) to_k: Linear,
+    pub(crate) to_v: Linear,
+    pub(crate) to_out: Linear,
+    pub(crate) heads: usize,
 }
 
 impl Attention {
@@ -68,14 +68,14 @@ impl Attention {
     }
 }
 
-struct TransformerBlock {
-    norm1: LayerNorm,
-    attn1: Attention,
-    norm2: LayerNorm,
-    attn2: Attention,
-    norm3: LayerNorm,
-    ff_proj: Linear,
-    ff_out: Linear,
+pub(crate) struct TransformerBlock {
+    pub(crate) norm1: LayerNorm,
+    pub(crate) attn1: Attention,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) attn2: Attention,
+    pub(crate) norm3: LayerNorm,
+    pub(crate) ff_proj: Linear,
+    pub(crate) ff_out: Linear,
 }
 
 impl TransformerBlock {
@@ -126,16 +126,16 @@ impl TransformerBlock {
     }
 }
 
-enum Proj {
+pub(crate) enum Proj {
     Conv(Conv),
     Linear(Linear),
 }
 
-struct Transformer2d {
-    norm: GroupNorm,
-    proj_in: Proj,
-    blocks: Vec<TransformerBlock>,
-    proj_out: Proj,
+pub(crate) struct Transformer2d {
+    pub(crate) norm: GroupNorm,
+    pub(crate) proj_in: Proj,
+    pub(crate) blocks: Vec<TransformerBlock>,
+    pub(crate) proj_out: Proj,
 }
 
 impl Transformer2d {
@@ -198,11 +198,11 @@ impl Transformer2d {
     }
 }
 
-struct Block {
-    resnets: Vec<Resnet>,
-    attentions: Vec<Transformer2d>,
+pub(crate) struct Block {
+    pub(crate) resnets: Vec<Resnet>,
+    pub(crate) attentions: Vec<Transformer2d>,
     /// Downsampler (stride-2 conv) or upsampler (nearest 2x then conv).
-    resample: Option<Conv>,
+    pub(crate) resample: Option<Conv>,
 }
 
 /// One UNet evaluation's inputs, exactly diffusers' `UNet2DConditionModel` arguments.
@@ -223,14 +223,14 @@ pub struct UnetInput<'a> {
 /// The UNet, ready to run.
 pub struct Unet {
     pub config: UnetConfig,
-    time_1: Linear,
-    time_2: Linear,
-    conv_in: Conv,
-    down: Vec<Block>,
-    mid: (Resnet, Transformer2d, Resnet),
-    up: Vec<Block>,
-    norm_out: GroupNorm,
-    conv_out: Conv,
+    pub(crate) time_1: Linear,
+    pub(crate) time_2: Linear,
+    pub(crate) conv_in: Conv,
+    pub(crate) down: Vec<Block>,
+    pub(crate) mid: (Resnet, Transformer2d, Resnet),
+    pub(crate) up: Vec<Block>,
+    pub(crate) norm_out: GroupNorm,
+    pub(crate) conv_out: Conv,
 }
 
 impl crate::adapter::apply::Adaptable for Unet {
@@ -471,42 +471,11 @@ impl Unet {
             context_len: l,
         } = *x;
         let cfg = &self.config;
-        let expect = |name: &'static str, got: usize, want: usize, shape: String| {
-            if got != want {
-                Err(Error::invalid_arg(
-                    name,
-                    format!("has {got} values, expected {shape} = {want}"),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        expect(
-            "sample",
-            sample.len(),
-            b * cfg.in_channels * h * w,
-            format!("[{b}, {}, {h}, {w}]", cfg.in_channels),
+        check_input(
+            cfg,
+            (sample.len(), timesteps.len(), context.len()),
+            (b, h, w, l),
         )?;
-        expect("timestep", timesteps.len(), b, format!("[{b}]"))?;
-        expect(
-            "encoder_hidden_states",
-            context.len(),
-            b * l * cfg.cross_attention_dim,
-            format!("[{b}, {l}, {}]", cfg.cross_attention_dim),
-        )?;
-        if b == 0 || h == 0 || w == 0 || l == 0 {
-            return Err(Error::invalid_arg(
-                "sample",
-                "batch, height, width and context length must be positive",
-            ));
-        }
-        let factor = 1usize << (cfg.block_out_channels.len() - 1);
-        if h % factor != 0 || w % factor != 0 {
-            return Err(Error::invalid_arg(
-                "sample",
-                format!("height {h} and width {w} must be multiples of {factor} for this UNet"),
-            ));
-        }
         let c0 = cfg.block_out_channels[0];
         let mut temb = vec![0.0; b * c0];
         ops::timestep_embedding(
@@ -586,4 +555,55 @@ impl Unet {
         let hn = self.norm_out.forward(&x, true);
         Ok(self.conv_out.forward(&hn).data)
     }
+}
+
+/// Checks one evaluation's shapes: the element counts of sample, timesteps and
+/// encoder_hidden_states against (batch, height, width, context_len); errors name the argument
+/// (shared by the CPU and CUDA UNets). Products saturate, so absurd sizes are errors too.
+pub(crate) fn check_input(
+    cfg: &UnetConfig,
+    (sample, timesteps, context): (usize, usize, usize),
+    (b, h, w, l): (usize, usize, usize, usize),
+) -> Result<()> {
+    let expect = |name: &'static str, got: usize, want: usize, shape: String| {
+        if got != want {
+            Err(Error::invalid_arg(
+                name,
+                format!("has {got} values, expected {shape} = {want}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    expect(
+        "sample",
+        sample,
+        [b, cfg.in_channels, h, w]
+            .iter()
+            .fold(1, |p, &d| p.saturating_mul(d)),
+        format!("[{b}, {}, {h}, {w}]", cfg.in_channels),
+    )?;
+    expect("timestep", timesteps, b, format!("[{b}]"))?;
+    expect(
+        "encoder_hidden_states",
+        context,
+        [b, l, cfg.cross_attention_dim]
+            .iter()
+            .fold(1, |p, &d| p.saturating_mul(d)),
+        format!("[{b}, {l}, {}]", cfg.cross_attention_dim),
+    )?;
+    if b == 0 || h == 0 || w == 0 || l == 0 {
+        return Err(Error::invalid_arg(
+            "sample",
+            "batch, height, width and context length must be positive",
+        ));
+    }
+    let factor = 1usize << (cfg.block_out_channels.len() - 1);
+    if h % factor != 0 || w % factor != 0 {
+        return Err(Error::invalid_arg(
+            "sample",
+            format!("height {h} and width {w} must be multiples of {factor} for this UNet"),
+        ));
+    }
+    Ok(())
 }

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 mod adapter_cmd;
 mod bench_adapter;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod bench_pipeline;
 mod demo;
 mod generate;
@@ -198,6 +200,21 @@ enum BenchWhat {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// The CUDA backend at SD 1.5 shapes (GPU 0): fused attention per shape, the LiDB merge
+    /// against a device copy, the runtime swap, 8 identities against one, and the UNet fp16
+    /// step, optionally against PyTorch on the same GPU (tools/bench_torch_cuda.py).
+    #[cfg(feature = "cuda")]
+    Cuda {
+        /// Timed runs after warm-up; the median is reported.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Python with torch (and diffusers for --unet) for the peer.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+        /// Also time the whole UNet step (uploads an SD 1.5 UNet: ~2 GB of device memory).
+        #[arg(long)]
+        unet: bool,
+    },
     /// SD 1.5 UNet forward: batch 2 (classifier-free guidance), 64x64 latents, 77x768 context.
     Unet {
         /// CPU threads (default: all cores).
@@ -318,6 +335,15 @@ fn main() -> ExitCode {
             output,
             threads,
         }),
+        #[cfg(feature = "cuda")]
+        Command::Bench {
+            what:
+                BenchWhat::Cuda {
+                    runs,
+                    peer_python,
+                    unet,
+                },
+        } => bench_cuda::run(runs, peer_python.as_deref(), unet),
         Command::Bench {
             what:
                 BenchWhat::Adapter {

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The CUDA backend's check on a machine with an NVIDIA GPU (DESIGN.md section 6, issue 7):
+# every CUDA parity test (each op against the CPU backend on fresh random inputs; the whole
+# UNet in f32/f16/bf16 against the CPU's f32), then `hdb bench cuda` against PyTorch on the
+# same GPU, then a short table. About 3-5 minutes.
+#
+#   scripts/gpu-check.sh              on the GPU machine: builds with cargo if it is there,
+#                                     else runs what --prepare left in .gpu/
+#   scripts/gpu-check.sh --prepare    on a build machine without a GPU: builds the test and
+#                                     bench binaries into .gpu/ (x86-64 Linux, glibc <= the
+#                                     GPU machine's) for a GPU machine without Rust
+#
+# Needs on the GPU machine: the NVIDIA driver, libnvrtc and libcublas (any CUDA 12 or 13
+# install; found under /usr/local/cuda* or pip's nvidia-* packages), python3 with torch for
+# the peer and diffusers for the UNet peer (wheels in .whl/ are installed to a temp dir if
+# diffusers is missing). Logs go to $OUT (or .gpu/out) as parity.log and bench.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+bin=.gpu
+out="${OUT:-$bin/out}"
+
+if [ "${1:-}" = --prepare ]; then
+  set -e
+  mkdir -p "$bin"
+  cargo build --release --features cuda --bin hdb
+  cargo test --release --features cuda --no-run --test cuda_parity --test cuda_unet \
+    --message-format=json 2>/dev/null |
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+        print("prepared", m["target"]["name"])
+' "$bin"
+  cp target/release/hdb "$bin/hdb"
+  strip --strip-debug "$bin"/hdb "$bin"/cuda_parity "$bin"/cuda_unet
+  # Tests find fixtures and tools through the build's CARGO_MANIFEST_DIR.
+  echo "$root" >"$bin/manifest-dir"
+  du -sh "$bin"
+  exit 0
+fi
+
+mkdir -p "$out"
+echo "== gpu-check $(date -u +%FT%TZ) on $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || {
+  echo "gpu-check: nvidia-smi failed: no GPU here"; exit 1; }
+
+# libnvrtc and libcublas by the names cudarc tries (libnvrtc.so, libcublas.so, *.so.12):
+# link whichever version is installed into one folder, and put the real folders on the path
+# too (libnvrtc finds its builtins, libcublas its Lt library, beside themselves).
+libs="$(mktemp -d)"
+for name in nvrtc cublas; do
+  found=""
+  for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 \
+             $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | xargs -n1 -I{} find {}/nvidia -maxdepth 3 -type d -name lib 2>/dev/null); do
+    f="$(ls "$dir"/lib$name.so.[0-9]* 2>/dev/null | grep -v alt | sort -V | tail -1)"
+    if [ -n "$f" ]; then found="$f"; break; fi
+  done
+  if [ -z "$found" ]; then echo "gpu-check: lib$name not found"; exit 1; fi
+  ln -sf "$found" "$libs/lib$name.so"
+  export LD_LIBRARY_PATH="$libs:$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "lib$name: $found"
+done
+
+if command -v cargo >/dev/null && [ ! -x "$bin/cuda_parity" ]; then
+  echo "== building with cargo"
+  "$0" --prepare || exit 1
+fi
+for b in hdb cuda_parity cuda_unet; do
+  [ -x "$bin/$b" ] || { echo "gpu-check: $bin/$b missing (run scripts/gpu-check.sh --prepare)"; exit 1; }
+done
+want="$(cat "$bin/manifest-dir")"
+if [ "$want" != "$root" ] && [ ! -e "$want" ]; then
+  mkdir -p "$(dirname "$want")" && ln -s "$root" "$want"
+fi
+
+python3 -c 'import diffusers' 2>/dev/null || {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/hdb-site .whl/*.whl &&
+      export PYTHONPATH=/tmp/hdb-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
+
+status=0
+echo "== parity (tests/cuda_parity.rs, tests/cuda_unet.rs)"
+# One process per test: a kernel fault poisons its CUDA context, and should not take the
+# tests after it down too.
+for t in cuda_parity cuda_unet; do
+  for name in $("$bin/$t" --list 2>/dev/null | sed -n 's/: test$//p'); do
+    timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out/parity.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "gpu-check: $t $name failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
+  done
+done
+if grep -q "SKIPPED" "$out/parity.log"; then
+  echo "gpu-check: tests skipped on a GPU machine: the CUDA backend did not open"; status=1
+fi
+
+# Out-of-bounds and misaligned accesses that happen not to fault (every parity test but the
+# fault test, whose 16 TiB allocation the sanitizer would report).
+export PATH="$PATH:/usr/local/cuda/bin"
+if command -v compute-sanitizer >/dev/null; then
+  echo "== compute-sanitizer --tool memcheck (cuda_parity)"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
+    --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
+  rc=$?
+  grep "ERROR SUMMARY" "$out/memcheck.log" | tail -1
+  [ "$rc" = 0 ] || { echo "gpu-check: memcheck failed (exit $rc)"; status=1; }
+else
+  echo "== compute-sanitizer not found: memcheck skipped"
+fi
+
+echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
+timeout 240 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
+
+echo
+echo "== summary"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+grep -c "^cuda-parity" "$out/parity.log" | xargs echo "parity cases:"
+grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
+awk '/^what /,0' "$out/bench.log"
+grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
+echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"
+exit $status

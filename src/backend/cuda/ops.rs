@@ -1,0 +1,1161 @@
+//! The CUDA ops: typed launches of the kernels in `kernels/*.cu` (each op's launch contract is
+//! in its file's top comment), cuBLAS GEMMs, and conv2d as im2col + GEMM.
+//!
+//! Tensors are `CudaSlice<T>` with explicit shapes, like the CPU backend's `&[f32]`; an op
+//! checks that every buffer is large enough before it launches, so a shape error is an
+//! [`Error::Internal`] naming the op and argument, never an out-of-bounds device access.
+//! Kernels receive raw device addresses (a buffer may be both input and output where the
+//! contract allows it).
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::device::{driver_err, guard, CudaDevice, DeviceElem};
+use crate::error::{Error, Result};
+
+/// A position in a device buffer: `buf` from element `off` on.
+#[derive(Clone, Copy)]
+pub struct At<'a, T> {
+    pub buf: &'a CudaSlice<T>,
+    pub off: usize,
+}
+
+impl<'a, T> At<'a, T> {
+    pub fn new(buf: &'a CudaSlice<T>, off: usize) -> Self {
+        At { buf, off }
+    }
+}
+
+impl<'a, T> From<&'a CudaSlice<T>> for At<'a, T> {
+    fn from(buf: &'a CudaSlice<T>) -> Self {
+        At { buf, off: 0 }
+    }
+}
+
+fn need<T>(buf: &CudaSlice<T>, off: usize, n: usize, op: &str, arg: &str) -> Result<()> {
+    if off.checked_add(n).is_none_or(|end| end > buf.len()) {
+        return Err(Error::Internal(format!(
+            "{op}: '{arg}' needs elements {off}..{} but the buffer holds {}",
+            off.saturating_add(n),
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+fn addr<T>(dev: &CudaDevice, buf: &CudaSlice<T>, off: usize) -> u64 {
+    dev.ptr(buf) + (off * std::mem::size_of::<T>()) as u64
+}
+
+fn to_i32(v: usize, op: &str, arg: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i32")))
+}
+
+/// The elementwise contract: 256 threads, grid = min(ceil(n / 256), 65536), grid-stride.
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65536) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One kernel argument: a device address, an integer or a float, passed by value.
+#[derive(Clone, Copy, Debug)]
+pub enum Param {
+    U64(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+impl From<u64> for Param {
+    fn from(v: u64) -> Self {
+        Param::U64(v)
+    }
+}
+impl From<i64> for Param {
+    fn from(v: i64) -> Self {
+        Param::I64(v)
+    }
+}
+impl From<i32> for Param {
+    fn from(v: i32) -> Self {
+        Param::I32(v)
+    }
+}
+impl From<f32> for Param {
+    fn from(v: f32) -> Self {
+        Param::F32(v)
+    }
+}
+
+/// Launches `kernel` of `file` with `params`, in the kernel's order and types.
+fn launch(
+    dev: &CudaDevice,
+    file: &'static str,
+    kernel: &str,
+    cfg: LaunchConfig,
+    params: &[Param],
+) -> Result<()> {
+    let f = dev.function_dyn_smem(file, kernel, cfg.shared_mem_bytes)?;
+    guard(kernel, || {
+        let mut b = dev.stream().launch_builder(&f);
+        for p in params {
+            match p {
+                Param::U64(v) => b.arg(v),
+                Param::I64(v) => b.arg(v),
+                Param::I32(v) => b.arg(v),
+                Param::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: each op wrapper checks every buffer's extent against the kernel's contract
+        // before calling launch, and passes the arguments in the kernel's order and types.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(driver_err(&format!("launching {kernel}")))
+    })
+}
+
+fn name<T: DeviceElem>(op: &str) -> String {
+    format!("{op}_{}", T::SUFFIX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// Shape of one attention call (the CPU backend's layout, with row strides).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub head_dim: usize,
+    /// Row strides in elements (>= heads * head_dim).
+    pub ld_q: usize,
+    pub ld_k: usize,
+    pub ld_v: usize,
+    pub ld_o: usize,
+}
+
+impl AttnShape {
+    /// Dense rows: every stride is heads * head_dim.
+    pub fn dense(batch: usize, heads: usize, lq: usize, lk: usize, head_dim: usize) -> Self {
+        let hd = heads * head_dim;
+        AttnShape {
+            batch,
+            heads,
+            lq,
+            lk,
+            head_dim,
+            ld_q: hd,
+            ld_k: hd,
+            ld_v: hd,
+            ld_o: hd,
+        }
+    }
+}
+
+/// Which attention kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The fastest that applies: `flash2_attn_*` (f16/bf16, head dims 40/64/80/160, rows
+    /// 16-byte aligned), else `flash_attn_*`, else the scalar kernel.
+    Auto,
+    /// `flash_attn_*` (tensor cores, 16-bit shared loads, one k/v stage), where it applies.
+    Flash1,
+    /// The plain-FMA kernel (any dtype, head dims up to 256).
+    Scalar,
+}
+
+/// Head dims `flash_attn_d*` is instantiated for.
+pub const FLASH_HEAD_DIMS: &[usize] = &[40, 64, 80, 160];
+
+/// out = softmax(q k^T / sqrt(d)) v per (batch, head). Returns the kernel it launched.
+pub fn attention<T: DeviceElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+    kernel: AttnKernel,
+) -> Result<String> {
+    let op = "attention";
+    let hd = s.heads * s.head_dim;
+    if s.lk == 0 || s.head_dim == 0 || s.heads == 0 {
+        return Err(Error::Internal(format!("{op}: empty shape {s:?}")));
+    }
+    if s.ld_q < hd || s.ld_k < hd || s.ld_v < hd || s.ld_o < hd {
+        return Err(Error::Internal(format!(
+            "{op}: a row stride is below heads * d: {s:?}"
+        )));
+    }
+    let span = |rows: usize, ld: usize| (s.batch * rows - 1) * ld + hd;
+    if s.batch * s.lq == 0 {
+        return Ok(String::new());
+    }
+    need(q.buf, q.off, span(s.lq, s.ld_q), op, "q")?;
+    need(k.buf, k.off, span(s.lk, s.ld_k), op, "k")?;
+    need(v.buf, v.off, span(s.lk, s.ld_v), op, "v")?;
+    need(out.buf, out.off, span(s.lq, s.ld_o), op, "out")?;
+    let half = T::SUFFIX != "f32";
+    let flash = kernel != AttnKernel::Scalar && half && FLASH_HEAD_DIMS.contains(&s.head_dim);
+    let tsz = std::mem::size_of::<T>();
+    let aligned = [s.ld_q, s.ld_k, s.ld_v, s.ld_o]
+        .iter()
+        .all(|ld| ld % 8 == 0)
+        && [
+            (q.buf, q.off),
+            (k.buf, k.off),
+            (v.buf, v.off),
+            (out.buf, out.off),
+        ]
+        .iter()
+        .all(|&(b, o)| addr(dev, b, o) % 16 == 0)
+        && tsz == 2;
+    let flash2 = flash && kernel == AttnKernel::Auto && aligned;
+    if !flash && s.head_dim > 256 {
+        return Err(Error::Unsupported(format!(
+            "attention with head dim {} (the scalar kernel takes up to 256)",
+            s.head_dim
+        )));
+    }
+    let (kname, cfg) = if flash2 {
+        let dp = s.head_dim.div_ceil(16) * 16;
+        let bn = if s.head_dim > 80 { 32 } else { 64 };
+        (
+            format!("flash2_attn_d{}_{}", s.head_dim, T::SUFFIX),
+            LaunchConfig {
+                grid_dim: (s.lq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: ((64 + 4 * bn) * (dp + 8) * 2) as u32,
+            },
+        )
+    } else if flash {
+        (
+            format!("flash_attn_d{}_{}", s.head_dim, T::SUFFIX),
+            LaunchConfig {
+                grid_dim: (s.lq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    } else {
+        (
+            name::<T>("attention_scalar"),
+            LaunchConfig {
+                grid_dim: (s.lq.div_ceil(4) as u32, s.heads as u32, s.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    };
+    let (o_a, q_a, k_a, v_a) = (
+        addr(dev, out.buf, out.off),
+        addr(dev, q.buf, q.off),
+        addr(dev, k.buf, k.off),
+        addr(dev, v.buf, v.off),
+    );
+    let lq = to_i32(s.lq, op, "lq")?;
+    let lk = to_i32(s.lk, op, "lk")?;
+    let d = to_i32(s.head_dim, op, "head_dim")?;
+    let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    let mut params: Vec<Param> = vec![
+        o_a.into(),
+        q_a.into(),
+        k_a.into(),
+        v_a.into(),
+        lq.into(),
+        lk.into(),
+    ];
+    if !flash {
+        params.push(d.into());
+    }
+    params.extend::<[Param; 5]>([ldq.into(), ldk.into(), ldv.into(), ldo.into(), scale.into()]);
+    launch(dev, "attention.cu", &kname, cfg, &params)?;
+    Ok(kname)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LiDB compose and merge, multi-identity LoRA
+// ---------------------------------------------------------------------------------------------
+
+/// Host mirror of `LidbComposeLayer` (lidb.cu): six device addresses, then din, dout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ComposeLayer {
+    pub d_train: u64,
+    pub u_train: u64,
+    pub d_aux: u64,
+    pub u_aux: u64,
+    pub down: u64,
+    pub up: u64,
+    pub din: i64,
+    pub dout: i64,
+}
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl DeviceRepr for ComposeLayer {}
+
+/// Host mirror of `MergeLayer` (lidb.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MergeLayer {
+    pub w_base: u64,
+    pub w: u64,
+    pub dout: i64,
+    pub din: i64,
+    pub first_factor: i32,
+    pub n_factors: i32,
+}
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl DeviceRepr for MergeLayer {}
+
+/// Host mirror of `hdb_lora_factor` (common.cuh): f32 factors `down` [rank, din] and `up`
+/// [dout, rank] in device memory, and the user scale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Factor {
+    pub down: u64,
+    pub up: u64,
+    pub rank: i32,
+    pub scale: f32,
+}
+// SAFETY: plain old data with the kernel's layout.
+unsafe impl DeviceRepr for Factor {}
+
+/// Composes every layer's factors in one launch. `layers` is a device table (see
+/// [`ComposeLayer`]; the caller sized each address's buffer); `max_out` is the largest
+/// r * din + dout * r over the layers.
+pub fn lidb_compose(
+    dev: &CudaDevice,
+    layers: &CudaSlice<ComposeLayer>,
+    n_layers: usize,
+    max_out: usize,
+    rab: (usize, usize, usize),
+    alpha: f32,
+) -> Result<()> {
+    let op = "lidb_compose";
+    if n_layers == 0 {
+        return Ok(());
+    }
+    need(layers, 0, n_layers, op, "layers")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            max_out.div_ceil(256).clamp(1, 4096) as u32,
+            n_layers as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let t = dev.ptr(layers);
+    let n = to_i32(n_layers, op, "n_layers")?;
+    let (r, a, b) = (
+        to_i32(rab.0, op, "r")?,
+        to_i32(rab.1, op, "a")?,
+        to_i32(rab.2, op, "b")?,
+    );
+    launch(
+        dev,
+        "lidb.cu",
+        "lidb_compose_f32",
+        cfg,
+        &[
+            t.into(),
+            n.into(),
+            r.into(),
+            a.into(),
+            b.into(),
+            alpha.into(),
+        ],
+    )
+}
+
+/// W = W_base + sum scale * up . down for every layer of the device table `layers`, in one
+/// launch; `max_dout` is the largest dout. The caller checked each layer's total rank
+/// against the kernel's MERGE_MAX_RANK (256); over it, the layer is copied unchanged.
+pub fn lidb_merge<T: DeviceElem>(
+    dev: &CudaDevice,
+    layers: &CudaSlice<MergeLayer>,
+    n_layers: usize,
+    max_dout: usize,
+    factors: &CudaSlice<Factor>,
+) -> Result<()> {
+    let op = "lidb_merge";
+    if n_layers == 0 {
+        return Ok(());
+    }
+    need(layers, 0, n_layers, op, "layers")?;
+    let cfg = LaunchConfig {
+        grid_dim: (max_dout.div_ceil(8).max(1) as u32, n_layers as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (t, f) = (dev.ptr(layers), dev.ptr(factors));
+    let n = to_i32(n_layers, op, "n_layers")?;
+    launch(
+        dev,
+        "lidb.cu",
+        &name::<T>("lidb_merge"),
+        cfg,
+        &[t.into(), n.into(), f.into()],
+    )
+}
+
+/// Shape of one multi-identity LoRA update.
+#[derive(Clone, Copy, Debug)]
+pub struct BgmvShape {
+    pub rows: usize,
+    pub rows_per_sample: usize,
+    pub din: usize,
+    pub dout: usize,
+    pub ld_x: usize,
+    pub ld_y: usize,
+}
+
+/// y_i += scale_a * up_a (down_a x_i) with a = sample_adapter[i / rows_per_sample] (-1: none).
+pub fn lora_bgmv<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: At<'_, T>,
+    x: At<'_, T>,
+    sample_adapter: &CudaSlice<i32>,
+    adapters: &CudaSlice<Factor>,
+    n_adapters: usize,
+    s: BgmvShape,
+) -> Result<()> {
+    let op = "lora_bgmv";
+    if s.rows == 0 {
+        return Ok(());
+    }
+    if s.rows_per_sample == 0 || s.ld_x < s.din || s.ld_y < s.dout {
+        return Err(Error::Internal(format!("{op}: bad shape {s:?}")));
+    }
+    need(x.buf, x.off, (s.rows - 1) * s.ld_x + s.din, op, "x")?;
+    need(y.buf, y.off, (s.rows - 1) * s.ld_y + s.dout, op, "y")?;
+    need(
+        sample_adapter,
+        0,
+        s.rows.div_ceil(s.rows_per_sample),
+        op,
+        "sample_adapter",
+    )?;
+    need(adapters, 0, n_adapters, op, "adapters")?;
+    let cfg = LaunchConfig {
+        grid_dim: (s.rows.div_ceil(16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ya, xa) = (addr(dev, y.buf, y.off), addr(dev, x.buf, x.off));
+    let (sa, fa) = (dev.ptr(sample_adapter), dev.ptr(adapters));
+    let (rows, rps) = (s.rows as i64, s.rows_per_sample as i64);
+    let na = to_i32(n_adapters, op, "n_adapters")?;
+    let din = to_i32(s.din, op, "din")?;
+    let dout = to_i32(s.dout, op, "dout")?;
+    let (ldx, ldy) = (s.ld_x as i64, s.ld_y as i64);
+    launch(
+        dev,
+        "lora.cu",
+        &name::<T>("lora_bgmv"),
+        cfg,
+        &[
+            ya.into(),
+            xa.into(),
+            rows.into(),
+            rps.into(),
+            sa.into(),
+            fa.into(),
+            na.into(),
+            din.into(),
+            dout.into(),
+            ldx.into(),
+            ldy.into(),
+        ],
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norms and elementwise ops
+// ---------------------------------------------------------------------------------------------
+
+/// GroupNorm over x [batch, channels, hw] (+ SiLU); y may be x (pass the same buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<T>,
+    beta: &CudaSlice<T>,
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<()> {
+    let op = "group_norm";
+    if groups == 0 || channels % groups != 0 {
+        return Err(Error::Internal(format!(
+            "{op}: {channels} channels do not split into {groups} groups"
+        )));
+    }
+    let n = batch * channels * hw;
+    if n == 0 {
+        return Ok(());
+    }
+    need(x, 0, n, op, "x")?;
+    need(y, 0, n, op, "y")?;
+    need(gamma, 0, channels, op, "gamma")?;
+    need(beta, 0, channels, op, "beta")?;
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * groups) as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let kname = name::<T>(if silu {
+        "group_norm_silu"
+    } else {
+        "group_norm"
+    });
+    let (ya, xa, ga, ba) = (dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta));
+    let (b, c, g) = (
+        to_i32(batch, op, "batch")?,
+        to_i32(channels, op, "channels")?,
+        to_i32(groups, op, "groups")?,
+    );
+    let hw = hw as i64;
+    launch(
+        dev,
+        "norm.cu",
+        &kname,
+        cfg,
+        &[
+            ya.into(),
+            xa.into(),
+            ga.into(),
+            ba.into(),
+            b.into(),
+            c.into(),
+            hw.into(),
+            g.into(),
+            eps.into(),
+        ],
+    )
+}
+
+/// LayerNorm over the last dim of x [rows, dim]; y may be x.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<T>,
+    beta: &CudaSlice<T>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let op = "layer_norm";
+    if rows * dim == 0 {
+        return Ok(());
+    }
+    need(x, 0, rows * dim, op, "x")?;
+    need(y, 0, rows * dim, op, "y")?;
+    need(gamma, 0, dim, op, "gamma")?;
+    need(beta, 0, dim, op, "beta")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ya, xa, ga, ba) = (dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta));
+    let r = rows as i64;
+    let d = to_i32(dim, op, "dim")?;
+    launch(
+        dev,
+        "norm.cu",
+        &name::<T>("layer_norm"),
+        cfg,
+        &[
+            ya.into(),
+            xa.into(),
+            ga.into(),
+            ba.into(),
+            r.into(),
+            d.into(),
+            eps.into(),
+        ],
+    )
+}
+
+/// y [rows, d] = x[:, :d] * gelu(x[:, d:]) for x [rows, 2d].
+pub fn geglu<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    need(x, 0, rows * 2 * d, "geglu", "x")?;
+    need(y, 0, rows * d, "geglu", "y")?;
+    let (ya, xa, r, dd) = (
+        dev.ptr(y),
+        dev.ptr(x),
+        rows as i64,
+        to_i32(d, "geglu", "d")?,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("geglu"),
+        elementwise_cfg(rows * d),
+        &[ya.into(), xa.into(), r.into(), dd.into()],
+    )
+}
+
+/// x = x * sigmoid(x) over the first n elements.
+pub fn silu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: usize) -> Result<()> {
+    need(x, 0, n, "silu", "x")?;
+    let (a, nn) = (dev.ptr(x), n as i64);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("silu"),
+        elementwise_cfg(n),
+        &[a.into(), a.into(), nn.into()],
+    )
+}
+
+/// Softmax over the last dim of x [rows, n], in place.
+pub fn softmax_rows<T: DeviceElem>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    need(x, 0, rows * n, "softmax_rows", "x")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (a, r, nn) = (dev.ptr(x), rows as i64, to_i32(n, "softmax_rows", "n")?);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("softmax_rows"),
+        cfg,
+        &[a.into(), a.into(), r.into(), nn.into()],
+    )
+}
+
+/// diffusers' timestep embedding: y [n, dim] for t [n] (f32).
+pub fn timestep_embedding<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    t: &CudaSlice<f32>,
+    n: usize,
+    dim: usize,
+    (flip_sin_to_cos, shift, max_period): (bool, f32, f32),
+) -> Result<()> {
+    let op = "timestep_embedding";
+    need(t, 0, n, op, "t")?;
+    need(y, 0, n * dim, op, "y")?;
+    let (ya, ta) = (dev.ptr(y), dev.ptr(t));
+    let (nn, dd, flip) = (
+        to_i32(n, op, "n")?,
+        to_i32(dim, op, "dim")?,
+        flip_sin_to_cos as i32,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(n * dim),
+        &[
+            ya.into(),
+            ta.into(),
+            nn.into(),
+            dd.into(),
+            flip.into(),
+            shift.into(),
+            max_period.into(),
+        ],
+    )
+}
+
+/// y [planes, 2h, 2w] = nearest 2x upsampling of x [planes, h, w].
+pub fn upsample_nearest2x<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<()> {
+    let op = "upsample_nearest2x";
+    need(x, 0, planes * h * w, op, "x")?;
+    need(y, 0, planes * 4 * h * w, op, "y")?;
+    let (ya, xa, p) = (dev.ptr(y), dev.ptr(x), planes as i64);
+    let (hh, ww) = (to_i32(h, op, "h")?, to_i32(w, op, "w")?);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(planes * 4 * h * w),
+        &[ya.into(), xa.into(), p.into(), hh.into(), ww.into()],
+    )
+}
+
+/// y += x over the first n elements (residual connections).
+pub fn add_inplace<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    n: usize,
+) -> Result<()> {
+    need(x, 0, n, "add", "x")?;
+    need(y, 0, n, "add", "y")?;
+    let (ya, xa, nn) = (dev.ptr(y), dev.ptr(x), n as i64);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("add"),
+        elementwise_cfg(n),
+        &[ya.into(), ya.into(), xa.into(), nn.into()],
+    )
+}
+
+/// y [batch, channels, hw] += v [batch, channels] (the resnet's time embedding).
+pub fn add_channel_bias<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    v: &CudaSlice<T>,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<()> {
+    let op = "add_channel_bias";
+    need(y, 0, batch * channels * hw, op, "y")?;
+    need(v, 0, batch * channels, op, "v")?;
+    let (ya, va, b, c, h) = (
+        dev.ptr(y),
+        dev.ptr(v),
+        batch as i64,
+        to_i32(channels, op, "channels")?,
+        hw as i64,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(batch * channels * hw),
+        &[ya.into(), va.into(), b.into(), c.into(), h.into()],
+    )
+}
+
+/// y [rows, n] += bias [n].
+pub fn add_bias_rows<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: At<'_, T>,
+    bias: &CudaSlice<T>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let op = "add_bias_rows";
+    need(y.buf, y.off, rows * n, op, "y")?;
+    need(bias, 0, n, op, "bias")?;
+    let (ya, ba, r, nn) = (
+        addr(dev, y.buf, y.off),
+        dev.ptr(bias),
+        rows as i64,
+        to_i32(n, op, "n")?,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(rows * n),
+        &[ya.into(), ba.into(), r.into(), nn.into()],
+    )
+}
+
+/// y [batch, channels, hw] += bias [channels].
+pub fn add_bias_channels<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    bias: &CudaSlice<T>,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<()> {
+    let op = "add_bias_channels";
+    need(y, 0, batch * channels * hw, op, "y")?;
+    need(bias, 0, channels, op, "bias")?;
+    let (ya, ba, b, c, h) = (
+        dev.ptr(y),
+        dev.ptr(bias),
+        batch as i64,
+        to_i32(channels, op, "channels")?,
+        hw as i64,
+    );
+    launch(
+        dev,
+        "conv.cu",
+        &name::<T>(op),
+        elementwise_cfg(batch * channels * hw),
+        &[ya.into(), ba.into(), b.into(), c.into(), h.into()],
+    )
+}
+
+/// y [batch, cols, rows] = x [batch, rows, cols] transposed per batch (NCHW <-> NHWC).
+pub fn transpose<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let op = "transpose";
+    let n = batch * rows * cols;
+    if n == 0 {
+        return Ok(());
+    }
+    need(x, 0, n, op, "x")?;
+    need(y, 0, n, op, "y")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(32) as u32,
+            rows.div_ceil(32) as u32,
+            batch as u32,
+        ),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ya, xa, b) = (dev.ptr(y), dev.ptr(x), batch as i64);
+    let (r, c) = (to_i32(rows, op, "rows")?, to_i32(cols, op, "cols")?);
+    launch(
+        dev,
+        "conv.cu",
+        &name::<T>(op),
+        cfg,
+        &[ya.into(), xa.into(), b.into(), r.into(), c.into()],
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs (cuBLAS) and convolution
+// ---------------------------------------------------------------------------------------------
+
+/// cuBLAS GEMM for the three storage types (f32 accumulation; f32 uses cuBLAS's default
+/// math, which may use TF32 only where the handle's math mode allows it: it does not here).
+pub trait BlasElem: DeviceElem {
+    /// C (col-major m x n) = alpha op(A) op(B) + beta C.
+    ///
+    /// # Safety
+    /// The extents implied by the config must lie inside the buffers.
+    unsafe fn gemm_at(
+        dev: &CudaDevice,
+        cfg: GemmConfig<f32>,
+        a: At<'_, Self>,
+        b: At<'_, Self>,
+        c: u64,
+    ) -> Result<()>;
+
+    /// Strided batched form of [`BlasElem::gemm_at`].
+    ///
+    /// # Safety
+    /// As `gemm_at`, for every batch.
+    unsafe fn gemm_batched_at(
+        dev: &CudaDevice,
+        cfg: StridedBatchedConfig<f32>,
+        a: At<'_, Self>,
+        b: At<'_, Self>,
+        c: u64,
+    ) -> Result<()>;
+}
+
+macro_rules! blas_elem {
+    ($t:ty, $conv:expr) => {
+        impl BlasElem for $t {
+            unsafe fn gemm_at(
+                dev: &CudaDevice,
+                cfg: GemmConfig<f32>,
+                a: At<'_, Self>,
+                b: At<'_, Self>,
+                c: u64,
+            ) -> Result<()> {
+                let conv: fn(f32) -> $t = $conv;
+                let cfg = GemmConfig {
+                    transa: cfg.transa,
+                    transb: cfg.transb,
+                    m: cfg.m,
+                    n: cfg.n,
+                    k: cfg.k,
+                    alpha: conv(cfg.alpha),
+                    lda: cfg.lda,
+                    ldb: cfg.ldb,
+                    beta: conv(cfg.beta),
+                    ldc: cfg.ldc,
+                };
+                let av = a.buf.slice(a.off..);
+                let bv = b.buf.slice(b.off..);
+                // SAFETY: c is a device address the caller sized; wrap it as a view.
+                let mut cv = unsafe { raw_view_mut::<$t>(dev, c) };
+                guard("cuBLAS gemm", || {
+                    // SAFETY: the caller checked the extents.
+                    unsafe { dev.blas().gemm(cfg, &av, &bv, &mut cv) }
+                        .map_err(|e| Error::Device(format!("cuBLAS gemm: {e:?}")))
+                })
+            }
+
+            unsafe fn gemm_batched_at(
+                dev: &CudaDevice,
+                cfg: StridedBatchedConfig<f32>,
+                a: At<'_, Self>,
+                b: At<'_, Self>,
+                c: u64,
+            ) -> Result<()> {
+                let conv: fn(f32) -> $t = $conv;
+                let g = cfg.gemm;
+                let cfg = StridedBatchedConfig {
+                    gemm: GemmConfig {
+                        transa: g.transa,
+                        transb: g.transb,
+                        m: g.m,
+                        n: g.n,
+                        k: g.k,
+                        alpha: conv(g.alpha),
+                        lda: g.lda,
+                        ldb: g.ldb,
+                        beta: conv(g.beta),
+                        ldc: g.ldc,
+                    },
+                    batch_size: cfg.batch_size,
+                    stride_a: cfg.stride_a,
+                    stride_b: cfg.stride_b,
+                    stride_c: cfg.stride_c,
+                };
+                let av = a.buf.slice(a.off..);
+                let bv = b.buf.slice(b.off..);
+                // SAFETY: as in gemm_at.
+                let mut cv = unsafe { raw_view_mut::<$t>(dev, c) };
+                guard("cuBLAS gemm", || {
+                    // SAFETY: the caller checked the extents.
+                    unsafe { dev.blas().gemm_strided_batched(cfg, &av, &bv, &mut cv) }
+                        .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
+                })
+            }
+        }
+    };
+}
+
+blas_elem!(f32, |x| x);
+blas_elem!(half::f16, half::f16::from_f32);
+blas_elem!(half::bf16, half::bf16::from_f32);
+
+/// A device address as a mutable cuBLAS output. cuBLAS takes the address only; the view's
+/// length is not used by the GEMM calls.
+///
+/// # Safety
+/// `addr` must be a live device allocation of this device, large enough for the GEMM.
+unsafe fn raw_view_mut<T>(dev: &CudaDevice, addr: u64) -> RawOut<T> {
+    RawOut {
+        addr,
+        stream: dev.stream().clone(),
+        _t: std::marker::PhantomData,
+    }
+}
+
+/// An output address for cuBLAS (see [`raw_view_mut`]).
+pub struct RawOut<T> {
+    addr: u64,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T> cudarc::driver::DeviceSlice<T> for RawOut<T> {
+    fn len(&self) -> usize {
+        usize::MAX / std::mem::size_of::<T>().max(1)
+    }
+    fn stream(&self) -> &std::sync::Arc<cudarc::driver::CudaStream> {
+        &self.stream
+    }
+}
+
+impl<T> cudarc::driver::DevicePtrMut<T> for RawOut<T> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        stream: &'a cudarc::driver::CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        let _ = stream;
+        // Nothing to wait for or record: hdb runs on one stream.
+        (self.addr, cudarc::driver::SyncOnDrop::Record(None))
+    }
+}
+
+/// y [m, n] = x [m, k] . w [n, k]^T (+ bias [n]): PyTorch's Linear, row-major, through one
+/// cuBLAS call (column-major: y^T = w . x^T). `ld_y` is y's row stride (>= n).
+#[allow(clippy::too_many_arguments)]
+pub fn linear<T: BlasElem>(
+    dev: &CudaDevice,
+    y: At<'_, T>,
+    ld_y: usize,
+    x: At<'_, T>,
+    w: &CudaSlice<T>,
+    bias: Option<&CudaSlice<T>>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    let op = "linear";
+    if m * n == 0 {
+        return Ok(());
+    }
+    if ld_y < n {
+        return Err(Error::Internal(format!("{op}: ld_y {ld_y} < n {n}")));
+    }
+    need(x.buf, x.off, m * k, op, "x")?;
+    need(w, 0, n * k, op, "w")?;
+    need(y.buf, y.off, (m - 1) * ld_y + n, op, "y")?;
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: to_i32(n, op, "n")?,
+        n: to_i32(m, op, "m")?,
+        k: to_i32(k, op, "k")?,
+        alpha: 1.0,
+        lda: to_i32(k, op, "k")?,
+        ldb: to_i32(k, op, "k")?,
+        beta: 0.0,
+        ldc: to_i32(ld_y, op, "ld_y")?,
+    };
+    // SAFETY: extents checked above.
+    unsafe { T::gemm_at(dev, cfg, At::new(w, 0), x, addr(dev, y.buf, y.off))? };
+    if let Some(b) = bias {
+        if ld_y != n {
+            return Err(Error::Internal(format!("{op}: bias with a strided output")));
+        }
+        add_bias_rows(dev, y, b, m, n)?;
+    }
+    Ok(())
+}
+
+/// A 2-D convolution's shape (the CPU backend's `Conv2d`).
+pub use crate::backend::cpu::Conv2d;
+
+/// Scratch a [`conv2d`] of shape `p` needs (elements), 0 for 1x1 stride-1 unpadded convs.
+pub fn conv2d_scratch(p: &Conv2d) -> usize {
+    let (oh, ow) = p.out_hw();
+    if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
+        0
+    } else {
+        p.c_in * p.kernel * p.kernel * oh * ow
+    }
+}
+
+/// y [batch, c_out, oh, ow] = conv2d(x [batch, c_in, h, w], weight [c_out, c_in, k, k]) +
+/// bias: im2col into `scratch` (one sample at a time, [`conv2d_scratch`] elements), then one
+/// cuBLAS GEMM per sample; 1x1 convolutions skip im2col and run as one batched GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d<T: BlasElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    bias: Option<&CudaSlice<T>>,
+    p: &Conv2d,
+    scratch: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "conv2d";
+    let (oh, ow) = p.out_hw();
+    let (hw_in, hw_out) = (p.h * p.w, oh * ow);
+    let kk = p.c_in * p.kernel * p.kernel;
+    if p.batch * p.c_out * hw_out == 0 {
+        return Ok(());
+    }
+    need(x, 0, p.batch * p.c_in * hw_in, op, "x")?;
+    need(y, 0, p.batch * p.c_out * hw_out, op, "y")?;
+    need(weight, 0, p.c_out * kk, op, "weight")?;
+    let pointwise = conv2d_scratch(p) == 0;
+    if !pointwise {
+        need(scratch, 0, kk * hw_out, op, "scratch")?;
+    }
+    // Row-major Y [c_out, P] = W [c_out, K] . cols [K, P]; column-major that is
+    // Y^T [P, c_out] = cols^T [P, K] . W^T [K, c_out]: m = P, n = c_out, k = K, no transposes.
+    let gemm = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: to_i32(hw_out, op, "oh*ow")?,
+        n: to_i32(p.c_out, op, "c_out")?,
+        k: to_i32(kk, op, "c_in*k*k")?,
+        alpha: 1.0,
+        lda: to_i32(hw_out, op, "oh*ow")?,
+        ldb: to_i32(kk, op, "c_in*k*k")?,
+        beta: 0.0,
+        ldc: to_i32(hw_out, op, "oh*ow")?,
+    };
+    let y_addr = dev.ptr(y);
+    if pointwise {
+        let cfg = StridedBatchedConfig {
+            gemm,
+            batch_size: to_i32(p.batch, op, "batch")?,
+            stride_a: (p.c_in * hw_in) as i64,
+            stride_b: 0,
+            stride_c: (p.c_out * hw_out) as i64,
+        };
+        // SAFETY: extents checked above.
+        unsafe { T::gemm_batched_at(dev, cfg, At::new(x, 0), At::new(weight, 0), y_addr)? };
+    } else {
+        let (s_addr, x_addr) = (dev.ptr(scratch), dev.ptr(x));
+        let args = [p.c_in, p.h, p.w, p.kernel, p.stride, p.padding, oh, ow]
+            .iter()
+            .map(|&v| to_i32(v, op, "shape"))
+            .collect::<Result<Vec<i32>>>()?;
+        let tsz = std::mem::size_of::<T>() as u64;
+        for b in 0..p.batch {
+            let xb = x_addr + (b * p.c_in * hw_in) as u64 * tsz;
+            launch(
+                dev,
+                "conv.cu",
+                &name::<T>("im2col"),
+                elementwise_cfg(kk * hw_out),
+                &[s_addr.into(), xb.into()]
+                    .into_iter()
+                    .chain(args.iter().map(|&a| Param::from(a)))
+                    .collect::<Vec<_>>(),
+            )?;
+            let yb = y_addr + (b * p.c_out * hw_out) as u64 * tsz;
+            // SAFETY: extents checked above.
+            unsafe { T::gemm_at(dev, gemm, At::new(scratch, 0), At::new(weight, 0), yb)? };
+        }
+    }
+    if let Some(bias) = bias {
+        add_bias_channels(dev, y, bias, (p.batch, p.c_out, hw_out))?;
+    }
+    Ok(())
+}
+
+/// Copies `n` elements from `src[src_off..]` to `dst[dst_off..]` on the stream.
+pub fn copy<T: DeviceRepr>(
+    dev: &CudaDevice,
+    dst: &mut CudaSlice<T>,
+    dst_off: usize,
+    src: &CudaSlice<T>,
+    src_off: usize,
+    n: usize,
+) -> Result<()> {
+    need(src, src_off, n, "copy", "src")?;
+    need(dst, dst_off, n, "copy", "dst")?;
+    if n == 0 {
+        return Ok(());
+    }
+    guard("device copy", || {
+        let s = src.slice(src_off..src_off + n);
+        let mut d = dst.slice_mut(dst_off..dst_off + n);
+        dev.stream()
+            .memcpy_dtod(&s, &mut d)
+            .map_err(driver_err("device-to-device copy"))
+    })
+}

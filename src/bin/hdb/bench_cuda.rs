@@ -1,0 +1,449 @@
+//! `hdb bench cuda`: the CUDA backend at SD 1.5 shapes against PyTorch on the same GPU, in
+//! the same run (tools/bench_torch_cuda.py): fused attention per shape, the LiDB merge of all
+//! 128 UNet projections against a device-to-device copy, the runtime-mode swap, a batch of 8
+//! identities against one, and the whole UNet step in fp16.
+//!
+//! Device times are CUDA events around the work, the median of `runs` after warm-up.
+
+use std::path::Path;
+
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use half::{bf16, f16};
+use hdb::backend::cuda::ops::{self, At, AttnKernel, AttnShape, BgmvShape, Factor, MergeLayer};
+use hdb::backend::cuda::unet::CudaUnet;
+use hdb::backend::cuda::{CudaDevice, DeviceElem};
+use hdb::model::config::UnetConfig;
+use hdb::model::random::{normals, RandomWeights, SplitMix64};
+use hdb::model::unet::Unet;
+use hdb::{Error, Result};
+
+use crate::bench_pipeline::run_peer;
+
+/// Median device time in ms of `f` (after `warmup` calls), timed with CUDA events.
+fn gpu_ms(
+    dev: &CudaDevice,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let ev = |what| {
+        dev.context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::Device(format!("{what}: {e:?}")))
+    };
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let (a, b) = (ev("event")?, ev("event")?);
+        a.record(dev.stream())
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        f()?;
+        b.record(dev.stream())
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        v.push(
+            a.elapsed_ms(&b)
+                .map_err(|e| Error::Device(format!("{e:?}")))? as f64,
+        );
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+fn random<T: DeviceElem>(
+    dev: &CudaDevice,
+    rng: &mut SplitMix64,
+    n: usize,
+    s: f32,
+) -> Result<CudaSlice<T>> {
+    let v: Vec<T> = normals(rng, n)
+        .into_iter()
+        .map(|x| T::from_f32(x as f32 * s))
+        .collect();
+    dev.upload(&v)
+}
+
+/// SD 1.5 attention shapes at 64x64 latents, batch 2: (lq, lk, head_dim), 8 heads.
+const ATTN: &[(usize, usize, usize)] = &[
+    (4096, 4096, 40),
+    (4096, 77, 40),
+    (1024, 1024, 80),
+    (1024, 77, 80),
+    (256, 256, 160),
+    (256, 77, 160),
+    (64, 64, 160),
+    (64, 77, 160),
+];
+
+struct Row {
+    what: String,
+    ours_ms: f64,
+    rate: String,
+    peer_ms: Option<f64>,
+}
+
+fn attention_rows<T: DeviceElem>(
+    dev: &CudaDevice,
+    runs: usize,
+    peer: &serde_json::Value,
+    rows: &mut Vec<Row>,
+    kernel: AttnKernel,
+) -> Result<()> {
+    let mut rng = SplitMix64(7);
+    for &(lq, lk, d) in ATTN {
+        let (b, h) = (2, 8);
+        let hd = h * d;
+        let q = random::<T>(dev, &mut rng, b * lq * hd, 1.0)?;
+        let k = random::<T>(dev, &mut rng, b * lk * hd, 1.0)?;
+        let v = random::<T>(dev, &mut rng, b * lk * hd, 1.0)?;
+        let o = dev.zeros::<T>(b * lq * hd)?;
+        let s = AttnShape::dense(b, h, lq, lk, d);
+        let mut kname = String::new();
+        let ms = gpu_ms(dev, 3, runs, || {
+            kname = ops::attention(
+                dev,
+                At::from(&o),
+                At::from(&q),
+                At::from(&k),
+                At::from(&v),
+                s,
+                kernel,
+            )?;
+            Ok(())
+        })?;
+        let flops = 4.0 * (b * h * lq * lk * d) as f64;
+        let peer_ms = peer["attention"].as_array().and_then(|a| {
+            a.iter()
+                .find(|e| e["lq"] == lq && e["lk"] == lk && e["d"] == d && e["dtype"] == T::SUFFIX)
+                .and_then(|e| e["ms"].as_f64())
+        });
+        rows.push(Row {
+            what: format!("attention {} lq{lq} lk{lk} d{d} ({kname})", T::SUFFIX),
+            ours_ms: ms,
+            rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
+            peer_ms,
+        });
+    }
+    Ok(())
+}
+
+/// Token count of the level a UNet projection's key sits at (64x64 latents), and whether its
+/// input is the 77-token context (attn2's to_k / to_v).
+fn level_tokens(key: &str) -> (usize, bool) {
+    let hw = if key.contains("down_blocks.0") || key.contains("up_blocks.3") {
+        4096
+    } else if key.contains("down_blocks.1") || key.contains("up_blocks.2") {
+        1024
+    } else if key.contains("down_blocks.2") || key.contains("up_blocks.1") {
+        256
+    } else {
+        64
+    };
+    let ctx = key.contains("attn2.to_k") || key.contains("attn2.to_v");
+    (hw, ctx)
+}
+
+pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<()> {
+    let dev = CudaDevice::open(0)?;
+    let (free, total) = dev.memory()?;
+    let (ma, mi) = dev.compute_capability();
+    println!(
+        "device: {} (sm_{ma}{mi}), {:.1} of {:.1} GiB free",
+        dev.name(),
+        free as f64 / (1u64 << 30) as f64,
+        total as f64 / (1u64 << 30) as f64
+    );
+    let t0 = std::time::Instant::now();
+    let cfg = UnetConfig::default();
+    let unet = Unet::load(cfg.clone(), &RandomWeights { seed: 0x5D15 })?;
+    let layers: Vec<(String, usize, usize)> = unet
+        .adaptable_layers()
+        .into_iter()
+        .map(|(k, s)| (k, s.dout, s.din))
+        .collect();
+    println!(
+        "built the SD 1.5 UNet with random weights in {:.1} s ({} adapted projections)",
+        t0.elapsed().as_secs_f64(),
+        layers.len()
+    );
+    let total_w: usize = layers.iter().map(|(_, o, i)| o * i).sum();
+    let copy_bytes = total_w * 2;
+
+    let peer = match peer_python {
+        Some(py) => {
+            let mut args: Vec<String> = ATTN
+                .iter()
+                .flat_map(|&(lq, lk, d)| ["--attn".to_string(), format!("2,8,{lq},{lk},{d}")])
+                .collect();
+            args.extend(["--copy-bytes".into(), copy_bytes.to_string()]);
+            args.extend(["--runs".into(), runs.to_string()]);
+            if with_unet {
+                args.push("--unet".into());
+            }
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let t = std::time::Instant::now();
+            let v = run_peer(py, "tools/bench_torch_cuda.py", &a)?;
+            println!(
+                "peer: torch {} on {} ({:.0} s)",
+                v["torch"],
+                v["device"],
+                t.elapsed().as_secs_f64()
+            );
+            v
+        }
+        None => serde_json::Value::Null,
+    };
+
+    let mut rows = Vec::new();
+    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
+    attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
+    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash1)?;
+
+    // LiDB merge of all adapted projections (fp16) against a device-to-device copy.
+    let mut rng = SplitMix64(11);
+    let base = random::<f16>(&dev, &mut rng, total_w, 0.02)?;
+    let mut w = dev.zeros::<f16>(total_w)?;
+    let mut keep = Vec::new();
+    let mut table = Vec::new();
+    let mut factors = Vec::new();
+    let mut off = 0;
+    for (i, (_, dout, din)) in layers.iter().enumerate() {
+        let down = random::<f32>(&dev, &mut rng, *din, 0.1)?;
+        let up = random::<f32>(&dev, &mut rng, *dout, 0.1)?;
+        factors.push(Factor {
+            down: dev.ptr(&down),
+            up: dev.ptr(&up),
+            rank: 1,
+            scale: 1.0,
+        });
+        keep.push((down, up));
+        table.push(MergeLayer {
+            w_base: dev.ptr(&base) + (off * 2) as u64,
+            w: dev.ptr(&w) + (off * 2) as u64,
+            dout: *dout as i64,
+            din: *din as i64,
+            first_factor: i as i32,
+            n_factors: 1,
+        });
+        off += dout * din;
+    }
+    let max_dout = layers.iter().map(|l| l.1).max().unwrap_or(0);
+    let tdev = dev.upload(&table)?;
+    let fdev = dev.upload(&factors)?;
+    let merge_ms = gpu_ms(&dev, 3, runs, || {
+        ops::lidb_merge::<f16>(&dev, &tdev, table.len(), max_dout, &fdev)
+    })?;
+    let copy_ms = gpu_ms(&dev, 3, runs, || {
+        ops::copy(&dev, &mut w, 0, &base, 0, total_w)
+    })?;
+    let gbs = |ms: f64| 2.0 * copy_bytes as f64 / ms / 1e6;
+    rows.push(Row {
+        what: format!(
+            "LiDB merge, {} layers, {:.1} M fp16 weights",
+            table.len(),
+            total_w as f64 / 1e6
+        ),
+        ours_ms: merge_ms,
+        rate: format!("{:.0} GB/s", gbs(merge_ms)),
+        peer_ms: None,
+    });
+    rows.push(Row {
+        what: "device-to-device copy of the same bytes (cuMemcpy)".into(),
+        ours_ms: copy_ms,
+        rate: format!("{:.0} GB/s", gbs(copy_ms)),
+        peer_ms: peer["copy"]["ms"].as_f64(),
+    });
+
+    // Runtime-mode swap: the next identity's factor table (device-resident factors) replaces
+    // the current one: one small host-to-device copy, waited for.
+    let mut live = dev.upload(&factors)?;
+    let other: Vec<Factor> = factors
+        .iter()
+        .map(|f| Factor { scale: 0.5, ..*f })
+        .collect();
+    let mut swaps = Vec::new();
+    for i in 0..(runs * 10).max(20) {
+        let src = if i % 2 == 0 { &other } else { &factors };
+        let t = std::time::Instant::now();
+        dev.stream()
+            .memcpy_htod(src, &mut live)
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        dev.synchronize()?;
+        swaps.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    swaps.sort_by(f64::total_cmp);
+    let swap_ms = swaps[swaps.len() / 2];
+    rows.push(Row {
+        what: format!(
+            "runtime swap: {}-layer factor table ({} B) to the device",
+            factors.len(),
+            std::mem::size_of_val(&factors[..])
+        ),
+        ours_ms: swap_ms,
+        rate: "host wall".into(),
+        peer_ms: None,
+    });
+
+    // A batch of 8 with 8 identities against the same batch with one: every adapted
+    // projection's base GEMM (cuBLAS) plus its multi-identity LoRA update.
+    let batch = 8;
+    let mut ids = Vec::new();
+    for _ in 0..batch {
+        let mut per_layer = Vec::new();
+        for (_, dout, din) in &layers {
+            let down = random::<f32>(&dev, &mut rng, *din, 0.1)?;
+            let up = random::<f32>(&dev, &mut rng, *dout, 0.1)?;
+            per_layer.push((down, up));
+        }
+        ids.push(per_layer);
+    }
+    let max_in = layers
+        .iter()
+        .map(|(k, _, din)| {
+            let (hw, ctx) = level_tokens(k);
+            batch * if ctx { 77 } else { hw } * din
+        })
+        .max()
+        .unwrap_or(1);
+    let max_y = layers
+        .iter()
+        .map(|(k, dout, _)| batch * level_tokens(k).0 * dout)
+        .max()
+        .unwrap_or(1);
+    let x = random::<f16>(&dev, &mut rng, max_in, 1.0)?;
+    let y = dev.zeros::<f16>(max_y)?;
+    let mut wts = Vec::new();
+    let mut tables = Vec::new();
+    for (li, (k, dout, din)) in layers.iter().enumerate() {
+        wts.push(random::<f16>(&dev, &mut rng, dout * din, 0.02)?);
+        let t: Vec<Factor> = ids
+            .iter()
+            .map(|per| Factor {
+                down: dev.ptr(&per[li].0),
+                up: dev.ptr(&per[li].1),
+                rank: 1,
+                scale: 1.0,
+            })
+            .collect();
+        tables.push((dev.upload(&t)?, level_tokens(k)));
+    }
+    let one: CudaSlice<i32> = dev.upload(&vec![0i32; batch])?;
+    let eight: CudaSlice<i32> = dev.upload(&(0..batch as i32).collect::<Vec<_>>())?;
+    let projections = |index: Option<&CudaSlice<i32>>| -> Result<()> {
+        for (li, (_, dout, din)) in layers.iter().enumerate() {
+            let (t, (hw, ctx)) = &tables[li];
+            let tokens = if *ctx { 77 } else { *hw };
+            let rows = batch * tokens;
+            ops::linear(
+                &dev,
+                At::from(&y),
+                *dout,
+                At::from(&x),
+                &wts[li],
+                None,
+                (rows, *din, *dout),
+            )?;
+            if let Some(ix) = index {
+                let s = BgmvShape {
+                    rows,
+                    rows_per_sample: tokens,
+                    din: *din,
+                    dout: *dout,
+                    ld_x: *din,
+                    ld_y: *dout,
+                };
+                ops::lora_bgmv(&dev, At::from(&y), At::from(&x), ix, t, batch, s)?;
+            }
+        }
+        Ok(())
+    };
+    let base_ms = gpu_ms(&dev, 2, runs, || projections(None))?;
+    let one_ms = gpu_ms(&dev, 2, runs, || projections(Some(&one)))?;
+    let eight_ms = gpu_ms(&dev, 2, runs, || projections(Some(&eight)))?;
+    for (what, ms) in [
+        (
+            "128 projections, batch 8, no adapter (cuBLAS only)",
+            base_ms,
+        ),
+        ("128 projections, batch 8, 1 identity (+ lora_bgmv)", one_ms),
+        (
+            "128 projections, batch 8, 8 identities (+ lora_bgmv)",
+            eight_ms,
+        ),
+    ] {
+        rows.push(Row {
+            what: what.into(),
+            ours_ms: ms,
+            rate: String::new(),
+            peer_ms: None,
+        });
+    }
+
+    // The whole UNet step in fp16 against diffusers eager.
+    let mut unet_ms = None;
+    if with_unet {
+        let t = std::time::Instant::now();
+        let cu = CudaUnet::<f16>::upload(&dev, &unet)?;
+        println!(
+            "uploaded the UNet in fp16 in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        drop(unet);
+        let sample = random::<f16>(&dev, &mut rng, 2 * 4 * 64 * 64, 1.0)?;
+        let ctx = random::<f16>(&dev, &mut rng, 2 * 77 * 768, 1.0)?;
+        let ts = [981.0f32, 981.0];
+        let ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
+            cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
+                .map(|_| ())
+        })?;
+        let out = cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)?;
+        let o = dev.download_f32(&out, 2 * 4 * 64 * 64)?;
+        let finite = o.iter().all(|v| v.is_finite());
+        let flops = cfg.flops(2, 64, 64, 77);
+        rows.push(Row {
+            what: format!("UNet fp16 step, batch 2, 64x64, 77 tokens (finite: {finite})"),
+            ours_ms: ms,
+            rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
+            peer_ms: peer["unet"]["ms"].as_f64(),
+        });
+        unet_ms = Some(ms);
+    }
+
+    println!();
+    println!(
+        "{:<64} {:>10} {:>16} {:>10} {:>8}",
+        "what", "hdb ms", "rate", "torch ms", "ratio"
+    );
+    for r in &rows {
+        let (p, ratio) = match r.peer_ms {
+            Some(p) => (format!("{p:.4}"), format!("{:.2}x", p / r.ours_ms)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<64} {:>10.4} {:>16} {:>10} {:>8}",
+            r.what, r.ours_ms, r.rate, p, ratio
+        );
+    }
+    println!();
+    println!(
+        "LiDB merge at {:.0}% of the device copy's bandwidth (target >= 80%)",
+        100.0 * copy_ms / merge_ms
+    );
+    println!("runtime swap {:.1} us", swap_ms * 1e3);
+    println!(
+        "8 identities vs 1 over the adapted projections: {:+.1}% (target <= +10%); LoRA adds \
+         {:+.1}% to the base GEMMs",
+        100.0 * (eight_ms / one_ms - 1.0),
+        100.0 * (one_ms / base_ms - 1.0)
+    );
+    if let (Some(ms), Some(p)) = (unet_ms, peer["unet"]["ms"].as_f64()) {
+        println!(
+            "UNet fp16 step: hdb {ms:.2} ms vs diffusers eager {p:.2} ms ({}), {:.2}x",
+            peer["unet"]["attn_processor"],
+            p / ms
+        );
+    }
+    Ok(())
+}

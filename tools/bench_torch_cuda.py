@@ -1,0 +1,116 @@
+"""The PyTorch peer for `hdb bench cuda`, run on the same GPU in the same session.
+
+Times, with CUDA events (median of --runs after --warmup):
+- F.scaled_dot_product_attention at each --attn shape, fp16 and bf16, q/k/v [B, H, L, D]
+  contiguous (PyTorch's own best layout; it picks flash / memory-efficient / cuDNN itself);
+- a device-to-device copy of --copy-bytes bytes (torch's Tensor.copy_);
+- with --unet: diffusers' UNet2DConditionModel with SD 1.5's config (tools/bench_torch_unet.py),
+  randomly initialised, fp16, eval, no_grad, default attention processor (SDPA), batch 2,
+  64x64 latents, 77 tokens: PyTorch eager, the issue's peer.
+
+Prints one JSON line on stdout:
+  {"peer": "pytorch", "torch": ..., "device": ..., "attention": [{"b","h","lq","lk","d","dtype",
+   "ms"}...], "copy": {"bytes", "ms"}, "unet": {"ms", "diffusers"} | null}
+
+Run on the GPU machine (scripts/gpu-check.sh does):
+    python3 tools/bench_torch_cuda.py --attn 2,8,4096,4096,40 --copy-bytes 187000000 --unet
+A CPU smoke test of the argument handling: --device cpu --runs 1 --attn 1,1,16,16,8.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(fn, warmup, runs, device):
+    for _ in range(warmup):
+        fn()
+    if device == "cpu":
+        import time
+
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--attn", action="append", default=[], help="b,h,lq,lk,d (repeatable)")
+    ap.add_argument("--dtypes", default="f16,bf16")
+    ap.add_argument("--copy-bytes", type=int, default=0)
+    ap.add_argument("--unet", action="store_true")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    dev = args.device
+    dtypes = {"f16": torch.float16, "bf16": torch.bfloat16}
+    out = {
+        "peer": "pytorch",
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "attention": [],
+        "copy": None,
+        "unet": None,
+    }
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for spec in args.attn:
+            b, h, lq, lk, d = (int(v) for v in spec.split(","))
+            for name in args.dtypes.split(","):
+                dt = dtypes[name]
+                q = torch.randn(b, h, lq, d, device=dev, dtype=dt, generator=g)
+                k = torch.randn(b, h, lk, d, device=dev, dtype=dt, generator=g)
+                v = torch.randn(b, h, lk, d, device=dev, dtype=dt, generator=g)
+                ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.runs, dev)
+                out["attention"].append(dict(b=b, h=h, lq=lq, lk=lk, d=d, dtype=name, ms=ms))
+        if args.copy_bytes > 0:
+            n = args.copy_bytes // 2
+            src = torch.randn(n, device=dev, dtype=torch.float16, generator=g)
+            dst = torch.empty_like(src)
+            ms = timed(lambda: dst.copy_(src), args.warmup, args.runs, dev)
+            out["copy"] = dict(bytes=n * 2, ms=ms)
+        if args.unet:
+            import diffusers
+            from diffusers import UNet2DConditionModel
+
+            from bench_torch_unet import SD15_UNET
+
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**SD15_UNET).to(dev, torch.float16).eval()
+            procs = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+            sample = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
+            ctx = torch.randn(2, 77, 768, device=dev, dtype=torch.float16, generator=g)
+            t = torch.full((2,), 981.0, device=dev)
+            ms = timed(
+                lambda: unet(sample, t, encoder_hidden_states=ctx).sample,
+                max(2, args.warmup // 2),
+                max(5, args.runs // 2),
+                dev,
+            )
+            out["unet"] = dict(ms=ms, diffusers=diffusers.__version__, attn_processor=",".join(procs))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
