@@ -31,7 +31,10 @@ Basis v1 (bit-reproducible; written from the format text, independently of hdb's
 
 LiDB adapter v1 file (safetensors): metadata format=hdb-lidb, version=1, rank, a, b, basis_seed
 (decimal u64), alpha (decimal float, Python repr), optional base; per adapted layer K:
-`K.lidb_down` = D_train [r, a] and `K.lidb_up` = U_train [b, r], f32.
+`K.lidb_down` = D_train [r, a] and `K.lidb_up` = U_train [b, r], f32. This module writes v1
+(the fixtures); load_lidb also reads v2, what hdb writes: `lidb_down` [L, r, a], `lidb_up`
+[L, b, r] and metadata `layers`, the sorted keys front-coded one per line as "N:suffix" (N
+characters shared with the previous key).
 
 Used by tools/make_adapter_fixtures.py. Saving needs torch (the deterministic writer
 make_op_fixtures.save_sorted); everything else is numpy + safetensors.
@@ -303,10 +306,22 @@ def load_lidb(path):
     with safe_open(path, framework="np") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
-        raise ValueError(f"{path}: not a LiDB v{VERSION} file (format={meta.get('format')!r}, "
+    if meta.get("format") != FORMAT or meta.get("version") not in (str(VERSION), "2"):
+        raise ValueError(f"{path}: not a LiDB v1/v2 file (format={meta.get('format')!r}, "
                          f"version={meta.get('version')!r})")
     layers = {}
+    if meta["version"] == "2":
+        # Packed factors; `layers` front-codes the sorted keys as "N:suffix" lines.
+        keys, prev = [], ""
+        for line in meta["layers"].split("\n"):
+            n, suffix = line.split(":", 1)
+            prev = prev[: int(n)] + suffix
+            keys.append(prev)
+        down, up = tensors["lidb_down"], tensors["lidb_up"]
+        if set(tensors) != {"lidb_down", "lidb_up"} or len(down) != len(keys) or len(up) != len(keys):
+            raise ValueError(f"{path}: v2 tensors {sorted(tensors)} do not match {len(keys)} layers")
+        layers = {k: (down[i], up[i]) for i, k in enumerate(keys)}
+        tensors = {}
     for name in tensors:
         if name.endswith(".lidb_down"):
             key = name[: -len(".lidb_down")]

@@ -1,4 +1,4 @@
-//! Identity adapters: LiDB v1 files ([`lidb`]), their basis ([`basis`]), standard LoRA files
+//! Identity adapters: LiDB files ([`lidb`], versions 1 and 2), their basis ([`basis`]), standard LoRA files
 //! ([`lora`]), and applying them to a model ([`apply`]). Every adapter is held in its effective
 //! form: per adapted layer, `dW = up . down`, alpha and scale folded into `up`.
 
@@ -132,7 +132,7 @@ impl Adapter {
     }
 }
 
-/// Reads an adapter file of any supported kind (LiDB v1, kohya or PEFT LoRA) and validates it
+/// Reads an adapter file of any supported kind (LiDB v1 or v2, kohya or PEFT LoRA) and validates it
 /// against a model's adaptable layers.
 pub fn load(
     f: &crate::io::safetensors::SafetensorsFile,
@@ -163,7 +163,7 @@ pub fn load_cached(
 }
 
 impl Adapter {
-    /// Saves in the form it came in: LiDB adapters as LiDB v1, imported LoRAs as PEFT files.
+    /// Saves in the form it came in: LiDB adapters as LiDB v2, imported LoRAs as PEFT files.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         match &self.source {
             AdapterSource::Lidb(l) => l.save(path),

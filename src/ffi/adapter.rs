@@ -24,7 +24,7 @@ fn publish(adapter: Adapter, out: *mut *mut hdb_adapter) {
     unsafe { *out = Box::into_raw(boxed) };
 }
 
-/// Loads an adapter file for `model`: a LiDB v1 adapter (composed with its basis), or a
+/// Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), or a
 /// kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
 /// that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
 /// naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
@@ -83,7 +83,7 @@ pub unsafe extern "C" fn hdb_adapter_load_from_memory(
     })
 }
 
-/// Saves an adapter in the form it was loaded in: a LiDB adapter as LiDB v1 (~100 KB for SD
+/// Saves an adapter in the form it was loaded in: a LiDB adapter as LiDB v2 (~106 KB for SD
 /// 1.5), an imported LoRA as a PEFT file. The file is written atomically.
 ///
 /// # Safety

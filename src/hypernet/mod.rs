@@ -584,7 +584,7 @@ impl Hypernet {
             });
     }
 
-    /// theta [L, token_dim] -> the LiDB v1 adapter it stands for: layer_keys[l] gets
+    /// theta [L, token_dim] -> the LiDB adapter it stands for: layer_keys[l] gets
     /// D_train = theta[l][..r a] as [r, a] and U_train = theta[l][r a..] as [b, r]; rank, a, b,
     /// basis seed and alpha from the config.
     pub fn to_lidb(&self, theta: &[f32]) -> Result<Lidb> {

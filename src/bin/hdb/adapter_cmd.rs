@@ -113,7 +113,8 @@ fn info(file: &Path) -> hdb::Result<()> {
     if lidb::is_lidb(&f) {
         let l = lidb::Lidb::from_safetensors(&f)?;
         let m = &l.meta;
-        println!("LiDB v1 adapter: {} ({size} bytes)", file.display());
+        let version = f.metadata().get("version").cloned().unwrap_or_default();
+        println!("LiDB v{version} adapter: {} ({size} bytes)", file.display());
         println!(
             "rank {}, a {}, b {}, basis_seed {}, alpha {}",
             m.rank, m.a, m.b, m.basis_seed, m.alpha
