@@ -520,7 +520,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Loads an adapter file for `model`: a LiDB v1 adapter (composed with its basis), or a
+ * Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), or a
  * kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
  * that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
  * naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
@@ -540,7 +540,7 @@ hdb_status hdb_adapter_load(const struct hdb_model *model, const char *path, str
 hdb_status hdb_adapter_load_from_memory(const struct hdb_model *model, const uint8_t *bytes, size_t len, struct hdb_adapter **out);
 
 /**
- * Saves an adapter in the form it was loaded in: a LiDB adapter as LiDB v1 (~100 KB for SD
+ * Saves an adapter in the form it was loaded in: a LiDB adapter as LiDB v2 (~106 KB for SD
  * 1.5), an imported LoRA as a PEFT file. The file is written atomically.
  *
  * # Safety
@@ -718,7 +718,8 @@ hdb_status hdb_session_new(const struct hdb_model *model, const struct hdb_sessi
  * `context` [batch, context_tokens, cross_attention_dim] -> `out` [batch, out_channels,
  * height, width], all f32, row-major. Each `*_len` is the buffer's length in floats and must
  * equal the shape's size (the error names the argument and the expected shape). The UNet is
- * built on the model's first call (seconds for SD 1.5) and shared afterwards.
+ * built on the model's first call (seconds for SD 1.5) and shared afterwards; on a runtime
+ * with a CUDA device it runs there in fp16 (inputs and output stay f32 on the host).
  *
  * # Safety
  * `session` a live session used by this thread only; each buffer valid for its length.
@@ -730,7 +731,11 @@ hdb_status hdb_session_unet(struct hdb_session *session, const float *sample, si
  * session's active set, applied in `mode` (`HDB_APPLY_MERGE` or `HDB_APPLY_RUNTIME`).
  * `n = 0` removes all adapters (the pristine base weights run again). The session keeps what
  * it needs, so the caller may free the adapters. On failure the previous set stays active.
- * Changing the set clears per-sample indices.
+ * Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's set
+ * is built there: merge mode writes the session's own merged copies of the adapted weights
+ * (the model's are never changed), runtime mode uploads the factors; ranks above the device
+ * kernels' limits (a layer's total rank 256 in merge mode, an adapter's rank 128 in runtime
+ * mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
  *
  * # Safety
  * `session` a live session used by this thread only; `adapters` valid for `n` pointers to

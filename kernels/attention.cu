@@ -62,8 +62,16 @@
 //   What changes against flash_attn_*: k/v tiles arrive by cp.async (16 bytes a copy) into two
 //   stages, so the next tile loads while this one computes; every mma operand comes from
 //   shared memory by ldmatrix (v through ldmatrix.trans) instead of 16-bit loads; tiles past
-//   lk are zero-filled by the copy and masked only in the last tile. BN = 64 keys (32 for
+//   lk are zero-filled by the copy and masked only in the last tile; the softmax keeps its
+//   running max on raw scores so each probability is one FFMA and one ex2.approx.ftz, and P
+//   and the output are packed two at a time (cvt.rn.{f16,bf16}x2.f32). BN = 64 keys (32 for
 //   d = 160, for registers and shared memory).
+//
+// flash2w8_attn_d{40,80}_{f16,bf16}: flash2_attn_* with 8 warps and 128 query rows a block,
+//   so each k/v tile fetched from L2 serves twice the rows (at 4096 tokens, d = 40, the 4-warp
+//   kernel pulls ~670 MB of k/v from L2 per call). grid = (ceil(lq / 128), heads, batch);
+//   block = 256; dynamic shared memory (128 + 4 * BN) * (DP + 8) * 2 bytes (d40: 43 KB,
+//   d80: 67.6 KB).
 // ---------------------------------------------------------------------------------------------
 
 #include "common.cuh"
@@ -387,12 +395,12 @@ __device__ __forceinline__ void ldsm_x2_t(unsigned int& r0, unsigned int& r1, un
                  : "r"(addr));
 }
 
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, int WARPS>
 __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __restrict__ q,
                                             const T* __restrict__ k, const T* __restrict__ v,
                                             int lq, int lk, long long ld_q, long long ld_k,
                                             long long ld_v, long long ld_o, float scale) {
-    constexpr int BM = 64;
+    constexpr int BM = 16 * WARPS; // query rows per block, 16 per warp
     constexpr int DP = (D + 15) / 16 * 16;
     constexpr int SK = DP + 8; // row stride (elements): 16-byte rows, conflict-free ldmatrix
     constexpr int KS = DP / 16;
@@ -494,36 +502,39 @@ __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __rest
             }
         }
 
+        // Running max on the raw scores (scale > 0 keeps the order); then
+        // p = 2^(s * scale * log2 e - m * scale * log2 e) as one FFMA and one ex2.
         float mx0 = HDB_NEG_INF, mx1 = HDB_NEG_INF;
-        const bool edge = kt + BN > lk;
+        if (kt + BN > lk) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (kt + nt * 8 + 2 * t4 + (e & 1) >= lk) s[nt][e] = HDB_NEG_INF;
+        }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float val = s[nt][e] * sl2;
-                if (edge && kt + nt * 8 + 2 * t4 + (e & 1) >= lk) val = HDB_NEG_INF;
-                s[nt][e] = val;
-                if (e < 2) mx0 = fmaxf(mx0, val);
-                else mx1 = fmaxf(mx1, val);
-            }
+            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
         }
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float r0 = mn0 == HDB_NEG_INF ? 0.0f : mn0;
-        const float r1 = mn1 == HDB_NEG_INF ? 0.0f : mn1;
-        const float c0 = exp2f(m0 - r0), c1 = exp2f(m1 - r1);
+        // A row with no finite score yet keeps 0 as its reference, so ex2 never sees inf-inf.
+        const float r0 = mn0 == HDB_NEG_INF ? 0.0f : mn0 * sl2;
+        const float r1 = mn1 == HDB_NEG_INF ? 0.0f : mn1 * sl2;
+        const float c0 = fast_exp2(fmaf(m0, sl2, -r0)), c1 = fast_exp2(fmaf(m1, sl2, -r1));
         m0 = mn0;
         m1 = mn1;
         float ps0 = 0.0f, ps1 = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = exp2f(s[nt][0] - r0);
-            s[nt][1] = exp2f(s[nt][1] - r0);
-            s[nt][2] = exp2f(s[nt][2] - r1);
-            s[nt][3] = exp2f(s[nt][3] - r1);
+            s[nt][0] = fast_exp2(fmaf(s[nt][0], sl2, -r0));
+            s[nt][1] = fast_exp2(fmaf(s[nt][1], sl2, -r0));
+            s[nt][2] = fast_exp2(fmaf(s[nt][2], sl2, -r1));
+            s[nt][3] = fast_exp2(fmaf(s[nt][3], sl2, -r1));
             ps0 += s[nt][0] + s[nt][1];
             ps1 += s[nt][2] + s[nt][3];
         }
@@ -541,10 +552,10 @@ __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __rest
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             unsigned int pa[4];
-            pa[0] = pack2(half_bits<T>(s[2 * kk][0]), half_bits<T>(s[2 * kk][1]));
-            pa[1] = pack2(half_bits<T>(s[2 * kk][2]), half_bits<T>(s[2 * kk][3]));
-            pa[2] = pack2(half_bits<T>(s[2 * kk + 1][0]), half_bits<T>(s[2 * kk + 1][1]));
-            pa[3] = pack2(half_bits<T>(s[2 * kk + 1][2]), half_bits<T>(s[2 * kk + 1][3]));
+            pa[0] = pack2_f32<T>(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack2_f32<T>(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack2_f32<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack2_f32<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
             const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
 #pragma unroll
             for (int dt = 0; dt + 1 < DT; dt += 2) {
@@ -573,27 +584,29 @@ __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __rest
     for (int dt = 0; dt < DT; ++dt) {
         const int col = dt * 8 + 2 * t4;
         if (row0 < lq) {
-            const unsigned int p = pack2(half_bits<T>(acc[dt][0] * inv0), half_bits<T>(acc[dt][1] * inv0));
+            const unsigned int p = pack2_f32<T>(acc[dt][0] * inv0, acc[dt][1] * inv0);
             *(unsigned int*)(ob + (long long)row0 * ld_o + col) = p;
         }
         if (row1 < lq) {
-            const unsigned int p = pack2(half_bits<T>(acc[dt][2] * inv1), half_bits<T>(acc[dt][3] * inv1));
+            const unsigned int p = pack2_f32<T>(acc[dt][2] * inv1, acc[dt][3] * inv1);
             *(unsigned int*)(ob + (long long)row1 * ld_o + col) = p;
         }
     }
 }
 
-#define HDB_FLASH2_ATTN(sfx, T, D, BN)                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
-        flash2_attn_d##D##_##sfx(T* __restrict__ out, const T* __restrict__ q,                 \
-                                 const T* __restrict__ k, const T* __restrict__ v, int lq,     \
-                                 int lk, long long ld_q, long long ld_k, long long ld_v,       \
-                                 long long ld_o, float scale) {                                \
-        flash2_attn<T, D, BN>(out, q, k, v, lq, lk, ld_q, ld_k, ld_v, ld_o, scale);            \
+#define HDB_FLASH2_ATTN(name, sfx, T, D, BN, WARPS)                                            \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS)                                   \
+        name##_d##D##_##sfx(T* __restrict__ out, const T* __restrict__ q,                      \
+                            const T* __restrict__ k, const T* __restrict__ v, int lq, int lk,  \
+                            long long ld_q, long long ld_k, long long ld_v, long long ld_o,    \
+                            float scale) {                                                     \
+        flash2_attn<T, D, BN, WARPS>(out, q, k, v, lq, lk, ld_q, ld_k, ld_v, ld_o, scale);     \
     }
-#define HDB_FLASH2_ATTN_ALL_D(sfx, T) \
-    HDB_FLASH2_ATTN(sfx, T, 40, 64)   \
-    HDB_FLASH2_ATTN(sfx, T, 64, 64)   \
-    HDB_FLASH2_ATTN(sfx, T, 80, 64)   \
-    HDB_FLASH2_ATTN(sfx, T, 160, 32)
+#define HDB_FLASH2_ATTN_ALL_D(sfx, T)                 \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 40, 64, 4)   \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 64, 64, 4)   \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 80, 64, 4)   \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 160, 32, 4)  \
+    HDB_FLASH2_ATTN(flash2w8_attn, sfx, T, 40, 64, 8) \
+    HDB_FLASH2_ATTN(flash2w8_attn, sfx, T, 80, 64, 8)
 HDB_FOR_EACH_HALF_DTYPE(HDB_FLASH2_ATTN_ALL_D)

@@ -66,6 +66,28 @@ __device__ __forceinline__ unsigned int pack2(unsigned int lo, unsigned int hi) 
     return (lo & 0xffffu) | (hi << 16);
 }
 
+// Two f32 values rounded (to nearest even) to the half type T and packed, `lo` in the low 16
+// bits: one cvt.rn.{f16,bf16}x2.f32 instead of two conversions and a shift-or.
+template <typename T> __device__ __forceinline__ unsigned int pack2_f32(float lo, float hi);
+template <> __device__ __forceinline__ unsigned int pack2_f32<hdb_f16>(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ unsigned int pack2_f32<hdb_bf16>(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 2^x on the special-function unit, flushing subnormal results to zero (exp2f adds
+// instructions to handle them). ex2(-inf) = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 #define HDB_NEG_INF __int_as_float(0xff800000)
 
 // ---------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ else
 fi
 
 echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
-timeout 240 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
+timeout 300 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
 
 echo

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::adapter::apply::{AdapterCtx, Applied};
+use crate::backend::device_unet::{DeviceAdapters, DeviceUnet};
 use crate::error::{Error, Result};
 use crate::io::diffusers::read_json;
 use crate::model::random::{normals, SplitMix64};
@@ -15,14 +16,22 @@ use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{Unet, UnetInput};
 use crate::model::vae::Vae;
 use crate::model::Model;
+use crate::runtime::Runtime;
 
-/// Everything a generation needs, built once and shared.
+/// Everything a generation needs, built once and shared. The tokenizer, text encoder and VAE
+/// run on the CPU; the UNet runs on the runtime's device when the pipeline has one
+/// (`device_unet`), else on the CPU.
 pub struct Pipeline {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: TextEncoder,
+    /// The UNet on the CPU: it runs the denoising unless `device_unet` is set, and adapter
+    /// sets are resolved against it either way.
     pub unet: std::sync::Arc<Unet>,
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
+    /// The UNet on the runtime's device (see [`Pipeline::from_model_on`]): denoising runs
+    /// there, with adapter sets built for it ([`GenerateAdapters::device_unet`]).
+    pub device_unet: Option<DeviceUnet>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -67,12 +76,15 @@ impl Default for GenerateParams {
 }
 
 /// A session's adapters for one generation: one set for the text encoder and the UNet, and
-/// optionally an index per image (runtime mode).
+/// optionally an index per image (runtime mode). The UNet set is `unet` for a pipeline that
+/// runs its UNet on the CPU, `device_unet` (from [`DeviceUnet::adapters`]) for one with a
+/// device UNet; giving the other kind is an error.
 #[derive(Clone, Copy, Default)]
 pub struct GenerateAdapters<'a> {
     pub unet: Option<&'a Applied>,
     pub text_encoder: Option<&'a Applied>,
     pub per_image: Option<&'a [i32]>,
+    pub device_unet: Option<&'a DeviceAdapters>,
 }
 
 /// The result: RGB8 images (row-major, 3 bytes a pixel) and the final latents.
@@ -107,7 +119,19 @@ impl Pipeline {
             unet: model.unet()?,
             vae: Vae::from_model(model)?,
             scheduler,
+            device_unet: None,
         })
+    }
+
+    /// As [`Pipeline::from_model`], built in `rt`'s threads, with the UNet on `rt`'s device
+    /// when it has one (uploaded on first use, cached by the model).
+    pub fn from_model_on(model: &Model, rt: &Runtime) -> Result<Pipeline> {
+        let mut p = rt.install(|| Pipeline::from_model(model))?;
+        p.device_unet = DeviceUnet::for_runtime(rt, model)?;
+        if let Some(d) = &p.device_unet {
+            log::info!("the pipeline's UNet runs on {}", d.describe());
+        }
+        Ok(p)
     }
 
     /// Prompt embeddings for `texts` (each padded to the tokenizer's length) -> [n, L, D].
@@ -158,6 +182,24 @@ impl Pipeline {
                     format!("{} entries for a batch of {b}", idx.len()),
                 ));
             }
+        }
+        match (&self.device_unet, ad.unet, ad.device_unet) {
+            (Some(d), Some(_), _) => {
+                return Err(Error::invalid_arg(
+                    "adapters",
+                    format!(
+                        "this pipeline runs its UNet on {}: its adapter set must be built for                          it (DeviceUnet::adapters), not for the CPU UNet",
+                        d.describe()
+                    ),
+                ))
+            }
+            (None, _, Some(_)) => {
+                return Err(Error::invalid_arg(
+                    "adapters",
+                    "a device adapter set was given but this pipeline runs its UNet on the CPU",
+                ))
+            }
+            _ => {}
         }
         let cfg = p.guidance > 1.0;
         let mut sched = scheduler::make(p.sampler, &self.scheduler, p.steps)?;
@@ -221,7 +263,10 @@ impl Pipeline {
                 width: w,
                 context_len: l,
             };
-            let eps = self.unet.forward_with(&input, unet_ad.as_ref())?;
+            let eps = match &self.device_unet {
+                Some(d) => d.forward(&input, ad.device_unet, doubled.as_deref())?,
+                None => self.unet.forward_with(&input, unet_ad.as_ref())?,
+            };
             let eps: Vec<f32> = if cfg {
                 let (u, c) = eps.split_at(n);
                 u.iter()

@@ -1,5 +1,14 @@
 //! The runtime: which device runs the ops and how many CPU threads they may use.
+//!
+//! With a CUDA device (feature `cuda`), the UNet runs there (fp16 weights, uploaded once per
+//! model on first use); the text encoder, the VAE, the tokenizer and the hypernetwork stay on
+//! the CPU, in this runtime's thread pool, which every runtime keeps.
 
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
+
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
 /// What the caller asked for.
@@ -56,10 +65,13 @@ pub struct RuntimeOptions {
     pub threads: usize,
 }
 
-/// Device choice and the CPU thread pool every op of this runtime runs in.
+/// Device choice and the CPU thread pool every CPU op of this runtime runs in.
 pub struct Runtime {
     device: Device,
     pool: rayon::ThreadPool,
+    /// The opened CUDA device, when `device` is CUDA.
+    #[cfg(feature = "cuda")]
+    cuda: Option<Arc<CudaDevice>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -72,15 +84,23 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// Opens the requested device: `Cuda(n)` fails as the device reports it
+    /// ([`Error::NoDevice`] without a driver, a device, libnvrtc, or in a build without the
+    /// `cuda` feature); `Auto` tries cuda:0 and falls back to the CPU (logged at info level).
+    /// Every runtime also starts its CPU thread pool (`threads`, 0 = one per core): the text
+    /// encoder, VAE, tokenizer and hypernetwork run there, and on a CPU runtime the UNet too.
     pub fn new(opts: RuntimeOptions) -> Result<Runtime> {
-        let device = match opts.device {
-            DeviceRequest::Cpu => Device::Cpu,
-            DeviceRequest::Cuda(n) => cuda_device(n)?,
+        let (device, cuda) = match opts.device {
+            DeviceRequest::Cpu => (Device::Cpu, None),
+            DeviceRequest::Cuda(n) => {
+                let d = cuda_device(n)?;
+                (Device::Cuda(n), Some(d))
+            }
             DeviceRequest::Auto => match cuda_device(0) {
-                Ok(d) => d,
+                Ok(d) => (Device::Cuda(0), Some(d)),
                 Err(e) => {
                     log::info!("using the CPU backend ({e})");
-                    Device::Cpu
+                    (Device::Cpu, None)
                 }
             },
         };
@@ -95,7 +115,20 @@ impl Runtime {
             .build()
             .map_err(|e| Error::Internal(format!("cannot start {threads} CPU threads: {e}")))?;
         log::info!("runtime on {device} with {threads} CPU threads");
-        Ok(Runtime { device, pool })
+        #[cfg(not(feature = "cuda"))]
+        let _ = cuda; // without the feature there is never a device to keep
+        Ok(Runtime {
+            device,
+            pool,
+            #[cfg(feature = "cuda")]
+            cuda,
+        })
+    }
+
+    /// The CUDA device of a runtime created on one (the UNet runs there); None on the CPU.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> Option<&Arc<CudaDevice>> {
+        self.cuda.as_ref()
     }
 
     pub fn device(&self) -> Device {
@@ -113,33 +146,16 @@ impl Runtime {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(_n: u32) -> Result<Device> {
+fn cuda_device(_n: u32) -> Result<std::convert::Infallible> {
     Err(Error::NoDevice(
         "this build of hdb has no CUDA support (built without the 'cuda' feature)".into(),
     ))
 }
 
+/// Opens CUDA device `n` (its driver, NVRTC and cuBLAS; see [`CudaDevice::open`]).
 #[cfg(feature = "cuda")]
-fn cuda_device(n: u32) -> Result<Device> {
-    // cudarc panics when libcuda is missing; probe for the library first.
-    // SAFETY: the probe only tries to dlopen the driver library.
-    let present = unsafe { cudarc::driver::sys::is_culib_present() };
-    if !present {
-        return Err(Error::NoDevice(
-            "no CUDA driver found (libcuda.so could not be loaded)".into(),
-        ));
-    }
-    let count = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count)
-        .map_err(|_| Error::NoDevice("the CUDA driver failed to initialise".into()))?
-        .map_err(|e| Error::NoDevice(format!("the CUDA driver failed to initialise: {e:?}")))?;
-    if n as i64 >= count as i64 {
-        return Err(Error::NoDevice(format!(
-            "cuda:{n} requested but {count} CUDA device(s) are present"
-        )));
-    }
-    Err(Error::Unsupported(format!(
-        "cuda:{n} is present but hdb's CUDA backend is not implemented yet; use 'cpu'"
-    )))
+fn cuda_device(n: u32) -> Result<Arc<CudaDevice>> {
+    Ok(Arc::new(CudaDevice::open(n as usize)?))
 }
 
 #[cfg(test)]
@@ -173,5 +189,22 @@ mod tests {
             assert_eq!(rt.device(), Device::Cpu);
         }
         assert_eq!(rt.threads(), 2);
+    }
+
+    #[test]
+    fn cuda_without_a_usable_device_is_no_device() {
+        #[cfg(feature = "cuda")]
+        if crate::backend::cuda::driver_available() {
+            println!("a CUDA driver is present: the no-driver error cannot be checked here");
+            return;
+        }
+        for n in [0, 3] {
+            let e = Runtime::new(RuntimeOptions {
+                device: DeviceRequest::Cuda(n),
+                threads: 1,
+            })
+            .expect_err("no CUDA device here");
+            assert!(matches!(e, Error::NoDevice(_)), "cuda:{n}: {e}");
+        }
     }
 }

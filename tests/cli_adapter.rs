@@ -227,3 +227,51 @@ fn adapter_info_export_and_basis() {
         "{err}"
     );
 }
+
+/// `--device`: a bad name is refused naming the choices; `cuda` either runs the UNet there (a
+/// GPU machine with the `cuda` build: the output stays within f16 error of the CPU's) or fails
+/// saying there is no device.
+#[test]
+fn unet_device_option() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (model, input) = (fx("tiny-sd"), fx("unet/tiny-sd.in.safetensors"));
+    let run = |device: &str, o: &Path| {
+        hdb(&[
+            "unet",
+            "--model",
+            s(&model),
+            "--input",
+            s(&input),
+            "--output",
+            s(o),
+            "--threads",
+            "1",
+            "--adapter",
+            s(&fx("adapter/id1.lidb.safetensors")),
+            "--device",
+            device,
+        ])
+    };
+    let r = run("tpu", &dir.path().join("x.safetensors"));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("auto, cpu, cuda, cuda:N"),
+        "{err}"
+    );
+    let cpu = dir.path().join("cpu.safetensors");
+    let r = run("cpu", &cpu);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let want = out(&fx("adapter/id1.out.safetensors"));
+    assert!(max_diff(&out(&cpu), &want) <= 1e-4 * 1.12);
+    let gpu = dir.path().join("gpu.safetensors");
+    let r = run("cuda:0", &gpu);
+    let err = String::from_utf8_lossy(&r.stderr);
+    if r.status.success() {
+        let d = max_diff(&out(&gpu), &want);
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        println!("hdb unet --device cuda:0: max diff to diffusers {d:e} (max|ref| {scale:e})");
+        assert!(d <= 2e-2 * scale, "cuda: max diff {d}");
+    } else {
+        assert!(err.contains("no device"), "{err}");
+    }
+}

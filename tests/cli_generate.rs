@@ -152,3 +152,25 @@ fn demo_runs_the_whole_path_on_the_built_in_model() {
     }
     assert!(dir.path().join("identity-0.lidb.safetensors").is_file());
 }
+
+/// `hdb generate --device cuda` runs the UNet on the GPU where there is one, else fails before
+/// loading anything, saying there is no device.
+#[test]
+fn generate_device_option() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("img.png");
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["generate", "--model"])
+        .arg(fx("tiny-sd"))
+        .args(["--prompt", "a photo", "--steps", "2", "--width", "64"])
+        .args(["--height", "64", "--device", "cuda", "-o"])
+        .arg(&out)
+        .output()
+        .expect("run hdb");
+    let err = String::from_utf8_lossy(&r.stderr);
+    if r.status.success() {
+        assert_eq!(png_size(&out), (64, 64));
+    } else {
+        assert!(err.contains("no device"), "{err}");
+    }
+}

@@ -240,7 +240,7 @@ fn flash_attention_matches_cpu() {
         let s = AttnShape::dense(b, h, lq, lk, d);
         // P is rounded to the input type before P.V: ~1e-3 (f16) / ~1e-2 (bf16) relative.
         // Auto is flash2_attn_* here (dense rows are 16-byte aligned).
-        for kernel in [AttnKernel::Auto, AttnKernel::Flash1] {
+        for kernel in [AttnKernel::Auto, AttnKernel::Flash1, AttnKernel::Flash2Wide] {
             attention_case::<f16>(&dev, &mut rng, s, false, kernel, 2e-3);
             attention_case::<bf16>(&dev, &mut rng, s, false, kernel, 1.5e-2);
         }

@@ -120,6 +120,7 @@ fn identities_on_unet_and_text_encoder_match_diffusers() {
             unet: Some(&unet),
             text_encoder: Some(&te),
             per_image: None,
+            ..Default::default()
         };
         let out = p
             .generate(&params(SamplerKind::Ddim, 2), ad, None)
@@ -138,6 +139,7 @@ fn one_identity_per_image_matches_separate_runs() {
         unet: Some(&unet),
         text_encoder: Some(&te),
         per_image: Some(&[-1, 0]),
+        ..Default::default()
     };
     let out = p
         .generate(&params(SamplerKind::Ddim, 2), ad, None)

@@ -155,37 +155,51 @@ pub struct AdapterCtx<'a> {
     pub per_sample: Option<&'a [i32]>,
 }
 
+/// Checks per-sample adapter indices (`per_sample`, one per sample of a `batch`) against a set
+/// of `count` adapters applied in `mode`; shared by the CPU and CUDA UNets, so both give the
+/// same errors.
+pub fn validate_per_sample(
+    mode: ApplyMode,
+    count: usize,
+    per_sample: Option<&[i32]>,
+    batch: usize,
+) -> Result<()> {
+    if let Some(idx) = per_sample {
+        if mode != ApplyMode::Runtime {
+            return Err(Error::invalid_arg(
+                "adapter_index",
+                "per-sample adapters need the runtime apply mode (merge applies one set to every sample)",
+            ));
+        }
+        if idx.len() != batch {
+            return Err(Error::invalid_arg(
+                "adapter_index",
+                format!("has {} entries for a batch of {batch}", idx.len()),
+            ));
+        }
+        if let Some((j, &i)) = idx
+            .iter()
+            .enumerate()
+            .find(|(_, &i)| i < -1 || i64::from(i) >= count as i64)
+        {
+            return Err(Error::invalid_arg(
+                "adapter_index",
+                format!("sample {j} has index {i}; valid: -1 (none) or 0..{count}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl AdapterCtx<'_> {
     /// Checks the per-sample indices against a batch.
     pub fn validate(&self, batch: usize) -> Result<()> {
-        if let Some(idx) = self.per_sample {
-            if self.applied.mode != ApplyMode::Runtime {
-                return Err(Error::invalid_arg(
-                    "adapter_index",
-                    "per-sample adapters need the runtime apply mode (merge applies one set to every sample)",
-                ));
-            }
-            if idx.len() != batch {
-                return Err(Error::invalid_arg(
-                    "adapter_index",
-                    format!("has {} entries for a batch of {batch}", idx.len()),
-                ));
-            }
-            if let Some((j, &i)) = idx
-                .iter()
-                .enumerate()
-                .find(|(_, &i)| i < -1 || i >= self.applied.count as i32)
-            {
-                return Err(Error::invalid_arg(
-                    "adapter_index",
-                    format!(
-                        "sample {j} has index {i}; valid: -1 (none) or 0..{}",
-                        self.applied.count
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        validate_per_sample(
+            self.applied.mode,
+            self.applied.count,
+            self.per_sample,
+            batch,
+        )
     }
 
     /// The merged weight of `key`, if merge mode changed it.

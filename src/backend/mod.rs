@@ -1,7 +1,9 @@
-//! Compute backends. The CPU backend ([`cpu`]) runs every op; the CUDA backend is chosen at
-//! run time (see `runtime`) once it exists.
+//! Compute backends. The CPU backend ([`cpu`]) runs every op; the CUDA backend (feature
+//! `cuda`) is chosen at run time by the runtime's device and runs the UNet
+//! ([`device_unet`]).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device_unet;
 pub mod profile;

@@ -205,6 +205,7 @@ pub unsafe extern "C" fn hdb_generate(
             unet: s.applied.as_ref(),
             text_encoder: s.applied_te.as_ref(),
             per_image: s.per_sample.as_deref(),
+            device_unet: s.device_applied.as_ref(),
         };
         let stage = CString::new("denoise").unwrap_or_default();
         let host = HostProgress {

@@ -33,7 +33,16 @@ pub(crate) struct ModelShared {
 }
 
 impl ModelShared {
-    /// The text-to-image pipeline of this model, built (in the runtime's threads) on first use.
+    /// The model's UNet on the runtime's device (uploaded on the model's first use), or None
+    /// on a CPU runtime.
+    pub(crate) fn device_unet(
+        &self,
+    ) -> crate::Result<Option<crate::backend::device_unet::DeviceUnet>> {
+        crate::backend::device_unet::DeviceUnet::for_runtime(&self.runtime, &self.model)
+    }
+
+    /// The text-to-image pipeline of this model, built (in the runtime's threads) on first use,
+    /// with the UNet on the runtime's device when it has one.
     pub(crate) fn pipeline(&self) -> crate::Result<Arc<crate::pipeline::Pipeline>> {
         let mut guard = self
             .pipeline
@@ -42,10 +51,10 @@ impl ModelShared {
         if let Some(p) = guard.as_ref() {
             return Ok(p.clone());
         }
-        let p = Arc::new(
-            self.runtime
-                .install(|| crate::pipeline::Pipeline::from_model(&self.model))?,
-        );
+        let p = Arc::new(crate::pipeline::Pipeline::from_model_on(
+            &self.model,
+            &self.runtime,
+        )?);
         *guard = Some(p.clone());
         Ok(p)
     }

@@ -1,5 +1,8 @@
-//! `hdb_session`: one thread's generation state on a shared model. Today it runs single UNet
-//! evaluations on caller buffers, for hosts that drive their own sampler.
+//! `hdb_session`: one thread's generation state on a shared model: its adapters, UNet
+//! evaluations on caller buffers (for hosts that drive their own sampler) and generations.
+//! On a runtime with a CUDA device the UNet runs there (the model's fp16 copy, shared by every
+//! session) and the session's UNet adapters are built on the device; the text encoder and its
+//! adapters stay on the CPU.
 
 use std::sync::Arc;
 
@@ -10,14 +13,18 @@ use super::params::read_params;
 use super::params::Versioned;
 use super::status::hdb_status;
 use crate::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+use crate::backend::device_unet::DeviceAdapters;
 use crate::error::Error;
 use crate::model::unet::UnetInput;
 
 /// Opaque session. Belongs to one thread at a time; keeps its model alive.
 pub struct hdb_session {
     pub(crate) shared: Arc<ModelShared>,
-    /// The active adapter set on the UNet (owns copies of what it needs).
+    /// The active adapter set on the CPU UNet (owns copies of what it needs).
     pub(crate) applied: Option<Applied>,
+    /// The active adapter set on the device UNet, when the runtime has a device (then
+    /// `applied` is None).
+    pub(crate) device_applied: Option<DeviceAdapters>,
     /// The same set on the text encoder, when it touches text-encoder layers.
     pub(crate) applied_te: Option<Applied>,
     /// Runtime mode: an adapter index per batch sample for the next UNet calls.
@@ -77,6 +84,7 @@ pub unsafe extern "C" fn hdb_session_new(
         let boxed = Box::new(hdb_session {
             shared: m.inner.clone(),
             applied: None,
+            device_applied: None,
             applied_te: None,
             per_sample: None,
         });
@@ -104,7 +112,8 @@ unsafe fn floats<'a>(p: *const f32, len: usize, name: &'static str) -> crate::Re
 /// `context` [batch, context_tokens, cross_attention_dim] -> `out` [batch, out_channels,
 /// height, width], all f32, row-major. Each `*_len` is the buffer's length in floats and must
 /// equal the shape's size (the error names the argument and the expected shape). The UNet is
-/// built on the model's first call (seconds for SD 1.5) and shared afterwards.
+/// built on the model's first call (seconds for SD 1.5) and shared afterwards; on a runtime
+/// with a CUDA device it runs there in fp16 (inputs and output stay f32 on the host).
 ///
 /// # Safety
 /// `session` a live session used by this thread only; each buffer valid for its length.
@@ -139,6 +148,7 @@ pub unsafe extern "C" fn hdb_session_unet(
         );
         let shared = &s.shared;
         let unet = shared.model.unet()?;
+        let device_unet = shared.device_unet()?;
         let want = b * unet.config.out_channels * h * w;
         if out_len != want {
             return Err(Error::invalid_arg(
@@ -149,10 +159,6 @@ pub unsafe extern "C" fn hdb_session_unet(
                 ),
             ));
         }
-        let ad = s.applied.as_ref().map(|applied| AdapterCtx {
-            applied,
-            per_sample: s.per_sample.as_deref(),
-        });
         let input = UnetInput {
             sample,
             timesteps,
@@ -162,9 +168,20 @@ pub unsafe extern "C" fn hdb_session_unet(
             width: w,
             context_len: l,
         };
-        let y = shared
-            .runtime
-            .install(|| unet.forward_with(&input, ad.as_ref()))?;
+        let y = match &device_unet {
+            Some(d) => shared.runtime.install(|| {
+                d.forward(&input, s.device_applied.as_ref(), s.per_sample.as_deref())
+            })?,
+            None => {
+                let ad = s.applied.as_ref().map(|applied| AdapterCtx {
+                    applied,
+                    per_sample: s.per_sample.as_deref(),
+                });
+                shared
+                    .runtime
+                    .install(|| unet.forward_with(&input, ad.as_ref()))?
+            }
+        };
         // SAFETY: out is valid for out_len == y.len() floats.
         unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), out, y.len()) };
         Ok(())
@@ -175,7 +192,11 @@ pub unsafe extern "C" fn hdb_session_unet(
 /// session's active set, applied in `mode` (`HDB_APPLY_MERGE` or `HDB_APPLY_RUNTIME`).
 /// `n = 0` removes all adapters (the pristine base weights run again). The session keeps what
 /// it needs, so the caller may free the adapters. On failure the previous set stays active.
-/// Changing the set clears per-sample indices.
+/// Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's set
+/// is built there: merge mode writes the session's own merged copies of the adapted weights
+/// (the model's are never changed), runtime mode uploads the factors; ranks above the device
+/// kernels' limits (a layer's total rank 256 in merge mode, an adapter's rank 128 in runtime
+/// mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
 ///
 /// # Safety
 /// `session` a live session used by this thread only; `adapters` valid for `n` pointers to
@@ -231,12 +252,22 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
         } else {
             None
         };
-        let previous = s.applied.as_mut();
-        let applied = s
-            .shared
-            .runtime
-            .install(|| Applied::replacing(previous, &set, mode, &*unet))?;
-        s.applied = (n > 0).then_some(applied);
+        match s.shared.device_unet()? {
+            Some(d) => {
+                let dev_set = s.shared.runtime.install(|| d.adapters(&unet, &set, mode))?;
+                s.applied = None;
+                s.device_applied = (n > 0).then_some(dev_set);
+            }
+            None => {
+                let previous = s.applied.as_mut();
+                let applied = s
+                    .shared
+                    .runtime
+                    .install(|| Applied::replacing(previous, &set, mode, &*unet))?;
+                s.applied = (n > 0).then_some(applied);
+                s.device_applied = None;
+            }
+        }
         s.applied_te = applied_te.filter(|_| n > 0);
         s.per_sample = None;
         Ok(())
@@ -264,17 +295,20 @@ pub unsafe extern "C" fn hdb_session_set_sample_adapters(
         }
         // SAFETY: valid for n values.
         let idx = unsafe { std::slice::from_raw_parts(indices, n) }.to_vec();
-        let Some(applied) = &s.applied else {
-            return Err(Error::invalid_arg(
-                "indices",
-                "the session has no adapters; call hdb_session_set_adapters first",
-            ));
-        };
-        AdapterCtx {
-            applied,
-            per_sample: Some(&idx),
+        match (&s.applied, &s.device_applied) {
+            (Some(applied), _) => AdapterCtx {
+                applied,
+                per_sample: Some(&idx),
+            }
+            .validate(n)?,
+            (None, Some(d)) => d.validate(Some(&idx), n)?,
+            (None, None) => {
+                return Err(Error::invalid_arg(
+                    "indices",
+                    "the session has no adapters; call hdb_session_set_adapters first",
+                ))
+            }
         }
-        .validate(n)?;
         s.per_sample = Some(idx);
         Ok(())
     })

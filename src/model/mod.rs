@@ -86,7 +86,15 @@ pub struct Model {
     pub architecture: Architecture,
     /// The UNet, built on first use and shared by every session.
     unet: std::sync::Mutex<Option<Arc<unet::Unet>>>,
+    /// The UNet in fp16 on each CUDA device (by ordinal) it was asked for: uploaded on first
+    /// use and shared by every session of that device.
+    #[cfg(feature = "cuda")]
+    cuda_unets: std::sync::Mutex<Vec<(usize, CudaUnetF16)>>,
 }
+
+/// The UNet on a CUDA device in fp16, the device dtype of the library's normal paths.
+#[cfg(feature = "cuda")]
+pub type CudaUnetF16 = Arc<crate::backend::cuda::unet::CudaUnet<half::f16>>;
 
 impl Model {
     /// The model's UNet, built (and shape-checked) on the first call.
@@ -100,6 +108,30 @@ impl Model {
         }
         let u = Arc::new(unet::Unet::from_model(self)?);
         *guard = Some(u.clone());
+        Ok(u)
+    }
+
+    /// The model's UNet in fp16 on `dev`, uploaded from [`Model::unet`] on the first call for
+    /// that device (seconds for SD 1.5: about 1.7 GB of device memory) and shared afterwards.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_unet(&self, dev: &crate::backend::cuda::CudaDevice) -> Result<CudaUnetF16> {
+        let mut guard = self
+            .cuda_unets
+            .lock()
+            .map_err(|_| Error::Internal("CUDA UNet cache lock poisoned".into()))?;
+        if let Some((_, u)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
+            return Ok(u.clone());
+        }
+        let cpu = self.unet()?;
+        let t = std::time::Instant::now();
+        let u = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, &cpu)?);
+        dev.synchronize()?;
+        log::info!(
+            "uploaded the UNet to cuda:{} in fp16 in {:.2} s",
+            dev.ordinal(),
+            t.elapsed().as_secs_f64()
+        );
+        guard.push((dev.ordinal(), u.clone()));
         Ok(u)
     }
 
@@ -238,6 +270,8 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         tokenizer,
         architecture: Architecture::Unknown,
         unet: Default::default(),
+        #[cfg(feature = "cuda")]
+        cuda_unets: Default::default(),
     })
 }
 
@@ -340,6 +374,8 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         tokenizer: None,
         architecture: Architecture::Unknown,
         unet: Default::default(),
+        #[cfg(feature = "cuda")]
+        cuda_unets: Default::default(),
     })
 }
 

@@ -357,6 +357,17 @@ impl CudaDevice {
         Ok(self.download(dev, n)?.into_iter().map(T::to_f32).collect())
     }
 
+    /// Makes this device's context current on the calling thread. cudarc's memory and launch
+    /// calls do it themselves, cuBLAS does not: entry points that may run on any thread (a
+    /// session's calls, the runtime's worker threads) call this first.
+    pub fn bind_to_thread(&self) -> Result<()> {
+        guard("binding the CUDA context", || {
+            self.ctx
+                .bind_to_thread()
+                .map_err(driver_err("making the CUDA context current on this thread"))
+        })
+    }
+
     /// Waits for all queued work; a kernel fault surfaces here.
     pub fn synchronize(&self) -> Result<()> {
         guard("synchronising the stream", || {

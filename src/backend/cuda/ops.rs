@@ -168,8 +168,23 @@ pub enum AttnKernel {
     Auto,
     /// `flash_attn_*` (tensor cores, 16-bit shared loads, one k/v stage), where it applies.
     Flash1,
+    /// `flash2w8_attn_*` (8 warps, 128 query rows a block) where it applies (head dims 40
+    /// and 80, aligned rows), else as `Auto`.
+    Flash2Wide,
     /// The plain-FMA kernel (any dtype, head dims up to 256).
     Scalar,
+}
+
+/// Queries (lq) from which `AttnKernel::Auto` takes the 8-warp `flash2w8_attn_*` (head dims
+/// 40 and 80); `usize::MAX` = never. Process-wide, for benchmarking the two against each other
+/// (`hdb bench cuda`); the default is what measured faster on an H100 (docs/perf.md).
+static AUTO_WIDE_MIN_LQ: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Sets the query length from which `AttnKernel::Auto` uses the 8-warp flash kernel (head
+/// dims 40 and 80); `usize::MAX` turns it off. Returns the previous value.
+pub fn set_auto_wide_min_lq(lq: usize) -> usize {
+    AUTO_WIDE_MIN_LQ.swap(lq, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Head dims `flash_attn_d*` is instantiated for.
@@ -218,7 +233,11 @@ pub fn attention<T: DeviceElem>(
         .iter()
         .all(|&(b, o)| addr(dev, b, o) % 16 == 0)
         && tsz == 2;
-    let flash2 = flash && kernel == AttnKernel::Auto && aligned;
+    let flash2 = flash && matches!(kernel, AttnKernel::Auto | AttnKernel::Flash2Wide) && aligned;
+    let wide_min = AUTO_WIDE_MIN_LQ.load(std::sync::atomic::Ordering::Relaxed);
+    let wide = flash2
+        && matches!(s.head_dim, 40 | 80)
+        && (kernel == AttnKernel::Flash2Wide || s.lq >= wide_min);
     if !flash && s.head_dim > 256 {
         return Err(Error::Unsupported(format!(
             "attention with head dim {} (the scalar kernel takes up to 256)",
@@ -228,12 +247,17 @@ pub fn attention<T: DeviceElem>(
     let (kname, cfg) = if flash2 {
         let dp = s.head_dim.div_ceil(16) * 16;
         let bn = if s.head_dim > 80 { 32 } else { 64 };
+        let (stem, bm) = if wide {
+            ("flash2w8_attn", 128)
+        } else {
+            ("flash2_attn", 64)
+        };
         (
-            format!("flash2_attn_d{}_{}", s.head_dim, T::SUFFIX),
+            format!("{stem}_d{}_{}", s.head_dim, T::SUFFIX),
             LaunchConfig {
-                grid_dim: (s.lq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: ((64 + 4 * bn) * (dp + 8) * 2) as u32,
+                grid_dim: (s.lq.div_ceil(bm) as u32, s.heads as u32, s.batch as u32),
+                block_dim: (2 * bm as u32, 1, 1),
+                shared_mem_bytes: ((bm + 4 * bn) * (dp + 8) * 2) as u32,
             },
         )
     } else if flash {

@@ -9,14 +9,22 @@
 //! activations are kept, not copied (in the down path the current activation is always the top
 //! of the skip stack).
 //!
-//! Adapters (LoRA, merged LiDB weights) are not applied here.
+//! Identity adapters ([`super::adapters`]) are applied as the CPU UNet applies them: in merge
+//! mode a session's merged copies of the adapted weight buffers replace the shared ones in the
+//! GEMMs (the uploaded weights are never written, so they are the pristine base); in runtime
+//! mode `lora_bgmv` adds each adapted projection's low-rank update to its GEMM's output, reading
+//! the stacked q/k/v (or k/v) output through a column offset and row stride.
 //!
 //! TODO(perf): every intermediate is a fresh `dev.alloc` allocation per call (stream-ordered
 //! and freed on drop, not zeroed: every op writes its whole output); a per-resolution buffer
 //! pool would drop the allocations.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use cudarc::driver::CudaSlice;
 
+use super::adapters::{Active, CudaAdapterCtx};
 use super::device::CudaDevice;
 use super::ops::{self, At, AttnKernel, AttnShape, BlasElem, Conv2d};
 use crate::error::{Error, Result};
@@ -70,7 +78,7 @@ fn shape_err(what: &str, detail: String) -> Error {
 }
 
 /// PyTorch's Linear: weight [dout, din] (+ bias [dout]).
-struct Linear<T> {
+pub(super) struct Linear<T> {
     w: CudaSlice<T>,
     b: Option<CudaSlice<T>>,
     din: usize,
@@ -124,17 +132,32 @@ impl<T: BlasElem> Linear<T> {
 
     /// x [rows, din] -> [rows, dout]
     fn forward(&self, dev: &CudaDevice, x: &CudaSlice<T>, rows: usize) -> Result<CudaSlice<T>> {
+        self.forward_w(dev, x, rows, &self.w)
+    }
+
+    /// As `forward` with weight `w` (a merged copy of this layer's weight) in place of its own.
+    fn forward_w(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaSlice<T>,
+        rows: usize,
+        w: &CudaSlice<T>,
+    ) -> Result<CudaSlice<T>> {
         let y = dev.alloc(rows * self.dout)?;
         ops::linear(
             dev,
             At::from(&y),
             self.dout,
             At::from(x),
-            &self.w,
+            w,
             self.b.as_ref(),
             (rows, self.din, self.dout),
         )?;
         Ok(y)
+    }
+
+    pub(super) fn weight(&self) -> &CudaSlice<T> {
+        &self.w
     }
 }
 
@@ -358,9 +381,42 @@ impl<T: BlasElem> Resnet<T> {
     }
 }
 
+/// One adaptable projection of an attention layer (diffusers' to_q, to_k, to_v, to_out.0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Slot {
+    Q = 0,
+    K = 1,
+    V = 2,
+    Out = 3,
+}
+
+impl Slot {
+    pub(super) const ALL: [Slot; 4] = [Slot::Q, Slot::K, Slot::V, Slot::Out];
+}
+
+/// The weight buffers of an attention layer: cross-attention's own to_q, the stacked projection
+/// (self-attention: q/k/v; cross-attention: k/v), and to_out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Buf {
+    Q = 0,
+    Proj = 1,
+    Out = 2,
+}
+
+/// Where an adaptable projection's weight lives: rows `row..row + dout` of buffer `buf`, whose
+/// rows are `din` wide (so elements `row * din..`); in the buffer's GEMM output, columns
+/// `row..row + dout`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Place {
+    pub(super) buf: Buf,
+    pub(super) row: usize,
+    pub(super) din: usize,
+    pub(super) dout: usize,
+}
+
 /// Multi-head attention: self-attention with one stacked q/k/v projection, cross-attention
 /// with a q projection and one stacked k/v projection.
-struct Attention<T> {
+pub(super) struct Attention<T> {
     /// Cross-attention only: to_q.
     q: Option<Linear<T>>,
     /// Self-attention: [to_q; to_k; to_v] [3C, C]. Cross: [to_k; to_v] [2C, ctx_dim].
@@ -368,6 +424,10 @@ struct Attention<T> {
     to_out: Linear<T>,
     heads: usize,
     c: usize,
+    /// This layer's index in [`CudaUnet::attentions`] order (set by [`CudaUnet::upload`]).
+    id: usize,
+    /// The adapter keys (`unet.<path>.to_q`, ...) of the projections, by [`Slot`].
+    keys: [Option<String>; 4],
 }
 
 impl<T: BlasElem> Attention<T> {
@@ -402,20 +462,69 @@ impl<T: BlasElem> Attention<T> {
             to_out: Linear::upload(dev, &a.to_out)?,
             heads: a.heads,
             c,
+            id: 0,
+            keys: [&a.to_q, &a.to_k, &a.to_v, &a.to_out].map(|l| l.key.clone()),
         })
     }
 
+    /// Where the weight of projection `slot` lives.
+    pub(super) fn place(&self, slot: Slot) -> Place {
+        let c = self.c;
+        let ctx = self.proj.din;
+        let cross = self.q.is_some();
+        let (buf, row, din) = match (slot, cross) {
+            (Slot::Q, false) => (Buf::Proj, 0, c),
+            (Slot::K, false) => (Buf::Proj, c, c),
+            (Slot::V, false) => (Buf::Proj, 2 * c, c),
+            (Slot::Q, true) => (Buf::Q, 0, c),
+            (Slot::K, true) => (Buf::Proj, 0, ctx),
+            (Slot::V, true) => (Buf::Proj, c, ctx),
+            (Slot::Out, _) => (Buf::Out, 0, c),
+        };
+        Place {
+            buf,
+            row,
+            din,
+            dout: c,
+        }
+    }
+
+    /// The weight [rows, din] of buffer `buf` (None: cross-attention's to_q in self-attention).
+    pub(super) fn buffer(&self, buf: Buf) -> Option<&Linear<T>> {
+        match buf {
+            Buf::Q => self.q.as_ref(),
+            Buf::Proj => Some(&self.proj),
+            Buf::Out => Some(&self.to_out),
+        }
+    }
+
+    /// The weight buffer `buf` (its layer `lin`) runs with: the session's merged copy, if any.
+    fn weight<'s>(
+        &self,
+        buf: Buf,
+        lin: &'s Linear<T>,
+        ad: Option<&Active<'s, T>>,
+    ) -> &'s CudaSlice<T> {
+        ad.and_then(|a| a.merged(self.id, buf)).unwrap_or(&lin.w)
+    }
+
     /// x [B, lq, c]; `ctx` [B, lk, ctx_dim] with lk for cross-attention, None for
-    /// self-attention -> [B, lq, c].
+    /// self-attention -> [B, lq, c]. `ad`: the session's adapters (merged weights replace the
+    /// shared ones; runtime LoRA updates follow each adapted projection's GEMM).
     fn forward(
         &self,
         dev: &CudaDevice,
         x: &CudaSlice<T>,
         ctx: Option<(&CudaSlice<T>, usize)>,
-        b: usize,
-        lq: usize,
+        (b, lq): (usize, usize),
+        ad: Option<&Active<'_, T>>,
     ) -> Result<CudaSlice<T>> {
         let c = self.c;
+        // y [rows, ld_y] (from column place.row on) += LoRA_slot(x [rows, din]).
+        let lora = |slot: Slot, y: At<'_, T>, ld_y: usize, x: &CudaSlice<T>, rows: usize| match ad {
+            Some(a) => a.add(dev, self.id, slot, self.place(slot), y, ld_y, x, rows, b),
+            None => Ok(()),
+        };
         let head_dim = c / self.heads;
         let o = dev.alloc(b * lq * c)?;
         let shape = |lk: usize, ld_kv: usize, ld_q: usize| AttnShape {
@@ -431,7 +540,13 @@ impl<T: BlasElem> Attention<T> {
         };
         match (&self.q, ctx) {
             (None, None) => {
-                let qkv = self.proj.forward(dev, x, b * lq)?;
+                let qkv =
+                    self.proj
+                        .forward_w(dev, x, b * lq, self.weight(Buf::Proj, &self.proj, ad))?;
+                for slot in [Slot::Q, Slot::K, Slot::V] {
+                    let at = At::new(&qkv, self.place(slot).row);
+                    lora(slot, at, 3 * c, x, b * lq)?;
+                }
                 ops::attention(
                     dev,
                     At::from(&o),
@@ -443,8 +558,18 @@ impl<T: BlasElem> Attention<T> {
                 )?;
             }
             (Some(to_q), Some((ctx, lk))) => {
-                let q = to_q.forward(dev, x, b * lq)?;
-                let kv = self.proj.forward(dev, ctx, b * lk)?;
+                let q = to_q.forward_w(dev, x, b * lq, self.weight(Buf::Q, to_q, ad))?;
+                lora(Slot::Q, At::from(&q), c, x, b * lq)?;
+                let kv = self.proj.forward_w(
+                    dev,
+                    ctx,
+                    b * lk,
+                    self.weight(Buf::Proj, &self.proj, ad),
+                )?;
+                for slot in [Slot::K, Slot::V] {
+                    let at = At::new(&kv, self.place(slot).row);
+                    lora(slot, at, 2 * c, ctx, b * lk)?;
+                }
                 ops::attention(
                     dev,
                     At::from(&o),
@@ -462,7 +587,11 @@ impl<T: BlasElem> Attention<T> {
                 ))
             }
         }
-        self.to_out.forward(dev, &o, b * lq)
+        let y = self
+            .to_out
+            .forward_w(dev, &o, b * lq, self.weight(Buf::Out, &self.to_out, ad))?;
+        lora(Slot::Out, At::from(&y), c, &o, b * lq)?;
+        Ok(y)
     }
 }
 
@@ -498,14 +627,15 @@ impl<T: BlasElem> TransformerBlock<T> {
         x: &mut CudaSlice<T>,
         ctx: &CudaSlice<T>,
         (b, t, l): (usize, usize, usize),
+        ad: Option<&Active<'_, T>>,
     ) -> Result<()> {
         let rows = b * t;
         let n_x = rows * self.norm1.dim;
         let n = self.norm1.forward(dev, x, rows)?;
-        let a = self.attn1.forward(dev, &n, None, b, t)?;
+        let a = self.attn1.forward(dev, &n, None, (b, t), ad)?;
         ops::add_inplace(dev, x, &a, n_x)?;
         let n = self.norm2.forward(dev, x, rows)?;
-        let a = self.attn2.forward(dev, &n, Some((ctx, l)), b, t)?;
+        let a = self.attn2.forward(dev, &n, Some((ctx, l)), (b, t), ad)?;
         ops::add_inplace(dev, x, &a, n_x)?;
         let n = self.norm3.forward(dev, x, rows)?;
         let f = self.ff_proj.forward(dev, &n, rows)?;
@@ -570,6 +700,7 @@ impl<T: BlasElem> Transformer2d<T> {
         x: &Act<T>,
         ctx: &CudaSlice<T>,
         l: usize,
+        ad: Option<&Active<'_, T>>,
     ) -> Result<Act<T>> {
         let dev = run.dev;
         let (b, c, hw) = (x.b, x.c, x.hw());
@@ -587,7 +718,7 @@ impl<T: BlasElem> Transformer2d<T> {
         }
         drop(h);
         for blk in &self.blocks {
-            blk.forward(dev, &mut tokens, ctx, (b, hw, l))?;
+            blk.forward(dev, &mut tokens, ctx, (b, hw, l), ad)?;
         }
         let mut nchw = dev.alloc(b * c * hw)?;
         let mut out = match &self.proj_out {
@@ -654,7 +785,14 @@ pub struct CudaUnet<T: BlasElem> {
     up: Vec<Block<T>>,
     norm_out: GroupNorm<T>,
     conv_out: Conv<T>,
+    /// Unique per upload, so adapters built for one UNet are refused by another.
+    uid: u64,
+    /// Adapter key (`unet.<path>.to_q`, ...) -> (attention id, projection).
+    adaptable: BTreeMap<String, (usize, Slot)>,
 }
+
+/// Source of [`CudaUnet::uid`].
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
 impl<T: BlasElem> std::fmt::Debug for CudaUnet<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -680,7 +818,7 @@ impl<T: BlasElem> CudaUnet<T> {
                 ),
             ));
         }
-        Ok(CudaUnet {
+        let mut u = CudaUnet {
             config: unet.config.clone(),
             time_1: Linear::upload(dev, &unet.time_1)?,
             time_2: Linear::upload(dev, &unet.time_2)?,
@@ -702,17 +840,80 @@ impl<T: BlasElem> CudaUnet<T> {
                 .collect::<Result<_>>()?,
             norm_out: GroupNorm::upload(dev, &unet.norm_out)?,
             conv_out: Conv::upload(dev, &unet.conv_out)?,
-        })
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            adaptable: BTreeMap::new(),
+        };
+        // Number the attention layers and index their adapter keys.
+        let mut adaptable = BTreeMap::new();
+        let transformers = u
+            .down
+            .iter_mut()
+            .flat_map(|b| b.attentions.iter_mut())
+            .chain(std::iter::once(&mut u.mid.1))
+            .chain(u.up.iter_mut().flat_map(|b| b.attentions.iter_mut()));
+        let mut id = 0;
+        for t in transformers {
+            for blk in &mut t.blocks {
+                for a in [&mut blk.attn1, &mut blk.attn2] {
+                    a.id = id;
+                    for (slot, key) in Slot::ALL.iter().zip(&a.keys) {
+                        if let Some(k) = key {
+                            adaptable.insert(k.clone(), (id, *slot));
+                        }
+                    }
+                    id += 1;
+                }
+            }
+        }
+        u.adaptable = adaptable;
+        Ok(u)
     }
 
     pub fn config(&self) -> &UnetConfig {
         &self.config
     }
 
+    pub(super) fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// Every attention layer, in id order (down blocks, mid block, up blocks; per transformer
+    /// block attn1 then attn2).
+    pub(super) fn attentions(&self) -> Vec<&Attention<T>> {
+        self.down
+            .iter()
+            .flat_map(|b| &b.attentions)
+            .chain(std::iter::once(&self.mid.1))
+            .chain(self.up.iter().flat_map(|b| &b.attentions))
+            .flat_map(|t| &t.blocks)
+            .flat_map(|blk| [&blk.attn1, &blk.attn2])
+            .collect()
+    }
+
+    /// The attention layer and projection of adapter key `key` (`unet.<path>.to_q`, ...).
+    pub(super) fn adapter_slot(&self, key: &str) -> Option<(usize, Slot)> {
+        self.adaptable.get(key).copied()
+    }
+
     /// One evaluation; inputs on the host in f32 as [`UnetInput`]; returns the f32 output
     /// [batch, out_channels, height, width] on the host. Shapes are checked as
     /// [`Unet::forward_with`] checks them, with the same errors.
     pub fn forward(&self, dev: &CudaDevice, x: &UnetInput<'_>) -> Result<Vec<f32>> {
+        self.forward_with(dev, x, None)
+    }
+
+    /// As [`CudaUnet::forward`], with a session's adapters (built for this UNet by
+    /// [`super::adapters::CudaAdapters`]) and, in runtime mode, an adapter index per sample.
+    /// Adapter and shape errors are the CPU's ([`Unet::forward_with`]).
+    pub fn forward_with(
+        &self,
+        dev: &CudaDevice,
+        x: &UnetInput<'_>,
+        ad: Option<CudaAdapterCtx<'_, T>>,
+    ) -> Result<Vec<f32>> {
+        if let Some(ad) = ad {
+            ad.validate(x.batch)?;
+        }
         let UnetInput {
             sample,
             timesteps,
@@ -729,7 +930,7 @@ impl<T: BlasElem> CudaUnet<T> {
         )?;
         let s = dev.upload_f32::<T>(sample)?;
         let c = dev.upload_f32::<T>(context)?;
-        let out = self.forward_device(dev, &s, timesteps, &c, b, h, w, l)?;
+        let out = self.forward_device_with(dev, &s, timesteps, &c, (b, h, w, l), ad)?;
         dev.download_f32(&out, b * self.config.out_channels * h * w)
     }
 
@@ -749,7 +950,30 @@ impl<T: BlasElem> CudaUnet<T> {
         w: usize,
         context_len: usize,
     ) -> Result<CudaSlice<T>> {
-        let (b, l) = (batch, context_len);
+        self.forward_device_with(
+            dev,
+            sample,
+            timesteps,
+            context,
+            (batch, h, w, context_len),
+            None,
+        )
+    }
+
+    /// As [`CudaUnet::forward_device`] (dims: batch, height, width, context_len), with a
+    /// session's adapters as in [`CudaUnet::forward_with`].
+    pub fn forward_device_with(
+        &self,
+        dev: &CudaDevice,
+        sample: &CudaSlice<T>,
+        timesteps: &[f32],
+        context: &CudaSlice<T>,
+        (b, h, w, l): (usize, usize, usize, usize),
+        ad: Option<CudaAdapterCtx<'_, T>>,
+    ) -> Result<CudaSlice<T>> {
+        dev.bind_to_thread()?;
+        let active = ad.map(|a| Active::new(dev, self, a, b)).transpose()?;
+        let ad = active.as_ref();
         let cfg = &self.config;
         cpu_unet::check_input(
             cfg,
@@ -795,7 +1019,7 @@ impl<T: BlasElem> CudaUnet<T> {
                 let i = top(&skips)?;
                 let mut y = r.forward(&mut run, &skips[i], Some(&emb))?;
                 if let Some(a) = blk.attentions.get(j) {
-                    y = a.forward(&mut run, &y, context, l)?;
+                    y = a.forward(&mut run, &y, context, l, ad)?;
                 }
                 skips.push(y);
             }
@@ -807,7 +1031,7 @@ impl<T: BlasElem> CudaUnet<T> {
         }
         let i = top(&skips)?;
         let mut x = self.mid.0.forward(&mut run, &skips[i], Some(&emb))?;
-        x = self.mid.1.forward(&mut run, &x, context, l)?;
+        x = self.mid.1.forward(&mut run, &x, context, l, ad)?;
         x = self.mid.2.forward(&mut run, &x, Some(&emb))?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -832,7 +1056,7 @@ impl<T: BlasElem> CudaUnet<T> {
                 x = r.forward(&mut run, &cat, Some(&emb))?;
                 drop(cat);
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&mut run, &x, context, l)?;
+                    x = a.forward(&mut run, &x, context, l, ad)?;
                 }
             }
             if let Some(us) = &blk.resample {

@@ -9,6 +9,9 @@ use std::path::Path;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 use half::{bf16, f16};
+use hdb::adapter::apply::ApplyMode;
+use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
+use hdb::backend::cuda::adapters::{CudaAdapterCtx, CudaAdapters};
 use hdb::backend::cuda::ops::{self, At, AttnKernel, AttnShape, BgmvShape, Factor, MergeLayer};
 use hdb::backend::cuda::unet::CudaUnet;
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
@@ -199,6 +202,8 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     let mut rows = Vec::new();
     attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
     attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
+    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2Wide)?;
+    attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2Wide)?;
     attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash1)?;
 
     // LiDB merge of all adapted projections (fp16) against a device-to-device copy.
@@ -383,6 +388,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
 
     // The whole UNet step in fp16 against diffusers eager.
     let mut unet_ms = None;
+    let mut batch8 = None;
     if with_unet {
         let t = std::time::Instant::now();
         let cu = CudaUnet::<f16>::upload(&dev, &unet)?;
@@ -390,7 +396,6 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             "uploaded the UNet in fp16 in {:.1} s",
             t.elapsed().as_secs_f64()
         );
-        drop(unet);
         let sample = random::<f16>(&dev, &mut rng, 2 * 4 * 64 * 64, 1.0)?;
         let ctx = random::<f16>(&dev, &mut rng, 2 * 77 * 768, 1.0)?;
         let ts = [981.0f32, 981.0];
@@ -398,6 +403,13 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
                 .map(|_| ())
         })?;
+        // The same step with the 8-warp attention kernel wherever it applies.
+        let prev = ops::set_auto_wide_min_lq(0);
+        let wide_ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
+            cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
+                .map(|_| ())
+        })?;
+        ops::set_auto_wide_min_lq(prev);
         let out = cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)?;
         let o = dev.download_f32(&out, 2 * 4 * 64 * 64)?;
         let finite = o.iter().all(|v| v.is_finite());
@@ -408,7 +420,16 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
             peer_ms: peer["unet"]["ms"].as_f64(),
         });
+        rows.push(Row {
+            what: "UNet fp16 step, 8-warp attention wherever it applies".into(),
+            ours_ms: wide_ms,
+            rate: format!("{:.1} TFLOP/s", flops / wide_ms / 1e9),
+            peer_ms: peer["unet"]["ms"].as_f64(),
+        });
         unet_ms = Some(ms);
+        batch8 = Some(adapter_unet_rows(
+            &dev, &cu, &unet, &layers, runs, &mut rows,
+        )?);
     }
 
     println!();
@@ -438,12 +459,125 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
         100.0 * (eight_ms / one_ms - 1.0),
         100.0 * (one_ms / base_ms - 1.0)
     );
+    if let Some((none_ms, one_ms, eight_ms)) = batch8 {
+        println!(
+            "UNet batch 8: 8 identities vs 1: {:+.1}% (target <= +10%); 1 identity vs none: \
+             {:+.1}%",
+            100.0 * (eight_ms / one_ms - 1.0),
+            100.0 * (one_ms / none_ms - 1.0)
+        );
+    }
     if let (Some(ms), Some(p)) = (unet_ms, peer["unet"]["ms"].as_f64()) {
         println!(
-            "UNet fp16 step: hdb {ms:.2} ms vs diffusers eager {p:.2} ms ({}), {:.2}x",
+            "UNet fp16 step: hdb {ms:.2} ms vs diffusers eager {p:.2} ms (median; min {:.2}, \
+             max {:.2} over {} runs; {}), {:.2}x",
+            peer["unet"]["min_ms"].as_f64().unwrap_or(f64::NAN),
+            peer["unet"]["max_ms"].as_f64().unwrap_or(f64::NAN),
+            peer["unet"]["runs"],
             peer["unet"]["attn_processor"],
             p / ms
         );
     }
     Ok(())
+}
+
+/// Identities on the whole UNet (fp16, batch 8, 64x64, 77 tokens): 8 random rank-1 identities
+/// over all adapted projections, applied in runtime mode with one identity per sample against
+/// the same identity on every sample and against none; and the host-side cost of switching
+/// identities (resolve, upload, and for merge mode the lidb_merge launch), waited for.
+fn adapter_unet_rows(
+    dev: &CudaDevice,
+    cu: &CudaUnet<f16>,
+    cpu: &Unet,
+    layers: &[(String, usize, usize)],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> Result<(f64, f64, f64)> {
+    let mut rng = SplitMix64(23);
+    let ids: Vec<Adapter> = (0..8)
+        .map(|_| Adapter {
+            layers: layers
+                .iter()
+                .map(|(k, dout, din)| {
+                    let down = normals(&mut rng, *din)
+                        .iter()
+                        .map(|&v| v as f32 * 0.05)
+                        .collect();
+                    let up = normals(&mut rng, *dout)
+                        .iter()
+                        .map(|&v| v as f32 * 0.05)
+                        .collect();
+                    (k.clone(), LoraLayer { rank: 1, down, up })
+                })
+                .collect(),
+            source: AdapterSource::Lora,
+        })
+        .collect();
+    let set: Vec<(&Adapter, f32)> = ids.iter().map(|a| (a, 1.0)).collect();
+    let b = 8;
+    let sample = random::<f16>(dev, &mut rng, b * 4 * 64 * 64, 1.0)?;
+    let ctx = random::<f16>(dev, &mut rng, b * 77 * 768, 1.0)?;
+    let ts = vec![981.0f32; b];
+    let runtime = CudaAdapters::resolve(dev, cu, cpu, &set, ApplyMode::Runtime)?;
+    let one = [0i32; 8];
+    let eight: Vec<i32> = (0..8).collect();
+    let step = |per: Option<&[i32]>| -> Result<f64> {
+        gpu_ms(dev, 2, runs.clamp(3, 10), || {
+            let ad = per.map(|p| CudaAdapterCtx {
+                adapters: &runtime,
+                per_sample: Some(p),
+            });
+            cu.forward_device_with(dev, &sample, &ts, &ctx, (b, 64, 64, 77), ad)
+                .map(|_| ())
+        })
+    };
+    let none_ms = step(None)?;
+    let one_ms = step(Some(&one))?;
+    let eight_ms = step(Some(&eight))?;
+    for (what, ms) in [
+        ("UNet fp16 batch 8, no identity", none_ms),
+        (
+            "UNet fp16 batch 8, 1 identity on every sample (runtime)",
+            one_ms,
+        ),
+        (
+            "UNet fp16 batch 8, 8 identities, one per sample (runtime)",
+            eight_ms,
+        ),
+    ] {
+        rows.push(Row {
+            what: what.into(),
+            ours_ms: ms,
+            rate: String::new(),
+            peer_ms: None,
+        });
+    }
+    // Switching identity: resolve + build on the device, waited for (host wall, median).
+    for (mode, what) in [
+        (
+            ApplyMode::Merge,
+            "identity swap, merge mode (resolve, upload, lidb_merge)",
+        ),
+        (
+            ApplyMode::Runtime,
+            "identity swap, runtime mode (resolve, upload tables)",
+        ),
+    ] {
+        let mut v = Vec::new();
+        for i in 0..runs.clamp(5, 20) {
+            let t = std::time::Instant::now();
+            let a = CudaAdapters::resolve(dev, cu, cpu, &set[i % 8..i % 8 + 1], mode)?;
+            dev.synchronize()?;
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+            drop(a);
+        }
+        v.sort_by(f64::total_cmp);
+        rows.push(Row {
+            what: what.into(),
+            ours_ms: v[v.len() / 2],
+            rate: "host wall".into(),
+            peer_ms: None,
+        });
+    }
+    Ok((none_ms, one_ms, eight_ms))
 }

@@ -65,6 +65,7 @@ fn builtin() -> hdb::Result<Pipeline> {
         unet: std::sync::Arc::new(Unet::load(unet, &w)?),
         vae: Vae::load(vae, &w)?,
         scheduler: SchedulerConfig::default(),
+        device_unet: None,
     })
 }
 
@@ -246,6 +247,7 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         unet: Some(&mu),
         text_encoder: Some(&mte),
         per_image: None,
+        device_unet: None,
     };
     let (out, step, whole) = render(&params, ad, "identity 1 (merged)")?;
     let p = a.out.join("identity-1.png");
@@ -271,6 +273,7 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         unet: Some(&ru),
         text_encoder: Some(&rte),
         per_image: Some(&idx),
+        device_unet: None,
     };
     let (out, step, whole) = render(&params, ad, "batch, one identity per image")?;
     for (i, img) in out.images.iter().enumerate() {

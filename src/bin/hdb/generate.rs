@@ -5,9 +5,11 @@ use std::time::Instant;
 
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::Adapter;
+use hdb::backend::device_unet::DeviceAdapters;
 use hdb::io::safetensors::{read_as_f32, write_f32, SafetensorsFile};
 use hdb::model::scheduler::SamplerKind;
 use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+use hdb::runtime::DeviceRequest;
 
 /// Writes RGB8 pixels as a PNG.
 pub fn write_png(path: &Path, rgb: &[u8], width: usize, height: usize) -> hdb::Result<()> {
@@ -55,15 +57,36 @@ pub struct GenerateArgs {
     pub dump_latents: Option<PathBuf>,
     pub output: PathBuf,
     pub threads: usize,
+    pub device: DeviceRequest,
 }
 
-/// The session's adapters for the pipeline's text encoder and UNet.
+/// A set of adapters resolved for a pipeline: the UNet's on the CPU or on the pipeline's
+/// device, and the text encoder's when the set touches it.
+pub struct PipelineAdapters {
+    pub unet: Option<Applied>,
+    pub device_unet: Option<DeviceAdapters>,
+    pub text_encoder: Option<Applied>,
+}
+
+impl PipelineAdapters {
+    pub fn generate_adapters(&self) -> GenerateAdapters<'_> {
+        GenerateAdapters {
+            unet: self.unet.as_ref(),
+            text_encoder: self.text_encoder.as_ref(),
+            per_image: None,
+            device_unet: self.device_unet.as_ref(),
+        }
+    }
+}
+
+/// The session's adapters for the pipeline's text encoder and UNet (on the pipeline's device
+/// when it has one); an empty list gives no sets.
 pub fn apply(
     p: &Pipeline,
     adapters: &[Adapter],
     scales: &[f32],
     mode: ApplyMode,
-) -> hdb::Result<(Applied, Option<Applied>)> {
+) -> hdb::Result<PipelineAdapters> {
     if !scales.is_empty() && scales.len() != adapters.len() {
         return Err(hdb::Error::invalid_arg(
             "--scale",
@@ -75,20 +98,28 @@ pub fn apply(
         .enumerate()
         .map(|(i, a)| (a, scales.get(i).copied().unwrap_or(1.0)))
         .collect();
-    let unet = Applied::new(&set, mode, &*p.unet)?;
-    let te = set
+    let (unet, device_unet) = match (&p.device_unet, adapters.is_empty()) {
+        (_, true) => (None, None),
+        (Some(d), false) => (None, Some(d.adapters(&p.unet, &set, mode)?)),
+        (None, false) => (Some(Applied::new(&set, mode, &*p.unet)?), None),
+    };
+    let text_encoder = set
         .iter()
         .any(|(a, _)| a.layers.keys().any(|k| k.starts_with("text_encoder.")))
         .then(|| Applied::new(&set, mode, &p.text_encoder))
         .transpose()?;
-    Ok((unet, te))
+    Ok(PipelineAdapters {
+        unet,
+        device_unet,
+        text_encoder,
+    })
 }
 
 pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
-    let rt = super::cpu_runtime(a.threads)?;
+    let rt = super::runtime(a.device, a.threads)?;
     let model = super::load_model(&a.model)?;
     let t = Instant::now();
-    let pipeline = rt.install(|| Pipeline::from_model(&model))?;
+    let pipeline = Pipeline::from_model_on(&model, &rt)?;
     log::info!("pipeline built in {:?}", t.elapsed());
     if let Some(path) = &a.latents {
         let f = SafetensorsFile::open(path)?;
@@ -102,12 +133,8 @@ pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
         .iter()
         .map(|p| hdb::adapter::load(&SafetensorsFile::open(p)?, &table))
         .collect::<hdb::Result<Vec<_>>>()?;
-    let (unet_ad, te_ad) = rt.install(|| apply(&pipeline, &adapters, &a.scales, a.mode))?;
-    let ad = GenerateAdapters {
-        unet: (!adapters.is_empty()).then_some(&unet_ad),
-        text_encoder: te_ad.as_ref(),
-        per_image: None,
-    };
+    let sets = rt.install(|| apply(&pipeline, &adapters, &a.scales, a.mode))?;
+    let ad = sets.generate_adapters();
     let bar = step_bar(a.params.steps);
     let mut progress = |done: usize, _total: usize| {
         bar.set_position(done as u64);

@@ -115,6 +115,10 @@ enum Command {
         output: PathBuf,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Where the UNet runs: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA when usable, else
+        /// the CPU). The text encoder and the VAE run on the CPU.
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
     },
     /// Benchmarks at full SD 1.5 shapes with random weights made in-process.
     Bench {
@@ -145,6 +149,10 @@ enum Command {
         /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
         #[arg(long, value_enum, default_value = "merge")]
         mode: Mode,
+        /// Where the UNet runs: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA when usable, else
+        /// the CPU). On CUDA it runs in fp16; OUT is f32 either way.
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
     },
     /// Identity adapters: describe, export to LoRA, write the basis.
     Adapter {
@@ -310,6 +318,7 @@ fn main() -> ExitCode {
             dump_latents,
             output,
             threads,
+            device,
         } => generate::generate(generate::GenerateArgs {
             model,
             params: hdb::pipeline::GenerateParams {
@@ -334,6 +343,7 @@ fn main() -> ExitCode {
             dump_latents,
             output,
             threads,
+            device,
         }),
         #[cfg(feature = "cuda")]
         Command::Bench {
@@ -372,7 +382,16 @@ fn main() -> ExitCode {
             adapters,
             scales,
             mode,
-        } => unet(&model, &input, &output, threads, &adapters, &scales, mode),
+            device,
+        } => unet(
+            &model,
+            &input,
+            &output,
+            (device, threads),
+            &adapters,
+            &scales,
+            mode,
+        ),
         Command::Adapter { what } => adapter_cmd::run(what),
         Command::Info {
             path,
@@ -485,14 +504,15 @@ fn unet(
     model_path: &Path,
     input: &Path,
     output: &Path,
-    threads: usize,
+    (device, threads): (hdb::runtime::DeviceRequest, usize),
     adapter_paths: &[PathBuf],
     scales: &[f32],
     mode: Mode,
 ) -> hdb::Result<()> {
     use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+    use hdb::backend::device_unet::DeviceUnet;
     use hdb::io::safetensors::{read_as_f32, write_f32};
-    let rt = cpu_runtime(threads)?;
+    let rt = runtime(device, threads)?;
     let inp = SafetensorsFile::open(input)?;
     let bad = |name: &str, shape: &[usize], want: &str| hdb::Error::InvalidFile {
         path: input.to_path_buf(),
@@ -561,7 +581,7 @@ fn unet(
         Mode::Merge => ApplyMode::Merge,
         Mode::Runtime => ApplyMode::Runtime,
     };
-    let applied = rt.install(|| Applied::new(&set, mode, &*unet))?;
+    let device_unet = DeviceUnet::for_runtime(&rt, &model)?;
     let per_sample: Option<Vec<i32>> = match inp.get("adapter_index") {
         None => None,
         Some(_) => Some(
@@ -572,28 +592,40 @@ fn unet(
                 .collect(),
         ),
     };
-    let ad = (!adapters.is_empty() || per_sample.is_some()).then_some(AdapterCtx {
-        applied: &applied,
-        per_sample: per_sample.as_deref(),
-    });
-    let built = start.elapsed();
-    let y = rt.install(|| {
-        unet.forward_with(
-            &UnetInput {
-                sample: &sample,
-                timesteps: &t,
-                context: &ctx,
-                batch: b,
-                height: h,
-                width: w,
-                context_len: l,
-            },
-            ad.as_ref(),
-        )
-    })?;
+    let with_adapters = !adapters.is_empty() || per_sample.is_some();
+    let x = UnetInput {
+        sample: &sample,
+        timesteps: &t,
+        context: &ctx,
+        batch: b,
+        height: h,
+        width: w,
+        context_len: l,
+    };
+    let (y, built) = match &device_unet {
+        Some(d) => {
+            let set = rt.install(|| d.adapters(&unet, &set, mode))?;
+            let built = start.elapsed();
+            let ad = with_adapters.then_some(&set);
+            (d.forward(&x, ad, per_sample.as_deref())?, built)
+        }
+        None => {
+            let applied = rt.install(|| Applied::new(&set, mode, &*unet))?;
+            let ad = with_adapters.then_some(AdapterCtx {
+                applied: &applied,
+                per_sample: per_sample.as_deref(),
+            });
+            let built = start.elapsed();
+            (rt.install(|| unet.forward_with(&x, ad.as_ref()))?, built)
+        }
+    };
     log::info!(
-        "UNet built in {built:?}, forward in {:?}",
-        start.elapsed() - built
+        "UNet built in {built:?}, forward in {:?}{}",
+        start.elapsed() - built,
+        device_unet
+            .as_ref()
+            .map(|d| format!(" on {}", d.describe()))
+            .unwrap_or_default()
     );
     write_f32(
         output,
@@ -601,12 +633,20 @@ fn unet(
     )
 }
 
-/// The CLI's runtime: the CPU backend with `threads` threads (0 = one per core).
+/// The CLI's runtime on `device` (the UNet runs there; everything else on the CPU) with
+/// `threads` CPU threads (0 = one per core).
+fn runtime(device: hdb::runtime::DeviceRequest, threads: usize) -> hdb::Result<hdb::Runtime> {
+    hdb::Runtime::new(hdb::RuntimeOptions { device, threads })
+}
+
+/// The CLI's CPU runtime with `threads` threads (0 = one per core).
 fn cpu_runtime(threads: usize) -> hdb::Result<hdb::Runtime> {
-    hdb::Runtime::new(hdb::RuntimeOptions {
-        device: hdb::runtime::DeviceRequest::Cpu,
-        threads,
-    })
+    runtime(hdb::runtime::DeviceRequest::Cpu, threads)
+}
+
+/// `--device`: auto, cpu, cuda or cuda:N.
+fn parse_device(s: &str) -> Result<hdb::runtime::DeviceRequest, String> {
+    hdb::runtime::DeviceRequest::parse(s).map_err(|e| e.to_string())
 }
 
 /// Peak resident set size of this process in MB (Linux; 0 elsewhere).

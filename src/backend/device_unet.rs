@@ -1,0 +1,160 @@
+//! The UNet on a runtime's accelerator, as the library's normal paths use it (sessions, the
+//! pipeline, the CLI): [`DeviceUnet`] evaluates it, [`DeviceAdapters`] is a session's adapter
+//! set there. Only the UNet runs on the device; the text encoder, the VAE, the tokenizer and
+//! the hypernetwork stay on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
+//!
+//! Both types exist in every build, so callers need no `cfg`: without the `cuda` feature they
+//! have no values ([`DeviceUnet::for_runtime`] always gives `None`).
+
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
+
+use crate::adapter::apply::ApplyMode;
+use crate::adapter::Adapter;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::{
+    adapters::{CudaAdapterCtx, CudaAdapters},
+    CudaDevice,
+};
+use crate::error::Result;
+use crate::model::config::UnetConfig;
+use crate::model::unet::{Unet, UnetInput};
+use crate::model::Model;
+use crate::runtime::Runtime;
+
+/// A model's UNet on a runtime's device (CUDA: fp16 weights, f32 accumulation), shared by
+/// every session of the model on that runtime.
+#[derive(Clone, Debug)]
+pub enum DeviceUnet {
+    #[cfg(feature = "cuda")]
+    Cuda {
+        dev: Arc<CudaDevice>,
+        unet: crate::model::CudaUnetF16,
+    },
+}
+
+/// A session's adapter set on a [`DeviceUnet`] (see [`crate::backend::cuda::adapters`]).
+#[derive(Debug)]
+pub enum DeviceAdapters {
+    #[cfg(feature = "cuda")]
+    Cuda(CudaAdapters<half::f16>),
+}
+
+impl DeviceUnet {
+    /// The UNet of `model` on `rt`'s device, uploaded on the first call (the model caches it
+    /// per device); `None` when the runtime runs on the CPU.
+    pub fn for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            let unet = model.cuda_unet(dev)?;
+            return Ok(Some(DeviceUnet::Cuda {
+                dev: dev.clone(),
+                unet,
+            }));
+        }
+        let _ = (rt, model);
+        Ok(None)
+    }
+
+    /// Where it runs, for logs: `cuda:0 (NVIDIA H100 80GB HBM3), fp16`.
+    pub fn describe(&self) -> String {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceUnet::Cuda { ref dev, .. } => {
+                format!("cuda:{} ({}), fp16", dev.ordinal(), dev.name())
+            }
+        }
+    }
+
+    pub fn config(&self) -> &UnetConfig {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceUnet::Cuda { ref unet, .. } => unet.config(),
+        }
+    }
+
+    /// A session's set on this UNet: `set` (each adapter with its scale) resolved against
+    /// `cpu` (the host UNet this one was uploaded from) and built on the device in `mode`.
+    /// An empty set gives an empty set (the shared weights run unchanged).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn adapters(
+        &self,
+        cpu: &Unet,
+        set: &[(&Adapter, f32)],
+        mode: ApplyMode,
+    ) -> Result<DeviceAdapters> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceUnet::Cuda { ref dev, ref unet } => {
+                let a = CudaAdapters::resolve(dev, unet, cpu, set, mode)?;
+                log::debug!(
+                    "{} adapter(s) on cuda:{} in {mode:?} mode: {} projections, {:.1} MB",
+                    a.count(),
+                    dev.ordinal(),
+                    a.layers(),
+                    a.device_bytes() as f64 / 1e6
+                );
+                Ok(DeviceAdapters::Cuda(a))
+            }
+        }
+    }
+
+    /// One evaluation, as [`Unet::forward_with`]: f32 inputs and output on the host, the same
+    /// shape and adapter-index errors. `per_sample` is only read with `ad`.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn forward(
+        &self,
+        x: &UnetInput<'_>,
+        ad: Option<&DeviceAdapters>,
+        per_sample: Option<&[i32]>,
+    ) -> Result<Vec<f32>> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceUnet::Cuda { ref dev, ref unet } => {
+                let ctx = ad.map(|a| match a {
+                    DeviceAdapters::Cuda(adapters) => CudaAdapterCtx {
+                        adapters,
+                        per_sample,
+                    },
+                });
+                unet.forward_with(dev, x, ctx)
+            }
+        }
+    }
+}
+
+impl DeviceAdapters {
+    pub fn mode(&self) -> ApplyMode {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceAdapters::Cuda(ref a) => a.mode(),
+        }
+    }
+
+    /// Adapters in the set.
+    pub fn count(&self) -> usize {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceAdapters::Cuda(ref a) => a.count(),
+        }
+    }
+
+    /// Checks per-sample indices against a batch, as [`crate::adapter::apply::AdapterCtx`].
+    pub fn validate(&self, per_sample: Option<&[i32]>, batch: usize) -> Result<()> {
+        crate::adapter::apply::validate_per_sample(self.mode(), self.count(), per_sample, batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shared_objects_may_cross_threads() {
+        // Models and runtimes are shared by every thread of a host (the C API's contract);
+        // a session, with its device adapters, may move between threads.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Model>();
+        send_sync::<crate::Runtime>();
+        send_sync::<super::DeviceUnet>();
+        send_sync::<super::DeviceAdapters>();
+    }
+}
