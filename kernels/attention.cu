@@ -67,11 +67,17 @@
 //   and the output are packed two at a time (cvt.rn.{f16,bf16}x2.f32). BN = 64 keys (32 for
 //   d = 160, for registers and shared memory).
 //
-// flash2w8_attn_d{40,80}_{f16,bf16}: flash2_attn_* with 8 warps and 128 query rows a block,
-//   so each k/v tile fetched from L2 serves twice the rows (at 4096 tokens, d = 40, the 4-warp
-//   kernel pulls ~670 MB of k/v from L2 per call). grid = (ceil(lq / 128), heads, batch);
-//   block = 256; dynamic shared memory (128 + 4 * BN) * (DP + 8) * 2 bytes (d40: 43 KB,
-//   d80: 67.6 KB).
+// flash3_attn_d40_{f16,bf16}: flash2_attn_* with MT = 2 m-tiles (32 query rows) per warp, so
+//   each k/v fragment taken by ldmatrix feeds two mma chains and a warp interleaves two softmax
+//   chains (an H100 run found flash2 issuing under a third of its instruction slots:
+//   latency-bound); q k^T is not padded (two k16 steps and one m16n8k8 step for d = 40), and
+//   the shared-memory row stride is chosen per d so ldmatrix has no bank conflicts (40 itself).
+//   grid = (ceil(lq / 128), heads, batch); block = 128 threads; dynamic shared memory
+//   (128 + 4 * 64) * 40 * 2 = 30.7 KB; 173 registers (2 blocks an SM).
+//   Measured on an H100 (docs/perf.md): 0.204 ms against flash2's 0.245 at 4096 tokens. Tried
+//   and dropped, each slower there: 8 warps a block (flash2, 0.29 ms), one m-tile per warp
+//   with the unpadded k (0.240 ms), MT = 2 held to 168 registers for 3 blocks an SM
+//   (0.221 ms), and MT = 2 at d = 80 (0.0375 against flash2's 0.0355 ms at 1024 tokens).
 // ---------------------------------------------------------------------------------------------
 
 #include "common.cuh"
@@ -594,6 +600,277 @@ __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __rest
     }
 }
 
+// m16n8k8: the k-tail of q k^T when d % 16 == 8 (d = 40: 2 k16 steps and one k8, no padding).
+//   a[0]: A[g][2t, 2t+1]  a[1]: A[g+8][2t, 2t+1]   b0: B[2t, 2t+1][g].
+template <typename T>
+__device__ __forceinline__ void mma_1688(float (&c)[4], unsigned int a0, unsigned int a1,
+                                         unsigned int b0);
+template <>
+__device__ __forceinline__ void mma_1688<hdb_f16>(float (&c)[4], unsigned int a0, unsigned int a1,
+                                                  unsigned int b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, "
+                 "{%6}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+template <>
+__device__ __forceinline__ void mma_1688<hdb_bf16>(float (&c)[4], unsigned int a0,
+                                                   unsigned int a1, unsigned int b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, "
+                 "{%6}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+__device__ __forceinline__ void ldsm_x2(unsigned int& r0, unsigned int& r1, unsigned int addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr));
+}
+
+// Shared-memory row stride (elements) for ldmatrix without bank conflicts: the 8 rows of an
+// 8x8 matrix must start in 8 different 4-bank groups, i.e. the stride in 4-byte words must be
+// an odd multiple of 4 modulo 32. d = 40 takes 40 itself (no padding), 64 -> 72, 80 -> 88,
+// 160 -> 168.
+__host__ __device__ constexpr int conflict_free_stride(int d) {
+    return ((d / 2) % 8 == 4) ? d : ((d + 8) / 2 % 8 == 4) ? d + 8 : ((d + 16) / 2 % 8 == 4) ? d + 16 : d + 24;
+}
+
+// flash3: flash2 with MT m-tiles (16 query rows each) per warp, so every k/v fragment taken
+// by ldmatrix feeds MT mma chains and each warp has MT independent softmax chains to
+// interleave; the q k^T k-dimension is not padded (a m16n8k8 step takes d % 16 == 8).
+template <typename T, int D, int BN, int MT>
+__device__ __forceinline__ void flash3_attn(T* __restrict__ out, const T* __restrict__ q,
+                                            const T* __restrict__ k, const T* __restrict__ v,
+                                            int lq, int lk, long long ld_q, long long ld_k,
+                                            long long ld_v, long long ld_o, float scale) {
+    constexpr int WARPS = 4;
+    constexpr int BM = 16 * MT * WARPS;
+    constexpr int SK = conflict_free_stride(D);
+    constexpr int KS = D / 16;        // full k16 steps of q k^T
+    constexpr bool K8 = D % 16 == 8;  // one more k8 step
+    constexpr int NT = BN / 8;
+    constexpr int DT = D / 8;
+    constexpr int CH = D / 8;
+    static_assert(D % 8 == 0 && BN % 32 == 0, "tile shape");
+    extern __shared__ __align__(16) unsigned short smem[];
+    const unsigned int sq_a = smem_addr(smem);
+    const unsigned int skv_a = sq_a + BM * SK * 2;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int q0 = blockIdx.x * BM;
+    const T* qb = q + (long long)b * lq * ld_q + (long long)h * D;
+    const T* kb = k + (long long)b * lk * ld_k + (long long)h * D;
+    const T* vb = v + (long long)b * lk * ld_v + (long long)h * D;
+    T* ob = out + (long long)b * lq * ld_o + (long long)h * D;
+
+    for (int i = tid; i < BM * CH; i += blockDim.x) {
+        const int r = i / CH, c = i - r * CH;
+        const bool in = q0 + r < lq;
+        cp_async16(sq_a + (r * SK + c * 8) * 2, qb + (long long)(in ? q0 + r : 0) * ld_q + c * 8,
+                   in ? 16 : 0);
+    }
+    auto load_kv = [&](int stage, int kt) {
+        const unsigned int ks_a = skv_a + stage * 2 * BN * SK * 2;
+        const unsigned int vs_a = ks_a + BN * SK * 2;
+        for (int i = tid; i < BN * CH; i += blockDim.x) {
+            const int r = i / CH, c = i - r * CH;
+            const bool in = kt + r < lk;
+            const long long row = in ? kt + r : 0;
+            cp_async16(ks_a + (r * SK + c * 8) * 2, kb + row * ld_k + c * 8, in ? 16 : 0);
+            cp_async16(vs_a + (r * SK + c * 8) * 2, vb + row * ld_v + c * 8, in ? 16 : 0);
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    const int wr = warp * 16 * MT;
+    unsigned int qa[MT][KS + 1][4];
+    float acc[MT][DT][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            acc[mt][dt][0] = acc[mt][dt][1] = acc[mt][dt][2] = acc[mt][dt][3] = 0.0f;
+        m[mt][0] = m[mt][1] = HDB_NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+    const float sl2 = scale * 1.4426950408889634f;
+    const int ntiles = (lk + BN - 1) / BN;
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int kt = it * BN;
+        if (it + 1 < ntiles) {
+            load_kv((it + 1) & 1, kt + BN);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int row = wr + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks)
+                    ldsm_x4(qa[mt][ks], sq_a + (row * SK + ks * 16 + (lane >> 4) * 8) * 2);
+                if (K8) ldsm_x2(qa[mt][KS][0], qa[mt][KS][1], sq_a + (row * SK + KS * 16) * 2);
+            }
+        }
+        const unsigned int ks_a = skv_a + (it & 1) * 2 * BN * SK * 2;
+        const unsigned int vs_a = ks_a + BN * SK * 2;
+
+        float s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                unsigned int kf[4];
+                const int key = (2 * np + (lane >> 4)) * 8 + (lane & 7);
+                ldsm_x4(kf, ks_a + (key * SK + ks * 16 + ((lane >> 3) & 1) * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(s[mt][2 * np], qa[mt][ks], kf[0], kf[1]);
+                    mma_16816<T>(s[mt][2 * np + 1], qa[mt][ks], kf[2], kf[3]);
+                }
+            }
+        }
+        if (K8) {
+            // ldmatrix.x4 of keys (4 nq + j) * 8 .. + 7, dims KS*16 .. + 7: b0 of n-tile 4 nq + j.
+#pragma unroll
+            for (int nq = 0; nq < NT / 4; ++nq) {
+                unsigned int kf[4];
+                const int key = (4 * nq + (lane >> 3)) * 8 + (lane & 7);
+                ldsm_x4(kf, ks_a + (key * SK + KS * 16) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+                        mma_1688<T>(s[mt][4 * nq + j], qa[mt][KS][0], qa[mt][KS][1], kf[j]);
+            }
+        }
+
+        if (kt + BN > lk) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (kt + nt * 8 + 2 * t4 + (e & 1) >= lk) s[mt][nt][e] = HDB_NEG_INF;
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx0 = HDB_NEG_INF, mx1 = HDB_NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+            const float r0 = mn0 == HDB_NEG_INF ? 0.0f : mn0 * sl2;
+            const float r1 = mn1 == HDB_NEG_INF ? 0.0f : mn1 * sl2;
+            const float c0 = fast_exp2(fmaf(m[mt][0], sl2, -r0));
+            const float c1 = fast_exp2(fmaf(m[mt][1], sl2, -r1));
+            m[mt][0] = mn0;
+            m[mt][1] = mn1;
+            float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                s[mt][nt][0] = fast_exp2(fmaf(s[mt][nt][0], sl2, -r0));
+                s[mt][nt][1] = fast_exp2(fmaf(s[mt][nt][1], sl2, -r0));
+                s[mt][nt][2] = fast_exp2(fmaf(s[mt][nt][2], sl2, -r1));
+                s[mt][nt][3] = fast_exp2(fmaf(s[mt][nt][3], sl2, -r1));
+                ps0 += s[mt][nt][0] + s[mt][nt][1];
+                ps1 += s[mt][nt][2] + s[mt][nt][3];
+            }
+            l[mt][0] = l[mt][0] * c0 + ps0;
+            l[mt][1] = l[mt][1] * c1 + ps1;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                acc[mt][dt][0] *= c0;
+                acc[mt][dt][1] *= c0;
+                acc[mt][dt][2] *= c1;
+                acc[mt][dt][3] *= c1;
+            }
+        }
+
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned int pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2_f32<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack2_f32<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack2_f32<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack2_f32<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+            const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+#pragma unroll
+            for (int dt = 0; dt + 1 < DT; dt += 2) {
+                unsigned int vf[4];
+                ldsm_x4_t(vf, vs_a + (key * SK + (dt + (lane >> 4)) * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(acc[mt][dt], pa[mt], vf[0], vf[1]);
+                    mma_16816<T>(acc[mt][dt + 1], pa[mt], vf[2], vf[3]);
+                }
+            }
+            if (DT % 2) {
+                unsigned int v0, v1;
+                ldsm_x2_t(v0, v1, vs_a + (key * SK + (DT - 1) * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_16816<T>(acc[mt][DT - 1], pa[mt], v0, v1);
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float l0 = l[mt][0], l1 = l[mt][1];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
+        const float inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+        const int row0 = q0 + wr + mt * 16 + g, row1 = row0 + 8;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const int col = dt * 8 + 2 * t4;
+            if (row0 < lq)
+                *(unsigned int*)(ob + (long long)row0 * ld_o + col) =
+                    pack2_f32<T>(acc[mt][dt][0] * inv0, acc[mt][dt][1] * inv0);
+            if (row1 < lq)
+                *(unsigned int*)(ob + (long long)row1 * ld_o + col) =
+                    pack2_f32<T>(acc[mt][dt][2] * inv1, acc[mt][dt][3] * inv1);
+        }
+    }
+}
+
+#define HDB_FLASH3_ATTN(sfx, T)                                                                \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        flash3_attn_d40_##sfx(T* __restrict__ out, const T* __restrict__ q,                    \
+                              const T* __restrict__ k, const T* __restrict__ v, int lq,        \
+                              int lk, long long ld_q, long long ld_k, long long ld_v,          \
+                              long long ld_o, float scale) {                                   \
+        flash3_attn<T, 40, 64, 2>(out, q, k, v, lq, lk, ld_q, ld_k, ld_v, ld_o, scale);        \
+    }
+#define HDB_FLASH3_ATTN_ALL(sfx, T) HDB_FLASH3_ATTN(sfx, T)
+HDB_FOR_EACH_HALF_DTYPE(HDB_FLASH3_ATTN_ALL)
+
 #define HDB_FLASH2_ATTN(name, sfx, T, D, BN, WARPS)                                            \
     extern "C" __global__ void __launch_bounds__(32 * WARPS)                                   \
         name##_d##D##_##sfx(T* __restrict__ out, const T* __restrict__ q,                      \
@@ -602,11 +879,9 @@ __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __rest
                             float scale) {                                                     \
         flash2_attn<T, D, BN, WARPS>(out, q, k, v, lq, lk, ld_q, ld_k, ld_v, ld_o, scale);     \
     }
-#define HDB_FLASH2_ATTN_ALL_D(sfx, T)                 \
-    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 40, 64, 4)   \
-    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 64, 64, 4)   \
-    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 80, 64, 4)   \
-    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 160, 32, 4)  \
-    HDB_FLASH2_ATTN(flash2w8_attn, sfx, T, 40, 64, 8) \
-    HDB_FLASH2_ATTN(flash2w8_attn, sfx, T, 80, 64, 8)
+#define HDB_FLASH2_ATTN_ALL_D(sfx, T)               \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 40, 64, 4) \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 64, 64, 4) \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 80, 64, 4) \
+    HDB_FLASH2_ATTN(flash2_attn, sfx, T, 160, 32, 4)
 HDB_FOR_EACH_HALF_DTYPE(HDB_FLASH2_ATTN_ALL_D)

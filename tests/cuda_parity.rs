@@ -239,21 +239,28 @@ fn flash_attention_matches_cpu() {
     ] {
         let s = AttnShape::dense(b, h, lq, lk, d);
         // P is rounded to the input type before P.V: ~1e-3 (f16) / ~1e-2 (bf16) relative.
-        // Auto is flash2_attn_* here (dense rows are 16-byte aligned).
-        for kernel in [AttnKernel::Auto, AttnKernel::Flash1, AttnKernel::Flash2Wide] {
+        // Auto is flash3_attn_* (d 40) or flash2_attn_* here (dense rows are 16-byte aligned).
+        for kernel in [
+            AttnKernel::Auto,
+            AttnKernel::Flash1,
+            AttnKernel::Flash2,
+            AttnKernel::Flash3,
+        ] {
             attention_case::<f16>(&dev, &mut rng, s, false, kernel, 2e-3);
             attention_case::<bf16>(&dev, &mut rng, s, false, kernel, 1.5e-2);
         }
     }
     for d in [40, 80] {
-        attention_case::<f16>(
-            &dev,
-            &mut rng,
-            AttnShape::dense(2, 8, 320, 320, d),
-            true,
-            AttnKernel::Auto,
-            2e-3,
-        );
+        for kernel in [AttnKernel::Auto, AttnKernel::Flash3] {
+            attention_case::<f16>(
+                &dev,
+                &mut rng,
+                AttnShape::dense(2, 8, 320, 320, d),
+                true,
+                kernel,
+                2e-3,
+            );
+        }
     }
     // A row stride that is not a multiple of 8 elements: Auto falls back to flash_attn_*.
     attention_case::<bf16>(

@@ -160,31 +160,47 @@ impl AttnShape {
     }
 }
 
-/// Which attention kernel runs.
+/// Which attention kernel runs. The tensor-core kernels need f16/bf16 and head dims 40, 64,
+/// 80 or 160; the `flash2*`/`flash3*` ones also 16-byte aligned rows. A variant that does not
+/// apply to a call falls back to `Auto`'s choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// The fastest that applies: `flash2_attn_*` (f16/bf16, head dims 40/64/80/160, rows
-    /// 16-byte aligned), else `flash_attn_*`, else the scalar kernel.
+    /// The policy's choice ([`set_auto_policy`]; by default the fastest measured on an H100:
+    /// `flash3_attn_*` for head dim 40, `flash2_attn_*` for the others), else `flash_attn_*`
+    /// (unaligned rows), else the scalar kernel.
     Auto,
-    /// `flash_attn_*` (tensor cores, 16-bit shared loads, one k/v stage), where it applies.
+    /// `flash_attn_*` (tensor cores, 16-bit shared loads, one k/v stage).
     Flash1,
-    /// `flash2w8_attn_*` (8 warps, 128 query rows a block) where it applies (head dims 40
-    /// and 80, aligned rows), else as `Auto`.
-    Flash2Wide,
+    /// `flash2_attn_*` (cp.async double buffering, ldmatrix operands).
+    Flash2,
+    /// `flash3_attn_*` (two m-tiles per warp, unpadded k; head dim 40).
+    Flash3,
     /// The plain-FMA kernel (any dtype, head dims up to 256).
     Scalar,
 }
 
-/// Queries (lq) from which `AttnKernel::Auto` takes the 8-warp `flash2w8_attn_*` (head dims
-/// 40 and 80); `usize::MAX` = never. Process-wide, for benchmarking the two against each other
-/// (`hdb bench cuda`); the default is what measured faster on an H100 (docs/perf.md).
-static AUTO_WIDE_MIN_LQ: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(usize::MAX);
+/// The tensor-core variant `AttnKernel::Auto` takes for aligned f16/bf16 rows where it applies
+/// (else `flash2_attn_*`). Process-wide, so `hdb bench cuda` can time the whole UNet under each;
+/// the default is the one that measured fastest on an H100 (docs/perf.md).
+static AUTO_POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Sets the query length from which `AttnKernel::Auto` uses the 8-warp flash kernel (head
-/// dims 40 and 80); `usize::MAX` turns it off. Returns the previous value.
-pub fn set_auto_wide_min_lq(lq: usize) -> usize {
-    AUTO_WIDE_MIN_LQ.swap(lq, std::sync::atomic::Ordering::Relaxed)
+const POLICIES: [AttnKernel; 3] = [AttnKernel::Auto, AttnKernel::Flash2, AttnKernel::Flash3];
+
+/// Sets the variant `AttnKernel::Auto` prefers (`Flash2` or `Flash3`); `Auto` (or anything
+/// else) restores the measured default. Returns the previous one.
+pub fn set_auto_policy(k: AttnKernel) -> AttnKernel {
+    let i = POLICIES.iter().position(|&p| p == k).unwrap_or(0) as u8;
+    let prev = AUTO_POLICY.swap(i, std::sync::atomic::Ordering::Relaxed);
+    POLICIES[prev as usize % POLICIES.len()]
+}
+
+/// Shared-memory row stride (elements) of `flash3*`: the first of d, d+8, d+16 whose stride in
+/// 4-byte words is an odd multiple of 4 modulo 32 (the kernel's `conflict_free_stride`).
+fn conflict_free_stride(d: usize) -> usize {
+    [d, d + 8, d + 16]
+        .into_iter()
+        .find(|&sk| (sk / 2) % 8 == 4)
+        .unwrap_or(d + 24)
 }
 
 /// Head dims `flash_attn_d*` is instantiated for.
@@ -233,31 +249,45 @@ pub fn attention<T: DeviceElem>(
         .iter()
         .all(|&(b, o)| addr(dev, b, o) % 16 == 0)
         && tsz == 2;
-    let flash2 = flash && matches!(kernel, AttnKernel::Auto | AttnKernel::Flash2Wide) && aligned;
-    let wide_min = AUTO_WIDE_MIN_LQ.load(std::sync::atomic::Ordering::Relaxed);
-    let wide = flash2
-        && matches!(s.head_dim, 40 | 80)
-        && (kernel == AttnKernel::Flash2Wide || s.lq >= wide_min);
+    // The tensor-core variant: the one asked for, or Auto's policy, where it applies.
+    let wanted = match kernel {
+        AttnKernel::Auto => {
+            POLICIES
+                [AUTO_POLICY.load(std::sync::atomic::Ordering::Relaxed) as usize % POLICIES.len()]
+        }
+        k => k,
+    };
+    let d = s.head_dim;
+    let variant = if !flash || !aligned || matches!(kernel, AttnKernel::Flash1 | AttnKernel::Scalar)
+    {
+        None
+    } else {
+        Some(match wanted {
+            // H100, hdb bench cuda (docs/perf.md, run 4): flash3 beat flash2 at head dim 40
+            // (0.204 vs 0.245 ms at 4096 tokens) and lost at 80 (0.0375 vs 0.0355 ms).
+            AttnKernel::Auto | AttnKernel::Flash3 if d == 40 => AttnKernel::Flash3,
+            _ => AttnKernel::Flash2,
+        })
+    };
     if !flash && s.head_dim > 256 {
         return Err(Error::Unsupported(format!(
             "attention with head dim {} (the scalar kernel takes up to 256)",
             s.head_dim
         )));
     }
-    let (kname, cfg) = if flash2 {
-        let dp = s.head_dim.div_ceil(16) * 16;
-        let bn = if s.head_dim > 80 { 32 } else { 64 };
-        let (stem, bm) = if wide {
-            ("flash2w8_attn", 128)
-        } else {
-            ("flash2_attn", 64)
+    let (kname, cfg) = if let Some(var) = variant {
+        // (kernel stem, query rows a block, threads, key tile, shared-memory row stride)
+        let dp8 = d.div_ceil(16) * 16 + 8;
+        let (stem, bm, threads, bn, sk) = match var {
+            AttnKernel::Flash3 => ("flash3_attn", 128, 128, 64, conflict_free_stride(d)),
+            _ => ("flash2_attn", 64, 128, if d > 80 { 32 } else { 64 }, dp8),
         };
         (
-            format!("{stem}_d{}_{}", s.head_dim, T::SUFFIX),
+            format!("{stem}_d{d}_{}", T::SUFFIX),
             LaunchConfig {
                 grid_dim: (s.lq.div_ceil(bm) as u32, s.heads as u32, s.batch as u32),
-                block_dim: (2 * bm as u32, 1, 1),
-                shared_mem_bytes: ((bm + 4 * bn) * (dp + 8) * 2) as u32,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: ((bm + 4 * bn) * sk * 2) as u32,
             },
         )
     } else if flash {

@@ -202,8 +202,8 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     let mut rows = Vec::new();
     attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
     attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
-    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2Wide)?;
-    attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2Wide)?;
+    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2)?;
+    attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash1)?;
 
     // LiDB merge of all adapted projections (fp16) against a device-to-device copy.
@@ -403,13 +403,14 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
                 .map(|_| ())
         })?;
-        // The same step with the 8-warp attention kernel wherever it applies.
-        let prev = ops::set_auto_wide_min_lq(0);
-        let wide_ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
+        // The same step with flash2 attention everywhere (the default takes flash3 at d 40).
+        let prev = ops::set_auto_policy(AttnKernel::Flash2);
+        let flash2_ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
             cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
                 .map(|_| ())
-        })?;
-        ops::set_auto_wide_min_lq(prev);
+        });
+        ops::set_auto_policy(prev);
+        let flash2_ms = flash2_ms?;
         let out = cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)?;
         let o = dev.download_f32(&out, 2 * 4 * 64 * 64)?;
         let finite = o.iter().all(|v| v.is_finite());
@@ -421,9 +422,9 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             peer_ms: peer["unet"]["ms"].as_f64(),
         });
         rows.push(Row {
-            what: "UNet fp16 step, 8-warp attention wherever it applies".into(),
-            ours_ms: wide_ms,
-            rate: format!("{:.1} TFLOP/s", flops / wide_ms / 1e9),
+            what: "UNet fp16 step, flash2 attention everywhere".into(),
+            ours_ms: flash2_ms,
+            rate: format!("{:.1} TFLOP/s", flops / flash2_ms / 1e9),
             peer_ms: peer["unet"]["ms"].as_f64(),
         });
         unet_ms = Some(ms);
