@@ -7,6 +7,8 @@
 //! `SKIPPED (no CUDA device): <reason>`, which gpu-check.sh counts as a failure.
 #![cfg(feature = "cuda")]
 
+mod common;
+use common::{fixtures, read_input, Input};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,15 +16,11 @@ use hdb::backend::cuda::ops::BlasElem;
 use hdb::backend::cuda::unet::CudaUnet;
 use hdb::backend::cuda::CudaDevice;
 use hdb::io::diffusers::Variant;
-use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
+use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::config::UnetConfig;
 use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::{LoadOptions, Model};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 /// The device, or None after printing why the test is skipped.
 fn device() -> Option<CudaDevice> {
@@ -40,47 +38,6 @@ fn device() -> Option<CudaDevice> {
             println!("SKIPPED (no CUDA device): {e}");
             None
         }
-    }
-}
-
-struct Input {
-    sample: Vec<f32>,
-    t: Vec<f32>,
-    ctx: Vec<f32>,
-    b: usize,
-    h: usize,
-    w: usize,
-    l: usize,
-}
-
-impl Input {
-    fn args(&self) -> UnetInput<'_> {
-        UnetInput {
-            sample: &self.sample,
-            timesteps: &self.t,
-            context: &self.ctx,
-            batch: self.b,
-            height: self.h,
-            width: self.w,
-            context_len: self.l,
-        }
-    }
-}
-
-fn read_input(case: &str) -> Input {
-    let f = SafetensorsFile::open(&fixtures().join(format!("unet/{case}.in.safetensors")))
-        .expect("input fixture");
-    let (s, sample) = read_as_f32(&f, "sample").expect("sample");
-    let (_, t) = read_as_f32(&f, "timestep").expect("timestep");
-    let (c, ctx) = read_as_f32(&f, "encoder_hidden_states").expect("context");
-    Input {
-        sample,
-        t,
-        ctx,
-        b: s[0],
-        h: s[2],
-        w: s[3],
-        l: c[1],
     }
 }
 

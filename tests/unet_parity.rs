@@ -3,57 +3,14 @@
 //! (f32 compute on both sides; the f16 cases compare with diffusers run in f32 on the same
 //! f16-rounded weights, so the bound is the same).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixtures, read_input};
+use std::path::Path;
 
 use hdb::io::diffusers::Variant;
-use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
+use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::unet::UnetInput;
 use hdb::model::{LoadOptions, Model};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-struct Input {
-    sample: Vec<f32>,
-    t: Vec<f32>,
-    ctx: Vec<f32>,
-    b: usize,
-    h: usize,
-    w: usize,
-    l: usize,
-}
-
-impl Input {
-    fn args(&self) -> UnetInput<'_> {
-        UnetInput {
-            sample: &self.sample,
-            timesteps: &self.t,
-            context: &self.ctx,
-            batch: self.b,
-            height: self.h,
-            width: self.w,
-            context_len: self.l,
-        }
-    }
-}
-
-fn read_input(case: &str) -> Input {
-    let f = SafetensorsFile::open(&fixtures().join(format!("unet/{case}.in.safetensors")))
-        .expect("input fixture");
-    let (s, sample) = read_as_f32(&f, "sample").expect("sample");
-    let (_, t) = read_as_f32(&f, "timestep").expect("timestep");
-    let (c, ctx) = read_as_f32(&f, "encoder_hidden_states").expect("context");
-    Input {
-        sample,
-        t,
-        ctx,
-        b: s[0],
-        h: s[2],
-        w: s[3],
-        l: c[1],
-    }
-}
 
 fn reference(case: &str) -> Vec<f32> {
     let f = SafetensorsFile::open(&fixtures().join(format!("unet/{case}.out.safetensors")))

@@ -1,0 +1,55 @@
+//! What several test files share: the fixture folder and the UNet parity inputs
+//! (`tests/fixtures/unet/<case>.in.safetensors`, written by tools/make_unet_fixtures.py).
+#![allow(dead_code)] // each test crate uses its own part
+
+use std::path::PathBuf;
+
+use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
+use hdb::model::unet::UnetInput;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// One UNet evaluation's inputs, as stored in a fixture.
+pub struct Input {
+    pub sample: Vec<f32>,
+    pub t: Vec<f32>,
+    pub ctx: Vec<f32>,
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub l: usize,
+}
+
+impl Input {
+    pub fn args(&self) -> UnetInput<'_> {
+        UnetInput {
+            sample: &self.sample,
+            timesteps: &self.t,
+            context: &self.ctx,
+            batch: self.b,
+            height: self.h,
+            width: self.w,
+            context_len: self.l,
+        }
+    }
+}
+
+/// The inputs of fixture `case`.
+pub fn read_input(case: &str) -> Input {
+    let f = SafetensorsFile::open(&fixtures().join(format!("unet/{case}.in.safetensors")))
+        .expect("input fixture");
+    let (s, sample) = read_as_f32(&f, "sample").expect("sample");
+    let (_, t) = read_as_f32(&f, "timestep").expect("timestep");
+    let (c, ctx) = read_as_f32(&f, "encoder_hidden_states").expect("context");
+    Input {
+        sample,
+        t,
+        ctx,
+        b: s[0],
+        h: s[2],
+        w: s[3],
+        l: c[1],
+    }
+}
