@@ -174,3 +174,29 @@ fn generate_device_option() {
         assert!(err.contains("no device"), "{err}");
     }
 }
+
+/// `hdb demo --device cuda` runs the demo with the UNet on the GPU where there is one, else
+/// fails saying there is no device.
+#[test]
+fn demo_device_option() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["demo", "--steps", "2", "--size", "64", "--device", "cuda"])
+        .args(["--threads", "2", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run hdb demo");
+    let (out, err) = (
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr),
+    );
+    if r.status.success() {
+        assert!(out.contains("the UNet on cuda:0"), "{out}");
+        assert_eq!(
+            png_size(&dir.path().join("batch-1-identity-1.png")),
+            (64, 64)
+        );
+    } else {
+        assert!(err.contains("no device"), "{err}");
+    }
+}

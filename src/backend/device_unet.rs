@@ -56,6 +56,21 @@ impl DeviceUnet {
         Ok(None)
     }
 
+    /// `unet` uploaded to `rt`'s device, for a pipeline built without a [`Model`] (the demo's
+    /// built-in one); `None` when the runtime runs on the CPU. Not cached: each call uploads.
+    pub fn upload(rt: &Runtime, unet: &Unet) -> Result<Option<DeviceUnet>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            let unet = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, unet)?);
+            return Ok(Some(DeviceUnet::Cuda {
+                dev: dev.clone(),
+                unet,
+            }));
+        }
+        let _ = (rt, unet);
+        Ok(None)
+    }
+
     /// Where it runs, for logs: `cuda:0 (NVIDIA H100 80GB HBM3), fp16`.
     pub fn describe(&self) -> String {
         match *self {

@@ -8,6 +8,7 @@ use std::time::Instant;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::lidb::Lidb;
 use hdb::adapter::Adapter;
+use hdb::backend::device_unet::{DeviceAdapters, DeviceUnet};
 use hdb::hypernet::{EncoderConfig, Hypernet, HypernetConfig};
 use hdb::model::config::{BlockKind, UnetConfig};
 use hdb::model::random::RandomWeights;
@@ -27,6 +28,7 @@ pub struct DemoArgs {
     pub steps: usize,
     pub size: Option<usize>,
     pub threads: usize,
+    pub device: hdb::runtime::DeviceRequest,
 }
 
 /// A small SD-shaped model with deterministic random weights (no download): a byte-level
@@ -127,13 +129,13 @@ fn adaptable(p: &Pipeline) -> std::collections::BTreeMap<String, hdb::adapter::L
 
 pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let total = Instant::now();
-    let rt = super::cpu_runtime(a.threads)?;
+    let rt = super::runtime(a.device, a.threads)?;
     let mut rows: Vec<(String, String)> = Vec::new();
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);
     std::fs::create_dir_all(&a.out).map_err(|e| hdb::Error::io(&a.out, e))?;
 
     let t = Instant::now();
-    let (pipeline, what) = match &a.model {
+    let (mut pipeline, what) = match &a.model {
         None => (
             rt.install(builtin)?,
             "built-in random model (no download)".to_string(),
@@ -146,8 +148,16 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
             )
         }
     };
+    pipeline.device_unet = DeviceUnet::upload(&rt, &pipeline.unet)?;
     rows.push(("load model".into(), ms(t.elapsed().as_secs_f64())));
-    println!("hdb demo on the {what}, {} threads", rt.threads());
+    let unet_on = pipeline
+        .device_unet
+        .as_ref()
+        .map_or("the CPU".to_string(), DeviceUnet::describe);
+    println!(
+        "hdb demo on the {what}, {} threads, the UNet on {unet_on}",
+        rt.threads()
+    );
 
     let table = adaptable(&pipeline);
     let t = Instant::now();
@@ -193,9 +203,9 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         ));
     }
 
-    let swap = |mode: ApplyMode, ad: &Adapter| -> hdb::Result<(Applied, Applied, f64)> {
+    let swap = |mode: ApplyMode, ad: &Adapter| -> hdb::Result<(UnetSet, Applied, f64)> {
         let t = Instant::now();
-        let u = rt.install(|| Applied::new(&[(ad, 1.0)], mode, &*pipeline.unet))?;
+        let u = unet_set(&rt, &pipeline, &[(ad, 1.0)], mode)?;
         let te = rt.install(|| Applied::new(&[(ad, 1.0)], mode, &pipeline.text_encoder))?;
         Ok((u, te, t.elapsed().as_secs_f64()))
     };
@@ -243,12 +253,10 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         Ok((out, per_step, start.elapsed().as_secs_f64()))
     };
 
-    let ad = GenerateAdapters {
-        unet: Some(&mu),
+    let ad = mu.with(GenerateAdapters {
         text_encoder: Some(&mte),
-        per_image: None,
-        device_unet: None,
-    };
+        ..GenerateAdapters::default()
+    });
     let (out, step, whole) = render(&params, ad, "identity 1 (merged)")?;
     let p = a.out.join("identity-1.png");
     write_png(&p, &out.images[0], out.width, out.height)?;
@@ -265,16 +273,15 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     ));
 
     let both: Vec<(&Adapter, f32)> = adapters.iter().map(|x| (x, 1.0)).collect();
-    let ru = rt.install(|| Applied::new(&both, ApplyMode::Runtime, &*pipeline.unet))?;
+    let ru = unet_set(&rt, &pipeline, &both, ApplyMode::Runtime)?;
     let rte = rt.install(|| Applied::new(&both, ApplyMode::Runtime, &pipeline.text_encoder))?;
     params.batch = 2;
     let idx = [0, 1];
-    let ad = GenerateAdapters {
-        unet: Some(&ru),
+    let ad = ru.with(GenerateAdapters {
         text_encoder: Some(&rte),
         per_image: Some(&idx),
-        device_unet: None,
-    };
+        ..GenerateAdapters::default()
+    });
     let (out, step, whole) = render(&params, ad, "batch, one identity per image")?;
     for (i, img) in out.images.iter().enumerate() {
         write_png(
@@ -304,6 +311,40 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         display(&a.out)
     );
     Ok(())
+}
+
+/// A UNet adapter set for wherever the pipeline's UNet runs.
+enum UnetSet {
+    Cpu(Applied),
+    Device(DeviceAdapters),
+}
+
+impl UnetSet {
+    /// `ad` with this set as its UNet set.
+    fn with<'a>(&'a self, ad: GenerateAdapters<'a>) -> GenerateAdapters<'a> {
+        match self {
+            UnetSet::Cpu(a) => GenerateAdapters {
+                unet: Some(a),
+                ..ad
+            },
+            UnetSet::Device(d) => GenerateAdapters {
+                device_unet: Some(d),
+                ..ad
+            },
+        }
+    }
+}
+
+fn unet_set(
+    rt: &hdb::Runtime,
+    p: &Pipeline,
+    set: &[(&Adapter, f32)],
+    mode: ApplyMode,
+) -> hdb::Result<UnetSet> {
+    Ok(match &p.device_unet {
+        Some(d) => UnetSet::Device(rt.install(|| d.adapters(&p.unet, set, mode))?),
+        None => UnetSet::Cpu(rt.install(|| Applied::new(set, mode, &*p.unet))?),
+    })
 }
 
 fn display(p: &Path) -> String {

@@ -69,6 +69,9 @@ enum Command {
         size: Option<usize>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Where the UNet runs: cpu, cuda, cuda:N or auto (the rest runs on the CPU).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
     },
     /// Text to image (PNG): the whole SD pipeline with optional identity adapters.
     Generate {
@@ -292,6 +295,7 @@ fn main() -> ExitCode {
             steps,
             size,
             threads,
+            device,
         } => demo::run(demo::DemoArgs {
             model,
             hypernet,
@@ -299,6 +303,7 @@ fn main() -> ExitCode {
             steps,
             size,
             threads,
+            device,
         }),
         Command::Generate {
             model,
