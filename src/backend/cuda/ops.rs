@@ -929,84 +929,69 @@ pub trait BlasElem: DeviceElem {
     ) -> Result<()>;
 }
 
-macro_rules! blas_elem {
-    ($t:ty, $conv:expr) => {
-        impl BlasElem for $t {
-            unsafe fn gemm_at(
-                dev: &CudaDevice,
-                cfg: GemmConfig<f32>,
-                a: At<'_, Self>,
-                b: At<'_, Self>,
-                c: u64,
-            ) -> Result<()> {
-                let conv: fn(f32) -> $t = $conv;
-                let cfg = GemmConfig {
-                    transa: cfg.transa,
-                    transb: cfg.transb,
-                    m: cfg.m,
-                    n: cfg.n,
-                    k: cfg.k,
-                    alpha: conv(cfg.alpha),
-                    lda: cfg.lda,
-                    ldb: cfg.ldb,
-                    beta: conv(cfg.beta),
-                    ldc: cfg.ldc,
-                };
-                let av = a.buf.slice(a.off..);
-                let bv = b.buf.slice(b.off..);
-                // SAFETY: c is a device address the caller sized; wrap it as a view.
-                let mut cv = unsafe { raw_view_mut::<$t>(dev, c) };
-                guard("cuBLAS gemm", || {
-                    // SAFETY: the caller checked the extents.
-                    unsafe { dev.blas().gemm(cfg, &av, &bv, &mut cv) }
-                        .map_err(|e| Error::Device(format!("cuBLAS gemm: {e:?}")))
-                })
-            }
-
-            unsafe fn gemm_batched_at(
-                dev: &CudaDevice,
-                cfg: StridedBatchedConfig<f32>,
-                a: At<'_, Self>,
-                b: At<'_, Self>,
-                c: u64,
-            ) -> Result<()> {
-                let conv: fn(f32) -> $t = $conv;
-                let g = cfg.gemm;
-                let cfg = StridedBatchedConfig {
-                    gemm: GemmConfig {
-                        transa: g.transa,
-                        transb: g.transb,
-                        m: g.m,
-                        n: g.n,
-                        k: g.k,
-                        alpha: conv(g.alpha),
-                        lda: g.lda,
-                        ldb: g.ldb,
-                        beta: conv(g.beta),
-                        ldc: g.ldc,
-                    },
-                    batch_size: cfg.batch_size,
-                    stride_a: cfg.stride_a,
-                    stride_b: cfg.stride_b,
-                    stride_c: cfg.stride_c,
-                };
-                let av = a.buf.slice(a.off..);
-                let bv = b.buf.slice(b.off..);
-                // SAFETY: as in gemm_at.
-                let mut cv = unsafe { raw_view_mut::<$t>(dev, c) };
-                guard("cuBLAS gemm", || {
-                    // SAFETY: the caller checked the extents.
-                    unsafe { dev.blas().gemm_strided_batched(cfg, &av, &bv, &mut cv) }
-                        .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
-                })
-            }
-        }
-    };
+/// `cfg` with alpha and beta in the storage type, as cudarc's `Gemm<T>` takes them.
+fn typed<T: DeviceElem>(cfg: GemmConfig<f32>) -> GemmConfig<T> {
+    GemmConfig {
+        transa: cfg.transa,
+        transb: cfg.transb,
+        m: cfg.m,
+        n: cfg.n,
+        k: cfg.k,
+        alpha: T::from_f32(cfg.alpha),
+        lda: cfg.lda,
+        ldb: cfg.ldb,
+        beta: T::from_f32(cfg.beta),
+        ldc: cfg.ldc,
+    }
 }
 
-blas_elem!(f32, |x| x);
-blas_elem!(half::f16, half::f16::from_f32);
-blas_elem!(half::bf16, half::bf16::from_f32);
+impl<T: DeviceElem> BlasElem for T
+where
+    cudarc::cublas::CudaBlas: Gemm<T>,
+{
+    unsafe fn gemm_at(
+        dev: &CudaDevice,
+        cfg: GemmConfig<f32>,
+        a: At<'_, T>,
+        b: At<'_, T>,
+        c: u64,
+    ) -> Result<()> {
+        let av = a.buf.slice(a.off..);
+        let bv = b.buf.slice(b.off..);
+        // SAFETY: c is a device address the caller sized; wrap it as a view.
+        let mut cv = unsafe { raw_view_mut::<T>(dev, c) };
+        guard("cuBLAS gemm", || {
+            // SAFETY: the caller checked the extents.
+            unsafe { dev.blas().gemm(typed::<T>(cfg), &av, &bv, &mut cv) }
+                .map_err(|e| Error::Device(format!("cuBLAS gemm: {e:?}")))
+        })
+    }
+
+    unsafe fn gemm_batched_at(
+        dev: &CudaDevice,
+        cfg: StridedBatchedConfig<f32>,
+        a: At<'_, T>,
+        b: At<'_, T>,
+        c: u64,
+    ) -> Result<()> {
+        let cfg = StridedBatchedConfig {
+            gemm: typed::<T>(cfg.gemm),
+            batch_size: cfg.batch_size,
+            stride_a: cfg.stride_a,
+            stride_b: cfg.stride_b,
+            stride_c: cfg.stride_c,
+        };
+        let av = a.buf.slice(a.off..);
+        let bv = b.buf.slice(b.off..);
+        // SAFETY: as in gemm_at.
+        let mut cv = unsafe { raw_view_mut::<T>(dev, c) };
+        guard("cuBLAS gemm", || {
+            // SAFETY: the caller checked the extents.
+            unsafe { dev.blas().gemm_strided_batched(cfg, &av, &bv, &mut cv) }
+                .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
+        })
+    }
+}
 
 /// A device address as a mutable cuBLAS output. cuBLAS takes the address only; the view's
 /// length is not used by the GEMM calls.
