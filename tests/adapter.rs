@@ -450,6 +450,64 @@ fn bad_adapters_are_clear_errors_naming_the_layer() {
 }
 
 #[test]
+fn version_2_files_with_missing_or_extra_parts_are_clear_errors() {
+    let meta = |layers: Option<&str>| {
+        let mut m: Vec<(String, String)> = [
+            ("format", "hdb-lidb"),
+            ("version", "2"),
+            ("rank", "1"),
+            ("a", "2"),
+            ("b", "1"),
+            ("basis_seed", "7"),
+            ("alpha", "1.0"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        if let Some(l) = layers {
+            m.push(("layers".into(), l.into()));
+        }
+        m
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let load = |name: &str, tensors: &[(&str, Vec<usize>, &[f32])], m: Vec<(String, String)>| {
+        let p = dir.path().join(name);
+        hdb::io::safetensors::write_f32_with_metadata(&p, tensors, &m).expect("write");
+        Lidb::load(&p).expect_err(name).to_string()
+    };
+    let (d, u, x) = ([0.5f32, 0.25], [1.0f32], [0.0f32]);
+    let two = |extra: bool| {
+        let mut t: Vec<(&str, Vec<usize>, &[f32])> = vec![
+            ("lidb_down", vec![1, 1, 2], &d),
+            ("lidb_up", vec![1, 1, 1], &u),
+        ];
+        if extra {
+            t.push(("stray", vec![1], &x));
+        }
+        t
+    };
+    let e = load("no-layers.safetensors", &two(false), meta(None));
+    assert!(e.contains("metadata has no 'layers'"), "{e}");
+    let e = load("extra.safetensors", &two(true), meta(Some("0:unet.x")));
+    assert!(e.contains("unexpected tensor 'stray'"), "{e}");
+    let e = load(
+        "count.safetensors",
+        &two(false),
+        meta(Some("0:unet.x\n5:y")),
+    );
+    assert!(
+        e.contains("'lidb_down' has shape [1, 1, 2], expected [2, 1, 2] (2 layers in 'layers')"),
+        "{e}"
+    );
+    let e = load(
+        "missing.safetensors",
+        &two(false)[..1],
+        meta(Some("0:unet.x")),
+    );
+    assert!(e.contains("no tensor 'lidb_up'"), "{e}");
+}
+
+#[test]
 fn version_1_files_still_load_and_version_2_round_trips() {
     // The fixtures were written in version 1 (per-layer tensors).
     let p = fx("adapter/id1.lidb.safetensors");

@@ -401,3 +401,46 @@ fn read_packed(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_keys_round_trip_front_coded() {
+        let keys = [
+            "text_encoder.text_model.encoder.layers.0.self_attn.k_proj",
+            "text_encoder.text_model.encoder.layers.0.self_attn.out_proj",
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+            "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0",
+            "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v",
+            "ünet.é", // characters, not bytes, are counted
+        ];
+        let s = encode_layer_keys(&keys);
+        assert!(s.starts_with("0:text_encoder."), "{s}");
+        assert!(s.contains("\n51:out_proj\n0:unet."), "{s}");
+        assert_eq!(decode_layer_keys(&s).expect("decode"), keys);
+    }
+
+    #[test]
+    fn bad_layer_lists_are_errors_naming_the_line() {
+        let cases = [
+            ("0:a\nb", "line 2 has no 'N:' prefix"),
+            ("0:a\nx:b", "line 2: 'x' is not a count"),
+            (
+                "0:ab\n3:c",
+                "line 2 shares 3 characters with a 2-character key",
+            ),
+            (
+                "0:b\n0:a",
+                "key 'a' (line 2) is not after the one before it",
+            ),
+            ("0:a\n1:", "key 'a' (line 2) is not after the one before it"),
+            ("0:", "line 1 gives an empty key"),
+        ];
+        for (text, want) in cases {
+            let e = decode_layer_keys(text).expect_err(text);
+            assert_eq!(e, want, "{text:?}");
+        }
+    }
+}
