@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 
 use super::Adapter;
 use crate::backend::cpu as ops;
+use crate::backend::{AdapterHook, Cpu};
 use crate::error::{Error, Result};
+use crate::model::weights::F32Weight;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyMode {
@@ -29,7 +31,7 @@ pub trait Adaptable: Sync {
 #[derive(Debug, Default)]
 pub struct LayerApply {
     /// Merge mode: the whole merged weight [dout, din].
-    pub merged: Option<Vec<f32>>,
+    pub merged: Option<F32Weight>,
     /// Runtime mode: (index of the adapter in the set, down [r, din], up [dout, r] x scale, rank).
     pub runtime: Vec<(usize, Vec<f32>, Vec<f32>, usize)>,
 }
@@ -94,7 +96,10 @@ impl Applied {
                 .map(|p| {
                     p.layers
                         .values_mut()
-                        .filter_map(|l| l.merged.take())
+                        .filter_map(|l| match l.merged.take() {
+                            Some(F32Weight::Owned(v)) => Some(v),
+                            _ => None,
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -105,7 +110,7 @@ impl Applied {
                     None => vec![0.0; w.len()],
                 };
                 merge_rows(&mut m, w, &la.runtime, dout, din);
-                la.merged = Some(m);
+                la.merged = Some(F32Weight::Owned(m));
                 la.runtime.clear();
             }
         }
@@ -191,6 +196,37 @@ pub fn validate_per_sample(
     Ok(())
 }
 
+impl AdapterHook<Cpu> for AdapterCtx<'_> {
+    fn validate(&self, batch: usize) -> Result<()> {
+        AdapterCtx::validate(self, batch)
+    }
+
+    fn weight(&self, key: &str) -> Option<&F32Weight> {
+        self.applied.layers.get(key).and_then(|l| l.merged.as_ref())
+    }
+
+    fn add(
+        &self,
+        _: &Cpu,
+        key: &str,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        batch: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<()> {
+        if y.len() != x.len() / din.max(1) * dout {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': {} inputs and {} outputs do not match [{din}] -> [{dout}]",
+                x.len(),
+                y.len()
+            )));
+        }
+        self.add_runtime(key, y, x, batch, din, dout);
+        Ok(())
+    }
+}
+
 impl AdapterCtx<'_> {
     /// Checks the per-sample indices against a batch.
     pub fn validate(&self, batch: usize) -> Result<()> {
@@ -200,14 +236,6 @@ impl AdapterCtx<'_> {
             self.per_sample,
             batch,
         )
-    }
-
-    /// The merged weight of `key`, if merge mode changed it.
-    pub fn weight(&self, key: &str) -> Option<&[f32]> {
-        self.applied
-            .layers
-            .get(key)
-            .and_then(|l| l.merged.as_deref())
     }
 
     /// Runtime mode: y [rows, dout] += sum scale * (x [rows, din] . down^T) . up^T, where rows

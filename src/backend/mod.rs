@@ -2,8 +2,12 @@
 //! `cuda`) is chosen at run time by the runtime's device and runs the UNet
 //! ([`device_unet`]).
 
+pub mod api;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_unet;
 pub mod profile;
+
+pub use api::{Activation, AdapterHook, AttnDims, Backend, NormDims};
+pub use cpu::Cpu;

@@ -10,7 +10,8 @@
 use super::vit::{linear_shapes, norm_shapes, split3};
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
-use crate::error::Result;
+use crate::backend::Cpu;
+use crate::error::{Error, Result};
 use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
 use crate::model::weights::F32Weight;
 
@@ -29,7 +30,7 @@ impl Mha {
         Ok(Mha {
             in_w: src.get(&format!("{p}.in_proj_weight"), &[3 * d, d])?,
             in_b: src.get(&format!("{p}.in_proj_bias"), &[3 * d])?,
-            out: Linear::load(src, &format!("{p}.out_proj"), d, d, true)?,
+            out: Linear::load(&Cpu, src, &format!("{p}.out_proj"), d, d, true)?,
             d,
             heads,
         })
@@ -52,17 +53,17 @@ impl Mha {
         y
     }
 
-    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], lq: usize, lk: usize) -> Vec<f32> {
+    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], lq: usize, lk: usize) -> Result<Vec<f32>> {
         let mut a = vec![0f32; q.len()];
         {
             let _p = scope("attention");
             ops::attention(&mut a, q, k, v, 1, lq, lk, self.heads, self.d / self.heads);
         }
-        self.out.forward(&a, lq)
+        self.out.forward(&Cpu, &a, lq)
     }
 
     /// Self-attention of x [rows, d].
-    fn self_attention(&self, x: &[f32], rows: usize) -> Vec<f32> {
+    fn self_attention(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let qkv = self.project(x, rows, 0, 3);
         let (q, k, v) = split3(&qkv, rows, self.d);
         self.attend(&q, &k, &v, rows, rows)
@@ -74,7 +75,12 @@ impl Mha {
     }
 
     /// Attention of x [rows, d] over precomputed keys and values.
-    fn cross_attention(&self, x: &[f32], rows: usize, kv: &(Vec<f32>, Vec<f32>)) -> Vec<f32> {
+    fn cross_attention(
+        &self,
+        x: &[f32],
+        rows: usize,
+        kv: &(Vec<f32>, Vec<f32>),
+    ) -> Result<Vec<f32>> {
         let q = self.project(x, rows, 0, 1);
         self.attend(&q, &kv.0, &kv.1, rows, kv.0.len() / self.d)
     }
@@ -111,19 +117,19 @@ impl Decoder {
             .map(|i| {
                 let p = format!("decoder.layers.{i}");
                 Ok(Layer {
-                    norm1: LayerNorm::load(src, &format!("{p}.norm1"), d)?,
+                    norm1: LayerNorm::load(&Cpu, src, &format!("{p}.norm1"), d)?,
                     self_attn: Mha::load(src, &format!("{p}.self_attn"), d, heads)?,
-                    norm2: LayerNorm::load(src, &format!("{p}.norm2"), d)?,
+                    norm2: LayerNorm::load(&Cpu, src, &format!("{p}.norm2"), d)?,
                     cross_attn: Mha::load(src, &format!("{p}.multihead_attn"), d, heads)?,
-                    norm3: LayerNorm::load(src, &format!("{p}.norm3"), d)?,
-                    linear1: Linear::load(src, &format!("{p}.linear1"), d, 4 * d, true)?,
-                    linear2: Linear::load(src, &format!("{p}.linear2"), 4 * d, d, true)?,
+                    norm3: LayerNorm::load(&Cpu, src, &format!("{p}.norm3"), d)?,
+                    linear1: Linear::load(&Cpu, src, &format!("{p}.linear1"), d, 4 * d, true)?,
+                    linear2: Linear::load(&Cpu, src, &format!("{p}.linear2"), 4 * d, d, true)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Decoder {
             layers,
-            norm: LayerNorm::load(src, "decoder.norm", d)?,
+            norm: LayerNorm::load(&Cpu, src, "decoder.norm", d)?,
             d,
         })
     }
@@ -159,21 +165,28 @@ impl Decoder {
     }
 
     /// tgt [rows, d_model] -> decoder output after `decoder.norm` [rows, d_model].
-    pub(crate) fn forward(&self, mut x: Vec<f32>, rows: usize, kv: &MemoryKv) -> Vec<f32> {
-        debug_assert_eq!(x.len(), rows * self.d);
+    pub(crate) fn forward(&self, mut x: Vec<f32>, rows: usize, kv: &MemoryKv) -> Result<Vec<f32>> {
+        if x.len() != rows * self.d {
+            return Err(Error::Internal(format!(
+                "hypernet decoder: {} values for {rows} rows of {}",
+                x.len(),
+                self.d
+            )));
+        }
+        let be = &Cpu;
         for (l, kv) in self.layers.iter().zip(&kv.0) {
-            let h = l.norm1.forward(&x);
-            add(&mut x, &l.self_attn.self_attention(&h, rows));
-            let h = l.norm2.forward(&x);
-            add(&mut x, &l.cross_attn.cross_attention(&h, rows, kv));
-            let h = l.norm3.forward(&x);
-            let mut f = l.linear1.forward(&h, rows);
+            let h = l.norm1.forward(be, &x)?;
+            add(be, &mut x, &l.self_attn.self_attention(&h, rows)?)?;
+            let h = l.norm2.forward(be, &x)?;
+            add(be, &mut x, &l.cross_attn.cross_attention(&h, rows, kv)?)?;
+            let h = l.norm3.forward(be, &x)?;
+            let mut f = l.linear1.forward(be, &h, rows)?;
             {
                 let _p = scope("activation");
                 ops::gelu_inplace(&mut f);
             }
-            add(&mut x, &l.linear2.forward(&f, rows));
+            add(be, &mut x, &l.linear2.forward(be, &f, rows)?)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(be, &x)
     }
 }

@@ -30,6 +30,7 @@ use crate::adapter::lidb::{Lidb, LidbMeta};
 use crate::adapter::LayerShape;
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
+use crate::backend::Cpu;
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::model::layers::{Linear, WeightSource};
@@ -460,8 +461,8 @@ impl Hypernet {
         let (d, t, n) = (config.d_model, config.token_dim(), config.layer_keys.len());
         Ok(Hypernet {
             encoder: vit::Vit::load(src, &config.encoder)?,
-            feature_proj: Linear::load(src, "feature_proj", config.encoder.width, d, true)?,
-            weight_embed: Linear::load(src, "weight_embed", t, d, true)?,
+            feature_proj: Linear::load(&Cpu, src, "feature_proj", config.encoder.width, d, true)?,
+            weight_embed: Linear::load(&Cpu, src, "weight_embed", t, d, true)?,
             layer_pos: src.get("layer_pos", &[n, d])?,
             decoder: decoder::Decoder::load(src, d, config.heads, config.layers)?,
             heads_w: src.get("heads.weight", &[n, t, d])?,
@@ -535,8 +536,8 @@ impl Hypernet {
             return Err(Error::invalid_arg("iterations", "must be at least 1"));
         }
         let (n, l, t) = (cfg.encoder.tokens(), cfg.layer_keys.len(), cfg.token_dim());
-        let tokens = self.encoder.forward(image);
-        let memory = self.feature_proj.forward(&tokens, n);
+        let tokens = self.encoder.forward(image)?;
+        let memory = self.feature_proj.forward(&Cpu, &tokens, n)?;
         let kv = self.decoder.memory_kv(&memory, n);
         let mut theta = vec![0f32; l * t];
         let mut trace = Trace {
@@ -545,9 +546,9 @@ impl Hypernet {
             thetas: Vec::new(),
         };
         for step in 0..steps {
-            let mut tgt = self.weight_embed.forward(&theta, l);
-            crate::model::layers::add(&mut tgt, &self.layer_pos);
-            let h = self.decoder.forward(tgt, l, &kv);
+            let mut tgt = self.weight_embed.forward(&Cpu, &theta, l)?;
+            crate::backend::cpu::add_inplace(&mut tgt, &self.layer_pos);
+            let h = self.decoder.forward(tgt, l, &kv)?;
             self.add_heads(&mut theta, &h);
             if keep {
                 trace.decoded.push(h);

@@ -5,6 +5,7 @@
 
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
+use crate::backend::Cpu;
 use crate::error::Result;
 use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
 use crate::model::weights::F32Weight;
@@ -141,7 +142,7 @@ pub(crate) struct Vit {
 impl Vit {
     pub(crate) fn load(src: &dyn WeightSource, cfg: &EncoderConfig) -> Result<Vit> {
         let (w, p, eps) = (cfg.width, cfg.patch_size, cfg.layer_norm_eps);
-        let ln = |k: &str| LayerNorm::load_eps(src, k, w, eps);
+        let ln = |k: &str| LayerNorm::load_eps(&Cpu, src, k, w, eps);
         let patch = Linear {
             w: src.get("encoder.patch_embed.proj.weight", &[w, 3, p, p])?,
             b: if cfg.pre_norm {
@@ -158,11 +159,25 @@ impl Vit {
                 let b = format!("encoder.blocks.{i}");
                 Ok(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    qkv: Linear::load(src, &format!("{b}.attn.qkv"), w, 3 * w, true)?,
-                    proj: Linear::load(src, &format!("{b}.attn.proj"), w, w, true)?,
+                    qkv: Linear::load(&Cpu, src, &format!("{b}.attn.qkv"), w, 3 * w, true)?,
+                    proj: Linear::load(&Cpu, src, &format!("{b}.attn.proj"), w, w, true)?,
                     norm2: ln(&format!("{b}.norm2"))?,
-                    fc1: Linear::load(src, &format!("{b}.mlp.fc1"), w, cfg.mlp_hidden(), true)?,
-                    fc2: Linear::load(src, &format!("{b}.mlp.fc2"), cfg.mlp_hidden(), w, true)?,
+                    fc1: Linear::load(
+                        &Cpu,
+                        src,
+                        &format!("{b}.mlp.fc1"),
+                        w,
+                        cfg.mlp_hidden(),
+                        true,
+                    )?,
+                    fc2: Linear::load(
+                        &Cpu,
+                        src,
+                        &format!("{b}.mlp.fc2"),
+                        cfg.mlp_hidden(),
+                        w,
+                        true,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -186,12 +201,13 @@ impl Vit {
     }
 
     /// image [3, img_size, img_size] -> tokens [tokens, width] (the caller checks the length).
-    pub(crate) fn forward(&self, image: &[f32]) -> Vec<f32> {
+    pub(crate) fn forward(&self, image: &[f32]) -> Result<Vec<f32>> {
+        let be = &Cpu;
         let cfg = &self.cfg;
         let (w, n) = (cfg.width, cfg.tokens());
         let patches = self
             .patch
-            .forward(&unfold(image, cfg), cfg.grid() * cfg.grid());
+            .forward(be, &unfold(image, cfg), cfg.grid() * cfg.grid())?;
         let mut x = {
             let _p = scope("copies");
             let mut x = Vec::with_capacity(n * w);
@@ -201,30 +217,30 @@ impl Vit {
             x.extend_from_slice(&patches);
             x
         };
-        add(&mut x, &self.pos_embed);
+        ops::add_inplace(&mut x, &self.pos_embed);
         if let Some(norm) = &self.norm_pre {
-            x = norm.forward(&x);
+            x = norm.forward(be, &x)?;
         }
         let hd = w / cfg.heads;
         for b in &self.blocks {
-            let h = b.norm1.forward(&x);
-            let qkv = b.qkv.forward(&h, n);
+            let h = b.norm1.forward(be, &x)?;
+            let qkv = b.qkv.forward(be, &h, n)?;
             let (q, k, v) = split3(&qkv, n, w);
             let mut a = vec![0f32; n * w];
             {
                 let _p = scope("attention");
                 ops::attention(&mut a, &q, &k, &v, 1, n, n, cfg.heads, hd);
             }
-            add(&mut x, &b.proj.forward(&a, n));
-            let h = b.norm2.forward(&x);
-            let mut f = b.fc1.forward(&h, n);
+            add(be, &mut x, &b.proj.forward(be, &a, n)?)?;
+            let h = b.norm2.forward(be, &x)?;
+            let mut f = b.fc1.forward(be, &h, n)?;
             {
                 let _p = scope("activation");
                 ops::gelu_inplace(&mut f);
             }
-            add(&mut x, &b.fc2.forward(&f, n));
+            add(be, &mut x, &b.fc2.forward(be, &f, n)?)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(be, &x)
     }
 }
 

@@ -1,9 +1,10 @@
 //! Building blocks shared by the model components: weight-backed linear, convolution and
-//! norm layers over the CPU ops, and NCHW activations.
+//! norm layers and NCHW activations, generic over the [`Backend`] they run on (the CPU
+//! backend by default).
 
-use crate::adapter::apply::AdapterCtx;
-use crate::backend::cpu as ops;
+use crate::backend::cpu::Conv2d;
 use crate::backend::profile::scope;
+use crate::backend::{AdapterHook, Backend, Cpu, NormDims};
 use crate::error::Result;
 use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
@@ -20,17 +21,21 @@ impl WeightSource for WeightStore {
     }
 }
 
-pub(crate) struct Linear {
-    pub(crate) w: F32Weight,
-    pub(crate) b: Option<F32Weight>,
+/// An adapter hook on backend `B` (a session's adapters as the model's projections see them).
+pub(crate) type Hook<'a, B> = Option<&'a dyn AdapterHook<B>>;
+
+pub(crate) struct Linear<B: Backend = Cpu> {
+    pub(crate) w: B::Weight,
+    pub(crate) b: Option<B::Weight>,
     pub(crate) din: usize,
     pub(crate) dout: usize,
     /// The adapter key (`unet.<path>`) of an adaptable projection.
     pub(crate) key: Option<String>,
 }
 
-impl Linear {
+impl<B: Backend> Linear<B> {
     pub(crate) fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         din: usize,
@@ -38,9 +43,9 @@ impl Linear {
         bias: bool,
     ) -> Result<Self> {
         Ok(Linear {
-            w: src.get(&format!("{p}.weight"), &[dout, din])?,
+            w: be.weight(src.get(&format!("{p}.weight"), &[dout, din])?)?,
             b: if bias {
-                Some(src.get(&format!("{p}.bias"), &[dout])?)
+                Some(be.weight(src.get(&format!("{p}.bias"), &[dout])?)?)
             } else {
                 None
             },
@@ -59,50 +64,41 @@ impl Linear {
     /// As `forward`, with the session's adapters: `rows` are `batch` equal runs of samples.
     pub(crate) fn forward_adapted(
         &self,
-        x: &[f32],
+        be: &B,
+        x: &B::Buf,
         rows: usize,
         batch: usize,
-        ad: Option<&AdapterCtx<'_>>,
-    ) -> Vec<f32> {
+        ad: Hook<'_, B>,
+    ) -> Result<B::Buf> {
         let (Some(ad), Some(key)) = (ad, &self.key) else {
-            return self.forward(x, rows);
+            return self.forward(be, x, rows);
         };
         let _p = scope("linear");
-        let mut y = vec![0.0; rows * self.dout];
         let w = ad.weight(key).unwrap_or(&self.w);
-        ops::linear(&mut y, x, w, self.b.as_deref(), rows, self.din, self.dout);
-        ad.add_runtime(key, &mut y, x, batch, self.din, self.dout);
-        y
+        let mut y = be.linear(x, w, self.b.as_ref(), (rows, self.din, self.dout))?;
+        ad.add(be, key, &mut y, x, batch, self.din, self.dout)?;
+        Ok(y)
     }
 
     /// x [rows, din] -> [rows, dout]
-    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+    pub(crate) fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> Result<B::Buf> {
         let _p = scope("linear");
-        let mut y = vec![0.0; rows * self.dout];
-        ops::linear(
-            &mut y,
-            x,
-            &self.w,
-            self.b.as_deref(),
-            rows,
-            self.din,
-            self.dout,
-        );
-        y
+        be.linear(x, &self.w, self.b.as_ref(), (rows, self.din, self.dout))
     }
 }
 
-pub(crate) struct Conv {
-    pub(crate) w: F32Weight,
-    pub(crate) b: F32Weight,
+pub(crate) struct Conv<B: Backend = Cpu> {
+    pub(crate) w: B::Weight,
+    pub(crate) b: B::Weight,
     pub(crate) cin: usize,
     pub(crate) cout: usize,
     pub(crate) k: usize,
     pub(crate) stride: usize,
 }
 
-impl Conv {
+impl<B: Backend> Conv<B> {
     pub(crate) fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         cin: usize,
@@ -111,8 +107,8 @@ impl Conv {
         stride: usize,
     ) -> Result<Self> {
         Ok(Conv {
-            w: src.get(&format!("{p}.weight"), &[cout, cin, k, k])?,
-            b: src.get(&format!("{p}.bias"), &[cout])?,
+            w: be.weight(src.get(&format!("{p}.weight"), &[cout, cin, k, k])?)?,
+            b: be.weight(src.get(&format!("{p}.bias"), &[cout])?)?,
             cin,
             cout,
             k,
@@ -120,8 +116,13 @@ impl Conv {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Act) -> Act {
-        let p = ops::Conv2d {
+    pub(crate) fn forward(&self, be: &B, x: &Act<B>) -> Result<Act<B>> {
+        self.forward_padded(be, x, self.k / 2)
+    }
+
+    /// With `padding` zeros on every side instead of the usual k / 2.
+    pub(crate) fn forward_padded(&self, be: &B, x: &Act<B>, padding: usize) -> Result<Act<B>> {
+        let p = Conv2d {
             batch: x.b,
             c_in: self.cin,
             h: x.h,
@@ -129,7 +130,7 @@ impl Conv {
             c_out: self.cout,
             kernel: self.k,
             stride: self.stride,
-            padding: self.k / 2,
+            padding,
         };
         let (h, w) = p.out_hw();
         let _p = scope(match (self.k, self.stride) {
@@ -137,27 +138,26 @@ impl Conv {
             (_, 1) => "conv 3x3",
             _ => "conv 3x3 stride 2",
         });
-        let mut y = vec![0.0; x.b * self.cout * h * w];
-        ops::conv2d(&mut y, &x.data, &self.w, Some(&self.b), &p);
-        Act {
-            data: y,
+        Ok(Act {
+            data: be.conv2d(&x.data, &self.w, Some(&self.b), &p)?,
             b: x.b,
             c: self.cout,
             h,
             w,
-        }
+        })
     }
 }
 
-pub(crate) struct GroupNorm {
-    pub(crate) gamma: F32Weight,
-    pub(crate) beta: F32Weight,
+pub(crate) struct GroupNorm<B: Backend = Cpu> {
+    pub(crate) gamma: B::Weight,
+    pub(crate) beta: B::Weight,
     pub(crate) groups: usize,
     pub(crate) eps: f32,
 }
 
-impl GroupNorm {
+impl<B: Backend> GroupNorm<B> {
     pub(crate) fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         c: usize,
@@ -165,121 +165,123 @@ impl GroupNorm {
         eps: f32,
     ) -> Result<Self> {
         Ok(GroupNorm {
-            gamma: src.get(&format!("{p}.weight"), &[c])?,
-            beta: src.get(&format!("{p}.bias"), &[c])?,
+            gamma: be.weight(src.get(&format!("{p}.weight"), &[c])?)?,
+            beta: be.weight(src.get(&format!("{p}.bias"), &[c])?)?,
             groups,
             eps,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Act, silu: bool) -> Act {
+    pub(crate) fn forward(&self, be: &B, x: &Act<B>, silu: bool) -> Result<Act<B>> {
         let _p = scope("group norm");
-        let mut y = vec![0.0; x.data.len()];
-        ops::group_norm(
-            &mut y,
-            &x.data,
-            &self.gamma,
-            &self.beta,
-            x.b,
-            x.c,
-            x.h * x.w,
-            self.groups,
-            self.eps,
-            silu,
-        );
-        Act { data: y, ..*x }
+        let d = NormDims {
+            batch: x.b,
+            channels: x.c,
+            hw: x.h * x.w,
+            groups: self.groups,
+            eps: self.eps,
+        };
+        Ok(Act {
+            data: be.group_norm(&x.data, &self.gamma, &self.beta, d, silu)?,
+            ..*x
+        })
     }
 }
 
-pub(crate) struct LayerNorm {
-    pub(crate) gamma: F32Weight,
-    pub(crate) beta: F32Weight,
+pub(crate) struct LayerNorm<B: Backend = Cpu> {
+    pub(crate) gamma: B::Weight,
+    pub(crate) beta: B::Weight,
     pub(crate) dim: usize,
     pub(crate) eps: f32,
 }
 
-impl LayerNorm {
+impl<B: Backend> LayerNorm<B> {
     /// torch's default eps, 1e-5.
-    pub(crate) fn load(src: &dyn WeightSource, p: &str, dim: usize) -> Result<Self> {
-        Self::load_eps(src, p, dim, 1e-5)
+    pub(crate) fn load(be: &B, src: &dyn WeightSource, p: &str, dim: usize) -> Result<Self> {
+        Self::load_eps(be, src, p, dim, 1e-5)
     }
 
-    pub(crate) fn load_eps(src: &dyn WeightSource, p: &str, dim: usize, eps: f32) -> Result<Self> {
+    pub(crate) fn load_eps(
+        be: &B,
+        src: &dyn WeightSource,
+        p: &str,
+        dim: usize,
+        eps: f32,
+    ) -> Result<Self> {
         Ok(LayerNorm {
-            gamma: src.get(&format!("{p}.weight"), &[dim])?,
-            beta: src.get(&format!("{p}.bias"), &[dim])?,
+            gamma: be.weight(src.get(&format!("{p}.weight"), &[dim])?)?,
+            beta: be.weight(src.get(&format!("{p}.bias"), &[dim])?)?,
             dim,
             eps,
         })
     }
 
-    pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
+    /// x [rows, dim]
+    pub(crate) fn forward(&self, be: &B, x: &B::Buf) -> Result<B::Buf> {
         let _p = scope("layer norm");
-        let mut y = vec![0.0; x.len()];
-        ops::layer_norm(
-            &mut y,
-            x,
-            &self.gamma,
-            &self.beta,
-            x.len() / self.dim,
-            self.dim,
-            self.eps,
-        );
-        y
+        let rows = be.len(x) / self.dim.max(1);
+        be.layer_norm(x, &self.gamma, &self.beta, (rows, self.dim), self.eps)
     }
 }
 
-/// An NCHW activation.
-pub struct Act {
-    pub data: Vec<f32>,
+/// An NCHW activation on backend `B`.
+pub struct Act<B: Backend = Cpu> {
+    pub data: B::Buf,
     pub b: usize,
     pub c: usize,
     pub h: usize,
     pub w: usize,
 }
 
-impl Act {
-    pub(crate) fn clone_act(&self) -> Act {
+impl<B: Backend> Act<B> {
+    pub(crate) fn clone_act(&self, be: &B) -> Result<Act<B>> {
         let _p = scope("copies");
-        Act {
-            data: self.data.clone(),
+        Ok(Act {
+            data: be.copy(&self.data)?,
             ..*self
-        }
+        })
+    }
+
+    /// The same dims with other data.
+    pub(crate) fn with(&self, data: B::Buf) -> Act<B> {
+        Act { data, ..*self }
     }
 }
 
 /// y += x
-pub(crate) fn add(y: &mut [f32], x: &[f32]) {
+pub(crate) fn add<B: Backend>(be: &B, y: &mut B::Buf, x: &B::Buf) -> Result<()> {
     let _p = scope("add");
-    ops::add_inplace(y, x);
+    be.add_inplace(y, x)
 }
 
 /// [B, C, HW] -> [B, HW, C] (`to_tokens`) or back.
-pub(crate) fn transpose(x: &[f32], b: usize, c: usize, hw: usize, to_tokens: bool) -> Vec<f32> {
+pub(crate) fn transpose<B: Backend>(
+    be: &B,
+    x: &B::Buf,
+    b: usize,
+    c: usize,
+    hw: usize,
+    to_tokens: bool,
+) -> Result<B::Buf> {
     let _p = scope("copies");
-    let mut y = vec![0.0; x.len()];
-    if to_tokens {
-        ops::nchw_to_nhwc(&mut y, x, b, c, hw);
-    } else {
-        ops::nhwc_to_nchw(&mut y, x, b, c, hw);
-    }
-    y
+    be.transpose(x, (b, c, hw), to_tokens)
 }
 
 /// diffusers' `ResnetBlock2D`: `x + conv2(silu(gn2(conv1(silu(gn1(x))) + t)))`, where `t` is the
 /// projected time embedding (UNet) or absent (VAE); a 1x1 `conv_shortcut` when channels change.
-pub(crate) struct Resnet {
-    pub(crate) norm1: GroupNorm,
-    pub(crate) conv1: Conv,
-    pub(crate) time_emb_proj: Option<Linear>,
-    pub(crate) norm2: GroupNorm,
-    pub(crate) conv2: Conv,
-    pub(crate) shortcut: Option<Conv>,
+pub(crate) struct Resnet<B: Backend = Cpu> {
+    pub(crate) norm1: GroupNorm<B>,
+    pub(crate) conv1: Conv<B>,
+    pub(crate) time_emb_proj: Option<Linear<B>>,
+    pub(crate) norm2: GroupNorm<B>,
+    pub(crate) conv2: Conv<B>,
+    pub(crate) shortcut: Option<Conv<B>>,
 }
 
-impl Resnet {
+impl<B: Backend> Resnet<B> {
     /// `temb`: the time-embedding width, for resnets that take one.
     pub(crate) fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         (cin, cout): (usize, usize),
@@ -287,15 +289,16 @@ impl Resnet {
         temb: Option<usize>,
     ) -> Result<Self> {
         Ok(Resnet {
-            norm1: GroupNorm::load(src, &format!("{p}.norm1"), cin, groups, eps)?,
-            conv1: Conv::load(src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
+            norm1: GroupNorm::load(be, src, &format!("{p}.norm1"), cin, groups, eps)?,
+            conv1: Conv::load(be, src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
             time_emb_proj: temb
-                .map(|t| Linear::load(src, &format!("{p}.time_emb_proj"), t, cout, true))
+                .map(|t| Linear::load(be, src, &format!("{p}.time_emb_proj"), t, cout, true))
                 .transpose()?,
-            norm2: GroupNorm::load(src, &format!("{p}.norm2"), cout, groups, eps)?,
-            conv2: Conv::load(src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
+            norm2: GroupNorm::load(be, src, &format!("{p}.norm2"), cout, groups, eps)?,
+            conv2: Conv::load(be, src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
             shortcut: if cin != cout {
                 Some(Conv::load(
+                    be,
                     src,
                     &format!("{p}.conv_shortcut"),
                     cin,
@@ -310,32 +313,32 @@ impl Resnet {
     }
 
     /// `emb_silu`: SiLU(time embedding) [B, temb] for resnets that take one.
-    pub(crate) fn forward(&self, x: &Act, emb_silu: Option<&[f32]>) -> Act {
+    pub(crate) fn forward(&self, be: &B, x: &Act<B>, emb_silu: Option<&B::Buf>) -> Result<Act<B>> {
         // Assignments, not shadowing: each intermediate is freed as soon as it is used (at
         // 512x512 one VAE activation is 128 MB or more).
-        let mut h = self.norm1.forward(x, true);
-        h = self.conv1.forward(&h);
+        let mut h = self.norm1.forward(be, x, true)?;
+        h = self.conv1.forward(be, &h)?;
         if let (Some(proj), Some(e)) = (&self.time_emb_proj, emb_silu) {
-            let t = proj.forward(e, x.b);
+            let t = proj.forward(be, e, x.b)?;
             let _p = scope("add");
-            ops::add_channel_bias(&mut h.data, &t, h.b, h.c, h.h * h.w);
+            be.add_channel_bias(&mut h.data, &t, (h.b, h.c, h.h * h.w))?;
         }
-        h = self.norm2.forward(&h, true);
-        h = self.conv2.forward(&h);
+        h = self.norm2.forward(be, &h, true)?;
+        h = self.conv2.forward(be, &h)?;
         match &self.shortcut {
             Some(s) => {
-                let sc = s.forward(x);
-                add(&mut h.data, &sc.data);
+                let sc = s.forward(be, x)?;
+                add(be, &mut h.data, &sc.data)?;
             }
-            None => add(&mut h.data, &x.data),
+            None => add(be, &mut h.data, &x.data)?,
         }
-        h
+        Ok(h)
     }
 }
 
 /// The adapter keys and shapes of the adaptable projections among `layers`.
-pub(crate) fn layer_table<'a>(
-    layers: impl IntoIterator<Item = &'a Linear>,
+pub(crate) fn layer_table<'a, B: Backend + 'a>(
+    layers: impl IntoIterator<Item = &'a Linear<B>>,
 ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
     layers
         .into_iter()
@@ -353,7 +356,7 @@ pub(crate) fn layer_table<'a>(
 
 /// The base weight `[dout, din]` and dims of the projection with adapter key `key`.
 pub(crate) fn find_projection<'a>(
-    layers: impl IntoIterator<Item = &'a Linear>,
+    layers: impl IntoIterator<Item = &'a Linear<Cpu>>,
     key: &str,
 ) -> Option<(&'a [f32], usize, usize)> {
     layers

@@ -1,4 +1,4 @@
-//! transformers' `CLIPTextModel` (SD 1.x's text encoder) on the CPU backend: token and position
+//! transformers' `CLIPTextModel` (SD 1.x's text encoder) on any [`Backend`]: token and position
 //! embeddings, pre-norm transformer layers with causal self-attention and quick-GELU MLPs, a
 //! final layer norm. Its attention projections take LiDB/LoRA adapters like the UNet's.
 
@@ -7,10 +7,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::adapter::apply::{Adaptable, AdapterCtx};
-use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
+use crate::backend::{Activation as Op, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
-use crate::model::layers::{add, find_projection, layer_table, LayerNorm, Linear, WeightSource};
+use crate::model::layers::{
+    add, find_projection, layer_table, Hook, LayerNorm, Linear, WeightSource,
+};
 use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
 
@@ -137,54 +139,85 @@ impl TextEncoderConfig {
     }
 }
 
-struct Layer {
-    ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+struct Layer<B: Backend> {
+    ln1: LayerNorm<B>,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    out: Linear<B>,
+    ln2: LayerNorm<B>,
+    fc1: Linear<B>,
+    fc2: Linear<B>,
 }
 
-pub struct TextEncoder {
+/// The text encoder on backend `B` (the CPU by default). The embedding tables stay in host
+/// memory: a lookup gathers at most 77 rows per sequence.
+pub struct TextEncoder<B: Backend = Cpu> {
     pub config: TextEncoderConfig,
+    be: B,
     token_embedding: F32Weight,
     position_embedding: F32Weight,
-    layers: Vec<Layer>,
-    final_ln: LayerNorm,
+    layers: Vec<Layer<B>>,
+    final_ln: LayerNorm<B>,
 }
 
-impl std::fmt::Debug for TextEncoder {
+impl<B: Backend> std::fmt::Debug for TextEncoder<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextEncoder")
+            .field("backend", &self.be.describe())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl TextEncoder {
+impl TextEncoder<Cpu> {
     pub fn load(config: TextEncoderConfig, src: &dyn WeightSource) -> Result<TextEncoder> {
+        TextEncoder::load_on(Cpu, config, src)
+    }
+
+    /// The model's text encoder: config from `text_encoder/config.json`, else inferred.
+    pub fn from_model(model: &crate::Model) -> Result<TextEncoder> {
+        TextEncoder::from_model_on(Cpu, model)
+    }
+
+    /// `ids` [batch, len] (len <= max_position_embeddings) -> last_hidden_state [batch, len,
+    /// hidden], what SD conditions on. Ids out of the vocabulary are an error naming the first.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        ad: Option<&AdapterCtx<'_>>,
+    ) -> Result<Vec<f32>> {
+        self.forward_hooked(ids, batch, ad.map(|a| a as &dyn AdapterHook<Cpu>))
+    }
+}
+
+impl<B: Backend> TextEncoder<B> {
+    /// As [`TextEncoder::load`], on backend `be`.
+    pub fn load_on(
+        be: B,
+        config: TextEncoderConfig,
+        src: &dyn WeightSource,
+    ) -> Result<TextEncoder<B>> {
         let (d, ff) = (config.hidden_size, config.intermediate_size);
         let eps = config.layer_norm_eps;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("text_model.encoder.layers.{i}");
-                let proj = |name: &str| -> Result<Linear> {
+                let proj = |name: &str| -> Result<Linear<B>> {
                     let path = format!("{p}.self_attn.{name}");
-                    Ok(Linear::load(src, &path, d, d, true)?
+                    Ok(Linear::load(&be, src, &path, d, d, true)?
                         .adaptable(format!("text_encoder.{path}")))
                 };
                 Ok(Layer {
-                    ln1: LayerNorm::load_eps(src, &format!("{p}.layer_norm1"), d, eps)?,
+                    ln1: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm1"), d, eps)?,
                     q: proj("q_proj")?,
                     k: proj("k_proj")?,
                     v: proj("v_proj")?,
                     out: proj("out_proj")?,
-                    ln2: LayerNorm::load_eps(src, &format!("{p}.layer_norm2"), d, eps)?,
-                    fc1: Linear::load(src, &format!("{p}.mlp.fc1"), d, ff, true)?,
-                    fc2: Linear::load(src, &format!("{p}.mlp.fc2"), ff, d, true)?,
+                    ln2: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm2"), d, eps)?,
+                    fc1: Linear::load(&be, src, &format!("{p}.mlp.fc1"), d, ff, true)?,
+                    fc2: Linear::load(&be, src, &format!("{p}.mlp.fc2"), ff, d, true)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -198,29 +231,29 @@ impl TextEncoder {
                 &[config.max_position_embeddings, d],
             )?,
             layers,
-            final_ln: LayerNorm::load_eps(src, "text_model.final_layer_norm", d, eps)?,
+            final_ln: LayerNorm::load_eps(&be, src, "text_model.final_layer_norm", d, eps)?,
             config,
+            be,
         })
     }
 
-    /// The model's text encoder: config from `text_encoder/config.json`, else inferred.
-    pub fn from_model(model: &crate::Model) -> Result<TextEncoder> {
+    /// As [`TextEncoder::from_model`], on backend `be`.
+    pub fn from_model_on(be: B, model: &crate::Model) -> Result<TextEncoder<B>> {
         let (weights, config) = model.component_config(
             crate::io::keymap::Component::TextEncoder,
             TextEncoderConfig::from_json,
             TextEncoderConfig::infer,
         )?;
-        TextEncoder::load(config, weights)
+        TextEncoder::load_on(be, config, weights)
     }
 
-    /// `ids` [batch, len] (len <= max_position_embeddings) -> last_hidden_state [batch, len,
-    /// hidden], what SD conditions on. Ids out of the vocabulary are an error naming the first.
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        ad: Option<&AdapterCtx<'_>>,
-    ) -> Result<Vec<f32>> {
+    /// The backend this encoder runs on.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    /// As [`TextEncoder::forward`], with adapters on this backend.
+    pub fn forward_hooked(&self, ids: &[u32], batch: usize, ad: Hook<'_, B>) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let d = cfg.hidden_size;
         if batch == 0 || ids.len() % batch != 0 {
@@ -255,47 +288,52 @@ impl TextEncoder {
         if let Some(ad) = ad {
             ad.validate(batch)?;
         }
-        let mut h = vec![0f32; batch * len * d];
+        let be = &self.be;
+        let mut embedded = vec![0f32; batch * len * d];
         for (r, &id) in ids.iter().enumerate() {
             let t = &self.token_embedding[id as usize * d..(id as usize + 1) * d];
             let p = &self.position_embedding[(r % len) * d..(r % len + 1) * d];
-            h[r * d..(r + 1) * d]
+            embedded[r * d..(r + 1) * d]
                 .iter_mut()
                 .zip(t.iter().zip(p))
                 .for_each(|(o, (a, b))| *o = a + b);
         }
+        let mut h = be.upload(&embedded)?;
+        drop(embedded);
         let rows = batch * len;
+        let act = match cfg.hidden_act {
+            Activation::QuickGelu => Op::QuickGelu,
+            Activation::Gelu => Op::Gelu,
+        };
         for l in &self.layers {
-            let n = l.ln1.forward(&h);
-            let q = l.q.forward_adapted(&n, rows, batch, ad);
-            let k = l.k.forward_adapted(&n, rows, batch, ad);
-            let v = l.v.forward_adapted(&n, rows, batch, ad);
-            let a = causal_attention(
-                &q,
-                &k,
-                &v,
-                batch,
-                len,
-                cfg.num_attention_heads,
-                d / cfg.num_attention_heads,
-            );
-            let o = l.out.forward_adapted(&a, rows, batch, ad);
-            add(&mut h, &o);
-            let n = l.ln2.forward(&h);
-            let mut f = l.fc1.forward(&n, rows);
+            let n = l.ln1.forward(be, &h)?;
+            let q = l.q.forward_adapted(be, &n, rows, batch, ad)?;
+            let k = l.k.forward_adapted(be, &n, rows, batch, ad)?;
+            let v = l.v.forward_adapted(be, &n, rows, batch, ad)?;
+            let a = {
+                let _p = scope("attention (causal)");
+                let dims = AttnDims {
+                    batch,
+                    lq: len,
+                    lk: len,
+                    heads: cfg.num_attention_heads,
+                    head_dim: d / cfg.num_attention_heads,
+                    causal: true,
+                };
+                be.attention(&q, &k, &v, dims)?
+            };
+            let o = l.out.forward_adapted(be, &a, rows, batch, ad)?;
+            add(be, &mut h, &o)?;
+            let n = l.ln2.forward(be, &h)?;
+            let mut f = l.fc1.forward(be, &n, rows)?;
             {
                 let _p = scope("activation");
-                match cfg.hidden_act {
-                    Activation::QuickGelu => f
-                        .iter_mut()
-                        .for_each(|x| *x *= 1.0 / (1.0 + (-1.702 * *x).exp())),
-                    Activation::Gelu => ops::gelu_inplace(&mut f),
-                }
+                be.activate(&mut f, act)?;
             }
-            let f = l.fc2.forward(&f, rows);
-            add(&mut h, &f);
+            let f = l.fc2.forward(be, &f, rows)?;
+            add(be, &mut h, &f)?;
         }
-        Ok(self.final_ln.forward(&h))
+        be.download(&self.final_ln.forward(be, &h)?)
     }
 
     /// The adaptable projections by adapter key (`text_encoder.<path>`).
@@ -305,12 +343,12 @@ impl TextEncoder {
         layer_table(self.projections())
     }
 
-    fn projections(&self) -> impl Iterator<Item = &Linear> {
+    fn projections(&self) -> impl Iterator<Item = &Linear<B>> {
         self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
     }
 }
 
-impl Adaptable for TextEncoder {
+impl Adaptable for TextEncoder<Cpu> {
     fn key_prefix(&self) -> &'static str {
         "text_encoder."
     }
@@ -318,47 +356,4 @@ impl Adaptable for TextEncoder {
     fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
         find_projection(self.projections(), key)
     }
-}
-
-/// softmax(q k^T / sqrt(d) + causal mask) v per batch and head; q/k/v [batch, len, heads*d].
-/// Text sequences are at most 77 tokens, so the score matrix is small.
-fn causal_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    len: usize,
-    heads: usize,
-    hd: usize,
-) -> Vec<f32> {
-    let _p = scope("attention (causal)");
-    let w = heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; batch * len * w];
-    let mut scores = vec![0f32; len];
-    for b in 0..batch {
-        for h in 0..heads {
-            for i in 0..len {
-                let qi = &q[(b * len + i) * w + h * hd..][..hd];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate().take(i + 1) {
-                    let kj = &k[(b * len + j) * w + h * hd..][..hd];
-                    *s = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f32>() * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut().take(i + 1) {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[(b * len + i) * w + h * hd..][..hd];
-                for (j, s) in scores.iter().enumerate().take(i + 1) {
-                    let vj = &v[(b * len + j) * w + h * hd..][..hd];
-                    let p = s / sum;
-                    o.iter_mut().zip(vj).for_each(|(x, y)| *x += p * y);
-                }
-            }
-        }
-    }
-    out
 }

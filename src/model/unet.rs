@@ -1,85 +1,99 @@
-//! diffusers' `UNet2DConditionModel` (SD 1.x and 2.x) on the CPU backend: weights as f32
-//! (borrowed from the mapped file when stored as f32), compute in f32.
+//! diffusers' `UNet2DConditionModel` (SD 1.x and 2.x) on any [`Backend`]. On the CPU backend
+//! (the default) weights are f32, borrowed from the mapped file when stored as f32, and compute
+//! is f32. The CUDA backend's tuned UNet is `backend::cuda::unet`; this generic one
+//! runs there too (`Unet<Cuda<T>>`) and is checked against it.
 
 use crate::adapter::apply::AdapterCtx;
-use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
+use crate::backend::{Activation, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
 use crate::model::layers::{
-    add, find_projection, layer_table, transpose, Act, Conv, GroupNorm, LayerNorm, Linear, Resnet,
+    add, find_projection, layer_table, transpose, Act, Conv, GroupNorm, Hook, LayerNorm, Linear,
+    Resnet,
 };
 
-pub(crate) struct Attention {
-    pub(crate) to_q: Linear,
-    pub(crate) to_k: Linear,
-    pub(crate) to_v: Linear,
-    pub(crate) to_out: Linear,
+pub(crate) struct Attention<B: Backend = Cpu> {
+    pub(crate) to_q: Linear<B>,
+    pub(crate) to_k: Linear<B>,
+    pub(crate) to_v: Linear<B>,
+    pub(crate) to_out: Linear<B>,
     pub(crate) heads: usize,
 }
 
-impl Attention {
+impl<B: Backend> Attention<B> {
     fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         c: usize,
         ctx_dim: usize,
         heads: usize,
     ) -> Result<Self> {
+        let proj = |name: &str, din: usize, bias: bool| -> Result<Linear<B>> {
+            Ok(Linear::load(be, src, &format!("{p}.{name}"), din, c, bias)?
+                .adaptable(format!("unet.{p}.{name}")))
+        };
         Ok(Attention {
-            to_q: Linear::load(src, &format!("{p}.to_q"), c, c, false)?
-                .adaptable(format!("unet.{p}.to_q")),
-            to_k: Linear::load(src, &format!("{p}.to_k"), ctx_dim, c, false)?
-                .adaptable(format!("unet.{p}.to_k")),
-            to_v: Linear::load(src, &format!("{p}.to_v"), ctx_dim, c, false)?
-                .adaptable(format!("unet.{p}.to_v")),
-            to_out: Linear::load(src, &format!("{p}.to_out.0"), c, c, true)?
-                .adaptable(format!("unet.{p}.to_out.0")),
+            to_q: proj("to_q", c, false)?,
+            to_k: proj("to_k", ctx_dim, false)?,
+            to_v: proj("to_v", ctx_dim, false)?,
+            to_out: proj("to_out.0", c, true)?,
             heads,
         })
     }
 
-    /// x [B, lq, c], ctx [B, lk, ctx_dim] -> [B, lq, c]
+    /// x [B, lq, c], ctx [B, lk, ctx_dim] (None: self-attention) -> [B, lq, c]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
-        x: &[f32],
-        ctx: &[f32],
+        be: &B,
+        x: &B::Buf,
+        ctx: Option<&B::Buf>,
         b: usize,
         lq: usize,
         lk: usize,
-        ad: Option<&AdapterCtx<'_>>,
-    ) -> Vec<f32> {
-        let q = self.to_q.forward_adapted(x, b * lq, b, ad);
-        let k = self.to_k.forward_adapted(ctx, b * lk, b, ad);
-        let v = self.to_v.forward_adapted(ctx, b * lk, b, ad);
+        ad: Hook<'_, B>,
+    ) -> Result<B::Buf> {
+        let kv = ctx.unwrap_or(x);
+        let q = self.to_q.forward_adapted(be, x, b * lq, b, ad)?;
+        let k = self.to_k.forward_adapted(be, kv, b * lk, b, ad)?;
+        let v = self.to_v.forward_adapted(be, kv, b * lk, b, ad)?;
         let c = self.to_q.dout;
-        let mut o = vec![0.0; b * lq * c];
-        {
-            let same = std::ptr::eq(x.as_ptr(), ctx.as_ptr());
-            let _p = scope(if same {
+        let o = {
+            let _p = scope(if ctx.is_none() {
                 "attention (self)"
             } else {
                 "attention (cross)"
             });
-            ops::attention(&mut o, &q, &k, &v, b, lq, lk, self.heads, c / self.heads);
-        }
-        self.to_out.forward_adapted(&o, b * lq, b, ad)
+            let d = AttnDims {
+                batch: b,
+                lq,
+                lk,
+                heads: self.heads,
+                head_dim: c / self.heads,
+                causal: false,
+            };
+            be.attention(&q, &k, &v, d)?
+        };
+        self.to_out.forward_adapted(be, &o, b * lq, b, ad)
     }
 }
 
-pub(crate) struct TransformerBlock {
-    pub(crate) norm1: LayerNorm,
-    pub(crate) attn1: Attention,
-    pub(crate) norm2: LayerNorm,
-    pub(crate) attn2: Attention,
-    pub(crate) norm3: LayerNorm,
-    pub(crate) ff_proj: Linear,
-    pub(crate) ff_out: Linear,
+pub(crate) struct TransformerBlock<B: Backend = Cpu> {
+    pub(crate) norm1: LayerNorm<B>,
+    pub(crate) attn1: Attention<B>,
+    pub(crate) norm2: LayerNorm<B>,
+    pub(crate) attn2: Attention<B>,
+    pub(crate) norm3: LayerNorm<B>,
+    pub(crate) ff_proj: Linear<B>,
+    pub(crate) ff_out: Linear<B>,
 }
 
-impl TransformerBlock {
+impl<B: Backend> TransformerBlock<B> {
     fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         c: usize,
@@ -87,59 +101,61 @@ impl TransformerBlock {
         ctx_dim: usize,
     ) -> Result<Self> {
         Ok(TransformerBlock {
-            norm1: LayerNorm::load(src, &format!("{p}.norm1"), c)?,
-            attn1: Attention::load(src, &format!("{p}.attn1"), c, c, heads)?,
-            norm2: LayerNorm::load(src, &format!("{p}.norm2"), c)?,
-            attn2: Attention::load(src, &format!("{p}.attn2"), c, ctx_dim, heads)?,
-            norm3: LayerNorm::load(src, &format!("{p}.norm3"), c)?,
-            ff_proj: Linear::load(src, &format!("{p}.ff.net.0.proj"), c, 8 * c, true)?,
-            ff_out: Linear::load(src, &format!("{p}.ff.net.2"), 4 * c, c, true)?,
+            norm1: LayerNorm::load(be, src, &format!("{p}.norm1"), c)?,
+            attn1: Attention::load(be, src, &format!("{p}.attn1"), c, c, heads)?,
+            norm2: LayerNorm::load(be, src, &format!("{p}.norm2"), c)?,
+            attn2: Attention::load(be, src, &format!("{p}.attn2"), c, ctx_dim, heads)?,
+            norm3: LayerNorm::load(be, src, &format!("{p}.norm3"), c)?,
+            ff_proj: Linear::load(be, src, &format!("{p}.ff.net.0.proj"), c, 8 * c, true)?,
+            ff_out: Linear::load(be, src, &format!("{p}.ff.net.2"), 4 * c, c, true)?,
         })
     }
 
     /// x [B, t, c] in place; ctx [B, l, ctx_dim].
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
-        x: &mut [f32],
-        ctx: &[f32],
+        be: &B,
+        x: &mut B::Buf,
+        ctx: &B::Buf,
         b: usize,
         t: usize,
         l: usize,
-        ad: Option<&AdapterCtx<'_>>,
-    ) {
+        ad: Hook<'_, B>,
+    ) -> Result<()> {
         let c = self.norm1.dim;
-        let n = self.norm1.forward(x);
-        let a = self.attn1.forward(&n, &n, b, t, t, ad);
-        add(x, &a);
-        let n = self.norm2.forward(x);
-        let a = self.attn2.forward(&n, ctx, b, t, l, ad);
-        add(x, &a);
-        let n = self.norm3.forward(x);
-        let f = self.ff_proj.forward(&n, b * t);
-        let mut g = vec![0.0; b * t * 4 * c];
-        {
+        let n = self.norm1.forward(be, x)?;
+        let a = self.attn1.forward(be, &n, None, b, t, t, ad)?;
+        add(be, x, &a)?;
+        let n = self.norm2.forward(be, x)?;
+        let a = self.attn2.forward(be, &n, Some(ctx), b, t, l, ad)?;
+        add(be, x, &a)?;
+        let n = self.norm3.forward(be, x)?;
+        let f = self.ff_proj.forward(be, &n, b * t)?;
+        let g = {
             let _p = scope("geglu");
-            ops::geglu(&mut g, &f, b * t, 4 * c);
-        }
-        let f = self.ff_out.forward(&g, b * t);
-        add(x, &f);
+            be.geglu(&f, (b * t, 4 * c))?
+        };
+        let f = self.ff_out.forward(be, &g, b * t)?;
+        add(be, x, &f)
     }
 }
 
-pub(crate) enum Proj {
-    Conv(Conv),
-    Linear(Linear),
+pub(crate) enum Proj<B: Backend = Cpu> {
+    Conv(Conv<B>),
+    Linear(Linear<B>),
 }
 
-pub(crate) struct Transformer2d {
-    pub(crate) norm: GroupNorm,
-    pub(crate) proj_in: Proj,
-    pub(crate) blocks: Vec<TransformerBlock>,
-    pub(crate) proj_out: Proj,
+pub(crate) struct Transformer2d<B: Backend = Cpu> {
+    pub(crate) norm: GroupNorm<B>,
+    pub(crate) proj_in: Proj<B>,
+    pub(crate) blocks: Vec<TransformerBlock<B>>,
+    pub(crate) proj_out: Proj<B>,
 }
 
-impl Transformer2d {
+impl<B: Backend> Transformer2d<B> {
     fn load(
+        be: &B,
         src: &dyn WeightSource,
         p: &str,
         c: usize,
@@ -147,20 +163,21 @@ impl Transformer2d {
         depth: usize,
         cfg: &UnetConfig,
     ) -> Result<Self> {
-        let proj = |name: &str| -> Result<Proj> {
+        let proj = |name: &str| -> Result<Proj<B>> {
             let p = format!("{p}.{name}");
             Ok(if cfg.use_linear_projection {
-                Proj::Linear(Linear::load(src, &p, c, c, true)?)
+                Proj::Linear(Linear::load(be, src, &p, c, c, true)?)
             } else {
-                Proj::Conv(Conv::load(src, &p, c, c, 1, 1)?)
+                Proj::Conv(Conv::load(be, src, &p, c, c, 1, 1)?)
             })
         };
         Ok(Transformer2d {
-            norm: GroupNorm::load(src, &format!("{p}.norm"), c, cfg.norm_num_groups, 1e-6)?,
+            norm: GroupNorm::load(be, src, &format!("{p}.norm"), c, cfg.norm_num_groups, 1e-6)?,
             proj_in: proj("proj_in")?,
             blocks: (0..depth)
                 .map(|i| {
                     TransformerBlock::load(
+                        be,
                         src,
                         &format!("{p}.transformer_blocks.{i}"),
                         c,
@@ -173,36 +190,49 @@ impl Transformer2d {
         })
     }
 
-    fn forward(&self, x: &Act, ctx: &[f32], l: usize, ad: Option<&AdapterCtx<'_>>) -> Act {
+    fn forward(
+        &self,
+        be: &B,
+        x: &Act<B>,
+        ctx: &B::Buf,
+        l: usize,
+        ad: Hook<'_, B>,
+    ) -> Result<Act<B>> {
         let (b, c, hw) = (x.b, x.c, x.h * x.w);
-        let h = self.norm.forward(x, false);
+        let h = self.norm.forward(be, x, false)?;
         let mut tokens = match &self.proj_in {
-            Proj::Conv(conv) => transpose(&conv.forward(&h).data, b, c, hw, true),
-            Proj::Linear(lin) => lin.forward(&transpose(&h.data, b, c, hw, true), b * hw),
+            Proj::Conv(conv) => transpose(be, &conv.forward(be, &h)?.data, b, c, hw, true)?,
+            Proj::Linear(lin) => {
+                lin.forward(be, &transpose(be, &h.data, b, c, hw, true)?, b * hw)?
+            }
         };
+        drop(h);
         for blk in &self.blocks {
-            blk.forward(&mut tokens, ctx, b, hw, l, ad);
+            blk.forward(be, &mut tokens, ctx, b, hw, l, ad)?;
         }
         let mut out = match &self.proj_out {
-            Proj::Conv(conv) => conv.forward(&Act {
-                data: transpose(&tokens, b, c, hw, false),
-                ..*x
-            }),
-            Proj::Linear(lin) => Act {
-                data: transpose(&lin.forward(&tokens, b * hw), b, c, hw, false),
-                ..*x
-            },
+            Proj::Conv(conv) => {
+                conv.forward(be, &x.with(transpose(be, &tokens, b, c, hw, false)?))?
+            }
+            Proj::Linear(lin) => x.with(transpose(
+                be,
+                &lin.forward(be, &tokens, b * hw)?,
+                b,
+                c,
+                hw,
+                false,
+            )?),
         };
-        add(&mut out.data, &x.data);
-        out
+        add(be, &mut out.data, &x.data)?;
+        Ok(out)
     }
 }
 
-pub(crate) struct Block {
-    pub(crate) resnets: Vec<Resnet>,
-    pub(crate) attentions: Vec<Transformer2d>,
+pub(crate) struct Block<B: Backend = Cpu> {
+    pub(crate) resnets: Vec<Resnet<B>>,
+    pub(crate) attentions: Vec<Transformer2d<B>>,
     /// Downsampler (stride-2 conv) or upsampler (nearest 2x then conv).
-    pub(crate) resample: Option<Conv>,
+    pub(crate) resample: Option<Conv<B>>,
 }
 
 /// One UNet evaluation's inputs, exactly diffusers' `UNet2DConditionModel` arguments.
@@ -220,17 +250,18 @@ pub struct UnetInput<'a> {
     pub context_len: usize,
 }
 
-/// The UNet, ready to run.
-pub struct Unet {
+/// The UNet, ready to run on backend `B` (the CPU by default), which holds its weights.
+pub struct Unet<B: Backend = Cpu> {
     pub config: UnetConfig,
-    pub(crate) time_1: Linear,
-    pub(crate) time_2: Linear,
-    pub(crate) conv_in: Conv,
-    pub(crate) down: Vec<Block>,
-    pub(crate) mid: (Resnet, Transformer2d, Resnet),
-    pub(crate) up: Vec<Block>,
-    pub(crate) norm_out: GroupNorm,
-    pub(crate) conv_out: Conv,
+    pub(crate) be: B,
+    pub(crate) time_1: Linear<B>,
+    pub(crate) time_2: Linear<B>,
+    pub(crate) conv_in: Conv<B>,
+    pub(crate) down: Vec<Block<B>>,
+    pub(crate) mid: (Resnet<B>, Transformer2d<B>, Resnet<B>),
+    pub(crate) up: Vec<Block<B>>,
+    pub(crate) norm_out: GroupNorm<B>,
+    pub(crate) conv_out: Conv<B>,
 }
 
 impl crate::adapter::apply::Adaptable for Unet {
@@ -243,17 +274,60 @@ impl crate::adapter::apply::Adaptable for Unet {
     }
 }
 
-impl std::fmt::Debug for Unet {
+impl<B: Backend> std::fmt::Debug for Unet<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Unet")
+            .field("backend", &self.be.describe())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl Unet {
+impl Unet<Cpu> {
     /// Builds the UNet of `config` from `src`, checking every tensor's presence and shape.
     pub fn load(config: UnetConfig, src: &dyn WeightSource) -> Result<Unet> {
+        Unet::load_on(Cpu, config, src)
+    }
+
+    /// Loads the UNet of a model: config from `unet/config.json`, else inferred from shapes.
+    pub fn from_model(model: &crate::Model) -> Result<Unet> {
+        Unet::from_model_on(Cpu, model)
+    }
+
+    /// One evaluation -> [B, out, H, W]. Shapes are checked; errors name the argument.
+    pub fn forward(&self, x: &UnetInput<'_>) -> Result<Vec<f32>> {
+        self.forward_hooked(x, None)
+    }
+
+    /// One evaluation with a session's adapters.
+    pub fn forward_with(&self, x: &UnetInput<'_>, ad: Option<&AdapterCtx<'_>>) -> Result<Vec<f32>> {
+        self.forward_hooked(x, ad.map(|a| a as &dyn AdapterHook<Cpu>))
+    }
+
+    /// The base weight [dout, din] of adaptable projection `key` (`unet.<path>`).
+    pub fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
+        find_projection(self.projections(), key)
+    }
+}
+
+impl<B: Backend> Unet<B> {
+    /// As [`Unet::from_model`], on backend `be`.
+    pub fn from_model_on(be: B, model: &crate::Model) -> Result<Unet<B>> {
+        let (weights, config) = model.component_config(
+            crate::io::keymap::Component::Unet,
+            UnetConfig::from_json,
+            UnetConfig::infer,
+        )?;
+        Unet::load_on(be, config, weights)
+    }
+
+    /// The backend this UNet runs on.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    /// As [`Unet::load`], on backend `be` (each weight is converted and uploaded once).
+    pub fn load_on(be: B, config: UnetConfig, src: &dyn WeightSource) -> Result<Unet<B>> {
         let cfg = &config;
         let ch = &cfg.block_out_channels;
         let n = ch.len();
@@ -265,6 +339,7 @@ impl Unet {
                 let resnets = (0..cfg.layers_per_block)
                     .map(|j| {
                         Resnet::load(
+                            &be,
                             src,
                             &format!("{p}.resnets.{j}"),
                             (if j == 0 { cin } else { ch[i] }, ch[i]),
@@ -277,6 +352,7 @@ impl Unet {
                     BlockKind::CrossAttn => (0..cfg.layers_per_block)
                         .map(|j| {
                             Transformer2d::load(
+                                &be,
                                 src,
                                 &format!("{p}.attentions.{j}"),
                                 ch[i],
@@ -290,6 +366,7 @@ impl Unet {
                 };
                 let resample = if i + 1 < n {
                     Some(Conv::load(
+                        &be,
                         src,
                         &format!("{p}.downsamplers.0.conv"),
                         ch[i],
@@ -310,6 +387,7 @@ impl Unet {
         let top = ch[n - 1];
         let mid = (
             Resnet::load(
+                &be,
                 src,
                 "mid_block.resnets.0",
                 (top, top),
@@ -317,6 +395,7 @@ impl Unet {
                 Some(temb),
             )?,
             Transformer2d::load(
+                &be,
                 src,
                 "mid_block.attentions.0",
                 top,
@@ -325,6 +404,7 @@ impl Unet {
                 cfg,
             )?,
             Resnet::load(
+                &be,
                 src,
                 "mid_block.resnets.1",
                 (top, top),
@@ -350,6 +430,7 @@ impl Unet {
                         };
                         let res_in = if j == 0 { prev } else { out };
                         Resnet::load(
+                            &be,
                             src,
                             &format!("{p}.resnets.{j}"),
                             (res_in + skip, out),
@@ -362,6 +443,7 @@ impl Unet {
                     BlockKind::CrossAttn => (0..=cfg.layers_per_block)
                         .map(|j| {
                             Transformer2d::load(
+                                &be,
                                 src,
                                 &format!("{p}.attentions.{j}"),
                                 out,
@@ -375,6 +457,7 @@ impl Unet {
                 };
                 let resample = if i + 1 < n {
                     Some(Conv::load(
+                        &be,
                         src,
                         &format!("{p}.upsamplers.0.conv"),
                         out,
@@ -393,42 +476,24 @@ impl Unet {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Unet {
-            time_1: Linear::load(src, "time_embedding.linear_1", ch[0], temb, true)?,
-            time_2: Linear::load(src, "time_embedding.linear_2", temb, temb, true)?,
-            conv_in: Conv::load(src, "conv_in", cfg.in_channels, ch[0], 3, 1)?,
+            time_1: Linear::load(&be, src, "time_embedding.linear_1", ch[0], temb, true)?,
+            time_2: Linear::load(&be, src, "time_embedding.linear_2", temb, temb, true)?,
+            conv_in: Conv::load(&be, src, "conv_in", cfg.in_channels, ch[0], 3, 1)?,
             down,
             mid,
             up,
             norm_out: GroupNorm::load(
+                &be,
                 src,
                 "conv_norm_out",
                 ch[0],
                 cfg.norm_num_groups,
                 cfg.norm_eps,
             )?,
-            conv_out: Conv::load(src, "conv_out", ch[0], cfg.out_channels, 3, 1)?,
+            conv_out: Conv::load(&be, src, "conv_out", ch[0], cfg.out_channels, 3, 1)?,
             config,
+            be,
         })
-    }
-
-    /// Loads the UNet of a model: config from `unet/config.json`, else inferred from shapes.
-    pub fn from_model(model: &crate::Model) -> Result<Unet> {
-        let (weights, config) = model.component_config(
-            crate::io::keymap::Component::Unet,
-            UnetConfig::from_json,
-            UnetConfig::infer,
-        )?;
-        Unet::load(config, weights)
-    }
-
-    /// One evaluation -> [B, out, H, W]. Shapes are checked; errors name the argument.
-    pub fn forward(&self, x: &UnetInput<'_>) -> Result<Vec<f32>> {
-        self.forward_with(x, None)
-    }
-
-    /// The base weight [dout, din] of adaptable projection `key` (`unet.<path>`).
-    pub fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        find_projection(self.projections(), key)
     }
 
     /// The adaptable projections of this UNet by adapter key (`unet.<path>`).
@@ -438,7 +503,7 @@ impl Unet {
         layer_table(self.projections())
     }
 
-    fn projections(&self) -> Vec<&Linear> {
+    fn projections(&self) -> Vec<&Linear<B>> {
         let mut out = Vec::new();
         let blocks = self
             .down
@@ -456,8 +521,8 @@ impl Unet {
         out
     }
 
-    /// One evaluation with a session's adapters.
-    pub fn forward_with(&self, x: &UnetInput<'_>, ad: Option<&AdapterCtx<'_>>) -> Result<Vec<f32>> {
+    /// One evaluation with adapters on this backend (inputs and output f32 on the host).
+    pub fn forward_hooked(&self, x: &UnetInput<'_>, ad: Hook<'_, B>) -> Result<Vec<f32>> {
         if let Some(ad) = ad {
             ad.validate(x.batch)?;
         }
@@ -476,84 +541,80 @@ impl Unet {
             (sample.len(), timesteps.len(), context.len()),
             (b, h, w, l),
         )?;
+        let be = &self.be;
         let c0 = cfg.block_out_channels[0];
-        let mut temb = vec![0.0; b * c0];
-        ops::timestep_embedding(
-            &mut temb,
-            timesteps,
-            c0,
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-            10000.0,
-        );
-        let mut e = self.time_1.forward(&temb, b);
-        ops::silu_inplace(&mut e);
-        let mut emb = self.time_2.forward(&e, b);
-        ops::silu_inplace(&mut emb); // every resnet applies SiLU first; do it once
+        let temb = be.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift)?;
+        let mut e = self.time_1.forward(be, &temb, b)?;
+        be.activate(&mut e, Activation::Silu)?;
+        let mut emb = self.time_2.forward(be, &e, b)?;
+        be.activate(&mut emb, Activation::Silu)?; // every resnet applies SiLU first; do it once
+        let context = be.upload(context)?;
         let x = Act {
-            data: sample.to_vec(),
+            data: be.upload(sample)?,
             b,
             c: cfg.in_channels,
             h,
             w,
         };
-        let mut x = self.conv_in.forward(&x);
+        let mut x = self.conv_in.forward(be, &x)?;
         // diffusers keeps conv_in's output and every down layer's output as skips.
-        let mut skips: Vec<Act> = vec![x.clone_act()];
+        let mut skips: Vec<Act<B>> = vec![x.clone_act(be)?];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, Some(&emb));
+                x = r.forward(be, &x, Some(&emb))?;
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, context, l, ad);
+                    x = a.forward(be, &x, &context, l, ad)?;
                 }
-                skips.push(x.clone_act());
+                skips.push(x.clone_act(be)?);
             }
             if let Some(ds) = &blk.resample {
-                x = ds.forward(&x);
-                skips.push(x.clone_act());
+                x = ds.forward(be, &x)?;
+                skips.push(x.clone_act(be)?);
             }
         }
-        x = self.mid.0.forward(&x, Some(&emb));
-        x = self.mid.1.forward(&x, context, l, ad);
-        x = self.mid.2.forward(&x, Some(&emb));
+        x = self.mid.0.forward(be, &x, Some(&emb))?;
+        x = self.mid.1.forward(be, &x, &context, l, ad)?;
+        x = self.mid.2.forward(be, &x, Some(&emb))?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Internal("UNet skip stack ran dry".into()))?;
-                let mut cat = vec![0.0; (x.c + skip.c) * b * x.h * x.w];
-                {
+                let cat = {
                     let _p = scope("copies");
-                    ops::concat_channels(&mut cat, &x.data, &skip.data, b, x.c, skip.c, x.h * x.w);
-                }
+                    be.concat_channels(&x.data, &skip.data, (b, x.c, skip.c, x.h * x.w))?
+                };
                 x = r.forward(
+                    be,
                     &Act {
                         data: cat,
                         c: x.c + skip.c,
                         ..x
                     },
                     Some(&emb),
-                );
+                )?;
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, context, l, ad);
+                    x = a.forward(be, &x, &context, l, ad)?;
                 }
             }
             if let Some(us) = &blk.resample {
-                let mut up = vec![0.0; x.data.len() * 4];
-                {
+                let up = {
                     let _p = scope("copies");
-                    ops::upsample_nearest2x(&mut up, &x.data, b * x.c, x.h, x.w);
-                }
-                x = us.forward(&Act {
-                    data: up,
-                    h: 2 * x.h,
-                    w: 2 * x.w,
-                    ..x
-                });
+                    be.upsample_nearest2x(&x.data, (b * x.c, x.h, x.w))?
+                };
+                x = us.forward(
+                    be,
+                    &Act {
+                        data: up,
+                        h: 2 * x.h,
+                        w: 2 * x.w,
+                        ..x
+                    },
+                )?;
             }
         }
-        let hn = self.norm_out.forward(&x, true);
-        Ok(self.conv_out.forward(&hn).data)
+        let hn = self.norm_out.forward(be, &x, true)?;
+        be.download(&self.conv_out.forward(be, &hn)?.data)
     }
 }
 

@@ -1,6 +1,5 @@
-//! diffusers' `AutoencoderKL` (the SD 1.x/2.x VAE) on the CPU backend: the decoder (latents
-//! -> image) and the encoder (image -> diagonal Gaussian: mean and log-variance), weights as
-//! f32, compute in f32.
+//! diffusers' `AutoencoderKL` (the SD 1.x/2.x VAE) on any [`Backend`]: the decoder (latents
+//! -> image) and the encoder (image -> diagonal Gaussian: mean and log-variance).
 //!
 //! The structure is diffusers' `Encoder`/`Decoder` of `models/autoencoders/vae.py`: resnets
 //! without a time embedding (GroupNorm eps 1e-6, SiLU), `DownEncoderBlock2D`s whose downsampler
@@ -12,8 +11,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
+use crate::backend::{AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, Linear, Resnet, WeightSource};
 use crate::model::WeightStore;
@@ -320,138 +319,127 @@ impl VaeConfig {
 /// A linear layer under its current diffusers name, or the name diffusers < 0.14 saved
 /// (`query`, `key`, `value`, `proj_attn`), which diffusers still converts on load. Errors
 /// report the current name.
-fn linear_or_legacy(
+fn linear_or_legacy<B: Backend>(
+    be: &B,
     src: &dyn WeightSource,
     p: &str,
-    name: &str,
-    legacy: &str,
+    (name, legacy): (&str, &str),
     c: usize,
-) -> Result<Linear> {
-    Linear::load(src, &format!("{p}.{name}"), c, c, true)
-        .or_else(|e| Linear::load(src, &format!("{p}.{legacy}"), c, c, true).map_err(|_| e))
+) -> Result<Linear<B>> {
+    Linear::load(be, src, &format!("{p}.{name}"), c, c, true)
+        .or_else(|e| Linear::load(be, src, &format!("{p}.{legacy}"), c, c, true).map_err(|_| e))
 }
 
 /// The mid block's `Attention`: one head of width C over the H x W positions, with its own
 /// GroupNorm in front and the input added back.
-struct MidAttention {
-    norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+struct MidAttention<B: Backend> {
+    norm: GroupNorm<B>,
+    to_q: Linear<B>,
+    to_k: Linear<B>,
+    to_v: Linear<B>,
+    to_out: Linear<B>,
 }
 
-impl MidAttention {
-    fn load(src: &dyn WeightSource, p: &str, c: usize, g: usize) -> Result<Self> {
+impl<B: Backend> MidAttention<B> {
+    fn load(be: &B, src: &dyn WeightSource, p: &str, c: usize, g: usize) -> Result<Self> {
         Ok(MidAttention {
-            norm: GroupNorm::load(src, &format!("{p}.group_norm"), c, g, EPS)?,
-            to_q: linear_or_legacy(src, p, "to_q", "query", c)?,
-            to_k: linear_or_legacy(src, p, "to_k", "key", c)?,
-            to_v: linear_or_legacy(src, p, "to_v", "value", c)?,
-            to_out: linear_or_legacy(src, p, "to_out.0", "proj_attn", c)?,
+            norm: GroupNorm::load(be, src, &format!("{p}.group_norm"), c, g, EPS)?,
+            to_q: linear_or_legacy(be, src, p, ("to_q", "query"), c)?,
+            to_k: linear_or_legacy(be, src, p, ("to_k", "key"), c)?,
+            to_v: linear_or_legacy(be, src, p, ("to_v", "value"), c)?,
+            to_out: linear_or_legacy(be, src, p, ("to_out.0", "proj_attn"), c)?,
         })
     }
 
-    fn forward(&self, x: Act) -> Act {
+    fn forward(&self, be: &B, x: Act<B>) -> Result<Act<B>> {
         let (b, c, hw) = (x.b, x.c, x.h * x.w);
-        let n = self.norm.forward(&x, false);
-        let tokens = transpose(&n.data, b, c, hw, true);
+        let n = self.norm.forward(be, &x, false)?;
+        let tokens = transpose(be, &n.data, b, c, hw, true)?;
         drop(n);
-        let q = self.to_q.forward(&tokens, b * hw);
-        let k = self.to_k.forward(&tokens, b * hw);
-        let v = self.to_v.forward(&tokens, b * hw);
+        let q = self.to_q.forward(be, &tokens, b * hw)?;
+        let k = self.to_k.forward(be, &tokens, b * hw)?;
+        let v = self.to_v.forward(be, &tokens, b * hw)?;
         drop(tokens);
-        let mut o = vec![0.0; q.len()];
-        {
+        let o = {
             let _p = scope("attention (self)");
-            ops::attention(&mut o, &q, &k, &v, b, hw, hw, 1, c);
-        }
+            let d = AttnDims {
+                batch: b,
+                lq: hw,
+                lk: hw,
+                heads: 1,
+                head_dim: c,
+                causal: false,
+            };
+            be.attention(&q, &k, &v, d)?
+        };
         drop((q, k, v));
-        let proj = self.to_out.forward(&o, b * hw);
+        let proj = self.to_out.forward(be, &o, b * hw)?;
         drop(o);
-        let mut y = transpose(&proj, b, c, hw, false);
+        let mut y = transpose(be, &proj, b, c, hw, false)?;
         drop(proj);
-        add(&mut y, &x.data);
-        Act { data: y, ..x }
+        add(be, &mut y, &x.data)?;
+        Ok(x.with(y))
     }
 }
 
 /// `UNetMidBlock2D`: resnet, (attention), resnet.
-struct Mid {
-    res0: Resnet,
-    attn: Option<MidAttention>,
-    res1: Resnet,
+struct Mid<B: Backend> {
+    res0: Resnet<B>,
+    attn: Option<MidAttention<B>>,
+    res1: Resnet<B>,
 }
 
-impl Mid {
-    fn load(src: &dyn WeightSource, p: &str, c: usize, cfg: &VaeConfig) -> Result<Self> {
+impl<B: Backend> Mid<B> {
+    fn load(be: &B, src: &dyn WeightSource, p: &str, c: usize, cfg: &VaeConfig) -> Result<Self> {
         let g = cfg.norm_num_groups;
         Ok(Mid {
-            res0: Resnet::load(src, &format!("{p}.resnets.0"), (c, c), (g, EPS), None)?,
+            res0: Resnet::load(be, src, &format!("{p}.resnets.0"), (c, c), (g, EPS), None)?,
             attn: if cfg.mid_block_add_attention {
-                Some(MidAttention::load(src, &format!("{p}.attentions.0"), c, g)?)
+                Some(MidAttention::load(
+                    be,
+                    src,
+                    &format!("{p}.attentions.0"),
+                    c,
+                    g,
+                )?)
             } else {
                 None
             },
-            res1: Resnet::load(src, &format!("{p}.resnets.1"), (c, c), (g, EPS), None)?,
+            res1: Resnet::load(be, src, &format!("{p}.resnets.1"), (c, c), (g, EPS), None)?,
         })
     }
 
-    fn forward(&self, x: Act) -> Act {
-        let mut x = self.res0.forward(&x, None);
+    fn forward(&self, be: &B, x: Act<B>) -> Result<Act<B>> {
+        let mut x = self.res0.forward(be, &x, None)?;
         if let Some(a) = &self.attn {
-            x = a.forward(x);
+            x = a.forward(be, x)?;
         }
-        self.res1.forward(&x, None)
+        self.res1.forward(be, &x, None)
     }
 }
 
 /// `Downsample2D` with padding 0: zero-pad the bottom row and right column, then a stride-2
 /// 3x3 convolution without padding.
-fn downsample(conv: &Conv, x: &Act) -> Act {
-    let (hp, wp) = (x.h + 1, x.w + 1);
-    let mut padded = vec![0.0; x.b * x.c * hp * wp];
-    {
+fn downsample<B: Backend>(be: &B, conv: &Conv<B>, x: &Act<B>) -> Result<Act<B>> {
+    let padded = {
         let _p = scope("copies");
-        for (dst, src) in padded
-            .chunks_exact_mut(hp * wp)
-            .zip(x.data.chunks_exact(x.h * x.w))
-        {
-            for (d, s) in dst.chunks_exact_mut(wp).zip(src.chunks_exact(x.w)) {
-                d[..x.w].copy_from_slice(s);
-            }
-        }
-    }
-    let p = ops::Conv2d {
-        batch: x.b,
-        c_in: conv.cin,
-        h: hp,
-        w: wp,
-        c_out: conv.cout,
-        kernel: conv.k,
-        stride: 2,
-        padding: 0,
+        be.pad_bottom_right(&x.data, (x.b * x.c, x.h, x.w))?
     };
-    let (h, w) = p.out_hw();
-    let _p = scope("conv 3x3 stride 2");
-    let mut y = vec![0.0; x.b * conv.cout * h * w];
-    ops::conv2d(&mut y, &padded, &conv.w, Some(&conv.b), &p);
-    Act {
-        data: y,
-        b: x.b,
-        c: conv.cout,
-        h,
-        w,
-    }
+    let padded = Act {
+        data: padded,
+        h: x.h + 1,
+        w: x.w + 1,
+        ..*x
+    };
+    conv.forward_padded(be, &padded, 0)
 }
 
 /// `Upsample2D`: nearest 2x, then a 3x3 convolution.
-fn upsample(conv: &Conv, x: Act) -> Act {
-    let mut up = vec![0.0; x.data.len() * 4];
-    {
+fn upsample<B: Backend>(be: &B, conv: &Conv<B>, x: Act<B>) -> Result<Act<B>> {
+    let up = {
         let _p = scope("copies");
-        ops::upsample_nearest2x(&mut up, &x.data, x.b * x.c, x.h, x.w);
-    }
+        be.upsample_nearest2x(&x.data, (x.b * x.c, x.h, x.w))?
+    };
     let up = Act {
         data: up,
         b: x.b,
@@ -460,25 +448,25 @@ fn upsample(conv: &Conv, x: Act) -> Act {
         w: 2 * x.w,
     };
     drop(x);
-    conv.forward(&up)
+    conv.forward(be, &up)
 }
 
-struct Block {
-    resnets: Vec<Resnet>,
+struct Block<B: Backend> {
+    resnets: Vec<Resnet<B>>,
     /// The encoder's downsampler or the decoder's upsampler convolution.
-    resample: Option<Conv>,
+    resample: Option<Conv<B>>,
 }
 
-struct Encoder {
-    conv_in: Conv,
-    down: Vec<Block>,
-    mid: Mid,
-    norm_out: GroupNorm,
-    conv_out: Conv,
+struct Encoder<B: Backend> {
+    conv_in: Conv<B>,
+    down: Vec<Block<B>>,
+    mid: Mid<B>,
+    norm_out: GroupNorm<B>,
+    conv_out: Conv<B>,
 }
 
-impl Encoder {
-    fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+impl<B: Backend> Encoder<B> {
+    fn load(be: &B, src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let (n, g) = (ch.len(), cfg.norm_num_groups);
         let down = (0..n)
@@ -489,6 +477,7 @@ impl Encoder {
                     .map(|j| {
                         let r_in = if j == 0 { cin } else { ch[i] };
                         Resnet::load(
+                            be,
                             src,
                             &format!("{p}.resnets.{j}"),
                             (r_in, ch[i]),
@@ -499,7 +488,7 @@ impl Encoder {
                     .collect::<Result<_>>()?;
                 let resample = if i + 1 < n {
                     let p = format!("{p}.downsamplers.0.conv");
-                    Some(Conv::load(src, &p, ch[i], ch[i], 3, 2)?)
+                    Some(Conv::load(be, src, &p, ch[i], ch[i], 3, 2)?)
                 } else {
                     None
                 };
@@ -507,43 +496,44 @@ impl Encoder {
             })
             .collect::<Result<_>>()?;
         let top = ch[n - 1];
+        let latent2 = 2 * cfg.latent_channels;
         Ok(Encoder {
-            conv_in: Conv::load(src, "encoder.conv_in", cfg.in_channels, ch[0], 3, 1)?,
+            conv_in: Conv::load(be, src, "encoder.conv_in", cfg.in_channels, ch[0], 3, 1)?,
             down,
-            mid: Mid::load(src, "encoder.mid_block", top, cfg)?,
-            norm_out: GroupNorm::load(src, "encoder.conv_norm_out", top, g, EPS)?,
-            conv_out: Conv::load(src, "encoder.conv_out", top, 2 * cfg.latent_channels, 3, 1)?,
+            mid: Mid::load(be, src, "encoder.mid_block", top, cfg)?,
+            norm_out: GroupNorm::load(be, src, "encoder.conv_norm_out", top, g, EPS)?,
+            conv_out: Conv::load(be, src, "encoder.conv_out", top, latent2, 3, 1)?,
         })
     }
 
     /// image [B, in, H, W] -> moments [B, 2 latent, H/f, W/f]
-    fn forward(&self, x: Act) -> Act {
-        let mut x = self.conv_in.forward(&x);
+    fn forward(&self, be: &B, x: Act<B>) -> Result<Act<B>> {
+        let mut x = self.conv_in.forward(be, &x)?;
         for blk in &self.down {
             for r in &blk.resnets {
-                x = r.forward(&x, None);
+                x = r.forward(be, &x, None)?;
             }
             if let Some(conv) = &blk.resample {
-                x = downsample(conv, &x);
+                x = downsample(be, conv, &x)?;
             }
         }
-        x = self.mid.forward(x);
-        let h = self.norm_out.forward(&x, true);
+        x = self.mid.forward(be, x)?;
+        let h = self.norm_out.forward(be, &x, true)?;
         drop(x);
-        self.conv_out.forward(&h)
+        self.conv_out.forward(be, &h)
     }
 }
 
-struct Decoder {
-    conv_in: Conv,
-    mid: Mid,
-    up: Vec<Block>,
-    norm_out: GroupNorm,
-    conv_out: Conv,
+struct Decoder<B: Backend> {
+    conv_in: Conv<B>,
+    mid: Mid<B>,
+    up: Vec<Block<B>>,
+    norm_out: GroupNorm<B>,
+    conv_out: Conv<B>,
 }
 
-impl Decoder {
-    fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+impl<B: Backend> Decoder<B> {
+    fn load(be: &B, src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let (n, g) = (rev.len(), cfg.norm_num_groups);
         let up = (0..n)
@@ -554,6 +544,7 @@ impl Decoder {
                     .map(|j| {
                         let r_in = if j == 0 { prev } else { rev[i] };
                         Resnet::load(
+                            be,
                             src,
                             &format!("{p}.resnets.{j}"),
                             (r_in, rev[i]),
@@ -564,7 +555,7 @@ impl Decoder {
                     .collect::<Result<_>>()?;
                 let resample = if i + 1 < n {
                     let p = format!("{p}.upsamplers.0.conv");
-                    Some(Conv::load(src, &p, rev[i], rev[i], 3, 1)?)
+                    Some(Conv::load(be, src, &p, rev[i], rev[i], 3, 1)?)
                 } else {
                     None
                 };
@@ -572,45 +563,48 @@ impl Decoder {
             })
             .collect::<Result<_>>()?;
         let c0 = rev[n - 1];
+        let latent = cfg.latent_channels;
         Ok(Decoder {
-            conv_in: Conv::load(src, "decoder.conv_in", cfg.latent_channels, rev[0], 3, 1)?,
-            mid: Mid::load(src, "decoder.mid_block", rev[0], cfg)?,
+            conv_in: Conv::load(be, src, "decoder.conv_in", latent, rev[0], 3, 1)?,
+            mid: Mid::load(be, src, "decoder.mid_block", rev[0], cfg)?,
             up,
-            norm_out: GroupNorm::load(src, "decoder.conv_norm_out", c0, g, EPS)?,
-            conv_out: Conv::load(src, "decoder.conv_out", c0, cfg.out_channels, 3, 1)?,
+            norm_out: GroupNorm::load(be, src, "decoder.conv_norm_out", c0, g, EPS)?,
+            conv_out: Conv::load(be, src, "decoder.conv_out", c0, cfg.out_channels, 3, 1)?,
         })
     }
 
     /// z [B, latent, h, w] -> image [B, out, h f, w f]
-    fn forward(&self, z: &Act) -> Act {
-        let mut x = self.conv_in.forward(z);
-        x = self.mid.forward(x);
+    fn forward(&self, be: &B, z: &Act<B>) -> Result<Act<B>> {
+        let mut x = self.conv_in.forward(be, z)?;
+        x = self.mid.forward(be, x)?;
         for blk in &self.up {
             for r in &blk.resnets {
-                x = r.forward(&x, None);
+                x = r.forward(be, &x, None)?;
             }
             if let Some(conv) = &blk.resample {
-                x = upsample(conv, x);
+                x = upsample(be, conv, x)?;
             }
         }
-        let h = self.norm_out.forward(&x, true);
+        let h = self.norm_out.forward(be, &x, true)?;
         drop(x);
-        self.conv_out.forward(&h)
+        self.conv_out.forward(be, &h)
     }
 }
 
-/// The VAE, ready to run.
-pub struct Vae {
+/// The VAE, ready to run on backend `B` (the CPU by default).
+pub struct Vae<B: Backend = Cpu> {
     pub config: VaeConfig,
-    encoder: Encoder,
-    decoder: Decoder,
-    quant_conv: Option<Conv>,
-    post_quant_conv: Option<Conv>,
+    be: B,
+    encoder: Encoder<B>,
+    decoder: Decoder<B>,
+    quant_conv: Option<Conv<B>>,
+    post_quant_conv: Option<Conv<B>>,
 }
 
-impl std::fmt::Debug for Vae {
+impl<B: Backend> std::fmt::Debug for Vae<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vae")
+            .field("backend", &self.be.describe())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -637,39 +631,81 @@ fn check_len(name: &'static str, got: usize, dims: [usize; 4]) -> Result<()> {
     Ok(())
 }
 
-impl Vae {
+impl Vae<Cpu> {
     /// Builds the VAE of `config` from `src`, checking every tensor's presence and shape.
     pub fn load(config: VaeConfig, src: &dyn WeightSource) -> Result<Vae> {
-        config
-            .validate()
-            .map_err(|r| Error::invalid_arg("config", r))?;
-        let l = config.latent_channels;
-        Ok(Vae {
-            encoder: Encoder::load(src, &config)?,
-            decoder: Decoder::load(src, &config)?,
-            quant_conv: if config.use_quant_conv {
-                Some(Conv::load(src, "quant_conv", 2 * l, 2 * l, 1, 1)?)
-            } else {
-                None
-            },
-            post_quant_conv: if config.use_post_quant_conv {
-                Some(Conv::load(src, "post_quant_conv", l, l, 1, 1)?)
-            } else {
-                None
-            },
-            config,
-        })
+        Vae::load_on(Cpu, config, src)
     }
 
     /// Loads the VAE of a model: config from `vae/config.json`, else inferred from shapes
     /// (LDM single files; see [`VaeConfig::infer`]).
     pub fn from_model(model: &crate::Model) -> Result<Vae> {
+        Vae::from_model_on(Cpu, model)
+    }
+
+    /// A draw from the encoder's distribution with the caller's standard-normal `noise`:
+    /// mean + exp(logvar / 2) * noise, what diffusers' `latent_dist.sample()` computes (the
+    /// pipeline then multiplies by `scaling_factor`). All three have the same length.
+    pub fn sample(mean: &[f32], logvar: &[f32], noise: &[f32]) -> Result<Vec<f32>> {
+        if logvar.len() != mean.len() {
+            return Err(Error::invalid_arg(
+                "logvar",
+                format!("has {} values, mean has {}", logvar.len(), mean.len()),
+            ));
+        }
+        if noise.len() != mean.len() {
+            return Err(Error::invalid_arg(
+                "noise",
+                format!("has {} values, mean has {}", noise.len(), mean.len()),
+            ));
+        }
+        Ok(mean
+            .iter()
+            .zip(logvar)
+            .zip(noise)
+            .map(|((&m, &lv), &n)| m + (0.5 * lv).exp() * n)
+            .collect())
+    }
+}
+
+impl<B: Backend> Vae<B> {
+    /// As [`Vae::load`], on backend `be`.
+    pub fn load_on(be: B, config: VaeConfig, src: &dyn WeightSource) -> Result<Vae<B>> {
+        config
+            .validate()
+            .map_err(|r| Error::invalid_arg("config", r))?;
+        let l = config.latent_channels;
+        Ok(Vae {
+            encoder: Encoder::load(&be, src, &config)?,
+            decoder: Decoder::load(&be, src, &config)?,
+            quant_conv: if config.use_quant_conv {
+                Some(Conv::load(&be, src, "quant_conv", 2 * l, 2 * l, 1, 1)?)
+            } else {
+                None
+            },
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(Conv::load(&be, src, "post_quant_conv", l, l, 1, 1)?)
+            } else {
+                None
+            },
+            config,
+            be,
+        })
+    }
+
+    /// As [`Vae::from_model`], on backend `be`.
+    pub fn from_model_on(be: B, model: &crate::Model) -> Result<Vae<B>> {
         let (weights, config) = model.component_config(
             crate::io::keymap::Component::Vae,
             VaeConfig::from_json,
             VaeConfig::infer,
         )?;
-        Vae::load(config, weights)
+        Vae::load_on(be, config, weights)
+    }
+
+    /// The backend this VAE runs on.
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// latents [B, latent_channels, h, w] (already divided by scaling_factor, as diffusers'
@@ -688,18 +724,19 @@ impl Vae {
         let (c0, top) = (cfg.block_out_channels[0], cfg.block_out_channels.len() - 1);
         volume("latents", &[b, c0.max(cfg.out_channels), h, w, f, f])?;
         volume("latents", &[b, cfg.block_out_channels[top], h, w, 4])?;
+        let be = &self.be;
         let z = Act {
-            data: latents.to_vec(),
+            data: be.upload(latents)?,
             b,
             c: cfg.latent_channels,
             h,
             w,
         };
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(&z),
+            Some(c) => c.forward(be, &z)?,
             None => z,
         };
-        Ok(self.decoder.forward(&z).data)
+        be.download(&self.decoder.forward(be, &z)?.data)
     }
 
     /// image [B, in_channels, H, W] in [-1, 1] -> (mean, logvar) each [B, latent_channels,
@@ -728,51 +765,29 @@ impl Vae {
         }
         let widest = cfg.block_out_channels.iter().copied().max().unwrap_or(1);
         volume("image", &[b, widest, h + 1, w + 1])?;
+        let be = &self.be;
         let x = Act {
-            data: image.to_vec(),
+            data: be.upload(image)?,
             b,
             c: cfg.in_channels,
             h,
             w,
         };
-        let m = self.encoder.forward(x);
+        let m = self.encoder.forward(be, x)?;
         let m = match &self.quant_conv {
-            Some(c) => c.forward(&m),
+            Some(c) => c.forward(be, &m)?,
             None => m,
         };
         let (l, hw) = (cfg.latent_channels, m.h * m.w);
+        let moments = be.download(&m.data)?;
         let mut mean = Vec::with_capacity(b * l * hw);
         let mut logvar = Vec::with_capacity(b * l * hw);
-        for s in m.data.chunks_exact(2 * l * hw) {
+        for s in moments.chunks_exact(2 * l * hw) {
             let (mu, lv) = s.split_at(l * hw);
             mean.extend_from_slice(mu);
             logvar.extend(lv.iter().map(|&v| v.clamp(-30.0, 20.0)));
         }
         Ok((mean, logvar))
-    }
-
-    /// A draw from the encoder's distribution with the caller's standard-normal `noise`:
-    /// mean + exp(logvar / 2) * noise, what diffusers' `latent_dist.sample()` computes (the
-    /// pipeline then multiplies by `scaling_factor`). All three have the same length.
-    pub fn sample(mean: &[f32], logvar: &[f32], noise: &[f32]) -> Result<Vec<f32>> {
-        if logvar.len() != mean.len() {
-            return Err(Error::invalid_arg(
-                "logvar",
-                format!("has {} values, mean has {}", logvar.len(), mean.len()),
-            ));
-        }
-        if noise.len() != mean.len() {
-            return Err(Error::invalid_arg(
-                "noise",
-                format!("has {} values, mean has {}", noise.len(), mean.len()),
-            ));
-        }
-        Ok(mean
-            .iter()
-            .zip(logvar)
-            .zip(noise)
-            .map(|((&m, &lv), &n)| m + (0.5 * lv).exp() * n)
-            .collect())
     }
 }
 

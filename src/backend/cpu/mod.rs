@@ -8,6 +8,7 @@
 
 pub mod act;
 pub mod attention;
+mod backend;
 pub mod conv;
 pub mod linear;
 pub mod misc;
@@ -16,6 +17,7 @@ pub(crate) mod simd;
 
 pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;
+pub use backend::Cpu;
 pub use conv::{conv2d, Conv2d};
 pub use linear::{linear, matmul};
 pub use misc::{

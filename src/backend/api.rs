@@ -1,0 +1,201 @@
+//! The backend trait: every op the model code (UNet, text encoder, VAE) calls, in op groups,
+//! so the same model code runs on the CPU ([`crate::backend::cpu::Cpu`]) and, with the `cuda`
+//! feature, on a GPU (`crate::backend::cuda::Cuda<T>`). DESIGN.md section 3: models never
+//! call a device API; they call these.
+//!
+//! Layouts are PyTorch's, as the CPU ops document them: NCHW activations, `[out, in]` linear
+//! weights, `[c_out, c_in, k, k]` conv weights, attention rows `[batch, len, heads * d]`.
+//! Every op allocates and returns its output (or updates its first argument in place), so an
+//! op is a pure function of explicit inputs: what a backward pass will need (section 9).
+//! Shapes are the caller's promise; a backend checks buffer extents it would otherwise read
+//! or write past, and reports a mismatch as `Error::Internal` naming the op.
+
+use crate::backend::cpu::Conv2d;
+use crate::error::Result;
+use crate::model::weights::F32Weight;
+
+/// An element-wise activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP's quick GELU).
+    QuickGelu,
+}
+
+/// One attention call: `out = softmax(q k^T / sqrt(head_dim) [+ causal mask]) v` per batch and
+/// head; q, out `[batch, lq, heads * head_dim]`, k, v `[batch, lk, heads * head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Query i sees keys 0..=i only (CLIP's text encoder; needs lq == lk).
+    pub causal: bool,
+}
+
+/// A group norm's dims: x `[batch, channels, hw]`, `groups` dividing `channels`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormDims {
+    pub batch: usize,
+    pub channels: usize,
+    pub hw: usize,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+/// A compute backend. `Buf` holds an activation, `Weight` a frozen weight, both in the
+/// backend's own memory and storage type (the CPU backend: f32 in host memory, weights
+/// borrowed from the mapped file; CUDA: f32, f16 or bf16 on the device).
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// An activation: a flat, row-major tensor.
+    type Buf: Send + Sync;
+    /// A weight, uploaded once.
+    type Weight: Send + Sync;
+
+    /// Where this backend runs and in which storage type, e.g. `cpu f32`, `cuda:0 f16`.
+    fn describe(&self) -> String;
+
+    // --- memory ------------------------------------------------------------------------------
+
+    /// Takes a weight (f32 on the host) into this backend.
+    fn weight(&self, w: F32Weight) -> Result<Self::Weight>;
+    /// An activation from host f32 values.
+    fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
+    /// An activation's values as host f32.
+    fn download(&self, x: &Self::Buf) -> Result<Vec<f32>>;
+    /// Elements in an activation.
+    fn len(&self, x: &Self::Buf) -> usize;
+    /// A copy of an activation.
+    fn copy(&self, x: &Self::Buf) -> Result<Self::Buf>;
+
+    // --- GEMMs -------------------------------------------------------------------------------
+
+    /// x `[rows, din]` -> x w^T + b: `[rows, dout]` (w `[dout, din]`, b `[dout]`).
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        b: Option<&Self::Weight>,
+        rows_din_dout: (usize, usize, usize),
+    ) -> Result<Self::Buf>;
+    /// x `[batch, c_in, h, w]` -> `[batch, c_out, oh, ow]` (torch's conv2d, zero padding).
+    fn conv2d(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        b: Option<&Self::Weight>,
+        p: &Conv2d,
+    ) -> Result<Self::Buf>;
+    // --- norms -------------------------------------------------------------------------------
+
+    /// torch's group_norm with per-channel affine, then SiLU when `silu`.
+    fn group_norm(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Weight,
+        beta: &Self::Weight,
+        d: NormDims,
+        silu: bool,
+    ) -> Result<Self::Buf>;
+    /// torch's layer_norm over the last `dim` of x `[rows, dim]`.
+    fn layer_norm(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Weight,
+        beta: &Self::Weight,
+        rows_dim: (usize, usize),
+        eps: f32,
+    ) -> Result<Self::Buf>;
+
+    // --- attention ---------------------------------------------------------------------------
+
+    /// Scaled dot-product attention (see [`AttnDims`]).
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        d: AttnDims,
+    ) -> Result<Self::Buf>;
+
+    // --- element-wise ------------------------------------------------------------------------
+
+    /// x = act(x).
+    fn activate(&self, x: &mut Self::Buf, act: Activation) -> Result<()>;
+    /// x `[rows, 2d]` -> `x[:, :d] * gelu(x[:, d:])`: `[rows, d]` (diffusers' GEGLU).
+    fn geglu(&self, x: &Self::Buf, rows_d: (usize, usize)) -> Result<Self::Buf>;
+    /// y += x (same length).
+    fn add_inplace(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// y `[batch, channels, hw]` += v `[batch, channels]` broadcast over hw.
+    fn add_channel_bias(
+        &self,
+        y: &mut Self::Buf,
+        v: &Self::Buf,
+        batch_channels_hw: (usize, usize, usize),
+    ) -> Result<()>;
+    /// diffusers' `get_timestep_embedding` of host timesteps t: `[t.len(), dim]`.
+    fn timestep_embedding(
+        &self,
+        t: &[f32],
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f32,
+    ) -> Result<Self::Buf>;
+
+    // --- layout ------------------------------------------------------------------------------
+
+    /// `[batch, c, hw]` -> `[batch, hw, c]` (`to_tokens`), or back.
+    fn transpose(
+        &self,
+        x: &Self::Buf,
+        batch_c_hw: (usize, usize, usize),
+        to_tokens: bool,
+    ) -> Result<Self::Buf>;
+    /// a `[batch, ca, hw]`, b `[batch, cb, hw]` -> `[batch, ca + cb, hw]`.
+    fn concat_channels(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        batch_ca_cb_hw: (usize, usize, usize, usize),
+    ) -> Result<Self::Buf>;
+    /// `[planes, h, w]` -> `[planes, 2h, 2w]`, nearest.
+    fn upsample_nearest2x(
+        &self,
+        x: &Self::Buf,
+        planes_h_w: (usize, usize, usize),
+    ) -> Result<Self::Buf>;
+    /// `[planes, h, w]` -> `[planes, h + 1, w + 1]`, one zero row at the bottom and one zero
+    /// column at the right (the VAE encoder's downsampler).
+    fn pad_bottom_right(
+        &self,
+        x: &Self::Buf,
+        planes_h_w: (usize, usize, usize),
+    ) -> Result<Self::Buf>;
+}
+
+/// A session's identity adapters as a model's adaptable projections see them on backend `B`:
+/// a replacement (merged) weight, and/or a low-rank update added to the projection's output.
+pub trait AdapterHook<B: Backend> {
+    /// Checks the hook against a batch (per-sample indices).
+    fn validate(&self, batch: usize) -> Result<()>;
+    /// The merged weight of projection `key`, if the adapters replaced it.
+    fn weight(&self, key: &str) -> Option<&B::Weight>;
+    /// y `[rows, dout]` += the adapters' update of projection `key` for input x `[rows, din]`,
+    /// whose rows are `batch` equal runs of samples.
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &self,
+        be: &B,
+        key: &str,
+        y: &mut B::Buf,
+        x: &B::Buf,
+        batch: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<()>;
+}

@@ -1,0 +1,317 @@
+//! [`Cpu`]: the CPU ops of this module behind the [`Backend`] trait. Activations are
+//! `Vec<f32>`; weights are [`F32Weight`]s, borrowed from the mapped file where it stores f32.
+//! Lengths are checked here, so a shape mistake in model code is an `Error::Internal` naming
+//! the op, not a panic in the op's own assertions.
+
+use super::{
+    add_channel_bias, add_inplace, attention, concat_channels, conv2d, geglu, gelu_inplace,
+    group_norm, layer_norm, linear, nchw_to_nhwc, nhwc_to_nchw, silu_inplace, timestep_embedding,
+    upsample_nearest2x, Conv2d,
+};
+use crate::backend::api::{Activation, AttnDims, Backend, NormDims};
+use crate::error::{Error, Result};
+use crate::model::weights::F32Weight;
+
+/// The CPU backend: f32 compute on the runtime's thread pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// Errors unless `got == want`, naming the op and the argument.
+fn check(op: &str, arg: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "{op}: {arg} has {got} values, expected {want}"
+        )))
+    }
+}
+
+/// `a * b * ...`, or an error naming the op when it overflows.
+fn volume(op: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .ok_or_else(|| Error::Internal(format!("{op}: size {dims:?} overflows")))
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Weight = F32Weight;
+
+    fn describe(&self) -> String {
+        "cpu f32".into()
+    }
+
+    fn weight(&self, w: F32Weight) -> Result<F32Weight> {
+        Ok(w)
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+
+    fn download(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+
+    fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &F32Weight,
+        b: Option<&F32Weight>,
+        (rows, din, dout): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "linear";
+        check(op, "x", x.len(), volume(op, &[rows, din])?)?;
+        check(op, "weight", w.len(), volume(op, &[dout, din])?)?;
+        if let Some(b) = b {
+            check(op, "bias", b.len(), dout)?;
+        }
+        let mut y = vec![0.0; volume(op, &[rows, dout])?];
+        linear(&mut y, x, w, b.map(|b| &b[..]), rows, din, dout);
+        Ok(y)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Vec<f32>,
+        w: &F32Weight,
+        b: Option<&F32Weight>,
+        p: &Conv2d,
+    ) -> Result<Vec<f32>> {
+        let op = "conv2d";
+        check(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
+        check(
+            op,
+            "weight",
+            w.len(),
+            volume(op, &[p.c_out, p.c_in, p.kernel, p.kernel])?,
+        )?;
+        if let Some(b) = b {
+            check(op, "bias", b.len(), p.c_out)?;
+        }
+        if p.kernel == 0 || p.stride == 0 || p.h + 2 * p.padding < p.kernel {
+            return Err(Error::Internal(format!("{op}: bad shape {p:?}")));
+        }
+        let (oh, ow) = p.out_hw();
+        let mut y = vec![0.0; volume(op, &[p.batch, p.c_out, oh, ow])?];
+        conv2d(&mut y, x, w, b.map(|b| &b[..]), p);
+        Ok(y)
+    }
+
+    fn group_norm(
+        &self,
+        x: &Vec<f32>,
+        gamma: &F32Weight,
+        beta: &F32Weight,
+        d: NormDims,
+        silu: bool,
+    ) -> Result<Vec<f32>> {
+        let op = "group_norm";
+        check(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
+        check(op, "gamma", gamma.len(), d.channels)?;
+        check(op, "beta", beta.len(), d.channels)?;
+        if d.groups == 0 || d.channels % d.groups != 0 {
+            return Err(Error::Internal(format!(
+                "{op}: {} groups do not divide {} channels",
+                d.groups, d.channels
+            )));
+        }
+        let mut y = vec![0.0; x.len()];
+        group_norm(
+            &mut y, x, gamma, beta, d.batch, d.channels, d.hw, d.groups, d.eps, silu,
+        );
+        Ok(y)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Vec<f32>,
+        gamma: &F32Weight,
+        beta: &F32Weight,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<Vec<f32>> {
+        let op = "layer_norm";
+        check(op, "x", x.len(), volume(op, &[rows, dim])?)?;
+        check(op, "gamma", gamma.len(), dim)?;
+        check(op, "beta", beta.len(), dim)?;
+        let mut y = vec![0.0; x.len()];
+        layer_norm(&mut y, x, gamma, beta, rows, dim, eps);
+        Ok(y)
+    }
+
+    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, d: AttnDims) -> Result<Vec<f32>> {
+        let op = "attention";
+        let hd = volume(op, &[d.heads, d.head_dim])?;
+        check(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
+        check(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
+        check(op, "v", v.len(), k.len())?;
+        let mut out = vec![0.0; q.len()];
+        if d.causal {
+            if d.lq != d.lk {
+                return Err(Error::Internal(format!(
+                    "{op}: causal attention needs lq == lk, got {} and {}",
+                    d.lq, d.lk
+                )));
+            }
+            causal_attention(&mut out, q, k, v, d);
+        } else {
+            attention(&mut out, q, k, v, d.batch, d.lq, d.lk, d.heads, d.head_dim);
+        }
+        Ok(out)
+    }
+
+    fn activate(&self, x: &mut Vec<f32>, act: Activation) -> Result<()> {
+        match act {
+            Activation::Silu => silu_inplace(x),
+            Activation::Gelu => gelu_inplace(x),
+            Activation::QuickGelu => x
+                .iter_mut()
+                .for_each(|v| *v *= 1.0 / (1.0 + (-1.702 * *v).exp())),
+        }
+        Ok(())
+    }
+
+    fn geglu(&self, x: &Vec<f32>, (rows, d): (usize, usize)) -> Result<Vec<f32>> {
+        let op = "geglu";
+        check(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
+        let mut y = vec![0.0; rows * d];
+        geglu(&mut y, x, rows, d);
+        Ok(y)
+    }
+
+    fn add_inplace(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        check("add", "x", x.len(), y.len())?;
+        add_inplace(y, x);
+        Ok(())
+    }
+
+    fn add_channel_bias(
+        &self,
+        y: &mut Vec<f32>,
+        v: &Vec<f32>,
+        (batch, channels, hw): (usize, usize, usize),
+    ) -> Result<()> {
+        let op = "add_channel_bias";
+        check(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
+        check(op, "v", v.len(), batch * channels)?;
+        add_channel_bias(y, v, batch, channels, hw);
+        Ok(())
+    }
+
+    fn timestep_embedding(
+        &self,
+        t: &[f32],
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f32,
+    ) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; volume("timestep_embedding", &[t.len(), dim])?];
+        timestep_embedding(&mut y, t, dim, flip_sin_to_cos, shift, 10000.0);
+        Ok(y)
+    }
+
+    fn transpose(
+        &self,
+        x: &Vec<f32>,
+        (batch, c, hw): (usize, usize, usize),
+        to_tokens: bool,
+    ) -> Result<Vec<f32>> {
+        let op = "transpose";
+        check(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
+        let mut y = vec![0.0; x.len()];
+        if to_tokens {
+            nchw_to_nhwc(&mut y, x, batch, c, hw);
+        } else {
+            nhwc_to_nchw(&mut y, x, batch, c, hw);
+        }
+        Ok(y)
+    }
+
+    fn concat_channels(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        (batch, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "concat_channels";
+        check(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
+        check(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
+        let mut y = vec![0.0; a.len() + b.len()];
+        concat_channels(&mut y, a, b, batch, ca, cb, hw);
+        Ok(y)
+    }
+
+    fn upsample_nearest2x(
+        &self,
+        x: &Vec<f32>,
+        (planes, h, w): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "upsample_nearest2x";
+        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        let mut y = vec![0.0; 4 * x.len()];
+        upsample_nearest2x(&mut y, x, planes, h, w);
+        Ok(y)
+    }
+
+    fn pad_bottom_right(
+        &self,
+        x: &Vec<f32>,
+        (planes, h, w): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "pad_bottom_right";
+        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        let (ph, pw) = (h + 1, w + 1);
+        let mut y = vec![0.0; volume(op, &[planes, ph, pw])?];
+        if w > 0 {
+            for (yp, xp) in y.chunks_exact_mut(ph * pw).zip(x.chunks_exact(h * w)) {
+                for (yr, xr) in yp.chunks_exact_mut(pw).zip(xp.chunks_exact(w)) {
+                    yr[..w].copy_from_slice(xr);
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// softmax(q k^T / sqrt(d) + causal mask) v per batch and head. Text sequences are at most 77
+/// tokens, so the scores of one query row are small.
+fn causal_attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims) {
+    let (len, heads, hd) = (d.lq, d.heads, d.head_dim);
+    let w = heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; len];
+    for b in 0..d.batch {
+        for h in 0..heads {
+            for i in 0..len {
+                let qi = &q[(b * len + i) * w + h * hd..][..hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate().take(i + 1) {
+                    let kj = &k[(b * len + j) * w + h * hd..][..hd];
+                    *s = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f32>() * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut().take(i + 1) {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[(b * len + i) * w + h * hd..][..hd];
+                for (j, s) in scores.iter().enumerate().take(i + 1) {
+                    let vj = &v[(b * len + j) * w + h * hd..][..hd];
+                    let p = s / sum;
+                    o.iter_mut().zip(vj).for_each(|(x, y)| *x += p * y);
+                }
+            }
+        }
+    }
+}
