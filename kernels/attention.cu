@@ -53,6 +53,15 @@
 //   >= 0.7 ms, and k/v rows are re-read per query row from L2: a correctness fallback, not
 //   the fast path.
 //
+// attention_scalar_causal_{f32,f16,bf16}: attention_scalar_* with the same arguments and
+//   launch, and a causal mask: query row i sees keys 0..=i only (the key loop stops at
+//   min(lk, i + 1)). For CLIP's text encoder, where lq == lk (the host checks it).
+//   Napkin math, CLIP ViT-L/14 text encoder (77 tokens, 12 heads, d = 64), batch 2: 3003
+//   (query, key) pairs a head (77 * 78 / 2), 4d FLOP each: 2 * 12 * 3003 * 256 = 18 MFLOP,
+//   and q, k, v, out at 2 * 77 * 768 * 2 B = 0.24 MB each in f16: a few microseconds,
+//   latency-bound (2 * 12 * 20 = 480 blocks of 4 warps). Not yet run on a GPU:
+//   tests/cuda_backend.rs checks it against the CPU backend's causal attention.
+//
 // flash2_attn_d{40,64,80,160}_{f16,bf16}: the same contract and arguments as flash_attn_*,
 // plus: q, k, v 16-byte aligned at every row (ld_* % 8 == 0, base addresses % 16 == 0: the
 // host checks and falls back to flash_attn_* otherwise). Dynamic shared memory:
@@ -301,7 +310,8 @@ HDB_FOR_EACH_HALF_DTYPE(HDB_FLASH_ATTN_ALL_D)
 #define SCALAR_MAX_D 256 // head dims up to this
 #define SCALAR_SLOTS (SCALAR_MAX_D / 32)
 
-template <typename T>
+// CAUSAL: query row `row` sees keys 0..=row only (keys past min(lk, row + 1) are skipped).
+template <typename T, bool CAUSAL>
 __device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* __restrict__ q,
                                                  const T* __restrict__ k, const T* __restrict__ v,
                                                  int lq, int lk, int d, long long ld_q,
@@ -324,23 +334,24 @@ __device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* _
 #pragma unroll
     for (int j = 0; j < SCALAR_SLOTS; ++j) o[j] = 0.0f;
     float m = HDB_NEG_INF, l = 0.0f;
-    for (int k0 = 0; k0 < lk; k0 += 32) {
+    const int kend = CAUSAL ? min(lk, row + 1) : lk; // keys this row sees
+    for (int k0 = 0; k0 < kend; k0 += 32) {
         const int key = k0 + lane;
         float sc = HDB_NEG_INF;
-        if (key < lk) {
+        if (key < kend) {
             const T* kr = kb + (long long)key * ld_k;
             float dot = 0.0f;
             for (int c = 0; c < d; ++c) dot += sq[warp][c] * to_f32(kr[c]);
             sc = dot * scale;
         }
-        const float mn = fmaxf(m, warp_max(sc)); // finite: key k0 < lk always exists
+        const float mn = fmaxf(m, warp_max(sc)); // finite: key k0 < kend always exists
         const float corr = expf(m - mn);         // 0 on the first chunk
-        const float p = key < lk ? expf(sc - mn) : 0.0f;
+        const float p = key < kend ? expf(sc - mn) : 0.0f;
         l = l * corr + warp_sum(p);
         m = mn;
 #pragma unroll
         for (int j = 0; j < SCALAR_SLOTS; ++j) o[j] *= corr;
-        const int nk = min(32, lk - k0);
+        const int nk = min(32, kend - k0);
         for (int kk = 0; kk < nk; ++kk) {
             const float pk = __shfl_sync(0xffffffffu, p, kk);
             const T* vr = vb + (long long)(k0 + kk) * ld_v;
@@ -365,7 +376,14 @@ __device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* _
                                const T* __restrict__ k, const T* __restrict__ v, int lq,       \
                                int lk, int d, long long ld_q, long long ld_k, long long ld_v,  \
                                long long ld_o, float scale) {                                  \
-        attention_scalar<T>(out, q, k, v, lq, lk, d, ld_q, ld_k, ld_v, ld_o, scale);           \
+        attention_scalar<T, false>(out, q, k, v, lq, lk, d, ld_q, ld_k, ld_v, ld_o, scale);    \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        attention_scalar_causal_##sfx(T* __restrict__ out, const T* __restrict__ q,            \
+                                      const T* __restrict__ k, const T* __restrict__ v,        \
+                                      int lq, int lk, int d, long long ld_q, long long ld_k,   \
+                                      long long ld_v, long long ld_o, float scale) {           \
+        attention_scalar<T, true>(out, q, k, v, lq, lk, d, ld_q, ld_k, ld_v, ld_o, scale);     \
     }
 HDB_FOR_EACH_DTYPE(HDB_ATTN_SCALAR)
 

@@ -1,9 +1,11 @@
 // conv.cu: what the convolutions and the layout changes around the GEMMs need: im2col for
 // conv2d through cuBLAS (im2col + GEMM), a tiled batched transpose (NCHW <-> NHWC for the
-// transformer blocks), and a per-channel bias over NCHW.
+// transformer blocks), a per-channel bias over NCHW, and the VAE encoder's bottom-right
+// zero padding.
 //
 // Checked against the CPU backend (backend::cpu::conv2d, nchw_to_nhwc, ...) by
-// tests/cuda_parity.rs on a GPU.
+// tests/cuda_parity.rs on a GPU; pad_bottom_right_* (not yet run on a GPU) by
+// tests/cuda_backend.rs against the CPU backend's pad_bottom_right.
 //
 // ---------------------------------------------------------------------------------------------
 // im2col_{f32,f16,bf16}(T* cols, const T* x, int c, int h, int w, int k, int stride, int pad,
@@ -27,6 +29,15 @@
 // add_bias_channels_{f32,f16,bf16}(T* y, const T* bias, long long batch, int channels,
 //                                  long long hw)
 //   y [batch, channels, hw] += bias [channels] (a convolution's bias). Elementwise contract.
+//
+// pad_bottom_right_{f32,f16,bf16}(T* y, const T* x, long long planes, int h, int w)
+//   x [planes, h, w] -> y [planes, h + 1, w + 1]: x in the top-left h x w of each plane, zeros
+//   in the last row and the last column (diffusers' VAE Downsample2D pads (0, 1, 0, 1) before
+//   its stride-2 3x3 conv). y may not overlap x. Elementwise contract over the n = planes *
+//   (h + 1) * (w + 1) outputs, every output written.
+//   Napkin math, the VAE encoder's first downsampler (512x512, 128 channels, batch 1, fp16):
+//   67 MB in + 67 MB out -> ~40 us at 3.35 TB/s (im2col with asymmetric padding would skip
+//   the copy: TODO(perf)).
 // ---------------------------------------------------------------------------------------------
 
 #include "common.cuh"
@@ -82,6 +93,18 @@ __device__ __forceinline__ void add_bias_channels(T* __restrict__ y, const T* __
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void pad_bottom_right(T* __restrict__ y, const T* __restrict__ x,
+                                                 long long planes, int h, int w) {
+    const long long pw = (long long)w + 1, plane_out = ((long long)h + 1) * pw;
+    GRID_STRIDE(e, planes * plane_out) {
+        const long long p = e / plane_out;
+        const long long rem = e - p * plane_out;
+        const long long i = rem / pw, j = rem - i * pw;
+        y[e] = (i < h && j < w) ? x[(p * h + i) * w + j] : from_f32<T>(0.0f);
+    }
+}
+
 #define HDB_CONV_KERNELS(sfx, T)                                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                           \
         im2col_##sfx(T* cols, const T* x, int c, int h, int w, int k, int stride, int pad,      \
@@ -97,5 +120,9 @@ __device__ __forceinline__ void add_bias_channels(T* __restrict__ y, const T* __
         add_bias_channels_##sfx(T* y, const T* bias, long long batch, int channels,             \
                                 long long hw) {                                                  \
         add_bias_channels<T>(y, bias, batch, channels, hw);                                      \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        pad_bottom_right_##sfx(T* y, const T* x, long long planes, int h, int w) {              \
+        pad_bottom_right<T>(y, x, planes, h, w);                                                 \
     }
 HDB_FOR_EACH_DTYPE(HDB_CONV_KERNELS)

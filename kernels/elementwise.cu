@@ -1,10 +1,12 @@
-// elementwise.cu: the small ops around the GEMMs: GEGLU, SiLU, row softmax, the timestep
-// embedding, nearest 2x upsampling, and additions (tensor + tensor, per-channel and per-column
-// bias).
+// elementwise.cu: the small ops around the GEMMs: GEGLU, SiLU, GELU, quick GELU, row softmax,
+// the timestep embedding, nearest 2x upsampling, and additions (tensor + tensor, per-channel
+// and per-column bias).
 //
 // Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
 // (scripts/gpu-check.sh; figures in docs/perf.md): backend::cpu::geglu, silu_inplace,
 // softmax_rows, timestep_embedding, upsample_nearest2x, add_inplace, add_channel_bias.
+// gelu_* and quick_gelu_* have not run on a GPU yet: tests/cuda_backend.rs checks them
+// against the CPU backend's activations through the Backend trait.
 //
 // Launch contract, unless a kernel says otherwise: block = 256 threads, no shared memory,
 // grid = min(ceil(n / 256), 65536) for n outputs; every kernel grid-strides, so any grid
@@ -20,6 +22,15 @@
 //   = 63 MB -> ~19 us.
 // silu_{f32,f16,bf16}(T* y, const T* x, long long n)
 //   y = x * sigmoid(x); y may equal x. n elements.
+// gelu_{f32,f16,bf16}(T* y, const T* x, long long n)
+//   y = x/2 * (1 + erf(x / sqrt 2)), exact (erf) GELU as the CPU backend's gelu_inplace (the
+//   Backend trait's Activation::Gelu); y may equal x. n elements.
+// quick_gelu_{f32,f16,bf16}(T* y, const T* x, long long n)
+//   y = x * sigmoid(1.702 x) (OpenAI CLIP's quick GELU, the SD 1.x text encoder's MLP);
+//   y may equal x. n elements.
+//   Napkin math (silu, gelu, quick_gelu): 2 B read + 2 B written an element in f16; CLIP's
+//   MLP at batch 2 (154 tokens x 3072) is 0.5 M elements = 1.9 MB -> ~1 us of bandwidth,
+//   launch latency dominates; a 64x64 x 1280 x 2 SiLU (10.5 M elements, 42 MB) ~13 us.
 // softmax_rows_{f32,f16,bf16}(T* y, const T* x, long long rows, int n)
 //   Softmax over the last dim of x [rows, n] (max-subtracted, as torch); y may equal x.
 //   grid = ceil(rows / 8); block = 256 threads = 8 warps, one row per warp; three sweeps over
@@ -72,6 +83,22 @@ template <typename T> __device__ __forceinline__ void silu(T* y, const T* x, lon
     GRID_STRIDE(i, n) {
         const float v = to_f32(x[i]);
         y[i] = from_f32<T>(v / (1.0f + expf(-v)));
+    }
+}
+
+// x/2 * erfc(-x / sqrt 2) = x/2 * (1 + erf(x / sqrt 2)), without the cancellation of 1 + erf
+// in the negative tail (the CPU backend's gelu also goes through erfc).
+template <typename T> __device__ __forceinline__ void gelu(T* y, const T* x, long long n) {
+    GRID_STRIDE(i, n) {
+        const float v = to_f32(x[i]);
+        y[i] = from_f32<T>(0.5f * v * erfcf(-v * 0.70710678118654752f));
+    }
+}
+
+template <typename T> __device__ __forceinline__ void quick_gelu(T* y, const T* x, long long n) {
+    GRID_STRIDE(i, n) {
+        const float v = to_f32(x[i]);
+        y[i] = from_f32<T>(v / (1.0f + expf(-1.702f * v)));
     }
 }
 
@@ -153,6 +180,13 @@ __device__ __forceinline__ void add_bias_rows(T* y, const T* __restrict__ bias, 
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) silu_##sfx(T* y, const T* x, long long n) { \
         silu<T>(y, x, n);                                                                      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) gelu_##sfx(T* y, const T* x, long long n) { \
+        gelu<T>(y, x, n);                                                                      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        quick_gelu_##sfx(T* y, const T* x, long long n) {                                      \
+        quick_gelu<T>(y, x, n);                                                                \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                          \
         softmax_rows_##sfx(T* y, const T* x, long long rows, int n) {                          \

@@ -4,21 +4,30 @@
 //!   to PTX with NVRTC (CI compiles every one on machines without a GPU).
 //! - [`device`]: a device, its stream, the kernel module cache and cuBLAS.
 //! - [`ops`]: the ops, each a checked launch of one kernel or cuBLAS call.
+//! - [`backend`]: [`Cuda`], those ops behind the [`crate::backend::Backend`] trait (what the
+//!   model code calls), in f32, f16 or bf16.
+//! - [`key_adapters`]: [`CudaKeyAdapters`], a session's identity adapters (resolved on the
+//!   CPU) as the trait's [`crate::backend::AdapterHook`] for [`Cuda`]: merged weights, or
+//!   runtime LoRA through cuBLAS (the generic path).
 //! - [`unet`]: the SD UNet over those ops, weights uploaded from the CPU model.
 //! - [`adapters`]: a session's identity adapters on that UNet (merged weight copies or
-//!   per-sample runtime LoRA).
+//!   per-sample runtime LoRA; the fast path).
 //!
 //! The kernels include no CUDA header, so compiling them at run time needs `libnvrtc` only:
 //! no CUDA toolkit on the machine that runs hdb. cudarc loads libcuda, libnvrtc and
 //! libcublas dynamically, so builds without CUDA work and report [`crate::Error::NoDevice`].
 
 pub mod adapters;
+pub mod backend;
 pub mod device;
 pub mod kernels;
+pub mod key_adapters;
 pub mod ops;
 pub mod unet;
 
+pub use backend::Cuda;
 pub use device::{driver_available, CudaDevice, DeviceElem};
 pub use kernels::{
     compile_ptx, nvrtc_available, ptx_entries, KernelFile, CI_ARCHS, COMMON_HEADER, KERNEL_FILES,
 };
+pub use key_adapters::CudaKeyAdapters;

@@ -206,17 +206,17 @@ fn conflict_free_stride(d: usize) -> usize {
 /// Head dims `flash_attn_d*` is instantiated for.
 pub const FLASH_HEAD_DIMS: &[usize] = &[40, 64, 80, 160];
 
-/// out = softmax(q k^T / sqrt(d)) v per (batch, head). Returns the kernel it launched.
-pub fn attention<T: DeviceElem>(
-    dev: &CudaDevice,
+/// The extent checks every attention op makes: a non-empty head shape, row strides of at least
+/// heads * d, and every buffer large enough for its rows. `Ok(false)`: no query rows, nothing
+/// to do.
+fn check_attention<T>(
+    op: &str,
     out: At<'_, T>,
     q: At<'_, T>,
     k: At<'_, T>,
     v: At<'_, T>,
-    s: AttnShape,
-    kernel: AttnKernel,
-) -> Result<String> {
-    let op = "attention";
+    s: &AttnShape,
+) -> Result<bool> {
     let hd = s.heads * s.head_dim;
     if s.lk == 0 || s.head_dim == 0 || s.heads == 0 {
         return Err(Error::Internal(format!("{op}: empty shape {s:?}")));
@@ -228,12 +228,38 @@ pub fn attention<T: DeviceElem>(
     }
     let span = |rows: usize, ld: usize| (s.batch * rows - 1) * ld + hd;
     if s.batch * s.lq == 0 {
-        return Ok(String::new());
+        return Ok(false);
     }
     need(q.buf, q.off, span(s.lq, s.ld_q), op, "q")?;
     need(k.buf, k.off, span(s.lk, s.ld_k), op, "k")?;
     need(v.buf, v.off, span(s.lk, s.ld_v), op, "v")?;
     need(out.buf, out.off, span(s.lq, s.ld_o), op, "out")?;
+    Ok(true)
+}
+
+/// The scalar kernels' launch: 4 query rows (warps) a block.
+fn scalar_attention_cfg(s: &AttnShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.lq.div_ceil(4) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// out = softmax(q k^T / sqrt(d)) v per (batch, head). Returns the kernel it launched.
+pub fn attention<T: DeviceElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+    kernel: AttnKernel,
+) -> Result<String> {
+    let op = "attention";
+    if !check_attention(op, out, q, k, v, &s)? {
+        return Ok(String::new());
+    }
     let half = T::SUFFIX != "f32";
     let flash = kernel != AttnKernel::Scalar && half && FLASH_HEAD_DIMS.contains(&s.head_dim);
     let tsz = std::mem::size_of::<T>();
@@ -300,14 +326,7 @@ pub fn attention<T: DeviceElem>(
             },
         )
     } else {
-        (
-            name::<T>("attention_scalar"),
-            LaunchConfig {
-                grid_dim: (s.lq.div_ceil(4) as u32, s.heads as u32, s.batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        )
+        (name::<T>("attention_scalar"), scalar_attention_cfg(&s))
     };
     let (o_a, q_a, k_a, v_a) = (
         addr(dev, out.buf, out.off),
@@ -334,6 +353,220 @@ pub fn attention<T: DeviceElem>(
     params.extend::<[Param; 5]>([ldq.into(), ldk.into(), ldv.into(), ldo.into(), scale.into()]);
     launch(dev, "attention.cu", &kname, cfg, &params)?;
     Ok(kname)
+}
+
+/// Causal attention (CLIP's text encoder): query row i of each (batch, head) sees keys 0..=i
+/// only; needs lq == lk and head dim <= 256. One `attention_scalar_causal_*` launch (the
+/// scalar kernel's contract, attention.cu).
+pub fn attention_causal<T: DeviceElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+) -> Result<()> {
+    let op = "attention_causal";
+    if s.lq != s.lk {
+        return Err(Error::Internal(format!(
+            "{op}: causal attention needs lq == lk, got {} and {}",
+            s.lq, s.lk
+        )));
+    }
+    if !check_attention(op, out, q, k, v, &s)? {
+        return Ok(());
+    }
+    if s.head_dim > 256 {
+        return Err(Error::Unsupported(format!(
+            "causal attention with head dim {} (the scalar kernel takes up to 256)",
+            s.head_dim
+        )));
+    }
+    let lq = to_i32(s.lq, op, "lq")?;
+    let lk = to_i32(s.lk, op, "lk")?;
+    let d = to_i32(s.head_dim, op, "head_dim")?;
+    let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    launch(
+        dev,
+        "attention.cu",
+        &name::<T>("attention_scalar_causal"),
+        scalar_attention_cfg(&s),
+        &[
+            addr(dev, out.buf, out.off).into(),
+            addr(dev, q.buf, q.off).into(),
+            addr(dev, k.buf, k.off).into(),
+            addr(dev, v.buf, v.off).into(),
+            lq.into(),
+            lk.into(),
+            d.into(),
+            ldq.into(),
+            ldk.into(),
+            ldv.into(),
+            ldo.into(),
+            scale.into(),
+        ],
+    )
+}
+
+/// Scratch (elements of T) [`attention_materialized`] needs: one batch element's scores,
+/// heads * lq * lk (None on overflow). The VAE's mid-block attention (1 head, d = 512) at a
+/// 64 x 64 latent (512 x 512 image) has lq = lk = 4096: 16.8 M scores = 32 MiB in f16, 64 MiB
+/// in f32; at 128 x 128 (1024 x 1024) 16384 tokens: 512 MiB in f16, 1 GiB in f32.
+pub fn attention_materialized_scratch(s: &AttnShape) -> Option<usize> {
+    s.heads.checked_mul(s.lq)?.checked_mul(s.lk)
+}
+
+/// out = softmax(q k^T / sqrt(d)) v with the scores materialised, for head dims the fused
+/// kernels do not take (> 256: the VAE's single-head attention, d = 512). Per batch element:
+/// S = scale q k^T for every head in one strided-batched cuBLAS GEMM into `scratch` [heads,
+/// lq, lk] (head h reads columns h*d.. of the rows; f32 accumulation, the scale applied in f32
+/// before the one rounding to T), the row softmax in place (`softmax_rows`), then O = P v
+/// (one more strided-batched GEMM, head h writing its d columns of out's rows). P is rounded
+/// to T before P v, as in the flash kernels. `scratch` holds at least
+/// [`attention_materialized_scratch`] elements and is reused for every batch element.
+pub fn attention_materialized<T: BlasElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+    scratch: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "attention_materialized";
+    if !check_attention(op, out, q, k, v, &s)? {
+        return Ok(());
+    }
+    let per_batch = attention_materialized_scratch(&s)
+        .ok_or_else(|| Error::Internal(format!("{op}: scores of {s:?} overflow")))?;
+    need(scratch, 0, per_batch, op, "scratch")?;
+    let d = s.head_dim;
+    let (lq, lk) = (to_i32(s.lq, op, "lq")?, to_i32(s.lk, op, "lk")?);
+    let di = to_i32(d, op, "head_dim")?;
+    let heads = to_i32(s.heads, op, "heads")?;
+    let scale = 1.0f32 / (d as f32).sqrt();
+    let tsz = std::mem::size_of::<T>() as u64;
+    let s_addr = dev.ptr(scratch);
+    // Row-major S_h [lq, lk] = Q_h [lq, d] . K_h [lk, d]^T is column-major C [lk, lq] (ld lk)
+    // = op(A) . B with A = K_h seen column-major as [d, lk] (ld ld_k), transposed, and
+    // B = Q_h seen column-major as [d, lq] (ld ld_q): m = lk, n = lq, k = d.
+    let scores = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: lk,
+            n: lq,
+            k: di,
+            alpha: scale,
+            lda: to_i32(s.ld_k, op, "ld_k")?,
+            ldb: to_i32(s.ld_q, op, "ld_q")?,
+            beta: 0.0,
+            ldc: lk,
+        },
+        batch_size: heads,
+        stride_a: d as i64,
+        stride_b: d as i64,
+        stride_c: (s.lq * s.lk) as i64,
+    };
+    // Row-major O_h [lq, d] = P_h [lq, lk] . V_h [lk, d]; column-major O_h^T [d, lq] =
+    // V_h^T [d, lk] . P_h^T [lk, lq]: A = V_h (column-major [d, lk], ld ld_v), B = P_h
+    // (column-major [lk, lq], ld lk), C = O_h (column-major [d, lq], ld ld_o): m = d, n = lq,
+    // k = lk. The heads' outputs interleave by column blocks of d; no element is shared.
+    let values = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: di,
+            n: lq,
+            k: lk,
+            alpha: 1.0,
+            lda: to_i32(s.ld_v, op, "ld_v")?,
+            ldb: lk,
+            beta: 0.0,
+            ldc: to_i32(s.ld_o, op, "ld_o")?,
+        },
+        batch_size: heads,
+        stride_a: d as i64,
+        stride_b: (s.lq * s.lk) as i64,
+        stride_c: d as i64,
+    };
+    for b in 0..s.batch {
+        let (qa, ka, va, oa) = (
+            addr(dev, q.buf, q.off) + (b * s.lq * s.ld_q) as u64 * tsz,
+            addr(dev, k.buf, k.off) + (b * s.lk * s.ld_k) as u64 * tsz,
+            addr(dev, v.buf, v.off) + (b * s.lk * s.ld_v) as u64 * tsz,
+            addr(dev, out.buf, out.off) + (b * s.lq * s.ld_o) as u64 * tsz,
+        );
+        // SAFETY: check_attention checked q, k, v and out for every batch's rows (each head's
+        // d columns lie inside heads * d <= ld), `need` the scratch for heads * lq * lk.
+        unsafe { gemm_batched_f32_scalars::<T>(dev, scores, ka, qa, s_addr)? };
+        softmax_rows(dev, scratch, s.heads * s.lq, s.lk)?;
+        // SAFETY: as above.
+        unsafe { gemm_batched_f32_scalars::<T>(dev, values, va, s_addr, oa)? };
+    }
+    Ok(())
+}
+
+/// One `cublasGemmStridedBatchedEx` on raw device addresses with f32 alpha and beta and f32
+/// compute, for any storage type: [`BlasElem::gemm_batched_at`] goes through cudarc's typed
+/// `Gemm<T>`, which takes alpha in T, and 1 / sqrt(d) rounded to bf16 would be off by up to
+/// 2^-9 (a softmax temperature error of that size on every score).
+///
+/// # Safety
+/// Every batch's extents implied by `cfg` must lie inside live allocations of this device.
+unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
+    dev: &CudaDevice,
+    cfg: StridedBatchedConfig<f32>,
+    a: u64,
+    b: u64,
+    c: u64,
+) -> Result<()> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+    let dtype = match T::SUFFIX {
+        "f32" => cudaDataType_t::CUDA_R_32F,
+        "f16" => cudaDataType_t::CUDA_R_16F,
+        "bf16" => cudaDataType_t::CUDA_R_16BF,
+        other => {
+            return Err(Error::Internal(format!(
+                "cuBLAS batched gemm: no cuBLAS type for {other}"
+            )))
+        }
+    };
+    let g = cfg.gemm;
+    let (alpha, beta) = (g.alpha, g.beta);
+    guard("cuBLAS batched gemm", || {
+        // SAFETY: the caller checked the extents; alpha and beta are f32 as
+        // CUBLAS_COMPUTE_32F requires, and outlive the call.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *dev.blas().handle(),
+                g.transa,
+                g.transb,
+                g.m,
+                g.n,
+                g.k,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                dtype,
+                g.lda,
+                cfg.stride_a,
+                b as *const _,
+                dtype,
+                g.ldb,
+                cfg.stride_b,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                dtype,
+                g.ldc,
+                cfg.stride_c,
+                cfg.batch_size,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,6 +916,38 @@ pub fn silu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: us
     )
 }
 
+/// x = kernel `op` of elementwise.cu (`silu`, `gelu`, `quick_gelu`) over the first n elements.
+fn unary_inplace<T: DeviceElem>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    n: usize,
+    op: &str,
+) -> Result<()> {
+    need(x, 0, n, op, "x")?;
+    let (a, nn) = (dev.ptr(x), n as i64);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(n),
+        &[a.into(), a.into(), nn.into()],
+    )
+}
+
+/// x = gelu(x) (exact, erf) over the first n elements.
+pub fn gelu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: usize) -> Result<()> {
+    unary_inplace(dev, x, n, "gelu")
+}
+
+/// x = x * sigmoid(1.702 x) (CLIP's quick GELU) over the first n elements.
+pub fn quick_gelu_inplace<T: DeviceElem>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    n: usize,
+) -> Result<()> {
+    unary_inplace(dev, x, n, "quick_gelu")
+}
+
 /// Softmax over the last dim of x [rows, n], in place.
 pub fn softmax_rows<T: DeviceElem>(
     dev: &CudaDevice,
@@ -897,6 +1162,53 @@ pub fn transpose<T: DeviceElem>(
     )
 }
 
+/// y [planes, h + 1, w + 1] = x [planes, h, w] with a zero row at the bottom and a zero column
+/// at the right of each plane (the VAE encoder's downsampler).
+pub fn pad_bottom_right<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<()> {
+    let op = "pad_bottom_right";
+    let n_out = planes * (h + 1) * (w + 1);
+    need(x, 0, planes * h * w, op, "x")?;
+    need(y, 0, n_out, op, "y")?;
+    let (ya, xa, p) = (dev.ptr(y), dev.ptr(x), planes as i64);
+    let (hh, ww) = (to_i32(h, op, "h")?, to_i32(w, op, "w")?);
+    launch(
+        dev,
+        "conv.cu",
+        &name::<T>(op),
+        elementwise_cfg(n_out),
+        &[ya.into(), xa.into(), p.into(), hh.into(), ww.into()],
+    )
+}
+
+/// y [batch, ca + cb, hw] = the channel concatenation of a [batch, ca, hw] and b [batch, cb,
+/// hw] (diffusers' torch.cat of the UNet's up path), as 2 * batch device copies.
+pub fn concat_channels<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    (batch, ca, cb, hw): (usize, usize, usize, usize),
+) -> Result<()> {
+    let op = "concat_channels";
+    let (la, lb) = (ca * hw, cb * hw);
+    need(a, 0, batch * la, op, "a")?;
+    need(b, 0, batch * lb, op, "b")?;
+    need(y, 0, batch * (la + lb), op, "y")?;
+    for i in 0..batch {
+        let base = i * (la + lb);
+        copy(dev, y, base, a, i * la, la)?;
+        copy(dev, y, base + la, b, i * lb, lb)?;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMMs (cuBLAS) and convolution
 // ---------------------------------------------------------------------------------------------
@@ -1052,6 +1364,44 @@ pub fn linear<T: BlasElem>(
     if m * n == 0 {
         return Ok(());
     }
+    linear_gemm(dev, op, y, ld_y, x, w, (m, k, n), 0.0)?;
+    if let Some(b) = bias {
+        if ld_y != n {
+            return Err(Error::Internal(format!("{op}: bias with a strided output")));
+        }
+        add_bias_rows(dev, y, b, m, n)?;
+    }
+    Ok(())
+}
+
+/// y [m, n] += x [m, k] . w [n, k]^T: [`linear`] accumulating into y (cuBLAS beta = 1), no
+/// bias; `ld_y` is y's row stride (>= n). The low-rank adapter updates use it.
+pub fn linear_acc<T: BlasElem>(
+    dev: &CudaDevice,
+    y: At<'_, T>,
+    ld_y: usize,
+    x: At<'_, T>,
+    w: &CudaSlice<T>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    if m * n == 0 {
+        return Ok(());
+    }
+    linear_gemm(dev, "linear_acc", y, ld_y, x, w, (m, k, n), 1.0)
+}
+
+/// y = x . w^T + beta y (row-major; m * n > 0): [`linear`]'s GEMM, extents checked.
+#[allow(clippy::too_many_arguments)]
+fn linear_gemm<T: BlasElem>(
+    dev: &CudaDevice,
+    op: &str,
+    y: At<'_, T>,
+    ld_y: usize,
+    x: At<'_, T>,
+    w: &CudaSlice<T>,
+    (m, k, n): (usize, usize, usize),
+    beta: f32,
+) -> Result<()> {
     if ld_y < n {
         return Err(Error::Internal(format!("{op}: ld_y {ld_y} < n {n}")));
     }
@@ -1067,18 +1417,11 @@ pub fn linear<T: BlasElem>(
         alpha: 1.0,
         lda: to_i32(k, op, "k")?,
         ldb: to_i32(k, op, "k")?,
-        beta: 0.0,
+        beta,
         ldc: to_i32(ld_y, op, "ld_y")?,
     };
     // SAFETY: extents checked above.
-    unsafe { T::gemm_at(dev, cfg, At::new(w, 0), x, addr(dev, y.buf, y.off))? };
-    if let Some(b) = bias {
-        if ld_y != n {
-            return Err(Error::Internal(format!("{op}: bias with a strided output")));
-        }
-        add_bias_rows(dev, y, b, m, n)?;
-    }
-    Ok(())
+    unsafe { T::gemm_at(dev, cfg, At::new(w, 0), x, addr(dev, y.buf, y.off)) }
 }
 
 /// A 2-D convolution's shape (the CPU backend's `Conv2d`).

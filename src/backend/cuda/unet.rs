@@ -1047,8 +1047,16 @@ impl<T: BlasElem> CudaUnet<T> {
                         ),
                     ));
                 }
+                let mut data = dev.alloc(x.b * (x.c + skip.c) * x.hw())?;
+                ops::concat_channels(
+                    dev,
+                    &mut data,
+                    &x.data,
+                    &skip.data,
+                    (x.b, x.c, skip.c, x.hw()),
+                )?;
                 let cat = Act {
-                    data: concat_channels(dev, &x, &skip)?,
+                    data,
                     c: x.c + skip.c,
                     ..x
                 };
@@ -1112,18 +1120,4 @@ impl<T: BlasElem> CudaUnet<T> {
             .max()
             .unwrap_or(0)
     }
-}
-
-/// [B, ca + cb, hw] = channel concatenation of a [B, ca, hw] and b [B, cb, hw] (diffusers'
-/// torch.cat of the up path), as 2 B device copies.
-fn concat_channels<T: BlasElem>(dev: &CudaDevice, a: &Act<T>, b: &Act<T>) -> Result<CudaSlice<T>> {
-    let hw = a.hw();
-    let (la, lb) = (a.c * hw, b.c * hw);
-    let mut y = dev.alloc(a.b * (la + lb))?;
-    for i in 0..a.b {
-        let base = i * (la + lb);
-        ops::copy(dev, &mut y, base, &a.data, i * la, la)?;
-        ops::copy(dev, &mut y, base + la, &b.data, i * lb, lb)?;
-    }
-    Ok(y)
 }

@@ -1,0 +1,396 @@
+//! [`Cuda`]: the CUDA ops of [`super::ops`] behind the [`Backend`] trait, so the model code
+//! that runs on [`crate::backend::Cpu`] runs on a GPU in f32, f16 or bf16 (`T`).
+//!
+//! Activations and weights are `CudaSlice<T>` holding exactly the tensor's elements (weights
+//! converted from f32 once, by [`Backend::weight`]); arithmetic and accumulation are f32 in
+//! every kernel and GEMM, with one rounding to `T` per output. Every op allocates its output
+//! (stream-ordered, uninitialised where the kernel writes every element) and checks buffer
+//! lengths as the CPU backend does, so a shape mistake is an `Error::Internal` naming the op
+//! and argument. cudarc cannot allocate zero elements, so an op whose output would be empty is
+//! an `Error::Internal` too (the CPU backend returns an empty vector there).
+//!
+//! Work is queued on the device's one stream; [`Backend::download`] waits for it. Ops that
+//! call cuBLAS first make the device's context current on the calling thread (cuBLAS does
+//! not), so a `Cuda` may be used from any thread, one call at a time per device stream.
+//!
+//! Attention: non-causal with head dim <= 256 takes [`ops::attention`] (`AttnKernel::Auto`:
+//! the tensor-core kernels for f16/bf16 at head dims 40, 64, 80 and 160, else the scalar
+//! kernel); causal (CLIP's text encoder) takes [`ops::attention_causal`] (the scalar kernel
+//! with a mask, head dim <= 256); head dims above 256 (the VAE's single-head mid-block
+//! attention, d = 512) take [`ops::attention_materialized`], which allocates per call a
+//! scores scratch of heads * lq * lk elements of `T`, reused across the batch: 32 MiB in f16
+//! (64 MiB in f32) for a 512 x 512 image's 4096 latent tokens, 512 MiB (1 GiB) at 1024 x 1024.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use super::device::CudaDevice;
+use super::ops::{self, At, AttnKernel, AttnShape, BlasElem, Conv2d};
+use crate::backend::api::{Activation, AttnDims, Backend, NormDims};
+use crate::error::{Error, Result};
+use crate::model::weights::F32Weight;
+
+/// The CUDA backend on one device, storing tensors as `T` (f32, f16 or bf16).
+pub struct Cuda<T: BlasElem> {
+    dev: Arc<CudaDevice>,
+    _t: PhantomData<T>,
+}
+
+impl<T: BlasElem> Cuda<T> {
+    /// The backend on `dev` (opened with [`CudaDevice::open`]).
+    pub fn new(dev: Arc<CudaDevice>) -> Self {
+        Cuda {
+            dev,
+            _t: PhantomData,
+        }
+    }
+
+    /// The device this backend runs on.
+    pub fn dev(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// An output of `n` elements, every one of which the op writes.
+    fn out(&self, op: &str, n: usize) -> Result<CudaSlice<T>> {
+        if n == 0 {
+            return Err(Error::Internal(format!(
+                "{op}: the output is empty (the CUDA backend holds no zero-sized tensors)"
+            )));
+        }
+        self.dev.alloc(n)
+    }
+}
+
+impl<T: BlasElem> Clone for Cuda<T> {
+    fn clone(&self) -> Self {
+        Cuda::new(self.dev.clone())
+    }
+}
+
+impl<T: BlasElem> std::fmt::Debug for Cuda<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("dev", &self.dev)
+            .field("dtype", &T::SUFFIX)
+            .finish()
+    }
+}
+
+/// Errors unless `got == want`, naming the op and the argument.
+fn check(op: &str, arg: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "{op}: {arg} has {got} values, expected {want}"
+        )))
+    }
+}
+
+/// `a * b * ...`, or an error naming the op when it overflows.
+fn volume(op: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .ok_or_else(|| Error::Internal(format!("{op}: size {dims:?} overflows")))
+}
+
+impl<T: BlasElem> Backend for Cuda<T> {
+    type Buf = CudaSlice<T>;
+    type Weight = CudaSlice<T>;
+
+    fn describe(&self) -> String {
+        format!("cuda:{} {}", self.dev.ordinal(), T::SUFFIX)
+    }
+
+    fn weight(&self, w: F32Weight) -> Result<CudaSlice<T>> {
+        self.dev.upload_f32(&w)
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<CudaSlice<T>> {
+        self.dev.upload_f32(x)
+    }
+
+    fn download(&self, x: &CudaSlice<T>) -> Result<Vec<f32>> {
+        self.dev.download_f32(x, x.len())
+    }
+
+    fn len(&self, x: &CudaSlice<T>) -> usize {
+        x.len()
+    }
+
+    fn copy(&self, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        let mut y = self.out("copy", x.len())?;
+        ops::copy(&self.dev, &mut y, 0, x, 0, x.len())?;
+        Ok(y)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        b: Option<&CudaSlice<T>>,
+        (rows, din, dout): (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        let op = "linear";
+        check(op, "x", x.len(), volume(op, &[rows, din])?)?;
+        check(op, "weight", w.len(), volume(op, &[dout, din])?)?;
+        if let Some(b) = b {
+            check(op, "bias", b.len(), dout)?;
+        }
+        let y = self.out(op, volume(op, &[rows, dout])?)?;
+        self.dev.bind_to_thread()?;
+        ops::linear(
+            &self.dev,
+            At::from(&y),
+            dout,
+            At::from(x),
+            w,
+            b,
+            (rows, din, dout),
+        )?;
+        Ok(y)
+    }
+
+    fn conv2d(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        b: Option<&CudaSlice<T>>,
+        p: &Conv2d,
+    ) -> Result<CudaSlice<T>> {
+        let op = "conv2d";
+        check(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
+        check(
+            op,
+            "weight",
+            w.len(),
+            volume(op, &[p.c_out, p.c_in, p.kernel, p.kernel])?,
+        )?;
+        if let Some(b) = b {
+            check(op, "bias", b.len(), p.c_out)?;
+        }
+        let padded = |n: usize| p.padding.checked_mul(2).and_then(|p2| n.checked_add(p2));
+        if p.kernel == 0
+            || p.stride == 0
+            || padded(p.h).is_none_or(|n| n < p.kernel)
+            || padded(p.w).is_none_or(|n| n < p.kernel)
+        {
+            return Err(Error::Internal(format!("{op}: bad shape {p:?}")));
+        }
+        let (oh, ow) = p.out_hw();
+        let mut y = self.out(op, volume(op, &[p.batch, p.c_out, oh, ow])?)?;
+        // im2col scratch for one sample (none for 1x1 stride-1 unpadded convs), per call:
+        // ops::conv2d_scratch's size, with its product checked.
+        let scratch_len = if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
+            0
+        } else {
+            volume(op, &[p.c_in, p.kernel, p.kernel, oh, ow])?
+        };
+        let mut scratch = self.dev.alloc::<T>(scratch_len)?;
+        self.dev.bind_to_thread()?;
+        ops::conv2d(&self.dev, &mut y, x, w, b, p, &mut scratch)?;
+        Ok(y)
+    }
+
+    fn group_norm(
+        &self,
+        x: &CudaSlice<T>,
+        gamma: &CudaSlice<T>,
+        beta: &CudaSlice<T>,
+        d: NormDims,
+        silu: bool,
+    ) -> Result<CudaSlice<T>> {
+        let op = "group_norm";
+        check(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
+        check(op, "gamma", gamma.len(), d.channels)?;
+        check(op, "beta", beta.len(), d.channels)?;
+        if d.groups == 0 || d.channels % d.groups != 0 {
+            return Err(Error::Internal(format!(
+                "{op}: {} groups do not divide {} channels",
+                d.groups, d.channels
+            )));
+        }
+        let y = self.out(op, x.len())?;
+        ops::group_norm(
+            &self.dev,
+            &y,
+            x,
+            gamma,
+            beta,
+            (d.batch, d.channels, d.hw),
+            d.groups,
+            d.eps,
+            silu,
+        )?;
+        Ok(y)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaSlice<T>,
+        gamma: &CudaSlice<T>,
+        beta: &CudaSlice<T>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<CudaSlice<T>> {
+        let op = "layer_norm";
+        check(op, "x", x.len(), volume(op, &[rows, dim])?)?;
+        check(op, "gamma", gamma.len(), dim)?;
+        check(op, "beta", beta.len(), dim)?;
+        let y = self.out(op, x.len())?;
+        ops::layer_norm(&self.dev, &y, x, gamma, beta, rows, dim, eps)?;
+        Ok(y)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        d: AttnDims,
+    ) -> Result<CudaSlice<T>> {
+        let op = "attention";
+        let hd = volume(op, &[d.heads, d.head_dim])?;
+        check(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
+        check(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
+        check(op, "v", v.len(), k.len())?;
+        if d.heads == 0 || d.head_dim == 0 || d.lk == 0 {
+            return Err(Error::Internal(format!("{op}: empty shape {d:?}")));
+        }
+        let out = self.out(op, q.len())?;
+        let s = AttnShape::dense(d.batch, d.heads, d.lq, d.lk, d.head_dim);
+        let dev = &self.dev;
+        let (o, q, k, v) = (At::from(&out), At::from(q), At::from(k), At::from(v));
+        if d.causal {
+            if d.lq != d.lk {
+                return Err(Error::Internal(format!(
+                    "{op}: causal attention needs lq == lk, got {} and {}",
+                    d.lq, d.lk
+                )));
+            }
+            ops::attention_causal(dev, o, q, k, v, s)?;
+        } else if d.head_dim <= 256 {
+            ops::attention(dev, o, q, k, v, s, AttnKernel::Auto)?;
+        } else {
+            let n = ops::attention_materialized_scratch(&s)
+                .ok_or_else(|| Error::Internal(format!("{op}: scores of {d:?} overflow")))?;
+            let mut scratch = self.out(op, n)?;
+            dev.bind_to_thread()?;
+            ops::attention_materialized(dev, o, q, k, v, s, &mut scratch)?;
+        }
+        Ok(out)
+    }
+
+    fn activate(&self, x: &mut CudaSlice<T>, act: Activation) -> Result<()> {
+        let n = x.len();
+        match act {
+            Activation::Silu => ops::silu_inplace(&self.dev, x, n),
+            Activation::Gelu => ops::gelu_inplace(&self.dev, x, n),
+            Activation::QuickGelu => ops::quick_gelu_inplace(&self.dev, x, n),
+        }
+    }
+
+    fn geglu(&self, x: &CudaSlice<T>, (rows, d): (usize, usize)) -> Result<CudaSlice<T>> {
+        let op = "geglu";
+        check(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
+        let mut y = self.out(op, rows * d)?;
+        ops::geglu(&self.dev, &mut y, x, rows, d)?;
+        Ok(y)
+    }
+
+    fn add_inplace(&self, y: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<()> {
+        check("add", "x", x.len(), y.len())?;
+        let n = y.len();
+        ops::add_inplace(&self.dev, y, x, n)
+    }
+
+    fn add_channel_bias(
+        &self,
+        y: &mut CudaSlice<T>,
+        v: &CudaSlice<T>,
+        (batch, channels, hw): (usize, usize, usize),
+    ) -> Result<()> {
+        let op = "add_channel_bias";
+        check(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
+        check(op, "v", v.len(), volume(op, &[batch, channels])?)?;
+        ops::add_channel_bias(&self.dev, y, v, (batch, channels, hw))
+    }
+
+    fn timestep_embedding(
+        &self,
+        t: &[f32],
+        dim: usize,
+        flip_sin_to_cos: bool,
+        shift: f32,
+    ) -> Result<CudaSlice<T>> {
+        let op = "timestep_embedding";
+        let mut y = self.out(op, volume(op, &[t.len(), dim])?)?;
+        let td = self.dev.upload(t)?;
+        ops::timestep_embedding(
+            &self.dev,
+            &mut y,
+            &td,
+            t.len(),
+            dim,
+            (flip_sin_to_cos, shift, 10000.0),
+        )?;
+        Ok(y)
+    }
+
+    fn transpose(
+        &self,
+        x: &CudaSlice<T>,
+        (batch, c, hw): (usize, usize, usize),
+        to_tokens: bool,
+    ) -> Result<CudaSlice<T>> {
+        let op = "transpose";
+        check(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
+        let mut y = self.out(op, x.len())?;
+        // [batch, rows, cols] -> [batch, cols, rows]: NCHW -> tokens is rows = c, cols = hw.
+        let (rows, cols) = if to_tokens { (c, hw) } else { (hw, c) };
+        ops::transpose(&self.dev, &mut y, x, batch, rows, cols)?;
+        Ok(y)
+    }
+
+    fn concat_channels(
+        &self,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        (batch, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        let op = "concat_channels";
+        check(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
+        check(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
+        let mut y = self.out(op, a.len() + b.len())?;
+        ops::concat_channels(&self.dev, &mut y, a, b, (batch, ca, cb, hw))?;
+        Ok(y)
+    }
+
+    fn upsample_nearest2x(
+        &self,
+        x: &CudaSlice<T>,
+        (planes, h, w): (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        let op = "upsample_nearest2x";
+        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        let mut y = self.out(op, volume(op, &[4, x.len()])?)?;
+        ops::upsample_nearest2x(&self.dev, &mut y, x, planes, h, w)?;
+        Ok(y)
+    }
+
+    fn pad_bottom_right(
+        &self,
+        x: &CudaSlice<T>,
+        (planes, h, w): (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        let op = "pad_bottom_right";
+        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        // (saturating: an h or w of usize::MAX then overflows the volume, an error)
+        let (ph, pw) = (h.saturating_add(1), w.saturating_add(1));
+        let mut y = self.out(op, volume(op, &[planes, ph, pw])?)?;
+        ops::pad_bottom_right(&self.dev, &mut y, x, planes, h, w)?;
+        Ok(y)
+    }
+}
