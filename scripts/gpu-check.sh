@@ -18,13 +18,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 bin=.gpu
+# The GPU test binaries, in the order a failure is cheapest to read: ops, then models.
+gpu_tests="cuda_parity cuda_backend cuda_unet cuda_models"
 out="${OUT:-$bin/out}"
 
 if [ "${1:-}" = --prepare ]; then
   set -e
   mkdir -p "$bin"
   cargo build --release --features cuda --bin hdb
-  cargo test --release --features cuda --no-run --test cuda_parity --test cuda_unet \
+  cargo test --release --features cuda --no-run $(printf -- '--test %s ' $gpu_tests) \
     --message-format=json 2>/dev/null |
     python3 -c '
 import json, shutil, sys
@@ -38,7 +40,7 @@ for line in sys.stdin:
         print("prepared", m["target"]["name"])
 ' "$bin"
   cp target/release/hdb "$bin/hdb"
-  strip --strip-debug "$bin"/hdb "$bin"/cuda_parity "$bin"/cuda_unet
+  for t in hdb $gpu_tests; do strip --strip-debug "$bin/$t"; done
   # Tests find fixtures and tools through the build's CARGO_MANIFEST_DIR.
   echo "$root" >"$bin/manifest-dir"
   du -sh "$bin"
@@ -71,7 +73,7 @@ if command -v cargo >/dev/null && [ ! -x "$bin/cuda_parity" ]; then
   echo "== building with cargo"
   "$0" --prepare || exit 1
 fi
-for b in hdb cuda_parity cuda_unet; do
+for b in hdb $gpu_tests; do
   [ -x "$bin/$b" ] || { echo "gpu-check: $bin/$b missing (run scripts/gpu-check.sh --prepare)"; exit 1; }
 done
 want="$(cat "$bin/manifest-dir")"
@@ -87,10 +89,10 @@ python3 -c 'import diffusers' 2>/dev/null || {
 }
 
 status=0
-echo "== parity (tests/cuda_parity.rs, tests/cuda_unet.rs)"
+echo "== parity (tests/{cuda_parity,cuda_backend,cuda_unet,cuda_models}.rs)"
 # One process per test: a kernel fault poisons its CUDA context, and should not take the
 # tests after it down too.
-for t in cuda_parity cuda_unet; do
+for t in $gpu_tests; do
   for name in $("$bin/$t" --list 2>/dev/null | sed -n 's/: test$//p'); do
     timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out/parity.log"
     rc=${PIPESTATUS[0]}

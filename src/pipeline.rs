@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::adapter::apply::{AdapterCtx, Applied};
-use crate::backend::device_unet::{DeviceAdapters, DeviceUnet};
+use crate::backend::device_unet::{DeviceAdapters, DeviceTextVae, DeviceUnet};
 use crate::error::{Error, Result};
 use crate::io::diffusers::read_json;
 use crate::model::random::{normals, SplitMix64};
@@ -18,9 +18,10 @@ use crate::model::vae::Vae;
 use crate::model::Model;
 use crate::runtime::Runtime;
 
-/// Everything a generation needs, built once and shared. The tokenizer, text encoder and VAE
-/// run on the CPU; the UNet runs on the runtime's device when the pipeline has one
-/// (`device_unet`), else on the CPU.
+/// Everything a generation needs, built once and shared. The tokenizer runs on the CPU; the
+/// UNet, text encoder and VAE run on the runtime's device when the pipeline has them
+/// (`device_unet`, `device_text_vae`), else on the CPU. A text-encoder adapter set runs on
+/// the CPU text encoder (the device one takes none yet).
 pub struct Pipeline {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: TextEncoder,
@@ -32,6 +33,8 @@ pub struct Pipeline {
     /// The UNet on the runtime's device (see [`Pipeline::from_model_on`]): denoising runs
     /// there, with adapter sets built for it ([`GenerateAdapters::device_unet`]).
     pub device_unet: Option<DeviceUnet>,
+    /// The text encoder and VAE on the runtime's device.
+    pub device_text_vae: Option<DeviceTextVae>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -120,6 +123,7 @@ impl Pipeline {
             vae: Vae::from_model(model)?,
             scheduler,
             device_unet: None,
+            device_text_vae: None,
         })
     }
 
@@ -130,6 +134,13 @@ impl Pipeline {
         p.device_unet = DeviceUnet::for_runtime(rt, model)?;
         if let Some(d) = &p.device_unet {
             log::info!("the pipeline's UNet runs on {}", d.describe());
+        }
+        p.device_text_vae = DeviceTextVae::for_runtime(rt, model)?;
+        if let Some(d) = &p.device_text_vae {
+            log::info!(
+                "the pipeline's text encoder and VAE run on {}",
+                d.describe()
+            );
         }
         Ok(p)
     }
@@ -145,7 +156,12 @@ impl Pipeline {
             .flat_map(|t| self.tokenizer.encode_padded(t))
             .collect();
         let len = self.tokenizer.max_len();
-        Ok((self.text_encoder.forward(&ids, texts.len(), ad)?, len))
+        let no_adapters = ad.is_none_or(|a| a.applied.layers.is_empty());
+        let hidden = match &self.device_text_vae {
+            Some(d) if no_adapters => d.encode_text(&ids, texts.len())?,
+            _ => self.text_encoder.forward(&ids, texts.len(), ad)?,
+        };
+        Ok((hidden, len))
     }
 
     /// Runs a generation. Errors name the parameter at fault; cancelling through `progress`
@@ -293,7 +309,10 @@ impl Pipeline {
             .iter()
             .map(|x| x / self.vae.config.scaling_factor)
             .collect();
-        let img = self.vae.decode(&scaled, b, h, w)?;
+        let img = match &self.device_text_vae {
+            Some(d) => d.decode(&scaled, b, h, w)?,
+            None => self.vae.decode(&scaled, b, h, w)?,
+        };
         let (hh, ww) = (h * f, w * f);
         let oc = self.vae.config.out_channels;
         let mut pixels = vec![0f32; b * hh * ww * 3];

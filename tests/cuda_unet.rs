@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::{fixtures, read_input, Input};
+use common::{compare, fixtures, read_input, Input};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -140,27 +140,6 @@ fn cpu_forward(unet: &Unet, inp: &Input) -> Vec<f32> {
     .expect("runtime");
     rt.install(|| unet.forward(&inp.args()))
         .expect("cpu forward")
-}
-
-/// Relative L2 error, max abs error, and the index of the worst element.
-fn compare(got: &[f32], want: &[f32]) -> (f64, f32, usize) {
-    let (mut num, mut den) = (0f64, 0f64);
-    let (mut worst, mut at) = (0f32, 0);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let d = g - w;
-        num += f64::from(d) * f64::from(d);
-        den += f64::from(w) * f64::from(w);
-        if d.abs() > worst || d.is_nan() {
-            worst = d.abs();
-            at = i;
-        }
-    }
-    let rel = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    };
-    (if rel.is_nan() { f64::INFINITY } else { rel }, worst, at)
 }
 
 /// Runs one case in storage type T; returns a failure message, if any.

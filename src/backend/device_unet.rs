@@ -1,7 +1,8 @@
-//! The UNet on a runtime's accelerator, as the library's normal paths use it (sessions, the
-//! pipeline, the CLI): [`DeviceUnet`] evaluates it, [`DeviceAdapters`] is a session's adapter
-//! set there. Only the UNet runs on the device; the text encoder, the VAE, the tokenizer and
-//! the hypernetwork stay on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
+//! The models on a runtime's accelerator, as the library's normal paths use them (sessions,
+//! the pipeline, the CLI): [`DeviceUnet`] evaluates the UNet, [`DeviceAdapters`] is a
+//! session's adapter set there, [`DeviceTextVae`] runs the text encoder and the VAE (the same
+//! generic model code as on the CPU, on the CUDA backend). The tokenizer and the hypernetwork
+//! stay on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
 //!
 //! Both types exist in every build, so callers need no `cfg`: without the `cuda` feature they
 //! have no values ([`DeviceUnet::for_runtime`] always gives `None`).
@@ -14,8 +15,10 @@ use crate::adapter::Adapter;
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{
     adapters::{CudaAdapterCtx, CudaAdapters},
-    CudaDevice,
+    Cuda, CudaDevice,
 };
+#[cfg(feature = "cuda")]
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::config::UnetConfig;
 use crate::model::unet::{Unet, UnetInput};
@@ -171,5 +174,82 @@ mod tests {
         send_sync::<crate::Runtime>();
         send_sync::<super::DeviceUnet>();
         send_sync::<super::DeviceAdapters>();
+    }
+}
+
+/// A model's text encoder and VAE on a runtime's device (CUDA: fp16 weights, f32
+/// accumulation), shared by every pipeline of the model on that device.
+#[derive(Clone, Debug)]
+pub enum DeviceTextVae {
+    #[cfg(feature = "cuda")]
+    Cuda {
+        text_encoder: Arc<crate::model::text_encoder::TextEncoder<Cuda<half::f16>>>,
+        vae: Arc<crate::model::vae::Vae<Cuda<half::f16>>>,
+    },
+}
+
+impl DeviceTextVae {
+    /// The text encoder and VAE of `model` on `rt`'s device, uploaded on the first call (the
+    /// model caches them per device); `None` when the runtime runs on the CPU.
+    pub fn for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceTextVae>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            return model.cuda_text_vae(dev).map(Some);
+        }
+        let _ = (rt, model);
+        Ok(None)
+    }
+
+    /// A text encoder and VAE of the given configs from `src` on `rt`'s device, for a
+    /// pipeline built without a [`Model`] (the demo's built-in one); `None` when the runtime
+    /// runs on the CPU. Not cached: each call uploads.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn load(
+        rt: &Runtime,
+        te: crate::model::text_encoder::TextEncoderConfig,
+        vae: crate::model::vae::VaeConfig,
+        src: &dyn crate::model::layers::WeightSource,
+    ) -> Result<Option<DeviceTextVae>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            let be = Cuda::<half::f16>::new(dev.clone());
+            return Ok(Some(DeviceTextVae::Cuda {
+                text_encoder: Arc::new(crate::model::text_encoder::TextEncoder::load_on(
+                    be.clone(),
+                    te,
+                    src,
+                )?),
+                vae: Arc::new(crate::model::vae::Vae::load_on(be, vae, src)?),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// As [`crate::model::text_encoder::TextEncoder::forward`] without adapters.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn encode_text(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda {
+                ref text_encoder, ..
+            } => text_encoder.forward_hooked(ids, batch, None),
+        }
+    }
+
+    /// As [`crate::model::vae::Vae::decode`].
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn decode(&self, latents: &[f32], b: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda { ref vae, .. } => vae.decode(latents, b, h, w),
+        }
+    }
+
+    /// Where they run, for logs.
+    pub fn describe(&self) -> String {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda { ref vae, .. } => vae.backend().describe(),
+        }
     }
 }

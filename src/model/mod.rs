@@ -90,6 +90,9 @@ pub struct Model {
     /// use and shared by every session of that device.
     #[cfg(feature = "cuda")]
     cuda_unets: std::sync::Mutex<Vec<(usize, CudaUnetF16)>>,
+    /// The text encoder and VAE in fp16 on each CUDA device they were asked for.
+    #[cfg(feature = "cuda")]
+    cuda_text_vae: std::sync::Mutex<Vec<(usize, crate::backend::device_unet::DeviceTextVae)>>,
 }
 
 /// The UNet on a CUDA device in fp16, the device dtype of the library's normal paths.
@@ -133,6 +136,38 @@ impl Model {
         );
         guard.push((dev.ordinal(), u.clone()));
         Ok(u)
+    }
+
+    /// The model's text encoder and VAE in fp16 on `dev`, built from the model's weights on
+    /// the first call for that device (about 250 MB of device memory for SD 1.5) and shared
+    /// afterwards.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_text_vae(
+        &self,
+        dev: &Arc<crate::backend::cuda::CudaDevice>,
+    ) -> Result<crate::backend::device_unet::DeviceTextVae> {
+        use crate::backend::cuda::Cuda;
+        let mut guard = self
+            .cuda_text_vae
+            .lock()
+            .map_err(|_| Error::Internal("CUDA text encoder cache lock poisoned".into()))?;
+        if let Some((_, p)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
+            return Ok(p.clone());
+        }
+        let t = std::time::Instant::now();
+        let be = Cuda::<half::f16>::new(dev.clone());
+        let parts = crate::backend::device_unet::DeviceTextVae::Cuda {
+            text_encoder: Arc::new(text_encoder::TextEncoder::from_model_on(be.clone(), self)?),
+            vae: Arc::new(vae::Vae::from_model_on(be, self)?),
+        };
+        dev.synchronize()?;
+        log::info!(
+            "uploaded the text encoder and VAE to cuda:{} in fp16 in {:.2} s",
+            dev.ordinal(),
+            t.elapsed().as_secs_f64()
+        );
+        guard.push((dev.ordinal(), parts.clone()));
+        Ok(parts)
     }
 
     /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
@@ -272,6 +307,8 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         unet: Default::default(),
         #[cfg(feature = "cuda")]
         cuda_unets: Default::default(),
+        #[cfg(feature = "cuda")]
+        cuda_text_vae: Default::default(),
     })
 }
 
@@ -376,6 +413,8 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         unet: Default::default(),
         #[cfg(feature = "cuda")]
         cuda_unets: Default::default(),
+        #[cfg(feature = "cuda")]
+        cuda_text_vae: Default::default(),
     })
 }
 

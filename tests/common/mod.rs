@@ -53,3 +53,25 @@ pub fn read_input(case: &str) -> Input {
         l: c[1],
     }
 }
+
+/// Relative L2 error ||got - want|| / ||want||, max abs error, and the index of the worst
+/// element (a NaN counts as the worst; a NaN error is infinite).
+pub fn compare(got: &[f32], want: &[f32]) -> (f64, f32, usize) {
+    let (mut num, mut den) = (0f64, 0f64);
+    let (mut worst, mut at) = (0f32, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = g - w;
+        num += f64::from(d) * f64::from(d);
+        den += f64::from(w) * f64::from(w);
+        if d.abs() > worst || d.is_nan() {
+            worst = d.abs();
+            at = i;
+        }
+    }
+    let rel = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
+    (if rel.is_nan() { f64::INFINITY } else { rel }, worst, at)
+}

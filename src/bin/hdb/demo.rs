@@ -8,7 +8,7 @@ use std::time::Instant;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::lidb::Lidb;
 use hdb::adapter::Adapter;
-use hdb::backend::device_unet::{DeviceAdapters, DeviceUnet};
+use hdb::backend::device_unet::{DeviceAdapters, DeviceTextVae, DeviceUnet};
 use hdb::hypernet::{EncoderConfig, Hypernet, HypernetConfig};
 use hdb::model::config::{BlockKind, UnetConfig};
 use hdb::model::random::RandomWeights;
@@ -34,7 +34,21 @@ pub struct DemoArgs {
 /// A small SD-shaped model with deterministic random weights (no download): a byte-level
 /// tokenizer, a 2-layer 64-wide text encoder, a 4-level UNet (32-64 channels) and a 4-level VAE.
 fn builtin() -> hdb::Result<Pipeline> {
+    let (te, unet, vae) = builtin_configs();
     let w = RandomWeights { seed: 2023 };
+    Ok(Pipeline {
+        tokenizer: ClipTokenizer::byte_level(77)?,
+        text_encoder: TextEncoder::load(te, &w)?,
+        unet: std::sync::Arc::new(Unet::load(unet, &w)?),
+        vae: Vae::load(vae, &w)?,
+        scheduler: SchedulerConfig::default(),
+        device_unet: None,
+        device_text_vae: None,
+    })
+}
+
+/// The built-in model's text encoder, UNet and VAE configs.
+fn builtin_configs() -> (TextEncoderConfig, UnetConfig, VaeConfig) {
     let te = TextEncoderConfig {
         vocab_size: 514,
         hidden_size: 64,
@@ -61,14 +75,7 @@ fn builtin() -> hdb::Result<Pipeline> {
         norm_num_groups: 8,
         ..VaeConfig::default()
     };
-    Ok(Pipeline {
-        tokenizer: ClipTokenizer::byte_level(77)?,
-        text_encoder: TextEncoder::load(te, &w)?,
-        unet: std::sync::Arc::new(Unet::load(unet, &w)?),
-        vae: Vae::load(vae, &w)?,
-        scheduler: SchedulerConfig::default(),
-        device_unet: None,
-    })
+    (te, unet, vae)
 }
 
 /// The hypernetwork that makes the demo's identities: `--hypernet FILE`, or one with random
@@ -142,13 +149,17 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         ),
         Some(path) => {
             let m = super::load_model(path)?;
-            (
-                rt.install(|| Pipeline::from_model(&m))?,
-                path.display().to_string(),
-            )
+            let mut p = rt.install(|| Pipeline::from_model(&m))?;
+            p.device_text_vae = DeviceTextVae::for_runtime(&rt, &m)?;
+            (p, path.display().to_string())
         }
     };
     pipeline.device_unet = DeviceUnet::upload(&rt, &pipeline.unet)?;
+    if a.model.is_none() {
+        let (te, _, vae) = builtin_configs();
+        pipeline.device_text_vae =
+            DeviceTextVae::load(&rt, te, vae, &RandomWeights { seed: 2023 })?;
+    }
     rows.push(("load model".into(), ms(t.elapsed().as_secs_f64())));
     let unet_on = pipeline
         .device_unet

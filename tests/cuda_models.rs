@@ -1,0 +1,235 @@
+//! The generic model code (UNet, text encoder, VAE of `hdb::model`) on the CUDA backend
+//! (`hdb::backend::cuda::Cuda<T>`) against the same code on the CPU backend, which the
+//! unet_parity, text_encoder and vae tests check against diffusers and transformers. Same
+//! fixtures and measure as tests/cuda_unet.rs: relative L2 error bounded by 1e-4 (f32), 1e-2
+//! (f16) and 4e-2 (bf16); a failure prints the worst element. `#[ignore]`d without a GPU
+//! (counted as skipped); scripts/gpu-check.sh runs them with `--include-ignored`, and
+//! `SKIPPED (no CUDA device)` counts as a failure there.
+#![cfg(feature = "cuda")]
+
+mod common;
+use common::{compare, fixtures, read_input};
+use std::sync::Arc;
+
+use hdb::backend::cuda::ops::BlasElem;
+use hdb::backend::cuda::unet::CudaUnet;
+use hdb::backend::cuda::{Cuda, CudaDevice};
+use hdb::io::diffusers::Variant;
+use hdb::model::config::UnetConfig;
+use hdb::model::random::{RandomWeights, SplitMix64};
+use hdb::model::text_encoder::TextEncoder;
+use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::vae::Vae;
+use hdb::model::{LoadOptions, Model};
+
+fn device() -> Option<Arc<CudaDevice>> {
+    match CudaDevice::open(0) {
+        Ok(d) => {
+            println!("cuda device: {}", d.name());
+            Some(Arc::new(d))
+        }
+        Err(e) => {
+            println!("SKIPPED (no CUDA device): {e}");
+            None
+        }
+    }
+}
+
+fn tiny_sd() -> Model {
+    Model::load(
+        &fixtures().join("tiny-sd"),
+        LoadOptions {
+            variant: Variant::Full,
+            progress: None,
+        },
+    )
+    .expect("tiny-sd")
+}
+
+fn cpu<R>(f: impl FnOnce() -> R + Send) -> R
+where
+    R: Send,
+{
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads: 2,
+    })
+    .expect("runtime");
+    rt.install(f)
+}
+
+fn tol<T: BlasElem>() -> f64 {
+    match T::SUFFIX {
+        "f32" => 1e-4,
+        "f16" => 1e-2,
+        _ => 4e-2,
+    }
+}
+
+/// Compares one output; returns a failure message, if any.
+fn judge<T: BlasElem>(what: &str, got: hdb::Result<Vec<f32>>, want: &[f32]) -> Option<String> {
+    let dtype = T::SUFFIX;
+    let got = match got {
+        Ok(g) => g,
+        Err(e) => {
+            println!("cuda-parity {what} {dtype} ERROR {e}");
+            return Some(format!("{what} {dtype}: {e}"));
+        }
+    };
+    if got.len() != want.len() {
+        return Some(format!(
+            "{what} {dtype}: {} outputs, the CPU gave {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let (rel, max_abs, at) = compare(&got, want);
+    println!("cuda-parity {what} {dtype} rel_l2={rel:.3e} max_abs={max_abs:.3e}");
+    let tol = tol::<T>();
+    (rel > tol).then(|| {
+        format!(
+            "{what} {dtype}: rel_l2 {rel:.3e} > {tol:e}; worst element at index {at}: gpu {} vs \
+             cpu {}",
+            got[at], want[at]
+        )
+    })
+}
+
+fn finish(failures: Vec<String>) {
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect()
+}
+
+fn unet_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    let be = || Cuda::<T>::new(dev.clone());
+    // The SD 1.5-shaped fixture (scalar attention: head dims 2 to 6).
+    let m = tiny_sd();
+    let inp = read_input("tiny-sd");
+    let want = cpu(|| m.unet().and_then(|u| u.forward(&inp.args()))).expect("cpu unet");
+    let got = Unet::from_model_on(be(), &m).and_then(|u| u.forward_hooked(&inp.args(), None));
+    failures.extend(judge::<T>("generic-unet/tiny-sd", got, &want));
+    // Head dims 40, 64, 80 and 160 (every flash kernel), 77 cross-attention keys.
+    let cfg = UnetConfig {
+        block_out_channels: vec![80, 128, 160, 160],
+        heads: vec![2, 2, 2, 1],
+        cross_attention_dim: 96,
+        norm_num_groups: 16,
+        ..UnetConfig::default()
+    };
+    let src = RandomWeights { seed: 0xC0DA };
+    let (b, l, s) = (2, 77, 16);
+    let sample = noise(b * cfg.in_channels * s * s, 7);
+    let ctx = noise(b * l * cfg.cross_attention_dim, 8);
+    let t = [999.0, 10.0];
+    let x = UnetInput {
+        sample: &sample,
+        timesteps: &t,
+        context: &ctx,
+        batch: b,
+        height: s,
+        width: s,
+        context_len: l,
+    };
+    let cpu_unet = Unet::load(cfg.clone(), &src).expect("cpu unet");
+    let want = cpu(|| cpu_unet.forward(&x)).expect("cpu forward");
+    let got = Unet::load_on(be(), cfg, &src).and_then(|u| u.forward_hooked(&x, None));
+    failures.extend(judge::<T>("generic-unet/random-flash", got, &want));
+    // The tuned CUDA UNet on the same weights, as a second opinion on both.
+    let tuned = CudaUnet::<T>::upload(dev, &cpu_unet).and_then(|u| u.forward(dev, &x));
+    failures.extend(judge::<T>("tuned-unet/random-flash", tuned, &want));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn generic_unet_on_cuda_matches_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    unet_cases::<f32>(&dev, &mut failures);
+    unet_cases::<half::f16>(&dev, &mut failures);
+    unet_cases::<half::bf16>(&dev, &mut failures);
+    finish(failures);
+}
+
+fn text_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    let m = tiny_sd();
+    let te = TextEncoder::from_model(&m).expect("cpu text encoder");
+    let (batch, len) = (2, te.config.max_position_embeddings);
+    let mut rng = SplitMix64(77);
+    let ids: Vec<u32> = (0..batch * len)
+        .map(|_| {
+            (rng.next_f32() * te.config.vocab_size as f32) as u32 % te.config.vocab_size as u32
+        })
+        .collect();
+    let want = cpu(|| te.forward(&ids, batch, None)).expect("cpu forward");
+    let got = TextEncoder::from_model_on(Cuda::<T>::new(dev.clone()), &m)
+        .and_then(|g| g.forward_hooked(&ids, batch, None));
+    failures.extend(judge::<T>("text-encoder/tiny-sd", got, &want));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn text_encoder_on_cuda_matches_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    text_cases::<f32>(&dev, &mut failures);
+    text_cases::<half::f16>(&dev, &mut failures);
+    text_cases::<half::bf16>(&dev, &mut failures);
+    finish(failures);
+}
+
+fn vae_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    for (case, path) in [
+        ("tiny-sd", fixtures().join("tiny-sd")),
+        ("noquant", fixtures().join("vae/noquant")),
+    ] {
+        let m = Model::load(
+            &path,
+            LoadOptions {
+                variant: Variant::Auto,
+                progress: None,
+            },
+        )
+        .expect("model");
+        let vae = Vae::from_model(&m).expect("cpu vae");
+        let gpu = match Vae::from_model_on(Cuda::<T>::new(dev.clone()), &m) {
+            Ok(g) => g,
+            Err(e) => {
+                failures.push(format!("vae/{case} {}: {e}", T::SUFFIX));
+                continue;
+            }
+        };
+        let (f, lc) = (vae.config.downscale(), vae.config.latent_channels);
+        let (b, h, w) = (2, 8, 6);
+        let z = noise(b * lc * h * w, 11);
+        let want = cpu(|| vae.decode(&z, b, h, w)).expect("cpu decode");
+        failures.extend(judge::<T>(
+            &format!("vae-decode/{case}"),
+            gpu.decode(&z, b, h, w),
+            &want,
+        ));
+        let img = noise(b * vae.config.in_channels * h * f * w * f, 12);
+        let (mean, logvar) = cpu(|| vae.encode(&img, b, h * f, w * f)).expect("cpu encode");
+        match gpu.encode(&img, b, h * f, w * f) {
+            Ok((gm, gl)) => {
+                failures.extend(judge::<T>(&format!("vae-mean/{case}"), Ok(gm), &mean));
+                failures.extend(judge::<T>(&format!("vae-logvar/{case}"), Ok(gl), &logvar));
+            }
+            Err(e) => failures.push(format!("vae-encode/{case} {}: {e}", T::SUFFIX)),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn vae_on_cuda_matches_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    vae_cases::<f32>(&dev, &mut failures);
+    vae_cases::<half::f16>(&dev, &mut failures);
+    vae_cases::<half::bf16>(&dev, &mut failures);
+    finish(failures);
+}
