@@ -587,7 +587,8 @@ struct hdb_predict_params hdb_predict_params_default(void);
 
 /**
  * Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
- * `HDB_STATUS_INVALID_FILE` naming it. On success `*out` owns it (`hdb_hypernet_free`).
+ * `HDB_STATUS_INVALID_FILE` naming it. On a CUDA runtime predictions run on its GPU (f32).
+ * On success `*out` owns it (`hdb_hypernet_free`).
  *
  * # Safety
  * `rt` a live runtime; `path` a NUL-terminated path; `out` valid.

@@ -233,3 +233,128 @@ fn vae_on_cuda_matches_the_cpu() {
     vae_cases::<half::bf16>(&dev, &mut failures);
     finish(failures);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Adapters through the generic UNet: hdb::backend::cuda::CudaKeyAdapters (the generic adapter
+// hook: merged weight copies, or two GEMMs per factor) against the CPU's AdapterCtx on the
+// same resolved set, in merge mode and in runtime mode with one adapter per sample.
+// ---------------------------------------------------------------------------------------------
+
+use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
+use hdb::backend::cuda::CudaKeyAdapters;
+
+/// Random LoRA factors of `rank` on every other adaptable projection of `unet`.
+fn random_adapter(unet: &Unet, seed: u64, rank: usize) -> Adapter {
+    let mut rng = SplitMix64(seed);
+    let mut u = |n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
+    };
+    let layers = unet
+        .adaptable_layers()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| (i + seed as usize) % 2 == 0)
+        .map(|(_, (k, s))| {
+            let down = u(rank * s.din, 1.0 / (s.din as f32).sqrt());
+            let up = u(s.dout * rank, 0.5 / (rank as f32).sqrt());
+            (k, LoraLayer { rank, down, up })
+        })
+        .collect();
+    Adapter {
+        layers,
+        source: AdapterSource::Lora,
+    }
+}
+
+fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    let m = tiny_sd();
+    let unet = m.unet().expect("cpu unet");
+    let inp = read_input("tiny-sd");
+    let gpu = match Unet::from_model_on(Cuda::<T>::new(dev.clone()), &m) {
+        Ok(g) => g,
+        Err(e) => return failures.push(format!("generic-unet {}: {e}", T::SUFFIX)),
+    };
+    let a = [random_adapter(&unet, 1, 4), random_adapter(&unet, 2, 8)];
+    let per_sample: Vec<i32> = (0..inp.b as i32).map(|i| i % 2).collect();
+    for (name, set, mode, idx) in [
+        (
+            "merge",
+            vec![(&a[0], 0.7), (&a[1], 0.5)],
+            ApplyMode::Merge,
+            None,
+        ),
+        (
+            "runtime-per-sample",
+            vec![(&a[0], 1.0), (&a[1], 1.0)],
+            ApplyMode::Runtime,
+            Some(per_sample.as_slice()),
+        ),
+    ] {
+        let applied = Applied::new(&set, mode, &*unet).expect("set");
+        let ctx = AdapterCtx {
+            applied: &applied,
+            per_sample: idx,
+        };
+        let want = cpu(|| unet.forward_with(&inp.args(), Some(&ctx))).expect("cpu forward");
+        let got = CudaKeyAdapters::new(gpu.backend(), &applied, idx)
+            .and_then(|hook| gpu.forward_hooked(&inp.args(), Some(&hook)));
+        failures.extend(judge::<T>(
+            &format!("generic-unet-adapters/{name}"),
+            got,
+            &want,
+        ));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn generic_unet_adapters_on_cuda_match_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    adapter_cases::<f32>(&dev, &mut failures);
+    adapter_cases::<half::f16>(&dev, &mut failures);
+    finish(failures);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hypernetwork (ViT encoder, transformer decoder) on Cuda<T> against the CPU, on the tiny
+// fixture of tests/hypernet.rs: the image tokens and every iteration's theta.
+// ---------------------------------------------------------------------------------------------
+
+use hdb::hypernet::Hypernet;
+
+fn hypernet_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    let path = fixtures().join("hypernet/tiny.hypernet.safetensors");
+    let net = Hypernet::load(&path).expect("cpu hypernetwork");
+    let s = net.config.img_size();
+    let image = noise(3 * s * s, 21);
+    let want = cpu(|| net.predict_trace(&image, Some(3), None)).expect("cpu predict");
+    let gpu = match Hypernet::load_on(Cuda::<T>::new(dev.clone()), &path) {
+        Ok(g) => g,
+        Err(e) => return failures.push(format!("hypernet {}: {e}", T::SUFFIX)),
+    };
+    match gpu.predict_trace(&image, Some(3), None) {
+        Ok(got) => {
+            failures.extend(judge::<T>(
+                "hypernet-tokens",
+                Ok(got.image_tokens),
+                &want.image_tokens,
+            ));
+            for (i, (g, w)) in got.thetas.into_iter().zip(&want.thetas).enumerate() {
+                failures.extend(judge::<T>(&format!("hypernet-theta-{}", i + 1), Ok(g), w));
+            }
+        }
+        Err(e) => failures.push(format!("hypernet {}: {e}", T::SUFFIX)),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn hypernet_on_cuda_matches_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    hypernet_cases::<f32>(&dev, &mut failures);
+    hypernet_cases::<half::f16>(&dev, &mut failures);
+    finish(failures);
+}

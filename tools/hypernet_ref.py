@@ -244,7 +244,8 @@ class Hypernet(nn.Module):
         s = self.cfg["iterations"] if iterations is None else iterations
         tokens = self.image_tokens(image)
         memory = self.feature_proj(tokens)
-        theta = torch.zeros(image.shape[0], len(self.cfg["layer_keys"]), token_dim(self.cfg))
+        theta = torch.zeros(image.shape[0], len(self.cfg["layer_keys"]), token_dim(self.cfg),
+                            device=image.device)
         thetas, decoded = [], []
         for _ in range(s):
             h = self.decode(theta, memory)
@@ -527,27 +528,32 @@ def check_preprocess():
 # Commands
 
 
-def bench(threads, repeat):
+def bench(threads, repeat, device="cpu"):
     """One prediction (preprocessed 224 px image in, theta out) at the default config with random
-    weights, after one warm-up; prints each time and the best."""
+    weights, f32, after one warm-up; prints each time and the best. On cuda each time ends with
+    a synchronize."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = Hypernet(default_config())
+    model = Hypernet(default_config()).to(device)
     print(f"built the default hypernetwork ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
           f"parameters) in {time.perf_counter() - t0:.1f} s")
-    image = torch.from_numpy(preprocess(test_image(256, 256, 1), default_config()))[None]
+    image = torch.from_numpy(preprocess(test_image(256, 256, 1), default_config()))[None].to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(repeat + 1):
+            sync()
             t0 = time.perf_counter()
             theta = model.predict(image)[-1]
+            sync()
             dt = time.perf_counter() - t0
             if i > 0:
                 times.append(dt)
             print(f"{'warm-up' if i == 0 else 'run'}: {dt * 1e3:.0f} ms (max|theta| {theta.abs().max():.3f})")
     print(f"pytorch {torch.__version__}, {threads} threads: best {min(times) * 1e3:.0f} ms")
     print(json.dumps({"peer": "pytorch-eager", "torch": torch.__version__, "threads": threads,
+                      "device": device,
                       "median_s": statistics.median(times), "best_s": min(times), "runs_s": times}))
 
 
@@ -569,6 +575,7 @@ def main():
     b = sub.add_parser("bench")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--repeat", type=int, default=2)
+    b.add_argument("--device", default="cpu")
     a = ap.parse_args()
     if a.cmd == "fixtures":
         make_fixtures()
@@ -589,7 +596,7 @@ def main():
             theta = model.predict(image, a.iterations)[-1][0].numpy()
         lidb.save_lidb(to_lidb(theta, model.cfg), a.output)
     elif a.cmd == "bench":
-        bench(a.threads, a.repeat)
+        bench(a.threads, a.repeat, a.device)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 //! The models on a runtime's accelerator, as the library's normal paths use them (sessions,
 //! the pipeline, the CLI): [`DeviceUnet`] evaluates the UNet, [`DeviceAdapters`] is a
 //! session's adapter set there, [`DeviceTextVae`] runs the text encoder and the VAE (the same
-//! generic model code as on the CPU, on the CUDA backend). The tokenizer and the hypernetwork
-//! stay on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
+//! generic model code as on the CPU, on the CUDA backend), [`DeviceHypernet`] predicts
+//! identities. The tokenizer stays on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
 //!
 //! Both types exist in every build, so callers need no `cfg`: without the `cuda` feature they
 //! have no values ([`DeviceUnet::for_runtime`] always gives `None`).
@@ -208,7 +208,7 @@ impl DeviceTextVae {
         rt: &Runtime,
         te: crate::model::text_encoder::TextEncoderConfig,
         vae: crate::model::vae::VaeConfig,
-        src: &dyn crate::model::layers::WeightSource,
+        src: &dyn crate::model::unet::WeightSource,
     ) -> Result<Option<DeviceTextVae>> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
@@ -250,6 +250,67 @@ impl DeviceTextVae {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceTextVae::Cuda { ref vae, .. } => vae.backend().describe(),
+        }
+    }
+}
+
+/// A hypernetwork on a runtime's device (CUDA: f32 storage and compute, so a prediction
+/// matches the CPU's to rounding: theta becomes adapter weights).
+#[derive(Debug)]
+pub enum DeviceHypernet {
+    #[cfg(feature = "cuda")]
+    Cuda(crate::hypernet::Hypernet<Cuda<f32>>),
+}
+
+impl DeviceHypernet {
+    /// The hypernetwork file at `path` on `rt`'s device; `None` when the runtime runs on the
+    /// CPU.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn load(rt: &Runtime, path: &std::path::Path) -> Result<Option<DeviceHypernet>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            let net = crate::hypernet::Hypernet::load_on(Cuda::<f32>::new(dev.clone()), path)?;
+            return Ok(Some(DeviceHypernet::Cuda(net)));
+        }
+        Ok(None)
+    }
+
+    /// A hypernetwork of `config` from `src` (random weights in benchmarks) on `rt`'s device;
+    /// `None` when the runtime runs on the CPU.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn from_source(
+        rt: &Runtime,
+        config: crate::hypernet::HypernetConfig,
+        src: &dyn crate::model::unet::WeightSource,
+    ) -> Result<Option<DeviceHypernet>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            let be = Cuda::<f32>::new(dev.clone());
+            let net = crate::hypernet::Hypernet::from_source_on(be, config, src)?;
+            return Ok(Some(DeviceHypernet::Cuda(net)));
+        }
+        Ok(None)
+    }
+
+    /// As [`crate::hypernet::Hypernet::predict`].
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn predict(
+        &self,
+        image: &[f32],
+        iterations: Option<usize>,
+        progress: Option<crate::pipeline::Progress<'_>>,
+    ) -> Result<Vec<f32>> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceHypernet::Cuda(ref net) => net.predict(image, iterations, progress),
+        }
+    }
+
+    /// Where it runs, for logs.
+    pub fn describe(&self) -> String {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceHypernet::Cuda(ref net) => net.backend().describe(),
         }
     }
 }

@@ -12,6 +12,7 @@ use super::runtime::hdb_runtime;
 use super::status::hdb_status;
 use super::{hdb_progress_fn, HostProgress};
 use crate::adapter::{adaptable_layers, Adapter};
+use crate::backend::device_unet::DeviceHypernet;
 use crate::error::Error;
 use crate::hypernet::Hypernet;
 use crate::runtime::Runtime;
@@ -19,6 +20,8 @@ use crate::runtime::Runtime;
 /// Opaque, immutable hypernetwork. Thread-safe.
 pub struct hdb_hypernet {
     net: Hypernet,
+    /// The network on the runtime's device, which predicts when present.
+    device: Option<DeviceHypernet>,
     runtime: Arc<Runtime>,
 }
 
@@ -55,7 +58,8 @@ pub extern "C" fn hdb_predict_params_default() -> hdb_predict_params {
 }
 
 /// Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
-/// `HDB_STATUS_INVALID_FILE` naming it. On success `*out` owns it (`hdb_hypernet_free`).
+/// `HDB_STATUS_INVALID_FILE` naming it. On a CUDA runtime predictions run on its GPU (f32).
+/// On success `*out` owns it (`hdb_hypernet_free`).
 ///
 /// # Safety
 /// `rt` a live runtime; `path` a NUL-terminated path; `out` valid.
@@ -71,8 +75,17 @@ pub unsafe extern "C" fn hdb_hypernet_load(
         let path = unsafe { arg_path(path, "path") }?;
         let out = out_ptr(out, "out")?;
         let net = Hypernet::load(&path)?;
+        let device = DeviceHypernet::load(&rt.inner, &path)?;
+        if let Some(d) = &device {
+            log::info!(
+                "the hypernetwork {} runs on {}",
+                path.display(),
+                d.describe()
+            );
+        }
         let boxed = Box::new(hdb_hypernet {
             net,
+            device,
             runtime: rt.inner.clone(),
         });
         // SAFETY: out checked non-null.
@@ -132,9 +145,10 @@ pub unsafe extern "C" fn hdb_hypernet_predict(
         };
         let stage = CString::new("predict").unwrap_or_default();
         let mut report = |done: usize, total: usize| host.call(done, total, &stage);
-        let theta = h
-            .runtime
-            .install(|| h.net.predict(&image, iterations, Some(&mut report)))?;
+        let theta = h.runtime.install(|| match &h.device {
+            Some(d) => d.predict(&image, iterations, Some(&mut report)),
+            None => h.net.predict(&image, iterations, Some(&mut report)),
+        })?;
         let lidb = h.net.to_lidb(&theta)?;
         let sh = &m.inner;
         let adapter: Adapter = sh

@@ -30,7 +30,7 @@ use crate::adapter::lidb::{Lidb, LidbMeta};
 use crate::adapter::LayerShape;
 use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
-use crate::backend::Cpu;
+use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
 use crate::model::layers::{Linear, WeightSource};
@@ -186,7 +186,7 @@ impl HypernetConfig {
         vit::linear_shapes(&mut s, "feature_proj", self.encoder.width, d);
         vit::linear_shapes(&mut s, "weight_embed", t, d);
         s.push(("layer_pos".into(), vec![n, d]));
-        s.extend(decoder::Decoder::tensor_shapes(d, self.layers));
+        s.extend(decoder::Decoder::<Cpu>::tensor_shapes(d, self.layers));
         s.push(("heads.weight".into(), vec![n, t, d]));
         s.push(("heads.bias".into(), vec![n, t]));
         s
@@ -401,34 +401,51 @@ pub struct Trace {
     pub thetas: Vec<Vec<f32>>,
 }
 
-/// A loaded hypernetwork. Immutable; `predict` may run from several threads at once.
-pub struct Hypernet {
+/// A loaded hypernetwork on backend `B` (the CPU by default). Immutable; `predict` may run
+/// from several threads at once. The per-layer output heads run on the host: they are L small
+/// matrix-vector products per iteration.
+pub struct Hypernet<B: Backend = Cpu> {
     pub config: HypernetConfig,
-    encoder: vit::Vit,
-    feature_proj: Linear,
-    weight_embed: Linear,
+    be: B,
+    encoder: vit::Vit<B>,
+    feature_proj: Linear<B>,
+    weight_embed: Linear<B>,
     /// [L, d_model]
-    layer_pos: F32Weight,
-    decoder: decoder::Decoder,
+    layer_pos: B::Buf,
+    decoder: decoder::Decoder<B>,
     /// [L, token_dim, d_model]
     heads_w: F32Weight,
     /// [L, token_dim]
     heads_b: F32Weight,
 }
 
-impl std::fmt::Debug for Hypernet {
+impl<B: Backend> std::fmt::Debug for Hypernet<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hypernet")
+            .field("backend", &self.be.describe())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl Hypernet {
+impl Hypernet<Cpu> {
     /// Reads a hypernetwork v1 file (f32, f16 or bf16 tensors; memory-mapped, f32 used in
     /// place). Errors name the file and the field or tensor at fault; a tensor the format does
     /// not have is an error too.
     pub fn load(path: &Path) -> Result<Hypernet> {
+        Hypernet::load_on(Cpu, path)
+    }
+
+    /// Builds the network from any weight source (a file's [`WeightStore`], or random weights
+    /// for benchmarks), checking every tensor's shape.
+    pub fn from_source(config: HypernetConfig, src: &dyn WeightSource) -> Result<Hypernet> {
+        Hypernet::from_source_on(Cpu, config, src)
+    }
+}
+
+impl<B: Backend> Hypernet<B> {
+    /// As [`Hypernet::load`], on backend `be`.
+    pub fn load_on(be: B, path: &Path) -> Result<Hypernet<B>> {
         let f = Arc::new(SafetensorsFile::open(path)?);
         let text = f
             .metadata()
@@ -452,23 +469,33 @@ impl Hypernet {
             }
             store.insert(e.name.clone(), file, &e.name, e.shape.clone())?;
         }
-        Hypernet::from_source(config, &store)
+        Hypernet::from_source_on(be, config, &store)
     }
 
-    /// Builds the network from any weight source (a file's [`WeightStore`], or random weights
-    /// for benchmarks), checking every tensor's shape.
-    pub fn from_source(config: HypernetConfig, src: &dyn WeightSource) -> Result<Hypernet> {
+    /// As [`Hypernet::from_source`], on backend `be`.
+    pub fn from_source_on(
+        be: B,
+        config: HypernetConfig,
+        src: &dyn WeightSource,
+    ) -> Result<Hypernet<B>> {
         let (d, t, n) = (config.d_model, config.token_dim(), config.layer_keys.len());
+        let width = config.encoder.width;
         Ok(Hypernet {
-            encoder: vit::Vit::load(src, &config.encoder)?,
-            feature_proj: Linear::load(&Cpu, src, "feature_proj", config.encoder.width, d, true)?,
-            weight_embed: Linear::load(&Cpu, src, "weight_embed", t, d, true)?,
-            layer_pos: src.get("layer_pos", &[n, d])?,
-            decoder: decoder::Decoder::load(src, d, config.heads, config.layers)?,
+            encoder: vit::Vit::load(&be, src, &config.encoder)?,
+            feature_proj: Linear::load(&be, src, "feature_proj", width, d, true)?,
+            weight_embed: Linear::load(&be, src, "weight_embed", t, d, true)?,
+            layer_pos: be.upload(&src.get("layer_pos", &[n, d])?)?,
+            decoder: decoder::Decoder::load(&be, src, d, config.heads, config.layers)?,
             heads_w: src.get("heads.weight", &[n, t, d])?,
             heads_b: src.get("heads.bias", &[n, t])?,
             config,
+            be,
         })
+    }
+
+    /// The backend this network runs on.
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// An RGB8 image (rows `stride` bytes apart) -> the network's input [3, S, S], with the
@@ -536,19 +563,26 @@ impl Hypernet {
             return Err(Error::invalid_arg("iterations", "must be at least 1"));
         }
         let (n, l, t) = (cfg.encoder.tokens(), cfg.layer_keys.len(), cfg.token_dim());
-        let tokens = self.encoder.forward(image)?;
-        let memory = self.feature_proj.forward(&Cpu, &tokens, n)?;
-        let kv = self.decoder.memory_kv(&memory, n);
+        let be = &self.be;
+        let tokens = self.encoder.forward(be, image)?;
+        let memory = self.feature_proj.forward(be, &tokens, n)?;
+        let kv = self.decoder.memory_kv(be, &memory, n)?;
+        drop(memory);
         let mut theta = vec![0f32; l * t];
         let mut trace = Trace {
-            image_tokens: if keep { tokens } else { Vec::new() },
+            image_tokens: if keep {
+                be.download(&tokens)?
+            } else {
+                Vec::new()
+            },
             decoded: Vec::new(),
             thetas: Vec::new(),
         };
+        drop(tokens);
         for step in 0..steps {
-            let mut tgt = self.weight_embed.forward(&Cpu, &theta, l)?;
-            crate::backend::cpu::add_inplace(&mut tgt, &self.layer_pos);
-            let h = self.decoder.forward(tgt, l, &kv)?;
+            let mut tgt = self.weight_embed.forward(be, &be.upload(&theta)?, l)?;
+            crate::model::layers::add(be, &mut tgt, &self.layer_pos)?;
+            let h = be.download(&self.decoder.forward(be, tgt, l, &kv)?)?;
             self.add_heads(&mut theta, &h);
             if keep {
                 trace.decoded.push(h);

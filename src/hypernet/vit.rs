@@ -1,11 +1,10 @@
-//! The hypernetwork's image encoder: timm's `VisionTransformer` as CLIP uses it (class token,
-//! learned positions, `norm_pre`, pre-norm blocks with qkv bias and exact GELU, final `norm`),
-//! on the CPU ops. The output is timm's `forward_features`: every token, class token included,
-//! after the final norm. Weights use timm's state-dict names under `encoder.`.
+//! The hypernetwork's image encoder on any [`Backend`]: timm's `VisionTransformer` as CLIP uses
+//! it (class token, learned positions, `norm_pre`, pre-norm blocks with qkv bias and exact
+//! GELU, final `norm`). The output is timm's `forward_features`: every token, class token
+//! included, after the final norm. Weights use timm's state-dict names under `encoder.`.
 
-use crate::backend::cpu as ops;
 use crate::backend::profile::scope;
-use crate::backend::Cpu;
+use crate::backend::{Activation, AttnDims, Backend};
 use crate::error::Result;
 use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
 use crate::model::weights::F32Weight;
@@ -118,37 +117,51 @@ pub(crate) fn linear_shapes(s: &mut Vec<(String, Vec<usize>)>, k: &str, i: usize
     s.push((format!("{k}.bias"), vec![o]));
 }
 
-struct Block {
-    norm1: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+struct Block<B: Backend> {
+    norm1: LayerNorm<B>,
+    /// timm's fused `attn.qkv` [3 w, w], split into q, k and v at load.
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    proj: Linear<B>,
+    norm2: LayerNorm<B>,
+    fc1: Linear<B>,
+    fc2: Linear<B>,
 }
 
-pub(crate) struct Vit {
+pub(crate) struct Vit<B: Backend> {
     cfg: EncoderConfig,
     /// The patch conv's weight [width, 3, p, p], read as a linear [width, 3 p p].
-    patch: Linear,
-    cls_token: Option<F32Weight>,
+    patch: Linear<B>,
+    /// [1, width]
+    cls_token: Option<B::Buf>,
     /// [tokens, width]
-    pos_embed: F32Weight,
-    norm_pre: Option<LayerNorm>,
-    blocks: Vec<Block>,
-    norm: LayerNorm,
+    pos_embed: B::Buf,
+    norm_pre: Option<LayerNorm<B>>,
+    blocks: Vec<Block<B>>,
+    norm: LayerNorm<B>,
 }
 
-impl Vit {
-    pub(crate) fn load(src: &dyn WeightSource, cfg: &EncoderConfig) -> Result<Vit> {
+/// Part `.0` of `.1` equal row blocks.
+#[derive(Clone, Copy)]
+pub(crate) struct Part(pub usize, pub usize);
+
+/// Rows `part` of a weight whose rows split into equal blocks (a fused qkv weight or bias).
+pub(crate) fn split_rows(w: &[f32], part: Part) -> F32Weight {
+    let n = w.len() / part.1.max(1);
+    F32Weight::Owned(w[part.0 * n..(part.0 + 1) * n].to_vec())
+}
+
+impl<B: Backend> Vit<B> {
+    pub(crate) fn load(be: &B, src: &dyn WeightSource, cfg: &EncoderConfig) -> Result<Self> {
         let (w, p, eps) = (cfg.width, cfg.patch_size, cfg.layer_norm_eps);
-        let ln = |k: &str| LayerNorm::load_eps(&Cpu, src, k, w, eps);
+        let ln = |k: &str| LayerNorm::load_eps(be, src, k, w, eps);
         let patch = Linear {
-            w: src.get("encoder.patch_embed.proj.weight", &[w, 3, p, p])?,
+            w: be.weight(src.get("encoder.patch_embed.proj.weight", &[w, 3, p, p])?)?,
             b: if cfg.pre_norm {
                 None
             } else {
-                Some(src.get("encoder.patch_embed.proj.bias", &[w])?)
+                Some(be.weight(src.get("encoder.patch_embed.proj.bias", &[w])?)?)
             },
             din: 3 * p * p,
             dout: w,
@@ -157,38 +170,38 @@ impl Vit {
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let b = format!("encoder.blocks.{i}");
+                let qkv_w = src.get(&format!("{b}.attn.qkv.weight"), &[3 * w, w])?;
+                let qkv_b = src.get(&format!("{b}.attn.qkv.bias"), &[3 * w])?;
+                let part = |i: usize| -> Result<Linear<B>> {
+                    Ok(Linear {
+                        w: be.weight(split_rows(&qkv_w, Part(i, 3)))?,
+                        b: Some(be.weight(split_rows(&qkv_b, Part(i, 3)))?),
+                        din: w,
+                        dout: w,
+                        key: None,
+                    })
+                };
+                let hidden = cfg.mlp_hidden();
                 Ok(Block {
                     norm1: ln(&format!("{b}.norm1"))?,
-                    qkv: Linear::load(&Cpu, src, &format!("{b}.attn.qkv"), w, 3 * w, true)?,
-                    proj: Linear::load(&Cpu, src, &format!("{b}.attn.proj"), w, w, true)?,
+                    q: part(0)?,
+                    k: part(1)?,
+                    v: part(2)?,
+                    proj: Linear::load(be, src, &format!("{b}.attn.proj"), w, w, true)?,
                     norm2: ln(&format!("{b}.norm2"))?,
-                    fc1: Linear::load(
-                        &Cpu,
-                        src,
-                        &format!("{b}.mlp.fc1"),
-                        w,
-                        cfg.mlp_hidden(),
-                        true,
-                    )?,
-                    fc2: Linear::load(
-                        &Cpu,
-                        src,
-                        &format!("{b}.mlp.fc2"),
-                        cfg.mlp_hidden(),
-                        w,
-                        true,
-                    )?,
+                    fc1: Linear::load(be, src, &format!("{b}.mlp.fc1"), w, hidden, true)?,
+                    fc2: Linear::load(be, src, &format!("{b}.mlp.fc2"), hidden, w, true)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Vit {
             patch,
             cls_token: if cfg.class_token {
-                Some(src.get("encoder.cls_token", &[1, 1, w])?)
+                Some(be.upload(&src.get("encoder.cls_token", &[1, 1, w])?)?)
             } else {
                 None
             },
-            pos_embed: src.get("encoder.pos_embed", &[1, cfg.tokens(), w])?,
+            pos_embed: be.upload(&src.get("encoder.pos_embed", &[1, cfg.tokens(), w])?)?,
             norm_pre: if cfg.pre_norm {
                 Some(ln("encoder.norm_pre")?)
             } else {
@@ -201,42 +214,50 @@ impl Vit {
     }
 
     /// image [3, img_size, img_size] -> tokens [tokens, width] (the caller checks the length).
-    pub(crate) fn forward(&self, image: &[f32]) -> Result<Vec<f32>> {
-        let be = &Cpu;
+    pub(crate) fn forward(&self, be: &B, image: &[f32]) -> Result<B::Buf> {
         let cfg = &self.cfg;
-        let (w, n) = (cfg.width, cfg.tokens());
+        let (w, n, g2) = (cfg.width, cfg.tokens(), cfg.grid() * cfg.grid());
         let patches = self
             .patch
-            .forward(be, &unfold(image, cfg), cfg.grid() * cfg.grid())?;
-        let mut x = {
-            let _p = scope("copies");
-            let mut x = Vec::with_capacity(n * w);
-            if let Some(cls) = &self.cls_token {
-                x.extend_from_slice(cls);
+            .forward(be, &be.upload(&unfold(image, cfg))?, g2)?;
+        let mut x = match &self.cls_token {
+            // Tokens are rows: [1 + g2, w] is the channel concat of [1, 1, w] and [1, g2, w].
+            Some(cls) => {
+                let _p = scope("copies");
+                be.concat_channels(cls, &patches, (1, 1, g2, w))?
             }
-            x.extend_from_slice(&patches);
-            x
+            None => patches,
         };
-        ops::add_inplace(&mut x, &self.pos_embed);
+        add(be, &mut x, &self.pos_embed)?;
         if let Some(norm) = &self.norm_pre {
             x = norm.forward(be, &x)?;
         }
-        let hd = w / cfg.heads;
+        let dims = AttnDims {
+            batch: 1,
+            lq: n,
+            lk: n,
+            heads: cfg.heads,
+            head_dim: w / cfg.heads,
+            causal: false,
+        };
         for b in &self.blocks {
             let h = b.norm1.forward(be, &x)?;
-            let qkv = b.qkv.forward(be, &h, n)?;
-            let (q, k, v) = split3(&qkv, n, w);
-            let mut a = vec![0f32; n * w];
-            {
+            let (q, k, v) = (
+                b.q.forward(be, &h, n)?,
+                b.k.forward(be, &h, n)?,
+                b.v.forward(be, &h, n)?,
+            );
+            drop(h);
+            let a = {
                 let _p = scope("attention");
-                ops::attention(&mut a, &q, &k, &v, 1, n, n, cfg.heads, hd);
-            }
+                be.attention(&q, &k, &v, dims)?
+            };
             add(be, &mut x, &b.proj.forward(be, &a, n)?)?;
             let h = b.norm2.forward(be, &x)?;
             let mut f = b.fc1.forward(be, &h, n)?;
             {
                 let _p = scope("activation");
-                ops::gelu_inplace(&mut f);
+                be.activate(&mut f, Activation::Gelu)?;
             }
             add(be, &mut x, &b.fc2.forward(be, &f, n)?)?;
         }
@@ -261,18 +282,4 @@ fn unfold(image: &[f32], cfg: &EncoderConfig) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Splits fused projections [rows, 3 w] into three contiguous [rows, w] (q, k, v).
-pub(crate) fn split3(x: &[f32], rows: usize, w: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let _p = scope("copies");
-    let mut q = Vec::with_capacity(rows * w);
-    let mut k = Vec::with_capacity(rows * w);
-    let mut v = Vec::with_capacity(rows * w);
-    for r in x.chunks_exact(3 * w) {
-        q.extend_from_slice(&r[..w]);
-        k.extend_from_slice(&r[w..2 * w]);
-        v.extend_from_slice(&r[2 * w..]);
-    }
-    (q, k, v)
 }

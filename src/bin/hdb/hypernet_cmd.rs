@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use hdb::backend::device_unet::DeviceHypernet;
 use hdb::hypernet::{Hypernet, HypernetConfig};
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::random::RandomWeights;
@@ -52,10 +53,11 @@ pub fn predict(
     face: &Path,
     iterations: Option<usize>,
     output: &Path,
-    threads: usize,
+    (threads, device): (usize, hdb::runtime::DeviceRequest),
 ) -> hdb::Result<()> {
-    let rt = super::cpu_runtime(threads)?;
+    let rt = super::runtime(device, threads)?;
     let net = Hypernet::load(hypernet)?;
+    let gpu = DeviceHypernet::load(&rt, hypernet)?;
     let m = super::load_model(model)?;
     let table = hdb::adapter::adaptable_layers(&m);
     net.check_layers(&table)?;
@@ -68,7 +70,10 @@ pub fn predict(
         bar.set_position(done as u64);
         true
     };
-    let theta = rt.install(|| net.predict(&image, iterations, Some(&mut progress)))?;
+    let theta = rt.install(|| match &gpu {
+        Some(g) => g.predict(&image, iterations, Some(&mut progress)),
+        None => net.predict(&image, iterations, Some(&mut progress)),
+    })?;
     bar.finish_and_clear();
     let lidb = net.to_lidb(&theta)?;
     rt.install(|| lidb.compose(&table))?; // the adapter must load into this model
@@ -112,12 +117,39 @@ pub fn info(path: &Path, json: bool) -> hdb::Result<bool> {
     Ok(true)
 }
 
-pub fn bench(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
-    let rt = super::cpu_runtime(threads)?;
+/// Multiply-adds x 2 of one prediction at `c` (matrix products and attention; norms and
+/// element-wise ops are noise).
+fn predict_flops(c: &HypernetConfig) -> f64 {
+    let e = &c.encoder;
+    let (n, w, hid) = (e.tokens() as f64, e.width as f64, e.mlp_hidden() as f64);
+    let patch = 2.0 * (e.grid() * e.grid()) as f64 * w * (3 * e.patch_size * e.patch_size) as f64;
+    let block = 2.0 * n * (4.0 * w * w + 2.0 * w * hid) + 4.0 * n * n * w;
+    let (l, d, t) = (
+        c.layer_keys.len() as f64,
+        c.d_model as f64,
+        c.token_dim() as f64,
+    );
+    let memory = 2.0 * n * w * d + c.layers as f64 * 2.0 * n * 2.0 * d * d;
+    let layer = 2.0 * l * (4.0 * d * d) + 4.0 * l * l * d // self-attention
+        + 2.0 * l * (2.0 * d * d) + 4.0 * l * n * d // cross-attention
+        + 2.0 * l * 8.0 * d * d; // MLP
+    let iteration = 2.0 * l * t * d + c.layers as f64 * layer + 2.0 * l * t * d;
+    patch + e.depth as f64 * block + memory + c.iterations as f64 * iteration
+}
+
+pub fn bench(
+    threads: usize,
+    runs: usize,
+    peer: Option<&Path>,
+    device: hdb::runtime::DeviceRequest,
+) -> hdb::Result<()> {
+    let rt = super::runtime(device, threads)?;
     let threads = rt.threads();
     let t = Instant::now();
-    let net = rt
-        .install(|| Hypernet::from_source(HypernetConfig::default(), &RandomWeights { seed: 1 }))?;
+    let cfg = HypernetConfig::default();
+    let src = RandomWeights { seed: 1 };
+    let net = rt.install(|| Hypernet::from_source(cfg.clone(), &src))?;
+    let gpu = DeviceHypernet::from_source(&rt, cfg, &src)?;
     eprintln!(
         "default hypernetwork ({:.1} M parameters, random weights) made in {:.1} s",
         net.config.parameter_count() as f64 / 1e6,
@@ -126,43 +158,66 @@ pub fn bench(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()
     let size = 256;
     let rgb: Vec<u8> = (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
     let image = net.preprocess(&rgb, size, size, size * 3)?;
+    let predict = || -> hdb::Result<Vec<f32>> {
+        match &gpu {
+            Some(g) => g.predict(&image, None, None),
+            None => net.predict(&image, None, None),
+        }
+    };
     let mut times = Vec::new();
     for i in 0..=runs.max(1) {
         let t = Instant::now();
-        rt.install(|| net.predict(&image, None, None))?;
+        rt.install(predict)?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    hdb::backend::profile::enable(true);
-    rt.install(|| net.predict(&image, None, None))?;
-    let spent = hdb::backend::profile::report();
-    hdb::backend::profile::enable(false);
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    eprintln!("where the time goes (one more prediction):");
-    for (name, d, n) in &spent {
-        eprintln!(
-            "  {name:<24} {:>8.1} ms {n:>6} calls",
-            d.as_secs_f64() * 1e3
-        );
-    }
+    let flops = predict_flops(&net.config);
+    let (where_, peer_device) = match &gpu {
+        Some(g) => (g.describe(), "cuda"),
+        None => {
+            hdb::backend::profile::enable(true);
+            rt.install(|| net.predict(&image, None, None))?;
+            let spent = hdb::backend::profile::report();
+            hdb::backend::profile::enable(false);
+            eprintln!("where the time goes (one more prediction):");
+            for (name, d, n) in &spent {
+                eprintln!(
+                    "  {name:<24} {:>8.1} ms {n:>6} calls",
+                    d.as_secs_f64() * 1e3
+                );
+            }
+            (format!("cpu f32, {threads} threads"), "cpu")
+        }
+    };
     println!(
-        "hdb cpu f32: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations), {threads} threads: {med:.3} s (median of {})",
+        "hdb {where_}: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations): {med:.4} s (median of {}), {:.1} TFLOP/s",
         net.config.iterations,
-        times.len()
+        times.len(),
+        flops / med / 1e12
     );
     if let Some(py) = peer {
         let r = runs.max(1).to_string();
         let json = super::bench_pipeline::run_peer(
             py,
             "tools/hypernet_ref.py",
-            &["bench", "--threads", &threads.to_string(), "--repeat", &r],
+            &[
+                "bench",
+                "--threads",
+                &threads.to_string(),
+                "--repeat",
+                &r,
+                "--device",
+                peer_device,
+            ],
         )?;
         let p = json["median_s"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "peer pytorch-eager (torch {}): {p:.3} s",
-            json["torch"].as_str().unwrap_or("?")
+            "peer pytorch-eager (torch {}, {peer_device}, f32): {p:.4} s, {:.1} TFLOP/s",
+            json["torch"].as_str().unwrap_or("?"),
+            flops / p / 1e12
         );
         println!("ratio: hdb is {:.2}x the speed of PyTorch eager", p / med);
     }

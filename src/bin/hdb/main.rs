@@ -49,6 +49,10 @@ enum Command {
         output: PathBuf,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Where the network runs: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA when usable,
+        /// else the CPU).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
     },
     /// The whole path in one command: a model (built-in, or --model PATH), two identities,
     /// swaps, a batch with one identity per image, PNGs and a timing table.
@@ -186,6 +190,10 @@ enum BenchWhat {
         runs: usize,
         #[arg(long)]
         peer_python: Option<PathBuf>,
+        /// Where the network runs: cpu, cuda (= cuda:0), cuda:N or auto; the peer runs on the
+        /// same kind of device.
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
     },
     /// SD 1.5's text encoder, one UNet step with guidance and the VAE decode at 512x512, with
     /// random weights, optionally against PyTorch (tools/bench_torch_pipeline.py) in the same run.
@@ -271,15 +279,24 @@ fn main() -> ExitCode {
             iterations,
             output,
             threads,
-        } => hypernet_cmd::predict(&hypernet, &model, &face, iterations, &output, threads),
+            device,
+        } => hypernet_cmd::predict(
+            &hypernet,
+            &model,
+            &face,
+            iterations,
+            &output,
+            (threads, device),
+        ),
         Command::Bench {
             what:
                 BenchWhat::Hypernet {
                     threads,
                     runs,
                     peer_python,
+                    device,
                 },
-        } => hypernet_cmd::bench(threads, runs, peer_python.as_deref()),
+        } => hypernet_cmd::bench(threads, runs, peer_python.as_deref(), device),
         Command::Bench {
             what:
                 BenchWhat::Pipeline {
