@@ -1,8 +1,9 @@
 //! `hdb_session`: one thread's generation state on a shared model: its adapters, UNet
 //! evaluations on caller buffers (for hosts that drive their own sampler) and generations.
 //! On a runtime with a CUDA device the UNet runs there (the model's fp16 copy, shared by every
-//! session) and the session's UNet adapters are built on the device; the text encoder and its
-//! adapters stay on the CPU.
+//! session) and the session's UNet adapters are built on the device; `hdb_generate` also runs
+//! the text encoder and the VAE there, except that a session whose adapters touch the text
+//! encoder encodes prompts on the CPU (the device text encoder takes no adapters yet).
 
 use std::sync::Arc;
 

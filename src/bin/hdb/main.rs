@@ -73,7 +73,8 @@ enum Command {
         size: Option<usize>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Where the UNet runs: cpu, cuda, cuda:N or auto (the rest runs on the CPU).
+        /// Where the UNet, text encoder and VAE run: cpu, cuda, cuda:N or auto (the tokenizer
+        /// and the hypernetwork run on the CPU).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
     },
@@ -122,8 +123,8 @@ enum Command {
         output: PathBuf,
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Where the UNet runs: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA when usable, else
-        /// the CPU). The text encoder and the VAE run on the CPU.
+        /// Where the UNet, text encoder and VAE run: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA
+        /// when usable, else the CPU). A text-encoder adapter set runs on the CPU encoder.
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
     },
