@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::{compare, fixtures, read_input};
+use common::{fixtures, read_input};
 use std::sync::Arc;
 
 use hdb::backend::cuda::ops::BlasElem;
@@ -66,33 +66,9 @@ fn tol<T: BlasElem>() -> f64 {
     }
 }
 
-/// Compares one output; returns a failure message, if any.
+/// Compares one output in storage type T; returns a failure message, if any.
 fn judge<T: BlasElem>(what: &str, got: hdb::Result<Vec<f32>>, want: &[f32]) -> Option<String> {
-    let dtype = T::SUFFIX;
-    let got = match got {
-        Ok(g) => g,
-        Err(e) => {
-            println!("cuda-parity {what} {dtype} ERROR {e}");
-            return Some(format!("{what} {dtype}: {e}"));
-        }
-    };
-    if got.len() != want.len() {
-        return Some(format!(
-            "{what} {dtype}: {} outputs, the CPU gave {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    let (rel, max_abs, at) = compare(&got, want);
-    println!("cuda-parity {what} {dtype} rel_l2={rel:.3e} max_abs={max_abs:.3e}");
-    let tol = tol::<T>();
-    (rel > tol).then(|| {
-        format!(
-            "{what} {dtype}: rel_l2 {rel:.3e} > {tol:e}; worst element at index {at}: gpu {} vs \
-             cpu {}",
-            got[at], want[at]
-        )
-    })
+    common::judge(what, T::SUFFIX, got, want, tol::<T>())
 }
 
 fn finish(failures: Vec<String>) {

@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::{compare, fixtures, read_input, Input};
+use common::{compare, fixtures, judge, read_input, Input};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -151,35 +151,8 @@ fn check<T: BlasElem>(
     want: &[f32],
     tol: f64,
 ) -> Option<String> {
-    let dtype = T::SUFFIX;
     let result = CudaUnet::<T>::upload(dev, unet).and_then(|g| g.forward(dev, &inp.args()));
-    let got = match result {
-        Ok(g) => g,
-        Err(e) => {
-            println!("cuda-parity unet/{case} {dtype} ERROR {e}");
-            return Some(format!("unet/{case} {dtype}: {e}"));
-        }
-    };
-    if got.len() != want.len() {
-        return Some(format!(
-            "unet/{case} {dtype}: {} outputs, the CPU gave {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    let (rel, max_abs, at) = compare(&got, want);
-    println!("cuda-parity unet/{case} {dtype} rel_l2={rel:.3e} max_abs={max_abs:.3e}");
-    if rel <= tol {
-        None
-    } else {
-        let msg = format!(
-            "unet/{case} {dtype}: rel_l2 {rel:.3e} > {tol:e}; worst element at index {at}: \
-             gpu {} vs cpu {}",
-            got[at], want[at]
-        );
-        println!("  {msg}");
-        Some(msg)
-    }
+    judge(&format!("unet/{case}"), T::SUFFIX, result, want, tol)
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! or write past, and reports a mismatch as `Error::Internal` naming the op.
 
 use crate::backend::cpu::Conv2d;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::weights::F32Weight;
 
 /// An element-wise activation.
@@ -198,4 +198,22 @@ pub trait AdapterHook<B: Backend> {
         din: usize,
         dout: usize,
     ) -> Result<()>;
+}
+
+/// Errors unless `got == want`, naming the op and the argument (for backends' length checks).
+pub(crate) fn check_len(op: &str, arg: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "{op}: {arg} has {got} values, expected {want}"
+        )))
+    }
+}
+
+/// `a * b * ...`, or an error naming the op when it overflows.
+pub(crate) fn volume(op: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .ok_or_else(|| Error::Internal(format!("{op}: size {dims:?} overflows")))
 }

@@ -75,3 +75,40 @@ pub fn compare(got: &[f32], want: &[f32]) -> (f64, f32, usize) {
     };
     (if rel.is_nan() { f64::INFINITY } else { rel }, worst, at)
 }
+
+/// Judges one GPU output against the CPU's: prints `cuda-parity <what> <dtype> rel_l2=...`
+/// and returns a failure message naming the worst element when the relative L2 error is above
+/// `tol` (or the output is an error or has the wrong length).
+pub fn judge(
+    what: &str,
+    dtype: &str,
+    got: hdb::Result<Vec<f32>>,
+    want: &[f32],
+    tol: f64,
+) -> Option<String> {
+    let got = match got {
+        Ok(g) => g,
+        Err(e) => {
+            println!("cuda-parity {what} {dtype} ERROR {e}");
+            return Some(format!("{what} {dtype}: {e}"));
+        }
+    };
+    if got.len() != want.len() {
+        return Some(format!(
+            "{what} {dtype}: {} outputs, the CPU gave {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let (rel, max_abs, at) = compare(&got, want);
+    println!("cuda-parity {what} {dtype} rel_l2={rel:.3e} max_abs={max_abs:.3e}");
+    if rel <= tol {
+        return None;
+    }
+    let msg = format!(
+        "{what} {dtype}: rel_l2 {rel:.3e} > {tol:e}; worst element at index {at}: gpu {} vs cpu {}",
+        got[at], want[at]
+    );
+    println!("  {msg}");
+    Some(msg)
+}

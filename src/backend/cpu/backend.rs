@@ -8,31 +8,13 @@ use super::{
     group_norm, layer_norm, linear, nchw_to_nhwc, nhwc_to_nchw, silu_inplace, timestep_embedding,
     upsample_nearest2x, Conv2d,
 };
-use crate::backend::api::{Activation, AttnDims, Backend, NormDims};
+use crate::backend::api::{check_len, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::{Error, Result};
 use crate::model::weights::F32Weight;
 
 /// The CPU backend: f32 compute on the runtime's thread pool.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
-
-/// Errors unless `got == want`, naming the op and the argument.
-fn check(op: &str, arg: &str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(Error::Internal(format!(
-            "{op}: {arg} has {got} values, expected {want}"
-        )))
-    }
-}
-
-/// `a * b * ...`, or an error naming the op when it overflows.
-fn volume(op: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |p, &d| p.checked_mul(d))
-        .ok_or_else(|| Error::Internal(format!("{op}: size {dims:?} overflows")))
-}
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
@@ -70,10 +52,10 @@ impl Backend for Cpu {
         (rows, din, dout): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let op = "linear";
-        check(op, "x", x.len(), volume(op, &[rows, din])?)?;
-        check(op, "weight", w.len(), volume(op, &[dout, din])?)?;
+        check_len(op, "x", x.len(), volume(op, &[rows, din])?)?;
+        check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
         if let Some(b) = b {
-            check(op, "bias", b.len(), dout)?;
+            check_len(op, "bias", b.len(), dout)?;
         }
         let mut y = vec![0.0; volume(op, &[rows, dout])?];
         linear(&mut y, x, w, b.map(|b| &b[..]), rows, din, dout);
@@ -88,15 +70,15 @@ impl Backend for Cpu {
         p: &Conv2d,
     ) -> Result<Vec<f32>> {
         let op = "conv2d";
-        check(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
-        check(
+        check_len(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
+        check_len(
             op,
             "weight",
             w.len(),
             volume(op, &[p.c_out, p.c_in, p.kernel, p.kernel])?,
         )?;
         if let Some(b) = b {
-            check(op, "bias", b.len(), p.c_out)?;
+            check_len(op, "bias", b.len(), p.c_out)?;
         }
         if p.kernel == 0 || p.stride == 0 || p.h + 2 * p.padding < p.kernel {
             return Err(Error::Internal(format!("{op}: bad shape {p:?}")));
@@ -116,9 +98,9 @@ impl Backend for Cpu {
         silu: bool,
     ) -> Result<Vec<f32>> {
         let op = "group_norm";
-        check(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
-        check(op, "gamma", gamma.len(), d.channels)?;
-        check(op, "beta", beta.len(), d.channels)?;
+        check_len(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
+        check_len(op, "gamma", gamma.len(), d.channels)?;
+        check_len(op, "beta", beta.len(), d.channels)?;
         if d.groups == 0 || d.channels % d.groups != 0 {
             return Err(Error::Internal(format!(
                 "{op}: {} groups do not divide {} channels",
@@ -141,9 +123,9 @@ impl Backend for Cpu {
         eps: f32,
     ) -> Result<Vec<f32>> {
         let op = "layer_norm";
-        check(op, "x", x.len(), volume(op, &[rows, dim])?)?;
-        check(op, "gamma", gamma.len(), dim)?;
-        check(op, "beta", beta.len(), dim)?;
+        check_len(op, "x", x.len(), volume(op, &[rows, dim])?)?;
+        check_len(op, "gamma", gamma.len(), dim)?;
+        check_len(op, "beta", beta.len(), dim)?;
         let mut y = vec![0.0; x.len()];
         layer_norm(&mut y, x, gamma, beta, rows, dim, eps);
         Ok(y)
@@ -152,9 +134,9 @@ impl Backend for Cpu {
     fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, d: AttnDims) -> Result<Vec<f32>> {
         let op = "attention";
         let hd = volume(op, &[d.heads, d.head_dim])?;
-        check(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
-        check(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
-        check(op, "v", v.len(), k.len())?;
+        check_len(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
+        check_len(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
+        check_len(op, "v", v.len(), k.len())?;
         let mut out = vec![0.0; q.len()];
         if d.causal {
             if d.lq != d.lk {
@@ -183,14 +165,14 @@ impl Backend for Cpu {
 
     fn geglu(&self, x: &Vec<f32>, (rows, d): (usize, usize)) -> Result<Vec<f32>> {
         let op = "geglu";
-        check(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
+        check_len(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
         let mut y = vec![0.0; rows * d];
         geglu(&mut y, x, rows, d);
         Ok(y)
     }
 
     fn add_inplace(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
-        check("add", "x", x.len(), y.len())?;
+        check_len("add", "x", x.len(), y.len())?;
         add_inplace(y, x);
         Ok(())
     }
@@ -202,8 +184,8 @@ impl Backend for Cpu {
         (batch, channels, hw): (usize, usize, usize),
     ) -> Result<()> {
         let op = "add_channel_bias";
-        check(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
-        check(op, "v", v.len(), batch * channels)?;
+        check_len(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
+        check_len(op, "v", v.len(), batch * channels)?;
         add_channel_bias(y, v, batch, channels, hw);
         Ok(())
     }
@@ -227,7 +209,7 @@ impl Backend for Cpu {
         to_tokens: bool,
     ) -> Result<Vec<f32>> {
         let op = "transpose";
-        check(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
+        check_len(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
         let mut y = vec![0.0; x.len()];
         if to_tokens {
             nchw_to_nhwc(&mut y, x, batch, c, hw);
@@ -244,8 +226,8 @@ impl Backend for Cpu {
         (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let op = "concat_channels";
-        check(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
-        check(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
+        check_len(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
+        check_len(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
         let mut y = vec![0.0; a.len() + b.len()];
         concat_channels(&mut y, a, b, batch, ca, cb, hw);
         Ok(y)
@@ -257,7 +239,7 @@ impl Backend for Cpu {
         (planes, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let op = "upsample_nearest2x";
-        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
         let mut y = vec![0.0; 4 * x.len()];
         upsample_nearest2x(&mut y, x, planes, h, w);
         Ok(y)
@@ -269,7 +251,7 @@ impl Backend for Cpu {
         (planes, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let op = "pad_bottom_right";
-        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
         let (ph, pw) = (h + 1, w + 1);
         let mut y = vec![0.0; volume(op, &[planes, ph, pw])?];
         if w > 0 {

@@ -28,7 +28,7 @@ use cudarc::driver::CudaSlice;
 
 use super::device::CudaDevice;
 use super::ops::{self, At, AttnKernel, AttnShape, BlasElem, Conv2d};
-use crate::backend::api::{Activation, AttnDims, Backend, NormDims};
+use crate::backend::api::{check_len, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::{Error, Result};
 use crate::model::weights::F32Weight;
 
@@ -78,24 +78,6 @@ impl<T: BlasElem> std::fmt::Debug for Cuda<T> {
     }
 }
 
-/// Errors unless `got == want`, naming the op and the argument.
-fn check(op: &str, arg: &str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(Error::Internal(format!(
-            "{op}: {arg} has {got} values, expected {want}"
-        )))
-    }
-}
-
-/// `a * b * ...`, or an error naming the op when it overflows.
-fn volume(op: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |p, &d| p.checked_mul(d))
-        .ok_or_else(|| Error::Internal(format!("{op}: size {dims:?} overflows")))
-}
-
 impl<T: BlasElem> Backend for Cuda<T> {
     type Buf = CudaSlice<T>;
     type Weight = CudaSlice<T>;
@@ -134,10 +116,10 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (rows, din, dout): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "linear";
-        check(op, "x", x.len(), volume(op, &[rows, din])?)?;
-        check(op, "weight", w.len(), volume(op, &[dout, din])?)?;
+        check_len(op, "x", x.len(), volume(op, &[rows, din])?)?;
+        check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
         if let Some(b) = b {
-            check(op, "bias", b.len(), dout)?;
+            check_len(op, "bias", b.len(), dout)?;
         }
         let y = self.out(op, volume(op, &[rows, dout])?)?;
         self.dev.bind_to_thread()?;
@@ -161,15 +143,15 @@ impl<T: BlasElem> Backend for Cuda<T> {
         p: &Conv2d,
     ) -> Result<CudaSlice<T>> {
         let op = "conv2d";
-        check(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
-        check(
+        check_len(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
+        check_len(
             op,
             "weight",
             w.len(),
             volume(op, &[p.c_out, p.c_in, p.kernel, p.kernel])?,
         )?;
         if let Some(b) = b {
-            check(op, "bias", b.len(), p.c_out)?;
+            check_len(op, "bias", b.len(), p.c_out)?;
         }
         let padded = |n: usize| p.padding.checked_mul(2).and_then(|p2| n.checked_add(p2));
         if p.kernel == 0
@@ -203,9 +185,9 @@ impl<T: BlasElem> Backend for Cuda<T> {
         silu: bool,
     ) -> Result<CudaSlice<T>> {
         let op = "group_norm";
-        check(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
-        check(op, "gamma", gamma.len(), d.channels)?;
-        check(op, "beta", beta.len(), d.channels)?;
+        check_len(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
+        check_len(op, "gamma", gamma.len(), d.channels)?;
+        check_len(op, "beta", beta.len(), d.channels)?;
         if d.groups == 0 || d.channels % d.groups != 0 {
             return Err(Error::Internal(format!(
                 "{op}: {} groups do not divide {} channels",
@@ -236,9 +218,9 @@ impl<T: BlasElem> Backend for Cuda<T> {
         eps: f32,
     ) -> Result<CudaSlice<T>> {
         let op = "layer_norm";
-        check(op, "x", x.len(), volume(op, &[rows, dim])?)?;
-        check(op, "gamma", gamma.len(), dim)?;
-        check(op, "beta", beta.len(), dim)?;
+        check_len(op, "x", x.len(), volume(op, &[rows, dim])?)?;
+        check_len(op, "gamma", gamma.len(), dim)?;
+        check_len(op, "beta", beta.len(), dim)?;
         let y = self.out(op, x.len())?;
         ops::layer_norm(&self.dev, &y, x, gamma, beta, rows, dim, eps)?;
         Ok(y)
@@ -253,9 +235,9 @@ impl<T: BlasElem> Backend for Cuda<T> {
     ) -> Result<CudaSlice<T>> {
         let op = "attention";
         let hd = volume(op, &[d.heads, d.head_dim])?;
-        check(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
-        check(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
-        check(op, "v", v.len(), k.len())?;
+        check_len(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
+        check_len(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
+        check_len(op, "v", v.len(), k.len())?;
         if d.heads == 0 || d.head_dim == 0 || d.lk == 0 {
             return Err(Error::Internal(format!("{op}: empty shape {d:?}")));
         }
@@ -294,14 +276,14 @@ impl<T: BlasElem> Backend for Cuda<T> {
 
     fn geglu(&self, x: &CudaSlice<T>, (rows, d): (usize, usize)) -> Result<CudaSlice<T>> {
         let op = "geglu";
-        check(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
+        check_len(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
         let mut y = self.out(op, rows * d)?;
         ops::geglu(&self.dev, &mut y, x, rows, d)?;
         Ok(y)
     }
 
     fn add_inplace(&self, y: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<()> {
-        check("add", "x", x.len(), y.len())?;
+        check_len("add", "x", x.len(), y.len())?;
         let n = y.len();
         ops::add_inplace(&self.dev, y, x, n)
     }
@@ -313,8 +295,8 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (batch, channels, hw): (usize, usize, usize),
     ) -> Result<()> {
         let op = "add_channel_bias";
-        check(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
-        check(op, "v", v.len(), volume(op, &[batch, channels])?)?;
+        check_len(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
+        check_len(op, "v", v.len(), volume(op, &[batch, channels])?)?;
         ops::add_channel_bias(&self.dev, y, v, (batch, channels, hw))
     }
 
@@ -346,7 +328,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         to_tokens: bool,
     ) -> Result<CudaSlice<T>> {
         let op = "transpose";
-        check(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
+        check_len(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
         let mut y = self.out(op, x.len())?;
         // [batch, rows, cols] -> [batch, cols, rows]: NCHW -> tokens is rows = c, cols = hw.
         let (rows, cols) = if to_tokens { (c, hw) } else { (hw, c) };
@@ -361,8 +343,8 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "concat_channels";
-        check(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
-        check(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
+        check_len(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
+        check_len(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
         let mut y = self.out(op, a.len() + b.len())?;
         ops::concat_channels(&self.dev, &mut y, a, b, (batch, ca, cb, hw))?;
         Ok(y)
@@ -374,7 +356,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (planes, h, w): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "upsample_nearest2x";
-        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
         let mut y = self.out(op, volume(op, &[4, x.len()])?)?;
         ops::upsample_nearest2x(&self.dev, &mut y, x, planes, h, w)?;
         Ok(y)
@@ -386,7 +368,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (planes, h, w): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "pad_bottom_right";
-        check(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
         // (saturating: an h or w of usize::MAX then overflows the volume, an error)
         let (ph, pw) = (h.saturating_add(1), w.saturating_add(1));
         let mut y = self.out(op, volume(op, &[planes, ph, pw])?)?;
