@@ -297,3 +297,106 @@ fn causal_attention(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDim
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(v: Vec<f32>) -> F32Weight {
+        F32Weight::Owned(v)
+    }
+
+    #[test]
+    fn shape_mistakes_are_errors_naming_the_op_not_panics() {
+        let be = Cpu;
+        let msg = |r: Result<Vec<f32>>| match r {
+            Err(Error::Internal(m)) => m,
+            other => panic!("expected an internal error, got {other:?}"),
+        };
+        let m = msg(be.linear(&vec![0.0; 5], &w(vec![0.0; 6]), None, (2, 3, 2)));
+        assert!(m.starts_with("linear: x has 5 values, expected 6"), "{m}");
+        let m = msg(be.layer_norm(
+            &vec![0.0; 8],
+            &w(vec![1.0; 3]),
+            &w(vec![0.0; 4]),
+            (2, 4),
+            1e-5,
+        ));
+        assert!(m.starts_with("layer_norm: gamma"), "{m}");
+        let d = NormDims {
+            batch: 1,
+            channels: 6,
+            hw: 2,
+            groups: 4,
+            eps: 1e-5,
+        };
+        let m = msg(be.group_norm(&vec![0.0; 12], &w(vec![1.0; 6]), &w(vec![0.0; 6]), d, true));
+        assert!(m.contains("4 groups do not divide 6 channels"), "{m}");
+        let a = AttnDims {
+            batch: 1,
+            lq: 3,
+            lk: 4,
+            heads: 1,
+            head_dim: 2,
+            causal: true,
+        };
+        let m = msg(be.attention(&vec![0.0; 6], &vec![0.0; 8], &vec![0.0; 8], a));
+        assert!(m.contains("causal attention needs lq == lk"), "{m}");
+        let m = msg(be.linear(&vec![], &w(vec![]), None, (usize::MAX, 2, 1)));
+        assert!(m.contains("overflows"), "{m}");
+        let mut y = vec![0.0; 3];
+        assert!(be.add_inplace(&mut y, &vec![0.0; 4]).is_err());
+    }
+
+    #[test]
+    fn causal_attention_is_full_attention_over_the_prefix() {
+        // Row i of causal attention equals non-causal attention of query i over keys 0..=i.
+        let (len, heads, d) = (5, 2, 3);
+        let n = len * heads * d;
+        let q: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let k: Vec<f32> = (0..n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 5.0).collect();
+        let v: Vec<f32> = (0..n).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
+        let dims = AttnDims {
+            batch: 1,
+            lq: len,
+            lk: len,
+            heads,
+            head_dim: d,
+            causal: true,
+        };
+        let got = Cpu.attention(&q, &k, &v, dims).expect("causal");
+        let row = heads * d;
+        for i in 0..len {
+            let keys = (i + 1) * row;
+            let one = AttnDims {
+                lq: 1,
+                lk: i + 1,
+                causal: false,
+                ..dims
+            };
+            let want = Cpu
+                .attention(
+                    &q[i * row..(i + 1) * row].to_vec(),
+                    &k[..keys].to_vec(),
+                    &v[..keys].to_vec(),
+                    one,
+                )
+                .expect("prefix");
+            for (j, (g, w)) in got[i * row..(i + 1) * row].iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-6, "row {i} col {j}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn pad_bottom_right_adds_one_zero_row_and_column() {
+        let x: Vec<f32> = (1..=12).map(|i| i as f32).collect(); // [2, 2, 3]
+        let y = Cpu.pad_bottom_right(&x, (2, 2, 3)).expect("pad");
+        #[rustfmt::skip]
+        let want = [
+            1.0, 2.0, 3.0, 0.0,   4.0, 5.0, 6.0, 0.0,    0.0, 0.0, 0.0, 0.0,
+            7.0, 8.0, 9.0, 0.0,   10.0, 11.0, 12.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
+        assert_eq!(y, want);
+    }
+}
