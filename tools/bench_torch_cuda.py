@@ -3,6 +3,8 @@
 Times, with CUDA events (median of --runs after --warmup):
 - F.scaled_dot_product_attention at each --attn shape, fp16 and bf16, q/k/v [B, H, L, D]
   contiguous (PyTorch's own best layout; it picks flash / memory-efficient / cuDNN itself);
+- F.conv2d (cuDNN, fp16, NCHW contiguous, with bias; torch.backends.cudnn.benchmark on, so the
+  warm-up runs pick cuDNN's fastest algorithm) at each --conv shape (f32 on --device cpu);
 - a device-to-device copy of --copy-bytes bytes (torch's Tensor.copy_);
 - with --unet: diffusers' UNet2DConditionModel with SD 1.5's config (tools/bench_torch_unet.py),
   randomly initialised, fp16, eval, no_grad, default attention processor (SDPA), batch 2,
@@ -10,14 +12,16 @@ Times, with CUDA events (median of --runs after --warmup):
 
 Prints one JSON line on stdout:
   {"peer": "pytorch", "torch": ..., "device": ..., "attention": [{"b","h","lq","lk","d","dtype",
-   "ms"}...], "copy": {"bytes", "ms"}, "unet": {"ms", "min_ms", "max_ms", "runs", "diffusers",
+   "ms"}...], "conv": [{"b","c_in","c_out","h","w","k","stride","pad","dtype","ms"}...],
+   "copy": {"bytes", "ms"}, "unet": {"ms", "min_ms", "max_ms", "runs", "diffusers",
    "attn_processor"} | null}
 Eager diffusers is bound by Python launching ~1000 kernels a step, so its time follows the
 host CPU: two runs on H100 machines of this workplace gave 24.7 and 49.9 ms (median).
 
 Run on the GPU machine (scripts/gpu-check.sh does):
     python3 tools/bench_torch_cuda.py --attn 2,8,4096,4096,40 --copy-bytes 187000000 --unet
-A CPU smoke test of the argument handling: --device cpu --runs 1 --attn 1,1,16,16,8.
+A CPU smoke test of the argument handling: --device cpu --runs 1 --attn 1,1,16,16,8
+--conv 1,4,8,9,9,3,1,1.
 """
 
 import argparse
@@ -61,6 +65,9 @@ def timed(fn, warmup, runs, device, spread=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attn", action="append", default=[], help="b,h,lq,lk,d (repeatable)")
+    ap.add_argument(
+        "--conv", action="append", default=[], help="b,c_in,c_out,h,w,k,stride,pad (repeatable)"
+    )
     ap.add_argument("--dtypes", default="f16,bf16")
     ap.add_argument("--copy-bytes", type=int, default=0)
     ap.add_argument("--unet", action="store_true")
@@ -75,6 +82,7 @@ def main():
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
         "attention": [],
+        "conv": [],
         "copy": None,
         "unet": None,
     }
@@ -89,6 +97,23 @@ def main():
                 v = torch.randn(b, h, lk, d, device=dev, dtype=dt, generator=g)
                 ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.runs, dev)
                 out["attention"].append(dict(b=b, h=h, lq=lq, lk=lk, d=d, dtype=name, ms=ms))
+        if args.conv and dev == "cuda":
+            torch.backends.cudnn.benchmark = True
+        for spec in args.conv:
+            b, c_in, c_out, h, w, k, stride, pad = (int(v) for v in spec.split(","))
+            name, dt = ("f16", torch.float16) if dev == "cuda" else ("f32", torch.float32)
+            x = torch.randn(b, c_in, h, w, device=dev, dtype=dt, generator=g)
+            wt = torch.randn(c_out, c_in, k, k, device=dev, dtype=dt, generator=g) * 0.02
+            bias = torch.randn(c_out, device=dev, dtype=dt, generator=g) * 0.1
+            ms = timed(
+                lambda: F.conv2d(x, wt, bias, stride=stride, padding=pad),
+                args.warmup,
+                args.runs,
+                dev,
+            )
+            out["conv"].append(
+                dict(b=b, c_in=c_in, c_out=c_out, h=h, w=w, k=k, stride=stride, pad=pad, dtype=name, ms=ms)
+            )
         if args.copy_bytes > 0:
             n = args.copy_bytes // 2
             src = torch.randn(n, device=dev, dtype=torch.float16, generator=g)

@@ -107,6 +107,16 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         ],
     },
     KernelFile {
+        file: "conv_igemm.cu",
+        raw_source: include_str!("../../../kernels/conv_igemm.cu"),
+        kernels: &[
+            "conv2d_igemm_f16",
+            "conv2d_igemm_bf16",
+            "conv2d_igemm_reduce_f16",
+            "conv2d_igemm_reduce_bf16",
+        ],
+    },
+    KernelFile {
         file: "elementwise.cu",
         raw_source: include_str!("../../../kernels/elementwise.cu"),
         kernels: &[

@@ -1,5 +1,6 @@
 //! The CUDA ops: typed launches of the kernels in `kernels/*.cu` (each op's launch contract is
-//! in its file's top comment), cuBLAS GEMMs, and conv2d as im2col + GEMM.
+//! in its file's top comment), cuBLAS GEMMs, and conv2d as im2col + GEMM or (f16/bf16,
+//! [`conv2d_implicit`]) as an implicit GEMM on the tensor cores.
 //!
 //! Tensors are `CudaSlice<T>` with explicit shapes, like the CPU backend's `&[f32]`; an op
 //! checks that every buffer is large enough before it launches, so a shape error is an
@@ -1519,6 +1520,175 @@ pub fn conv2d<T: BlasElem>(
     Ok(())
 }
 
+/// [`conv2d_implicit`]'s block tile: output channels, output pixels, reduction (conv_igemm.cu).
+const IGEMM_TILE: (usize, usize, usize) = (128, 64, 32);
+
+/// Fewest k-tiles (of 32) a split-K slice of [`conv2d_implicit`] reduces.
+const IGEMM_MIN_TILES_PER_SPLIT: usize = 8;
+
+/// How many ways [`conv2d_implicit`] splits the reduction (c_in * k * k) of a convolution of
+/// shape `p` on a device with `sms` multiprocessors: 1 when the grid of 128 x 64 output tiles
+/// already has a block for every SM; else the count (up to 16, each slice at least 8 k-tiles)
+/// that minimises the busiest SM's share of the work, ceil(blocks * s / sms) / s, plus 5 % a
+/// split for the f32 partial sums and the extra pass. A heuristic, to be tuned from
+/// `hdb bench cuda`'s conv rows (with an H100's 132 SMs: 1280 channels at 16x16 in 3 slices).
+pub fn conv2d_implicit_splits(p: &Conv2d, sms: usize) -> usize {
+    let (oh, ow) = p.out_hw();
+    let (bm, bn, bk) = IGEMM_TILE;
+    let blocks = (oh * ow).div_ceil(bn) * p.c_out.div_ceil(bm) * p.batch;
+    let tiles = (p.c_in * p.kernel * p.kernel).div_ceil(bk);
+    let sms = sms.max(1);
+    if blocks == 0 || blocks >= sms || tiles < 2 * IGEMM_MIN_TILES_PER_SPLIT {
+        return 1;
+    }
+    let max_s = (tiles / IGEMM_MIN_TILES_PER_SPLIT).min(16);
+    let cost = |s: usize| (blocks * s).div_ceil(sms) as f64 / s as f64 + 0.05 * (s - 1) as f64;
+    (1..=max_s)
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(1)
+}
+
+/// y [batch, c_out, oh, ow] = conv2d(x [batch, c_in, h, w], weight [c_out, c_in, k, k]) + bias
+/// as one implicit GEMM on the tensor cores (`conv2d_igemm_*`, kernels/conv_igemm.cu): the
+/// input patches are gathered tile by tile into shared memory, no im2col buffer, the bias added
+/// before the one rounding to T. f16 and bf16 only: f32 is [`Error::Unsupported`] (the caller
+/// falls back to [`conv2d`]), as are shapes whose grid would not fit (batch > 65535). The same
+/// extent checks as [`conv2d`]; where the grid is too small for the GPU the reduction is split
+/// ([`conv2d_implicit_splits`]) through a temporary f32 buffer and `conv2d_igemm_reduce_*`.
+pub fn conv2d_implicit<T: BlasElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    bias: Option<&CudaSlice<T>>,
+    p: &Conv2d,
+) -> Result<()> {
+    conv2d_implicit_with(dev, y, x, weight, bias, p, None).map(|_| ())
+}
+
+/// [`conv2d_implicit`] with the split-K count chosen by the caller (`Some(s)`, clamped to what
+/// the shape allows; `Some(1)`: no split) or by [`conv2d_implicit_splits`] (`None`). Returns the
+/// count it used (1 for an empty output).
+pub fn conv2d_implicit_with<T: BlasElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    bias: Option<&CudaSlice<T>>,
+    p: &Conv2d,
+    splits: Option<usize>,
+) -> Result<usize> {
+    let op = "conv2d_implicit";
+    if T::SUFFIX == "f32" {
+        return Err(Error::Unsupported(
+            "conv2d_implicit in f32 (tensor cores take f16 or bf16; use conv2d)".into(),
+        ));
+    }
+    let (oh, ow) = p.out_hw();
+    let (hw_in, hw_out) = (p.h * p.w, oh * ow);
+    let kk = p.c_in * p.kernel * p.kernel;
+    if p.batch * p.c_out * hw_out == 0 {
+        return Ok(1);
+    }
+    need(x, 0, p.batch * p.c_in * hw_in, op, "x")?;
+    need(y, 0, p.batch * p.c_out * hw_out, op, "y")?;
+    need(weight, 0, p.c_out * kk, op, "weight")?;
+    if let Some(b) = bias {
+        need(b, 0, p.c_out, op, "bias")?;
+    }
+    if kk == 0 {
+        return Err(Error::Unsupported(format!("{op}: an empty kernel ({p:?})")));
+    }
+    // The kernel's in-sample offsets are int.
+    to_i32(p.c_in * hw_in, op, "c_in*h*w")?;
+    to_i32(p.c_out * hw_out, op, "c_out*oh*ow")?;
+    to_i32(kk, op, "c_in*k*k")?;
+    let (bm, bn, bk) = IGEMM_TILE;
+    let m_tiles = p.c_out.div_ceil(bm);
+    if p.batch > 65535 || m_tiles > 65535 {
+        return Err(Error::Unsupported(format!(
+            "{op}: batch {} or c_out {} beyond the grid's limits",
+            p.batch, p.c_out
+        )));
+    }
+    let tiles = kk.div_ceil(bk);
+    let wanted = match splits {
+        Some(s) => s,
+        None => {
+            use cudarc::driver::sys::CUdevice_attribute as Attr;
+            let sms = dev
+                .context()
+                .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(driver_err("reading the multiprocessor count"))?;
+            conv2d_implicit_splits(p, sms.max(1) as usize)
+        }
+    };
+    let wanted = wanted.clamp(1, tiles).min(65535 / p.batch);
+    // Every slice owns at least one k-tile.
+    let per_split = tiles.div_ceil(wanted);
+    let splits = tiles.div_ceil(per_split);
+    let n = p.batch * p.c_out * hw_out;
+    let partial = if splits > 1 {
+        Some(dev.alloc::<f32>(splits * n)?)
+    } else {
+        None
+    };
+    let args = [
+        p.batch, p.c_in, p.h, p.w, p.c_out, p.kernel, p.stride, p.padding, oh, ow, per_split,
+    ]
+    .iter()
+    .map(|&v| to_i32(v, op, "shape"))
+    .collect::<Result<Vec<i32>>>()?;
+    let (y_a, x_a, w_a) = (dev.ptr(y), dev.ptr(x), dev.ptr(weight));
+    let b_a = bias.map_or(0, |b| dev.ptr(b));
+    let part_a = partial.as_ref().map_or(0, |b| dev.ptr(b));
+    let cfg = LaunchConfig {
+        grid_dim: (
+            hw_out.div_ceil(bn) as u32,
+            m_tiles as u32,
+            (p.batch * splits) as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(
+        dev,
+        "conv_igemm.cu",
+        &name::<T>("conv2d_igemm"),
+        cfg,
+        &[
+            y_a.into(),
+            part_a.into(),
+            x_a.into(),
+            w_a.into(),
+            b_a.into(),
+        ]
+        .into_iter()
+        .chain(args.iter().map(|&a| Param::from(a)))
+        .collect::<Vec<_>>(),
+    )?;
+    if splits > 1 {
+        launch(
+            dev,
+            "conv_igemm.cu",
+            &name::<T>("conv2d_igemm_reduce"),
+            elementwise_cfg(n),
+            &[
+                y_a.into(),
+                part_a.into(),
+                b_a.into(),
+                (splits as i32).into(),
+                (n as i64).into(),
+                to_i32(p.c_out, op, "c_out")?.into(),
+                (hw_out as i64).into(),
+            ],
+        )?;
+    }
+    // `partial` is freed in stream order (or after a synchronisation), after the reduce.
+    drop(partial);
+    Ok(splits)
+}
+
 /// Copies `n` elements from `src[src_off..]` to `dst[dst_off..]` on the stream.
 pub fn copy<T: DeviceRepr>(
     dev: &CudaDevice,
@@ -1540,4 +1710,46 @@ pub fn copy<T: DeviceRepr>(
             .memcpy_dtod(&s, &mut d)
             .map_err(driver_err("device-to-device copy"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(c_in: usize, c_out: usize, hw: usize, kernel: usize, stride: usize) -> Conv2d {
+        Conv2d {
+            batch: 2,
+            c_in,
+            h: hw,
+            w: hw,
+            c_out,
+            kernel,
+            stride,
+            padding: kernel / 2,
+        }
+    }
+
+    /// The split-K heuristic at SD 1.5's UNet shapes (64x64 latents, batch 2) on an H100's
+    /// 132 SMs: no split where the grid fills the GPU, a few slices at 16x16 and 8x8.
+    #[test]
+    fn implicit_conv_splits_only_small_grids() {
+        let sms = 132;
+        assert_eq!(conv2d_implicit_splits(&conv(4, 320, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 320, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(640, 640, 32, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 4, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(640, 1280, 16, 1, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(1280, 1280, 16, 3, 1), sms), 3);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 320, 64, 3, 2), sms), 4);
+        let s = conv2d_implicit_splits(&conv(1280, 1280, 8, 3, 1), sms);
+        assert!((4..=5).contains(&s), "{s}");
+        // Never more than 16 slices, each of at least 8 k-tiles; nothing to split is 1.
+        for (c_in, hw) in [(64, 4), (2048, 4), (9, 2)] {
+            let p = conv(c_in, 8, hw, 3, 1);
+            let s = conv2d_implicit_splits(&p, sms);
+            let tiles = (c_in * 9).div_ceil(32);
+            assert!(s == 1 || (s <= 16 && tiles / s >= 8), "{c_in} {hw}: {s}");
+        }
+        assert_eq!(conv2d_implicit_splits(&conv(0, 8, 4, 3, 1), sms), 1);
+    }
 }

@@ -1,6 +1,7 @@
 //! `hdb bench cuda`: the CUDA backend at SD 1.5 shapes against PyTorch on the same GPU, in
-//! the same run (tools/bench_torch_cuda.py): fused attention per shape, the LiDB merge of all
-//! 128 UNet projections against a device-to-device copy, the runtime-mode swap, a batch of 8
+//! the same run (tools/bench_torch_cuda.py): fused attention per shape, the UNet's convolutions
+//! as im2col + cuBLAS against the implicit GEMM (and cuDNN), the LiDB merge of all 128 UNet
+//! projections against a device-to-device copy, the runtime-mode swap, a batch of 8
 //! identities against one, and the whole UNet step in fp16.
 //!
 //! Device times are CUDA events around the work, the median of `runs` after warm-up.
@@ -12,7 +13,9 @@ use half::{bf16, f16};
 use hdb::adapter::apply::ApplyMode;
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::adapters::{CudaAdapterCtx, CudaAdapters};
-use hdb::backend::cuda::ops::{self, At, AttnKernel, AttnShape, BgmvShape, Factor, MergeLayer};
+use hdb::backend::cuda::ops::{
+    self, At, AttnKernel, AttnShape, BgmvShape, Conv2d, Factor, MergeLayer,
+};
 use hdb::backend::cuda::unet::CudaUnet;
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
 use hdb::model::config::UnetConfig;
@@ -85,6 +88,194 @@ struct Row {
     ours_ms: f64,
     rate: String,
     peer_ms: Option<f64>,
+}
+
+/// SD 1.5 UNet convolutions at 64x64 latents, batch 2: (name, c_in, c_out, input size,
+/// kernel, stride, padding). One per level (the 3x3 resnet convs), the stride-2 downsampler,
+/// a 1x1 resnet shortcut, conv_in and conv_out.
+const CONV: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+    ("conv_in", 4, 320, 64, 3, 1, 1),
+    ("3x3", 320, 320, 64, 3, 1, 1),
+    ("3x3 s2", 320, 320, 64, 3, 2, 1),
+    ("3x3", 640, 640, 32, 3, 1, 1),
+    ("3x3", 1280, 1280, 16, 3, 1, 1),
+    ("1x1", 640, 1280, 16, 1, 1, 0),
+    ("3x3", 1280, 1280, 8, 3, 1, 1),
+    ("conv_out", 320, 4, 64, 3, 1, 1),
+];
+
+/// One convolution shape timed both ways (fp16, bias fused or added).
+struct ConvCmp {
+    label: String,
+    flops: f64,
+    im2col_ms: f64,
+    implicit_ms: f64,
+    /// The split-K count the heuristic chose, and the time with no split where it split.
+    splits: usize,
+    nosplit_ms: Option<f64>,
+    /// torch.nn.functional.conv2d (cuDNN), fp16, from the peer.
+    cudnn_ms: Option<f64>,
+}
+
+/// `ops::conv2d` (im2col + cuBLAS, then the bias pass) against `ops::conv2d_implicit` (one
+/// tensor-core kernel, bias fused; split along K where the grid is small) at [`CONV`]'s
+/// shapes in fp16; both rows go into the table, with cuDNN (the peer) as "torch ms".
+fn conv_rows(
+    dev: &CudaDevice,
+    runs: usize,
+    peer: &serde_json::Value,
+    rows: &mut Vec<Row>,
+) -> Result<Vec<ConvCmp>> {
+    let mut rng = SplitMix64(13);
+    let mut out = Vec::new();
+    let b = 2;
+    for &(name, c_in, c_out, hw, k, stride, pad) in CONV {
+        let p = Conv2d {
+            batch: b,
+            c_in,
+            h: hw,
+            w: hw,
+            c_out,
+            kernel: k,
+            stride,
+            padding: pad,
+        };
+        let (oh, ow) = p.out_hw();
+        let x = random::<f16>(dev, &mut rng, b * c_in * hw * hw, 1.0)?;
+        let w = random::<f16>(dev, &mut rng, c_out * c_in * k * k, 0.02)?;
+        let bias = random::<f16>(dev, &mut rng, c_out, 0.1)?;
+        let mut y = dev.zeros::<f16>(b * c_out * oh * ow)?;
+        let mut scratch = dev.zeros::<f16>(ops::conv2d_scratch(&p).max(1))?;
+        let im2col_ms = gpu_ms(dev, 3, runs, || {
+            ops::conv2d(dev, &mut y, &x, &w, Some(&bias), &p, &mut scratch)
+        })?;
+        let mut splits = 1;
+        let implicit_ms = gpu_ms(dev, 3, runs, || {
+            splits = ops::conv2d_implicit_with(dev, &mut y, &x, &w, Some(&bias), &p, None)?;
+            Ok(())
+        })?;
+        let nosplit_ms = if splits > 1 {
+            Some(gpu_ms(dev, 3, runs, || {
+                ops::conv2d_implicit_with(dev, &mut y, &x, &w, Some(&bias), &p, Some(1)).map(|_| ())
+            })?)
+        } else {
+            None
+        };
+        let flops = 2.0 * (b * c_out * oh * ow * c_in * k * k) as f64;
+        let cudnn_ms = peer["conv"].as_array().and_then(|a| {
+            a.iter()
+                .find(|e| {
+                    e["b"] == b
+                        && e["c_in"] == c_in
+                        && e["c_out"] == c_out
+                        && e["h"] == hw
+                        && e["k"] == k
+                        && e["stride"] == stride
+                        && e["pad"] == pad
+                        && e["dtype"] == "f16"
+                })
+                .and_then(|e| e["ms"].as_f64())
+        });
+        let label = if stride > 1 {
+            format!("{name} {c_in}->{c_out} {hw}x{hw}->{oh}x{ow}")
+        } else {
+            format!("{name} {c_in}->{c_out} {hw}x{hw}")
+        };
+        let rate = |ms: f64| format!("{:.1} TFLOP/s", flops / ms / 1e9);
+        rows.push(Row {
+            what: format!("conv2d f16 {label} im2col+cuBLAS"),
+            ours_ms: im2col_ms,
+            rate: rate(im2col_ms),
+            peer_ms: cudnn_ms,
+        });
+        rows.push(Row {
+            what: if splits > 1 {
+                format!("conv2d f16 {label} implicit GEMM, split {splits}")
+            } else {
+                format!("conv2d f16 {label} implicit GEMM")
+            },
+            ours_ms: implicit_ms,
+            rate: rate(implicit_ms),
+            peer_ms: cudnn_ms,
+        });
+        if let Some(ms) = nosplit_ms {
+            rows.push(Row {
+                what: format!("conv2d f16 {label} implicit GEMM, no split"),
+                ours_ms: ms,
+                rate: rate(ms),
+                peer_ms: cudnn_ms,
+            });
+        }
+        out.push(ConvCmp {
+            label,
+            flops,
+            im2col_ms,
+            implicit_ms,
+            splits,
+            nosplit_ms,
+            cudnn_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// The conv comparison after the table: per shape both times, TFLOP/s, and the ratio
+/// implicit / im2col (below 1: the implicit GEMM is faster); against cuDNN where the peer ran.
+fn print_conv_summary(convs: &[ConvCmp]) {
+    let tf = |flops: f64, ms: f64| flops / ms / 1e9;
+    println!(
+        "conv2d fp16, batch 2 (SD 1.5 UNet at 64x64 latents): implicit GEMM vs im2col + cuBLAS"
+    );
+    println!(
+        "  {:<32} {:>10} {:>8} {:>11} {:>8} {:>5} {:>16} {:>9} {:>15}",
+        "shape",
+        "im2col ms",
+        "TFLOP/s",
+        "implicit ms",
+        "TFLOP/s",
+        "split",
+        "implicit/im2col",
+        "cuDNN ms",
+        "implicit/cuDNN"
+    );
+    for c in convs {
+        let (cudnn, vs) = match c.cudnn_ms {
+            Some(p) => (format!("{p:.4}"), format!("{:.2}", c.implicit_ms / p)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "  {:<32} {:>10.4} {:>8.1} {:>11.4} {:>8.1} {:>5} {:>16.2} {:>9} {:>15}",
+            c.label,
+            c.im2col_ms,
+            tf(c.flops, c.im2col_ms),
+            c.implicit_ms,
+            tf(c.flops, c.implicit_ms),
+            c.splits,
+            c.implicit_ms / c.im2col_ms,
+            cudnn,
+            vs
+        );
+        if let Some(ms) = c.nosplit_ms {
+            println!(
+                "  {:<32} {:>10} {:>8} {:>11.4} {:>8.1} {:>5} {:>16.2}",
+                "  (same, no split)",
+                "",
+                "",
+                ms,
+                tf(c.flops, ms),
+                1,
+                ms / c.im2col_ms
+            );
+        }
+    }
+    let (sum_i, sum_m) = convs
+        .iter()
+        .fold((0.0, 0.0), |(i, m), c| (i + c.im2col_ms, m + c.implicit_ms));
+    println!(
+        "  all {} shapes: im2col {sum_i:.4} ms, implicit {sum_m:.4} ms, implicit/im2col {:.2}",
+        convs.len(),
+        sum_m / sum_i
+    );
 }
 
 fn attention_rows<T: DeviceElem>(
@@ -180,6 +371,12 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
                 .iter()
                 .flat_map(|&(lq, lk, d)| ["--attn".to_string(), format!("2,8,{lq},{lk},{d}")])
                 .collect();
+            args.extend(CONV.iter().flat_map(|&(_, c_in, c_out, hw, k, s, p)| {
+                [
+                    "--conv".to_string(),
+                    format!("2,{c_in},{c_out},{hw},{hw},{k},{s},{p}"),
+                ]
+            }));
             args.extend(["--copy-bytes".into(), copy_bytes.to_string()]);
             args.extend(["--runs".into(), runs.to_string()]);
             if with_unet {
@@ -205,6 +402,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash1)?;
+    let convs = conv_rows(&dev, runs, &peer, &mut rows)?;
 
     // LiDB merge of all adapted projections (fp16) against a device-to-device copy.
     let mut rng = SplitMix64(11);
@@ -448,6 +646,8 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             r.what, r.ours_ms, r.rate, p, ratio
         );
     }
+    println!();
+    print_conv_summary(&convs);
     println!();
     println!(
         "LiDB merge at {:.0}% of the device copy's bandwidth (target >= 80%)",
