@@ -108,7 +108,7 @@ fi
 export PATH="$PATH:/usr/local/cuda/bin"
 if command -v compute-sanitizer >/dev/null; then
   echo "== compute-sanitizer --tool memcheck (cuda_parity)"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
     --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
   rc=$?
   grep "ERROR SUMMARY" "$out/memcheck.log" | tail -1
@@ -121,12 +121,18 @@ echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
 timeout 300 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
 
+echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU)"
+timeout 240 "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python python3 2>&1 |
+  tee "$out/bench-hypernet.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
+
 echo
 echo "== summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 grep -c "^cuda-parity" "$out/parity.log" | xargs echo "parity cases:"
 grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
 awk '/^what /,0' "$out/bench.log"
+grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log"
 grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -6,6 +6,8 @@ Times, with CUDA events (median of --runs after --warmup):
 - F.conv2d (cuDNN, fp16, NCHW contiguous, with bias; torch.backends.cudnn.benchmark on, so the
   warm-up runs pick cuDNN's fastest algorithm) at each --conv shape (f32 on --device cpu);
 - a device-to-device copy of --copy-bytes bytes (torch's Tensor.copy_);
+- with --vae: diffusers' AutoencoderKL with SD 1.5's config, fp16, decoding one 64x64 latent
+  (a 512x512 image);
 - with --unet: diffusers' UNet2DConditionModel with SD 1.5's config (tools/bench_torch_unet.py),
   randomly initialised, fp16, eval, no_grad, default attention processor (SDPA), batch 2,
   64x64 latents, 77 tokens: PyTorch eager, the issue's peer.
@@ -71,6 +73,7 @@ def main():
     ap.add_argument("--dtypes", default="f16,bf16")
     ap.add_argument("--copy-bytes", type=int, default=0)
     ap.add_argument("--unet", action="store_true")
+    ap.add_argument("--vae", action="store_true", help="SD 1.5 AutoencoderKL decode, 1 x 64x64 latents, fp16")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--device", default="cuda")
@@ -85,6 +88,7 @@ def main():
         "conv": [],
         "copy": None,
         "unet": None,
+        "vae": None,
     }
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
@@ -141,6 +145,23 @@ def main():
                 spread,
             )
             out["unet"] = dict(ms=ms, diffusers=diffusers.__version__, attn_processor=",".join(procs), **spread)
+        if args.vae:
+            from diffusers import AutoencoderKL
+
+            torch.manual_seed(0)
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+                norm_num_groups=32,
+                sample_size=512,
+            ).to(dev, torch.float16).eval()
+            z = torch.randn(1, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
+            spread = {}
+            ms = timed(lambda: vae.decode(z).sample, max(2, args.warmup), max(5, args.runs), dev, spread)
+            out["vae"] = dict(ms=ms, **spread)
     print(json.dumps(out))
 
 

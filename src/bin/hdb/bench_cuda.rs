@@ -2,7 +2,8 @@
 //! the same run (tools/bench_torch_cuda.py): fused attention per shape, the UNet's convolutions
 //! as im2col + cuBLAS against the implicit GEMM (and cuDNN), the LiDB merge of all 128 UNet
 //! projections against a device-to-device copy, the runtime-mode swap, a batch of 8
-//! identities against one, and the whole UNet step in fp16.
+//! identities against one, and the whole UNet step in fp16; then the whole models through the
+//! generic code (bench_cuda_models.rs).
 //!
 //! Device times are CUDA events around the work, the median of `runs` after warm-up.
 
@@ -26,7 +27,7 @@ use hdb::{Error, Result};
 use crate::bench_pipeline::run_peer;
 
 /// Median device time in ms of `f` (after `warmup` calls), timed with CUDA events.
-fn gpu_ms(
+pub(crate) fn gpu_ms(
     dev: &CudaDevice,
     warmup: usize,
     runs: usize,
@@ -83,11 +84,11 @@ const ATTN: &[(usize, usize, usize)] = &[
     (64, 77, 160),
 ];
 
-struct Row {
-    what: String,
-    ours_ms: f64,
-    rate: String,
-    peer_ms: Option<f64>,
+pub(crate) struct Row {
+    pub(crate) what: String,
+    pub(crate) ours_ms: f64,
+    pub(crate) rate: String,
+    pub(crate) peer_ms: Option<f64>,
 }
 
 /// SD 1.5 UNet convolutions at 64x64 latents, batch 2: (name, c_in, c_out, input size,
@@ -340,7 +341,7 @@ fn level_tokens(key: &str) -> (usize, bool) {
 }
 
 pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<()> {
-    let dev = CudaDevice::open(0)?;
+    let dev = std::sync::Arc::new(CudaDevice::open(0)?);
     let (free, total) = dev.memory()?;
     let (ma, mi) = dev.compute_capability();
     println!(
@@ -381,6 +382,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             args.extend(["--runs".into(), runs.to_string()]);
             if with_unet {
                 args.push("--unet".into());
+                args.push("--vae".into());
             }
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             let t = std::time::Instant::now();
@@ -629,6 +631,8 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
         batch8 = Some(adapter_unet_rows(
             &dev, &cu, &unet, &layers, runs, &mut rows,
         )?);
+        drop(cu);
+        crate::bench_cuda_models::rows(&dev, runs, &peer, ms, &mut rows)?;
     }
 
     println!();

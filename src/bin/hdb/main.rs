@@ -7,6 +7,8 @@ mod adapter_cmd;
 mod bench_adapter;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+#[cfg(feature = "cuda")]
+mod bench_cuda_models;
 mod bench_pipeline;
 mod demo;
 mod generate;
@@ -220,9 +222,11 @@ enum BenchWhat {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
-    /// The CUDA backend at SD 1.5 shapes (GPU 0): fused attention per shape, the LiDB merge
-    /// against a device copy, the runtime swap, 8 identities against one, and the UNet fp16
-    /// step, optionally against PyTorch on the same GPU (tools/bench_torch_cuda.py).
+    /// The CUDA backend at SD 1.5 shapes (GPU 0): fused attention per shape, conv2d by
+    /// im2col and cuBLAS and by implicit GEMM, the LiDB merge against a device copy, the
+    /// runtime swap, 8 identities against one; with --unet the UNet fp16 step (tuned and generic), the text
+    /// encoder and the VAE decode; optionally against PyTorch on the same GPU
+    /// (tools/bench_torch_cuda.py).
     #[cfg(feature = "cuda")]
     Cuda {
         /// Timed runs after warm-up; the median is reported.

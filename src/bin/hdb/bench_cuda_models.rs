@@ -1,0 +1,138 @@
+//! `hdb bench cuda --unet`, the whole-model rows: the generic model code (`hdb::model` over
+//! `Cuda<f16>`, the path the text encoder, the VAE and the hypernetwork take on a GPU) at SD 1.5
+//! shapes with random weights: the UNet step against the tuned `CudaUnet` on the same device
+//! (how much the generic path gives up), the text encoder, and the VAE decode at 512x512
+//! against diffusers' `AutoencoderKL` in fp16 (tools/bench_torch_cuda.py --vae).
+//!
+//! These go through the models' public entry points, so each time includes copying the inputs
+//! to the device and the output back (a few MB at most: ~0.1-0.3 ms on PCIe 5).
+
+use std::sync::Arc;
+
+use half::f16;
+use hdb::backend::cuda::{Cuda, CudaDevice};
+use hdb::model::config::UnetConfig;
+use hdb::model::random::{RandomWeights, SplitMix64};
+use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
+use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::vae::{Vae, VaeConfig};
+use hdb::Result;
+
+use crate::bench_cuda::{gpu_ms, Row};
+
+/// 2 x multiply-adds of the VAE decoder at latents h x w: its convolutions (3x3 and 1x1
+/// shortcuts) and the mid-block attention; norms and element-wise ops are noise.
+fn vae_decode_flops(cfg: &VaeConfig, h: usize, w: usize) -> f64 {
+    let conv =
+        |cin: usize, cout: usize, k: usize, hw: usize| 2.0 * (cin * cout * k * k * hw) as f64;
+    let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+    let mut hw = h * w;
+    let c = rev[0];
+    let mut f = conv(cfg.latent_channels, c, 3, hw);
+    f += 2.0 * 2.0 * conv(c, c, 3, hw); // mid resnets
+    f += 4.0 * conv(c, c, 1, hw) + 4.0 * (hw * hw * c) as f64; // mid attention
+    let mut prev = c;
+    for (i, &out) in rev.iter().enumerate() {
+        for j in 0..=cfg.layers_per_block {
+            let cin = if j == 0 { prev } else { out };
+            f += conv(cin, out, 3, hw) + conv(out, out, 3, hw);
+            if cin != out {
+                f += conv(cin, out, 1, hw);
+            }
+        }
+        if i + 1 < rev.len() {
+            hw *= 4;
+            f += conv(out, out, 3, hw);
+        }
+        prev = out;
+    }
+    f + conv(prev, cfg.out_channels, 3, hw)
+}
+
+/// 2 x multiply-adds of the CLIP text encoder over `rows` tokens of `len`-token sequences.
+fn text_flops(c: &TextEncoderConfig, rows: usize, len: usize) -> f64 {
+    let (d, ff) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let per_layer =
+        2.0 * rows as f64 * (4.0 * d * d + 2.0 * d * ff) + 2.0 * (rows * len) as f64 * d;
+    c.num_hidden_layers as f64 * per_layer
+}
+
+/// The rows; `tuned_ms` is the tuned UNet's step from the same run, `peer` the PyTorch JSON.
+pub fn rows(
+    dev: &Arc<CudaDevice>,
+    runs: usize,
+    peer: &serde_json::Value,
+    tuned_ms: f64,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let runs = runs.clamp(3, 10);
+    let be = Cuda::<f16>::new(dev.clone());
+    let mut rng = SplitMix64(99);
+    let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
+
+    // The UNet step through the generic model code.
+    let cfg = UnetConfig::default();
+    let t = std::time::Instant::now();
+    let unet = Unet::load_on(be.clone(), cfg.clone(), &RandomWeights { seed: 0x5D15 })?;
+    println!(
+        "built the generic UNet on {} in {:.1} s",
+        hdb::backend::Backend::describe(&be),
+        t.elapsed().as_secs_f64()
+    );
+    let (sample, ctx, ts) = (
+        noise(2 * 4 * 64 * 64),
+        noise(2 * 77 * 768),
+        [981.0f32, 981.0],
+    );
+    let x = UnetInput {
+        sample: &sample,
+        timesteps: &ts,
+        context: &ctx,
+        batch: 2,
+        height: 64,
+        width: 64,
+        context_len: 77,
+    };
+    let ms = gpu_ms(dev, 2, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
+    let flops = cfg.flops(2, 64, 64, 77);
+    out.push(Row {
+        what: "UNet fp16 step, generic model code (host in/out)".into(),
+        ours_ms: ms,
+        rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
+        peer_ms: peer["unet"]["ms"].as_f64(),
+    });
+    println!(
+        "generic UNet step {ms:.2} ms vs the tuned CudaUnet {tuned_ms:.2} ms: the generic path \
+         takes {:.2}x the time",
+        ms / tuned_ms
+    );
+    drop(unet);
+
+    // The text encoder: two 77-token prompts (one guided generation).
+    let tc = TextEncoderConfig::default();
+    let te = TextEncoder::load_on(be.clone(), tc.clone(), &RandomWeights { seed: 0x7E })?;
+    let ids: Vec<u32> = (0..2 * 77).map(|i| (i * 7919 % 49408) as u32).collect();
+    let ms = gpu_ms(dev, 2, runs, || {
+        te.forward_hooked(&ids, 2, None).map(|_| ())
+    })?;
+    out.push(Row {
+        what: "CLIP text encoder fp16, 2 x 77 tokens (host in/out)".into(),
+        ours_ms: ms,
+        rate: format!("{:.1} TFLOP/s", text_flops(&tc, 2 * 77, 77) / ms / 1e9),
+        peer_ms: None,
+    });
+    drop(te);
+
+    // The VAE decode of one 64x64 latent (a 512x512 image).
+    let vc = VaeConfig::default();
+    let vae = Vae::load_on(be, vc.clone(), &RandomWeights { seed: 0xAE })?;
+    let z = noise(4 * 64 * 64);
+    let ms = gpu_ms(dev, 1, runs, || vae.decode(&z, 1, 64, 64).map(|_| ()))?;
+    out.push(Row {
+        what: "VAE decode fp16, 1 x 64x64 latents -> 512x512 (host in/out)".into(),
+        ours_ms: ms,
+        rate: format!("{:.1} TFLOP/s", vae_decode_flops(&vc, 64, 64) / ms / 1e9),
+        peer_ms: peer["vae"]["ms"].as_f64(),
+    });
+    Ok(())
+}
