@@ -1,0 +1,445 @@
+//! Attention ops: the fused kernels of `kernels/attention.cu` and the materialised path.
+
+use super::*;
+
+/// Shape of one attention call (the CPU backend's layout, with row strides).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub head_dim: usize,
+    /// Row strides in elements (>= heads * head_dim).
+    pub ld_q: usize,
+    pub ld_k: usize,
+    pub ld_v: usize,
+    pub ld_o: usize,
+}
+
+impl AttnShape {
+    /// Dense rows: every stride is heads * head_dim.
+    pub fn dense(batch: usize, heads: usize, lq: usize, lk: usize, head_dim: usize) -> Self {
+        let hd = heads * head_dim;
+        AttnShape {
+            batch,
+            heads,
+            lq,
+            lk,
+            head_dim,
+            ld_q: hd,
+            ld_k: hd,
+            ld_v: hd,
+            ld_o: hd,
+        }
+    }
+}
+
+/// Which attention kernel runs. The tensor-core kernels need f16/bf16 and head dims 40, 64,
+/// 80 or 160; the `flash2*`/`flash3*` ones also 16-byte aligned rows. A variant that does not
+/// apply to a call falls back to `Auto`'s choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The policy's choice ([`set_auto_policy`]; by default the fastest measured on an H100:
+    /// `flash3_attn_*` for head dim 40, `flash2_attn_*` for the others), else `flash_attn_*`
+    /// (unaligned rows), else the scalar kernel.
+    Auto,
+    /// `flash_attn_*` (tensor cores, 16-bit shared loads, one k/v stage).
+    Flash1,
+    /// `flash2_attn_*` (cp.async double buffering, ldmatrix operands).
+    Flash2,
+    /// `flash3_attn_*` (two m-tiles per warp, unpadded k; head dim 40).
+    Flash3,
+    /// The plain-FMA kernel (any dtype, head dims up to 256).
+    Scalar,
+}
+
+/// The tensor-core variant `AttnKernel::Auto` takes for aligned f16/bf16 rows where it applies
+/// (else `flash2_attn_*`). Process-wide, so `hdb bench cuda` can time the whole UNet under each;
+/// the default is the one that measured fastest on an H100 (docs/perf.md).
+static AUTO_POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+const POLICIES: [AttnKernel; 3] = [AttnKernel::Auto, AttnKernel::Flash2, AttnKernel::Flash3];
+
+/// Sets the variant `AttnKernel::Auto` prefers (`Flash2` or `Flash3`); `Auto` (or anything
+/// else) restores the measured default. Returns the previous one.
+pub fn set_auto_policy(k: AttnKernel) -> AttnKernel {
+    let i = POLICIES.iter().position(|&p| p == k).unwrap_or(0) as u8;
+    let prev = AUTO_POLICY.swap(i, std::sync::atomic::Ordering::Relaxed);
+    POLICIES[prev as usize % POLICIES.len()]
+}
+
+/// Shared-memory row stride (elements) of `flash3*`: the first of d, d+8, d+16 whose stride in
+/// 4-byte words is an odd multiple of 4 modulo 32 (the kernel's `conflict_free_stride`).
+fn conflict_free_stride(d: usize) -> usize {
+    [d, d + 8, d + 16]
+        .into_iter()
+        .find(|&sk| (sk / 2) % 8 == 4)
+        .unwrap_or(d + 24)
+}
+
+/// Head dims `flash_attn_d*` is instantiated for.
+pub const FLASH_HEAD_DIMS: &[usize] = &[40, 64, 80, 160];
+
+/// The extent checks every attention op makes: a non-empty head shape, row strides of at least
+/// heads * d, and every buffer large enough for its rows. `Ok(false)`: no query rows, nothing
+/// to do.
+fn check_attention<T>(
+    op: &str,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: &AttnShape,
+) -> Result<bool> {
+    let hd = s.heads * s.head_dim;
+    if s.lk == 0 || s.head_dim == 0 || s.heads == 0 {
+        return Err(Error::Internal(format!("{op}: empty shape {s:?}")));
+    }
+    if s.ld_q < hd || s.ld_k < hd || s.ld_v < hd || s.ld_o < hd {
+        return Err(Error::Internal(format!(
+            "{op}: a row stride is below heads * d: {s:?}"
+        )));
+    }
+    let span = |rows: usize, ld: usize| (s.batch * rows - 1) * ld + hd;
+    if s.batch * s.lq == 0 {
+        return Ok(false);
+    }
+    need(q.buf, q.off, span(s.lq, s.ld_q), op, "q")?;
+    need(k.buf, k.off, span(s.lk, s.ld_k), op, "k")?;
+    need(v.buf, v.off, span(s.lk, s.ld_v), op, "v")?;
+    need(out.buf, out.off, span(s.lq, s.ld_o), op, "out")?;
+    Ok(true)
+}
+
+/// The scalar kernels' launch: 4 query rows (warps) a block.
+fn scalar_attention_cfg(s: &AttnShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.lq.div_ceil(4) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// out = softmax(q k^T / sqrt(d)) v per (batch, head). Returns the kernel it launched.
+pub fn attention<T: DeviceElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+    kernel: AttnKernel,
+) -> Result<String> {
+    let op = "attention";
+    if !check_attention(op, out, q, k, v, &s)? {
+        return Ok(String::new());
+    }
+    let half = T::SUFFIX != "f32";
+    let flash = kernel != AttnKernel::Scalar && half && FLASH_HEAD_DIMS.contains(&s.head_dim);
+    let tsz = std::mem::size_of::<T>();
+    let aligned = [s.ld_q, s.ld_k, s.ld_v, s.ld_o]
+        .iter()
+        .all(|ld| ld % 8 == 0)
+        && [
+            (q.buf, q.off),
+            (k.buf, k.off),
+            (v.buf, v.off),
+            (out.buf, out.off),
+        ]
+        .iter()
+        .all(|&(b, o)| addr(dev, b, o) % 16 == 0)
+        && tsz == 2;
+    // The tensor-core variant: the one asked for, or Auto's policy, where it applies.
+    let wanted = match kernel {
+        AttnKernel::Auto => {
+            POLICIES
+                [AUTO_POLICY.load(std::sync::atomic::Ordering::Relaxed) as usize % POLICIES.len()]
+        }
+        k => k,
+    };
+    let d = s.head_dim;
+    let variant = if !flash || !aligned || matches!(kernel, AttnKernel::Flash1 | AttnKernel::Scalar)
+    {
+        None
+    } else {
+        Some(match wanted {
+            // H100, hdb bench cuda (docs/perf.md, run 4): flash3 beat flash2 at head dim 40
+            // (0.204 vs 0.245 ms at 4096 tokens) and lost at 80 (0.0375 vs 0.0355 ms).
+            AttnKernel::Auto | AttnKernel::Flash3 if d == 40 => AttnKernel::Flash3,
+            _ => AttnKernel::Flash2,
+        })
+    };
+    if !flash && s.head_dim > 256 {
+        return Err(Error::Unsupported(format!(
+            "attention with head dim {} (the scalar kernel takes up to 256)",
+            s.head_dim
+        )));
+    }
+    let (kname, cfg) = if let Some(var) = variant {
+        // (kernel stem, query rows a block, threads, key tile, shared-memory row stride)
+        let dp8 = d.div_ceil(16) * 16 + 8;
+        let (stem, bm, threads, bn, sk) = match var {
+            AttnKernel::Flash3 => ("flash3_attn", 128, 128, 64, conflict_free_stride(d)),
+            _ => ("flash2_attn", 64, 128, if d > 80 { 32 } else { 64 }, dp8),
+        };
+        (
+            format!("{stem}_d{d}_{}", T::SUFFIX),
+            LaunchConfig {
+                grid_dim: (s.lq.div_ceil(bm) as u32, s.heads as u32, s.batch as u32),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: ((bm + 4 * bn) * sk * 2) as u32,
+            },
+        )
+    } else if flash {
+        (
+            format!("flash_attn_d{}_{}", s.head_dim, T::SUFFIX),
+            LaunchConfig {
+                grid_dim: (s.lq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    } else {
+        (name::<T>("attention_scalar"), scalar_attention_cfg(&s))
+    };
+    let (o_a, q_a, k_a, v_a) = (
+        addr(dev, out.buf, out.off),
+        addr(dev, q.buf, q.off),
+        addr(dev, k.buf, k.off),
+        addr(dev, v.buf, v.off),
+    );
+    let lq = to_i32(s.lq, op, "lq")?;
+    let lk = to_i32(s.lk, op, "lk")?;
+    let d = to_i32(s.head_dim, op, "head_dim")?;
+    let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    let mut params: Vec<Param> = vec![
+        o_a.into(),
+        q_a.into(),
+        k_a.into(),
+        v_a.into(),
+        lq.into(),
+        lk.into(),
+    ];
+    if !flash {
+        params.push(d.into());
+    }
+    params.extend::<[Param; 5]>([ldq.into(), ldk.into(), ldv.into(), ldo.into(), scale.into()]);
+    launch(dev, "attention.cu", &kname, cfg, &params)?;
+    Ok(kname)
+}
+
+/// Causal attention (CLIP's text encoder): query row i of each (batch, head) sees keys 0..=i
+/// only; needs lq == lk and head dim <= 256. One `attention_scalar_causal_*` launch (the
+/// scalar kernel's contract, attention.cu).
+pub fn attention_causal<T: DeviceElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+) -> Result<()> {
+    let op = "attention_causal";
+    if s.lq != s.lk {
+        return Err(Error::Internal(format!(
+            "{op}: causal attention needs lq == lk, got {} and {}",
+            s.lq, s.lk
+        )));
+    }
+    if !check_attention(op, out, q, k, v, &s)? {
+        return Ok(());
+    }
+    if s.head_dim > 256 {
+        return Err(Error::Unsupported(format!(
+            "causal attention with head dim {} (the scalar kernel takes up to 256)",
+            s.head_dim
+        )));
+    }
+    let lq = to_i32(s.lq, op, "lq")?;
+    let lk = to_i32(s.lk, op, "lk")?;
+    let d = to_i32(s.head_dim, op, "head_dim")?;
+    let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    launch(
+        dev,
+        "attention.cu",
+        &name::<T>("attention_scalar_causal"),
+        scalar_attention_cfg(&s),
+        &[
+            addr(dev, out.buf, out.off).into(),
+            addr(dev, q.buf, q.off).into(),
+            addr(dev, k.buf, k.off).into(),
+            addr(dev, v.buf, v.off).into(),
+            lq.into(),
+            lk.into(),
+            d.into(),
+            ldq.into(),
+            ldk.into(),
+            ldv.into(),
+            ldo.into(),
+            scale.into(),
+        ],
+    )
+}
+
+/// Scratch (elements of T) [`attention_materialized`] needs: one batch element's scores,
+/// heads * lq * lk (None on overflow). The VAE's mid-block attention (1 head, d = 512) at a
+/// 64 x 64 latent (512 x 512 image) has lq = lk = 4096: 16.8 M scores = 32 MiB in f16, 64 MiB
+/// in f32; at 128 x 128 (1024 x 1024) 16384 tokens: 512 MiB in f16, 1 GiB in f32.
+pub fn attention_materialized_scratch(s: &AttnShape) -> Option<usize> {
+    s.heads.checked_mul(s.lq)?.checked_mul(s.lk)
+}
+
+/// out = softmax(q k^T / sqrt(d)) v with the scores materialised, for head dims the fused
+/// kernels do not take (> 256: the VAE's single-head attention, d = 512). Per batch element:
+/// S = scale q k^T for every head in one strided-batched cuBLAS GEMM into `scratch` [heads,
+/// lq, lk] (head h reads columns h*d.. of the rows; f32 accumulation, the scale applied in f32
+/// before the one rounding to T), the row softmax in place (`softmax_rows`), then O = P v
+/// (one more strided-batched GEMM, head h writing its d columns of out's rows). P is rounded
+/// to T before P v, as in the flash kernels. `scratch` holds at least
+/// [`attention_materialized_scratch`] elements and is reused for every batch element.
+pub fn attention_materialized<T: BlasElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+    scratch: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "attention_materialized";
+    if !check_attention(op, out, q, k, v, &s)? {
+        return Ok(());
+    }
+    let per_batch = attention_materialized_scratch(&s)
+        .ok_or_else(|| Error::Internal(format!("{op}: scores of {s:?} overflow")))?;
+    need(scratch, 0, per_batch, op, "scratch")?;
+    let d = s.head_dim;
+    let (lq, lk) = (to_i32(s.lq, op, "lq")?, to_i32(s.lk, op, "lk")?);
+    let di = to_i32(d, op, "head_dim")?;
+    let heads = to_i32(s.heads, op, "heads")?;
+    let scale = 1.0f32 / (d as f32).sqrt();
+    let tsz = std::mem::size_of::<T>() as u64;
+    let s_addr = dev.ptr(scratch);
+    // Row-major S_h [lq, lk] = Q_h [lq, d] . K_h [lk, d]^T is column-major C [lk, lq] (ld lk)
+    // = op(A) . B with A = K_h seen column-major as [d, lk] (ld ld_k), transposed, and
+    // B = Q_h seen column-major as [d, lq] (ld ld_q): m = lk, n = lq, k = d.
+    let scores = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: lk,
+            n: lq,
+            k: di,
+            alpha: scale,
+            lda: to_i32(s.ld_k, op, "ld_k")?,
+            ldb: to_i32(s.ld_q, op, "ld_q")?,
+            beta: 0.0,
+            ldc: lk,
+        },
+        batch_size: heads,
+        stride_a: d as i64,
+        stride_b: d as i64,
+        stride_c: (s.lq * s.lk) as i64,
+    };
+    // Row-major O_h [lq, d] = P_h [lq, lk] . V_h [lk, d]; column-major O_h^T [d, lq] =
+    // V_h^T [d, lk] . P_h^T [lk, lq]: A = V_h (column-major [d, lk], ld ld_v), B = P_h
+    // (column-major [lk, lq], ld lk), C = O_h (column-major [d, lq], ld ld_o): m = d, n = lq,
+    // k = lk. The heads' outputs interleave by column blocks of d; no element is shared.
+    let values = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: di,
+            n: lq,
+            k: lk,
+            alpha: 1.0,
+            lda: to_i32(s.ld_v, op, "ld_v")?,
+            ldb: lk,
+            beta: 0.0,
+            ldc: to_i32(s.ld_o, op, "ld_o")?,
+        },
+        batch_size: heads,
+        stride_a: d as i64,
+        stride_b: (s.lq * s.lk) as i64,
+        stride_c: d as i64,
+    };
+    for b in 0..s.batch {
+        let (qa, ka, va, oa) = (
+            addr(dev, q.buf, q.off) + (b * s.lq * s.ld_q) as u64 * tsz,
+            addr(dev, k.buf, k.off) + (b * s.lk * s.ld_k) as u64 * tsz,
+            addr(dev, v.buf, v.off) + (b * s.lk * s.ld_v) as u64 * tsz,
+            addr(dev, out.buf, out.off) + (b * s.lq * s.ld_o) as u64 * tsz,
+        );
+        // SAFETY: check_attention checked q, k, v and out for every batch's rows (each head's
+        // d columns lie inside heads * d <= ld), `need` the scratch for heads * lq * lk.
+        unsafe { gemm_batched_f32_scalars::<T>(dev, scores, ka, qa, s_addr)? };
+        softmax_rows(dev, scratch, s.heads * s.lq, s.lk)?;
+        // SAFETY: as above.
+        unsafe { gemm_batched_f32_scalars::<T>(dev, values, va, s_addr, oa)? };
+    }
+    Ok(())
+}
+
+/// One `cublasGemmStridedBatchedEx` on raw device addresses with f32 alpha and beta and f32
+/// compute, for any storage type: [`BlasElem::gemm_batched_at`] goes through cudarc's typed
+/// `Gemm<T>`, which takes alpha in T, and 1 / sqrt(d) rounded to bf16 would be off by up to
+/// 2^-9 (a softmax temperature error of that size on every score).
+///
+/// # Safety
+/// Every batch's extents implied by `cfg` must lie inside live allocations of this device.
+unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
+    dev: &CudaDevice,
+    cfg: StridedBatchedConfig<f32>,
+    a: u64,
+    b: u64,
+    c: u64,
+) -> Result<()> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+    let dtype = match T::SUFFIX {
+        "f32" => cudaDataType_t::CUDA_R_32F,
+        "f16" => cudaDataType_t::CUDA_R_16F,
+        "bf16" => cudaDataType_t::CUDA_R_16BF,
+        other => {
+            return Err(Error::Internal(format!(
+                "cuBLAS batched gemm: no cuBLAS type for {other}"
+            )))
+        }
+    };
+    let g = cfg.gemm;
+    let (alpha, beta) = (g.alpha, g.beta);
+    guard("cuBLAS batched gemm", || {
+        // SAFETY: the caller checked the extents; alpha and beta are f32 as
+        // CUBLAS_COMPUTE_32F requires, and outlive the call.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *dev.blas().handle(),
+                g.transa,
+                g.transb,
+                g.m,
+                g.n,
+                g.k,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                dtype,
+                g.lda,
+                cfg.stride_a,
+                b as *const _,
+                dtype,
+                g.ldb,
+                cfg.stride_b,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                dtype,
+                g.ldc,
+                cfg.stride_c,
+                cfg.batch_size,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
+    })
+}

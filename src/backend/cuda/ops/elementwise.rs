@@ -1,0 +1,442 @@
+//! Norms and element-wise ops (`kernels/norm.cu`, `kernels/elementwise.cu`, `kernels/conv.cu`).
+
+use super::*;
+
+/// GroupNorm over x [batch, channels, hw] (+ SiLU); y may be x (pass the same buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<T>,
+    beta: &CudaSlice<T>,
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<()> {
+    let op = "group_norm";
+    if groups == 0 || channels % groups != 0 {
+        return Err(Error::Internal(format!(
+            "{op}: {channels} channels do not split into {groups} groups"
+        )));
+    }
+    let n = batch * channels * hw;
+    if n == 0 {
+        return Ok(());
+    }
+    need(x, 0, n, op, "x")?;
+    need(y, 0, n, op, "y")?;
+    need(gamma, 0, channels, op, "gamma")?;
+    need(beta, 0, channels, op, "beta")?;
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * groups) as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let kname = name::<T>(if silu {
+        "group_norm_silu"
+    } else {
+        "group_norm"
+    });
+    let (ya, xa, ga, ba) = (dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta));
+    let (b, c, g) = (
+        to_i32(batch, op, "batch")?,
+        to_i32(channels, op, "channels")?,
+        to_i32(groups, op, "groups")?,
+    );
+    let hw = hw as i64;
+    launch(
+        dev,
+        "norm.cu",
+        &kname,
+        cfg,
+        &[
+            ya.into(),
+            xa.into(),
+            ga.into(),
+            ba.into(),
+            b.into(),
+            c.into(),
+            hw.into(),
+            g.into(),
+            eps.into(),
+        ],
+    )
+}
+
+/// LayerNorm over the last dim of x [rows, dim]; y may be x.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<T>,
+    beta: &CudaSlice<T>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let op = "layer_norm";
+    if rows * dim == 0 {
+        return Ok(());
+    }
+    need(x, 0, rows * dim, op, "x")?;
+    need(y, 0, rows * dim, op, "y")?;
+    need(gamma, 0, dim, op, "gamma")?;
+    need(beta, 0, dim, op, "beta")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ya, xa, ga, ba) = (dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta));
+    let r = rows as i64;
+    let d = to_i32(dim, op, "dim")?;
+    launch(
+        dev,
+        "norm.cu",
+        &name::<T>("layer_norm"),
+        cfg,
+        &[
+            ya.into(),
+            xa.into(),
+            ga.into(),
+            ba.into(),
+            r.into(),
+            d.into(),
+            eps.into(),
+        ],
+    )
+}
+
+/// y [rows, d] = x[:, :d] * gelu(x[:, d:]) for x [rows, 2d].
+pub fn geglu<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    need(x, 0, rows * 2 * d, "geglu", "x")?;
+    need(y, 0, rows * d, "geglu", "y")?;
+    let (ya, xa, r, dd) = (
+        dev.ptr(y),
+        dev.ptr(x),
+        rows as i64,
+        to_i32(d, "geglu", "d")?,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("geglu"),
+        elementwise_cfg(rows * d),
+        &[ya.into(), xa.into(), r.into(), dd.into()],
+    )
+}
+
+/// x = x * sigmoid(x) over the first n elements.
+pub fn silu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: usize) -> Result<()> {
+    need(x, 0, n, "silu", "x")?;
+    let (a, nn) = (dev.ptr(x), n as i64);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("silu"),
+        elementwise_cfg(n),
+        &[a.into(), a.into(), nn.into()],
+    )
+}
+
+/// x = kernel `op` of elementwise.cu (`silu`, `gelu`, `quick_gelu`) over the first n elements.
+fn unary_inplace<T: DeviceElem>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    n: usize,
+    op: &str,
+) -> Result<()> {
+    need(x, 0, n, op, "x")?;
+    let (a, nn) = (dev.ptr(x), n as i64);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(n),
+        &[a.into(), a.into(), nn.into()],
+    )
+}
+
+/// x = gelu(x) (exact, erf) over the first n elements.
+pub fn gelu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: usize) -> Result<()> {
+    unary_inplace(dev, x, n, "gelu")
+}
+
+/// x = x * sigmoid(1.702 x) (CLIP's quick GELU) over the first n elements.
+pub fn quick_gelu_inplace<T: DeviceElem>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    n: usize,
+) -> Result<()> {
+    unary_inplace(dev, x, n, "quick_gelu")
+}
+
+/// Softmax over the last dim of x [rows, n], in place.
+pub fn softmax_rows<T: DeviceElem>(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<T>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    need(x, 0, rows * n, "softmax_rows", "x")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (a, r, nn) = (dev.ptr(x), rows as i64, to_i32(n, "softmax_rows", "n")?);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("softmax_rows"),
+        cfg,
+        &[a.into(), a.into(), r.into(), nn.into()],
+    )
+}
+
+/// diffusers' timestep embedding: y [n, dim] for t [n] (f32).
+pub fn timestep_embedding<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    t: &CudaSlice<f32>,
+    n: usize,
+    dim: usize,
+    (flip_sin_to_cos, shift, max_period): (bool, f32, f32),
+) -> Result<()> {
+    let op = "timestep_embedding";
+    need(t, 0, n, op, "t")?;
+    need(y, 0, n * dim, op, "y")?;
+    let (ya, ta) = (dev.ptr(y), dev.ptr(t));
+    let (nn, dd, flip) = (
+        to_i32(n, op, "n")?,
+        to_i32(dim, op, "dim")?,
+        flip_sin_to_cos as i32,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(n * dim),
+        &[
+            ya.into(),
+            ta.into(),
+            nn.into(),
+            dd.into(),
+            flip.into(),
+            shift.into(),
+            max_period.into(),
+        ],
+    )
+}
+
+/// y [planes, 2h, 2w] = nearest 2x upsampling of x [planes, h, w].
+pub fn upsample_nearest2x<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<()> {
+    let op = "upsample_nearest2x";
+    need(x, 0, planes * h * w, op, "x")?;
+    need(y, 0, planes * 4 * h * w, op, "y")?;
+    let (ya, xa, p) = (dev.ptr(y), dev.ptr(x), planes as i64);
+    let (hh, ww) = (to_i32(h, op, "h")?, to_i32(w, op, "w")?);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(planes * 4 * h * w),
+        &[ya.into(), xa.into(), p.into(), hh.into(), ww.into()],
+    )
+}
+
+/// y += x over the first n elements (residual connections).
+pub fn add_inplace<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    n: usize,
+) -> Result<()> {
+    need(x, 0, n, "add", "x")?;
+    need(y, 0, n, "add", "y")?;
+    let (ya, xa, nn) = (dev.ptr(y), dev.ptr(x), n as i64);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("add"),
+        elementwise_cfg(n),
+        &[ya.into(), ya.into(), xa.into(), nn.into()],
+    )
+}
+
+/// y [batch, channels, hw] += v [batch, channels] (the resnet's time embedding).
+pub fn add_channel_bias<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    v: &CudaSlice<T>,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<()> {
+    let op = "add_channel_bias";
+    need(y, 0, batch * channels * hw, op, "y")?;
+    need(v, 0, batch * channels, op, "v")?;
+    let (ya, va, b, c, h) = (
+        dev.ptr(y),
+        dev.ptr(v),
+        batch as i64,
+        to_i32(channels, op, "channels")?,
+        hw as i64,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(batch * channels * hw),
+        &[ya.into(), va.into(), b.into(), c.into(), h.into()],
+    )
+}
+
+/// y [rows, n] += bias [n].
+pub fn add_bias_rows<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: At<'_, T>,
+    bias: &CudaSlice<T>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let op = "add_bias_rows";
+    need(y.buf, y.off, rows * n, op, "y")?;
+    need(bias, 0, n, op, "bias")?;
+    let (ya, ba, r, nn) = (
+        addr(dev, y.buf, y.off),
+        dev.ptr(bias),
+        rows as i64,
+        to_i32(n, op, "n")?,
+    );
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>(op),
+        elementwise_cfg(rows * n),
+        &[ya.into(), ba.into(), r.into(), nn.into()],
+    )
+}
+
+/// y [batch, channels, hw] += bias [channels].
+pub fn add_bias_channels<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    bias: &CudaSlice<T>,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<()> {
+    let op = "add_bias_channels";
+    need(y, 0, batch * channels * hw, op, "y")?;
+    need(bias, 0, channels, op, "bias")?;
+    let (ya, ba, b, c, h) = (
+        dev.ptr(y),
+        dev.ptr(bias),
+        batch as i64,
+        to_i32(channels, op, "channels")?,
+        hw as i64,
+    );
+    launch(
+        dev,
+        "conv.cu",
+        &name::<T>(op),
+        elementwise_cfg(batch * channels * hw),
+        &[ya.into(), ba.into(), b.into(), c.into(), h.into()],
+    )
+}
+
+/// y [batch, cols, rows] = x [batch, rows, cols] transposed per batch (NCHW <-> NHWC).
+pub fn transpose<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let op = "transpose";
+    let n = batch * rows * cols;
+    if n == 0 {
+        return Ok(());
+    }
+    need(x, 0, n, op, "x")?;
+    need(y, 0, n, op, "y")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(32) as u32,
+            rows.div_ceil(32) as u32,
+            batch as u32,
+        ),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ya, xa, b) = (dev.ptr(y), dev.ptr(x), batch as i64);
+    let (r, c) = (to_i32(rows, op, "rows")?, to_i32(cols, op, "cols")?);
+    launch(
+        dev,
+        "conv.cu",
+        &name::<T>(op),
+        cfg,
+        &[ya.into(), xa.into(), b.into(), r.into(), c.into()],
+    )
+}
+
+/// y [planes, h + 1, w + 1] = x [planes, h, w] with a zero row at the bottom and a zero column
+/// at the right of each plane (the VAE encoder's downsampler).
+pub fn pad_bottom_right<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<()> {
+    let op = "pad_bottom_right";
+    let n_out = planes * (h + 1) * (w + 1);
+    need(x, 0, planes * h * w, op, "x")?;
+    need(y, 0, n_out, op, "y")?;
+    let (ya, xa, p) = (dev.ptr(y), dev.ptr(x), planes as i64);
+    let (hh, ww) = (to_i32(h, op, "h")?, to_i32(w, op, "w")?);
+    launch(
+        dev,
+        "conv.cu",
+        &name::<T>(op),
+        elementwise_cfg(n_out),
+        &[ya.into(), xa.into(), p.into(), hh.into(), ww.into()],
+    )
+}
+
+/// y [batch, ca + cb, hw] = the channel concatenation of a [batch, ca, hw] and b [batch, cb,
+/// hw] (diffusers' torch.cat of the UNet's up path), as 2 * batch device copies.
+pub fn concat_channels<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    (batch, ca, cb, hw): (usize, usize, usize, usize),
+) -> Result<()> {
+    let op = "concat_channels";
+    let (la, lb) = (ca * hw, cb * hw);
+    need(a, 0, batch * la, op, "a")?;
+    need(b, 0, batch * lb, op, "b")?;
+    need(y, 0, batch * (la + lb), op, "y")?;
+    for i in 0..batch {
+        let base = i * (la + lb);
+        copy(dev, y, base, a, i * la, la)?;
+        copy(dev, y, base + la, b, i * lb, lb)?;
+    }
+    Ok(())
+}

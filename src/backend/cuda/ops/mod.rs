@@ -1,0 +1,200 @@
+//! The CUDA ops: typed launches of the kernels in `kernels/*.cu` (each op's launch contract is
+//! in its file's top comment), cuBLAS GEMMs, and conv2d as im2col + GEMM or (f16/bf16,
+//! [`conv2d_implicit`]) as an implicit GEMM on the tensor cores.
+//!
+//! Tensors are `CudaSlice<T>` with explicit shapes, like the CPU backend's `&[f32]`; an op
+//! checks that every buffer is large enough before it launches, so a shape error is an
+//! [`Error::Internal`] naming the op and argument, never an out-of-bounds device access.
+//! Kernels receive raw device addresses (a buffer may be both input and output where the
+//! contract allows it).
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::device::{driver_err, guard, CudaDevice, DeviceElem};
+use crate::error::{Error, Result};
+
+mod attention;
+mod elementwise;
+mod gemm;
+mod lidb;
+
+pub use attention::*;
+pub use elementwise::*;
+pub use gemm::*;
+pub use lidb::*;
+
+/// A position in a device buffer: `buf` from element `off` on.
+#[derive(Clone, Copy)]
+pub struct At<'a, T> {
+    pub buf: &'a CudaSlice<T>,
+    pub off: usize,
+}
+
+impl<'a, T> At<'a, T> {
+    pub fn new(buf: &'a CudaSlice<T>, off: usize) -> Self {
+        At { buf, off }
+    }
+}
+
+impl<'a, T> From<&'a CudaSlice<T>> for At<'a, T> {
+    fn from(buf: &'a CudaSlice<T>) -> Self {
+        At { buf, off: 0 }
+    }
+}
+
+fn need<T>(buf: &CudaSlice<T>, off: usize, n: usize, op: &str, arg: &str) -> Result<()> {
+    if off.checked_add(n).is_none_or(|end| end > buf.len()) {
+        return Err(Error::Internal(format!(
+            "{op}: '{arg}' needs elements {off}..{} but the buffer holds {}",
+            off.saturating_add(n),
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+fn addr<T>(dev: &CudaDevice, buf: &CudaSlice<T>, off: usize) -> u64 {
+    dev.ptr(buf) + (off * std::mem::size_of::<T>()) as u64
+}
+
+fn to_i32(v: usize, op: &str, arg: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i32")))
+}
+
+/// The elementwise contract: 256 threads, grid = min(ceil(n / 256), 65536), grid-stride.
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65536) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One kernel argument: a device address, an integer or a float, passed by value.
+#[derive(Clone, Copy, Debug)]
+pub enum Param {
+    U64(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+impl From<u64> for Param {
+    fn from(v: u64) -> Self {
+        Param::U64(v)
+    }
+}
+impl From<i64> for Param {
+    fn from(v: i64) -> Self {
+        Param::I64(v)
+    }
+}
+impl From<i32> for Param {
+    fn from(v: i32) -> Self {
+        Param::I32(v)
+    }
+}
+impl From<f32> for Param {
+    fn from(v: f32) -> Self {
+        Param::F32(v)
+    }
+}
+
+/// Launches `kernel` of `file` with `params`, in the kernel's order and types.
+fn launch(
+    dev: &CudaDevice,
+    file: &'static str,
+    kernel: &str,
+    cfg: LaunchConfig,
+    params: &[Param],
+) -> Result<()> {
+    let f = dev.function_dyn_smem(file, kernel, cfg.shared_mem_bytes)?;
+    guard(kernel, || {
+        let mut b = dev.stream().launch_builder(&f);
+        for p in params {
+            match p {
+                Param::U64(v) => b.arg(v),
+                Param::I64(v) => b.arg(v),
+                Param::I32(v) => b.arg(v),
+                Param::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: each op wrapper checks every buffer's extent against the kernel's contract
+        // before calling launch, and passes the arguments in the kernel's order and types.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(driver_err(&format!("launching {kernel}")))
+    })
+}
+
+fn name<T: DeviceElem>(op: &str) -> String {
+    format!("{op}_{}", T::SUFFIX)
+}
+
+/// Copies `n` elements from `src[src_off..]` to `dst[dst_off..]` on the stream.
+pub fn copy<T: DeviceRepr>(
+    dev: &CudaDevice,
+    dst: &mut CudaSlice<T>,
+    dst_off: usize,
+    src: &CudaSlice<T>,
+    src_off: usize,
+    n: usize,
+) -> Result<()> {
+    need(src, src_off, n, "copy", "src")?;
+    need(dst, dst_off, n, "copy", "dst")?;
+    if n == 0 {
+        return Ok(());
+    }
+    guard("device copy", || {
+        let s = src.slice(src_off..src_off + n);
+        let mut d = dst.slice_mut(dst_off..dst_off + n);
+        dev.stream()
+            .memcpy_dtod(&s, &mut d)
+            .map_err(driver_err("device-to-device copy"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(c_in: usize, c_out: usize, hw: usize, kernel: usize, stride: usize) -> Conv2d {
+        Conv2d {
+            batch: 2,
+            c_in,
+            h: hw,
+            w: hw,
+            c_out,
+            kernel,
+            stride,
+            padding: kernel / 2,
+        }
+    }
+
+    /// The split-K heuristic at SD 1.5's UNet shapes (64x64 latents, batch 2) on an H100's
+    /// 132 SMs: no split where the grid fills the GPU, a few slices at 16x16 and 8x8.
+    #[test]
+    fn implicit_conv_splits_only_small_grids() {
+        let sms = 132;
+        assert_eq!(conv2d_implicit_splits(&conv(4, 320, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 320, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(640, 640, 32, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 4, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(640, 1280, 16, 1, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(1280, 1280, 16, 3, 1), sms), 3);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 320, 64, 3, 2), sms), 4);
+        let s = conv2d_implicit_splits(&conv(1280, 1280, 8, 3, 1), sms);
+        assert!((4..=5).contains(&s), "{s}");
+        // Never more than 16 slices, each of at least 8 k-tiles; nothing to split is 1.
+        for (c_in, hw) in [(64, 4), (2048, 4), (9, 2)] {
+            let p = conv(c_in, 8, hw, 3, 1);
+            let s = conv2d_implicit_splits(&p, sms);
+            let tiles = (c_in * 9).div_ceil(32);
+            assert!(s == 1 || (s <= 16 && tiles / s >= 8), "{c_in} {hw}: {s}");
+        }
+        assert_eq!(conv2d_implicit_splits(&conv(0, 8, 4, 3, 1), sms), 1);
+    }
+}
