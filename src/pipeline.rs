@@ -20,8 +20,7 @@ use crate::runtime::Runtime;
 
 /// Everything a generation needs, built once and shared. The tokenizer runs on the CPU; the
 /// UNet, text encoder and VAE run on the runtime's device when the pipeline has them
-/// (`device_unet`, `device_text_vae`), else on the CPU. A text-encoder adapter set runs on
-/// the CPU text encoder (the device one takes none yet).
+/// (`device_unet`, `device_text_vae`), else on the CPU.
 pub struct Pipeline {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: TextEncoder,
@@ -156,10 +155,9 @@ impl Pipeline {
             .flat_map(|t| self.tokenizer.encode_padded(t))
             .collect();
         let len = self.tokenizer.max_len();
-        let no_adapters = ad.is_none_or(|a| a.applied.layers.is_empty());
         let hidden = match &self.device_text_vae {
-            Some(d) if no_adapters => d.encode_text(&ids, texts.len())?,
-            _ => self.text_encoder.forward(&ids, texts.len(), ad)?,
+            Some(d) => d.encode_text(&ids, texts.len(), ad)?,
+            None => self.text_encoder.forward(&ids, texts.len(), ad)?,
         };
         Ok((hidden, len))
     }

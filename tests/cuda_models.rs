@@ -220,14 +220,18 @@ use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::CudaKeyAdapters;
 
-/// Random LoRA factors of `rank` on every other adaptable projection of `unet`.
-fn random_adapter(unet: &Unet, seed: u64, rank: usize) -> Adapter {
+/// Random LoRA factors of `rank` on every other projection of `table` (a component's
+/// adaptable layers).
+fn random_adapter(
+    table: std::collections::BTreeMap<String, hdb::adapter::LayerShape>,
+    seed: u64,
+    rank: usize,
+) -> Adapter {
     let mut rng = SplitMix64(seed);
     let mut u = |n: usize, s: f32| -> Vec<f32> {
         (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
     };
-    let layers = unet
-        .adaptable_layers()
+    let layers = table
         .into_iter()
         .enumerate()
         .filter(|(i, _)| (i + seed as usize) % 2 == 0)
@@ -251,7 +255,10 @@ fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>)
         Ok(g) => g,
         Err(e) => return failures.push(format!("generic-unet {}: {e}", T::SUFFIX)),
     };
-    let a = [random_adapter(&unet, 1, 4), random_adapter(&unet, 2, 8)];
+    let a = [
+        random_adapter(unet.adaptable_layers(), 1, 4),
+        random_adapter(unet.adaptable_layers(), 2, 8),
+    ];
     let per_sample: Vec<i32> = (0..inp.b as i32).map(|i| i % 2).collect();
     for (name, set, mode, idx) in [
         (
@@ -281,6 +288,57 @@ fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>)
             &want,
         ));
     }
+}
+
+/// The text encoder with adapters, as the pipeline runs it on a CUDA runtime.
+fn text_adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    let m = tiny_sd();
+    let te = TextEncoder::from_model(&m).expect("cpu text encoder");
+    let gpu = match TextEncoder::from_model_on(Cuda::<T>::new(dev.clone()), &m) {
+        Ok(g) => g,
+        Err(e) => return failures.push(format!("text-encoder {}: {e}", T::SUFFIX)),
+    };
+    let a = [
+        random_adapter(te.adaptable_layers(), 3, 4),
+        random_adapter(te.adaptable_layers(), 4, 2),
+    ];
+    let len = te.config.max_position_embeddings;
+    let ids: Vec<u32> = (0..2 * len)
+        .map(|i| (i * 131 % te.config.vocab_size) as u32)
+        .collect();
+    let per_sample = [1, 0];
+    for (name, mode, idx) in [
+        ("merge", ApplyMode::Merge, None),
+        (
+            "runtime-per-sample",
+            ApplyMode::Runtime,
+            Some(&per_sample[..]),
+        ),
+    ] {
+        let applied = Applied::new(&[(&a[0], 0.8), (&a[1], 1.0)], mode, &te).expect("set");
+        let ctx = AdapterCtx {
+            applied: &applied,
+            per_sample: idx,
+        };
+        let want = cpu(|| te.forward(&ids, 2, Some(&ctx))).expect("cpu forward");
+        let got = CudaKeyAdapters::new(gpu.backend(), &applied, idx)
+            .and_then(|hook| gpu.forward_hooked(&ids, 2, Some(&hook)));
+        failures.extend(judge::<T>(
+            &format!("text-encoder-adapters/{name}"),
+            got,
+            &want,
+        ));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn text_encoder_adapters_on_cuda_match_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    text_adapter_cases::<f32>(&dev, &mut failures);
+    text_adapter_cases::<half::f16>(&dev, &mut failures);
+    finish(failures);
 }
 
 #[test]

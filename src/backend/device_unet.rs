@@ -225,14 +225,31 @@ impl DeviceTextVae {
         Ok(None)
     }
 
-    /// As [`crate::model::text_encoder::TextEncoder::forward`] without adapters.
+    /// As [`crate::model::text_encoder::TextEncoder::forward`]: `ad` is the session's set
+    /// resolved against the CPU text encoder (it is uploaded for this call: merged weights or
+    /// low-rank factors, through the generic adapter hook).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn encode_text(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>> {
+    pub fn encode_text(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        ad: Option<&crate::adapter::apply::AdapterCtx<'_>>,
+    ) -> Result<Vec<f32>> {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceTextVae::Cuda {
                 ref text_encoder, ..
-            } => text_encoder.forward_hooked(ids, batch, None),
+            } => match ad.filter(|a| !a.applied.layers.is_empty()) {
+                None => text_encoder.forward_hooked(ids, batch, None),
+                Some(a) => {
+                    let hook = crate::backend::cuda::CudaKeyAdapters::new(
+                        text_encoder.backend(),
+                        a.applied,
+                        a.per_sample,
+                    )?;
+                    text_encoder.forward_hooked(ids, batch, Some(&hook))
+                }
+            },
         }
     }
 

@@ -2,8 +2,8 @@
 //! evaluations on caller buffers (for hosts that drive their own sampler) and generations.
 //! On a runtime with a CUDA device the UNet runs there (the model's fp16 copy, shared by every
 //! session) and the session's UNet adapters are built on the device; `hdb_generate` also runs
-//! the text encoder and the VAE there, except that a session whose adapters touch the text
-//! encoder encodes prompts on the CPU (the device text encoder takes no adapters yet).
+//! the text encoder (with the session's text-encoder adapters, uploaded per generation) and
+//! the VAE there.
 
 use std::sync::Arc;
 

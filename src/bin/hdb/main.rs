@@ -126,7 +126,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// Where the UNet, text encoder and VAE run: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA
-        /// when usable, else the CPU). A text-encoder adapter set runs on the CPU encoder.
+        /// when usable, else the CPU).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
     },
