@@ -72,3 +72,58 @@ fn predict_writes_the_adapter_the_library_predicts() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && err.contains("16"), "{err}");
 }
+
+/// `hdb predict --device cuda` predicts on the GPU where there is one (the same adapter as the
+/// CPU's to f32 rounding), else fails before writing anything, saying there is no device.
+#[test]
+fn predict_device_option() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (w, h) = (32usize, 32usize);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 11) % 251) as u8).collect();
+    let face = dir.path().join("face.png");
+    {
+        let f = std::fs::File::create(&face).expect("png file");
+        let mut enc = png::Encoder::new(f, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().expect("header");
+        wr.write_image_data(&rgb).expect("pixels");
+    }
+    let out = dir.path().join("id.lidb.safetensors");
+    let net_path = fx("hypernet/tiny.hypernet.safetensors");
+    let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["predict", "--hypernet"])
+        .arg(&net_path)
+        .arg("--model")
+        .arg(fx("tiny-sd"))
+        .arg("--face")
+        .arg(&face)
+        .args(["--iterations", "2", "--device", "cuda", "-o"])
+        .arg(&out)
+        .output()
+        .expect("run hdb");
+    let err = String::from_utf8_lossy(&r.stderr);
+    if !r.status.success() {
+        assert!(err.contains("no device"), "{err}");
+        assert!(!out.exists(), "nothing is written when there is no device");
+        return;
+    }
+    let got = Lidb::load(&out).expect("written adapter");
+    let net = Hypernet::load(&net_path).expect("hypernet");
+    let image = net.preprocess(&rgb, w, h, w * 3).expect("preprocess");
+    let want = net
+        .to_lidb(&net.predict(&image, Some(2), None).expect("predict"))
+        .expect("lidb");
+    assert_eq!(got.meta, want.meta);
+    let (mut num, mut den) = (0f64, 0f64);
+    for ((kg, (dg, ug)), (kw, (dw, uw))) in got.layers.iter().zip(&want.layers) {
+        assert_eq!(kg, kw);
+        for (g, w) in dg.iter().chain(ug).zip(dw.iter().chain(uw)) {
+            num += f64::from(g - w).powi(2);
+            den += f64::from(*w).powi(2);
+        }
+    }
+    let rel = (num / den.max(1e-30)).sqrt();
+    println!("hdb predict --device cuda: rel L2 {rel:e} to the CPU's adapter");
+    assert!(rel < 1e-4, "rel L2 {rel:e}");
+}
