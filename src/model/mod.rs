@@ -140,8 +140,7 @@ impl Model {
 
     /// The model's text encoder and VAE in fp16 on `dev`, built from the model's weights on
     /// the first call for that device (about 410 MB of device memory for SD 1.5: 123 M and
-    /// 84 M parameters in fp16) and shared
-    /// afterwards.
+    /// 84 M parameters in fp16) and shared afterwards.
     #[cfg(feature = "cuda")]
     pub fn cuda_text_vae(
         &self,
