@@ -8,7 +8,7 @@ use std::time::Instant;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::lidb::Lidb;
 use hdb::adapter::Adapter;
-use hdb::backend::device_unet::{DeviceAdapters, DeviceTextVae, DeviceUnet};
+use hdb::backend::device_unet::{DeviceAdapters, DeviceHypernet, DeviceTextVae, DeviceUnet};
 use hdb::hypernet::{EncoderConfig, Hypernet, HypernetConfig};
 use hdb::model::config::{BlockKind, UnetConfig};
 use hdb::model::random::RandomWeights;
@@ -165,20 +165,33 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         .device_unet
         .as_ref()
         .map_or("the CPU".to_string(), DeviceUnet::describe);
+    let rest_on = pipeline
+        .device_text_vae
+        .as_ref()
+        .map_or("the CPU".to_string(), DeviceTextVae::describe);
     println!(
-        "hdb demo on the {what}, {} threads, the UNet on {unet_on}",
+        "hdb demo on the {what}, {} threads, the UNet on {unet_on}, the text encoder and VAE on \
+         {rest_on}",
         rt.threads()
     );
 
     let table = adaptable(&pipeline);
     let t = Instant::now();
     let net = rt.install(|| hypernet(&pipeline, a.hypernet.as_deref(), a.model.is_none()))?;
+    // On a GPU runtime the same network, on the GPU, predicts.
+    let gpu = match a.hypernet.as_deref() {
+        Some(f) => DeviceHypernet::load(&rt, f)?,
+        None => DeviceHypernet::from_source(&rt, net.config.clone(), &RandomWeights { seed: 77 })?,
+    };
     let source = if a.hypernet.is_some() {
         "the given hypernetwork"
     } else {
         "a hypernetwork with random weights"
     };
-    println!("identities: predicted by {source} from two synthetic face images");
+    let net_on = gpu
+        .as_ref()
+        .map_or("the CPU".to_string(), DeviceHypernet::describe);
+    println!("identities: predicted by {source} on {net_on} from two synthetic face images");
     rows.push((
         format!(
             "load hypernetwork ({:.1} M parameters)",
@@ -191,7 +204,10 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         let (w, h) = (96, 80);
         let t = Instant::now();
         let image = net.preprocess(&face(i, w, h), w, h, w * 3)?;
-        let theta = rt.install(|| net.predict(&image, None, None))?;
+        let theta = rt.install(|| match &gpu {
+            Some(g) => g.predict(&image, None, None),
+            None => net.predict(&image, None, None),
+        })?;
         let lidb = net.to_lidb(&theta)?;
         rows.push((
             format!(
