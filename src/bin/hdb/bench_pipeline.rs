@@ -102,5 +102,23 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     if let Some(j) = &peer_json {
         println!("peer: torch {}", j["torch"].as_str().unwrap_or("?"));
     }
+    // Where the time goes: one more run of each component with the op profiler on.
+    type Job<'a> = Box<dyn Fn() -> hdb::Result<Vec<f32>> + Sync + 'a>;
+    let jobs: [(&str, Job<'_>); 3] = [
+        ("text encoder", Box::new(|| te.forward(&ids, 2, None))),
+        ("UNet step", Box::new(|| unet.forward(&input))),
+        ("VAE decode", Box::new(|| vae.decode(&z, 1, 64, 64))),
+    ];
+    for (name, job) in jobs {
+        hdb::backend::profile::enable(true);
+        let r = rt.install(|| job());
+        let spent = hdb::backend::profile::report();
+        hdb::backend::profile::enable(false);
+        r?;
+        println!("where the time goes, {name}:");
+        for (op, d, n) in spent.iter().take(8) {
+            println!("  {op:<24} {:>9.1} ms {n:>6} calls", d.as_secs_f64() * 1e3);
+        }
+    }
     Ok(())
 }
