@@ -111,7 +111,7 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     ];
     for (name, job) in jobs {
         hdb::backend::profile::enable(true);
-        let r = rt.install(|| job());
+        let r = rt.install(&*job);
         let spent = hdb::backend::profile::report();
         hdb::backend::profile::enable(false);
         r?;
