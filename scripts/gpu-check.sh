@@ -118,7 +118,7 @@ else
 fi
 
 echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
-timeout 300 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
+timeout 420 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
 
 echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU)"

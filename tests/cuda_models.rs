@@ -212,13 +212,14 @@ fn vae_on_cuda_matches_the_cpu() {
 
 // ---------------------------------------------------------------------------------------------
 // Adapters through the generic UNet: hdb::backend::cuda::CudaKeyAdapters (the generic adapter
-// hook: merged weight copies, or two GEMMs per factor) against the CPU's AdapterCtx on the
-// same resolved set, in merge mode and in runtime mode with one adapter per sample.
+// hook: merged weight copies, or two GEMMs per factor) and CudaLayerAdapters (the fused
+// lidb_merge / lora_bgmv kernels of the tuned UNet) against the CPU's AdapterCtx on the same
+// set, in merge mode and in runtime mode with and without one adapter per sample.
 // ---------------------------------------------------------------------------------------------
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
-use hdb::backend::cuda::CudaKeyAdapters;
+use hdb::backend::cuda::{CudaKeyAdapters, CudaLayerAdapters};
 
 /// Random LoRA factors of `rank` on every other projection of `table` (a component's
 /// adaptable layers).
@@ -268,6 +269,12 @@ fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>)
             None,
         ),
         (
+            "runtime",
+            vec![(&a[0], 0.7), (&a[1], 0.5)],
+            ApplyMode::Runtime,
+            None,
+        ),
+        (
             "runtime-per-sample",
             vec![(&a[0], 1.0), (&a[1], 1.0)],
             ApplyMode::Runtime,
@@ -280,10 +287,22 @@ fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>)
             per_sample: idx,
         };
         let want = cpu(|| unet.forward_with(&inp.args(), Some(&ctx))).expect("cpu forward");
+        // The generic hook (cuBLAS), from the set resolved in its mode.
         let got = CudaKeyAdapters::new(gpu.backend(), &applied, idx)
             .and_then(|hook| gpu.forward_hooked(&inp.args(), Some(&hook)));
         failures.extend(judge::<T>(
             &format!("generic-unet-adapters/{name}"),
+            got,
+            &want,
+        ));
+        // The fused kernels (lidb_merge, lora_bgmv), from the set resolved with its factors.
+        let resolved = Applied::new(&set, ApplyMode::Runtime, &*unet).expect("factors");
+        let got = CudaLayerAdapters::new(gpu.backend(), &gpu, &resolved, mode).and_then(|s| {
+            let hook = s.with_samples(idx)?;
+            gpu.forward_hooked(&inp.args(), Some(&hook))
+        });
+        failures.extend(judge::<T>(
+            &format!("generic-unet-fused-adapters/{name}"),
             got,
             &want,
         ));

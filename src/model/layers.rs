@@ -364,3 +364,21 @@ pub(crate) fn find_projection<'a>(
         .find(|l| l.key.as_deref() == Some(key))
         .map(|l| (&l.w[..], l.dout, l.din))
 }
+
+/// A model component whose adaptable projections can be looked up by adapter key on its
+/// backend (what a backend's adapter sets build against).
+pub trait Projections<B: Backend> {
+    /// The weight `[dout, din]` of the projection with adapter key `key`, and (dout, din).
+    fn projection_weight(&self, key: &str) -> Option<(&B::Weight, usize, usize)>;
+}
+
+/// [`Projections::projection_weight`] over a list of layers.
+pub(crate) fn find_weight<'a, B: Backend + 'a>(
+    layers: impl IntoIterator<Item = &'a Linear<B>>,
+    key: &str,
+) -> Option<(&'a B::Weight, usize, usize)> {
+    layers
+        .into_iter()
+        .find(|l| l.key.as_deref() == Some(key))
+        .map(|l| (&l.w, l.dout, l.din))
+}

@@ -20,6 +20,7 @@ use crate::io::diffusers::{find_weights, read_json, weights_stem, Variant};
 use crate::io::keymap::{self, Component, LdmLayout};
 use crate::io::safetensors::SafetensorsFile;
 use crate::tensor::{DType, Shape};
+pub use layers::Projections;
 pub use weights::{Weight, WeightStore};
 
 /// How the model was stored on disk.

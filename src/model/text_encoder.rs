@@ -11,7 +11,8 @@ use crate::backend::profile::scope;
 use crate::backend::{Activation as Op, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    add, find_projection, layer_table, Hook, LayerNorm, Linear, WeightSource,
+    add, find_projection, find_weight, layer_table, Hook, LayerNorm, Linear, Projections,
+    WeightSource,
 };
 use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
@@ -345,6 +346,12 @@ impl<B: Backend> TextEncoder<B> {
 
     fn projections(&self) -> impl Iterator<Item = &Linear<B>> {
         self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
+    }
+}
+
+impl<B: Backend> Projections<B> for TextEncoder<B> {
+    fn projection_weight(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
+        find_weight(self.projections(), key)
     }
 }
 

@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
 use crate::model::layers::{
-    add, find_projection, layer_table, transpose, Act, Conv, GroupNorm, Hook, LayerNorm, Linear,
-    Resnet,
+    add, find_projection, find_weight, layer_table, transpose, Act, Conv, GroupNorm, Hook,
+    LayerNorm, Linear, Projections, Resnet,
 };
 
 pub(crate) struct Attention<B: Backend = Cpu> {
@@ -271,6 +271,12 @@ impl crate::adapter::apply::Adaptable for Unet {
 
     fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
         Unet::projection(self, key)
+    }
+}
+
+impl<B: Backend> Projections<B> for Unet<B> {
+    fn projection_weight(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
+        find_weight(self.projections(), key)
     }
 }
 

@@ -39,7 +39,7 @@ pub(crate) const LORA_MAX_RANK: usize = 128;
 
 /// Factor segments in the packed upload start on 32-byte boundaries (8 f32), so the kernels'
 /// 16-byte vector loads apply.
-const ALIGN: usize = 8;
+pub(crate) const ALIGN: usize = 8;
 
 /// Runtime mode: one projection's factors.
 struct ProjLora {

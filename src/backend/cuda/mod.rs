@@ -9,6 +9,9 @@
 //! - [`key_adapters`]: [`CudaKeyAdapters`], a session's identity adapters (resolved on the
 //!   CPU) as the trait's [`crate::backend::AdapterHook`] for [`Cuda`]: merged weights, or
 //!   runtime LoRA through cuBLAS (the generic path).
+//! - [`layer_adapters`]: [`CudaLayerAdapters`], the same keyed by adapter key but with the
+//!   fused kernels (`lidb_merge`, `lora_bgmv`): the tuned UNet's adapters for the generic
+//!   models.
 //! - [`unet`]: the SD UNet over those ops, weights uploaded from the CPU model.
 //! - [`adapters`]: a session's identity adapters on that UNet (merged weight copies or
 //!   per-sample runtime LoRA; the fast path).
@@ -22,6 +25,7 @@ pub mod backend;
 pub mod device;
 pub mod kernels;
 pub mod key_adapters;
+pub mod layer_adapters;
 pub mod ops;
 pub mod unet;
 
@@ -31,3 +35,4 @@ pub use kernels::{
     compile_ptx, nvrtc_available, ptx_entries, KernelFile, CI_ARCHS, COMMON_HEADER, KERNEL_FILES,
 };
 pub use key_adapters::CudaKeyAdapters;
+pub use layer_adapters::{CudaLayerAdapters, LayerAdaptersCtx};

@@ -589,6 +589,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     // The whole UNet step in fp16 against diffusers eager.
     let mut unet_ms = None;
     let mut batch8 = None;
+    let mut notes: Vec<String> = Vec::new();
     if with_unet {
         let t = std::time::Instant::now();
         let cu = CudaUnet::<f16>::upload(&dev, &unet)?;
@@ -632,7 +633,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             &dev, &cu, &unet, &layers, runs, &mut rows,
         )?);
         drop(cu);
-        crate::bench_cuda_models::rows(&dev, runs, &peer, ms, &mut rows)?;
+        notes = crate::bench_cuda_models::rows(&dev, runs, &peer, (&unet, ms), &mut rows)?;
     }
 
     println!();
@@ -671,6 +672,9 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             100.0 * (eight_ms / one_ms - 1.0),
             100.0 * (one_ms / none_ms - 1.0)
         );
+    }
+    for n in &notes {
+        println!("{n}");
     }
     if let (Some(ms), Some(p)) = (unet_ms, peer["unet"]["ms"].as_f64()) {
         println!(

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use half::f16;
-use hdb::backend::cuda::{Cuda, CudaDevice};
+use hdb::adapter::apply::{Applied, ApplyMode};
+use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
+use hdb::backend::cuda::{Cuda, CudaDevice, CudaLayerAdapters};
 use hdb::model::config::UnetConfig;
 use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
@@ -58,14 +60,16 @@ fn text_flops(c: &TextEncoderConfig, rows: usize, len: usize) -> f64 {
 }
 
 /// The rows; `tuned_ms` is the tuned UNet's step from the same run, `peer` the PyTorch JSON.
+/// Returns the summary lines to print after the table.
 pub fn rows(
     dev: &Arc<CudaDevice>,
     runs: usize,
     peer: &serde_json::Value,
-    tuned_ms: f64,
+    (cpu_unet, tuned_ms): (&Unet, f64),
     out: &mut Vec<Row>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let runs = runs.clamp(3, 10);
+    let mut notes = Vec::new();
     let be = Cuda::<f16>::new(dev.clone());
     let mut rng = SplitMix64(99);
     let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
@@ -101,11 +105,12 @@ pub fn rows(
         rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
         peer_ms: peer["unet"]["ms"].as_f64(),
     });
-    println!(
+    notes.push(format!(
         "generic UNet step {ms:.2} ms vs the tuned CudaUnet {tuned_ms:.2} ms: the generic path \
          takes {:.2}x the time",
         ms / tuned_ms
-    );
+    ));
+    notes.push(identity_rows(dev, runs, &unet, cpu_unet, out)?);
     drop(unet);
 
     // The text encoder: two 77-token prompts (one guided generation).
@@ -134,5 +139,90 @@ pub fn rows(
         rate: format!("{:.1} TFLOP/s", vae_decode_flops(&vc, 64, 64) / ms / 1e9),
         peer_ms: peer["vae"]["ms"].as_f64(),
     });
-    Ok(())
+    Ok(notes)
+}
+
+/// The generic UNet at batch 8 (64x64, 77 tokens) with the fused adapter kernels
+/// (`CudaLayerAdapters`, runtime mode): no adapters, one identity on every sample, and eight
+/// identities, one per sample (issue 7's target: eight within 10% of one).
+fn identity_rows(
+    dev: &Arc<CudaDevice>,
+    runs: usize,
+    unet: &Unet<Cuda<f16>>,
+    cpu_unet: &Unet,
+    out: &mut Vec<Row>,
+) -> Result<String> {
+    let mut rng = SplitMix64(31);
+    let mut u = |n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
+    };
+    let ids: Vec<Adapter> = (0..8)
+        .map(|_| Adapter {
+            layers: unet
+                .adaptable_layers()
+                .into_iter()
+                .map(|(k, l)| {
+                    let rank = 1;
+                    let (down, up) = (u(rank * l.din, 0.02), u(l.dout * rank, 0.02));
+                    (k, LoraLayer { rank, down, up })
+                })
+                .collect(),
+            source: AdapterSource::Lora,
+        })
+        .collect();
+    let set: Vec<(&Adapter, f32)> = ids.iter().map(|a| (a, 1.0)).collect();
+    let resolved = Applied::new(&set, ApplyMode::Runtime, cpu_unet)?;
+    let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
+    let b = 8;
+    let mut noise = |n: usize| u(n, 1.0);
+    let (sample, ctx, ts) = (
+        noise(b * 4 * 64 * 64),
+        noise(b * 77 * 768),
+        vec![981.0f32; b],
+    );
+    let x = UnetInput {
+        sample: &sample,
+        timesteps: &ts,
+        context: &ctx,
+        batch: b,
+        height: 64,
+        width: 64,
+        context_len: 77,
+    };
+    let one: Vec<i32> = vec![0; b];
+    let eight: Vec<i32> = (0..b as i32).collect();
+    let none_ms = gpu_ms(dev, 1, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
+    let hook1 = fused.with_samples(Some(&one))?;
+    let one_ms = gpu_ms(dev, 1, runs, || {
+        unet.forward_hooked(&x, Some(&hook1)).map(|_| ())
+    })?;
+    let hook8 = fused.with_samples(Some(&eight))?;
+    let eight_ms = gpu_ms(dev, 1, runs, || {
+        unet.forward_hooked(&x, Some(&hook8)).map(|_| ())
+    })?;
+    let flops = UnetConfig::default().flops(b, 64, 64, 77);
+    for (what, ms) in [
+        ("generic UNet fp16, batch 8, no adapters", none_ms),
+        (
+            "generic UNet fp16, batch 8, 1 identity (fused LoRA)",
+            one_ms,
+        ),
+        (
+            "generic UNet fp16, batch 8, 8 identities (fused LoRA)",
+            eight_ms,
+        ),
+    ] {
+        out.push(Row {
+            what: what.into(),
+            ours_ms: ms,
+            rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
+            peer_ms: None,
+        });
+    }
+    Ok(format!(
+        "generic UNet batch 8: 8 identities vs 1: {:+.1}% (target <= +10%); 1 identity vs none: \
+         {:+.1}%",
+        100.0 * (eight_ms / one_ms - 1.0),
+        100.0 * (one_ms / none_ms - 1.0)
+    ))
 }

@@ -1,0 +1,374 @@
+//! A session's identity adapters on a generic model over [`Cuda`] (`Unet<Cuda<T>>`,
+//! `TextEncoder<Cuda<T>>`), keyed by adapter key, with the fused kernels of the tuned UNet's
+//! [`super::adapters`]: the same resolved per-layer factors ([`Applied`] in runtime mode), the
+//! same kernel limits, the same two modes.
+//!
+//! - Merge mode: the set owns merged copies of just the projections it touches, written in one
+//!   `lidb_merge` launch from the model's own weights (the pristine base, never written), which
+//!   [`AdapterHook::weight`] hands to the projection's GEMM.
+//! - Runtime mode: every adapted projection gets a device table of [`Factor`]s, one per
+//!   adapter of the set; after the projection's GEMM, `lora_bgmv` adds the update in place, one
+//!   launch per projection with per-sample indices, else one per adapter that changes it.
+//!
+//! [`CudaLayerAdapters`] is the set (build it when the set changes); [`LayerAdaptersCtx`] is
+//! the set with one evaluation's per-sample indices uploaded: the hook the model runs with.
+//!
+//! Unverified on a GPU (written in a session without one): tests/cuda_models.rs checks it
+//! against the CPU. Once it passes there, it replaces [`super::adapters`] and the tuned UNet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use super::adapters::{check_ranks, ALIGN};
+use super::backend::Cuda;
+use super::device::CudaDevice;
+use super::ops::{self, At, BgmvShape, BlasElem, Factor, MergeLayer};
+use crate::adapter::apply::{validate_per_sample, Applied, ApplyMode};
+use crate::backend::api::AdapterHook;
+use crate::error::{Error, Result};
+use crate::model::Projections;
+
+/// Runtime mode: one projection's factors.
+struct Lora {
+    /// One entry per adapter of the set; rank 0 where the adapter leaves the projection alone.
+    table: CudaSlice<Factor>,
+    /// The adapters that change this projection, in set order.
+    present: Vec<usize>,
+    /// Index of `present` in [`CudaLayerAdapters::masks`].
+    mask: usize,
+}
+
+/// One adapted projection's share of the set.
+struct Layer<T> {
+    din: usize,
+    dout: usize,
+    merged: Option<CudaSlice<T>>,
+    lora: Option<Lora>,
+}
+
+/// A session's adapter set on one generic model over [`Cuda`]. Immutable once built.
+pub struct CudaLayerAdapters<T: BlasElem> {
+    dev: Arc<CudaDevice>,
+    mode: ApplyMode,
+    count: usize,
+    layers: BTreeMap<String, Layer<T>>,
+    /// Runtime mode: `[i]` for adapter i, the index array of a launch that applies adapter i
+    /// to every row.
+    whole: Vec<CudaSlice<i32>>,
+    /// Runtime mode: the distinct sets of adapters present in a projection.
+    masks: Vec<Vec<usize>>,
+    /// Runtime mode: every factor of the set, packed (the tables point into it).
+    _factors: Option<CudaSlice<f32>>,
+}
+
+impl<T: BlasElem> std::fmt::Debug for CudaLayerAdapters<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaLayerAdapters")
+            .field("dtype", &T::SUFFIX)
+            .field("mode", &self.mode)
+            .field("count", &self.count)
+            .field("layers", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: BlasElem> CudaLayerAdapters<T> {
+    /// Builds `resolved` (resolved in runtime mode, which keeps the factors: see
+    /// [`Applied::new`]) on `model`'s device, applied in `mode`. Errors name the layer.
+    pub fn new(
+        be: &Cuda<T>,
+        model: &dyn Projections<Cuda<T>>,
+        resolved: &Applied,
+        mode: ApplyMode,
+    ) -> Result<Self> {
+        if resolved.mode != ApplyMode::Runtime {
+            return Err(Error::Internal(
+                "CUDA adapters are built from a set resolved in runtime mode (with factors)".into(),
+            ));
+        }
+        check_ranks(resolved, mode)?;
+        let dev = be.dev();
+        dev.bind_to_thread()?;
+        let count = resolved.count;
+
+        // Every adapted projection's factors, packed: key -> (adapter, down, up, rank) offsets.
+        let mut packed: Vec<f32> = Vec::new();
+        let mut push = |v: &[f32]| {
+            let off = packed.len();
+            packed.extend_from_slice(v);
+            packed.resize(packed.len().next_multiple_of(ALIGN), 0.0);
+            off
+        };
+        type Located<'m, T> = (
+            &'m CudaSlice<T>,
+            usize,
+            usize,
+            Vec<(usize, usize, usize, usize)>,
+        );
+        let mut located: BTreeMap<&str, Located<'_, T>> = BTreeMap::new();
+        for (key, la) in &resolved.layers {
+            if la.runtime.is_empty() {
+                continue;
+            }
+            let (w, dout, din) = model.projection_weight(key).ok_or_else(|| {
+                Error::AdapterMismatch(format!("layer '{key}' is not a projection of this model"))
+            })?;
+            let mut factors = Vec::with_capacity(la.runtime.len());
+            for (i, down, up, r) in &la.runtime {
+                if *i >= count || *r == 0 || down.len() != r * din || up.len() != dout * r {
+                    return Err(Error::Internal(format!(
+                        "layer '{key}': factors of adapter #{i} (rank {r}, {} and {} values) do \
+                         not fit [{dout}, {din}]",
+                        down.len(),
+                        up.len()
+                    )));
+                }
+                factors.push((*i, push(down), push(up), *r));
+            }
+            located.insert(key, (w, dout, din, factors));
+        }
+        let packed_dev = if packed.is_empty() {
+            None
+        } else {
+            Some(dev.upload(&packed)?)
+        };
+        let base = packed_dev.as_ref().map_or(0, |b| dev.ptr(b));
+        let at = |off: usize| base + (off * std::mem::size_of::<f32>()) as u64;
+        let factor = |&(_, d, u, r): &(usize, usize, usize, usize)| Factor {
+            down: at(d),
+            up: at(u),
+            rank: r as i32,
+            scale: 1.0, // the user scale is folded into `up`
+        };
+
+        let mut layers = BTreeMap::new();
+        let mut whole = Vec::new();
+        let mut masks: Vec<Vec<usize>> = Vec::new();
+        let mut keep_factors = None;
+        match mode {
+            ApplyMode::Runtime => {
+                for (key, (_, dout, din, factors)) in &located {
+                    let mut table = vec![Factor::default(); count.max(1)];
+                    let mut present: Vec<usize> = factors.iter().map(|f| f.0).collect();
+                    for f in factors {
+                        table[f.0] = factor(f);
+                    }
+                    present.sort_unstable();
+                    present.dedup();
+                    if present.len() != factors.len() {
+                        return Err(Error::Internal(format!(
+                            "layer '{key}': an adapter appears twice"
+                        )));
+                    }
+                    let mask = match masks.iter().position(|m| *m == present) {
+                        Some(m) => m,
+                        None => {
+                            masks.push(present.clone());
+                            masks.len() - 1
+                        }
+                    };
+                    let lora = Lora {
+                        table: dev.upload(&table)?,
+                        present,
+                        mask,
+                    };
+                    layers.insert(
+                        key.to_string(),
+                        Layer {
+                            din: *din,
+                            dout: *dout,
+                            merged: None,
+                            lora: Some(lora),
+                        },
+                    );
+                }
+                whole = (0..count)
+                    .map(|i| dev.upload(&[i as i32]))
+                    .collect::<Result<_>>()?;
+                keep_factors = packed_dev;
+            }
+            ApplyMode::Merge => {
+                let mut table: Vec<MergeLayer> = Vec::new();
+                let mut flat: Vec<Factor> = Vec::new();
+                let mut max_dout = 0;
+                for (key, (w, dout, din, factors)) in &located {
+                    let copy: CudaSlice<T> = dev.alloc(w.len())?;
+                    let first = flat.len();
+                    flat.extend(factors.iter().map(factor));
+                    table.push(MergeLayer {
+                        w_base: dev.ptr(*w),
+                        w: dev.ptr(&copy),
+                        dout: *dout as i64,
+                        din: *din as i64,
+                        first_factor: first as i32,
+                        n_factors: (flat.len() - first) as i32,
+                    });
+                    max_dout = max_dout.max(*dout);
+                    layers.insert(
+                        key.to_string(),
+                        Layer {
+                            din: *din,
+                            dout: *dout,
+                            merged: Some(copy),
+                            lora: None,
+                        },
+                    );
+                }
+                if !table.is_empty() {
+                    let lt = dev.upload(&table)?;
+                    let ft = dev.upload(&flat)?;
+                    ops::lidb_merge::<T>(dev, &lt, table.len(), max_dout, &ft)?;
+                    // The tables and the packed factors are freed in stream order, after the
+                    // merge has read them.
+                }
+            }
+        }
+        Ok(CudaLayerAdapters {
+            dev: dev.clone(),
+            mode,
+            count,
+            layers,
+            whole,
+            masks,
+            _factors: keep_factors,
+        })
+    }
+
+    pub fn mode(&self) -> ApplyMode {
+        self.mode
+    }
+
+    /// Adapters in the set.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Projections the set changes.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The set with per-sample adapter indices (runtime mode; -1 = none) for one evaluation
+    /// of a batch of `per_sample.len()` samples: the hook the model runs with.
+    pub fn with_samples<'a>(
+        &'a self,
+        per_sample: Option<&'a [i32]>,
+    ) -> Result<LayerAdaptersCtx<'a, T>> {
+        if let Some(idx) = per_sample {
+            validate_per_sample(self.mode, self.count, Some(idx), idx.len())?;
+        }
+        let per_mask = match per_sample {
+            None => None,
+            Some(idx) => Some(
+                self.masks
+                    .iter()
+                    .map(|present| {
+                        let v: Vec<i32> = idx
+                            .iter()
+                            .map(|&a| {
+                                if a >= 0 && present.contains(&(a as usize)) {
+                                    a
+                                } else {
+                                    -1
+                                }
+                            })
+                            .collect();
+                        if v.iter().all(|&a| a < 0) {
+                            Ok(None)
+                        } else {
+                            self.dev.upload(&v).map(Some)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
+        Ok(LayerAdaptersCtx {
+            set: self,
+            per_sample,
+            per_mask,
+        })
+    }
+}
+
+/// A [`CudaLayerAdapters`] set prepared for one evaluation.
+pub struct LayerAdaptersCtx<'a, T: BlasElem> {
+    set: &'a CudaLayerAdapters<T>,
+    per_sample: Option<&'a [i32]>,
+    /// Per-sample runtime mode: by mask, the samples' indices with the adapters outside the
+    /// mask set to -1; None where no sample uses an adapter of the mask (no launch).
+    per_mask: Option<Vec<Option<CudaSlice<i32>>>>,
+}
+
+impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
+    fn validate(&self, batch: usize) -> Result<()> {
+        validate_per_sample(self.set.mode, self.set.count, self.per_sample, batch)
+    }
+
+    fn weight(&self, key: &str) -> Option<&CudaSlice<T>> {
+        self.set.layers.get(key).and_then(|l| l.merged.as_ref())
+    }
+
+    fn add(
+        &self,
+        be: &Cuda<T>,
+        key: &str,
+        y: &mut CudaSlice<T>,
+        x: &CudaSlice<T>,
+        batch: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<()> {
+        let Some(layer) = self.set.layers.get(key) else {
+            return Ok(());
+        };
+        let Some(l) = &layer.lora else {
+            return Ok(());
+        };
+        if !Arc::ptr_eq(be.dev(), &self.set.dev) {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': the adapters were built on another device"
+            )));
+        }
+        let rows = x.len() / din.max(1);
+        if (din, dout) != (layer.din, layer.dout)
+            || x.len() != rows * din
+            || y.len() != rows * dout
+            || batch == 0
+            || rows % batch != 0
+        {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': {} inputs and {} outputs in {batch} samples do not fit \
+                 [{}] -> [{}]",
+                x.len(),
+                y.len(),
+                layer.din,
+                layer.dout
+            )));
+        }
+        let dev = &self.set.dev;
+        let n = self.set.count;
+        let shape = |rows_per_sample: usize| BgmvShape {
+            rows,
+            rows_per_sample,
+            din,
+            dout,
+            ld_x: din,
+            ld_y: dout,
+        };
+        let (ya, xa) = (At::from(&*y), At::from(x));
+        match &self.per_mask {
+            Some(per_mask) => match per_mask.get(l.mask) {
+                Some(Some(idx)) => {
+                    ops::lora_bgmv(dev, ya, xa, idx, &l.table, n, shape(rows / batch))
+                }
+                _ => Ok(()),
+            },
+            // Every adapter on every sample: one launch per adapter, all rows reading index i.
+            None => l.present.iter().try_for_each(|&i| {
+                ops::lora_bgmv(dev, ya, xa, &self.set.whole[i], &l.table, n, shape(rows))
+            }),
+        }
+    }
+}
