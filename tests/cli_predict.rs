@@ -12,20 +12,23 @@ fn fx(p: &str) -> PathBuf {
         .join(p)
 }
 
+/// Writes an RGB8 PNG.
+fn write_png(path: &std::path::Path, rgb: &[u8], w: usize, h: usize) {
+    let f = std::fs::File::create(path).expect("png file");
+    let mut enc = png::Encoder::new(f, w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut wr = enc.write_header().expect("header");
+    wr.write_image_data(rgb).expect("pixels");
+}
+
 #[test]
 fn predict_writes_the_adapter_the_library_predicts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (w, h) = (45usize, 37usize);
     let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 37) % 253) as u8).collect();
     let face = dir.path().join("face.png");
-    {
-        let f = std::fs::File::create(&face).expect("png file");
-        let mut enc = png::Encoder::new(f, w as u32, h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().expect("header");
-        wr.write_image_data(&rgb).expect("pixels");
-    }
+    write_png(&face, &rgb, w, h);
     let out = dir.path().join("id.lidb.safetensors");
     let net_path = fx("hypernet/tiny.hypernet.safetensors");
     let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
@@ -50,14 +53,7 @@ fn predict_writes_the_adapter_the_library_predicts() {
 
     // A face smaller than 16x16 is refused with the argument named.
     let tiny = dir.path().join("tiny.png");
-    let f = std::fs::File::create(&tiny).expect("png file");
-    let mut enc = png::Encoder::new(f, 8, 8);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header()
-        .expect("header")
-        .write_image_data(&[0; 8 * 8 * 3])
-        .expect("pixels");
+    write_png(&tiny, &[0; 8 * 8 * 3], 8, 8);
     let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
         .args(["predict", "--hypernet"])
         .arg(&net_path)
@@ -81,14 +77,7 @@ fn predict_device_option() {
     let (w, h) = (32usize, 32usize);
     let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 11) % 251) as u8).collect();
     let face = dir.path().join("face.png");
-    {
-        let f = std::fs::File::create(&face).expect("png file");
-        let mut enc = png::Encoder::new(f, w as u32, h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().expect("header");
-        wr.write_image_data(&rgb).expect("pixels");
-    }
+    write_png(&face, &rgb, w, h);
     let out = dir.path().join("id.lidb.safetensors");
     let net_path = fx("hypernet/tiny.hypernet.safetensors");
     let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
