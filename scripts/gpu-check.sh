@@ -129,7 +129,7 @@ timeout 240 "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python pytho
 echo
 echo "== summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-grep -c "^cuda-parity" "$out/parity.log" | xargs echo "parity cases:"
+grep -cE "^cuda-(parity|backend)" "$out/parity.log" | xargs echo "parity cases:"
 grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
 awk '/^what /,0' "$out/bench.log"
 grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log"

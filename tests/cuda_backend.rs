@@ -26,6 +26,8 @@
 //!         --test-threads=1 --nocapture
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -85,20 +87,15 @@ fn randn<T: DeviceElem>(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> 
 /// ||got - want|| / ||want|| <= tol, every element finite; prints the figures.
 fn check(case: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len(), "{case}: lengths");
-    let (mut num, mut den, mut worst, mut wi) = (0.0f64, 0.0f64, 0.0f64, 0usize);
-    for (i, (&g, &c)) in got.iter().zip(want).enumerate() {
-        if !g.is_finite() {
-            panic!("{case}: element {i} is {g} (cpu {c}): unwritten or overflowed");
-        }
-        let d = (g as f64 - c as f64).abs();
-        if d > worst {
-            worst = d;
-            wi = i;
-        }
-        num += d * d;
-        den += (c as f64) * (c as f64);
+    if let Some((i, (g, c))) = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .find(|(_, (g, _))| !g.is_finite())
+    {
+        panic!("{case}: element {i} is {g} (cpu {c}): unwritten or overflowed");
     }
-    let rel = (num / den.max(1e-300)).sqrt();
+    let (rel, worst, wi) = common::compare(got, want);
     println!("cuda-backend {case:<52} rel_l2={rel:.2e} max_abs={worst:.2e} (tol {tol:.0e})");
     assert!(
         rel <= tol,
