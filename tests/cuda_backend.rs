@@ -427,6 +427,9 @@ fn conv_case<T: BlasElem>(be: &Cuda<T>, rng: &mut SplitMix64) {
         // 1x1 (shortcuts, proj_in/out), with and without bias
         (2, 32, 10, 12, 16, 1, 1, 0, true),
         (3, 5, 7, 9, 4, 1, 1, 0, false),
+        // An im2col scratch above the backend's 256 MB cap in f16/bf16 (256 x 9 x 256 x 256
+        // x 2 bytes = 302 MB): the implicit GEMM runs there, as in the VAE at 512 x 512.
+        (1, 256, 256, 256, 8, 3, 1, 1, true),
     ];
     for &(batch, c_in, h, w, c_out, kernel, stride, padding, bias) in &shapes {
         let p = Conv2d {
