@@ -411,3 +411,102 @@ fn hypernet_on_cuda_matches_the_cpu() {
     hypernet_cases::<half::f16>(&dev, &mut failures);
     finish(failures);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The whole pipeline on a CUDA runtime with the generic UNet (DeviceUnet::CudaGeneric and its
+// fused adapter sets) and the text encoder and VAE on the GPU, against the CPU pipeline from
+// the same latents, with no adapters and with one identity on the second image only.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn pipeline_with_the_generic_unet_matches_the_cpu_pipeline() {
+    use hdb::backend::device_unet::DeviceUnet;
+    use hdb::io::safetensors::SafetensorsFile;
+    use hdb::model::scheduler::SamplerKind;
+    use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+    let rt = match hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cuda(0),
+        threads: 2,
+    }) {
+        Ok(rt) => rt,
+        Err(e) => return println!("SKIPPED (no CUDA device): {e}"),
+    };
+    let m = tiny_sd();
+    let mut gpu = Pipeline::from_model_on(&m, &rt).expect("cuda pipeline");
+    gpu.device_unet = DeviceUnet::generic_for_runtime(&rt, &m).expect("generic unet");
+    let d = gpu.device_unet.as_ref().expect("the UNet on the device");
+    println!("pipeline UNet on {}", d.describe());
+    let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
+    let latents = SafetensorsFile::open(&fixtures().join("pipeline/latents.safetensors"))
+        .expect("latents")
+        .to_f32("latents")
+        .expect("f32");
+    let params = GenerateParams {
+        prompt: "a photo of sks person".into(),
+        negative_prompt: "blurry, low quality".into(),
+        steps: 4,
+        guidance: 7.5,
+        sampler: SamplerKind::Ddim,
+        seed: 0,
+        width: 64,
+        height: 64,
+        batch: 2,
+        latents: Some(latents),
+    };
+    let id = random_adapter(cpu.unet.adaptable_layers(), 5, 4);
+    let set = [(&id, 1.0)];
+    let host_set = Applied::new(&set, ApplyMode::Runtime, &*cpu.unet).expect("cpu set");
+    let dev_set = d
+        .adapters(&gpu.unet, &set, ApplyMode::Runtime)
+        .expect("device set");
+    let per_image: &[i32] = &[-1, 0];
+    let cases = [
+        (
+            "none",
+            GenerateAdapters::default(),
+            GenerateAdapters::default(),
+        ),
+        (
+            "per-image",
+            GenerateAdapters {
+                unet: Some(&host_set),
+                per_image: Some(per_image),
+                ..Default::default()
+            },
+            GenerateAdapters {
+                device_unet: Some(&dev_set),
+                per_image: Some(per_image),
+                ..Default::default()
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (case, cpu_ad, gpu_ad) in cases {
+        let want = rt
+            .install(|| cpu.generate(&params, cpu_ad, None))
+            .expect("cpu generate");
+        let got = rt.install(|| gpu.generate(&params, gpu_ad, None));
+        // Guidance 7.5 amplifies the per-call fp16 error about 10x over these 4 steps (as in
+        // tests/cuda_unet.rs): 5e-2 on the latents and the decoded pixels.
+        let (lat, px) = match got {
+            Ok(g) => (Ok(g.latents), Ok(g.pixels)),
+            Err(e) => (Err(e), Err(hdb::Error::Internal("see the latents".into()))),
+        };
+        failures.extend(common::judge(
+            &format!("generic-pipeline-latents/{case}"),
+            "f16",
+            lat,
+            &want.latents,
+            5e-2,
+        ));
+        failures.extend(common::judge(
+            &format!("generic-pipeline-pixels/{case}"),
+            "f16",
+            px,
+            &want.pixels,
+            5e-2,
+        ));
+    }
+    finish(failures);
+}

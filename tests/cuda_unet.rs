@@ -902,11 +902,18 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
             .expect("cuda generate");
         assert_eq!(steps, 4, "one progress call per step");
         let (rel, max_abs, _) = compare(&got.latents, &want.latents);
-        let (_, px, _) = compare(&got.pixels, &want.pixels);
+        let (px_rel, px, _) = compare(&got.pixels, &want.pixels);
         println!(
             "cuda-parity pipeline/{case} f16 rel_l2={rel:.3e} max_abs={max_abs:.3e} \
-             pixels_max_abs={px:.3e}"
+             pixels_rel_l2={px_rel:.3e} pixels_max_abs={px:.3e}"
         );
+        // The pixels come from the VAE on the GPU too (fp16, since the text encoder and VAE
+        // moved there): the latents' error, decoded.
+        if px_rel > 5e-2 {
+            failures.push(format!(
+                "pipeline/{case}: pixels rel_l2 {px_rel:.3e} > 5e-2"
+            ));
+        }
         // Guidance 7.5 amplifies the UNet's error about 10x in the latents (on the CPU, a
         // perturbation of 1.9e-3 rel_l2 per UNet call gives 2.0e-2 after these 4 DDIM steps),
         // and the f16 UNet is within ~2e-3 per call.

@@ -15,7 +15,7 @@ use crate::adapter::Adapter;
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{
     adapters::{CudaAdapterCtx, CudaAdapters},
-    Cuda, CudaDevice,
+    Cuda, CudaDevice, CudaLayerAdapters,
 };
 #[cfg(feature = "cuda")]
 use crate::backend::Backend;
@@ -34,6 +34,13 @@ pub enum DeviceUnet {
         dev: Arc<CudaDevice>,
         unet: crate::model::CudaUnetF16,
     },
+    /// The generic model code on [`Cuda`] in fp16 with the fused adapter kernels
+    /// ([`CudaLayerAdapters`]): the candidate to replace `Cuda` once a GPU run shows it equal
+    /// in results and speed ([`DeviceUnet::generic_for_runtime`]; unverified on a GPU so far).
+    #[cfg(feature = "cuda")]
+    CudaGeneric {
+        unet: Arc<crate::model::unet::Unet<Cuda<half::f16>>>,
+    },
 }
 
 /// A session's adapter set on a [`DeviceUnet`] (see [`crate::backend::cuda::adapters`]).
@@ -41,6 +48,9 @@ pub enum DeviceUnet {
 pub enum DeviceAdapters {
     #[cfg(feature = "cuda")]
     Cuda(CudaAdapters<half::f16>),
+    /// A set on [`DeviceUnet::CudaGeneric`].
+    #[cfg(feature = "cuda")]
+    CudaLayer(CudaLayerAdapters<half::f16>),
 }
 
 impl DeviceUnet {
@@ -54,6 +64,20 @@ impl DeviceUnet {
                 dev: dev.clone(),
                 unet,
             }));
+        }
+        let _ = (rt, model);
+        Ok(None)
+    }
+
+    /// The UNet of `model` on `rt`'s device through the generic model code
+    /// ([`DeviceUnet::CudaGeneric`]); `None` when the runtime runs on the CPU. Not cached:
+    /// each call uploads (for tests and benchmarks until it replaces the tuned UNet).
+    pub fn generic_for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = rt.cuda() {
+            let be = Cuda::<half::f16>::new(dev.clone());
+            let unet = Arc::new(crate::model::unet::Unet::from_model_on(be, model)?);
+            return Ok(Some(DeviceUnet::CudaGeneric { unet }));
         }
         let _ = (rt, model);
         Ok(None)
@@ -81,6 +105,15 @@ impl DeviceUnet {
             DeviceUnet::Cuda { ref dev, .. } => {
                 format!("cuda:{} ({}), fp16", dev.ordinal(), dev.name())
             }
+            #[cfg(feature = "cuda")]
+            DeviceUnet::CudaGeneric { ref unet } => {
+                let dev = unet.backend().dev();
+                format!(
+                    "cuda:{} ({}), fp16, generic model code",
+                    dev.ordinal(),
+                    dev.name()
+                )
+            }
         }
     }
 
@@ -88,6 +121,8 @@ impl DeviceUnet {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceUnet::Cuda { ref unet, .. } => unet.config(),
+            #[cfg(feature = "cuda")]
+            DeviceUnet::CudaGeneric { ref unet } => &unet.config,
         }
     }
 
@@ -114,6 +149,12 @@ impl DeviceUnet {
                 );
                 Ok(DeviceAdapters::Cuda(a))
             }
+            #[cfg(feature = "cuda")]
+            DeviceUnet::CudaGeneric { ref unet } => {
+                let resolved = crate::adapter::apply::Applied::new(set, ApplyMode::Runtime, cpu)?;
+                let a = CudaLayerAdapters::new(unet.backend(), &**unet, &resolved, mode)?;
+                Ok(DeviceAdapters::CudaLayer(a))
+            }
         }
     }
 
@@ -129,16 +170,36 @@ impl DeviceUnet {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceUnet::Cuda { ref dev, ref unet } => {
-                let ctx = ad.map(|a| match a {
-                    DeviceAdapters::Cuda(adapters) => CudaAdapterCtx {
+                let ctx = match ad {
+                    None => None,
+                    Some(DeviceAdapters::Cuda(adapters)) => Some(CudaAdapterCtx {
                         adapters,
                         per_sample,
-                    },
-                });
+                    }),
+                    Some(DeviceAdapters::CudaLayer(_)) => return Err(other_kind()),
+                };
                 unet.forward_with(dev, x, ctx)
             }
+            #[cfg(feature = "cuda")]
+            DeviceUnet::CudaGeneric { ref unet } => match ad {
+                None => unet.forward_hooked(x, None),
+                Some(DeviceAdapters::CudaLayer(a)) => {
+                    let hook = a.with_samples(per_sample)?;
+                    unet.forward_hooked(x, Some(&hook))
+                }
+                Some(DeviceAdapters::Cuda(_)) => Err(other_kind()),
+            },
         }
     }
+}
+
+/// A set built for the other kind of device UNet.
+#[cfg(feature = "cuda")]
+fn other_kind() -> crate::Error {
+    crate::Error::invalid_arg(
+        "adapters",
+        "were built for another kind of device UNet (tuned or generic)",
+    )
 }
 
 impl DeviceAdapters {
@@ -146,6 +207,8 @@ impl DeviceAdapters {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceAdapters::Cuda(ref a) => a.mode(),
+            #[cfg(feature = "cuda")]
+            DeviceAdapters::CudaLayer(ref a) => a.mode(),
         }
     }
 
@@ -154,6 +217,8 @@ impl DeviceAdapters {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceAdapters::Cuda(ref a) => a.count(),
+            #[cfg(feature = "cuda")]
+            DeviceAdapters::CudaLayer(ref a) => a.count(),
         }
     }
 
