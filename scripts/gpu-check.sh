@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 bin=.gpu
 # The GPU test binaries, in the order a failure is cheapest to read: ops, then models.
-gpu_tests="cuda_parity cuda_backend cuda_unet cuda_models"
+gpu_tests="cuda_parity cuda_backend cuda_adapters cuda_unet cuda_models"
 out="${OUT:-$bin/out}"
 
 if [ "${1:-}" = --prepare ]; then
@@ -89,7 +89,7 @@ python3 -c 'import diffusers' 2>/dev/null || {
 }
 
 status=0
-echo "== parity (tests/{cuda_parity,cuda_backend,cuda_unet,cuda_models}.rs)"
+echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs)"
 # One process per test: a kernel fault poisons its CUDA context, and should not take the
 # tests after it down too.
 for t in $gpu_tests; do

@@ -14,5 +14,5 @@ nvrtc_env="$(scripts/nvrtc-env.sh)"
 ( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )
 # The GPU tests must build; they are #[ignore]d (counted as skipped) without a GPU, and
 # scripts/gpu-check.sh runs them with --include-ignored on a GPU machine.
-cargo test --features cuda --test cuda_parity --test cuda_backend --test cuda_unet --test cuda_models
+cargo test --features cuda --test cuda_parity --test cuda_backend --test cuda_adapters --test cuda_unet --test cuda_models
 scripts/valgrind-c-tests.sh

@@ -14,9 +14,8 @@
 //! that memory to the op's output, so an element the op fails to write shows as NaN (best
 //! effort).
 //!
-//! Also: [`CudaKeyAdapters`] against the CPU's `AdapterCtx` (merge and runtime mode, with
-//! per-sample indices), on an `Applied` built by `Applied::new` from random adapters over a
-//! test `Adaptable`; and shape errors reported as errors, not panics.
+//! Also: shape errors reported as errors, not panics. The adapter hooks are in
+//! tests/cuda_adapters.rs.
 //!
 //! The tests are `#[ignore]`d, so a plain `cargo test` counts them as skipped; on a GPU
 //! machine run them with `--include-ignored`. Without a usable GPU they print
@@ -27,17 +26,12 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+use common::cuda::{check, randn, sfx, tol};
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-
-use half::{bf16, f16};
-use hdb::adapter::apply::{Adaptable, AdapterCtx, Applied, ApplyMode};
-use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cpu::Conv2d;
 use hdb::backend::cuda::ops::BlasElem;
-use hdb::backend::cuda::{Cuda, CudaDevice, CudaKeyAdapters, DeviceElem};
-use hdb::backend::{Activation, AdapterHook, AttnDims, Backend, Cpu, NormDims};
+use hdb::backend::cuda::{Cuda, DeviceElem};
+use hdb::backend::{Activation, AttnDims, Backend, Cpu, NormDims};
 use hdb::model::random::SplitMix64;
 use hdb::model::weights::F32Weight;
 use hdb::{Error, Result};
@@ -45,74 +39,6 @@ use hdb::{Error, Result};
 // ---------------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------------
-
-/// One device for the whole binary (kernels compile once), used by one test at a time.
-fn device() -> Option<(MutexGuard<'static, ()>, Arc<CudaDevice>)> {
-    static DEV: OnceLock<std::result::Result<Arc<CudaDevice>, String>> = OnceLock::new();
-    static LOCK: Mutex<()> = Mutex::new(());
-    match DEV.get_or_init(|| CudaDevice::open(0).map(Arc::new).map_err(|e| e.to_string())) {
-        Ok(d) => Some((LOCK.lock().unwrap_or_else(|p| p.into_inner()), d.clone())),
-        Err(e) => {
-            println!("SKIPPED (no CUDA device): {e}");
-            None
-        }
-    }
-}
-
-fn seed(test: &str) -> SplitMix64 {
-    let s = match std::env::var("HDB_TEST_SEED").ok().and_then(|v| {
-        let v = v.trim_start_matches("0x");
-        u64::from_str_radix(v, 16).ok()
-    }) {
-        Some(s) => s,
-        None => {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            t ^ hdb::model::random::fnv1a64(test)
-        }
-    };
-    println!("{test}: seed {s:#x} (HDB_TEST_SEED={s:x} replays it)");
-    SplitMix64(s)
-}
-
-/// Normal values times `scale`, rounded to T (what the device holds).
-fn randn<T: DeviceElem>(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
-    hdb::model::random::normals(rng, n)
-        .into_iter()
-        .map(|v| T::from_f32(v as f32 * scale).to_f32())
-        .collect()
-}
-
-/// ||got - want|| / ||want|| <= tol, every element finite; prints the figures.
-fn check(case: &str, got: &[f32], want: &[f32], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{case}: lengths");
-    if let Some((i, (g, c))) = got
-        .iter()
-        .zip(want)
-        .enumerate()
-        .find(|(_, (g, _))| !g.is_finite())
-    {
-        panic!("{case}: element {i} is {g} (cpu {c}): unwritten or overflowed");
-    }
-    let (rel, worst, wi) = common::compare(got, want);
-    println!("cuda-backend {case:<52} rel_l2={rel:.2e} max_abs={worst:.2e} (tol {tol:.0e})");
-    assert!(
-        rel <= tol,
-        "{case}: rel_l2 {rel:.3e} > {tol:.0e}; worst element {wi}: cuda {} cpu {}",
-        got[wi],
-        want[wi]
-    );
-}
-
-/// Tolerance on rel_l2 for an op that rounds its output once to T.
-fn tol<T: DeviceElem>(f32_tol: f64) -> f64 {
-    match T::SUFFIX {
-        "f32" => f32_tol,
-        "f16" => 1e-3,
-        _ => 8e-3,
-    }
-}
 
 /// The flash kernels round P to T: tests/cuda_parity.rs's figures.
 fn flash_tol<T: DeviceElem>() -> f64 {
@@ -164,21 +90,6 @@ macro_rules! parity {
         let got = $f($be, $($arg),*).unwrap_or_else(|e| panic!("{case} on CUDA: {e}"));
         check(&case, &got, &want, $tol);
     }};
-}
-
-/// Runs `$case::<T>(&dev, &mut rng)` for f32, f16 and bf16.
-macro_rules! every_dtype {
-    ($test:literal, $case:ident) => {{
-        let Some((_lock, dev)) = device() else { return };
-        let mut rng = seed($test);
-        $case(&Cuda::<f32>::new(dev.clone()), &mut rng);
-        $case(&Cuda::<f16>::new(dev.clone()), &mut rng);
-        $case(&Cuda::<bf16>::new(dev), &mut rng);
-    }};
-}
-
-fn sfx<T: BlasElem>(_: &Cuda<T>) -> &'static str {
-    T::SUFFIX
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -802,191 +713,4 @@ fn layout_ops_match_cpu() {
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn shape_errors_are_errors() {
     every_dtype!("errors", errors_case);
-}
-
-// ---------------------------------------------------------------------------------------------
-// CudaKeyAdapters against the CPU's AdapterCtx
-// ---------------------------------------------------------------------------------------------
-
-/// A model with two adaptable projections, for `Applied::new`.
-struct TwoProjections {
-    /// key -> (base weight [dout, din], dout, din)
-    proj: BTreeMap<String, (Vec<f32>, usize, usize)>,
-}
-
-impl Adaptable for TwoProjections {
-    fn key_prefix(&self) -> &'static str {
-        "unet."
-    }
-
-    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        self.proj.get(key).map(|(w, o, i)| (&w[..], *o, *i))
-    }
-}
-
-const KEY_Q: &str = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q";
-const KEY_K: &str = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k";
-
-/// Three random adapters over `model`: #0 (rank 4) and #2 (rank 2) on KEY_Q, #1 (rank 8) on
-/// both keys, factors rounded to T.
-fn random_adapters<T: DeviceElem>(rng: &mut SplitMix64, model: &TwoProjections) -> Vec<Adapter> {
-    let mut adapter = |keys: &[&str], rank: usize| {
-        let layers = keys
-            .iter()
-            .map(|&k| {
-                let (_, dout, din) = model.proj[k];
-                let down = randn::<T>(rng, rank * din, 1.0 / (din as f32).sqrt());
-                let up = randn::<T>(rng, dout * rank, 0.5 / (rank as f32).sqrt());
-                (k.to_string(), LoraLayer { rank, down, up })
-            })
-            .collect();
-        Adapter {
-            layers,
-            source: AdapterSource::Lora,
-        }
-    };
-    vec![
-        adapter(&[KEY_Q], 4),
-        adapter(&[KEY_Q, KEY_K], 8),
-        adapter(&[KEY_Q], 2),
-    ]
-}
-
-fn key_adapters_case<T: BlasElem>(be: &Cuda<T>, rng: &mut SplitMix64) {
-    let s = sfx(be);
-    let (din, dout, din_k) = (64, 48, 40);
-    let model = TwoProjections {
-        proj: [
-            (
-                KEY_Q.to_string(),
-                (randn::<T>(rng, dout * din, 0.125), dout, din),
-            ),
-            (
-                KEY_K.to_string(),
-                (randn::<T>(rng, dout * din_k, 0.15), dout, din_k),
-            ),
-        ]
-        .into_iter()
-        .collect(),
-    };
-    let adapters = random_adapters::<T>(rng, &model);
-    // Scales fold into up (rounded again on the device: T's rounding of up * scale).
-    let set: Vec<(&Adapter, f32)> = adapters.iter().zip([1.0, 0.75, -0.5]).collect();
-
-    // Runtime mode, per-sample: samples of 7 rows each, runs of one adapter and of none.
-    let runtime = Applied::new(&set, ApplyMode::Runtime, &model).expect("runtime set");
-    let per_sample: [i32; 6] = [1, -1, 0, 0, 2, 1];
-    let (batch, per) = (per_sample.len(), 7);
-    let rows = batch * per;
-    for (key, kin) in [(KEY_Q, din), (KEY_K, din_k)] {
-        let x = randn::<T>(rng, rows * kin, 1.0);
-        let y0 = randn::<T>(rng, rows * dout, 1.0);
-        for idx in [Some(&per_sample[..]), None] {
-            let ctx = AdapterCtx {
-                applied: &runtime,
-                per_sample: idx,
-            };
-            let mut want = y0.clone();
-            AdapterHook::<Cpu>::add(&ctx, &Cpu, key, &mut want, &x, batch, kin, dout)
-                .expect("cpu add");
-            let hook = CudaKeyAdapters::new(be, &runtime, idx).expect("cuda adapters");
-            hook.validate(batch).expect("validate");
-            let xd = be.upload(&x).unwrap();
-            let mut yd = be.upload(&y0).unwrap();
-            hook.add(be, key, &mut yd, &xd, batch, kin, dout)
-                .expect("cuda add");
-            let got = be.download(&yd).unwrap();
-            // Only the update differs from y0: measure it against the CPU's update.
-            let upd = |v: &[f32]| v.iter().zip(&y0).map(|(a, b)| a - b).collect::<Vec<_>>();
-            let case = format!(
-                "key_adapters runtime {s} {} per_sample {}",
-                key.rsplit('.').next().unwrap_or(key),
-                idx.is_some()
-            );
-            // t = x down^T is rounded to T on the device (f32 on the CPU), and y0 + update
-            // once more: a few roundings of T.
-            let t = match s {
-                "f32" => 1e-5,
-                "f16" => 4e-3,
-                _ => 3e-2,
-            };
-            check(&case, &upd(&got), &upd(&want), t);
-            check(&format!("{case} y"), &got, &want, tol::<T>(1e-6));
-            assert!(
-                hook.weight(key).is_none(),
-                "runtime mode has no merged weight"
-            );
-        }
-    }
-    // No adapter on a key: nothing changes.
-    let hook = CudaKeyAdapters::new(be, &runtime, None).unwrap();
-    let x = be.upload(&[1.0; 12]).unwrap();
-    let mut y = be.upload(&[2.0; 6]).unwrap();
-    hook.add(be, "unet.not.adapted", &mut y, &x, 1, 4, 2)
-        .unwrap();
-    assert_eq!(be.download(&y).unwrap(), vec![2.0; 6]);
-    // The CPU's validation errors, the same way.
-    let bad: [&[i32]; 3] = [&[0, 1], &[0, 3, 1, 1, 1, 1], &[-2, 0, 0, 0, 0, 0]];
-    for idx in bad {
-        let ctx = AdapterCtx {
-            applied: &runtime,
-            per_sample: Some(idx),
-        };
-        let cpu_err = AdapterHook::<Cpu>::validate(&ctx, batch).is_err();
-        let cuda_err = CudaKeyAdapters::new(be, &runtime, Some(idx))
-            .and_then(|h| h.validate(batch))
-            .is_err();
-        assert!(
-            cpu_err && cuda_err,
-            "indices {idx:?}: cpu err {cpu_err}, cuda err {cuda_err}"
-        );
-    }
-
-    // Merge mode: the merged weights, and a projection through them.
-    let merged = Applied::new(&set, ApplyMode::Merge, &model).expect("merge set");
-    let ctx = AdapterCtx {
-        applied: &merged,
-        per_sample: None,
-    };
-    let hook = CudaKeyAdapters::new(be, &merged, None).expect("cuda adapters");
-    hook.validate(3).expect("validate");
-    assert!(
-        CudaKeyAdapters::new(be, &merged, Some(&[0, 1])).is_err(),
-        "per-sample indices in merge mode"
-    );
-    for (key, kin) in [(KEY_Q, din), (KEY_K, din_k)] {
-        let w_cpu = AdapterHook::<Cpu>::weight(&ctx, key).expect("cpu merged weight");
-        let w_dev = hook.weight(key).expect("cuda merged weight");
-        let w_got = be.download(w_dev).unwrap();
-        let w_want: Vec<f32> = w_cpu.iter().map(|&v| T::from_f32(v).to_f32()).collect();
-        assert_eq!(
-            w_got, w_want,
-            "merged {key} {s}: the CPU's weight, rounded to {s}"
-        );
-        let x = randn::<T>(rng, rows * kin, 1.0);
-        let xd = be.upload(&x).unwrap();
-        let yd = be.linear(&xd, w_dev, None, (rows, kin, dout)).unwrap();
-        let w_rounded = F32Weight::Owned(w_want);
-        let want = Cpu.linear(&x, &w_rounded, None, (rows, kin, dout)).unwrap();
-        check(
-            &format!(
-                "key_adapters merge {s} linear {}",
-                key.rsplit('.').next().unwrap_or(key)
-            ),
-            &be.download(&yd).unwrap(),
-            &want,
-            tol::<T>(1e-5),
-        );
-        // Merge mode adds nothing at run time.
-        let mut y = be.upload(&vec![1.0; rows * dout]).unwrap();
-        hook.add(be, key, &mut y, &xd, 3, kin, dout).unwrap();
-        assert_eq!(be.download(&y).unwrap(), vec![1.0; rows * dout]);
-    }
-    assert!(hook.weight("unet.not.adapted").is_none());
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
-fn key_adapters_match_cpu() {
-    every_dtype!("key_adapters", key_adapters_case);
 }

@@ -2,6 +2,9 @@
 //! (`tests/fixtures/unet/<case>.in.safetensors`, written by tools/make_unet_fixtures.py).
 #![allow(dead_code)] // each test crate uses its own part
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use std::path::PathBuf;
 
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};

@@ -1,0 +1,99 @@
+//! The harness the `Cuda<T>` backend tests share (tests/cuda_backend.rs,
+//! tests/cuda_adapters.rs): one device per test binary, printed and replayable seeds, the
+//! comparison, and the every-dtype runner.
+#![allow(dead_code)] // each test crate uses its own part
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use hdb::backend::cuda::ops::BlasElem;
+use hdb::backend::cuda::{Cuda, CudaDevice, DeviceElem};
+use hdb::model::random::SplitMix64;
+
+/// One device for the whole binary (kernels compile once), used by one test at a time.
+pub fn device() -> Option<(MutexGuard<'static, ()>, Arc<CudaDevice>)> {
+    static DEV: OnceLock<std::result::Result<Arc<CudaDevice>, String>> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    match DEV.get_or_init(|| CudaDevice::open(0).map(Arc::new).map_err(|e| e.to_string())) {
+        Ok(d) => Some((LOCK.lock().unwrap_or_else(|p| p.into_inner()), d.clone())),
+        Err(e) => {
+            println!("SKIPPED (no CUDA device): {e}");
+            None
+        }
+    }
+}
+
+pub fn seed(test: &str) -> SplitMix64 {
+    let s = match std::env::var("HDB_TEST_SEED").ok().and_then(|v| {
+        let v = v.trim_start_matches("0x");
+        u64::from_str_radix(v, 16).ok()
+    }) {
+        Some(s) => s,
+        None => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            t ^ hdb::model::random::fnv1a64(test)
+        }
+    };
+    println!("{test}: seed {s:#x} (HDB_TEST_SEED={s:x} replays it)");
+    SplitMix64(s)
+}
+
+/// ||got - want|| / ||want|| <= tol, every element finite; prints the figures.
+pub fn check(case: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{case}: lengths");
+    if let Some((i, (g, c))) = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .find(|(_, (g, _))| !g.is_finite())
+    {
+        panic!("{case}: element {i} is {g} (cpu {c}): unwritten or overflowed");
+    }
+    let (rel, worst, wi) = super::compare(got, want);
+    println!("cuda-backend {case:<52} rel_l2={rel:.2e} max_abs={worst:.2e} (tol {tol:.0e})");
+    assert!(
+        rel <= tol,
+        "{case}: rel_l2 {rel:.3e} > {tol:.0e}; worst element {wi}: cuda {} cpu {}",
+        got[wi],
+        want[wi]
+    );
+}
+
+pub fn sfx<T: BlasElem>(_: &Cuda<T>) -> &'static str {
+    T::SUFFIX
+}
+
+/// Runs `$case::<T>(&dev, &mut rng)` for f32, f16 and bf16.
+#[macro_export]
+macro_rules! every_dtype {
+    ($test:literal, $case:ident) => {{
+        let Some((_lock, dev)) = $crate::common::cuda::device() else {
+            return;
+        };
+        let mut rng = $crate::common::cuda::seed($test);
+        $case(&hdb::backend::cuda::Cuda::<f32>::new(dev.clone()), &mut rng);
+        $case(
+            &hdb::backend::cuda::Cuda::<half::f16>::new(dev.clone()),
+            &mut rng,
+        );
+        $case(&hdb::backend::cuda::Cuda::<half::bf16>::new(dev), &mut rng);
+    }};
+}
+
+/// Normal values times `scale`, rounded to T (what the device holds).
+pub fn randn<T: DeviceElem>(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
+    hdb::model::random::normals(rng, n)
+        .into_iter()
+        .map(|v| T::from_f32(v as f32 * scale).to_f32())
+        .collect()
+}
+
+/// Tolerance on rel_l2 for an op that rounds its output once to T.
+pub fn tol<T: DeviceElem>(f32_tol: f64) -> f64 {
+    match T::SUFFIX {
+        "f32" => f32_tol,
+        "f16" => 1e-3,
+        _ => 8e-3,
+    }
+}
