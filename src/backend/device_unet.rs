@@ -4,8 +4,8 @@
 //! generic model code as on the CPU, on the CUDA backend), [`DeviceHypernet`] predicts
 //! identities. The tokenizer stays on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
 //!
-//! Both types exist in every build, so callers need no `cfg`: without the `cuda` feature they
-//! have no values ([`DeviceUnet::for_runtime`] always gives `None`).
+//! Every type exists in every build, so callers need no `cfg`: without the `cuda` feature they
+//! have no values (their constructors always give `None`).
 
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
@@ -228,20 +228,6 @@ impl DeviceAdapters {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn shared_objects_may_cross_threads() {
-        // Models and runtimes are shared by every thread of a host (the C API's contract);
-        // a session, with its device adapters, may move between threads.
-        fn send_sync<T: Send + Sync>() {}
-        send_sync::<crate::Model>();
-        send_sync::<crate::Runtime>();
-        send_sync::<super::DeviceUnet>();
-        send_sync::<super::DeviceAdapters>();
-    }
-}
-
 /// A model's text encoder and VAE on a runtime's device (CUDA: fp16 weights, f32
 /// accumulation), shared by every pipeline of the model on that device.
 #[derive(Clone, Debug)]
@@ -394,5 +380,22 @@ impl DeviceHypernet {
             #[cfg(feature = "cuda")]
             DeviceHypernet::Cuda(ref net) => net.backend().describe(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shared_objects_may_cross_threads() {
+        // Models and runtimes are shared by every thread of a host (the C API's contract);
+        // a session, with its device adapters, may move between threads.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Model>();
+        send_sync::<crate::Runtime>();
+        send_sync::<super::DeviceUnet>();
+        send_sync::<super::DeviceAdapters>();
+        send_sync::<super::DeviceTextVae>();
+        send_sync::<super::DeviceHypernet>();
+        send_sync::<crate::pipeline::Pipeline>();
     }
 }
