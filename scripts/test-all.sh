@@ -8,6 +8,9 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The CUDA backend must keep compiling on machines without CUDA.
 cargo clippy --features cuda --all-targets -- -D warnings
+# Docs build without broken or private intra-doc links (docs/backend.md points newcomers here).
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
 cargo test
 # The CUDA kernels must compile for sm_80 and sm_90: NVRTC from pip, no GPU needed.
 nvrtc_env="$(scripts/nvrtc-env.sh)"

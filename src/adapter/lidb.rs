@@ -42,7 +42,7 @@ pub struct Lidb {
 /// (layer key, basis_seed, a, b, in, out)
 type BasisId = (String, u64, usize, usize, usize, usize);
 
-/// Bases by [`BasisId`], shared by every identity loaded for a model.
+/// Bases by `BasisId`, shared by every identity loaded for a model.
 #[derive(Default)]
 pub struct BasisCache {
     map: std::sync::Mutex<std::collections::HashMap<BasisId, std::sync::Arc<Basis>>>,

@@ -43,7 +43,7 @@ pub enum DeviceUnet {
     },
 }
 
-/// A session's adapter set on a [`DeviceUnet`] (see [`crate::backend::cuda::adapters`]).
+/// A session's adapter set on a [`DeviceUnet`] (see `backend::cuda::adapters` and `backend::cuda::layer_adapters`).
 #[derive(Debug)]
 pub enum DeviceAdapters {
     #[cfg(feature = "cuda")]
@@ -70,7 +70,7 @@ impl DeviceUnet {
     }
 
     /// The UNet of `model` on `rt`'s device through the generic model code
-    /// ([`DeviceUnet::CudaGeneric`]); `None` when the runtime runs on the CPU. Not cached:
+    /// (`DeviceUnet::CudaGeneric`); `None` when the runtime runs on the CPU. Not cached:
     /// each call uploads (for tests and benchmarks until it replaces the tuned UNet).
     pub fn generic_for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]

@@ -5,7 +5,7 @@
 //! `x += linear2(gelu(linear1(norm3(x))))`; then `decoder.norm`.
 //!
 //! The memory (the projected image tokens) is the same in every refinement iteration, so each
-//! layer's cross-attention keys and values are computed once per prediction ([`MemoryKv`]).
+//! layer's cross-attention keys and values are computed once per prediction (`MemoryKv`).
 
 use super::vit::{linear_shapes, norm_shapes, split_rows, Part};
 use crate::backend::profile::scope;

@@ -1,7 +1,7 @@
 //! The HyperDreamBooth hypernetwork (DESIGN.md section 4, hypernetwork v1): one face image ->
 //! the LiDB weights of every adapted layer.
 //!
-//! A ViT ([`vit`]) turns the preprocessed image ([`preprocess`]) into tokens, projected to
+//! A ViT ([`vit`]) turns the preprocessed image ([`preprocess()`]) into tokens, projected to
 //! `d_model` (`feature_proj`). One query token per adapted layer holds that layer's current
 //! weights, embedded (`weight_embed`), plus a learned position (`layer_pos`); a transformer
 //! decoder ([`decoder`]) attends over them and the image tokens, and per-layer linear heads give
@@ -619,7 +619,7 @@ impl<B: Backend> Hypernet<B> {
             });
     }
 
-    /// theta [L, token_dim] -> the LiDB adapter it stands for: layer_keys[l] gets
+    /// theta [L, token_dim] -> the LiDB adapter it stands for: `layer_keys[l]` gets
     /// D_train = theta[l][..r a] as [r, a] and U_train = theta[l][r a..] as [b, r]; rank, a, b,
     /// basis seed and alpha from the config.
     pub fn to_lidb(&self, theta: &[f32]) -> Result<Lidb> {

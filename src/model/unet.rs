@@ -240,7 +240,7 @@ pub(crate) struct Block<B: Backend = Cpu> {
 pub struct UnetInput<'a> {
     /// [batch, in_channels, height, width]
     pub sample: &'a [f32],
-    /// [batch]
+    /// `[batch]`
     pub timesteps: &'a [f32],
     /// encoder_hidden_states [batch, context_len, cross_attention_dim]
     pub context: &'a [f32],

@@ -1,18 +1,18 @@
 //! 2-D convolution (NCHW, PyTorch weight layout) as im2col + GEMM.
 //!
-//! y[b] (c_out x HWo) = W (c_out x c_in*k*k) · col (c_in*k*k x HWo), with `col` built for a
+//! `y[b]` (c_out x HWo) = W (c_out x c_in*k*k) · col (c_in*k*k x HWo), with `col` built for a
 //! bounded number of output columns at a time, so the extra memory stays a few MB per thread
 //! whatever the image size. Strategy by shape:
 //! - 1x1, stride 1, no padding: `col` is the input itself (no copy); one GEMM per image,
 //!   split across the pool's threads.
-//! - Small outputs (HWo below [`GROUP_BELOW`], batch > 1): several images share one GEMM
+//! - Small outputs (HWo below `GROUP_BELOW`, batch > 1): several images share one GEMM
 //!   (columns of image after image) into a scratch output, so a large weight
 //!   (1280x1280x3x3 = 59 MB at 8x8 and 16x16) is streamed once per group, not per image.
 //! - Large outputs with 2+ threads: each rayon task builds the im2col of 128-512 columns of
 //!   one image in its own thread's workspace and runs a single-threaded GEMM into y
 //!   (`per_worker`).
 //! - Otherwise (one thread, or too few chunks to share): per image, chunks of up to
-//!   [`COL_BUDGET`] floats, each one GEMM split across threads.
+//!   `COL_BUDGET` floats, each one GEMM split across threads.
 //!
 //! Workspaces are per-thread and kept between calls (see `WORKSPACE`).
 //!

@@ -82,7 +82,7 @@ pub(crate) unsafe fn gemm_raw(
     }
 }
 
-/// y[m, n] = x[m, k] · w[n, k]^T + bias[n] (PyTorch `Linear`).
+/// `y[m, n] = x[m, k] · w[n, k]^T + bias[n]` (PyTorch `Linear`).
 pub fn linear(
     y: &mut [f32],
     x: &[f32],

@@ -202,7 +202,7 @@ pub fn add_channel_bias(y: &mut [f32], v: &[f32], batch: usize, channels: usize,
 }
 
 /// diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift, scale=1,
-/// max_period)`: y [n, dim] for t [n].
+/// max_period)`: y `[n, dim]` for t `[n]`.
 ///
 /// The f32 steps are torch's: exponent = f32(-ln max_period) * i / (half - shift), args =
 /// t * f32(exp(exponent)). exp, sin and cos are correctly rounded (computed in f64, rounded

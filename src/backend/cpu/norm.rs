@@ -16,7 +16,7 @@ fn stats(x: &[f32], eps: f32) -> (f64, f64) {
 }
 
 /// GroupNorm over x [batch, channels, hw]: channels split into `groups` consecutive groups,
-/// normalised over (channels/groups) x hw, then y = x̂ * gamma[c] + beta[c], then SiLU if
+/// normalised over (channels/groups) x hw, then `y = x̂ * gamma[c] + beta[c]`, then SiLU if
 /// `silu` (the resnet's norm + nonlinearity fused).
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(

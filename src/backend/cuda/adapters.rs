@@ -16,7 +16,7 @@
 //!   adapter that changes it, with every row reading that adapter's index.
 //!
 //! The kernels' limits are checked when the set is built, naming the layer: a layer's total
-//! rank above [`MERGE_MAX_RANK`] in merge mode, an adapter's rank above [`LORA_MAX_RANK`] in
+//! rank above `MERGE_MAX_RANK` in merge mode, an adapter's rank above `LORA_MAX_RANK` in
 //! runtime mode. Building allocates, uploads and launches before it returns, and changes
 //! nothing else, so a failure leaves the caller's previous set intact.
 

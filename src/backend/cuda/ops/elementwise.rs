@@ -203,7 +203,7 @@ pub fn softmax_rows<T: DeviceElem>(
     )
 }
 
-/// diffusers' timestep embedding: y [n, dim] for t [n] (f32).
+/// diffusers' timestep embedding: y `[n, dim]` for t `[n]` (f32).
 pub fn timestep_embedding<T: DeviceElem>(
     dev: &CudaDevice,
     y: &mut CudaSlice<T>,
@@ -306,7 +306,7 @@ pub fn add_channel_bias<T: DeviceElem>(
     )
 }
 
-/// y [rows, n] += bias [n].
+/// y `[rows, n]` += bias `[n]`.
 pub fn add_bias_rows<T: DeviceElem>(
     dev: &CudaDevice,
     y: At<'_, T>,
@@ -332,7 +332,7 @@ pub fn add_bias_rows<T: DeviceElem>(
     )
 }
 
-/// y [batch, channels, hw] += bias [channels].
+/// y `[batch, channels, hw]` += bias `[channels]`.
 pub fn add_bias_channels<T: DeviceElem>(
     dev: &CudaDevice,
     y: &mut CudaSlice<T>,

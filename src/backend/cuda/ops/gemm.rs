@@ -107,7 +107,7 @@ unsafe fn raw_view_mut<T>(dev: &CudaDevice, addr: u64) -> RawOut<T> {
     }
 }
 
-/// An output address for cuBLAS (see [`raw_view_mut`]).
+/// An output address for cuBLAS (see `raw_view_mut`).
 pub struct RawOut<T> {
     addr: u64,
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
@@ -137,7 +137,7 @@ impl<T> cudarc::driver::DevicePtrMut<T> for RawOut<T> {
     }
 }
 
-/// y [m, n] = x [m, k] . w [n, k]^T (+ bias [n]): PyTorch's Linear, row-major, through one
+/// y `[m, n]` = x `[m, k]` . w `[n, k]`^T (+ bias `[n]`): PyTorch's Linear, row-major, through one
 /// cuBLAS call (column-major: y^T = w . x^T). `ld_y` is y's row stride (>= n).
 #[allow(clippy::too_many_arguments)]
 pub fn linear<T: BlasElem>(
