@@ -43,7 +43,8 @@ pub enum DeviceUnet {
     },
 }
 
-/// A session's adapter set on a [`DeviceUnet`] (see `backend::cuda::adapters` and `backend::cuda::layer_adapters`).
+/// A session's adapter set on a [`DeviceUnet`] (see `backend::cuda::adapters` and
+/// `backend::cuda::layer_adapters`).
 #[derive(Debug)]
 pub enum DeviceAdapters {
     #[cfg(feature = "cuda")]

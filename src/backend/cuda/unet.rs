@@ -936,7 +936,8 @@ impl<T: BlasElem> CudaUnet<T> {
 
     /// As [`CudaUnet::forward`] with device-resident sample [batch, in_channels, h, w] and
     /// context [batch, context_len, cross_attention_dim] (each exactly that long) and
-    /// timesteps `[batch]` on the host; returns the device output `[batch, out_channels, h, w]`.
+    /// timesteps `[batch]` on the host; returns the device output
+    /// `[batch, out_channels, h, w]`.
     /// Queues the work and returns without waiting for it.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_device(
