@@ -715,7 +715,7 @@ hdb_status hdb_session_new(const struct hdb_model *model, const struct hdb_sessi
 /**
  * Runs one UNet evaluation, exactly diffusers' `UNet2DConditionModel(sample, timestep,
  * encoder_hidden_states).sample`:
- * `sample` [batch, in_channels, height, width], `timesteps` [batch],
+ * `sample` [batch, in_channels, height, width], `timesteps` (one per sample),
  * `context` [batch, context_tokens, cross_attention_dim] -> `out` [batch, out_channels,
  * height, width], all f32, row-major. Each `*_len` is the buffer's length in floats and must
  * equal the shape's size (the error names the argument and the expected shape). The UNet is
