@@ -127,6 +127,47 @@ pub(crate) fn check_ranks(resolved: &Applied, mode: ApplyMode) -> Result<()> {
     Ok(())
 }
 
+/// The index of `present` (the adapters that change a projection) in `masks`, added if new.
+pub(crate) fn mask_of(masks: &mut Vec<Vec<usize>>, present: &[usize]) -> usize {
+    match masks.iter().position(|m| m == present) {
+        Some(m) => m,
+        None => {
+            masks.push(present.to_vec());
+            masks.len() - 1
+        }
+    }
+}
+
+/// Per-sample runtime mode: for each mask, the samples' adapter indices with the adapters
+/// outside the mask set to -1, uploaded; None where no sample uses an adapter of the mask
+/// (that projection needs no launch).
+pub(crate) fn per_mask_indices(
+    dev: &CudaDevice,
+    masks: &[Vec<usize>],
+    idx: &[i32],
+) -> Result<Vec<Option<CudaSlice<i32>>>> {
+    masks
+        .iter()
+        .map(|present| {
+            let v: Vec<i32> = idx
+                .iter()
+                .map(|&a| {
+                    if a >= 0 && present.contains(&(a as usize)) {
+                        a
+                    } else {
+                        -1
+                    }
+                })
+                .collect();
+            if v.iter().all(|&a| a < 0) {
+                Ok(None)
+            } else {
+                dev.upload(&v).map(Some)
+            }
+        })
+        .collect()
+}
+
 /// One adapted projection, located in the UNet, with its factors' offsets in the packed
 /// upload: (adapter index, down offset, up offset, rank).
 struct Located {
@@ -247,13 +288,7 @@ impl<T: BlasElem> CudaAdapters<T> {
                             l.id, l.slot
                         )));
                     }
-                    let mask = match masks.iter().position(|m| *m == present) {
-                        Some(m) => m,
-                        None => {
-                            masks.push(present.clone());
-                            masks.len() - 1
-                        }
-                    };
+                    let mask = mask_of(&mut masks, &present);
                     attn[l.id].lora[l.slot as usize] = Some(ProjLora {
                         table: dev.upload(&table)?,
                         present,
@@ -405,31 +440,10 @@ impl<'a, T: BlasElem> Active<'a, T> {
                 "were built for another CUDA UNet (another model or upload)",
             ));
         }
-        let per_mask = match ad.per_sample {
-            None => None,
-            Some(idx) => Some(
-                set.masks
-                    .iter()
-                    .map(|present| {
-                        let v: Vec<i32> = idx
-                            .iter()
-                            .map(|&a| {
-                                if a >= 0 && present.contains(&(a as usize)) {
-                                    a
-                                } else {
-                                    -1
-                                }
-                            })
-                            .collect();
-                        if v.iter().all(|&a| a < 0) {
-                            Ok(None)
-                        } else {
-                            dev.upload(&v).map(Some)
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-        };
+        let per_mask = ad
+            .per_sample
+            .map(|idx| per_mask_indices(dev, &set.masks, idx))
+            .transpose()?;
         Ok(Active { set, per_mask })
     }
 

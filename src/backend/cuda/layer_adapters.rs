@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::adapters::{check_ranks, ALIGN};
+use super::adapters::{check_ranks, mask_of, per_mask_indices, ALIGN};
 use super::backend::Cuda;
 use super::device::CudaDevice;
 use super::ops::{self, At, BgmvShape, BlasElem, Factor, MergeLayer};
@@ -162,13 +162,7 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
                             "layer '{key}': an adapter appears twice"
                         )));
                     }
-                    let mask = match masks.iter().position(|m| *m == present) {
-                        Some(m) => m,
-                        None => {
-                            masks.push(present.clone());
-                            masks.len() - 1
-                        }
-                    };
+                    let mask = mask_of(&mut masks, &present);
                     let lora = Lora {
                         table: dev.upload(&table)?,
                         present,
@@ -259,31 +253,9 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
         if let Some(idx) = per_sample {
             validate_per_sample(self.mode, self.count, Some(idx), idx.len())?;
         }
-        let per_mask = match per_sample {
-            None => None,
-            Some(idx) => Some(
-                self.masks
-                    .iter()
-                    .map(|present| {
-                        let v: Vec<i32> = idx
-                            .iter()
-                            .map(|&a| {
-                                if a >= 0 && present.contains(&(a as usize)) {
-                                    a
-                                } else {
-                                    -1
-                                }
-                            })
-                            .collect();
-                        if v.iter().all(|&a| a < 0) {
-                            Ok(None)
-                        } else {
-                            self.dev.upload(&v).map(Some)
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-        };
+        let per_mask = per_sample
+            .map(|idx| per_mask_indices(&self.dev, &self.masks, idx))
+            .transpose()?;
         Ok(LayerAdaptersCtx {
             set: self,
             per_sample,
