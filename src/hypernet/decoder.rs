@@ -105,6 +105,26 @@ pub(crate) struct Decoder<B: Backend> {
     d: usize,
 }
 
+/// Every `decoder.*` tensor and its shape, in torch's names.
+pub(crate) fn tensor_shapes(d: usize, layers: usize) -> Vec<(String, Vec<usize>)> {
+    let mut s = Vec::new();
+    for i in 0..layers {
+        let p = format!("decoder.layers.{i}");
+        for a in ["self_attn", "multihead_attn"] {
+            s.push((format!("{p}.{a}.in_proj_weight"), vec![3 * d, d]));
+            s.push((format!("{p}.{a}.in_proj_bias"), vec![3 * d]));
+            linear_shapes(&mut s, &format!("{p}.{a}.out_proj"), d, d);
+        }
+        linear_shapes(&mut s, &format!("{p}.linear1"), d, 4 * d);
+        linear_shapes(&mut s, &format!("{p}.linear2"), 4 * d, d);
+        for n in ["norm1", "norm2", "norm3"] {
+            norm_shapes(&mut s, &format!("{p}.{n}"), d);
+        }
+    }
+    norm_shapes(&mut s, "decoder.norm", d);
+    s
+}
+
 /// Per decoder layer, the cross-attention keys and values of one image's memory.
 pub(crate) struct MemoryKv<B: Backend>(Vec<(B::Buf, B::Buf)>);
 
@@ -136,26 +156,6 @@ impl<B: Backend> Decoder<B> {
             norm: LayerNorm::load(be, src, "decoder.norm", d)?,
             d,
         })
-    }
-
-    /// Every `decoder.*` tensor and its shape, in torch's names.
-    pub(crate) fn tensor_shapes(d: usize, layers: usize) -> Vec<(String, Vec<usize>)> {
-        let mut s = Vec::new();
-        for i in 0..layers {
-            let p = format!("decoder.layers.{i}");
-            for a in ["self_attn", "multihead_attn"] {
-                s.push((format!("{p}.{a}.in_proj_weight"), vec![3 * d, d]));
-                s.push((format!("{p}.{a}.in_proj_bias"), vec![3 * d]));
-                linear_shapes(&mut s, &format!("{p}.{a}.out_proj"), d, d);
-            }
-            linear_shapes(&mut s, &format!("{p}.linear1"), d, 4 * d);
-            linear_shapes(&mut s, &format!("{p}.linear2"), 4 * d, d);
-            for n in ["norm1", "norm2", "norm3"] {
-                norm_shapes(&mut s, &format!("{p}.{n}"), d);
-            }
-        }
-        norm_shapes(&mut s, "decoder.norm", d);
-        s
     }
 
     /// The cross-attention keys and values of memory [m, d_model], for every layer.

@@ -186,7 +186,7 @@ impl HypernetConfig {
         vit::linear_shapes(&mut s, "feature_proj", self.encoder.width, d);
         vit::linear_shapes(&mut s, "weight_embed", t, d);
         s.push(("layer_pos".into(), vec![n, d]));
-        s.extend(decoder::Decoder::<Cpu>::tensor_shapes(d, self.layers));
+        s.extend(decoder::tensor_shapes(d, self.layers));
         s.push(("heads.weight".into(), vec![n, t, d]));
         s.push(("heads.bias".into(), vec![n, t]));
         s
