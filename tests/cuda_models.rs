@@ -422,9 +422,7 @@ fn hypernet_on_cuda_matches_the_cpu() {
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn pipeline_with_the_generic_unet_matches_the_cpu_pipeline() {
     use hdb::backend::device_unet::DeviceUnet;
-    use hdb::io::safetensors::SafetensorsFile;
-    use hdb::model::scheduler::SamplerKind;
-    use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+    use hdb::pipeline::{GenerateAdapters, Pipeline};
     let rt = match hdb::Runtime::new(hdb::RuntimeOptions {
         device: hdb::runtime::DeviceRequest::Cuda(0),
         threads: 2,
@@ -438,22 +436,7 @@ fn pipeline_with_the_generic_unet_matches_the_cpu_pipeline() {
     let d = gpu.device_unet.as_ref().expect("the UNet on the device");
     println!("pipeline UNet on {}", d.describe());
     let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
-    let latents = SafetensorsFile::open(&fixtures().join("pipeline/latents.safetensors"))
-        .expect("latents")
-        .to_f32("latents")
-        .expect("f32");
-    let params = GenerateParams {
-        prompt: "a photo of sks person".into(),
-        negative_prompt: "blurry, low quality".into(),
-        steps: 4,
-        guidance: 7.5,
-        sampler: SamplerKind::Ddim,
-        seed: 0,
-        width: 64,
-        height: 64,
-        batch: 2,
-        latents: Some(latents),
-    };
+    let params = common::gpu_pipeline_params();
     let id = random_adapter(cpu.unet.adaptable_layers(), 5, 4);
     let set = [(&id, 1.0)];
     let host_set = Applied::new(&set, ApplyMode::Runtime, &*cpu.unet).expect("cpu set");

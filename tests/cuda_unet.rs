@@ -826,8 +826,7 @@ fn session_unet_on_a_cuda_runtime_matches_the_cpu_runtime() {
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
-    use hdb::model::scheduler::SamplerKind;
-    use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+    use hdb::pipeline::{GenerateAdapters, Pipeline};
     let rt = match hdb::Runtime::new(hdb::RuntimeOptions {
         device: hdb::runtime::DeviceRequest::Cuda(0),
         threads: 2,
@@ -843,22 +842,7 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
     let d = gpu.device_unet.as_ref().expect("the UNet on the device");
     println!("pipeline UNet on {}", d.describe());
     let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
-    let latents = SafetensorsFile::open(&fixtures().join("pipeline/latents.safetensors"))
-        .expect("latents")
-        .to_f32("latents")
-        .expect("f32");
-    let params = GenerateParams {
-        prompt: "a photo of sks person".into(),
-        negative_prompt: "blurry, low quality".into(),
-        steps: 4,
-        guidance: 7.5,
-        sampler: SamplerKind::Ddim,
-        seed: 0,
-        width: 64,
-        height: 64,
-        batch: 2,
-        latents: Some(latents),
-    };
+    let params = common::gpu_pipeline_params();
     let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
     let set = [(&id1, 1.0)];
     let host_set = Applied::new(&set, ApplyMode::Runtime, &*cpu.unet).expect("cpu set");

@@ -115,3 +115,24 @@ pub fn judge(
     println!("  {msg}");
     Some(msg)
 }
+
+/// The generation the CUDA pipeline tests compare with the CPU: tiny-sd's 64x64, batch 2,
+/// 4 DDIM steps with guidance 7.5, from the fixed latents of tests/fixtures/pipeline.
+pub fn gpu_pipeline_params() -> hdb::pipeline::GenerateParams {
+    let latents = SafetensorsFile::open(&fixtures().join("pipeline/latents.safetensors"))
+        .expect("latents")
+        .to_f32("latents")
+        .expect("f32");
+    hdb::pipeline::GenerateParams {
+        prompt: "a photo of sks person".into(),
+        negative_prompt: "blurry, low quality".into(),
+        steps: 4,
+        guidance: 7.5,
+        sampler: hdb::model::scheduler::SamplerKind::Ddim,
+        seed: 0,
+        width: 64,
+        height: 64,
+        batch: 2,
+        latents: Some(latents),
+    }
+}
