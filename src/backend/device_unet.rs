@@ -1,8 +1,8 @@
 //! The models on a runtime's accelerator, as the library's normal paths use them (sessions,
 //! the pipeline, the CLI): [`DeviceUnet`] evaluates the UNet, [`DeviceAdapters`] is a
 //! session's adapter set there, [`DeviceTextVae`] runs the text encoder and the VAE (the same
-//! generic model code as on the CPU, on the CUDA backend), [`DeviceHypernet`] predicts
-//! identities. The tokenizer stays on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
+//! generic model code as on the CPU, on the CUDA backend), [`RuntimeHypernet`] predicts
+//! identities (on the CPU or the GPU). The tokenizer stays on the CPU. Inputs and outputs are f32 on the host, as on the CPU.
 //!
 //! Every type exists in every build, so callers need no `cfg`: without the `cuda` feature they
 //! have no values (their constructors always give `None`).
@@ -17,7 +17,6 @@ use crate::backend::cuda::{
     adapters::{CudaAdapterCtx, CudaAdapters},
     Cuda, CudaDevice, CudaLayerAdapters,
 };
-#[cfg(feature = "cuda")]
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::config::UnetConfig;
@@ -323,64 +322,98 @@ impl DeviceTextVae {
     }
 }
 
-/// A hypernetwork on a runtime's device (CUDA: f32 storage and compute, so a prediction
-/// matches the CPU's to rounding: theta becomes adapter weights).
+/// A hypernetwork on a runtime's device: the CPU, or a GPU (CUDA: f32 storage and compute, so
+/// a prediction matches the CPU's to rounding: theta becomes adapter weights). Only the
+/// device's copy of the weights is built.
 #[derive(Debug)]
-pub enum DeviceHypernet {
+pub enum RuntimeHypernet {
+    Cpu(Box<crate::hypernet::Hypernet>),
     #[cfg(feature = "cuda")]
-    Cuda(crate::hypernet::Hypernet<Cuda<f32>>),
+    Cuda(Box<crate::hypernet::Hypernet<Cuda<f32>>>),
 }
 
-impl DeviceHypernet {
-    /// The hypernetwork file at `path` on `rt`'s device; `None` when the runtime runs on the
-    /// CPU.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn load(rt: &Runtime, path: &std::path::Path) -> Result<Option<DeviceHypernet>> {
+/// `$body` with `$n` bound to the network, whichever backend it is on.
+macro_rules! on_net {
+    ($self:expr, $n:ident => $body:expr) => {
+        match $self {
+            RuntimeHypernet::Cpu($n) => $body,
+            #[cfg(feature = "cuda")]
+            RuntimeHypernet::Cuda($n) => $body,
+        }
+    };
+}
+
+impl RuntimeHypernet {
+    /// The hypernetwork file at `path` on `rt`'s device.
+    pub fn load(rt: &Runtime, path: &std::path::Path) -> Result<RuntimeHypernet> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
             let net = crate::hypernet::Hypernet::load_on(Cuda::<f32>::new(dev.clone()), path)?;
-            return Ok(Some(DeviceHypernet::Cuda(net)));
+            return Ok(RuntimeHypernet::Cuda(Box::new(net)));
         }
-        Ok(None)
+        rt.install(|| crate::hypernet::Hypernet::load(path))
+            .map(|n| RuntimeHypernet::Cpu(Box::new(n)))
     }
 
-    /// A hypernetwork of `config` from `src` (random weights in benchmarks) on `rt`'s device;
-    /// `None` when the runtime runs on the CPU.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    /// A hypernetwork of `config` from `src` (random weights in benchmarks and the demo) on
+    /// `rt`'s device.
     pub fn from_source(
         rt: &Runtime,
         config: crate::hypernet::HypernetConfig,
-        src: &dyn crate::model::unet::WeightSource,
-    ) -> Result<Option<DeviceHypernet>> {
+        src: &(dyn crate::model::unet::WeightSource + Sync),
+    ) -> Result<RuntimeHypernet> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
             let be = Cuda::<f32>::new(dev.clone());
             let net = crate::hypernet::Hypernet::from_source_on(be, config, src)?;
-            return Ok(Some(DeviceHypernet::Cuda(net)));
+            return Ok(RuntimeHypernet::Cuda(Box::new(net)));
         }
-        Ok(None)
+        rt.install(|| crate::hypernet::Hypernet::from_source(config, src))
+            .map(|n| RuntimeHypernet::Cpu(Box::new(n)))
     }
 
-    /// As [`crate::hypernet::Hypernet::predict`].
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn config(&self) -> &crate::hypernet::HypernetConfig {
+        on_net!(self, n => &n.config)
+    }
+
+    /// As [`crate::hypernet::Hypernet::preprocess`].
+    pub fn preprocess(
+        &self,
+        rgb: &[u8],
+        width: usize,
+        height: usize,
+        stride: usize,
+    ) -> Result<Vec<f32>> {
+        on_net!(self, n => n.preprocess(rgb, width, height, stride))
+    }
+
+    /// As [`crate::hypernet::Hypernet::predict`] (run it in the runtime's `install` for the
+    /// CPU's threads).
     pub fn predict(
         &self,
         image: &[f32],
         iterations: Option<usize>,
         progress: Option<crate::pipeline::Progress<'_>>,
     ) -> Result<Vec<f32>> {
-        match *self {
-            #[cfg(feature = "cuda")]
-            DeviceHypernet::Cuda(ref net) => net.predict(image, iterations, progress),
-        }
+        on_net!(self, n => n.predict(image, iterations, progress))
     }
 
-    /// Where it runs, for logs.
+    /// As [`crate::hypernet::Hypernet::to_lidb`].
+    pub fn to_lidb(&self, theta: &[f32]) -> Result<crate::adapter::lidb::Lidb> {
+        on_net!(self, n => n.to_lidb(theta))
+    }
+
+    /// As [`crate::hypernet::Hypernet::check_layers`].
+    pub fn check_layers(
+        &self,
+        table: &std::collections::BTreeMap<String, crate::adapter::LayerShape>,
+    ) -> Result<()> {
+        on_net!(self, n => n.check_layers(table))
+    }
+
+    /// Where it runs, for logs: `cpu f32`, `cuda:0 f32`.
     pub fn describe(&self) -> String {
-        match *self {
-            #[cfg(feature = "cuda")]
-            DeviceHypernet::Cuda(ref net) => net.backend().describe(),
-        }
+        on_net!(self, n => n.backend().describe())
     }
 }
 
@@ -396,7 +429,7 @@ mod tests {
         send_sync::<super::DeviceUnet>();
         send_sync::<super::DeviceAdapters>();
         send_sync::<super::DeviceTextVae>();
-        send_sync::<super::DeviceHypernet>();
+        send_sync::<super::RuntimeHypernet>();
         send_sync::<crate::pipeline::Pipeline>();
     }
 }

@@ -12,16 +12,14 @@ use super::runtime::hdb_runtime;
 use super::status::hdb_status;
 use super::{hdb_progress_fn, HostProgress};
 use crate::adapter::{adaptable_layers, Adapter};
-use crate::backend::device_unet::DeviceHypernet;
+use crate::backend::device_unet::RuntimeHypernet;
 use crate::error::Error;
-use crate::hypernet::Hypernet;
 use crate::runtime::Runtime;
 
 /// Opaque, immutable hypernetwork. Thread-safe.
 pub struct hdb_hypernet {
-    net: Hypernet,
-    /// The network on the runtime's device, which predicts when present.
-    device: Option<DeviceHypernet>,
+    /// The network on the runtime's device (the CPU or a GPU).
+    net: RuntimeHypernet,
     runtime: Arc<Runtime>,
 }
 
@@ -74,18 +72,14 @@ pub unsafe extern "C" fn hdb_hypernet_load(
         let rt = unsafe { arg_ref(rt, "rt") }?;
         let path = unsafe { arg_path(path, "path") }?;
         let out = out_ptr(out, "out")?;
-        let net = Hypernet::load(&path)?;
-        let device = DeviceHypernet::load(&rt.inner, &path)?;
-        if let Some(d) = &device {
-            log::info!(
-                "the hypernetwork {} runs on {}",
-                path.display(),
-                d.describe()
-            );
-        }
+        let net = RuntimeHypernet::load(&rt.inner, &path)?;
+        log::info!(
+            "the hypernetwork {} runs on {}",
+            path.display(),
+            net.describe()
+        );
         let boxed = Box::new(hdb_hypernet {
             net,
-            device,
             runtime: rt.inner.clone(),
         });
         // SAFETY: out checked non-null.
@@ -145,10 +139,9 @@ pub unsafe extern "C" fn hdb_hypernet_predict(
         };
         let stage = CString::new("predict").unwrap_or_default();
         let mut report = |done: usize, total: usize| host.call(done, total, &stage);
-        let theta = h.runtime.install(|| match &h.device {
-            Some(d) => d.predict(&image, iterations, Some(&mut report)),
-            None => h.net.predict(&image, iterations, Some(&mut report)),
-        })?;
+        let theta = h
+            .runtime
+            .install(|| h.net.predict(&image, iterations, Some(&mut report)))?;
         let lidb = h.net.to_lidb(&theta)?;
         let sh = &m.inner;
         let adapter: Adapter = sh

@@ -8,8 +8,8 @@ use std::time::Instant;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::lidb::Lidb;
 use hdb::adapter::Adapter;
-use hdb::backend::device_unet::{DeviceAdapters, DeviceHypernet, DeviceTextVae, DeviceUnet};
-use hdb::hypernet::{EncoderConfig, Hypernet, HypernetConfig};
+use hdb::backend::device_unet::{DeviceAdapters, DeviceTextVae, DeviceUnet, RuntimeHypernet};
+use hdb::hypernet::{EncoderConfig, HypernetConfig};
 use hdb::model::config::{BlockKind, UnetConfig};
 use hdb::model::random::RandomWeights;
 use hdb::model::scheduler::{SamplerKind, SchedulerConfig};
@@ -81,9 +81,14 @@ fn builtin_configs() -> (TextEncoderConfig, UnetConfig, VaeConfig) {
 /// The hypernetwork that makes the demo's identities: `--hypernet FILE`, or one with random
 /// weights (no trained weights are published) shaped for the pipeline's adaptable layers: the
 /// paper's default for a real model, a small one for the built-in model.
-fn hypernet(p: &Pipeline, file: Option<&Path>, builtin: bool) -> hdb::Result<Hypernet> {
+fn hypernet(
+    rt: &hdb::Runtime,
+    p: &Pipeline,
+    file: Option<&Path>,
+    builtin: bool,
+) -> hdb::Result<RuntimeHypernet> {
     if let Some(f) = file {
-        return Hypernet::load(f);
+        return RuntimeHypernet::load(rt, f);
     }
     let table = adaptable(p);
     let a = table.values().map(|l| l.din).min().unwrap_or(1).min(100);
@@ -105,7 +110,7 @@ fn hypernet(p: &Pipeline, file: Option<&Path>, builtin: bool) -> hdb::Result<Hyp
         };
         (cfg.d_model, cfg.heads, cfg.layers) = (64, 2, 2);
     }
-    Hypernet::from_source(cfg, &RandomWeights { seed: 77 })
+    RuntimeHypernet::from_source(rt, cfg, &RandomWeights { seed: 77 })
 }
 
 /// A synthetic "face" photo: smooth color fields that differ per identity.
@@ -177,25 +182,18 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
 
     let table = adaptable(&pipeline);
     let t = Instant::now();
-    let net = rt.install(|| hypernet(&pipeline, a.hypernet.as_deref(), a.model.is_none()))?;
-    // On a GPU runtime the same network, on the GPU, predicts.
-    let gpu = match a.hypernet.as_deref() {
-        Some(f) => DeviceHypernet::load(&rt, f)?,
-        None => DeviceHypernet::from_source(&rt, net.config.clone(), &RandomWeights { seed: 77 })?,
-    };
+    let net = hypernet(&rt, &pipeline, a.hypernet.as_deref(), a.model.is_none())?;
     let source = if a.hypernet.is_some() {
         "the given hypernetwork"
     } else {
         "a hypernetwork with random weights"
     };
-    let net_on = gpu
-        .as_ref()
-        .map_or("the CPU".to_string(), DeviceHypernet::describe);
+    let net_on = net.describe();
     println!("identities: predicted by {source} on {net_on} from two synthetic face images");
     rows.push((
         format!(
             "load hypernetwork ({:.1} M parameters)",
-            net.config.parameter_count() as f64 / 1e6
+            net.config().parameter_count() as f64 / 1e6
         ),
         ms(t.elapsed().as_secs_f64()),
     ));
@@ -204,15 +202,12 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         let (w, h) = (96, 80);
         let t = Instant::now();
         let image = net.preprocess(&face(i, w, h), w, h, w * 3)?;
-        let theta = rt.install(|| match &gpu {
-            Some(g) => g.predict(&image, None, None),
-            None => net.predict(&image, None, None),
-        })?;
+        let theta = rt.install(|| net.predict(&image, None, None))?;
         let lidb = net.to_lidb(&theta)?;
         rows.push((
             format!(
                 "predict identity {i} from a face ({} iterations)",
-                net.config.iterations
+                net.config().iterations
             ),
             ms(t.elapsed().as_secs_f64()),
         ));

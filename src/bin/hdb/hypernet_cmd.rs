@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use hdb::backend::device_unet::DeviceHypernet;
+use hdb::backend::device_unet::RuntimeHypernet;
 use hdb::hypernet::{Hypernet, HypernetConfig};
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::random::RandomWeights;
@@ -56,24 +56,20 @@ pub fn predict(
     (threads, device): (usize, hdb::runtime::DeviceRequest),
 ) -> hdb::Result<()> {
     let rt = super::runtime(device, threads)?;
-    let net = Hypernet::load(hypernet)?;
-    let gpu = DeviceHypernet::load(&rt, hypernet)?;
+    let net = RuntimeHypernet::load(&rt, hypernet)?;
     let m = super::load_model(model)?;
     let table = hdb::adapter::adaptable_layers(&m);
     net.check_layers(&table)?;
     let (rgb, w, h) = read_png(face)?;
     let image = net.preprocess(&rgb, w, h, w * 3)?;
-    let total = iterations.unwrap_or(net.config.iterations);
+    let total = iterations.unwrap_or(net.config().iterations);
     let bar = indicatif::ProgressBar::new(total as u64);
     let t = Instant::now();
     let mut progress = |done: usize, _: usize| {
         bar.set_position(done as u64);
         true
     };
-    let theta = rt.install(|| match &gpu {
-        Some(g) => g.predict(&image, iterations, Some(&mut progress)),
-        None => net.predict(&image, iterations, Some(&mut progress)),
-    })?;
+    let theta = rt.install(|| net.predict(&image, iterations, Some(&mut progress)))?;
     bar.finish_and_clear();
     let lidb = net.to_lidb(&theta)?;
     rt.install(|| lidb.compose(&table))?; // the adapter must load into this model
@@ -148,22 +144,16 @@ pub fn bench(
     let t = Instant::now();
     let cfg = HypernetConfig::default();
     let src = RandomWeights { seed: 1 };
-    let net = rt.install(|| Hypernet::from_source(cfg.clone(), &src))?;
-    let gpu = DeviceHypernet::from_source(&rt, cfg, &src)?;
+    let net = RuntimeHypernet::from_source(&rt, cfg, &src)?;
     eprintln!(
         "default hypernetwork ({:.1} M parameters, random weights) made in {:.1} s",
-        net.config.parameter_count() as f64 / 1e6,
+        net.config().parameter_count() as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
     let size = 256;
     let rgb: Vec<u8> = (0..size * size * 3).map(|i| (i * 7 % 251) as u8).collect();
     let image = net.preprocess(&rgb, size, size, size * 3)?;
-    let predict = || -> hdb::Result<Vec<f32>> {
-        match &gpu {
-            Some(g) => g.predict(&image, None, None),
-            None => net.predict(&image, None, None),
-        }
-    };
+    let predict = || net.predict(&image, None, None);
     let mut times = Vec::new();
     for i in 0..=runs.max(1) {
         let t = Instant::now();
@@ -174,10 +164,9 @@ pub fn bench(
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    let flops = predict_flops(&net.config);
-    let (where_, peer_device) = match &gpu {
-        Some(g) => (g.describe(), "cuda"),
-        None => {
+    let flops = predict_flops(net.config());
+    let (where_, peer_device) = match &net {
+        RuntimeHypernet::Cpu(_) => {
             hdb::backend::profile::enable(true);
             rt.install(|| net.predict(&image, None, None))?;
             let spent = hdb::backend::profile::report();
@@ -191,10 +180,12 @@ pub fn bench(
             }
             (format!("cpu f32, {threads} threads"), "cpu")
         }
+        #[allow(unreachable_patterns)] // the only other variant is the GPU (feature cuda)
+        _ => (net.describe(), "cuda"),
     };
     println!(
         "hdb {where_}: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations): {med:.4} s (median of {}), {:.1} TFLOP/s",
-        net.config.iterations,
+        net.config().iterations,
         times.len(),
         flops / med / 1e12
     );
