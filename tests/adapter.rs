@@ -596,3 +596,86 @@ fn per_sample_indices_are_checked() {
         .expect_err("merge + indices");
     assert!(e.to_string().contains("runtime"), "{e}");
 }
+
+/// The UNet seen as a model whose weights are not on the host (what a model on a GPU is to
+/// `Applied`): dims only.
+struct DimsOnly<'a>(&'a Unet);
+
+impl hdb::adapter::apply::Adaptable for DimsOnly<'_> {
+    fn key_prefix(&self) -> &'static str {
+        "unet."
+    }
+
+    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
+        self.0.projection_dims(key)
+    }
+
+    fn host_weight(&self, _: &str) -> Option<&[f32]> {
+        None
+    }
+}
+
+#[test]
+fn runtime_sets_resolve_from_dims_alone_and_merge_needs_host_weights() {
+    use hdb::adapter::apply::Adaptable;
+    let m = model();
+    let unet = m.unet().expect("unet");
+    let (id1, id2) = (
+        adapter(&m, "id1.lidb.safetensors"),
+        adapter(&m, "id2.lidb.safetensors"),
+    );
+    let set = [(&id1, 0.75f32), (&id2, 1.0)];
+    let host = Applied::new(&set, ApplyMode::Runtime, &*unet).expect("host resolve");
+    let dims = Applied::new(&set, ApplyMode::Runtime, &DimsOnly(&unet)).expect("dims resolve");
+    assert_eq!(host.count, dims.count);
+    assert_eq!(
+        host.layers.keys().collect::<Vec<_>>(),
+        dims.layers.keys().collect::<Vec<_>>()
+    );
+    for (k, a) in &host.layers {
+        assert_eq!(a.runtime, dims.layers[k].runtime, "{k}: factors differ");
+    }
+    assert!(unet.host_weight(host.layers.keys().next().expect("a layer")).is_some());
+
+    // Merge mode without host weights fails before touching the set it would replace.
+    let mut previous = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &*unet).expect("merge");
+    let before: Vec<Vec<f32>> = previous
+        .layers
+        .values()
+        .map(|l| l.merged.as_deref().expect("merged").to_vec())
+        .collect();
+    let e = Applied::replacing(
+        Some(&mut previous),
+        &set,
+        ApplyMode::Merge,
+        &DimsOnly(&unet),
+    )
+    .expect_err("merge without host weights");
+    assert!(
+        matches!(e, hdb::Error::Internal(_)) && e.to_string().contains("unet."),
+        "{e}"
+    );
+    let after: Vec<Vec<f32>> = previous
+        .layers
+        .values()
+        .map(|l| l.merged.as_deref().expect("still merged").to_vec())
+        .collect();
+    assert_eq!(before, after, "the previous set must stay usable");
+}
+
+#[test]
+fn factors_that_do_not_fit_the_target_are_a_mismatch_not_a_panic() {
+    let m = model();
+    let unet = m.unet().expect("unet");
+    let mut bad = adapter(&m, "id1.lidb.safetensors");
+    let (key, layer) = bad.layers.iter_mut().next().expect("a layer");
+    let key = key.clone();
+    layer.down.truncate(layer.down.len() - 1);
+    for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
+        let e = Applied::new(&[(&bad, 1.0)], mode, &*unet).expect_err("misfit factors");
+        assert!(
+            matches!(e, hdb::Error::AdapterMismatch(_)) && e.to_string().contains(&key),
+            "{mode:?}: {e}"
+        );
+    }
+}

@@ -33,8 +33,12 @@ impl Adaptable for TwoProjections {
         "unet."
     }
 
-    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        self.proj.get(key).map(|(w, o, i)| (&w[..], *o, *i))
+    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
+        self.proj.get(key).map(|(_, o, i)| (*o, *i))
+    }
+
+    fn host_weight(&self, key: &str) -> Option<&[f32]> {
+        self.proj.get(key).map(|(w, _, _)| &w[..])
     }
 }
 

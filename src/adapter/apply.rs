@@ -19,12 +19,19 @@ pub enum ApplyMode {
     Runtime,
 }
 
-/// A model component whose linear projections adapters change (the UNet, the text encoder).
+/// A model component whose linear projections adapters change (the UNet, the text encoder),
+/// on any backend: resolving a set in runtime mode needs only each projection's dims, so a
+/// model on a GPU is a target without a host copy of its weights. Merge mode on the host reads
+/// the base weights too ([`Adaptable::host_weight`]).
 pub trait Adaptable: Sync {
     /// The adapter key prefix of its layers: `unet.` or `text_encoder.`.
     fn key_prefix(&self) -> &'static str;
-    /// The base weight `[dout, din]` of the projection with adapter key `key`, and its dims.
-    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)>;
+    /// `(dout, din)` of the projection with adapter key `key`.
+    fn projection_dims(&self, key: &str) -> Option<(usize, usize)>;
+    /// That projection's base weight `[dout, din]` as host f32, or `None` where the weights
+    /// are not on the host (a model on a GPU: its sets are resolved in runtime mode and merged
+    /// on the device).
+    fn host_weight(&self, key: &str) -> Option<&[f32]>;
 }
 
 /// One layer's share of the active adapters.
@@ -66,7 +73,7 @@ impl Applied {
     ) -> Result<Applied> {
         // key -> (adapter index, down, up x scale, rank), in adapter order
         let mut per_layer: BTreeMap<String, LayerApply> = BTreeMap::new();
-        let mut bases: BTreeMap<String, (&'a [f32], usize, usize)> = BTreeMap::new();
+        let mut dims: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         for (i, (a, scale)) in adapters.iter().enumerate() {
             if !scale.is_finite() {
                 return Err(Error::invalid_arg(
@@ -76,12 +83,22 @@ impl Applied {
             }
             let prefix = target.key_prefix();
             for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with(prefix)) {
-                let b = target.projection(k).ok_or_else(|| {
+                let (dout, din) = target.projection_dims(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
                         "layer '{k}' of adapter #{i} is not in this model"
                     ))
                 })?;
-                bases.insert(k.clone(), b);
+                // Adapters are validated against a model's layer table when loaded; this
+                // catches one loaded for another model (merge_rows would index past them).
+                if l.rank == 0 || l.down.len() != l.rank * din || l.up.len() != dout * l.rank {
+                    return Err(Error::AdapterMismatch(format!(
+                        "layer '{k}' of adapter #{i}: factors of rank {} with {} and {} values do not fit this model's [{dout}, {din}] weight",
+                        l.rank,
+                        l.down.len(),
+                        l.up.len()
+                    )));
+                }
+                dims.insert(k.clone(), (dout, din));
                 let up: Vec<f32> = l.up.iter().map(|x| x * scale).collect();
                 per_layer.entry(k.clone()).or_default().runtime.push((
                     i,
@@ -92,6 +109,18 @@ impl Applied {
             }
         }
         if mode == ApplyMode::Merge {
+            // Every base first, so a target without host weights fails before `previous` is
+            // touched.
+            let mut bases: Vec<&'a [f32]> = Vec::with_capacity(per_layer.len());
+            for k in per_layer.keys() {
+                let w = target.host_weight(k).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "merge mode on the host needs the base weight of '{k}' on the host; \
+                         a model on a device takes its sets resolved in runtime mode"
+                    ))
+                })?;
+                bases.push(w);
+            }
             let mut spare: Vec<Vec<f32>> = previous
                 .map(|p| {
                     p.layers
@@ -103,8 +132,9 @@ impl Applied {
                         .collect()
                 })
                 .unwrap_or_default();
-            for (k, la) in per_layer.iter_mut() {
-                let (w, dout, din) = bases[k];
+            // (bases is in per_layer's key order)
+            for ((k, la), w) in per_layer.iter_mut().zip(bases) {
+                let (dout, din) = dims[k];
                 let mut m = match spare.iter().position(|b| b.len() == w.len()) {
                     Some(i) => spare.swap_remove(i),
                     None => vec![0.0; w.len()],

@@ -64,6 +64,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Takes a weight (f32 on the host) into this backend.
     fn weight(&self, w: F32Weight) -> Result<Self::Weight>;
+    /// A weight's values as host f32 when the backend keeps them so (the CPU), else `None`:
+    /// what merging adapters on the host reads ([`crate::adapter::apply::Adaptable`]).
+    fn host_f32(w: &Self::Weight) -> Option<&[f32]> {
+        let _ = w;
+        None
+    }
     /// An activation from host f32 values.
     fn upload(&self, x: &[f32]) -> Result<Self::Buf>;
     /// An activation's values as host f32.

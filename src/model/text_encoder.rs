@@ -11,8 +11,7 @@ use crate::backend::profile::scope;
 use crate::backend::{Activation as Op, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::layers::{
-    add, find_projection, find_weight, layer_table, Hook, LayerNorm, Linear, Projections,
-    WeightSource,
+    add, find_weight, layer_table, Hook, LayerNorm, Linear, Projections, WeightSource,
 };
 use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
@@ -355,12 +354,18 @@ impl<B: Backend> Projections<B> for TextEncoder<B> {
     }
 }
 
-impl Adaptable for TextEncoder<Cpu> {
+impl<B: Backend> Adaptable for TextEncoder<B> {
     fn key_prefix(&self) -> &'static str {
         "text_encoder."
     }
 
-    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        find_projection(self.projections(), key)
+    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
+        self.projection_weight(key)
+            .map(|(_, dout, din)| (dout, din))
+    }
+
+    fn host_weight(&self, key: &str) -> Option<&[f32]> {
+        self.projection_weight(key)
+            .and_then(|(w, _, _)| B::host_f32(w))
     }
 }

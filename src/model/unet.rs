@@ -264,13 +264,19 @@ pub struct Unet<B: Backend = Cpu> {
     pub(crate) conv_out: Conv<B>,
 }
 
-impl crate::adapter::apply::Adaptable for Unet {
+impl<B: Backend> crate::adapter::apply::Adaptable for Unet<B> {
     fn key_prefix(&self) -> &'static str {
         "unet."
     }
 
-    fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        Unet::projection(self, key)
+    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
+        self.projection_weight(key)
+            .map(|(_, dout, din)| (dout, din))
+    }
+
+    fn host_weight(&self, key: &str) -> Option<&[f32]> {
+        self.projection_weight(key)
+            .and_then(|(w, _, _)| B::host_f32(w))
     }
 }
 

@@ -28,6 +28,10 @@ impl Backend for Cpu {
         Ok(w)
     }
 
+    fn host_f32(w: &F32Weight) -> Option<&[f32]> {
+        Some(w)
+    }
+
     fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
         Ok(x.to_vec())
     }
