@@ -23,11 +23,15 @@ use crate::runtime::Runtime;
 /// (`device_unet`, `device_text_vae`), else on the CPU.
 pub struct Pipeline {
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: TextEncoder,
+    /// The text encoder on the CPU; `None` when `device_text_vae` runs it (no host copy of
+    /// its weights is kept then: its adapter sets are built on the device,
+    /// [`DeviceTextVae::text_adapters`]).
+    pub text_encoder: Option<TextEncoder>,
     /// The UNet on the CPU: it runs the denoising unless `device_unet` is set, and adapter
     /// sets are resolved against it either way.
     pub unet: std::sync::Arc<Unet>,
-    pub vae: Vae,
+    /// The VAE on the CPU; `None` when `device_text_vae` runs it.
+    pub vae: Option<Vae>,
     pub scheduler: SchedulerConfig,
     /// The UNet on the runtime's device (see [`Pipeline::from_model_on`]): denoising runs
     /// there, with adapter sets built for it ([`GenerateAdapters::device_unet`]).
@@ -80,13 +84,17 @@ impl Default for GenerateParams {
 /// A session's adapters for one generation: one set for the text encoder and the UNet, and
 /// optionally an index per image (runtime mode). The UNet set is `unet` for a pipeline that
 /// runs its UNet on the CPU, `device_unet` (from [`DeviceUnet::adapters`]) for one with a
-/// device UNet; giving the other kind is an error.
+/// device UNet; giving the other kind is an error. The text encoder's set is
+/// `text_encoder` (resolved against [`Pipeline::text_encoder`]) on the CPU,
+/// `device_text_encoder` (from [`DeviceTextVae::text_adapters`]) on a device; a device text
+/// encoder still takes a host set, uploading it for the call.
 #[derive(Clone, Copy, Default)]
 pub struct GenerateAdapters<'a> {
     pub unet: Option<&'a Applied>,
     pub text_encoder: Option<&'a Applied>,
     pub per_image: Option<&'a [i32]>,
     pub device_unet: Option<&'a DeviceAdapters>,
+    pub device_text_encoder: Option<&'a DeviceAdapters>,
 }
 
 /// The result: RGB8 images (row-major, 3 bytes a pixel) and the final latents.
@@ -108,6 +116,12 @@ impl Pipeline {
     /// Builds every component of a diffusers folder or LDM file (the tokenizer needs the
     /// folder's `tokenizer/`).
     pub fn from_model(model: &Model) -> Result<Pipeline> {
+        Pipeline::build(model, None)
+    }
+
+    /// `model`'s pipeline with `device_text_vae` for its text encoder and VAE (then no CPU
+    /// copies of them are built) or the CPU's.
+    fn build(model: &Model, device_text_vae: Option<DeviceTextVae>) -> Result<Pipeline> {
         let tok = model.tokenizer.as_ref().ok_or_else(|| {
             Error::invalid_model(&model.path, "the model has no tokenizer/ folder")
         })?;
@@ -115,49 +129,118 @@ impl Pipeline {
             Some(p) => SchedulerConfig::from_json(&read_json(&p)?, &p)?,
             None => SchedulerConfig::default(),
         };
+        let on_host = device_text_vae.is_none();
         Ok(Pipeline {
             tokenizer: ClipTokenizer::from_folder(tok)?,
-            text_encoder: TextEncoder::from_model(model)?,
+            text_encoder: on_host
+                .then(|| TextEncoder::from_model(model))
+                .transpose()?,
             unet: model.unet()?,
-            vae: Vae::from_model(model)?,
+            vae: on_host.then(|| Vae::from_model(model)).transpose()?,
             scheduler,
             device_unet: None,
-            device_text_vae: None,
+            device_text_vae,
         })
     }
 
-    /// As [`Pipeline::from_model`], built in `rt`'s threads, with the UNet on `rt`'s device
-    /// when it has one (uploaded on first use, cached by the model).
+    /// As [`Pipeline::from_model`], built in `rt`'s threads, with the UNet, text encoder and
+    /// VAE on `rt`'s device when it has one (uploaded on first use, cached by the model).
     pub fn from_model_on(model: &Model, rt: &Runtime) -> Result<Pipeline> {
-        let mut p = rt.install(|| Pipeline::from_model(model))?;
-        p.device_unet = DeviceUnet::for_runtime(rt, model)?;
-        if let Some(d) = &p.device_unet {
-            log::info!("the pipeline's UNet runs on {}", d.describe());
-        }
-        p.device_text_vae = DeviceTextVae::for_runtime(rt, model)?;
-        if let Some(d) = &p.device_text_vae {
+        let device_text_vae = DeviceTextVae::for_runtime(rt, model)?;
+        if let Some(d) = &device_text_vae {
             log::info!(
                 "the pipeline's text encoder and VAE run on {}",
                 d.describe()
             );
         }
+        let mut p = rt.install(|| Pipeline::build(model, device_text_vae))?;
+        p.device_unet = DeviceUnet::for_runtime(rt, model)?;
+        if let Some(d) = &p.device_unet {
+            log::info!("the pipeline's UNet runs on {}", d.describe());
+        }
         Ok(p)
     }
 
-    /// Prompt embeddings for `texts` (each padded to the tokenizer's length) -> [n, L, D].
+    /// The VAE's config, from whichever copy the pipeline has.
+    pub fn vae_config(&self) -> Result<&crate::model::vae::VaeConfig> {
+        match (&self.vae, &self.device_text_vae) {
+            (Some(v), _) => Ok(&v.config),
+            (None, Some(d)) => Ok(d.vae_config()),
+            (None, None) => Err(Error::Internal(
+                "the pipeline has no VAE (neither `vae` nor `device_text_vae`)".into(),
+            )),
+        }
+    }
+
+    /// The text encoder's adaptable projections by adapter key, wherever it runs.
+    pub fn text_encoder_layers(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+        match (&self.text_encoder, &self.device_text_vae) {
+            (Some(t), _) => t.adaptable_layers(),
+            (None, Some(d)) => d.text_encoder_layers(),
+            (None, None) => Default::default(),
+        }
+    }
+
+    /// A session's set on the pipeline's text encoder, wherever it runs: `(host, device)`,
+    /// one of them `None` (both when the set changes no text-encoder layer).
+    pub fn text_adapters(
+        &self,
+        set: &[(&crate::adapter::Adapter, f32)],
+        mode: crate::adapter::apply::ApplyMode,
+    ) -> Result<(Option<Applied>, Option<DeviceAdapters>)> {
+        let touches = set.iter().any(|(a, _)| {
+            a.layers
+                .keys()
+                .any(|k| k.starts_with(crate::adapter::TEXT_ENCODER_PREFIX))
+        });
+        if !touches {
+            return Ok((None, None));
+        }
+        match (&self.text_encoder, &self.device_text_vae) {
+            (Some(t), _) => Ok((Some(Applied::new(set, mode, t)?), None)),
+            (None, Some(d)) => Ok((None, d.text_adapters(set, mode)?)),
+            (None, None) => Err(Error::Internal(
+                "the pipeline has no text encoder (neither `text_encoder` nor `device_text_vae`)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Prompt embeddings for `texts` (each padded to the tokenizer's length) -> [n, L, D],
+    /// with the text encoder's set: `host` on the CPU text encoder (a device one uploads it
+    /// for the call), or `device` (built by [`DeviceTextVae::text_adapters`]; `per_sample`
+    /// as for the UNet) on the device one.
     pub fn encode_prompts(
         &self,
         texts: &[&str],
-        ad: Option<&AdapterCtx<'_>>,
+        host: Option<&AdapterCtx<'_>>,
+        device: Option<&DeviceAdapters>,
+        per_sample: Option<&[i32]>,
     ) -> Result<(Vec<f32>, usize)> {
         let ids: Vec<u32> = texts
             .iter()
             .flat_map(|t| self.tokenizer.encode_padded(t))
             .collect();
         let len = self.tokenizer.max_len();
-        let hidden = match &self.device_text_vae {
-            Some(d) => d.encode_text(&ids, texts.len(), ad)?,
-            None => self.text_encoder.forward(&ids, texts.len(), ad)?,
+        let hidden = match (&self.device_text_vae, &self.text_encoder) {
+            (Some(d), _) => d.encode_text(&ids, texts.len(), device, per_sample, host)?,
+            (None, Some(_)) if device.is_some() => {
+                return Err(Error::invalid_arg(
+                    "adapters",
+                    "a device text-encoder set was given but this pipeline runs its text \
+                     encoder on the CPU",
+                ))
+            }
+            (None, Some(t)) => t.forward(&ids, texts.len(), host)?,
+            (None, None) => {
+                return Err(Error::Internal(
+                    "the pipeline has no text encoder (neither `text_encoder` nor \
+                     `device_text_vae`)"
+                        .into(),
+                ))
+            }
         };
         Ok((hidden, len))
     }
@@ -170,7 +253,8 @@ impl Pipeline {
         ad: GenerateAdapters<'_>,
         mut progress: Option<Progress<'_>>,
     ) -> Result<Generated> {
-        let f = self.vae.config.downscale();
+        let vae_config = self.vae_config()?;
+        let f = vae_config.downscale();
         let lc = self.unet.config.in_channels;
         if p.batch == 0 {
             return Err(Error::invalid_arg("batch", "must be at least 1"));
@@ -202,7 +286,8 @@ impl Pipeline {
                 return Err(Error::invalid_arg(
                     "adapters",
                     format!(
-                        "this pipeline runs its UNet on {}: its adapter set must be built for                          it (DeviceUnet::adapters), not for the CPU UNet",
+                        "this pipeline runs its UNet on {}: its adapter set must be built for \
+                         it (DeviceUnet::adapters), not for the CPU UNet",
                         d.describe()
                     ),
                 ))
@@ -255,7 +340,12 @@ impl Pipeline {
             texts.extend(std::iter::repeat_n(p.negative_prompt.as_str(), b));
         }
         texts.extend(std::iter::repeat_n(p.prompt.as_str(), b));
-        let (context, l) = self.encode_prompts(&texts, te_ad.as_ref())?;
+        let (context, l) = self.encode_prompts(
+            &texts,
+            te_ad.as_ref(),
+            ad.device_text_encoder,
+            doubled.as_deref(),
+        )?;
 
         let total = sched.timesteps().len();
         for i in 0..total {
@@ -305,14 +395,15 @@ impl Pipeline {
         }
         let scaled: Vec<f32> = latents
             .iter()
-            .map(|x| x / self.vae.config.scaling_factor)
+            .map(|x| x / vae_config.scaling_factor)
             .collect();
-        let img = match &self.device_text_vae {
-            Some(d) => d.decode(&scaled, b, h, w)?,
-            None => self.vae.decode(&scaled, b, h, w)?,
+        let img = match (&self.device_text_vae, &self.vae) {
+            (Some(d), _) => d.decode(&scaled, b, h, w)?,
+            (None, Some(v)) => v.decode(&scaled, b, h, w)?,
+            (None, None) => return Err(Error::Internal("the pipeline has no VAE".into())),
         };
         let (hh, ww) = (h * f, w * f);
-        let oc = self.vae.config.out_channels;
+        let oc = vae_config.out_channels;
         let mut pixels = vec![0f32; b * hh * ww * 3];
         let mut images = Vec::with_capacity(b);
         for s in 0..b {

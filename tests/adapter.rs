@@ -635,7 +635,9 @@ fn runtime_sets_resolve_from_dims_alone_and_merge_needs_host_weights() {
     for (k, a) in &host.layers {
         assert_eq!(a.runtime, dims.layers[k].runtime, "{k}: factors differ");
     }
-    assert!(unet.host_weight(host.layers.keys().next().expect("a layer")).is_some());
+    assert!(unet
+        .host_weight(host.layers.keys().next().expect("a layer"))
+        .is_some());
 
     // Merge mode without host weights fails before touching the set it would replace.
     let mut previous = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &*unet).expect("merge");

@@ -843,21 +843,51 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
     println!("pipeline UNet on {}", d.describe());
     let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
     let params = common::gpu_pipeline_params();
+    assert!(
+        gpu.text_encoder.is_none() && gpu.vae.is_none(),
+        "a CUDA pipeline keeps no host copies of its text encoder and VAE"
+    );
     let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
     let set = [(&id1, 1.0)];
     let host_set = Applied::new(&set, ApplyMode::Runtime, &*cpu.unet).expect("cpu set");
     let dev_set = d
         .adapters(&gpu.unet, &set, ApplyMode::Runtime)
         .expect("device set");
+    // An identity on the UNet and the text encoder: the text encoder's set built once on the
+    // device (fused kernels), in both modes, and a host set uploaded per call (compatibility).
+    let mut both = fixture_adapter(&m, "id1.lidb.safetensors");
+    let te_file = fixtures().join("text_encoder/te-id.lidb.safetensors");
+    let te_id = hdb::adapter::load(
+        &SafetensorsFile::open(&te_file).expect("te adapter"),
+        &adaptable_layers(&m),
+    )
+    .expect("te adapter");
+    both.layers.extend(te_id.layers);
+    let both_set = [(&both, 1.0)];
+    let mut sets = Vec::new();
+    for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
+        let cpu_unet = Applied::new(&both_set, mode, &*cpu.unet).expect("cpu unet set");
+        let (cpu_te, none) = cpu.text_adapters(&both_set, mode).expect("cpu te set");
+        assert!(none.is_none());
+        let gpu_unet = d
+            .adapters(&gpu.unet, &both_set, mode)
+            .expect("device unet set");
+        let (host_te, gpu_te) = gpu.text_adapters(&both_set, mode).expect("device te set");
+        assert!(
+            host_te.is_none(),
+            "a CUDA pipeline builds its text encoder set on the device"
+        );
+        sets.push((mode, cpu_unet, cpu_te, gpu_unet, gpu_te));
+    }
     let per_image: &[i32] = &[-1, 0];
-    let cases = [
+    let mut cases = vec![
         (
-            "none",
+            "none".to_string(),
             GenerateAdapters::default(),
             GenerateAdapters::default(),
         ),
         (
-            "per-image",
+            "per-image".to_string(),
             GenerateAdapters {
                 unet: Some(&host_set),
                 per_image: Some(per_image),
@@ -870,6 +900,53 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
             },
         ),
     ];
+    for (mode, cpu_unet, cpu_te, gpu_unet, gpu_te) in &sets {
+        cases.push((
+            format!("unet+te-{mode:?}"),
+            GenerateAdapters {
+                unet: Some(cpu_unet),
+                text_encoder: cpu_te.as_ref(),
+                ..Default::default()
+            },
+            GenerateAdapters {
+                device_unet: Some(gpu_unet),
+                device_text_encoder: gpu_te.as_ref(),
+                ..Default::default()
+            },
+        ));
+        if *mode == ApplyMode::Runtime {
+            cases.push((
+                "unet+te-per-image".to_string(),
+                GenerateAdapters {
+                    unet: Some(cpu_unet),
+                    text_encoder: cpu_te.as_ref(),
+                    per_image: Some(per_image),
+                    ..Default::default()
+                },
+                GenerateAdapters {
+                    device_unet: Some(gpu_unet),
+                    device_text_encoder: gpu_te.as_ref(),
+                    per_image: Some(per_image),
+                    ..Default::default()
+                },
+            ));
+            cases.push((
+                "unet+host-te-per-image".to_string(),
+                GenerateAdapters {
+                    unet: Some(cpu_unet),
+                    text_encoder: cpu_te.as_ref(),
+                    per_image: Some(per_image),
+                    ..Default::default()
+                },
+                GenerateAdapters {
+                    device_unet: Some(gpu_unet),
+                    text_encoder: cpu_te.as_ref(),
+                    per_image: Some(per_image),
+                    ..Default::default()
+                },
+            ));
+        }
+    }
     let mut failures = Vec::new();
     for (case, cpu_ad, gpu_ad) in cases {
         let want = rt

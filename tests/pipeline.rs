@@ -115,10 +115,14 @@ fn identities_on_unet_and_text_encoder_match_diffusers() {
     let both = identities(&m);
     for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
         let unet = Applied::new(&[(&both, 1.0)], mode, &*p.unet).expect("unet set");
-        let te = Applied::new(&[(&both, 1.0)], mode, &p.text_encoder).expect("te set");
+        let (te, device_te) = p.text_adapters(&[(&both, 1.0)], mode).expect("te set");
+        assert!(
+            device_te.is_none(),
+            "a CPU pipeline's text encoder set is on the host"
+        );
         let ad = GenerateAdapters {
             unet: Some(&unet),
-            text_encoder: Some(&te),
+            text_encoder: te.as_ref(),
             per_image: None,
             ..Default::default()
         };
@@ -134,7 +138,11 @@ fn one_identity_per_image_matches_separate_runs() {
     let (m, p) = setup();
     let both = identities(&m);
     let unet = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, &*p.unet).expect("unet set");
-    let te = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, &p.text_encoder).expect("te set");
+    let cpu_te = p
+        .text_encoder
+        .as_ref()
+        .expect("a CPU pipeline has its text encoder");
+    let te = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, cpu_te).expect("te set");
     let ad = GenerateAdapters {
         unet: Some(&unet),
         text_encoder: Some(&te),

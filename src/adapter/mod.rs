@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 use crate::io::keymap::Component;
 use crate::model::Model;
 
+/// The adapter key prefix of the text encoder's layers (the UNet's is `unet.`).
+pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+
 /// One adaptable layer of a model: a linear `[dout, din]` weight.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerShape {

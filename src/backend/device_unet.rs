@@ -276,23 +276,65 @@ impl DeviceTextVae {
         Ok(None)
     }
 
-    /// As [`crate::model::text_encoder::TextEncoder::forward`]: `ad` is the session's set
-    /// resolved against the CPU text encoder (it is uploaded for this call: merged weights or
-    /// low-rank factors, through the generic adapter hook).
+    /// A session's adapter set on the text encoder, built once when the set changes (the
+    /// fused kernels of [`CudaLayerAdapters`]: merge mode writes the set's own merged copies
+    /// of the projections it changes from the pristine base, runtime mode uploads the
+    /// factors). Only `text_encoder.` layers count; `None` when the set has none. Resolved
+    /// against the device model's own projections: no host copy of its weights is needed.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn text_adapters(
+        &self,
+        set: &[(&Adapter, f32)],
+        mode: ApplyMode,
+    ) -> Result<Option<DeviceAdapters>> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda {
+                ref text_encoder, ..
+            } => {
+                let te: &crate::model::text_encoder::TextEncoder<Cuda<half::f16>> = text_encoder;
+                let resolved = crate::adapter::apply::Applied::new(set, ApplyMode::Runtime, te)?;
+                if resolved.layers.is_empty() {
+                    return Ok(None);
+                }
+                let a = CudaLayerAdapters::new(te.backend(), te, &resolved, mode)?;
+                Ok(Some(DeviceAdapters::CudaLayer(a)))
+            }
+        }
+    }
+
+    /// As [`crate::model::text_encoder::TextEncoder::forward`], with the session's text
+    /// encoder set: `ad` built by [`DeviceTextVae::text_adapters`] (`per_sample` as for the
+    /// UNet), or `host` (compatibility: a set resolved against the CPU text encoder, uploaded
+    /// for this call through the generic adapter hook). Giving both is an error.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn encode_text(
         &self,
         ids: &[u32],
         batch: usize,
-        ad: Option<&crate::adapter::apply::AdapterCtx<'_>>,
+        ad: Option<&DeviceAdapters>,
+        per_sample: Option<&[i32]>,
+        host: Option<&crate::adapter::apply::AdapterCtx<'_>>,
     ) -> Result<Vec<f32>> {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceTextVae::Cuda {
                 ref text_encoder, ..
-            } => match ad.filter(|a| !a.applied.layers.is_empty()) {
-                None => text_encoder.forward_hooked(ids, batch, None),
-                Some(a) => {
+            } => match (ad, host.filter(|a| !a.applied.layers.is_empty())) {
+                (Some(_), Some(_)) => Err(crate::Error::invalid_arg(
+                    "adapters",
+                    "the text encoder was given both a device set and a host set",
+                )),
+                (Some(DeviceAdapters::CudaLayer(a)), None) => {
+                    let hook = a.with_samples(per_sample)?;
+                    text_encoder.forward_hooked(ids, batch, Some(&hook))
+                }
+                (Some(DeviceAdapters::Cuda(_)), None) => Err(crate::Error::invalid_arg(
+                    "adapters",
+                    "the text encoder's set was built for the tuned UNet, not the text encoder \
+                     (DeviceTextVae::text_adapters)",
+                )),
+                (None, Some(a)) => {
                     let hook = crate::backend::cuda::CudaKeyAdapters::new(
                         text_encoder.backend(),
                         a.applied,
@@ -300,7 +342,38 @@ impl DeviceTextVae {
                     )?;
                     text_encoder.forward_hooked(ids, batch, Some(&hook))
                 }
+                (None, None) => text_encoder.forward_hooked(ids, batch, None),
             },
+        }
+    }
+
+    /// The text encoder's adaptable projections by adapter key.
+    pub fn text_encoder_layers(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda {
+                ref text_encoder, ..
+            } => text_encoder.adaptable_layers(),
+        }
+    }
+
+    /// The text encoder's config.
+    pub fn text_encoder_config(&self) -> &crate::model::text_encoder::TextEncoderConfig {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda {
+                ref text_encoder, ..
+            } => &text_encoder.config,
+        }
+    }
+
+    /// The VAE's config.
+    pub fn vae_config(&self) -> &crate::model::vae::VaeConfig {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceTextVae::Cuda { ref vae, .. } => &vae.config,
         }
     }
 

@@ -206,6 +206,7 @@ pub unsafe extern "C" fn hdb_generate(
             text_encoder: s.applied_te.as_ref(),
             per_image: s.per_sample.as_deref(),
             device_unet: s.device_applied.as_ref(),
+            device_text_encoder: s.device_applied_te.as_ref(),
         };
         let stage = CString::new("denoise").unwrap_or_default();
         let host = HostProgress {

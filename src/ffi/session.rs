@@ -26,8 +26,10 @@ pub struct hdb_session {
     /// The active adapter set on the device UNet, when the runtime has a device (then
     /// `applied` is None).
     pub(crate) device_applied: Option<DeviceAdapters>,
-    /// The same set on the text encoder, when it touches text-encoder layers.
+    /// The same set on the text encoder, when it touches text-encoder layers: on the CPU
+    /// text encoder, or (`device_applied_te`) built once on the device one.
     pub(crate) applied_te: Option<Applied>,
+    pub(crate) device_applied_te: Option<DeviceAdapters>,
     /// Runtime mode: an adapter index per batch sample for the next UNet calls.
     pub(crate) per_sample: Option<Vec<i32>>,
 }
@@ -87,6 +89,7 @@ pub unsafe extern "C" fn hdb_session_new(
             applied: None,
             device_applied: None,
             applied_te: None,
+            device_applied_te: None,
             per_sample: None,
         });
         // SAFETY: out checked non-null.
@@ -240,18 +243,16 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             set.push((&*a.inner, scale));
         }
         let unet = s.shared.model.unet()?;
-        let touches_te = set
-            .iter()
-            .any(|(a, _)| a.layers.keys().any(|k| k.starts_with("text_encoder.")));
-        let applied_te = if touches_te {
+        let touches_te = set.iter().any(|(a, _)| {
+            a.layers
+                .keys()
+                .any(|k| k.starts_with(crate::adapter::TEXT_ENCODER_PREFIX))
+        });
+        let (applied_te, device_applied_te) = if touches_te {
             let p = s.shared.pipeline()?;
-            Some(
-                s.shared
-                    .runtime
-                    .install(|| Applied::new(&set, mode, &p.text_encoder))?,
-            )
+            s.shared.runtime.install(|| p.text_adapters(&set, mode))?
         } else {
-            None
+            (None, None)
         };
         match s.shared.device_unet()? {
             Some(d) => {
@@ -270,6 +271,7 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             }
         }
         s.applied_te = applied_te.filter(|_| n > 0);
+        s.device_applied_te = device_applied_te.filter(|_| n > 0);
         s.per_sample = None;
         Ok(())
     })

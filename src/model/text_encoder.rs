@@ -356,7 +356,7 @@ impl<B: Backend> Projections<B> for TextEncoder<B> {
 
 impl<B: Backend> Adaptable for TextEncoder<B> {
     fn key_prefix(&self) -> &'static str {
-        "text_encoder."
+        crate::adapter::TEXT_ENCODER_PREFIX
     }
 
     fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {

@@ -33,17 +33,19 @@ pub struct DemoArgs {
 
 /// A small SD-shaped model with deterministic random weights (no download): a byte-level
 /// tokenizer, a 2-layer 64-wide text encoder, a 4-level UNet (32-64 channels) and a 4-level VAE.
-fn builtin() -> hdb::Result<Pipeline> {
+/// With `device_text_vae` (the text encoder and VAE on a device) no CPU copies of them.
+fn builtin(device_text_vae: Option<DeviceTextVae>) -> hdb::Result<Pipeline> {
     let (te, unet, vae) = builtin_configs();
     let w = RandomWeights { seed: 2023 };
+    let on_host = device_text_vae.is_none();
     Ok(Pipeline {
         tokenizer: ClipTokenizer::byte_level(77)?,
-        text_encoder: TextEncoder::load(te, &w)?,
+        text_encoder: on_host.then(|| TextEncoder::load(te, &w)).transpose()?,
         unet: std::sync::Arc::new(Unet::load(unet, &w)?),
-        vae: Vae::load(vae, &w)?,
+        vae: on_host.then(|| Vae::load(vae, &w)).transpose()?,
         scheduler: SchedulerConfig::default(),
         device_unet: None,
-        device_text_vae: None,
+        device_text_vae,
     })
 }
 
@@ -135,7 +137,7 @@ fn face(i: usize, w: usize, h: usize) -> Vec<u8> {
 
 fn adaptable(p: &Pipeline) -> std::collections::BTreeMap<String, hdb::adapter::LayerShape> {
     let mut t = p.unet.adaptable_layers();
-    t.extend(p.text_encoder.adaptable_layers());
+    t.extend(p.text_encoder_layers());
     t
 }
 
@@ -147,24 +149,20 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     std::fs::create_dir_all(&a.out).map_err(|e| hdb::Error::io(&a.out, e))?;
 
     let t = Instant::now();
-    let (mut pipeline, what) = match &a.model {
-        None => (
-            rt.install(builtin)?,
-            "built-in random model (no download)".to_string(),
-        ),
+    let (pipeline, what) = match &a.model {
+        None => {
+            let (te, _, vae) = builtin_configs();
+            let device_text_vae = DeviceTextVae::load(&rt, te, vae, &RandomWeights { seed: 2023 })?;
+            let mut p = rt.install(|| builtin(device_text_vae))?;
+            p.device_unet = DeviceUnet::upload(&rt, &p.unet)?;
+            (p, "built-in random model (no download)".to_string())
+        }
         Some(path) => {
             let m = super::load_model(path)?;
-            let mut p = rt.install(|| Pipeline::from_model(&m))?;
-            p.device_text_vae = DeviceTextVae::for_runtime(&rt, &m)?;
+            let p = Pipeline::from_model_on(&m, &rt)?;
             (p, path.display().to_string())
         }
     };
-    pipeline.device_unet = DeviceUnet::upload(&rt, &pipeline.unet)?;
-    if a.model.is_none() {
-        let (te, _, vae) = builtin_configs();
-        pipeline.device_text_vae =
-            DeviceTextVae::load(&rt, te, vae, &RandomWeights { seed: 2023 })?;
-    }
     rows.push(("load model".into(), ms(t.elapsed().as_secs_f64())));
     let unet_on = pipeline
         .device_unet
@@ -225,10 +223,10 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         ));
     }
 
-    let swap = |mode: ApplyMode, ad: &Adapter| -> hdb::Result<(UnetSet, Applied, f64)> {
+    let swap = |mode: ApplyMode, ad: &Adapter| -> hdb::Result<(UnetSet, TextSet, f64)> {
         let t = Instant::now();
         let u = unet_set(&rt, &pipeline, &[(ad, 1.0)], mode)?;
-        let te = rt.install(|| Applied::new(&[(ad, 1.0)], mode, &pipeline.text_encoder))?;
+        let te = TextSet(rt.install(|| pipeline.text_adapters(&[(ad, 1.0)], mode))?);
         Ok((u, te, t.elapsed().as_secs_f64()))
     };
     let (_, _, t0) = swap(ApplyMode::Merge, &adapters[0])?;
@@ -275,10 +273,7 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         Ok((out, per_step, start.elapsed().as_secs_f64()))
     };
 
-    let ad = mu.with(GenerateAdapters {
-        text_encoder: Some(&mte),
-        ..GenerateAdapters::default()
-    });
+    let ad = mu.with(mte.with(GenerateAdapters::default()));
     let (out, step, whole) = render(&params, ad, "identity 1 (merged)")?;
     let p = a.out.join("identity-1.png");
     write_png(&p, &out.images[0], out.width, out.height)?;
@@ -296,14 +291,13 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
 
     let both: Vec<(&Adapter, f32)> = adapters.iter().map(|x| (x, 1.0)).collect();
     let ru = unet_set(&rt, &pipeline, &both, ApplyMode::Runtime)?;
-    let rte = rt.install(|| Applied::new(&both, ApplyMode::Runtime, &pipeline.text_encoder))?;
+    let rte = TextSet(rt.install(|| pipeline.text_adapters(&both, ApplyMode::Runtime))?);
     params.batch = 2;
     let idx = [0, 1];
-    let ad = ru.with(GenerateAdapters {
-        text_encoder: Some(&rte),
+    let ad = ru.with(rte.with(GenerateAdapters {
         per_image: Some(&idx),
         ..GenerateAdapters::default()
-    });
+    }));
     let (out, step, whole) = render(&params, ad, "batch, one identity per image")?;
     for (i, img) in out.images.iter().enumerate() {
         write_png(
@@ -353,6 +347,21 @@ impl UnetSet {
                 device_unet: Some(d),
                 ..ad
             },
+        }
+    }
+}
+
+/// A text-encoder adapter set for wherever the pipeline's text encoder runs
+/// ([`Pipeline::text_adapters`]).
+struct TextSet((Option<Applied>, Option<DeviceAdapters>));
+
+impl TextSet {
+    /// `ad` with this set as its text encoder's set.
+    fn with<'a>(&'a self, ad: GenerateAdapters<'a>) -> GenerateAdapters<'a> {
+        GenerateAdapters {
+            text_encoder: self.0 .0.as_ref(),
+            device_text_encoder: self.0 .1.as_ref(),
+            ..ad
         }
     }
 }

@@ -66,6 +66,7 @@ pub struct PipelineAdapters {
     pub unet: Option<Applied>,
     pub device_unet: Option<DeviceAdapters>,
     pub text_encoder: Option<Applied>,
+    pub device_text_encoder: Option<DeviceAdapters>,
 }
 
 impl PipelineAdapters {
@@ -75,6 +76,7 @@ impl PipelineAdapters {
             text_encoder: self.text_encoder.as_ref(),
             per_image: None,
             device_unet: self.device_unet.as_ref(),
+            device_text_encoder: self.device_text_encoder.as_ref(),
         }
     }
 }
@@ -103,15 +105,12 @@ pub fn apply(
         (Some(d), false) => (None, Some(d.adapters(&p.unet, &set, mode)?)),
         (None, false) => (Some(Applied::new(&set, mode, &*p.unet)?), None),
     };
-    let text_encoder = set
-        .iter()
-        .any(|(a, _)| a.layers.keys().any(|k| k.starts_with("text_encoder.")))
-        .then(|| Applied::new(&set, mode, &p.text_encoder))
-        .transpose()?;
+    let (text_encoder, device_text_encoder) = p.text_adapters(&set, mode)?;
     Ok(PipelineAdapters {
         unet,
         device_unet,
         text_encoder,
+        device_text_encoder,
     })
 }
 
@@ -149,7 +148,7 @@ pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.dump_latents {
-        let f = pipeline.vae.config.downscale();
+        let f = pipeline.vae_config()?.downscale();
         let shape = vec![
             n,
             pipeline.unet.config.in_channels,
