@@ -27,9 +27,10 @@ pub struct Pipeline {
     /// its weights is kept then: its adapter sets are built on the device,
     /// [`DeviceTextVae::text_adapters`]).
     pub text_encoder: Option<TextEncoder>,
-    /// The UNet on the CPU: it runs the denoising unless `device_unet` is set, and adapter
-    /// sets are resolved against it either way.
-    pub unet: std::sync::Arc<Unet>,
+    /// The UNet on the CPU; `None` when `device_unet` runs the denoising (no host copy of its
+    /// weights is kept then: its adapter sets are built on the device,
+    /// [`DeviceUnet::adapters`]).
+    pub unet: Option<std::sync::Arc<Unet>>,
     /// The VAE on the CPU; `None` when `device_text_vae` runs it.
     pub vae: Option<Vae>,
     pub scheduler: SchedulerConfig,
@@ -116,12 +117,16 @@ impl Pipeline {
     /// Builds every component of a diffusers folder or LDM file (the tokenizer needs the
     /// folder's `tokenizer/`).
     pub fn from_model(model: &Model) -> Result<Pipeline> {
-        Pipeline::build(model, None)
+        Pipeline::build(model, None, None)
     }
 
-    /// `model`'s pipeline with `device_text_vae` for its text encoder and VAE (then no CPU
-    /// copies of them are built) or the CPU's.
-    fn build(model: &Model, device_text_vae: Option<DeviceTextVae>) -> Result<Pipeline> {
+    /// `model`'s pipeline with `device_unet` for its UNet and `device_text_vae` for its text
+    /// encoder and VAE (no CPU copies of what runs on a device are built), else the CPU's.
+    fn build(
+        model: &Model,
+        device_unet: Option<DeviceUnet>,
+        device_text_vae: Option<DeviceTextVae>,
+    ) -> Result<Pipeline> {
         let tok = model.tokenizer.as_ref().ok_or_else(|| {
             Error::invalid_model(&model.path, "the model has no tokenizer/ folder")
         })?;
@@ -135,10 +140,13 @@ impl Pipeline {
             text_encoder: on_host
                 .then(|| TextEncoder::from_model(model))
                 .transpose()?,
-            unet: model.unet()?,
+            unet: match device_unet {
+                Some(_) => None,
+                None => Some(model.unet()?),
+            },
             vae: on_host.then(|| Vae::from_model(model)).transpose()?,
             scheduler,
-            device_unet: None,
+            device_unet,
             device_text_vae,
         })
     }
@@ -153,12 +161,47 @@ impl Pipeline {
                 d.describe()
             );
         }
-        let mut p = rt.install(|| Pipeline::build(model, device_text_vae))?;
-        p.device_unet = DeviceUnet::for_runtime(rt, model)?;
-        if let Some(d) = &p.device_unet {
+        let device_unet = DeviceUnet::for_runtime(rt, model)?;
+        if let Some(d) = &device_unet {
             log::info!("the pipeline's UNet runs on {}", d.describe());
         }
-        Ok(p)
+        rt.install(|| Pipeline::build(model, device_unet, device_text_vae))
+    }
+
+    /// The UNet's config, from whichever copy the pipeline has.
+    pub fn unet_config(&self) -> Result<&crate::model::config::UnetConfig> {
+        match (&self.unet, &self.device_unet) {
+            (Some(u), _) => Ok(&u.config),
+            (None, Some(d)) => Ok(d.config()),
+            (None, None) => Err(no_unet()),
+        }
+    }
+
+    /// Every adaptable projection (UNet and text encoder) by adapter key, wherever they run.
+    pub fn adaptable_layers(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+        let mut t = match (&self.unet, &self.device_unet) {
+            (Some(u), _) => u.adaptable_layers(),
+            (None, Some(d)) => d.adaptable_layers(),
+            (None, None) => Default::default(),
+        };
+        t.extend(self.text_encoder_layers());
+        t
+    }
+
+    /// A session's set on the pipeline's UNet, wherever it runs: `(host, device)`, the other
+    /// `None`.
+    pub fn unet_adapters(
+        &self,
+        set: &[(&crate::adapter::Adapter, f32)],
+        mode: crate::adapter::apply::ApplyMode,
+    ) -> Result<(Option<Applied>, Option<DeviceAdapters>)> {
+        match (&self.device_unet, &self.unet) {
+            (Some(d), _) => Ok((None, Some(d.adapters(set, mode)?))),
+            (None, Some(u)) => Ok((Some(Applied::new(set, mode, &**u)?), None)),
+            (None, None) => Err(no_unet()),
+        }
     }
 
     /// The VAE's config, from whichever copy the pipeline has.
@@ -255,7 +298,7 @@ impl Pipeline {
     ) -> Result<Generated> {
         let vae_config = self.vae_config()?;
         let f = vae_config.downscale();
-        let lc = self.unet.config.in_channels;
+        let lc = self.unet_config()?.in_channels;
         if p.batch == 0 {
             return Err(Error::invalid_arg("batch", "must be at least 1"));
         }
@@ -367,9 +410,10 @@ impl Pipeline {
                 width: w,
                 context_len: l,
             };
-            let eps = match &self.device_unet {
-                Some(d) => d.forward(&input, ad.device_unet, doubled.as_deref())?,
-                None => self.unet.forward_with(&input, unet_ad.as_ref())?,
+            let eps = match (&self.device_unet, &self.unet) {
+                (Some(d), _) => d.forward(&input, ad.device_unet, doubled.as_deref())?,
+                (None, Some(u)) => u.forward_with(&input, unet_ad.as_ref())?,
+                (None, None) => return Err(no_unet()),
             };
             let eps: Vec<f32> = if cfg {
                 let (u, c) = eps.split_at(n);
@@ -429,6 +473,10 @@ impl Pipeline {
             pixels,
         })
     }
+}
+
+fn no_unet() -> Error {
+    Error::Internal("the pipeline has no UNet (neither `unet` nor `device_unet`)".into())
 }
 
 fn scheduler_config_path(model: &Path) -> Option<std::path::PathBuf> {

@@ -436,13 +436,12 @@ fn pipeline_with_the_generic_unet_matches_the_cpu_pipeline() {
     let d = gpu.device_unet.as_ref().expect("the UNet on the device");
     println!("pipeline UNet on {}", d.describe());
     let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
+    let cpu_unet = cpu.unet.as_deref().expect("a CPU pipeline has its UNet");
     let params = common::gpu_pipeline_params();
-    let id = random_adapter(cpu.unet.adaptable_layers(), 5, 4);
+    let id = random_adapter(cpu_unet.adaptable_layers(), 5, 4);
     let set = [(&id, 1.0)];
-    let host_set = Applied::new(&set, ApplyMode::Runtime, &*cpu.unet).expect("cpu set");
-    let dev_set = d
-        .adapters(&gpu.unet, &set, ApplyMode::Runtime)
-        .expect("device set");
+    let host_set = Applied::new(&set, ApplyMode::Runtime, cpu_unet).expect("cpu set");
+    let dev_set = d.adapters(&set, ApplyMode::Runtime).expect("device set");
     let per_image: &[i32] = &[-1, 0];
     let cases = [
         (

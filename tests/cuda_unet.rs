@@ -400,7 +400,7 @@ fn check_adapters<T: BlasElem>(dev: &CudaDevice, case: &AdapterCase, tol: f64) -
             }),
         );
         let (change, _, _) = compare(&want, &base);
-        let got = CudaAdapters::resolve(dev, &g, &case.unet, &set, mode).and_then(|a| {
+        let got = CudaAdapters::resolve(dev, &g, &set, mode).and_then(|a| {
             g.forward_with(
                 dev,
                 &case.inp.args(),
@@ -470,8 +470,7 @@ fn merge_then_clear_restores_the_base_bit_for_bit() {
         let args = case.inp.args();
         let base = bits(&g.forward(&dev, &args).expect("base"));
         let set: Vec<(&Adapter, f32)> = case.adapters.iter().map(|a| (a, 1.0)).collect();
-        let merged =
-            CudaAdapters::resolve(&dev, &g, &case.unet, &set, ApplyMode::Merge).expect("merge set");
+        let merged = CudaAdapters::resolve(&dev, &g, &set, ApplyMode::Merge).expect("merge set");
         fn ctx<T: BlasElem>(a: &CudaAdapters<T>) -> Option<CudaAdapterCtx<'_, T>> {
             Some(CudaAdapterCtx {
                 adapters: a,
@@ -487,8 +486,7 @@ fn merge_then_clear_restores_the_base_bit_for_bit() {
         // Clearing: the session drops its set (no adapters), or holds an empty one.
         drop(merged);
         let none = bits(&g.forward_with(&dev, &args, None).expect("cleared"));
-        let empty =
-            CudaAdapters::resolve(&dev, &g, &case.unet, &[], ApplyMode::Merge).expect("empty set");
+        let empty = CudaAdapters::resolve(&dev, &g, &[], ApplyMode::Merge).expect("empty set");
         let with_empty = bits(&g.forward_with(&dev, &args, ctx(&empty)).expect("empty"));
         let again = bits(&g.forward(&dev, &args).expect("again"));
         let exact = none == base && with_empty == base && again == base;
@@ -515,32 +513,26 @@ fn adapter_limits_and_mismatches_are_clear_errors() {
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
     let unet = m.unet().expect("unet");
     let g = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
+    // Sets resolve against the device UNet's own dims, which must be the host UNet's.
+    assert_eq!(g.adaptable_layers(), unet.adaptable_layers());
     let big = random_adapter(&unet, 9, 129, 40, 5);
     let key = big.layers.keys().next().expect("a layer").clone();
-    let e = CudaAdapters::resolve(&dev, &g, &unet, &[(&big, 1.0)], ApplyMode::Runtime)
+    let e = CudaAdapters::resolve(&dev, &g, &[(&big, 1.0)], ApplyMode::Runtime)
         .expect_err("rank 129 in runtime mode");
     assert!(
         matches!(&e, hdb::Error::Unsupported(msg) if msg.contains(&key) && msg.contains("129")),
         "{e}"
     );
-    CudaAdapters::resolve(&dev, &g, &unet, &[(&big, 1.0)], ApplyMode::Merge)
-        .expect("rank 129 merges");
-    let e = CudaAdapters::resolve(
-        &dev,
-        &g,
-        &unet,
-        &[(&big, 1.0), (&big, 0.5)],
-        ApplyMode::Merge,
-    )
-    .expect_err("total rank 258 in merge mode");
+    CudaAdapters::resolve(&dev, &g, &[(&big, 1.0)], ApplyMode::Merge).expect("rank 129 merges");
+    let e = CudaAdapters::resolve(&dev, &g, &[(&big, 1.0), (&big, 0.5)], ApplyMode::Merge)
+        .expect_err("total rank 258 in merge mode");
     assert!(
         matches!(&e, hdb::Error::Unsupported(msg) if msg.contains(&key) && msg.contains("258")),
         "{e}"
     );
     // A set built for one upload is refused by another; per-sample checks are the CPU's.
     let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
-    let set =
-        CudaAdapters::resolve(&dev, &g, &unet, &[(&id1, 1.0)], ApplyMode::Runtime).expect("set");
+    let set = CudaAdapters::resolve(&dev, &g, &[(&id1, 1.0)], ApplyMode::Runtime).expect("set");
     let other = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
     let inp = read_input("tiny-sd");
     let ctx = |per_sample| {
@@ -842,17 +834,16 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
     let d = gpu.device_unet.as_ref().expect("the UNet on the device");
     println!("pipeline UNet on {}", d.describe());
     let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
+    let cpu_unet = cpu.unet.as_deref().expect("a CPU pipeline has its UNet");
     let params = common::gpu_pipeline_params();
     assert!(
-        gpu.text_encoder.is_none() && gpu.vae.is_none(),
-        "a CUDA pipeline keeps no host copies of its text encoder and VAE"
+        gpu.unet.is_none() && gpu.text_encoder.is_none() && gpu.vae.is_none(),
+        "a CUDA pipeline keeps no host copies of its UNet, text encoder and VAE"
     );
     let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
     let set = [(&id1, 1.0)];
-    let host_set = Applied::new(&set, ApplyMode::Runtime, &*cpu.unet).expect("cpu set");
-    let dev_set = d
-        .adapters(&gpu.unet, &set, ApplyMode::Runtime)
-        .expect("device set");
+    let host_set = Applied::new(&set, ApplyMode::Runtime, cpu_unet).expect("cpu set");
+    let dev_set = d.adapters(&set, ApplyMode::Runtime).expect("device set");
     // An identity on the UNet and the text encoder: the text encoder's set built once on the
     // device (fused kernels), in both modes, and a host set uploaded per call (compatibility).
     let mut both = fixture_adapter(&m, "id1.lidb.safetensors");
@@ -866,18 +857,16 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
     let both_set = [(&both, 1.0)];
     let mut sets = Vec::new();
     for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
-        let cpu_unet = Applied::new(&both_set, mode, &*cpu.unet).expect("cpu unet set");
+        let cpu_set = Applied::new(&both_set, mode, cpu_unet).expect("cpu unet set");
         let (cpu_te, none) = cpu.text_adapters(&both_set, mode).expect("cpu te set");
         assert!(none.is_none());
-        let gpu_unet = d
-            .adapters(&gpu.unet, &both_set, mode)
-            .expect("device unet set");
+        let gpu_unet = d.adapters(&both_set, mode).expect("device unet set");
         let (host_te, gpu_te) = gpu.text_adapters(&both_set, mode).expect("device te set");
         assert!(
             host_te.is_none(),
             "a CUDA pipeline builds its text encoder set on the device"
         );
-        sets.push((mode, cpu_unet, cpu_te, gpu_unet, gpu_te));
+        sets.push((mode, cpu_set, cpu_te, gpu_unet, gpu_te));
     }
     let per_image: &[i32] = &[-1, 0];
     let mut cases = vec![
@@ -900,11 +889,11 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
             },
         ),
     ];
-    for (mode, cpu_unet, cpu_te, gpu_unet, gpu_te) in &sets {
+    for (mode, cpu_set, cpu_te, gpu_unet, gpu_te) in &sets {
         cases.push((
             format!("unet+te-{mode:?}"),
             GenerateAdapters {
-                unet: Some(cpu_unet),
+                unet: Some(cpu_set),
                 text_encoder: cpu_te.as_ref(),
                 ..Default::default()
             },
@@ -918,7 +907,7 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
             cases.push((
                 "unet+te-per-image".to_string(),
                 GenerateAdapters {
-                    unet: Some(cpu_unet),
+                    unet: Some(cpu_set),
                     text_encoder: cpu_te.as_ref(),
                     per_image: Some(per_image),
                     ..Default::default()
@@ -933,7 +922,7 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
             cases.push((
                 "unet+host-te-per-image".to_string(),
                 GenerateAdapters {
-                    unet: Some(cpu_unet),
+                    unet: Some(cpu_set),
                     text_encoder: cpu_te.as_ref(),
                     per_image: Some(per_image),
                     ..Default::default()

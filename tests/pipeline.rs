@@ -114,7 +114,12 @@ fn identities_on_unet_and_text_encoder_match_diffusers() {
     let (m, p) = setup();
     let both = identities(&m);
     for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
-        let unet = Applied::new(&[(&both, 1.0)], mode, &*p.unet).expect("unet set");
+        let (unet, device_unet) = p.unet_adapters(&[(&both, 1.0)], mode).expect("unet set");
+        assert!(
+            device_unet.is_none(),
+            "a CPU pipeline's UNet set is on the host"
+        );
+        let unet = unet.expect("host set");
         let (te, device_te) = p.text_adapters(&[(&both, 1.0)], mode).expect("te set");
         assert!(
             device_te.is_none(),
@@ -137,7 +142,8 @@ fn identities_on_unet_and_text_encoder_match_diffusers() {
 fn one_identity_per_image_matches_separate_runs() {
     let (m, p) = setup();
     let both = identities(&m);
-    let unet = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, &*p.unet).expect("unet set");
+    let cpu_unet = p.unet.as_deref().expect("a CPU pipeline has its UNet");
+    let unet = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, cpu_unet).expect("unet set");
     let cpu_te = p
         .text_encoder
         .as_ref()

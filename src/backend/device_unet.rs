@@ -127,19 +127,15 @@ impl DeviceUnet {
     }
 
     /// A session's set on this UNet: `set` (each adapter with its scale) resolved against
-    /// `cpu` (the host UNet this one was uploaded from) and built on the device in `mode`.
-    /// An empty set gives an empty set (the shared weights run unchanged).
+    /// this UNet's own projections (dims only: no host copy of the weights is needed) and
+    /// built on the device in `mode`. An empty set gives an empty set (the shared weights run
+    /// unchanged).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn adapters(
-        &self,
-        cpu: &Unet,
-        set: &[(&Adapter, f32)],
-        mode: ApplyMode,
-    ) -> Result<DeviceAdapters> {
+    pub fn adapters(&self, set: &[(&Adapter, f32)], mode: ApplyMode) -> Result<DeviceAdapters> {
         match *self {
             #[cfg(feature = "cuda")]
             DeviceUnet::Cuda { ref dev, ref unet } => {
-                let a = CudaAdapters::resolve(dev, unet, cpu, set, mode)?;
+                let a = CudaAdapters::resolve(dev, unet, set, mode)?;
                 log::debug!(
                     "{} adapter(s) on cuda:{} in {mode:?} mode: {} projections, {:.1} MB",
                     a.count(),
@@ -151,10 +147,23 @@ impl DeviceUnet {
             }
             #[cfg(feature = "cuda")]
             DeviceUnet::CudaGeneric { ref unet } => {
-                let resolved = crate::adapter::apply::Applied::new(set, ApplyMode::Runtime, cpu)?;
-                let a = CudaLayerAdapters::new(unet.backend(), &**unet, &resolved, mode)?;
+                let u: &Unet<Cuda<half::f16>> = unet;
+                let resolved = crate::adapter::apply::Applied::new(set, ApplyMode::Runtime, u)?;
+                let a = CudaLayerAdapters::new(u.backend(), u, &resolved, mode)?;
                 Ok(DeviceAdapters::CudaLayer(a))
             }
+        }
+    }
+
+    /// The adaptable projections by adapter key (`unet.<path>`) and their dims.
+    pub fn adaptable_layers(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            DeviceUnet::Cuda { ref unet, .. } => unet.adaptable_layers(),
+            #[cfg(feature = "cuda")]
+            DeviceUnet::CudaGeneric { ref unet } => unet.adaptable_layers(),
         }
     }
 

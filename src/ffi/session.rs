@@ -151,16 +151,16 @@ pub unsafe extern "C" fn hdb_session_unet(
             context_tokens as usize,
         );
         let shared = &s.shared;
-        let unet = shared.model.unet()?;
         let device_unet = shared.device_unet()?;
-        let want = b * unet.config.out_channels * h * w;
+        let out_channels = match &device_unet {
+            Some(d) => d.config().out_channels,
+            None => shared.model.unet()?.config.out_channels,
+        };
+        let want = b * out_channels * h * w;
         if out_len != want {
             return Err(Error::invalid_arg(
                 "out_len",
-                format!(
-                    "is {out_len}, expected [{b}, {}, {h}, {w}] = {want}",
-                    unet.config.out_channels
-                ),
+                format!("is {out_len}, expected [{b}, {out_channels}, {h}, {w}] = {want}"),
             ));
         }
         let input = UnetInput {
@@ -177,6 +177,7 @@ pub unsafe extern "C" fn hdb_session_unet(
                 d.forward(&input, s.device_applied.as_ref(), s.per_sample.as_deref())
             })?,
             None => {
+                let unet = shared.model.unet()?;
                 let ad = s.applied.as_ref().map(|applied| AdapterCtx {
                     applied,
                     per_sample: s.per_sample.as_deref(),
@@ -242,7 +243,6 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             };
             set.push((&*a.inner, scale));
         }
-        let unet = s.shared.model.unet()?;
         let touches_te = set.iter().any(|(a, _)| {
             a.layers
                 .keys()
@@ -256,11 +256,12 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
         };
         match s.shared.device_unet()? {
             Some(d) => {
-                let dev_set = s.shared.runtime.install(|| d.adapters(&unet, &set, mode))?;
+                let dev_set = s.shared.runtime.install(|| d.adapters(&set, mode))?;
                 s.applied = None;
                 s.device_applied = (n > 0).then_some(dev_set);
             }
             None => {
+                let unet = s.shared.model.unet()?;
                 let previous = s.applied.as_mut();
                 let applied = s
                     .shared

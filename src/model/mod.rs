@@ -115,8 +115,11 @@ impl Model {
         Ok(u)
     }
 
-    /// The model's UNet in fp16 on `dev`, uploaded from [`Model::unet`] on the first call for
-    /// that device (seconds for SD 1.5: about 1.7 GB of device memory) and shared afterwards.
+    /// The model's UNet in fp16 on `dev`, uploaded on the first call for that device (seconds
+    /// for SD 1.5: about 1.7 GB of device memory) and shared afterwards. It is uploaded from
+    /// [`Model::unet`]'s host copy when one was built, else from a host copy built for the
+    /// upload and dropped after it (for fp16 files 3.4 GB of f32 that a GPU runtime would
+    /// otherwise keep).
     #[cfg(feature = "cuda")]
     pub fn cuda_unet(&self, dev: &crate::backend::cuda::CudaDevice) -> Result<CudaUnetF16> {
         let mut guard = self
@@ -126,9 +129,18 @@ impl Model {
         if let Some((_, u)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
             return Ok(u.clone());
         }
-        let cpu = self.unet()?;
+        let cached = self
+            .unet
+            .lock()
+            .map_err(|_| Error::Internal("UNet cache lock poisoned".into()))?
+            .clone();
+        let cpu = match cached {
+            Some(u) => u,
+            None => Arc::new(unet::Unet::from_model(self)?),
+        };
         let t = std::time::Instant::now();
         let u = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, &cpu)?);
+        drop(cpu);
         dev.synchronize()?;
         log::info!(
             "uploaded the UNet to cuda:{} in fp16 in {:.2} s",

@@ -30,7 +30,6 @@ use super::unet::{Buf, CudaUnet, Place, Slot};
 use crate::adapter::apply::{validate_per_sample, Applied, ApplyMode};
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
-use crate::model::unet::Unet;
 
 /// `lidb_merge`'s limit on the summed rank of one layer's factors (`MERGE_MAX_RANK`, lidb.cu).
 pub(crate) const MERGE_MAX_RANK: usize = 256;
@@ -178,16 +177,15 @@ struct Located {
 }
 
 impl<T: BlasElem> CudaAdapters<T> {
-    /// Resolves `set` (each adapter with its scale) for `cpu`, the UNet `unet` was uploaded
-    /// from, and builds it on the device in `mode`.
+    /// Resolves `set` (each adapter with its scale) against `unet`'s own projections (dims
+    /// only: no host copy of the weights) and builds it on the device in `mode`.
     pub fn resolve(
         dev: &CudaDevice,
         unet: &CudaUnet<T>,
-        cpu: &Unet,
         set: &[(&Adapter, f32)],
         mode: ApplyMode,
     ) -> Result<Self> {
-        let resolved = Applied::new(set, ApplyMode::Runtime, cpu)?;
+        let resolved = Applied::new(set, ApplyMode::Runtime, unet)?;
         Self::new(dev, unet, &resolved, mode)
     }
 
@@ -498,6 +496,37 @@ impl<'a, T: BlasElem> Active<'a, T> {
                 ops::lora_bgmv(dev, y, x, &self.set.whole[i], &l.table, n, shape(rows))
             }),
         }
+    }
+}
+
+/// The tuned UNet as an adapter target: its projections' dims by adapter key (runtime-mode
+/// resolution; its weights are on the device only).
+impl<T: BlasElem> crate::adapter::apply::Adaptable for CudaUnet<T> {
+    fn key_prefix(&self) -> &'static str {
+        "unet."
+    }
+
+    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
+        let (id, slot) = self.adapter_slot(key)?;
+        let place = self.attentions().get(id)?.place(slot);
+        Some((place.dout, place.din))
+    }
+
+    fn host_weight(&self, _key: &str) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl<T: BlasElem> CudaUnet<T> {
+    /// The adaptable projections by adapter key (`unet.<path>`) and their dims.
+    pub fn adaptable_layers(&self) -> BTreeMap<String, crate::adapter::LayerShape> {
+        use crate::adapter::apply::Adaptable;
+        self.adapter_keys()
+            .filter_map(|k| {
+                let (dout, din) = self.projection_dims(k)?;
+                Some((k.to_string(), crate::adapter::LayerShape { din, dout }))
+            })
+            .collect()
     }
 }
 

@@ -890,6 +890,11 @@ impl<T: BlasElem> CudaUnet<T> {
             .collect()
     }
 
+    /// Every adapter key (`unet.<path>.to_q`, ...) of the UNet's projections.
+    pub(super) fn adapter_keys(&self) -> impl Iterator<Item = &str> {
+        self.adaptable.keys().map(String::as_str)
+    }
+
     /// The attention layer and projection of adapter key `key` (`unet.<path>.to_q`, ...).
     pub(super) fn adapter_slot(&self, key: &str) -> Option<(usize, Slot)> {
         self.adaptable.get(key).copied()

@@ -629,9 +629,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             peer_ms: peer["unet"]["ms"].as_f64(),
         });
         unet_ms = Some(ms);
-        batch8 = Some(adapter_unet_rows(
-            &dev, &cu, &unet, &layers, runs, &mut rows,
-        )?);
+        batch8 = Some(adapter_unet_rows(&dev, &cu, &layers, runs, &mut rows)?);
         drop(cu);
         notes = crate::bench_cuda_models::rows(&dev, runs, &peer, (&unet, ms), &mut rows)?;
     }
@@ -697,7 +695,6 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
 fn adapter_unet_rows(
     dev: &CudaDevice,
     cu: &CudaUnet<f16>,
-    cpu: &Unet,
     layers: &[(String, usize, usize)],
     runs: usize,
     rows: &mut Vec<Row>,
@@ -727,7 +724,7 @@ fn adapter_unet_rows(
     let sample = random::<f16>(dev, &mut rng, b * 4 * 64 * 64, 1.0)?;
     let ctx = random::<f16>(dev, &mut rng, b * 77 * 768, 1.0)?;
     let ts = vec![981.0f32; b];
-    let runtime = CudaAdapters::resolve(dev, cu, cpu, &set, ApplyMode::Runtime)?;
+    let runtime = CudaAdapters::resolve(dev, cu, &set, ApplyMode::Runtime)?;
     let one = [0i32; 8];
     let eight: Vec<i32> = (0..8).collect();
     let step = |per: Option<&[i32]>| -> Result<f64> {
@@ -775,7 +772,7 @@ fn adapter_unet_rows(
         let mut v = Vec::new();
         for i in 0..runs.clamp(5, 20) {
             let t = std::time::Instant::now();
-            let a = CudaAdapters::resolve(dev, cu, cpu, &set[i % 8..i % 8 + 1], mode)?;
+            let a = CudaAdapters::resolve(dev, cu, &set[i % 8..i % 8 + 1], mode)?;
             dev.synchronize()?;
             v.push(t.elapsed().as_secs_f64() * 1e3);
             drop(a);

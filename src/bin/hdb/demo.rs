@@ -41,7 +41,7 @@ fn builtin(device_text_vae: Option<DeviceTextVae>) -> hdb::Result<Pipeline> {
     Ok(Pipeline {
         tokenizer: ClipTokenizer::byte_level(77)?,
         text_encoder: on_host.then(|| TextEncoder::load(te, &w)).transpose()?,
-        unet: std::sync::Arc::new(Unet::load(unet, &w)?),
+        unet: Some(std::sync::Arc::new(Unet::load(unet, &w)?)),
         vae: on_host.then(|| Vae::load(vae, &w)).transpose()?,
         scheduler: SchedulerConfig::default(),
         device_unet: None,
@@ -92,7 +92,7 @@ fn hypernet(
     if let Some(f) = file {
         return RuntimeHypernet::load(rt, f);
     }
-    let table = adaptable(p);
+    let table = p.adaptable_layers();
     let a = table.values().map(|l| l.din).min().unwrap_or(1).min(100);
     let b = table.values().map(|l| l.dout).min().unwrap_or(1).min(50);
     let mut cfg = HypernetConfig {
@@ -135,12 +135,6 @@ fn face(i: usize, w: usize, h: usize) -> Vec<u8> {
     rgb
 }
 
-fn adaptable(p: &Pipeline) -> std::collections::BTreeMap<String, hdb::adapter::LayerShape> {
-    let mut t = p.unet.adaptable_layers();
-    t.extend(p.text_encoder_layers());
-    t
-}
-
 pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let total = Instant::now();
     let rt = super::runtime(a.device, a.threads)?;
@@ -154,7 +148,12 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
             let (te, _, vae) = builtin_configs();
             let device_text_vae = DeviceTextVae::load(&rt, te, vae, &RandomWeights { seed: 2023 })?;
             let mut p = rt.install(|| builtin(device_text_vae))?;
-            p.device_unet = DeviceUnet::upload(&rt, &p.unet)?;
+            if let Some(cpu) = &p.unet {
+                p.device_unet = DeviceUnet::upload(&rt, cpu)?;
+            }
+            if p.device_unet.is_some() {
+                p.unet = None; // the device copy runs it: keep no host copy
+            }
             (p, "built-in random model (no download)".to_string())
         }
         Some(path) => {
@@ -178,7 +177,7 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         rt.threads()
     );
 
-    let table = adaptable(&pipeline);
+    let table = pipeline.adaptable_layers();
     let t = Instant::now();
     let net = hypernet(&rt, &pipeline, a.hypernet.as_deref(), a.model.is_none())?;
     let source = if a.hypernet.is_some() {
@@ -372,9 +371,10 @@ fn unet_set(
     set: &[(&Adapter, f32)],
     mode: ApplyMode,
 ) -> hdb::Result<UnetSet> {
-    Ok(match &p.device_unet {
-        Some(d) => UnetSet::Device(rt.install(|| d.adapters(&p.unet, set, mode))?),
-        None => UnetSet::Cpu(rt.install(|| Applied::new(set, mode, &*p.unet))?),
+    Ok(match rt.install(|| p.unet_adapters(set, mode))? {
+        (_, Some(d)) => UnetSet::Device(d),
+        (Some(a), None) => UnetSet::Cpu(a),
+        (None, None) => return Err(hdb::Error::Internal("no UNet set was built".into())),
     })
 }
 

@@ -100,10 +100,10 @@ pub fn apply(
         .enumerate()
         .map(|(i, a)| (a, scales.get(i).copied().unwrap_or(1.0)))
         .collect();
-    let (unet, device_unet) = match (&p.device_unet, adapters.is_empty()) {
-        (_, true) => (None, None),
-        (Some(d), false) => (None, Some(d.adapters(&p.unet, &set, mode)?)),
-        (None, false) => (Some(Applied::new(&set, mode, &*p.unet)?), None),
+    let (unet, device_unet) = if adapters.is_empty() {
+        (None, None)
+    } else {
+        p.unet_adapters(&set, mode)?
     };
     let (text_encoder, device_text_encoder) = p.text_adapters(&set, mode)?;
     Ok(PipelineAdapters {
@@ -151,7 +151,7 @@ pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
         let f = pipeline.vae_config()?.downscale();
         let shape = vec![
             n,
-            pipeline.unet.config.in_channels,
+            pipeline.unet_config()?.in_channels,
             out.height / f,
             out.width / f,
         ];

@@ -631,7 +631,7 @@ fn unet(
     };
     let (y, built) = match &device_unet {
         Some(d) => {
-            let set = rt.install(|| d.adapters(&unet, &set, mode))?;
+            let set = rt.install(|| d.adapters(&set, mode))?;
             let built = start.elapsed();
             let ad = with_adapters.then_some(&set);
             (d.forward(&x, ad, per_sample.as_deref())?, built)
