@@ -5,7 +5,7 @@
 //! measured is the device's own (accumulation order, one output rounding, and for the
 //! tensor-core and materialised attention the rounding of P and of the scores).
 //!
-//! Tolerances on the relative L2 error (those of tests/cuda_parity.rs): one-rounding ops
+//! Tolerances on the relative L2 error (those of tests/cuda_parity/): one-rounding ops
 //! f32 1e-7..1e-5 by op, f16 1e-3, bf16 8e-3; flash attention f16 2e-3, bf16 1.5e-2; the
 //! materialised attention (scores and P rounded to T) f16 3e-3, bf16 2e-2; layout ops exact.
 //! Each case prints `cuda-backend <op> <dtype> ... rel_l2=... max_abs=...` and fails with the
@@ -40,7 +40,7 @@ use hdb::{Error, Result};
 // Harness
 // ---------------------------------------------------------------------------------------------
 
-/// The flash kernels round P to T: tests/cuda_parity.rs's figures.
+/// The flash kernels round P to T: tests/cuda_parity/'s figures.
 fn flash_tol<T: DeviceElem>() -> f64 {
     match T::SUFFIX {
         "f32" => 1e-5,

@@ -1,4 +1,4 @@
-//! The harness the `Cuda<T>` backend tests share (tests/cuda_backend.rs,
+//! The harness the CUDA tests share (tests/cuda_parity/, tests/cuda_backend.rs,
 //! tests/cuda_adapters.rs): one device per test binary, printed and replayable seeds, the
 //! comparison, and the every-dtype runner.
 #![allow(dead_code)] // each test crate uses its own part
