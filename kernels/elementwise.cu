@@ -35,6 +35,11 @@
 //   Softmax over the last dim of x [rows, n] (max-subtracted, as torch); y may equal x.
 //   grid = ceil(rows / 8); block = 256 threads = 8 warps, one row per warp; three sweeps over
 //   the row (max, sum, write), the second and third from L1.
+// softmax_rows_from_f32_{f32,f16,bf16}(T* y, const float* x, long long rows, int n)
+//   The same over f32 scores, written as T (the materialised attention's probabilities: its
+//   scores stay f32 so they are not rounded before the softmax). y may not overlap x unless
+//   T is f32 and y == x. Not yet run on a GPU: tests/cuda_backend.rs checks it through the
+//   VAE-shaped attention.
 // timestep_embedding_{f32,f16,bf16}(T* y, const float* t, int n, int dim, int flip_sin_to_cos,
 //                                   float downscale_freq_shift, float max_period)
 //   diffusers' get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift, scale=1,
@@ -102,12 +107,12 @@ template <typename T> __device__ __forceinline__ void quick_gelu(T* y, const T* 
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void softmax_rows(T* y, const T* x, long long rows, int n) {
+template <typename T, typename In>
+__device__ __forceinline__ void softmax_rows(T* y, const In* x, long long rows, int n) {
     const int lane = threadIdx.x & 31;
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows || n <= 0) return; // whole warps leave: only warp-level sync below
-    const T* xr = x + row * n;
+    const In* xr = x + row * n;
     T* yr = y + row * n;
     float m = HDB_NEG_INF;
     for (int c = lane; c < n; c += 32) m = fmaxf(m, to_f32(xr[c]));
@@ -190,7 +195,11 @@ __device__ __forceinline__ void add_bias_rows(T* y, const T* __restrict__ bias, 
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                          \
         softmax_rows_##sfx(T* y, const T* x, long long rows, int n) {                          \
-        softmax_rows<T>(y, x, rows, n);                                                        \
+        softmax_rows<T, T>(y, x, rows, n);                                                     \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        softmax_rows_from_f32_##sfx(T* y, const float* x, long long rows, int n) {             \
+        softmax_rows<T, float>(y, x, rows, n);                                                 \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                          \
         timestep_embedding_##sfx(T* __restrict__ y, const float* __restrict__ t, int n,        \

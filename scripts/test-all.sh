@@ -12,6 +12,8 @@ cargo clippy --features cuda --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
 cargo test
+# The CUDA backend's host-side unit tests (launch plans, chunking, limits): no GPU needed.
+cargo test --features cuda --lib
 # The CUDA kernels must compile for sm_80 and sm_90: NVRTC from pip, no GPU needed.
 nvrtc_env="$(scripts/nvrtc-env.sh)"
 ( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )

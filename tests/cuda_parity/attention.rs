@@ -175,3 +175,72 @@ fn flash_attention_matches_cpu() {
         1.5e-2,
     );
 }
+
+/// `ops::attention_materialized_with` in chunks of `chunk_rows` query rows against the CPU.
+fn materialized_case<T: BlasElem>(
+    dev: &CudaDevice,
+    rng: &mut SplitMix64,
+    s: AttnShape,
+    chunk_rows: usize,
+    tol: f64,
+) {
+    let hd = s.heads * s.head_dim;
+    let (q, k, v) = (
+        rounded::<T>(&randn(rng, s.batch * s.lq * hd, 1.0)),
+        rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0)),
+        rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0)),
+    );
+    let mut want = vec![0.0; s.batch * s.lq * hd];
+    cpu::attention(
+        &mut want, &q, &k, &v, s.batch, s.lq, s.lk, s.heads, s.head_dim,
+    );
+    let out = poisoned::<T>(dev, want.len());
+    let (qd, kd, vd) = (
+        dev.upload_f32::<T>(&q).unwrap(),
+        dev.upload_f32::<T>(&k).unwrap(),
+        dev.upload_f32::<T>(&v).unwrap(),
+    );
+    let budget = 4 * s.heads * s.lk * chunk_rows;
+    let (rows, _) = ops::attention_materialized_chunk(&s, budget).expect("chunk");
+    assert_eq!(rows, chunk_rows.min(s.lq));
+    ops::attention_materialized_with(
+        dev,
+        At::from(&out),
+        At::from(&qd),
+        At::from(&kd),
+        At::from(&vd),
+        s,
+        budget,
+    )
+    .unwrap();
+    let got = dev.download_f32(&out, want.len()).unwrap();
+    let case = format!(
+        "materialised {} b{} h{} lq{} lk{} d{} chunk{rows}",
+        T::SUFFIX,
+        s.batch,
+        s.heads,
+        s.lq,
+        s.lk,
+        s.head_dim
+    );
+    check(&case, &got, &want, tol);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn materialized_attention_in_chunks_matches_cpu() {
+    let Some((_lock, dev)) = device() else {
+        return;
+    };
+    let mut rng = seed("materialized_attention_chunks");
+    // Head dims above the fused kernels' 256 (the VAE's 512), several heads, lq != lk, and
+    // chunks of one row, of rows that do not divide lq, and one chunk for every row.
+    for &(b, h, lq, lk, d) in &[(2, 2, 37, 29, 264), (1, 1, 100, 64, 512)] {
+        let s = AttnShape::dense(b, h, lq, lk, d);
+        for chunk in [1, 7, lq] {
+            materialized_case::<f32>(&dev, &mut rng, s, chunk, 1e-5);
+            materialized_case::<f16>(&dev, &mut rng, s, chunk, 2e-3);
+            materialized_case::<bf16>(&dev, &mut rng, s, chunk, 1.5e-2);
+        }
+    }
+}

@@ -17,9 +17,8 @@
 //! the tensor-core kernels for f16/bf16 at head dims 40, 64, 80 and 160, else the scalar
 //! kernel); causal (CLIP's text encoder) takes [`ops::attention_causal`] (the scalar kernel
 //! with a mask, head dim <= 256); head dims above 256 (the VAE's single-head mid-block
-//! attention, d = 512) take [`ops::attention_materialized`], which allocates per call a
-//! scores scratch of heads * lq * lk elements of `T`, reused across the batch: 32 MiB in f16
-//! (64 MiB in f32) for a 512 x 512 image's 4096 latent tokens, 512 MiB (1 GiB) at 1024 x 1024.
+//! attention, d = 512) take [`ops::attention_materialized`]: f32 scores in chunks of query
+//! rows, at most 64 MiB of them plus their probabilities in `T` at any resolution.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -269,11 +268,8 @@ impl<T: BlasElem> Backend for Cuda<T> {
         } else if d.head_dim <= 256 {
             ops::attention(dev, o, q, k, v, s, AttnKernel::Auto)?;
         } else {
-            let n = ops::attention_materialized_scratch(&s)
-                .ok_or_else(|| Error::Internal(format!("{op}: scores of {d:?} overflow")))?;
-            let mut scratch = self.out(op, n)?;
             dev.bind_to_thread()?;
-            ops::attention_materialized(dev, o, q, k, v, s, &mut scratch)?;
+            ops::attention_materialized(dev, o, q, k, v, s)?;
         }
         Ok(out)
     }

@@ -284,22 +284,36 @@ pub fn attention_causal<T: DeviceElem>(
     )
 }
 
-/// Scratch (elements of T) [`attention_materialized`] needs: one batch element's scores,
-/// heads * lq * lk (None on overflow). The VAE's mid-block attention (1 head, d = 512) at a
-/// 64 x 64 latent (512 x 512 image) has lq = lk = 4096: 16.8 M scores = 32 MiB in f16, 64 MiB
-/// in f32; at 128 x 128 (1024 x 1024) 16384 tokens: 512 MiB in f16, 1 GiB in f32.
-pub fn attention_materialized_scratch(s: &AttnShape) -> Option<usize> {
-    s.heads.checked_mul(s.lq)?.checked_mul(s.lk)
+/// The f32 scores one chunk of [`attention_materialized`] may hold (64 MiB; the probabilities
+/// beside them take half that in f16).
+pub const MATERIALIZED_SCORES_BYTES: usize = 64 << 20;
+
+/// Query rows per chunk of [`attention_materialized`] and the scores a chunk holds
+/// (heads * rows * lk; None on overflow or an empty shape): as many rows as fit
+/// [`MATERIALIZED_SCORES_BYTES`] of f32, at least one. The VAE's mid-block attention (1 head,
+/// d = 512) at a 64 x 64 latent (512 x 512 image) has lq = lk = 4096: one chunk of 16.8 M
+/// scores (64 MiB); at 128 x 128 (1024 x 1024) 16384 tokens: 16 chunks of 1024 rows, where
+/// one chunk for all rows would take 1 GiB.
+/// `scores_bytes` is the budget ([`MATERIALIZED_SCORES_BYTES`] in [`attention_materialized`]).
+pub fn attention_materialized_chunk(s: &AttnShape, scores_bytes: usize) -> Option<(usize, usize)> {
+    let per_row = s.heads.checked_mul(s.lk)?;
+    if per_row == 0 || s.lq == 0 {
+        return None;
+    }
+    let rows = (scores_bytes / 4 / per_row).clamp(1, s.lq);
+    Some((rows, per_row.checked_mul(rows)?))
 }
 
 /// out = softmax(q k^T / sqrt(d)) v with the scores materialised, for head dims the fused
-/// kernels do not take (> 256: the VAE's single-head attention, d = 512). Per batch element:
-/// S = scale q k^T for every head in one strided-batched cuBLAS GEMM into `scratch` [heads,
-/// lq, lk] (head h reads columns h*d.. of the rows; f32 accumulation, the scale applied in f32
-/// before the one rounding to T), the row softmax in place (`softmax_rows`), then O = P v
-/// (one more strided-batched GEMM, head h writing its d columns of out's rows). P is rounded
-/// to T before P v, as in the flash kernels. `scratch` holds at least
-/// [`attention_materialized_scratch`] elements and is reused for every batch element.
+/// kernels do not take (> 256: the VAE's single-head attention, d = 512), in chunks of query
+/// rows ([`attention_materialized_chunk`]) so the scratch stays bounded at any resolution. Per
+/// batch element and chunk: S = scale q k^T for every head in one strided-batched cuBLAS GEMM
+/// into f32 scores [heads, rows, lk] (head h reads columns h*d.. of the rows; f32
+/// accumulation, the scale applied in f32; the scores are never rounded to T, as in the
+/// fused kernels and PyTorch's SDPA), the row softmax into probabilities P in T
+/// (`softmax_rows_from_f32`), then O = P v (one more strided-batched GEMM, head h writing its
+/// d columns of out's rows). P is rounded to T before P v, as in the flash kernels. The
+/// scratch is allocated per call (stream-ordered) and reused for every chunk.
 pub fn attention_materialized<T: BlasElem>(
     dev: &CudaDevice,
     out: At<'_, T>,
@@ -307,80 +321,110 @@ pub fn attention_materialized<T: BlasElem>(
     k: At<'_, T>,
     v: At<'_, T>,
     s: AttnShape,
-    scratch: &mut CudaSlice<T>,
+) -> Result<()> {
+    attention_materialized_with(dev, out, q, k, v, s, MATERIALIZED_SCORES_BYTES)
+}
+
+/// [`attention_materialized`] with chunks of at most `scores_bytes` of f32 scores (at least
+/// one query row each): the tests force many, uneven chunks through it.
+pub fn attention_materialized_with<T: BlasElem>(
+    dev: &CudaDevice,
+    out: At<'_, T>,
+    q: At<'_, T>,
+    k: At<'_, T>,
+    v: At<'_, T>,
+    s: AttnShape,
+    scores_bytes: usize,
 ) -> Result<()> {
     let op = "attention_materialized";
     if !check_attention(op, out, q, k, v, &s)? {
         return Ok(());
     }
-    let per_batch = attention_materialized_scratch(&s)
+    let (chunk, per_chunk) = attention_materialized_chunk(&s, scores_bytes)
         .ok_or_else(|| Error::Internal(format!("{op}: scores of {s:?} overflow")))?;
-    need(scratch, 0, per_batch, op, "scratch")?;
+    let scores = dev.alloc::<f32>(per_chunk)?;
+    let mut probs = dev.alloc::<T>(per_chunk)?;
     let d = s.head_dim;
-    let (lq, lk) = (to_i32(s.lq, op, "lq")?, to_i32(s.lk, op, "lk")?);
+    let lk = to_i32(s.lk, op, "lk")?;
     let di = to_i32(d, op, "head_dim")?;
     let heads = to_i32(s.heads, op, "heads")?;
     let scale = 1.0f32 / (d as f32).sqrt();
     let tsz = std::mem::size_of::<T>() as u64;
-    let s_addr = dev.ptr(scratch);
-    // Row-major S_h [lq, lk] = Q_h [lq, d] . K_h [lk, d]^T is column-major C [lk, lq] (ld lk)
-    // = op(A) . B with A = K_h seen column-major as [d, lk] (ld ld_k), transposed, and
-    // B = Q_h seen column-major as [d, lq] (ld ld_q): m = lk, n = lq, k = d.
-    let scores = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: lk,
-            n: lq,
-            k: di,
-            alpha: scale,
-            lda: to_i32(s.ld_k, op, "ld_k")?,
-            ldb: to_i32(s.ld_q, op, "ld_q")?,
-            beta: 0.0,
-            ldc: lk,
-        },
-        batch_size: heads,
-        stride_a: d as i64,
-        stride_b: d as i64,
-        stride_c: (s.lq * s.lk) as i64,
-    };
-    // Row-major O_h [lq, d] = P_h [lq, lk] . V_h [lk, d]; column-major O_h^T [d, lq] =
-    // V_h^T [d, lk] . P_h^T [lk, lq]: A = V_h (column-major [d, lk], ld ld_v), B = P_h
-    // (column-major [lk, lq], ld lk), C = O_h (column-major [d, lq], ld ld_o): m = d, n = lq,
-    // k = lk. The heads' outputs interleave by column blocks of d; no element is shared.
-    let values = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: di,
-            n: lq,
-            k: lk,
-            alpha: 1.0,
-            lda: to_i32(s.ld_v, op, "ld_v")?,
-            ldb: lk,
-            beta: 0.0,
-            ldc: to_i32(s.ld_o, op, "ld_o")?,
-        },
-        batch_size: heads,
-        stride_a: d as i64,
-        stride_b: (s.lq * s.lk) as i64,
-        stride_c: d as i64,
-    };
+    let (s_addr, p_addr) = (dev.ptr(&scores), dev.ptr(&probs));
     for b in 0..s.batch {
-        let (qa, ka, va, oa) = (
-            addr(dev, q.buf, q.off) + (b * s.lq * s.ld_q) as u64 * tsz,
-            addr(dev, k.buf, k.off) + (b * s.lk * s.ld_k) as u64 * tsz,
-            addr(dev, v.buf, v.off) + (b * s.lk * s.ld_v) as u64 * tsz,
-            addr(dev, out.buf, out.off) + (b * s.lq * s.ld_o) as u64 * tsz,
-        );
-        // SAFETY: check_attention checked q, k, v and out for every batch's rows (each head's
-        // d columns lie inside heads * d <= ld), `need` the scratch for heads * lq * lk.
-        unsafe { gemm_batched_f32_scalars::<T>(dev, scores, ka, qa, s_addr)? };
-        softmax_rows(dev, scratch, s.heads * s.lq, s.lk)?;
-        // SAFETY: as above.
-        unsafe { gemm_batched_f32_scalars::<T>(dev, values, va, s_addr, oa)? };
+        for r0 in (0..s.lq).step_by(chunk) {
+            let rows = chunk.min(s.lq - r0);
+            let n = to_i32(rows, op, "rows")?;
+            // Row-major S_h [rows, lk] = Q_h [rows, d] . K_h [lk, d]^T is column-major
+            // C [lk, rows] (ld lk) = op(A) . B with A = K_h seen column-major as [d, lk]
+            // (ld ld_k), transposed, and B = Q_h seen column-major as [d, rows] (ld ld_q):
+            // m = lk, n = rows, k = d.
+            let scores_cfg = StridedBatchedConfig {
+                gemm: GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_T,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: lk,
+                    n,
+                    k: di,
+                    alpha: scale,
+                    lda: to_i32(s.ld_k, op, "ld_k")?,
+                    ldb: to_i32(s.ld_q, op, "ld_q")?,
+                    beta: 0.0,
+                    ldc: lk,
+                },
+                batch_size: heads,
+                stride_a: d as i64,
+                stride_b: d as i64,
+                stride_c: (rows * s.lk) as i64,
+            };
+            // Row-major O_h [rows, d] = P_h [rows, lk] . V_h [lk, d]; column-major O_h^T
+            // [d, rows] = V_h^T [d, lk] . P_h^T [lk, rows]: A = V_h (column-major [d, lk], ld
+            // ld_v), B = P_h (column-major [lk, rows], ld lk), C = O_h (column-major
+            // [d, rows], ld ld_o): m = d, n = rows, k = lk. The heads' outputs interleave by
+            // column blocks of d; no element is shared.
+            let values_cfg = StridedBatchedConfig {
+                gemm: GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_N,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: di,
+                    n,
+                    k: lk,
+                    alpha: 1.0,
+                    lda: to_i32(s.ld_v, op, "ld_v")?,
+                    ldb: lk,
+                    beta: 0.0,
+                    ldc: to_i32(s.ld_o, op, "ld_o")?,
+                },
+                batch_size: heads,
+                stride_a: d as i64,
+                stride_b: (rows * s.lk) as i64,
+                stride_c: d as i64,
+            };
+            let (qa, ka, va, oa) = (
+                addr(dev, q.buf, q.off) + ((b * s.lq + r0) * s.ld_q) as u64 * tsz,
+                addr(dev, k.buf, k.off) + (b * s.lk * s.ld_k) as u64 * tsz,
+                addr(dev, v.buf, v.off) + (b * s.lk * s.ld_v) as u64 * tsz,
+                addr(dev, out.buf, out.off) + ((b * s.lq + r0) * s.ld_o) as u64 * tsz,
+            );
+            // SAFETY: check_attention checked q, k, v and out for every batch's rows (each
+            // head's d columns lie inside heads * d <= ld; rows r0..r0 + rows < lq); the
+            // scores and probabilities hold heads * chunk * lk >= heads * rows * lk.
+            unsafe { gemm_batched_f32_scalars::<T>(dev, scores_cfg, ka, qa, s_addr, Ctype::F32)? };
+            softmax_rows_from_f32(dev, &mut probs, &scores, s.heads * rows, s.lk)?;
+            // SAFETY: as above.
+            unsafe { gemm_batched_f32_scalars::<T>(dev, values_cfg, va, p_addr, oa, Ctype::T)? };
+        }
     }
+    // The buffers are freed stream-ordered, after the launches that read them.
+    drop((scores, probs));
     Ok(())
+}
+
+/// The output type of [`gemm_batched_f32_scalars`]: the inputs' storage type, or f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ctype {
+    T,
+    F32,
 }
 
 /// One `cublasGemmStridedBatchedEx` on raw device addresses with f32 alpha and beta and f32
@@ -396,6 +440,7 @@ unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
     a: u64,
     b: u64,
     c: u64,
+    ctype: Ctype,
 ) -> Result<()> {
     use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
     let dtype = match T::SUFFIX {
@@ -407,6 +452,12 @@ unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
                 "cuBLAS batched gemm: no cuBLAS type for {other}"
             )))
         }
+    };
+    // A and B in T with an f32 C and f32 compute is one of cuBLAS's supported GemmEx
+    // combinations for every T here (16F/16BF inputs, 32F output).
+    let c_dtype = match ctype {
+        Ctype::T => dtype,
+        Ctype::F32 => cudaDataType_t::CUDA_R_32F,
     };
     let g = cfg.gemm;
     let (alpha, beta) = (g.alpha, g.beta);
@@ -432,7 +483,7 @@ unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
                 cfg.stride_b,
                 (&beta) as *const f32 as *const _,
                 c as *mut _,
-                dtype,
+                c_dtype,
                 g.ldc,
                 cfg.stride_c,
                 cfg.batch_size,
@@ -442,4 +493,45 @@ unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
         }
         .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn materialized_chunks_stay_within_the_budget() {
+        let b = MATERIALIZED_SCORES_BYTES;
+        // The VAE at 512 x 512 (4096 tokens): one chunk of every row, 64 MiB of f32 scores.
+        let s = AttnShape::dense(1, 1, 4096, 4096, 512);
+        assert_eq!(
+            attention_materialized_chunk(&s, b),
+            Some((4096, 4096 * 4096))
+        );
+        // At 1024 x 1024 (16384 tokens): 16 chunks of 1024 rows instead of 1 GiB at once.
+        let s = AttnShape::dense(1, 1, 16384, 16384, 512);
+        assert_eq!(
+            attention_materialized_chunk(&s, b),
+            Some((1024, 1024 * 16384))
+        );
+        // A row larger than the budget still makes progress, one row a chunk.
+        let s = AttnShape::dense(1, 4, 10, 1 << 23, 512);
+        assert_eq!(attention_materialized_chunk(&s, b), Some((1, 4 << 23)));
+        // Fewer rows than fit: one chunk of all of them; empty shapes and overflow: None.
+        let s = AttnShape::dense(2, 2, 3, 5, 264);
+        assert_eq!(attention_materialized_chunk(&s, b), Some((3, 30)));
+        assert_eq!(
+            attention_materialized_chunk(&AttnShape::dense(1, 1, 0, 5, 264), b),
+            None
+        );
+        assert_eq!(
+            attention_materialized_chunk(&AttnShape::dense(1, 0, 5, 5, 264), b),
+            None
+        );
+        let s = AttnShape {
+            heads: usize::MAX,
+            ..AttnShape::dense(1, 1, 5, 2, 264)
+        };
+        assert_eq!(attention_materialized_chunk(&s, b), None);
+    }
 }

@@ -180,6 +180,35 @@ pub fn quick_gelu_inplace<T: DeviceElem>(
     unary_inplace(dev, x, n, "quick_gelu")
 }
 
+/// Softmax over the last dim of f32 scores x [rows, n], written to y as T.
+pub fn softmax_rows_from_f32<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<f32>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let op = "softmax_rows_from_f32";
+    let len = rows
+        .checked_mul(n)
+        .ok_or_else(|| Error::Internal(format!("{op}: {rows} x {n} overflows")))?;
+    need(x, 0, len, op, "x")?;
+    need(y, 0, len, op, "y")?;
+    let cfg = LaunchConfig {
+        grid_dim: (to_i32(rows.div_ceil(8).max(1), op, "rows")? as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (r, nn) = (rows as i64, to_i32(n, op, "n")?);
+    launch(
+        dev,
+        "elementwise.cu",
+        &name::<T>("softmax_rows_from_f32"),
+        cfg,
+        &[dev.ptr(y).into(), dev.ptr(x).into(), r.into(), nn.into()],
+    )
+}
+
 /// Softmax over the last dim of x [rows, n], in place.
 pub fn softmax_rows<T: DeviceElem>(
     dev: &CudaDevice,
