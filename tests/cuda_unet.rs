@@ -890,49 +890,36 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
         ),
     ];
     for (mode, cpu_set, cpu_te, gpu_unet, gpu_te) in &sets {
-        cases.push((
-            format!("unet+te-{mode:?}"),
-            GenerateAdapters {
-                unet: Some(cpu_set),
-                text_encoder: cpu_te.as_ref(),
-                ..Default::default()
-            },
-            GenerateAdapters {
-                device_unet: Some(gpu_unet),
-                device_text_encoder: gpu_te.as_ref(),
-                ..Default::default()
-            },
-        ));
+        let cpu_ad = GenerateAdapters {
+            unet: Some(cpu_set),
+            text_encoder: cpu_te.as_ref(),
+            ..Default::default()
+        };
+        let gpu_ad = GenerateAdapters {
+            device_unet: Some(gpu_unet),
+            device_text_encoder: gpu_te.as_ref(),
+            ..Default::default()
+        };
+        cases.push((format!("unet+te-{mode:?}"), cpu_ad, gpu_ad));
         if *mode == ApplyMode::Runtime {
+            fn per<'a>(ad: GenerateAdapters<'a>, idx: &'a [i32]) -> GenerateAdapters<'a> {
+                GenerateAdapters {
+                    per_image: Some(idx),
+                    ..ad
+                }
+            }
+            let p = per_image;
+            cases.push(("unet+te-per-image".into(), per(cpu_ad, p), per(gpu_ad, p)));
+            // A host set on the device text encoder: uploaded for the call.
+            let host_te = GenerateAdapters {
+                device_text_encoder: None,
+                text_encoder: cpu_te.as_ref(),
+                ..gpu_ad
+            };
             cases.push((
-                "unet+te-per-image".to_string(),
-                GenerateAdapters {
-                    unet: Some(cpu_set),
-                    text_encoder: cpu_te.as_ref(),
-                    per_image: Some(per_image),
-                    ..Default::default()
-                },
-                GenerateAdapters {
-                    device_unet: Some(gpu_unet),
-                    device_text_encoder: gpu_te.as_ref(),
-                    per_image: Some(per_image),
-                    ..Default::default()
-                },
-            ));
-            cases.push((
-                "unet+host-te-per-image".to_string(),
-                GenerateAdapters {
-                    unet: Some(cpu_set),
-                    text_encoder: cpu_te.as_ref(),
-                    per_image: Some(per_image),
-                    ..Default::default()
-                },
-                GenerateAdapters {
-                    device_unet: Some(gpu_unet),
-                    text_encoder: cpu_te.as_ref(),
-                    per_image: Some(per_image),
-                    ..Default::default()
-                },
+                "unet+host-te-per-image".into(),
+                per(cpu_ad, p),
+                per(host_te, p),
             ));
         }
     }

@@ -2,6 +2,22 @@
 
 use super::*;
 
+/// Random q, k, v (dense rows, rounded to T) and the CPU's attention of them.
+fn inputs<T: DeviceElem>(
+    rng: &mut SplitMix64,
+    s: &AttnShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let hd = s.heads * s.head_dim;
+    let q = rounded::<T>(&randn(rng, s.batch * s.lq * hd, 1.0));
+    let k = rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0));
+    let v = rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0));
+    let mut want = vec![0.0; s.batch * s.lq * hd];
+    cpu::attention(
+        &mut want, &q, &k, &v, s.batch, s.lq, s.lk, s.heads, s.head_dim,
+    );
+    (q, k, v, want)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attention_case<T: DeviceElem>(
     dev: &CudaDevice,
@@ -12,15 +28,7 @@ fn attention_case<T: DeviceElem>(
     tol: f64,
 ) {
     let hd = s.heads * s.head_dim;
-    let (q, k, v) = (
-        rounded::<T>(&randn(rng, s.batch * s.lq * hd, 1.0)),
-        rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0)),
-        rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0)),
-    );
-    let mut want = vec![0.0; s.batch * s.lq * hd];
-    cpu::attention(
-        &mut want, &q, &k, &v, s.batch, s.lq, s.lk, s.heads, s.head_dim,
-    );
+    let (q, k, v, want) = inputs::<T>(rng, &s);
     let out = poisoned::<T>(dev, want.len());
     let name = if fused_qkv {
         // One [rows, 3 * hd] buffer holding q | k | v per row (self-attention only).
@@ -184,16 +192,7 @@ fn materialized_case<T: BlasElem>(
     chunk_rows: usize,
     tol: f64,
 ) {
-    let hd = s.heads * s.head_dim;
-    let (q, k, v) = (
-        rounded::<T>(&randn(rng, s.batch * s.lq * hd, 1.0)),
-        rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0)),
-        rounded::<T>(&randn(rng, s.batch * s.lk * hd, 1.0)),
-    );
-    let mut want = vec![0.0; s.batch * s.lq * hd];
-    cpu::attention(
-        &mut want, &q, &k, &v, s.batch, s.lq, s.lk, s.heads, s.head_dim,
-    );
+    let (q, k, v, want) = inputs::<T>(rng, &s);
     let out = poisoned::<T>(dev, want.len());
     let (qd, kd, vd) = (
         dev.upload_f32::<T>(&q).unwrap(),
