@@ -32,21 +32,6 @@
 #define HDB_ABI_VERSION 1
 
 /**
- * The format version hdb reads and writes.
- */
-#define VERSION 1
-
-/**
- * Smallest accepted image side, in pixels.
- */
-#define MIN_SIDE 16
-
-/**
- * SD 1.x's text length (`model_max_length` of its tokenizer, the text encoder's positions).
- */
-#define DEFAULT_MAX_LEN 77
-
-/**
  * The result of every fallible hdb call. On anything but `HDB_STATUS_OK`,
  * `hdb_last_error_message()` describes what went wrong and out-pointers are left untouched.
  */
@@ -135,11 +120,6 @@ typedef enum hdb_status hdb_status;
 typedef uint32_t hdb_status;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
-
-/**
- * The sampler a generation uses.
- */
-typedef struct SamplerKind SamplerKind;
 
 /**
  * Opaque, immutable adapter. Thread-safe; may be shared by any number of sessions.
@@ -505,14 +485,6 @@ typedef uint32_t hdb_apply_mode;
  */
 #define HDB_APPLY_RUNTIME 1
 
-/**
- * OpenAI CLIP's image mean and std (timm's and open_clip's for CLIP towers), as the decimals
- * a config JSON holds: read as f64, then rounded to f32, exactly as a config is.
- */
-#define OPENAI_CLIP_MEAN { 0.48145466, 0.4578275, 0.40821073, }
-
-#define OPENAI_CLIP_STD { 0.26862954, 0.26130258, 0.27577711, }
-
 
 
 #ifdef __cplusplus
@@ -732,8 +704,9 @@ hdb_status hdb_session_unet(struct hdb_session *session, const float *sample, si
  * session's active set, applied in `mode` (`HDB_APPLY_MERGE` or `HDB_APPLY_RUNTIME`).
  * `n = 0` removes all adapters (the pristine base weights run again). The session keeps what
  * it needs, so the caller may free the adapters. On failure the previous set stays active.
- * Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's set
- * is built there: merge mode writes the session's own merged copies of the adapted weights
+ * Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's and
+ * the text encoder's sets are built there: merge mode writes the session's own merged copies
+ * of the adapted weights
  * (the model's are never changed), runtime mode uploads the factors; ranks above the device
  * kernels' limits (a layer's total rank 256 in merge mode, an adapter's rank 128 in runtime
  * mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.

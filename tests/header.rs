@@ -101,3 +101,125 @@ fn header_compiles_strictly_as_c_and_cpp_included_twice() {
         dir.path(),
     );
 }
+
+/// The macros `hdb.h` defines, by the C preprocessor: those of a file including it less those
+/// of one including only the system headers it includes.
+fn header_macros(dir: &Path) -> Vec<String> {
+    let dump = |src: &str, name: &str| -> std::collections::BTreeSet<String> {
+        let path = dir.join(name);
+        std::fs::write(&path, src).expect("write");
+        let out = Command::new("cc")
+            .arg("-E")
+            .arg("-dM")
+            .arg("-I")
+            .arg(root().join("include"))
+            .arg(&path)
+            .output()
+            .expect("cannot run cc");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("#define "))
+            .filter_map(|l| l.split([' ', '(']).next())
+            .map(str::to_string)
+            .collect()
+    };
+    let with = dump("#include \"hdb.h\"\n", "with.c");
+    let without = dump(
+        "#include <stdbool.h>\n#include <stddef.h>\n#include <stdint.h>\n",
+        "without.c",
+    );
+    with.difference(&without).cloned().collect()
+}
+
+/// The names `hdb.h` declares: functions, function-pointer types, structs, enums and typedefs
+/// (comments stripped; enough C for what cbindgen writes).
+fn header_declarations(text: &str) -> Vec<String> {
+    let mut code = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("/*") {
+        code.push_str(&rest[..i]);
+        rest = rest[i..].find("*/").map_or("", |j| &rest[i + j + 2..]);
+    }
+    code.push_str(rest);
+    let code: String = code
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let ident = |s: &str| -> Option<String> {
+        let s = s.trim_start_matches(['*', ' ', '(']);
+        let end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        (end > 0).then(|| s[..end].to_string())
+    };
+    let keywords = [
+        "if", "sizeof", "void", "int", "char", "float", "double", "const", "unsigned", "extern",
+        "typedef", "struct", "enum", "return",
+    ];
+    let mut names = Vec::new();
+    let bytes: Vec<char> = code.chars().collect();
+    // Identifiers right before '(' (function names) and right after "(*" (function pointers).
+    for (i, &c) in bytes.iter().enumerate() {
+        if c != '(' {
+            continue;
+        }
+        let before: String = bytes[..i]
+            .iter()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || **c == '_')
+            .collect();
+        let name: String = before.chars().rev().collect();
+        if !name.is_empty() && !keywords.contains(&name.as_str()) {
+            names.push(name);
+        }
+        let after: String = bytes[i + 1..].iter().take(200).collect();
+        if after.trim_start().starts_with('*') {
+            names.extend(ident(&after));
+        }
+    }
+    for kw in ["struct ", "enum ", "union "] {
+        for (i, _) in code.match_indices(kw) {
+            names.extend(ident(&code[i + kw.len()..]));
+        }
+    }
+    for stmt in code.split(';') {
+        if let Some(t) = stmt.trim_start().strip_prefix("typedef ") {
+            if !t.contains('(') && !t.contains('{') {
+                names.extend(t.split_whitespace().last().and_then(ident));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn every_name_the_header_defines_is_prefixed() {
+    // An unprefixed macro or type in a public header collides with the host's own names
+    // (`VERSION` in an engine, say). cbindgen exports every `pub const` of a primitive type in
+    // the crate: one outside src/ffi belongs in cbindgen.toml's [export] exclude.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(root().join("include/hdb.h")).expect("read hdb.h");
+    let bad_macros: Vec<String> = header_macros(dir.path())
+        .into_iter()
+        .filter(|m| !m.starts_with("HDB_"))
+        .collect();
+    let decls = header_declarations(&text);
+    assert!(
+        decls.iter().any(|d| d == "hdb_runtime_new") && decls.iter().any(|d| d == "hdb_status"),
+        "the declaration scan found too little: {decls:?}"
+    );
+    let bad_decls: Vec<&String> = decls.iter().filter(|d| !d.starts_with("hdb_")).collect();
+    assert!(
+        bad_macros.is_empty() && bad_decls.is_empty(),
+        "include/hdb.h defines names without the HDB_/hdb_ prefix: macros {bad_macros:?}, \
+         declarations {bad_decls:?} (exclude crate-internal constants in cbindgen.toml)"
+    );
+}

@@ -197,8 +197,9 @@ pub unsafe extern "C" fn hdb_session_unet(
 /// session's active set, applied in `mode` (`HDB_APPLY_MERGE` or `HDB_APPLY_RUNTIME`).
 /// `n = 0` removes all adapters (the pristine base weights run again). The session keeps what
 /// it needs, so the caller may free the adapters. On failure the previous set stays active.
-/// Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's set
-/// is built there: merge mode writes the session's own merged copies of the adapted weights
+/// Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's and
+/// the text encoder's sets are built there: merge mode writes the session's own merged copies
+/// of the adapted weights
 /// (the model's are never changed), runtime mode uploads the factors; ranks above the device
 /// kernels' limits (a layer's total rank 256 in merge mode, an adapter's rank 128 in runtime
 /// mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
