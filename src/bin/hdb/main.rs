@@ -13,9 +13,10 @@ mod bench_pipeline;
 mod demo;
 mod generate;
 mod hypernet_cmd;
+mod info_cmd;
+mod unet_cmd;
 
 use clap::{Parser, Subcommand};
-use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::unet::UnetInput;
 use hdb::model::{LoadOptions, Model};
 
@@ -410,7 +411,7 @@ fn main() -> ExitCode {
             scales,
             mode,
             device,
-        } => unet(
+        } => unet_cmd::unet(
             &model,
             &input,
             &output,
@@ -424,7 +425,7 @@ fn main() -> ExitCode {
             path,
             tensors,
             json,
-        } => info(&path, tensors, json),
+        } => info_cmd::info(&path, tensors, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -462,202 +463,10 @@ fn load_model(path: &Path) -> hdb::Result<Model> {
     model
 }
 
-fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
-    let model = load_model(path);
-    // A safetensors file that is not a model is still worth describing.
-    let not_a_model = matches!(model, Err(hdb::Error::NotAModel { .. }));
-    if not_a_model && path.is_file() {
-        if hypernet_cmd::info(path, json)? {
-            return Ok(());
-        }
-        return info_safetensors(path, json);
-    }
-    let model = model?;
-    if json {
-        let mut d = model.describe();
-        if list_tensors {
-            d["tensors"] = tensor_listing(&model);
-        }
-        println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
-        return Ok(());
-    }
-    println!("model:         {}", model.path.display());
-    println!("format:        {:?}", model.format);
-    println!("architecture:  {}", model.architecture.name());
-    if let Some(d) = model.cross_attention_dim() {
-        println!("cross-attn:    {d}");
-    }
-    match &model.tokenizer {
-        Some(t) => println!("tokenizer:     {}", t.display()),
-        None => println!("tokenizer:     none"),
-    }
-    println!();
-    println!(
-        "{:<14} {:>8} {:>14}  dtypes",
-        "component", "tensors", "parameters"
-    );
-    for (c, cw) in &model.components {
-        let s = cw.summary();
-        let dtypes: Vec<String> = s
-            .dtypes
-            .iter()
-            .map(|(d, n)| format!("{d} {}", human(*n)))
-            .collect();
-        println!(
-            "{:<14} {:>8} {:>14}  {}",
-            c.name(),
-            s.tensors,
-            human(s.parameters),
-            dtypes.join(", ")
-        );
-    }
-    if list_tensors {
-        for (c, cw) in &model.components {
-            for (name, w) in cw.weights.iter() {
-                println!("{}.{name}  {}  {}", c.name(), w.dtype, w.shape);
-            }
-        }
-    }
-    Ok(())
-}
-
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum Mode {
     Merge,
     Runtime,
-}
-
-fn unet(
-    model_path: &Path,
-    input: &Path,
-    output: &Path,
-    (device, threads): (hdb::runtime::DeviceRequest, usize),
-    adapter_paths: &[PathBuf],
-    scales: &[f32],
-    mode: Mode,
-) -> hdb::Result<()> {
-    use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-    use hdb::backend::device_unet::DeviceUnet;
-    use hdb::io::safetensors::{read_as_f32, write_f32};
-    let rt = runtime(device, threads)?;
-    let inp = SafetensorsFile::open(input)?;
-    let bad = |name: &str, shape: &[usize], want: &str| hdb::Error::InvalidFile {
-        path: input.to_path_buf(),
-        format: "UNet input",
-        reason: format!("'{name}' has shape {shape:?}, expected {want}"),
-    };
-    let (s_shape, sample) = read_as_f32(&inp, "sample")?;
-    let [b, c, h, w] = s_shape[..] else {
-        return Err(bad("sample", &s_shape, "[B, 4, H, W]"));
-    };
-    let (t_shape, mut t) = read_as_f32(&inp, "timestep")?;
-    if t.len() == 1 && b > 1 {
-        t = vec![t[0]; b]; // a scalar timestep applies to the whole batch, as in diffusers
-    } else if t.len() != b || t_shape.len() > 1 {
-        return Err(bad("timestep", &t_shape, &format!("[{b}] or a scalar")));
-    }
-    let (c_shape, ctx) = read_as_f32(&inp, "encoder_hidden_states")?;
-    let [cb, l, _] = c_shape[..] else {
-        return Err(bad("encoder_hidden_states", &c_shape, "[B, L, C]"));
-    };
-    if cb != b {
-        return Err(bad(
-            "encoder_hidden_states",
-            &c_shape,
-            &format!("batch {b} like 'sample'"),
-        ));
-    }
-    let model = load_model(model_path)?;
-    let start = std::time::Instant::now();
-    let unet = model.unet()?;
-    if c != unet.config.in_channels {
-        return Err(bad(
-            "sample",
-            &s_shape,
-            &format!("[B, {}, H, W]", unet.config.in_channels),
-        ));
-    }
-    if c_shape[2] != unet.config.cross_attention_dim {
-        return Err(bad(
-            "encoder_hidden_states",
-            &c_shape,
-            &format!("[B, L, {}]", unet.config.cross_attention_dim),
-        ));
-    }
-    if !scales.is_empty() && scales.len() != adapter_paths.len() {
-        return Err(hdb::Error::invalid_arg(
-            "--scale",
-            format!(
-                "{} scales for {} adapters",
-                scales.len(),
-                adapter_paths.len()
-            ),
-        ));
-    }
-    let table = hdb::adapter::adaptable_layers(&model);
-    let adapters = adapter_paths
-        .iter()
-        .map(|p| hdb::adapter::load(&SafetensorsFile::open(p)?, &table))
-        .collect::<hdb::Result<Vec<_>>>()?;
-    let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a, scales.get(i).copied().unwrap_or(1.0)))
-        .collect();
-    let mode = match mode {
-        Mode::Merge => ApplyMode::Merge,
-        Mode::Runtime => ApplyMode::Runtime,
-    };
-    let device_unet = DeviceUnet::for_runtime(&rt, &model)?;
-    let per_sample: Option<Vec<i32>> = match inp.get("adapter_index") {
-        None => None,
-        Some(_) => Some(
-            read_as_f32(&inp, "adapter_index")?
-                .1
-                .iter()
-                .map(|&v| v as i32)
-                .collect(),
-        ),
-    };
-    let with_adapters = !adapters.is_empty() || per_sample.is_some();
-    let x = UnetInput {
-        sample: &sample,
-        timesteps: &t,
-        context: &ctx,
-        batch: b,
-        height: h,
-        width: w,
-        context_len: l,
-    };
-    let (y, built) = match &device_unet {
-        Some(d) => {
-            let set = rt.install(|| d.adapters(&set, mode))?;
-            let built = start.elapsed();
-            let ad = with_adapters.then_some(&set);
-            (d.forward(&x, ad, per_sample.as_deref())?, built)
-        }
-        None => {
-            let applied = rt.install(|| Applied::new(&set, mode, &*unet))?;
-            let ad = with_adapters.then_some(AdapterCtx {
-                applied: &applied,
-                per_sample: per_sample.as_deref(),
-            });
-            let built = start.elapsed();
-            (rt.install(|| unet.forward_with(&x, ad.as_ref()))?, built)
-        }
-    };
-    log::info!(
-        "UNet built in {built:?}, forward in {:?}{}",
-        start.elapsed() - built,
-        device_unet
-            .as_ref()
-            .map(|d| format!(" on {}", d.describe()))
-            .unwrap_or_default()
-    );
-    write_f32(
-        output,
-        &[("out", vec![b, unet.config.out_channels, h, w], &y)],
-    )
 }
 
 /// The CLI's runtime on `device` (the UNet runs there; everything else on the CPU) with
@@ -793,68 +602,4 @@ fn bench_unet(
         );
     }
     Ok(())
-}
-
-fn tensor_listing(model: &Model) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
-    for (c, cw) in &model.components {
-        for (name, w) in cw.weights.iter() {
-            out.insert(
-                format!("{}.{name}", c.name()),
-                serde_json::json!({"dtype": w.dtype.name(), "shape": w.shape.dims(), "source_key": w.source_key}),
-            );
-        }
-    }
-    out.into()
-}
-
-fn info_safetensors(path: &Path, json: bool) -> hdb::Result<()> {
-    let f = SafetensorsFile::open(path)?;
-    let params: u64 = f
-        .tensors()
-        .map(|e| e.shape.numel().unwrap_or(0) as u64)
-        .sum();
-    if json {
-        let tensors: serde_json::Map<String, serde_json::Value> = f
-            .tensors()
-            .map(|e| {
-                let v =
-                    serde_json::json!({"dtype": format!("{:?}", e.dtype), "shape": e.shape.dims()});
-                (e.name.clone(), v)
-            })
-            .collect();
-        let d = serde_json::json!({
-            "path": path.display().to_string(),
-            "format": "safetensors",
-            "metadata": f.metadata(),
-            "parameters": params,
-            "tensors": tensors,
-        });
-        println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
-        return Ok(());
-    }
-    println!("safetensors:   {} (not a model)", path.display());
-    println!("tensors:       {}  ({} elements)", f.len(), human(params));
-    for (k, v) in f.metadata() {
-        let v = if v.len() > 120 {
-            format!("{}...", v.chars().take(120).collect::<String>())
-        } else {
-            v.clone()
-        };
-        println!("metadata:      {k} = {v}");
-    }
-    for e in f.tensors() {
-        println!("{}  {:?}  {}", e.name, e.dtype, e.shape);
-    }
-    Ok(())
-}
-
-/// 1234567 -> "1.23M".
-fn human(n: u64) -> String {
-    match n {
-        0..=9_999 => n.to_string(),
-        10_000..=999_999 => format!("{:.1}K", n as f64 / 1e3),
-        1_000_000..=999_999_999 => format!("{:.2}M", n as f64 / 1e6),
-        _ => format!("{:.2}B", n as f64 / 1e9),
-    }
 }
