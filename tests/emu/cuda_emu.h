@@ -22,8 +22,10 @@
 //   reads a stage before waiting sees stale data), cvta.to.shared (32-bit offsets from a
 //   thread-local anchor).
 // - Launch limits (block <= 1024 threads, grid y and z <= 65535, dynamic shared memory <= 227 KB)
-//   are errors; dynamic shared memory starts as 0xFF bytes (NaN in every float type), and a write
-//   past the launch's dynamic size is an error.
+//   are errors; all shared memory (static and dynamic) starts every block as 0xFF bytes (NaN in
+//   every float type), and a write past the launch's dynamic size is an error.
+// - The schedule can run each pass's fibers in reverse thread order (Runtime::reverse): a kernel
+//   whose result differs between the two orders has a race (a missing barrier).
 // What it does not model: timing, occupancy, registers, memory-model races between warps that
 // the sequential schedule hides, bank conflicts, the real rounding of tensor-core accumulation
 // or of ex2.approx / __expf, and memory fences. It is no substitute for scripts/gpu-check.sh.
@@ -42,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -231,6 +234,7 @@ struct Runtime {
     uint3 block_idx{0, 0, 0};
     dim3 block_dim, grid_dim;
     std::string kernel;
+    bool reverse = false; // run the fibers of a pass in reverse thread order
 };
 
 inline Runtime& rt() {
@@ -318,9 +322,34 @@ constexpr unsigned kMaxDynSmem = 227 * 1024;
 } // namespace hdb_emu
 
 // Dynamic shared memory: `extern __shared__ ... unsigned short smem[]` in a kernel names this.
+// Build with -fno-extern-tls-init: g++ otherwise calls a (null) TLS init function for the
+// block-scope `extern thread_local` declaration of an array of unknown bound in a template.
 alignas(16) inline thread_local unsigned short smem[hdb_emu::kMaxDynSmem / 2 + 64];
 
 namespace hdb_emu {
+
+// The executable's thread-local block (all __shared__ variables, `smem` included) on this
+// thread, or {nullptr, 0} when the loader does not say.
+struct TlsBlock {
+    unsigned char* data = nullptr;
+    size_t bytes = 0;
+};
+inline TlsBlock main_tls_block() {
+    TlsBlock b;
+    dl_iterate_phdr(
+        [](struct dl_phdr_info* info, size_t, void* out) -> int {
+            if (info->dlpi_name && info->dlpi_name[0] != '\0') return 0; // the executable only
+            for (int i = 0; i < info->dlpi_phnum; ++i)
+                if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data) {
+                    auto* t = static_cast<TlsBlock*>(out);
+                    t->data = static_cast<unsigned char*>(info->dlpi_tls_data);
+                    t->bytes = info->dlpi_phdr[i].p_memsz;
+                }
+            return 1;
+        },
+        &b);
+    return b;
+}
 
 inline void run_block() {
     Runtime& r = rt();
@@ -351,7 +380,8 @@ inline void run_block() {
     r.block_arrived = 0;
     while (r.live > 0) {
         bool ran = false;
-        for (int i = 0; i < n; ++i) {
+        for (int ii = 0; ii < n; ++ii) {
+            const int i = r.reverse ? n - 1 - ii : ii;
             Fiber& f = r.fibers[i];
             if (f.state != State::Runnable) continue;
             ran = true;
@@ -410,10 +440,14 @@ inline void launch(const std::string& kernel, dim3 grid, dim3 block, unsigned sm
     r.grid_dim = grid;
     unsigned char* dyn = (unsigned char*)smem;
     const size_t dyn_total = sizeof(smem);
+    static const TlsBlock tls = main_tls_block();
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 r.block_idx = uint3{x, y, z};
+                // Shared memory is uninitialised on a GPU: every __shared__ variable starts as
+                // 0xFF bytes (NaN in every float type), not as the previous block left it.
+                if (tls.data) std::memset(tls.data, 0xff, tls.bytes);
                 std::memset(dyn, 0xff, smem_bytes);
                 std::memset(dyn + smem_bytes, 0xa5, dyn_total - smem_bytes);
                 run_block();

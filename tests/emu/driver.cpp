@@ -1,7 +1,7 @@
 // driver.cpp: runs hdb's CUDA kernels on the host under cuda_emu.h, for
 // tests/kernel_emulation.rs. Built with
 //
-//   c++ -O2 -std=c++20 -DHDB_EMULATE -I kernels -I tests/emu -I <dir of hdb_emu_kernels.inc>
+//   c++ -O2 -std=c++20 -fno-extern-tls-init -DHDB_EMULATE -I kernels -I tests/emu -I <dir of hdb_emu_kernels.inc>
 //       tests/emu/driver.cpp -o driver
 //
 // where hdb_emu_kernels.inc (written by the test from backend::cuda::KERNEL_FILES) includes
@@ -13,6 +13,8 @@
 //          each arg `<kind>:<value>`: u64:<hex> (an address, below), i32:<dec>, i64:<dec>,
 //          f32:<hex bits>; the kinds must match the kernel's parameter types, in order.
 //   save <id> <path>                  writes the buffer's bytes to path
+//   schedule forward|reverse          the order fibers run in between barriers (default
+//                                     forward); a race-free kernel's output does not change
 // An address argument is 0 (null) or ((id + 1) << 40) + byte offset into buffer id: what
 // the test's launch plans pass where the real op passes device pointers.
 // Every buffer lies between 256-byte guard zones; a launch that writes one is an error.
@@ -187,6 +189,11 @@ int main() {
             if (it == kernels().end()) job_fail("no kernel " + name);
             it->second(name, grid, block, smem_bytes, args);
             check_guards(name);
+        } else if (cmd == "schedule") {
+            std::string order;
+            in >> order;
+            if (order != "forward" && order != "reverse") job_fail("bad schedule line: " + line);
+            hdb_emu::rt().reverse = order == "reverse";
         } else if (cmd == "save") {
             unsigned long long id;
             std::string path;
