@@ -2,8 +2,9 @@
 // patches are gathered from x straight into shared memory, tile by tile. Beside conv.cu's
 // im2col + cuBLAS path so that a GPU run can measure both (`hdb bench cuda`).
 //
-// NOT YET RUN ON A GPU: compile-checked only (NVRTC, sm_80 and sm_90) until a gpu-check run
-// passes tests/cuda_parity.rs (conv2d_implicit_matches_cpu, against backend::cpu::conv2d).
+// NOT YET RUN ON A GPU: compile-checked (NVRTC, sm_80 and sm_90) and run on the host under
+// tests/emu's CUDA emulation (tests/kernel_emulation.rs, against backend::cpu::conv2d) until a
+// gpu-check run passes tests/cuda_parity.rs (conv2d_implicit_matches_cpu).
 //
 // Layout (as conv.cu and the CPU backend): x [batch, c_in, h, w], weight [c_out, c_in, k, k],
 // y [batch, c_out, oh, ow], all NCHW and dense; zero padding `pad` on every side, stride
