@@ -12,6 +12,8 @@
 //   launch <kernel> <gx> <gy> <gz> <bx> <by> <bz> <smem> <nargs> <arg>...
 //          each arg `<kind>:<value>`: u64:<hex> (an address, below), i32:<dec>, i64:<dec>,
 //          f32:<hex bits>; the kinds must match the kernel's parameter types, in order.
+//   relocate <id> <byte offset>       the u64 at that offset of buffer id is an address (as
+//                                     below) stored in device memory: make it a real pointer
 //   save <id> <path>                  writes the buffer's bytes to path
 //   schedule forward|reverse          the order fibers run in between barriers (default
 //                                     forward); a race-free kernel's output does not change
@@ -189,6 +191,18 @@ int main() {
             if (it == kernels().end()) job_fail("no kernel " + name);
             it->second(name, grid, block, smem_bytes, args);
             check_guards(name);
+        } else if (cmd == "relocate") {
+            // A device address stored inside a buffer (a table of pointers): translate it.
+            unsigned long long id;
+            size_t off;
+            if (!(in >> id >> off)) job_fail("bad relocate line: " + line);
+            auto b = g_buffers.find(id);
+            if (b == g_buffers.end() || off + 8 > b->second.bytes)
+                job_fail("relocate outside buffer " + std::to_string(id));
+            unsigned long long v;
+            std::memcpy(&v, b->second.data() + off, 8);
+            const unsigned long long real = (unsigned long long)(uintptr_t)address(v, 0);
+            std::memcpy(b->second.data() + off, &real, 8);
         } else if (cmd == "schedule") {
             std::string order;
             in >> order;
