@@ -60,7 +60,8 @@
 //   (query, key) pairs a head (77 * 78 / 2), 4d FLOP each: 2 * 12 * 3003 * 256 = 18 MFLOP,
 //   and q, k, v, out at 2 * 77 * 768 * 2 B = 0.24 MB each in f16: a few microseconds,
 //   latency-bound (2 * 12 * 20 = 480 blocks of 4 warps). Not yet run on a GPU:
-//   tests/cuda_backend.rs checks it against the CPU backend's causal attention.
+//   tests/cuda_backend.rs checks it against the CPU backend's causal attention; without a GPU,
+//   tests/kernel_emulation.rs runs it on the host under tests/emu's CUDA emulation.
 //
 // flash2_attn_d{40,64,80,160}_{f16,bf16}: the same contract and arguments as flash_attn_*,
 // plus: q, k, v 16-byte aligned at every row (ld_* % 8 == 0, base addresses % 16 == 0: the
@@ -360,9 +361,16 @@ __device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* _
 HDB_FOR_EACH_DTYPE(HDB_ATTN_SCALAR)
 
 __device__ __forceinline__ void ldsm_x2_t(unsigned int& r0, unsigned int& r1, unsigned int addr) {
+#ifdef HDB_EMULATE
+    unsigned int r[2];
+    hdb_emu::ldmatrix(2, true, r, addr);
+    r0 = r[0];
+    r1 = r[1];
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                  : "=r"(r0), "=r"(r1)
                  : "r"(addr));
+#endif
 }
 
 template <typename T, int D, int BN, int WARPS>
@@ -572,23 +580,40 @@ __device__ __forceinline__ void mma_1688(float (&c)[4], unsigned int a0, unsigne
 template <>
 __device__ __forceinline__ void mma_1688<hdb_f16>(float (&c)[4], unsigned int a0, unsigned int a1,
                                                   unsigned int b0) {
+#ifdef HDB_EMULATE
+    const unsigned int a[2] = {a0, a1};
+    hdb_emu::mma_sync(hdb_emu::Half::F16, 8, c, a, b0, 0u);
+#else
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, "
                  "{%6}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(b0));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma_1688<hdb_bf16>(float (&c)[4], unsigned int a0,
                                                    unsigned int a1, unsigned int b0) {
+#ifdef HDB_EMULATE
+    const unsigned int a[2] = {a0, a1};
+    hdb_emu::mma_sync(hdb_emu::Half::BF16, 8, c, a, b0, 0u);
+#else
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, "
                  "{%6}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(b0));
+#endif
 }
 __device__ __forceinline__ void ldsm_x2(unsigned int& r0, unsigned int& r1, unsigned int addr) {
+#ifdef HDB_EMULATE
+    unsigned int r[2];
+    hdb_emu::ldmatrix(2, false, r, addr);
+    r0 = r[0];
+    r1 = r[1];
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
                  : "=r"(r0), "=r"(r1)
                  : "r"(addr));
+#endif
 }
 
 // Shared-memory row stride (elements) for ldmatrix without bank conflicts: the 8 rows of an

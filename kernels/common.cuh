@@ -13,6 +13,9 @@
 // - Kernel names are `<op>_<dtype>`, `extern "C"`, so the host finds them by name in the PTX.
 // - Element counts and offsets that can pass 2^31 are `long long`.
 // - Targets sm_80 and newer (bf16 conversion and mma.sync m16n8k16 need sm_80).
+// - Every inline-PTX helper has an `#ifdef HDB_EMULATE` branch calling tests/emu/cuda_emu.h,
+//   the host emulation tests/kernel_emulation.rs runs the kernels under; NVRTC never defines
+//   HDB_EMULATE, so the GPU code is the `#else` branch, unchanged.
 #pragma once
 
 // ---------------------------------------------------------------------------------------------
@@ -29,9 +32,13 @@ struct hdb_bf16 {
 __device__ __forceinline__ float to_f32(float x) { return x; }
 
 __device__ __forceinline__ float to_f32(hdb_f16 x) {
+#ifdef HDB_EMULATE
+    return hdb_emu::f16_to_f32(x.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 
 // bf16 is the high half of an f32: widening is exact.
@@ -45,13 +52,21 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 
 template <> __device__ __forceinline__ hdb_f16 from_f32<hdb_f16>(float x) {
     hdb_f16 h;
+#ifdef HDB_EMULATE
+    h.bits = hdb_emu::f32_to_f16(x);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#endif
     return h;
 }
 
 template <> __device__ __forceinline__ hdb_bf16 from_f32<hdb_bf16>(float x) {
     hdb_bf16 h;
+#ifdef HDB_EMULATE
+    h.bits = hdb_emu::f32_to_bf16(x);
+#else
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#endif
     return h;
 }
 
@@ -71,12 +86,20 @@ __device__ __forceinline__ unsigned int pack2(unsigned int lo, unsigned int hi) 
 template <typename T> __device__ __forceinline__ unsigned int pack2_f32(float lo, float hi);
 template <> __device__ __forceinline__ unsigned int pack2_f32<hdb_f16>(float lo, float hi) {
     unsigned int r;
+#ifdef HDB_EMULATE
+    r = (unsigned int)hdb_emu::f32_to_f16(lo) | ((unsigned int)hdb_emu::f32_to_f16(hi) << 16);
+#else
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
     return r;
 }
 template <> __device__ __forceinline__ unsigned int pack2_f32<hdb_bf16>(float lo, float hi) {
     unsigned int r;
+#ifdef HDB_EMULATE
+    r = (unsigned int)hdb_emu::f32_to_bf16(lo) | ((unsigned int)hdb_emu::f32_to_bf16(hi) << 16);
+#else
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
     return r;
 }
 
@@ -84,7 +107,11 @@ template <> __device__ __forceinline__ unsigned int pack2_f32<hdb_bf16>(float lo
 // instructions to handle them). ex2(-inf) = +0.
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
+#ifdef HDB_EMULATE
+    y = hdb_emu::ex2_approx_ftz(x);
+#else
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+#endif
     return y;
 }
 
@@ -204,46 +231,80 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned int (&a)
 template <>
 __device__ __forceinline__ void mma_16816<hdb_f16>(float (&c)[4], const unsigned int (&a)[4],
                                                    unsigned int b0, unsigned int b1) {
+#ifdef HDB_EMULATE
+    hdb_emu::mma_sync(hdb_emu::Half::F16, 16, c, a, b0, b1);
+#else
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
                  "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16816<hdb_bf16>(float (&c)[4], const unsigned int (&a)[4],
                                                     unsigned int b0, unsigned int b1) {
+#ifdef HDB_EMULATE
+    hdb_emu::mma_sync(hdb_emu::Half::BF16, 16, c, a, b0, b1);
+#else
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
                  "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // The 32-bit shared-memory address of a generic pointer into shared memory (for ldmatrix and
 // cp.async operands).
 __device__ __forceinline__ unsigned int smem_addr(const void* p) {
     unsigned int a;
+#ifdef HDB_EMULATE
+    a = hdb_emu::smem_addr(p);
+#else
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+#endif
     return a;
 }
 
 // 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros and reads nothing.
 __device__ __forceinline__ void cp_async16(unsigned int dst, const void* src, int src_bytes) {
+#ifdef HDB_EMULATE
+    hdb_emu::cp_async16(dst, src, src_bytes);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
                  "r"(src_bytes));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef HDB_EMULATE
+    hdb_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;");
+#endif
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef HDB_EMULATE
+    hdb_emu::cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4(unsigned int (&r)[4], unsigned int addr) {
+#ifdef HDB_EMULATE
+    hdb_emu::ldmatrix(4, false, r, addr);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldsm_x4_t(unsigned int (&r)[4], unsigned int addr) {
+#ifdef HDB_EMULATE
+    hdb_emu::ldmatrix(4, true, r, addr);
+#else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+#endif
 }

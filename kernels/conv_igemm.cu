@@ -2,8 +2,9 @@
 // patches are gathered from x straight into shared memory, tile by tile. Beside conv.cu's
 // im2col + cuBLAS path so that a GPU run can measure both (`hdb bench cuda`).
 //
-// NOT YET RUN ON A GPU: compile-checked only (NVRTC, sm_80 and sm_90) until a gpu-check run
-// passes tests/cuda_parity.rs (conv2d_implicit_matches_cpu, against backend::cpu::conv2d).
+// NOT YET RUN ON A GPU: compile-checked (NVRTC, sm_80 and sm_90) and run on the host under
+// tests/emu's CUDA emulation (tests/kernel_emulation.rs, against backend::cpu::conv2d) until a
+// gpu-check run passes tests/cuda_parity.rs (conv2d_implicit_matches_cpu).
 //
 // Layout (as conv.cu and the CPU backend): x [batch, c_in, h, w], weight [c_out, c_in, k, k],
 // y [batch, c_out, oh, ow], all NCHW and dense; zero padding `pad` on every side, stride
@@ -99,12 +100,28 @@
 // *p if `take` is non-zero, else 0: one predicated read-only global load (x is not written
 // while the kernel runs). `p` is only dereferenced when taken.
 __device__ __forceinline__ unsigned int ldg_u16_if(const unsigned short* p, unsigned int take) {
+#ifdef HDB_EMULATE
+    return take ? *p : 0u;
+#else
     unsigned short v;
     asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %2, 0;\n\tmov.b16 %0, 0;\n\t"
                  "@q ld.global.nc.u16 %0, [%1];\n\t}"
                  : "=h"(v)
                  : "l"(p), "r"(take));
     return v;
+#endif
+}
+
+// p itself, through a register move the compiler cannot see through (so it keeps one 64-bit
+// pointer instead of re-deriving the address arithmetic per use).
+__device__ __forceinline__ const unsigned short* opaque_ptr(const unsigned short* p) {
+#ifdef HDB_EMULATE
+    return p;
+#else
+    const unsigned short* r;
+    asm("mov.b64 %0, %1;" : "=l"(r) : "l"(p));
+    return r;
+#endif
 }
 
 // MASK: k * k <= 32, a tap's validity is one bit of the pixel's mask; else range compares.
@@ -209,7 +226,7 @@ __device__ __forceinline__ void conv2d_igemm(unsigned short* __restrict__ sa,
         const int m = m0 + ar0 + 32 * j;
         const unsigned short* p =
             (const unsigned short*)wt + (long long)min(m, c_out - 1) * K + ac * 8;
-        asm("mov.b64 %0, %1;" : "=l"(arow[j]) : "l"(p));
+        arow[j] = opaque_ptr(p);
         if (m < c_out) arow_ok |= 1u << j;
     }
     const unsigned int sa_base = smem_addr(sa);
@@ -238,14 +255,14 @@ __device__ __forceinline__ void conv2d_igemm(unsigned short* __restrict__ sa,
 
     // Patches of the tile whose table is rows[buf]: rows warp + 4j, pixels 2*lane, 2*lane+1.
     // pcol[c] + the row's (non-negative) offset is the tap's address: one wide multiply-add
-    // per element (the asm hides the sum from the compiler, which otherwise re-derives it in
+    // per element (opaque_ptr hides the sum from the compiler, which otherwise re-derives it in
     // 64-bit pieces per element). pcol may point before x for a pixel at the border; only
     // in-image taps are dereferenced.
     const unsigned short* pcol[2];
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
         const unsigned short* p = (const unsigned short*)xb + cbase[c];
-        asm("mov.b64 %0, %1;" : "=l"(pcol[c]) : "l"(p));
+        pcol[c] = opaque_ptr(p);
     }
     unsigned int breg[IG_BK / 4];
     auto gather_b = [&](int buf) {

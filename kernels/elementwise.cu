@@ -6,7 +6,8 @@
 // (scripts/gpu-check.sh; figures in docs/perf.md): backend::cpu::geglu, silu_inplace,
 // softmax_rows, timestep_embedding, upsample_nearest2x, add_inplace, add_channel_bias.
 // gelu_* and quick_gelu_* have not run on a GPU yet: tests/cuda_backend.rs checks them
-// against the CPU backend's activations through the Backend trait.
+// against the CPU backend's activations through the Backend trait (and, without a GPU,
+// tests/kernel_emulation.rs on the host).
 //
 // Launch contract, unless a kernel says otherwise: block = 256 threads, no shared memory,
 // grid = min(ceil(n / 256), 65536) for n outputs; every kernel grid-strides, so any grid

@@ -17,6 +17,9 @@ cargo test --features cuda --lib
 # The CUDA kernels must compile for sm_80 and sm_90: NVRTC from pip, no GPU needed.
 nvrtc_env="$(scripts/nvrtc-env.sh)"
 ( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )
+# The kernels also run, without a GPU: tests/emu/cuda_emu.h emulates CUDA on the host (needs
+# g++), and each kernel's output must match the CPU backend's.
+cargo test --features cuda --test kernel_emulation
 # The GPU tests must build; they are #[ignore]d (counted as skipped) without a GPU, and
 # scripts/gpu-check.sh runs them with --include-ignored on a GPU machine.
 cargo test --features cuda --test cuda_parity --test cuda_backend --test cuda_adapters --test cuda_unet --test cuda_models

@@ -135,20 +135,36 @@ pub fn attention<T: DeviceElem>(
     if !check_attention(op, out, q, k, v, &s)? {
         return Ok(String::new());
     }
+    let l = attention_launch::<T>(
+        &s,
+        kernel,
+        [
+            addr(dev, out.buf, out.off),
+            addr(dev, q.buf, q.off),
+            addr(dev, k.buf, k.off),
+            addr(dev, v.buf, v.off),
+        ],
+    )?;
+    l.run(dev)?;
+    Ok(l.kernel)
+}
+
+/// The launch [`attention`] makes for shape `s` and choice `kernel`, with out, q, k and v at
+/// device addresses `[out, q, k, v]` (pure: no device, see [`KernelLaunch`]; the tensor-core
+/// variants need every address 16-byte aligned, as in [`attention`]). `s` has query rows.
+pub fn attention_launch<T: DeviceElem>(
+    s: &AttnShape,
+    kernel: AttnKernel,
+    [o_a, q_a, k_a, v_a]: [u64; 4],
+) -> Result<KernelLaunch> {
+    let op = "attention";
     let half = T::SUFFIX != "f32";
     let flash = kernel != AttnKernel::Scalar && half && FLASH_HEAD_DIMS.contains(&s.head_dim);
     let tsz = std::mem::size_of::<T>();
     let aligned = [s.ld_q, s.ld_k, s.ld_v, s.ld_o]
         .iter()
         .all(|ld| ld % 8 == 0)
-        && [
-            (q.buf, q.off),
-            (k.buf, k.off),
-            (v.buf, v.off),
-            (out.buf, out.off),
-        ]
-        .iter()
-        .all(|&(b, o)| addr(dev, b, o) % 16 == 0)
+        && [q_a, k_a, v_a, o_a].iter().all(|a| a % 16 == 0)
         && tsz == 2;
     // The tensor-core variant: the one asked for, or Auto's policy, where it applies.
     let wanted = match kernel {
@@ -201,14 +217,8 @@ pub fn attention<T: DeviceElem>(
             },
         )
     } else {
-        (name::<T>("attention_scalar"), scalar_attention_cfg(&s))
+        (name::<T>("attention_scalar"), scalar_attention_cfg(s))
     };
-    let (o_a, q_a, k_a, v_a) = (
-        addr(dev, out.buf, out.off),
-        addr(dev, q.buf, q.off),
-        addr(dev, k.buf, k.off),
-        addr(dev, v.buf, v.off),
-    );
     let lq = to_i32(s.lq, op, "lq")?;
     let lk = to_i32(s.lk, op, "lk")?;
     let d = to_i32(s.head_dim, op, "head_dim")?;
@@ -226,8 +236,12 @@ pub fn attention<T: DeviceElem>(
         params.push(d.into());
     }
     params.extend::<[Param; 5]>([ldq.into(), ldk.into(), ldv.into(), ldo.into(), scale.into()]);
-    launch(dev, "attention.cu", &kname, cfg, &params)?;
-    Ok(kname)
+    Ok(KernelLaunch {
+        file: "attention.cu",
+        kernel: kname,
+        cfg,
+        params,
+    })
 }
 
 /// Causal attention (CLIP's text encoder): query row i of each (batch, head) sees keys 0..=i
@@ -257,21 +271,39 @@ pub fn attention_causal<T: DeviceElem>(
             s.head_dim
         )));
     }
+    attention_causal_launch::<T>(
+        &s,
+        [
+            addr(dev, out.buf, out.off),
+            addr(dev, q.buf, q.off),
+            addr(dev, k.buf, k.off),
+            addr(dev, v.buf, v.off),
+        ],
+    )?
+    .run(dev)
+}
+
+/// The launch [`attention_causal`] makes for shape `s` with out, q, k and v at device addresses
+/// `[out, q, k, v]` (pure: no device, see [`KernelLaunch`]).
+pub fn attention_causal_launch<T: DeviceElem>(
+    s: &AttnShape,
+    [o_a, q_a, k_a, v_a]: [u64; 4],
+) -> Result<KernelLaunch> {
+    let op = "attention_causal";
     let lq = to_i32(s.lq, op, "lq")?;
     let lk = to_i32(s.lk, op, "lk")?;
     let d = to_i32(s.head_dim, op, "head_dim")?;
     let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
     let scale = 1.0f32 / (s.head_dim as f32).sqrt();
-    launch(
-        dev,
-        "attention.cu",
-        &name::<T>("attention_scalar_causal"),
-        scalar_attention_cfg(&s),
-        &[
-            addr(dev, out.buf, out.off).into(),
-            addr(dev, q.buf, q.off).into(),
-            addr(dev, k.buf, k.off).into(),
-            addr(dev, v.buf, v.off).into(),
+    Ok(KernelLaunch {
+        file: "attention.cu",
+        kernel: name::<T>("attention_scalar_causal"),
+        cfg: scalar_attention_cfg(s),
+        params: vec![
+            o_a.into(),
+            q_a.into(),
+            k_a.into(),
+            v_a.into(),
             lq.into(),
             lk.into(),
             d.into(),
@@ -281,7 +313,7 @@ pub fn attention_causal<T: DeviceElem>(
             ldo.into(),
             scale.into(),
         ],
-    )
+    })
 }
 
 /// The f32 scores one chunk of [`attention_materialized`] may hold (64 MiB; the probabilities

@@ -148,27 +148,31 @@ pub fn silu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: us
     )
 }
 
-/// x = kernel `op` of elementwise.cu (`silu`, `gelu`, `quick_gelu`) over the first n elements.
-fn unary_inplace<T: DeviceElem>(
-    dev: &CudaDevice,
-    x: &mut CudaSlice<T>,
-    n: usize,
-    op: &str,
-) -> Result<()> {
-    need(x, 0, n, op, "x")?;
-    let (a, nn) = (dev.ptr(x), n as i64);
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>(op),
-        elementwise_cfg(n),
-        &[a.into(), a.into(), nn.into()],
-    )
+/// The launch of kernel `op` of elementwise.cu (`silu`, `gelu`, `quick_gelu`) in place over the
+/// first n elements at device address `x`.
+fn unary_launch<T: DeviceElem>(op: &str, x: u64, n: usize) -> KernelLaunch {
+    KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>(op),
+        cfg: elementwise_cfg(n),
+        params: vec![x.into(), x.into(), (n as i64).into()],
+    }
+}
+
+/// [`gelu_inplace`]'s launch for n elements at device address `x` (pure; see [`KernelLaunch`]).
+pub fn gelu_launch<T: DeviceElem>(x: u64, n: usize) -> KernelLaunch {
+    unary_launch::<T>("gelu", x, n)
+}
+
+/// [`quick_gelu_inplace`]'s launch for n elements at device address `x` (pure).
+pub fn quick_gelu_launch<T: DeviceElem>(x: u64, n: usize) -> KernelLaunch {
+    unary_launch::<T>("quick_gelu", x, n)
 }
 
 /// x = gelu(x) (exact, erf) over the first n elements.
 pub fn gelu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: usize) -> Result<()> {
-    unary_inplace(dev, x, n, "gelu")
+    need(x, 0, n, "gelu", "x")?;
+    gelu_launch::<T>(dev.ptr(x), n).run(dev)
 }
 
 /// x = x * sigmoid(1.702 x) (CLIP's quick GELU) over the first n elements.
@@ -177,7 +181,8 @@ pub fn quick_gelu_inplace<T: DeviceElem>(
     x: &mut CudaSlice<T>,
     n: usize,
 ) -> Result<()> {
-    unary_inplace(dev, x, n, "quick_gelu")
+    need(x, 0, n, "quick_gelu", "x")?;
+    quick_gelu_launch::<T>(dev.ptr(x), n).run(dev)
 }
 
 /// Softmax over the last dim of f32 scores x [rows, n], written to y as T.
@@ -434,18 +439,35 @@ pub fn pad_bottom_right<T: DeviceElem>(
     w: usize,
 ) -> Result<()> {
     let op = "pad_bottom_right";
-    let n_out = planes * (h + 1) * (w + 1);
     need(x, 0, planes * h * w, op, "x")?;
-    need(y, 0, n_out, op, "y")?;
-    let (ya, xa, p) = (dev.ptr(y), dev.ptr(x), planes as i64);
+    need(y, 0, planes * (h + 1) * (w + 1), op, "y")?;
+    pad_bottom_right_launch::<T>(dev.ptr(y), dev.ptr(x), planes, h, w)?.run(dev)
+}
+
+/// [`pad_bottom_right`]'s launch with y and x at device addresses `y` and `x` (pure; see
+/// [`KernelLaunch`]).
+pub fn pad_bottom_right_launch<T: DeviceElem>(
+    y: u64,
+    x: u64,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<KernelLaunch> {
+    let op = "pad_bottom_right";
+    let n_out = planes * (h + 1) * (w + 1);
     let (hh, ww) = (to_i32(h, op, "h")?, to_i32(w, op, "w")?);
-    launch(
-        dev,
-        "conv.cu",
-        &name::<T>(op),
-        elementwise_cfg(n_out),
-        &[ya.into(), xa.into(), p.into(), hh.into(), ww.into()],
-    )
+    Ok(KernelLaunch {
+        file: "conv.cu",
+        kernel: name::<T>(op),
+        cfg: elementwise_cfg(n_out),
+        params: vec![
+            y.into(),
+            x.into(),
+            (planes as i64).into(),
+            hh.into(),
+            ww.into(),
+        ],
+    })
 }
 
 /// y [batch, ca + cb, hw] = the channel concatenation of a [batch, ca, hw] and b [batch, cb,

@@ -384,22 +384,6 @@ pub fn conv2d_implicit_with<T: BlasElem>(
     if let Some(b) = bias {
         need(b, 0, p.c_out, op, "bias")?;
     }
-    if kk == 0 {
-        return Err(Error::Unsupported(format!("{op}: an empty kernel ({p:?})")));
-    }
-    // The kernel's in-sample offsets are int.
-    to_i32(p.c_in * hw_in, op, "c_in*h*w")?;
-    to_i32(p.c_out * hw_out, op, "c_out*oh*ow")?;
-    to_i32(kk, op, "c_in*k*k")?;
-    let (bm, bn, bk) = IGEMM_TILE;
-    let m_tiles = p.c_out.div_ceil(bm);
-    if p.batch > 65535 || m_tiles > 65535 {
-        return Err(Error::Unsupported(format!(
-            "{op}: batch {} or c_out {} beyond the grid's limits",
-            p.batch, p.c_out
-        )));
-    }
-    let tiles = kk.div_ceil(bk);
     let wanted = match splits {
         Some(s) => s,
         None => {
@@ -411,40 +395,112 @@ pub fn conv2d_implicit_with<T: BlasElem>(
             conv2d_implicit_splits(p, sms.max(1) as usize)
         }
     };
-    let wanted = wanted.clamp(1, tiles).min(65535 / p.batch);
+    let plan = conv2d_implicit_plan(p, wanted)?;
+    let partial = if plan.partial_len > 0 {
+        Some(dev.alloc::<f32>(plan.partial_len)?)
+    } else {
+        None
+    };
+    let launches = conv2d_implicit_launches::<T>(
+        p,
+        &plan,
+        [
+            dev.ptr(y),
+            partial.as_ref().map_or(0, |b| dev.ptr(b)),
+            dev.ptr(x),
+            dev.ptr(weight),
+            bias.map_or(0, |b| dev.ptr(b)),
+        ],
+    )?;
+    for l in &launches {
+        l.run(dev)?;
+    }
+    // `partial` is freed in stream order (or after a synchronisation), after the reduce.
+    drop(partial);
+    Ok(plan.splits)
+}
+
+/// How [`conv2d_implicit_with`] splits a convolution of shape `p` (non-empty output) when
+/// `wanted` slices are asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImplicitConvPlan {
+    /// Slices of the reduction (1: no split).
+    pub splits: usize,
+    /// k-tiles (of 32) a slice reduces.
+    pub tiles_per_split: usize,
+    /// f32 elements of the partial-sum buffer (0 without a split).
+    pub partial_len: usize,
+}
+
+/// [`conv2d_implicit_with`]'s split of shape `p` for `wanted` slices (clamped to what the shape
+/// allows), after its shape checks. Pure: no device.
+pub fn conv2d_implicit_plan(p: &Conv2d, wanted: usize) -> Result<ImplicitConvPlan> {
+    let op = "conv2d_implicit";
+    let (oh, ow) = p.out_hw();
+    let (hw_in, hw_out) = (p.h * p.w, oh * ow);
+    let kk = p.c_in * p.kernel * p.kernel;
+    if kk == 0 {
+        return Err(Error::Unsupported(format!("{op}: an empty kernel ({p:?})")));
+    }
+    // The kernel's in-sample offsets are int.
+    to_i32(p.c_in * hw_in, op, "c_in*h*w")?;
+    to_i32(p.c_out * hw_out, op, "c_out*oh*ow")?;
+    to_i32(kk, op, "c_in*k*k")?;
+    let (bm, _, bk) = IGEMM_TILE;
+    let m_tiles = p.c_out.div_ceil(bm);
+    if p.batch > 65535 || m_tiles > 65535 {
+        return Err(Error::Unsupported(format!(
+            "{op}: batch {} or c_out {} beyond the grid's limits",
+            p.batch, p.c_out
+        )));
+    }
+    let tiles = kk.div_ceil(bk);
+    let wanted = wanted.clamp(1, tiles).min(65535 / p.batch.max(1));
     // Every slice owns at least one k-tile.
     let per_split = tiles.div_ceil(wanted);
     let splits = tiles.div_ceil(per_split);
     let n = p.batch * p.c_out * hw_out;
-    let partial = if splits > 1 {
-        Some(dev.alloc::<f32>(splits * n)?)
-    } else {
-        None
-    };
+    Ok(ImplicitConvPlan {
+        splits,
+        tiles_per_split: per_split,
+        partial_len: if splits > 1 { splits * n } else { 0 },
+    })
+}
+
+/// The launches of [`conv2d_implicit_with`] for shape `p` split as `plan`, with y, the partial
+/// sums (0 without a split), x, the weight and the bias (0 for none) at device addresses
+/// `[y, partial, x, weight, bias]`: `conv2d_igemm_*`, then `conv2d_igemm_reduce_*` when split.
+/// Pure: no device (see [`KernelLaunch`]).
+pub fn conv2d_implicit_launches<T: DeviceElem>(
+    p: &Conv2d,
+    plan: &ImplicitConvPlan,
+    [y_a, part_a, x_a, w_a, b_a]: [u64; 5],
+) -> Result<Vec<KernelLaunch>> {
+    let op = "conv2d_implicit";
+    let (oh, ow) = p.out_hw();
+    let hw_out = oh * ow;
+    let (bm, bn, _) = IGEMM_TILE;
+    let (splits, per_split) = (plan.splits, plan.tiles_per_split);
+    let n = p.batch * p.c_out * hw_out;
     let args = [
         p.batch, p.c_in, p.h, p.w, p.c_out, p.kernel, p.stride, p.padding, oh, ow, per_split,
     ]
     .iter()
     .map(|&v| to_i32(v, op, "shape"))
     .collect::<Result<Vec<i32>>>()?;
-    let (y_a, x_a, w_a) = (dev.ptr(y), dev.ptr(x), dev.ptr(weight));
-    let b_a = bias.map_or(0, |b| dev.ptr(b));
-    let part_a = partial.as_ref().map_or(0, |b| dev.ptr(b));
-    let cfg = LaunchConfig {
-        grid_dim: (
-            hw_out.div_ceil(bn) as u32,
-            m_tiles as u32,
-            (p.batch * splits) as u32,
-        ),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launch(
-        dev,
-        "conv_igemm.cu",
-        &name::<T>("conv2d_igemm"),
-        cfg,
-        &[
+    let mut launches = vec![KernelLaunch {
+        file: "conv_igemm.cu",
+        kernel: name::<T>("conv2d_igemm"),
+        cfg: LaunchConfig {
+            grid_dim: (
+                hw_out.div_ceil(bn) as u32,
+                p.c_out.div_ceil(bm) as u32,
+                (p.batch * splits) as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        params: [
             y_a.into(),
             part_a.into(),
             x_a.into(),
@@ -453,15 +509,14 @@ pub fn conv2d_implicit_with<T: BlasElem>(
         ]
         .into_iter()
         .chain(args.iter().map(|&a| Param::from(a)))
-        .collect::<Vec<_>>(),
-    )?;
+        .collect(),
+    }];
     if splits > 1 {
-        launch(
-            dev,
-            "conv_igemm.cu",
-            &name::<T>("conv2d_igemm_reduce"),
-            elementwise_cfg(n),
-            &[
+        launches.push(KernelLaunch {
+            file: "conv_igemm.cu",
+            kernel: name::<T>("conv2d_igemm_reduce"),
+            cfg: elementwise_cfg(n),
+            params: vec![
                 y_a.into(),
                 part_a.into(),
                 b_a.into(),
@@ -470,9 +525,7 @@ pub fn conv2d_implicit_with<T: BlasElem>(
                 to_i32(p.c_out, op, "c_out")?.into(),
                 (hw_out as i64).into(),
             ],
-        )?;
+        });
     }
-    // `partial` is freed in stream order (or after a synchronisation), after the reduce.
-    drop(partial);
-    Ok(splits)
+    Ok(launches)
 }

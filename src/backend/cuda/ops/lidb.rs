@@ -162,24 +162,43 @@ pub fn lora_bgmv<T: DeviceElem>(
         "sample_adapter",
     )?;
     need(adapters, 0, n_adapters, op, "adapters")?;
+    lora_bgmv_launch::<T>(
+        &s,
+        n_adapters,
+        [
+            addr(dev, y.buf, y.off),
+            addr(dev, x.buf, x.off),
+            dev.ptr(sample_adapter),
+            dev.ptr(adapters),
+        ],
+    )?
+    .run(dev)
+}
+
+/// [`lora_bgmv`]'s launch for shape `s` (rows > 0) and `n_adapters` factors, with y, x, the
+/// per-sample adapter indices and the factor table at device addresses
+/// `[y, x, sample_adapter, adapters]` (pure: no device, see [`KernelLaunch`]).
+pub fn lora_bgmv_launch<T: DeviceElem>(
+    s: &BgmvShape,
+    n_adapters: usize,
+    [ya, xa, sa, fa]: [u64; 4],
+) -> Result<KernelLaunch> {
+    let op = "lora_bgmv";
     let cfg = LaunchConfig {
         grid_dim: (s.rows.div_ceil(16) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (ya, xa) = (addr(dev, y.buf, y.off), addr(dev, x.buf, x.off));
-    let (sa, fa) = (dev.ptr(sample_adapter), dev.ptr(adapters));
     let (rows, rps) = (s.rows as i64, s.rows_per_sample as i64);
     let na = to_i32(n_adapters, op, "n_adapters")?;
     let din = to_i32(s.din, op, "din")?;
     let dout = to_i32(s.dout, op, "dout")?;
     let (ldx, ldy) = (s.ld_x as i64, s.ld_y as i64);
-    launch(
-        dev,
-        "lora.cu",
-        &name::<T>("lora_bgmv"),
+    Ok(KernelLaunch {
+        file: "lora.cu",
+        kernel: name::<T>("lora_bgmv"),
         cfg,
-        &[
+        params: vec![
             ya.into(),
             xa.into(),
             rows.into(),
@@ -192,5 +211,5 @@ pub fn lora_bgmv<T: DeviceElem>(
             ldx.into(),
             ldy.into(),
         ],
-    )
+    })
 }

@@ -130,6 +130,26 @@ fn launch(
     })
 }
 
+/// One kernel launch as data: what the ops hand the driver, with device addresses as plain `u64`
+/// parameters. Ops compute theirs with a pure `*_launch` function (no device) and run it, so
+/// tests/kernel_emulation.rs can run the very same launch on the host emulator.
+#[derive(Clone, Debug)]
+pub struct KernelLaunch {
+    /// The kernel file (`"attention.cu"`).
+    pub file: &'static str,
+    /// The kernel (`"attention_scalar_causal_f16"`).
+    pub kernel: String,
+    pub cfg: LaunchConfig,
+    /// The arguments, in the kernel's order and types.
+    pub params: Vec<Param>,
+}
+
+impl KernelLaunch {
+    fn run(&self, dev: &CudaDevice) -> Result<()> {
+        launch(dev, self.file, &self.kernel, self.cfg, &self.params)
+    }
+}
+
 fn name<T: DeviceElem>(op: &str) -> String {
     format!("{op}_{}", T::SUFFIX)
 }
