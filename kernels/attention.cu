@@ -1,7 +1,7 @@
 // attention.cu: fused multi-head attention, out = softmax(scale * q k^T) v, flash style: an
 // online softmax over key tiles, never materialising the lq x lk score matrix.
 //
-// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
+// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity/
 // (scripts/gpu-check.sh; figures in docs/perf.md): backend::cpu::attention, for
 // attention_scalar_* and flash_attn_*. flash2_attn_* (below) is the faster rewrite of flash_attn_*.
 //

@@ -4,7 +4,7 @@
 // zero padding.
 //
 // Checked against the CPU backend (backend::cpu::conv2d, nchw_to_nhwc, ...) by
-// tests/cuda_parity.rs on a GPU; pad_bottom_right_* (not yet run on a GPU) by
+// tests/cuda_parity/ on a GPU; pad_bottom_right_* (not yet run on a GPU) by
 // tests/cuda_backend.rs against the CPU backend's pad_bottom_right, and on the host by
 // tests/kernel_emulation.rs.
 //

@@ -4,7 +4,7 @@
 //
 // NOT YET RUN ON A GPU: compile-checked (NVRTC, sm_80 and sm_90) and run on the host under
 // tests/emu's CUDA emulation (tests/kernel_emulation.rs, against backend::cpu::conv2d) until a
-// gpu-check run passes tests/cuda_parity.rs (conv2d_implicit_matches_cpu).
+// gpu-check run passes tests/cuda_parity/ (conv2d_implicit_matches_cpu).
 //
 // Layout (as conv.cu and the CPU backend): x [batch, c_in, h, w], weight [c_out, c_in, k, k],
 // y [batch, c_out, oh, ow], all NCHW and dense; zero padding `pad` on every side, stride

@@ -2,7 +2,7 @@
 // the timestep embedding, nearest 2x upsampling, and additions (tensor + tensor, per-channel
 // and per-column bias).
 //
-// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
+// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity/
 // (scripts/gpu-check.sh; figures in docs/perf.md): backend::cpu::geglu, silu_inplace,
 // softmax_rows, timestep_embedding, upsample_nearest2x, add_inplace, add_channel_bias.
 // gelu_* and quick_gelu_* have not run on a GPU yet: tests/cuda_backend.rs checks them
@@ -39,8 +39,8 @@
 // softmax_rows_from_f32_{f32,f16,bf16}(T* y, const float* x, long long rows, int n)
 //   The same over f32 scores, written as T (the materialised attention's probabilities: its
 //   scores stay f32 so they are not rounded before the softmax). y may not overlap x unless
-//   T is f32 and y == x. Not yet run on a GPU: tests/cuda_backend.rs checks it through the
-//   VAE-shaped attention.
+//   T is f32 and y == x. Not yet run on a GPU: tests/kernel_emulation.rs runs it on the host;
+//   tests/cuda_backend.rs and tests/cuda_parity/ check it through the VAE-shaped attention.
 // timestep_embedding_{f32,f16,bf16}(T* y, const float* t, int n, int dim, int flip_sin_to_cos,
 //                                   float downscale_freq_shift, float max_period)
 //   diffusers' get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift, scale=1,

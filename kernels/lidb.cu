@@ -1,7 +1,7 @@
 // lidb.cu: LiDB identity adapters on the device: compose every layer's LoRA factors in one
 // launch, and merge any number of factor pairs into the weights in one launch.
 //
-// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
+// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity/
 // (scripts/gpu-check.sh; figures in docs/perf.md): f64 references of compose and merge;
 // an empty factor set restores the base bit for bit.
 //

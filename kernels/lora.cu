@@ -1,7 +1,7 @@
 // lora.cu: multi-identity runtime LoRA, Punica BGMV style: every row of the batch gathers its
 // own adapter, so one UNet pass serves several identities at the cost of one.
 //
-// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
+// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity/
 // (scripts/gpu-check.sh; figures in docs/perf.md): an f64 reference of the
 // per-sample update (adapter::apply::AdapterCtx::add_runtime's semantics).
 //

@@ -1,7 +1,7 @@
 // norm.cu: group normalisation (with the resnet's SiLU fused) and layer normalisation, torch
 // semantics: biased variance, eps inside the square root, y = x_hat * gamma + beta.
 //
-// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity.rs
+// Checked on an NVIDIA H100 (2026-11-26) against the CPU backend by tests/cuda_parity/
 // (scripts/gpu-check.sh; figures in docs/perf.md): backend::cpu::group_norm, layer_norm.
 //
 // Statistics are two-pass (mean, then centred squares) in f32 with a tree reduction; the CPU

@@ -185,6 +185,32 @@ pub fn quick_gelu_inplace<T: DeviceElem>(
     quick_gelu_launch::<T>(dev.ptr(x), n).run(dev)
 }
 
+/// [`softmax_rows_from_f32`]'s launch: y (T) at device address `y`, f32 scores at `x`
+/// (pure; see [`KernelLaunch`]).
+pub fn softmax_rows_from_f32_launch<T: DeviceElem>(
+    y: u64,
+    x: u64,
+    rows: usize,
+    n: usize,
+) -> Result<KernelLaunch> {
+    let op = "softmax_rows_from_f32";
+    Ok(KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>(op),
+        cfg: LaunchConfig {
+            grid_dim: (to_i32(rows.div_ceil(8).max(1), op, "rows")? as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        params: vec![
+            y.into(),
+            x.into(),
+            (rows as i64).into(),
+            to_i32(n, op, "n")?.into(),
+        ],
+    })
+}
+
 /// Softmax over the last dim of f32 scores x [rows, n], written to y as T.
 pub fn softmax_rows_from_f32<T: DeviceElem>(
     dev: &CudaDevice,
@@ -199,19 +225,7 @@ pub fn softmax_rows_from_f32<T: DeviceElem>(
         .ok_or_else(|| Error::Internal(format!("{op}: {rows} x {n} overflows")))?;
     need(x, 0, len, op, "x")?;
     need(y, 0, len, op, "y")?;
-    let cfg = LaunchConfig {
-        grid_dim: (to_i32(rows.div_ceil(8).max(1), op, "rows")? as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (r, nn) = (rows as i64, to_i32(n, op, "n")?);
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>("softmax_rows_from_f32"),
-        cfg,
-        &[dev.ptr(y).into(), dev.ptr(x).into(), r.into(), nn.into()],
-    )
+    softmax_rows_from_f32_launch::<T>(dev.ptr(y), dev.ptr(x), rows, n)?.run(dev)
 }
 
 /// Softmax over the last dim of x [rows, n], in place.
