@@ -286,7 +286,7 @@ impl DeviceTextVae {
     }
 
     /// A session's adapter set on the text encoder, built once when the set changes (the
-    /// fused kernels of [`CudaLayerAdapters`]: merge mode writes the set's own merged copies
+    /// fused kernels of `backend::cuda::CudaLayerAdapters`: merge mode writes the set's own merged copies
     /// of the projections it changes from the pristine base, runtime mode uploads the
     /// factors). Only `text_encoder.` layers count; `None` when the set has none. Resolved
     /// against the device model's own projections: no host copy of its weights is needed.
