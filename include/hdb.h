@@ -648,7 +648,10 @@ struct hdb_runtime_params hdb_runtime_params_default(void);
 /**
  * Creates a runtime. `params` may be NULL for the defaults. Asking for `"cuda:N"` where no
  * usable CUDA device exists returns `HDB_STATUS_NO_DEVICE`; `"auto"` then uses the CPU.
- * On success `*out` owns a new runtime, freed with `hdb_runtime_free`.
+ * On success `*out` owns a new runtime, freed with `hdb_runtime_free`. On a CUDA device the
+ * kernels are compiled (NVRTC) on first use, seconds per kernel file, and kept as PTX in the
+ * folder the environment variable `HDB_KERNEL_CACHE` names (`off` for none; by default
+ * `$XDG_CACHE_HOME/hdb/kernels` or `~/.cache/hdb/kernels`), so later runs start at once.
  *
  * # Safety
  * `params` NULL or a valid struct; `out` a valid pointer.

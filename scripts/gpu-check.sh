@@ -88,6 +88,11 @@ python3 -c 'import diffusers' 2>/dev/null || {
   fi
 }
 
+# One fresh kernel cache for the whole run: every test process after the first that needs a
+# kernel file reads its PTX instead of compiling it again (seconds each for attention.cu).
+export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$(mktemp -d)}"
+echo "kernel cache: $HDB_KERNEL_CACHE"
+
 status=0
 echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs)"
 # One process per test: a kernel fault poisons its CUDA context, and should not take the

@@ -166,3 +166,49 @@ fn kernel_files_open_with_their_contract() {
         );
     }
 }
+
+#[test]
+fn the_kernel_cache_compiles_once_and_never_fails_a_compile() {
+    use hdb::backend::cuda::ptx_cache::{ptx, Origin};
+    require_nvrtc();
+    let includes = include_paths();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("kernels");
+    let file = KERNEL_FILES
+        .iter()
+        .find(|f| f.file == "lora.cu")
+        .expect("lora.cu");
+    let fresh = compile_ptx(file, "sm_80", &includes).expect("compile");
+    let (first, origin) = ptx(file, "sm_80", &includes, Some(&cache)).expect("first");
+    assert_eq!((origin, &first), (Origin::Compiled, &fresh));
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .expect("the cache folder was created")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        entries.len() == 1 && entries[0].starts_with("lora-sm_80-") && entries[0].ends_with(".ptx"),
+        "{entries:?}"
+    );
+    let t = std::time::Instant::now();
+    let (again, origin) = ptx(file, "sm_80", &includes, Some(&cache)).expect("again");
+    println!("kernel cache hit for lora.cu in {:?}", t.elapsed());
+    assert_eq!((origin, &again), (Origin::Cache, &fresh));
+    // Another architecture is another entry.
+    let (_, origin) = ptx(file, "sm_90", &includes, Some(&cache)).expect("sm_90");
+    assert_eq!(origin, Origin::Compiled);
+    assert_eq!(std::fs::read_dir(&cache).expect("dir").count(), 2);
+    // A corrupt entry is compiled around and replaced.
+    let path = cache.join(&entries[0]);
+    std::fs::write(&path, "garbage").expect("corrupt");
+    let (p, origin) = ptx(file, "sm_80", &includes, Some(&cache)).expect("after corruption");
+    assert_eq!((origin, &p), (Origin::Compiled, &fresh));
+    assert_eq!(
+        ptx(file, "sm_80", &includes, Some(&cache)).expect("hit").1,
+        Origin::Cache
+    );
+    // A folder that cannot be created (it would sit under a file) still compiles.
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, "x").expect("file");
+    let (p, origin) = ptx(file, "sm_80", &includes, Some(&blocked.join("cache"))).expect("blocked");
+    assert_eq!((origin, &p), (Origin::Compiled, &fresh));
+}

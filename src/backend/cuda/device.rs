@@ -128,6 +128,8 @@ pub struct CudaDevice {
     arch: &'static str,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Where compiled kernels persist between processes ([`super::ptx_cache`]).
+    kernel_cache: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -191,6 +193,7 @@ impl CudaDevice {
                 arch,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
+                kernel_cache: super::ptx_cache::cache_dir(),
             })
         })
     }
@@ -270,16 +273,35 @@ impl CudaDevice {
         }
         let kf = KernelFile::get(file)
             .ok_or_else(|| Error::Internal(format!("no kernel file {file}")))?;
+        use super::ptx_cache::{self, Origin};
         let t = std::time::Instant::now();
-        let ptx = compile_ptx(kf, self.arch, &[])?;
-        let module = guard("loading a kernel module", || {
-            self.ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                .map_err(driver_err(&format!("loading kernels/{file}")))
-        })?;
+        let load = |ptx: String| {
+            guard("loading a kernel module", || {
+                self.ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(driver_err(&format!("loading kernels/{file}")))
+            })
+        };
+        let (ptx, origin) = ptx_cache::ptx(kf, self.arch, &[], self.kernel_cache.as_deref())?;
+        let module = match (load(ptx), origin) {
+            (Ok(m), _) => m,
+            // A cached entry the driver refuses: compile it afresh (and do not trust it).
+            (Err(e), Origin::Cache) => {
+                log::warn!("kernel cache: the driver refused kernels/{file} ({e}); recompiling");
+                match self.kernel_cache.as_deref() {
+                    Some(dir) => load(ptx_cache::store(kf, self.arch, &[], dir)?)?,
+                    None => load(compile_ptx(kf, self.arch, &[])?)?,
+                }
+            }
+            (Err(e), Origin::Compiled) => return Err(e),
+        };
         log::debug!(
-            "compiled kernels/{file} for {} in {:.0} ms",
+            "kernels/{file} for {}: {} in {:.0} ms",
             self.arch,
+            match origin {
+                Origin::Cache => "read from the kernel cache",
+                Origin::Compiled => "compiled",
+            },
             t.elapsed().as_secs_f64() * 1e3
         );
         lock(&self.modules).insert(file, module.clone());

@@ -27,6 +27,7 @@ pub mod kernels;
 pub mod key_adapters;
 pub mod layer_adapters;
 pub mod ops;
+pub mod ptx_cache;
 pub mod unet;
 
 pub use backend::Cuda;
