@@ -104,6 +104,17 @@ for t in $gpu_tests; do
     [ "$rc" = 0 ] || { echo "gpu-check: $t $name failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
   done
 done
+# The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
+# temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
+echo "== the session and pipeline tests on the generic UNet (HDB_CUDA_UNET=generic)"
+for name in session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
+            pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
+  HDB_CUDA_UNET=generic timeout 120 "$bin/cuda_unet" --exact "$name" --include-ignored \
+    --test-threads=1 --nocapture 2>&1 | sed 's/^cuda-parity /cuda-parity generic-unet /' |
+    tee -a "$out/parity.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "gpu-check: cuda_unet $name (generic UNet) failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
+done
 if grep -q "SKIPPED" "$out/parity.log"; then
   echo "gpu-check: tests skipped on a GPU machine: the CUDA backend did not open"; status=1
 fi

@@ -55,28 +55,35 @@ pub enum DeviceAdapters {
 
 impl DeviceUnet {
     /// The UNet of `model` on `rt`'s device, uploaded on the first call (the model caches it
-    /// per device); `None` when the runtime runs on the CPU.
+    /// per device); `None` when the runtime runs on the CPU. The tuned `CudaUnet`, or the
+    /// generic model code when the environment says `HDB_CUDA_UNET=generic`: a temporary
+    /// switch, so a GPU run can put the generic UNet under every session and pipeline test
+    /// before it replaces the tuned one (it goes with the tuned UNet).
     pub fn for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]
-        if let Some(dev) = rt.cuda() {
-            let unet = model.cuda_unet(dev)?;
-            return Ok(Some(DeviceUnet::Cuda {
-                dev: dev.clone(),
-                unet,
-            }));
+        if rt.cuda().is_some() {
+            if generic_requested() {
+                return DeviceUnet::generic_for_runtime(rt, model);
+            }
+            if let Some(dev) = rt.cuda() {
+                let unet = model.cuda_unet(dev)?;
+                return Ok(Some(DeviceUnet::Cuda {
+                    dev: dev.clone(),
+                    unet,
+                }));
+            }
         }
         let _ = (rt, model);
         Ok(None)
     }
 
     /// The UNet of `model` on `rt`'s device through the generic model code
-    /// (`DeviceUnet::CudaGeneric`); `None` when the runtime runs on the CPU. Not cached:
-    /// each call uploads (for tests and benchmarks until it replaces the tuned UNet).
+    /// (`DeviceUnet::CudaGeneric`), uploaded on the first call (the model caches it per
+    /// device); `None` when the runtime runs on the CPU.
     pub fn generic_for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
-            let be = Cuda::<half::f16>::new(dev.clone());
-            let unet = Arc::new(crate::model::unet::Unet::from_model_on(be, model)?);
+            let unet = model.cuda_generic_unet(dev)?;
             return Ok(Some(DeviceUnet::CudaGeneric { unet }));
         }
         let _ = (rt, model);
@@ -200,6 +207,12 @@ impl DeviceUnet {
             },
         }
     }
+}
+
+/// `HDB_CUDA_UNET=generic` (see [`DeviceUnet::for_runtime`]); anything else is the tuned UNet.
+#[cfg(feature = "cuda")]
+fn generic_requested() -> bool {
+    std::env::var("HDB_CUDA_UNET").is_ok_and(|v| v.eq_ignore_ascii_case("generic"))
 }
 
 /// A set built for the other kind of device UNet.

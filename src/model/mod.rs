@@ -91,6 +91,10 @@ pub struct Model {
     /// use and shared by every session of that device.
     #[cfg(feature = "cuda")]
     cuda_unets: std::sync::Mutex<Vec<(usize, CudaUnetF16)>>,
+    /// The UNet through the generic model code in fp16 on each CUDA device it was asked for
+    /// (`DeviceUnet::CudaGeneric`).
+    #[cfg(feature = "cuda")]
+    cuda_generic_unets: std::sync::Mutex<Vec<(usize, CudaGenericUnetF16)>>,
     /// The text encoder and VAE in fp16 on each CUDA device they were asked for.
     #[cfg(feature = "cuda")]
     cuda_text_vae: std::sync::Mutex<Vec<(usize, crate::backend::device_unet::DeviceTextVae)>>,
@@ -99,6 +103,10 @@ pub struct Model {
 /// The UNet on a CUDA device in fp16, the device dtype of the library's normal paths.
 #[cfg(feature = "cuda")]
 pub type CudaUnetF16 = Arc<crate::backend::cuda::unet::CudaUnet<half::f16>>;
+
+/// The generic UNet on a CUDA device in fp16.
+#[cfg(feature = "cuda")]
+pub type CudaGenericUnetF16 = Arc<unet::Unet<crate::backend::cuda::Cuda<half::f16>>>;
 
 impl Model {
     /// The model's UNet, built (and shape-checked) on the first call.
@@ -144,6 +152,33 @@ impl Model {
         dev.synchronize()?;
         log::info!(
             "uploaded the UNet to cuda:{} in fp16 in {:.2} s",
+            dev.ordinal(),
+            t.elapsed().as_secs_f64()
+        );
+        guard.push((dev.ordinal(), u.clone()));
+        Ok(u)
+    }
+
+    /// The model's UNet through the generic model code in fp16 on `dev`, built from the
+    /// model's weights on the first call for that device (no host copy) and shared afterwards.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_generic_unet(
+        &self,
+        dev: &Arc<crate::backend::cuda::CudaDevice>,
+    ) -> Result<CudaGenericUnetF16> {
+        let mut guard = self
+            .cuda_generic_unets
+            .lock()
+            .map_err(|_| Error::Internal("CUDA UNet cache lock poisoned".into()))?;
+        if let Some((_, u)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
+            return Ok(u.clone());
+        }
+        let t = std::time::Instant::now();
+        let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
+        let u = Arc::new(unet::Unet::from_model_on(be, self)?);
+        dev.synchronize()?;
+        log::info!(
+            "uploaded the UNet (generic model code) to cuda:{} in fp16 in {:.2} s",
             dev.ordinal(),
             t.elapsed().as_secs_f64()
         );
@@ -321,6 +356,8 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         #[cfg(feature = "cuda")]
         cuda_unets: Default::default(),
         #[cfg(feature = "cuda")]
+        cuda_generic_unets: Default::default(),
+        #[cfg(feature = "cuda")]
         cuda_text_vae: Default::default(),
     })
 }
@@ -426,6 +463,8 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         unet: Default::default(),
         #[cfg(feature = "cuda")]
         cuda_unets: Default::default(),
+        #[cfg(feature = "cuda")]
+        cuda_generic_unets: Default::default(),
         #[cfg(feature = "cuda")]
         cuda_text_vae: Default::default(),
     })
