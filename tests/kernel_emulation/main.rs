@@ -1,0 +1,28 @@
+//! The CUDA kernels run on the host, without a GPU: tests/emu/driver.cpp includes the kernel
+//! sources under a small emulation of CUDA's execution model (tests/emu/cuda_emu.h: blocks one
+//! at a time, a block's threads as cooperative fibers, warp shuffles, mma.sync, ldmatrix and
+//! cp.async with the PTX ISA's layouts), and each case here compares a kernel's output with the
+//! CPU backend, which is itself checked against PyTorch.
+//!
+//! Every launch (kernel name, grid, block, shared memory, arguments) comes from the same pure
+//! `*_launch` function of `backend::cuda::ops` the real op calls, so a wrong launch fails here
+//! too; the driver checks each argument's kind against the kernel's C signature and the CUDA
+//! launch limits, and guards every buffer against out-of-bounds writes. Output buffers start as
+//! NaN bytes, so an element the kernel never writes fails the comparison.
+//!
+//! Needs a C++20 compiler (`c++`, or `$CXX`); without one the test fails (CI installs g++).
+//! No GPU and no CUDA toolkit are needed, but the launch plans live behind the `cuda` feature:
+//!
+//!     cargo test --features cuda --test kernel_emulation
+//!
+//! What the emulation cannot see (timing, races the sequential schedule hides, the GPU's own
+//! rounding of tensor-core sums and approximate exponentials) is scripts/gpu-check.sh's job.
+#![cfg(feature = "cuda")]
+
+#[path = "../emu/harness.rs"]
+mod harness;
+
+mod attention;
+mod conv;
+mod elementwise;
+mod lidb;
