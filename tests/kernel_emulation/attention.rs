@@ -125,6 +125,10 @@ fn flash_case<T: Elem>(kernel: AttnKernel, stem: &str, lq: usize, lk: usize, d: 
 fn flash_cases<T: Elem>() {
     // Partial query and key tiles (lq 70 of 64-row tiles, lk 77 of 64- or 32-key tiles).
     flash_case::<T>(AttnKernel::Flash1, "flash_attn", 70, 77, 40);
+    // flash_attn_* at its other head dims (d160: 32-key tiles).
+    flash_case::<T>(AttnKernel::Flash1, "flash_attn", 20, 77, 64);
+    flash_case::<T>(AttnKernel::Flash1, "flash_attn", 20, 77, 80);
+    flash_case::<T>(AttnKernel::Flash1, "flash_attn", 20, 77, 160);
     flash_case::<T>(AttnKernel::Flash2, "flash2_attn", 70, 77, 40);
     flash_case::<T>(AttnKernel::Flash2, "flash2_attn", 70, 77, 80);
     flash_case::<T>(AttnKernel::Flash2, "flash2_attn", 33, 77, 160);
@@ -143,4 +147,71 @@ fn flash_attention_f16_matches_cpu() {
 #[test]
 fn flash_attention_bf16_matches_cpu() {
     flash_cases::<bf16>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The non-causal scalar kernel (attention_scalar_*): ran on an H100; here for kernel edits
+// without a GPU. Any dtype, any head dim up to 256, lq != lk (cross-attention).
+// ---------------------------------------------------------------------------------------------
+
+fn scalar_case<T: Elem>(batch: usize, heads: usize, lq: usize, lk: usize, d: usize) {
+    let hd = heads * d;
+    let seed = (lq * 31 + lk * 5 + d) as u64;
+    let q = T::round(&rand_vec(batch * lq * hd, seed, -1.5, 1.5));
+    let k = T::round(&rand_vec(batch * lk * hd, seed + 1, -1.5, 1.5));
+    let v = T::round(&rand_vec(batch * lk * hd, seed + 2, -1.0, 1.0));
+    let dims = AttnDims {
+        batch,
+        lq,
+        lk,
+        heads,
+        head_dim: d,
+        causal: false,
+    };
+    let want = Cpu.attention(&q, &k, &v, dims).expect("CPU attention");
+    let tsz = std::mem::size_of::<T>();
+    let mut job = Job::new();
+    let qa = job.input(&T::bytes(&q));
+    let ka = job.input(&T::bytes(&k));
+    let va = job.input(&T::bytes(&v));
+    let oa = job.output(batch * lq * hd * tsz);
+    let s = AttnShape::dense(batch, heads, lq, lk, d);
+    let l =
+        ops::attention_launch::<T>(&s, AttnKernel::Scalar, [oa, qa, ka, va]).expect("launch plan");
+    assert_eq!(l.kernel, format!("attention_scalar_{}", T::SUFFIX));
+    let what = format!(
+        "{} batch {batch} heads {heads} lq {lq} lk {lk} d {d}",
+        l.kernel
+    );
+    job.launch(&l);
+    let got = T::values(&job.run(&what, &[oa])[0]);
+    // f32 throughout, one rounding of the output (|out| <= 1): the causal kernel's tolerances.
+    let tol = tol_for::<T>(
+        Tol {
+            rel_l2: 1e-5,
+            max_abs: 1e-5,
+        },
+        Tol {
+            rel_l2: 1e-3,
+            max_abs: 2e-3,
+        },
+        Tol {
+            rel_l2: 8e-3,
+            max_abs: 1.6e-2,
+        },
+    );
+    check(&what, &got, &want, tol);
+}
+
+#[test]
+fn scalar_attention_matches_cpu() {
+    // Query rows not a multiple of the block's 4 warps, more than 32 keys and a partial chunk,
+    // fewer keys than a warp.
+    for d in [24, 40, 64, 160] {
+        scalar_case::<f32>(2, 2, 7, 77, d);
+        scalar_case::<f16>(2, 2, 7, 77, d);
+        scalar_case::<bf16>(2, 2, 7, 77, d);
+    }
+    scalar_case::<f32>(1, 3, 45, 5, 40);
+    scalar_case::<f16>(1, 1, 1, 40, 24);
 }

@@ -8,6 +8,7 @@ use hdb::backend::{Backend, Cpu};
 use hdb::model::weights::F32Weight;
 
 use crate::harness::{check, rand_vec, tol_for, Elem, Job, Tol};
+use crate::EXACT;
 
 // ---------------------------------------------------------------------------------------------
 // c. Bottom-right zero padding (pad_bottom_right_*): never run on a GPU
@@ -161,4 +162,170 @@ fn implicit_conv_f16_matches_cpu() {
 #[test]
 fn implicit_conv_bf16_matches_cpu() {
     conv_cases::<bf16>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv.cu's im2col, transpose and add_bias_channels: these ran on an H100 (tests/cuda_parity/);
+// here they guard kernel edits made without a GPU.
+// ---------------------------------------------------------------------------------------------
+
+/// im2col of one sample x [c, h, w] as conv.cu's header documents it: cols [c * k * k, oh * ow],
+/// row (ci, ky, kx), column (oy, ox), zero outside the image.
+fn im2col_ref(x: &[f32], p: &Conv2d) -> Vec<f32> {
+    let (oh, ow) = p.out_hw();
+    let k = p.kernel;
+    let mut cols = vec![0.0; p.c_in * k * k * oh * ow];
+    for ci in 0..p.c_in {
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = (ci * k + ky) * k + kx;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let iy = (oy * p.stride + ky) as isize - p.padding as isize;
+                        let ix = (ox * p.stride + kx) as isize - p.padding as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < p.h && (ix as usize) < p.w {
+                            cols[row * oh * ow + oy * ow + ox] =
+                                x[(ci * p.h + iy as usize) * p.w + ix as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cols
+}
+
+fn im2col_case<T: Elem>(p: Conv2d) {
+    let what = format!("im2col_{} {p:?}", T::SUFFIX);
+    let (oh, ow) = p.out_hw();
+    let (plane, kk) = (p.c_in * p.h * p.w, p.c_in * p.kernel * p.kernel);
+    let seed = (p.c_in * 5 + p.h * 3 + p.w + p.kernel + p.stride) as u64;
+    let x = T::round(&rand_vec(p.batch * plane, seed, -2.0, 2.0));
+    let tsz = std::mem::size_of::<T>();
+    let mut job = Job::new();
+    let xa = job.input(&T::bytes(&x));
+    // conv2d's per-sample launches (each sample's x at its offset), into one cols buffer each.
+    let outs: Vec<u64> = (0..p.batch)
+        .map(|b| {
+            let ca = job.output(kk * oh * ow * tsz);
+            let xb = xa + (b * plane * tsz) as u64;
+            job.launch(&ops::im2col_launch::<T>(ca, xb, &p).expect("launch plan"));
+            ca
+        })
+        .collect();
+    let got = job.run(&what, &outs);
+    for (b, cols) in got.iter().enumerate() {
+        let want = im2col_ref(&x[b * plane..(b + 1) * plane], &p);
+        check(
+            &format!("{what} sample {b}"),
+            &T::values(cols),
+            &want,
+            EXACT,
+        );
+    }
+    // The reference's layout is the one conv2d's GEMM expects: W [c_out, kk] . cols + bias is
+    // the CPU backend's convolution.
+    if T::SUFFIX == "f32" {
+        let w = rand_vec(p.c_out * kk, seed + 1, -0.5, 0.5);
+        let bias = rand_vec(p.c_out, seed + 2, -0.5, 0.5);
+        let mut want = vec![0.0; p.batch * p.c_out * oh * ow];
+        hdb::backend::cpu::conv2d(&mut want, &x, &w, Some(&bias), &p);
+        let mut y = Vec::with_capacity(want.len());
+        for cols in &got {
+            let cols = f32::values(cols);
+            for o in 0..p.c_out {
+                for j in 0..oh * ow {
+                    let s: f64 = (0..kk)
+                        .map(|r| w[o * kk + r] as f64 * cols[r * oh * ow + j] as f64)
+                        .sum();
+                    y.push((s + bias[o] as f64) as f32);
+                }
+            }
+        }
+        let tol = Tol {
+            rel_l2: 1e-5,
+            max_abs: 1e-4,
+        };
+        check(&format!("{what}: W . cols + bias"), &y, &want, tol);
+    }
+}
+
+#[test]
+fn im2col_matches_reference() {
+    for p in [
+        // 3x3 pad 1 stride 1, output not a multiple of the block.
+        conv(2, 3, (7, 9), 4, 3, 1),
+        // Stride 2 (the downsamplers), odd sides.
+        conv(2, 2, (9, 7), 3, 3, 2),
+        // 1x1 (conv2d skips im2col for stride 1, but the kernel takes it).
+        conv(1, 5, (6, 5), 2, 1, 1),
+        // 1x1 stride 2 and a 5x5.
+        conv(1, 3, (7, 7), 2, 1, 2),
+        conv(1, 2, (6, 6), 2, 5, 1),
+    ] {
+        im2col_case::<f32>(p);
+        im2col_case::<f16>(p);
+        im2col_case::<bf16>(p);
+    }
+}
+
+fn transpose_case<T: Elem>(batch: usize, rows: usize, cols: usize) {
+    let what = format!("transpose_{} {batch} x {rows} x {cols}", T::SUFFIX);
+    let x = T::round(&rand_vec(
+        batch * rows * cols,
+        (rows * 7 + cols) as u64,
+        -2.0,
+        2.0,
+    ));
+    // NCHW -> NHWC with C = rows, HW = cols: y [batch, cols, rows].
+    let mut want = vec![0.0; x.len()];
+    hdb::backend::cpu::nchw_to_nhwc(&mut want, &x, batch, rows, cols);
+    let mut job = Job::new();
+    let xa = job.input(&T::bytes(&x));
+    let ya = job.output(x.len() * std::mem::size_of::<T>());
+    job.launch(&ops::transpose_launch::<T>(ya, xa, batch, rows, cols).expect("launch plan"));
+    let got = T::values(&job.run(&what, &[ya])[0]);
+    check(&what, &got, &want, EXACT);
+}
+
+#[test]
+fn transpose_matches_cpu() {
+    // Partial 32 x 32 tiles on both sides, several tiles, a single column, and a whole tile.
+    for (batch, rows, cols) in [(2, 5, 7), (3, 33, 70), (2, 40, 1), (1, 32, 64)] {
+        transpose_case::<f32>(batch, rows, cols);
+        transpose_case::<f16>(batch, rows, cols);
+        transpose_case::<bf16>(batch, rows, cols);
+    }
+}
+
+fn add_bias_channels_case<T: Elem>(batch: usize, channels: usize, hw: usize) {
+    let what = format!(
+        "add_bias_channels_{} {batch} x {channels} x {hw}",
+        T::SUFFIX
+    );
+    let y = T::round(&rand_vec(batch * channels * hw, hw as u64, -4.0, 4.0));
+    let b = T::round(&rand_vec(channels, channels as u64, -4.0, 4.0));
+    let want: Vec<f32> = y
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v + b[(i / hw) % channels])
+        .collect();
+    let mut job = Job::new();
+    let ya = job.input(&T::bytes(&y));
+    let ba = job.input(&T::bytes(&b));
+    job.launch(
+        &ops::add_bias_channels_launch::<T>(ya, ba, (batch, channels, hw)).expect("launch plan"),
+    );
+    let got = T::values(&job.run(&what, &[ya])[0]);
+    // One f32 addition, then one rounding to T.
+    check(&what, &got, &want, crate::rounding_tol::<T>(0.0, 8.0));
+}
+
+#[test]
+fn add_bias_channels_matches_reference() {
+    for (batch, channels, hw) in [(2, 3, 5), (2, 7, 77), (1, 40, 1)] {
+        add_bias_channels_case::<f32>(batch, channels, hw);
+        add_bias_channels_case::<f16>(batch, channels, hw);
+        add_bias_channels_case::<bf16>(batch, channels, hw);
+    }
 }

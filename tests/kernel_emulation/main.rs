@@ -26,3 +26,28 @@ mod attention;
 mod conv;
 mod elementwise;
 mod lidb;
+mod norm;
+
+use harness::{Elem, Tol};
+
+/// The tolerance of an op whose result is one rounding to T of a value the CPU backend also
+/// computes in f32 or better, for outputs up to `mag` in magnitude: `f32_err`, the relative
+/// difference of the two f32 computations (summation order, libm), plus, in f16 and bf16, half
+/// an ulp of T relative (2^-11 and 2^-8; f16's subnormals round to 2^-25 absolute).
+pub fn rounding_tol<T: Elem>(f32_err: f64, mag: f64) -> Tol {
+    let (half_ulp, floor) = match T::SUFFIX {
+        "f32" => (0.0, 0.0),
+        "f16" => (2f64.powi(-11), 2f64.powi(-25)),
+        _ => (2f64.powi(-8), 0.0),
+    };
+    Tol {
+        rel_l2: half_ulp + f32_err,
+        max_abs: (half_ulp + f32_err) * mag + floor,
+    }
+}
+
+/// An exact result (a copy, or the same single f32 operation as the CPU's).
+pub const EXACT: Tol = Tol {
+    rel_l2: 0.0,
+    max_abs: 0.0,
+};
