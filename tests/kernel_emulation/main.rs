@@ -1,8 +1,10 @@
 //! The CUDA kernels run on the host, without a GPU: tests/emu/driver.cpp includes the kernel
 //! sources under a small emulation of CUDA's execution model (tests/emu/cuda_emu.h: blocks one
 //! at a time, a block's threads as cooperative fibers, warp shuffles, mma.sync, ldmatrix and
-//! cp.async with the PTX ISA's layouts), and each case here compares a kernel's output with the
-//! CPU backend, which is itself checked against PyTorch.
+//! cp.async with the PTX ISA's layouts), and each case compares a kernel's output with the
+//! CPU backend, which is itself checked against PyTorch, or with an f64 reference of the math
+//! in the kernel's header (the adapter kernels). One module per kernel family: attention,
+//! elementwise, norm, conv (conv.cu and conv_igemm.cu), lidb (lidb.cu and lora.cu).
 //!
 //! Every launch (kernel name, grid, block, shared memory, arguments) comes from the same pure
 //! `*_launch` function of `backend::cuda::ops` the real op calls, so a wrong launch fails here
@@ -51,3 +53,66 @@ pub const EXACT: Tol = Tol {
     rel_l2: 0.0,
     max_abs: 0.0,
 };
+
+/// Every kernel of `KERNEL_FILES` some case above launches, by name without its dtype suffix
+/// (the cases run each in f32, f16 and bf16 where the kernel has them).
+const COVERED: &[&str] = &[
+    // lidb.rs
+    "lidb_compose",
+    "lidb_merge",
+    "lora_bgmv",
+    // attention.rs
+    "flash_attn_d40",
+    "flash_attn_d64",
+    "flash_attn_d80",
+    "flash_attn_d160",
+    "flash2_attn_d40",
+    "flash2_attn_d64",
+    "flash2_attn_d80",
+    "flash2_attn_d160",
+    "flash3_attn_d40",
+    "attention_scalar",
+    "attention_scalar_causal",
+    // norm.rs
+    "group_norm",
+    "group_norm_silu",
+    "layer_norm",
+    // conv.rs
+    "im2col",
+    "transpose",
+    "add_bias_channels",
+    "pad_bottom_right",
+    "conv2d_igemm",
+    "conv2d_igemm_reduce",
+    // elementwise.rs
+    "geglu",
+    "silu",
+    "gelu",
+    "quick_gelu",
+    "softmax_rows",
+    "softmax_rows_from_f32",
+    "timestep_embedding",
+    "upsample_nearest2x",
+    "add",
+    "add_channel_bias",
+    "add_bias_rows",
+];
+
+/// A new kernel fails this until it has a case here (and an entry in `COVERED`).
+#[test]
+fn every_kernel_has_a_case() {
+    for f in hdb::backend::cuda::KERNEL_FILES {
+        for k in f.kernels {
+            let stem = ["_f32", "_f16", "_bf16"]
+                .iter()
+                .find_map(|s| k.strip_suffix(s))
+                .unwrap_or(k);
+            assert!(
+                COVERED.contains(&stem),
+                "{k} ({}) has no case in tests/kernel_emulation/: add one, and its name to \
+                 COVERED in main.rs",
+                f.file
+            );
+        }
+    }
+}
