@@ -1,4 +1,4 @@
-//! The host-emulation test's harness (tests/kernel_emulation.rs): builds tests/emu/driver.cpp
+//! The host-emulation test's harness (tests/kernel_emulation/): builds tests/emu/driver.cpp
 //! with the kernel sources, writes a job (buffers, launches from `backend::cuda::ops`' pure
 //! launch plans, saves) to it, runs it under two thread schedules, and compares results.
 

@@ -29,6 +29,26 @@ pub fn group_norm<T: DeviceElem>(
     need(y, 0, n, op, "y")?;
     need(gamma, 0, channels, op, "gamma")?;
     need(beta, 0, channels, op, "beta")?;
+    group_norm_launch::<T>(
+        [dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta)],
+        (batch, channels, hw),
+        groups,
+        eps,
+        silu,
+    )?
+    .run(dev)
+}
+
+/// [`group_norm`]'s launch with y, x, gamma and beta at device addresses `[y, x, gamma, beta]`
+/// (pure; see [`KernelLaunch`]). `groups` divides `channels` (the op checks).
+pub fn group_norm_launch<T: DeviceElem>(
+    [ya, xa, ga, ba]: [u64; 4],
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<KernelLaunch> {
+    let op = "group_norm";
     let cfg = LaunchConfig {
         grid_dim: ((batch * groups) as u32, 1, 1),
         block_dim: (512, 1, 1),
@@ -39,19 +59,17 @@ pub fn group_norm<T: DeviceElem>(
     } else {
         "group_norm"
     });
-    let (ya, xa, ga, ba) = (dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta));
     let (b, c, g) = (
         to_i32(batch, op, "batch")?,
         to_i32(channels, op, "channels")?,
         to_i32(groups, op, "groups")?,
     );
     let hw = hw as i64;
-    launch(
-        dev,
-        "norm.cu",
-        &kname,
+    Ok(KernelLaunch {
+        file: "norm.cu",
+        kernel: kname,
         cfg,
-        &[
+        params: vec![
             ya.into(),
             xa.into(),
             ga.into(),
@@ -62,7 +80,7 @@ pub fn group_norm<T: DeviceElem>(
             g.into(),
             eps.into(),
         ],
-    )
+    })
 }
 
 /// LayerNorm over the last dim of x [rows, dim]; y may be x.
@@ -85,20 +103,36 @@ pub fn layer_norm<T: DeviceElem>(
     need(y, 0, rows * dim, op, "y")?;
     need(gamma, 0, dim, op, "gamma")?;
     need(beta, 0, dim, op, "beta")?;
+    layer_norm_launch::<T>(
+        [dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta)],
+        rows,
+        dim,
+        eps,
+    )?
+    .run(dev)
+}
+
+/// [`layer_norm`]'s launch with y, x, gamma and beta at device addresses `[y, x, gamma, beta]`
+/// (pure; see [`KernelLaunch`]).
+pub fn layer_norm_launch<T: DeviceElem>(
+    [ya, xa, ga, ba]: [u64; 4],
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<KernelLaunch> {
+    let op = "layer_norm";
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(8) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (ya, xa, ga, ba) = (dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta));
     let r = rows as i64;
     let d = to_i32(dim, op, "dim")?;
-    launch(
-        dev,
-        "norm.cu",
-        &name::<T>("layer_norm"),
+    Ok(KernelLaunch {
+        file: "norm.cu",
+        kernel: name::<T>("layer_norm"),
         cfg,
-        &[
+        params: vec![
             ya.into(),
             xa.into(),
             ga.into(),
@@ -107,7 +141,7 @@ pub fn layer_norm<T: DeviceElem>(
             d.into(),
             eps.into(),
         ],
-    )
+    })
 }
 
 /// y [rows, d] = x[:, :d] * gelu(x[:, d:]) for x [rows, 2d].
@@ -120,32 +154,28 @@ pub fn geglu<T: DeviceElem>(
 ) -> Result<()> {
     need(x, 0, rows * 2 * d, "geglu", "x")?;
     need(y, 0, rows * d, "geglu", "y")?;
-    let (ya, xa, r, dd) = (
-        dev.ptr(y),
-        dev.ptr(x),
-        rows as i64,
-        to_i32(d, "geglu", "d")?,
-    );
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>("geglu"),
-        elementwise_cfg(rows * d),
-        &[ya.into(), xa.into(), r.into(), dd.into()],
-    )
+    geglu_launch::<T>(dev.ptr(y), dev.ptr(x), rows, d)?.run(dev)
+}
+
+/// [`geglu`]'s launch with y and x at device addresses `y` and `x` (pure; see [`KernelLaunch`]).
+pub fn geglu_launch<T: DeviceElem>(y: u64, x: u64, rows: usize, d: usize) -> Result<KernelLaunch> {
+    Ok(KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>("geglu"),
+        cfg: elementwise_cfg(rows * d),
+        params: vec![
+            y.into(),
+            x.into(),
+            (rows as i64).into(),
+            to_i32(d, "geglu", "d")?.into(),
+        ],
+    })
 }
 
 /// x = x * sigmoid(x) over the first n elements.
 pub fn silu_inplace<T: DeviceElem>(dev: &CudaDevice, x: &mut CudaSlice<T>, n: usize) -> Result<()> {
     need(x, 0, n, "silu", "x")?;
-    let (a, nn) = (dev.ptr(x), n as i64);
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>("silu"),
-        elementwise_cfg(n),
-        &[a.into(), a.into(), nn.into()],
-    )
+    silu_launch::<T>(dev.ptr(x), n).run(dev)
 }
 
 /// The launch of kernel `op` of elementwise.cu (`silu`, `gelu`, `quick_gelu`) in place over the
@@ -157,6 +187,11 @@ fn unary_launch<T: DeviceElem>(op: &str, x: u64, n: usize) -> KernelLaunch {
         cfg: elementwise_cfg(n),
         params: vec![x.into(), x.into(), (n as i64).into()],
     }
+}
+
+/// [`silu_inplace`]'s launch for n elements at device address `x` (pure; see [`KernelLaunch`]).
+pub fn silu_launch<T: DeviceElem>(x: u64, n: usize) -> KernelLaunch {
+    unary_launch::<T>("silu", x, n)
 }
 
 /// [`gelu_inplace`]'s launch for n elements at device address `x` (pure; see [`KernelLaunch`]).
@@ -236,19 +271,27 @@ pub fn softmax_rows<T: DeviceElem>(
     n: usize,
 ) -> Result<()> {
     need(x, 0, rows * n, "softmax_rows", "x")?;
+    softmax_rows_launch::<T>(dev.ptr(x), rows, n)?.run(dev)
+}
+
+/// [`softmax_rows`]'s launch, in place at device address `x` (pure; see [`KernelLaunch`]).
+pub fn softmax_rows_launch<T: DeviceElem>(x: u64, rows: usize, n: usize) -> Result<KernelLaunch> {
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (a, r, nn) = (dev.ptr(x), rows as i64, to_i32(n, "softmax_rows", "n")?);
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>("softmax_rows"),
+    Ok(KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>("softmax_rows"),
         cfg,
-        &[a.into(), a.into(), r.into(), nn.into()],
-    )
+        params: vec![
+            x.into(),
+            x.into(),
+            (rows as i64).into(),
+            to_i32(n, "softmax_rows", "n")?.into(),
+        ],
+    })
 }
 
 /// diffusers' timestep embedding: y `[n, dim]` for t `[n]` (f32).
@@ -263,27 +306,45 @@ pub fn timestep_embedding<T: DeviceElem>(
     let op = "timestep_embedding";
     need(t, 0, n, op, "t")?;
     need(y, 0, n * dim, op, "y")?;
-    let (ya, ta) = (dev.ptr(y), dev.ptr(t));
+    timestep_embedding_launch::<T>(
+        dev.ptr(y),
+        dev.ptr(t),
+        n,
+        dim,
+        (flip_sin_to_cos, shift, max_period),
+    )?
+    .run(dev)
+}
+
+/// [`timestep_embedding`]'s launch with y (T) and t (f32) at device addresses `y` and `t`
+/// (pure; see [`KernelLaunch`]).
+pub fn timestep_embedding_launch<T: DeviceElem>(
+    y: u64,
+    t: u64,
+    n: usize,
+    dim: usize,
+    (flip_sin_to_cos, shift, max_period): (bool, f32, f32),
+) -> Result<KernelLaunch> {
+    let op = "timestep_embedding";
     let (nn, dd, flip) = (
         to_i32(n, op, "n")?,
         to_i32(dim, op, "dim")?,
         flip_sin_to_cos as i32,
     );
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>(op),
-        elementwise_cfg(n * dim),
-        &[
-            ya.into(),
-            ta.into(),
+    Ok(KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>(op),
+        cfg: elementwise_cfg(n * dim),
+        params: vec![
+            y.into(),
+            t.into(),
             nn.into(),
             dd.into(),
             flip.into(),
             shift.into(),
             max_period.into(),
         ],
-    )
+    })
 }
 
 /// y [planes, 2h, 2w] = nearest 2x upsampling of x [planes, h, w].
@@ -298,15 +359,32 @@ pub fn upsample_nearest2x<T: DeviceElem>(
     let op = "upsample_nearest2x";
     need(x, 0, planes * h * w, op, "x")?;
     need(y, 0, planes * 4 * h * w, op, "y")?;
-    let (ya, xa, p) = (dev.ptr(y), dev.ptr(x), planes as i64);
+    upsample_nearest2x_launch::<T>(dev.ptr(y), dev.ptr(x), planes, h, w)?.run(dev)
+}
+
+/// [`upsample_nearest2x`]'s launch with y and x at device addresses `y` and `x` (pure; see
+/// [`KernelLaunch`]).
+pub fn upsample_nearest2x_launch<T: DeviceElem>(
+    y: u64,
+    x: u64,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<KernelLaunch> {
+    let op = "upsample_nearest2x";
     let (hh, ww) = (to_i32(h, op, "h")?, to_i32(w, op, "w")?);
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>(op),
-        elementwise_cfg(planes * 4 * h * w),
-        &[ya.into(), xa.into(), p.into(), hh.into(), ww.into()],
-    )
+    Ok(KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>(op),
+        cfg: elementwise_cfg(planes * 4 * h * w),
+        params: vec![
+            y.into(),
+            x.into(),
+            (planes as i64).into(),
+            hh.into(),
+            ww.into(),
+        ],
+    })
 }
 
 /// y += x over the first n elements (residual connections).
@@ -318,14 +396,19 @@ pub fn add_inplace<T: DeviceElem>(
 ) -> Result<()> {
     need(x, 0, n, "add", "x")?;
     need(y, 0, n, "add", "y")?;
-    let (ya, xa, nn) = (dev.ptr(y), dev.ptr(x), n as i64);
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>("add"),
-        elementwise_cfg(n),
-        &[ya.into(), ya.into(), xa.into(), nn.into()],
-    )
+    let ya = dev.ptr(y);
+    add_launch::<T>(ya, ya, dev.ptr(x), n).run(dev)
+}
+
+/// The launch of `add_*` (y = a + b over n elements) with y, a and b at device addresses `y`,
+/// `a` and `b` (pure; see [`KernelLaunch`]); [`add_inplace`] passes y as `a`.
+pub fn add_launch<T: DeviceElem>(y: u64, a: u64, b: u64, n: usize) -> KernelLaunch {
+    KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>("add"),
+        cfg: elementwise_cfg(n),
+        params: vec![y.into(), a.into(), b.into(), (n as i64).into()],
+    }
 }
 
 /// y [batch, channels, hw] += v [batch, channels] (the resnet's time embedding).
@@ -338,20 +421,46 @@ pub fn add_channel_bias<T: DeviceElem>(
     let op = "add_channel_bias";
     need(y, 0, batch * channels * hw, op, "y")?;
     need(v, 0, batch * channels, op, "v")?;
-    let (ya, va, b, c, h) = (
-        dev.ptr(y),
-        dev.ptr(v),
-        batch as i64,
-        to_i32(channels, op, "channels")?,
-        hw as i64,
-    );
-    launch(
-        dev,
+    add_channel_bias_launch::<T>(dev.ptr(y), dev.ptr(v), (batch, channels, hw))?.run(dev)
+}
+
+/// [`add_channel_bias`]'s launch with y and v at device addresses `y` and `v` (pure; see
+/// [`KernelLaunch`]).
+pub fn add_channel_bias_launch<T: DeviceElem>(
+    y: u64,
+    v: u64,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<KernelLaunch> {
+    bias_launch::<T>(
         "elementwise.cu",
-        &name::<T>(op),
-        elementwise_cfg(batch * channels * hw),
-        &[ya.into(), va.into(), b.into(), c.into(), h.into()],
+        "add_channel_bias",
+        y,
+        v,
+        (batch, channels, hw),
     )
+}
+
+/// The launch of `add_channel_bias_*` (elementwise.cu) or `add_bias_channels_*` (conv.cu): the
+/// same parameters, y [batch, channels, hw] and a bias broadcast over hw.
+fn bias_launch<T: DeviceElem>(
+    file: &'static str,
+    op: &str,
+    y: u64,
+    v: u64,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<KernelLaunch> {
+    Ok(KernelLaunch {
+        file,
+        kernel: name::<T>(op),
+        cfg: elementwise_cfg(batch * channels * hw),
+        params: vec![
+            y.into(),
+            v.into(),
+            (batch as i64).into(),
+            to_i32(channels, op, "channels")?.into(),
+            (hw as i64).into(),
+        ],
+    })
 }
 
 /// y `[rows, n]` += bias `[n]`.
@@ -365,19 +474,28 @@ pub fn add_bias_rows<T: DeviceElem>(
     let op = "add_bias_rows";
     need(y.buf, y.off, rows * n, op, "y")?;
     need(bias, 0, n, op, "bias")?;
-    let (ya, ba, r, nn) = (
-        addr(dev, y.buf, y.off),
-        dev.ptr(bias),
-        rows as i64,
-        to_i32(n, op, "n")?,
-    );
-    launch(
-        dev,
-        "elementwise.cu",
-        &name::<T>(op),
-        elementwise_cfg(rows * n),
-        &[ya.into(), ba.into(), r.into(), nn.into()],
-    )
+    add_bias_rows_launch::<T>(addr(dev, y.buf, y.off), dev.ptr(bias), rows, n)?.run(dev)
+}
+
+/// [`add_bias_rows`]'s launch with y and bias at device addresses `y` and `bias` (pure; see
+/// [`KernelLaunch`]).
+pub fn add_bias_rows_launch<T: DeviceElem>(
+    y: u64,
+    bias: u64,
+    rows: usize,
+    n: usize,
+) -> Result<KernelLaunch> {
+    Ok(KernelLaunch {
+        file: "elementwise.cu",
+        kernel: name::<T>("add_bias_rows"),
+        cfg: elementwise_cfg(rows * n),
+        params: vec![
+            y.into(),
+            bias.into(),
+            (rows as i64).into(),
+            to_i32(n, "add_bias_rows", "n")?.into(),
+        ],
+    })
 }
 
 /// y `[batch, channels, hw]` += bias `[channels]`.
@@ -390,19 +508,22 @@ pub fn add_bias_channels<T: DeviceElem>(
     let op = "add_bias_channels";
     need(y, 0, batch * channels * hw, op, "y")?;
     need(bias, 0, channels, op, "bias")?;
-    let (ya, ba, b, c, h) = (
-        dev.ptr(y),
-        dev.ptr(bias),
-        batch as i64,
-        to_i32(channels, op, "channels")?,
-        hw as i64,
-    );
-    launch(
-        dev,
+    add_bias_channels_launch::<T>(dev.ptr(y), dev.ptr(bias), (batch, channels, hw))?.run(dev)
+}
+
+/// [`add_bias_channels`]'s launch with y and bias at device addresses `y` and `bias` (pure; see
+/// [`KernelLaunch`]).
+pub fn add_bias_channels_launch<T: DeviceElem>(
+    y: u64,
+    bias: u64,
+    (batch, channels, hw): (usize, usize, usize),
+) -> Result<KernelLaunch> {
+    bias_launch::<T>(
         "conv.cu",
-        &name::<T>(op),
-        elementwise_cfg(batch * channels * hw),
-        &[ya.into(), ba.into(), b.into(), c.into(), h.into()],
+        "add_bias_channels",
+        y,
+        bias,
+        (batch, channels, hw),
     )
 }
 
@@ -422,6 +543,19 @@ pub fn transpose<T: DeviceElem>(
     }
     need(x, 0, n, op, "x")?;
     need(y, 0, n, op, "y")?;
+    transpose_launch::<T>(dev.ptr(y), dev.ptr(x), batch, rows, cols)?.run(dev)
+}
+
+/// [`transpose`]'s launch with y and x at device addresses `y` and `x` (pure; see
+/// [`KernelLaunch`]).
+pub fn transpose_launch<T: DeviceElem>(
+    y: u64,
+    x: u64,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<KernelLaunch> {
+    let op = "transpose";
     let cfg = LaunchConfig {
         grid_dim: (
             cols.div_ceil(32) as u32,
@@ -431,15 +565,19 @@ pub fn transpose<T: DeviceElem>(
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
-    let (ya, xa, b) = (dev.ptr(y), dev.ptr(x), batch as i64);
     let (r, c) = (to_i32(rows, op, "rows")?, to_i32(cols, op, "cols")?);
-    launch(
-        dev,
-        "conv.cu",
-        &name::<T>(op),
+    Ok(KernelLaunch {
+        file: "conv.cu",
+        kernel: name::<T>(op),
         cfg,
-        &[ya.into(), xa.into(), b.into(), r.into(), c.into()],
-    )
+        params: vec![
+            y.into(),
+            x.into(),
+            (batch as i64).into(),
+            r.into(),
+            c.into(),
+        ],
+    })
 }
 
 /// y [planes, h + 1, w + 1] = x [planes, h, w] with a zero row at the bottom and a zero column

@@ -280,23 +280,10 @@ pub fn conv2d<T: BlasElem>(
         unsafe { T::gemm_batched_at(dev, cfg, At::new(x, 0), At::new(weight, 0), y_addr)? };
     } else {
         let (s_addr, x_addr) = (dev.ptr(scratch), dev.ptr(x));
-        let args = [p.c_in, p.h, p.w, p.kernel, p.stride, p.padding, oh, ow]
-            .iter()
-            .map(|&v| to_i32(v, op, "shape"))
-            .collect::<Result<Vec<i32>>>()?;
         let tsz = std::mem::size_of::<T>() as u64;
         for b in 0..p.batch {
             let xb = x_addr + (b * p.c_in * hw_in) as u64 * tsz;
-            launch(
-                dev,
-                "conv.cu",
-                &name::<T>("im2col"),
-                elementwise_cfg(kk * hw_out),
-                &[s_addr.into(), xb.into()]
-                    .into_iter()
-                    .chain(args.iter().map(|&a| Param::from(a)))
-                    .collect::<Vec<_>>(),
-            )?;
+            im2col_launch::<T>(s_addr, xb, p)?.run(dev)?;
             let yb = y_addr + (b * p.c_out * hw_out) as u64 * tsz;
             // SAFETY: extents checked above.
             unsafe { T::gemm_at(dev, gemm, At::new(scratch, 0), At::new(weight, 0), yb)? };
@@ -306,6 +293,23 @@ pub fn conv2d<T: BlasElem>(
         add_bias_channels(dev, y, bias, (p.batch, p.c_out, hw_out))?;
     }
     Ok(())
+}
+
+/// The launch of `im2col_*` (conv.cu) that [`conv2d`] makes for each sample of shape `p`: one
+/// sample x [c_in, h, w] at device address `x` into cols [c_in * k * k, oh * ow] at `cols`
+/// (pure; see [`KernelLaunch`]).
+pub fn im2col_launch<T: DeviceElem>(cols: u64, x: u64, p: &Conv2d) -> Result<KernelLaunch> {
+    let (oh, ow) = p.out_hw();
+    let mut params: Vec<Param> = vec![cols.into(), x.into()];
+    for v in [p.c_in, p.h, p.w, p.kernel, p.stride, p.padding, oh, ow] {
+        params.push(to_i32(v, "conv2d", "shape")?.into());
+    }
+    Ok(KernelLaunch {
+        file: "conv.cu",
+        kernel: name::<T>("im2col"),
+        cfg: elementwise_cfg(p.c_in * p.kernel * p.kernel * oh * ow),
+        params,
+    })
 }
 
 /// [`conv2d_implicit`]'s block tile: output channels, output pixels, reduction (conv_igemm.cu).

@@ -61,6 +61,19 @@ pub fn lidb_compose(
         return Ok(());
     }
     need(layers, 0, n_layers, op, "layers")?;
+    lidb_compose_launch(dev.ptr(layers), n_layers, max_out, rab, alpha)?.run(dev)
+}
+
+/// [`lidb_compose`]'s launch with the layer table at device address `layers` (pure; see
+/// [`KernelLaunch`]).
+pub fn lidb_compose_launch(
+    layers: u64,
+    n_layers: usize,
+    max_out: usize,
+    rab: (usize, usize, usize),
+    alpha: f32,
+) -> Result<KernelLaunch> {
+    let op = "lidb_compose";
     let cfg = LaunchConfig {
         grid_dim: (
             max_out.div_ceil(256).clamp(1, 4096) as u32,
@@ -70,27 +83,25 @@ pub fn lidb_compose(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let t = dev.ptr(layers);
     let n = to_i32(n_layers, op, "n_layers")?;
     let (r, a, b) = (
         to_i32(rab.0, op, "r")?,
         to_i32(rab.1, op, "a")?,
         to_i32(rab.2, op, "b")?,
     );
-    launch(
-        dev,
-        "lidb.cu",
-        "lidb_compose_f32",
+    Ok(KernelLaunch {
+        file: "lidb.cu",
+        kernel: "lidb_compose_f32".into(),
         cfg,
-        &[
-            t.into(),
+        params: vec![
+            layers.into(),
             n.into(),
             r.into(),
             a.into(),
             b.into(),
             alpha.into(),
         ],
-    )
+    })
 }
 
 /// W = W_base + sum scale * up . down for every layer of the device table `layers`, in one
@@ -108,20 +119,30 @@ pub fn lidb_merge<T: DeviceElem>(
         return Ok(());
     }
     need(layers, 0, n_layers, op, "layers")?;
+    lidb_merge_launch::<T>(dev.ptr(layers), n_layers, max_dout, dev.ptr(factors))?.run(dev)
+}
+
+/// [`lidb_merge`]'s launch with the layer table and the factor table at device addresses
+/// `layers` and `factors` (pure; see [`KernelLaunch`]).
+pub fn lidb_merge_launch<T: DeviceElem>(
+    layers: u64,
+    n_layers: usize,
+    max_dout: usize,
+    factors: u64,
+) -> Result<KernelLaunch> {
+    let op = "lidb_merge";
     let cfg = LaunchConfig {
         grid_dim: (max_dout.div_ceil(8).max(1) as u32, n_layers as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (t, f) = (dev.ptr(layers), dev.ptr(factors));
     let n = to_i32(n_layers, op, "n_layers")?;
-    launch(
-        dev,
-        "lidb.cu",
-        &name::<T>("lidb_merge"),
+    Ok(KernelLaunch {
+        file: "lidb.cu",
+        kernel: name::<T>("lidb_merge"),
         cfg,
-        &[t.into(), n.into(), f.into()],
-    )
+        params: vec![layers.into(), n.into(), factors.into()],
+    })
 }
 
 /// Shape of one multi-identity LoRA update.

@@ -132,7 +132,7 @@ fn launch(
 
 /// One kernel launch as data: what the ops hand the driver, with device addresses as plain `u64`
 /// parameters. Ops compute theirs with a pure `*_launch` function (no device) and run it, so
-/// tests/kernel_emulation.rs can run the very same launch on the host emulator.
+/// tests/kernel_emulation/ can run the very same launch on the host emulator.
 #[derive(Clone, Debug)]
 pub struct KernelLaunch {
     /// The kernel file (`"attention.cu"`).
