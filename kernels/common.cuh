@@ -14,7 +14,7 @@
 // - Element counts and offsets that can pass 2^31 are `long long`.
 // - Targets sm_80 and newer (bf16 conversion and mma.sync m16n8k16 need sm_80).
 // - Every inline-PTX helper has an `#ifdef HDB_EMULATE` branch calling tests/emu/cuda_emu.h,
-//   the host emulation tests/kernel_emulation.rs runs the kernels under; NVRTC never defines
+//   the host emulation tests/kernel_emulation/ runs the kernels under; NVRTC never defines
 //   HDB_EMULATE, so the GPU code is the `#else` branch, unchanged.
 #pragma once
 

@@ -6,7 +6,7 @@
 // Checked against the CPU backend (backend::cpu::conv2d, nchw_to_nhwc, ...) by
 // tests/cuda_parity/ on a GPU; pad_bottom_right_* (not yet run on a GPU) by
 // tests/cuda_backend.rs against the CPU backend's pad_bottom_right, and on the host by
-// tests/kernel_emulation.rs.
+// tests/kernel_emulation/.
 //
 // ---------------------------------------------------------------------------------------------
 // im2col_{f32,f16,bf16}(T* cols, const T* x, int c, int h, int w, int k, int stride, int pad,

@@ -3,7 +3,7 @@
 // im2col + cuBLAS path so that a GPU run can measure both (`hdb bench cuda`).
 //
 // NOT YET RUN ON A GPU: compile-checked (NVRTC, sm_80 and sm_90) and run on the host under
-// tests/emu's CUDA emulation (tests/kernel_emulation.rs, against backend::cpu::conv2d) until a
+// tests/emu's CUDA emulation (tests/kernel_emulation/, against backend::cpu::conv2d) until a
 // gpu-check run passes tests/cuda_parity/ (conv2d_implicit_matches_cpu).
 //
 // Layout (as conv.cu and the CPU backend): x [batch, c_in, h, w], weight [c_out, c_in, k, k],

@@ -7,7 +7,7 @@
 // softmax_rows, timestep_embedding, upsample_nearest2x, add_inplace, add_channel_bias.
 // gelu_* and quick_gelu_* have not run on a GPU yet: tests/cuda_backend.rs checks them
 // against the CPU backend's activations through the Backend trait (and, without a GPU,
-// tests/kernel_emulation.rs on the host).
+// tests/kernel_emulation/ on the host).
 //
 // Launch contract, unless a kernel says otherwise: block = 256 threads, no shared memory,
 // grid = min(ceil(n / 256), 65536) for n outputs; every kernel grid-strides, so any grid
@@ -39,7 +39,7 @@
 // softmax_rows_from_f32_{f32,f16,bf16}(T* y, const float* x, long long rows, int n)
 //   The same over f32 scores, written as T (the materialised attention's probabilities: its
 //   scores stay f32 so they are not rounded before the softmax). y may not overlap x unless
-//   T is f32 and y == x. Not yet run on a GPU: tests/kernel_emulation.rs runs it on the host;
+//   T is f32 and y == x. Not yet run on a GPU: tests/kernel_emulation/ runs it on the host;
 //   tests/cuda_backend.rs and tests/cuda_parity/ check it through the VAE-shaped attention.
 // timestep_embedding_{f32,f16,bf16}(T* y, const float* t, int n, int dim, int flip_sin_to_cos,
 //                                   float downscale_freq_shift, float max_period)

@@ -131,8 +131,14 @@ pub fn lidb_merge_launch<T: DeviceElem>(
     factors: u64,
 ) -> Result<KernelLaunch> {
     let op = "lidb_merge";
+    // One block per MERGE_ROWS (32, kernels/lidb.cu) output rows of the tallest layer.
+    const MERGE_ROWS: usize = 32;
     let cfg = LaunchConfig {
-        grid_dim: (max_dout.div_ceil(8).max(1) as u32, n_layers as u32, 1),
+        grid_dim: (
+            to_i32(max_dout.div_ceil(MERGE_ROWS).max(1), op, "max_dout")? as u32,
+            to_i32(n_layers, op, "n_layers")? as u32,
+            1,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
