@@ -9,6 +9,8 @@ mod bench_adapter;
 mod bench_cuda;
 #[cfg(feature = "cuda")]
 mod bench_cuda_models;
+#[cfg(feature = "cuda")]
+mod bench_kernels;
 mod bench_pipeline;
 mod demo;
 mod generate;
@@ -240,6 +242,18 @@ enum BenchWhat {
         #[arg(long)]
         unet: bool,
     },
+    /// What a CUDA runtime pays for its kernels on first use: every kernel file compiled with
+    /// NVRTC, against reading it back from the kernel cache (HDB_KERNEL_CACHE). Needs libnvrtc,
+    /// not a GPU.
+    #[cfg(feature = "cuda")]
+    Kernels {
+        /// The architecture to compile for.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+        /// Cache reads per file; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// SD 1.5 UNet forward: batch 2 (classifier-free guidance), 64x64 latents, 77x768 context.
     Unet {
         /// CPU threads (default: all cores).
@@ -382,6 +396,10 @@ fn main() -> ExitCode {
                     unet,
                 },
         } => bench_cuda::run(runs, peer_python.as_deref(), unet),
+        #[cfg(feature = "cuda")]
+        Command::Bench {
+            what: BenchWhat::Kernels { arch, runs },
+        } => bench_kernels::run(&arch, runs),
         Command::Bench {
             what:
                 BenchWhat::Adapter {
