@@ -20,7 +20,9 @@ use crate::backend::cuda::{
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::config::UnetConfig;
-use crate::model::unet::{Unet, UnetInput};
+#[cfg(feature = "cuda")]
+use crate::model::unet::Unet;
+use crate::model::unet::UnetInput;
 use crate::model::Model;
 use crate::runtime::Runtime;
 
@@ -90,18 +92,31 @@ impl DeviceUnet {
         Ok(None)
     }
 
-    /// `unet` uploaded to `rt`'s device, for a pipeline built without a [`Model`] (the demo's
-    /// built-in one); `None` when the runtime runs on the CPU. Not cached: each call uploads.
-    pub fn upload(rt: &Runtime, unet: &Unet) -> Result<Option<DeviceUnet>> {
+    /// A UNet of `config` from `src` on `rt`'s device, for a pipeline built without a
+    /// [`Model`] (the demo's built-in one); `None` when the runtime runs on the CPU. The tuned
+    /// UNet (uploaded from a host copy built for it), or the generic one under
+    /// `HDB_CUDA_UNET=generic` (see [`DeviceUnet::for_runtime`]). Not cached: each call
+    /// uploads.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn load(
+        rt: &Runtime,
+        config: UnetConfig,
+        src: &dyn crate::model::unet::WeightSource,
+    ) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
-            let unet = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, unet)?);
+            if generic_requested() {
+                let be = Cuda::<half::f16>::new(dev.clone());
+                let unet = Arc::new(crate::model::unet::Unet::load_on(be, config, src)?);
+                return Ok(Some(DeviceUnet::CudaGeneric { unet }));
+            }
+            let host = Unet::load(config, src)?;
+            let unet = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, &host)?);
             return Ok(Some(DeviceUnet::Cuda {
                 dev: dev.clone(),
                 unet,
             }));
         }
-        let _ = (rt, unet);
         Ok(None)
     }
 
@@ -174,7 +189,7 @@ impl DeviceUnet {
         }
     }
 
-    /// One evaluation, as [`Unet::forward_with`]: f32 inputs and output on the host, the same
+    /// One evaluation, as [`crate::model::unet::Unet::forward_with`]: f32 inputs and output on the host, the same
     /// shape and adapter-index errors. `per_sample` is only read with `ad`.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn forward(

@@ -33,18 +33,24 @@ pub struct DemoArgs {
 
 /// A small SD-shaped model with deterministic random weights (no download): a byte-level
 /// tokenizer, a 2-layer 64-wide text encoder, a 4-level UNet (32-64 channels) and a 4-level VAE.
-/// With `device_text_vae` (the text encoder and VAE on a device) no CPU copies of them.
-fn builtin(device_text_vae: Option<DeviceTextVae>) -> hdb::Result<Pipeline> {
+/// What runs on a device (`device_unet`, `device_text_vae`) gets no CPU copy.
+fn builtin(
+    device_unet: Option<DeviceUnet>,
+    device_text_vae: Option<DeviceTextVae>,
+) -> hdb::Result<Pipeline> {
     let (te, unet, vae) = builtin_configs();
     let w = RandomWeights { seed: 2023 };
     let on_host = device_text_vae.is_none();
     Ok(Pipeline {
         tokenizer: ClipTokenizer::byte_level(77)?,
         text_encoder: on_host.then(|| TextEncoder::load(te, &w)).transpose()?,
-        unet: Some(std::sync::Arc::new(Unet::load(unet, &w)?)),
+        unet: match device_unet {
+            Some(_) => None,
+            None => Some(std::sync::Arc::new(Unet::load(unet, &w)?)),
+        },
         vae: on_host.then(|| Vae::load(vae, &w)).transpose()?,
         scheduler: SchedulerConfig::default(),
-        device_unet: None,
+        device_unet,
         device_text_vae,
     })
 }
@@ -145,15 +151,11 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let t = Instant::now();
     let (pipeline, what) = match &a.model {
         None => {
-            let (te, _, vae) = builtin_configs();
-            let device_text_vae = DeviceTextVae::load(&rt, te, vae, &RandomWeights { seed: 2023 })?;
-            let mut p = rt.install(|| builtin(device_text_vae))?;
-            if let Some(cpu) = &p.unet {
-                p.device_unet = DeviceUnet::upload(&rt, cpu)?;
-            }
-            if p.device_unet.is_some() {
-                p.unet = None; // the device copy runs it: keep no host copy
-            }
+            let (te, unet, vae) = builtin_configs();
+            let w = RandomWeights { seed: 2023 };
+            let device_text_vae = DeviceTextVae::load(&rt, te, vae, &w)?;
+            let device_unet = DeviceUnet::load(&rt, unet, &w)?;
+            let p = rt.install(|| builtin(device_unet, device_text_vae))?;
             (p, "built-in random model (no download)".to_string())
         }
         Some(path) => {
