@@ -9,6 +9,9 @@
 #   scripts/gpu-check.sh --prepare    on a build machine without a GPU: builds the test and
 #                                     bench binaries into .gpu/ (x86-64 Linux, glibc <= the
 #                                     GPU machine's) for a GPU machine without Rust
+#   scripts/gpu-check.sh parity memcheck   only those phases (of parity, memcheck, bench), e.g.
+#                                     to split a run across two device calls of at most 10
+#                                     minutes each; no phase named means all three
 #
 # Needs on the GPU machine: the NVIDIA driver, libnvrtc and libcublas (any CUDA 12 or 13
 # install; found under /usr/local/cuda* or pip's nvidia-* packages), python3 with torch for
@@ -21,6 +24,12 @@ bin=.gpu
 # The GPU test binaries, in the order a failure is cheapest to read: ops, then models.
 gpu_tests="cuda_parity cuda_backend cuda_adapters cuda_unet cuda_models"
 out="${OUT:-$bin/out}"
+
+phases="${*:-parity memcheck bench}"
+want() { case " $phases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+for p in $phases; do
+  case "$p" in parity|memcheck|bench|--prepare) ;; *) echo "gpu-check: unknown phase '$p' (parity, memcheck, bench)"; exit 2 ;; esac
+done
 
 if [ "${1:-}" = --prepare ]; then
   set -e
@@ -88,67 +97,79 @@ python3 -c 'import diffusers' 2>/dev/null || {
   fi
 }
 
-# One fresh kernel cache for the whole run: every test process after the first that needs a
-# kernel file reads its PTX instead of compiling it again (seconds each for attention.cu).
-export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$(mktemp -d)}"
+# One kernel cache for the run (and for later calls on the same machine): every test process
+# after the first that needs a kernel file reads its PTX instead of compiling it again
+# (seconds each for attention.cu). Entries are keyed by their source, so none goes stale.
+export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$root/$bin/kernel-cache}"
 echo "kernel cache: $HDB_KERNEL_CACHE"
 
 status=0
-echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs)"
-# One process per test: a kernel fault poisons its CUDA context, and should not take the
-# tests after it down too.
-for t in $gpu_tests; do
-  for name in $("$bin/$t" --list 2>/dev/null | sed -n 's/: test$//p'); do
-    timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out/parity.log"
-    rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || { echo "gpu-check: $t $name failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
+if want parity; then
+  echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs)"
+  # One process per test: a kernel fault poisons its CUDA context, and should not take the
+  # tests after it down too.
+  for t in $gpu_tests; do
+    for name in $("$bin/$t" --list 2>/dev/null | sed -n 's/: test$//p'); do
+      timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out/parity.log"
+      rc=${PIPESTATUS[0]}
+      [ "$rc" = 0 ] || { echo "gpu-check: $t $name failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
+    done
   done
-done
-# The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
-# temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
-echo "== the session and pipeline tests on the generic UNet (HDB_CUDA_UNET=generic)"
-for name in session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
-            pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
-  HDB_CUDA_UNET=generic timeout 120 "$bin/cuda_unet" --exact "$name" --include-ignored \
-    --test-threads=1 --nocapture 2>&1 | sed 's/^cuda-parity /cuda-parity generic-unet /' |
-    tee -a "$out/parity.log"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { echo "gpu-check: cuda_unet $name (generic UNet) failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
-done
-if grep -q "SKIPPED" "$out/parity.log"; then
-  echo "gpu-check: tests skipped on a GPU machine: the CUDA backend did not open"; status=1
+  # The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
+  # temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
+  echo "== the session and pipeline tests on the generic UNet (HDB_CUDA_UNET=generic)"
+  for name in session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
+              pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
+    HDB_CUDA_UNET=generic timeout 120 "$bin/cuda_unet" --exact "$name" --include-ignored \
+      --test-threads=1 --nocapture 2>&1 | sed 's/^cuda-parity /cuda-parity generic-unet /' |
+      tee -a "$out/parity.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "gpu-check: cuda_unet $name (generic UNet) failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
+  done
+  if grep -q "SKIPPED" "$out/parity.log"; then
+    echo "gpu-check: tests skipped on a GPU machine: the CUDA backend did not open"; status=1
+  fi
 fi
 
-# Out-of-bounds and misaligned accesses that happen not to fault (every parity test but the
-# fault test, whose 16 TiB allocation the sanitizer would report).
-export PATH="$PATH:/usr/local/cuda/bin"
-if command -v compute-sanitizer >/dev/null; then
-  echo "== compute-sanitizer --tool memcheck (cuda_parity)"
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
-    --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
-  rc=$?
-  grep "ERROR SUMMARY" "$out/memcheck.log" | tail -1
-  [ "$rc" = 0 ] || { echo "gpu-check: memcheck failed (exit $rc)"; status=1; }
-else
-  echo "== compute-sanitizer not found: memcheck skipped"
+if want memcheck; then
+  # Out-of-bounds and misaligned accesses that happen not to fault (every parity test but the
+  # fault test, whose 16 TiB allocation the sanitizer would report).
+  export PATH="$PATH:/usr/local/cuda/bin"
+  if command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer --tool memcheck (cuda_parity)"
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
+      --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
+    rc=$?
+    grep "ERROR SUMMARY" "$out/memcheck.log" | tail -1
+    [ "$rc" = 0 ] || { echo "gpu-check: memcheck failed (exit $rc)"; status=1; }
+  else
+    echo "== compute-sanitizer not found: memcheck skipped"
+  fi
 fi
 
-echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
-timeout 420 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
+if want bench; then
+  echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
+  timeout 420 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
 
-echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU)"
-timeout 240 "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python python3 2>&1 |
-  tee "$out/bench-hypernet.log"
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
+  echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU)"
+  timeout 240 "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python python3 2>&1 |
+    tee "$out/bench-hypernet.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
+fi
 
 echo
 echo "== summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-grep -cE "^cuda-(parity|backend)" "$out/parity.log" | xargs echo "parity cases:"
-grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
-awk '/^what /,0' "$out/bench.log"
-grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log"
-grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
+echo "phases: $phases"
+if want parity; then
+  grep -cE "^cuda-(parity|backend)" "$out/parity.log" | xargs echo "parity cases:"
+  grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
+fi
+if want bench; then
+  awk '/^what /,0' "$out/bench.log"
+  grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log"
+fi
+want memcheck && grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status
