@@ -375,14 +375,86 @@ pub fn attention_materialized_with<T: BlasElem>(
     let (chunk, per_chunk) = attention_materialized_chunk(&s, scores_bytes)
         .ok_or_else(|| Error::Internal(format!("{op}: scores of {s:?} overflow")))?;
     let scores = dev.alloc::<f32>(per_chunk)?;
-    let mut probs = dev.alloc::<T>(per_chunk)?;
+    let probs = dev.alloc::<T>(per_chunk)?;
+    let addrs = MaterializedAddrs {
+        out: addr(dev, out.buf, out.off),
+        q: addr(dev, q.buf, q.off),
+        k: addr(dev, k.buf, k.off),
+        v: addr(dev, v.buf, v.off),
+        scores: dev.ptr(&scores),
+        probs: dev.ptr(&probs),
+    };
+    for step in attention_materialized_plan::<T>(addrs, &s, chunk)? {
+        match step {
+            // SAFETY: check_attention checked q, k, v and out for every batch's rows (each
+            // head's d columns lie inside heads * d <= ld; a chunk's rows lie inside lq); the
+            // scores and probabilities hold heads * chunk * lk elements, what a chunk uses.
+            MaterializedStep::Gemm {
+                cfg,
+                a,
+                b,
+                c,
+                c_f32,
+            } => unsafe {
+                let ctype = if c_f32 { Ctype::F32 } else { Ctype::T };
+                gemm_batched_f32_scalars::<T>(dev, cfg, a, b, c, ctype)?
+            },
+            MaterializedStep::Launch(l) => l.run(dev)?,
+        }
+    }
+    // The buffers are freed stream-ordered, after the launches that read them.
+    drop((scores, probs));
+    Ok(())
+}
+
+/// Device addresses of [`attention_materialized_plan`]'s buffers: q, k, v and out at their
+/// first element; `scores` (f32) and `probs` (T), each holding a chunk's heads * rows * lk.
+#[derive(Clone, Copy, Debug)]
+pub struct MaterializedAddrs {
+    pub out: u64,
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub scores: u64,
+    pub probs: u64,
+}
+
+/// One step of the materialised attention.
+#[derive(Clone, Debug)]
+pub enum MaterializedStep {
+    /// `cublasGemmStridedBatchedEx` on device addresses (column-major, cuBLAS's semantics):
+    /// A and B in T, C in T or (`c_f32`) f32, f32 alpha, beta and compute.
+    Gemm {
+        cfg: StridedBatchedConfig<f32>,
+        a: u64,
+        b: u64,
+        c: u64,
+        c_f32: bool,
+    },
+    /// A kernel launch (the softmax).
+    Launch(KernelLaunch),
+}
+
+/// Every step of [`attention_materialized_with`] for shape `s` in chunks of `chunk` query
+/// rows, on buffers at `at` (pure): per batch element and chunk, the scores GEMM into f32,
+/// the softmax into T, the values GEMM into out. A test runs the plan on host memory under
+/// cuBLAS's column-major semantics against the CPU's attention.
+pub fn attention_materialized_plan<T: DeviceElem>(
+    at: MaterializedAddrs,
+    s: &AttnShape,
+    chunk: usize,
+) -> Result<Vec<MaterializedStep>> {
+    let op = "attention_materialized";
+    if chunk == 0 {
+        return Err(Error::Internal(format!("{op}: chunks of 0 rows")));
+    }
     let d = s.head_dim;
     let lk = to_i32(s.lk, op, "lk")?;
     let di = to_i32(d, op, "head_dim")?;
     let heads = to_i32(s.heads, op, "heads")?;
     let scale = 1.0f32 / (d as f32).sqrt();
     let tsz = std::mem::size_of::<T>() as u64;
-    let (s_addr, p_addr) = (dev.ptr(&scores), dev.ptr(&probs));
+    let mut steps = Vec::new();
     for b in 0..s.batch {
         for r0 in (0..s.lq).step_by(chunk) {
             let rows = chunk.min(s.lq - r0);
@@ -391,7 +463,7 @@ pub fn attention_materialized_with<T: BlasElem>(
             // C [lk, rows] (ld lk) = op(A) . B with A = K_h seen column-major as [d, lk]
             // (ld ld_k), transposed, and B = Q_h seen column-major as [d, rows] (ld ld_q):
             // m = lk, n = rows, k = d.
-            let scores_cfg = StridedBatchedConfig {
+            let scores = StridedBatchedConfig {
                 gemm: GemmConfig {
                     transa: cublasOperation_t::CUBLAS_OP_T,
                     transb: cublasOperation_t::CUBLAS_OP_N,
@@ -414,7 +486,7 @@ pub fn attention_materialized_with<T: BlasElem>(
             // ld_v), B = P_h (column-major [lk, rows], ld lk), C = O_h (column-major
             // [d, rows], ld ld_o): m = d, n = rows, k = lk. The heads' outputs interleave by
             // column blocks of d; no element is shared.
-            let values_cfg = StridedBatchedConfig {
+            let values = StridedBatchedConfig {
                 gemm: GemmConfig {
                     transa: cublasOperation_t::CUBLAS_OP_N,
                     transb: cublasOperation_t::CUBLAS_OP_N,
@@ -433,23 +505,34 @@ pub fn attention_materialized_with<T: BlasElem>(
                 stride_c: d as i64,
             };
             let (qa, ka, va, oa) = (
-                addr(dev, q.buf, q.off) + ((b * s.lq + r0) * s.ld_q) as u64 * tsz,
-                addr(dev, k.buf, k.off) + (b * s.lk * s.ld_k) as u64 * tsz,
-                addr(dev, v.buf, v.off) + (b * s.lk * s.ld_v) as u64 * tsz,
-                addr(dev, out.buf, out.off) + ((b * s.lq + r0) * s.ld_o) as u64 * tsz,
+                at.q + ((b * s.lq + r0) * s.ld_q) as u64 * tsz,
+                at.k + (b * s.lk * s.ld_k) as u64 * tsz,
+                at.v + (b * s.lk * s.ld_v) as u64 * tsz,
+                at.out + ((b * s.lq + r0) * s.ld_o) as u64 * tsz,
             );
-            // SAFETY: check_attention checked q, k, v and out for every batch's rows (each
-            // head's d columns lie inside heads * d <= ld; rows r0..r0 + rows < lq); the
-            // scores and probabilities hold heads * chunk * lk >= heads * rows * lk.
-            unsafe { gemm_batched_f32_scalars::<T>(dev, scores_cfg, ka, qa, s_addr, Ctype::F32)? };
-            softmax_rows_from_f32(dev, &mut probs, &scores, s.heads * rows, s.lk)?;
-            // SAFETY: as above.
-            unsafe { gemm_batched_f32_scalars::<T>(dev, values_cfg, va, p_addr, oa, Ctype::T)? };
+            steps.push(MaterializedStep::Gemm {
+                cfg: scores,
+                a: ka,
+                b: qa,
+                c: at.scores,
+                c_f32: true,
+            });
+            steps.push(MaterializedStep::Launch(softmax_rows_from_f32_launch::<T>(
+                at.probs,
+                at.scores,
+                s.heads * rows,
+                s.lk,
+            )?));
+            steps.push(MaterializedStep::Gemm {
+                cfg: values,
+                a: va,
+                b: at.probs,
+                c: oa,
+                c_f32: false,
+            });
         }
     }
-    // The buffers are freed stream-ordered, after the launches that read them.
-    drop((scores, probs));
-    Ok(())
+    Ok(steps)
 }
 
 /// The output type of [`gemm_batched_f32_scalars`]: the inputs' storage type, or f32.
@@ -528,42 +611,5 @@ unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn materialized_chunks_stay_within_the_budget() {
-        let b = MATERIALIZED_SCORES_BYTES;
-        // The VAE at 512 x 512 (4096 tokens): one chunk of every row, 64 MiB of f32 scores.
-        let s = AttnShape::dense(1, 1, 4096, 4096, 512);
-        assert_eq!(
-            attention_materialized_chunk(&s, b),
-            Some((4096, 4096 * 4096))
-        );
-        // At 1024 x 1024 (16384 tokens): 16 chunks of 1024 rows instead of 1 GiB at once.
-        let s = AttnShape::dense(1, 1, 16384, 16384, 512);
-        assert_eq!(
-            attention_materialized_chunk(&s, b),
-            Some((1024, 1024 * 16384))
-        );
-        // A row larger than the budget still makes progress, one row a chunk.
-        let s = AttnShape::dense(1, 4, 10, 1 << 23, 512);
-        assert_eq!(attention_materialized_chunk(&s, b), Some((1, 4 << 23)));
-        // Fewer rows than fit: one chunk of all of them; empty shapes and overflow: None.
-        let s = AttnShape::dense(2, 2, 3, 5, 264);
-        assert_eq!(attention_materialized_chunk(&s, b), Some((3, 30)));
-        assert_eq!(
-            attention_materialized_chunk(&AttnShape::dense(1, 1, 0, 5, 264), b),
-            None
-        );
-        assert_eq!(
-            attention_materialized_chunk(&AttnShape::dense(1, 0, 5, 5, 264), b),
-            None
-        );
-        let s = AttnShape {
-            heads: usize::MAX,
-            ..AttnShape::dense(1, 1, 5, 2, 264)
-        };
-        assert_eq!(attention_materialized_chunk(&s, b), None);
-    }
-}
+#[path = "attention_tests.rs"]
+mod tests;
