@@ -118,8 +118,8 @@ if want parity; then
   # The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
   # temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
   echo "== the session and pipeline tests on the generic UNet (HDB_CUDA_UNET=generic)"
-  for name in session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
-              pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
+  for name in session::session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
+              session::pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
     HDB_CUDA_UNET=generic timeout 120 "$bin/cuda_unet" --exact "$name" --include-ignored \
       --test-threads=1 --nocapture 2>&1 | sed 's/^cuda-parity /cuda-parity generic-unet /' |
       tee -a "$out/parity.log"

@@ -1,7 +1,7 @@
 //! The generic model code (UNet, text encoder, VAE of `hdb::model`) on the CUDA backend
 //! (`hdb::backend::cuda::Cuda<T>`) against the same code on the CPU backend, which the
 //! unet_parity, text_encoder and vae tests check against diffusers and transformers. Same
-//! fixtures and measure as tests/cuda_unet.rs: relative L2 error bounded by 1e-4 (f32), 1e-2
+//! fixtures and measure as tests/cuda_unet/: relative L2 error bounded by 1e-4 (f32), 1e-2
 //! (f16) and 4e-2 (bf16); a failure prints the worst element. `#[ignore]`d without a GPU
 //! (counted as skipped); scripts/gpu-check.sh runs them with `--include-ignored`, and
 //! `SKIPPED (no CUDA device)` counts as a failure there.
@@ -470,7 +470,7 @@ fn pipeline_with_the_generic_unet_matches_the_cpu_pipeline() {
             .expect("cpu generate");
         let got = rt.install(|| gpu.generate(&params, gpu_ad, None));
         // Guidance 7.5 amplifies the per-call fp16 error about 10x over these 4 steps (as in
-        // tests/cuda_unet.rs): 5e-2 on the latents and the decoded pixels.
+        // tests/cuda_unet/): 5e-2 on the latents and the decoded pixels.
         let (lat, px) = match got {
             Ok(g) => (Ok(g.latents), Ok(g.pixels)),
             Err(e) => (Err(e), Err(hdb::Error::Internal("see the latents".into()))),

@@ -1,0 +1,307 @@
+//! Adapters on the CUDA UNet (src/backend/cuda/adapters.rs) against the CPU UNet's
+//! `forward_with` with the same adapters: merge mode, runtime mode with several adapters on
+//! every sample, and one identity per sample (-1 included). f32 storage within 1e-4 (a missed or
+//! doubled layer shows there), f16 within 1e-2.
+
+use super::*;
+
+use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+use hdb::adapter::{adaptable_layers, Adapter, AdapterSource, LoraLayer};
+use hdb::backend::cuda::adapters::{CudaAdapterCtx, CudaAdapters};
+
+pub(crate) fn fixture_adapter(m: &Model, file: &str) -> Adapter {
+    let f = SafetensorsFile::open(&fixtures().join(format!("adapter/{file}"))).expect("adapter");
+    hdb::adapter::load(&f, &adaptable_layers(m)).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Random LoRA factors of `rank` on every `every`-th adaptable projection of `unet` (the
+/// first at `skip`), so sets mix adapters that touch a projection with ones that do not.
+pub(crate) fn random_adapter(
+    unet: &Unet,
+    seed: u64,
+    rank: usize,
+    every: usize,
+    skip: usize,
+) -> Adapter {
+    let mut rng = SplitMix64(seed);
+    let mut u = |n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
+    };
+    let layers = unet
+        .adaptable_layers()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i >= skip && (i - skip) % every == 0)
+        .map(|(_, (k, s))| {
+            let down = u(rank * s.din, 1.0 / (s.din as f32).sqrt());
+            let up = u(s.dout * rank, 0.5 / (rank as f32).sqrt());
+            (k, LoraLayer { rank, down, up })
+        })
+        .collect();
+    Adapter {
+        layers,
+        source: AdapterSource::Lora,
+    }
+}
+
+/// `inp` with its batch repeated twice (4 samples from the fixtures' 2).
+fn doubled(inp: &Input) -> Input {
+    let twice = |v: &[f32]| [v, v].concat();
+    Input {
+        sample: twice(&inp.sample),
+        t: twice(&inp.t),
+        ctx: twice(&inp.ctx),
+        b: 2 * inp.b,
+        ..*inp
+    }
+}
+
+/// A UNet, a batch-4 input and three adapters (the third touching only some projections).
+struct AdapterCase {
+    name: &'static str,
+    unet: Arc<Unet>,
+    inp: Input,
+    adapters: Vec<Adapter>,
+}
+
+fn adapter_cases() -> Vec<AdapterCase> {
+    // The adapter fixtures of tests/adapter.rs on the SD 1.5-shaped tiny model (widths 4 to
+    // 12: the kernels' element paths).
+    let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
+    let tiny = AdapterCase {
+        name: "tiny-sd",
+        unet: m.unet().expect("unet"),
+        inp: doubled(&read_input("tiny-sd")),
+        adapters: ["id1.lidb", "id2.lidb", "id1-half.lidb"]
+            .iter()
+            .map(|f| fixture_adapter(&m, &format!("{f}.safetensors")))
+            .collect(),
+    };
+    // SD-like widths (80 to 160: 16-byte aligned rows, the kernels' vector paths; q/k/v
+    // column offsets of 80 and 160 in the stacked outputs), random ranks 4, 8 and 128.
+    let (name, source) = cases()
+        .into_iter()
+        .find(|(n, _)| *n == "random-flash")
+        .expect("random-flash");
+    let (unet, inp) = load(&source, name);
+    let adapters = vec![
+        random_adapter(&unet, 1, 4, 1, 0),
+        random_adapter(&unet, 2, 8, 2, 0),
+        random_adapter(&unet, 3, 128, 3, 1),
+    ];
+    let random = AdapterCase {
+        name,
+        inp: doubled(&inp),
+        unet,
+        adapters,
+    };
+    vec![tiny, random]
+}
+
+/// (label, adapter indices with scales, mode, per-sample indices) of every checked set.
+type SetSpec = (&'static str, Vec<(usize, f32)>, ApplyMode, Option<Vec<i32>>);
+
+fn adapter_sets() -> Vec<SetSpec> {
+    vec![
+        ("merge", vec![(0, 0.7), (1, 0.5)], ApplyMode::Merge, None),
+        ("merge-partial", vec![(2, 1.0)], ApplyMode::Merge, None),
+        (
+            "runtime",
+            vec![(0, 0.7), (1, 0.5), (2, 1.0)],
+            ApplyMode::Runtime,
+            None,
+        ),
+        (
+            "per-sample",
+            vec![(0, 1.0), (1, 0.8), (2, 1.0)],
+            ApplyMode::Runtime,
+            Some(vec![2, -1, 0, 1]),
+        ),
+    ]
+}
+
+fn cpu_forward_with(unet: &Unet, inp: &Input, ad: Option<&AdapterCtx<'_>>) -> Vec<f32> {
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads: 2,
+    })
+    .expect("runtime");
+    rt.install(|| unet.forward_with(&inp.args(), ad))
+        .expect("cpu forward")
+}
+
+/// Every set of [`adapter_sets`] in storage type T against the CPU; returns failures.
+fn check_adapters<T: BlasElem>(dev: &CudaDevice, case: &AdapterCase, tol: f64) -> Vec<String> {
+    let dtype = T::SUFFIX;
+    let mut failures = Vec::new();
+    let g = match CudaUnet::<T>::upload(dev, &case.unet) {
+        Ok(g) => g,
+        Err(e) => return vec![format!("{} {dtype}: upload: {e}", case.name)],
+    };
+    let base = cpu_forward(&case.unet, &case.inp);
+    for (label, picks, mode, per_sample) in adapter_sets() {
+        let set: Vec<(&Adapter, f32)> =
+            picks.iter().map(|&(i, s)| (&case.adapters[i], s)).collect();
+        let applied = Applied::new(&set, mode, &*case.unet).expect("cpu set");
+        let want = cpu_forward_with(
+            &case.unet,
+            &case.inp,
+            Some(&AdapterCtx {
+                applied: &applied,
+                per_sample: per_sample.as_deref(),
+            }),
+        );
+        let (change, _, _) = compare(&want, &base);
+        let got = CudaAdapters::resolve(dev, &g, &set, mode).and_then(|a| {
+            g.forward_with(
+                dev,
+                &case.inp.args(),
+                Some(CudaAdapterCtx {
+                    adapters: &a,
+                    per_sample: per_sample.as_deref(),
+                }),
+            )
+        });
+        let what = format!("unet-adapter/{label} {dtype} case={}", case.name);
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => {
+                println!("cuda-parity {what} ERROR {e}");
+                failures.push(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let (rel, max_abs, at) = compare(&got, &want);
+        println!(
+            "cuda-parity unet-adapter/{label} {dtype} rel_l2={rel:.3e} max_abs={max_abs:.3e} \
+             case={} (the adapters change the output by rel_l2 {change:.2e})",
+            case.name
+        );
+        if change < 1e-2 {
+            failures.push(format!(
+                "{what}: the adapters barely change the output ({change:e})"
+            ));
+        }
+        if rel > tol {
+            failures.push(format!(
+                "{what}: rel_l2 {rel:.3e} > {tol:e}; worst at {at}: gpu {} vs cpu {}",
+                got[at], want[at]
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn cuda_unet_with_adapters_matches_the_cpu_unet() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    for case in adapter_cases() {
+        failures.extend(check_adapters::<f32>(&dev, &case, 1e-4));
+        failures.extend(check_adapters::<half::f16>(&dev, &case, 1e-2));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn merge_then_clear_restores_the_base_bit_for_bit() {
+    let Some(dev) = device() else { return };
+    for case in adapter_cases() {
+        let g = CudaUnet::<half::f16>::upload(&dev, &case.unet).expect("upload");
+        let args = case.inp.args();
+        let base = bits(&g.forward(&dev, &args).expect("base"));
+        let set: Vec<(&Adapter, f32)> = case.adapters.iter().map(|a| (a, 1.0)).collect();
+        let merged = CudaAdapters::resolve(&dev, &g, &set, ApplyMode::Merge).expect("merge set");
+        fn ctx<T: BlasElem>(a: &CudaAdapters<T>) -> Option<CudaAdapterCtx<'_, T>> {
+            Some(CudaAdapterCtx {
+                adapters: a,
+                per_sample: None,
+            })
+        }
+        let with = bits(&g.forward_with(&dev, &args, ctx(&merged)).expect("merged"));
+        assert_ne!(
+            with, base,
+            "{}: the merged set changes the output",
+            case.name
+        );
+        // Clearing: the session drops its set (no adapters), or holds an empty one.
+        drop(merged);
+        let none = bits(&g.forward_with(&dev, &args, None).expect("cleared"));
+        let empty = CudaAdapters::resolve(&dev, &g, &[], ApplyMode::Merge).expect("empty set");
+        let with_empty = bits(&g.forward_with(&dev, &args, ctx(&empty)).expect("empty"));
+        let again = bits(&g.forward(&dev, &args).expect("again"));
+        let exact = none == base && with_empty == base && again == base;
+        println!(
+            "cuda-parity unet-adapter/merge-clear f16 bit-exact={exact} case={}",
+            case.name
+        );
+        assert!(
+            exact,
+            "{}: after the merged set, the base output must come back bit for bit (no set: \
+             {}, empty set: {}, the UNet's weights unchanged: {})",
+            case.name,
+            none == base,
+            with_empty == base,
+            again == base
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn adapter_limits_and_mismatches_are_clear_errors() {
+    let Some(dev) = device() else { return };
+    let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
+    let unet = m.unet().expect("unet");
+    let g = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
+    // Sets resolve against the device UNet's own dims, which must be the host UNet's.
+    assert_eq!(g.adaptable_layers(), unet.adaptable_layers());
+    let big = random_adapter(&unet, 9, 129, 40, 5);
+    let key = big.layers.keys().next().expect("a layer").clone();
+    let e = CudaAdapters::resolve(&dev, &g, &[(&big, 1.0)], ApplyMode::Runtime)
+        .expect_err("rank 129 in runtime mode");
+    assert!(
+        matches!(&e, hdb::Error::Unsupported(msg) if msg.contains(&key) && msg.contains("129")),
+        "{e}"
+    );
+    CudaAdapters::resolve(&dev, &g, &[(&big, 1.0)], ApplyMode::Merge).expect("rank 129 merges");
+    let e = CudaAdapters::resolve(&dev, &g, &[(&big, 1.0), (&big, 0.5)], ApplyMode::Merge)
+        .expect_err("total rank 258 in merge mode");
+    assert!(
+        matches!(&e, hdb::Error::Unsupported(msg) if msg.contains(&key) && msg.contains("258")),
+        "{e}"
+    );
+    // A set built for one upload is refused by another; per-sample checks are the CPU's.
+    let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
+    let set = CudaAdapters::resolve(&dev, &g, &[(&id1, 1.0)], ApplyMode::Runtime).expect("set");
+    let other = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
+    let inp = read_input("tiny-sd");
+    let ctx = |per_sample| {
+        Some(CudaAdapterCtx {
+            adapters: &set,
+            per_sample,
+        })
+    };
+    let e = other
+        .forward_with(&dev, &inp.args(), ctx(None))
+        .expect_err("another UNet");
+    assert!(e.to_string().contains("another CUDA UNet"), "{e}");
+    let e = g
+        .forward_with(&dev, &inp.args(), ctx(Some(&[0, 1])))
+        .expect_err("index 1 of 1");
+    assert!(
+        e.to_string().contains("'adapter_index'") && e.to_string().contains("index 1"),
+        "{e}"
+    );
+}

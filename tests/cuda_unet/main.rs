@@ -1,0 +1,257 @@
+//! The CUDA UNet against the CPU UNet on the tiny diffusers fixtures of tests/unet_parity.rs
+//! (the CPU UNet is itself checked against diffusers there), in f32, f16 and bf16 storage.
+//! Measure: relative L2 error ||gpu - cpu|| / ||cpu||, bounded by 1e-4 (f32: cuBLAS sums in
+//! another order), 1e-2 (f16) and 4e-2 (bf16). The tests are `#[ignore]`d, so a plain
+//! `cargo test` counts them as skipped; run them with `--include-ignored` on a GPU machine
+//! (scripts/gpu-check.sh does). Without a usable device they print
+//! `SKIPPED (no CUDA device): <reason>`, which gpu-check.sh counts as a failure.
+#![cfg(feature = "cuda")]
+
+mod adapters;
+mod session;
+
+#[path = "../common/mod.rs"]
+mod common;
+use common::{compare, fixtures, judge, read_input, Input};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hdb::backend::cuda::ops::BlasElem;
+use hdb::backend::cuda::unet::CudaUnet;
+use hdb::backend::cuda::CudaDevice;
+use hdb::io::diffusers::Variant;
+use hdb::io::safetensors::SafetensorsFile;
+use hdb::model::config::UnetConfig;
+use hdb::model::random::{RandomWeights, SplitMix64};
+use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::{LoadOptions, Model};
+
+/// The device, or None after printing why the test is skipped.
+fn device() -> Option<CudaDevice> {
+    match CudaDevice::open(0) {
+        Ok(d) => {
+            println!(
+                "cuda device: {} (sm_{}{})",
+                d.name(),
+                d.compute_capability().0,
+                d.compute_capability().1
+            );
+            Some(d)
+        }
+        Err(e) => {
+            println!("SKIPPED (no CUDA device): {e}");
+            None
+        }
+    }
+}
+
+/// Where a case's UNet comes from.
+enum Source {
+    /// A fixture model of tests/unet_parity.rs, with its input and the variant to load.
+    Fixture(PathBuf, Variant),
+    /// Random weights (hdb::model::random) and a random input of [2, 4, size, size].
+    Random(UnetConfig, usize),
+}
+
+/// The fixtures of tests/unet_parity.rs, then a random-weight UNet whose head dims reach the
+/// tensor-core attention kernel (the fixtures' head dims of 2 to 6 take the scalar one).
+fn cases() -> Vec<(&'static str, Source)> {
+    let f = fixtures();
+    vec![
+        // SD 1.5-shaped: conv projections, cross-attention in the first down blocks.
+        ("tiny-sd", Source::Fixture(f.join("tiny-sd"), Variant::Full)),
+        // The same model from its fp16 weights (rounded to f16 on disk).
+        (
+            "tiny-sd-fp16",
+            Source::Fixture(f.join("tiny-sd"), Variant::Fp16),
+        ),
+        // SD 2-style: linear proj_in/proj_out, per-block head counts.
+        (
+            "sd2-linear",
+            Source::Fixture(f.join("unet/sd2-linear"), Variant::Auto),
+        ),
+        // One resnet per block, three blocks, two transformer layers per attention.
+        ("lpb1", Source::Fixture(f.join("unet/lpb1"), Variant::Auto)),
+        // An LDM single file with an inferred config.
+        (
+            "ldm-sd1",
+            Source::Fixture(f.join("unet/ldm-sd1.safetensors"), Variant::Auto),
+        ),
+        // Head dims 40, 64, 80 (down/up blocks) and 160 (mid): every flash_attn instantiation,
+        // 256 query rows at the top level, 77 keys in cross-attention.
+        (
+            "random-flash",
+            Source::Random(
+                UnetConfig {
+                    block_out_channels: vec![80, 128, 160, 160],
+                    heads: vec![2, 2, 2, 1],
+                    cross_attention_dim: 96,
+                    norm_num_groups: 16,
+                    ..UnetConfig::default()
+                },
+                16,
+            ),
+        ),
+    ]
+}
+
+fn load(source: &Source, case: &str) -> (Arc<Unet>, Input) {
+    match source {
+        Source::Fixture(model, variant) => {
+            let m = Model::load(
+                model,
+                LoadOptions {
+                    variant: *variant,
+                    progress: None,
+                },
+            )
+            .expect("model");
+            (m.unet().expect("unet"), read_input(case))
+        }
+        Source::Random(cfg, size) => {
+            let unet = Unet::load(cfg.clone(), &RandomWeights { seed: 0xC0DA }).expect("unet");
+            let (b, l) = (2, 77);
+            let mut rng = SplitMix64(7);
+            let mut noise =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
+            let inp = Input {
+                sample: noise(b * cfg.in_channels * size * size),
+                t: vec![999.0, 10.0],
+                ctx: noise(b * l * cfg.cross_attention_dim),
+                b,
+                h: *size,
+                w: *size,
+                l,
+            };
+            (Arc::new(unet), inp)
+        }
+    }
+}
+
+/// The SD 1.5-shaped fixture and its input.
+fn tiny_sd() -> (Arc<Unet>, Input) {
+    load(
+        &Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
+        "tiny-sd",
+    )
+}
+
+fn cpu_forward(unet: &Unet, inp: &Input) -> Vec<f32> {
+    let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cpu,
+        threads: 2,
+    })
+    .expect("runtime");
+    rt.install(|| unet.forward(&inp.args()))
+        .expect("cpu forward")
+}
+
+/// Runs one case in storage type T; returns a failure message, if any.
+fn check<T: BlasElem>(
+    dev: &CudaDevice,
+    case: &str,
+    unet: &Unet,
+    inp: &Input,
+    want: &[f32],
+    tol: f64,
+) -> Option<String> {
+    let result = CudaUnet::<T>::upload(dev, unet).and_then(|g| g.forward(dev, &inp.args()));
+    judge(&format!("unet/{case}"), T::SUFFIX, result, want, tol)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn cuda_unet_matches_the_cpu_unet_in_f32_f16_and_bf16() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    for (case, source) in cases() {
+        let (unet, inp) = load(&source, case);
+        let want = cpu_forward(&unet, &inp);
+        failures.extend(check::<f32>(&dev, case, &unet, &inp, &want, 1e-4));
+        failures.extend(check::<half::f16>(&dev, case, &unet, &inp, &want, 1e-2));
+        failures.extend(check::<half::bf16>(&dev, case, &unet, &inp, &want, 4e-2));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn forward_device_gives_what_forward_gives() {
+    let Some(dev) = device() else { return };
+    let (unet, inp) = tiny_sd();
+    let g = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
+    let host = g.forward(&dev, &inp.args()).expect("forward");
+    let s = dev.upload_f32::<half::f16>(&inp.sample).expect("sample");
+    let c = dev.upload_f32::<half::f16>(&inp.ctx).expect("context");
+    let out = g
+        .forward_device(&dev, &s, &inp.t, &c, inp.b, inp.h, inp.w, inp.l)
+        .expect("forward_device");
+    let n = inp.b * g.config().out_channels * inp.h * inp.w;
+    assert_eq!(out.len(), n);
+    let got = dev.download_f32(&out, n).expect("download");
+    let (rel, max_abs, at) = compare(&got, &host);
+    assert!(
+        rel <= 1e-6,
+        "forward_device vs forward: rel_l2 {rel:e}, max abs {max_abs:e} at {at}"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn wrong_input_shapes_are_the_cpu_unets_errors() {
+    let Some(dev) = device() else { return };
+    let (unet, inp) = tiny_sd();
+    let g = CudaUnet::<f32>::upload(&dev, &unet).expect("upload");
+    let args = inp.args();
+    // A height that is no multiple of the UNet's downsampling factor.
+    let odd = vec![0.0; inp.sample.len() / inp.h * (inp.h - 1)];
+    let bad = [
+        UnetInput {
+            sample: &inp.sample[1..],
+            ..args
+        },
+        UnetInput {
+            context: &inp.ctx[1..],
+            ..args
+        },
+        UnetInput {
+            timesteps: &inp.t[..1],
+            ..args
+        },
+        UnetInput {
+            sample: &odd,
+            height: inp.h - 1,
+            ..args
+        },
+        UnetInput {
+            sample: &[],
+            timesteps: &[],
+            context: &[],
+            batch: 0,
+            ..args
+        },
+        UnetInput {
+            batch: usize::MAX,
+            ..args
+        },
+    ];
+    for (i, x) in bad.iter().enumerate() {
+        let gpu = g.forward(&dev, x).expect_err("bad shape").to_string();
+        let cpu = unet.forward(x).expect_err("bad shape").to_string();
+        assert_eq!(gpu, cpu, "case {i}");
+        assert!(gpu.contains("invalid argument '"), "case {i}: {gpu}");
+    }
+    // forward_device checks the device buffers' lengths the same way.
+    let s = dev.upload_f32::<f32>(&inp.sample).expect("sample");
+    let c = dev.upload_f32::<f32>(&inp.ctx[1..]).expect("context");
+    let e = g
+        .forward_device(&dev, &s, &inp.t, &c, inp.b, inp.h, inp.w, inp.l)
+        .expect_err("short context")
+        .to_string();
+    assert!(e.contains("'encoder_hidden_states'"), "{e}");
+}
