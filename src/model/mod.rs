@@ -100,6 +100,33 @@ pub struct Model {
     cuda_text_vae: std::sync::Mutex<Vec<(usize, crate::backend::device_unet::DeviceTextVae)>>,
 }
 
+/// `cache`'s entry for `dev`, built by `build` (and waited for, and logged) on the first call
+/// for that device. The lock is held while building, so concurrent first calls build once.
+#[cfg(feature = "cuda")]
+fn per_device<T: Clone>(
+    cache: &std::sync::Mutex<Vec<(usize, T)>>,
+    dev: &crate::backend::cuda::CudaDevice,
+    what: &str,
+    build: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let mut guard = cache
+        .lock()
+        .map_err(|_| Error::Internal(format!("the device cache of {what} is poisoned")))?;
+    if let Some((_, v)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
+        return Ok(v.clone());
+    }
+    let t = std::time::Instant::now();
+    let v = build()?;
+    dev.synchronize()?;
+    log::info!(
+        "uploaded {what} to cuda:{} in fp16 in {:.2} s",
+        dev.ordinal(),
+        t.elapsed().as_secs_f64()
+    );
+    guard.push((dev.ordinal(), v.clone()));
+    Ok(v)
+}
+
 /// The UNet on a CUDA device in fp16, the device dtype of the library's normal paths.
 #[cfg(feature = "cuda")]
 pub type CudaUnetF16 = Arc<crate::backend::cuda::unet::CudaUnet<half::f16>>;
@@ -130,33 +157,20 @@ impl Model {
     /// otherwise keep).
     #[cfg(feature = "cuda")]
     pub fn cuda_unet(&self, dev: &crate::backend::cuda::CudaDevice) -> Result<CudaUnetF16> {
-        let mut guard = self
-            .cuda_unets
-            .lock()
-            .map_err(|_| Error::Internal("CUDA UNet cache lock poisoned".into()))?;
-        if let Some((_, u)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
-            return Ok(u.clone());
-        }
-        let cached = self
-            .unet
-            .lock()
-            .map_err(|_| Error::Internal("UNet cache lock poisoned".into()))?
-            .clone();
-        let cpu = match cached {
-            Some(u) => u,
-            None => Arc::new(unet::Unet::from_model(self)?),
-        };
-        let t = std::time::Instant::now();
-        let u = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, &cpu)?);
-        drop(cpu);
-        dev.synchronize()?;
-        log::info!(
-            "uploaded the UNet to cuda:{} in fp16 in {:.2} s",
-            dev.ordinal(),
-            t.elapsed().as_secs_f64()
-        );
-        guard.push((dev.ordinal(), u.clone()));
-        Ok(u)
+        per_device(&self.cuda_unets, dev, "the UNet", || {
+            let cached = self
+                .unet
+                .lock()
+                .map_err(|_| Error::Internal("UNet cache lock poisoned".into()))?
+                .clone();
+            let cpu = match cached {
+                Some(u) => u,
+                None => Arc::new(unet::Unet::from_model(self)?),
+            };
+            Ok(Arc::new(crate::backend::cuda::unet::CudaUnet::upload(
+                dev, &cpu,
+            )?))
+        })
     }
 
     /// The model's UNet through the generic model code in fp16 on `dev`, built from the
@@ -166,24 +180,15 @@ impl Model {
         &self,
         dev: &Arc<crate::backend::cuda::CudaDevice>,
     ) -> Result<CudaGenericUnetF16> {
-        let mut guard = self
-            .cuda_generic_unets
-            .lock()
-            .map_err(|_| Error::Internal("CUDA UNet cache lock poisoned".into()))?;
-        if let Some((_, u)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
-            return Ok(u.clone());
-        }
-        let t = std::time::Instant::now();
-        let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
-        let u = Arc::new(unet::Unet::from_model_on(be, self)?);
-        dev.synchronize()?;
-        log::info!(
-            "uploaded the UNet (generic model code) to cuda:{} in fp16 in {:.2} s",
-            dev.ordinal(),
-            t.elapsed().as_secs_f64()
-        );
-        guard.push((dev.ordinal(), u.clone()));
-        Ok(u)
+        per_device(
+            &self.cuda_generic_unets,
+            dev,
+            "the UNet (generic model code)",
+            || {
+                let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
+                Ok(Arc::new(unet::Unet::from_model_on(be, self)?))
+            },
+        )
     }
 
     /// The model's text encoder and VAE in fp16 on `dev`, built from the model's weights on
@@ -194,28 +199,13 @@ impl Model {
         &self,
         dev: &Arc<crate::backend::cuda::CudaDevice>,
     ) -> Result<crate::backend::device_unet::DeviceTextVae> {
-        use crate::backend::cuda::Cuda;
-        let mut guard = self
-            .cuda_text_vae
-            .lock()
-            .map_err(|_| Error::Internal("CUDA text encoder cache lock poisoned".into()))?;
-        if let Some((_, p)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
-            return Ok(p.clone());
-        }
-        let t = std::time::Instant::now();
-        let be = Cuda::<half::f16>::new(dev.clone());
-        let parts = crate::backend::device_unet::DeviceTextVae::Cuda {
-            text_encoder: Arc::new(text_encoder::TextEncoder::from_model_on(be.clone(), self)?),
-            vae: Arc::new(vae::Vae::from_model_on(be, self)?),
-        };
-        dev.synchronize()?;
-        log::info!(
-            "uploaded the text encoder and VAE to cuda:{} in fp16 in {:.2} s",
-            dev.ordinal(),
-            t.elapsed().as_secs_f64()
-        );
-        guard.push((dev.ordinal(), parts.clone()));
-        Ok(parts)
+        per_device(&self.cuda_text_vae, dev, "the text encoder and VAE", || {
+            let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
+            Ok(crate::backend::device_unet::DeviceTextVae::Cuda {
+                text_encoder: Arc::new(text_encoder::TextEncoder::from_model_on(be.clone(), self)?),
+                vae: Arc::new(vae::Vae::from_model_on(be, self)?),
+            })
+        })
     }
 
     /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
