@@ -1,10 +1,36 @@
 //! Attention kernels (kernels/attention.cu) against the CPU backend.
 
 use half::{bf16, f16};
-use hdb::backend::cuda::ops::{self, AttnKernel, AttnShape};
+use hdb::backend::cuda::ops::{self, AttnKernel, AttnShape, KernelLaunch};
 use hdb::backend::{AttnDims, Backend, Cpu};
 
 use crate::harness::{check, rand_vec, tol_for, Elem, Job, Tol};
+
+/// Random q, k, v for `dims` (dense rows, rounded to T; scores of a few units, so the softmax
+/// is neither flat nor one-hot), the CPU's attention of them, and the kernel `plan` picks for
+/// the shape run on them: (kernel name, what it wrote, what the CPU gives).
+fn attention_job<T: Elem>(
+    dims: AttnDims,
+    seed: u64,
+    plan: impl FnOnce(&AttnShape, [u64; 4]) -> KernelLaunch,
+) -> (String, Vec<f32>, Vec<f32>) {
+    let hd = dims.heads * dims.head_dim;
+    let q = T::round(&rand_vec(dims.batch * dims.lq * hd, seed, -1.5, 1.5));
+    let k = T::round(&rand_vec(dims.batch * dims.lk * hd, seed + 1, -1.5, 1.5));
+    let v = T::round(&rand_vec(dims.batch * dims.lk * hd, seed + 2, -1.0, 1.0));
+    let want = Cpu.attention(&q, &k, &v, dims).expect("CPU attention");
+    let mut job = Job::new();
+    let qa = job.input(&T::bytes(&q));
+    let ka = job.input(&T::bytes(&k));
+    let va = job.input(&T::bytes(&v));
+    let oa = job.output(want.len() * std::mem::size_of::<T>());
+    let s = AttnShape::dense(dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+    let l = plan(&s, [oa, qa, ka, va]);
+    let what = format!("{} {dims:?}", l.kernel);
+    job.launch(&l);
+    let got = T::values(&job.run(&what, &[oa])[0]);
+    (l.kernel, got, want)
+}
 
 // ---------------------------------------------------------------------------------------------
 // a. Causal attention (attention_scalar_causal_*): never run on a GPU
@@ -15,12 +41,6 @@ fn causal_attention_case<T: Elem>(batch: usize, heads: usize, len: usize, d: usi
         "attention_scalar_causal_{} batch {batch} heads {heads} len {len} d {d}",
         T::SUFFIX
     );
-    let n = batch * len * heads * d;
-    let seed = (len * 1000 + d) as u64;
-    // Scores of a few units: the softmax is neither flat nor one-hot.
-    let q = T::round(&rand_vec(n, seed, -1.5, 1.5));
-    let k = T::round(&rand_vec(n, seed + 1, -1.5, 1.5));
-    let v = T::round(&rand_vec(n, seed + 2, -1.0, 1.0));
     let dims = AttnDims {
         batch,
         lq: len,
@@ -29,19 +49,9 @@ fn causal_attention_case<T: Elem>(batch: usize, heads: usize, len: usize, d: usi
         head_dim: d,
         causal: true,
     };
-    let want = Cpu
-        .attention(&q, &k, &v, dims)
-        .expect("CPU causal attention");
-
-    let tsz = std::mem::size_of::<T>();
-    let mut job = Job::new();
-    let qa = job.input(&T::bytes(&q));
-    let ka = job.input(&T::bytes(&k));
-    let va = job.input(&T::bytes(&v));
-    let oa = job.output(n * tsz);
-    let s = AttnShape::dense(batch, heads, len, len, d);
-    job.launch(&ops::attention_causal_launch::<T>(&s, [oa, qa, ka, va]).expect("launch plan"));
-    let got = T::values(&job.run(&what, &[oa])[0]);
+    let (_, got, want) = attention_job::<T>(dims, (len * 1000 + d) as u64, |s, at| {
+        ops::attention_causal_launch::<T>(s, at).expect("launch plan")
+    });
     let tol = tol_for::<T>(
         Tol {
             rel_l2: 1e-5,
@@ -76,34 +86,23 @@ fn causal_attention_matches_cpu() {
 // ---------------------------------------------------------------------------------------------
 
 fn flash_case<T: Elem>(kernel: AttnKernel, stem: &str, lq: usize, lk: usize, d: usize) {
-    let (batch, heads) = (1, 2);
-    let hd = heads * d;
-    let seed = (lq * 100 + lk * 7 + d) as u64;
-    let q = T::round(&rand_vec(batch * lq * hd, seed, -1.5, 1.5));
-    let k = T::round(&rand_vec(batch * lk * hd, seed + 1, -1.5, 1.5));
-    let v = T::round(&rand_vec(batch * lk * hd, seed + 2, -1.0, 1.0));
     let dims = AttnDims {
-        batch,
+        batch: 1,
         lq,
         lk,
-        heads,
+        heads: 2,
         head_dim: d,
         causal: false,
     };
-    let want = Cpu.attention(&q, &k, &v, dims).expect("CPU attention");
-    let tsz = std::mem::size_of::<T>();
-    let mut job = Job::new();
-    let qa = job.input(&T::bytes(&q));
-    let ka = job.input(&T::bytes(&k));
-    let va = job.input(&T::bytes(&v));
-    let oa = job.output(batch * lq * hd * tsz);
-    let s = AttnShape::dense(batch, heads, lq, lk, d);
-    let l = ops::attention_launch::<T>(&s, kernel, [oa, qa, ka, va]).expect("launch plan");
-    let expected = format!("{stem}_d{d}_{}", T::SUFFIX);
-    assert_eq!(l.kernel, expected, "{kernel:?} at d = {d} picks");
-    let what = format!("{} lq {lq} lk {lk}", l.kernel);
-    job.launch(&l);
-    let got = T::values(&job.run(&what, &[oa])[0]);
+    let (name, got, want) = attention_job::<T>(dims, (lq * 100 + lk * 7 + d) as u64, |s, at| {
+        ops::attention_launch::<T>(s, kernel, at).expect("launch plan")
+    });
+    assert_eq!(
+        name,
+        format!("{stem}_d{d}_{}", T::SUFFIX),
+        "{kernel:?} at d = {d} picks"
+    );
+    let what = format!("{name} lq {lq} lk {lk}");
     // P is rounded to T before P v (FlashAttention-2's precision): ~1e-3 (f16), ~8e-3 (bf16).
     let tol = tol_for::<T>(
         Tol {
@@ -155,11 +154,6 @@ fn flash_attention_bf16_matches_cpu() {
 // ---------------------------------------------------------------------------------------------
 
 fn scalar_case<T: Elem>(batch: usize, heads: usize, lq: usize, lk: usize, d: usize) {
-    let hd = heads * d;
-    let seed = (lq * 31 + lk * 5 + d) as u64;
-    let q = T::round(&rand_vec(batch * lq * hd, seed, -1.5, 1.5));
-    let k = T::round(&rand_vec(batch * lk * hd, seed + 1, -1.5, 1.5));
-    let v = T::round(&rand_vec(batch * lk * hd, seed + 2, -1.0, 1.0));
     let dims = AttnDims {
         batch,
         lq,
@@ -168,23 +162,11 @@ fn scalar_case<T: Elem>(batch: usize, heads: usize, lq: usize, lk: usize, d: usi
         head_dim: d,
         causal: false,
     };
-    let want = Cpu.attention(&q, &k, &v, dims).expect("CPU attention");
-    let tsz = std::mem::size_of::<T>();
-    let mut job = Job::new();
-    let qa = job.input(&T::bytes(&q));
-    let ka = job.input(&T::bytes(&k));
-    let va = job.input(&T::bytes(&v));
-    let oa = job.output(batch * lq * hd * tsz);
-    let s = AttnShape::dense(batch, heads, lq, lk, d);
-    let l =
-        ops::attention_launch::<T>(&s, AttnKernel::Scalar, [oa, qa, ka, va]).expect("launch plan");
-    assert_eq!(l.kernel, format!("attention_scalar_{}", T::SUFFIX));
-    let what = format!(
-        "{} batch {batch} heads {heads} lq {lq} lk {lk} d {d}",
-        l.kernel
-    );
-    job.launch(&l);
-    let got = T::values(&job.run(&what, &[oa])[0]);
+    let (name, got, want) = attention_job::<T>(dims, (lq * 31 + lk * 5 + d) as u64, |s, at| {
+        ops::attention_launch::<T>(s, AttnKernel::Scalar, at).expect("launch plan")
+    });
+    assert_eq!(name, format!("attention_scalar_{}", T::SUFFIX));
+    let what = format!("{name} batch {batch} heads {heads} lq {lq} lk {lk} d {d}");
     // f32 throughout, one rounding of the output (|out| <= 1): the causal kernel's tolerances.
     let tol = tol_for::<T>(
         Tol {
