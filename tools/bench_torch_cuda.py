@@ -50,15 +50,19 @@ def timed(fn, warmup, runs, device, spread=None):
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(ts)
+    # Events around each call, the calls queued back to back and waited for once: a call's
+    # time is the device's, not the launch latency on an idle device (hdb's gpu_ms in
+    # src/bin/hdb/bench_cuda.rs times the same way).
     torch.cuda.synchronize()
-    ts = []
+    events = []
     for _ in range(runs):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
         b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
+        events.append((a, b))
+    torch.cuda.synchronize()
+    ts = [a.elapsed_time(b) for a, b in events]
     if spread is not None:
         spread.update(min_ms=min(ts), max_ms=max(ts), runs=len(ts))
     return statistics.median(ts)

@@ -26,7 +26,12 @@ use hdb::{Error, Result};
 
 use crate::bench_pipeline::run_peer;
 
-/// Median device time in ms of `f` (after `warmup` calls), timed with CUDA events.
+/// Median device time in ms of `f` (after `warmup` calls), timed with CUDA events around each
+/// call. The calls are queued back to back and waited for once at the end, so a call's time is
+/// the device's time for it, not the host's launch latency on an idle device (a per-call wait
+/// would count that, a few us here and more for a Python peer: tools/bench_torch_cuda.py
+/// times the same way). A host that cannot queue as fast as the device runs still shows, as
+/// the gaps it leaves.
 pub(crate) fn gpu_ms(
     dev: &CudaDevice,
     warmup: usize,
@@ -38,23 +43,25 @@ pub(crate) fn gpu_ms(
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| Error::Device(format!("{what}: {e:?}")))
     };
+    let dev_err = |e| Error::Device(format!("{e:?}"));
     for _ in 0..warmup {
         f()?;
     }
     dev.synchronize()?;
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
+    let runs = runs.max(1);
+    let mut events = Vec::with_capacity(runs);
+    for _ in 0..runs {
         let (a, b) = (ev("event")?, ev("event")?);
-        a.record(dev.stream())
-            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        a.record(dev.stream()).map_err(dev_err)?;
         f()?;
-        b.record(dev.stream())
-            .map_err(|e| Error::Device(format!("{e:?}")))?;
-        v.push(
-            a.elapsed_ms(&b)
-                .map_err(|e| Error::Device(format!("{e:?}")))? as f64,
-        );
+        b.record(dev.stream()).map_err(dev_err)?;
+        events.push((a, b));
     }
+    dev.synchronize()?;
+    let mut v = events
+        .iter()
+        .map(|(a, b)| a.elapsed_ms(b).map(f64::from).map_err(dev_err))
+        .collect::<Result<Vec<f64>>>()?;
     v.sort_by(f64::total_cmp);
     Ok(v[v.len() / 2])
 }
