@@ -223,3 +223,133 @@ pub(crate) fn volume(op: &str, dims: &[usize]) -> Result<usize> {
         .try_fold(1usize, |p, &d| p.checked_mul(d))
         .ok_or_else(|| Error::Internal(format!("{op}: size {dims:?} overflows")))
 }
+
+/// The shape checks of the trait's ops, shared by every backend so they refuse the same calls
+/// with the same messages. Each takes the lengths of the op's arguments and returns the length
+/// of its output where it makes one.
+pub(crate) mod shapes {
+    use super::{check_len, volume, AttnDims, NormDims};
+    use crate::backend::cpu::Conv2d;
+    use crate::error::{Error, Result};
+
+    pub fn linear(
+        x: usize,
+        w: usize,
+        b: Option<usize>,
+        (rows, din, dout): (usize, usize, usize),
+    ) -> Result<usize> {
+        let op = "linear";
+        check_len(op, "x", x, volume(op, &[rows, din])?)?;
+        check_len(op, "weight", w, volume(op, &[dout, din])?)?;
+        if let Some(b) = b {
+            check_len(op, "bias", b, dout)?;
+        }
+        volume(op, &[rows, dout])
+    }
+
+    pub fn conv2d(x: usize, w: usize, b: Option<usize>, p: &Conv2d) -> Result<usize> {
+        let op = "conv2d";
+        check_len(op, "x", x, volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
+        let kk = [p.c_out, p.c_in, p.kernel, p.kernel];
+        check_len(op, "weight", w, volume(op, &kk)?)?;
+        if let Some(b) = b {
+            check_len(op, "bias", b, p.c_out)?;
+        }
+        let padded = |n: usize| p.padding.checked_mul(2).and_then(|p2| n.checked_add(p2));
+        if p.kernel == 0
+            || p.stride == 0
+            || padded(p.h).is_none_or(|n| n < p.kernel)
+            || padded(p.w).is_none_or(|n| n < p.kernel)
+        {
+            return Err(Error::Internal(format!("{op}: bad shape {p:?}")));
+        }
+        let (oh, ow) = p.out_hw();
+        volume(op, &[p.batch, p.c_out, oh, ow])
+    }
+
+    pub fn group_norm(x: usize, gamma: usize, beta: usize, d: &NormDims) -> Result<()> {
+        let op = "group_norm";
+        check_len(op, "x", x, volume(op, &[d.batch, d.channels, d.hw])?)?;
+        check_len(op, "gamma", gamma, d.channels)?;
+        check_len(op, "beta", beta, d.channels)?;
+        if d.groups == 0 || d.channels % d.groups != 0 {
+            return Err(Error::Internal(format!(
+                "{op}: {} groups do not divide {} channels",
+                d.groups, d.channels
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn layer_norm(
+        x: usize,
+        gamma: usize,
+        beta: usize,
+        (rows, dim): (usize, usize),
+    ) -> Result<()> {
+        let op = "layer_norm";
+        check_len(op, "x", x, volume(op, &[rows, dim])?)?;
+        check_len(op, "gamma", gamma, dim)?;
+        check_len(op, "beta", beta, dim)
+    }
+
+    pub fn attention(q: usize, k: usize, v: usize, d: &AttnDims) -> Result<()> {
+        let op = "attention";
+        let hd = volume(op, &[d.heads, d.head_dim])?;
+        check_len(op, "q", q, volume(op, &[d.batch, d.lq, hd])?)?;
+        check_len(op, "k", k, volume(op, &[d.batch, d.lk, hd])?)?;
+        check_len(op, "v", v, k)?;
+        if d.causal && d.lq != d.lk {
+            return Err(Error::Internal(format!(
+                "{op}: causal attention needs lq == lk, got {} and {}",
+                d.lq, d.lk
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn geglu(x: usize, (rows, d): (usize, usize)) -> Result<usize> {
+        let op = "geglu";
+        check_len(op, "x", x, volume(op, &[rows, 2, d])?)?;
+        volume(op, &[rows, d])
+    }
+
+    pub fn add_channel_bias(
+        y: usize,
+        v: usize,
+        (batch, channels, hw): (usize, usize, usize),
+    ) -> Result<()> {
+        let op = "add_channel_bias";
+        check_len(op, "y", y, volume(op, &[batch, channels, hw])?)?;
+        check_len(op, "v", v, volume(op, &[batch, channels])?)
+    }
+
+    pub fn transpose(x: usize, (batch, c, hw): (usize, usize, usize)) -> Result<()> {
+        let op = "transpose";
+        check_len(op, "x", x, volume(op, &[batch, c, hw])?)
+    }
+
+    pub fn concat_channels(
+        a: usize,
+        b: usize,
+        (batch, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<usize> {
+        let op = "concat_channels";
+        check_len(op, "a", a, volume(op, &[batch, ca, hw])?)?;
+        check_len(op, "b", b, volume(op, &[batch, cb, hw])?)?;
+        Ok(a + b)
+    }
+
+    pub fn upsample_nearest2x(x: usize, (planes, h, w): (usize, usize, usize)) -> Result<usize> {
+        let op = "upsample_nearest2x";
+        check_len(op, "x", x, volume(op, &[planes, h, w])?)?;
+        volume(op, &[4, x])
+    }
+
+    pub fn pad_bottom_right(x: usize, (planes, h, w): (usize, usize, usize)) -> Result<usize> {
+        let op = "pad_bottom_right";
+        check_len(op, "x", x, volume(op, &[planes, h, w])?)?;
+        // (saturating: an h or w of usize::MAX then overflows the volume, an error)
+        volume(op, &[planes, h.saturating_add(1), w.saturating_add(1)])
+    }
+}

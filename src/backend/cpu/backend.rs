@@ -8,8 +8,8 @@ use super::{
     group_norm, layer_norm, linear, nchw_to_nhwc, nhwc_to_nchw, silu_inplace, timestep_embedding,
     upsample_nearest2x, Conv2d,
 };
-use crate::backend::api::{check_len, volume, Activation, AttnDims, Backend, NormDims};
-use crate::error::{Error, Result};
+use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
+use crate::error::Result;
 use crate::model::weights::F32Weight;
 
 /// The CPU backend: f32 compute on the runtime's thread pool.
@@ -55,13 +55,8 @@ impl Backend for Cpu {
         b: Option<&F32Weight>,
         (rows, din, dout): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let op = "linear";
-        check_len(op, "x", x.len(), volume(op, &[rows, din])?)?;
-        check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
-        if let Some(b) = b {
-            check_len(op, "bias", b.len(), dout)?;
-        }
-        let mut y = vec![0.0; volume(op, &[rows, dout])?];
+        let n = shapes::linear(x.len(), w.len(), b.map(|b| b.len()), (rows, din, dout))?;
+        let mut y = vec![0.0; n];
         linear(&mut y, x, w, b.map(|b| &b[..]), rows, din, dout);
         Ok(y)
     }
@@ -73,22 +68,8 @@ impl Backend for Cpu {
         b: Option<&F32Weight>,
         p: &Conv2d,
     ) -> Result<Vec<f32>> {
-        let op = "conv2d";
-        check_len(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
-        check_len(
-            op,
-            "weight",
-            w.len(),
-            volume(op, &[p.c_out, p.c_in, p.kernel, p.kernel])?,
-        )?;
-        if let Some(b) = b {
-            check_len(op, "bias", b.len(), p.c_out)?;
-        }
-        if p.kernel == 0 || p.stride == 0 || p.h + 2 * p.padding < p.kernel {
-            return Err(Error::Internal(format!("{op}: bad shape {p:?}")));
-        }
-        let (oh, ow) = p.out_hw();
-        let mut y = vec![0.0; volume(op, &[p.batch, p.c_out, oh, ow])?];
+        let n = shapes::conv2d(x.len(), w.len(), b.map(|b| b.len()), p)?;
+        let mut y = vec![0.0; n];
         conv2d(&mut y, x, w, b.map(|b| &b[..]), p);
         Ok(y)
     }
@@ -101,16 +82,7 @@ impl Backend for Cpu {
         d: NormDims,
         silu: bool,
     ) -> Result<Vec<f32>> {
-        let op = "group_norm";
-        check_len(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
-        check_len(op, "gamma", gamma.len(), d.channels)?;
-        check_len(op, "beta", beta.len(), d.channels)?;
-        if d.groups == 0 || d.channels % d.groups != 0 {
-            return Err(Error::Internal(format!(
-                "{op}: {} groups do not divide {} channels",
-                d.groups, d.channels
-            )));
-        }
+        shapes::group_norm(x.len(), gamma.len(), beta.len(), &d)?;
         let mut y = vec![0.0; x.len()];
         group_norm(
             &mut y, x, gamma, beta, d.batch, d.channels, d.hw, d.groups, d.eps, silu,
@@ -126,29 +98,16 @@ impl Backend for Cpu {
         (rows, dim): (usize, usize),
         eps: f32,
     ) -> Result<Vec<f32>> {
-        let op = "layer_norm";
-        check_len(op, "x", x.len(), volume(op, &[rows, dim])?)?;
-        check_len(op, "gamma", gamma.len(), dim)?;
-        check_len(op, "beta", beta.len(), dim)?;
+        shapes::layer_norm(x.len(), gamma.len(), beta.len(), (rows, dim))?;
         let mut y = vec![0.0; x.len()];
         layer_norm(&mut y, x, gamma, beta, rows, dim, eps);
         Ok(y)
     }
 
     fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, d: AttnDims) -> Result<Vec<f32>> {
-        let op = "attention";
-        let hd = volume(op, &[d.heads, d.head_dim])?;
-        check_len(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
-        check_len(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
-        check_len(op, "v", v.len(), k.len())?;
+        shapes::attention(q.len(), k.len(), v.len(), &d)?;
         let mut out = vec![0.0; q.len()];
         if d.causal {
-            if d.lq != d.lk {
-                return Err(Error::Internal(format!(
-                    "{op}: causal attention needs lq == lk, got {} and {}",
-                    d.lq, d.lk
-                )));
-            }
             causal_attention(&mut out, q, k, v, d);
         } else {
             attention(&mut out, q, k, v, d.batch, d.lq, d.lk, d.heads, d.head_dim);
@@ -169,9 +128,7 @@ impl Backend for Cpu {
     }
 
     fn geglu(&self, x: &Vec<f32>, (rows, d): (usize, usize)) -> Result<Vec<f32>> {
-        let op = "geglu";
-        check_len(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
-        let mut y = vec![0.0; rows * d];
+        let mut y = vec![0.0; shapes::geglu(x.len(), (rows, d))?];
         geglu(&mut y, x, rows, d);
         Ok(y)
     }
@@ -188,9 +145,7 @@ impl Backend for Cpu {
         v: &Vec<f32>,
         (batch, channels, hw): (usize, usize, usize),
     ) -> Result<()> {
-        let op = "add_channel_bias";
-        check_len(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
-        check_len(op, "v", v.len(), batch * channels)?;
+        shapes::add_channel_bias(y.len(), v.len(), (batch, channels, hw))?;
         add_channel_bias(y, v, batch, channels, hw);
         Ok(())
     }
@@ -213,8 +168,7 @@ impl Backend for Cpu {
         (batch, c, hw): (usize, usize, usize),
         to_tokens: bool,
     ) -> Result<Vec<f32>> {
-        let op = "transpose";
-        check_len(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
+        shapes::transpose(x.len(), (batch, c, hw))?;
         let mut y = vec![0.0; x.len()];
         if to_tokens {
             nchw_to_nhwc(&mut y, x, batch, c, hw);
@@ -230,10 +184,7 @@ impl Backend for Cpu {
         b: &Vec<f32>,
         (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let op = "concat_channels";
-        check_len(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
-        check_len(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
-        let mut y = vec![0.0; a.len() + b.len()];
+        let mut y = vec![0.0; shapes::concat_channels(a.len(), b.len(), (batch, ca, cb, hw))?];
         concat_channels(&mut y, a, b, batch, ca, cb, hw);
         Ok(y)
     }
@@ -243,9 +194,7 @@ impl Backend for Cpu {
         x: &Vec<f32>,
         (planes, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let op = "upsample_nearest2x";
-        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
-        let mut y = vec![0.0; 4 * x.len()];
+        let mut y = vec![0.0; shapes::upsample_nearest2x(x.len(), (planes, h, w))?];
         upsample_nearest2x(&mut y, x, planes, h, w);
         Ok(y)
     }
@@ -255,10 +204,8 @@ impl Backend for Cpu {
         x: &Vec<f32>,
         (planes, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let op = "pad_bottom_right";
-        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
+        let mut y = vec![0.0; shapes::pad_bottom_right(x.len(), (planes, h, w))?];
         let (ph, pw) = (h + 1, w + 1);
-        let mut y = vec![0.0; volume(op, &[planes, ph, pw])?];
         if w > 0 {
             for (yp, xp) in y.chunks_exact_mut(ph * pw).zip(x.chunks_exact(h * w)) {
                 for (yr, xr) in yp.chunks_exact_mut(pw).zip(xp.chunks_exact(w)) {
@@ -340,6 +287,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     fn w(v: Vec<f32>) -> F32Weight {
         F32Weight::Owned(v)
@@ -385,6 +333,19 @@ mod tests {
         assert!(m.contains("overflows"), "{m}");
         let mut y = vec![0.0; 3];
         assert!(be.add_inplace(&mut y, &vec![0.0; 4]).is_err());
+        // A kernel wider than the padded width (the height fits).
+        let p = Conv2d {
+            batch: 1,
+            c_in: 1,
+            h: 5,
+            w: 1,
+            c_out: 1,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+        };
+        let m = msg(be.conv2d(&vec![0.0; 5], &w(vec![0.0; 9]), None, &p));
+        assert!(m.starts_with("conv2d: bad shape"), "{m}");
     }
 
     #[test]

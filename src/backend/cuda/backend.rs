@@ -27,7 +27,7 @@ use cudarc::driver::CudaSlice;
 
 use super::device::CudaDevice;
 use super::ops::{self, At, AttnKernel, AttnShape, BlasElem, Conv2d};
-use crate::backend::api::{check_len, volume, Activation, AttnDims, Backend, NormDims};
+use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::{Error, Result};
 use crate::model::weights::F32Weight;
 
@@ -120,12 +120,8 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (rows, din, dout): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "linear";
-        check_len(op, "x", x.len(), volume(op, &[rows, din])?)?;
-        check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
-        if let Some(b) = b {
-            check_len(op, "bias", b.len(), dout)?;
-        }
-        let y = self.out(op, volume(op, &[rows, dout])?)?;
+        let n = shapes::linear(x.len(), w.len(), b.map(|b| b.len()), (rows, din, dout))?;
+        let y = self.out(op, n)?;
         self.dev.bind_to_thread()?;
         ops::linear(
             &self.dev,
@@ -147,26 +143,9 @@ impl<T: BlasElem> Backend for Cuda<T> {
         p: &Conv2d,
     ) -> Result<CudaSlice<T>> {
         let op = "conv2d";
-        check_len(op, "x", x.len(), volume(op, &[p.batch, p.c_in, p.h, p.w])?)?;
-        check_len(
-            op,
-            "weight",
-            w.len(),
-            volume(op, &[p.c_out, p.c_in, p.kernel, p.kernel])?,
-        )?;
-        if let Some(b) = b {
-            check_len(op, "bias", b.len(), p.c_out)?;
-        }
-        let padded = |n: usize| p.padding.checked_mul(2).and_then(|p2| n.checked_add(p2));
-        if p.kernel == 0
-            || p.stride == 0
-            || padded(p.h).is_none_or(|n| n < p.kernel)
-            || padded(p.w).is_none_or(|n| n < p.kernel)
-        {
-            return Err(Error::Internal(format!("{op}: bad shape {p:?}")));
-        }
+        let n = shapes::conv2d(x.len(), w.len(), b.map(|b| b.len()), p)?;
         let (oh, ow) = p.out_hw();
-        let mut y = self.out(op, volume(op, &[p.batch, p.c_out, oh, ow])?)?;
+        let mut y = self.out(op, n)?;
         // im2col scratch for one sample (none for 1x1 stride-1 unpadded convs), per call:
         // ops::conv2d_scratch's size, with its product checked.
         let scratch_len = if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
@@ -197,15 +176,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         silu: bool,
     ) -> Result<CudaSlice<T>> {
         let op = "group_norm";
-        check_len(op, "x", x.len(), volume(op, &[d.batch, d.channels, d.hw])?)?;
-        check_len(op, "gamma", gamma.len(), d.channels)?;
-        check_len(op, "beta", beta.len(), d.channels)?;
-        if d.groups == 0 || d.channels % d.groups != 0 {
-            return Err(Error::Internal(format!(
-                "{op}: {} groups do not divide {} channels",
-                d.groups, d.channels
-            )));
-        }
+        shapes::group_norm(x.len(), gamma.len(), beta.len(), &d)?;
         let y = self.out(op, x.len())?;
         ops::group_norm(
             &self.dev,
@@ -230,9 +201,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         eps: f32,
     ) -> Result<CudaSlice<T>> {
         let op = "layer_norm";
-        check_len(op, "x", x.len(), volume(op, &[rows, dim])?)?;
-        check_len(op, "gamma", gamma.len(), dim)?;
-        check_len(op, "beta", beta.len(), dim)?;
+        shapes::layer_norm(x.len(), gamma.len(), beta.len(), (rows, dim))?;
         let y = self.out(op, x.len())?;
         ops::layer_norm(&self.dev, &y, x, gamma, beta, rows, dim, eps)?;
         Ok(y)
@@ -246,10 +215,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         d: AttnDims,
     ) -> Result<CudaSlice<T>> {
         let op = "attention";
-        let hd = volume(op, &[d.heads, d.head_dim])?;
-        check_len(op, "q", q.len(), volume(op, &[d.batch, d.lq, hd])?)?;
-        check_len(op, "k", k.len(), volume(op, &[d.batch, d.lk, hd])?)?;
-        check_len(op, "v", v.len(), k.len())?;
+        shapes::attention(q.len(), k.len(), v.len(), &d)?;
         if d.heads == 0 || d.head_dim == 0 || d.lk == 0 {
             return Err(Error::Internal(format!("{op}: empty shape {d:?}")));
         }
@@ -258,12 +224,6 @@ impl<T: BlasElem> Backend for Cuda<T> {
         let dev = &self.dev;
         let (o, q, k, v) = (At::from(&out), At::from(q), At::from(k), At::from(v));
         if d.causal {
-            if d.lq != d.lk {
-                return Err(Error::Internal(format!(
-                    "{op}: causal attention needs lq == lk, got {} and {}",
-                    d.lq, d.lk
-                )));
-            }
             ops::attention_causal(dev, o, q, k, v, s)?;
         } else if d.head_dim <= 256 {
             ops::attention(dev, o, q, k, v, s, AttnKernel::Auto)?;
@@ -285,8 +245,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
 
     fn geglu(&self, x: &CudaSlice<T>, (rows, d): (usize, usize)) -> Result<CudaSlice<T>> {
         let op = "geglu";
-        check_len(op, "x", x.len(), volume(op, &[rows, 2, d])?)?;
-        let mut y = self.out(op, rows * d)?;
+        let mut y = self.out(op, shapes::geglu(x.len(), (rows, d))?)?;
         ops::geglu(&self.dev, &mut y, x, rows, d)?;
         Ok(y)
     }
@@ -303,9 +262,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         v: &CudaSlice<T>,
         (batch, channels, hw): (usize, usize, usize),
     ) -> Result<()> {
-        let op = "add_channel_bias";
-        check_len(op, "y", y.len(), volume(op, &[batch, channels, hw])?)?;
-        check_len(op, "v", v.len(), volume(op, &[batch, channels])?)?;
+        shapes::add_channel_bias(y.len(), v.len(), (batch, channels, hw))?;
         ops::add_channel_bias(&self.dev, y, v, (batch, channels, hw))
     }
 
@@ -337,7 +294,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         to_tokens: bool,
     ) -> Result<CudaSlice<T>> {
         let op = "transpose";
-        check_len(op, "x", x.len(), volume(op, &[batch, c, hw])?)?;
+        shapes::transpose(x.len(), (batch, c, hw))?;
         let mut y = self.out(op, x.len())?;
         // [batch, rows, cols] -> [batch, cols, rows]: NCHW -> tokens is rows = c, cols = hw.
         let (rows, cols) = if to_tokens { (c, hw) } else { (hw, c) };
@@ -352,9 +309,8 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "concat_channels";
-        check_len(op, "a", a.len(), volume(op, &[batch, ca, hw])?)?;
-        check_len(op, "b", b.len(), volume(op, &[batch, cb, hw])?)?;
-        let mut y = self.out(op, a.len() + b.len())?;
+        let n = shapes::concat_channels(a.len(), b.len(), (batch, ca, cb, hw))?;
+        let mut y = self.out(op, n)?;
         ops::concat_channels(&self.dev, &mut y, a, b, (batch, ca, cb, hw))?;
         Ok(y)
     }
@@ -365,8 +321,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (planes, h, w): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "upsample_nearest2x";
-        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
-        let mut y = self.out(op, volume(op, &[4, x.len()])?)?;
+        let mut y = self.out(op, shapes::upsample_nearest2x(x.len(), (planes, h, w))?)?;
         ops::upsample_nearest2x(&self.dev, &mut y, x, planes, h, w)?;
         Ok(y)
     }
@@ -377,10 +332,7 @@ impl<T: BlasElem> Backend for Cuda<T> {
         (planes, h, w): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let op = "pad_bottom_right";
-        check_len(op, "x", x.len(), volume(op, &[planes, h, w])?)?;
-        // (saturating: an h or w of usize::MAX then overflows the volume, an error)
-        let (ph, pw) = (h.saturating_add(1), w.saturating_add(1));
-        let mut y = self.out(op, volume(op, &[planes, ph, pw])?)?;
+        let mut y = self.out(op, shapes::pad_bottom_right(x.len(), (planes, h, w))?)?;
         ops::pad_bottom_right(&self.dev, &mut y, x, planes, h, w)?;
         Ok(y)
     }
