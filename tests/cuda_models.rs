@@ -218,7 +218,7 @@ fn vae_on_cuda_matches_the_cpu() {
 // ---------------------------------------------------------------------------------------------
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
+use hdb::adapter::Adapter;
 use hdb::backend::cuda::{CudaKeyAdapters, CudaLayerAdapters};
 
 /// Random LoRA factors of `rank` on every other projection of `table` (a component's
@@ -228,24 +228,7 @@ fn random_adapter(
     seed: u64,
     rank: usize,
 ) -> Adapter {
-    let mut rng = SplitMix64(seed);
-    let mut u = |n: usize, s: f32| -> Vec<f32> {
-        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
-    };
-    let layers = table
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| (i + seed as usize) % 2 == 0)
-        .map(|(_, (k, s))| {
-            let down = u(rank * s.din, 1.0 / (s.din as f32).sqrt());
-            let up = u(s.dout * rank, 0.5 / (rank as f32).sqrt());
-            (k, LoraLayer { rank, down, up })
-        })
-        .collect();
-    Adapter {
-        layers,
-        source: AdapterSource::Lora,
-    }
+    common::random_lora(table, seed, rank, |i| (i + seed as usize) % 2 == 0)
 }
 
 fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {

@@ -136,3 +136,33 @@ pub fn gpu_pipeline_params() -> hdb::pipeline::GenerateParams {
         latents: Some(latents),
     }
 }
+
+/// Random LoRA factors of `rank` (down ~ U(+-1/sqrt(din)), up ~ U(+-0.5/sqrt(rank)), from a
+/// SplitMix64 seeded with `seed`) on the layers of `table` (a component's adaptable layers, in
+/// key order) whose index `keep` accepts: sets can then mix adapters that touch a projection
+/// with ones that do not.
+pub fn random_lora(
+    table: std::collections::BTreeMap<String, hdb::adapter::LayerShape>,
+    seed: u64,
+    rank: usize,
+    keep: impl Fn(usize) -> bool,
+) -> hdb::adapter::Adapter {
+    let mut rng = hdb::model::random::SplitMix64(seed);
+    let mut u = |n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
+    };
+    let layers = table
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, (k, s))| {
+            let down = u(rank * s.din, 1.0 / (s.din as f32).sqrt());
+            let up = u(s.dout * rank, 0.5 / (rank as f32).sqrt());
+            (k, hdb::adapter::LoraLayer { rank, down, up })
+        })
+        .collect();
+    hdb::adapter::Adapter {
+        layers,
+        source: hdb::adapter::AdapterSource::Lora,
+    }
+}

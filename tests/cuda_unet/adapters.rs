@@ -6,7 +6,7 @@
 use super::*;
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-use hdb::adapter::{adaptable_layers, Adapter, AdapterSource, LoraLayer};
+use hdb::adapter::{adaptable_layers, Adapter};
 use hdb::backend::cuda::adapters::{CudaAdapterCtx, CudaAdapters};
 
 pub(crate) fn fixture_adapter(m: &Model, file: &str) -> Adapter {
@@ -23,25 +23,9 @@ pub(crate) fn random_adapter(
     every: usize,
     skip: usize,
 ) -> Adapter {
-    let mut rng = SplitMix64(seed);
-    let mut u = |n: usize, s: f32| -> Vec<f32> {
-        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
-    };
-    let layers = unet
-        .adaptable_layers()
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i >= skip && (i - skip) % every == 0)
-        .map(|(_, (k, s))| {
-            let down = u(rank * s.din, 1.0 / (s.din as f32).sqrt());
-            let up = u(s.dout * rank, 0.5 / (rank as f32).sqrt());
-            (k, LoraLayer { rank, down, up })
-        })
-        .collect();
-    Adapter {
-        layers,
-        source: AdapterSource::Lora,
-    }
+    common::random_lora(unet.adaptable_layers(), seed, rank, |i| {
+        i >= skip && (i - skip) % every == 0
+    })
 }
 
 /// `inp` with its batch repeated twice (4 samples from the fixtures' 2).
