@@ -120,7 +120,8 @@ pub fn ptx(
             file.file
         ),
     }
-    Ok((store(file, arch, include_paths, dir)?, Origin::Compiled))
+    let ptx = compile_and_write(file, arch, include_paths, dir, &path, &first_line)?;
+    Ok((ptx, Origin::Compiled))
 }
 
 /// Compiles `file` for `arch` and stores it in `dir`, replacing any entry (one the driver
@@ -133,8 +134,20 @@ pub fn store(
 ) -> Result<String> {
     let (first_line, hash) = key(file, arch, include_paths);
     let path = entry_path(dir, file, arch, hash);
+    compile_and_write(file, arch, include_paths, dir, &path, &first_line)
+}
+
+/// Compiles `file` for `arch` and writes it as the entry at `path` (best effort): the PTX.
+fn compile_and_write(
+    file: &KernelFile,
+    arch: &'static str,
+    include_paths: &[String],
+    dir: &Path,
+    path: &Path,
+    first_line: &str,
+) -> Result<String> {
     let ptx = compile_ptx(file, arch, include_paths)?;
-    if let Err(e) = write_entry(dir, &path, &first_line, &ptx) {
+    if let Err(e) = write_entry(dir, path, first_line, &ptx) {
         log::warn!(
             "kernel cache: could not store kernels/{} in {}: {e} (set HDB_KERNEL_CACHE to a \
              writable folder, or to off)",
