@@ -63,17 +63,15 @@ impl DeviceUnet {
     /// before it replaces the tuned one (it goes with the tuned UNet).
     pub fn for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]
-        if rt.cuda().is_some() {
+        if let Some(dev) = rt.cuda() {
             if generic_requested() {
                 return DeviceUnet::generic_for_runtime(rt, model);
             }
-            if let Some(dev) = rt.cuda() {
-                let unet = model.cuda_unet(dev)?;
-                return Ok(Some(DeviceUnet::Cuda {
-                    dev: dev.clone(),
-                    unet,
-                }));
-            }
+            let unet = model.cuda_unet(dev)?;
+            return Ok(Some(DeviceUnet::Cuda {
+                dev: dev.clone(),
+                unet,
+            }));
         }
         let _ = (rt, model);
         Ok(None)
@@ -189,8 +187,9 @@ impl DeviceUnet {
         }
     }
 
-    /// One evaluation, as [`crate::model::unet::Unet::forward_with`]: f32 inputs and output on the host, the same
-    /// shape and adapter-index errors. `per_sample` is only read with `ad`.
+    /// One evaluation, as [`crate::model::unet::Unet::forward_with`]: f32 inputs and output
+    /// on the host, the same shape and adapter-index errors. `per_sample` is only read with
+    /// `ad`.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn forward(
         &self,
@@ -314,9 +313,9 @@ impl DeviceTextVae {
     }
 
     /// A session's adapter set on the text encoder, built once when the set changes (the
-    /// fused kernels of `backend::cuda::CudaLayerAdapters`: merge mode writes the set's own merged copies
-    /// of the projections it changes from the pristine base, runtime mode uploads the
-    /// factors). Only `text_encoder.` layers count; `None` when the set has none. Resolved
+    /// fused kernels of `backend::cuda::CudaLayerAdapters`: merge mode writes the set's own
+    /// merged copies of the projections it changes from the pristine base, runtime mode
+    /// uploads the factors). Only `text_encoder.` layers count; `None` when the set has none. Resolved
     /// against the device model's own projections: no host copy of its weights is needed.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn text_adapters(
