@@ -709,10 +709,9 @@ hdb_status hdb_session_unet(struct hdb_session *session, const float *sample, si
  * it needs, so the caller may free the adapters. On failure the previous set stays active.
  * Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's and
  * the text encoder's sets are built there: merge mode writes the session's own merged copies
- * of the adapted weights
- * (the model's are never changed), runtime mode uploads the factors; ranks above the device
- * kernels' limits (a layer's total rank 256 in merge mode, an adapter's rank 128 in runtime
- * mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
+ * of the adapted weights (the model's are never changed), runtime mode uploads the factors;
+ * ranks above the device kernels' limits (a layer's total rank 256 in merge mode, an
+ * adapter's rank 128 in runtime mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
  *
  * # Safety
  * `session` a live session used by this thread only; `adapters` valid for `n` pointers to

@@ -233,12 +233,7 @@ impl Pipeline {
         set: &[(&crate::adapter::Adapter, f32)],
         mode: crate::adapter::apply::ApplyMode,
     ) -> Result<(Option<Applied>, Option<DeviceAdapters>)> {
-        let touches = set.iter().any(|(a, _)| {
-            a.layers
-                .keys()
-                .any(|k| k.starts_with(crate::adapter::TEXT_ENCODER_PREFIX))
-        });
-        if !touches {
+        if !crate::adapter::touches_text_encoder(set) {
             return Ok((None, None));
         }
         match (&self.text_encoder, &self.device_text_vae) {

@@ -16,6 +16,12 @@ use crate::model::Model;
 /// The adapter key prefix of the text encoder's layers (the UNet's is `unet.`).
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
 
+/// Whether any adapter of `set` changes a text-encoder layer.
+pub fn touches_text_encoder(set: &[(&Adapter, f32)]) -> bool {
+    set.iter()
+        .any(|(a, _)| a.layers.keys().any(|k| k.starts_with(TEXT_ENCODER_PREFIX)))
+}
+
 /// One adaptable layer of a model: a linear `[dout, din]` weight.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerShape {

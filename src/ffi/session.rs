@@ -199,10 +199,9 @@ pub unsafe extern "C" fn hdb_session_unet(
 /// it needs, so the caller may free the adapters. On failure the previous set stays active.
 /// Changing the set clears per-sample indices. On a runtime with a CUDA device the UNet's and
 /// the text encoder's sets are built there: merge mode writes the session's own merged copies
-/// of the adapted weights
-/// (the model's are never changed), runtime mode uploads the factors; ranks above the device
-/// kernels' limits (a layer's total rank 256 in merge mode, an adapter's rank 128 in runtime
-/// mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
+/// of the adapted weights (the model's are never changed), runtime mode uploads the factors;
+/// ranks above the device kernels' limits (a layer's total rank 256 in merge mode, an
+/// adapter's rank 128 in runtime mode) fail with `HDB_STATUS_UNSUPPORTED` naming the layer.
 ///
 /// # Safety
 /// `session` a live session used by this thread only; `adapters` valid for `n` pointers to
@@ -244,12 +243,8 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             };
             set.push((&*a.inner, scale));
         }
-        let touches_te = set.iter().any(|(a, _)| {
-            a.layers
-                .keys()
-                .any(|k| k.starts_with(crate::adapter::TEXT_ENCODER_PREFIX))
-        });
-        let (applied_te, device_applied_te) = if touches_te {
+        // Only a set that changes the text encoder needs the pipeline (and its tokenizer).
+        let (applied_te, device_applied_te) = if crate::adapter::touches_text_encoder(&set) {
             let p = s.shared.pipeline()?;
             s.shared.runtime.install(|| p.text_adapters(&set, mode))?
         } else {
