@@ -35,6 +35,7 @@
 #define HDB_EMULATE 1
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -44,9 +45,47 @@
 #include <string>
 #include <vector>
 
+#include <dlfcn.h>
 #include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+
+// Switching fibers: on x86-64 a few instructions (callee-saved registers, the stack pointer,
+// MXCSR and the x87 control word), as the ABI needs; elsewhere ucontext, whose swapcontext
+// makes two system calls a switch (the signal mask) and was 80% of the emulation's time.
+#if defined(__x86_64__) && !defined(HDB_EMU_UCONTEXT)
+#define HDB_EMU_FAST_SWITCH 1
+extern "C" void hdb_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl hdb_emu_switch
+    .hidden hdb_emu_switch
+    .type hdb_emu_switch, @function
+hdb_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size hdb_emu_switch, .-hdb_emu_switch
+)");
+#endif
 #include <unistd.h>
 
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +242,11 @@ struct CpAsync {
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Fiber {
+#ifdef HDB_EMU_FAST_SWITCH
+    void* sp = nullptr; // saved stack pointer while switched out
+#else
     ucontext_t ctx;
+#endif
     void* stack = nullptr; // kStackBytes plus a guard page below
     State state = State::Runnable;
     uint3 tid{0, 0, 0};
@@ -226,7 +269,11 @@ struct Warp {
 struct Runtime {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
+#ifdef HDB_EMU_FAST_SWITCH
+    void* sched_sp = nullptr;
+#else
     ucontext_t sched;
+#endif
     Fiber* cur = nullptr;
     int live = 0;
     int block_arrived = 0;
@@ -245,14 +292,24 @@ inline Fiber& cur() { return *rt().cur; }
 
 inline void yield_to_scheduler() {
     Fiber& f = cur();
+#ifdef HDB_EMU_FAST_SWITCH
+    hdb_emu_switch(&f.sp, rt().sched_sp);
+#else
     if (swapcontext(&f.ctx, &rt().sched) != 0) fail("swapcontext failed");
+#endif
 }
 
 inline void fiber_entry() {
     (*rt().body)();
     Fiber& f = cur();
     f.state = State::Done;
+#ifdef HDB_EMU_FAST_SWITCH
+    void* dead;
+    hdb_emu_switch(&dead, rt().sched_sp); // never resumed
+    std::abort();
+#else
     // uc_link returns to the scheduler.
+#endif
 }
 
 inline void* alloc_stack() {
@@ -304,8 +361,9 @@ inline int warp_rendezvous(const std::function<void(unsigned char*)>& publish,
     if (++w.arrived == w.lanes) {
         w.arrived = 0;
         if (all) all(w, parity);
-        for (Fiber& o : r.fibers)
-            if (o.warp == f.warp && o.state == State::WaitWarp) o.state = State::Runnable;
+        // The warp's threads are fibers 32 * warp ... + lanes - 1.
+        for (int i = f.warp * 32; i < f.warp * 32 + w.lanes; ++i)
+            if (r.fibers[i].state == State::WaitWarp) r.fibers[i].state = State::Runnable;
         return parity;
     }
     f.state = State::WaitWarp;
@@ -328,27 +386,44 @@ alignas(16) inline thread_local unsigned short smem[hdb_emu::kMaxDynSmem / 2 + 6
 
 namespace hdb_emu {
 
-// The executable's thread-local block (all __shared__ variables, `smem` included) on this
-// thread, or {nullptr, 0} when the loader does not say.
+// The thread-local block holding the kernels' __shared__ variables (`smem` included) on the
+// calling thread, or {nullptr, 0} when the loader does not say: the executable's, or, built
+// with HDB_EMU_SHARED_LIBRARY (tests/emu/gpu.cpp), the block of the library this code is in.
 struct TlsBlock {
     unsigned char* data = nullptr;
     size_t bytes = 0;
 };
+inline thread_local unsigned char tls_probe;
 inline TlsBlock main_tls_block() {
-    TlsBlock b;
+    struct Search {
+        TlsBlock found;
+        ElfW(Addr) base = 0;
+        bool library = false;
+    } s;
+#ifdef HDB_EMU_SHARED_LIBRARY
+    // A library's block is allocated on a thread's first access: touch it, then find the
+    // library by its load address.
+    tls_probe = 0;
+    Dl_info info;
+    if (dladdr((void*)&main_tls_block, &info) == 0) return {};
+    s.base = (ElfW(Addr))info.dli_fbase;
+    s.library = true;
+#endif
     dl_iterate_phdr(
         [](struct dl_phdr_info* info, size_t, void* out) -> int {
-            if (info->dlpi_name && info->dlpi_name[0] != '\0') return 0; // the executable only
+            auto* s = static_cast<Search*>(out);
+            if (s->library ? info->dlpi_addr != s->base
+                           : (info->dlpi_name && info->dlpi_name[0] != '\0'))
+                return 0; // not the module that holds the kernels
             for (int i = 0; i < info->dlpi_phnum; ++i)
                 if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data) {
-                    auto* t = static_cast<TlsBlock*>(out);
-                    t->data = static_cast<unsigned char*>(info->dlpi_tls_data);
-                    t->bytes = info->dlpi_phdr[i].p_memsz;
+                    s->found.data = static_cast<unsigned char*>(info->dlpi_tls_data);
+                    s->found.bytes = info->dlpi_phdr[i].p_memsz;
                 }
             return 1;
         },
-        &b);
-    return b;
+        &s);
+    return s.found;
 }
 
 inline void run_block() {
@@ -370,11 +445,24 @@ inline void run_block() {
         f.pending.clear();
         f.groups = 0;
         r.warps[f.warp].lanes++;
+#ifdef HDB_EMU_FAST_SWITCH
+        // A stack hdb_emu_switch can load: the control word slot, six callee-saved registers,
+        // then fiber_entry as the return address, 16-byte aligned as after a call.
+        auto* top = (unsigned char*)f.stack + kStackBytes;
+        auto* frame = (uint64_t*)(top - 72);
+        std::memset(frame, 0, 72);
+        uint32_t csr[2];
+        asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(csr[1]));
+        std::memcpy(frame, csr, 8);
+        frame[7] = (uint64_t)(uintptr_t)&fiber_entry; // at top - 16
+        f.sp = frame;
+#else
         if (getcontext(&f.ctx) != 0) fail("getcontext failed");
         f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = kStackBytes;
         f.ctx.uc_link = &r.sched;
         makecontext(&f.ctx, (void (*)())fiber_entry, 0);
+#endif
     }
     r.live = n;
     r.block_arrived = 0;
@@ -386,7 +474,11 @@ inline void run_block() {
             if (f.state != State::Runnable) continue;
             ran = true;
             r.cur = &f;
+#ifdef HDB_EMU_FAST_SWITCH
+            hdb_emu_switch(&r.sched_sp, f.sp);
+#else
             if (swapcontext(&r.sched, &f.ctx) != 0) fail("swapcontext failed");
+#endif
             r.cur = nullptr;
             if (f.state == State::Done) {
                 --r.live;
@@ -440,22 +532,43 @@ inline void launch(const std::string& kernel, dim3 grid, dim3 block, unsigned sm
     r.grid_dim = grid;
     unsigned char* dyn = (unsigned char*)smem;
     const size_t dyn_total = sizeof(smem);
-    static const TlsBlock tls = main_tls_block();
+    // Per call: each OS thread has its own block (the emulated GPU is called from several).
+    const TlsBlock tls = main_tls_block();
+    // The thread-local block holds `smem` (227 KB) and the static __shared__ variables: reset
+    // the two parts around `smem` each block, and of `smem` only the launch's bytes.
+    unsigned char *before = nullptr, *after = nullptr, *tls_end = nullptr;
+    if (tls.data) {
+        tls_end = tls.data + tls.bytes;
+        before = dyn >= tls.data && dyn + dyn_total <= tls_end ? dyn : tls_end;
+        after = before == dyn ? dyn + dyn_total : tls_end;
+    }
+    // Past the launch's bytes, `smem` holds a pattern: checked after each block within 4 KB of
+    // the end (where an overrun lands), and all of it after the launch.
+    std::memset(dyn + smem_bytes, 0xa5, dyn_total - smem_bytes);
+    static const std::vector<unsigned char> pattern(dyn_total, 0xa5);
+    auto check_past = [&](size_t bytes) {
+        const size_t n = std::min(bytes, dyn_total - smem_bytes);
+        if (std::memcmp(dyn + smem_bytes, pattern.data(), n) == 0) return;
+        size_t i = smem_bytes;
+        while (dyn[i] == 0xa5) ++i;
+        fail(kernel + " wrote dynamic shared memory at byte " + std::to_string(i) +
+             ", past the launch's " + std::to_string(smem_bytes) + " bytes");
+    };
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 r.block_idx = uint3{x, y, z};
                 // Shared memory is uninitialised on a GPU: every __shared__ variable starts as
                 // 0xFF bytes (NaN in every float type), not as the previous block left it.
-                if (tls.data) std::memset(tls.data, 0xff, tls.bytes);
+                if (tls.data) {
+                    std::memset(tls.data, 0xff, (size_t)(before - tls.data));
+                    std::memset(after, 0xff, (size_t)(tls_end - after));
+                }
                 std::memset(dyn, 0xff, smem_bytes);
-                std::memset(dyn + smem_bytes, 0xa5, dyn_total - smem_bytes);
                 run_block();
-                for (size_t i = smem_bytes; i < dyn_total; ++i)
-                    if (dyn[i] != 0xa5)
-                        fail(kernel + " wrote dynamic shared memory at byte " + std::to_string(i) +
-                             ", past the launch's " + std::to_string(smem_bytes) + " bytes");
+                check_past(4096);
             }
+    check_past(dyn_total);
     r.body = nullptr;
 }
 

@@ -35,6 +35,36 @@ pub fn driver() -> &'static Path {
 }
 
 pub fn build_driver() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_emulation");
+    build("driver.cpp", &[], &dir, "driver")
+}
+
+/// The emulated GPU (tests/emu/gpu.cpp): `dir/libcuda.so`, and `dir/libcublas.so` naming the
+/// same file, for LD_LIBRARY_PATH (scripts/emulated-gpu.sh). Rebuilt when a source changed.
+pub fn build_gpu_library(dir: &Path) -> PathBuf {
+    let lib = build(
+        "gpu.cpp",
+        &[
+            "-DHDB_EMU_SHARED_LIBRARY",
+            "-fPIC",
+            "-shared",
+            "-Wl,-soname,libcuda.so",
+        ],
+        dir,
+        "libcuda",
+    );
+    for name in ["libcuda.so", "libcublas.so"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.file_name().expect("a file name"), &link)
+            .unwrap_or_else(|e| panic!("linking {}: {e}", link.display()));
+    }
+    dir.join("libcuda.so")
+}
+
+/// Compiles tests/emu/`main` with every kernel file into `dir/<stem>-<hash of the inputs>`
+/// (kept while the sources, flags and compiler are unchanged).
+fn build(main: &str, extra: &[&str], dir: &Path, stem: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     // hdb_emu_kernels.inc: every kernel file, and every kernel by name for the driver's table.
@@ -50,10 +80,10 @@ pub fn build_driver() -> PathBuf {
     }
     inc += "\n";
     let mut h = DefaultHasher::new();
-    (inc.as_str(), &cxx, CXX_FLAGS).hash(&mut h);
+    (inc.as_str(), &cxx, CXX_FLAGS, extra).hash(&mut h);
     let mut sources = vec![
         root.join("tests/emu/cuda_emu.h"),
-        root.join("tests/emu/driver.cpp"),
+        root.join("tests/emu").join(main),
         root.join("kernels/common.cuh"),
     ];
     sources.extend(
@@ -66,41 +96,41 @@ pub fn build_driver() -> PathBuf {
             .unwrap_or_else(|e| panic!("reading {}: {e}", s.display()))
             .hash(&mut h);
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_emulation");
-    std::fs::create_dir_all(&dir).expect("creating the emulation build folder");
-    let exe = dir.join(format!("driver-{:016x}", h.finish()));
+    std::fs::create_dir_all(dir).expect("creating the emulation build folder");
+    let exe = dir.join(format!("{stem}-{:016x}", h.finish()));
     if exe.exists() {
         return exe;
     }
     let inc_dir = dir.join(format!("inc-{}", std::process::id()));
     std::fs::create_dir_all(&inc_dir).expect("creating the include folder");
     std::fs::write(inc_dir.join("hdb_emu_kernels.inc"), inc).expect("writing the kernel list");
-    let tmp = dir.join(format!("driver-tmp-{}", std::process::id()));
+    let tmp = dir.join(format!("{stem}-tmp-{}", std::process::id()));
     let out = Command::new(&cxx)
         .args(CXX_FLAGS)
+        .args(extra)
         .arg("-I")
         .arg(root.join("kernels"))
         .arg("-I")
         .arg(root.join("tests/emu"))
         .arg("-I")
         .arg(&inc_dir)
-        .arg(root.join("tests/emu/driver.cpp"))
+        .arg(root.join("tests/emu").join(main))
         .arg("-o")
         .arg(&tmp)
         .output()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run the C++ compiler `{cxx}` ({e}): the kernel emulation test needs a \
+                "cannot run the C++ compiler `{cxx}` ({e}): the kernel emulation needs a \
                  C++20 compiler (install g++, or set CXX)"
             )
         });
     assert!(
         out.status.success(),
-        "building the kernel emulation driver with `{cxx}` failed:\n{}",
+        "building tests/emu/{main} with `{cxx}` failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     // Atomic: a concurrent run sees the old name or the finished binary.
-    std::fs::rename(&tmp, &exe).expect("moving the driver into place");
+    std::fs::rename(&tmp, &exe).expect("moving the build into place");
     let _ = std::fs::remove_dir_all(&inc_dir);
     exe
 }

@@ -116,3 +116,13 @@ fn every_kernel_has_a_case() {
         }
     }
 }
+
+/// Builds the emulated GPU (tests/emu/gpu.cpp) into `target/tmp/emulated-gpu/`, for
+/// scripts/emulated-gpu.sh, which runs the GPU tests on it.
+#[test]
+#[ignore = "run by scripts/emulated-gpu.sh"]
+fn emulated_gpu_library() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-gpu");
+    let lib = harness::build_gpu_library(&dir);
+    println!("emulated GPU: {}", lib.display());
+}
