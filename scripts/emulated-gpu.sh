@@ -9,7 +9,7 @@
 # pipeline on a CUDA runtime. What it cannot see: timing, and the GPU's own rounding.
 #
 #   scripts/emulated-gpu.sh                   # every GPU test (cuda_parity, cuda_backend, ...)
-#   scripts/emulated-gpu.sh --test cuda_unet  # cargo test arguments instead of the default set
+#   scripts/emulated-gpu.sh --test cuda_unet faults -- --nocapture   # other cargo test arguments
 #
 # A test that finds no device prints SKIPPED; here that is a failure. Cases too large for the
 # emulation's speed print "skipped on the emulated GPU" and are left to scripts/gpu-check.sh.
@@ -28,9 +28,13 @@ export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$PWD/$target/tmp/kernel-cache}"
 if [ $# -eq 0 ]; then
   set -- --test cuda_parity --test cuda_backend --test cuda_adapters --test cuda_unet --test cuda_models
 fi
+# cargo's arguments, then the test binaries' (after a `--`), which always get --include-ignored.
+cargo_args=()
+while [ $# -gt 0 ] && [ "$1" != -- ]; do cargo_args+=("$1"); shift; done
+[ $# -gt 0 ] && shift
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --features cuda "$@" -- --include-ignored 2>&1 | tee "$log"
+cargo test --features cuda "${cargo_args[@]}" -- --include-ignored "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 if grep -q "SKIPPED" "$log"; then
   echo "emulated-gpu: a test did not open the emulated GPU (SKIPPED above)"

@@ -97,3 +97,46 @@ pub fn tol<T: DeviceElem>(f32_tol: f64) -> f64 {
         _ => 8e-3,
     }
 }
+
+/// The emulated GPU's fault controls (tests/emu/gpu.cpp, `hdb_emu_gpu_control`), or None on a
+/// real driver (or before the CUDA backend has loaded libcuda).
+pub fn emulated_gpu_control() -> Option<EmuControl> {
+    use std::ffi::{c_char, c_int, c_void};
+    extern "C" {
+        fn dlopen(name: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_NOLOAD: c_int = 4;
+    // SAFETY: RTLD_NOLOAD only looks up a library already loaded (by cudarc); the symbol, when
+    // present, has the signature gpu.cpp exports.
+    unsafe {
+        let lib = dlopen(c"libcuda.so".as_ptr(), RTLD_NOW | RTLD_NOLOAD);
+        if lib.is_null() {
+            return None;
+        }
+        let f = dlsym(lib, c"hdb_emu_gpu_control".as_ptr());
+        (!f.is_null()).then(|| EmuControl(std::mem::transmute::<*mut c_void, EmuFn>(f)))
+    }
+}
+
+type EmuFn = unsafe extern "C" fn(*const std::ffi::c_char, i64) -> i32;
+
+/// See [`emulated_gpu_control`].
+#[derive(Clone, Copy)]
+pub struct EmuControl(EmuFn);
+
+impl EmuControl {
+    /// Allocations may add at most `bytes` to what is allocated now (None: no limit).
+    pub fn memory_headroom(&self, bytes: Option<u64>) {
+        let v = bytes.map_or(-1, |b| b as i64);
+        // SAFETY: a NUL-terminated name and a value, as the function takes.
+        assert_eq!(unsafe { (self.0)(c"memory_headroom".as_ptr(), v) }, 0);
+    }
+
+    /// The `n`-th kernel launch from now fails (0: none).
+    pub fn fail_launch(&self, n: u64) {
+        // SAFETY: as above.
+        assert_eq!(unsafe { (self.0)(c"fail_launch".as_ptr(), n as i64) }, 0);
+    }
+}

@@ -8,6 +8,7 @@
 #![cfg(feature = "cuda")]
 
 mod adapters;
+mod faults;
 mod session;
 
 #[path = "../common/mod.rs"]

@@ -21,7 +21,7 @@ use hdb::ffi::session::{
     hdb_session_set_sample_adapters, hdb_session_unet, HDB_APPLY_MERGE, HDB_APPLY_RUNTIME,
 };
 
-fn last_error() -> String {
+pub(crate) fn last_error() -> String {
     // SAFETY: a NUL-terminated thread-local string.
     unsafe { CStr::from_ptr(hdb_last_error_message()) }
         .to_string_lossy()
@@ -33,7 +33,7 @@ fn cpath(p: &std::path::Path) -> CString {
 }
 
 /// A runtime, the tiny SD model, a session on it and loaded adapters, freed on drop.
-struct Host {
+pub(crate) struct Host {
     rt: *mut hdb_runtime,
     model: *mut hdb_model,
     session: *mut hdb_session,
@@ -56,7 +56,7 @@ impl Drop for Host {
 
 impl Host {
     /// Opens `device`; the status of hdb_runtime_new when it fails.
-    fn open(device: &str) -> Result<Host, (hdb_status, String)> {
+    pub(crate) fn open(device: &str) -> Result<Host, (hdb_status, String)> {
         let dev = CString::new(device).expect("device");
         let mut p = hdb_runtime_params_default();
         p.device = dev.as_ptr();
@@ -138,6 +138,12 @@ impl Host {
     }
 
     fn unet(&mut self, inp: &Input) -> Vec<f32> {
+        self.try_unet(inp)
+            .unwrap_or_else(|(st, msg)| panic!("hdb_session_unet: {st:?}: {msg}"))
+    }
+
+    /// `hdb_session_unet`, or its status and message.
+    pub(crate) fn try_unet(&mut self, inp: &Input) -> Result<Vec<f32>, (hdb_status, String)> {
         let mut out = vec![0f32; inp.sample.len()];
         // SAFETY: live session; every buffer valid for its length.
         let st = unsafe {
@@ -157,13 +163,10 @@ impl Host {
                 out.len(),
             )
         };
-        assert_eq!(
-            st,
-            hdb_status::HDB_STATUS_OK,
-            "hdb_session_unet: {}",
-            last_error()
-        );
-        out
+        if st != hdb_status::HDB_STATUS_OK {
+            return Err((st, last_error()));
+        }
+        Ok(out)
     }
 }
 

@@ -29,6 +29,11 @@
 // Device memory is capped at HDB_EMU_GPU_MEMORY bytes (default 8 GiB): past it an allocation
 // is CUDA_ERROR_OUT_OF_MEMORY, so out-of-memory paths can be tested.
 //
+// Faults on demand, for tests (found with dlopen("libcuda.so", RTLD_NOLOAD) + dlsym; absent
+// from a real driver): hdb_emu_gpu_control("memory_headroom", n) lets allocations add at most
+// n bytes to what is allocated now (n < 0: no limit but the cap); ("fail_launch", n) makes the
+// n-th kernel launch from now fail with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (n <= 0: none).
+//
 // The cuBLAS part (cublas*): handles, streams, Sgemm / GemmEx and their strided-batched
 // forms, column-major as documented: C = alpha op(A) op(B) + beta C with f32 accumulation
 // (products summed in double, rounded once), C not read when beta is 0, f32/f16/bf16 storage.
@@ -57,6 +62,7 @@ enum : int {
     kInvalidDevice = 101,
     kInvalidHandle = 400,
     kNotFound = 500,
+    kLaunchOutOfResources = 701,
 };
 
 std::recursive_mutex g_lock;
@@ -87,6 +93,8 @@ struct Alloc {
 
 std::map<uintptr_t, Alloc> g_allocs; // by data address
 size_t g_used = 0;
+long long g_limit = -1;          // a test's memory limit (hdb_emu_gpu_control), or -1
+long long g_fail_launch_in = -1; // launches until one fails, or -1
 
 size_t capacity() {
     static const size_t cap = [] {
@@ -134,6 +142,7 @@ int mem_alloc(unsigned long long* dptr, size_t bytes) {
     if (!dptr) return kInvalidValue;
     if (bytes == 0) return kInvalidValue;
     if (bytes > capacity() || g_used > capacity() - bytes) return kOutOfMemory;
+    if (g_limit >= 0 && g_used + bytes > (size_t)g_limit) return kOutOfMemory;
     auto* base = (unsigned char*)std::aligned_alloc(256, (bytes + 2 * kGuard + 255) / 256 * 256);
     if (!base) return kOutOfMemory;
     std::memset(base, kGuardByte, kGuard);
@@ -358,9 +367,19 @@ int gemm(Blas* h, int transa, int transb, long long m, long long n, long long k,
 
 } // namespace
 
-// The kernels' shared-memory anchor lives in this library's thread-local block: see
-// hdb_emu::main_tls_block under HDB_EMU_SHARED_LIBRARY.
-EXPORT int hdb_emu_gpu_marker() { return 1; }
+// Faults on demand (see the top). Returns 0, or -1 for an unknown `what`.
+EXPORT int hdb_emu_gpu_control(const char* what, long long value) {
+    Guard g(g_lock);
+    const std::string w = what ? what : "";
+    if (w == "memory_headroom") {
+        g_limit = value < 0 ? -1 : (long long)g_used + value;
+    } else if (w == "fail_launch") {
+        g_fail_launch_in = value > 0 ? value : -1;
+    } else {
+        return -1;
+    }
+    return 0;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Driver API
@@ -637,6 +656,11 @@ EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsign
              std::to_string(fn->max_dyn_smem) + ")");
         return kInvalidValue;
     }
+    if (g_fail_launch_in > 0 && --g_fail_launch_in == 0) {
+        g_fail_launch_in = -1;
+        note(fn->name + ": failing this launch as asked (hdb_emu_gpu_control fail_launch)");
+        return kLaunchOutOfResources;
+    }
     (*fn->launcher)(fn->name, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, params);
     check_guards(fn->name);
     return kSuccess;
@@ -651,6 +675,7 @@ EXPORT int cuGetErrorName(int e, const char** s) {
     case kInvalidDevice: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
     case kInvalidHandle: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
     case kNotFound: *s = "CUDA_ERROR_NOT_FOUND"; break;
+    case kLaunchOutOfResources: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;
     default: *s = "CUDA_ERROR_UNKNOWN"; break;
     }
     return kSuccess;
