@@ -11,7 +11,9 @@
 #   scripts/emulated-gpu.sh                   # every GPU test (cuda_parity, cuda_backend, ...)
 #   scripts/emulated-gpu.sh --test cuda_unet faults -- --nocapture   # other cargo test arguments
 #
-# A test that finds no device prints SKIPPED; here that is a failure. Cases too large for the
+# Tests run one at a time (--test-threads=1): the emulation runs one kernel at a time anyway,
+# and tests/cuda_unet/faults.rs injects faults that would hit a test running beside it. A test
+# that finds no device prints SKIPPED; here that is a failure. Cases too large for the
 # emulation's speed print "skipped on the emulated GPU" and are left to scripts/gpu-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,20 +27,60 @@ eval "$(scripts/nvrtc-env.sh)"
 export LD_LIBRARY_PATH="$PWD/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$PWD/$target/tmp/kernel-cache}"
 
-if [ $# -eq 0 ]; then
-  set -- --test cuda_parity --test cuda_backend --test cuda_adapters --test cuda_unet --test cuda_models
+log_dir="$(mktemp -d)"
+trap 'rm -rf "$log_dir"' EXIT
+if [ $# -gt 0 ]; then
+  # cargo's arguments, then the test binaries' (after a `--`), which always get --include-ignored.
+  cargo_args=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do cargo_args+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  cargo test --features cuda "${cargo_args[@]}" -- --include-ignored --test-threads=1 "$@" 2>&1 |
+    tee "$log_dir/all.log"
+  rc=${PIPESTATUS[0]}
+else
+  # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
+  tests="cuda_unet cuda_models cuda_parity cuda_backend cuda_adapters"
+  cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' >"$log_dir/binaries"
+  [ "$(wc -l <"$log_dir/binaries")" -eq 5 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
+  # As scripts/gpu-check.sh does on a GPU: the C API session and pipeline tests once more, with
+  # the generic UNet (Unet<Cuda<f16>>) under them instead of the tuned CudaUnet.
+  awk '$1 == "cuda_unet" {print "cuda_unet-generic-unet", $2}' "$log_dir/binaries" >>"$log_dir/binaries"
+  jobs_max="$(nproc)"
+  rc=0
+  while read -r name exe; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
+    (
+      if [ "$name" = cuda_unet-generic-unet ]; then
+        HDB_CUDA_UNET=generic "$exe" session:: --include-ignored --test-threads=1 --nocapture 2>&1 |
+          sed 's/^cuda-parity /cuda-parity generic-unet /'
+        echo "${PIPESTATUS[0]}" >"$log_dir/$name.rc"
+      else
+        "$exe" --include-ignored --test-threads=1 --nocapture 2>&1
+        echo $? >"$log_dir/$name.rc"
+      fi >"$log_dir/$name.log"
+    ) &
+  done <"$log_dir/binaries"
+  wait
+  while read -r name _; do
+    echo "== $name"
+    cat "$log_dir/$name.log"
+    [ "$(cat "$log_dir/$name.rc")" = 0 ] || echo "emulated-gpu: $name failed"
+  done <"$log_dir/binaries" | tee "$log_dir/all.log"
+  grep -q "^emulated-gpu: .* failed" "$log_dir/all.log" && rc=1
 fi
-# cargo's arguments, then the test binaries' (after a `--`), which always get --include-ignored.
-cargo_args=()
-while [ $# -gt 0 ] && [ "$1" != -- ]; do cargo_args+=("$1"); shift; done
-[ $# -gt 0 ] && shift
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-cargo test --features cuda "${cargo_args[@]}" -- --include-ignored "$@" 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
-if grep -q "SKIPPED" "$log"; then
+if grep -q "SKIPPED" "$log_dir/all.log"; then
   echo "emulated-gpu: a test did not open the emulated GPU (SKIPPED above)"
   exit 1
 fi
-echo "emulated-gpu: $(grep -c '^cuda-' "$log") parity lines, $(grep -c 'skipped on the emulated GPU' "$log") cases left to a real GPU"
+echo "emulated-gpu: $(grep -c '^cuda-' "$log_dir/all.log") parity lines, $(grep -c 'skipped on the emulated GPU' "$log_dir/all.log") cases left to a real GPU"
 exit "$rc"

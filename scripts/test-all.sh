@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check hdb has, in the order a failure is cheapest to read: formatting, lints, the Rust
 # and C test suites (C under AddressSanitizer + UBSan via cargo test), the CUDA kernels through
-# NVRTC, then the C programs under valgrind. This is the README's test command and what .ci/run runs.
+# NVRTC, on a host emulation, and the GPU tests on an emulated GPU, then the C programs under
+# valgrind. This is the README's test command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --check
@@ -20,7 +21,8 @@ nvrtc_env="$(scripts/nvrtc-env.sh)"
 # The kernels also run, without a GPU: tests/emu/cuda_emu.h emulates CUDA on the host (needs
 # g++), and each kernel's output must match the CPU backend's.
 cargo test --features cuda --test kernel_emulation
-# The GPU tests must build; they are #[ignore]d (counted as skipped) without a GPU, and
-# scripts/gpu-check.sh runs them with --include-ignored on a GPU machine.
-cargo test --features cuda --test cuda_parity --test cuda_backend --test cuda_adapters --test cuda_unet --test cuda_models
+# The GPU tests are #[ignore]d (counted as skipped) without a GPU; scripts/gpu-check.sh runs
+# them on a GPU machine, and here they run on an emulated GPU (tests/emu/gpu.cpp: the CUDA
+# driver API and cuBLAS on the host, the kernels under cuda_emu.h), every one of them.
+scripts/emulated-gpu.sh
 scripts/valgrind-c-tests.sh

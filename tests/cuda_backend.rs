@@ -26,7 +26,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::cuda::{check, randn, sfx, tol};
+use common::cuda::{check, randn, sfx, tol, too_big_for_the_emulated_gpu};
 
 use hdb::backend::cpu::Conv2d;
 use hdb::backend::cuda::ops::BlasElem;
@@ -344,6 +344,17 @@ fn conv_case<T: BlasElem>(be: &Cuda<T>, rng: &mut SplitMix64) {
             stride,
             padding,
         };
+        let (oh, ow) = (
+            (h + 2 * padding - kernel) / stride + 1,
+            (w + 2 * padding - kernel) / stride + 1,
+        );
+        let work = (batch * c_out * oh * ow * c_in * kernel * kernel) as f64;
+        if too_big_for_the_emulated_gpu(
+            &format!("conv2d {s} b{batch} {c_in}->{c_out} {h}x{w}"),
+            work,
+        ) {
+            continue;
+        }
         let x = randn::<T>(rng, batch * c_in * h * w, 1.0);
         let fan_in = (c_in * kernel * kernel) as f32;
         let wv = randn::<T>(rng, c_out * c_in * kernel * kernel, 1.0 / fan_in.sqrt());

@@ -140,3 +140,26 @@ impl EmuControl {
         assert_eq!(unsafe { (self.0)(c"fail_launch".as_ptr(), n as i64) }, 0);
     }
 }
+
+/// Whether the CUDA device is the emulated GPU (scripts/emulated-gpu.sh); call it after opening
+/// the device.
+pub fn on_emulated_gpu() -> bool {
+    emulated_gpu_control().is_some()
+}
+
+/// The most multiply-adds one case may take on the emulated GPU, which runs kernels at roughly
+/// 10^7 to 10^8 a second; larger cases are left to a real GPU (scripts/gpu-check.sh).
+pub const EMULATED_GPU_MAX_WORK: f64 = 4e8;
+
+/// True, after saying so, when `case` (`work` multiply-adds) is too large for the emulated GPU:
+/// the caller skips it. Always false on a real GPU.
+pub fn too_big_for_the_emulated_gpu(case: &str, work: f64) -> bool {
+    let skip = work > EMULATED_GPU_MAX_WORK && on_emulated_gpu();
+    if skip {
+        println!(
+            "{case}: skipped on the emulated GPU ({work:.1e} multiply-adds, above \
+             {EMULATED_GPU_MAX_WORK:.0e}); scripts/gpu-check.sh runs it on a GPU"
+        );
+    }
+    skip
+}

@@ -157,6 +157,14 @@ fn conv_implicit_case<T: BlasElem>(dev: &CudaDevice, rng: &mut SplitMix64) {
             ..
         } = p;
         let (oh, ow) = p.out_hw();
+        let work = (batch * c_out * oh * ow * c_in * kernel * kernel) as f64;
+        let case = format!(
+            "conv2d_implicit_{} b{batch} {c_in}->{c_out} {h}x{w}",
+            T::SUFFIX
+        );
+        if too_big_for_the_emulated_gpu(&case, work) {
+            continue;
+        }
         let x = rounded::<T>(&randn(rng, batch * c_in * h * w, 1.0));
         let wt = rounded::<T>(&randn(rng, c_out * c_in * kernel * kernel, 0.05));
         let bias = rounded::<T>(&randn(rng, c_out, 1.0));

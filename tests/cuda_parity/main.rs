@@ -36,7 +36,7 @@ use hdb::backend::cuda::{CudaDevice, DeviceElem};
 use hdb::model::random::SplitMix64;
 use hdb::Error;
 
-use common::cuda::{check, device, seed, tol};
+use common::cuda::{check, device, seed, tol, too_big_for_the_emulated_gpu};
 
 /// Normal values times `scale` in f32 (cases round them with [`rounded`] where the device
 /// holds T).

@@ -1,6 +1,7 @@
 //! Device faults through the C API, on the emulated GPU (scripts/emulated-gpu.sh), which can
 //! run out of memory or fail a kernel launch on demand: each is a clear status, and the same
-//! session then gives the result it gives without the fault, bit for bit.
+//! session then gives the result it gives without the fault, bit for bit. The faults hit every
+//! caller of the process, so this test must run alone (`--test-threads=1`, as the script does).
 
 use super::common::cuda::emulated_gpu_control;
 use super::common::read_input;

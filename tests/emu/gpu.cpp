@@ -31,8 +31,10 @@
 //
 // Faults on demand, for tests (found with dlopen("libcuda.so", RTLD_NOLOAD) + dlsym; absent
 // from a real driver): hdb_emu_gpu_control("memory_headroom", n) lets allocations add at most
-// n bytes to what is allocated now (n < 0: no limit but the cap); ("fail_launch", n) makes the
+// n live bytes to what is allocated now (n < 0: no limit but the cap); ("fail_launch", n) makes the
 // n-th kernel launch from now fail with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (n <= 0: none).
+// Both apply to every caller (hdb may run work on its own threads): a test that uses them must
+// run alone (scripts/emulated-gpu.sh runs each test binary with --test-threads=1).
 //
 // The cuBLAS part (cublas*): handles, streams, Sgemm / GemmEx and their strided-batched
 // forms, column-major as documented: C = alpha op(A) op(B) + beta C with f32 accumulation
@@ -88,13 +90,16 @@ constexpr unsigned char kGuardByte = 0x5a;
 struct Alloc {
     unsigned char* base; // guard, data, guard
     size_t bytes;
+    unsigned long long fault_gen = 0; // counted in g_fault_live under this control generation
     unsigned char* data() const { return base + kGuard; }
 };
 
 std::map<uintptr_t, Alloc> g_allocs; // by data address
 size_t g_used = 0;
-long long g_limit = -1;          // a test's memory limit (hdb_emu_gpu_control), or -1
+long long g_limit = -1;          // a test's memory headroom (hdb_emu_gpu_control), or -1
 long long g_fail_launch_in = -1; // launches until one fails, or -1
+unsigned long long g_fault_gen = 1; // one per hdb_emu_gpu_control call
+size_t g_fault_live = 0;         // bytes allocated since then, still live
 
 size_t capacity() {
     static const size_t cap = [] {
@@ -142,13 +147,15 @@ int mem_alloc(unsigned long long* dptr, size_t bytes) {
     if (!dptr) return kInvalidValue;
     if (bytes == 0) return kInvalidValue;
     if (bytes > capacity() || g_used > capacity() - bytes) return kOutOfMemory;
-    if (g_limit >= 0 && g_used + bytes > (size_t)g_limit) return kOutOfMemory;
+    const bool counted = g_limit >= 0;
+    if (counted && g_fault_live + bytes > (size_t)g_limit) return kOutOfMemory;
     auto* base = (unsigned char*)std::aligned_alloc(256, (bytes + 2 * kGuard + 255) / 256 * 256);
     if (!base) return kOutOfMemory;
     std::memset(base, kGuardByte, kGuard);
     std::memset(base + kGuard, 0xff, bytes);
     std::memset(base + kGuard + bytes, kGuardByte, kGuard);
-    Alloc a{base, bytes};
+    Alloc a{base, bytes, counted ? g_fault_gen : 0};
+    if (counted) g_fault_live += bytes;
     g_allocs[(uintptr_t)a.data()] = a;
     g_used += bytes;
     *dptr = (unsigned long long)(uintptr_t)a.data();
@@ -164,6 +171,7 @@ int mem_free(unsigned long long p) {
     }
     check_guards("the work before cuMemFree");
     g_used -= it->second.bytes;
+    if (it->second.fault_gen == g_fault_gen) g_fault_live -= it->second.bytes;
     std::free(it->second.base);
     g_allocs.erase(it);
     return kSuccess;
@@ -371,8 +379,10 @@ int gemm(Blas* h, int transa, int transb, long long m, long long n, long long k,
 EXPORT int hdb_emu_gpu_control(const char* what, long long value) {
     Guard g(g_lock);
     const std::string w = what ? what : "";
+    ++g_fault_gen;
+    g_fault_live = 0;
     if (w == "memory_headroom") {
-        g_limit = value < 0 ? -1 : (long long)g_used + value;
+        g_limit = value < 0 ? -1 : value;
     } else if (w == "fail_launch") {
         g_fail_launch_in = value > 0 ? value : -1;
     } else {
