@@ -18,14 +18,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 
 cargo test -q --features cuda --test kernel_emulation -- --ignored --exact emulated_gpu_library \
   >/dev/null
 lib="$target/tmp/emulated-gpu"
 [ -e "$lib/libcuda.so" ] || { echo "emulated-gpu: $lib/libcuda.so was not built"; exit 1; }
 eval "$(scripts/nvrtc-env.sh)"
-export LD_LIBRARY_PATH="$PWD/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$PWD/$target/tmp/kernel-cache}"
+export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$target/tmp/kernel-cache}"
 
 log_dir="$(mktemp -d)"
 trap 'rm -rf "$log_dir"' EXIT
@@ -55,12 +56,18 @@ for line in sys.stdin:
   # As scripts/gpu-check.sh does on a GPU: the C API session and pipeline tests once more, with
   # the generic UNet (Unet<Cuda<f16>>) under them instead of the tuned CudaUnet.
   awk '$1 == "cuda_unet" {print "cuda_unet-generic-unet", $2}' "$log_dir/binaries" >>"$log_dir/binaries"
+  # And every path of `hdb bench cuda --unet` at small shapes, so a bench that would fail on a
+  # GPU fails here first (cargo test built the binary with the cuda feature).
+  echo "hdb-bench-cuda-smoke $target/debug/hdb" >>"$log_dir/binaries"
   jobs_max="$(nproc)"
   rc=0
   while read -r name exe; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
     (
-      if [ "$name" = cuda_unet-generic-unet ]; then
+      if [ "$name" = hdb-bench-cuda-smoke ]; then
+        "$exe" bench cuda --unet --smoke 2>&1
+        echo $? >"$log_dir/$name.rc"
+      elif [ "$name" = cuda_unet-generic-unet ]; then
         HDB_CUDA_UNET=generic "$exe" session:: --include-ignored --test-threads=1 --nocapture 2>&1 |
           sed 's/^cuda-parity /cuda-parity generic-unet /'
         echo "${PIPESTATUS[0]}" >"$log_dir/$name.rc"

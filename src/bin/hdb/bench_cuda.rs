@@ -8,6 +8,7 @@
 //! Device times are CUDA events around the work, the median of `runs` after warm-up.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 use half::{bf16, f16};
@@ -21,7 +22,9 @@ use hdb::backend::cuda::unet::CudaUnet;
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
 use hdb::model::config::UnetConfig;
 use hdb::model::random::{normals, RandomWeights, SplitMix64};
+use hdb::model::text_encoder::TextEncoderConfig;
 use hdb::model::unet::Unet;
+use hdb::model::vae::VaeConfig;
 use hdb::{Error, Result};
 
 use crate::bench_pipeline::run_peer;
@@ -44,6 +47,11 @@ pub(crate) fn gpu_ms(
             .map_err(|e| Error::Device(format!("{what}: {e:?}")))
     };
     let dev_err = |e| Error::Device(format!("{e:?}"));
+    let (warmup, runs) = if SMOKE.load(Ordering::Relaxed) {
+        (0, 1)
+    } else {
+        (warmup, runs)
+    };
     for _ in 0..warmup {
         f()?;
     }
@@ -79,6 +87,72 @@ fn random<T: DeviceElem>(
     dev.upload(&v)
 }
 
+/// `--smoke`: every timed call runs once, without warm-up.
+static SMOKE: AtomicBool = AtomicBool::new(false);
+
+/// The sizes a run uses: SD 1.5's ([`Scale::sd15`], what the figures are), or small ones
+/// ([`Scale::smoke`], `hdb bench cuda --smoke`) that take every path of the bench in seconds,
+/// e.g. on the emulated GPU (scripts/emulated-gpu.sh) before a GPU's time is spent on it.
+pub(crate) struct Scale {
+    attn: Vec<(usize, usize, usize)>,
+    conv: Vec<ConvShape>,
+    pub(crate) unet: UnetConfig,
+    /// Latent height and width.
+    pub(crate) latent: usize,
+    /// Text tokens (the context length).
+    pub(crate) tokens: usize,
+    pub(crate) text: TextEncoderConfig,
+    pub(crate) vae: VaeConfig,
+}
+
+impl Scale {
+    pub(crate) fn sd15() -> Scale {
+        Scale {
+            attn: ATTN.to_vec(),
+            conv: CONV.to_vec(),
+            unet: UnetConfig::default(),
+            latent: 64,
+            tokens: 77,
+            text: TextEncoderConfig::default(),
+            vae: VaeConfig::default(),
+        }
+    }
+
+    pub(crate) fn smoke() -> Scale {
+        Scale {
+            attn: vec![(64, 64, 40), (64, 8, 40), (16, 16, 80), (16, 8, 160)],
+            conv: vec![
+                ("conv_in", 4, 16, 8, 3, 1, 1),
+                ("3x3 s2", 16, 16, 8, 3, 2, 1),
+                ("1x1", 16, 32, 4, 1, 1, 0),
+            ],
+            unet: UnetConfig {
+                block_out_channels: vec![32, 64, 64, 64],
+                heads: vec![2, 2, 2, 2],
+                cross_attention_dim: 64,
+                norm_num_groups: 16,
+                ..UnetConfig::default()
+            },
+            latent: 8,
+            tokens: 8,
+            text: TextEncoderConfig {
+                vocab_size: 1000,
+                hidden_size: 64,
+                intermediate_size: 128,
+                num_hidden_layers: 2,
+                num_attention_heads: 2,
+                ..TextEncoderConfig::default()
+            },
+            vae: VaeConfig {
+                block_out_channels: vec![32, 32],
+                layers_per_block: 1,
+                norm_num_groups: 16,
+                ..VaeConfig::default()
+            },
+        }
+    }
+}
+
 /// SD 1.5 attention shapes at 64x64 latents, batch 2: (lq, lk, head_dim), 8 heads.
 const ATTN: &[(usize, usize, usize)] = &[
     (4096, 4096, 40),
@@ -101,7 +175,10 @@ pub(crate) struct Row {
 /// SD 1.5 UNet convolutions at 64x64 latents, batch 2: (name, c_in, c_out, input size,
 /// kernel, stride, padding). One per level (the 3x3 resnet convs), the stride-2 downsampler,
 /// a 1x1 resnet shortcut, conv_in and conv_out.
-const CONV: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+/// A convolution: (name, c_in, c_out, height = width, kernel, stride, padding), batch 2.
+type ConvShape = (&'static str, usize, usize, usize, usize, usize, usize);
+
+const CONV: &[ConvShape] = &[
     ("conv_in", 4, 320, 64, 3, 1, 1),
     ("3x3", 320, 320, 64, 3, 1, 1),
     ("3x3 s2", 320, 320, 64, 3, 2, 1),
@@ -130,6 +207,7 @@ struct ConvCmp {
 /// shapes in fp16; both rows go into the table, with cuDNN (the peer) as "torch ms".
 fn conv_rows(
     dev: &CudaDevice,
+    shapes: &[ConvShape],
     runs: usize,
     peer: &serde_json::Value,
     rows: &mut Vec<Row>,
@@ -137,7 +215,7 @@ fn conv_rows(
     let mut rng = SplitMix64(13);
     let mut out = Vec::new();
     let b = 2;
-    for &(name, c_in, c_out, hw, k, stride, pad) in CONV {
+    for &(name, c_in, c_out, hw, k, stride, pad) in shapes {
         let p = Conv2d {
             batch: b,
             c_in,
@@ -231,9 +309,7 @@ fn conv_rows(
 /// implicit / im2col (below 1: the implicit GEMM is faster); against cuDNN where the peer ran.
 fn print_conv_summary(convs: &[ConvCmp]) {
     let tf = |flops: f64, ms: f64| flops / ms / 1e9;
-    println!(
-        "conv2d fp16, batch 2 (SD 1.5 UNet at 64x64 latents): implicit GEMM vs im2col + cuBLAS"
-    );
+    println!("conv2d fp16, batch 2: implicit GEMM vs im2col + cuBLAS");
     println!(
         "  {:<32} {:>10} {:>8} {:>11} {:>8} {:>5} {:>16} {:>9} {:>15}",
         "shape",
@@ -288,13 +364,14 @@ fn print_conv_summary(convs: &[ConvCmp]) {
 
 fn attention_rows<T: DeviceElem>(
     dev: &CudaDevice,
+    shapes: &[(usize, usize, usize)],
     runs: usize,
     peer: &serde_json::Value,
     rows: &mut Vec<Row>,
     kernel: AttnKernel,
 ) -> Result<()> {
     let mut rng = SplitMix64(7);
-    for &(lq, lk, d) in ATTN {
+    for &(lq, lk, d) in shapes {
         let (b, h) = (2, 8);
         let hd = h * d;
         let q = random::<T>(dev, &mut rng, b * lq * hd, 1.0)?;
@@ -331,23 +408,38 @@ fn attention_rows<T: DeviceElem>(
     Ok(())
 }
 
-/// Token count of the level a UNet projection's key sits at (64x64 latents), and whether its
-/// input is the 77-token context (attn2's to_k / to_v).
-fn level_tokens(key: &str) -> (usize, bool) {
-    let hw = if key.contains("down_blocks.0") || key.contains("up_blocks.3") {
-        4096
+/// Token count of the level a UNet projection's key sits at (`latent` x `latent` latents, a
+/// four-level UNet), and whether its input is the text context (attn2's to_k / to_v).
+fn level_tokens(key: &str, latent: usize) -> (usize, bool) {
+    let level = if key.contains("down_blocks.0") || key.contains("up_blocks.3") {
+        0
     } else if key.contains("down_blocks.1") || key.contains("up_blocks.2") {
-        1024
+        1
     } else if key.contains("down_blocks.2") || key.contains("up_blocks.1") {
-        256
+        2
     } else {
-        64
+        3
     };
+    let side = (latent >> level).max(1);
+    let hw = side * side;
     let ctx = key.contains("attn2.to_k") || key.contains("attn2.to_v");
     (hw, ctx)
 }
 
-pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<()> {
+pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool) -> Result<()> {
+    if smoke && peer_python.is_some() {
+        return Err(Error::InvalidArgument {
+            name: "--peer-python",
+            reason: "--smoke runs small shapes without a peer".into(),
+        });
+    }
+    let scale = if smoke { Scale::smoke() } else { Scale::sd15() };
+    SMOKE.store(smoke, Ordering::Relaxed);
+    if smoke {
+        println!("smoke run: small shapes, one timed call each; the figures mean nothing");
+    }
+    let lat = scale.latent;
+    let tokens = scale.tokens;
     let dev = std::sync::Arc::new(CudaDevice::open(0)?);
     let (free, total) = dev.memory()?;
     let (ma, mi) = dev.compute_capability();
@@ -358,7 +450,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
         total as f64 / (1u64 << 30) as f64
     );
     let t0 = std::time::Instant::now();
-    let cfg = UnetConfig::default();
+    let cfg = scale.unet.clone();
     let unet = Unet::load(cfg.clone(), &RandomWeights { seed: 0x5D15 })?;
     let layers: Vec<(String, usize, usize)> = unet
         .adaptable_layers()
@@ -366,7 +458,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
         .map(|(k, s)| (k, s.dout, s.din))
         .collect();
     println!(
-        "built the SD 1.5 UNet with random weights in {:.1} s ({} adapted projections)",
+        "built the UNet with random weights in {:.1} s ({} adapted projections)",
         t0.elapsed().as_secs_f64(),
         layers.len()
     );
@@ -375,16 +467,22 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
 
     let peer = match peer_python {
         Some(py) => {
-            let mut args: Vec<String> = ATTN
+            let mut args: Vec<String> = scale
+                .attn
                 .iter()
                 .flat_map(|&(lq, lk, d)| ["--attn".to_string(), format!("2,8,{lq},{lk},{d}")])
                 .collect();
-            args.extend(CONV.iter().flat_map(|&(_, c_in, c_out, hw, k, s, p)| {
-                [
-                    "--conv".to_string(),
-                    format!("2,{c_in},{c_out},{hw},{hw},{k},{s},{p}"),
-                ]
-            }));
+            args.extend(
+                scale
+                    .conv
+                    .iter()
+                    .flat_map(|&(_, c_in, c_out, hw, k, s, p)| {
+                        [
+                            "--conv".to_string(),
+                            format!("2,{c_in},{c_out},{hw},{hw},{k},{s},{p}"),
+                        ]
+                    }),
+            );
             args.extend(["--copy-bytes".into(), copy_bytes.to_string()]);
             args.extend(["--runs".into(), runs.to_string()]);
             if with_unet {
@@ -406,12 +504,13 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     };
 
     let mut rows = Vec::new();
-    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
-    attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Auto)?;
-    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2)?;
-    attention_rows::<bf16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash2)?;
-    attention_rows::<f16>(&dev, runs, &peer, &mut rows, AttnKernel::Flash1)?;
-    let convs = conv_rows(&dev, runs, &peer, &mut rows)?;
+    let attn = &scale.attn;
+    attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Auto)?;
+    attention_rows::<bf16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Auto)?;
+    attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
+    attention_rows::<bf16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
+    attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash1)?;
+    let convs = conv_rows(&dev, &scale.conv, runs, &peer, &mut rows)?;
 
     // LiDB merge of all adapted projections (fp16) against a device-to-device copy.
     let mut rng = SplitMix64(11);
@@ -514,14 +613,14 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     let max_in = layers
         .iter()
         .map(|(k, _, din)| {
-            let (hw, ctx) = level_tokens(k);
-            batch * if ctx { 77 } else { hw } * din
+            let (hw, ctx) = level_tokens(k, lat);
+            batch * if ctx { tokens } else { hw } * din
         })
         .max()
         .unwrap_or(1);
     let max_y = layers
         .iter()
-        .map(|(k, dout, _)| batch * level_tokens(k).0 * dout)
+        .map(|(k, dout, _)| batch * level_tokens(k, lat).0 * dout)
         .max()
         .unwrap_or(1);
     let x = random::<f16>(&dev, &mut rng, max_in, 1.0)?;
@@ -539,14 +638,14 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
                 scale: 1.0,
             })
             .collect();
-        tables.push((dev.upload(&t)?, level_tokens(k)));
+        tables.push((dev.upload(&t)?, level_tokens(k, lat)));
     }
     let one: CudaSlice<i32> = dev.upload(&vec![0i32; batch])?;
     let eight: CudaSlice<i32> = dev.upload(&(0..batch as i32).collect::<Vec<_>>())?;
     let projections = |index: Option<&CudaSlice<i32>>| -> Result<()> {
         for (li, (_, dout, din)) in layers.iter().enumerate() {
             let (t, (hw, ctx)) = &tables[li];
-            let tokens = if *ctx { 77 } else { *hw };
+            let tokens = if *ctx { tokens } else { *hw };
             let rows = batch * tokens;
             ops::linear(
                 &dev,
@@ -574,19 +673,14 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
     let base_ms = gpu_ms(&dev, 2, runs, || projections(None))?;
     let one_ms = gpu_ms(&dev, 2, runs, || projections(Some(&one)))?;
     let eight_ms = gpu_ms(&dev, 2, runs, || projections(Some(&eight)))?;
+    let n = layers.len();
     for (what, ms) in [
-        (
-            "128 projections, batch 8, no adapter (cuBLAS only)",
-            base_ms,
-        ),
-        ("128 projections, batch 8, 1 identity (+ lora_bgmv)", one_ms),
-        (
-            "128 projections, batch 8, 8 identities (+ lora_bgmv)",
-            eight_ms,
-        ),
+        ("no adapter (cuBLAS only)", base_ms),
+        ("1 identity (+ lora_bgmv)", one_ms),
+        ("8 identities (+ lora_bgmv)", eight_ms),
     ] {
         rows.push(Row {
-            what: what.into(),
+            what: format!("{n} projections, batch 8, {what}"),
             ours_ms: ms,
             rate: String::new(),
             peer_ms: None,
@@ -604,27 +698,29 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             "uploaded the UNet in fp16 in {:.1} s",
             t.elapsed().as_secs_f64()
         );
-        let sample = random::<f16>(&dev, &mut rng, 2 * 4 * 64 * 64, 1.0)?;
-        let ctx = random::<f16>(&dev, &mut rng, 2 * 77 * 768, 1.0)?;
+        let sample = random::<f16>(&dev, &mut rng, 2 * 4 * lat * lat, 1.0)?;
+        let ctx = random::<f16>(&dev, &mut rng, 2 * tokens * cfg.cross_attention_dim, 1.0)?;
         let ts = [981.0f32, 981.0];
         let ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
-            cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
+            cu.forward_device(&dev, &sample, &ts, &ctx, 2, lat, lat, tokens)
                 .map(|_| ())
         })?;
         // The same step with flash2 attention everywhere (the default takes flash3 at d 40).
         let prev = ops::set_auto_policy(AttnKernel::Flash2);
         let flash2_ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
-            cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)
+            cu.forward_device(&dev, &sample, &ts, &ctx, 2, lat, lat, tokens)
                 .map(|_| ())
         });
         ops::set_auto_policy(prev);
         let flash2_ms = flash2_ms?;
-        let out = cu.forward_device(&dev, &sample, &ts, &ctx, 2, 64, 64, 77)?;
-        let o = dev.download_f32(&out, 2 * 4 * 64 * 64)?;
+        let out = cu.forward_device(&dev, &sample, &ts, &ctx, 2, lat, lat, tokens)?;
+        let o = dev.download_f32(&out, 2 * 4 * lat * lat)?;
         let finite = o.iter().all(|v| v.is_finite());
-        let flops = cfg.flops(2, 64, 64, 77);
+        let flops = cfg.flops(2, lat, lat, tokens);
         rows.push(Row {
-            what: format!("UNet fp16 step, batch 2, 64x64, 77 tokens (finite: {finite})"),
+            what: format!(
+                "UNet fp16 step, batch 2, {lat}x{lat}, {tokens} tokens (finite: {finite})"
+            ),
             ours_ms: ms,
             rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
             peer_ms: peer["unet"]["ms"].as_f64(),
@@ -636,9 +732,11 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool) -> Result<(
             peer_ms: peer["unet"]["ms"].as_f64(),
         });
         unet_ms = Some(ms);
-        batch8 = Some(adapter_unet_rows(&dev, &cu, &layers, runs, &mut rows)?);
+        batch8 = Some(adapter_unet_rows(
+            &dev, &cu, &layers, &scale, runs, &mut rows,
+        )?);
         drop(cu);
-        notes = crate::bench_cuda_models::rows(&dev, runs, &peer, (&unet, ms), &mut rows)?;
+        notes = crate::bench_cuda_models::rows(&dev, &scale, runs, &peer, (&unet, ms), &mut rows)?;
     }
 
     println!();
@@ -703,9 +801,11 @@ fn adapter_unet_rows(
     dev: &CudaDevice,
     cu: &CudaUnet<f16>,
     layers: &[(String, usize, usize)],
+    scale: &Scale,
     runs: usize,
     rows: &mut Vec<Row>,
 ) -> Result<(f64, f64, f64)> {
+    let (lat, tokens) = (scale.latent, scale.tokens);
     let mut rng = SplitMix64(23);
     let ids: Vec<Adapter> = (0..8)
         .map(|_| Adapter {
@@ -728,8 +828,13 @@ fn adapter_unet_rows(
         .collect();
     let set: Vec<(&Adapter, f32)> = ids.iter().map(|a| (a, 1.0)).collect();
     let b = 8;
-    let sample = random::<f16>(dev, &mut rng, b * 4 * 64 * 64, 1.0)?;
-    let ctx = random::<f16>(dev, &mut rng, b * 77 * 768, 1.0)?;
+    let sample = random::<f16>(dev, &mut rng, b * 4 * lat * lat, 1.0)?;
+    let ctx = random::<f16>(
+        dev,
+        &mut rng,
+        b * tokens * scale.unet.cross_attention_dim,
+        1.0,
+    )?;
     let ts = vec![981.0f32; b];
     let runtime = CudaAdapters::resolve(dev, cu, &set, ApplyMode::Runtime)?;
     let one = [0i32; 8];
@@ -740,7 +845,7 @@ fn adapter_unet_rows(
                 adapters: &runtime,
                 per_sample: Some(p),
             });
-            cu.forward_device_with(dev, &sample, &ts, &ctx, (b, 64, 64, 77), ad)
+            cu.forward_device_with(dev, &sample, &ts, &ctx, (b, lat, lat, tokens), ad)
                 .map(|_| ())
         })
     };

@@ -13,14 +13,13 @@ use half::f16;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::{Cuda, CudaDevice, CudaLayerAdapters};
-use hdb::model::config::UnetConfig;
 use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
 use hdb::Result;
 
-use crate::bench_cuda::{gpu_ms, Row};
+use crate::bench_cuda::{gpu_ms, Row, Scale};
 
 /// 2 x multiply-adds of the VAE decoder at latents h x w: its convolutions (3x3 and 1x1
 /// shortcuts) and the mid-block attention; norms and element-wise ops are noise.
@@ -63,6 +62,7 @@ fn text_flops(c: &TextEncoderConfig, rows: usize, len: usize) -> f64 {
 /// Returns the summary lines to print after the table.
 pub fn rows(
     dev: &Arc<CudaDevice>,
+    scale: &Scale,
     runs: usize,
     peer: &serde_json::Value,
     (cpu_unet, tuned_ms): (&Unet, f64),
@@ -75,7 +75,8 @@ pub fn rows(
     let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
 
     // The UNet step through the generic model code.
-    let cfg = UnetConfig::default();
+    let cfg = scale.unet.clone();
+    let (lat, tokens) = (scale.latent, scale.tokens);
     let t = std::time::Instant::now();
     let unet = Unet::load_on(be.clone(), cfg.clone(), &RandomWeights { seed: 0x5D15 })?;
     println!(
@@ -84,8 +85,8 @@ pub fn rows(
         t.elapsed().as_secs_f64()
     );
     let (sample, ctx, ts) = (
-        noise(2 * 4 * 64 * 64),
-        noise(2 * 77 * 768),
+        noise(2 * 4 * lat * lat),
+        noise(2 * tokens * cfg.cross_attention_dim),
         [981.0f32, 981.0],
     );
     let x = UnetInput {
@@ -93,12 +94,12 @@ pub fn rows(
         timesteps: &ts,
         context: &ctx,
         batch: 2,
-        height: 64,
-        width: 64,
-        context_len: 77,
+        height: lat,
+        width: lat,
+        context_len: tokens,
     };
     let ms = gpu_ms(dev, 2, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
-    let flops = cfg.flops(2, 64, 64, 77);
+    let flops = cfg.flops(2, lat, lat, tokens);
     out.push(Row {
         what: "UNet fp16 step, generic model code (host in/out)".into(),
         ours_ms: ms,
@@ -110,33 +111,39 @@ pub fn rows(
          takes {:.2}x the time",
         ms / tuned_ms
     ));
-    notes.push(identity_rows(dev, runs, &unet, cpu_unet, out)?);
+    notes.push(identity_rows(dev, scale, runs, &unet, cpu_unet, out)?);
     drop(unet);
 
     // The text encoder: two 77-token prompts (one guided generation).
-    let tc = TextEncoderConfig::default();
+    let tc = scale.text.clone();
     let te = TextEncoder::load_on(be.clone(), tc.clone(), &RandomWeights { seed: 0x7E })?;
-    let ids: Vec<u32> = (0..2 * 77).map(|i| (i * 7919 % 49408) as u32).collect();
+    let ids: Vec<u32> = (0..2 * tokens)
+        .map(|i| (i * 7919 % tc.vocab_size) as u32)
+        .collect();
     let ms = gpu_ms(dev, 2, runs, || {
         te.forward_hooked(&ids, 2, None).map(|_| ())
     })?;
     out.push(Row {
-        what: "CLIP text encoder fp16, 2 x 77 tokens (host in/out)".into(),
+        what: format!("CLIP text encoder fp16, 2 x {tokens} tokens (host in/out)"),
         ours_ms: ms,
-        rate: format!("{:.1} TFLOP/s", text_flops(&tc, 2 * 77, 77) / ms / 1e9),
+        rate: format!(
+            "{:.1} TFLOP/s",
+            text_flops(&tc, 2 * tokens, tokens) / ms / 1e9
+        ),
         peer_ms: None,
     });
     drop(te);
 
     // The VAE decode of one 64x64 latent (a 512x512 image).
-    let vc = VaeConfig::default();
+    let vc = scale.vae.clone();
     let vae = Vae::load_on(be, vc.clone(), &RandomWeights { seed: 0xAE })?;
-    let z = noise(4 * 64 * 64);
-    let ms = gpu_ms(dev, 1, runs, || vae.decode(&z, 1, 64, 64).map(|_| ()))?;
+    let z = noise(vc.latent_channels * lat * lat);
+    let ms = gpu_ms(dev, 1, runs, || vae.decode(&z, 1, lat, lat).map(|_| ()))?;
+    let px = lat << (vc.block_out_channels.len() - 1);
     out.push(Row {
-        what: "VAE decode fp16, 1 x 64x64 latents -> 512x512 (host in/out)".into(),
+        what: format!("VAE decode fp16, 1 x {lat}x{lat} latents -> {px}x{px} (host in/out)"),
         ours_ms: ms,
-        rate: format!("{:.1} TFLOP/s", vae_decode_flops(&vc, 64, 64) / ms / 1e9),
+        rate: format!("{:.1} TFLOP/s", vae_decode_flops(&vc, lat, lat) / ms / 1e9),
         peer_ms: peer["vae"]["ms"].as_f64(),
     });
     Ok(notes)
@@ -147,6 +154,7 @@ pub fn rows(
 /// identities, one per sample (issue 7's target: eight within 10% of one).
 fn identity_rows(
     dev: &Arc<CudaDevice>,
+    scale: &Scale,
     runs: usize,
     unet: &Unet<Cuda<f16>>,
     cpu_unet: &Unet,
@@ -175,9 +183,10 @@ fn identity_rows(
     let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
     let b = 8;
     let mut noise = |n: usize| u(n, 1.0);
+    let (lat, tokens) = (scale.latent, scale.tokens);
     let (sample, ctx, ts) = (
-        noise(b * 4 * 64 * 64),
-        noise(b * 77 * 768),
+        noise(b * 4 * lat * lat),
+        noise(b * tokens * scale.unet.cross_attention_dim),
         vec![981.0f32; b],
     );
     let x = UnetInput {
@@ -185,9 +194,9 @@ fn identity_rows(
         timesteps: &ts,
         context: &ctx,
         batch: b,
-        height: 64,
-        width: 64,
-        context_len: 77,
+        height: lat,
+        width: lat,
+        context_len: tokens,
     };
     let one: Vec<i32> = vec![0; b];
     let eight: Vec<i32> = (0..b as i32).collect();
@@ -200,7 +209,7 @@ fn identity_rows(
     let eight_ms = gpu_ms(dev, 1, runs, || {
         unet.forward_hooked(&x, Some(&hook8)).map(|_| ())
     })?;
-    let flops = UnetConfig::default().flops(b, 64, 64, 77);
+    let flops = scale.unet.flops(b, lat, lat, tokens);
     for (what, ms) in [
         ("generic UNet fp16, batch 8, no adapters", none_ms),
         (

@@ -241,6 +241,10 @@ enum BenchWhat {
         /// Also time the whole UNet step (uploads an SD 1.5 UNet: ~2 GB of device memory).
         #[arg(long)]
         unet: bool,
+        /// Small shapes, each call timed once, no peer: every path of the bench in seconds
+        /// (a check, e.g. on the emulated GPU of scripts/emulated-gpu.sh; no figures).
+        #[arg(long)]
+        smoke: bool,
     },
     /// What a CUDA runtime pays for its kernels on first use: every kernel file compiled with
     /// NVRTC, against reading it back from the kernel cache (HDB_KERNEL_CACHE). Needs libnvrtc,
@@ -394,8 +398,9 @@ fn main() -> ExitCode {
                     runs,
                     peer_python,
                     unet,
+                    smoke,
                 },
-        } => bench_cuda::run(runs, peer_python.as_deref(), unet),
+        } => bench_cuda::run(runs, peer_python.as_deref(), unet, smoke),
         #[cfg(feature = "cuda")]
         Command::Bench {
             what: BenchWhat::Kernels { arch, runs },
