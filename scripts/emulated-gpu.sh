@@ -42,16 +42,7 @@ else
   # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
   tests="cuda_unet cuda_models cuda_parity cuda_backend cuda_adapters"
   cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])
-' >"$log_dir/binaries"
+    python3 scripts/test-binaries.py >"$log_dir/binaries"
   [ "$(wc -l <"$log_dir/binaries")" -eq 5 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
   # As scripts/gpu-check.sh does on a GPU: the C API session and pipeline tests once more, with
   # the generic UNet (Unet<Cuda<f16>>) under them instead of the tuned CudaUnet.

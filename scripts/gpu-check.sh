@@ -36,18 +36,8 @@ if [ "${1:-}" = --prepare ]; then
   mkdir -p "$bin"
   cargo build --release --features cuda --bin hdb
   cargo test --release --features cuda --no-run $(printf -- '--test %s ' $gpu_tests) \
-    --message-format=json 2>/dev/null |
-    python3 -c '
-import json, shutil, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
-        print("prepared", m["target"]["name"])
-' "$bin"
+    --message-format=json 2>/dev/null | python3 scripts/test-binaries.py |
+    while read -r name exe; do cp "$exe" "$bin/$name" && echo "prepared $name"; done
   cp target/release/hdb "$bin/hdb"
   for t in hdb $gpu_tests; do strip --strip-debug "$bin/$t"; done
   # Tests find fixtures and tools through the build's CARGO_MANIFEST_DIR.
