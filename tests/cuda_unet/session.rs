@@ -318,6 +318,50 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
         );
         sets.push((mode, cpu_set, cpu_te, gpu_unet, gpu_te));
     }
+    // A set of the other kind is an error naming `adapters`, never a crash or a silent no-op:
+    // device sets on the CPU pipeline, a host UNet set on the device one.
+    {
+        let (_, cpu_set, _, gpu_unet, gpu_te) = &sets[0];
+        let wrong = [
+            (
+                "device text-encoder set on the CPU pipeline",
+                &cpu,
+                GenerateAdapters {
+                    device_text_encoder: gpu_te.as_ref(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "device UNet set on the CPU pipeline",
+                &cpu,
+                GenerateAdapters {
+                    device_unet: Some(gpu_unet),
+                    ..Default::default()
+                },
+            ),
+            (
+                "host UNet set on the device pipeline",
+                &gpu,
+                GenerateAdapters {
+                    unet: Some(cpu_set),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (what, pipe, ad) in wrong {
+            match rt.install(|| pipe.generate(&params, ad, None)) {
+                Err(
+                    e @ hdb::Error::InvalidArgument {
+                        name: "adapters", ..
+                    },
+                ) => {
+                    println!("cuda-parity pipeline/wrong-kind {what}: {e}")
+                }
+                Err(e) => panic!("{what}: expected an `adapters` argument error, got {e}"),
+                Ok(_) => panic!("{what}: generated instead of refusing the set"),
+            }
+        }
+    }
     let per_image: &[i32] = &[-1, 0];
     let mut cases = vec![
         (
