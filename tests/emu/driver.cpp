@@ -32,6 +32,9 @@
 #include <utility>
 
 #include "hdb_emu_kernels.inc"
+#ifdef HDB_EMU_SELFTEST
+#include "selftest.cuh"
+#endif
 
 namespace {
 
@@ -119,6 +122,9 @@ const std::map<std::string, Launcher>& kernels() {
     static const std::map<std::string, Launcher> m = {
 #define HDB_EMU_KERNEL(name) {#name, make_launcher(name)},
         HDB_EMU_KERNELS
+#ifdef HDB_EMU_SELFTEST
+        HDB_EMU_SELFTEST_KERNELS
+#endif
 #undef HDB_EMU_KERNEL
     };
     return m;

@@ -29,6 +29,7 @@ mod conv;
 mod elementwise;
 mod lidb;
 mod norm;
+mod selftest;
 
 use harness::{Elem, Tol};
 
