@@ -5,8 +5,39 @@
 
 use super::common::cuda::emulated_gpu_control;
 use super::common::read_input;
-use super::session::Host;
+use super::session::{last_error, Host};
+use hdb::ffi::generate::{hdb_generate, hdb_generate_params_default, hdb_image};
 use hdb::ffi::hdb_status;
+use std::ffi::CString;
+
+/// One 64x64 image of the tiny model through `hdb_generate` (text encoder, two UNet steps with
+/// guidance, VAE decode, all on the device): its RGB bytes, or the status and message.
+fn generate(h: &mut Host) -> Result<Vec<u8>, (hdb_status, String)> {
+    let prompt = CString::new("a photo of sks person").expect("no NUL");
+    let mut p = hdb_generate_params_default();
+    p.prompt = prompt.as_ptr();
+    p.steps = 2;
+    p.width = 64;
+    p.height = 64;
+    p.batch = 1;
+    p.seed = 7;
+    let mut pixels = vec![0u8; 64 * 64 * 3];
+    let mut img = hdb_image {
+        data: pixels.as_mut_ptr(),
+        data_len: pixels.len(),
+        width: 0,
+        height: 0,
+        stride: 0,
+        format: Default::default(),
+    };
+    // SAFETY: a live session; params valid (the prompt outlives the call); one image whose
+    // buffer holds data_len bytes.
+    let st = unsafe { hdb_generate(h.session, &p, &mut img, 1) };
+    if st != hdb_status::HDB_STATUS_OK {
+        return Err((st, last_error()));
+    }
+    Ok(pixels)
+}
 
 #[test]
 #[ignore = "needs the emulated GPU's fault controls: scripts/emulated-gpu.sh runs it"]
@@ -67,4 +98,60 @@ fn out_of_memory_and_failed_launches_are_statuses_and_the_session_recovers() {
         let again = h.try_unet(&inp).expect("the UNet after a failed launch");
         assert!(again == want, "after failed launch {n} the output differs");
     }
+}
+
+#[test]
+#[ignore = "needs the emulated GPU's fault controls: scripts/emulated-gpu.sh runs it"]
+fn faults_during_hdb_generate_are_statuses_and_the_next_image_is_unchanged() {
+    let mut h = match Host::open("cuda") {
+        Ok(h) => h,
+        Err((st, msg)) => {
+            println!("SKIPPED (no CUDA device): {st:?}: {msg}");
+            return;
+        }
+    };
+    let Some(emu) = emulated_gpu_control() else {
+        println!("not run: a real GPU has no fault controls (this test is for the emulated GPU)");
+        return;
+    };
+    let want = generate(&mut h).expect("an image before any fault");
+    let mut faults = 0;
+    for headroom in [0u64, 256 << 10] {
+        emu.memory_headroom(Some(headroom));
+        let r = generate(&mut h);
+        emu.memory_headroom(None);
+        if let Err((st, msg)) = r {
+            println!("cuda-fault generate, headroom {headroom} B: {st:?}: {msg}");
+            assert_eq!(st, hdb_status::HDB_STATUS_OUT_OF_MEMORY, "{msg}");
+            faults += 1;
+        }
+        assert!(
+            generate(&mut h).expect("an image after running out of memory") == want,
+            "the image after running out of memory ({headroom} B headroom) differs"
+        );
+    }
+    // A failed launch at the start (the text encoder's first layer norm), in the denoising loop,
+    // and near the end (the generation makes about 1350 launches).
+    for n in [1u64, 600, 1330] {
+        emu.fail_launch(n);
+        let r = generate(&mut h);
+        emu.fail_launch(0);
+        match r {
+            Err((st, msg)) => {
+                println!("cuda-fault generate, launch {n} fails: {st:?}: {msg}");
+                assert_eq!(st, hdb_status::HDB_STATUS_DEVICE_ERROR, "{msg}");
+                faults += 1;
+            }
+            Ok(_) => println!("cuda-fault generate: fewer than {n} launches"),
+        }
+        assert!(
+            generate(&mut h).expect("an image after a failed launch") == want,
+            "the image after failed launch {n} differs"
+        );
+    }
+    // All five hit today; four leave room for a generation that makes a few launches fewer.
+    assert!(
+        faults >= 4,
+        "only {faults} of the 5 faults hit the generation"
+    );
 }

@@ -36,7 +36,7 @@ fn cpath(p: &std::path::Path) -> CString {
 pub(crate) struct Host {
     rt: *mut hdb_runtime,
     model: *mut hdb_model,
-    session: *mut hdb_session,
+    pub(crate) session: *mut hdb_session,
     adapters: Vec<*mut hdb_adapter>,
 }
 
