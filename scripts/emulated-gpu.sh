@@ -50,6 +50,8 @@ else
   # And every path of `hdb bench cuda --unet` at small shapes, so a bench that would fail on a
   # GPU fails here first (cargo test built the binary with the cuda feature).
   echo "hdb-bench-cuda-smoke $target/debug/hdb" >>"$log_dir/binaries"
+  # And `hdb demo --device cuda`, small: hypernetwork, identities, swaps, images, on the device.
+  echo "hdb-demo-cuda $target/debug/hdb" >>"$log_dir/binaries"
   jobs_max="$(nproc)"
   rc=0
   while read -r name exe; do
@@ -57,6 +59,9 @@ else
     (
       if [ "$name" = hdb-bench-cuda-smoke ]; then
         "$exe" bench cuda --unet --smoke 2>&1
+        echo $? >"$log_dir/$name.rc"
+      elif [ "$name" = hdb-demo-cuda ]; then
+        "$exe" demo --device cuda --steps 2 --size 64 --out "$log_dir/demo" 2>&1
         echo $? >"$log_dir/$name.rc"
       elif [ "$name" = cuda_unet-generic-unet ]; then
         HDB_CUDA_UNET=generic "$exe" session:: --include-ignored --test-threads=1 --nocapture 2>&1 |

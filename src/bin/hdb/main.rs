@@ -78,8 +78,8 @@ enum Command {
         size: Option<usize>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Where the UNet, text encoder and VAE run: cpu, cuda, cuda:N or auto (the tokenizer
-        /// and the hypernetwork run on the CPU).
+        /// Where the UNet, text encoder, VAE and hypernetwork (f32) run: cpu, cuda, cuda:N or
+        /// auto (the tokenizer runs on the CPU).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
     },
