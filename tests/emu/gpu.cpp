@@ -169,7 +169,6 @@ int mem_free(unsigned long long p) {
         note("cuMemFree of " + hex(p) + ", which is not a device allocation");
         return kInvalidValue;
     }
-    check_guards("the work before cuMemFree");
     g_used -= it->second.bytes;
     if (it->second.fault_gen == g_fault_gen) g_fault_live -= it->second.bytes;
     std::free(it->second.base);
