@@ -3,12 +3,29 @@
 //! session then gives the result it gives without the fault, bit for bit. The faults hit every
 //! caller of the process, so this test must run alone (`--test-threads=1`, as the script does).
 
-use super::common::cuda::emulated_gpu_control;
+use super::common::cuda::{emulated_gpu_control, EmuControl};
 use super::common::read_input;
 use super::session::{last_error, Host};
 use hdb::ffi::generate::{hdb_generate, hdb_generate_params_default, hdb_image};
 use hdb::ffi::hdb_status;
 use std::ffi::CString;
+
+/// A host on a CUDA runtime and the emulated GPU's fault controls, or None after saying why
+/// (no device: SKIPPED; a real GPU: not run).
+fn emulated_host() -> Option<(Host, EmuControl)> {
+    let h = match Host::open("cuda") {
+        Ok(h) => h,
+        Err((st, msg)) => {
+            println!("SKIPPED (no CUDA device): {st:?}: {msg}");
+            return None;
+        }
+    };
+    let Some(emu) = emulated_gpu_control() else {
+        println!("not run: a real GPU has no fault controls (this test is for the emulated GPU)");
+        return None;
+    };
+    Some((h, emu))
+}
 
 /// One 64x64 image of the tiny model through `hdb_generate` (text encoder, two UNet steps with
 /// guidance, VAE decode, all on the device): its RGB bytes, or the status and message.
@@ -42,15 +59,7 @@ fn generate(h: &mut Host) -> Result<Vec<u8>, (hdb_status, String)> {
 #[test]
 #[ignore = "needs the emulated GPU's fault controls: scripts/emulated-gpu.sh runs it"]
 fn out_of_memory_and_failed_launches_are_statuses_and_the_session_recovers() {
-    let mut h = match Host::open("cuda") {
-        Ok(h) => h,
-        Err((st, msg)) => {
-            println!("SKIPPED (no CUDA device): {st:?}: {msg}");
-            return;
-        }
-    };
-    let Some(emu) = emulated_gpu_control() else {
-        println!("not run: a real GPU has no fault controls (this test is for the emulated GPU)");
+    let Some((mut h, emu)) = emulated_host() else {
         return;
     };
     let inp = read_input("tiny-sd");
@@ -103,15 +112,7 @@ fn out_of_memory_and_failed_launches_are_statuses_and_the_session_recovers() {
 #[test]
 #[ignore = "needs the emulated GPU's fault controls: scripts/emulated-gpu.sh runs it"]
 fn faults_during_hdb_generate_are_statuses_and_the_next_image_is_unchanged() {
-    let mut h = match Host::open("cuda") {
-        Ok(h) => h,
-        Err((st, msg)) => {
-            println!("SKIPPED (no CUDA device): {st:?}: {msg}");
-            return;
-        }
-    };
-    let Some(emu) = emulated_gpu_control() else {
-        println!("not run: a real GPU has no fault controls (this test is for the emulated GPU)");
+    let Some((mut h, emu)) = emulated_host() else {
         return;
     };
     let want = generate(&mut h).expect("an image before any fault");

@@ -36,6 +36,25 @@ fn attention_job<T: Elem>(
 // a. Causal attention (attention_scalar_causal_*): never run on a GPU
 // ---------------------------------------------------------------------------------------------
 
+/// The scalar kernels' tolerance (causal and not): f32 throughout, one rounding of the output
+/// (|out| <= 1) to T.
+fn scalar_tol<T: Elem>() -> Tol {
+    tol_for::<T>(
+        Tol {
+            rel_l2: 1e-5,
+            max_abs: 1e-5,
+        },
+        Tol {
+            rel_l2: 1e-3,
+            max_abs: 2e-3,
+        },
+        Tol {
+            rel_l2: 8e-3,
+            max_abs: 1.6e-2,
+        },
+    )
+}
+
 fn causal_attention_case<T: Elem>(batch: usize, heads: usize, len: usize, d: usize) {
     let what = format!(
         "attention_scalar_causal_{} batch {batch} heads {heads} len {len} d {d}",
@@ -52,20 +71,7 @@ fn causal_attention_case<T: Elem>(batch: usize, heads: usize, len: usize, d: usi
     let (_, got, want) = attention_job::<T>(dims, (len * 1000 + d) as u64, |s, at| {
         ops::attention_causal_launch::<T>(s, at).expect("launch plan")
     });
-    let tol = tol_for::<T>(
-        Tol {
-            rel_l2: 1e-5,
-            max_abs: 1e-5,
-        },
-        Tol {
-            rel_l2: 1e-3,
-            max_abs: 2e-3,
-        },
-        Tol {
-            rel_l2: 8e-3,
-            max_abs: 1.6e-2,
-        },
-    );
+    let tol = scalar_tol::<T>();
     check(&what, &got, &want, tol);
 }
 
@@ -167,21 +173,7 @@ fn scalar_case<T: Elem>(batch: usize, heads: usize, lq: usize, lk: usize, d: usi
     });
     assert_eq!(name, format!("attention_scalar_{}", T::SUFFIX));
     let what = format!("{name} batch {batch} heads {heads} lq {lq} lk {lk} d {d}");
-    // f32 throughout, one rounding of the output (|out| <= 1): the causal kernel's tolerances.
-    let tol = tol_for::<T>(
-        Tol {
-            rel_l2: 1e-5,
-            max_abs: 1e-5,
-        },
-        Tol {
-            rel_l2: 1e-3,
-            max_abs: 2e-3,
-        },
-        Tol {
-            rel_l2: 8e-3,
-            max_abs: 1.6e-2,
-        },
-    );
+    let tol = scalar_tol::<T>();
     check(&what, &got, &want, tol);
 }
 
