@@ -717,3 +717,19 @@ fn layout_ops_match_cpu() {
 fn shape_errors_are_errors() {
     every_dtype!("errors", errors_case);
 }
+
+/// `hdb bench cuda --smoke` times nothing worth comparing, so it refuses a peer, naming the
+/// flag, before opening any device (no GPU needed).
+#[test]
+fn bench_smoke_refuses_a_peer() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["bench", "cuda", "--smoke", "--peer-python", "python3"])
+        .output()
+        .expect("running hdb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "hdb accepted --smoke with a peer");
+    assert!(
+        err.contains("--peer-python") && err.contains("--smoke"),
+        "the error should name --peer-python and --smoke: {err}"
+    );
+}
