@@ -90,62 +90,115 @@ python3 -c 'import diffusers' 2>/dev/null || {
 # One kernel cache for the run (and for later calls on the same machine): every test process
 # after the first that needs a kernel file reads its PTX instead of compiling it again
 # (seconds each for attention.cu). Entries are keyed by their source, so none goes stale.
+# Tests that run the CLI find the carried binary (the build machine's path is not here).
+export HDB_TEST_HDB_BIN="$root/$bin/hdb"
 export HDB_KERNEL_CACHE="${HDB_KERNEL_CACHE:-$root/$bin/kernel-cache}"
 echo "kernel cache: $HDB_KERNEL_CACHE"
 
 status=0
-if want parity; then
-  echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs)"
-  # One process per test: a kernel fault poisons its CUDA context, and should not take the
-  # tests after it down too.
-  for t in $gpu_tests; do
-    for name in $("$bin/$t" --list 2>/dev/null | sed -n 's/: test$//p'); do
-      timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture 2>&1 | tee -a "$out/parity.log"
-      rc=${PIPESTATUS[0]}
-      [ "$rc" = 0 ] || { echo "gpu-check: $t $name failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
-    done
-  done
-  # The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
-  # temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
-  echo "== the session and pipeline tests on the generic UNet (HDB_CUDA_UNET=generic)"
-  for name in session::session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
-              session::pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
-    HDB_CUDA_UNET=generic timeout 120 "$bin/cuda_unet" --exact "$name" --include-ignored \
-      --test-threads=1 --nocapture 2>&1 | sed 's/^cuda-parity /cuda-parity generic-unet /' |
-      tee -a "$out/parity.log"
-    rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || { echo "gpu-check: cuda_unet $name (generic UNet) failed (exit $rc)" | tee -a "$out/parity.log"; status=1; }
-  done
-  if grep -q "SKIPPED" "$out/parity.log"; then
-    echo "gpu-check: tests skipped on a GPU machine: the CUDA backend did not open"; status=1
-  fi
-fi
+# Per-test logs stay out of $out (a device call brings back only a few files from it).
+pdir="$(mktemp -d)"
+# Parity tests run this many at a time (each in its own process on the one GPU; they are not
+# timed), with the memcheck beside them; the bench runs alone after both.
+jobs_max="${GPU_CHECK_JOBS:-4}"
+# Seconds from the start by which the run should end (0: no limit). The bench's time limits
+# shrink to fit, so a device call with a hard limit still gets the summary.
+deadline="${GPU_CHECK_DEADLINE:-0}"
+left() { [ "$deadline" -gt 0 ] && echo $((deadline - SECONDS)) || echo 100000; }
+phase_start=$SECONDS
 
+# One test in its own process: a kernel fault poisons its CUDA context, and should not take
+# the tests after it down too. Output to $pdir/<n>.log, exit status to <n>.rc.
+run_test() { # n binary test tag [VAR=value...]
+  local n=$1 t=$2 name=$3 tag=$4 t0=$SECONDS rc
+  shift 4
+  env "$@" timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture \
+    >"$pdir/$n.out" 2>&1
+  rc=$?
+  if [ "$tag" = - ]; then mv "$pdir/$n.out" "$pdir/$n.log"
+  else sed "s/^cuda-parity /cuda-parity $tag /" "$pdir/$n.out" >"$pdir/$n.log"; rm -f "$pdir/$n.out"; fi
+  echo $rc >"$pdir/$n.rc"
+  printf '%-6s %4ss  %s %s%s\n' "$([ $rc = 0 ] && echo ok || echo FAILED)" $((SECONDS - t0)) "$t" "$name" \
+    "$([ "$tag" = - ] || echo " ($tag)")"
+}
+
+memcheck_pid=""
 if want memcheck; then
   # Out-of-bounds and misaligned accesses that happen not to fault (every parity test but the
   # fault test, whose 16 TiB allocation the sanitizer would report).
   export PATH="$PATH:/usr/local/cuda/bin"
   if command -v compute-sanitizer >/dev/null; then
-    echo "== compute-sanitizer --tool memcheck (cuda_parity)"
-    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
-      --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
-    rc=$?
-    grep "ERROR SUMMARY" "$out/memcheck.log" | tail -1
-    [ "$rc" = 0 ] || { echo "gpu-check: memcheck failed (exit $rc)"; status=1; }
+    echo "== compute-sanitizer --tool memcheck (cuda_parity), beside the parity tests"
+    ( t0=$SECONDS
+      timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
+        --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
+      echo $? >"$pdir/memcheck.rc"
+      echo "memcheck done in $((SECONDS - t0)) s (exit $(cat "$pdir/memcheck.rc"))" ) &
+    memcheck_pid=$!
   else
     echo "== compute-sanitizer not found: memcheck skipped"
   fi
 fi
 
-if want bench; then
-  echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU)"
-  timeout 420 "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
+if want parity; then
+  echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs), $jobs_max at a time"
+  cases="$pdir/cases"
+  for t in $gpu_tests; do
+    "$bin/$t" --list 2>/dev/null | sed -n "s/: test\$//p" | sed "s/^/$t /; s/\$/ -/"
+  done >"$cases"
+  # The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
+  # temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
+  for name in session::session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
+              session::pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
+    echo "cuda_unet $name generic-unet HDB_CUDA_UNET=generic"
+  done >>"$cases"
+  n=0
+  while read -r t name tag envs; do
+    n=$((n + 1))
+    while [ "$(jobs -rp | grep -vx "${memcheck_pid:-none}" | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+    run_test "$(printf %03d $n)" "$t" "$name" "$tag" $envs &
+  done <"$cases"
+  for p in $(jobs -rp | grep -vx "${memcheck_pid:-none}"); do wait "$p"; done
+  cat "$pdir"/[0-9]*.log >"$out/parity.log"
+  for f in "$pdir"/[0-9]*.rc; do
+    [ "$(cat "$f")" = 0 ] || { echo "gpu-check: $(sed -n "$(basename "$f" .rc | sed 's/^0*//')p" "$cases" | cut -d' ' -f1-3) failed (exit $(cat "$f"))" | tee -a "$out/parity.log"; status=1; }
+  done
+  echo "parity: $(wc -l <"$cases") tests in $((SECONDS - phase_start)) s"
+  if grep -q "SKIPPED" "$out/parity.log"; then
+    echo "gpu-check: tests skipped on a GPU machine: the CUDA backend did not open"; status=1
+  fi
+fi
 
-  echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU)"
-  timeout 240 "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python python3 2>&1 |
-    tee "$out/bench-hypernet.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
+if [ -n "$memcheck_pid" ]; then
+  wait "$memcheck_pid"
+  grep "ERROR SUMMARY" "$out/memcheck.log" | tail -1
+  [ "$(cat "$pdir/memcheck.rc")" = 0 ] || { echo "gpu-check: memcheck failed (exit $(cat "$pdir/memcheck.rc"))"; tail -5 "$out/memcheck.log"; status=1; }
+fi
+
+if want bench; then
+  # Most of the time to `hdb bench cuda` (a killed bench still leaves its "measured:" lines),
+  # the rest to the hypernetwork's; 20 s for the summary.
+  room=$(( $(left) - 20 ))
+  t_cuda=$(( room * 3 / 4 < 420 ? room * 3 / 4 : 420 ))
+  if [ "$t_cuda" -lt 60 ]; then
+    echo "gpu-check: $(left) s left before the deadline: bench skipped"; status=1
+  else
+    echo "== bench (hdb bench cuda --unet, PyTorch peer on the same GPU; at most $t_cuda s)"
+    t0=$SECONDS
+    timeout "$t_cuda" "$bin/hdb" bench cuda --runs 20 --unet --peer-python python3 2>&1 | tee "$out/bench.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: bench failed"; status=1; }
+    echo "bench cuda: $((SECONDS - t0)) s"
+
+    t_hyp=$(( $(left) - 20 < 240 ? $(left) - 20 : 240 ))
+    if [ "$t_hyp" -lt 30 ]; then
+      echo "gpu-check: $(left) s left before the deadline: hypernet bench skipped"; status=1
+    else
+      echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU; at most $t_hyp s)"
+      timeout "$t_hyp" "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python python3 2>&1 |
+        tee "$out/bench-hypernet.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
+    fi
+  fi
 fi
 
 echo
@@ -157,8 +210,9 @@ if want parity; then
   grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
 fi
 if want bench; then
-  awk '/^what /,0' "$out/bench.log"
-  grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log"
+  if grep -q "^what " "$out/bench.log" 2>/dev/null; then awk '/^what /,0' "$out/bench.log"
+  else echo "bench cut short; what it measured:"; grep "^measured:" "$out/bench.log" 2>/dev/null; fi
+  grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log" 2>/dev/null
 fi
 want memcheck && grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"

@@ -722,7 +722,11 @@ fn shape_errors_are_errors() {
 /// flag, before opening any device (no GPU needed).
 #[test]
 fn bench_smoke_refuses_a_peer() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hdb"))
+    // scripts/gpu-check.sh names the binary it carried to the GPU machine (the build's path
+    // is not there).
+    let hdb =
+        std::env::var_os("HDB_TEST_HDB_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_hdb").into());
+    let out = std::process::Command::new(hdb)
         .args(["bench", "cuda", "--smoke", "--peer-python", "python3"])
         .output()
         .expect("running hdb");
