@@ -74,10 +74,14 @@ def main():
     ap.add_argument(
         "--conv", action="append", default=[], help="b,c_in,c_out,h,w,k,stride,pad (repeatable)"
     )
+    ap.add_argument("--linear", action="append", default=[], help="m,k,n: F.linear in f32 (repeatable)")
     ap.add_argument("--dtypes", default="f16,bf16")
     ap.add_argument("--copy-bytes", type=int, default=0)
     ap.add_argument("--unet", action="store_true")
     ap.add_argument("--vae", action="store_true", help="SD 1.5 AutoencoderKL decode, 1 x 64x64 latents, fp16")
+    ap.add_argument(
+        "--text-encoder", action="store_true", help="SD 1.5 CLIP text encoder (transformers), 2 x 77 tokens, fp16"
+    )
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--device", default="cuda")
@@ -90,9 +94,14 @@ def main():
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
         "attention": [],
         "conv": [],
+        "linear": [],
+        # Whether PyTorch's f32 matmuls may use TF32 (hdb's f32 GEMMs never do).
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "copy": None,
         "unet": None,
         "vae": None,
+        "text_encoder": None,
     }
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
@@ -122,6 +131,13 @@ def main():
             out["conv"].append(
                 dict(b=b, c_in=c_in, c_out=c_out, h=h, w=w, k=k, stride=stride, pad=pad, dtype=name, ms=ms)
             )
+        for spec in args.linear:
+            m, k, n = (int(v) for v in spec.split(","))
+            x = torch.randn(m, k, device=dev, generator=g)
+            w = torch.randn(n, k, device=dev, generator=g) * 0.02
+            bias = torch.randn(n, device=dev, generator=g) * 0.1
+            ms = timed(lambda: F.linear(x, w, bias), args.warmup, args.runs, dev)
+            out["linear"].append(dict(m=m, k=k, n=n, dtype="f32", ms=ms))
         if args.copy_bytes > 0:
             n = args.copy_bytes // 2
             src = torch.randn(n, device=dev, dtype=torch.float16, generator=g)
@@ -166,6 +182,31 @@ def main():
             spread = {}
             ms = timed(lambda: vae.decode(z).sample, max(2, args.warmup), max(5, args.runs), dev, spread)
             out["vae"] = dict(ms=ms, **spread)
+        if args.text_encoder:
+            try:
+                import transformers
+                from transformers import CLIPTextConfig, CLIPTextModel
+            except ImportError as e:
+                out["text_encoder"] = dict(error=f"transformers not importable: {e}")
+            else:
+                torch.manual_seed(0)
+                # SD 1.5's text encoder: CLIP ViT-L/14's text tower.
+                cfg = CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    hidden_act="quick_gelu",
+                )
+                te = CLIPTextModel(cfg).to(dev, torch.float16).eval()
+                ids = torch.randint(0, 49408, (2, 77), device=dev, generator=g)
+                spread = {}
+                ms = timed(lambda: te(input_ids=ids).last_hidden_state, args.warmup, args.runs, dev, spread)
+                out["text_encoder"] = dict(
+                    ms=ms, transformers=transformers.__version__, attn=cfg._attn_implementation, **spread
+                )
     print(json.dumps(out))
 
 

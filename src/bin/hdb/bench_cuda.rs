@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 use half::{bf16, f16};
@@ -95,6 +96,8 @@ static SMOKE: AtomicBool = AtomicBool::new(false);
 /// e.g. on the emulated GPU (scripts/emulated-gpu.sh) before a GPU's time is spent on it.
 pub(crate) struct Scale {
     attn: Vec<(usize, usize, usize)>,
+    /// f32 linear layers (rows, in, out): the hypernetwork's (it runs in f32).
+    linear: Vec<(usize, usize, usize)>,
     conv: Vec<ConvShape>,
     pub(crate) unet: UnetConfig,
     /// Latent height and width.
@@ -109,6 +112,7 @@ impl Scale {
     pub(crate) fn sd15() -> Scale {
         Scale {
             attn: ATTN.to_vec(),
+            linear: LINEAR_F32.to_vec(),
             conv: CONV.to_vec(),
             unet: UnetConfig::default(),
             latent: 64,
@@ -121,10 +125,12 @@ impl Scale {
     pub(crate) fn smoke() -> Scale {
         Scale {
             attn: vec![(64, 64, 40), (64, 8, 40), (16, 16, 80), (16, 8, 160)],
+            linear: vec![(17, 64, 96)],
             conv: vec![
-                ("conv_in", 4, 16, 8, 3, 1, 1),
-                ("3x3 s2", 16, 16, 8, 3, 2, 1),
-                ("1x1", 16, 32, 4, 1, 1, 0),
+                ("conv_in", 2, 4, 16, 8, 3, 1, 1),
+                ("3x3 s2", 2, 16, 16, 8, 3, 2, 1),
+                ("1x1", 2, 16, 32, 4, 1, 1, 0),
+                ("vae 3x3", 1, 16, 16, 16, 3, 1, 1),
             ],
             unet: UnetConfig {
                 block_out_channels: vec![32, 64, 64, 64],
@@ -172,21 +178,124 @@ pub(crate) struct Row {
     pub(crate) peer_ms: Option<f64>,
 }
 
-/// SD 1.5 UNet convolutions at 64x64 latents, batch 2: (name, c_in, c_out, input size,
-/// kernel, stride, padding). One per level (the 3x3 resnet convs), the stride-2 downsampler,
-/// a 1x1 resnet shortcut, conv_in and conv_out.
-/// A convolution: (name, c_in, c_out, height = width, kernel, stride, padding), batch 2.
-type ConvShape = (&'static str, usize, usize, usize, usize, usize, usize);
+/// Where the device time of one more call of `f` goes, per op category: the model code's
+/// profile scopes, each waiting for the device (`hdb::backend::profile::enable_synced`), so the
+/// launch gaps a plain run hides count here and the total exceeds the timed call's. Returned
+/// as lines for the notes after the table.
+pub(crate) fn device_profile(
+    dev: &Arc<CudaDevice>,
+    what: &str,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<String> {
+    dev.synchronize()?;
+    let d = dev.clone();
+    hdb::backend::profile::enable_synced(move || {
+        // A failed wait shows up as the call's own error.
+        let _ = d.synchronize();
+    });
+    let t = std::time::Instant::now();
+    let r = f().and_then(|()| dev.synchronize());
+    let total_ms = t.elapsed().as_secs_f64() * 1e3;
+    let spent = hdb::backend::profile::report();
+    hdb::backend::profile::enable(false);
+    r?;
+    let mut s = format!(
+        "where {what}'s time goes (one more call, every op waited for: {total_ms:.2} ms in all):"
+    );
+    for (name, d, n) in &spent {
+        s += &format!(
+            "\n  {name:<24} {:>9.3} ms {n:>6} calls",
+            d.as_secs_f64() * 1e3
+        );
+    }
+    Ok(s)
+}
 
+/// The table's rows. Each is printed as it is measured too, so a bench cut short by a time
+/// limit (a GPU session's minutes) still leaves every figure it reached in the log.
+pub(crate) struct Rows(Vec<Row>);
+
+impl Rows {
+    pub(crate) fn push(&mut self, r: Row) {
+        println!("measured: {} {:.4} ms", r.what, r.ours_ms);
+        self.0.push(r);
+    }
+}
+
+/// The hypernetwork's f32 linear layers at its default config: ViT-H/14's at 257 tokens (qkv,
+/// out projection, MLP up and down).
+const LINEAR_F32: &[(usize, usize, usize)] = &[
+    (257, 1280, 3840),
+    (257, 1280, 1280),
+    (257, 1280, 5120),
+    (257, 5120, 1280),
+];
+
+/// f32 `y = x w^T + b` (cuBLAS SGEMM, then the bias kernel) at each shape, against PyTorch's
+/// `F.linear` in f32 where the peer ran.
+fn linear_rows(
+    dev: &CudaDevice,
+    shapes: &[(usize, usize, usize)],
+    runs: usize,
+    peer: &serde_json::Value,
+    rows: &mut Rows,
+) -> Result<()> {
+    let mut rng = SplitMix64(17);
+    for &(m, k, n) in shapes {
+        let x = random::<f32>(dev, &mut rng, m * k, 1.0)?;
+        let w = random::<f32>(dev, &mut rng, n * k, 0.02)?;
+        let b = random::<f32>(dev, &mut rng, n, 0.1)?;
+        let y = dev.zeros::<f32>(m * n)?;
+        let ms = gpu_ms(dev, 3, runs, || {
+            ops::linear(dev, At::from(&y), n, At::from(&x), &w, Some(&b), (m, k, n))
+        })?;
+        let peer_ms = peer["linear"].as_array().and_then(|a| {
+            a.iter()
+                .find(|e| e["m"] == m && e["k"] == k && e["n"] == n)
+                .and_then(|e| e["ms"].as_f64())
+        });
+        rows.push(Row {
+            what: format!("linear f32 {m} x {k} -> {n} (SGEMM + bias)"),
+            ours_ms: ms,
+            rate: format!("{:.1} TFLOP/s", 2.0 * (m * k * n) as f64 / ms / 1e9),
+            peer_ms,
+        });
+    }
+    Ok(())
+}
+
+/// A convolution: (name, batch, c_in, c_out, height = width, kernel, stride, padding).
+type ConvShape = (
+    &'static str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
+/// SD 1.5 UNet convolutions at 64x64 latents, batch 2: one per level (the 3x3 resnet convs),
+/// the stride-2 downsampler, a 1x1 resnet shortcut, conv_in and conv_out; then the VAE
+/// decoder's 3x3 convolutions of one 64x64 latent (batch 1), one per channel count and size
+/// (the 512-channel upsampler at 256x256, the 256-channel one at 512x512), and its conv_out.
 const CONV: &[ConvShape] = &[
-    ("conv_in", 4, 320, 64, 3, 1, 1),
-    ("3x3", 320, 320, 64, 3, 1, 1),
-    ("3x3 s2", 320, 320, 64, 3, 2, 1),
-    ("3x3", 640, 640, 32, 3, 1, 1),
-    ("3x3", 1280, 1280, 16, 3, 1, 1),
-    ("1x1", 640, 1280, 16, 1, 1, 0),
-    ("3x3", 1280, 1280, 8, 3, 1, 1),
-    ("conv_out", 320, 4, 64, 3, 1, 1),
+    ("conv_in", 2, 4, 320, 64, 3, 1, 1),
+    ("3x3", 2, 320, 320, 64, 3, 1, 1),
+    ("3x3 s2", 2, 320, 320, 64, 3, 2, 1),
+    ("3x3", 2, 640, 640, 32, 3, 1, 1),
+    ("3x3", 2, 1280, 1280, 16, 3, 1, 1),
+    ("1x1", 2, 640, 1280, 16, 1, 1, 0),
+    ("3x3", 2, 1280, 1280, 8, 3, 1, 1),
+    ("conv_out", 2, 320, 4, 64, 3, 1, 1),
+    ("vae 3x3", 1, 512, 512, 64, 3, 1, 1),
+    ("vae 3x3", 1, 512, 512, 128, 3, 1, 1),
+    ("vae 3x3", 1, 512, 512, 256, 3, 1, 1),
+    ("vae 3x3", 1, 256, 256, 256, 3, 1, 1),
+    ("vae 3x3", 1, 256, 256, 512, 3, 1, 1),
+    ("vae 3x3", 1, 128, 128, 512, 3, 1, 1),
+    ("vae conv_out", 1, 128, 3, 512, 3, 1, 1),
 ];
 
 /// One convolution shape timed both ways (fp16, bias fused or added).
@@ -210,12 +319,11 @@ fn conv_rows(
     shapes: &[ConvShape],
     runs: usize,
     peer: &serde_json::Value,
-    rows: &mut Vec<Row>,
+    rows: &mut Rows,
 ) -> Result<Vec<ConvCmp>> {
     let mut rng = SplitMix64(13);
     let mut out = Vec::new();
-    let b = 2;
-    for &(name, c_in, c_out, hw, k, stride, pad) in shapes {
+    for &(name, b, c_in, c_out, hw, k, stride, pad) in shapes {
         let p = Conv2d {
             batch: b,
             c_in,
@@ -309,7 +417,9 @@ fn conv_rows(
 /// implicit / im2col (below 1: the implicit GEMM is faster); against cuDNN where the peer ran.
 fn print_conv_summary(convs: &[ConvCmp]) {
     let tf = |flops: f64, ms: f64| flops / ms / 1e9;
-    println!("conv2d fp16, batch 2: implicit GEMM vs im2col + cuBLAS");
+    println!(
+        "conv2d fp16 (the UNet's at batch 2, the VAE's at 1): implicit GEMM vs im2col + cuBLAS"
+    );
     println!(
         "  {:<32} {:>10} {:>8} {:>11} {:>8} {:>5} {:>16} {:>9} {:>15}",
         "shape",
@@ -367,7 +477,7 @@ fn attention_rows<T: DeviceElem>(
     shapes: &[(usize, usize, usize)],
     runs: usize,
     peer: &serde_json::Value,
-    rows: &mut Vec<Row>,
+    rows: &mut Rows,
     kernel: AttnKernel,
 ) -> Result<()> {
     let mut rng = SplitMix64(7);
@@ -440,7 +550,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
     }
     let lat = scale.latent;
     let tokens = scale.tokens;
-    let dev = std::sync::Arc::new(CudaDevice::open(0)?);
+    let dev = Arc::new(CudaDevice::open(0)?);
     let (free, total) = dev.memory()?;
     let (ma, mi) = dev.compute_capability();
     println!(
@@ -476,40 +586,50 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
                 scale
                     .conv
                     .iter()
-                    .flat_map(|&(_, c_in, c_out, hw, k, s, p)| {
+                    .flat_map(|&(_, b, c_in, c_out, hw, k, s, p)| {
                         [
                             "--conv".to_string(),
-                            format!("2,{c_in},{c_out},{hw},{hw},{k},{s},{p}"),
+                            format!("{b},{c_in},{c_out},{hw},{hw},{k},{s},{p}"),
                         ]
                     }),
+            );
+            args.extend(
+                scale
+                    .linear
+                    .iter()
+                    .flat_map(|&(m, k, n)| ["--linear".to_string(), format!("{m},{k},{n}")]),
             );
             args.extend(["--copy-bytes".into(), copy_bytes.to_string()]);
             args.extend(["--runs".into(), runs.to_string()]);
             if with_unet {
                 args.push("--unet".into());
                 args.push("--vae".into());
+                args.push("--text-encoder".into());
             }
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             let t = std::time::Instant::now();
             let v = run_peer(py, "tools/bench_torch_cuda.py", &a)?;
             println!(
-                "peer: torch {} on {} ({:.0} s)",
+                "peer: torch {} on {} ({:.0} s; f32 matmuls: allow_tf32 {}, precision {})",
                 v["torch"],
                 v["device"],
-                t.elapsed().as_secs_f64()
+                t.elapsed().as_secs_f64(),
+                v["matmul_allow_tf32"],
+                v["float32_matmul_precision"]
             );
             v
         }
         None => serde_json::Value::Null,
     };
 
-    let mut rows = Vec::new();
+    let mut rows = Rows(Vec::new());
     let attn = &scale.attn;
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Auto)?;
     attention_rows::<bf16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Auto)?;
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<bf16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash1)?;
+    linear_rows(&dev, &scale.linear, runs, &peer, &mut rows)?;
     let convs = conv_rows(&dev, &scale.conv, runs, &peer, &mut rows)?;
 
     // LiDB merge of all adapted projections (fp16) against a device-to-device copy.
@@ -744,7 +864,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
         "{:<64} {:>10} {:>16} {:>10} {:>8}",
         "what", "hdb ms", "rate", "torch ms", "ratio"
     );
-    for r in &rows {
+    for r in &rows.0 {
         let (p, ratio) = match r.peer_ms {
             Some(p) => (format!("{p:.4}"), format!("{:.2}x", p / r.ours_ms)),
             None => ("-".into(), "-".into()),
@@ -803,7 +923,7 @@ fn adapter_unet_rows(
     layers: &[(String, usize, usize)],
     scale: &Scale,
     runs: usize,
-    rows: &mut Vec<Row>,
+    rows: &mut Rows,
 ) -> Result<(f64, f64, f64)> {
     let (lat, tokens) = (scale.latent, scale.tokens);
     let mut rng = SplitMix64(23);

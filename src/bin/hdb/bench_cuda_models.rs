@@ -19,7 +19,7 @@ use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
 use hdb::Result;
 
-use crate::bench_cuda::{gpu_ms, Row, Scale};
+use crate::bench_cuda::{device_profile, gpu_ms, Row, Rows, Scale};
 
 /// 2 x multiply-adds of the VAE decoder at latents h x w: its convolutions (3x3 and 1x1
 /// shortcuts) and the mid-block attention; norms and element-wise ops are noise.
@@ -66,7 +66,7 @@ pub fn rows(
     runs: usize,
     peer: &serde_json::Value,
     (cpu_unet, tuned_ms): (&Unet, f64),
-    out: &mut Vec<Row>,
+    out: &mut Rows,
 ) -> Result<Vec<String>> {
     let runs = runs.clamp(3, 10);
     let mut notes = Vec::new();
@@ -111,6 +111,9 @@ pub fn rows(
          takes {:.2}x the time",
         ms / tuned_ms
     ));
+    notes.push(device_profile(dev, "the generic UNet step", || {
+        unet.forward_hooked(&x, None).map(|_| ())
+    })?);
     notes.push(identity_rows(dev, scale, runs, &unet, cpu_unet, out)?);
     drop(unet);
 
@@ -130,8 +133,13 @@ pub fn rows(
             "{:.1} TFLOP/s",
             text_flops(&tc, 2 * tokens, tokens) / ms / 1e9
         ),
-        peer_ms: None,
+        // transformers' CLIPTextModel in fp16 on device-resident ids (hdb's time includes
+        // the ids' upload and the output's download).
+        peer_ms: peer["text_encoder"]["ms"].as_f64(),
     });
+    notes.push(device_profile(dev, "the text encoder", || {
+        te.forward_hooked(&ids, 2, None).map(|_| ())
+    })?);
     drop(te);
 
     // The VAE decode of one 64x64 latent (a 512x512 image).
@@ -146,6 +154,9 @@ pub fn rows(
         rate: format!("{:.1} TFLOP/s", vae_decode_flops(&vc, lat, lat) / ms / 1e9),
         peer_ms: peer["vae"]["ms"].as_f64(),
     });
+    notes.push(device_profile(dev, "the VAE decode", || {
+        vae.decode(&z, 1, lat, lat).map(|_| ())
+    })?);
     Ok(notes)
 }
 
@@ -158,7 +169,7 @@ fn identity_rows(
     runs: usize,
     unet: &Unet<Cuda<f16>>,
     cpu_unet: &Unet,
-    out: &mut Vec<Row>,
+    out: &mut Rows,
 ) -> Result<String> {
     let mut rng = SplitMix64(31);
     let mut u = |n: usize, s: f32| -> Vec<f32> {

@@ -180,8 +180,15 @@ pub fn bench(
             }
             (format!("cpu f32, {threads} threads"), "cpu")
         }
-        #[allow(unreachable_patterns)] // the only other variant is the GPU (feature cuda)
-        _ => (net.describe(), "cuda"),
+        #[cfg(feature = "cuda")]
+        RuntimeHypernet::Cuda(n) => {
+            let dev = n.backend().dev();
+            let spent = super::bench_cuda::device_profile(dev, "one prediction", || {
+                rt.install(|| net.predict(&image, None, None)).map(|_| ())
+            })?;
+            eprintln!("{spent}");
+            (net.describe(), "cuda")
+        }
     };
     println!(
         "hdb {where_}: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations): {med:.4} s (median of {}), {:.1} TFLOP/s",
