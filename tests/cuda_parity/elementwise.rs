@@ -3,7 +3,20 @@
 use super::*;
 
 fn norms_case<T: DeviceElem>(dev: &CudaDevice, rng: &mut SplitMix64) {
-    let (b, c, hw, groups) = (2usize, 320usize, 1024usize, 32usize);
+    // SD 1.5's UNet at 32x32 (64 runs of 10 x 1024), then the VAE decoder's shape at 128 x 128
+    // with batch 1 (32 runs of 4 x 16384: the split pair, ops::group_norm_chunks).
+    for (b, c, hw) in [(2usize, 320usize, 1024usize), (1, 128, 16384)] {
+        group_norm_shape::<T>(dev, rng, (b, c, hw));
+    }
+    layer_norm_shape::<T>(dev, rng);
+}
+
+fn group_norm_shape<T: DeviceElem>(
+    dev: &CudaDevice,
+    rng: &mut SplitMix64,
+    (b, c, hw): (usize, usize, usize),
+) {
+    let groups = 32;
     let x = rounded::<T>(
         &randn(rng, b * c * hw, 2.0)
             .iter()
@@ -29,7 +42,7 @@ fn norms_case<T: DeviceElem>(dev: &CudaDevice, rng: &mut SplitMix64) {
             "group_norm"
         };
         check(
-            &format!("{name}_{} 2x320x1024", T::SUFFIX),
+            &format!("{name}_{} {b}x{c}x{hw}", T::SUFFIX),
             &got,
             &want,
             tol::<T>(1e-5),
@@ -41,12 +54,14 @@ fn norms_case<T: DeviceElem>(dev: &CudaDevice, rng: &mut SplitMix64) {
     ops::group_norm(dev, &xd, &xd, &gd, &bd, (b, c, hw), groups, 1e-5, true).unwrap();
     let got = dev.download_f32(&xd, x.len()).unwrap();
     check(
-        &format!("group_norm_silu_{} in place", T::SUFFIX),
+        &format!("group_norm_silu_{} {b}x{c}x{hw} in place", T::SUFFIX),
         &got,
         &want,
         tol::<T>(1e-5),
     );
+}
 
+fn layer_norm_shape<T: DeviceElem>(dev: &CudaDevice, rng: &mut SplitMix64) {
     let (rows, dim) = (777usize, 320usize);
     let x = rounded::<T>(&randn(rng, rows * dim, 3.0));
     let g = rounded::<T>(&randn(rng, dim, 1.0));

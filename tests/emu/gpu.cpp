@@ -423,7 +423,8 @@ EXPORT int cuDeviceGetAttribute(int* v, int attr, int dev) {
     switch (attr) {
     case 75: *v = 9; break;   // compute capability major
     case 76: *v = 0; break;   // minor
-    case 16: *v = 1; break;   // multiprocessors
+    case 16: *v = 132; break; // multiprocessors, an H100 SXM's: the split heuristics (group norm,
+                              // the implicit GEMM's split-K) choose here what they choose there
     case 115: *v = 0; break;  // memory pools: no (cuMemAlloc, not cuMemAllocAsync)
     case 97: *v = (int)hdb_emu::kMaxDynSmem; break; // max shared memory per block (opt-in)
     case 8: *v = 48 * 1024; break;  // shared memory per block

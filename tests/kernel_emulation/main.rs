@@ -77,6 +77,9 @@ const COVERED: &[&str] = &[
     // norm.rs
     "group_norm",
     "group_norm_silu",
+    "group_norm_stats",
+    "group_norm_apply",
+    "group_norm_apply_silu",
     "layer_norm",
     // conv.rs
     "im2col",

@@ -7,9 +7,14 @@ use hdb::backend::cuda::ops;
 use crate::harness::{check, rand_vec, Elem, Job};
 use crate::rounding_tol;
 
-fn group_norm_case<T: Elem>(batch: usize, channels: usize, hw: usize, groups: usize, silu: bool) {
+/// `chunks` 1: the one-block-per-run kernel; more: the split pair (stats, then apply).
+fn group_norm_case<T: Elem>(
+    (batch, channels, hw, groups): (usize, usize, usize, usize),
+    chunks: usize,
+    silu: bool,
+) {
     let what = format!(
-        "group_norm{}_{} {batch} x {channels} x {hw}, {groups} groups",
+        "group_norm{}_{} {batch} x {channels} x {hw}, {groups} groups, {chunks} chunks",
         if silu { "_silu" } else { "" },
         T::SUFFIX
     );
@@ -29,10 +34,21 @@ fn group_norm_case<T: Elem>(batch: usize, channels: usize, hw: usize, groups: us
     let ga = job.input(&T::bytes(&gamma));
     let ba = job.input(&T::bytes(&beta));
     let ya = job.output(n * std::mem::size_of::<T>());
-    job.launch(
-        &ops::group_norm_launch::<T>([ya, xa, ga, ba], (batch, channels, hw), groups, eps, silu)
-            .expect("launch plan"),
-    );
+    let shape = (batch, channels, hw);
+    if chunks == 1 {
+        job.launch(
+            &ops::group_norm_launch::<T>([ya, xa, ga, ba], shape, groups, eps, silu)
+                .expect("launch plan"),
+        );
+    } else {
+        let stats = job.output(batch * groups * chunks * 2 * 4);
+        let addrs = [ya, xa, ga, ba];
+        for l in ops::group_norm_split_launches::<T>(addrs, stats, shape, groups, chunks, eps, silu)
+            .expect("launch plan")
+        {
+            job.launch(&l);
+        }
+    }
     let got = T::values(&job.run(&what, &[ya])[0]);
     // |x_hat| < 2.5 (uniform data), gamma < 1.5: |y| < 4.5. f32 statistics against the CPU's
     // f64 ones: a few f32 ulps.
@@ -44,7 +60,7 @@ fn group_norm_matches_cpu() {
     // (batch, channels, hw, groups): groups of several channels; a group's run under the
     // 512-thread block (4 x 77), over it and not a multiple (16 x 45 = 720, 4 x 1000), one
     // channel a group, and hw 1.
-    for (batch, channels, hw, groups) in [
+    for shape in [
         (2, 32, 77, 8),
         (1, 64, 45, 4),
         (2, 12, 1000, 3),
@@ -52,9 +68,30 @@ fn group_norm_matches_cpu() {
         (3, 8, 1, 2),
     ] {
         for silu in [false, true] {
-            group_norm_case::<f32>(batch, channels, hw, groups, silu);
-            group_norm_case::<f16>(batch, channels, hw, groups, silu);
-            group_norm_case::<bf16>(batch, channels, hw, groups, silu);
+            group_norm_case::<f32>(shape, 1, silu);
+            group_norm_case::<f16>(shape, 1, silu);
+            group_norm_case::<bf16>(shape, 1, silu);
+        }
+    }
+}
+
+#[test]
+fn group_norm_split_matches_cpu() {
+    // The split pair: chunks that divide the run (4 x 1000 in 4), that do not (16 x 45 = 720 in
+    // 7), chunks past the end (5 elements in 7 chunks: two are empty), and 4 elements in 2.
+    // (Not one element a run: its variance is 0, rstd = 1/sqrt(eps), and the CPU's
+    // scale-and-shift form then rounds differently from x - mean = 0 by ~1e-4.)
+    for (shape, chunks) in [
+        ((2, 12, 1000, 3), 4),
+        ((1, 64, 45, 4), 7),
+        ((1, 6, 5, 6), 3),
+        ((2, 10, 1, 2), 7),
+        ((3, 8, 2, 4), 2),
+    ] {
+        for silu in [false, true] {
+            group_norm_case::<f32>(shape, chunks, silu);
+            group_norm_case::<f16>(shape, chunks, silu);
+            group_norm_case::<bf16>(shape, chunks, silu);
         }
     }
 }

@@ -154,11 +154,12 @@ impl<T: BlasElem> Backend for Cuda<T> {
             volume(op, &[p.c_in, p.kernel, p.kernel, oh, ow])?
         };
         self.dev.bind_to_thread()?;
-        // im2col's scratch grows with the image (1.2 GB in fp16 for the VAE's 256-channel
-        // convolution at 512 x 512, 4.8 GB at 1024 x 1024): past IM2COL_MAX_BYTES the implicit
-        // GEMM, which needs none, runs instead (tensor cores: f16/bf16 only).
+        // The implicit GEMM (tensor cores: f16/bf16 only) where it is the faster of the two
+        // (ops::conv2d_prefers_implicit), and wherever im2col's scratch would pass
+        // IM2COL_MAX_BYTES: it grows with the image (1.2 GB in fp16 for the VAE's 256-channel
+        // convolution at 512 x 512, 4.8 GB at 1024 x 1024), and the implicit GEMM needs none.
         let big = scratch_len.saturating_mul(std::mem::size_of::<T>()) > IM2COL_MAX_BYTES;
-        if big && std::mem::size_of::<T>() == 2 {
+        if (big || ops::conv2d_prefers_implicit(p)) && std::mem::size_of::<T>() == 2 {
             ops::conv2d_implicit(&self.dev, &mut y, x, w, b, p)?;
             return Ok(y);
         }

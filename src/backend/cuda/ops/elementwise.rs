@@ -29,6 +29,22 @@ pub fn group_norm<T: DeviceElem>(
     need(y, 0, n, op, "y")?;
     need(gamma, 0, channels, op, "gamma")?;
     need(beta, 0, channels, op, "beta")?;
+    let chunks = group_norm_chunks(batch * groups, n / (batch * groups), sm_count(dev)?);
+    if chunks > 1 {
+        // Freed stream-ordered, after the two launches have read it.
+        let stats = dev.alloc::<f32>(batch * groups * chunks * 2)?;
+        let [a, b] = group_norm_split_launches::<T>(
+            [dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta)],
+            dev.ptr(&stats),
+            (batch, channels, hw),
+            groups,
+            chunks,
+            eps,
+            silu,
+        )?;
+        a.run(dev)?;
+        return b.run(dev);
+    }
     group_norm_launch::<T>(
         [dev.ptr(y), dev.ptr(x), dev.ptr(gamma), dev.ptr(beta)],
         (batch, channels, hw),
@@ -81,6 +97,70 @@ pub fn group_norm_launch<T: DeviceElem>(
             eps.into(),
         ],
     })
+}
+
+/// How many chunks [`group_norm`] splits each (sample, group) run of `len` elements into, when
+/// `runs` = batch * groups blocks would leave some of `sms` multiprocessors idle: enough for
+/// about four blocks per SM, at most 64, each chunk at least 8192 elements. 1 means the
+/// one-block-per-run kernel (no statistics buffer); so do more runs than a grid's y extent.
+pub fn group_norm_chunks(runs: usize, len: usize, sms: usize) -> usize {
+    if runs == 0 || runs >= sms || runs > 65535 {
+        return 1;
+    }
+    (4 * sms).div_ceil(runs).min(64).min(len / 8192).max(1)
+}
+
+/// [`group_norm`]'s split pair (`group_norm_stats_*`, then `group_norm_apply[_silu]_*`,
+/// kernels/norm.cu) with y, x, gamma and beta at device addresses `[y, x, gamma, beta]` and an
+/// f32 buffer of `batch * groups * chunks * 2` at `stats` (pure; see [`KernelLaunch`]).
+/// `groups` divides `channels` (the op checks); `chunks` >= 1.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_split_launches<T: DeviceElem>(
+    [ya, xa, ga, ba]: [u64; 4],
+    stats: u64,
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    chunks: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<[KernelLaunch; 2]> {
+    let op = "group_norm";
+    let runs = to_i32(batch * groups, op, "batch * groups")?;
+    let k = to_i32(chunks.max(1), op, "chunks")?;
+    let len = to_i64(channels / groups.max(1) * hw, op, "run length")?;
+    let cfg = LaunchConfig {
+        grid_dim: (k as u32, runs as u32, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stats_launch = KernelLaunch {
+        file: "norm.cu",
+        kernel: name::<T>("group_norm_stats"),
+        cfg,
+        params: vec![stats.into(), xa.into(), len.into(), k.into()],
+    };
+    let apply = KernelLaunch {
+        file: "norm.cu",
+        kernel: name::<T>(if silu {
+            "group_norm_apply_silu"
+        } else {
+            "group_norm_apply"
+        }),
+        cfg,
+        params: vec![
+            ya.into(),
+            xa.into(),
+            ga.into(),
+            ba.into(),
+            stats.into(),
+            to_i32(channels, op, "channels")?.into(),
+            to_i64(hw, op, "hw")?.into(),
+            to_i32(groups, op, "groups")?.into(),
+            k.into(),
+            eps.into(),
+        ],
+    };
+    Ok([stats_launch, apply])
 }
 
 /// LayerNorm over the last dim of x [rows, dim]; y may be x.

@@ -312,6 +312,17 @@ pub fn im2col_launch<T: DeviceElem>(cols: u64, x: u64, p: &Conv2d) -> Result<Ker
     })
 }
 
+/// Whether [`conv2d_implicit`] beats im2col + cuBLAS ([`conv2d`]) at shape `p`, in fp16 on an
+/// H100 (`hdb bench cuda`, docs/perf.md, 2026-11-26 session 6): at up to 512 output channels
+/// it did at every SD 1.5 UNet and VAE decoder shape measured (0.25x to 0.89x the time: im2col
+/// writes and reads back c_in * k * k values per output pixel, a cost that the GEMM's c_out
+/// columns amortise less the fewer there are), and at 640 and 1280 it lost (1.4x to 2.3x).
+/// 1x1 stride-1 unpadded convolutions are a plain GEMM either way: cuBLAS.
+pub fn conv2d_prefers_implicit(p: &Conv2d) -> bool {
+    let pointwise = p.kernel == 1 && p.stride == 1 && p.padding == 0;
+    !pointwise && p.c_out <= 512
+}
+
 /// [`conv2d_implicit`]'s block tile: output channels, output pixels, reduction (conv_igemm.cu).
 const IGEMM_TILE: (usize, usize, usize) = (128, 64, 32);
 
@@ -390,14 +401,7 @@ pub fn conv2d_implicit_with<T: BlasElem>(
     }
     let wanted = match splits {
         Some(s) => s,
-        None => {
-            use cudarc::driver::sys::CUdevice_attribute as Attr;
-            let sms = dev
-                .context()
-                .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .map_err(driver_err("reading the multiprocessor count"))?;
-            conv2d_implicit_splits(p, sms.max(1) as usize)
-        }
+        None => conv2d_implicit_splits(p, sm_count(dev)?),
     };
     let plan = conv2d_implicit_plan(p, wanted)?;
     let partial = if plan.partial_len > 0 {

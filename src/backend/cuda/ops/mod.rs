@@ -63,6 +63,20 @@ fn to_i32(v: usize, op: &str, arg: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i32")))
 }
 
+fn to_i64(v: usize, op: &str, arg: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i64")))
+}
+
+/// The device's multiprocessor count (split heuristics: enough blocks to fill the GPU).
+pub fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute as Attr;
+    let sms = dev
+        .context()
+        .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(driver_err("reading the multiprocessor count"))?;
+    Ok(sms.max(1) as usize)
+}
+
 /// The elementwise contract: 256 threads, grid = min(ceil(n / 256), 65536), grid-stride.
 fn elementwise_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65536) as u32;
@@ -181,6 +195,21 @@ pub fn copy<T: DeviceRepr>(
 mod tests {
     use super::*;
 
+    #[test]
+    fn group_norm_splits_only_where_the_gpu_would_idle() {
+        // An H100's 132 SMs. SD 1.5's UNet at batch 2 and 64x64: 64 runs of 10 x 4096.
+        assert_eq!(group_norm_chunks(64, 40960, 132), 5);
+        // The VAE decoder at 512x512, batch 1: 32 runs of 4 x 262144.
+        assert_eq!(group_norm_chunks(32, 1 << 20, 132), 17);
+        // Enough runs already, runs too short to split, no runs, more runs than a grid's y.
+        assert_eq!(group_norm_chunks(256, 1 << 20, 132), 1);
+        assert_eq!(group_norm_chunks(32, 8191, 132), 1);
+        assert_eq!(group_norm_chunks(0, 1 << 20, 132), 1);
+        assert_eq!(group_norm_chunks(70000, 1 << 20, 1 << 20), 1);
+        // At most 64 chunks.
+        assert_eq!(group_norm_chunks(1, 1 << 30, 132), 64);
+    }
+
     fn conv(c_in: usize, c_out: usize, hw: usize, kernel: usize, stride: usize) -> Conv2d {
         Conv2d {
             batch: 2,
@@ -191,6 +220,38 @@ mod tests {
             kernel,
             stride,
             padding: kernel / 2,
+        }
+    }
+
+    /// The generic backend's conv path at the shapes `hdb bench cuda` measured: the implicit
+    /// GEMM up to 512 output channels (3x3), im2col + cuBLAS at 640 and 1280 and for 1x1.
+    #[test]
+    fn implicit_conv_where_it_measured_faster() {
+        for (c_in, c_out, hw, k, s) in [
+            (4, 320, 64, 3, 1),
+            (320, 320, 64, 3, 1),
+            (320, 320, 64, 3, 2),
+            (320, 4, 64, 3, 1),
+            (512, 512, 128, 3, 1),
+            (256, 256, 512, 3, 1),
+            (128, 3, 512, 3, 1),
+        ] {
+            assert!(
+                conv2d_prefers_implicit(&conv(c_in, c_out, hw, k, s)),
+                "{c_in}->{c_out} {hw}"
+            );
+        }
+        for (c_in, c_out, hw, k, s) in [
+            (640, 640, 32, 3, 1),
+            (1280, 1280, 16, 3, 1),
+            (1280, 1280, 8, 3, 1),
+            (640, 1280, 16, 1, 1),
+            (320, 320, 64, 1, 1),
+        ] {
+            assert!(
+                !conv2d_prefers_implicit(&conv(c_in, c_out, hw, k, s)),
+                "{c_in}->{c_out} {hw}"
+            );
         }
     }
 
