@@ -116,28 +116,52 @@ pub fn emulated_gpu_control() -> Option<EmuControl> {
             return None;
         }
         let f = dlsym(lib, c"hdb_emu_gpu_control".as_ptr());
-        (!f.is_null()).then(|| EmuControl(std::mem::transmute::<*mut c_void, EmuFn>(f)))
+        let stat = dlsym(lib, c"hdb_emu_gpu_stat".as_ptr());
+        (!f.is_null() && !stat.is_null()).then(|| EmuControl {
+            control: std::mem::transmute::<*mut c_void, EmuFn>(f),
+            stat: std::mem::transmute::<*mut c_void, EmuStatFn>(stat),
+        })
     }
 }
 
 type EmuFn = unsafe extern "C" fn(*const std::ffi::c_char, i64) -> i32;
+type EmuStatFn = unsafe extern "C" fn(*const std::ffi::c_char) -> i64;
 
 /// See [`emulated_gpu_control`].
 #[derive(Clone, Copy)]
-pub struct EmuControl(EmuFn);
+pub struct EmuControl {
+    control: EmuFn,
+    stat: EmuStatFn,
+}
 
 impl EmuControl {
     /// Allocations may add at most `bytes` to what is allocated now (None: no limit).
     pub fn memory_headroom(&self, bytes: Option<u64>) {
         let v = bytes.map_or(-1, |b| b as i64);
         // SAFETY: a NUL-terminated name and a value, as the function takes.
-        assert_eq!(unsafe { (self.0)(c"memory_headroom".as_ptr(), v) }, 0);
+        assert_eq!(unsafe { (self.control)(c"memory_headroom".as_ptr(), v) }, 0);
     }
 
     /// The `n`-th kernel launch from now fails (0: none).
     pub fn fail_launch(&self, n: u64) {
         // SAFETY: as above.
-        assert_eq!(unsafe { (self.0)(c"fail_launch".as_ptr(), n as i64) }, 0);
+        assert_eq!(
+            unsafe { (self.control)(c"fail_launch".as_ptr(), n as i64) },
+            0
+        );
+    }
+
+    /// Kernel launches so far.
+    pub fn launches(&self) -> u64 {
+        // SAFETY: a NUL-terminated name, as the function takes.
+        unsafe { (self.stat)(c"launches".as_ptr()) }.max(0) as u64
+    }
+
+    /// The most bytes live at once among allocations made under a memory headroom since the
+    /// last control call.
+    pub fn peak_bytes(&self) -> u64 {
+        // SAFETY: as above.
+        unsafe { (self.stat)(c"peak_bytes".as_ptr()) }.max(0) as u64
     }
 }
 

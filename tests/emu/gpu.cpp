@@ -35,6 +35,9 @@
 // n-th kernel launch from now fail with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (n <= 0: none).
 // Both apply to every caller (hdb may run work on its own threads): a test that uses them must
 // run alone (scripts/emulated-gpu.sh runs each test binary with --test-threads=1).
+// hdb_emu_gpu_stat("launches") is the number of kernel launches so far, and ("peak_bytes") the
+// most bytes live at once among allocations made under a memory headroom since the last
+// control call: a test sizes its faults to the work it measures instead of to constants.
 //
 // The cuBLAS part (cublas*): handles, streams, Sgemm / GemmEx and their strided-batched
 // forms, column-major as documented: C = alpha op(A) op(B) + beta C with f32 accumulation
@@ -100,6 +103,8 @@ long long g_limit = -1;          // a test's memory headroom (hdb_emu_gpu_contro
 long long g_fail_launch_in = -1; // launches until one fails, or -1
 unsigned long long g_fault_gen = 1; // one per hdb_emu_gpu_control call
 size_t g_fault_live = 0;         // bytes allocated since then, still live
+size_t g_fault_peak = 0;         // the most g_fault_live has been since then
+unsigned long long g_launches = 0; // kernel launches so far (hdb_emu_gpu_stat)
 
 size_t capacity() {
     static const size_t cap = [] {
@@ -156,6 +161,7 @@ int mem_alloc(unsigned long long* dptr, size_t bytes) {
     std::memset(base + kGuard + bytes, kGuardByte, kGuard);
     Alloc a{base, bytes, counted ? g_fault_gen : 0};
     if (counted) g_fault_live += bytes;
+    if (g_fault_live > g_fault_peak) g_fault_peak = g_fault_live;
     g_allocs[(uintptr_t)a.data()] = a;
     g_used += bytes;
     *dptr = (unsigned long long)(uintptr_t)a.data();
@@ -380,6 +386,7 @@ EXPORT int hdb_emu_gpu_control(const char* what, long long value) {
     const std::string w = what ? what : "";
     ++g_fault_gen;
     g_fault_live = 0;
+    g_fault_peak = 0;
     if (w == "memory_headroom") {
         g_limit = value < 0 ? -1 : value;
     } else if (w == "fail_launch") {
@@ -388,6 +395,15 @@ EXPORT int hdb_emu_gpu_control(const char* what, long long value) {
         return -1;
     }
     return 0;
+}
+
+// Counters for tests (see the top). -1 for an unknown `what`.
+EXPORT long long hdb_emu_gpu_stat(const char* what) {
+    Guard g(g_lock);
+    const std::string w = what ? what : "";
+    if (w == "launches") return (long long)g_launches;
+    if (w == "peak_bytes") return (long long)g_fault_peak;
+    return -1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -666,6 +682,7 @@ EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsign
              std::to_string(fn->max_dyn_smem) + ")");
         return kInvalidValue;
     }
+    ++g_launches;
     if (g_fail_launch_in > 0 && --g_fail_launch_in == 0) {
         g_fail_launch_in = -1;
         note(fn->name + ": failing this launch as asked (hdb_emu_gpu_control fail_launch)");
