@@ -44,9 +44,6 @@ else
   cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
     python3 scripts/test-binaries.py >"$log_dir/binaries"
   [ "$(wc -l <"$log_dir/binaries")" -eq 5 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
-  # As scripts/gpu-check.sh does on a GPU: the C API session and pipeline tests once more, with
-  # the generic UNet (Unet<Cuda<f16>>) under them instead of the tuned CudaUnet.
-  awk '$1 == "cuda_unet" {print "cuda_unet-generic-unet", $2}' "$log_dir/binaries" >>"$log_dir/binaries"
   # And every path of `hdb bench cuda --unet` at small shapes, so a bench that would fail on a
   # GPU fails here first (cargo test built the binary with the cuda feature).
   echo "hdb-bench-cuda-smoke $target/debug/hdb" >>"$log_dir/binaries"
@@ -63,10 +60,6 @@ else
       elif [ "$name" = hdb-demo-cuda ]; then
         "$exe" demo --device cuda --steps 2 --size 64 --out "$log_dir/demo" 2>&1
         echo $? >"$log_dir/$name.rc"
-      elif [ "$name" = cuda_unet-generic-unet ]; then
-        HDB_CUDA_UNET=generic "$exe" session:: --include-ignored --test-threads=1 --nocapture 2>&1 |
-          sed 's/^cuda-parity /cuda-parity generic-unet /'
-        echo "${PIPESTATUS[0]}" >"$log_dir/$name.rc"
       else
         "$exe" --include-ignored --test-threads=1 --nocapture 2>&1
         echo $? >"$log_dir/$name.rc"

@@ -109,17 +109,13 @@ phase_start=$SECONDS
 
 # One test in its own process: a kernel fault poisons its CUDA context, and should not take
 # the tests after it down too. Output to $pdir/<n>.log, exit status to <n>.rc.
-run_test() { # n binary test tag [VAR=value...]
-  local n=$1 t=$2 name=$3 tag=$4 t0=$SECONDS rc
-  shift 4
-  env "$@" timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture \
-    >"$pdir/$n.out" 2>&1
+run_test() { # n binary test
+  local n=$1 t=$2 name=$3 t0=$SECONDS rc
+  timeout 120 "$bin/$t" --exact "$name" --include-ignored --test-threads=1 --nocapture \
+    >"$pdir/$n.log" 2>&1
   rc=$?
-  if [ "$tag" = - ]; then mv "$pdir/$n.out" "$pdir/$n.log"
-  else sed "s/^cuda-parity /cuda-parity $tag /" "$pdir/$n.out" >"$pdir/$n.log"; rm -f "$pdir/$n.out"; fi
   echo $rc >"$pdir/$n.rc"
-  printf '%-6s %4ss  %s %s%s\n' "$([ $rc = 0 ] && echo ok || echo FAILED)" $((SECONDS - t0)) "$t" "$name" \
-    "$([ "$tag" = - ] || echo " ($tag)")"
+  printf '%-6s %4ss  %s %s\n' "$([ $rc = 0 ] && echo ok || echo FAILED)" $((SECONDS - t0)) "$t" "$name"
 }
 
 memcheck_pid=""
@@ -144,24 +140,18 @@ if want parity; then
   echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs), $jobs_max at a time"
   cases="$pdir/cases"
   for t in $gpu_tests; do
-    "$bin/$t" --list 2>/dev/null | sed -n "s/: test\$//p" | sed "s/^/$t /; s/\$/ -/"
+    "$bin/$t" --list 2>/dev/null | sed -n "s/: test\$//p" | sed "s/^/$t /"
   done >"$cases"
-  # The C API session and the pipeline again with the generic UNet under them (DeviceUnet's
-  # temporary HDB_CUDA_UNET switch): the evidence for retiring the tuned CudaUnet.
-  for name in session::session_unet_on_a_cuda_runtime_matches_the_cpu_runtime \
-              session::pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline; do
-    echo "cuda_unet $name generic-unet HDB_CUDA_UNET=generic"
-  done >>"$cases"
   n=0
-  while read -r t name tag envs; do
+  while read -r t name; do
     n=$((n + 1))
     while [ "$(jobs -rp | grep -vx "${memcheck_pid:-none}" | wc -l)" -ge "$jobs_max" ]; do wait -n; done
-    run_test "$(printf %03d $n)" "$t" "$name" "$tag" $envs &
+    run_test "$(printf %03d $n)" "$t" "$name" &
   done <"$cases"
   for p in $(jobs -rp | grep -vx "${memcheck_pid:-none}"); do wait "$p"; done
   cat "$pdir"/[0-9]*.log >"$out/parity.log"
   for f in "$pdir"/[0-9]*.rc; do
-    [ "$(cat "$f")" = 0 ] || { echo "gpu-check: $(sed -n "$(basename "$f" .rc | sed 's/^0*//')p" "$cases" | cut -d' ' -f1-3) failed (exit $(cat "$f"))" | tee -a "$out/parity.log"; status=1; }
+    [ "$(cat "$f")" = 0 ] || { echo "gpu-check: $(sed -n "$(basename "$f" .rc | sed 's/^0*//')p" "$cases" | cut -d' ' -f1-2) failed (exit $(cat "$f"))" | tee -a "$out/parity.log"; status=1; }
   done
   echo "parity: $(wc -l <"$cases") tests in $((SECONDS - phase_start)) s"
   if grep -q "SKIPPED" "$out/parity.log"; then
@@ -198,6 +188,13 @@ if want bench; then
         tee "$out/bench-hypernet.log"
       [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
     fi
+    # The main job end to end on the GPU: hypernetwork, identities, swaps, images.
+    if [ "$(left)" -gt 60 ]; then
+      echo "== hdb demo --device cuda (the built-in random model)"
+      timeout $(( $(left) - 30 < 120 ? $(left) - 30 : 120 )) "$bin/hdb" demo --device cuda \
+        --out "$pdir/demo" 2>&1 | tee "$out/demo.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: demo failed"; status=1; }
+    fi
   fi
 fi
 
@@ -213,6 +210,7 @@ if want bench; then
   if grep -q "^what " "$out/bench.log" 2>/dev/null; then awk '/^what /,0' "$out/bench.log"
   else echo "bench cut short; what it measured:"; grep "^measured:" "$out/bench.log" 2>/dev/null; fi
   grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log" 2>/dev/null
+  grep -E "^(render|  per denoising|swap|total)" "$out/demo.log" 2>/dev/null | sed 's/^/demo: /'
 fi
 want memcheck && grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"

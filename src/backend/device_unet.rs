@@ -13,10 +13,7 @@ use std::sync::Arc;
 use crate::adapter::apply::ApplyMode;
 use crate::adapter::Adapter;
 #[cfg(feature = "cuda")]
-use crate::backend::cuda::{
-    adapters::{CudaAdapterCtx, CudaAdapters},
-    Cuda, CudaDevice, CudaLayerAdapters,
-};
+use crate::backend::cuda::{Cuda, CudaLayerAdapters};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::config::UnetConfig;
@@ -26,75 +23,42 @@ use crate::model::unet::UnetInput;
 use crate::model::Model;
 use crate::runtime::Runtime;
 
-/// A model's UNet on a runtime's device (CUDA: fp16 weights, f32 accumulation), shared by
-/// every session of the model on that runtime.
+/// A model's UNet on a runtime's device (CUDA: the generic model code on `Cuda<f16>`, f32
+/// accumulation), shared by every session of the model on that runtime.
 #[derive(Clone, Debug)]
 pub enum DeviceUnet {
     #[cfg(feature = "cuda")]
-    Cuda {
-        dev: Arc<CudaDevice>,
-        unet: crate::model::CudaUnetF16,
-    },
-    /// The generic model code on [`Cuda`] in fp16 with the fused adapter kernels
-    /// ([`CudaLayerAdapters`]): the candidate to replace `Cuda` once a GPU run shows it equal
-    /// in results and speed ([`DeviceUnet::generic_for_runtime`]; unverified on a GPU so far).
-    #[cfg(feature = "cuda")]
-    CudaGeneric {
-        unet: Arc<crate::model::unet::Unet<Cuda<half::f16>>>,
-    },
+    Cuda { unet: crate::model::CudaUnetF16 },
 }
 
-/// A session's adapter set on a [`DeviceUnet`] (see `backend::cuda::adapters` and
-/// `backend::cuda::layer_adapters`).
+/// A session's adapter set on a device model: the fused LiDB/LoRA kernels keyed by layer (see
+/// `backend::cuda::layer_adapters`), built for one model, which the variant names.
 #[derive(Debug)]
 pub enum DeviceAdapters {
+    /// Built by [`DeviceUnet::adapters`].
     #[cfg(feature = "cuda")]
-    Cuda(CudaAdapters<half::f16>),
-    /// A set on [`DeviceUnet::CudaGeneric`].
+    Unet(CudaLayerAdapters<half::f16>),
+    /// Built by [`DeviceTextVae::text_adapters`].
     #[cfg(feature = "cuda")]
-    CudaLayer(CudaLayerAdapters<half::f16>),
+    TextEncoder(CudaLayerAdapters<half::f16>),
 }
 
 impl DeviceUnet {
-    /// The UNet of `model` on `rt`'s device, uploaded on the first call (the model caches it
-    /// per device); `None` when the runtime runs on the CPU. The tuned `CudaUnet`, or the
-    /// generic model code when the environment says `HDB_CUDA_UNET=generic`: a temporary
-    /// switch, so a GPU run can put the generic UNet under every session and pipeline test
-    /// before it replaces the tuned one (it goes with the tuned UNet).
+    /// The UNet of `model` on `rt`'s device, built on the first call (the model caches it per
+    /// device); `None` when the runtime runs on the CPU.
     pub fn for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
-            if generic_requested() {
-                return DeviceUnet::generic_for_runtime(rt, model);
-            }
             let unet = model.cuda_unet(dev)?;
-            return Ok(Some(DeviceUnet::Cuda {
-                dev: dev.clone(),
-                unet,
-            }));
-        }
-        let _ = (rt, model);
-        Ok(None)
-    }
-
-    /// The UNet of `model` on `rt`'s device through the generic model code
-    /// (`DeviceUnet::CudaGeneric`), uploaded on the first call (the model caches it per
-    /// device); `None` when the runtime runs on the CPU.
-    pub fn generic_for_runtime(rt: &Runtime, model: &Model) -> Result<Option<DeviceUnet>> {
-        #[cfg(feature = "cuda")]
-        if let Some(dev) = rt.cuda() {
-            let unet = model.cuda_generic_unet(dev)?;
-            return Ok(Some(DeviceUnet::CudaGeneric { unet }));
+            return Ok(Some(DeviceUnet::Cuda { unet }));
         }
         let _ = (rt, model);
         Ok(None)
     }
 
     /// A UNet of `config` from `src` on `rt`'s device, for a pipeline built without a
-    /// [`Model`] (the demo's built-in one); `None` when the runtime runs on the CPU. The tuned
-    /// UNet (uploaded from a host copy built for it), or the generic one under
-    /// `HDB_CUDA_UNET=generic` (see [`DeviceUnet::for_runtime`]). Not cached: each call
-    /// uploads.
+    /// [`Model`] (the demo's built-in one); `None` when the runtime runs on the CPU. Not
+    /// cached: each call uploads.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn load(
         rt: &Runtime,
@@ -103,17 +67,9 @@ impl DeviceUnet {
     ) -> Result<Option<DeviceUnet>> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
-            if generic_requested() {
-                let be = Cuda::<half::f16>::new(dev.clone());
-                let unet = Arc::new(crate::model::unet::Unet::load_on(be, config, src)?);
-                return Ok(Some(DeviceUnet::CudaGeneric { unet }));
-            }
-            let host = Unet::load(config, src)?;
-            let unet = Arc::new(crate::backend::cuda::unet::CudaUnet::upload(dev, &host)?);
-            return Ok(Some(DeviceUnet::Cuda {
-                dev: dev.clone(),
-                unet,
-            }));
+            let be = Cuda::<half::f16>::new(dev.clone());
+            let unet = Arc::new(Unet::load_on(be, config, src)?);
+            return Ok(Some(DeviceUnet::Cuda { unet }));
         }
         Ok(None)
     }
@@ -122,17 +78,9 @@ impl DeviceUnet {
     pub fn describe(&self) -> String {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceUnet::Cuda { ref dev, .. } => {
-                format!("cuda:{} ({}), fp16", dev.ordinal(), dev.name())
-            }
-            #[cfg(feature = "cuda")]
-            DeviceUnet::CudaGeneric { ref unet } => {
+            DeviceUnet::Cuda { ref unet } => {
                 let dev = unet.backend().dev();
-                format!(
-                    "cuda:{} ({}), fp16, generic model code",
-                    dev.ordinal(),
-                    dev.name()
-                )
+                format!("cuda:{} ({}), fp16", dev.ordinal(), dev.name())
             }
         }
     }
@@ -140,9 +88,7 @@ impl DeviceUnet {
     pub fn config(&self) -> &UnetConfig {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceUnet::Cuda { ref unet, .. } => unet.config(),
-            #[cfg(feature = "cuda")]
-            DeviceUnet::CudaGeneric { ref unet } => &unet.config,
+            DeviceUnet::Cuda { ref unet } => &unet.config,
         }
     }
 
@@ -154,23 +100,16 @@ impl DeviceUnet {
     pub fn adapters(&self, set: &[(&Adapter, f32)], mode: ApplyMode) -> Result<DeviceAdapters> {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceUnet::Cuda { ref dev, ref unet } => {
-                let a = CudaAdapters::resolve(dev, unet, set, mode)?;
-                log::debug!(
-                    "{} adapter(s) on cuda:{} in {mode:?} mode: {} projections, {:.1} MB",
-                    a.count(),
-                    dev.ordinal(),
-                    a.layers(),
-                    a.device_bytes() as f64 / 1e6
-                );
-                Ok(DeviceAdapters::Cuda(a))
-            }
-            #[cfg(feature = "cuda")]
-            DeviceUnet::CudaGeneric { ref unet } => {
+            DeviceUnet::Cuda { ref unet } => {
                 let u: &Unet<Cuda<half::f16>> = unet;
                 let resolved = crate::adapter::apply::Applied::new(set, ApplyMode::Runtime, u)?;
                 let a = CudaLayerAdapters::new(u.backend(), u, &resolved, mode)?;
-                Ok(DeviceAdapters::CudaLayer(a))
+                log::debug!(
+                    "{} adapter(s) on {} in {mode:?} mode",
+                    a.count(),
+                    self.describe()
+                );
+                Ok(DeviceAdapters::Unet(a))
             }
         }
     }
@@ -181,9 +120,7 @@ impl DeviceUnet {
     ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceUnet::Cuda { ref unet, .. } => unet.adaptable_layers(),
-            #[cfg(feature = "cuda")]
-            DeviceUnet::CudaGeneric { ref unet } => unet.adaptable_layers(),
+            DeviceUnet::Cuda { ref unet } => unet.adaptable_layers(),
         }
     }
 
@@ -199,52 +136,27 @@ impl DeviceUnet {
     ) -> Result<Vec<f32>> {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceUnet::Cuda { ref dev, ref unet } => {
-                let ctx = match ad {
-                    None => None,
-                    Some(DeviceAdapters::Cuda(adapters)) => Some(CudaAdapterCtx {
-                        adapters,
-                        per_sample,
-                    }),
-                    Some(DeviceAdapters::CudaLayer(_)) => return Err(other_kind()),
-                };
-                unet.forward_with(dev, x, ctx)
-            }
-            #[cfg(feature = "cuda")]
-            DeviceUnet::CudaGeneric { ref unet } => match ad {
+            DeviceUnet::Cuda { ref unet } => match ad {
                 None => unet.forward_hooked(x, None),
-                Some(DeviceAdapters::CudaLayer(a)) => {
+                Some(DeviceAdapters::Unet(a)) => {
                     let hook = a.with_samples(per_sample)?;
                     unet.forward_hooked(x, Some(&hook))
                 }
-                Some(DeviceAdapters::Cuda(_)) => Err(other_kind()),
+                Some(DeviceAdapters::TextEncoder(_)) => Err(crate::Error::invalid_arg(
+                    "adapters",
+                    "the UNet was given the text encoder's set (DeviceTextVae::text_adapters), \
+                     not its own (DeviceUnet::adapters)",
+                )),
             },
         }
     }
-}
-
-/// `HDB_CUDA_UNET=generic` (see [`DeviceUnet::for_runtime`]); anything else is the tuned UNet.
-#[cfg(feature = "cuda")]
-fn generic_requested() -> bool {
-    std::env::var("HDB_CUDA_UNET").is_ok_and(|v| v.eq_ignore_ascii_case("generic"))
-}
-
-/// A set built for the other kind of device UNet.
-#[cfg(feature = "cuda")]
-fn other_kind() -> crate::Error {
-    crate::Error::invalid_arg(
-        "adapters",
-        "were built for another kind of device UNet (tuned or generic)",
-    )
 }
 
 impl DeviceAdapters {
     pub fn mode(&self) -> ApplyMode {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceAdapters::Cuda(ref a) => a.mode(),
-            #[cfg(feature = "cuda")]
-            DeviceAdapters::CudaLayer(ref a) => a.mode(),
+            DeviceAdapters::Unet(ref a) | DeviceAdapters::TextEncoder(ref a) => a.mode(),
         }
     }
 
@@ -252,9 +164,7 @@ impl DeviceAdapters {
     pub fn count(&self) -> usize {
         match *self {
             #[cfg(feature = "cuda")]
-            DeviceAdapters::Cuda(ref a) => a.count(),
-            #[cfg(feature = "cuda")]
-            DeviceAdapters::CudaLayer(ref a) => a.count(),
+            DeviceAdapters::Unet(ref a) | DeviceAdapters::TextEncoder(ref a) => a.count(),
         }
     }
 
@@ -334,7 +244,7 @@ impl DeviceTextVae {
                     return Ok(None);
                 }
                 let a = CudaLayerAdapters::new(te.backend(), te, &resolved, mode)?;
-                Ok(Some(DeviceAdapters::CudaLayer(a)))
+                Ok(Some(DeviceAdapters::TextEncoder(a)))
             }
         }
     }
@@ -361,14 +271,14 @@ impl DeviceTextVae {
                     "adapters",
                     "the text encoder was given both a device set and a host set",
                 )),
-                (Some(DeviceAdapters::CudaLayer(a)), None) => {
+                (Some(DeviceAdapters::TextEncoder(a)), None) => {
                     let hook = a.with_samples(per_sample)?;
                     text_encoder.forward_hooked(ids, batch, Some(&hook))
                 }
-                (Some(DeviceAdapters::Cuda(_)), None) => Err(crate::Error::invalid_arg(
+                (Some(DeviceAdapters::Unet(_)), None) => Err(crate::Error::invalid_arg(
                     "adapters",
-                    "the text encoder's set was built for the tuned UNet, not the text encoder \
-                     (DeviceTextVae::text_adapters)",
+                    "the text encoder was given the UNet's set (DeviceUnet::adapters), not its \
+                     own (DeviceTextVae::text_adapters)",
                 )),
                 (None, Some(a)) => {
                     let hook = crate::backend::cuda::CudaKeyAdapters::new(

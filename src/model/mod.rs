@@ -87,14 +87,10 @@ pub struct Model {
     pub architecture: Architecture,
     /// The UNet, built on first use and shared by every session.
     unet: std::sync::Mutex<Option<Arc<unet::Unet>>>,
-    /// The UNet in fp16 on each CUDA device (by ordinal) it was asked for: uploaded on first
-    /// use and shared by every session of that device.
+    /// The UNet in fp16 on each CUDA device (by ordinal) it was asked for: built on first use
+    /// and shared by every session of that device.
     #[cfg(feature = "cuda")]
     cuda_unets: std::sync::Mutex<Vec<(usize, CudaUnetF16)>>,
-    /// The UNet through the generic model code in fp16 on each CUDA device it was asked for
-    /// (`DeviceUnet::CudaGeneric`).
-    #[cfg(feature = "cuda")]
-    cuda_generic_unets: std::sync::Mutex<Vec<(usize, CudaGenericUnetF16)>>,
     /// The text encoder and VAE in fp16 on each CUDA device they were asked for.
     #[cfg(feature = "cuda")]
     cuda_text_vae: std::sync::Mutex<Vec<(usize, crate::backend::device_unet::DeviceTextVae)>>,
@@ -129,11 +125,7 @@ fn per_device<T: Clone>(
 
 /// The UNet on a CUDA device in fp16, the device dtype of the library's normal paths.
 #[cfg(feature = "cuda")]
-pub type CudaUnetF16 = Arc<crate::backend::cuda::unet::CudaUnet<half::f16>>;
-
-/// The generic UNet on a CUDA device in fp16.
-#[cfg(feature = "cuda")]
-pub type CudaGenericUnetF16 = Arc<unet::Unet<crate::backend::cuda::Cuda<half::f16>>>;
+pub type CudaUnetF16 = Arc<unet::Unet<crate::backend::cuda::Cuda<half::f16>>>;
 
 impl Model {
     /// The model's UNet, built (and shape-checked) on the first call.
@@ -150,45 +142,15 @@ impl Model {
         Ok(u)
     }
 
-    /// The model's UNet in fp16 on `dev`, uploaded on the first call for that device (seconds
-    /// for SD 1.5: about 1.7 GB of device memory) and shared afterwards. It is uploaded from
-    /// [`Model::unet`]'s host copy when one was built, else from a host copy built for the
-    /// upload and dropped after it (for fp16 files 3.4 GB of f32 that a GPU runtime would
-    /// otherwise keep).
+    /// The model's UNet in fp16 on `dev`, built from the model's weights on the first call for
+    /// that device (no host copy; about 1.7 GB of device memory for SD 1.5) and shared
+    /// afterwards.
     #[cfg(feature = "cuda")]
-    pub fn cuda_unet(&self, dev: &crate::backend::cuda::CudaDevice) -> Result<CudaUnetF16> {
+    pub fn cuda_unet(&self, dev: &Arc<crate::backend::cuda::CudaDevice>) -> Result<CudaUnetF16> {
         per_device(&self.cuda_unets, dev, "the UNet", || {
-            let cached = self
-                .unet
-                .lock()
-                .map_err(|_| Error::Internal("UNet cache lock poisoned".into()))?
-                .clone();
-            let cpu = match cached {
-                Some(u) => u,
-                None => Arc::new(unet::Unet::from_model(self)?),
-            };
-            Ok(Arc::new(crate::backend::cuda::unet::CudaUnet::upload(
-                dev, &cpu,
-            )?))
+            let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
+            Ok(Arc::new(unet::Unet::from_model_on(be, self)?))
         })
-    }
-
-    /// The model's UNet through the generic model code in fp16 on `dev`, built from the
-    /// model's weights on the first call for that device (no host copy) and shared afterwards.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_generic_unet(
-        &self,
-        dev: &Arc<crate::backend::cuda::CudaDevice>,
-    ) -> Result<CudaGenericUnetF16> {
-        per_device(
-            &self.cuda_generic_unets,
-            dev,
-            "the UNet (generic model code)",
-            || {
-                let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
-                Ok(Arc::new(unet::Unet::from_model_on(be, self)?))
-            },
-        )
     }
 
     /// The model's text encoder and VAE in fp16 on `dev`, built from the model's weights on
@@ -346,8 +308,6 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         #[cfg(feature = "cuda")]
         cuda_unets: Default::default(),
         #[cfg(feature = "cuda")]
-        cuda_generic_unets: Default::default(),
-        #[cfg(feature = "cuda")]
         cuda_text_vae: Default::default(),
     })
 }
@@ -453,8 +413,6 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         unet: Default::default(),
         #[cfg(feature = "cuda")]
         cuda_unets: Default::default(),
-        #[cfg(feature = "cuda")]
-        cuda_generic_unets: Default::default(),
         #[cfg(feature = "cuda")]
         cuda_text_vae: Default::default(),
     })

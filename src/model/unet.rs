@@ -1,7 +1,7 @@
 //! diffusers' `UNet2DConditionModel` (SD 1.x and 2.x) on any [`Backend`]. On the CPU backend
 //! (the default) weights are f32, borrowed from the mapped file when stored as f32, and compute
-//! is f32. The CUDA backend's tuned UNet is `backend::cuda::unet`; this generic one
-//! runs there too (`Unet<Cuda<T>>`) and is checked against it.
+//! is f32. On the CUDA backend (`Unet<Cuda<T>>`, f32/f16/bf16) the same code runs on the GPU's
+//! kernels and cuBLAS: the UNet of every session and pipeline on a CUDA runtime.
 
 use crate::adapter::apply::AdapterCtx;
 use crate::backend::profile::scope;

@@ -1,4 +1,5 @@
-//! Adapters on the CUDA UNet (src/backend/cuda/adapters.rs) against the CPU UNet's
+//! Adapters on the CUDA UNet through the fused kernels (`CudaLayerAdapters`,
+//! src/backend/cuda/layer_adapters.rs: what sessions use) against the CPU UNet's
 //! `forward_with` with the same adapters: merge mode, runtime mode with several adapters on
 //! every sample, and one identity per sample (-1 included). f32 storage within 1e-4 (a missed or
 //! doubled layer shows there), f16 within 1e-2.
@@ -7,7 +8,7 @@ use super::*;
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::{adaptable_layers, Adapter};
-use hdb::backend::cuda::adapters::{CudaAdapterCtx, CudaAdapters};
+use hdb::backend::cuda::CudaLayerAdapters;
 
 pub(crate) fn fixture_adapter(m: &Model, file: &str) -> Adapter {
     let f = SafetensorsFile::open(&fixtures().join(format!("adapter/{file}"))).expect("adapter");
@@ -43,6 +44,7 @@ fn doubled(inp: &Input) -> Input {
 /// A UNet, a batch-4 input and three adapters (the third touching only some projections).
 struct AdapterCase {
     name: &'static str,
+    source: Source,
     unet: Arc<Unet>,
     inp: Input,
     adapters: Vec<Adapter>,
@@ -54,6 +56,7 @@ fn adapter_cases() -> Vec<AdapterCase> {
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
     let tiny = AdapterCase {
         name: "tiny-sd",
+        source: Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
         unet: m.unet().expect("unet"),
         inp: doubled(&read_input("tiny-sd")),
         adapters: ["id1.lidb", "id2.lidb", "id1-half.lidb"]
@@ -75,6 +78,7 @@ fn adapter_cases() -> Vec<AdapterCase> {
     ];
     let random = AdapterCase {
         name,
+        source,
         inp: doubled(&inp),
         unet,
         adapters,
@@ -115,10 +119,10 @@ fn cpu_forward_with(unet: &Unet, inp: &Input, ad: Option<&AdapterCtx<'_>>) -> Ve
 }
 
 /// Every set of [`adapter_sets`] in storage type T against the CPU; returns failures.
-fn check_adapters<T: BlasElem>(dev: &CudaDevice, case: &AdapterCase, tol: f64) -> Vec<String> {
+fn check_adapters<T: BlasElem>(dev: &Arc<CudaDevice>, case: &AdapterCase, tol: f64) -> Vec<String> {
     let dtype = T::SUFFIX;
     let mut failures = Vec::new();
-    let g = match CudaUnet::<T>::upload(dev, &case.unet) {
+    let g = match on_device::<T>(dev, &case.source) {
         Ok(g) => g,
         Err(e) => return vec![format!("{} {dtype}: upload: {e}", case.name)],
     };
@@ -136,15 +140,9 @@ fn check_adapters<T: BlasElem>(dev: &CudaDevice, case: &AdapterCase, tol: f64) -
             }),
         );
         let (change, _, _) = compare(&want, &base);
-        let got = CudaAdapters::resolve(dev, &g, &set, mode).and_then(|a| {
-            g.forward_with(
-                dev,
-                &case.inp.args(),
-                Some(CudaAdapterCtx {
-                    adapters: &a,
-                    per_sample: per_sample.as_deref(),
-                }),
-            )
+        let got = build(&g, &set, mode).and_then(|a| {
+            let hook = a.with_samples(per_sample.as_deref())?;
+            g.forward_hooked(&case.inp.args(), Some(&hook))
         });
         let what = format!("unet-adapter/{label} {dtype} case={}", case.name);
         let got = match got {
@@ -180,10 +178,11 @@ fn check_adapters<T: BlasElem>(dev: &CudaDevice, case: &AdapterCase, tol: f64) -
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn cuda_unet_with_adapters_matches_the_cpu_unet() {
     let Some(dev) = device() else { return };
-    let every_dtype = every_dtype_of_the_tuned_unet();
+    let emulated = common::cuda::on_emulated_gpu();
     let mut failures = Vec::new();
     for case in adapter_cases() {
-        if every_dtype {
+        // f32 on the larger case only on a real GPU (the emulated one's run stays short).
+        if !emulated || case.name == "tiny-sd" {
             failures.extend(check_adapters::<f32>(&dev, &case, 1e-4));
         }
         failures.extend(check_adapters::<half::f16>(&dev, &case, 1e-2));
@@ -196,6 +195,17 @@ fn cuda_unet_with_adapters_matches_the_cpu_unet() {
     );
 }
 
+/// `set` resolved against `unet`'s own projections and built on its device in `mode`, as
+/// `DeviceUnet::adapters` does.
+fn build<T: BlasElem>(
+    unet: &Unet<Cuda<T>>,
+    set: &[(&Adapter, f32)],
+    mode: ApplyMode,
+) -> hdb::Result<CudaLayerAdapters<T>> {
+    let resolved = Applied::new(set, ApplyMode::Runtime, unet)?;
+    CudaLayerAdapters::new(unet.backend(), unet, &resolved, mode)
+}
+
 pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -205,18 +215,21 @@ pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
 fn merge_then_clear_restores_the_base_bit_for_bit() {
     let Some(dev) = device() else { return };
     for case in adapter_cases() {
-        let g = CudaUnet::<half::f16>::upload(&dev, &case.unet).expect("upload");
+        let g = on_device::<half::f16>(&dev, &case.source).expect("upload");
         let args = case.inp.args();
-        let base = bits(&g.forward(&dev, &args).expect("base"));
+        let run = |a: Option<&CudaLayerAdapters<half::f16>>| {
+            let out = match a {
+                Some(a) => a
+                    .with_samples(None)
+                    .and_then(|hook| g.forward_hooked(&args, Some(&hook))),
+                None => g.forward_hooked(&args, None),
+            };
+            bits(&out.expect("forward"))
+        };
+        let base = run(None);
         let set: Vec<(&Adapter, f32)> = case.adapters.iter().map(|a| (a, 1.0)).collect();
-        let merged = CudaAdapters::resolve(&dev, &g, &set, ApplyMode::Merge).expect("merge set");
-        fn ctx<T: BlasElem>(a: &CudaAdapters<T>) -> Option<CudaAdapterCtx<'_, T>> {
-            Some(CudaAdapterCtx {
-                adapters: a,
-                per_sample: None,
-            })
-        }
-        let with = bits(&g.forward_with(&dev, &args, ctx(&merged)).expect("merged"));
+        let merged = build(&g, &set, ApplyMode::Merge).expect("merge set");
+        let with = run(Some(&merged));
         assert_ne!(
             with, base,
             "{}: the merged set changes the output",
@@ -224,11 +237,10 @@ fn merge_then_clear_restores_the_base_bit_for_bit() {
         );
         // Clearing: the session drops its set (no adapters), or holds an empty one.
         drop(merged);
-        let none = bits(&g.forward_with(&dev, &args, None).expect("cleared"));
-        let empty = CudaAdapters::resolve(&dev, &g, &[], ApplyMode::Merge).expect("empty set");
-        let with_empty = bits(&g.forward_with(&dev, &args, ctx(&empty)).expect("empty"));
-        let again = bits(&g.forward(&dev, &args).expect("again"));
-        let exact = none == base && with_empty == base && again == base;
+        let none = run(None);
+        let empty = build(&g, &[], ApplyMode::Merge).expect("empty set");
+        let with_empty = run(Some(&empty));
+        let exact = none == base && with_empty == base;
         println!(
             "cuda-parity unet-adapter/merge-clear f16 bit-exact={exact} case={}",
             case.name
@@ -236,11 +248,10 @@ fn merge_then_clear_restores_the_base_bit_for_bit() {
         assert!(
             exact,
             "{}: after the merged set, the base output must come back bit for bit (no set: \
-             {}, empty set: {}, the UNet's weights unchanged: {})",
+             {}, empty set: {})",
             case.name,
             none == base,
-            with_empty == base,
-            again == base
+            with_empty == base
         );
     }
 }
@@ -251,42 +262,30 @@ fn adapter_limits_and_mismatches_are_clear_errors() {
     let Some(dev) = device() else { return };
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
     let unet = m.unet().expect("unet");
-    let g = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
+    let source = Source::Fixture(fixtures().join("tiny-sd"), Variant::Full);
+    let g = on_device::<half::f16>(&dev, &source).expect("upload");
     // Sets resolve against the device UNet's own dims, which must be the host UNet's.
     assert_eq!(g.adaptable_layers(), unet.adaptable_layers());
     let big = random_adapter(&unet, 9, 129, 40, 5);
     let key = big.layers.keys().next().expect("a layer").clone();
-    let e = CudaAdapters::resolve(&dev, &g, &[(&big, 1.0)], ApplyMode::Runtime)
-        .expect_err("rank 129 in runtime mode");
+    let e = build(&g, &[(&big, 1.0)], ApplyMode::Runtime).expect_err("rank 129 in runtime mode");
     assert!(
         matches!(&e, hdb::Error::Unsupported(msg) if msg.contains(&key) && msg.contains("129")),
         "{e}"
     );
-    CudaAdapters::resolve(&dev, &g, &[(&big, 1.0)], ApplyMode::Merge).expect("rank 129 merges");
-    let e = CudaAdapters::resolve(&dev, &g, &[(&big, 1.0), (&big, 0.5)], ApplyMode::Merge)
+    build(&g, &[(&big, 1.0)], ApplyMode::Merge).expect("rank 129 merges");
+    let e = build(&g, &[(&big, 1.0), (&big, 0.5)], ApplyMode::Merge)
         .expect_err("total rank 258 in merge mode");
     assert!(
         matches!(&e, hdb::Error::Unsupported(msg) if msg.contains(&key) && msg.contains("258")),
         "{e}"
     );
-    // A set built for one upload is refused by another; per-sample checks are the CPU's.
+    // Per-sample checks are the CPU's.
     let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
-    let set = CudaAdapters::resolve(&dev, &g, &[(&id1, 1.0)], ApplyMode::Runtime).expect("set");
-    let other = CudaUnet::<half::f16>::upload(&dev, &unet).expect("upload");
-    let inp = read_input("tiny-sd");
-    let ctx = |per_sample| {
-        Some(CudaAdapterCtx {
-            adapters: &set,
-            per_sample,
-        })
+    let set = build(&g, &[(&id1, 1.0)], ApplyMode::Runtime).expect("set");
+    let Err(e) = set.with_samples(Some(&[0, 1])) else {
+        panic!("index 1 of a set of 1 was accepted")
     };
-    let e = other
-        .forward_with(&dev, &inp.args(), ctx(None))
-        .expect_err("another UNet");
-    assert!(e.to_string().contains("another CUDA UNet"), "{e}");
-    let e = g
-        .forward_with(&dev, &inp.args(), ctx(Some(&[0, 1])))
-        .expect_err("index 1 of 1");
     assert!(
         e.to_string().contains("'adapter_index'") && e.to_string().contains("index 1"),
         "{e}"

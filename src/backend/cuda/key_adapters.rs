@@ -8,8 +8,8 @@
 //! down [r, din] and up [dout, r] (the adapter's scale already folded into up). An update is
 //! two cuBLAS GEMMs per factor and run of rows: t = x down^T, then y += t up^T (beta = 1),
 //! with `t` [rows, r] in `T` (the CPU keeps it in f32; for bf16 that adds a rounding of the
-//! low-rank update, not of y). The UNet's fast path (stacked projections, per-sample
-//! `lora_bgmv` in one launch) stays in [`super::adapters`].
+//! low-rank update, not of y). The fast path sessions use (`lidb_merge` and per-sample
+//! `lora_bgmv`, one launch per projection) is [`super::CudaLayerAdapters`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

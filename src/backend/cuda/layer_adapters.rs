@@ -1,7 +1,7 @@
 //! A session's identity adapters on a generic model over [`Cuda`] (`Unet<Cuda<T>>`,
-//! `TextEncoder<Cuda<T>>`), keyed by adapter key, with the fused kernels of the tuned UNet's
-//! [`super::adapters`]: the same resolved per-layer factors ([`Applied`] in runtime mode), the
-//! same kernel limits, the same two modes.
+//! `TextEncoder<Cuda<T>>`), keyed by adapter key, with the fused kernels: built from the same
+//! resolved per-layer factors the CPU applies ([`Applied`] in runtime mode: per adapted
+//! projection, each adapter's `down` [r, din] and `up` x scale [dout, r]).
 //!
 //! - Merge mode: the set owns merged copies of just the projections it touches, written in one
 //!   `lidb_merge` launch from the model's own weights (the pristine base, never written), which
@@ -13,15 +13,17 @@
 //! [`CudaLayerAdapters`] is the set (build it when the set changes); [`LayerAdaptersCtx`] is
 //! the set with one evaluation's per-sample indices uploaded: the hook the model runs with.
 //!
-//! Unverified on a GPU (written in a session without one): tests/cuda_models.rs checks it
-//! against the CPU. Once it passes there, it replaces [`super::adapters`] and the tuned UNet.
+//! The kernels' limits are checked when the set is built, naming the layer: a layer's total
+//! rank above `MERGE_MAX_RANK` in merge mode, an adapter's rank above `LORA_MAX_RANK` in
+//! runtime mode. Building allocates, uploads and launches before it returns, and changes
+//! nothing else, so a failure leaves the caller's previous set intact. Checked against the CPU
+//! on an H100 (tests/cuda_models.rs, tests/cuda_unet/session.rs; docs/perf.md).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::adapters::{check_ranks, mask_of, per_mask_indices, ALIGN};
 use super::backend::Cuda;
 use super::device::CudaDevice;
 use super::ops::{self, At, BgmvShape, BlasElem, Factor, MergeLayer};
@@ -29,6 +31,84 @@ use crate::adapter::apply::{validate_per_sample, Applied, ApplyMode};
 use crate::backend::api::AdapterHook;
 use crate::error::{Error, Result};
 use crate::model::Projections;
+
+/// `lidb_merge`'s limit on the summed rank of one layer's factors (`MERGE_MAX_RANK`, lidb.cu).
+pub(crate) const MERGE_MAX_RANK: usize = 256;
+/// `lora_bgmv`'s limit on one adapter's rank (`LORA_MAX_RANK`, lora.cu).
+pub(crate) const LORA_MAX_RANK: usize = 128;
+
+/// Factor segments in the packed upload start on 32-byte boundaries (8 f32), so the kernels'
+/// 16-byte vector loads apply.
+pub(crate) const ALIGN: usize = 8;
+
+/// Checks every layer's ranks against the kernels' limits (merge: the layer's total rank;
+/// runtime: each adapter's rank). `resolved` holds runtime factors.
+pub(crate) fn check_ranks(resolved: &Applied, mode: ApplyMode) -> Result<()> {
+    for (key, la) in &resolved.layers {
+        match mode {
+            ApplyMode::Merge => {
+                let total: usize = la.runtime.iter().map(|f| f.3).sum();
+                if total > MERGE_MAX_RANK {
+                    return Err(Error::Unsupported(format!(
+                        "layer '{key}': the adapters' ranks add up to {total}, above the CUDA \
+                         merge kernel's limit of {MERGE_MAX_RANK} per layer (merge fewer \
+                         adapters at once)"
+                    )));
+                }
+            }
+            ApplyMode::Runtime => {
+                if let Some((i, _, _, r)) = la.runtime.iter().find(|f| f.3 > LORA_MAX_RANK) {
+                    return Err(Error::Unsupported(format!(
+                        "layer '{key}': adapter #{i} has rank {r}, above the CUDA runtime-mode \
+                         kernel's limit of {LORA_MAX_RANK} (use merge mode)"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The index of `present` (the adapters that change a projection) in `masks`, added if new.
+pub(crate) fn mask_of(masks: &mut Vec<Vec<usize>>, present: &[usize]) -> usize {
+    match masks.iter().position(|m| m == present) {
+        Some(m) => m,
+        None => {
+            masks.push(present.to_vec());
+            masks.len() - 1
+        }
+    }
+}
+
+/// Per-sample runtime mode: for each mask, the samples' adapter indices with the adapters
+/// outside the mask set to -1, uploaded; None where no sample uses an adapter of the mask
+/// (that projection needs no launch).
+pub(crate) fn per_mask_indices(
+    dev: &CudaDevice,
+    masks: &[Vec<usize>],
+    idx: &[i32],
+) -> Result<Vec<Option<CudaSlice<i32>>>> {
+    masks
+        .iter()
+        .map(|present| {
+            let v: Vec<i32> = idx
+                .iter()
+                .map(|&a| {
+                    if a >= 0 && present.contains(&(a as usize)) {
+                        a
+                    } else {
+                        -1
+                    }
+                })
+                .collect();
+            if v.iter().all(|&a| a < 0) {
+                Ok(None)
+            } else {
+                dev.upload(&v).map(Some)
+            }
+        })
+        .collect()
+}
 
 /// Runtime mode: one projection's factors.
 struct Lora {
@@ -342,5 +422,57 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                 ops::lora_bgmv(dev, ya, xa, &self.set.whole[i], &l.table, n, shape(rows))
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::apply::LayerApply;
+
+    fn applied(ranks: &[&[usize]]) -> Applied {
+        let layers = ranks
+            .iter()
+            .enumerate()
+            .map(|(j, rs)| {
+                let runtime = rs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| (i, vec![0.0; r * 4], vec![0.0; 4 * r], r))
+                    .collect();
+                (
+                    format!("unet.layer{j}.to_q"),
+                    LayerApply {
+                        merged: None,
+                        runtime,
+                    },
+                )
+            })
+            .collect();
+        Applied {
+            mode: ApplyMode::Runtime,
+            count: ranks.iter().map(|r| r.len()).max().unwrap_or(0),
+            layers,
+        }
+    }
+
+    #[test]
+    fn ranks_above_the_kernels_limits_are_unsupported_naming_the_layer() {
+        let ok = applied(&[&[128, 128], &[1]]);
+        check_ranks(&ok, ApplyMode::Merge).expect("256 in all merges");
+        check_ranks(&ok, ApplyMode::Runtime).expect("128 each runs");
+
+        let e = check_ranks(&applied(&[&[1], &[200, 57]]), ApplyMode::Merge).expect_err("257");
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("unet.layer1.to_q") && m.contains("257")),
+            "{e}"
+        );
+        let e = check_ranks(&applied(&[&[4, 129]]), ApplyMode::Runtime).expect_err("129");
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("unet.layer0.to_q")
+                && m.contains("adapter #1") && m.contains("129")),
+            "{e}"
+        );
+        check_ranks(&applied(&[&[4, 129]]), ApplyMode::Merge).expect("129 merges");
     }
 }

@@ -10,17 +10,16 @@
 //!   CPU) as the trait's [`crate::backend::AdapterHook`] for [`Cuda`]: merged weights, or
 //!   runtime LoRA through cuBLAS (the generic path).
 //! - [`layer_adapters`]: [`CudaLayerAdapters`], the same keyed by adapter key but with the
-//!   fused kernels (`lidb_merge`, `lora_bgmv`): the tuned UNet's adapters for the generic
-//!   models.
-//! - [`unet`]: the SD UNet over those ops, weights uploaded from the CPU model.
-//! - [`adapters`]: a session's identity adapters on that UNet (merged weight copies or
-//!   per-sample runtime LoRA; the fast path).
+//!   fused kernels (`lidb_merge`: merged copies from the pristine base; `lora_bgmv`: per-sample
+//!   runtime LoRA): what sessions and the pipeline use on a GPU.
+//!
+//! The models themselves (UNet, text encoder, VAE, hypernetwork) are the generic model code of
+//! `crate::model` and `crate::hypernet` on [`Cuda`].
 //!
 //! The kernels include no CUDA header, so compiling them at run time needs `libnvrtc` only:
 //! no CUDA toolkit on the machine that runs hdb. cudarc loads libcuda, libnvrtc and
 //! libcublas dynamically, so builds without CUDA work and report [`crate::Error::NoDevice`].
 
-pub mod adapters;
 pub mod backend;
 pub mod device;
 pub mod kernels;
@@ -28,7 +27,6 @@ pub mod key_adapters;
 pub mod layer_adapters;
 pub mod ops;
 pub mod ptx_cache;
-pub mod unet;
 
 pub use backend::Cuda;
 pub use device::{driver_available, CudaDevice, DeviceElem};

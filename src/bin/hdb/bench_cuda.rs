@@ -1,9 +1,9 @@
 //! `hdb bench cuda`: the CUDA backend at SD 1.5 shapes against PyTorch on the same GPU, in
 //! the same run (tools/bench_torch_cuda.py): fused attention per shape, the UNet's convolutions
-//! as im2col + cuBLAS against the implicit GEMM (and cuDNN), the LiDB merge of all 128 UNet
-//! projections against a device-to-device copy, the runtime-mode swap, a batch of 8
-//! identities against one, and the whole UNet step in fp16; then the whole models through the
-//! generic code (bench_cuda_models.rs).
+//! and the VAE's as im2col + cuBLAS against the implicit GEMM (and cuDNN), f32 linear layers,
+//! the LiDB merge of all 128 UNet projections against a device-to-device copy, the
+//! runtime-mode swap, a batch of 8 identities against one over the projections; then with
+//! --unet the whole models in fp16 (bench_cuda_models.rs).
 //!
 //! Device times are CUDA events around the work, the median of `runs` after warm-up.
 
@@ -13,13 +13,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 use half::{bf16, f16};
-use hdb::adapter::apply::ApplyMode;
-use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
-use hdb::backend::cuda::adapters::{CudaAdapterCtx, CudaAdapters};
 use hdb::backend::cuda::ops::{
     self, At, AttnKernel, AttnShape, BgmvShape, Conv2d, Factor, MergeLayer,
 };
-use hdb::backend::cuda::unet::CudaUnet;
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
 use hdb::model::config::UnetConfig;
 use hdb::model::random::{normals, RandomWeights, SplitMix64};
@@ -807,56 +803,14 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
         });
     }
 
-    // The whole UNet step in fp16 against diffusers eager.
+    // The whole models in fp16: the UNet step against diffusers eager, identities on it, the
+    // text encoder and the VAE.
     let mut unet_ms = None;
-    let mut batch8 = None;
     let mut notes: Vec<String> = Vec::new();
     if with_unet {
-        let t = std::time::Instant::now();
-        let cu = CudaUnet::<f16>::upload(&dev, &unet)?;
-        println!(
-            "uploaded the UNet in fp16 in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        let sample = random::<f16>(&dev, &mut rng, 2 * 4 * lat * lat, 1.0)?;
-        let ctx = random::<f16>(&dev, &mut rng, 2 * tokens * cfg.cross_attention_dim, 1.0)?;
-        let ts = [981.0f32, 981.0];
-        let ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
-            cu.forward_device(&dev, &sample, &ts, &ctx, 2, lat, lat, tokens)
-                .map(|_| ())
-        })?;
-        // The same step with flash2 attention everywhere (the default takes flash3 at d 40).
-        let prev = ops::set_auto_policy(AttnKernel::Flash2);
-        let flash2_ms = gpu_ms(&dev, 2, runs.clamp(3, 10), || {
-            cu.forward_device(&dev, &sample, &ts, &ctx, 2, lat, lat, tokens)
-                .map(|_| ())
-        });
-        ops::set_auto_policy(prev);
-        let flash2_ms = flash2_ms?;
-        let out = cu.forward_device(&dev, &sample, &ts, &ctx, 2, lat, lat, tokens)?;
-        let o = dev.download_f32(&out, 2 * 4 * lat * lat)?;
-        let finite = o.iter().all(|v| v.is_finite());
-        let flops = cfg.flops(2, lat, lat, tokens);
-        rows.push(Row {
-            what: format!(
-                "UNet fp16 step, batch 2, {lat}x{lat}, {tokens} tokens (finite: {finite})"
-            ),
-            ours_ms: ms,
-            rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
-            peer_ms: peer["unet"]["ms"].as_f64(),
-        });
-        rows.push(Row {
-            what: "UNet fp16 step, flash2 attention everywhere".into(),
-            ours_ms: flash2_ms,
-            rate: format!("{:.1} TFLOP/s", flops / flash2_ms / 1e9),
-            peer_ms: peer["unet"]["ms"].as_f64(),
-        });
+        let (n, ms) = crate::bench_cuda_models::rows(&dev, &scale, runs, &peer, &mut rows)?;
+        notes = n;
         unet_ms = Some(ms);
-        batch8 = Some(adapter_unet_rows(
-            &dev, &cu, &layers, &scale, runs, &mut rows,
-        )?);
-        drop(cu);
-        notes = crate::bench_cuda_models::rows(&dev, &scale, runs, &peer, (&unet, ms), &mut rows)?;
     }
 
     println!();
@@ -888,14 +842,6 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
         100.0 * (eight_ms / one_ms - 1.0),
         100.0 * (one_ms / base_ms - 1.0)
     );
-    if let Some((none_ms, one_ms, eight_ms)) = batch8 {
-        println!(
-            "UNet batch 8: 8 identities vs 1: {:+.1}% (target <= +10%); 1 identity vs none: \
-             {:+.1}%",
-            100.0 * (eight_ms / one_ms - 1.0),
-            100.0 * (one_ms / none_ms - 1.0)
-        );
-    }
     for n in &notes {
         println!("{n}");
     }
@@ -911,111 +857,4 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
         );
     }
     Ok(())
-}
-
-/// Identities on the whole UNet (fp16, batch 8, 64x64, 77 tokens): 8 random rank-1 identities
-/// over all adapted projections, applied in runtime mode with one identity per sample against
-/// the same identity on every sample and against none; and the host-side cost of switching
-/// identities (resolve, upload, and for merge mode the lidb_merge launch), waited for.
-fn adapter_unet_rows(
-    dev: &CudaDevice,
-    cu: &CudaUnet<f16>,
-    layers: &[(String, usize, usize)],
-    scale: &Scale,
-    runs: usize,
-    rows: &mut Rows,
-) -> Result<(f64, f64, f64)> {
-    let (lat, tokens) = (scale.latent, scale.tokens);
-    let mut rng = SplitMix64(23);
-    let ids: Vec<Adapter> = (0..8)
-        .map(|_| Adapter {
-            layers: layers
-                .iter()
-                .map(|(k, dout, din)| {
-                    let down = normals(&mut rng, *din)
-                        .iter()
-                        .map(|&v| v as f32 * 0.05)
-                        .collect();
-                    let up = normals(&mut rng, *dout)
-                        .iter()
-                        .map(|&v| v as f32 * 0.05)
-                        .collect();
-                    (k.clone(), LoraLayer { rank: 1, down, up })
-                })
-                .collect(),
-            source: AdapterSource::Lora,
-        })
-        .collect();
-    let set: Vec<(&Adapter, f32)> = ids.iter().map(|a| (a, 1.0)).collect();
-    let b = 8;
-    let sample = random::<f16>(dev, &mut rng, b * 4 * lat * lat, 1.0)?;
-    let ctx = random::<f16>(
-        dev,
-        &mut rng,
-        b * tokens * scale.unet.cross_attention_dim,
-        1.0,
-    )?;
-    let ts = vec![981.0f32; b];
-    let runtime = CudaAdapters::resolve(dev, cu, &set, ApplyMode::Runtime)?;
-    let one = [0i32; 8];
-    let eight: Vec<i32> = (0..8).collect();
-    let step = |per: Option<&[i32]>| -> Result<f64> {
-        gpu_ms(dev, 2, runs.clamp(3, 10), || {
-            let ad = per.map(|p| CudaAdapterCtx {
-                adapters: &runtime,
-                per_sample: Some(p),
-            });
-            cu.forward_device_with(dev, &sample, &ts, &ctx, (b, lat, lat, tokens), ad)
-                .map(|_| ())
-        })
-    };
-    let none_ms = step(None)?;
-    let one_ms = step(Some(&one))?;
-    let eight_ms = step(Some(&eight))?;
-    for (what, ms) in [
-        ("UNet fp16 batch 8, no identity", none_ms),
-        (
-            "UNet fp16 batch 8, 1 identity on every sample (runtime)",
-            one_ms,
-        ),
-        (
-            "UNet fp16 batch 8, 8 identities, one per sample (runtime)",
-            eight_ms,
-        ),
-    ] {
-        rows.push(Row {
-            what: what.into(),
-            ours_ms: ms,
-            rate: String::new(),
-            peer_ms: None,
-        });
-    }
-    // Switching identity: resolve + build on the device, waited for (host wall, median).
-    for (mode, what) in [
-        (
-            ApplyMode::Merge,
-            "identity swap, merge mode (resolve, upload, lidb_merge)",
-        ),
-        (
-            ApplyMode::Runtime,
-            "identity swap, runtime mode (resolve, upload tables)",
-        ),
-    ] {
-        let mut v = Vec::new();
-        for i in 0..runs.clamp(5, 20) {
-            let t = std::time::Instant::now();
-            let a = CudaAdapters::resolve(dev, cu, &set[i % 8..i % 8 + 1], mode)?;
-            dev.synchronize()?;
-            v.push(t.elapsed().as_secs_f64() * 1e3);
-            drop(a);
-        }
-        v.sort_by(f64::total_cmp);
-        rows.push(Row {
-            what: what.into(),
-            ours_ms: v[v.len() / 2],
-            rate: "host wall".into(),
-            peer_ms: None,
-        });
-    }
-    Ok((none_ms, one_ms, eight_ms))
 }

@@ -227,8 +227,8 @@ enum BenchWhat {
     },
     /// The CUDA backend at SD 1.5 shapes (GPU 0): fused attention per shape, conv2d by
     /// im2col and cuBLAS and by implicit GEMM, the LiDB merge against a device copy, the
-    /// runtime swap, 8 identities against one; with --unet the UNet fp16 step (tuned and generic), the text
-    /// encoder and the VAE decode; optionally against PyTorch on the same GPU
+    /// runtime swap, 8 identities against one; with --unet the UNet fp16 step and identities
+    /// on it, the text encoder and the VAE decode; optionally against PyTorch on the same GPU
     /// (tools/bench_torch_cuda.py).
     #[cfg(feature = "cuda")]
     Cuda {
