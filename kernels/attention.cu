@@ -59,9 +59,9 @@
 //   Napkin math, CLIP ViT-L/14 text encoder (77 tokens, 12 heads, d = 64), batch 2: 3003
 //   (query, key) pairs a head (77 * 78 / 2), 4d FLOP each: 2 * 12 * 3003 * 256 = 18 MFLOP,
 //   and q, k, v, out at 2 * 77 * 768 * 2 B = 0.24 MB each in f16: a few microseconds,
-//   latency-bound (2 * 12 * 20 = 480 blocks of 4 warps). Not yet run on a GPU:
-//   tests/cuda_backend.rs checks it against the CPU backend's causal attention; without a GPU,
-//   tests/kernel_emulation/ runs it on the host under tests/emu's CUDA emulation.
+//   latency-bound (2 * 12 * 20 = 480 blocks of 4 warps). Checked on an H100 (2026-11-26,
+//   session 6) by tests/cuda_backend.rs against the CPU backend's causal attention; without a
+//   GPU, tests/kernel_emulation/ runs it on the host under tests/emu's CUDA emulation.
 //
 // flash2_attn_d{40,64,80,160}_{f16,bf16}: the same contract and arguments as flash_attn_*,
 // plus: q, k, v 16-byte aligned at every row (ld_* % 8 == 0, base addresses % 16 == 0: the

@@ -4,9 +4,8 @@
 // zero padding.
 //
 // Checked against the CPU backend (backend::cpu::conv2d, nchw_to_nhwc, ...) by
-// tests/cuda_parity/ on a GPU; pad_bottom_right_* (not yet run on a GPU) by
-// tests/cuda_backend.rs against the CPU backend's pad_bottom_right, and on the host by
-// tests/kernel_emulation/.
+// tests/cuda_parity/ and tests/cuda_backend.rs on an H100 (pad_bottom_right_* since 2026-11-26,
+// session 6), and on the host by tests/kernel_emulation/.
 //
 // ---------------------------------------------------------------------------------------------
 // im2col_{f32,f16,bf16}(T* cols, const T* x, int c, int h, int w, int k, int stride, int pad,

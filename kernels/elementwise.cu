@@ -39,8 +39,9 @@
 // softmax_rows_from_f32_{f32,f16,bf16}(T* y, const float* x, long long rows, int n)
 //   The same over f32 scores, written as T (the materialised attention's probabilities: its
 //   scores stay f32 so they are not rounded before the softmax). y may not overlap x unless
-//   T is f32 and y == x. Not yet run on a GPU: tests/kernel_emulation/ runs it on the host;
-//   tests/cuda_backend.rs and tests/cuda_parity/ check it through the VAE-shaped attention.
+//   T is f32 and y == x. Checked on an H100 (2026-11-26, session 6) through the materialised
+//   attention by tests/cuda_backend.rs and tests/cuda_parity/; tests/kernel_emulation/ runs it
+//   on the host.
 // timestep_embedding_{f32,f16,bf16}(T* y, const float* t, int n, int dim, int flip_sin_to_cos,
 //                                   float downscale_freq_shift, float max_period)
 //   diffusers' get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift, scale=1,

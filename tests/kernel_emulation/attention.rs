@@ -33,7 +33,7 @@ fn attention_job<T: Elem>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// a. Causal attention (attention_scalar_causal_*): never run on a GPU
+// a. Causal attention (attention_scalar_causal_*)
 // ---------------------------------------------------------------------------------------------
 
 /// The scalar kernels' tolerance (causal and not): f32 throughout, one rounding of the output

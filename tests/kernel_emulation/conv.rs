@@ -11,7 +11,7 @@ use crate::harness::{check, rand_vec, tol_for, Elem, Job, Tol};
 use crate::EXACT;
 
 // ---------------------------------------------------------------------------------------------
-// c. Bottom-right zero padding (pad_bottom_right_*): never run on a GPU
+// c. Bottom-right zero padding (pad_bottom_right_*)
 // ---------------------------------------------------------------------------------------------
 
 fn pad_case<T: Elem>(planes: usize, h: usize, w: usize) {
@@ -47,7 +47,7 @@ fn pad_bottom_right_matches_cpu() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// d. Implicit-GEMM convolution (conv2d_igemm_*, conv2d_igemm_reduce_*): never run on a GPU
+// d. Implicit-GEMM convolution (conv2d_igemm_*, conv2d_igemm_reduce_*)
 // ---------------------------------------------------------------------------------------------
 
 /// Runs `conv2d_implicit_with(.., splits)`'s launches; returns the split count used.

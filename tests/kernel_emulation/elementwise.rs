@@ -8,7 +8,7 @@ use crate::harness::{check, rand_vec, tol_for, Elem, Job, Tol};
 use crate::{rounding_tol, EXACT};
 
 // ---------------------------------------------------------------------------------------------
-// Softmax of f32 scores into T (softmax_rows_from_f32_*): never run on a GPU
+// Softmax of f32 scores into T (softmax_rows_from_f32_*)
 // ---------------------------------------------------------------------------------------------
 
 fn softmax_case<T: Elem>(rows: usize, n: usize, scale: f32) {
@@ -54,7 +54,7 @@ fn softmax_of_f32_scores_matches_cpu() {
     }
 }
 // ---------------------------------------------------------------------------------------------
-// b. GELU and quick GELU (gelu_*, quick_gelu_*): never run on a GPU
+// b. GELU and quick GELU (gelu_*, quick_gelu_*)
 // ---------------------------------------------------------------------------------------------
 
 fn activation_case<T: Elem>(act: Activation) {
