@@ -107,9 +107,7 @@ pub fn rows(
     let finite = unet.forward_hooked(&x, None)?.iter().all(|v| v.is_finite());
     let flops = cfg.flops(2, lat, lat, tokens);
     out.push(Row {
-        what: format!(
-            "UNet fp16 step, batch 2, {lat}x{lat}, {tokens} tokens (finite: {finite}; host in/out)"
-        ),
+        what: format!("UNet fp16 step, batch 2, {lat}x{lat}, {tokens} tokens (finite: {finite})"),
         ours_ms: step_ms,
         rate: format!("{:.1} TFLOP/s", flops / step_ms / 1e9),
         peer_ms: peer["unet"]["ms"].as_f64(),
