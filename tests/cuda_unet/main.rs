@@ -96,34 +96,36 @@ fn cases() -> Vec<(&'static str, Source)> {
     ]
 }
 
+/// The case's UNet on the CPU, and its input.
 fn load(source: &Source, case: &str) -> (Arc<Unet>, Input) {
-    let (unet, inp) = load_on(source, case, hdb::backend::Cpu);
-    (Arc::new(unet), inp)
+    let unet = unet_on(source, hdb::backend::Cpu).expect("unet");
+    (Arc::new(unet), input(source, case))
 }
 
-/// The case's UNet on backend `be` (the CPU's or a device's), and its input.
-fn load_on<B: hdb::backend::Backend>(source: &Source, case: &str, be: B) -> (Unet<B>, Input) {
+/// The case's UNet on backend `be` (the CPU's or a device's).
+fn unet_on<B: hdb::backend::Backend>(source: &Source, be: B) -> hdb::Result<Unet<B>> {
     match source {
         Source::Fixture(model, variant) => {
-            let m = Model::load(
-                model,
-                LoadOptions {
-                    variant: *variant,
-                    progress: None,
-                },
-            )
-            .expect("model");
-            let unet = Unet::from_model_on(be, &m).expect("unet");
-            (unet, read_input(case))
+            let options = LoadOptions {
+                variant: *variant,
+                progress: None,
+            };
+            Unet::from_model_on(be, &Model::load(model, options)?)
         }
+        Source::Random(cfg, _) => Unet::load_on(be, cfg.clone(), &RandomWeights { seed: 0xC0DA }),
+    }
+}
+
+/// The case's input: the fixture's, or random [2, 4, size, size] with 77 context tokens.
+fn input(source: &Source, case: &str) -> Input {
+    match source {
+        Source::Fixture(..) => read_input(case),
         Source::Random(cfg, size) => {
-            let unet =
-                Unet::load_on(be, cfg.clone(), &RandomWeights { seed: 0xC0DA }).expect("unet");
             let (b, l) = (2, 77);
             let mut rng = SplitMix64(7);
             let mut noise =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
-            let inp = Input {
+            Input {
                 sample: noise(b * cfg.in_channels * size * size),
                 t: vec![999.0, 10.0],
                 ctx: noise(b * l * cfg.cross_attention_dim),
@@ -131,8 +133,7 @@ fn load_on<B: hdb::backend::Backend>(source: &Source, case: &str, be: B) -> (Une
                 h: *size,
                 w: *size,
                 l,
-            };
-            (unet, inp)
+            }
         }
     }
 }
@@ -157,20 +158,7 @@ fn cpu_forward(unet: &Unet, inp: &Input) -> Vec<f32> {
 
 /// The case's UNet on `dev` in storage type T.
 fn on_device<T: BlasElem>(dev: &Arc<CudaDevice>, source: &Source) -> hdb::Result<Unet<Cuda<T>>> {
-    let be = Cuda::<T>::new(dev.clone());
-    match source {
-        Source::Fixture(model, variant) => {
-            let m = Model::load(
-                model,
-                LoadOptions {
-                    variant: *variant,
-                    progress: None,
-                },
-            )?;
-            Unet::from_model_on(be, &m)
-        }
-        Source::Random(cfg, _) => Unet::load_on(be, cfg.clone(), &RandomWeights { seed: 0xC0DA }),
-    }
+    unet_on(source, Cuda::<T>::new(dev.clone()))
 }
 
 /// Runs one case in storage type T; returns a failure message, if any.
