@@ -227,10 +227,10 @@ impl<T: BlasElem> Backend for Cuda<T> {
         // f32 has no fused tensor-core kernel: the scalar one took 0.33 ms a call at the
         // hypernetwork's ViT-H shape (257 tokens, 16 heads, d 80) on an H100, where the scores
         // through cuBLAS (a few MB) cost a fraction of that.
-        let f32_dense = std::mem::size_of::<T>() == 4 && !d.causal;
+        let f32 = std::mem::size_of::<T>() == 4;
         if d.causal {
             ops::attention_causal(dev, o, q, k, v, s)?;
-        } else if d.head_dim <= 256 && !f32_dense {
+        } else if d.head_dim <= 256 && !f32 {
             ops::attention(dev, o, q, k, v, s, AttnKernel::Auto)?;
         } else {
             dev.bind_to_thread()?;

@@ -125,6 +125,8 @@ pub struct CudaDevice {
     ordinal: usize,
     name: String,
     cc: (i32, i32),
+    /// Multiprocessors, read once at open (the split heuristics ask on every launch).
+    sms: usize,
     arch: &'static str,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
@@ -175,6 +177,12 @@ impl CudaDevice {
                 .compute_capability()
                 .map_err(driver_err("reading the compute capability"))?;
             let arch = arch_for(cc)?;
+            let sms = ctx
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .map_err(driver_err("reading the multiprocessor count"))?
+                .max(1) as usize;
             let stream = ctx.default_stream();
             let blas = CudaBlas::new(stream.clone())
                 .map_err(|e| Error::Device(format!("creating a cuBLAS handle: {e:?}")))?;
@@ -190,6 +198,7 @@ impl CudaDevice {
                 ordinal,
                 name,
                 cc,
+                sms,
                 arch,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
@@ -208,6 +217,11 @@ impl CudaDevice {
 
     pub fn compute_capability(&self) -> (i32, i32) {
         self.cc
+    }
+
+    /// The device's multiprocessor count (split heuristics: enough blocks to fill the GPU).
+    pub fn sm_count(&self) -> usize {
+        self.sms
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -33,17 +33,17 @@ use crate::error::{Error, Result};
 use crate::model::Projections;
 
 /// `lidb_merge`'s limit on the summed rank of one layer's factors (`MERGE_MAX_RANK`, lidb.cu).
-pub(crate) const MERGE_MAX_RANK: usize = 256;
+const MERGE_MAX_RANK: usize = 256;
 /// `lora_bgmv`'s limit on one adapter's rank (`LORA_MAX_RANK`, lora.cu).
-pub(crate) const LORA_MAX_RANK: usize = 128;
+const LORA_MAX_RANK: usize = 128;
 
 /// Factor segments in the packed upload start on 32-byte boundaries (8 f32), so the kernels'
 /// 16-byte vector loads apply.
-pub(crate) const ALIGN: usize = 8;
+const ALIGN: usize = 8;
 
 /// Checks every layer's ranks against the kernels' limits (merge: the layer's total rank;
 /// runtime: each adapter's rank). `resolved` holds runtime factors.
-pub(crate) fn check_ranks(resolved: &Applied, mode: ApplyMode) -> Result<()> {
+fn check_ranks(resolved: &Applied, mode: ApplyMode) -> Result<()> {
     for (key, la) in &resolved.layers {
         match mode {
             ApplyMode::Merge => {
@@ -70,7 +70,7 @@ pub(crate) fn check_ranks(resolved: &Applied, mode: ApplyMode) -> Result<()> {
 }
 
 /// The index of `present` (the adapters that change a projection) in `masks`, added if new.
-pub(crate) fn mask_of(masks: &mut Vec<Vec<usize>>, present: &[usize]) -> usize {
+fn mask_of(masks: &mut Vec<Vec<usize>>, present: &[usize]) -> usize {
     match masks.iter().position(|m| m == present) {
         Some(m) => m,
         None => {
@@ -83,7 +83,7 @@ pub(crate) fn mask_of(masks: &mut Vec<Vec<usize>>, present: &[usize]) -> usize {
 /// Per-sample runtime mode: for each mask, the samples' adapter indices with the adapters
 /// outside the mask set to -1, uploaded; None where no sample uses an adapter of the mask
 /// (that projection needs no launch).
-pub(crate) fn per_mask_indices(
+fn per_mask_indices(
     dev: &CudaDevice,
     masks: &[Vec<usize>],
     idx: &[i32],

@@ -29,7 +29,7 @@ pub fn group_norm<T: DeviceElem>(
     need(y, 0, n, op, "y")?;
     need(gamma, 0, channels, op, "gamma")?;
     need(beta, 0, channels, op, "beta")?;
-    let chunks = group_norm_chunks(batch * groups, n / (batch * groups), sm_count(dev)?);
+    let chunks = group_norm_chunks(batch * groups, n / (batch * groups), dev.sm_count());
     if chunks > 1 {
         // Freed stream-ordered, after the two launches have read it.
         let stats = dev.alloc::<f32>(batch * groups * chunks * 2)?;

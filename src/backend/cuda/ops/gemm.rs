@@ -401,7 +401,7 @@ pub fn conv2d_implicit_with<T: BlasElem>(
     }
     let wanted = match splits {
         Some(s) => s,
-        None => conv2d_implicit_splits(p, sm_count(dev)?),
+        None => conv2d_implicit_splits(p, dev.sm_count()),
     };
     let plan = conv2d_implicit_plan(p, wanted)?;
     let partial = if plan.partial_len > 0 {

@@ -67,16 +67,6 @@ fn to_i64(v: usize, op: &str, arg: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i64")))
 }
 
-/// The device's multiprocessor count (split heuristics: enough blocks to fill the GPU).
-pub fn sm_count(dev: &CudaDevice) -> Result<usize> {
-    use cudarc::driver::sys::CUdevice_attribute as Attr;
-    let sms = dev
-        .context()
-        .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(driver_err("reading the multiprocessor count"))?;
-    Ok(sms.max(1) as usize)
-}
-
 /// The elementwise contract: 256 threads, grid = min(ceil(n / 256), 65536), grid-stride.
 fn elementwise_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65536) as u32;
