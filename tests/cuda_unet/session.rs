@@ -319,7 +319,8 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
         sets.push((mode, cpu_set, cpu_te, gpu_unet, gpu_te));
     }
     // A set of the other kind is an error naming `adapters`, never a crash or a silent no-op:
-    // device sets on the CPU pipeline, a host UNet set on the device one.
+    // device sets on the CPU pipeline, a host UNet set on the device one, and one device
+    // model's set handed to the other.
     {
         let (_, cpu_set, _, gpu_unet, gpu_te) = &sets[0];
         let wrong = [
@@ -344,6 +345,22 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
                 &gpu,
                 GenerateAdapters {
                     unet: Some(cpu_set),
+                    ..Default::default()
+                },
+            ),
+            (
+                "device UNet set as the text encoder's",
+                &gpu,
+                GenerateAdapters {
+                    device_text_encoder: Some(gpu_unet),
+                    ..Default::default()
+                },
+            ),
+            (
+                "device text-encoder set as the UNet's",
+                &gpu,
+                GenerateAdapters {
+                    device_unet: gpu_te.as_ref(),
                     ..Default::default()
                 },
             ),
