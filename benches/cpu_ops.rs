@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use hdb::backend::cpu::{self, Conv2d};
+use hdb::backend::{cpu, Conv2d};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -1,9 +1,7 @@
 //! The one error type of the crate. Every variant names what is at fault (file, key, argument)
-//! and maps to exactly one C status code.
+//! and maps to exactly one C status code (`ffi::status`).
 
 use std::path::{Path, PathBuf};
-
-use crate::ffi::status::hdb_status;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -93,28 +91,6 @@ impl Error {
         Error::NotAModel {
             path: path.to_path_buf(),
             reason: reason.into(),
-        }
-    }
-
-    /// The C status code for this error.
-    pub fn status(&self) -> hdb_status {
-        match self {
-            Error::NullArgument(_) => hdb_status::HDB_STATUS_NULL_ARGUMENT,
-            Error::NotFound { .. } => hdb_status::HDB_STATUS_FILE_NOT_FOUND,
-            Error::Io { .. } => hdb_status::HDB_STATUS_IO_ERROR,
-            Error::InvalidFile { .. } => hdb_status::HDB_STATUS_INVALID_FILE,
-            Error::NotAModel { .. } => hdb_status::HDB_STATUS_NOT_A_MODEL,
-            Error::UnsupportedDtype { .. } => hdb_status::HDB_STATUS_UNSUPPORTED_DTYPE,
-            Error::InvalidModel { .. } => hdb_status::HDB_STATUS_INVALID_MODEL,
-            Error::Unsupported(_) => hdb_status::HDB_STATUS_UNSUPPORTED,
-            Error::InvalidArgument { .. } => hdb_status::HDB_STATUS_INVALID_ARGUMENT,
-            Error::AdapterMismatch(_) => hdb_status::HDB_STATUS_ADAPTER_MISMATCH,
-            Error::NoDevice(_) => hdb_status::HDB_STATUS_NO_DEVICE,
-            Error::Device(_) => hdb_status::HDB_STATUS_DEVICE_ERROR,
-            Error::OutOfMemory(_) => hdb_status::HDB_STATUS_OUT_OF_MEMORY,
-            Error::Cancelled => hdb_status::HDB_STATUS_CANCELLED,
-            Error::BufferTooSmall { .. } => hdb_status::HDB_STATUS_BUFFER_TOO_SMALL,
-            Error::Internal(_) => hdb_status::HDB_STATUS_INTERNAL,
         }
     }
 }

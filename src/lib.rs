@@ -13,6 +13,8 @@ pub mod io;
 pub mod logging;
 pub mod model;
 pub mod pipeline;
+pub mod progress;
+pub mod rng;
 pub mod runtime;
 pub mod tensor;
 

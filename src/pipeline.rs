@@ -1,7 +1,7 @@
 //! Text to image: tokenize, encode the prompt and the negative prompt, denoise with
 //! classifier-free guidance, decode with the VAE. Equal to diffusers' StableDiffusionPipeline
 //! given the same latents; seeded noise comes from hdb's own RNG
-//! ([`crate::model::random::normals`] on a splitmix64 stream seeded with the seed).
+//! ([`crate::rng::normals`] on a splitmix64 stream seeded with the seed).
 
 use std::path::Path;
 
@@ -9,13 +9,14 @@ use crate::adapter::apply::{AdapterCtx, Applied};
 use crate::backend::device_unet::{DeviceAdapters, DeviceTextVae, DeviceUnet};
 use crate::error::{Error, Result};
 use crate::io::diffusers::read_json;
-use crate::model::random::{normals, SplitMix64};
 use crate::model::scheduler::{self, SamplerKind, SchedulerConfig};
 use crate::model::text_encoder::TextEncoder;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{Unet, UnetInput};
 use crate::model::vae::Vae;
 use crate::model::Model;
+use crate::progress::Progress;
+use crate::rng::{normals, SplitMix64};
 use crate::runtime::Runtime;
 
 /// Everything a generation needs, built once and shared. The tokenizer runs on the CPU; the
@@ -109,9 +110,6 @@ pub struct Generated {
     /// Images as floats in [0, 1], [batch, H, W, 3] (diffusers' `output_type="np"`).
     pub pixels: Vec<f32>,
 }
-
-/// Called after each denoising step with (step done, steps total); `false` cancels.
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
 
 impl Pipeline {
     /// Builds every component of a diffusers folder or LDM file (the tokenizer needs the

@@ -15,8 +15,8 @@ use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::ops::BlasElem;
 use hdb::backend::cuda::{Cuda, CudaKeyAdapters, DeviceElem};
 use hdb::backend::{AdapterHook, Backend, Cpu};
-use hdb::model::random::SplitMix64;
-use hdb::model::weights::F32Weight;
+use hdb::io::F32Weight;
+use hdb::rng::SplitMix64;
 
 // ---------------------------------------------------------------------------------------------
 // CudaKeyAdapters against the CPU's AdapterCtx

@@ -28,12 +28,12 @@
 mod common;
 use common::cuda::{check, randn, sfx, tol, too_big_for_the_emulated_gpu};
 
-use hdb::backend::cpu::Conv2d;
 use hdb::backend::cuda::ops::BlasElem;
 use hdb::backend::cuda::{Cuda, DeviceElem};
+use hdb::backend::Conv2d;
 use hdb::backend::{Activation, AttnDims, Backend, Cpu, NormDims};
-use hdb::model::random::SplitMix64;
-use hdb::model::weights::F32Weight;
+use hdb::io::F32Weight;
+use hdb::rng::SplitMix64;
 use hdb::{Error, Result};
 
 // ---------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use hdb::backend::cuda::ops::BlasElem;
 use hdb::backend::cuda::{Cuda, CudaDevice};
 use hdb::io::diffusers::Variant;
-use hdb::model::random::SplitMix64;
 use hdb::model::text_encoder::TextEncoder;
 use hdb::model::unet::Unet;
 use hdb::model::vae::Vae;
 use hdb::model::{LoadOptions, Model};
+use hdb::rng::SplitMix64;
 
 fn device() -> Option<Arc<CudaDevice>> {
     match CudaDevice::open(0) {

@@ -14,9 +14,9 @@ use hdb::adapter::adaptable_layers;
 use hdb::adapter::lidb::Lidb;
 use hdb::hypernet::{preprocess, Hypernet, HypernetConfig};
 use hdb::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
-use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::Model;
 use hdb::Error;
+use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 fn fx(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

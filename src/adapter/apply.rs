@@ -11,7 +11,7 @@ use super::Adapter;
 use crate::backend::cpu as ops;
 use crate::backend::{AdapterHook, Cpu};
 use crate::error::{Error, Result};
-use crate::model::weights::F32Weight;
+use crate::io::F32Weight;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyMode {

@@ -2,7 +2,7 @@
 //! and `U_aux [out, b]` of one layer, bit-reproducible from (basis_seed, layer key).
 
 use crate::error::{Error, Result};
-use crate::model::random::{fnv1a64, normals, SplitMix64};
+use crate::rng::{fnv1a64, normals, SplitMix64};
 
 /// One layer's basis.
 #[derive(Clone, Debug, PartialEq)]

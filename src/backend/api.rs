@@ -10,9 +10,38 @@
 //! Shapes are the caller's promise; a backend checks buffer extents it would otherwise read
 //! or write past, and reports a mismatch as `Error::Internal` naming the op.
 
-use crate::backend::cpu::Conv2d;
 use crate::error::{Error, Result};
-use crate::model::weights::F32Weight;
+use crate::io::F32Weight;
+
+/// A convolution's shape: x [batch, c_in, h, w], weight [c_out, c_in, kernel, kernel] ->
+/// y [batch, c_out, ho, wo].
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2d {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// (ho, wo) = ((h + 2 padding - kernel) / stride + 1, likewise for w); 0 when the kernel
+    /// does not fit.
+    pub fn out_hw(&self) -> (usize, usize) {
+        let o = |n: usize| {
+            let padded = n + 2 * self.padding;
+            if padded < self.kernel || self.stride == 0 {
+                0
+            } else {
+                (padded - self.kernel) / self.stride + 1
+            }
+        };
+        (o(self.h), o(self.w))
+    }
+}
 
 /// An element-wise activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,8 +257,7 @@ pub(crate) fn volume(op: &str, dims: &[usize]) -> Result<usize> {
 /// with the same messages. Each takes the lengths of the op's arguments and returns the length
 /// of its output where it makes one.
 pub(crate) mod shapes {
-    use super::{check_len, volume, AttnDims, NormDims};
-    use crate::backend::cpu::Conv2d;
+    use super::{check_len, volume, AttnDims, Conv2d, NormDims};
     use crate::error::{Error, Result};
 
     pub fn linear(

@@ -412,7 +412,7 @@ impl RuntimeHypernet {
         &self,
         image: &[f32],
         iterations: Option<usize>,
-        progress: Option<crate::pipeline::Progress<'_>>,
+        progress: Option<crate::progress::Progress<'_>>,
     ) -> Result<Vec<f32>> {
         on_net!(self, n => n.predict(image, iterations, progress))
     }

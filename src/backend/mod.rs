@@ -9,5 +9,5 @@ pub mod cuda;
 pub mod device_unet;
 pub mod profile;
 
-pub use api::{Activation, AdapterHook, AttnDims, Backend, NormDims};
+pub use api::{Activation, AdapterHook, AttnDims, Backend, Conv2d, NormDims};
 pub use cpu::Cpu;

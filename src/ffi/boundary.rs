@@ -36,7 +36,7 @@ pub fn ffi_boundary(func: &'static str, f: impl FnOnce() -> Result<()>) -> hdb_s
             let msg = format!("{func}: {e}");
             log::debug!("{msg}");
             set_last_error(&msg);
-            e.status()
+            hdb_status::from(&e)
         }
         Err(payload) => {
             let msg = format!("{func}: panic: {}", panic_message(payload.as_ref()));

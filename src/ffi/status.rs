@@ -3,6 +3,7 @@
 use std::ffi::c_char;
 
 use super::boundary::ffi_infallible;
+use crate::error::Error;
 
 /// The result of every fallible hdb call. On anything but `HDB_STATUS_OK`,
 /// `hdb_last_error_message()` describes what went wrong and out-pointers are left untouched.
@@ -45,6 +46,30 @@ pub enum hdb_status {
     HDB_STATUS_PANIC = 16,
     /// An internal invariant failed; this is a bug in hdb.
     HDB_STATUS_INTERNAL = 17,
+}
+
+/// The C status code of each error: exactly one per variant.
+impl From<&Error> for hdb_status {
+    fn from(e: &Error) -> hdb_status {
+        match e {
+            Error::NullArgument(_) => hdb_status::HDB_STATUS_NULL_ARGUMENT,
+            Error::NotFound { .. } => hdb_status::HDB_STATUS_FILE_NOT_FOUND,
+            Error::Io { .. } => hdb_status::HDB_STATUS_IO_ERROR,
+            Error::InvalidFile { .. } => hdb_status::HDB_STATUS_INVALID_FILE,
+            Error::NotAModel { .. } => hdb_status::HDB_STATUS_NOT_A_MODEL,
+            Error::UnsupportedDtype { .. } => hdb_status::HDB_STATUS_UNSUPPORTED_DTYPE,
+            Error::InvalidModel { .. } => hdb_status::HDB_STATUS_INVALID_MODEL,
+            Error::Unsupported(_) => hdb_status::HDB_STATUS_UNSUPPORTED,
+            Error::InvalidArgument { .. } => hdb_status::HDB_STATUS_INVALID_ARGUMENT,
+            Error::AdapterMismatch(_) => hdb_status::HDB_STATUS_ADAPTER_MISMATCH,
+            Error::NoDevice(_) => hdb_status::HDB_STATUS_NO_DEVICE,
+            Error::Device(_) => hdb_status::HDB_STATUS_DEVICE_ERROR,
+            Error::OutOfMemory(_) => hdb_status::HDB_STATUS_OUT_OF_MEMORY,
+            Error::Cancelled => hdb_status::HDB_STATUS_CANCELLED,
+            Error::BufferTooSmall { .. } => hdb_status::HDB_STATUS_BUFFER_TOO_SMALL,
+            Error::Internal(_) => hdb_status::HDB_STATUS_INTERNAL,
+        }
+    }
 }
 
 const NAMES: [&std::ffi::CStr; 18] = [

@@ -33,10 +33,10 @@ use crate::backend::profile::scope;
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
+use crate::io::F32Weight;
 use crate::model::layers::{Linear, WeightSource};
-use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
-use crate::pipeline::Progress;
+use crate::progress::Progress;
 
 /// The `format` of a hypernetwork config.
 pub const FORMAT: &str = "hdb-hypernet";

@@ -6,8 +6,8 @@
 use crate::backend::profile::scope;
 use crate::backend::{Activation, AttnDims, Backend};
 use crate::error::Result;
+use crate::io::F32Weight;
 use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
-use crate::model::weights::F32Weight;
 
 /// The encoder's shape (the `encoder` object of the hypernetwork config).
 #[derive(Clone, Debug, PartialEq)]

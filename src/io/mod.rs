@@ -4,3 +4,6 @@
 pub mod diffusers;
 pub mod keymap;
 pub mod safetensors;
+pub mod weight;
+
+pub use weight::F32Weight;

@@ -2,11 +2,11 @@
 //! norm layers and NCHW activations, generic over the [`Backend`] they run on (the CPU
 //! backend by default).
 
-use crate::backend::cpu::Conv2d;
 use crate::backend::profile::scope;
+use crate::backend::Conv2d;
 use crate::backend::{AdapterHook, Backend, Cpu, NormDims};
 use crate::error::Result;
-use crate::model::weights::F32Weight;
+use crate::io::F32Weight;
 use crate::model::WeightStore;
 
 /// Where the UNet's weights come from: a loaded model, or (benchmarks) random values.

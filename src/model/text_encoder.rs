@@ -10,10 +10,10 @@ use crate::adapter::apply::{Adaptable, AdapterCtx};
 use crate::backend::profile::scope;
 use crate::backend::{Activation as Op, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
+use crate::io::F32Weight;
 use crate::model::layers::{
     add, find_weight, layer_table, Hook, LayerNorm, Linear, Projections, WeightSource,
 };
-use crate::model::weights::F32Weight;
 use crate::model::WeightStore;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

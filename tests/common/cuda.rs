@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use hdb::backend::cuda::ops::BlasElem;
 use hdb::backend::cuda::{Cuda, CudaDevice, DeviceElem};
-use hdb::model::random::SplitMix64;
+use hdb::rng::SplitMix64;
 
 /// One device for the whole binary (kernels compile once), used by one test at a time.
 pub fn device() -> Option<(MutexGuard<'static, ()>, Arc<CudaDevice>)> {
@@ -32,7 +32,7 @@ pub fn seed(test: &str) -> SplitMix64 {
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
-            t ^ hdb::model::random::fnv1a64(test)
+            t ^ hdb::rng::fnv1a64(test)
         }
     };
     println!("{test}: seed {s:#x} (HDB_TEST_SEED={s:x} replays it)");
@@ -83,7 +83,7 @@ macro_rules! every_dtype {
 
 /// Normal values times `scale`, rounded to T (what the device holds).
 pub fn randn<T: DeviceElem>(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
-    hdb::model::random::normals(rng, n)
+    hdb::rng::normals(rng, n)
         .into_iter()
         .map(|v| T::from_f32(v as f32 * scale).to_f32())
         .collect()

@@ -147,7 +147,7 @@ pub fn random_lora(
     rank: usize,
     keep: impl Fn(usize) -> bool,
 ) -> hdb::adapter::Adapter {
-    let mut rng = hdb::model::random::SplitMix64(seed);
+    let mut rng = hdb::rng::SplitMix64(seed);
     let mut u = |n: usize, s: f32| -> Vec<f32> {
         (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
     };

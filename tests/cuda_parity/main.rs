@@ -33,7 +33,7 @@ use hdb::backend::cuda::ops::{
     self, At, AttnKernel, AttnShape, BgmvShape, BlasElem, ComposeLayer, Conv2d, Factor, MergeLayer,
 };
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
-use hdb::model::random::SplitMix64;
+use hdb::rng::SplitMix64;
 use hdb::Error;
 
 use common::cuda::{check, device, seed, tol, too_big_for_the_emulated_gpu};
@@ -41,7 +41,7 @@ use common::cuda::{check, device, seed, tol, too_big_for_the_emulated_gpu};
 /// Normal values times `scale` in f32 (cases round them with [`rounded`] where the device
 /// holds T).
 fn randn(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
-    hdb::model::random::normals(rng, n)
+    hdb::rng::normals(rng, n)
         .into_iter()
         .map(|v| v as f32 * scale)
         .collect()

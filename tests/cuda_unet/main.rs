@@ -23,9 +23,9 @@ use hdb::backend::cuda::{Cuda, CudaDevice};
 use hdb::io::diffusers::Variant;
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::config::UnetConfig;
-use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::{LoadOptions, Model};
+use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 /// The device, or None after printing why the test is skipped.
 fn device() -> Option<Arc<CudaDevice>> {

@@ -2,10 +2,10 @@
 //! backend.
 
 use half::{bf16, f16};
-use hdb::backend::cpu::Conv2d;
 use hdb::backend::cuda::ops;
+use hdb::backend::Conv2d;
 use hdb::backend::{Backend, Cpu};
-use hdb::model::weights::F32Weight;
+use hdb::io::F32Weight;
 
 use crate::harness::{check, rand_vec, tol_for, Elem, Job, Tol};
 use crate::EXACT;

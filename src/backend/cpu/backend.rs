@@ -6,11 +6,12 @@
 use super::{
     add_channel_bias, add_inplace, attention, concat_channels, conv2d, geglu, gelu_inplace,
     group_norm, layer_norm, linear, nchw_to_nhwc, nhwc_to_nchw, silu_inplace, timestep_embedding,
-    upsample_nearest2x, Conv2d,
+    upsample_nearest2x,
 };
+use crate::backend::api::Conv2d;
 use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::Result;
-use crate::model::weights::F32Weight;
+use crate::io::F32Weight;
 
 /// The CPU backend: f32 compute on the runtime's thread pool.
 #[derive(Clone, Copy, Debug, Default)]

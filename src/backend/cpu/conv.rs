@@ -21,38 +21,9 @@
 
 use super::linear::{gemm_raw, par_for, Mat};
 use super::SendPtr;
+use crate::backend::api::Conv2d;
 use gemm::Parallelism;
 use rayon::prelude::*;
-
-/// A convolution's shape: x [batch, c_in, h, w], weight [c_out, c_in, kernel, kernel] ->
-/// y [batch, c_out, ho, wo].
-#[derive(Clone, Copy, Debug)]
-pub struct Conv2d {
-    pub batch: usize,
-    pub c_in: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c_out: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-}
-
-impl Conv2d {
-    /// (ho, wo) = ((h + 2 padding - kernel) / stride + 1, likewise for w); 0 when the kernel
-    /// does not fit.
-    pub fn out_hw(&self) -> (usize, usize) {
-        let o = |n: usize| {
-            let padded = n + 2 * self.padding;
-            if padded < self.kernel || self.stride == 0 {
-                0
-            } else {
-                (padded - self.kernel) / self.stride + 1
-            }
-        };
-        (o(self.h), o(self.w))
-    }
-}
 
 /// Most f32 elements of an im2col buffer (8 MB; 320 ch at 64x64 takes 3 chunks per image).
 /// Measured at SD shapes on 2 Zen cores (2 MB L2 each, 32 MB shared L3): 1-2 MB chunks are

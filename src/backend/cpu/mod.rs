@@ -18,7 +18,7 @@ pub(crate) mod simd;
 pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;
 pub use backend::Cpu;
-pub use conv::{conv2d, Conv2d};
+pub use conv::conv2d;
 pub use linear::{linear, matmul};
 pub use misc::{
     add_channel_bias, add_inplace, concat_channels, nchw_to_nhwc, nhwc_to_nchw, timestep_embedding,
@@ -153,6 +153,7 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::{assert_close, rand_vec};
     use super::*;
+    use crate::backend::api::Conv2d;
 
     fn pool(threads: usize) -> rayon::ThreadPool {
         match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {

@@ -29,7 +29,7 @@ use super::device::CudaDevice;
 use super::ops::{self, At, AttnKernel, AttnShape, BlasElem, Conv2d};
 use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::{Error, Result};
-use crate::model::weights::F32Weight;
+use crate::io::F32Weight;
 
 /// The largest im2col scratch [`Backend::conv2d`] allocates; larger 16-bit convolutions take
 /// the implicit GEMM. The UNet's largest at 64 x 64 latents is 47 MB (batch 2, 640 channels

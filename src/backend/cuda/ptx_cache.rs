@@ -64,13 +64,13 @@ fn nvrtc_version() -> String {
 /// line of its entry must say.
 fn key(file: &KernelFile, arch: &str, include_paths: &[String]) -> (String, u64) {
     let source = file.source();
-    let mut h = crate::model::random::fnv1a64(&source);
+    let mut h = crate::rng::fnv1a64(&source);
     let rest = format!(
         "arch={arch} nvrtc={} options=--std=c++17 includes={}",
         nvrtc_version(),
         include_paths.join(":")
     );
-    h ^= crate::model::random::fnv1a64(&rest).rotate_left(17);
+    h ^= crate::rng::fnv1a64(&rest).rotate_left(17);
     (
         format!(
             "// hdb kernel cache v1: kernels/{} {rest} source_bytes={} hash={h:016x}",

@@ -5,8 +5,8 @@ use std::time::Instant;
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::lidb::{Lidb, LidbMeta};
 use hdb::model::config::UnetConfig;
-use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::unet::{Unet, UnetInput};
+use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

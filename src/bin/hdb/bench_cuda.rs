@@ -18,10 +18,13 @@ use hdb::backend::cuda::ops::{
 };
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
 use hdb::model::config::UnetConfig;
-use hdb::model::random::{normals, RandomWeights, SplitMix64};
 use hdb::model::text_encoder::TextEncoderConfig;
 use hdb::model::unet::Unet;
 use hdb::model::vae::VaeConfig;
+use hdb::{
+    model::random::RandomWeights,
+    rng::{normals, SplitMix64},
+};
 use hdb::{Error, Result};
 
 use crate::bench_pipeline::run_peer;

@@ -14,11 +14,11 @@ use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::ops::{self, AttnKernel};
 use hdb::backend::cuda::{Cuda, CudaDevice, CudaLayerAdapters};
-use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
 use hdb::Result;
+use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 use crate::bench_cuda::{device_profile, gpu_ms, Row, Rows, Scale};
 

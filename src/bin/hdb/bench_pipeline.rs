@@ -5,10 +5,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use hdb::model::config::UnetConfig;
-use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
+use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 /// Runs a PyTorch peer script of tools/ with `python` and returns the JSON line it prints last.
 pub fn run_peer(python: &Path, script: &str, args: &[&str]) -> hdb::Result<serde_json::Value> {

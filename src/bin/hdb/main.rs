@@ -547,7 +547,7 @@ fn bench_unet(
         "random SD 1.5 UNet weights made in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let mut rng = hdb::model::random::SplitMix64(7);
+    let mut rng = hdb::rng::SplitMix64(7);
     let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
     let sample = noise(batch * 4 * size * size);
     let ctx = noise(batch * l * cdim);

@@ -96,9 +96,9 @@ impl Mem {
 /// memory and compares with the CPU's attention.
 fn run_plan<T: DeviceElem>(s: AttnShape, chunk: usize) {
     let esize = std::mem::size_of::<T>();
-    let mut rng = crate::model::random::SplitMix64(7 + chunk as u64);
+    let mut rng = crate::rng::SplitMix64(7 + chunk as u64);
     let mut randn = |n: usize| -> Vec<f32> {
-        crate::model::random::normals(&mut rng, n)
+        crate::rng::normals(&mut rng, n)
             .iter()
             .map(|&v| v as f32)
             .collect()

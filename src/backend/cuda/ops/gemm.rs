@@ -214,7 +214,7 @@ fn linear_gemm<T: BlasElem>(
 }
 
 /// A 2-D convolution's shape (the CPU backend's `Conv2d`).
-pub use crate::backend::cpu::Conv2d;
+pub use crate::backend::api::Conv2d;
 
 /// Scratch a [`conv2d`] of shape `p` needs (elements), 0 for 1x1 stride-1 unpadded convs.
 pub fn conv2d_scratch(p: &Conv2d) -> usize {
