@@ -13,7 +13,9 @@
  * - Each object from hdb_*_new / hdb_*_load is freed with its hdb_*_free; NULL is a no-op.
  *   Objects keep what they depend on alive, so free order does not matter.
  * - Thread safety: const objects (model, adapter, hypernet) may be used from many threads at
- *   once; a session belongs to one thread at a time. The log callback is the only
+ *   once; a session belongs to one thread at a time. A call on a session made while another
+ *   thread is inside a call on it returns HDB_STATUS_BUSY and changes nothing (freeing a
+ *   session another thread is using is still undefined). The log callback is the only
  *   process-wide setting.
  * - No panic crosses this boundary: a bug inside hdb returns HDB_STATUS_PANIC.
  */
@@ -112,6 +114,12 @@ enum hdb_status
    * An internal invariant failed; this is a bug in hdb.
    */
   HDB_STATUS_INTERNAL = 17,
+  /**
+   * The object is in use by another thread: a session was called from a second thread
+   * while a call on it was running (a session belongs to one thread at a time). Nothing
+   * was changed; call again once the other call has returned.
+   */
+  HDB_STATUS_BUSY = 18,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -132,7 +140,8 @@ typedef struct hdb_adapter hdb_adapter;
 typedef struct hdb_hypernet hdb_hypernet;
 
 /**
- * Opaque, immutable model. Thread-safe: any number of threads may use one model at once.
+ * Opaque, immutable model: a [`crate::Engine`], the model's weights on a runtime.
+ * Thread-safe: any number of threads may use one model at once.
  */
 typedef struct hdb_model hdb_model;
 
@@ -142,7 +151,9 @@ typedef struct hdb_model hdb_model;
 typedef struct hdb_runtime hdb_runtime;
 
 /**
- * Opaque session. Belongs to one thread at a time; keeps its model alive.
+ * Opaque session: a [`crate::Session`] on a model's engine. Belongs to one thread at a
+ * time; a call made while another thread is inside a call on the same session returns
+ * `HDB_STATUS_BUSY` instead of touching it. Keeps its model alive.
  */
 typedef struct hdb_session hdb_session;
 

@@ -40,7 +40,7 @@ if [ $# -gt 0 ]; then
   rc=${PIPESTATUS[0]}
 else
   # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
-  tests="cuda_unet cuda_models cuda_parity cuda_backend cuda_adapters"
+  tests="cuda_unet cuda_models cuda_parity cuda_backend"
   cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
     python3 scripts/test-binaries.py >"$log_dir/binaries"
   [ "$(wc -l <"$log_dir/binaries")" -eq 5 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }

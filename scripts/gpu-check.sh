@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 bin=.gpu
 # The GPU test binaries, in the order a failure is cheapest to read: ops, then models.
-gpu_tests="cuda_parity cuda_backend cuda_adapters cuda_unet cuda_models"
+gpu_tests="cuda_parity cuda_backend cuda_unet cuda_models"
 out="${OUT:-$bin/out}"
 
 phases="${*:-parity memcheck bench}"
@@ -137,7 +137,7 @@ if want memcheck; then
 fi
 
 if want parity; then
-  echo "== parity (tests/{cuda_parity,cuda_backend,cuda_adapters,cuda_unet,cuda_models}.rs), $jobs_max at a time"
+  echo "== parity (tests/{cuda_parity,cuda_backend,cuda_unet,cuda_models}.rs), $jobs_max at a time"
   cases="$pdir/cases"
   for t in $gpu_tests; do
     "$bin/$t" --list 2>/dev/null | sed -n "s/: test\$//p" | sed "s/^/$t /"

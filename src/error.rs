@@ -9,6 +9,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("argument '{0}' is NULL")]
     NullArgument(&'static str),
+    /// An entry of an array argument is NULL.
+    #[error("argument '{name}[{index}]' is NULL")]
+    NullEntry { name: &'static str, index: usize },
     #[error("{path}: file or directory not found")]
     NotFound { path: PathBuf },
     #[error("{path}: {source}")]
@@ -56,6 +59,9 @@ pub enum Error {
     BufferTooSmall { needed: usize, got: usize },
     #[error("internal error: {0}")]
     Internal(String),
+    /// An object that belongs to one thread at a time is in use by another.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl Error {

@@ -1,8 +1,27 @@
 //! hdb: a HyperDreamBooth runtime for Stable Diffusion 1.x with a stable C ABI.
 //!
-//! Data flows one way: [`io`] reads files -> [`model`] describes weights and shapes ->
-//! [`backend`] runs ops -> [`ffi`] exposes it all to C. See `../shared/DESIGN.md` (in the
-//! repository: README.md) for the picture.
+//! A host loads a model on a runtime once ([`Engine`]), opens a [`Session`] per thread, gives
+//! it identity adapters (loaded from files, or predicted from a face photo by a hypernetwork)
+//! and renders with them. The C API (`ffi`, `include/hdb.h`) and the CLI (`src/bin/hdb`) are
+//! thin layers over those two types. docs/architecture.md draws the layers and says where a
+//! new op, model component or binding goes; `../shared/DESIGN.md` is the design.
+//!
+//! ## Module order
+//!
+//! Imports go down only: a module may use the modules on its own floor and below, never above
+//! (tests/module_order.rs reads this list and fails on an upward `crate::` path).
+//!
+//! 1. leaves: `tensor` (element types, shapes), `error` (the one error type), `rng` (hdb's
+//!    random stream), `progress` (progress callbacks), `logging`
+//! 2. `io`: files (safetensors, diffusers folders, LDM key names), f32 weights
+//! 3. `backend` (the op trait, CPU and CUDA backends), `runtime` (device, threads)
+//! 4. `model`: UNet, text encoder, VAE, tokenizer, schedulers, the list of adaptable layers
+//! 5. `adapter`: LiDB and LoRA files, adapter sets on each backend
+//! 6. `hypernet`: face image -> LiDB weights
+//! 7. placed models and sessions: `placed` (a component on a backend), `session` (`Engine`,
+//!    `Session`)
+//! 8. `pipeline`: text to image on a session
+//! 9. `ffi`: the C ABI (the CLI in src/bin is a separate crate above it)
 
 pub mod adapter;
 pub mod backend;
@@ -13,14 +32,17 @@ pub mod io;
 pub mod logging;
 pub mod model;
 pub mod pipeline;
+pub mod placed;
 pub mod progress;
 pub mod rng;
 pub mod runtime;
+pub mod session;
 pub mod tensor;
 
 pub use error::{Error, Result};
 pub use model::Model;
 pub use runtime::{Device, Runtime, RuntimeOptions};
+pub use session::{Engine, Session};
 
 /// The crate version, `MAJOR.MINOR.PATCH`, from Cargo metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-use hdb::adapter::{adaptable_layers, basis::basis, lidb::Lidb, lora, Adapter};
+use hdb::adapter::{basis::basis, lidb::Lidb, lora, Adapter};
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::Model;
@@ -22,7 +22,7 @@ fn model() -> Model {
 
 fn adapter(m: &Model, file: &str) -> Adapter {
     let f = SafetensorsFile::open(&fx(&format!("adapter/{file}"))).expect("adapter file");
-    hdb::adapter::load(&f, &adaptable_layers(m)).unwrap_or_else(|e| panic!("{file}: {e}"))
+    hdb::adapter::load(&f, &m.adaptable_layers()).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 struct Inputs {
@@ -95,12 +95,12 @@ fn run(
 ) -> Vec<f32> {
     let applied = Applied::new(set, mode, unet).expect("apply");
     let inp = inputs();
-    unet.forward_with(
+    unet.forward_adapted(
         &inp.args(),
-        Some(&AdapterCtx {
+        &AdapterCtx {
             applied: &applied,
             per_sample,
-        }),
+        },
     )
     .expect("forward")
 }
@@ -111,7 +111,7 @@ fn basis_equals_the_numpy_implementation() {
     let meta = f.metadata();
     let seed: u64 = meta["basis_seed"].parse().expect("seed");
     let (a, b): (usize, usize) = (meta["a"].parse().expect("a"), meta["b"].parse().expect("b"));
-    let mut table = adaptable_layers(&model());
+    let mut table = model().adaptable_layers();
     table.retain(|k, _| k.starts_with("unet."));
     assert_eq!(
         table.len(),
@@ -150,7 +150,7 @@ fn basis_equals_the_numpy_implementation() {
 #[test]
 fn lidb_in_both_modes_equals_diffusers_with_peft() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let id1 = adapter(&m, "id1.lidb.safetensors");
     let want = reference("adapter/id1.out.safetensors");
     assert_close(
@@ -180,7 +180,7 @@ fn lidb_in_both_modes_equals_diffusers_with_peft() {
 #[test]
 fn kohya_and_peft_files_import_as_the_same_adapter() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let want = reference("adapter/id1.out.safetensors");
     for file in ["id1.kohya.safetensors", "id1.peft.safetensors"] {
         let a = adapter(&m, file);
@@ -202,7 +202,7 @@ fn kohya_and_peft_files_import_as_the_same_adapter() {
 #[test]
 fn two_weighted_adapters_and_a_partial_one_match_diffusers() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let (id1, id2) = (
         adapter(&m, "id1.lidb.safetensors"),
         adapter(&m, "id2.lidb.safetensors"),
@@ -226,7 +226,7 @@ fn two_weighted_adapters_and_a_partial_one_match_diffusers() {
 #[test]
 fn one_identity_per_sample_equals_separate_runs() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let (id1, id2) = (
         adapter(&m, "id1.lidb.safetensors"),
         adapter(&m, "id2.lidb.safetensors"),
@@ -262,7 +262,7 @@ fn one_identity_per_sample_equals_separate_runs() {
 #[test]
 fn switching_back_to_no_adapter_restores_the_base_bit_for_bit() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let inp = inputs();
     let base = unet.forward(&inp.args()).expect("base");
     let id1 = adapter(&m, "id1.lidb.safetensors");
@@ -335,7 +335,7 @@ fn lidb_save_load_roundtrip_and_sd15_size() {
 #[test]
 fn export_to_kohya_and_peft_reimports_to_the_same_factors() {
     let m = model();
-    let table = adaptable_layers(&m);
+    let table = m.adaptable_layers();
     let id2 = adapter(&m, "id2.lidb.safetensors");
     let dir = tempfile::tempdir().expect("tempdir");
     for fmt in [lora::LoraFormat::Kohya, lora::LoraFormat::Peft] {
@@ -361,7 +361,7 @@ fn load_err(m: &Model, bytes: Vec<u8>) -> hdb::Error {
         Ok(f) => f,
         Err(e) => return e,
     };
-    hdb::adapter::load(&f, &adaptable_layers(m)).expect_err("must be refused")
+    hdb::adapter::load(&f, &m.adaptable_layers()).expect_err("must be refused")
 }
 
 fn saved(l: &Lidb) -> Vec<u8> {
@@ -552,7 +552,7 @@ fn lora_keys_that_match_no_layer_are_reported_not_dropped() {
     hdb::io::safetensors::write_f32(&p, &refs).expect("write");
     let e = hdb::adapter::load(
         &SafetensorsFile::open(&p).expect("open"),
-        &adaptable_layers(&m),
+        &m.adaptable_layers(),
     )
     .expect_err("extra key");
     let msg = e.to_string();
@@ -565,10 +565,10 @@ fn lora_keys_that_match_no_layer_are_reported_not_dropped() {
 #[test]
 fn per_sample_indices_are_checked() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let id1 = adapter(&m, "id1.lidb.safetensors");
     let inp = inputs();
-    let runtime = Applied::new(&[(&id1, 1.0)], ApplyMode::Runtime, &*unet).expect("apply");
+    let runtime = Applied::new(&[(&id1, 1.0)], ApplyMode::Runtime, &unet).expect("apply");
     for (idx, why) in [
         (&[0, 1][..], "index 1"),
         (&[0][..], "1 entries"),
@@ -579,68 +579,33 @@ fn per_sample_indices_are_checked() {
             per_sample: Some(idx),
         };
         let e = unet
-            .forward_with(&inp.args(), Some(&ad))
+            .forward_adapted(&inp.args(), &ad)
             .expect_err("bad indices");
         assert!(
             e.to_string().contains("'adapter_index'") && e.to_string().contains(why),
             "{e}"
         );
     }
-    let merged = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &*unet).expect("apply");
+    let merged = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &unet).expect("apply");
     let ad = AdapterCtx {
         applied: &merged,
         per_sample: Some(&[0, 0]),
     };
     let e = unet
-        .forward_with(&inp.args(), Some(&ad))
+        .forward_adapted(&inp.args(), &ad)
         .expect_err("merge + indices");
     assert!(e.to_string().contains("runtime"), "{e}");
 }
 
-/// The UNet seen as a model whose weights are not on the host (what a model on a GPU is to
-/// `Applied`): dims only.
-struct DimsOnly<'a>(&'a Unet);
-
-impl hdb::adapter::apply::Adaptable for DimsOnly<'_> {
-    fn key_prefix(&self) -> &'static str {
-        "unet."
-    }
-
-    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
-        self.0.projection_dims(key)
-    }
-
-    fn host_weight(&self, _: &str) -> Option<&[f32]> {
-        None
-    }
-}
-
 #[test]
-fn runtime_sets_resolve_from_dims_alone_and_merge_needs_host_weights() {
-    use hdb::adapter::apply::Adaptable;
+fn a_failed_replacement_leaves_the_previous_set_usable() {
     let m = model();
-    let unet = m.unet().expect("unet");
-    let (id1, id2) = (
-        adapter(&m, "id1.lidb.safetensors"),
-        adapter(&m, "id2.lidb.safetensors"),
-    );
-    let set = [(&id1, 0.75f32), (&id2, 1.0)];
-    let host = Applied::new(&set, ApplyMode::Runtime, &*unet).expect("host resolve");
-    let dims = Applied::new(&set, ApplyMode::Runtime, &DimsOnly(&unet)).expect("dims resolve");
-    assert_eq!(host.count, dims.count);
-    assert_eq!(
-        host.layers.keys().collect::<Vec<_>>(),
-        dims.layers.keys().collect::<Vec<_>>()
-    );
-    for (k, a) in &host.layers {
-        assert_eq!(a.runtime, dims.layers[k].runtime, "{k}: factors differ");
-    }
-    assert!(unet
-        .host_weight(host.layers.keys().next().expect("a layer"))
-        .is_some());
-
-    // Merge mode without host weights fails before touching the set it would replace.
-    let mut previous = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &*unet).expect("merge");
+    let unet = Unet::from_model(&m).expect("unet");
+    let id1 = adapter(&m, "id1.lidb.safetensors");
+    let mut bad = adapter(&m, "id2.lidb.safetensors");
+    let layer = bad.layers.values_mut().last().expect("a layer");
+    layer.up.truncate(layer.up.len() - 1);
+    let mut previous = Applied::new(&[(&id1, 1.0)], ApplyMode::Merge, &unet).expect("merge");
     let before: Vec<Vec<f32>> = previous
         .layers
         .values()
@@ -648,15 +613,12 @@ fn runtime_sets_resolve_from_dims_alone_and_merge_needs_host_weights() {
         .collect();
     let e = Applied::replacing(
         Some(&mut previous),
-        &set,
+        &[(&id1, 1.0), (&bad, 1.0)],
         ApplyMode::Merge,
-        &DimsOnly(&unet),
+        &unet,
     )
-    .expect_err("merge without host weights");
-    assert!(
-        matches!(e, hdb::Error::Internal(_)) && e.to_string().contains("unet."),
-        "{e}"
-    );
+    .expect_err("misfit factors");
+    assert!(matches!(e, hdb::Error::AdapterMismatch(_)), "{e}");
     let after: Vec<Vec<f32>> = previous
         .layers
         .values()
@@ -668,13 +630,13 @@ fn runtime_sets_resolve_from_dims_alone_and_merge_needs_host_weights() {
 #[test]
 fn factors_that_do_not_fit_the_target_are_a_mismatch_not_a_panic() {
     let m = model();
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let mut bad = adapter(&m, "id1.lidb.safetensors");
     let (key, layer) = bad.layers.iter_mut().next().expect("a layer");
     let key = key.clone();
     layer.down.truncate(layer.down.len() - 1);
     for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
-        let e = Applied::new(&[(&bad, 1.0)], mode, &*unet).expect_err("misfit factors");
+        let e = Applied::new(&[(&bad, 1.0)], mode, &unet).expect_err("misfit factors");
         assert!(
             matches!(e, hdb::Error::AdapterMismatch(_)) && e.to_string().contains(&key),
             "{mode:?}: {e}"

@@ -89,7 +89,7 @@ fn text_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
             (rng.next_f32() * te.config.vocab_size as f32) as u32 % te.config.vocab_size as u32
         })
         .collect();
-    let want = cpu(|| te.forward(&ids, batch, None)).expect("cpu forward");
+    let want = cpu(|| te.forward(&ids, batch)).expect("cpu forward");
     let got = TextEncoder::from_model_on(Cuda::<T>::new(dev.clone()), &m)
         .and_then(|g| g.forward_hooked(&ids, batch, None));
     failures.extend(judge::<T>("text-encoder/tiny-sd", got, &want));
@@ -160,15 +160,16 @@ fn vae_on_cuda_matches_the_cpu() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Adapters through the generic adapter hook, hdb::backend::cuda::CudaKeyAdapters (merged
-// weight copies, or two GEMMs per factor; the text encoder's host sets take it on a GPU), on
-// the UNet against the CPU's AdapterCtx on the same set, in merge mode and in runtime mode
-// with and without one adapter per sample. (The fused CudaLayerAdapters: tests/cuda_unet/.)
+// Adapter sets as sessions build them (hdb::adapter::set::AdapterSet: on CUDA the fused
+// lidb_merge / lora_bgmv kernels of hdb::adapter::cuda), on the UNet and the text encoder,
+// against the CPU's set, in merge mode and in runtime mode with and without one adapter per
+// sample. (More UNet fixtures and set shapes: tests/cuda_unet/.)
 // ---------------------------------------------------------------------------------------------
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+use hdb::adapter::set::AdapterSet;
 use hdb::adapter::Adapter;
-use hdb::backend::cuda::CudaKeyAdapters;
+use hdb::model::Adaptable;
 
 /// Random LoRA factors of `rank` on every other projection of `table` (a component's
 /// adaptable layers).
@@ -182,7 +183,7 @@ fn random_adapter(
 
 fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
     let m = tiny_sd();
-    let unet = m.unet().expect("cpu unet");
+    let unet = Unet::from_model(&m).expect("cpu unet");
     let inp = read_input("tiny-sd");
     let gpu = match Unet::from_model_on(Cuda::<T>::new(dev.clone()), &m) {
         Ok(g) => g,
@@ -213,24 +214,21 @@ fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>)
             Some(per_sample.as_slice()),
         ),
     ] {
-        let applied = Applied::new(&set, mode, &*unet).expect("set");
+        let applied = Applied::new(&set, mode, &unet).expect("set");
         let ctx = AdapterCtx {
             applied: &applied,
             per_sample: idx,
         };
-        let want = cpu(|| unet.forward_with(&inp.args(), Some(&ctx))).expect("cpu forward");
-        // The generic hook (cuBLAS), from the set resolved in its mode.
-        let got = CudaKeyAdapters::new(gpu.backend(), &applied, idx)
-            .and_then(|hook| gpu.forward_hooked(&inp.args(), Some(&hook)));
-        failures.extend(judge::<T>(
-            &format!("generic-unet-adapters/{name}"),
-            got,
-            &want,
-        ));
+        let want = cpu(|| unet.forward_adapted(&inp.args(), &ctx)).expect("cpu forward");
+        let got = AdapterSet::build(gpu.backend(), &gpu, &set, mode, None).and_then(|s| {
+            let s = s.ok_or_else(|| hdb::Error::Internal("the set changes no layer".into()))?;
+            s.with_hook(idx, |h| gpu.forward_adapted(&inp.args(), h))
+        });
+        failures.extend(judge::<T>(&format!("unet-adapter-set/{name}"), got, &want));
     }
 }
 
-/// The text encoder with adapters, as the pipeline runs it on a CUDA runtime.
+/// The text encoder with adapters, as a session runs it on a CUDA runtime.
 fn text_adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
     let m = tiny_sd();
     let te = TextEncoder::from_model(&m).expect("cpu text encoder");
@@ -255,16 +253,19 @@ fn text_adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<Str
             Some(&per_sample[..]),
         ),
     ] {
-        let applied = Applied::new(&[(&a[0], 0.8), (&a[1], 1.0)], mode, &te).expect("set");
+        let set = [(&a[0], 0.8), (&a[1], 1.0)];
+        let applied = Applied::new(&set, mode, &te).expect("set");
         let ctx = AdapterCtx {
             applied: &applied,
             per_sample: idx,
         };
-        let want = cpu(|| te.forward(&ids, 2, Some(&ctx))).expect("cpu forward");
-        let got = CudaKeyAdapters::new(gpu.backend(), &applied, idx)
-            .and_then(|hook| gpu.forward_hooked(&ids, 2, Some(&hook)));
+        let want = cpu(|| te.forward_adapted(&ids, 2, &ctx)).expect("cpu forward");
+        let got = AdapterSet::build(gpu.backend(), &gpu, &set, mode, None).and_then(|s| {
+            let s = s.ok_or_else(|| hdb::Error::Internal("the set changes no layer".into()))?;
+            s.with_hook(idx, |h| gpu.forward_adapted(&ids, 2, h))
+        });
         failures.extend(judge::<T>(
-            &format!("text-encoder-adapters/{name}"),
+            &format!("text-encoder-adapter-set/{name}"),
             got,
             &want,
         ));
@@ -283,7 +284,7 @@ fn text_encoder_adapters_on_cuda_match_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
-fn unet_key_adapters_on_cuda_match_the_cpu() {
+fn unet_adapter_sets_on_cuda_match_the_cpu() {
     let Some(dev) = device() else { return };
     let mut failures = Vec::new();
     adapter_cases::<f32>(&dev, &mut failures);

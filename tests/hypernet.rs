@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 
-use hdb::adapter::adaptable_layers;
 use hdb::adapter::lidb::Lidb;
 use hdb::hypernet::{preprocess, Hypernet, HypernetConfig};
 use hdb::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
@@ -246,7 +245,7 @@ fn predicted_adapter_is_lidb_v1_for_tiny_sd() {
     let f = open("hypernet/tiny.ref.safetensors");
     let theta = tensor(&f, "theta.4");
     let model = Model::load(&fx("tiny-sd"), Default::default()).expect("tiny-sd");
-    let table = adaptable_layers(&model);
+    let table = model.adaptable_layers();
     net.check_layers(&table).expect("layers match tiny-sd");
     let lidb = net.to_lidb(&theta).expect("to_lidb");
     let c = &net.config;

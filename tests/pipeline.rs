@@ -4,12 +4,16 @@
 
 use std::path::PathBuf;
 
-use hdb::adapter::apply::{Applied, ApplyMode};
-use hdb::adapter::{adaptable_layers, Adapter};
+use std::sync::Arc;
+
+use hdb::adapter::apply::ApplyMode;
+use hdb::adapter::Adapter;
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::scheduler::SamplerKind;
 use hdb::model::Model;
-use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+use hdb::pipeline::GenerateParams;
+use hdb::runtime::{DeviceRequest, Runtime, RuntimeOptions};
+use hdb::{Engine, Session};
 
 fn fx(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -17,10 +21,15 @@ fn fx(p: &str) -> PathBuf {
         .join(p)
 }
 
-fn setup() -> (Model, Pipeline) {
+/// A CPU session on the tiny model.
+fn setup() -> Session {
     let m = Model::load(&fx("tiny-sd"), Default::default()).expect("model");
-    let p = Pipeline::from_model(&m).expect("pipeline");
-    (m, p)
+    let rt = Runtime::new(RuntimeOptions {
+        device: DeviceRequest::Cpu,
+        threads: 0,
+    })
+    .expect("runtime");
+    Session::new(Arc::new(Engine::new(Arc::new(rt), m)))
 }
 
 fn params(sampler: SamplerKind, batch: usize) -> GenerateParams {
@@ -82,26 +91,25 @@ fn check(case: &str, got_pixels: &[f32], got_latents: &[f32]) {
 
 #[test]
 fn samplers_match_diffusers_from_the_same_latents() {
-    let (_m, p) = setup();
+    let p = setup();
     for (case, kind) in [
         ("ddim", SamplerKind::Ddim),
         ("euler", SamplerKind::Euler),
         ("dpmpp_2m", SamplerKind::DpmPp2M),
         ("dpmpp_2m_karras", SamplerKind::DpmPp2MKarras),
     ] {
-        let out = p
-            .generate(&params(kind, 2), GenerateAdapters::default(), None)
-            .expect("generate");
+        let out = p.generate(&params(kind, 2), None).expect("generate");
         check(case, &out.pixels, &out.latents);
         assert_eq!(out.images.len(), 2);
         assert_eq!(out.images[0].len(), 64 * 64 * 3);
     }
 }
 
-fn identities(m: &Model) -> Adapter {
-    let table = adaptable_layers(m);
+fn identities(s: &Session) -> Adapter {
     let load = |p: &str| {
-        hdb::adapter::load(&SafetensorsFile::open(&fx(p)).expect("file"), &table).expect("adapter")
+        s.engine()
+            .load_adapter(&SafetensorsFile::open(&fx(p)).expect("file"))
+            .expect("adapter")
     };
     let mut both = load("adapter/id1.lidb.safetensors");
     both.layers
@@ -111,28 +119,12 @@ fn identities(m: &Model) -> Adapter {
 
 #[test]
 fn identities_on_unet_and_text_encoder_match_diffusers() {
-    let (m, p) = setup();
-    let both = identities(&m);
+    let mut p = setup();
+    let both = identities(&p);
     for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
-        let (unet, device_unet) = p.unet_adapters(&[(&both, 1.0)], mode).expect("unet set");
-        assert!(
-            device_unet.is_none(),
-            "a CPU pipeline's UNet set is on the host"
-        );
-        let unet = unet.expect("host set");
-        let (te, device_te) = p.text_adapters(&[(&both, 1.0)], mode).expect("te set");
-        assert!(
-            device_te.is_none(),
-            "a CPU pipeline's text encoder set is on the host"
-        );
-        let ad = GenerateAdapters {
-            unet: Some(&unet),
-            text_encoder: te.as_ref(),
-            per_image: None,
-            ..Default::default()
-        };
+        p.set_adapters(&[(&both, 1.0)], mode).expect("set");
         let out = p
-            .generate(&params(SamplerKind::Ddim, 2), ad, None)
+            .generate(&params(SamplerKind::Ddim, 2), None)
             .expect("generate");
         check("ddim-id", &out.pixels, &out.latents);
     }
@@ -140,53 +132,46 @@ fn identities_on_unet_and_text_encoder_match_diffusers() {
 
 #[test]
 fn one_identity_per_image_matches_separate_runs() {
-    let (m, p) = setup();
-    let both = identities(&m);
-    let cpu_unet = p.unet.as_deref().expect("a CPU pipeline has its UNet");
-    let unet = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, cpu_unet).expect("unet set");
-    let cpu_te = p
-        .text_encoder
-        .as_ref()
-        .expect("a CPU pipeline has its text encoder");
-    let te = Applied::new(&[(&both, 1.0)], ApplyMode::Runtime, cpu_te).expect("te set");
-    let ad = GenerateAdapters {
-        unet: Some(&unet),
-        text_encoder: Some(&te),
-        per_image: Some(&[-1, 0]),
-        ..Default::default()
-    };
+    let mut p = setup();
+    let both = identities(&p);
+    p.set_adapters(&[(&both, 1.0)], ApplyMode::Runtime)
+        .expect("set");
+    p.set_sample_adapters(Some(vec![-1, 0])).expect("indices");
     let out = p
-        .generate(&params(SamplerKind::Ddim, 2), ad, None)
+        .generate(&params(SamplerKind::Ddim, 2), None)
         .expect("generate");
     check("ddim-per-image", &out.pixels, &out.latents);
+    let e = p
+        .generate(&params(SamplerKind::Ddim, 1), None)
+        .expect_err("2 indices for a batch of 1");
+    assert!(e.to_string().contains("'adapter_index'"), "{e}");
 }
 
 #[test]
 fn bad_parameters_are_clear_errors_and_cancel_is_prompt() {
-    let (_m, p) = setup();
-    let none = GenerateAdapters::default();
+    let p = setup();
     let mut bad = params(SamplerKind::Ddim, 2);
     bad.width = 60;
-    let e = p.generate(&bad, none, None).expect_err("size");
+    let e = p.generate(&bad, None).expect_err("size");
     assert!(e.to_string().contains("multiples of 8"), "{e}");
     let mut bad = params(SamplerKind::Ddim, 2);
     bad.steps = 0;
     assert!(p
-        .generate(&bad, none, None)
+        .generate(&bad, None)
         .expect_err("steps")
         .to_string()
         .contains("steps"));
     let mut bad = params(SamplerKind::Ddim, 2);
     bad.guidance = f32::NAN;
     assert!(p
-        .generate(&bad, none, None)
+        .generate(&bad, None)
         .expect_err("guidance")
         .to_string()
         .contains("'guidance'"));
     let mut bad = params(SamplerKind::Ddim, 2);
     bad.latents = Some(vec![0.0; 3]);
     assert!(p
-        .generate(&bad, none, None)
+        .generate(&bad, None)
         .expect_err("latents")
         .to_string()
         .contains("'latents'"));
@@ -196,37 +181,31 @@ fn bad_parameters_are_clear_errors_and_cancel_is_prompt() {
         false
     };
     let e = p
-        .generate(&params(SamplerKind::Ddim, 1), none, Some(&mut cancel))
+        .generate(&params(SamplerKind::Ddim, 1), Some(&mut cancel))
         .expect_err("cancelled");
     assert!(
         matches!(e, hdb::Error::Cancelled) && calls == 1,
         "{e} after {calls} calls"
     );
     // Still usable afterwards.
-    p.generate(&params(SamplerKind::Ddim, 1), none, None)
+    p.generate(&params(SamplerKind::Ddim, 1), None)
         .expect("after cancel");
     // Prompts of any length and content.
     let mut long = params(SamplerKind::Ddim, 1);
     long.prompt = "a very long prompt \u{1F600}\u{0000} ".repeat(200);
-    p.generate(&long, none, None).expect("long prompt");
+    p.generate(&long, None).expect("long prompt");
 }
 
 #[test]
 fn seeded_noise_is_reproducible() {
-    let (_m, p) = setup();
+    let p = setup();
     let mut a = params(SamplerKind::EulerAncestral, 1);
     a.latents = None;
     a.seed = 42;
-    let x = p
-        .generate(&a, GenerateAdapters::default(), None)
-        .expect("first");
-    let y = p
-        .generate(&a, GenerateAdapters::default(), None)
-        .expect("second");
+    let x = p.generate(&a, None).expect("first");
+    let y = p.generate(&a, None).expect("second");
     assert_eq!(x.images, y.images);
     a.seed = 43;
-    let z = p
-        .generate(&a, GenerateAdapters::default(), None)
-        .expect("other seed");
+    let z = p.generate(&a, None).expect("other seed");
     assert_ne!(x.images, z.images);
 }

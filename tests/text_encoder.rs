@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 
-use hdb::adapter::adaptable_layers;
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::text_encoder::TextEncoder;
@@ -49,7 +48,7 @@ fn ids() -> Vec<u32> {
 fn text_encoder_matches_transformers() {
     let m = Model::load(&fx("tiny-sd"), Default::default()).expect("model");
     let te = TextEncoder::from_model(&m).expect("text encoder");
-    let got = te.forward(&ids(), 2, None).expect("forward");
+    let got = te.forward(&ids(), 2).expect("forward");
     let want = SafetensorsFile::open(&fx("text_encoder/prompts.safetensors"))
         .expect("f")
         .to_f32("hidden")
@@ -65,7 +64,7 @@ fn text_encoder_identity_in_both_modes_and_from_peft() {
         .expect("f")
         .to_f32("hidden")
         .expect("hidden");
-    let table = adaptable_layers(&m);
+    let table = m.adaptable_layers();
     for file in ["te-id.lidb.safetensors", "te-id.peft.safetensors"] {
         let f = SafetensorsFile::open(&fx(&format!("text_encoder/{file}"))).expect("adapter");
         let a = hdb::adapter::load(&f, &table).expect("load");
@@ -75,7 +74,7 @@ fn text_encoder_identity_in_both_modes_and_from_peft() {
                 applied: &applied,
                 per_sample: None,
             };
-            let got = te.forward(&ids(), 2, Some(&ad)).expect("forward");
+            let got = te.forward_adapted(&ids(), 2, &ad).expect("forward");
             assert_close(&format!("{file} {mode:?}"), &got, &want);
         }
     }
@@ -86,14 +85,14 @@ fn bad_ids_are_errors_naming_the_argument() {
     let m = Model::load(&fx("tiny-sd"), Default::default()).expect("model");
     let te = TextEncoder::from_model(&m).expect("text encoder");
     let e = te
-        .forward(&[1, 2, 99999], 1, None)
+        .forward(&[1, 2, 99999], 1)
         .expect_err("out of vocabulary");
     assert!(
         e.to_string().contains("'ids'") && e.to_string().contains("99999"),
         "{e}"
     );
-    let e = te.forward(&[1; 78], 1, None).expect_err("too long");
+    let e = te.forward(&[1; 78], 1).expect_err("too long");
     assert!(e.to_string().contains("78 tokens"), "{e}");
-    let e = te.forward(&[1, 2, 3], 2, None).expect_err("ragged");
+    let e = te.forward(&[1, 2, 3], 2).expect_err("ragged");
     assert!(e.to_string().contains("'ids'"), "{e}");
 }

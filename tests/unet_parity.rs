@@ -9,7 +9,7 @@ use std::path::Path;
 
 use hdb::io::diffusers::Variant;
 use hdb::io::safetensors::SafetensorsFile;
-use hdb::model::unet::UnetInput;
+use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::{LoadOptions, Model};
 
 fn reference(case: &str) -> Vec<f32> {
@@ -48,7 +48,7 @@ fn run(case: &str, model: &Path, variant: Variant) {
         },
     )
     .expect("model");
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let inp = read_input(case);
     let rt = hdb::Runtime::new(hdb::RuntimeOptions {
         device: hdb::runtime::DeviceRequest::Cpu,
@@ -117,7 +117,7 @@ fn cli_unet_verb_writes_the_same_output() {
 #[test]
 fn wrong_input_shapes_are_errors_naming_the_tensor() {
     let m = Model::load(&fixtures().join("tiny-sd"), LoadOptions::default()).expect("model");
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let inp = read_input("tiny-sd");
     let args = inp.args();
     let e = unet
@@ -161,7 +161,7 @@ fn config_and_weights_that_disagree_name_the_tensor_and_expected_shape() {
     std::fs::write(dir.path().join("config.json"), json.to_string()).expect("write");
     let m = Model::load(dir.path(), LoadOptions::default())
         .expect("model loads; the UNet is built lazily");
-    let e = m.unet().expect_err("mismatch");
+    let e = Unet::from_model(&m).expect_err("mismatch");
     let msg = e.to_string();
     assert!(
         msg.contains("attn2.to_k.weight") && msg.contains("expected [") && msg.contains("24]"),

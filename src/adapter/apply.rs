@@ -9,29 +9,15 @@ use std::collections::BTreeMap;
 
 use super::Adapter;
 use crate::backend::cpu as ops;
-use crate::backend::{AdapterHook, Cpu};
+use crate::backend::{AdapterHook, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::io::F32Weight;
+use crate::model::Adaptable;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyMode {
     Merge,
     Runtime,
-}
-
-/// A model component whose linear projections adapters change (the UNet, the text encoder),
-/// on any backend: resolving a set in runtime mode needs only each projection's dims, so a
-/// model on a GPU is a target without a host copy of its weights. Merge mode on the host reads
-/// the base weights too ([`Adaptable::host_weight`]).
-pub trait Adaptable: Sync {
-    /// The adapter key prefix of its layers: `unet.` or `text_encoder.`.
-    fn key_prefix(&self) -> &'static str;
-    /// `(dout, din)` of the projection with adapter key `key`.
-    fn projection_dims(&self, key: &str) -> Option<(usize, usize)>;
-    /// That projection's base weight `[dout, din]` as host f32, or `None` where the weights
-    /// are not on the host (a model on a GPU: its sets are resolved in runtime mode and merged
-    /// on the device).
-    fn host_weight(&self, key: &str) -> Option<&[f32]>;
 }
 
 /// One layer's share of the active adapters.
@@ -54,10 +40,10 @@ pub struct Applied {
 impl Applied {
     /// Resolves `adapters` (each with its scale) for one component. Layers of other components
     /// are skipped here: each component resolves its own.
-    pub fn new(
+    pub fn new<B: Backend>(
         adapters: &[(&Adapter, f32)],
         mode: ApplyMode,
-        target: &dyn Adaptable,
+        target: &dyn Adaptable<B>,
     ) -> Result<Applied> {
         Applied::replacing(None, adapters, mode, target)
     }
@@ -65,11 +51,11 @@ impl Applied {
     /// As [`Applied::new`], reusing the merged-weight buffers of `previous` (the set this one
     /// replaces) so a swap writes into memory that is already mapped. `previous` is only
     /// touched once the new set has been validated, so on error it stays usable.
-    pub fn replacing<'a>(
+    pub fn replacing<'a, B: Backend>(
         previous: Option<&mut Applied>,
         adapters: &[(&Adapter, f32)],
         mode: ApplyMode,
-        target: &'a dyn Adaptable,
+        target: &'a dyn Adaptable<B>,
     ) -> Result<Applied> {
         // key -> (adapter index, down, up x scale, rank), in adapter order
         let mut per_layer: BTreeMap<String, LayerApply> = BTreeMap::new();
@@ -83,7 +69,7 @@ impl Applied {
             }
             let prefix = target.key_prefix();
             for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with(prefix)) {
-                let (dout, din) = target.projection_dims(k).ok_or_else(|| {
+                let (_, dout, din) = target.projection(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
                         "layer '{k}' of adapter #{i} is not in this model"
                     ))
@@ -113,7 +99,8 @@ impl Applied {
             // touched.
             let mut bases: Vec<&'a [f32]> = Vec::with_capacity(per_layer.len());
             for k in per_layer.keys() {
-                let w = target.host_weight(k).ok_or_else(|| {
+                let w = target.projection(k).and_then(|(w, _, _)| B::host_f32(w));
+                let w = w.ok_or_else(|| {
                     Error::Internal(format!(
                         "merge mode on the host needs the base weight of '{k}' on the host; \
                          a model on a device takes its sets resolved in runtime mode"

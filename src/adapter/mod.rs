@@ -4,85 +4,22 @@
 
 pub mod apply;
 pub mod basis;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod lidb;
 pub mod lora;
+pub mod set;
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::io::keymap::Component;
-use crate::model::Model;
-
-/// The adapter key prefix of the text encoder's layers (the UNet's is `unet.`).
-pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+use crate::model::adaptable::TEXT_ENCODER_PREFIX;
+pub use crate::model::{LayerShape, LayerTable};
 
 /// Whether any adapter of `set` changes a text-encoder layer.
 pub fn touches_text_encoder(set: &[(&Adapter, f32)]) -> bool {
     set.iter()
         .any(|(a, _)| a.layers.keys().any(|k| k.starts_with(TEXT_ENCODER_PREFIX)))
-}
-
-/// One adaptable layer of a model: a linear `[dout, din]` weight.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayerShape {
-    pub din: usize,
-    pub dout: usize,
-}
-
-/// The layers of a model that adapters may change, by canonical key: `unet.<path>` for the
-/// UNet's attention projections (`to_q`, `to_k`, `to_v`, `to_out.0` of `attn1` and `attn2`)
-/// and `text_encoder.<path>` for the text encoder's (`q_proj`, `k_proj`, `v_proj`,
-/// `out_proj`). SD 1.5 has 128 + 48.
-pub fn adaptable_layers(model: &Model) -> BTreeMap<String, LayerShape> {
-    let mut out = BTreeMap::new();
-    for (c, suffixes) in [
-        (
-            Component::Unet,
-            &[
-                ".to_q.weight",
-                ".to_k.weight",
-                ".to_v.weight",
-                ".to_out.0.weight",
-            ][..],
-        ),
-        (
-            Component::TextEncoder,
-            &[
-                ".q_proj.weight",
-                ".k_proj.weight",
-                ".v_proj.weight",
-                ".out_proj.weight",
-            ][..],
-        ),
-    ] {
-        let Some(cw) = model.component(c) else {
-            continue;
-        };
-        for (name, w) in cw.weights.iter() {
-            let is_attn = match c {
-                Component::Unet => name.contains(".attn1.") || name.contains(".attn2."),
-                _ => name.contains(".self_attn."),
-            };
-            if let (true, Some(stem), [dout, din]) = (
-                is_attn,
-                suffixes
-                    .iter()
-                    .find_map(|s| name.strip_suffix(s).map(|p| (p, s))),
-                w.shape.dims(),
-            ) {
-                let (path, suffix) = stem;
-                let proj = suffix.trim_start_matches('.').trim_end_matches(".weight");
-                out.insert(
-                    format!("{}.{path}.{proj}", c.name()),
-                    LayerShape {
-                        din: *din,
-                        dout: *dout,
-                    },
-                );
-            }
-        }
-    }
-    out
 }
 
 /// One layer's low-rank update `dW = up . down`.
@@ -111,7 +48,7 @@ pub struct Adapter {
 
 impl Adapter {
     /// Checks every layer against the model's adaptable layers (names, shapes, finite values).
-    pub fn validate(&self, table: &BTreeMap<String, LayerShape>) -> Result<()> {
+    pub fn validate(&self, table: &LayerTable) -> Result<()> {
         if self.layers.is_empty() {
             return Err(Error::AdapterMismatch("the adapter has no layers".into()));
         }
@@ -143,17 +80,14 @@ impl Adapter {
 
 /// Reads an adapter file of any supported kind (LiDB v1 or v2, kohya or PEFT LoRA) and validates it
 /// against a model's adaptable layers.
-pub fn load(
-    f: &crate::io::safetensors::SafetensorsFile,
-    table: &BTreeMap<String, LayerShape>,
-) -> Result<Adapter> {
+pub fn load(f: &crate::io::safetensors::SafetensorsFile, table: &LayerTable) -> Result<Adapter> {
     load_cached(f, table, &lidb::BasisCache::default())
 }
 
 /// As [`load`], with LiDB bases from a model's cache.
 pub fn load_cached(
     f: &crate::io::safetensors::SafetensorsFile,
-    table: &BTreeMap<String, LayerShape>,
+    table: &LayerTable,
     cache: &lidb::BasisCache,
 ) -> Result<Adapter> {
     let with_path = |e: Error| match e {

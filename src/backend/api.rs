@@ -94,7 +94,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Takes a weight (f32 on the host) into this backend.
     fn weight(&self, w: F32Weight) -> Result<Self::Weight>;
     /// A weight's values as host f32 when the backend keeps them so (the CPU), else `None`:
-    /// what merging adapters on the host reads ([`crate::adapter::apply::Adaptable`]).
+    /// what merging adapters on the host reads (`crate::adapter::apply::Applied`).
     fn host_f32(w: &Self::Weight) -> Option<&[f32]> {
         let _ = w;
         None

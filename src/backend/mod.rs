@@ -1,12 +1,11 @@
-//! Compute backends. The CPU backend ([`cpu`]) runs every op; the CUDA backend (feature
-//! `cuda`) is chosen at run time by the runtime's device and runs the UNet
-//! ([`device_unet`]).
+//! Compute backends behind one trait ([`Backend`]): the CPU backend ([`cpu`]) runs every op;
+//! the CUDA backend (feature `cuda`) runs the same ops on a GPU, chosen at run time by the
+//! runtime's device. Models are placed on one in `crate::placed`.
 
 pub mod api;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod device_unet;
 pub mod profile;
 
 pub use api::{Activation, AdapterHook, AttnDims, Backend, Conv2d, NormDims};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::boundary::{arg_path, arg_ref, ffi_boundary, ffi_infallible, out_ptr};
 use super::model::hdb_model;
 use super::status::hdb_status;
-use crate::adapter::{adaptable_layers, Adapter};
+use crate::adapter::Adapter;
 use crate::error::Error;
 use crate::io::safetensors::SafetensorsFile;
 
@@ -43,10 +43,7 @@ pub unsafe extern "C" fn hdb_adapter_load(
         let path = unsafe { arg_path(path, "path") }?;
         let out = out_ptr(out, "out")?;
         let f = SafetensorsFile::open(&path)?;
-        let sh = &m.inner;
-        let a = sh
-            .runtime
-            .install(|| crate::adapter::load_cached(&f, &adaptable_layers(&sh.model), &sh.bases))?;
+        let a = m.inner.load_adapter(&f)?;
         publish(a, out);
         Ok(())
     })
@@ -74,10 +71,7 @@ pub unsafe extern "C" fn hdb_adapter_load_from_memory(
         // SAFETY: non-null, valid for len bytes per the caller's contract.
         let data = unsafe { std::slice::from_raw_parts(bytes, len) }.to_vec();
         let f = SafetensorsFile::from_vec(Path::new("<memory>"), data)?;
-        let sh = &m.inner;
-        let a = sh
-            .runtime
-            .install(|| crate::adapter::load_cached(&f, &adaptable_layers(&sh.model), &sh.bases))?;
+        let a = m.inner.load_adapter(&f)?;
         publish(a, out);
         Ok(())
     })

@@ -9,7 +9,7 @@ use super::status::hdb_status;
 use super::{hdb_progress_fn, HostProgress};
 use crate::error::Error;
 use crate::model::scheduler::SamplerKind;
-use crate::pipeline::{GenerateAdapters, GenerateParams};
+use crate::pipeline::GenerateParams;
 
 /// Samplers (diffusers' schedulers with SD 1.5's config).
 pub type hdb_sampler = u32;
@@ -200,24 +200,14 @@ pub unsafe extern "C" fn hdb_generate(
                 ));
             }
         }
-        let pipeline = s.shared.pipeline()?;
-        let ad = GenerateAdapters {
-            unet: s.applied.as_ref(),
-            text_encoder: s.applied_te.as_ref(),
-            per_image: s.per_sample.as_deref(),
-            device_unet: s.device_applied.as_ref(),
-            device_text_encoder: s.device_applied_te.as_ref(),
-        };
+        let s = s.lock()?;
         let stage = CString::new("denoise").unwrap_or_default();
         let host = HostProgress {
             cb: p.progress,
             user_data: p.progress_user_data,
         };
         let mut report = |done: usize, total: usize| host.call(done, total, &stage);
-        let res = s
-            .shared
-            .runtime
-            .install(|| pipeline.generate(&gp, ad, Some(&mut report)))?;
+        let res = s.generate(&gp, Some(&mut report))?;
         for (img, rgb) in outs.iter_mut().zip(&res.images) {
             let stride = if img.stride == 0 {
                 row

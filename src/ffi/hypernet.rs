@@ -11,16 +11,14 @@ use super::params::{read_params, Versioned};
 use super::runtime::hdb_runtime;
 use super::status::hdb_status;
 use super::{hdb_progress_fn, HostProgress};
-use crate::adapter::{adaptable_layers, Adapter};
-use crate::backend::device_unet::RuntimeHypernet;
+use crate::adapter::Adapter;
 use crate::error::Error;
-use crate::runtime::Runtime;
+use crate::placed::PlacedHypernet;
 
 /// Opaque, immutable hypernetwork. Thread-safe.
 pub struct hdb_hypernet {
     /// The network on the runtime's device (the CPU or a GPU).
-    net: RuntimeHypernet,
-    runtime: Arc<Runtime>,
+    net: PlacedHypernet,
 }
 
 /// Options for `hdb_hypernet_predict`. Get the defaults from `hdb_predict_params_default()`.
@@ -72,16 +70,13 @@ pub unsafe extern "C" fn hdb_hypernet_load(
         let rt = unsafe { arg_ref(rt, "rt") }?;
         let path = unsafe { arg_path(path, "path") }?;
         let out = out_ptr(out, "out")?;
-        let net = RuntimeHypernet::load(&rt.inner, &path)?;
+        let net = PlacedHypernet::load(&rt.inner, &path)?;
         log::info!(
             "the hypernetwork {} runs on {}",
             path.display(),
             net.describe()
         );
-        let boxed = Box::new(hdb_hypernet {
-            net,
-            runtime: rt.inner.clone(),
-        });
+        let boxed = Box::new(hdb_hypernet { net });
         // SAFETY: out checked non-null.
         unsafe { *out = Box::into_raw(boxed) };
         Ok(())
@@ -129,9 +124,6 @@ pub unsafe extern "C" fn hdb_hypernet_predict(
         } else {
             face.stride as usize
         };
-        let table = adaptable_layers(&m.inner.model);
-        h.net.check_layers(&table)?;
-        let image = h.net.preprocess(rgb, w, hh, stride)?;
         let iterations = (p.iterations > 0).then_some(p.iterations as usize);
         let host = HostProgress {
             cb: p.progress,
@@ -139,14 +131,9 @@ pub unsafe extern "C" fn hdb_hypernet_predict(
         };
         let stage = CString::new("predict").unwrap_or_default();
         let mut report = |done: usize, total: usize| host.call(done, total, &stage);
-        let theta = h
-            .runtime
-            .install(|| h.net.predict(&image, iterations, Some(&mut report)))?;
-        let lidb = h.net.to_lidb(&theta)?;
-        let sh = &m.inner;
-        let adapter: Adapter = sh
-            .runtime
-            .install(|| lidb.compose_cached(&table, &sh.bases))?;
+        let adapter: Adapter =
+            m.inner
+                .predict(&h.net, (rgb, w, hh, stride), iterations, Some(&mut report))?;
         let boxed = Box::new(hdb_adapter {
             inner: Arc::new(adapter),
         });

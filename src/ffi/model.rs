@@ -14,49 +14,21 @@ use crate::error::Error;
 use crate::io::diffusers::Variant;
 use crate::io::keymap::Component;
 use crate::model::{Architecture, LoadOptions, Model, SourceFormat};
-use crate::runtime::Runtime;
+use crate::session::Engine;
 use crate::tensor::DType;
 
-/// Opaque, immutable model. Thread-safe: any number of threads may use one model at once.
+/// Opaque, immutable model: a [`crate::Engine`], the model's weights on a runtime.
+/// Thread-safe: any number of threads may use one model at once.
 pub struct hdb_model {
-    pub(crate) inner: Arc<ModelShared>,
+    pub(crate) inner: Arc<Engine>,
 }
 
-/// What sessions share with the model handle, so either may be freed first.
-pub(crate) struct ModelShared {
-    pub(crate) model: Model,
-    pub(crate) runtime: Arc<Runtime>,
-    /// Text encoder, tokenizer and VAE beside the model's UNet: built on first use.
-    pipeline: std::sync::Mutex<Option<Arc<crate::pipeline::Pipeline>>>,
-    /// LiDB bases, computed once per layer for every identity loaded on this model.
-    pub(crate) bases: crate::adapter::lidb::BasisCache,
-}
-
-impl ModelShared {
-    /// The model's UNet on the runtime's device (uploaded on the model's first use), or None
-    /// on a CPU runtime.
-    pub(crate) fn device_unet(
-        &self,
-    ) -> crate::Result<Option<crate::backend::device_unet::DeviceUnet>> {
-        crate::backend::device_unet::DeviceUnet::for_runtime(&self.runtime, &self.model)
-    }
-
-    /// The text-to-image pipeline of this model, built (in the runtime's threads) on first use,
-    /// with the UNet on the runtime's device when it has one.
-    pub(crate) fn pipeline(&self) -> crate::Result<Arc<crate::pipeline::Pipeline>> {
-        let mut guard = self
-            .pipeline
-            .lock()
-            .map_err(|_| Error::Internal("pipeline cache lock poisoned".into()))?;
-        if let Some(p) = guard.as_ref() {
-            return Ok(p.clone());
-        }
-        let p = Arc::new(crate::pipeline::Pipeline::from_model_on(
-            &self.model,
-            &self.runtime,
-        )?);
-        *guard = Some(p.clone());
-        Ok(p)
+impl hdb_model {
+    /// The model's weights (an `hdb_model` always has them: it was loaded from a path).
+    pub(crate) fn model(&self) -> crate::Result<&Model> {
+        self.inner
+            .model()
+            .ok_or_else(|| Error::Internal("an hdb_model without weights".into()))
     }
 }
 
@@ -209,12 +181,7 @@ pub unsafe extern "C" fn hdb_model_load(
             },
         )?;
         let boxed = Box::new(hdb_model {
-            inner: Arc::new(ModelShared {
-                model,
-                runtime: rt.inner.clone(),
-                pipeline: Default::default(),
-                bases: Default::default(),
-            }),
+            inner: Arc::new(Engine::new(rt.inner.clone(), model)),
         });
         // SAFETY: out checked non-null.
         unsafe { *out = Box::into_raw(boxed) };
@@ -254,7 +221,7 @@ pub unsafe extern "C" fn hdb_model_get_info(
 ) -> hdb_status {
     ffi_boundary("hdb_model_get_info", || {
         // SAFETY: caller contract.
-        let m = &unsafe { arg_ref(model, "model") }?.inner.model;
+        let m = unsafe { arg_ref(model, "model") }?.model()?;
         let out = out_ptr(out, "out")?;
         let info = hdb_model_info {
             struct_size: std::mem::size_of::<hdb_model_info>() as u32,
@@ -296,7 +263,7 @@ pub unsafe extern "C" fn hdb_model_describe(
 ) -> hdb_status {
     ffi_boundary("hdb_model_describe", || {
         // SAFETY: caller contract.
-        let m = &unsafe { arg_ref(model, "model") }?.inner.model;
+        let m = unsafe { arg_ref(model, "model") }?.model()?;
         let text = m.describe().to_string();
         // SAFETY: caller contract on buf/needed.
         unsafe { write_string(&text, buf, buf_len, needed) }

@@ -1,37 +1,43 @@
-//! `hdb_session`: one thread's generation state on a shared model: its adapters, UNet
-//! evaluations on caller buffers (for hosts that drive their own sampler) and generations.
-//! On a runtime with a CUDA device the UNet runs there (the model's fp16 copy, shared by every
-//! session) and the session's UNet adapters are built on the device; `hdb_generate` also runs
-//! the text encoder (with the session's text-encoder adapters, uploaded per generation) and
-//! the VAE there.
+//! `hdb_session`: one thread's state on a shared model ([`crate::Session`]): its adapters,
+//! UNet evaluations on caller buffers (for hosts that drive their own sampler) and
+//! generations (`ffi::generate`). This file only converts and checks arguments.
 
-use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use super::adapter::hdb_adapter;
 use super::boundary::{arg_ref, ffi_boundary, ffi_infallible, out_ptr};
-use super::model::{hdb_model, ModelShared};
+use super::model::hdb_model;
 use super::params::read_params;
 use super::params::Versioned;
 use super::status::hdb_status;
-use crate::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-use crate::backend::device_unet::DeviceAdapters;
+use crate::adapter::apply::ApplyMode;
 use crate::error::Error;
 use crate::model::unet::UnetInput;
+use crate::session::Session;
 
-/// Opaque session. Belongs to one thread at a time; keeps its model alive.
+/// Opaque session: a [`crate::Session`] on a model's engine. Belongs to one thread at a
+/// time; a call made while another thread is inside a call on the same session returns
+/// `HDB_STATUS_BUSY` instead of touching it. Keeps its model alive.
 pub struct hdb_session {
-    pub(crate) shared: Arc<ModelShared>,
-    /// The active adapter set on the CPU UNet (owns copies of what it needs).
-    pub(crate) applied: Option<Applied>,
-    /// The active adapter set on the device UNet, when the runtime has a device (then
-    /// `applied` is None).
-    pub(crate) device_applied: Option<DeviceAdapters>,
-    /// The same set on the text encoder, when it touches text-encoder layers: on the CPU
-    /// text encoder, or (`device_applied_te`) built once on the device one.
-    pub(crate) applied_te: Option<Applied>,
-    pub(crate) device_applied_te: Option<DeviceAdapters>,
-    /// Runtime mode: an adapter index per batch sample for the next UNet calls.
-    pub(crate) per_sample: Option<Vec<i32>>,
+    inner: Mutex<Session>,
+}
+
+impl hdb_session {
+    /// The session for the length of one call, or `Error::Busy` while another thread is inside
+    /// a call on it (the header forbids that; detecting it costs one uncontended lock).
+    pub(crate) fn lock(&self) -> crate::Result<MutexGuard<'_, Session>> {
+        match self.inner.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(Error::Busy(
+                "another thread is inside a call on this session (a session belongs to one \
+                 thread at a time)"
+                    .into(),
+            )),
+            // A panic inside an earlier call was caught at the boundary; every session call
+            // changes its state only once it has succeeded, so the state is still whole.
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        }
+    }
 }
 
 /// How a session applies its adapters.
@@ -85,12 +91,7 @@ pub unsafe extern "C" fn hdb_session_new(
         let out = out_ptr(out, "out")?;
         let _p = unsafe { read_params(params, default_session_params(), "params") }?;
         let boxed = Box::new(hdb_session {
-            shared: m.inner.clone(),
-            applied: None,
-            device_applied: None,
-            applied_te: None,
-            device_applied_te: None,
-            per_sample: None,
+            inner: Mutex::new(Session::new(m.inner.clone())),
         });
         // SAFETY: out checked non-null.
         unsafe { *out = Box::into_raw(boxed) };
@@ -150,12 +151,8 @@ pub unsafe extern "C" fn hdb_session_unet(
             width as usize,
             context_tokens as usize,
         );
-        let shared = &s.shared;
-        let device_unet = shared.device_unet()?;
-        let out_channels = match &device_unet {
-            Some(d) => d.config().out_channels,
-            None => shared.model.unet()?.config.out_channels,
-        };
+        let s = s.lock()?;
+        let out_channels = s.engine().unet_config()?.out_channels;
         let want = b * out_channels * h * w;
         if out_len != want {
             return Err(Error::invalid_arg(
@@ -172,21 +169,7 @@ pub unsafe extern "C" fn hdb_session_unet(
             width: w,
             context_len: l,
         };
-        let y = match &device_unet {
-            Some(d) => shared.runtime.install(|| {
-                d.forward(&input, s.device_applied.as_ref(), s.per_sample.as_deref())
-            })?,
-            None => {
-                let unet = shared.model.unet()?;
-                let ad = s.applied.as_ref().map(|applied| AdapterCtx {
-                    applied,
-                    per_sample: s.per_sample.as_deref(),
-                });
-                shared
-                    .runtime
-                    .install(|| unet.forward_with(&input, ad.as_ref()))?
-            }
-        };
+        let y = s.unet(&input)?;
         // SAFETY: out is valid for out_len == y.len() floats.
         unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), out, y.len()) };
         Ok(())
@@ -216,7 +199,7 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
 ) -> hdb_status {
     ffi_boundary("hdb_session_set_adapters", || {
         // SAFETY: caller contract for each pointer.
-        let s = unsafe { session.as_mut() }.ok_or(Error::NullArgument("session"))?;
+        let s = unsafe { arg_ref(session, "session") }?;
         let mode = match mode {
             HDB_APPLY_MERGE => ApplyMode::Merge,
             HDB_APPLY_RUNTIME => ApplyMode::Runtime,
@@ -233,8 +216,10 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
         let mut set = Vec::with_capacity(n);
         for i in 0..n {
             // SAFETY: adapters valid for n pointers.
-            let a = unsafe { (*adapters.add(i)).as_ref() }
-                .ok_or_else(|| Error::invalid_arg("adapters", format!("adapters[{i}] is NULL")))?;
+            let a = unsafe { (*adapters.add(i)).as_ref() }.ok_or(Error::NullEntry {
+                name: "adapters",
+                index: i,
+            })?;
             // SAFETY: scales NULL or valid for n floats.
             let scale = if scales.is_null() {
                 1.0
@@ -243,33 +228,7 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
             };
             set.push((&*a.inner, scale));
         }
-        // Only a set that changes the text encoder needs the pipeline (and its tokenizer).
-        let (applied_te, device_applied_te) = if crate::adapter::touches_text_encoder(&set) {
-            let p = s.shared.pipeline()?;
-            s.shared.runtime.install(|| p.text_adapters(&set, mode))?
-        } else {
-            (None, None)
-        };
-        match s.shared.device_unet()? {
-            Some(d) => {
-                let dev_set = s.shared.runtime.install(|| d.adapters(&set, mode))?;
-                s.applied = None;
-                s.device_applied = (n > 0).then_some(dev_set);
-            }
-            None => {
-                let unet = s.shared.model.unet()?;
-                let previous = s.applied.as_mut();
-                let applied = s
-                    .shared
-                    .runtime
-                    .install(|| Applied::replacing(previous, &set, mode, &*unet))?;
-                s.applied = (n > 0).then_some(applied);
-                s.device_applied = None;
-            }
-        }
-        s.applied_te = applied_te.filter(|_| n > 0);
-        s.device_applied_te = device_applied_te.filter(|_| n > 0);
-        s.per_sample = None;
+        s.lock()?.set_adapters(&set, mode)?;
         Ok(())
     })
 }
@@ -288,29 +247,14 @@ pub unsafe extern "C" fn hdb_session_set_sample_adapters(
 ) -> hdb_status {
     ffi_boundary("hdb_session_set_sample_adapters", || {
         // SAFETY: caller contract.
-        let s = unsafe { session.as_mut() }.ok_or(Error::NullArgument("session"))?;
+        let s = unsafe { arg_ref(session, "session") }?;
+        let mut s = s.lock()?;
         if indices.is_null() || n == 0 {
-            s.per_sample = None;
-            return Ok(());
+            return s.set_sample_adapters(None);
         }
         // SAFETY: valid for n values.
         let idx = unsafe { std::slice::from_raw_parts(indices, n) }.to_vec();
-        match (&s.applied, &s.device_applied) {
-            (Some(applied), _) => AdapterCtx {
-                applied,
-                per_sample: Some(&idx),
-            }
-            .validate(n)?,
-            (None, Some(d)) => d.validate(Some(&idx), n)?,
-            (None, None) => {
-                return Err(Error::invalid_arg(
-                    "indices",
-                    "the session has no adapters; call hdb_session_set_adapters first",
-                ))
-            }
-        }
-        s.per_sample = Some(idx);
-        Ok(())
+        s.set_sample_adapters(Some(idx))
     })
 }
 

@@ -46,13 +46,19 @@ pub enum hdb_status {
     HDB_STATUS_PANIC = 16,
     /// An internal invariant failed; this is a bug in hdb.
     HDB_STATUS_INTERNAL = 17,
+    /// The object is in use by another thread: a session was called from a second thread
+    /// while a call on it was running (a session belongs to one thread at a time). Nothing
+    /// was changed; call again once the other call has returned.
+    HDB_STATUS_BUSY = 18,
 }
 
 /// The C status code of each error: exactly one per variant.
 impl From<&Error> for hdb_status {
     fn from(e: &Error) -> hdb_status {
         match e {
-            Error::NullArgument(_) => hdb_status::HDB_STATUS_NULL_ARGUMENT,
+            Error::NullArgument(_) | Error::NullEntry { .. } => {
+                hdb_status::HDB_STATUS_NULL_ARGUMENT
+            }
             Error::NotFound { .. } => hdb_status::HDB_STATUS_FILE_NOT_FOUND,
             Error::Io { .. } => hdb_status::HDB_STATUS_IO_ERROR,
             Error::InvalidFile { .. } => hdb_status::HDB_STATUS_INVALID_FILE,
@@ -68,11 +74,12 @@ impl From<&Error> for hdb_status {
             Error::Cancelled => hdb_status::HDB_STATUS_CANCELLED,
             Error::BufferTooSmall { .. } => hdb_status::HDB_STATUS_BUFFER_TOO_SMALL,
             Error::Internal(_) => hdb_status::HDB_STATUS_INTERNAL,
+            Error::Busy(_) => hdb_status::HDB_STATUS_BUSY,
         }
     }
 }
 
-const NAMES: [&std::ffi::CStr; 18] = [
+const NAMES: [&std::ffi::CStr; 19] = [
     c"HDB_STATUS_OK",
     c"HDB_STATUS_NULL_ARGUMENT",
     c"HDB_STATUS_INVALID_ARGUMENT",
@@ -91,6 +98,7 @@ const NAMES: [&std::ffi::CStr; 18] = [
     c"HDB_STATUS_BUFFER_TOO_SMALL",
     c"HDB_STATUS_PANIC",
     c"HDB_STATUS_INTERNAL",
+    c"HDB_STATUS_BUSY",
 ];
 
 /// The name of a status code (`"HDB_STATUS_OK"`, ...), or `"HDB_STATUS_UNKNOWN"`. Takes a
@@ -129,6 +137,7 @@ mod tests {
             hdb_status::HDB_STATUS_BUFFER_TOO_SMALL,
             hdb_status::HDB_STATUS_PANIC,
             hdb_status::HDB_STATUS_INTERNAL,
+            hdb_status::HDB_STATUS_BUSY,
         ];
         assert_eq!(all.len(), NAMES.len());
         for s in all {

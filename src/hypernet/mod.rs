@@ -89,38 +89,13 @@ impl Default for HypernetConfig {
     }
 }
 
-/// SD 1.5's 176 adaptable layers in model order: per UNet transformer block (down, mid, up),
-/// `attn1` then `attn2`, `to_q, to_k, to_v, to_out.0` (128); then the text encoder's 12
-/// layers, `q_proj, k_proj, v_proj, out_proj` (48).
+/// SD 1.5's 176 adaptable layers in model order ([`crate::model::adaptable::layer_keys`] of
+/// SD 1.5's configs): the hypernetwork's default token order.
 pub fn sd15_layer_keys() -> Vec<String> {
-    let mut blocks: Vec<String> = Vec::new();
-    for i in 0..3 {
-        for j in 0..2 {
-            blocks.push(format!("down_blocks.{i}.attentions.{j}"));
-        }
-    }
-    blocks.push("mid_block.attentions.0".into());
-    for i in 1..4 {
-        for j in 0..3 {
-            blocks.push(format!("up_blocks.{i}.attentions.{j}"));
-        }
-    }
-    let mut keys = Vec::with_capacity(176);
-    for b in &blocks {
-        for attn in ["attn1", "attn2"] {
-            for p in ["to_q", "to_k", "to_v", "to_out.0"] {
-                keys.push(format!("unet.{b}.transformer_blocks.0.{attn}.{p}"));
-            }
-        }
-    }
-    for i in 0..12 {
-        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            keys.push(format!(
-                "text_encoder.text_model.encoder.layers.{i}.self_attn.{p}"
-            ));
-        }
-    }
-    keys
+    crate::model::adaptable::layer_keys(
+        &crate::model::config::UnetConfig::default(),
+        &crate::model::text_encoder::TextEncoderConfig::default(),
+    )
 }
 
 /// Any dimension of a config above this is refused (no real network comes near it; it keeps
@@ -656,7 +631,7 @@ impl<B: Backend> Hypernet<B> {
     }
 
     /// Checks that every layer the network predicts is an adaptable layer of the model (by its
-    /// table, e.g. [`crate::adapter::adaptable_layers`]) wide enough for the basis (a <= in,
+    /// table, e.g. [`crate::Model::adaptable_layers`]) wide enough for the basis (a <= in,
     /// b <= out). `AdapterMismatch` names the first layers at fault and how many there are.
     pub fn check_layers(&self, table: &BTreeMap<String, LayerShape>) -> Result<()> {
         let c = &self.config;

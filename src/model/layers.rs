@@ -55,9 +55,10 @@ impl<B: Backend> Linear<B> {
         })
     }
 
-    /// Marks a projection adapters may change, under its adapter key (e.g. `unet.<path>`).
-    pub(crate) fn adaptable(mut self, key: String) -> Self {
-        self.key = Some(key);
+    /// Marks this layer, at `path` in component `c`, as adaptable when the one list of
+    /// adaptable layers ([`crate::model::adaptable::adapter_key`]) names it.
+    pub(crate) fn adaptable_in(mut self, c: crate::io::keymap::Component, path: &str) -> Self {
+        self.key = crate::model::adaptable::adapter_key(c, path);
         self
     }
 
@@ -339,13 +340,13 @@ impl<B: Backend> Resnet<B> {
 /// The adapter keys and shapes of the adaptable projections among `layers`.
 pub(crate) fn layer_table<'a, B: Backend + 'a>(
     layers: impl IntoIterator<Item = &'a Linear<B>>,
-) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
+) -> crate::model::LayerTable {
     layers
         .into_iter()
         .filter_map(|l| {
             Some((
                 l.key.clone()?,
-                crate::adapter::LayerShape {
+                crate::model::LayerShape {
                     din: l.din,
                     dout: l.dout,
                 },
@@ -354,25 +355,8 @@ pub(crate) fn layer_table<'a, B: Backend + 'a>(
         .collect()
 }
 
-/// The base weight `[dout, din]` and dims of the projection with adapter key `key`.
-pub(crate) fn find_projection<'a>(
-    layers: impl IntoIterator<Item = &'a Linear<Cpu>>,
-    key: &str,
-) -> Option<(&'a [f32], usize, usize)> {
-    layers
-        .into_iter()
-        .find(|l| l.key.as_deref() == Some(key))
-        .map(|l| (&l.w[..], l.dout, l.din))
-}
-
-/// A model component whose adaptable projections can be looked up by adapter key on its
-/// backend (what a backend's adapter sets build against).
-pub trait Projections<B: Backend> {
-    /// The weight `[dout, din]` of the projection with adapter key `key`, and (dout, din).
-    fn projection_weight(&self, key: &str) -> Option<(&B::Weight, usize, usize)>;
-}
-
-/// [`Projections::projection_weight`] over a list of layers.
+/// The weight `[dout, din]` and (dout, din) of the projection with adapter key `key` among
+/// `layers` ([`crate::model::Adaptable::projection`]).
 pub(crate) fn find_weight<'a, B: Backend + 'a>(
     layers: impl IntoIterator<Item = &'a Linear<B>>,
     key: &str,

@@ -1,6 +1,8 @@
 //! A frozen Stable Diffusion model: its components' weights under canonical diffusers names,
-//! read from a diffusers folder or an LDM single-file checkpoint. Immutable once loaded.
+//! read from a diffusers folder or an LDM single-file checkpoint. Immutable once loaded; it
+//! holds weights only (components built from them live where they run: `crate::placed`).
 
+pub mod adaptable;
 pub mod config;
 pub(crate) mod layers;
 pub mod random;
@@ -20,7 +22,7 @@ use crate::io::diffusers::{find_weights, read_json, weights_stem, Variant};
 use crate::io::keymap::{self, Component, LdmLayout};
 use crate::io::safetensors::SafetensorsFile;
 use crate::tensor::{DType, Shape};
-pub use layers::Projections;
+pub use adaptable::{Adaptable, LayerShape, LayerTable};
 pub use weights::{Weight, WeightStore};
 
 /// How the model was stored on disk.
@@ -85,91 +87,9 @@ pub struct Model {
     /// The `tokenizer/` folder, when the model has one.
     pub tokenizer: Option<PathBuf>,
     pub architecture: Architecture,
-    /// The UNet, built on first use and shared by every session.
-    unet: std::sync::Mutex<Option<Arc<unet::Unet>>>,
-    /// The UNet in fp16 on each CUDA device (by ordinal) it was asked for: built on first use
-    /// and shared by every session of that device.
-    #[cfg(feature = "cuda")]
-    cuda_unets: std::sync::Mutex<Vec<(usize, CudaUnetF16)>>,
-    /// The text encoder and VAE in fp16 on each CUDA device they were asked for.
-    #[cfg(feature = "cuda")]
-    cuda_text_vae: std::sync::Mutex<Vec<(usize, crate::backend::device_unet::DeviceTextVae)>>,
 }
-
-/// `cache`'s entry for `dev`, built by `build` (and waited for, and logged) on the first call
-/// for that device. The lock is held while building, so concurrent first calls build once.
-#[cfg(feature = "cuda")]
-fn per_device<T: Clone>(
-    cache: &std::sync::Mutex<Vec<(usize, T)>>,
-    dev: &crate::backend::cuda::CudaDevice,
-    what: &str,
-    build: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    let mut guard = cache
-        .lock()
-        .map_err(|_| Error::Internal(format!("the device cache of {what} is poisoned")))?;
-    if let Some((_, v)) = guard.iter().find(|(n, _)| *n == dev.ordinal()) {
-        return Ok(v.clone());
-    }
-    let t = std::time::Instant::now();
-    let v = build()?;
-    dev.synchronize()?;
-    log::info!(
-        "uploaded {what} to cuda:{} in fp16 in {:.2} s",
-        dev.ordinal(),
-        t.elapsed().as_secs_f64()
-    );
-    guard.push((dev.ordinal(), v.clone()));
-    Ok(v)
-}
-
-/// The UNet on a CUDA device in fp16, the device dtype of the library's normal paths.
-#[cfg(feature = "cuda")]
-pub type CudaUnetF16 = Arc<unet::Unet<crate::backend::cuda::Cuda<half::f16>>>;
 
 impl Model {
-    /// The model's UNet, built (and shape-checked) on the first call.
-    pub fn unet(&self) -> Result<Arc<unet::Unet>> {
-        let mut guard = self
-            .unet
-            .lock()
-            .map_err(|_| Error::Internal("UNet cache lock poisoned".into()))?;
-        if let Some(u) = guard.as_ref() {
-            return Ok(u.clone());
-        }
-        let u = Arc::new(unet::Unet::from_model(self)?);
-        *guard = Some(u.clone());
-        Ok(u)
-    }
-
-    /// The model's UNet in fp16 on `dev`, built from the model's weights on the first call for
-    /// that device (no host copy; about 1.7 GB of device memory for SD 1.5) and shared
-    /// afterwards.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_unet(&self, dev: &Arc<crate::backend::cuda::CudaDevice>) -> Result<CudaUnetF16> {
-        per_device(&self.cuda_unets, dev, "the UNet", || {
-            let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
-            Ok(Arc::new(unet::Unet::from_model_on(be, self)?))
-        })
-    }
-
-    /// The model's text encoder and VAE in fp16 on `dev`, built from the model's weights on
-    /// the first call for that device (about 410 MB of device memory for SD 1.5: 123 M and
-    /// 84 M parameters in fp16) and shared afterwards.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_text_vae(
-        &self,
-        dev: &Arc<crate::backend::cuda::CudaDevice>,
-    ) -> Result<crate::backend::device_unet::DeviceTextVae> {
-        per_device(&self.cuda_text_vae, dev, "the text encoder and VAE", || {
-            let be = crate::backend::cuda::Cuda::<half::f16>::new(dev.clone());
-            Ok(crate::backend::device_unet::DeviceTextVae::Cuda {
-                text_encoder: Arc::new(text_encoder::TextEncoder::from_model_on(be.clone(), self)?),
-                vae: Arc::new(vae::Vae::from_model_on(be, self)?),
-            })
-        })
-    }
-
     /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
     /// contents), or an LDM single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
@@ -215,6 +135,29 @@ impl Model {
             None => infer(&cw.weights, &self.path)?,
         };
         Ok((&cw.weights, config))
+    }
+
+    /// The layers of this model that adapters may change, with their shapes, read from the
+    /// weights alone (no component is built): every linear weight of the UNet and the text
+    /// encoder that [`adaptable::adapter_key`] names. SD 1.5 has 128 + 48.
+    pub fn adaptable_layers(&self) -> LayerTable {
+        let mut out = LayerTable::new();
+        for c in [Component::Unet, Component::TextEncoder] {
+            let Some(cw) = self.component(c) else {
+                continue;
+            };
+            for (name, w) in cw.weights.iter() {
+                let (Some(path), [dout, din]) = (name.strip_suffix(".weight"), w.shape.dims())
+                else {
+                    continue;
+                };
+                if let Some(key) = adaptable::adapter_key(c, path) {
+                    let (din, dout) = (*din, *dout);
+                    out.insert(key, LayerShape { din, dout });
+                }
+            }
+        }
+        out
     }
 
     /// The UNet's cross-attention width (768 for SD 1.x), read from its weights.
@@ -304,11 +247,6 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         components,
         tokenizer,
         architecture: Architecture::Unknown,
-        unet: Default::default(),
-        #[cfg(feature = "cuda")]
-        cuda_unets: Default::default(),
-        #[cfg(feature = "cuda")]
-        cuda_text_vae: Default::default(),
     })
 }
 
@@ -410,11 +348,6 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         components,
         tokenizer: None,
         architecture: Architecture::Unknown,
-        unet: Default::default(),
-        #[cfg(feature = "cuda")]
-        cuda_unets: Default::default(),
-        #[cfg(feature = "cuda")]
-        cuda_text_vae: Default::default(),
     })
 }
 

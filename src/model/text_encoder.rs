@@ -6,14 +6,13 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::adapter::apply::{Adaptable, AdapterCtx};
 use crate::backend::profile::scope;
 use crate::backend::{Activation as Op, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
+use crate::io::keymap::Component;
 use crate::io::F32Weight;
-use crate::model::layers::{
-    add, find_weight, layer_table, Hook, LayerNorm, Linear, Projections, WeightSource,
-};
+use crate::model::adaptable::{Adaptable, LayerTable, TEXT_ENCODER_PREFIX};
+use crate::model::layers::{add, find_weight, layer_table, Hook, LayerNorm, Linear, WeightSource};
 use crate::model::WeightStore;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,13 +181,9 @@ impl TextEncoder<Cpu> {
 
     /// `ids` [batch, len] (len <= max_position_embeddings) -> last_hidden_state [batch, len,
     /// hidden], what SD conditions on. Ids out of the vocabulary are an error naming the first.
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        ad: Option<&AdapterCtx<'_>>,
-    ) -> Result<Vec<f32>> {
-        self.forward_hooked(ids, batch, ad.map(|a| a as &dyn AdapterHook<Cpu>))
+    /// Adapters: [`TextEncoder::forward_hooked`].
+    pub fn forward(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>> {
+        self.forward_hooked(ids, batch, None)
     }
 }
 
@@ -207,7 +202,7 @@ impl<B: Backend> TextEncoder<B> {
                 let proj = |name: &str| -> Result<Linear<B>> {
                     let path = format!("{p}.self_attn.{name}");
                     Ok(Linear::load(&be, src, &path, d, d, true)?
-                        .adaptable(format!("text_encoder.{path}")))
+                        .adaptable_in(Component::TextEncoder, &path))
                 };
                 Ok(Layer {
                     ln1: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm1"), d, eps)?,
@@ -250,6 +245,16 @@ impl<B: Backend> TextEncoder<B> {
     /// The backend this encoder runs on.
     pub fn backend(&self) -> &B {
         &self.be
+    }
+
+    /// As [`TextEncoder::forward`], with adapters `ad` (a session's set as this backend's hook).
+    pub fn forward_adapted(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        ad: &dyn AdapterHook<B>,
+    ) -> Result<Vec<f32>> {
+        self.forward_hooked(ids, batch, Some(ad))
     }
 
     /// As [`TextEncoder::forward`], with adapters on this backend.
@@ -336,36 +341,21 @@ impl<B: Backend> TextEncoder<B> {
         be.download(&self.final_ln.forward(be, &h)?)
     }
 
-    /// The adaptable projections by adapter key (`text_encoder.<path>`).
-    pub fn adaptable_layers(
-        &self,
-    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
-        layer_table(self.projections())
-    }
-
     fn projections(&self) -> impl Iterator<Item = &Linear<B>> {
         self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
     }
 }
 
-impl<B: Backend> Projections<B> for TextEncoder<B> {
-    fn projection_weight(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
+impl<B: Backend> Adaptable<B> for TextEncoder<B> {
+    fn key_prefix(&self) -> &'static str {
+        TEXT_ENCODER_PREFIX
+    }
+
+    fn projection(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
         find_weight(self.projections(), key)
     }
-}
 
-impl<B: Backend> Adaptable for TextEncoder<B> {
-    fn key_prefix(&self) -> &'static str {
-        crate::adapter::TEXT_ENCODER_PREFIX
-    }
-
-    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
-        self.projection_weight(key)
-            .map(|(_, dout, din)| (dout, din))
-    }
-
-    fn host_weight(&self, key: &str) -> Option<&[f32]> {
-        self.projection_weight(key)
-            .and_then(|(w, _, _)| B::host_f32(w))
+    fn adaptable_layers(&self) -> LayerTable {
+        layer_table(self.projections())
     }
 }

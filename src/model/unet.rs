@@ -3,15 +3,15 @@
 //! is f32. On the CUDA backend (`Unet<Cuda<T>>`, f32/f16/bf16) the same code runs on the GPU's
 //! kernels and cuBLAS: the UNet of every session and pipeline on a CUDA runtime.
 
-use crate::adapter::apply::AdapterCtx;
 use crate::backend::profile::scope;
 use crate::backend::{Activation, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
+use crate::io::keymap::Component;
+use crate::model::adaptable::{Adaptable, LayerTable, UNET_PREFIX};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
 use crate::model::layers::{
-    add, find_projection, find_weight, layer_table, transpose, Act, Conv, GroupNorm, Hook,
-    LayerNorm, Linear, Projections, Resnet,
+    add, find_weight, layer_table, transpose, Act, Conv, GroupNorm, Hook, LayerNorm, Linear, Resnet,
 };
 
 pub(crate) struct Attention<B: Backend = Cpu> {
@@ -32,8 +32,8 @@ impl<B: Backend> Attention<B> {
         heads: usize,
     ) -> Result<Self> {
         let proj = |name: &str, din: usize, bias: bool| -> Result<Linear<B>> {
-            Ok(Linear::load(be, src, &format!("{p}.{name}"), din, c, bias)?
-                .adaptable(format!("unet.{p}.{name}")))
+            let path = format!("{p}.{name}");
+            Ok(Linear::load(be, src, &path, din, c, bias)?.adaptable_in(Component::Unet, &path))
         };
         Ok(Attention {
             to_q: proj("to_q", c, false)?,
@@ -264,25 +264,17 @@ pub struct Unet<B: Backend = Cpu> {
     pub(crate) conv_out: Conv<B>,
 }
 
-impl<B: Backend> crate::adapter::apply::Adaptable for Unet<B> {
+impl<B: Backend> Adaptable<B> for Unet<B> {
     fn key_prefix(&self) -> &'static str {
-        "unet."
+        UNET_PREFIX
     }
 
-    fn projection_dims(&self, key: &str) -> Option<(usize, usize)> {
-        self.projection_weight(key)
-            .map(|(_, dout, din)| (dout, din))
-    }
-
-    fn host_weight(&self, key: &str) -> Option<&[f32]> {
-        self.projection_weight(key)
-            .and_then(|(w, _, _)| B::host_f32(w))
-    }
-}
-
-impl<B: Backend> Projections<B> for Unet<B> {
-    fn projection_weight(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
+    fn projection(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
         find_weight(self.projections(), key)
+    }
+
+    fn adaptable_layers(&self) -> LayerTable {
+        layer_table(self.projections())
     }
 }
 
@@ -309,16 +301,6 @@ impl Unet<Cpu> {
     /// One evaluation -> [B, out, H, W]. Shapes are checked; errors name the argument.
     pub fn forward(&self, x: &UnetInput<'_>) -> Result<Vec<f32>> {
         self.forward_hooked(x, None)
-    }
-
-    /// One evaluation with a session's adapters.
-    pub fn forward_with(&self, x: &UnetInput<'_>, ad: Option<&AdapterCtx<'_>>) -> Result<Vec<f32>> {
-        self.forward_hooked(x, ad.map(|a| a as &dyn AdapterHook<Cpu>))
-    }
-
-    /// The base weight [dout, din] of adaptable projection `key` (`unet.<path>`).
-    pub fn projection(&self, key: &str) -> Option<(&[f32], usize, usize)> {
-        find_projection(self.projections(), key)
     }
 }
 
@@ -508,13 +490,6 @@ impl<B: Backend> Unet<B> {
         })
     }
 
-    /// The adaptable projections of this UNet by adapter key (`unet.<path>`).
-    pub fn adaptable_layers(
-        &self,
-    ) -> std::collections::BTreeMap<String, crate::adapter::LayerShape> {
-        layer_table(self.projections())
-    }
-
     fn projections(&self) -> Vec<&Linear<B>> {
         let mut out = Vec::new();
         let blocks = self
@@ -531,6 +506,11 @@ impl<B: Backend> Unet<B> {
             }
         }
         out
+    }
+
+    /// One evaluation with adapters `ad` (a session's set as this backend's hook).
+    pub fn forward_adapted(&self, x: &UnetInput<'_>, ad: &dyn AdapterHook<B>) -> Result<Vec<f32>> {
+        self.forward_hooked(x, Some(ad))
     }
 
     /// One evaluation with adapters on this backend (inputs and output f32 on the host).

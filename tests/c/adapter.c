@@ -121,7 +121,7 @@ static int test_main(int argc, char **argv) {
 
     /* Failed changes keep the previous set (and its per-sample indices). */
     const hdb_adapter *with_null[2] = {id1, NULL};
-    CHECK_STATUS(hdb_session_set_adapters(s, with_null, NULL, 2, HDB_APPLY_MERGE), HDB_STATUS_INVALID_ARGUMENT,
+    CHECK_STATUS(hdb_session_set_adapters(s, with_null, NULL, 2, HDB_APPLY_MERGE), HDB_STATUS_NULL_ARGUMENT,
                  "a NULL adapter in the list");
     CHECK_MSG("adapters[1]", "names adapters[1]");
     CHECK_STATUS(hdb_session_set_adapters(s, one, NULL, 1, 7), HDB_STATUS_INVALID_ARGUMENT, "mode 7");

@@ -1,18 +1,19 @@
 //! Adapters on the CUDA UNet through the fused kernels (`CudaLayerAdapters`,
-//! src/backend/cuda/layer_adapters.rs: what sessions use) against the CPU UNet's
-//! `forward_with` with the same adapters: merge mode, runtime mode with several adapters on
+//! src/adapter/cuda.rs: what sessions use) against the CPU UNet with the same adapters: merge mode, runtime mode with several adapters on
 //! every sample, and one identity per sample (-1 included). f32 storage within 1e-4 (a missed or
 //! doubled layer shows there), f16 within 1e-2.
 
 use super::*;
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-use hdb::adapter::{adaptable_layers, Adapter};
-use hdb::backend::cuda::CudaLayerAdapters;
+use hdb::adapter::cuda::CudaLayerAdapters;
+use hdb::adapter::Adapter;
+use hdb::backend::{AdapterHook, Cpu};
+use hdb::model::Adaptable;
 
 pub(crate) fn fixture_adapter(m: &Model, file: &str) -> Adapter {
     let f = SafetensorsFile::open(&fixtures().join(format!("adapter/{file}"))).expect("adapter");
-    hdb::adapter::load(&f, &adaptable_layers(m)).unwrap_or_else(|e| panic!("{file}: {e}"))
+    hdb::adapter::load(&f, &m.adaptable_layers()).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 /// Random LoRA factors of `rank` on every `every`-th adaptable projection of `unet` (the
@@ -57,7 +58,7 @@ fn adapter_cases() -> Vec<AdapterCase> {
     let tiny = AdapterCase {
         name: "tiny-sd",
         source: Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
-        unet: m.unet().expect("unet"),
+        unet: Arc::new(Unet::from_model(&m).expect("unet")),
         inp: doubled(&read_input("tiny-sd")),
         adapters: ["id1.lidb", "id2.lidb", "id1-half.lidb"]
             .iter()
@@ -114,7 +115,7 @@ fn cpu_forward_with(unet: &Unet, inp: &Input, ad: Option<&AdapterCtx<'_>>) -> Ve
         threads: 2,
     })
     .expect("runtime");
-    rt.install(|| unet.forward_with(&inp.args(), ad))
+    rt.install(|| unet.forward_hooked(&inp.args(), ad.map(|a| a as &dyn AdapterHook<Cpu>)))
         .expect("cpu forward")
 }
 
@@ -195,8 +196,8 @@ fn cuda_unet_with_adapters_matches_the_cpu_unet() {
     );
 }
 
-/// `set` resolved against `unet`'s own projections and built on its device in `mode`, as
-/// `DeviceUnet::adapters` does.
+/// `set` resolved against `unet`'s own projections and built on its device in `mode`, as a
+/// session's `AdapterSet` does.
 fn build<T: BlasElem>(
     unet: &Unet<Cuda<T>>,
     set: &[(&Adapter, f32)],
@@ -261,7 +262,7 @@ fn merge_then_clear_restores_the_base_bit_for_bit() {
 fn adapter_limits_and_mismatches_are_clear_errors() {
     let Some(dev) = device() else { return };
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
-    let unet = m.unet().expect("unet");
+    let unet = Unet::from_model(&m).expect("unet");
     let source = Source::Fixture(fixtures().join("tiny-sd"), Variant::Full);
     let g = on_device::<half::f16>(&dev, &source).expect("upload");
     // Sets resolve against the device UNet's own dims, which must be the host UNet's.

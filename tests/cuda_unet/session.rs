@@ -3,8 +3,7 @@
 
 use super::adapters::{bits, fixture_adapter, random_adapter};
 use super::*;
-use hdb::adapter::adaptable_layers;
-use hdb::adapter::apply::{Applied, ApplyMode};
+use hdb::adapter::apply::ApplyMode;
 
 use std::ffi::{CStr, CString};
 
@@ -225,7 +224,7 @@ fn session_unet_on_a_cuda_runtime_matches_the_cpu_runtime() {
     // A set the device cannot apply (rank 129 in runtime mode) fails naming the layer and
     // leaves the previous set (and its per-sample indices) in place.
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
-    let big = random_adapter(&m.unet().expect("unet"), 9, 129, 40, 5);
+    let big = random_adapter(&Unet::from_model(&m).expect("unet"), 9, 129, 40, 5);
     let key = big.layers.keys().next().expect("a layer").clone();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("rank129.safetensors");
@@ -268,185 +267,89 @@ fn session_unet_on_a_cuda_runtime_matches_the_cpu_runtime() {
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
-    use hdb::pipeline::{GenerateAdapters, Pipeline};
+    use hdb::{Engine, Session};
     let rt = match hdb::Runtime::new(hdb::RuntimeOptions {
         device: hdb::runtime::DeviceRequest::Cuda(0),
         threads: 2,
     }) {
-        Ok(rt) => rt,
+        Ok(rt) => Arc::new(rt),
         Err(e) => {
             println!("SKIPPED (no CUDA device): {e}");
             return;
         }
     };
-    let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
-    let gpu = Pipeline::from_model_on(&m, &rt).expect("cuda pipeline");
-    let d = gpu.device_unet.as_ref().expect("the UNet on the device");
-    println!("pipeline UNet on {}", d.describe());
-    let cpu = Pipeline::from_model(&m).expect("cpu pipeline");
-    let cpu_unet = cpu.unet.as_deref().expect("a CPU pipeline has its UNet");
-    let params = common::gpu_pipeline_params();
-    assert!(
-        gpu.unet.is_none() && gpu.text_encoder.is_none() && gpu.vae.is_none(),
-        "a CUDA pipeline keeps no host copies of its UNet, text encoder and VAE"
+    let cpu_rt = Arc::new(
+        hdb::Runtime::new(hdb::RuntimeOptions {
+            device: hdb::runtime::DeviceRequest::Cpu,
+            threads: 2,
+        })
+        .expect("cpu runtime"),
     );
+    let load = || Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
+    let m = load();
+    let mut gpu = Session::new(Arc::new(Engine::new(rt, load())));
+    let mut cpu = Session::new(Arc::new(Engine::new(cpu_rt, load())));
+    println!("pipeline on {}", gpu.engine().describe());
+    match gpu.engine().placement() {
+        hdb::session::Placement::Cuda(_) => {}
+        other => panic!("a CUDA runtime places the model on its GPU, got {other:?}"),
+    }
+    let params = common::gpu_pipeline_params();
     let id1 = fixture_adapter(&m, "id1.lidb.safetensors");
-    let set = [(&id1, 1.0)];
-    let host_set = Applied::new(&set, ApplyMode::Runtime, cpu_unet).expect("cpu set");
-    let dev_set = d.adapters(&set, ApplyMode::Runtime).expect("device set");
-    // An identity on the UNet and the text encoder: the text encoder's set built once on the
-    // device (fused kernels), in both modes, and a host set uploaded per call (compatibility).
+    // An identity on the UNet and the text encoder: each set built once on the device (fused
+    // kernels), in both modes.
     let mut both = fixture_adapter(&m, "id1.lidb.safetensors");
     let te_file = fixtures().join("text_encoder/te-id.lidb.safetensors");
     let te_id = hdb::adapter::load(
         &SafetensorsFile::open(&te_file).expect("te adapter"),
-        &adaptable_layers(&m),
+        &m.adaptable_layers(),
     )
     .expect("te adapter");
     both.layers.extend(te_id.layers);
-    let both_set = [(&both, 1.0)];
-    let mut sets = Vec::new();
-    for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
-        let cpu_set = Applied::new(&both_set, mode, cpu_unet).expect("cpu unet set");
-        let (cpu_te, none) = cpu.text_adapters(&both_set, mode).expect("cpu te set");
-        assert!(none.is_none());
-        let gpu_unet = d.adapters(&both_set, mode).expect("device unet set");
-        let (host_te, gpu_te) = gpu.text_adapters(&both_set, mode).expect("device te set");
-        assert!(
-            host_te.is_none(),
-            "a CUDA pipeline builds its text encoder set on the device"
-        );
-        sets.push((mode, cpu_set, cpu_te, gpu_unet, gpu_te));
-    }
-    // A set of the other kind is an error naming `adapters`, never a crash or a silent no-op:
-    // device sets on the CPU pipeline, a host UNet set on the device one, and one device
-    // model's set handed to the other.
-    {
-        let (_, cpu_set, _, gpu_unet, gpu_te) = &sets[0];
-        let wrong = [
-            (
-                "device text-encoder set on the CPU pipeline",
-                &cpu,
-                GenerateAdapters {
-                    device_text_encoder: gpu_te.as_ref(),
-                    ..Default::default()
-                },
-            ),
-            (
-                "device UNet set on the CPU pipeline",
-                &cpu,
-                GenerateAdapters {
-                    device_unet: Some(gpu_unet),
-                    ..Default::default()
-                },
-            ),
-            (
-                "host UNet set on the device pipeline",
-                &gpu,
-                GenerateAdapters {
-                    unet: Some(cpu_set),
-                    ..Default::default()
-                },
-            ),
-            (
-                "device UNet set as the text encoder's",
-                &gpu,
-                GenerateAdapters {
-                    device_text_encoder: Some(gpu_unet),
-                    ..Default::default()
-                },
-            ),
-            (
-                "device text-encoder set as the UNet's",
-                &gpu,
-                GenerateAdapters {
-                    device_unet: gpu_te.as_ref(),
-                    ..Default::default()
-                },
-            ),
-        ];
-        for (what, pipe, ad) in wrong {
-            match rt.install(|| pipe.generate(&params, ad, None)) {
-                Err(
-                    e @ hdb::Error::InvalidArgument {
-                        name: "adapters", ..
-                    },
-                ) => {
-                    println!("cuda-parity pipeline/wrong-kind {what}: {e}")
-                }
-                Err(e) => panic!("{what}: expected an `adapters` argument error, got {e}"),
-                Ok(_) => panic!("{what}: generated instead of refusing the set"),
-            }
-        }
-    }
-    let per_image: &[i32] = &[-1, 0];
-    let mut cases = vec![
+    let per_image = vec![-1, 0];
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'a hdb::adapter::Adapter, f32)>,
+        ApplyMode,
+        Option<Vec<i32>>,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        ("none", vec![], ApplyMode::Merge, None),
         (
-            "none".to_string(),
-            GenerateAdapters::default(),
-            GenerateAdapters::default(),
+            "per-image",
+            vec![(&id1, 1.0)],
+            ApplyMode::Runtime,
+            Some(per_image.clone()),
+        ),
+        ("unet+te-Merge", vec![(&both, 1.0)], ApplyMode::Merge, None),
+        (
+            "unet+te-Runtime",
+            vec![(&both, 1.0)],
+            ApplyMode::Runtime,
+            None,
         ),
         (
-            "per-image".to_string(),
-            GenerateAdapters {
-                unet: Some(&host_set),
-                per_image: Some(per_image),
-                ..Default::default()
-            },
-            GenerateAdapters {
-                device_unet: Some(&dev_set),
-                per_image: Some(per_image),
-                ..Default::default()
-            },
+            "unet+te-per-image",
+            vec![(&both, 1.0)],
+            ApplyMode::Runtime,
+            Some(per_image.clone()),
         ),
     ];
-    for (mode, cpu_set, cpu_te, gpu_unet, gpu_te) in &sets {
-        let cpu_ad = GenerateAdapters {
-            unet: Some(cpu_set),
-            text_encoder: cpu_te.as_ref(),
-            ..Default::default()
-        };
-        let gpu_ad = GenerateAdapters {
-            device_unet: Some(gpu_unet),
-            device_text_encoder: gpu_te.as_ref(),
-            ..Default::default()
-        };
-        cases.push((format!("unet+te-{mode:?}"), cpu_ad, gpu_ad));
-        if *mode == ApplyMode::Runtime {
-            fn per<'a>(ad: GenerateAdapters<'a>, idx: &'a [i32]) -> GenerateAdapters<'a> {
-                GenerateAdapters {
-                    per_image: Some(idx),
-                    ..ad
-                }
-            }
-            let p = per_image;
-            cases.push(("unet+te-per-image".into(), per(cpu_ad, p), per(gpu_ad, p)));
-            // A host set on the device text encoder: uploaded for the call.
-            let host_te = GenerateAdapters {
-                device_text_encoder: None,
-                text_encoder: cpu_te.as_ref(),
-                ..gpu_ad
-            };
-            cases.push((
-                "unet+host-te-per-image".into(),
-                per(cpu_ad, p),
-                per(host_te, p),
-            ));
-        }
-    }
     let mut failures = Vec::new();
-    for (case, cpu_ad, gpu_ad) in cases {
-        let want = rt
-            .install(|| cpu.generate(&params, cpu_ad, None))
-            .expect("cpu generate");
+    for (case, set, mode, idx) in cases {
+        for s in [&mut cpu, &mut gpu] {
+            s.set_adapters(&set, mode).expect("set adapters");
+            s.set_sample_adapters(idx.clone()).expect("indices");
+        }
+        let want = cpu.generate(&params, None).expect("cpu generate");
         let mut steps = 0;
         let mut progress = |done: usize, total: usize| {
             steps += 1;
             assert_eq!((done, total), (steps, 4));
             true
         };
-        let got = rt
-            .install(|| gpu.generate(&params, gpu_ad, Some(&mut progress)))
+        let got = gpu
+            .generate(&params, Some(&mut progress))
             .expect("cuda generate");
         assert_eq!(steps, 4, "one progress call per step");
         let (rel, max_abs, _) = compare(&got.latents, &want.latents);
@@ -455,8 +358,7 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
             "cuda-parity pipeline/{case} f16 rel_l2={rel:.3e} max_abs={max_abs:.3e} \
              pixels_rel_l2={px_rel:.3e} pixels_max_abs={px:.3e}"
         );
-        // The pixels come from the VAE on the GPU too (fp16, since the text encoder and VAE
-        // moved there): the latents' error, decoded.
+        // The pixels come from the VAE on the GPU too (fp16): the latents' error, decoded.
         if px_rel > 5e-2 {
             failures.push(format!(
                 "pipeline/{case}: pixels rel_l2 {px_rel:.3e} > 5e-2"
@@ -472,38 +374,15 @@ fn pipeline_on_a_cuda_runtime_matches_the_cpu_pipeline() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // Cancelling stops within one step, as on the CPU.
+    gpu.set_adapters(&[], ApplyMode::Merge).expect("clear");
     let mut calls = 0;
     let mut cancel = |done: usize, _total: usize| {
         calls += 1;
         done < 2
     };
-    let e = rt
-        .install(|| gpu.generate(&params, GenerateAdapters::default(), Some(&mut cancel)))
+    let e = gpu
+        .generate(&params, Some(&mut cancel))
         .expect_err("cancelled");
     assert!(matches!(e, hdb::Error::Cancelled), "{e}");
     assert_eq!(calls, 2, "cancelled at the second step");
-
-    // A set built for the CPU UNet is refused by the device pipeline, and the other way round.
-    let e = gpu
-        .generate(
-            &params,
-            GenerateAdapters {
-                unet: Some(&host_set),
-                ..Default::default()
-            },
-            None,
-        )
-        .expect_err("cpu set on the device");
-    assert!(e.to_string().contains("'adapters'"), "{e}");
-    let e = cpu
-        .generate(
-            &params,
-            GenerateAdapters {
-                device_unet: Some(&dev_set),
-                ..Default::default()
-            },
-            None,
-        )
-        .expect_err("device set on the cpu");
-    assert!(e.to_string().contains("'adapters'"), "{e}");
 }

@@ -6,15 +6,10 @@
 //! - [`ops`]: the ops, each a checked launch of one kernel or cuBLAS call.
 //! - [`backend`]: [`Cuda`], those ops behind the [`crate::backend::Backend`] trait (what the
 //!   model code calls), in f32, f16 or bf16.
-//! - [`key_adapters`]: [`CudaKeyAdapters`], a session's identity adapters (resolved on the
-//!   CPU) as the trait's [`crate::backend::AdapterHook`] for [`Cuda`]: merged weights, or
-//!   runtime LoRA through cuBLAS (the generic path).
-//! - [`layer_adapters`]: [`CudaLayerAdapters`], the same keyed by adapter key but with the
-//!   fused kernels (`lidb_merge`: merged copies from the pristine base; `lora_bgmv`: per-sample
-//!   runtime LoRA): what sessions and the pipeline use on a GPU.
 //!
 //! The models themselves (UNet, text encoder, VAE, hypernetwork) are the generic model code of
-//! `crate::model` and `crate::hypernet` on [`Cuda`].
+//! `crate::model` and `crate::hypernet` on [`Cuda`]; a session's adapter sets on it are built
+//! in `crate::adapter::cuda` with the `lidb_merge` and `lora_bgmv` kernels of [`ops`].
 //!
 //! The kernels include no CUDA header, so compiling them at run time needs `libnvrtc` only:
 //! no CUDA toolkit on the machine that runs hdb. cudarc loads libcuda, libnvrtc and
@@ -23,8 +18,6 @@
 pub mod backend;
 pub mod device;
 pub mod kernels;
-pub mod key_adapters;
-pub mod layer_adapters;
 pub mod ops;
 pub mod ptx_cache;
 
@@ -33,5 +26,3 @@ pub use device::{driver_available, CudaDevice, DeviceElem};
 pub use kernels::{
     compile_ptx, nvrtc_available, ptx_entries, KernelFile, CI_ARCHS, COMMON_HEADER, KERNEL_FILES,
 };
-pub use key_adapters::CudaKeyAdapters;
-pub use layer_adapters::{CudaLayerAdapters, LayerAdaptersCtx};

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use hdb::adapter::{adaptable_layers, basis::basis, lidb, lora};
+use hdb::adapter::{basis::basis, lidb, lora};
 use hdb::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
 
 #[derive(Subcommand)]
@@ -51,7 +51,7 @@ pub fn run(cmd: AdapterCmd) -> hdb::Result<()> {
             output,
         } => {
             let m = super::load_model(&model)?;
-            let a = hdb::adapter::load(&SafetensorsFile::open(&input)?, &adaptable_layers(&m))?;
+            let a = hdb::adapter::load(&SafetensorsFile::open(&input)?, &m.adaptable_layers())?;
             let f = match format {
                 Format::Kohya => lora::LoraFormat::Kohya,
                 Format::Peft => lora::LoraFormat::Peft,
@@ -73,7 +73,7 @@ pub fn run(cmd: AdapterCmd) -> hdb::Result<()> {
             output,
         } => {
             let m = super::load_model(&model)?;
-            let table = adaptable_layers(&m);
+            let table = m.adaptable_layers();
             let mut names = Vec::new();
             let mut data = Vec::new();
             for (k, s) in &table {

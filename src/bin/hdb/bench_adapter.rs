@@ -6,6 +6,7 @@ use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::lidb::{Lidb, LidbMeta};
 use hdb::model::config::UnetConfig;
 use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::Adaptable;
 use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -138,7 +139,7 @@ pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Resul
         let mut v = Vec::new();
         for _ in 0..runs.max(1) {
             let t = Instant::now();
-            rt.install(|| unet.forward_with(&input, Some(&ad)))?;
+            rt.install(|| unet.forward_adapted(&input, &ad))?;
             v.push(t.elapsed().as_secs_f64());
         }
         Ok(median(v))

@@ -21,6 +21,7 @@ use hdb::model::config::UnetConfig;
 use hdb::model::text_encoder::TextEncoderConfig;
 use hdb::model::unet::Unet;
 use hdb::model::vae::VaeConfig;
+use hdb::model::Adaptable;
 use hdb::{
     model::random::RandomWeights,
     rng::{normals, SplitMix64},

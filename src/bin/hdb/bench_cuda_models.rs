@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use half::f16;
 use hdb::adapter::apply::{Applied, ApplyMode};
+use hdb::adapter::cuda::CudaLayerAdapters;
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::ops::{self, AttnKernel};
-use hdb::backend::cuda::{Cuda, CudaDevice, CudaLayerAdapters};
+use hdb::backend::cuda::{Cuda, CudaDevice};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
+use hdb::model::Adaptable;
 use hdb::Result;
 use hdb::{model::random::RandomWeights, rng::SplitMix64};
 

@@ -68,9 +68,7 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
         width: 64,
         context_len: 77,
     };
-    let t_te = median_time(runs, || {
-        rt.install(|| te.forward(&ids, 2, None)).map(|_| ())
-    })?;
+    let t_te = median_time(runs, || rt.install(|| te.forward(&ids, 2)).map(|_| ()))?;
     let t_unet = median_time(runs, || rt.install(|| unet.forward(&input)).map(|_| ()))?;
     let t_vae = median_time(runs, || {
         rt.install(|| vae.decode(&z, 1, 64, 64)).map(|_| ())
@@ -105,7 +103,7 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     // Where the time goes: one more run of each component with the op profiler on.
     type Job<'a> = Box<dyn Fn() -> hdb::Result<Vec<f32>> + Sync + 'a>;
     let jobs: [(&str, Job<'_>); 3] = [
-        ("text encoder", Box::new(|| te.forward(&ids, 2, None))),
+        ("text encoder", Box::new(|| te.forward(&ids, 2))),
         ("UNet step", Box::new(|| unet.forward(&input))),
         ("VAE decode", Box::new(|| vae.decode(&z, 1, 64, 64))),
     ];

@@ -3,21 +3,23 @@
 //! timing table.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use hdb::adapter::apply::{Applied, ApplyMode};
-use hdb::adapter::lidb::Lidb;
+use hdb::adapter::apply::ApplyMode;
 use hdb::adapter::Adapter;
-use hdb::backend::device_unet::{DeviceAdapters, DeviceTextVae, DeviceUnet, RuntimeHypernet};
 use hdb::hypernet::{EncoderConfig, HypernetConfig};
+use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::config::{BlockKind, UnetConfig};
 use hdb::model::random::RandomWeights;
 use hdb::model::scheduler::{SamplerKind, SchedulerConfig};
-use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
+use hdb::model::text_encoder::TextEncoderConfig;
 use hdb::model::tokenizer::ClipTokenizer;
-use hdb::model::unet::Unet;
-use hdb::model::vae::{Vae, VaeConfig};
-use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+use hdb::model::vae::VaeConfig;
+use hdb::pipeline::GenerateParams;
+use hdb::placed::PlacedHypernet;
+use hdb::session::BuiltModel;
+use hdb::{Engine, Session};
 
 use super::generate::{step_bar, write_png};
 
@@ -31,28 +33,22 @@ pub struct DemoArgs {
     pub device: hdb::runtime::DeviceRequest,
 }
 
-/// A small SD-shaped model with deterministic random weights (no download): a byte-level
-/// tokenizer, a 2-layer 64-wide text encoder, a 4-level UNet (32-64 channels) and a 4-level VAE.
-/// What runs on a device (`device_unet`, `device_text_vae`) gets no CPU copy.
-fn builtin(
-    device_unet: Option<DeviceUnet>,
-    device_text_vae: Option<DeviceTextVae>,
-) -> hdb::Result<Pipeline> {
-    let (te, unet, vae) = builtin_configs();
-    let w = RandomWeights { seed: 2023 };
-    let on_host = device_text_vae.is_none();
-    Ok(Pipeline {
-        tokenizer: ClipTokenizer::byte_level(77)?,
-        text_encoder: on_host.then(|| TextEncoder::load(te, &w)).transpose()?,
-        unet: match device_unet {
-            Some(_) => None,
-            None => Some(std::sync::Arc::new(Unet::load(unet, &w)?)),
+/// A small SD-shaped model with deterministic random weights (no download) on `rt`'s device:
+/// a byte-level tokenizer, a 2-layer 64-wide text encoder, a 4-level UNet (32-64 channels)
+/// and a 4-level VAE.
+fn builtin(rt: Arc<hdb::Runtime>) -> hdb::Result<Engine> {
+    let (text_encoder, unet, vae) = builtin_configs();
+    Engine::from_parts(
+        rt,
+        BuiltModel {
+            unet,
+            text_encoder,
+            vae,
+            weights: &RandomWeights { seed: 2023 },
+            tokenizer: ClipTokenizer::byte_level(77)?,
+            scheduler: SchedulerConfig::default(),
         },
-        vae: on_host.then(|| Vae::load(vae, &w)).transpose()?,
-        scheduler: SchedulerConfig::default(),
-        device_unet,
-        device_text_vae,
-    })
+    )
 }
 
 /// The built-in model's text encoder, UNet and VAE configs.
@@ -91,14 +87,14 @@ fn builtin_configs() -> (TextEncoderConfig, UnetConfig, VaeConfig) {
 /// paper's default for a real model, a small one for the built-in model.
 fn hypernet(
     rt: &hdb::Runtime,
-    p: &Pipeline,
+    engine: &Engine,
     file: Option<&Path>,
     builtin: bool,
-) -> hdb::Result<RuntimeHypernet> {
+) -> hdb::Result<PlacedHypernet> {
     if let Some(f) = file {
-        return RuntimeHypernet::load(rt, f);
+        return PlacedHypernet::load(rt, f);
     }
-    let table = p.adaptable_layers();
+    let table = engine.adaptable_layers();
     let a = table.values().map(|l| l.din).min().unwrap_or(1).min(100);
     let b = table.values().map(|l| l.dout).min().unwrap_or(1).min(50);
     let mut cfg = HypernetConfig {
@@ -118,7 +114,7 @@ fn hypernet(
         };
         (cfg.d_model, cfg.heads, cfg.layers) = (64, 2, 2);
     }
-    RuntimeHypernet::from_source(rt, cfg, &RandomWeights { seed: 77 })
+    PlacedHypernet::from_source(rt, cfg, &RandomWeights { seed: 77 })
 }
 
 /// A synthetic "face" photo: smooth color fields that differ per identity.
@@ -143,45 +139,32 @@ fn face(i: usize, w: usize, h: usize) -> Vec<u8> {
 
 pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let total = Instant::now();
-    let rt = super::runtime(a.device, a.threads)?;
+    let rt = Arc::new(super::runtime(a.device, a.threads)?);
     let mut rows: Vec<(String, String)> = Vec::new();
     let ms = |s: f64| format!("{:.1} ms", s * 1e3);
     std::fs::create_dir_all(&a.out).map_err(|e| hdb::Error::io(&a.out, e))?;
 
     let t = Instant::now();
-    let (pipeline, what) = match &a.model {
-        None => {
-            let (te, unet, vae) = builtin_configs();
-            let w = RandomWeights { seed: 2023 };
-            let device_text_vae = DeviceTextVae::load(&rt, te, vae, &w)?;
-            let device_unet = DeviceUnet::load(&rt, unet, &w)?;
-            let p = rt.install(|| builtin(device_unet, device_text_vae))?;
-            (p, "built-in random model (no download)".to_string())
-        }
+    let (engine, what) = match &a.model {
+        None => (
+            builtin(rt.clone())?,
+            "built-in random model (no download)".to_string(),
+        ),
         Some(path) => {
             let m = super::load_model(path)?;
-            let p = Pipeline::from_model_on(&m, &rt)?;
-            (p, path.display().to_string())
+            (Engine::new(rt.clone(), m), path.display().to_string())
         }
     };
+    let engine = Arc::new(engine);
     rows.push(("load model".into(), ms(t.elapsed().as_secs_f64())));
-    let unet_on = pipeline
-        .device_unet
-        .as_ref()
-        .map_or("the CPU".to_string(), DeviceUnet::describe);
-    let rest_on = pipeline
-        .device_text_vae
-        .as_ref()
-        .map_or("the CPU".to_string(), DeviceTextVae::describe);
     println!(
-        "hdb demo on the {what}, {} threads, the UNet on {unet_on}, the text encoder and VAE on \
-         {rest_on}",
-        rt.threads()
+        "hdb demo on the {what}, {} threads, the UNet, text encoder and VAE on {}",
+        rt.threads(),
+        engine.describe()
     );
 
-    let table = pipeline.adaptable_layers();
     let t = Instant::now();
-    let net = hypernet(&rt, &pipeline, a.hypernet.as_deref(), a.model.is_none())?;
+    let net = hypernet(&rt, &engine, a.hypernet.as_deref(), a.model.is_none())?;
     let source = if a.hypernet.is_some() {
         "the given hypernetwork"
     } else {
@@ -200,9 +183,7 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     for i in 0..2 {
         let (w, h) = (96, 80);
         let t = Instant::now();
-        let image = net.preprocess(&face(i, w, h), w, h, w * 3)?;
-        let theta = rt.install(|| net.predict(&image, None, None))?;
-        let lidb = net.to_lidb(&theta)?;
+        let predicted = engine.predict(&net, (&face(i, w, h), w, h, w * 3), None, None)?;
         rows.push((
             format!(
                 "predict identity {i} from a face ({} iterations)",
@@ -211,32 +192,32 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
             ms(t.elapsed().as_secs_f64()),
         ));
         let path = a.out.join(format!("identity-{i}.lidb.safetensors"));
-        lidb.save(&path)?;
+        predicted.save(&path)?;
         let t = Instant::now();
-        adapters.push(rt.install(|| Lidb::load(&path)?.compose(&table))?);
+        adapters.push(engine.load_adapter(&SafetensorsFile::open(&path)?)?);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         rows.push((
             format!(
                 "load identity {i} ({size} bytes, {} layers)",
-                lidb.layers.len()
+                predicted.layers.len()
             ),
             ms(t.elapsed().as_secs_f64()),
         ));
     }
 
-    let swap = |mode: ApplyMode, ad: &Adapter| -> hdb::Result<(UnetSet, TextSet, f64)> {
+    let mut session = Session::new(engine.clone());
+    let mut swap = |mode: ApplyMode, set: &[(&Adapter, f32)]| -> hdb::Result<f64> {
         let t = Instant::now();
-        let u = unet_set(&rt, &pipeline, &[(ad, 1.0)], mode)?;
-        let te = TextSet(rt.install(|| pipeline.text_adapters(&[(ad, 1.0)], mode))?);
-        Ok((u, te, t.elapsed().as_secs_f64()))
+        session.set_adapters(set, mode)?;
+        Ok(t.elapsed().as_secs_f64())
     };
-    let (_, _, t0) = swap(ApplyMode::Merge, &adapters[0])?;
-    let (mu, mte, t1) = swap(ApplyMode::Merge, &adapters[1])?;
+    let t0 = swap(ApplyMode::Merge, &[(&adapters[0], 1.0)])?;
+    let t1 = swap(ApplyMode::Merge, &[(&adapters[1], 1.0)])?;
     rows.push((
         "swap identity, merge mode (UNet + text encoder)".into(),
         ms(t0.min(t1)),
     ));
-    let (_, _, tr) = swap(ApplyMode::Runtime, &adapters[0])?;
+    let tr = swap(ApplyMode::Runtime, &[(&adapters[0], 1.0)])?;
     rows.push(("swap identity, runtime mode".into(), ms(tr)));
 
     let size = a.size.unwrap_or(if a.model.is_some() { 512 } else { 128 });
@@ -252,8 +233,8 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         batch: 1,
         latents: None,
     };
-    let render = |params: &GenerateParams,
-                  ad: GenerateAdapters<'_>,
+    let render = |session: &Session,
+                  params: &GenerateParams,
                   label: &str|
      -> hdb::Result<(hdb::pipeline::Generated, f64, f64)> {
         let bar = step_bar(params.steps);
@@ -267,15 +248,15 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
             true
         };
         bar.set_message(label.to_string());
-        let out = rt.install(|| pipeline.generate(params, ad, Some(&mut progress)))?;
+        let out = session.generate(params, Some(&mut progress))?;
         bar.finish_and_clear();
         let per_step =
             step_times.iter().skip(1).sum::<f64>() / (step_times.len().max(2) - 1) as f64;
         Ok((out, per_step, start.elapsed().as_secs_f64()))
     };
 
-    let ad = mu.with(mte.with(GenerateAdapters::default()));
-    let (out, step, whole) = render(&params, ad, "identity 1 (merged)")?;
+    session.set_adapters(&[(&adapters[1], 1.0)], ApplyMode::Merge)?;
+    let (out, step, whole) = render(&session, &params, "identity 1 (merged)")?;
     let p = a.out.join("identity-1.png");
     write_png(&p, &out.images[0], out.width, out.height)?;
     rows.push((
@@ -291,15 +272,10 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     ));
 
     let both: Vec<(&Adapter, f32)> = adapters.iter().map(|x| (x, 1.0)).collect();
-    let ru = unet_set(&rt, &pipeline, &both, ApplyMode::Runtime)?;
-    let rte = TextSet(rt.install(|| pipeline.text_adapters(&both, ApplyMode::Runtime))?);
+    session.set_adapters(&both, ApplyMode::Runtime)?;
+    session.set_sample_adapters(Some(vec![0, 1]))?;
     params.batch = 2;
-    let idx = [0, 1];
-    let ad = ru.with(rte.with(GenerateAdapters {
-        per_image: Some(&idx),
-        ..GenerateAdapters::default()
-    }));
-    let (out, step, whole) = render(&params, ad, "batch, one identity per image")?;
+    let (out, step, whole) = render(&session, &params, "batch, one identity per image")?;
     for (i, img) in out.images.iter().enumerate() {
         write_png(
             &a.out.join(format!("batch-{i}-identity-{i}.png")),
@@ -328,56 +304,6 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         display(&a.out)
     );
     Ok(())
-}
-
-/// A UNet adapter set for wherever the pipeline's UNet runs.
-enum UnetSet {
-    Cpu(Applied),
-    Device(DeviceAdapters),
-}
-
-impl UnetSet {
-    /// `ad` with this set as its UNet set.
-    fn with<'a>(&'a self, ad: GenerateAdapters<'a>) -> GenerateAdapters<'a> {
-        match self {
-            UnetSet::Cpu(a) => GenerateAdapters {
-                unet: Some(a),
-                ..ad
-            },
-            UnetSet::Device(d) => GenerateAdapters {
-                device_unet: Some(d),
-                ..ad
-            },
-        }
-    }
-}
-
-/// A text-encoder adapter set for wherever the pipeline's text encoder runs
-/// ([`Pipeline::text_adapters`]).
-struct TextSet((Option<Applied>, Option<DeviceAdapters>));
-
-impl TextSet {
-    /// `ad` with this set as its text encoder's set.
-    fn with<'a>(&'a self, ad: GenerateAdapters<'a>) -> GenerateAdapters<'a> {
-        GenerateAdapters {
-            text_encoder: self.0 .0.as_ref(),
-            device_text_encoder: self.0 .1.as_ref(),
-            ..ad
-        }
-    }
-}
-
-fn unet_set(
-    rt: &hdb::Runtime,
-    p: &Pipeline,
-    set: &[(&Adapter, f32)],
-    mode: ApplyMode,
-) -> hdb::Result<UnetSet> {
-    Ok(match rt.install(|| p.unet_adapters(set, mode))? {
-        (_, Some(d)) => UnetSet::Device(d),
-        (Some(a), None) => UnetSet::Cpu(a),
-        (None, None) => return Err(hdb::Error::Internal("no UNet set was built".into())),
-    })
 }
 
 fn display(p: &Path) -> String {

@@ -1,15 +1,15 @@
 //! `hdb generate` and `hdb demo`: text to PNG images, with identity adapters.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
 
-use hdb::adapter::apply::{Applied, ApplyMode};
+use hdb::adapter::apply::ApplyMode;
 use hdb::adapter::Adapter;
-use hdb::backend::device_unet::DeviceAdapters;
 use hdb::io::safetensors::{read_as_f32, write_f32, SafetensorsFile};
 use hdb::model::scheduler::SamplerKind;
-use hdb::pipeline::{GenerateAdapters, GenerateParams, Pipeline};
+use hdb::pipeline::GenerateParams;
 use hdb::runtime::DeviceRequest;
+use hdb::{Engine, Session};
 
 /// Writes RGB8 pixels as a PNG.
 pub fn write_png(path: &Path, rgb: &[u8], width: usize, height: usize) -> hdb::Result<()> {
@@ -60,86 +60,48 @@ pub struct GenerateArgs {
     pub device: DeviceRequest,
 }
 
-/// A set of adapters resolved for a pipeline: the UNet's on the CPU or on the pipeline's
-/// device, and the text encoder's when the set touches it.
-pub struct PipelineAdapters {
-    pub unet: Option<Applied>,
-    pub device_unet: Option<DeviceAdapters>,
-    pub text_encoder: Option<Applied>,
-    pub device_text_encoder: Option<DeviceAdapters>,
-}
-
-impl PipelineAdapters {
-    pub fn generate_adapters(&self) -> GenerateAdapters<'_> {
-        GenerateAdapters {
-            unet: self.unet.as_ref(),
-            text_encoder: self.text_encoder.as_ref(),
-            per_image: None,
-            device_unet: self.device_unet.as_ref(),
-            device_text_encoder: self.device_text_encoder.as_ref(),
-        }
-    }
-}
-
-/// The session's adapters for the pipeline's text encoder and UNet (on the pipeline's device
-/// when it has one); an empty list gives no sets.
-pub fn apply(
-    p: &Pipeline,
-    adapters: &[Adapter],
+/// The adapters at `paths` (with `scales`, 1.0 each when empty) loaded for `engine`.
+pub fn load_adapters(
+    engine: &Engine,
+    paths: &[PathBuf],
     scales: &[f32],
-    mode: ApplyMode,
-) -> hdb::Result<PipelineAdapters> {
-    if !scales.is_empty() && scales.len() != adapters.len() {
+) -> hdb::Result<Vec<(Adapter, f32)>> {
+    if !scales.is_empty() && scales.len() != paths.len() {
         return Err(hdb::Error::invalid_arg(
             "--scale",
-            format!("{} scales for {} adapters", scales.len(), adapters.len()),
+            format!("{} scales for {} adapters", scales.len(), paths.len()),
         ));
     }
-    let set: Vec<(&Adapter, f32)> = adapters
+    paths
         .iter()
         .enumerate()
-        .map(|(i, a)| (a, scales.get(i).copied().unwrap_or(1.0)))
-        .collect();
-    let (unet, device_unet) = if adapters.is_empty() {
-        (None, None)
-    } else {
-        p.unet_adapters(&set, mode)?
-    };
-    let (text_encoder, device_text_encoder) = p.text_adapters(&set, mode)?;
-    Ok(PipelineAdapters {
-        unet,
-        device_unet,
-        text_encoder,
-        device_text_encoder,
-    })
+        .map(|(i, p)| {
+            let a = engine.load_adapter(&SafetensorsFile::open(p)?)?;
+            Ok((a, scales.get(i).copied().unwrap_or(1.0)))
+        })
+        .collect()
 }
 
 pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
-    let rt = super::runtime(a.device, a.threads)?;
+    let rt = Arc::new(super::runtime(a.device, a.threads)?);
     let model = super::load_model(&a.model)?;
-    let t = Instant::now();
-    let pipeline = Pipeline::from_model_on(&model, &rt)?;
-    log::info!("pipeline built in {:?}", t.elapsed());
+    let engine = Arc::new(Engine::new(rt, model));
     if let Some(path) = &a.latents {
         let f = SafetensorsFile::open(path)?;
         let (shape, v) = read_as_f32(&f, "latents")?;
         a.params.batch = shape.first().copied().unwrap_or(1);
         a.params.latents = Some(v);
     }
-    let table = hdb::adapter::adaptable_layers(&model);
-    let adapters = a
-        .adapters
-        .iter()
-        .map(|p| hdb::adapter::load(&SafetensorsFile::open(p)?, &table))
-        .collect::<hdb::Result<Vec<_>>>()?;
-    let sets = rt.install(|| apply(&pipeline, &adapters, &a.scales, a.mode))?;
-    let ad = sets.generate_adapters();
+    let adapters = load_adapters(&engine, &a.adapters, &a.scales)?;
+    let mut session = Session::new(engine.clone());
+    let set: Vec<(&Adapter, f32)> = adapters.iter().map(|(a, s)| (a, *s)).collect();
+    session.set_adapters(&set, a.mode)?;
     let bar = step_bar(a.params.steps);
     let mut progress = |done: usize, _total: usize| {
         bar.set_position(done as u64);
         true
     };
-    let out = rt.install(|| pipeline.generate(&a.params, ad, Some(&mut progress)))?;
+    let out = session.generate(&a.params, Some(&mut progress))?;
     bar.finish_and_clear();
     let n = out.images.len();
     for (i, img) in out.images.iter().enumerate() {
@@ -148,10 +110,10 @@ pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.dump_latents {
-        let f = pipeline.vae_config()?.downscale();
+        let f = engine.vae_config()?.downscale();
         let shape = vec![
             n,
-            pipeline.unet_config()?.in_channels,
+            engine.unet_config()?.in_channels,
             out.height / f,
             out.width / f,
         ];

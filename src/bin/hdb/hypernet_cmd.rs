@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use hdb::backend::device_unet::RuntimeHypernet;
 use hdb::hypernet::{Hypernet, HypernetConfig};
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::random::RandomWeights;
+use hdb::placed::PlacedHypernet;
 
 /// Reads a PNG as RGB8 (gray, alpha and 16-bit images converted): (pixels, width, height).
 pub fn read_png(path: &Path) -> hdb::Result<(Vec<u8>, usize, usize)> {
@@ -55,13 +55,10 @@ pub fn predict(
     output: &Path,
     (threads, device): (usize, hdb::runtime::DeviceRequest),
 ) -> hdb::Result<()> {
-    let rt = super::runtime(device, threads)?;
-    let net = RuntimeHypernet::load(&rt, hypernet)?;
-    let m = super::load_model(model)?;
-    let table = hdb::adapter::adaptable_layers(&m);
-    net.check_layers(&table)?;
+    let rt = std::sync::Arc::new(super::runtime(device, threads)?);
+    let net = PlacedHypernet::load(&rt, hypernet)?;
+    let engine = hdb::Engine::new(rt, super::load_model(model)?);
     let (rgb, w, h) = read_png(face)?;
-    let image = net.preprocess(&rgb, w, h, w * 3)?;
     let total = iterations.unwrap_or(net.config().iterations);
     let bar = indicatif::ProgressBar::new(total as u64);
     let t = Instant::now();
@@ -69,10 +66,13 @@ pub fn predict(
         bar.set_position(done as u64);
         true
     };
-    let theta = rt.install(|| net.predict(&image, iterations, Some(&mut progress)))?;
+    let adapter = engine.predict(&net, (&rgb, w, h, w * 3), iterations, Some(&mut progress))?;
     bar.finish_and_clear();
-    let lidb = net.to_lidb(&theta)?;
-    rt.install(|| lidb.compose(&table))?; // the adapter must load into this model
+    let hdb::adapter::AdapterSource::Lidb(lidb) = &adapter.source else {
+        return Err(hdb::Error::Internal(
+            "a prediction is a LiDB adapter".into(),
+        ));
+    };
     lidb.save(output)?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     println!(
@@ -144,7 +144,7 @@ pub fn bench(
     let t = Instant::now();
     let cfg = HypernetConfig::default();
     let src = RandomWeights { seed: 1 };
-    let net = RuntimeHypernet::from_source(&rt, cfg, &src)?;
+    let net = PlacedHypernet::from_source(&rt, cfg, &src)?;
     eprintln!(
         "default hypernetwork ({:.1} M parameters, random weights) made in {:.1} s",
         net.config().parameter_count() as f64 / 1e6,
@@ -166,7 +166,7 @@ pub fn bench(
     let med = times[times.len() / 2];
     let flops = predict_flops(net.config());
     let (where_, peer_device) = match &net {
-        RuntimeHypernet::Cpu(_) => {
+        PlacedHypernet::Cpu(_) => {
             hdb::backend::profile::enable(true);
             rt.install(|| net.predict(&image, None, None))?;
             let spent = hdb::backend::profile::report();
@@ -181,7 +181,7 @@ pub fn bench(
             (format!("cpu f32, {threads} threads"), "cpu")
         }
         #[cfg(feature = "cuda")]
-        RuntimeHypernet::Cuda(n) => {
+        PlacedHypernet::Cuda(n) => {
             let dev = n.backend().dev();
             let spent = super::bench_cuda::device_profile(dev, "one prediction", || {
                 rt.install(|| net.predict(&image, None, None)).map(|_| ())

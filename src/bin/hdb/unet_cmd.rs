@@ -2,10 +2,14 @@
 //! device.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use hdb::io::safetensors::SafetensorsFile;
+use hdb::adapter::apply::ApplyMode;
+use hdb::io::safetensors::{read_as_f32, write_f32, SafetensorsFile};
 use hdb::model::unet::UnetInput;
+use hdb::{Engine, Session};
 
+use crate::generate::load_adapters;
 use crate::{load_model, runtime, Mode};
 
 pub fn unet(
@@ -17,9 +21,6 @@ pub fn unet(
     scales: &[f32],
     mode: Mode,
 ) -> hdb::Result<()> {
-    use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
-    use hdb::backend::device_unet::DeviceUnet;
-    use hdb::io::safetensors::{read_as_f32, write_f32};
     let rt = runtime(device, threads)?;
     let inp = SafetensorsFile::open(input)?;
     let bad = |name: &str, shape: &[usize], want: &str| hdb::Error::InvalidFile {
@@ -49,58 +50,40 @@ pub fn unet(
         ));
     }
     let model = load_model(model_path)?;
+    let engine = Arc::new(Engine::new(Arc::new(rt), model));
     let start = std::time::Instant::now();
-    let unet = model.unet()?;
-    if c != unet.config.in_channels {
+    let cfg = engine.unet_config()?;
+    let built = start.elapsed();
+    if c != cfg.in_channels {
         return Err(bad(
             "sample",
             &s_shape,
-            &format!("[B, {}, H, W]", unet.config.in_channels),
+            &format!("[B, {}, H, W]", cfg.in_channels),
         ));
     }
-    if c_shape[2] != unet.config.cross_attention_dim {
+    if c_shape[2] != cfg.cross_attention_dim {
         return Err(bad(
             "encoder_hidden_states",
             &c_shape,
-            &format!("[B, L, {}]", unet.config.cross_attention_dim),
+            &format!("[B, L, {}]", cfg.cross_attention_dim),
         ));
     }
-    if !scales.is_empty() && scales.len() != adapter_paths.len() {
-        return Err(hdb::Error::invalid_arg(
-            "--scale",
-            format!(
-                "{} scales for {} adapters",
-                scales.len(),
-                adapter_paths.len()
-            ),
-        ));
-    }
-    let table = hdb::adapter::adaptable_layers(&model);
-    let adapters = adapter_paths
-        .iter()
-        .map(|p| hdb::adapter::load(&SafetensorsFile::open(p)?, &table))
-        .collect::<hdb::Result<Vec<_>>>()?;
-    let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a, scales.get(i).copied().unwrap_or(1.0)))
-        .collect();
+    let adapters = load_adapters(&engine, adapter_paths, scales)?;
+    let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters.iter().map(|(a, s)| (a, *s)).collect();
     let mode = match mode {
         Mode::Merge => ApplyMode::Merge,
         Mode::Runtime => ApplyMode::Runtime,
     };
-    let device_unet = DeviceUnet::for_runtime(&rt, &model)?;
-    let per_sample: Option<Vec<i32>> = match inp.get("adapter_index") {
-        None => None,
-        Some(_) => Some(
-            read_as_f32(&inp, "adapter_index")?
-                .1
-                .iter()
-                .map(|&v| v as i32)
-                .collect(),
-        ),
-    };
-    let with_adapters = !adapters.is_empty() || per_sample.is_some();
+    let mut session = Session::new(engine.clone());
+    session.set_adapters(&set, mode)?;
+    if inp.get("adapter_index").is_some() {
+        let idx = read_as_f32(&inp, "adapter_index")?
+            .1
+            .iter()
+            .map(|&v| v as i32)
+            .collect();
+        session.set_sample_adapters(Some(idx))?;
+    }
     let x = UnetInput {
         sample: &sample,
         timesteps: &t,
@@ -110,33 +93,12 @@ pub fn unet(
         width: w,
         context_len: l,
     };
-    let (y, built) = match &device_unet {
-        Some(d) => {
-            let set = rt.install(|| d.adapters(&set, mode))?;
-            let built = start.elapsed();
-            let ad = with_adapters.then_some(&set);
-            (d.forward(&x, ad, per_sample.as_deref())?, built)
-        }
-        None => {
-            let applied = rt.install(|| Applied::new(&set, mode, &*unet))?;
-            let ad = with_adapters.then_some(AdapterCtx {
-                applied: &applied,
-                per_sample: per_sample.as_deref(),
-            });
-            let built = start.elapsed();
-            (rt.install(|| unet.forward_with(&x, ad.as_ref()))?, built)
-        }
-    };
+    let t0 = std::time::Instant::now();
+    let y = session.unet(&x)?;
     log::info!(
-        "UNet built in {built:?}, forward in {:?}{}",
-        start.elapsed() - built,
-        device_unet
-            .as_ref()
-            .map(|d| format!(" on {}", d.describe()))
-            .unwrap_or_default()
+        "UNet built in {built:?}, forward in {:?} on {}",
+        t0.elapsed(),
+        engine.describe()
     );
-    write_f32(
-        output,
-        &[("out", vec![b, unet.config.out_channels, h, w], &y)],
-    )
+    write_f32(output, &[("out", vec![b, cfg.out_channels, h, w], &y)])
 }

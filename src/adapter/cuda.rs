@@ -24,13 +24,15 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::backend::Cuda;
-use super::device::CudaDevice;
-use super::ops::{self, At, BgmvShape, BlasElem, Factor, MergeLayer};
-use crate::adapter::apply::{validate_per_sample, Applied, ApplyMode};
+use super::apply::{validate_per_sample, Applied, ApplyMode};
+use super::set::SetBackend;
+use super::Adapter;
 use crate::backend::api::AdapterHook;
+use crate::backend::cuda::ops::{self, At, BgmvShape, BlasElem, Factor, MergeLayer};
+use crate::backend::cuda::{Cuda, CudaDevice};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::Projections;
+use crate::model::Adaptable;
 
 /// `lidb_merge`'s limit on the summed rank of one layer's factors (`MERGE_MAX_RANK`, lidb.cu).
 const MERGE_MAX_RANK: usize = 256;
@@ -159,7 +161,7 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
     /// [`Applied::new`]) on `model`'s device, applied in `mode`. Errors name the layer.
     pub fn new(
         be: &Cuda<T>,
-        model: &dyn Projections<Cuda<T>>,
+        model: &dyn Adaptable<Cuda<T>>,
         resolved: &Applied,
         mode: ApplyMode,
     ) -> Result<Self> {
@@ -192,7 +194,7 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
             if la.runtime.is_empty() {
                 continue;
             }
-            let (w, dout, din) = model.projection_weight(key).ok_or_else(|| {
+            let (w, dout, din) = model.projection(key).ok_or_else(|| {
                 Error::AdapterMismatch(format!("layer '{key}' is not a projection of this model"))
             })?;
             let mut factors = Vec::with_capacity(la.runtime.len());
@@ -422,6 +424,46 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                 ops::lora_bgmv(dev, ya, xa, &self.set.whole[i], &l.table, n, shape(rows))
             }),
         }
+    }
+}
+
+impl<T: BlasElem> SetBackend for Cuda<T> {
+    type Set = CudaLayerAdapters<T>;
+
+    /// Resolved against the model's own projections (dims only: no host copy of its weights is
+    /// needed) and built on its device; `previous` is not reused (a device set is rebuilt).
+    fn build_set(
+        &self,
+        target: &dyn Adaptable<Cuda<T>>,
+        set: &[(&Adapter, f32)],
+        mode: ApplyMode,
+        _previous: Option<&mut CudaLayerAdapters<T>>,
+    ) -> Result<CudaLayerAdapters<T>> {
+        let resolved = Applied::new(set, ApplyMode::Runtime, target)?;
+        let built = CudaLayerAdapters::new(self, target, &resolved, mode)?;
+        log::debug!(
+            "{} adapter(s) on {} projections of {} in {mode:?} mode",
+            built.count(),
+            built.layers(),
+            self.describe()
+        );
+        Ok(built)
+    }
+
+    fn set_mode(set: &CudaLayerAdapters<T>) -> ApplyMode {
+        set.mode()
+    }
+
+    fn set_count(set: &CudaLayerAdapters<T>) -> usize {
+        set.count()
+    }
+
+    fn with_hook<R>(
+        set: &CudaLayerAdapters<T>,
+        per_sample: Option<&[i32]>,
+        f: impl FnOnce(&dyn AdapterHook<Cuda<T>>) -> Result<R>,
+    ) -> Result<R> {
+        f(&set.with_samples(per_sample)?)
     }
 }
 
