@@ -18,10 +18,11 @@
 //! 4. `model`: UNet, text encoder, VAE, tokenizer, schedulers, the list of adaptable layers
 //! 5. `adapter`: LiDB and LoRA files, adapter sets on each backend
 //! 6. `hypernet`: face image -> LiDB weights
-//! 7. placed models and sessions: `placed` (a component on a backend), `session` (`Engine`,
+//! 7. `train`: adapter gradients of the diffusion loss, optimizer, finetuning
+//! 8. placed models and sessions: `placed` (a component on a backend), `session` (`Engine`,
 //!    `Session`)
-//! 8. `pipeline`: text to image on a session
-//! 9. `ffi`: the C ABI (the CLI in src/bin is a separate crate above it)
+//! 9. `pipeline`: text to image on a session
+//! 10. `ffi`: the C ABI (the CLI in src/bin is a separate crate above it)
 
 pub mod adapter;
 pub mod backend;
@@ -38,6 +39,7 @@ pub mod rng;
 pub mod runtime;
 pub mod session;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use model::Model;

@@ -58,7 +58,7 @@ def save_sorted(tensors, path, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

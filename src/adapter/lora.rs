@@ -48,14 +48,35 @@ fn summarize(keys: &[String]) -> String {
 /// One layer's pieces as found in a file.
 #[derive(Default)]
 struct Parts {
-    down: Option<Vec<f32>>,
-    up: Option<Vec<f32>>,
+    down: Option<(String, Vec<usize>, Vec<f32>)>,
+    up: Option<(String, Vec<usize>, Vec<f32>)>,
     alpha: Option<f32>,
-    down_shape: Vec<usize>,
 }
 
-/// Imports a LoRA file against a model's adaptable layers.
-pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Result<Adapter> {
+/// One layer of a LoRA file as stored: its factors, raw (no alpha folded in), with their
+/// tensor names and shapes in the file.
+#[derive(Clone, Debug)]
+pub struct NamedLayer {
+    /// The canonical adapter key.
+    pub key: String,
+    pub rank: usize,
+    pub down_name: String,
+    pub down_shape: Vec<usize>,
+    /// `[rank, in]` values.
+    pub down: Vec<f32>,
+    pub up_name: String,
+    pub up_shape: Vec<usize>,
+    /// `[out, rank]` values.
+    pub up: Vec<f32>,
+    pub alpha: Option<f32>,
+}
+
+/// Reads a LoRA file's layers as stored, matched against a model's adaptable layers; keys
+/// that match none are an error listing them.
+pub fn read_named(
+    f: &SafetensorsFile,
+    table: &BTreeMap<String, LayerShape>,
+) -> Result<(LoraFormat, Vec<NamedLayer>)> {
     let path = f.path();
     let format = detect(f).ok_or_else(|| Error::InvalidFile {
         path: path.to_path_buf(),
@@ -104,13 +125,11 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
         };
         let values = f.to_f32(n)?;
         let slot = parts.entry(k).or_default();
+        let named = (e.name.clone(), e.shape.dims().to_vec(), values);
         match which {
-            0 => {
-                slot.down_shape = e.shape.dims().to_vec();
-                slot.down = Some(values)
-            }
-            1 => slot.up = Some(values),
-            _ => slot.alpha = values.first().copied(),
+            0 => slot.down = Some(named),
+            1 => slot.up = Some(named),
+            _ => slot.alpha = named.2.first().copied(),
         }
     }
     if !unmatched.is_empty() {
@@ -120,18 +139,10 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
             summarize(&unmatched)
         )));
     }
-    let mut layers = BTreeMap::new();
-    for (
-        k,
-        Parts {
-            down,
-            up,
-            alpha,
-            down_shape,
-        },
-    ) in parts
-    {
-        let (Some(down), Some(mut up)) = (down, up) else {
+    let mut layers = Vec::with_capacity(parts.len());
+    for (k, Parts { down, up, alpha }) in parts {
+        let (Some((down_name, down_shape, down)), Some((up_name, up_shape, up))) = (down, up)
+        else {
             return Err(Error::AdapterMismatch(format!(
                 "{}: layer '{k}' lacks its down or up factor",
                 path.display()
@@ -144,9 +155,37 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
                 path.display()
             )));
         }
-        let scale = alpha.map_or(1.0, |a| a / rank as f32);
-        up.iter_mut().for_each(|x| *x *= scale);
-        layers.insert(k.clone(), LoraLayer { rank, down, up });
+        layers.push(NamedLayer {
+            key: k.clone(),
+            rank,
+            down_name,
+            down_shape,
+            down,
+            up_name,
+            up_shape,
+            up,
+            alpha,
+        });
+    }
+    Ok((format, layers))
+}
+
+/// Imports a LoRA file against a model's adaptable layers.
+pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Result<Adapter> {
+    let path = f.path();
+    let (_, named) = read_named(f, table)?;
+    let mut layers = BTreeMap::new();
+    for n in named {
+        let scale = n.alpha.map_or(1.0, |a| a / n.rank as f32);
+        let up = n.up.iter().map(|x| x * scale).collect();
+        layers.insert(
+            n.key,
+            LoraLayer {
+                rank: n.rank,
+                down: n.down,
+                up,
+            },
+        );
     }
     let adapter = Adapter {
         layers,

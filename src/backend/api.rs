@@ -211,6 +211,71 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         x: &Self::Buf,
         planes_h_w: (usize, usize, usize),
     ) -> Result<Self::Buf>;
+
+    // --- backward (training adapters: input gradients through frozen weights) -------------
+
+    /// linear's input gradient: dy `[rows, dout]` -> dy w: `[rows, din]`.
+    fn linear_backward(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        rows_din_dout: (usize, usize, usize),
+    ) -> Result<Self::Buf>;
+    /// conv2d's input gradient: dy `[batch, c_out, oh, ow]` -> dx `[batch, c_in, h, w]`.
+    fn conv2d_backward(&self, dy: &Self::Buf, w: &Self::Weight, p: &Conv2d) -> Result<Self::Buf>;
+    /// group_norm's (+ SiLU's) input gradient; `x` is the op's input (statistics recomputed).
+    fn group_norm_backward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Weight,
+        beta: &Self::Weight,
+        dy: &Self::Buf,
+        d: NormDims,
+        silu: bool,
+    ) -> Result<Self::Buf>;
+    /// layer_norm's input gradient over the last `dim` of x `[rows, dim]`, its input.
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Weight,
+        dy: &Self::Buf,
+        rows_dim: (usize, usize),
+        eps: f32,
+    ) -> Result<Self::Buf>;
+    /// Attention's input gradients (dq, dk, dv) from dout (see [`AttnDims`]); the
+    /// probabilities are recomputed from q and k.
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        dout: &Self::Buf,
+        d: AttnDims,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// dy * act'(x), x the activation's input.
+    fn activate_backward(&self, x: &Self::Buf, dy: &Self::Buf, act: Activation)
+        -> Result<Self::Buf>;
+    /// GEGLU's input gradient: x `[rows, 2d]` its input, dy `[rows, d]` -> `[rows, 2d]`.
+    fn geglu_backward(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        rows_d: (usize, usize),
+    ) -> Result<Self::Buf>;
+    /// The nearest 2x upsample's input gradient: dy `[planes, 2h, 2w]` -> `[planes, h, w]`
+    /// (`planes_h_w` are the input's dims).
+    fn upsample_nearest2x_backward(
+        &self,
+        dy: &Self::Buf,
+        planes_h_w: (usize, usize, usize),
+    ) -> Result<Self::Buf>;
+    /// `[batch, ca + cb, hw]` -> (`[batch, ca, hw]`, `[batch, cb, hw]`): concat_channels'
+    /// input gradients.
+    fn split_channels(
+        &self,
+        x: &Self::Buf,
+        batch_ca_cb_hw: (usize, usize, usize, usize),
+    ) -> Result<(Self::Buf, Self::Buf)>;
 }
 
 /// A session's identity adapters as a model's adaptable projections see them on backend `B`:
@@ -233,6 +298,27 @@ pub trait AdapterHook<B: Backend> {
         din: usize,
         dout: usize,
     ) -> Result<()>;
+
+    /// Training: dx `[rows, din]` += the adapters' share of the input gradient of projection
+    /// `key` for dy `[rows, dout]` (x its input), and the gradients of the adapters' own
+    /// parameters are accumulated in the hook. Hooks that do not train refuse.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        be: &B,
+        key: &str,
+        dx: &mut B::Buf,
+        x: &B::Buf,
+        dy: &B::Buf,
+        batch: usize,
+        din: usize,
+        dout: usize,
+    ) -> Result<()> {
+        let _ = (be, dx, x, dy, batch, din, dout);
+        Err(Error::Internal(format!(
+            "adapter '{key}': this adapter set applies adapters, it does not train them"
+        )))
+    }
 }
 
 /// Errors unless `got == want`, naming the op and the argument (for backends' length checks).
@@ -372,6 +458,14 @@ pub(crate) mod shapes {
         let op = "upsample_nearest2x";
         check_len(op, "x", x, volume(op, &[planes, h, w])?)?;
         volume(op, &[4, x])
+    }
+
+    pub fn split_channels(x: usize, (batch, ca, cb, hw): (usize, usize, usize, usize)) -> Result<()> {
+        let op = "split_channels";
+        let c = ca
+            .checked_add(cb)
+            .ok_or_else(|| Error::Internal(format!("{op}: channels overflow")))?;
+        check_len(op, "x", x, volume(op, &[batch, c, hw])?)
     }
 
     pub fn pad_bottom_right(x: usize, (planes, h, w): (usize, usize, usize)) -> Result<usize> {

@@ -4,6 +4,7 @@
 
 pub mod adaptable;
 pub mod config;
+pub mod grad;
 pub(crate) mod layers;
 pub mod random;
 pub mod scheduler;

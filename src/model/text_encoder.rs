@@ -138,26 +138,26 @@ impl TextEncoderConfig {
     }
 }
 
-struct Layer<B: Backend> {
-    ln1: LayerNorm<B>,
-    q: Linear<B>,
-    k: Linear<B>,
-    v: Linear<B>,
-    out: Linear<B>,
-    ln2: LayerNorm<B>,
-    fc1: Linear<B>,
-    fc2: Linear<B>,
+pub(crate) struct Layer<B: Backend> {
+    pub(crate) ln1: LayerNorm<B>,
+    pub(crate) q: Linear<B>,
+    pub(crate) k: Linear<B>,
+    pub(crate) v: Linear<B>,
+    pub(crate) out: Linear<B>,
+    pub(crate) ln2: LayerNorm<B>,
+    pub(crate) fc1: Linear<B>,
+    pub(crate) fc2: Linear<B>,
 }
 
 /// The text encoder on backend `B` (the CPU by default). The embedding tables stay in host
 /// memory: a lookup gathers at most 77 rows per sequence.
 pub struct TextEncoder<B: Backend = Cpu> {
     pub config: TextEncoderConfig,
-    be: B,
-    token_embedding: F32Weight,
-    position_embedding: F32Weight,
-    layers: Vec<Layer<B>>,
-    final_ln: LayerNorm<B>,
+    pub(crate) be: B,
+    pub(crate) token_embedding: F32Weight,
+    pub(crate) position_embedding: F32Weight,
+    pub(crate) layers: Vec<Layer<B>>,
+    pub(crate) final_ln: LayerNorm<B>,
 }
 
 impl<B: Backend> std::fmt::Debug for TextEncoder<B> {
@@ -259,6 +259,49 @@ impl<B: Backend> TextEncoder<B> {
 
     /// As [`TextEncoder::forward`], with adapters on this backend.
     pub fn forward_hooked(&self, ids: &[u32], batch: usize, ad: Hook<'_, B>) -> Result<Vec<f32>> {
+        if let Some(ad) = ad {
+            ad.validate(batch)?;
+        }
+        let cfg = &self.config;
+        let d = cfg.hidden_size;
+        let be = &self.be;
+        let (mut h, len) = self.embed(ids, batch)?;
+        let rows = batch * len;
+        let act = self.activation();
+        for l in &self.layers {
+            let n = l.ln1.forward(be, &h)?;
+            let q = l.q.forward_adapted(be, &n, rows, batch, ad)?;
+            let k = l.k.forward_adapted(be, &n, rows, batch, ad)?;
+            let v = l.v.forward_adapted(be, &n, rows, batch, ad)?;
+            let a = {
+                let _p = scope("attention (causal)");
+                let dims = AttnDims {
+                    batch,
+                    lq: len,
+                    lk: len,
+                    heads: cfg.num_attention_heads,
+                    head_dim: d / cfg.num_attention_heads,
+                    causal: true,
+                };
+                be.attention(&q, &k, &v, dims)?
+            };
+            let o = l.out.forward_adapted(be, &a, rows, batch, ad)?;
+            add(be, &mut h, &o)?;
+            let n = l.ln2.forward(be, &h)?;
+            let mut f = l.fc1.forward(be, &n, rows)?;
+            {
+                let _p = scope("activation");
+                be.activate(&mut f, act)?;
+            }
+            let f = l.fc2.forward(be, &f, rows)?;
+            add(be, &mut h, &f)?;
+        }
+        be.download(&self.final_ln.forward(be, &h)?)
+    }
+
+    /// Checks `ids` [batch, len] and looks up token + position embeddings: (`[batch * len,
+    /// hidden]` on this backend, len).
+    pub(crate) fn embed(&self, ids: &[u32], batch: usize) -> Result<(B::Buf, usize)> {
         let cfg = &self.config;
         let d = cfg.hidden_size;
         if batch == 0 || ids.len() % batch != 0 {
@@ -290,10 +333,6 @@ impl<B: Backend> TextEncoder<B> {
                 ),
             ));
         }
-        if let Some(ad) = ad {
-            ad.validate(batch)?;
-        }
-        let be = &self.be;
         let mut embedded = vec![0f32; batch * len * d];
         for (r, &id) in ids.iter().enumerate() {
             let t = &self.token_embedding[id as usize * d..(id as usize + 1) * d];
@@ -303,42 +342,15 @@ impl<B: Backend> TextEncoder<B> {
                 .zip(t.iter().zip(p))
                 .for_each(|(o, (a, b))| *o = a + b);
         }
-        let mut h = be.upload(&embedded)?;
-        drop(embedded);
-        let rows = batch * len;
-        let act = match cfg.hidden_act {
+        Ok((self.be.upload(&embedded)?, len))
+    }
+
+    /// The activation of its MLP.
+    pub(crate) fn activation(&self) -> Op {
+        match self.config.hidden_act {
             Activation::QuickGelu => Op::QuickGelu,
             Activation::Gelu => Op::Gelu,
-        };
-        for l in &self.layers {
-            let n = l.ln1.forward(be, &h)?;
-            let q = l.q.forward_adapted(be, &n, rows, batch, ad)?;
-            let k = l.k.forward_adapted(be, &n, rows, batch, ad)?;
-            let v = l.v.forward_adapted(be, &n, rows, batch, ad)?;
-            let a = {
-                let _p = scope("attention (causal)");
-                let dims = AttnDims {
-                    batch,
-                    lq: len,
-                    lk: len,
-                    heads: cfg.num_attention_heads,
-                    head_dim: d / cfg.num_attention_heads,
-                    causal: true,
-                };
-                be.attention(&q, &k, &v, dims)?
-            };
-            let o = l.out.forward_adapted(be, &a, rows, batch, ad)?;
-            add(be, &mut h, &o)?;
-            let n = l.ln2.forward(be, &h)?;
-            let mut f = l.fc1.forward(be, &n, rows)?;
-            {
-                let _p = scope("activation");
-                be.activate(&mut f, act)?;
-            }
-            let f = l.fc2.forward(be, &f, rows)?;
-            add(be, &mut h, &f)?;
         }
-        be.download(&self.final_ln.forward(be, &h)?)
     }
 
     fn projections(&self) -> impl Iterator<Item = &Linear<B>> {

@@ -8,6 +8,7 @@ use super::{
     group_norm, layer_norm, linear, nchw_to_nhwc, nhwc_to_nchw, silu_inplace, timestep_embedding,
     upsample_nearest2x,
 };
+use super::backward as bwd;
 use crate::backend::api::Conv2d;
 use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::Result;
@@ -215,6 +216,125 @@ impl Backend for Cpu {
             }
         }
         Ok(y)
+    }
+
+    fn linear_backward(
+        &self,
+        dy: &Vec<f32>,
+        w: &F32Weight,
+        (rows, din, dout): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "linear_backward";
+        check_len(op, "dy", dy.len(), volume(op, &[rows, dout])?)?;
+        check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
+        let mut dx = vec![0.0; volume(op, &[rows, din])?];
+        bwd::linear_backward(&mut dx, dy, w, rows, din, dout);
+        Ok(dx)
+    }
+
+    fn conv2d_backward(&self, dy: &Vec<f32>, w: &F32Weight, p: &Conv2d) -> Result<Vec<f32>> {
+        let op = "conv2d_backward";
+        let out = shapes::conv2d(volume(op, &[p.batch, p.c_in, p.h, p.w])?, w.len(), None, p)?;
+        check_len(op, "dy", dy.len(), out)?;
+        let mut dx = vec![0.0; volume(op, &[p.batch, p.c_in, p.h, p.w])?];
+        bwd::conv2d_backward(&mut dx, dy, w, p);
+        Ok(dx)
+    }
+
+    fn group_norm_backward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &F32Weight,
+        beta: &F32Weight,
+        dy: &Vec<f32>,
+        d: NormDims,
+        silu: bool,
+    ) -> Result<Vec<f32>> {
+        shapes::group_norm(x.len(), gamma.len(), beta.len(), &d)?;
+        check_len("group_norm_backward", "dy", dy.len(), x.len())?;
+        let mut dx = vec![0.0; x.len()];
+        let dims = (d.batch, d.channels, d.hw, d.groups);
+        bwd::group_norm_backward(&mut dx, x, gamma, beta, dy, dims, d.eps, silu);
+        Ok(dx)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &F32Weight,
+        dy: &Vec<f32>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<Vec<f32>> {
+        shapes::layer_norm(x.len(), gamma.len(), gamma.len(), (rows, dim))?;
+        check_len("layer_norm_backward", "dy", dy.len(), x.len())?;
+        let mut dx = vec![0.0; x.len()];
+        bwd::layer_norm_backward(&mut dx, x, gamma, dy, rows, dim, eps);
+        Ok(dx)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        dout: &Vec<f32>,
+        d: AttnDims,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        shapes::attention(q.len(), k.len(), v.len(), &d)?;
+        check_len("attention_backward", "dout", dout.len(), q.len())?;
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let dims = (d.batch, d.lq, d.lk, d.heads, d.head_dim);
+        bwd::attention_backward(&mut dq, &mut dk, &mut dv, q, k, v, dout, dims, d.causal);
+        Ok((dq, dk, dv))
+    }
+
+    fn activate_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, act: Activation) -> Result<Vec<f32>> {
+        check_len("activate_backward", "dy", dy.len(), x.len())?;
+        let mut dx = vec![0.0; x.len()];
+        bwd::activation_backward(&mut dx, x, dy, act);
+        Ok(dx)
+    }
+
+    fn geglu_backward(
+        &self,
+        x: &Vec<f32>,
+        dy: &Vec<f32>,
+        (rows, d): (usize, usize),
+    ) -> Result<Vec<f32>> {
+        let n = shapes::geglu(x.len(), (rows, d))?;
+        check_len("geglu_backward", "dy", dy.len(), n)?;
+        let mut dx = vec![0.0; x.len()];
+        bwd::geglu_backward(&mut dx, x, dy, rows, d);
+        Ok(dx)
+    }
+
+    fn upsample_nearest2x_backward(
+        &self,
+        dy: &Vec<f32>,
+        (planes, h, w): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "upsample_nearest2x_backward";
+        let n = volume(op, &[planes, h, w])?;
+        check_len(op, "dy", dy.len(), volume(op, &[4, n])?)?;
+        let mut dx = vec![0.0; n];
+        bwd::upsample_nearest2x_backward(&mut dx, dy, planes, h, w);
+        Ok(dx)
+    }
+
+    fn split_channels(
+        &self,
+        x: &Vec<f32>,
+        (batch, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        shapes::split_channels(x.len(), (batch, ca, cb, hw))?;
+        let (mut a, mut b) = (Vec::with_capacity(batch * ca * hw), Vec::with_capacity(batch * cb * hw));
+        for img in x.chunks_exact(((ca + cb) * hw).max(1)) {
+            let (xa, xb) = img.split_at(ca * hw);
+            a.extend_from_slice(xa);
+            b.extend_from_slice(xb);
+        }
+        Ok((a, b))
     }
 }
 

@@ -33,6 +33,15 @@ impl Mat {
             cs: cs as isize,
         }
     }
+
+    /// The same matrix read transposed.
+    pub fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
 }
 
 /// dst[m, n] (row stride `dst_rs`, unit column stride) = (`acc` ? dst : 0) + `scale` * a · b.
@@ -163,6 +172,38 @@ pub fn matmul(
     }
 }
 
+/// c[m, n] (+)= a^T · b, where a is [k, m] and b is [k, n] (a gradient's outer products summed
+/// over k rows). `accumulate` adds to c instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_at(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert_eq!(c.len(), m * n, "matmul_at: c");
+    assert_eq!(a.len(), k * m, "matmul_at: a");
+    assert_eq!(b.len(), k * n, "matmul_at: b");
+    // SAFETY: the lengths were checked above; c is a distinct &mut.
+    unsafe {
+        gemm_raw(
+            c.as_mut_ptr(),
+            n,
+            Mat::new(a, m, 1).t(),
+            Mat::new(b, n, 1),
+            m,
+            k,
+            n,
+            accumulate,
+            1.0,
+            par_for(m * k * n),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +248,28 @@ mod tests {
             linear(&mut y, &x, &w, None, m, k, n);
             let want: Vec<f32> = r.iter().map(|&v| v as f32).collect();
             assert_close(&format!("linear {m}x{k}x{n}"), &y, &want, 1e-5);
+        }
+    }
+
+    /// a read transposed, overwrite and accumulate; tolerance 1e-5 x max|ref|.
+    #[test]
+    fn matmul_at_matches_naive() {
+        for &(m, k, n) in &[(1, 9, 1), (17, 31, 23), (4, 300, 40)] {
+            let a = rand_vec(k * m, 7);
+            let b = rand_vec(k * n, 8);
+            let at: Vec<f32> = (0..m * k).map(|i| a[(i % k) * m + i / k]).collect();
+            let r = naive(&at, &b, m, k, n, false);
+            let c0 = rand_vec(m * n, 9);
+            for acc in [false, true] {
+                let mut c = c0.clone();
+                matmul_at(&mut c, &a, &b, m, k, n, acc);
+                let want: Vec<f32> = r
+                    .iter()
+                    .zip(&c0)
+                    .map(|(&v, &c)| (v + if acc { c as f64 } else { 0.0 }) as f32)
+                    .collect();
+                assert_close(&format!("matmul_at {m}x{k}x{n} acc={acc}"), &c, &want, 1e-5);
+            }
         }
     }
 

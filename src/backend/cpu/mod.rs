@@ -9,6 +9,7 @@
 pub mod act;
 pub mod attention;
 mod backend;
+pub mod backward;
 pub mod conv;
 pub mod linear;
 pub mod misc;
@@ -19,7 +20,7 @@ pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;
 pub use backend::Cpu;
 pub use conv::conv2d;
-pub use linear::{linear, matmul};
+pub use linear::{linear, matmul, matmul_at};
 pub use misc::{
     add_channel_bias, add_inplace, concat_channels, nchw_to_nhwc, nhwc_to_nchw, timestep_embedding,
     upsample_nearest2x,

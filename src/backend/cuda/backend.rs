@@ -341,4 +341,92 @@ impl<T: BlasElem> Backend for Cuda<T> {
         ops::pad_bottom_right(&self.dev, &mut y, x, planes, h, w)?;
         Ok(y)
     }
+
+    fn linear_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        Err(no_backward("linear_backward"))
+    }
+
+    fn conv2d_backward(&self, _: &CudaSlice<T>, _: &CudaSlice<T>, _: &Conv2d) -> Result<CudaSlice<T>> {
+        Err(no_backward("conv2d_backward"))
+    }
+
+    fn group_norm_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: NormDims,
+        _: bool,
+    ) -> Result<CudaSlice<T>> {
+        Err(no_backward("group_norm_backward"))
+    }
+
+    fn layer_norm_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: (usize, usize),
+        _: f32,
+    ) -> Result<CudaSlice<T>> {
+        Err(no_backward("layer_norm_backward"))
+    }
+
+    fn attention_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: AttnDims,
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)> {
+        Err(no_backward("attention_backward"))
+    }
+
+    fn activate_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: Activation,
+    ) -> Result<CudaSlice<T>> {
+        Err(no_backward("activate_backward"))
+    }
+
+    fn geglu_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: (usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        Err(no_backward("geglu_backward"))
+    }
+
+    fn upsample_nearest2x_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        Err(no_backward("upsample_nearest2x_backward"))
+    }
+
+    fn split_channels(
+        &self,
+        _: &CudaSlice<T>,
+        _: (usize, usize, usize, usize),
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+        Err(no_backward("split_channels"))
+    }
+}
+
+/// The CUDA backend has no backward kernels yet: training runs on the CPU backend.
+fn no_backward(op: &str) -> crate::Error {
+    crate::Error::Unsupported(format!(
+        "{op} on CUDA: training is not implemented on the GPU yet (use a CPU runtime)"
+    ))
 }

@@ -13,6 +13,7 @@ mod bench_cuda_models;
 mod bench_kernels;
 mod bench_pipeline;
 mod demo;
+mod finetune_cmd;
 mod generate;
 mod hypernet_cmd;
 mod info_cmd;
@@ -58,6 +59,11 @@ enum Command {
         /// else the CPU).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
+    },
+    /// Training adapters: `hdb finetune grad` computes an adapter's gradients.
+    Finetune {
+        #[command(subcommand)]
+        what: FinetuneWhat,
     },
     /// The whole path in one command: a model (built-in, or --model PATH), two identities,
     /// swaps, a batch with one identity per image, PNGs and a timing table.
@@ -182,6 +188,32 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FinetuneWhat {
+    /// One loss and the gradient of every trainable tensor of an adapter: IN holds `sample`
+    /// [B,4,H,W] (noisy latents), `timestep` [B], `target` [B,4,H,W] and either
+    /// `encoder_hidden_states` [B,L,C] (the UNet alone) or `input_ids` [B,77] (the text
+    /// encoder runs too); loss = mean over all elements of (unet(...) - target)^2. OUT gets
+    /// `loss` and the gradients under the adapter's own tensor names and layout, f32.
+    Grad {
+        #[arg(long)]
+        model: PathBuf,
+        /// A LiDB (v1 or v2), kohya or PEFT LoRA file.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Keep every activation instead of recomputing each UNet block in the backward
+        /// (faster, more memory).
+        #[arg(long)]
+        no_checkpointing: bool,
     },
 }
 
@@ -444,6 +476,17 @@ fn main() -> ExitCode {
             mode,
         ),
         Command::Adapter { what } => adapter_cmd::run(what),
+        Command::Finetune {
+            what:
+                FinetuneWhat::Grad {
+                    model,
+                    adapter,
+                    input,
+                    output,
+                    threads,
+                    no_checkpointing,
+                },
+        } => finetune_cmd::grad(&model, &adapter, &input, &output, (threads, !no_checkpointing)),
         Command::Info {
             path,
             tensors,
