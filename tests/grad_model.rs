@@ -47,7 +47,12 @@ fn compare_files(case: &str, got: &SafetensorsFile, want: &SafetensorsFile) {
     let (gs, gl) = read_as_f32(got, "loss").expect("loss");
     assert!(gs.is_empty(), "{case}: loss is a scalar, got shape {gs:?}");
     let rel = ((gl[0] - wl[0]) / wl[0]).abs();
-    assert!(rel < 1e-5, "{case}: loss {} vs torch {} ({rel:.2e})", gl[0], wl[0]);
+    assert!(
+        rel < 1e-5,
+        "{case}: loss {} vs torch {} ({rel:.2e})",
+        gl[0],
+        wl[0]
+    );
     let scale = names
         .iter()
         .filter(|n| **n != "loss")
@@ -67,7 +72,10 @@ fn compare_files(case: &str, got: &SafetensorsFile, want: &SafetensorsFile) {
         assert_eq!(gs, ws, "{case}: shape of {n}");
         for (i, (a, b)) in g.iter().zip(&w).enumerate() {
             let err = (*a as f64 - *b as f64).abs() / scale;
-            assert!(!err.is_nan(), "{case}: {n}[{i}] is NaN (hdb {a}, torch {b})");
+            assert!(
+                !err.is_nan(),
+                "{case}: {n}[{i}] is NaN (hdb {a}, torch {b})"
+            );
             if err > worst.0 {
                 worst = (err, n.to_string(), i, *a, *b);
             }
@@ -94,18 +102,21 @@ fn adapter_gradients_match_torch_autograd() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (case, adapter) in CASES {
         let input = GradInput::from_safetensors(
-            &SafetensorsFile::open(&grad_fixture(&format!("{case}.in.safetensors"))).expect("input"),
+            &SafetensorsFile::open(&grad_fixture(&format!("{case}.in.safetensors")))
+                .expect("input"),
         )
         .expect("input");
         let a = SafetensorsFile::open(&grad_fixture(adapter)).expect("adapter");
         let mut bits = Vec::new();
         for checkpoint in [true, false] {
-            let (loss, t, grads) = e.adapter_gradients(&a, &input, checkpoint).expect("gradients");
+            let (loss, t, grads) = e
+                .adapter_gradients(&a, &input, checkpoint)
+                .expect("gradients");
             let out = dir.path().join(format!("{case}-{checkpoint}.safetensors"));
             t.write_gradients(&out, loss as f32, &grads).expect("write");
             let got = SafetensorsFile::open(&out).expect("written");
-            let want =
-                SafetensorsFile::open(&grad_fixture(&format!("{case}.grad.safetensors"))).expect("reference");
+            let want = SafetensorsFile::open(&grad_fixture(&format!("{case}.grad.safetensors")))
+                .expect("reference");
             compare_files(&format!("{case} checkpoint={checkpoint}"), &got, &want);
             bits.push(
                 grads
@@ -114,7 +125,10 @@ fn adapter_gradients_match_torch_autograd() {
                     .collect::<Vec<u32>>(),
             );
         }
-        assert_eq!(bits[0], bits[1], "{case}: checkpointing changed the gradients");
+        assert_eq!(
+            bits[0], bits[1],
+            "{case}: checkpointing changed the gradients"
+        );
     }
 }
 
@@ -137,7 +151,8 @@ fn finetune_grad_cli_writes_the_contract_file() {
             .expect("run hdb");
         assert!(status.success(), "{case}: hdb finetune grad failed");
         let got = SafetensorsFile::open(&out).expect("output");
-        let want = SafetensorsFile::open(&grad_fixture(&format!("{case}.grad.safetensors"))).expect("reference");
+        let want = SafetensorsFile::open(&grad_fixture(&format!("{case}.grad.safetensors")))
+            .expect("reference");
         if case.starts_with("lidb-v2") {
             // The packed layout keeps the adapter's metadata, so its layer order.
             assert_eq!(got.metadata().get("layers"), want.metadata().get("layers"));
@@ -155,7 +170,8 @@ fn bad_grad_inputs_are_errors_naming_the_tensor() {
     let t = vec![10.0f32, 20.0];
     let ids = vec![1.5f32; 2 * 77];
     let short = vec![0.0f32; 3];
-    let cases: Vec<(&str, Vec<(&str, Vec<usize>, &[f32])>)> = vec![
+    type Tensors<'a> = Vec<(&'a str, Vec<usize>, &'a [f32])>;
+    let cases: Vec<(&str, Tensors<'_>)> = vec![
         (
             "'target'",
             vec![
@@ -195,8 +211,8 @@ fn bad_grad_inputs_are_errors_naming_the_tensor() {
     for (want, tensors) in cases {
         let p = dir.path().join("bad.safetensors");
         hdb::io::safetensors::write_f32(&p, &tensors).expect("write");
-        let err = GradInput::from_safetensors(&SafetensorsFile::open(&p).expect("open"))
-            .expect_err(want);
+        let err =
+            GradInput::from_safetensors(&SafetensorsFile::open(&p).expect("open")).expect_err(want);
         assert!(err.to_string().contains(want), "{want}: {err}");
     }
     // An adapter made for another model is a mismatch naming the layer, nothing computed.
@@ -208,8 +224,16 @@ fn bad_grad_inputs_are_errors_naming_the_tensor() {
     hdb::io::safetensors::write_f32(
         &sd15,
         &[
-            ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight", vec![1, 320], &down),
-            ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight", vec![320, 1], &up),
+            (
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+                vec![1, 320],
+                &down,
+            ),
+            (
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight",
+                vec![320, 1],
+                &up,
+            ),
         ],
     )
     .expect("write");

@@ -38,17 +38,26 @@ impl Fixture {
 /// Max |got - want| within `tol` x max|want|; NaN anywhere fails; prints the worst element.
 fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, w| m.max(w.abs() as f64)).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |m, w| m.max(w.abs() as f64))
+        .max(1e-30);
     let mut worst = (0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (*g as f64 - *w as f64).abs() / scale;
-        assert!(!err.is_nan(), "{what}: element {i} is NaN (got {g}, want {w})");
+        assert!(
+            !err.is_nan(),
+            "{what}: element {i} is NaN (got {g}, want {w})"
+        );
         if err > worst.0 {
             worst = (err, i);
         }
     }
     let i = worst.1;
-    println!("{what}: max error {:.2e} of max|ref| {scale:.3e} at {i}", worst.0);
+    println!(
+        "{what}: max error {:.2e} of max|ref| {scale:.3e} at {i}",
+        worst.0
+    );
     assert!(
         worst.0 <= tol,
         "{what}: element {i}: got {} want {} ({:.2e} of max|ref|, tolerance {tol:e})",
@@ -67,11 +76,20 @@ fn linear_and_conv_input_gradients_match_torch() {
         let (ws, _) = f.get(&format!("{case}.w"));
         let (rows, din, dout) = (xs[0], xs[1], ws[0]);
         let dx = be
-            .linear_backward(&f.v(&format!("{case}.dy")), &f.w(&format!("{case}.w")), (rows, din, dout))
+            .linear_backward(
+                &f.v(&format!("{case}.dy")),
+                &f.w(&format!("{case}.w")),
+                (rows, din, dout),
+            )
             .expect("linear_backward");
         check(case, &dx, &f.v(&format!("{case}.want.x")), TORCH_TOL);
     }
-    for (case, stride, padding) in [("k3", 1, 1), ("k1", 1, 0), ("k3s2", 2, 1), ("k3s2even", 2, 1)] {
+    for (case, stride, padding) in [
+        ("k3", 1, 1),
+        ("k1", 1, 0),
+        ("k3s2", 2, 1),
+        ("k3s2even", 2, 1),
+    ] {
         let name = format!("conv.{case}");
         let (xs, _) = f.get(&format!("{name}.x"));
         let (ws, _) = f.get(&format!("{name}.w"));
@@ -119,7 +137,13 @@ fn norm_gradients_match_torch() {
     }
     let (xs, x) = f.get("layer_norm.a.x");
     let dx = be
-        .layer_norm_backward(&x, &f.w("layer_norm.a.gamma"), &f.v("layer_norm.a.dy"), (xs[0], xs[1]), 1e-5)
+        .layer_norm_backward(
+            &x,
+            &f.w("layer_norm.a.gamma"),
+            &f.v("layer_norm.a.dy"),
+            (xs[0], xs[1]),
+            1e-5,
+        )
         .expect("layer_norm_backward");
     check("layer_norm", &dx, &f.v("layer_norm.a.want.x"), TORCH_TOL);
 }
@@ -145,11 +169,32 @@ fn attention_gradients_match_torch() {
             causal,
         };
         let (dq, dk, dv) = be
-            .attention_backward(&q, &k, &f.v(&format!("{case}.v")), &f.v(&format!("{case}.dy")), d)
+            .attention_backward(
+                &q,
+                &k,
+                &f.v(&format!("{case}.v")),
+                &f.v(&format!("{case}.dy")),
+                d,
+            )
             .expect("attention_backward");
-        check(&format!("{case} dq"), &dq, &f.v(&format!("{case}.want.q")), TORCH_TOL);
-        check(&format!("{case} dk"), &dk, &f.v(&format!("{case}.want.k")), TORCH_TOL);
-        check(&format!("{case} dv"), &dv, &f.v(&format!("{case}.want.v")), TORCH_TOL);
+        check(
+            &format!("{case} dq"),
+            &dq,
+            &f.v(&format!("{case}.want.q")),
+            TORCH_TOL,
+        );
+        check(
+            &format!("{case} dk"),
+            &dk,
+            &f.v(&format!("{case}.want.k")),
+            TORCH_TOL,
+        );
+        check(
+            &format!("{case} dv"),
+            &dv,
+            &f.v(&format!("{case}.want.v")),
+            TORCH_TOL,
+        );
     }
 }
 
@@ -187,7 +232,10 @@ fn directional(dy: &[f32], y: &[f32]) -> f64 {
 /// Central differences of `loss` at `x` for a few coordinates, against `grad`.
 fn finite_differences(what: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64) {
     let h = 1e-2f32;
-    let scale = grad.iter().fold(0f64, |m, g| m.max(g.abs() as f64)).max(1e-6);
+    let scale = grad
+        .iter()
+        .fold(0f64, |m, g| m.max(g.abs() as f64))
+        .max(1e-6);
     let step = (x.len() / 17).max(1);
     let mut worst = (0f64, 0usize);
     for i in (0..x.len()).step_by(step) {
@@ -201,8 +249,16 @@ fn finite_differences(what: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32])
             worst = (err, i);
         }
     }
-    println!("{what}: finite differences within {:.2e} of max|grad| (worst at {})", worst.0, worst.1);
-    assert!(worst.0 < 2e-3, "{what}: element {} fd vs analytic differs by {:.3e} of max|grad|", worst.1, worst.0);
+    println!(
+        "{what}: finite differences within {:.2e} of max|grad| (worst at {})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 < 2e-3,
+        "{what}: element {} fd vs analytic differs by {:.3e} of max|grad|",
+        worst.1,
+        worst.0
+    );
 }
 
 #[test]
@@ -239,9 +295,14 @@ fn gradients_match_finite_differences_of_the_forward_ops() {
         groups: 3,
         eps: 1e-5,
     };
-    let dx = be.group_norm_backward(&x, &g, &b, &dy, d, true).expect("gn backward");
+    let dx = be
+        .group_norm_backward(&x, &g, &b, &dy, d, true)
+        .expect("gn backward");
     finite_differences("group norm + silu", &x, &dx, |x| {
-        directional(&dy, &be.group_norm(&x.to_vec(), &g, &b, d, true).expect("gn"))
+        directional(
+            &dy,
+            &be.group_norm(&x.to_vec(), &g, &b, d, true).expect("gn"),
+        )
     });
     // causal attention, through q
     let (qs, q) = f.get("attention.causal.q");
@@ -258,19 +319,32 @@ fn gradients_match_finite_differences_of_the_forward_ops() {
         head_dim: qs[2] / 2,
         causal: true,
     };
-    let (dq, dk, _) = be.attention_backward(&q, &k, &v, &dy, ad).expect("attention backward");
+    let (dq, dk, _) = be
+        .attention_backward(&q, &k, &v, &dy, ad)
+        .expect("attention backward");
     finite_differences("causal attention dq", &q, &dq, |q| {
-        directional(&dy, &be.attention(&q.to_vec(), &k, &v, ad).expect("attention"))
+        directional(
+            &dy,
+            &be.attention(&q.to_vec(), &k, &v, ad).expect("attention"),
+        )
     });
     finite_differences("causal attention dk", &k, &dk, |k| {
-        directional(&dy, &be.attention(&q, &k.to_vec(), &v, ad).expect("attention"))
+        directional(
+            &dy,
+            &be.attention(&q, &k.to_vec(), &v, ad).expect("attention"),
+        )
     });
     // GEGLU
     let (xs, x) = f.get("geglu.a.x");
     let dy = f.v("geglu.a.dy");
-    let dx = be.geglu_backward(&x, &dy, (xs[0], xs[1] / 2)).expect("geglu backward");
+    let dx = be
+        .geglu_backward(&x, &dy, (xs[0], xs[1] / 2))
+        .expect("geglu backward");
     finite_differences("geglu", &x, &dx, |x| {
-        directional(&dy, &be.geglu(&x.to_vec(), (xs[0], xs[1] / 2)).expect("geglu"))
+        directional(
+            &dy,
+            &be.geglu(&x.to_vec(), (xs[0], xs[1] / 2)).expect("geglu"),
+        )
     });
 }
 
@@ -278,7 +352,9 @@ fn gradients_match_finite_differences_of_the_forward_ops() {
 fn backward_shape_mistakes_are_errors_not_panics() {
     let be = Cpu;
     let w = F32Weight::Owned(vec![0.0; 12]);
-    let e = be.linear_backward(&vec![0.0; 5], &w, (2, 4, 3)).expect_err("dy of 5 for [2, 3]");
+    let e = be
+        .linear_backward(&vec![0.0; 5], &w, (2, 4, 3))
+        .expect_err("dy of 5 for [2, 3]");
     assert!(e.to_string().contains("linear_backward"), "{e}");
     let d = AttnDims {
         batch: 1,
@@ -289,7 +365,13 @@ fn backward_shape_mistakes_are_errors_not_panics() {
         causal: false,
     };
     let e = be
-        .attention_backward(&vec![0.0; 4], &vec![0.0; 6], &vec![0.0; 6], &vec![0.0; 3], d)
+        .attention_backward(
+            &vec![0.0; 4],
+            &vec![0.0; 6],
+            &vec![0.0; 6],
+            &vec![0.0; 3],
+            d,
+        )
         .expect_err("dout of 3");
     assert!(e.to_string().contains("attention_backward"), "{e}");
     let e = be

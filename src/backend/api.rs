@@ -253,8 +253,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         d: AttnDims,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// dy * act'(x), x the activation's input.
-    fn activate_backward(&self, x: &Self::Buf, dy: &Self::Buf, act: Activation)
-        -> Result<Self::Buf>;
+    fn activate_backward(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        act: Activation,
+    ) -> Result<Self::Buf>;
     /// GEGLU's input gradient: x `[rows, 2d]` its input, dy `[rows, d]` -> `[rows, 2d]`.
     fn geglu_backward(
         &self,
@@ -460,7 +464,10 @@ pub(crate) mod shapes {
         volume(op, &[4, x])
     }
 
-    pub fn split_channels(x: usize, (batch, ca, cb, hw): (usize, usize, usize, usize)) -> Result<()> {
+    pub fn split_channels(
+        x: usize,
+        (batch, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<()> {
         let op = "split_channels";
         let c = ca
             .checked_add(cb)

@@ -51,33 +51,51 @@ impl GradInput {
         };
         let (s_shape, sample) = read_as_f32(f, "sample")?;
         let [b, _, h, w] = s_shape[..] else {
-            return Err(bad("sample", format!("has shape {s_shape:?}, expected [B, C, H, W]")));
+            return Err(bad(
+                "sample",
+                format!("has shape {s_shape:?}, expected [B, C, H, W]"),
+            ));
         };
         let (t_shape, mut timesteps) = read_as_f32(f, "timestep")?;
         if timesteps.len() == 1 && b > 1 {
             timesteps = vec![timesteps[0]; b];
         } else if timesteps.len() != b || t_shape.len() > 1 {
-            return Err(bad("timestep", format!("has shape {t_shape:?}, expected [{b}] or a scalar")));
+            return Err(bad(
+                "timestep",
+                format!("has shape {t_shape:?}, expected [{b}] or a scalar"),
+            ));
         }
         let (g_shape, target) = read_as_f32(f, "target")?;
         if g_shape != s_shape {
-            return Err(bad("target", format!("has shape {g_shape:?}, expected {s_shape:?} like 'sample'")));
+            return Err(bad(
+                "target",
+                format!("has shape {g_shape:?}, expected {s_shape:?} like 'sample'"),
+            ));
         }
         let condition = match (f.get("encoder_hidden_states"), f.get("input_ids")) {
             (Some(_), None) => {
                 let (c_shape, values) = read_as_f32(f, "encoder_hidden_states")?;
                 let [cb, len, _] = c_shape[..] else {
-                    return Err(bad("encoder_hidden_states", format!("has shape {c_shape:?}, expected [B, L, D]")));
+                    return Err(bad(
+                        "encoder_hidden_states",
+                        format!("has shape {c_shape:?}, expected [B, L, D]"),
+                    ));
                 };
                 if cb != b {
-                    return Err(bad("encoder_hidden_states", format!("has batch {cb}, 'sample' {b}")));
+                    return Err(bad(
+                        "encoder_hidden_states",
+                        format!("has batch {cb}, 'sample' {b}"),
+                    ));
                 }
                 Condition::Hidden { values, len }
             }
             (None, Some(_)) => {
                 let (i_shape, raw) = read_as_f32(f, "input_ids")?;
                 let [ib, len] = i_shape[..] else {
-                    return Err(bad("input_ids", format!("has shape {i_shape:?}, expected [B, L]")));
+                    return Err(bad(
+                        "input_ids",
+                        format!("has shape {i_shape:?}, expected [B, L]"),
+                    ));
                 };
                 if ib != b {
                     return Err(bad("input_ids", format!("has batch {ib}, 'sample' {b}")));
@@ -93,10 +111,16 @@ impl GradInput {
                 Condition::Ids { ids, len }
             }
             (Some(_), Some(_)) => {
-                return Err(bad("input_ids", "and 'encoder_hidden_states' are both given; give one".into()))
+                return Err(bad(
+                    "input_ids",
+                    "and 'encoder_hidden_states' are both given; give one".into(),
+                ))
             }
             (None, None) => {
-                return Err(bad("encoder_hidden_states", "or 'input_ids' is needed".into()))
+                return Err(bad(
+                    "encoder_hidden_states",
+                    "or 'input_ids' is needed".into(),
+                ))
             }
         };
         Ok(GradInput {

@@ -33,7 +33,8 @@ impl TrainHook {
             .iter()
             .map(|l| {
                 let factors = l.effective();
-                let grads = Mutex::new((vec![0.0; factors.down.len()], vec![0.0; factors.up.len()]));
+                let grads =
+                    Mutex::new((vec![0.0; factors.down.len()], vec![0.0; factors.up.len()]));
                 (l.key.clone(), Layer { factors, grads })
             })
             .collect();
@@ -53,7 +54,14 @@ impl TrainHook {
         Ok(g.clone())
     }
 
-    fn layer(&self, key: &str, din: usize, dout: usize, rows_x: usize, rows_y: usize) -> Result<Option<&Layer>> {
+    fn layer(
+        &self,
+        key: &str,
+        din: usize,
+        dout: usize,
+        rows_x: usize,
+        rows_y: usize,
+    ) -> Result<Option<&Layer>> {
         let Some(l) = self.layers.get(key) else {
             return Ok(None);
         };
@@ -113,7 +121,9 @@ impl AdapterHook<Cpu> for TrainHook {
             return Ok(());
         };
         if dx.len() != x.len() {
-            return Err(Error::Internal(format!("trained adapter '{key}': dx and x differ")));
+            return Err(Error::Internal(format!(
+                "trained adapter '{key}': dx and x differ"
+            )));
         }
         let r = l.factors.rank;
         let mut t = vec![0f32; rows * r];

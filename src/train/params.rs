@@ -38,6 +38,9 @@ pub enum Layout {
     Lora { format: LoraFormat },
 }
 
+/// A tensor's name and shape in its file.
+pub type TensorName = (String, Vec<usize>);
+
 /// One layer's trainable tensors.
 #[derive(Clone, Debug)]
 pub struct TrainLayer {
@@ -51,7 +54,7 @@ pub struct TrainLayer {
     /// The file's up tensor: LiDB `U_train` `[b, r]`, LoRA `up` `[out, r]`.
     pub up: Vec<f32>,
     /// LoRA: the tensors' names and shapes in the file (down, up).
-    pub names: Option<((String, Vec<usize>), (String, Vec<usize>))>,
+    pub names: Option<(TensorName, TensorName)>,
     /// The scale between the file's `up` and the effective one (LiDB alpha, LoRA alpha / r).
     pub scale: f32,
     /// LiDB: the layer's fixed bases.
@@ -91,7 +94,9 @@ impl TrainLayer {
                 let b = self.up.len() / r.max(1);
                 // down = D_train [r, a] . D_aux [a, in]
                 let mut down = vec![0f32; r * self.din];
-                matmul(&mut down, &self.down, &bs.d_aux, r, a, self.din, false, false);
+                matmul(
+                    &mut down, &self.down, &bs.d_aux, r, a, self.din, false, false,
+                );
                 // up = alpha U_aux [out, b] . U_train [b, r]
                 let mut up = vec![0f32; self.dout * r];
                 matmul(&mut up, &bs.u_aux, &self.up, self.dout, b, r, false, false);
@@ -260,7 +265,10 @@ impl Trainable {
         }
         let loss = [loss];
         let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        let mut meta = vec![("generator".to_string(), format!("hdb {} finetune grad", crate::VERSION))];
+        let mut meta = vec![(
+            "generator".to_string(),
+            format!("hdb {} finetune grad", crate::VERSION),
+        )];
         match &self.layout {
             Layout::Lidb {
                 meta: m,
@@ -276,8 +284,16 @@ impl Trainable {
             }
             Layout::Lidb { meta: m, .. } => {
                 for (l, g) in self.layers.iter().zip(grads) {
-                    owned.push((format!("{}.lidb_down", l.key), vec![m.rank, m.a], g.down.clone()));
-                    owned.push((format!("{}.lidb_up", l.key), vec![m.b, m.rank], g.up.clone()));
+                    owned.push((
+                        format!("{}.lidb_down", l.key),
+                        vec![m.rank, m.a],
+                        g.down.clone(),
+                    ));
+                    owned.push((
+                        format!("{}.lidb_up", l.key),
+                        vec![m.b, m.rank],
+                        g.up.clone(),
+                    ));
                 }
             }
             Layout::Lora { .. } => {
@@ -291,7 +307,11 @@ impl Trainable {
             }
         }
         let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![("loss", vec![], &loss[..])];
-        tensors.extend(owned.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())));
+        tensors.extend(
+            owned
+                .iter()
+                .map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())),
+        );
         write_f32_with_metadata(path, &tensors, &meta)
     }
 }
@@ -305,7 +325,9 @@ mod tests {
     #[test]
     fn lidb_chain_rule_matches_finite_differences() {
         let (din, dout, a, b, r) = (12, 10, 5, 4, 2);
-        let bs = Arc::new(crate::adapter::basis::basis("unet.x.to_q", 7, a, b, din, dout).expect("basis"));
+        let bs = Arc::new(
+            crate::adapter::basis::basis("unet.x.to_q", 7, a, b, din, dout).expect("basis"),
+        );
         let mut rng = crate::rng::SplitMix64(3);
         let mut rand = |n: usize| (0..n).map(|_| rng.next_f32() - 0.5).collect::<Vec<f32>>();
         let layer = TrainLayer {
@@ -322,7 +344,12 @@ mod tests {
         let (gd, gu) = (rand(r * din), rand(dout * r));
         let loss = |l: &TrainLayer| {
             let e = l.effective();
-            let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let dot = |x: &[f32], y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+            };
             dot(&e.down, &gd) + dot(&e.up, &gu)
         };
         let g = layer.chain(&gd, &gu);
@@ -340,7 +367,10 @@ mod tests {
                 *mv -= h;
                 let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
                 let an = if which == 0 { g.down[i] } else { g.up[i] } as f64;
-                assert!((fd - an).abs() < 1e-3 * (1.0 + fd.abs()), "tensor {which} [{i}]: fd {fd} vs {an}");
+                assert!(
+                    (fd - an).abs() < 1e-3 * (1.0 + fd.abs()),
+                    "tensor {which} [{i}]: fd {fd} vs {an}"
+                );
             }
         }
     }

@@ -3,12 +3,12 @@
 //! Lengths are checked here, so a shape mistake in model code is an `Error::Internal` naming
 //! the op, not a panic in the op's own assertions.
 
+use super::backward as bwd;
 use super::{
     add_channel_bias, add_inplace, attention, concat_channels, conv2d, geglu, gelu_inplace,
     group_norm, layer_norm, linear, nchw_to_nhwc, nhwc_to_nchw, silu_inplace, timestep_embedding,
     upsample_nearest2x,
 };
-use super::backward as bwd;
 use crate::backend::api::Conv2d;
 use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::Result;
@@ -328,7 +328,10 @@ impl Backend for Cpu {
         (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         shapes::split_channels(x.len(), (batch, ca, cb, hw))?;
-        let (mut a, mut b) = (Vec::with_capacity(batch * ca * hw), Vec::with_capacity(batch * cb * hw));
+        let (mut a, mut b) = (
+            Vec::with_capacity(batch * ca * hw),
+            Vec::with_capacity(batch * cb * hw),
+        );
         for img in x.chunks_exact(((ca + cb) * hw).max(1)) {
             let (xa, xb) = img.split_at(ca * hw);
             a.extend_from_slice(xa);

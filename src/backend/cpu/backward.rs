@@ -12,7 +12,14 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// dx [rows, din] = dy [rows, dout] · w [dout, din]: the input gradient of `y = x w^T + b`.
-pub fn linear_backward(dx: &mut [f32], dy: &[f32], w: &[f32], rows: usize, din: usize, dout: usize) {
+pub fn linear_backward(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    din: usize,
+    dout: usize,
+) {
     assert_eq!(dx.len(), rows * din, "linear_backward: dx");
     assert_eq!(dy.len(), rows * dout, "linear_backward: dy");
     assert_eq!(w.len(), dout * din, "linear_backward: w");
@@ -47,7 +54,11 @@ pub fn conv2d_backward(dx: &mut [f32], dy: &[f32], w: &[f32], p: &Conv2d) {
         return;
     }
     let direct = k == 1 && p.stride == 1 && p.padding == 0;
-    let mut col = if direct { Vec::new() } else { vec![0f32; ckk * ohw] };
+    let mut col = if direct {
+        Vec::new()
+    } else {
+        vec![0f32; ckk * ohw]
+    };
     for b in 0..p.batch {
         let dyb = &dy[b * p.c_out * ohw..][..p.c_out * ohw];
         let dxb = &mut dx[b * p.c_in * hw..][..p.c_in * hw];
@@ -211,7 +222,10 @@ pub fn group_norm_backward(
     assert_eq!(dy.len(), x.len(), "group_norm_backward: dy");
     assert_eq!(gamma.len(), channels, "group_norm_backward: gamma");
     assert_eq!(beta.len(), channels, "group_norm_backward: beta");
-    assert!(groups > 0 && channels % groups == 0, "group_norm_backward: groups");
+    assert!(
+        groups > 0 && channels % groups == 0,
+        "group_norm_backward: groups"
+    );
     let cg = channels / groups;
     let len = cg * hw;
     if len == 0 {
@@ -316,7 +330,10 @@ pub fn attention_backward(
     assert_eq!(v.len(), k.len(), "attention_backward: v");
     assert_eq!(dk.len(), k.len(), "attention_backward: dk");
     assert_eq!(dv.len(), k.len(), "attention_backward: dv");
-    assert!(!causal || lq == lk, "attention_backward: causal needs lq == lk");
+    assert!(
+        !causal || lq == lk,
+        "attention_backward: causal needs lq == lk"
+    );
     if q.is_empty() || lk == 0 {
         dq.fill(0.0);
         dk.fill(0.0);
@@ -351,14 +368,39 @@ pub fn attention_backward(
                 // head's columns of dq, dk and dv.
                 unsafe {
                     // S = scale Q K^T, then P = softmax(S) (masked above the diagonal).
-                    gemm_raw(p.as_mut_ptr(), lk, qm, km.t(), mq, d, lk, false, scale, Parallelism::None);
+                    gemm_raw(
+                        p.as_mut_ptr(),
+                        lk,
+                        qm,
+                        km.t(),
+                        mq,
+                        d,
+                        lk,
+                        false,
+                        scale,
+                        Parallelism::None,
+                    );
                     // dP = dO V^T
-                    gemm_raw(dp.as_mut_ptr(), lk, dom, vm.t(), mq, d, lk, false, 1.0, Parallelism::None);
+                    gemm_raw(
+                        dp.as_mut_ptr(),
+                        lk,
+                        dom,
+                        vm.t(),
+                        mq,
+                        d,
+                        lk,
+                        false,
+                        1.0,
+                        Parallelism::None,
+                    );
                 }
                 for i in 0..mq {
                     let row = &mut p[i * lk..][..lk];
                     let visible = if causal { q0 + i + 1 } else { lk };
-                    let mx = row[..visible].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let mx = row[..visible]
+                        .iter()
+                        .cloned()
+                        .fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0f64;
                     for x in &mut row[..visible] {
                         *x = (*x - mx).exp();
@@ -381,11 +423,44 @@ pub fn attention_backward(
                 let (pm, dsm) = (Mat::new(p, lk, 1), Mat::new(dp, lk, 1));
                 unsafe {
                     // dQ = scale dS K
-                    gemm_raw(dqp.get().add(q_at), hd, dsm, km, mq, lk, d, false, scale, Parallelism::None);
+                    gemm_raw(
+                        dqp.get().add(q_at),
+                        hd,
+                        dsm,
+                        km,
+                        mq,
+                        lk,
+                        d,
+                        false,
+                        scale,
+                        Parallelism::None,
+                    );
                     // dK += scale dS^T Q
-                    gemm_raw(dkp.get().add(kv0), hd, dsm.t(), qm, lk, mq, d, !first, scale, Parallelism::None);
+                    gemm_raw(
+                        dkp.get().add(kv0),
+                        hd,
+                        dsm.t(),
+                        qm,
+                        lk,
+                        mq,
+                        d,
+                        !first,
+                        scale,
+                        Parallelism::None,
+                    );
                     // dV += P^T dO
-                    gemm_raw(dvp.get().add(kv0), hd, pm.t(), dom, lk, mq, d, !first, 1.0, Parallelism::None);
+                    gemm_raw(
+                        dvp.get().add(kv0),
+                        hd,
+                        pm.t(),
+                        dom,
+                        lk,
+                        mq,
+                        d,
+                        !first,
+                        1.0,
+                        Parallelism::None,
+                    );
                 }
                 first = false;
             }

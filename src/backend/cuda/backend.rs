@@ -351,7 +351,12 @@ impl<T: BlasElem> Backend for Cuda<T> {
         Err(no_backward("linear_backward"))
     }
 
-    fn conv2d_backward(&self, _: &CudaSlice<T>, _: &CudaSlice<T>, _: &Conv2d) -> Result<CudaSlice<T>> {
+    fn conv2d_backward(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: &Conv2d,
+    ) -> Result<CudaSlice<T>> {
         Err(no_backward("conv2d_backward"))
     }
 

@@ -486,7 +486,13 @@ fn main() -> ExitCode {
                     threads,
                     no_checkpointing,
                 },
-        } => finetune_cmd::grad(&model, &adapter, &input, &output, (threads, !no_checkpointing)),
+        } => finetune_cmd::grad(
+            &model,
+            &adapter,
+            &input,
+            &output,
+            (threads, !no_checkpointing),
+        ),
         Command::Info {
             path,
             tensors,

@@ -223,6 +223,7 @@ impl<B: Backend> AttnParts<'_, B> {
     }
 
     /// (dx, dctx): the gradients at x and, for cross-attention when `want_ctx`, at ctx.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         &self,
         be: &B,

@@ -66,9 +66,9 @@ impl<B: Backend> TextEncoder<B> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let n1 = l.ln1.forward(be, &h)?;
-            let (o, attn) = l
-                .parts(cfg.num_attention_heads)
-                .forward_saved(be, n1, None, size, Some(ad))?;
+            let (o, attn) =
+                l.parts(cfg.num_attention_heads)
+                    .forward_saved(be, n1, None, size, Some(ad))?;
             let mut h1 = be.copy(&h)?;
             add(be, &mut h1, &o)?;
             let n2 = l.ln2.forward(be, &h1)?;
@@ -118,7 +118,11 @@ impl<B: Backend> TextEncoderTape<'_, B> {
             )));
         }
         let act = te.activation();
-        let size = AttnSize { b, lq: len, lk: len };
+        let size = AttnSize {
+            b,
+            lq: len,
+            lk: len,
+        };
         let dy = be.upload(d_hidden)?;
         let mut g = te.final_ln.backward(be, &self.last, &dy)?;
         // Layers before the first adapted one need no gradient.

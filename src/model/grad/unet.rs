@@ -80,7 +80,13 @@ struct Ctx<'a, B: Backend> {
 }
 
 impl<B: Backend> TransformerBlock<B> {
-    fn forward_saved(&self, c: &Ctx<'_, B>, x0: B::Buf, b: usize, t: usize) -> Result<(B::Buf, BlockSaved<B>)> {
+    fn forward_saved(
+        &self,
+        c: &Ctx<'_, B>,
+        x0: B::Buf,
+        b: usize,
+        t: usize,
+    ) -> Result<(B::Buf, BlockSaved<B>)> {
         let be = c.be;
         let ch = self.norm1.dim;
         let s1 = AttnSize { b, lq: t, lk: t };
@@ -90,7 +96,10 @@ impl<B: Backend> TransformerBlock<B> {
         let mut x1 = be.copy(&x0)?;
         add(be, &mut x1, &o1)?;
         let n2 = self.norm2.forward(be, &x1)?;
-        let (o2, a2) = self.attn2.parts().forward_saved(be, n2, Some(c.context), s2, c.ad)?;
+        let (o2, a2) = self
+            .attn2
+            .parts()
+            .forward_saved(be, n2, Some(c.context), s2, c.ad)?;
         let mut x2 = be.copy(&x1)?;
         add(be, &mut x2, &o2)?;
         let n3 = self.norm3.forward(be, &x2)?;
@@ -146,7 +155,10 @@ impl<B: Backend> TransformerBlock<B> {
         add(be, &mut dx1, &dx2)?;
         // x1 = x0 + attn1(norm1(x0))
         let s1 = AttnSize { b, lq: t, lk: t };
-        let (dn1, _) = self.attn1.parts().backward(be, &s.a1, None, &dx1, s1, c.ad, false)?;
+        let (dn1, _) = self
+            .attn1
+            .parts()
+            .backward(be, &s.a1, None, &dx1, s1, c.ad, false)?;
         let mut dx0 = self.norm1.backward(be, &s.x0, &dn1)?;
         add(be, &mut dx0, &dx1)?;
         Ok(dx0)
@@ -171,7 +183,10 @@ impl<B: Backend> Transformer2d<B> {
         let (b, ch, hw) = (x.b, x.c, x.h * x.w);
         let h = self.norm.forward(be, &x, false)?;
         let (mut tokens, tokens_in) = match &self.proj_in {
-            Proj::Conv(conv) => (transpose(be, &conv.forward(be, &h)?.data, b, ch, hw, true)?, None),
+            Proj::Conv(conv) => (
+                transpose(be, &conv.forward(be, &h)?.data, b, ch, hw, true)?,
+                None,
+            ),
             Proj::Linear(lin) => {
                 let tt = transpose(be, &h.data, b, ch, hw, true)?;
                 (lin.forward(be, &tt, b * hw)?, Some(tt))
@@ -262,6 +277,9 @@ struct BlockState<B: Backend> {
     resample_in: Option<(Act<B>, Dims)>,
 }
 
+/// A down block's forward: (output, the skips it pushes, saved state when kept).
+type DownOut<B> = (Act<B>, Vec<Act<B>>, Option<BlockState<B>>);
+
 /// Keeps a block's saved state only when asked (`keep`), so the one forward code serves the
 /// checkpointed pass (nothing kept) and the recomputation (everything kept).
 fn keep_if<T>(keep: bool, v: T) -> Option<T> {
@@ -270,13 +288,7 @@ fn keep_if<T>(keep: bool, v: T) -> Option<T> {
 
 impl<B: Backend> Unet<B> {
     /// Down block `i` from `x`: (output, the skips it pushes, saved state when `keep`).
-    fn down_forward(
-        &self,
-        c: &Ctx<'_, B>,
-        i: usize,
-        x: Act<B>,
-        keep: bool,
-    ) -> Result<(Act<B>, Vec<Act<B>>, Option<BlockState<B>>)> {
+    fn down_forward(&self, c: &Ctx<'_, B>, i: usize, x: Act<B>, keep: bool) -> Result<DownOut<B>> {
         let be = c.be;
         let blk: &Block<B> = &self.down[i];
         let mut steps = Vec::new();
@@ -416,6 +428,7 @@ impl<B: Backend> Unet<B> {
 
     /// The gradient at up block `i`'s input; its skips' gradients go to `d_skips` (in the
     /// order the block consumed them: first = the last pushed).
+    #[allow(clippy::too_many_arguments)]
     fn up_backward(
         &self,
         c: &Ctx<'_, B>,
@@ -472,7 +485,11 @@ impl<B: Backend> Unet<B> {
             context_len: l,
         } = *x;
         let cfg = &self.config;
-        check_input(cfg, (sample.len(), timesteps.len(), context.len()), (b, h, w, l))?;
+        check_input(
+            cfg,
+            (sample.len(), timesteps.len(), context.len()),
+            (b, h, w, l),
+        )?;
         let context_values = context.len();
         let be = &self.be;
         let c0 = cfg.block_out_channels[0];
@@ -556,7 +573,9 @@ impl<B: Backend> Unet<B> {
                 Some(st) => st,
                 None => {
                     let input = up_in[i].take().ok_or_else(lost)?;
-                    recomputed = self.up_forward(&c, i, input, &skips[range.clone()], true)?.1;
+                    recomputed = self
+                        .up_forward(&c, i, input, &skips[range.clone()], true)?
+                        .1;
                     recomputed.as_ref().ok_or_else(lost)?
                 }
             };
