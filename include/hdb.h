@@ -34,6 +34,11 @@
 #define HDB_ABI_VERSION 1
 
 /**
+ * Bounds on what a run may ask for (a real run is ~40-2000 steps).
+ */
+#define MAX_STEPS 1000000
+
+/**
  * The result of every fallible hdb call. On anything but `HDB_STATUS_OK`,
  * `hdb_last_error_message()` describes what went wrong and out-pointers are left untouched.
  */
@@ -120,6 +125,11 @@ enum hdb_status
    * was changed; call again once the other call has returned.
    */
   HDB_STATUS_BUSY = 18,
+  /**
+   * Training stopped because the loss or a gradient became NaN or infinite; the message
+   * names the step (a lower learning rate usually helps).
+   */
+  HDB_STATUS_DIVERGED = 19,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

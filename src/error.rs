@@ -59,6 +59,10 @@ pub enum Error {
     BufferTooSmall { needed: usize, got: usize },
     #[error("internal error: {0}")]
     Internal(String),
+    /// Training stopped: the loss or a gradient became NaN or infinite (the message names the
+    /// step).
+    #[error("training diverged: {0}")]
+    Diverged(String),
     /// An object that belongs to one thread at a time is in use by another.
     #[error("busy: {0}")]
     Busy(String),

@@ -118,6 +118,32 @@ def make_ops(path):
     print(f"ok   {path}: {len({k.split('.want')[0].rsplit('.', 1)[0] for k in o.out})} op cases")
 
 
+# ---------------------------------------------------------------- AdamW
+
+def make_adamw(path):
+    """torch.optim.AdamW for 8 steps on two tensors with fixed gradients, clipped to a global
+    norm of 1 by clip_grad_norm_ (the large gradients of steps 0-3 are clipped, the others
+    not), a constant learning rate: the parameters after each step."""
+    rng = np.random.default_rng(31)
+    f32 = lambda *s, scale=1.0: torch.from_numpy((rng.standard_normal(s) * scale).astype(np.float32))
+    p = [f32(7).requires_grad_(True), f32(3, 4).requires_grad_(True)]
+    out = {"p0.init": p[0].detach().clone(), "p1.init": p[1].detach().clone()}
+    opt = torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for step in range(8):
+        scale = 3.0 if step < 4 else 0.05
+        g = [f32(7, scale=scale), f32(3, 4, scale=scale)]
+        for t, gi in zip(p, g):
+            t.grad = gi.clone()
+        norm = torch.nn.utils.clip_grad_norm_(p, 1.0)
+        opt.step()
+        out[f"step{step}.g0"], out[f"step{step}.g1"] = g
+        out[f"step{step}.norm"] = norm.detach().reshape(1)
+        out[f"step{step}.p0"], out[f"step{step}.p1"] = p[0].detach().clone(), p[1].detach().clone()
+    save_sorted(out, path, metadata={"generator": GENERATOR, "lr": "0.01", "betas": "0.9,0.999",
+                                     "eps": "1e-08", "weight_decay": "0.01", "max_grad_norm": "1.0"})
+    print(f"ok   {path}: 8 AdamW steps")
+
+
 # ---------------------------------------------------------------- adapters
 
 def adapted(unet, te):
@@ -320,6 +346,7 @@ def main():
     out_dir = os.path.join(args.out, "grad")
     os.makedirs(out_dir, exist_ok=True)
     make_ops(os.path.join(out_dir, "ops.safetensors"))
+    make_adamw(os.path.join(out_dir, "adamw.safetensors"))
 
     unet, te, tok = load_models(os.path.join(args.out, "tiny-sd"))
     mods = adapted(unet, te)

@@ -50,6 +50,9 @@ pub enum hdb_status {
     /// while a call on it was running (a session belongs to one thread at a time). Nothing
     /// was changed; call again once the other call has returned.
     HDB_STATUS_BUSY = 18,
+    /// Training stopped because the loss or a gradient became NaN or infinite; the message
+    /// names the step (a lower learning rate usually helps).
+    HDB_STATUS_DIVERGED = 19,
 }
 
 /// The C status code of each error: exactly one per variant.
@@ -75,11 +78,12 @@ impl From<&Error> for hdb_status {
             Error::BufferTooSmall { .. } => hdb_status::HDB_STATUS_BUFFER_TOO_SMALL,
             Error::Internal(_) => hdb_status::HDB_STATUS_INTERNAL,
             Error::Busy(_) => hdb_status::HDB_STATUS_BUSY,
+            Error::Diverged(_) => hdb_status::HDB_STATUS_DIVERGED,
         }
     }
 }
 
-const NAMES: [&std::ffi::CStr; 19] = [
+const NAMES: [&std::ffi::CStr; 20] = [
     c"HDB_STATUS_OK",
     c"HDB_STATUS_NULL_ARGUMENT",
     c"HDB_STATUS_INVALID_ARGUMENT",
@@ -99,6 +103,7 @@ const NAMES: [&std::ffi::CStr; 19] = [
     c"HDB_STATUS_PANIC",
     c"HDB_STATUS_INTERNAL",
     c"HDB_STATUS_BUSY",
+    c"HDB_STATUS_DIVERGED",
 ];
 
 /// The name of a status code (`"HDB_STATUS_OK"`, ...), or `"HDB_STATUS_UNKNOWN"`. Takes a
@@ -138,6 +143,7 @@ mod tests {
             hdb_status::HDB_STATUS_PANIC,
             hdb_status::HDB_STATUS_INTERNAL,
             hdb_status::HDB_STATUS_BUSY,
+            hdb_status::HDB_STATUS_DIVERGED,
         ];
         assert_eq!(all.len(), NAMES.len());
         for s in all {

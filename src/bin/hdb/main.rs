@@ -60,11 +60,19 @@ enum Command {
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
     },
-    /// Training adapters: `hdb finetune grad` computes an adapter's gradients.
+    /// An identity from a face photo: LiDB optimization from zero (--init zero) or
+    /// rank-relaxed finetuning of an adapter (--from); `hdb finetune grad` computes an
+    /// adapter's gradients.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Finetune {
         #[command(subcommand)]
-        what: FinetuneWhat,
+        what: Option<FinetuneWhat>,
+        #[command(flatten)]
+        run: Box<finetune_cmd::RunArgs>,
     },
+    /// Personalization in one command: the hypernetwork's prediction from a face photo, then
+    /// rank-relaxed finetuning of it (40 steps by default).
+    Personalize(Box<finetune_cmd::PersonalizeArgs>),
     /// The whole path in one command: a model (built-in, or --model PATH), two identities,
     /// swaps, a batch with one identity per image, PNGs and a timing table.
     Demo {
@@ -476,16 +484,19 @@ fn main() -> ExitCode {
             mode,
         ),
         Command::Adapter { what } => adapter_cmd::run(what),
+        Command::Finetune { what: None, run } => finetune_cmd::run(&run),
+        Command::Personalize(a) => finetune_cmd::personalize(&a),
         Command::Finetune {
             what:
-                FinetuneWhat::Grad {
+                Some(FinetuneWhat::Grad {
                     model,
                     adapter,
                     input,
                     output,
                     threads,
                     no_checkpointing,
-                },
+                }),
+            ..
         } => finetune_cmd::grad(
             &model,
             &adapter,

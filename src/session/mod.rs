@@ -34,7 +34,8 @@ use crate::model::Model;
 use crate::placed::{Lazy, Place, Placed, PlacedHypernet};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
-use crate::train::{loss_and_gradients, Condition, GradInput, LayerGrad, Trainable};
+
+mod finetune;
 
 /// Where an engine's model runs: its components on the CPU or on the runtime's GPU.
 #[derive(Debug)]
@@ -241,43 +242,6 @@ impl Engine {
         let lidb = hypernet.to_lidb(&theta)?;
         self.runtime
             .install(|| lidb.compose_cached(&table, &self.bases))
-    }
-}
-
-impl Engine {
-    /// `hdb finetune grad`: the loss of `input` (mean squared error of the UNet's output
-    /// against its target) with the adapter file `adapter` applied, and the gradient of every
-    /// trainable tensor of that file in the file's own layout (the [`Trainable`] says which).
-    /// With token ids the text encoder runs too, with its adapted layers. The backward pass
-    /// runs on the CPU backend; a GPU runtime refuses (no backward kernels yet).
-    pub fn adapter_gradients(
-        &self,
-        adapter: &SafetensorsFile,
-        input: &GradInput,
-        checkpoint: bool,
-    ) -> Result<(f64, Trainable, Vec<LayerGrad>)> {
-        let trainable = self
-            .runtime
-            .install(|| Trainable::from_file(adapter, &self.adaptable_layers(), &self.bases))?;
-        match &self.placement {
-            Placement::Cpu(p) => {
-                let unet = p.unet()?;
-                let te = match input.condition {
-                    Condition::Ids { .. } => Some(p.text_encoder()?),
-                    Condition::Hidden { .. } => None,
-                };
-                let (loss, grads) = self.runtime.install(|| {
-                    loss_and_gradients(&unet, te.as_deref(), &trainable, input, checkpoint)
-                })?;
-                Ok((loss, trainable, grads))
-            }
-            #[cfg(feature = "cuda")]
-            Placement::Cuda(_) => Err(Error::Unsupported(
-                "training on a GPU is not implemented yet: run it on a CPU runtime \
-                 (--device cpu)"
-                    .into(),
-            )),
-        }
     }
 }
 
