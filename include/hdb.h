@@ -34,11 +34,6 @@
 #define HDB_ABI_VERSION 1
 
 /**
- * Bounds on what a run may ask for (a real run is ~40-2000 steps).
- */
-#define MAX_STEPS 1000000
-
-/**
  * The result of every fallible hdb call. On anything but `HDB_STATUS_OK`,
  * `hdb_last_error_message()` describes what went wrong and out-pointers are left untouched.
  */
@@ -168,15 +163,137 @@ typedef struct hdb_runtime hdb_runtime;
 typedef struct hdb_session hdb_session;
 
 /**
- * Samplers (diffusers' schedulers with SD 1.5's config).
+ * How `hdb_finetune` starts.
  */
-typedef uint32_t hdb_sampler;
+typedef uint32_t hdb_finetune_mode;
+
+/**
+ * Learning-rate schedules (diffusers' `get_scheduler` names).
+ */
+typedef uint32_t hdb_lr_schedule;
+
+/**
+ * Called after each training step with the step number (1-based), the total and the step's
+ * loss, on the calling thread or an hdb worker thread while the caller waits; return false to
+ * cancel (the call then returns `HDB_STATUS_CANCELLED` and writes nothing). It must not call
+ * back into hdb on the same model, and must not unwind.
+ */
+typedef bool (*hdb_train_progress_fn)(void *user_data, uint64_t step, uint64_t steps, float loss);
+
+/**
+ * Options for `hdb_finetune` and `hdb_personalize`. Get the defaults from
+ * `hdb_finetune_params_default()`; a 0 in a numeric field means the mode's default.
+ */
+typedef struct hdb_finetune_params {
+  uint32_t struct_size;
+  /**
+   * `HDB_FINETUNE_*` (default `HDB_FINETUNE_AUTO`).
+   */
+  hdb_finetune_mode mode;
+  /**
+   * Optimizer steps; 0 = 40 (rank-relaxed) or 200 (from zero).
+   */
+  uint32_t steps;
+  /**
+   * LoRA rank (rank-relaxed, 0 = 4) or LiDB rank (from zero, 0 = 1).
+   */
+  uint32_t rank;
+  /**
+   * AdamW learning rate; 0 = 1e-4 (rank-relaxed) or 1e-2 (from zero).
+   */
+  float lr;
+  /**
+   * AdamW weight decay (default 0.01, torch's).
+   */
+  float weight_decay;
+  /**
+   * The gradients' global norm is clipped to this (default 1; INFINITY: no clipping).
+   */
+  float max_grad_norm;
+  /**
+   * `HDB_LR_*` (default constant).
+   */
+  hdb_lr_schedule lr_schedule;
+  /**
+   * Warm-up steps of the schedule (default 0).
+   */
+  uint32_t warmup_steps;
+  /**
+   * The side in pixels the face is encoded at (0 = 512, SD 1.5's).
+   */
+  uint32_t resolution;
+  /**
+   * 1 (default): recompute each UNet block in the backward pass (less memory); 0: keep
+   * every activation.
+   */
+  uint32_t checkpointing;
+  /**
+   * Seed of hdb's random stream (timesteps, posterior draws, noise; the README).
+   */
+  uint64_t seed;
+  /**
+   * UTF-8 training prompt, `[V]` standing for `token`; NULL = "a [V] face".
+   */
+  const char *prompt;
+  /**
+   * UTF-8 identity token; NULL = "sks".
+   */
+  const char *token;
+  hdb_train_progress_fn progress;
+  void *progress_user_data;
+} hdb_finetune_params;
+
+/**
+ * Pixel formats of `hdb_image`.
+ */
+typedef uint32_t hdb_pixel_format;
+
+/**
+ * An 8-bit image in caller memory: `height` rows, `stride` bytes apart, at `data`
+ * (`data_len` bytes in all).
+ */
+typedef struct hdb_image {
+  uint8_t *data;
+  size_t data_len;
+  uint32_t width;
+  uint32_t height;
+  /**
+   * Bytes from one row to the next (>= width * 3 for RGB8).
+   */
+  uint32_t stride;
+  /**
+   * `HDB_PIXEL_*`.
+   */
+  hdb_pixel_format format;
+} hdb_image;
 
 /**
  * A progress callback: `done` of `total` units of `stage` (a short UTF-8 name) are finished.
  * Return `true` to go on, `false` to cancel (the call then returns `HDB_STATUS_CANCELLED`).
  */
 typedef bool (*hdb_progress_fn)(void *user_data, uint64_t done, uint64_t total, const char *stage);
+
+/**
+ * Options for `hdb_hypernet_predict`. Get the defaults from `hdb_predict_params_default()`.
+ */
+typedef struct hdb_predict_params {
+  uint32_t struct_size;
+  /**
+   * Refinement iterations; 0 = the file's default (4 for the paper's setup).
+   */
+  uint32_t iterations;
+  /**
+   * Called after each iteration (stage "predict"), possibly from an hdb worker thread;
+   * returning false cancels (HDB_STATUS_CANCELLED).
+   */
+  hdb_progress_fn progress;
+  void *progress_user_data;
+} hdb_predict_params;
+
+/**
+ * Samplers (diffusers' schedulers with SD 1.5's config).
+ */
+typedef uint32_t hdb_sampler;
 
 /**
  * Options for `hdb_generate`. Get the defaults from `hdb_generate_params_default()`.
@@ -231,47 +348,6 @@ typedef struct hdb_generate_params {
   hdb_progress_fn progress;
   void *progress_user_data;
 } hdb_generate_params;
-
-/**
- * Pixel formats of `hdb_image`.
- */
-typedef uint32_t hdb_pixel_format;
-
-/**
- * An 8-bit image in caller memory: `height` rows, `stride` bytes apart, at `data`
- * (`data_len` bytes in all).
- */
-typedef struct hdb_image {
-  uint8_t *data;
-  size_t data_len;
-  uint32_t width;
-  uint32_t height;
-  /**
-   * Bytes from one row to the next (>= width * 3 for RGB8).
-   */
-  uint32_t stride;
-  /**
-   * `HDB_PIXEL_*`.
-   */
-  hdb_pixel_format format;
-} hdb_image;
-
-/**
- * Options for `hdb_hypernet_predict`. Get the defaults from `hdb_predict_params_default()`.
- */
-typedef struct hdb_predict_params {
-  uint32_t struct_size;
-  /**
-   * Refinement iterations; 0 = the file's default (4 for the paper's setup).
-   */
-  uint32_t iterations;
-  /**
-   * Called after each iteration (stage "predict"), possibly from an hdb worker thread;
-   * returning false cancels (HDB_STATUS_CANCELLED).
-   */
-  hdb_progress_fn progress;
-  void *progress_user_data;
-} hdb_predict_params;
 
 /**
  * Log levels, most severe first. `HDB_LOG_LEVEL_OFF` disables logging.
@@ -428,6 +504,29 @@ typedef struct hdb_session_params {
  */
 typedef uint32_t hdb_apply_mode;
 
+/**
+ * Rank-relaxed finetuning when a start adapter is given, LiDB from zero otherwise.
+ */
+#define HDB_FINETUNE_AUTO 0
+
+/**
+ * Rank-relaxed finetuning of the start adapter (required): its update becomes the first
+ * components of a rank-`rank` LoRA (default 4); the result is a PEFT LoRA.
+ */
+#define HDB_FINETUNE_RELAXED 1
+
+/**
+ * LiDB optimization from zero on every adaptable layer (rank `rank`, default 1); the result
+ * is a LiDB adapter. No start adapter.
+ */
+#define HDB_FINETUNE_LIDB_FROM_ZERO 2
+
+#define HDB_LR_CONSTANT 0
+
+#define HDB_LR_CONSTANT_WITH_WARMUP 1
+
+#define HDB_LR_COSINE 2
+
 #define HDB_SAMPLER_DDIM 0
 
 #define HDB_SAMPLER_EULER 1
@@ -554,6 +653,39 @@ void hdb_adapter_free(struct hdb_adapter *adapter);
  * failing hdb call on this thread; copy it to keep it.
  */
 const char *hdb_last_error_message(void);
+
+/**
+ * The default finetune params.
+ */
+struct hdb_finetune_params hdb_finetune_params_default(void);
+
+/**
+ * Trains an identity adapter for `model` on the face in `face` (RGB8, any size >= 16x16;
+ * center-cropped and resized to `params.resolution`) with the diffusion loss: rank-relaxed
+ * finetuning of `start` (e.g. `hdb_hypernet_predict`'s adapter), or LiDB optimization from
+ * zero (`start` NULL). `params` NULL means the defaults. On success `*out` owns the new
+ * adapter (a PEFT LoRA, or a LiDB adapter; save it with `hdb_adapter_save`). A cancelled,
+ * diverged (`HDB_STATUS_DIVERGED`, naming the step) or failed run writes nothing and changes
+ * nothing; `model` and `start` are only read. Training runs on the CPU: a model on a CUDA
+ * runtime returns `HDB_STATUS_UNSUPPORTED` (no GPU backward kernels yet).
+ *
+ * # Safety
+ * `model` a live model; `face` valid with `data` valid for `data_len` bytes; `start` NULL or
+ * a live adapter; `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_finetune(const struct hdb_model *model, const struct hdb_image *face, const struct hdb_adapter *start, const struct hdb_finetune_params *params, struct hdb_adapter **out);
+
+/**
+ * Personalization in one call: `hypernet` predicts the identity of `face` for `model`
+ * (`predict_params`: iterations and their progress, NULL for the defaults), then rank-relaxed
+ * finetuning trains it (`params`, NULL for the defaults: 40 steps, rank 4). As
+ * `hdb_finetune` for the result, failures and threads.
+ *
+ * # Safety
+ * `hypernet` and `model` live; `face` valid with `data` valid for `data_len` bytes; the
+ * params NULL or valid; `out` valid.
+ */
+hdb_status hdb_personalize(const struct hdb_hypernet *hypernet, const struct hdb_model *model, const struct hdb_image *face, const struct hdb_predict_params *predict_params, const struct hdb_finetune_params *params, struct hdb_adapter **out);
 
 /**
  * The default generate params.

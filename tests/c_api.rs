@@ -251,7 +251,7 @@ macro_rules! c_tests {
 
 c_tests!(
     version, runtime, null_args, bad_files, model_load, logging, session, adapter, generate,
-    hypernet
+    hypernet, finetune
 );
 
 #[test]

@@ -200,10 +200,7 @@ fn finetune_cli_makes_adapters_that_load() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let f = hdb::io::safetensors::SafetensorsFile::open(&relaxed).expect("written");
     let b = e.load_adapter(&f).expect("the LoRA loads");
-    assert!(
-        b.layers.values().all(|l| l.rank == 4),
-        "rank 4"
-    );
+    assert!(b.layers.values().all(|l| l.rank == 4), "rank 4");
 
     for (args, want) in [
         (vec!["finetune", "--init", "one"], "--init"),

@@ -39,6 +39,39 @@ pub struct hdb_image {
     pub format: hdb_pixel_format,
 }
 
+impl hdb_image {
+    /// An input image's pixels, width, height and row stride (`stride` 0 = packed), or an
+    /// error naming the field at fault (`names`: the format and data fields' names, e.g.
+    /// `("face.format", "face.data")`). The pixels' extent is checked by the code that reads
+    /// them (`hypernet::preprocess::check`).
+    ///
+    /// # Safety
+    /// `data` NULL or valid for `data_len` bytes.
+    pub(crate) unsafe fn rgb(
+        &self,
+        (format, data): (&'static str, &'static str),
+    ) -> crate::Result<(&[u8], usize, usize, usize)> {
+        if self.format != HDB_PIXEL_RGB8 {
+            return Err(Error::invalid_arg(
+                format,
+                format!("{} is not HDB_PIXEL_RGB8", self.format),
+            ));
+        }
+        if self.data.is_null() {
+            return Err(Error::NullArgument(data));
+        }
+        // SAFETY: data valid for data_len bytes per the caller's contract.
+        let rgb = unsafe { std::slice::from_raw_parts(self.data as *const u8, self.data_len) };
+        let (w, h) = (self.width as usize, self.height as usize);
+        let stride = if self.stride == 0 {
+            w * 3
+        } else {
+            self.stride as usize
+        };
+        Ok((rgb, w, h, stride))
+    }
+}
+
 /// Options for `hdb_generate`. Get the defaults from `hdb_generate_params_default()`.
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -5,20 +5,25 @@ use std::sync::Arc;
 
 use super::adapter::hdb_adapter;
 use super::boundary::{arg_path, arg_ref, ffi_boundary, ffi_infallible, out_ptr};
-use super::generate::{hdb_image, HDB_PIXEL_RGB8};
+use super::generate::hdb_image;
 use super::model::hdb_model;
 use super::params::{read_params, Versioned};
 use super::runtime::hdb_runtime;
 use super::status::hdb_status;
 use super::{hdb_progress_fn, HostProgress};
 use crate::adapter::Adapter;
-use crate::error::Error;
 use crate::placed::PlacedHypernet;
 
 /// Opaque, immutable hypernetwork. Thread-safe.
 pub struct hdb_hypernet {
     /// The network on the runtime's device (the CPU or a GPU).
     net: PlacedHypernet,
+}
+
+impl hdb_hypernet {
+    pub(crate) fn net(&self) -> &PlacedHypernet {
+        &self.net
+    }
 }
 
 /// Options for `hdb_hypernet_predict`. Get the defaults from `hdb_predict_params_default()`.
@@ -38,7 +43,7 @@ impl Versioned for hdb_predict_params {
     const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_predict_params>()];
 }
 
-fn default_predict_params() -> hdb_predict_params {
+pub(crate) fn default_predict_params() -> hdb_predict_params {
     hdb_predict_params {
         struct_size: std::mem::size_of::<hdb_predict_params>() as u32,
         iterations: 0,
@@ -107,23 +112,8 @@ pub unsafe extern "C" fn hdb_hypernet_predict(
         let face = unsafe { arg_ref(face, "face") }?;
         let p = unsafe { read_params(params, default_predict_params(), "params") }?;
         let out = out_ptr(out, "out")?;
-        if face.format != HDB_PIXEL_RGB8 {
-            return Err(Error::invalid_arg(
-                "face.format",
-                format!("{} is not HDB_PIXEL_RGB8", face.format),
-            ));
-        }
-        if face.data.is_null() {
-            return Err(Error::NullArgument("face.data"));
-        }
-        // SAFETY: data valid for data_len bytes per the caller's contract.
-        let rgb = unsafe { std::slice::from_raw_parts(face.data as *const u8, face.data_len) };
-        let (w, hh) = (face.width as usize, face.height as usize);
-        let stride = if face.stride == 0 {
-            w * 3
-        } else {
-            face.stride as usize
-        };
+        // SAFETY: face.data valid for data_len bytes per the caller's contract.
+        let (rgb, w, hh, stride) = unsafe { face.rgb(("face.format", "face.data")) }?;
         let iterations = (p.iterations > 0).then_some(p.iterations as usize);
         let host = HostProgress {
             cb: p.progress,

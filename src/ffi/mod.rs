@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod boundary;
+pub mod finetune;
 pub mod generate;
 pub mod hypernet;
 pub mod log;
