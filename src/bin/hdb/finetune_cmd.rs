@@ -157,7 +157,7 @@ fn params(a: &TrainArgs, steps: usize, lr: f32) -> hdb::Result<FinetuneParams> {
 }
 
 /// A progress bar over the steps, with the loss and the time left.
-fn step_bar(total: usize) -> indicatif::ProgressBar {
+pub fn step_bar(total: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -96,6 +96,9 @@ enum Command {
         /// auto (the tokenizer runs on the CPU).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
+        /// Rank-relaxed finetuning steps on identity 0 (the paper's third step; 0 skips it).
+        #[arg(long, default_value_t = 20)]
+        finetune_steps: usize,
     },
     /// Text to image (PNG): the whole SD pipeline with optional identity adapters.
     Generate {
@@ -377,6 +380,7 @@ fn main() -> ExitCode {
             size,
             threads,
             device,
+            finetune_steps,
         } => demo::run(demo::DemoArgs {
             model,
             hypernet,
@@ -385,6 +389,7 @@ fn main() -> ExitCode {
             size,
             threads,
             device,
+            finetune_steps,
         }),
         Command::Generate {
             model,
