@@ -9,6 +9,7 @@ mod bench_adapter;
 mod bench_cuda;
 #[cfg(feature = "cuda")]
 mod bench_cuda_models;
+mod bench_finetune;
 #[cfg(feature = "cuda")]
 mod bench_kernels;
 mod bench_pipeline;
@@ -230,6 +231,21 @@ enum FinetuneWhat {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Rank-relaxed finetuning steps at SD 1.5 shapes (512x512, batch 1, rank-4 LoRA on the
+    /// UNet and text encoder) with random weights: time per step and peak memory with and
+    /// without checkpointing, optionally against PyTorch (tools/bench_torch_finetune.py).
+    Finetune {
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed steps after one warm-up step; the median is reported.
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+        /// Latent size (64 = 512x512 images).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
     /// One hypernetwork prediction at the default config (ViT-H/14, d_model 1024, 176 layer
     /// tokens, 4 iterations) with random weights, optionally against the PyTorch reference.
     Hypernet {
@@ -355,6 +371,15 @@ fn main() -> ExitCode {
             &output,
             (threads, device),
         ),
+        Command::Bench {
+            what:
+                BenchWhat::Finetune {
+                    threads,
+                    runs,
+                    size,
+                    peer_python,
+                },
+        } => bench_finetune::run(threads, runs, size, peer_python.as_deref()),
         Command::Bench {
             what:
                 BenchWhat::Hypernet {
