@@ -225,3 +225,51 @@ fn finetune_cli_makes_adapters_that_load() {
     ]);
     assert!(!r.status.success(), "--model, --face and -o are required");
 }
+
+/// The convergence study behind the defaults of LiDB optimization from zero (docs/training.md):
+/// the held-out loss on the tiny pipeline over learning rates and step counts. Minutes in a
+/// debug build; run it with
+/// `cargo test --release --test train -- --ignored --nocapture convergence_study`.
+#[test]
+#[ignore = "a study, not a check: prints a table"]
+fn convergence_study() {
+    use hdb::train::finetune::{Face, FinetuneParams, Start};
+    let e = tiny_engine();
+    let rgb = face(96, 80);
+    let f = Face {
+        rgb: &rgb,
+        width: 96,
+        height: 80,
+        stride: 96 * 3,
+    };
+    let start = Start::LidbFromZero {
+        rank: 1,
+        a: 100,
+        b: 50,
+        basis_seed: 0x4844_4221,
+        alpha: 1.0,
+    };
+    let base = FinetuneParams {
+        resolution: 64,
+        seed: 5,
+        ..FinetuneParams::default()
+    };
+    let l0 = e
+        .evaluate_loss(f, &e.initial_tensors(start.clone(), &base).expect("init"), &base, 32, 999)
+        .expect("loss");
+    println!("held-out loss (32 fixed draws) before training: {l0:.4}");
+    println!("| lr | 50 steps | 100 steps | 200 steps | 400 steps |");
+    println!("| --- | --- | --- | --- | --- |");
+    for lr in [1e-3f32, 3e-3, 1e-2, 3e-2, 1e-1] {
+        let mut row = format!("| {lr:e} |");
+        for steps in [50, 100, 200, 400] {
+            let mut p = base.clone();
+            p.steps = steps;
+            p.optimizer.lr = lr;
+            let run = e.finetune(f, start.clone(), &p, None).expect("finetune");
+            let l = e.evaluate_loss(f, &run.trainable, &p, 32, 999).expect("loss");
+            row += &format!(" {l:.4} ({:+.1}%) |", 100.0 * (l - l0) / l0);
+        }
+        println!("{row}");
+    }
+}
