@@ -74,8 +74,8 @@ fn activation_case<T: Elem>(act: Activation) {
     let mut job = Job::new();
     let xa = job.input(&T::bytes(&x));
     let l = match act {
-        Activation::Gelu => ops::gelu_launch::<T>(xa, n),
-        Activation::QuickGelu => ops::quick_gelu_launch::<T>(xa, n),
+        Activation::Gelu => ops::gelu_launch::<T>(xa, n).expect("launch plan"),
+        Activation::QuickGelu => ops::quick_gelu_launch::<T>(xa, n).expect("launch plan"),
         Activation::Silu => unreachable!("not a case"),
     };
     job.launch(&l);
@@ -157,7 +157,7 @@ fn silu_case<T: Elem>(n: usize) {
     hdb::backend::cpu::silu_inplace(&mut want);
     let mut job = Job::new();
     let xa = job.input(&T::bytes(&x));
-    job.launch(&ops::silu_launch::<T>(xa, x.len()));
+    job.launch(&ops::silu_launch::<T>(xa, x.len()).expect("launch plan"));
     let got = T::values(&job.run(&what, &[xa])[0]);
     check(&what, &got, &want, rounding_tol::<T>(2e-6, 100.0));
 }
@@ -279,7 +279,7 @@ fn add_case<T: Elem>(n: usize) {
     let mut job = Job::new();
     let ya = job.input(&T::bytes(&y));
     let xa = job.input(&T::bytes(&x));
-    job.launch(&ops::add_launch::<T>(ya, ya, xa, n));
+    job.launch(&ops::add_launch::<T>(ya, ya, xa, n).expect("launch plan"));
     let got = T::values(&job.run(&what, &[ya])[0]);
     // One f32 addition on both sides (exact in f32), then one rounding.
     check(&what, &got, &want, rounding_tol::<T>(0.0, 8.0));

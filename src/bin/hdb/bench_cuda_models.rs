@@ -12,7 +12,7 @@ use std::sync::Arc;
 use half::f16;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
-use hdb::backend::cuda::ops::{self, AttnKernel};
+use hdb::backend::cuda::ops::AttnKernel;
 use hdb::backend::cuda::{Cuda, CudaDevice, CudaLayerAdapters};
 use hdb::model::random::{RandomWeights, SplitMix64};
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
@@ -100,9 +100,9 @@ pub fn rows(
     };
     let step_ms = gpu_ms(dev, 2, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
     // The same step with flash2 attention everywhere (the default takes flash3 at d 40).
-    let prev = ops::set_auto_policy(AttnKernel::Flash2);
+    let prev = be.set_attention_kernel(AttnKernel::Flash2);
     let flash2_ms = gpu_ms(dev, 2, runs, || unet.forward_hooked(&x, None).map(|_| ()));
-    ops::set_auto_policy(prev);
+    be.set_attention_kernel(prev);
     let flash2_ms = flash2_ms?;
     let finite = unet.forward_hooked(&x, None)?.iter().all(|v| v.is_finite());
     let flops = cfg.flops(2, lat, lat, tokens);

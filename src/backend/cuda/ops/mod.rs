@@ -1,29 +1,46 @@
-//! The CUDA ops: typed launches of the kernels in `kernels/*.cu` (each op's launch contract is
-//! in its file's top comment), cuBLAS GEMMs, and conv2d as im2col + GEMM or (f16/bf16,
-//! [`conv2d_implicit`]) as an implicit GEMM on the tensor cores.
+//! The CUDA ops, one file per kernel family of `kernels/` (`attention.rs` runs
+//! `kernels/attention.cu`, `norm.rs` `norm.cu`, ...; each op's launch contract is in its
+//! kernel file's top comment), plus the cuBLAS GEMMs (`gemm.rs`) and the launch builder
+//! (`launch.rs`). conv2d runs as im2col + cuBLAS (`conv.rs`) or, in f16/bf16, as an implicit
+//! GEMM on the tensor cores (`conv_igemm.rs`).
 //!
 //! Tensors are `CudaSlice<T>` with explicit shapes, like the CPU backend's `&[f32]`; an op
 //! checks that every buffer is large enough before it launches, so a shape error is an
 //! [`Error::Internal`] naming the op and argument, never an out-of-bounds device access.
 //! Kernels receive raw device addresses (a buffer may be both input and output where the
-//! contract allows it).
+//! contract allows it). Each kernel launch is data ([`KernelLaunch`]) built by a pure
+//! `*_launch` function through the launch builder, which converts every size with a check
+//! naming the kernel and the argument. The cuBLAS ops make the device's context current on
+//! the calling thread themselves (cuBLAS does not, unlike cudarc's own calls).
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::device::{driver_err, guard, CudaDevice, DeviceElem};
 use crate::error::{Error, Result};
 
 mod attention;
+mod conv;
+mod conv_igemm;
 mod elementwise;
 mod gemm;
+mod launch;
 mod lidb;
+mod lora;
+mod norm;
 
 pub use attention::*;
+pub use conv::*;
+pub use conv_igemm::*;
 pub use elementwise::*;
 pub use gemm::*;
+pub use launch::{KernelLaunch, Param};
 pub use lidb::*;
+pub use lora::*;
+pub use norm::*;
+
+use launch::Launch;
 
 /// A position in a device buffer: `buf` from element `off` on.
 #[derive(Clone, Copy)]
@@ -59,103 +76,14 @@ fn addr<T>(dev: &CudaDevice, buf: &CudaSlice<T>, off: usize) -> u64 {
     dev.ptr(buf) + (off * std::mem::size_of::<T>()) as u64
 }
 
+/// `v` as a cuBLAS `int`, or an error naming the op and the argument.
 fn to_i32(v: usize, op: &str, arg: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i32")))
 }
 
+/// `v` as a cuBLAS `long long` stride, or an error naming the op and the argument.
 fn to_i64(v: usize, op: &str, arg: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Internal(format!("{op}: '{arg}' = {v} exceeds i64")))
-}
-
-/// The elementwise contract: 256 threads, grid = min(ceil(n / 256), 65536), grid-stride.
-fn elementwise_cfg(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 65536) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// One kernel argument: a device address, an integer or a float, passed by value.
-#[derive(Clone, Copy, Debug)]
-pub enum Param {
-    U64(u64),
-    I64(i64),
-    I32(i32),
-    F32(f32),
-}
-
-impl From<u64> for Param {
-    fn from(v: u64) -> Self {
-        Param::U64(v)
-    }
-}
-impl From<i64> for Param {
-    fn from(v: i64) -> Self {
-        Param::I64(v)
-    }
-}
-impl From<i32> for Param {
-    fn from(v: i32) -> Self {
-        Param::I32(v)
-    }
-}
-impl From<f32> for Param {
-    fn from(v: f32) -> Self {
-        Param::F32(v)
-    }
-}
-
-/// Launches `kernel` of `file` with `params`, in the kernel's order and types.
-fn launch(
-    dev: &CudaDevice,
-    file: &'static str,
-    kernel: &str,
-    cfg: LaunchConfig,
-    params: &[Param],
-) -> Result<()> {
-    let f = dev.function_dyn_smem(file, kernel, cfg.shared_mem_bytes)?;
-    guard(kernel, || {
-        let mut b = dev.stream().launch_builder(&f);
-        for p in params {
-            match p {
-                Param::U64(v) => b.arg(v),
-                Param::I64(v) => b.arg(v),
-                Param::I32(v) => b.arg(v),
-                Param::F32(v) => b.arg(v),
-            };
-        }
-        // SAFETY: each op wrapper checks every buffer's extent against the kernel's contract
-        // before calling launch, and passes the arguments in the kernel's order and types.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(driver_err(&format!("launching {kernel}")))
-    })
-}
-
-/// One kernel launch as data: what the ops hand the driver, with device addresses as plain `u64`
-/// parameters. Ops compute theirs with a pure `*_launch` function (no device) and run it, so
-/// tests/kernel_emulation/ can run the very same launch on the host emulator.
-#[derive(Clone, Debug)]
-pub struct KernelLaunch {
-    /// The kernel file (`"attention.cu"`).
-    pub file: &'static str,
-    /// The kernel (`"attention_scalar_causal_f16"`).
-    pub kernel: String,
-    pub cfg: LaunchConfig,
-    /// The arguments, in the kernel's order and types.
-    pub params: Vec<Param>,
-}
-
-impl KernelLaunch {
-    fn run(&self, dev: &CudaDevice) -> Result<()> {
-        launch(dev, self.file, &self.kernel, self.cfg, &self.params)
-    }
-}
-
-fn name<T: DeviceElem>(op: &str) -> String {
-    format!("{op}_{}", T::SUFFIX)
 }
 
 /// Copies `n` elements from `src[src_off..]` to `dst[dst_off..]` on the stream.
