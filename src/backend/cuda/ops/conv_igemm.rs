@@ -216,3 +216,77 @@ pub fn conv2d_implicit_launches<T: DeviceElem>(
     }
     Ok(launches)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(c_in: usize, c_out: usize, hw: usize, kernel: usize, stride: usize) -> Conv2d {
+        Conv2d {
+            batch: 2,
+            c_in,
+            h: hw,
+            w: hw,
+            c_out,
+            kernel,
+            stride,
+            padding: kernel / 2,
+        }
+    }
+
+    /// The generic backend's conv path at the shapes `hdb bench cuda` measured: the implicit
+    /// GEMM up to 512 output channels (3x3), im2col + cuBLAS at 640 and 1280 and for 1x1.
+    #[test]
+    fn implicit_conv_where_it_measured_faster() {
+        for (c_in, c_out, hw, k, s) in [
+            (4, 320, 64, 3, 1),
+            (320, 320, 64, 3, 1),
+            (320, 320, 64, 3, 2),
+            (320, 4, 64, 3, 1),
+            (512, 512, 128, 3, 1),
+            (256, 256, 512, 3, 1),
+            (128, 3, 512, 3, 1),
+        ] {
+            assert!(
+                conv2d_prefers_implicit(&conv(c_in, c_out, hw, k, s)),
+                "{c_in}->{c_out} {hw}"
+            );
+        }
+        for (c_in, c_out, hw, k, s) in [
+            (640, 640, 32, 3, 1),
+            (1280, 1280, 16, 3, 1),
+            (1280, 1280, 8, 3, 1),
+            (640, 1280, 16, 1, 1),
+            (320, 320, 64, 1, 1),
+        ] {
+            assert!(
+                !conv2d_prefers_implicit(&conv(c_in, c_out, hw, k, s)),
+                "{c_in}->{c_out} {hw}"
+            );
+        }
+    }
+
+    /// The split-K heuristic at SD 1.5's UNet shapes (64x64 latents, batch 2) on an H100's
+    /// 132 SMs: no split where the grid fills the GPU, a few slices at 16x16 and 8x8.
+    #[test]
+    fn implicit_conv_splits_only_small_grids() {
+        let sms = 132;
+        assert_eq!(conv2d_implicit_splits(&conv(4, 320, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 320, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(640, 640, 32, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 4, 64, 3, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(640, 1280, 16, 1, 1), sms), 1);
+        assert_eq!(conv2d_implicit_splits(&conv(1280, 1280, 16, 3, 1), sms), 3);
+        assert_eq!(conv2d_implicit_splits(&conv(320, 320, 64, 3, 2), sms), 4);
+        let s = conv2d_implicit_splits(&conv(1280, 1280, 8, 3, 1), sms);
+        assert!((4..=5).contains(&s), "{s}");
+        // Never more than 16 slices, each of at least 8 k-tiles; nothing to split is 1.
+        for (c_in, hw) in [(64, 4), (2048, 4), (9, 2)] {
+            let p = conv(c_in, 8, hw, 3, 1);
+            let s = conv2d_implicit_splits(&p, sms);
+            let tiles = (c_in * 9).div_ceil(32);
+            assert!(s == 1 || (s <= 16 && tiles / s >= 8), "{c_in} {hw}: {s}");
+        }
+        assert_eq!(conv2d_implicit_splits(&conv(0, 8, 4, 3, 1), sms), 1);
+    }
+}
