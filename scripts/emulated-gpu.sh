@@ -3,12 +3,13 @@
 # installed as libcuda.so and libcublas.so, runs the CUDA driver API, cuBLAS's GEMMs and every
 # kernel (on the host, under tests/emu/cuda_emu.h). The CUDA backend is unchanged: cudarc loads
 # the library by its usual names, NVRTC (from pip) compiles the kernels to PTX, and the
-# emulation runs the kernels the PTX names. What this checks that tests/kernel_emulation/ does
+# emulation runs the kernels the PTX names. What this checks that the kernel emulation (the emu::
+# tests of tests/backend_ops/) does
 # not: the Rust glue (launch arguments, cuBLAS calls and their layouts, buffer sizes and
 # offsets, device memory use), the models on `Cuda<T>`, the adapter paths, and the C API and
 # pipeline on a CUDA runtime. What it cannot see: timing, and the GPU's own rounding.
 #
-#   scripts/emulated-gpu.sh                   # every GPU test (cuda_parity, cuda_backend, ...)
+#   scripts/emulated-gpu.sh                   # every GPU test (backend_ops gpu::, cuda_unet, ...)
 #   scripts/emulated-gpu.sh --test cuda_unet faults -- --nocapture   # other cargo test arguments
 #
 # Tests run one at a time (--test-threads=1): the emulation runs one kernel at a time anyway,
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 
-cargo test -q --features cuda --test kernel_emulation -- --ignored --exact emulated_gpu_library \
+cargo test -q --features cuda --test backend_ops -- --ignored --exact emulated_gpu_library \
   >/dev/null
 lib="$target/tmp/emulated-gpu"
 [ -e "$lib/libcuda.so" ] || { echo "emulated-gpu: $lib/libcuda.so was not built"; exit 1; }
@@ -40,10 +41,10 @@ if [ $# -gt 0 ]; then
   rc=${PIPESTATUS[0]}
 else
   # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
-  tests="cuda_unet cuda_models cuda_parity cuda_backend"
+  tests="cuda_unet cuda_models backend_ops"
   cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
     python3 scripts/test-binaries.py >"$log_dir/binaries"
-  [ "$(wc -l <"$log_dir/binaries")" -eq 4 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
+  [ "$(wc -l <"$log_dir/binaries")" -eq 3 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
   # cuda_unet is the longest (about 9 minutes alone on one core): its adapter tests (about 5)
   # run as a second process beside the rest of it, both first, so two cores share it.
   awk '$1 == "cuda_unet" {print; print "cuda_unet-adapters", $2}' "$log_dir/binaries" >"$log_dir/first"
@@ -70,6 +71,10 @@ else
         echo $? >"$log_dir/$name.rc"
       elif [ "$name" = cuda_unet-adapters ]; then
         "$exe" adapters:: --include-ignored --test-threads=1 --nocapture 2>&1
+        echo $? >"$log_dir/$name.rc"
+      elif [ "$name" = backend_ops ]; then
+        # Its gpu:: tests; the rest (the kernel emulation, emu::) ran in plain cargo test.
+        "$exe" gpu:: --include-ignored --test-threads=1 --nocapture 2>&1
         echo $? >"$log_dir/$name.rc"
       else
         "$exe" --include-ignored --test-threads=1 --nocapture 2>&1

@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 bin=.gpu
 # The GPU test binaries, in the order a failure is cheapest to read: ops, then models.
-gpu_tests="cuda_parity cuda_backend cuda_unet cuda_models"
+gpu_tests="backend_ops cuda_unet cuda_models"
 out="${OUT:-$bin/out}"
 
 phases="${*:-parity memcheck bench}"
@@ -68,7 +68,7 @@ for name in nvrtc cublas; do
   echo "lib$name: $found"
 done
 
-if command -v cargo >/dev/null && [ ! -x "$bin/cuda_parity" ]; then
+if command -v cargo >/dev/null && [ ! -x "$bin/backend_ops" ]; then
   echo "== building with cargo"
   "$0" --prepare || exit 1
 fi
@@ -124,10 +124,10 @@ if want memcheck; then
   # fault test, whose 16 TiB allocation the sanitizer would report).
   export PATH="$PATH:/usr/local/cuda/bin"
   if command -v compute-sanitizer >/dev/null; then
-    echo "== compute-sanitizer --tool memcheck (cuda_parity), beside the parity tests"
+    echo "== compute-sanitizer --tool memcheck (backend_ops gpu::), beside the parity tests"
     ( t0=$SECONDS
-      timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/cuda_parity" \
-        --include-ignored --test-threads=1 --skip faults >"$out/memcheck.log" 2>&1
+      timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/backend_ops" \
+        gpu:: --include-ignored --test-threads=1 --skip gpu::faults >"$out/memcheck.log" 2>&1
       echo $? >"$pdir/memcheck.rc"
       echo "memcheck done in $((SECONDS - t0)) s (exit $(cat "$pdir/memcheck.rc"))" ) &
     memcheck_pid=$!
@@ -137,11 +137,12 @@ if want memcheck; then
 fi
 
 if want parity; then
-  echo "== parity (tests/{cuda_parity,cuda_backend,cuda_unet,cuda_models}.rs), $jobs_max at a time"
+  echo "== parity (tests/{backend_ops,cuda_unet,cuda_models}), $jobs_max at a time"
   cases="$pdir/cases"
+  # backend_ops's kernel emulation (emu::, selftest::) needs g++ and no GPU: CI runs it.
   for t in $gpu_tests; do
     "$bin/$t" --list 2>/dev/null | sed -n "s/: test\$//p" | sed "s/^/$t /"
-  done >"$cases"
+  done | grep -vE "^backend_ops (emu::|selftest::|every_kernel_has_a_case|emulated_gpu_library)" >"$cases"
   n=0
   while read -r t name; do
     n=$((n + 1))
@@ -203,7 +204,7 @@ echo "== summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 echo "phases: $phases"
 if want parity; then
-  grep -cE "^cuda-(parity|backend)" "$out/parity.log" | xargs echo "parity cases:"
+  grep -cE "^cuda-(parity|op|backend)" "$out/parity.log" | xargs echo "parity cases:"
   grep -E "gpu-check: .* failed|panicked" "$out/parity.log" || echo "parity: every test passed"
 fi
 if want bench; then

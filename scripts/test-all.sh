@@ -19,8 +19,9 @@ cargo test --features cuda --lib
 nvrtc_env="$(scripts/nvrtc-env.sh)"
 ( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )
 # The kernels also run, without a GPU: tests/emu/cuda_emu.h emulates CUDA on the host (needs
-# g++), and each kernel's output must match the CPU backend's.
-cargo test --features cuda --test kernel_emulation
+# g++), and each kernel's output must match the CPU backend's (the emu:: rows of the one op
+# table, tests/backend_ops/, whose gpu:: rows run on the emulated GPU below).
+cargo test --features cuda --test backend_ops
 # The GPU tests are #[ignore]d (counted as skipped) without a GPU; scripts/gpu-check.sh runs
 # them on a GPU machine, and here they run on an emulated GPU (tests/emu/gpu.cpp: the CUDA
 # driver API and cuBLAS on the host, the kernels under cuda_emu.h), every one of them.

@@ -255,7 +255,13 @@ fn convergence_study() {
         ..FinetuneParams::default()
     };
     let l0 = e
-        .evaluate_loss(f, &e.initial_tensors(start.clone(), &base).expect("init"), &base, 32, 999)
+        .evaluate_loss(
+            f,
+            &e.initial_tensors(start.clone(), &base).expect("init"),
+            &base,
+            32,
+            999,
+        )
         .expect("loss");
     println!("held-out loss (32 fixed draws) before training: {l0:.4}");
     println!("| lr | 50 steps | 100 steps | 200 steps | 400 steps |");
@@ -267,7 +273,9 @@ fn convergence_study() {
             p.steps = steps;
             p.optimizer.lr = lr;
             let run = e.finetune(f, start.clone(), &p, None).expect("finetune");
-            let l = e.evaluate_loss(f, &run.trainable, &p, 32, 999).expect("loss");
+            let l = e
+                .evaluate_loss(f, &run.trainable, &p, 32, 999)
+                .expect("loss");
             row += &format!(" {l:.4} ({:+.1}%) |", 100.0 * (l - l0) / l0);
         }
         println!("{row}");

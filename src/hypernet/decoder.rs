@@ -8,7 +8,6 @@
 //! layer's cross-attention keys and values are computed once per prediction (`MemoryKv`).
 
 use super::vit::{linear_shapes, norm_shapes, split_rows, Part};
-use crate::backend::profile::scope;
 use crate::backend::{Activation, AttnDims, Backend};
 use crate::error::{Error, Result};
 use crate::model::layers::{add, LayerNorm, Linear, WeightSource};
@@ -48,7 +47,6 @@ impl<B: Backend> Mha<B> {
     fn attend(&self, be: &B, q: &B::Buf, kv: &(B::Buf, B::Buf), lq: usize) -> Result<B::Buf> {
         let d = self.q.dout;
         let a = {
-            let _p = scope("attention");
             let dims = AttnDims {
                 batch: 1,
                 lq,
@@ -190,10 +188,7 @@ impl<B: Backend> Decoder<B> {
             add(be, &mut x, &l.cross_attn.cross_attention(be, &h, rows, kv)?)?;
             let h = l.norm3.forward(be, &x)?;
             let mut f = l.linear1.forward(be, &h, rows)?;
-            {
-                let _p = scope("activation");
-                be.activate(&mut f, Activation::Gelu)?;
-            }
+            be.activate(&mut f, Activation::Gelu)?;
             add(be, &mut x, &l.linear2.forward(be, &f, rows)?)?;
         }
         self.norm.forward(be, &x)

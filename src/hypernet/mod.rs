@@ -29,7 +29,6 @@ pub use vit::EncoderConfig;
 use crate::adapter::lidb::{Lidb, LidbMeta};
 use crate::adapter::LayerShape;
 use crate::backend::cpu as ops;
-use crate::backend::profile::scope;
 use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::io::safetensors::SafetensorsFile;
@@ -577,7 +576,6 @@ impl<B: Backend> Hypernet<B> {
 
     /// theta[l] += heads.weight[l] · h[l] + heads.bias[l] for every layer token l.
     fn add_heads(&self, theta: &mut [f32], h: &[f32]) {
-        let _p = scope("linear");
         let (d, t) = (self.config.d_model, self.config.token_dim());
         theta
             .par_chunks_mut(t)

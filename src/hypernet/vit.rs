@@ -3,7 +3,6 @@
 //! GELU, final `norm`). The output is timm's `forward_features`: every token, class token
 //! included, after the final norm. Weights use timm's state-dict names under `encoder.`.
 
-use crate::backend::profile::scope;
 use crate::backend::{Activation, AttnDims, Backend};
 use crate::error::Result;
 use crate::io::F32Weight;
@@ -222,10 +221,7 @@ impl<B: Backend> Vit<B> {
             .forward(be, &be.upload(&unfold(image, cfg))?, g2)?;
         let mut x = match &self.cls_token {
             // Tokens are rows: [1 + g2, w] is the channel concat of [1, 1, w] and [1, g2, w].
-            Some(cls) => {
-                let _p = scope("copies");
-                be.concat_channels(cls, &patches, (1, 1, g2, w))?
-            }
+            Some(cls) => be.concat_channels(cls, &patches, (1, 1, g2, w))?,
             None => patches,
         };
         add(be, &mut x, &self.pos_embed)?;
@@ -248,17 +244,11 @@ impl<B: Backend> Vit<B> {
                 b.v.forward(be, &h, n)?,
             );
             drop(h);
-            let a = {
-                let _p = scope("attention");
-                be.attention(&q, &k, &v, dims)?
-            };
+            let a = be.attention(&q, &k, &v, dims)?;
             add(be, &mut x, &b.proj.forward(be, &a, n)?)?;
             let h = b.norm2.forward(be, &x)?;
             let mut f = b.fc1.forward(be, &h, n)?;
-            {
-                let _p = scope("activation");
-                be.activate(&mut f, Activation::Gelu)?;
-            }
+            be.activate(&mut f, Activation::Gelu)?;
             add(be, &mut x, &b.fc2.forward(be, &f, n)?)?;
         }
         self.norm.forward(be, &x)
@@ -268,7 +258,6 @@ impl<B: Backend> Vit<B> {
 /// [3, S, S] -> [grid * grid, 3 p p]: row (gy, gx) holds patch (gy, gx) in the conv weight's
 /// (channel, ky, kx) order, so the patch conv is one linear.
 fn unfold(image: &[f32], cfg: &EncoderConfig) -> Vec<f32> {
-    let _p = scope("copies");
     let (s, p, g) = (cfg.img_size, cfg.patch_size, cfg.grid());
     let mut out = Vec::with_capacity(g * g * 3 * p * p);
     for gy in 0..g {

@@ -2,7 +2,6 @@
 //! norm layers and NCHW activations, generic over the [`Backend`] they run on (the CPU
 //! backend by default).
 
-use crate::backend::profile::scope;
 use crate::backend::Conv2d;
 use crate::backend::{AdapterHook, Backend, Cpu, NormDims};
 use crate::error::Result;
@@ -74,7 +73,6 @@ impl<B: Backend> Linear<B> {
         let (Some(ad), Some(key)) = (ad, &self.key) else {
             return self.forward(be, x, rows);
         };
-        let _p = scope("linear");
         let w = ad.weight(key).unwrap_or(&self.w);
         let mut y = be.linear(x, w, self.b.as_ref(), (rows, self.din, self.dout))?;
         ad.add(be, key, &mut y, x, batch, self.din, self.dout)?;
@@ -83,7 +81,6 @@ impl<B: Backend> Linear<B> {
 
     /// x [rows, din] -> [rows, dout]
     pub(crate) fn forward(&self, be: &B, x: &B::Buf, rows: usize) -> Result<B::Buf> {
-        let _p = scope("linear");
         be.linear(x, &self.w, self.b.as_ref(), (rows, self.din, self.dout))
     }
 }
@@ -134,11 +131,6 @@ impl<B: Backend> Conv<B> {
             padding,
         };
         let (h, w) = p.out_hw();
-        let _p = scope(match (self.k, self.stride) {
-            (1, _) => "conv 1x1",
-            (_, 1) => "conv 3x3",
-            _ => "conv 3x3 stride 2",
-        });
         Ok(Act {
             data: be.conv2d(&x.data, &self.w, Some(&self.b), &p)?,
             b: x.b,
@@ -174,7 +166,6 @@ impl<B: Backend> GroupNorm<B> {
     }
 
     pub(crate) fn forward(&self, be: &B, x: &Act<B>, silu: bool) -> Result<Act<B>> {
-        let _p = scope("group norm");
         let d = NormDims {
             batch: x.b,
             channels: x.c,
@@ -219,7 +210,6 @@ impl<B: Backend> LayerNorm<B> {
 
     /// x [rows, dim]
     pub(crate) fn forward(&self, be: &B, x: &B::Buf) -> Result<B::Buf> {
-        let _p = scope("layer norm");
         let rows = be.len(x) / self.dim.max(1);
         be.layer_norm(x, &self.gamma, &self.beta, (rows, self.dim), self.eps)
     }
@@ -236,7 +226,6 @@ pub struct Act<B: Backend = Cpu> {
 
 impl<B: Backend> Act<B> {
     pub(crate) fn clone_act(&self, be: &B) -> Result<Act<B>> {
-        let _p = scope("copies");
         Ok(Act {
             data: be.copy(&self.data)?,
             ..*self
@@ -251,7 +240,6 @@ impl<B: Backend> Act<B> {
 
 /// y += x
 pub(crate) fn add<B: Backend>(be: &B, y: &mut B::Buf, x: &B::Buf) -> Result<()> {
-    let _p = scope("add");
     be.add_inplace(y, x)
 }
 
@@ -264,7 +252,6 @@ pub(crate) fn transpose<B: Backend>(
     hw: usize,
     to_tokens: bool,
 ) -> Result<B::Buf> {
-    let _p = scope("copies");
     be.transpose(x, (b, c, hw), to_tokens)
 }
 
@@ -321,7 +308,6 @@ impl<B: Backend> Resnet<B> {
         h = self.conv1.forward(be, &h)?;
         if let (Some(proj), Some(e)) = (&self.time_emb_proj, emb_silu) {
             let t = proj.forward(be, e, x.b)?;
-            let _p = scope("add");
             be.add_channel_bias(&mut h.data, &t, (h.b, h.c, h.h * h.w))?;
         }
         h = self.norm2.forward(be, &h, true)?;

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::backend::profile::scope;
 use crate::backend::{Activation as Op, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::io::keymap::Component;
@@ -274,7 +273,6 @@ impl<B: Backend> TextEncoder<B> {
             let k = l.k.forward_adapted(be, &n, rows, batch, ad)?;
             let v = l.v.forward_adapted(be, &n, rows, batch, ad)?;
             let a = {
-                let _p = scope("attention (causal)");
                 let dims = AttnDims {
                     batch,
                     lq: len,
@@ -289,10 +287,7 @@ impl<B: Backend> TextEncoder<B> {
             add(be, &mut h, &o)?;
             let n = l.ln2.forward(be, &h)?;
             let mut f = l.fc1.forward(be, &n, rows)?;
-            {
-                let _p = scope("activation");
-                be.activate(&mut f, act)?;
-            }
+            be.activate(&mut f, act)?;
             let f = l.fc2.forward(be, &f, rows)?;
             add(be, &mut h, &f)?;
         }

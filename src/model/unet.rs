@@ -3,7 +3,6 @@
 //! is f32. On the CUDA backend (`Unet<Cuda<T>>`, f32/f16/bf16) the same code runs on the GPU's
 //! kernels and cuBLAS: the UNet of every session and pipeline on a CUDA runtime.
 
-use crate::backend::profile::scope;
 use crate::backend::{Activation, AdapterHook, AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::io::keymap::Component;
@@ -62,11 +61,6 @@ impl<B: Backend> Attention<B> {
         let v = self.to_v.forward_adapted(be, kv, b * lk, b, ad)?;
         let c = self.to_q.dout;
         let o = {
-            let _p = scope(if ctx.is_none() {
-                "attention (self)"
-            } else {
-                "attention (cross)"
-            });
             let d = AttnDims {
                 batch: b,
                 lq,
@@ -132,10 +126,7 @@ impl<B: Backend> TransformerBlock<B> {
         add(be, x, &a)?;
         let n = self.norm3.forward(be, x)?;
         let f = self.ff_proj.forward(be, &n, b * t)?;
-        let g = {
-            let _p = scope("geglu");
-            be.geglu(&f, (b * t, 4 * c))?
-        };
+        let g = be.geglu(&f, (b * t, 4 * c))?;
         let f = self.ff_out.forward(be, &g, b * t)?;
         add(be, x, &f)
     }
@@ -572,10 +563,7 @@ impl<B: Backend> Unet<B> {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Internal("UNet skip stack ran dry".into()))?;
-                let cat = {
-                    let _p = scope("copies");
-                    be.concat_channels(&x.data, &skip.data, (b, x.c, skip.c, x.h * x.w))?
-                };
+                let cat = be.concat_channels(&x.data, &skip.data, (b, x.c, skip.c, x.h * x.w))?;
                 x = r.forward(
                     be,
                     &Act {
@@ -590,10 +578,7 @@ impl<B: Backend> Unet<B> {
                 }
             }
             if let Some(us) = &blk.resample {
-                let up = {
-                    let _p = scope("copies");
-                    be.upsample_nearest2x(&x.data, (b * x.c, x.h, x.w))?
-                };
+                let up = be.upsample_nearest2x(&x.data, (b * x.c, x.h, x.w))?;
                 x = us.forward(
                     be,
                     &Act {

@@ -1,6 +1,6 @@
-//! The harness the CUDA tests share (tests/cuda_parity/, tests/cuda_backend.rs,
-//! tests/cuda_adapters.rs): one device per test binary, printed and replayable seeds, the
-//! comparison, and the every-dtype runner.
+//! The harness the CUDA tests share (tests/backend_ops/, tests/cuda_unet/, tests/cuda_models.rs): one
+//! device per test binary, printed and replayable seeds, the comparison, and the every-dtype
+//! runner.
 #![allow(dead_code)] // each test crate uses its own part
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};

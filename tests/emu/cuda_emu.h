@@ -1,5 +1,5 @@
 // cuda_emu.h: just enough of CUDA's execution model, in host C++20, to compile and run hdb's
-// kernels (kernels/*.cu) on a machine without a GPU. tests/kernel_emulation/ builds
+// kernels (kernels/*.cu) on a machine without a GPU. tests/backend_ops/ (its emu:: tests) builds
 // tests/emu/driver.cpp (which includes this header, then the kernel files) and compares each
 // kernel's output with the CPU backend.
 //

@@ -1,5 +1,5 @@
 // driver.cpp: runs hdb's CUDA kernels on the host under cuda_emu.h, for
-// tests/kernel_emulation/. Built with
+// tests/backend_ops/ (its emu:: tests). Built with
 //
 //   c++ -O2 -std=c++20 -fno-extern-tls-init -DHDB_EMULATE -I kernels -I tests/emu -I <dir of hdb_emu_kernels.inc>
 //       tests/emu/driver.cpp -o driver

@@ -1,6 +1,7 @@
-//! The host-emulation test's harness (tests/kernel_emulation/): builds tests/emu/driver.cpp
+//! The kernel emulation's driver (tests/backend_ops/, `emu::` tests): builds tests/emu/driver.cpp
 //! with the kernel sources, writes a job (buffers, launches from `backend::cuda::ops`' pure
-//! launch plans, saves) to it, runs it under two thread schedules, and compares results.
+//! launch plans, saves) to it, and runs it under two thread schedules that must agree. Also
+//! builds the emulated GPU library (tests/emu/gpu.cpp) for scripts/emulated-gpu.sh.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -169,10 +170,6 @@ fn build(main: &str, extra: &[&str], dir: &Path, stem: &str) -> PathBuf {
 pub trait Elem: DeviceElem {
     fn bytes(v: &[f32]) -> Vec<u8>;
     fn values(b: &[u8]) -> Vec<f32>;
-    /// `x` rounded to this type and back (what the kernel reads).
-    fn round(x: &[f32]) -> Vec<f32> {
-        Self::values(&Self::bytes(x))
-    }
 }
 impl Elem for f32 {
     fn bytes(v: &[f32]) -> Vec<u8> {
@@ -340,71 +337,4 @@ impl Job {
             .map(|p| std::fs::read(p).expect("reading an output"))
             .collect())
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Inputs and comparison
-// ---------------------------------------------------------------------------------------------
-
-/// Deterministic uniform values in [lo, hi) (xorshift64*).
-pub fn rand_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            lo + (hi - lo) * ((r >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-/// A case's tolerance: the relative L2 error ||got - want|| / ||want|| and the largest
-/// |got - want| allowed.
-#[derive(Clone, Copy, Debug)]
-pub struct Tol {
-    pub rel_l2: f64,
-    pub max_abs: f64,
-}
-
-/// Tolerances by storage type: f32 is exact up to summation order; f16 and bf16 allow their
-/// rounding of the output (and, for the tensor-core kernels, of their operands).
-pub fn tol_for<T: DeviceElem>(f32_tol: Tol, f16_tol: Tol, bf16_tol: Tol) -> Tol {
-    match T::SUFFIX {
-        "f32" => f32_tol,
-        "f16" => f16_tol,
-        _ => bf16_tol,
-    }
-}
-
-/// Fails unless `got` is within `tol` of `want`; names the worst element.
-pub fn check(what: &str, got: &[f32], want: &[f32], tol: Tol) {
-    assert_eq!(got.len(), want.len(), "{what}: output length");
-    let (mut num, mut den) = (0f64, 0f64);
-    let mut worst = (-1f64, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let e = (g as f64 - w as f64).abs();
-        let e = if e.is_nan() { f64::INFINITY } else { e };
-        num += e * e;
-        den += (w as f64) * (w as f64);
-        if e > worst.0 {
-            worst = (e, i);
-        }
-    }
-    let rel = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    };
-    let (e, i) = worst;
-    assert!(
-        rel <= tol.rel_l2 && e <= tol.max_abs,
-        "{what}: relative L2 error {rel:.3e} (allowed {:.1e}), worst |err| {e:.3e} (allowed \
-         {:.1e}) at index {i}: got {}, want {}",
-        tol.rel_l2,
-        tol.max_abs,
-        got[i],
-        want[i]
-    );
 }

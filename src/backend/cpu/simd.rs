@@ -25,7 +25,27 @@ pub(crate) enum Level {
 }
 
 #[cfg(test)]
-static FORCE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+std::thread_local! {
+    /// A variant forced on this thread ([`with_level`]); None: the widest the CPU runs. Per
+    /// thread, not process-wide, so forcing one (a test comparing the variants) cannot change
+    /// what ops on other threads run.
+    static FORCED: std::cell::Cell<Option<Level>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the kernels of this thread forced to `level` (which the CPU must run), then
+/// restores the previous choice. Ops that `f` hands to other threads (rayon) do not see it:
+/// run `f` inside a one-thread pool to cover them.
+#[cfg(test)]
+pub(crate) fn with_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Level>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(Some(level))));
+    f()
+}
 
 fn level_from(code: u8) -> Option<Level> {
     match code {
@@ -36,12 +56,13 @@ fn level_from(code: u8) -> Option<Level> {
     }
 }
 
-/// The widest instruction set this CPU runs (detected once).
+/// The variant this thread runs: the widest instruction set this CPU runs (detected once), or
+/// in tests the one forced by `with_level`.
 pub(crate) fn level() -> Level {
     use std::sync::atomic::{AtomicU8, Ordering};
     static LEVEL: AtomicU8 = AtomicU8::new(0);
     #[cfg(test)]
-    if let Some(l) = level_from(FORCE.load(Ordering::Relaxed)) {
+    if let Some(l) = FORCED.with(|c| c.get()) {
         return l;
     }
     if let Some(l) = level_from(LEVEL.load(Ordering::Relaxed)) {
@@ -564,15 +585,15 @@ mod tests {
     }
 
     /// Every kernel variant this CPU can run (baseline without FMA, AVX2, AVX-512) gives the
-    /// same results within 1e-6 x max|value| on the ops built from these kernels. (Other
-    /// tests running meanwhile may take a forced variant too; all variants are correct.)
+    /// same results within 1e-6 x max|value| on the ops built from these kernels. Each variant
+    /// runs in a one-thread pool whose thread has it forced, so the ops' parallel parts see it
+    /// too and tests running meanwhile do not.
     #[test]
     fn kernel_variants_agree() {
         use crate::backend::cpu::testutil::rand_vec;
         use crate::backend::cpu::{
             attention, geglu, gelu_inplace, group_norm, layer_norm, silu_inplace, softmax_rows,
         };
-        use std::sync::atomic::Ordering;
         let run = || {
             let x: Vec<f32> = rand_vec(4099, 60).iter().map(|v| v * 9.0).collect();
             let mut s = x.clone();
@@ -613,9 +634,11 @@ mod tests {
             if l as u8 > native as u8 {
                 continue;
             }
-            FORCE.store(l as u8 + 1, Ordering::Relaxed);
-            let got = run();
-            FORCE.store(0, Ordering::Relaxed);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .expect("a one-thread pool");
+            let got = pool.install(|| with_level(l, run));
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_close(&format!("{l:?} output {i}"), g, w, 1e-6);
             }

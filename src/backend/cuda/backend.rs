@@ -9,18 +9,19 @@
 //! and argument. cudarc cannot allocate zero elements, so an op whose output would be empty is
 //! an `Error::Internal` too (the CPU backend returns an empty vector there).
 //!
-//! Work is queued on the device's one stream; [`Backend::download`] waits for it. Ops that
-//! call cuBLAS first make the device's context current on the calling thread (cuBLAS does
-//! not), so a `Cuda` may be used from any thread, one call at a time per device stream.
+//! Work is queued on the device's one stream; [`Backend::download`] waits for it. The cuBLAS
+//! ops make the device's context current on the calling thread themselves (cuBLAS does not),
+//! so a `Cuda` may be used from any thread, one call at a time per device stream.
 //!
-//! Attention: non-causal with head dim <= 256 takes [`ops::attention`] (`AttnKernel::Auto`:
-//! the tensor-core kernels for f16/bf16 at head dims 40, 64, 80 and 160, else the scalar
-//! kernel); causal (CLIP's text encoder) takes [`ops::attention_causal`] (the scalar kernel
+//! Attention: non-causal with head dim <= 256 takes [`ops::attention`] with the backend's
+//! kernel choice ([`Cuda::set_attention_kernel`]; `AttnKernel::Auto` by default: the
+//! tensor-core kernels for f16/bf16 at head dims 40, 64, 80 and 160, else the scalar kernel); causal (CLIP's text encoder) takes [`ops::attention_causal`] (the scalar kernel
 //! with a mask, head dim <= 256); head dims above 256 (the VAE's single-head mid-block
 //! attention, d = 512) take [`ops::attention_materialized`]: f32 scores in chunks of query
 //! rows, at most 64 MiB of them plus their probabilities in `T` at any resolution.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
@@ -39,14 +40,29 @@ const IM2COL_MAX_BYTES: usize = 256 << 20;
 /// The CUDA backend on one device, storing tensors as `T` (f32, f16 or bf16).
 pub struct Cuda<T: BlasElem> {
     dev: Arc<CudaDevice>,
+    /// The attention kernel choice ([`AttnKernel`] as its index in [`ATTN_KERNELS`]), shared
+    /// by this backend's clones: a model keeps a clone of the backend it was loaded on, so a
+    /// bench can time one loaded model under each choice.
+    attention: Arc<AtomicU8>,
     _t: PhantomData<T>,
 }
 
+/// Every [`AttnKernel`], indexed as [`Cuda`] stores its choice.
+const ATTN_KERNELS: [AttnKernel; 5] = [
+    AttnKernel::Auto,
+    AttnKernel::Flash1,
+    AttnKernel::Flash2,
+    AttnKernel::Flash3,
+    AttnKernel::Scalar,
+];
+
 impl<T: BlasElem> Cuda<T> {
-    /// The backend on `dev` (opened with [`CudaDevice::open`]).
+    /// The backend on `dev` (opened with [`CudaDevice::open`]), with the measured attention
+    /// kernel choice (`AttnKernel::Auto`).
     pub fn new(dev: Arc<CudaDevice>) -> Self {
         Cuda {
             dev,
+            attention: Arc::new(AtomicU8::new(0)),
             _t: PhantomData,
         }
     }
@@ -54,6 +70,21 @@ impl<T: BlasElem> Cuda<T> {
     /// The device this backend runs on.
     pub fn dev(&self) -> &Arc<CudaDevice> {
         &self.dev
+    }
+
+    /// The kernel [`Backend::attention`] asks for where the fused kernels apply (non-causal,
+    /// head dim <= 256, f16/bf16): a variant that does not apply to a call falls back to
+    /// `Auto`'s choice ([`ops::attention`]).
+    pub fn attention_kernel(&self) -> AttnKernel {
+        ATTN_KERNELS[self.attention.load(Ordering::Relaxed) as usize % ATTN_KERNELS.len()]
+    }
+
+    /// Sets [`Cuda::attention_kernel`] for this backend and its clones (the models loaded on
+    /// it); returns the previous choice. `hdb bench cuda` times the UNet under each.
+    pub fn set_attention_kernel(&self, k: AttnKernel) -> AttnKernel {
+        let i = ATTN_KERNELS.iter().position(|&p| p == k).unwrap_or(0) as u8;
+        let prev = self.attention.swap(i, Ordering::Relaxed);
+        ATTN_KERNELS[prev as usize % ATTN_KERNELS.len()]
     }
 
     /// An output of `n` elements, every one of which the op writes.
@@ -69,7 +100,11 @@ impl<T: BlasElem> Cuda<T> {
 
 impl<T: BlasElem> Clone for Cuda<T> {
     fn clone(&self) -> Self {
-        Cuda::new(self.dev.clone())
+        Cuda {
+            dev: self.dev.clone(),
+            attention: self.attention.clone(),
+            _t: PhantomData,
+        }
     }
 }
 
@@ -78,6 +113,7 @@ impl<T: BlasElem> std::fmt::Debug for Cuda<T> {
         f.debug_struct("Cuda")
             .field("dev", &self.dev)
             .field("dtype", &T::SUFFIX)
+            .field("attention", &self.attention_kernel())
             .finish()
     }
 }
@@ -122,7 +158,6 @@ impl<T: BlasElem> Backend for Cuda<T> {
         let op = "linear";
         let n = shapes::linear(x.len(), w.len(), b.map(|b| b.len()), (rows, din, dout))?;
         let y = self.out(op, n)?;
-        self.dev.bind_to_thread()?;
         ops::linear(
             &self.dev,
             At::from(&y),
@@ -153,7 +188,6 @@ impl<T: BlasElem> Backend for Cuda<T> {
         } else {
             volume(op, &[p.c_in, p.kernel, p.kernel, oh, ow])?
         };
-        self.dev.bind_to_thread()?;
         // The implicit GEMM (tensor cores: f16/bf16 only) where it is the faster of the two
         // (ops::conv2d_prefers_implicit), and wherever im2col's scratch would pass
         // IM2COL_MAX_BYTES: it grows with the image (1.2 GB in fp16 for the VAE's 256-channel
@@ -231,9 +265,8 @@ impl<T: BlasElem> Backend for Cuda<T> {
         if d.causal {
             ops::attention_causal(dev, o, q, k, v, s)?;
         } else if d.head_dim <= 256 && !f32 {
-            ops::attention(dev, o, q, k, v, s, AttnKernel::Auto)?;
+            ops::attention(dev, o, q, k, v, s, self.attention_kernel())?;
         } else {
-            dev.bind_to_thread()?;
             ops::attention_materialized(dev, o, q, k, v, s)?;
         }
         Ok(out)

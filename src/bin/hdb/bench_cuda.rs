@@ -17,6 +17,8 @@ use hdb::backend::cuda::ops::{
     self, At, AttnKernel, AttnShape, BgmvShape, Conv2d, Factor, MergeLayer,
 };
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
+use hdb::backend::profile::Profiled;
+use hdb::backend::Backend;
 use hdb::model::config::UnetConfig;
 use hdb::model::text_encoder::TextEncoderConfig;
 use hdb::model::unet::Unet;
@@ -178,26 +180,23 @@ pub(crate) struct Row {
     pub(crate) peer_ms: Option<f64>,
 }
 
-/// Where the device time of one more call of `f` goes, per op category: the model code's
-/// profile scopes, each waiting for the device (`hdb::backend::profile::enable_synced`), so the
-/// launch gaps a plain run hides count here and the total exceeds the timed call's. Returned
-/// as lines for the notes after the table.
-pub(crate) fn device_profile(
+/// Where the device time of one more call of `f` goes, per op category: the ops of `be`, a
+/// profiling wrapper whose ops each wait for the device ([`Profiled::synced`]), so the launch
+/// gaps a plain run hides count here and the total exceeds the timed call's. Returned as lines
+/// for the notes after the table.
+pub(crate) fn device_profile<B: Backend>(
+    be: &Profiled<B>,
     dev: &Arc<CudaDevice>,
     what: &str,
     f: impl FnOnce() -> Result<()>,
 ) -> Result<String> {
     dev.synchronize()?;
-    let d = dev.clone();
-    hdb::backend::profile::enable_synced(move || {
-        // A failed wait shows up as the call's own error.
-        let _ = d.synchronize();
-    });
+    be.enable(true);
     let t = std::time::Instant::now();
     let r = f().and_then(|()| dev.synchronize());
     let total_ms = t.elapsed().as_secs_f64() * 1e3;
-    let spent = hdb::backend::profile::report();
-    hdb::backend::profile::enable(false);
+    let spent = be.report();
+    be.enable(false);
     r?;
     let mut s = format!(
         "where {what}'s time goes (one more call, every op waited for: {total_ms:.2} ms in all):"

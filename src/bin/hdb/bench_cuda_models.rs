@@ -13,8 +13,9 @@ use half::f16;
 use hdb::adapter::apply::{Applied, ApplyMode};
 use hdb::adapter::cuda::CudaLayerAdapters;
 use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
-use hdb::backend::cuda::ops::{self, AttnKernel};
+use hdb::backend::cuda::ops::AttnKernel;
 use hdb::backend::cuda::{Cuda, CudaDevice};
+use hdb::backend::profile::Profiled;
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
@@ -73,6 +74,13 @@ pub fn rows(
     let runs = runs.clamp(3, 10);
     let mut notes = Vec::new();
     let be = Cuda::<f16>::new(dev.clone());
+    // The profiling wrapper over it (each profiled op waits for the device), for the "where
+    // the time goes" notes; collecting only in device_profile's one more call.
+    let d = dev.clone();
+    let profiled = Profiled::synced(be.clone(), move || {
+        // A failed wait shows up as the op's own error.
+        let _ = d.synchronize();
+    });
     let mut rng = SplitMix64(99);
     let mut noise = |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
 
@@ -102,9 +110,9 @@ pub fn rows(
     };
     let step_ms = gpu_ms(dev, 2, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
     // The same step with flash2 attention everywhere (the default takes flash3 at d 40).
-    let prev = ops::set_auto_policy(AttnKernel::Flash2);
+    let prev = be.set_attention_kernel(AttnKernel::Flash2);
     let flash2_ms = gpu_ms(dev, 2, runs, || unet.forward_hooked(&x, None).map(|_| ()));
-    ops::set_auto_policy(prev);
+    be.set_attention_kernel(prev);
     let flash2_ms = flash2_ms?;
     let finite = unet.forward_hooked(&x, None)?.iter().all(|v| v.is_finite());
     let flops = cfg.flops(2, lat, lat, tokens);
@@ -120,15 +128,24 @@ pub fn rows(
         rate: format!("{:.1} TFLOP/s", flops / flash2_ms / 1e9),
         peer_ms: peer["unet"]["ms"].as_f64(),
     });
-    notes.push(device_profile(dev, "the UNet step", || {
+    let identities = identity_rows(dev, scale, runs, &unet, out)?;
+    drop(unet);
+    // The same UNet again (same seed, same weights) on the profiling wrapper: the identity
+    // rows need the plain one for their adapters, and both at once would double the memory.
+    let unet = Unet::load_on(
+        profiled.clone(),
+        cfg.clone(),
+        &RandomWeights { seed: 0x5D15 },
+    )?;
+    notes.push(device_profile(&profiled, dev, "the UNet step", || {
         unet.forward_hooked(&x, None).map(|_| ())
     })?);
-    notes.push(identity_rows(dev, scale, runs, &unet, out)?);
     drop(unet);
+    notes.push(identities);
 
     // The text encoder: two 77-token prompts (one guided generation).
     let tc = scale.text.clone();
-    let te = TextEncoder::load_on(be.clone(), tc.clone(), &RandomWeights { seed: 0x7E })?;
+    let te = TextEncoder::load_on(profiled.clone(), tc.clone(), &RandomWeights { seed: 0x7E })?;
     let ids: Vec<u32> = (0..2 * tokens)
         .map(|i| (i * 7919 % tc.vocab_size) as u32)
         .collect();
@@ -146,14 +163,14 @@ pub fn rows(
         // the ids' upload and the output's download).
         peer_ms: peer["text_encoder"]["ms"].as_f64(),
     });
-    notes.push(device_profile(dev, "the text encoder", || {
+    notes.push(device_profile(&profiled, dev, "the text encoder", || {
         te.forward_hooked(&ids, 2, None).map(|_| ())
     })?);
     drop(te);
 
     // The VAE decode of one 64x64 latent (a 512x512 image).
     let vc = scale.vae.clone();
-    let vae = Vae::load_on(be, vc.clone(), &RandomWeights { seed: 0xAE })?;
+    let vae = Vae::load_on(profiled.clone(), vc.clone(), &RandomWeights { seed: 0xAE })?;
     let z = noise(vc.latent_channels * lat * lat);
     let ms = gpu_ms(dev, 1, runs, || vae.decode(&z, 1, lat, lat).map(|_| ()))?;
     let px = lat << (vc.block_out_channels.len() - 1);
@@ -163,7 +180,7 @@ pub fn rows(
         rate: format!("{:.1} TFLOP/s", vae_decode_flops(&vc, lat, lat) / ms / 1e9),
         peer_ms: peer["vae"]["ms"].as_f64(),
     });
-    notes.push(device_profile(dev, "the VAE decode", || {
+    notes.push(device_profile(&profiled, dev, "the VAE decode", || {
         vae.decode(&z, 1, lat, lat).map(|_| ())
     })?);
     Ok((notes, step_ms))

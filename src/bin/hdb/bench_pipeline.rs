@@ -45,9 +45,11 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
     let w = RandomWeights { seed: 0x5D15 };
-    let te = rt.install(|| TextEncoder::load(TextEncoderConfig::default(), &w))?;
-    let unet = rt.install(|| Unet::load(UnetConfig::default(), &w))?;
-    let vae = rt.install(|| Vae::load(VaeConfig::default(), &w))?;
+    // On the profiling wrapper, collecting only for the profile runs at the end.
+    let be = hdb::backend::profile::Profiled::new(hdb::backend::Cpu);
+    let te = rt.install(|| TextEncoder::load_on(be.clone(), TextEncoderConfig::default(), &w))?;
+    let unet = rt.install(|| Unet::load_on(be.clone(), UnetConfig::default(), &w))?;
+    let vae = rt.install(|| Vae::load_on(be.clone(), VaeConfig::default(), &w))?;
     let mut rng = SplitMix64(3);
     let ids: Vec<u32> = (0..2 * 77)
         .map(|_| (rng.next_u64() % 49408) as u32)
@@ -68,8 +70,12 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
         width: 64,
         context_len: 77,
     };
-    let t_te = median_time(runs, || rt.install(|| te.forward(&ids, 2)).map(|_| ()))?;
-    let t_unet = median_time(runs, || rt.install(|| unet.forward(&input)).map(|_| ()))?;
+    let t_te = median_time(runs, || {
+        rt.install(|| te.forward_hooked(&ids, 2, None)).map(|_| ())
+    })?;
+    let t_unet = median_time(runs, || {
+        rt.install(|| unet.forward_hooked(&input, None)).map(|_| ())
+    })?;
     let t_vae = median_time(runs, || {
         rt.install(|| vae.decode(&z, 1, 64, 64)).map(|_| ())
     })?;
@@ -103,15 +109,18 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
     // Where the time goes: one more run of each component with the op profiler on.
     type Job<'a> = Box<dyn Fn() -> hdb::Result<Vec<f32>> + Sync + 'a>;
     let jobs: [(&str, Job<'_>); 3] = [
-        ("text encoder", Box::new(|| te.forward(&ids, 2))),
-        ("UNet step", Box::new(|| unet.forward(&input))),
+        (
+            "text encoder",
+            Box::new(|| te.forward_hooked(&ids, 2, None)),
+        ),
+        ("UNet step", Box::new(|| unet.forward_hooked(&input, None))),
         ("VAE decode", Box::new(|| vae.decode(&z, 1, 64, 64))),
     ];
     for (name, job) in jobs {
-        hdb::backend::profile::enable(true);
+        be.enable(true);
         let r = rt.install(&*job);
-        let spent = hdb::backend::profile::report();
-        hdb::backend::profile::enable(false);
+        let spent = be.report();
+        be.enable(false);
         r?;
         println!("where the time goes, {name}:");
         for (op, d, n) in spent.iter().take(8) {

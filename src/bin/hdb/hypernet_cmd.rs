@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::Instant;
 
+use hdb::backend::profile::Profiled;
+use hdb::backend::Backend;
 use hdb::hypernet::{Hypernet, HypernetConfig};
 use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::random::RandomWeights;
@@ -140,14 +142,42 @@ pub fn bench(
     device: hdb::runtime::DeviceRequest,
 ) -> hdb::Result<()> {
     let rt = super::runtime(device, threads)?;
-    let threads = rt.threads();
     let t = Instant::now();
     let cfg = HypernetConfig::default();
     let src = RandomWeights { seed: 1 };
-    let net = PlacedHypernet::from_source(&rt, cfg, &src)?;
+    // On the profiling wrapper, collecting only for the one profiled prediction at the end.
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = rt.cuda() {
+        // A GPU's work is queued: each profiled op waits for the device.
+        let d = dev.clone();
+        let be = Profiled::synced(
+            hdb::backend::cuda::Cuda::<f32>::new(dev.clone()),
+            move || {
+                // A failed wait shows up as the op's own error.
+                let _ = d.synchronize();
+            },
+        );
+        let net = Hypernet::from_source_on(be, cfg, &src)?;
+        return bench_net(&rt, &net, t, runs, peer, "cuda");
+    }
+    let be = Profiled::new(hdb::backend::Cpu);
+    let net = rt.install(|| Hypernet::from_source_on(be, cfg, &src))?;
+    bench_net(&rt, &net, t, runs, peer, "cpu")
+}
+
+/// [`bench`] of `net` (made at `t`) on `rt`, against the PyTorch peer on `peer_device`.
+fn bench_net<B: Backend>(
+    rt: &hdb::Runtime,
+    net: &Hypernet<Profiled<B>>,
+    t: Instant,
+    runs: usize,
+    peer: Option<&Path>,
+    peer_device: &str,
+) -> hdb::Result<()> {
+    let threads = rt.threads();
     eprintln!(
         "default hypernetwork ({:.1} M parameters, random weights) made in {:.1} s",
-        net.config().parameter_count() as f64 / 1e6,
+        net.config.parameter_count() as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
     let size = 256;
@@ -164,35 +194,37 @@ pub fn bench(
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
-    let flops = predict_flops(net.config());
-    let (where_, peer_device) = match &net {
-        PlacedHypernet::Cpu(_) => {
-            hdb::backend::profile::enable(true);
-            rt.install(|| net.predict(&image, None, None))?;
-            let spent = hdb::backend::profile::report();
-            hdb::backend::profile::enable(false);
-            eprintln!("where the time goes (one more prediction):");
-            for (name, d, n) in &spent {
-                eprintln!(
-                    "  {name:<24} {:>8.1} ms {n:>6} calls",
-                    d.as_secs_f64() * 1e3
-                );
-            }
-            (format!("cpu f32, {threads} threads"), "cpu")
+    let flops = predict_flops(&net.config);
+    let be = net.backend();
+    be.enable(true);
+    let t = Instant::now();
+    let r = rt.install(predict);
+    let total_ms = t.elapsed().as_secs_f64() * 1e3;
+    let spent = be.report();
+    be.enable(false);
+    r?;
+    eprintln!(
+        "where the time goes (one more prediction{}):",
+        if peer_device == "cpu" {
+            String::new()
+        } else {
+            format!(", every op waited for: {total_ms:.2} ms in all")
         }
-        #[cfg(feature = "cuda")]
-        PlacedHypernet::Cuda(n) => {
-            let dev = n.backend().dev();
-            let spent = super::bench_cuda::device_profile(dev, "one prediction", || {
-                rt.install(|| net.predict(&image, None, None)).map(|_| ())
-            })?;
-            eprintln!("{spent}");
-            (net.describe(), "cuda")
-        }
+    );
+    for (name, d, n) in &spent {
+        eprintln!(
+            "  {name:<24} {:>9.3} ms {n:>6} calls",
+            d.as_secs_f64() * 1e3
+        );
+    }
+    let where_ = if peer_device == "cpu" {
+        format!("cpu f32, {threads} threads")
+    } else {
+        be.describe()
     };
     println!(
         "hdb {where_}: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations): {med:.4} s (median of {}), {:.1} TFLOP/s",
-        net.config().iterations,
+        net.config.iterations,
         times.len(),
         flops / med / 1e12
     );

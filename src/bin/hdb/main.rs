@@ -632,7 +632,10 @@ fn bench_unet(
     let cfg = UnetConfig::default();
     let (l, cdim) = (77, cfg.cross_attention_dim);
     let t0 = std::time::Instant::now();
-    let unet = rt.install(|| Unet::load(cfg.clone(), &RandomWeights { seed: 0x5D15 }))?;
+    // On the profiling wrapper, collecting only when asked, after the warm-up.
+    let be = hdb::backend::profile::Profiled::new(hdb::backend::Cpu);
+    let unet =
+        rt.install(|| Unet::load_on(be.clone(), cfg.clone(), &RandomWeights { seed: 0x5D15 }))?;
     eprintln!(
         "random SD 1.5 UNet weights made in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -646,17 +649,16 @@ fn bench_unet(
     let mut times = Vec::new();
     for i in 0..=runs {
         let s = std::time::Instant::now();
-        let y = rt.install(|| {
-            unet.forward(&UnetInput {
-                sample: &sample,
-                timesteps: &t,
-                context: &ctx,
-                batch,
-                height: size,
-                width: size,
-                context_len: l,
-            })
-        })?;
+        let input = UnetInput {
+            sample: &sample,
+            timesteps: &t,
+            context: &ctx,
+            batch,
+            height: size,
+            width: size,
+            context_len: l,
+        };
+        let y = rt.install(|| unet.forward_hooked(&input, None))?;
         let dt = s.elapsed().as_secs_f64();
         if y.iter().any(|x| !x.is_finite()) {
             return Err(hdb::Error::Internal("UNet output is not finite".into()));
@@ -666,11 +668,11 @@ fn bench_unet(
             times.push(dt);
         }
         if i == 0 {
-            hdb::backend::profile::enable(profile);
+            be.enable(profile);
         }
     }
-    let spent = hdb::backend::profile::report();
-    hdb::backend::profile::enable(false);
+    let spent = be.report();
+    be.enable(false);
     let med = median(&mut times);
     println!(
         "hdb cpu f32: SD 1.5 UNet batch {batch}, {size}x{size} latents, {l}x{cdim} context, {threads} threads: \

@@ -7,7 +7,6 @@
 //! `UpDecoderBlock2D`s (nearest 2x, then a 3x3 convolution), and a mid block whose attention
 //! has one head as wide as the channels.
 
-use crate::backend::profile::scope;
 use crate::backend::{AttnDims, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::layers::{add, transpose, Act, Conv, GroupNorm, Linear, Resnet, WeightSource};
@@ -63,7 +62,6 @@ impl<B: Backend> MidAttention<B> {
         let v = self.to_v.forward(be, &tokens, b * hw)?;
         drop(tokens);
         let o = {
-            let _p = scope("attention (self)");
             let d = AttnDims {
                 batch: b,
                 lq: hw,
@@ -123,10 +121,7 @@ impl<B: Backend> Mid<B> {
 /// `Downsample2D` with padding 0: zero-pad the bottom row and right column, then a stride-2
 /// 3x3 convolution without padding.
 fn downsample<B: Backend>(be: &B, conv: &Conv<B>, x: &Act<B>) -> Result<Act<B>> {
-    let padded = {
-        let _p = scope("copies");
-        be.pad_bottom_right(&x.data, (x.b * x.c, x.h, x.w))?
-    };
+    let padded = be.pad_bottom_right(&x.data, (x.b * x.c, x.h, x.w))?;
     let padded = Act {
         data: padded,
         h: x.h + 1,
@@ -138,10 +133,7 @@ fn downsample<B: Backend>(be: &B, conv: &Conv<B>, x: &Act<B>) -> Result<Act<B>> 
 
 /// `Upsample2D`: nearest 2x, then a 3x3 convolution.
 fn upsample<B: Backend>(be: &B, conv: &Conv<B>, x: Act<B>) -> Result<Act<B>> {
-    let up = {
-        let _p = scope("copies");
-        be.upsample_nearest2x(&x.data, (x.b * x.c, x.h, x.w))?
-    };
+    let up = be.upsample_nearest2x(&x.data, (x.b * x.c, x.h, x.w))?;
     let up = Act {
         data: up,
         b: x.b,

@@ -1,4 +1,6 @@
-//! Attention ops: the fused kernels of `kernels/attention.cu` and the materialised path.
+//! Attention: the fused kernels of `kernels/attention.cu` (tensor-core flash kernels, the
+//! scalar kernel, causal), and the materialised path (cuBLAS scores, `softmax_rows_from_f32`
+//! of elementwise.cu, cuBLAS values) for head dims the fused kernels do not take.
 
 use super::*;
 
@@ -37,12 +39,15 @@ impl AttnShape {
 
 /// Which attention kernel runs. The tensor-core kernels need f16/bf16 and head dims 40, 64,
 /// 80 or 160; the `flash2*`/`flash3*` ones also 16-byte aligned rows. A variant that does not
-/// apply to a call falls back to `Auto`'s choice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// apply to a call falls back to `Auto`'s choice. The CUDA backend passes its own choice
+/// (`Cuda::with_attention_kernel`, `Auto` by default), so `hdb bench cuda` can time a whole
+/// model under each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// The policy's choice ([`set_auto_policy`]; by default the fastest measured on an H100:
-    /// `flash3_attn_*` for head dim 40, `flash2_attn_*` for the others), else `flash_attn_*`
-    /// (unaligned rows), else the scalar kernel.
+    /// The fastest measured on an H100 (docs/perf.md): `flash3_attn_*` for head dim 40,
+    /// `flash2_attn_*` for the others; else `flash_attn_*` (unaligned rows), else the scalar
+    /// kernel.
+    #[default]
     Auto,
     /// `flash_attn_*` (tensor cores, 16-bit shared loads, one k/v stage).
     Flash1,
@@ -52,21 +57,6 @@ pub enum AttnKernel {
     Flash3,
     /// The plain-FMA kernel (any dtype, head dims up to 256).
     Scalar,
-}
-
-/// The tensor-core variant `AttnKernel::Auto` takes for aligned f16/bf16 rows where it applies
-/// (else `flash2_attn_*`). Process-wide, so `hdb bench cuda` can time the whole UNet under each;
-/// the default is the one that measured fastest on an H100 (docs/perf.md).
-static AUTO_POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-const POLICIES: [AttnKernel; 3] = [AttnKernel::Auto, AttnKernel::Flash2, AttnKernel::Flash3];
-
-/// Sets the variant `AttnKernel::Auto` prefers (`Flash2` or `Flash3`); `Auto` (or anything
-/// else) restores the measured default. Returns the previous one.
-pub fn set_auto_policy(k: AttnKernel) -> AttnKernel {
-    let i = POLICIES.iter().position(|&p| p == k).unwrap_or(0) as u8;
-    let prev = AUTO_POLICY.swap(i, std::sync::atomic::Ordering::Relaxed);
-    POLICIES[prev as usize % POLICIES.len()]
 }
 
 /// Shared-memory row stride (elements) of `flash3*`: the first of d, d+8, d+16 whose stride in
@@ -112,13 +102,47 @@ fn check_attention<T>(
     Ok(true)
 }
 
-/// The scalar kernels' launch: 4 query rows (warps) a block.
-fn scalar_attention_cfg(s: &AttnShape) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (s.lq.div_ceil(4) as u32, s.heads as u32, s.batch as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+/// The scalar kernels' launch (`attention_scalar[_causal]_*`): 4 query rows (warps) a block,
+/// with the head dim as an argument.
+fn scalar_attention_launch<T: DeviceElem>(
+    op: &str,
+    s: &AttnShape,
+    [o_a, q_a, k_a, v_a]: [u64; 4],
+) -> Result<KernelLaunch> {
+    attention_args(
+        Launch::of::<T>("attention.cu", op)
+            .grid((s.lq.div_ceil(4), s.heads, s.batch))
+            .block(128),
+        s,
+        [o_a, q_a, k_a, v_a],
+        true,
+    )
+}
+
+/// Every attention kernel's arguments: out, q, k, v, lq, lk, (head dim: the scalar kernels
+/// only), the four row strides, the softmax scale.
+fn attention_args(
+    l: Launch,
+    s: &AttnShape,
+    [o_a, q_a, k_a, v_a]: [u64; 4],
+    with_head_dim: bool,
+) -> Result<KernelLaunch> {
+    let mut l = l
+        .ptr(o_a)
+        .ptr(q_a)
+        .ptr(k_a)
+        .ptr(v_a)
+        .int("lq", s.lq)
+        .int("lk", s.lk);
+    if with_head_dim {
+        l = l.int("head_dim", s.head_dim);
     }
+    l.long("ld_q", s.ld_q)
+        .long("ld_k", s.ld_k)
+        .long("ld_v", s.ld_v)
+        .long("ld_o", s.ld_o)
+        .float(1.0 / (s.head_dim as f32).sqrt())
+        .build()
 }
 
 /// out = softmax(q k^T / sqrt(d)) v per (batch, head). Returns the kernel it launched.
@@ -155,31 +179,23 @@ pub fn attention<T: DeviceElem>(
 pub fn attention_launch<T: DeviceElem>(
     s: &AttnShape,
     kernel: AttnKernel,
-    [o_a, q_a, k_a, v_a]: [u64; 4],
+    addrs: [u64; 4],
 ) -> Result<KernelLaunch> {
-    let op = "attention";
     let half = T::SUFFIX != "f32";
     let flash = kernel != AttnKernel::Scalar && half && FLASH_HEAD_DIMS.contains(&s.head_dim);
     let tsz = std::mem::size_of::<T>();
     let aligned = [s.ld_q, s.ld_k, s.ld_v, s.ld_o]
         .iter()
         .all(|ld| ld % 8 == 0)
-        && [q_a, k_a, v_a, o_a].iter().all(|a| a % 16 == 0)
+        && addrs.iter().all(|a| a % 16 == 0)
         && tsz == 2;
-    // The tensor-core variant: the one asked for, or Auto's policy, where it applies.
-    let wanted = match kernel {
-        AttnKernel::Auto => {
-            POLICIES
-                [AUTO_POLICY.load(std::sync::atomic::Ordering::Relaxed) as usize % POLICIES.len()]
-        }
-        k => k,
-    };
     let d = s.head_dim;
+    // The tensor-core variant: the one asked for where it applies, else the measured default.
     let variant = if !flash || !aligned || matches!(kernel, AttnKernel::Flash1 | AttnKernel::Scalar)
     {
         None
     } else {
-        Some(match wanted {
+        Some(match kernel {
             // H100, hdb bench cuda (docs/perf.md, run 4): flash3 beat flash2 at head dim 40
             // (0.204 vs 0.245 ms at 4096 tokens) and lost at 80 (0.0375 vs 0.0355 ms).
             AttnKernel::Auto | AttnKernel::Flash3 if d == 40 => AttnKernel::Flash3,
@@ -192,56 +208,26 @@ pub fn attention_launch<T: DeviceElem>(
             s.head_dim
         )));
     }
-    let (kname, cfg) = if let Some(var) = variant {
+    if let Some(var) = variant {
         // (kernel stem, query rows a block, threads, key tile, shared-memory row stride)
         let dp8 = d.div_ceil(16) * 16 + 8;
         let (stem, bm, threads, bn, sk) = match var {
             AttnKernel::Flash3 => ("flash3_attn", 128, 128, 64, conflict_free_stride(d)),
             _ => ("flash2_attn", 64, 128, if d > 80 { 32 } else { 64 }, dp8),
         };
-        (
-            format!("{stem}_d{d}_{}", T::SUFFIX),
-            LaunchConfig {
-                grid_dim: (s.lq.div_ceil(bm) as u32, s.heads as u32, s.batch as u32),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: ((bm + 4 * bn) * sk * 2) as u32,
-            },
-        )
+        let l = Launch::new("attention.cu", format!("{stem}_d{d}_{}", T::SUFFIX))
+            .grid((s.lq.div_ceil(bm), s.heads, s.batch))
+            .block(threads)
+            .smem((bm + 4 * bn) * sk * 2);
+        attention_args(l, s, addrs, false)
     } else if flash {
-        (
-            format!("flash_attn_d{}_{}", s.head_dim, T::SUFFIX),
-            LaunchConfig {
-                grid_dim: (s.lq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        )
+        let l = Launch::new("attention.cu", format!("flash_attn_d{d}_{}", T::SUFFIX))
+            .grid((s.lq.div_ceil(64), s.heads, s.batch))
+            .block(128);
+        attention_args(l, s, addrs, false)
     } else {
-        (name::<T>("attention_scalar"), scalar_attention_cfg(s))
-    };
-    let lq = to_i32(s.lq, op, "lq")?;
-    let lk = to_i32(s.lk, op, "lk")?;
-    let d = to_i32(s.head_dim, op, "head_dim")?;
-    let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
-    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
-    let mut params: Vec<Param> = vec![
-        o_a.into(),
-        q_a.into(),
-        k_a.into(),
-        v_a.into(),
-        lq.into(),
-        lk.into(),
-    ];
-    if !flash {
-        params.push(d.into());
+        scalar_attention_launch::<T>("attention_scalar", s, addrs)
     }
-    params.extend::<[Param; 5]>([ldq.into(), ldk.into(), ldv.into(), ldo.into(), scale.into()]);
-    Ok(KernelLaunch {
-        file: "attention.cu",
-        kernel: kname,
-        cfg,
-        params,
-    })
 }
 
 /// Causal attention (CLIP's text encoder): query row i of each (batch, head) sees keys 0..=i
@@ -287,33 +273,9 @@ pub fn attention_causal<T: DeviceElem>(
 /// `[out, q, k, v]` (pure: no device, see [`KernelLaunch`]).
 pub fn attention_causal_launch<T: DeviceElem>(
     s: &AttnShape,
-    [o_a, q_a, k_a, v_a]: [u64; 4],
+    addrs: [u64; 4],
 ) -> Result<KernelLaunch> {
-    let op = "attention_causal";
-    let lq = to_i32(s.lq, op, "lq")?;
-    let lk = to_i32(s.lk, op, "lk")?;
-    let d = to_i32(s.head_dim, op, "head_dim")?;
-    let (ldq, ldk, ldv, ldo) = (s.ld_q as i64, s.ld_k as i64, s.ld_v as i64, s.ld_o as i64);
-    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
-    Ok(KernelLaunch {
-        file: "attention.cu",
-        kernel: name::<T>("attention_scalar_causal"),
-        cfg: scalar_attention_cfg(s),
-        params: vec![
-            o_a.into(),
-            q_a.into(),
-            k_a.into(),
-            v_a.into(),
-            lq.into(),
-            lk.into(),
-            d.into(),
-            ldq.into(),
-            ldk.into(),
-            ldv.into(),
-            ldo.into(),
-            scale.into(),
-        ],
-    })
+    scalar_attention_launch::<T>("attention_scalar_causal", s, addrs)
 }
 
 /// The f32 scores one chunk of [`attention_materialized`] may hold (64 MiB; the probabilities
@@ -477,9 +439,9 @@ pub fn attention_materialized_plan<T: DeviceElem>(
                     ldc: lk,
                 },
                 batch_size: heads,
-                stride_a: d as i64,
-                stride_b: d as i64,
-                stride_c: (rows * s.lk) as i64,
+                stride_a: to_i64(d, op, "head_dim")?,
+                stride_b: to_i64(d, op, "head_dim")?,
+                stride_c: to_i64(rows * s.lk, op, "rows*lk")?,
             };
             // Row-major O_h [rows, d] = P_h [rows, lk] . V_h [lk, d]; column-major O_h^T
             // [d, rows] = V_h^T [d, lk] . P_h^T [lk, rows]: A = V_h (column-major [d, lk], ld
@@ -500,9 +462,9 @@ pub fn attention_materialized_plan<T: DeviceElem>(
                     ldc: to_i32(s.ld_o, op, "ld_o")?,
                 },
                 batch_size: heads,
-                stride_a: d as i64,
-                stride_b: (rows * s.lk) as i64,
-                stride_c: d as i64,
+                stride_a: to_i64(d, op, "head_dim")?,
+                stride_b: to_i64(rows * s.lk, op, "rows*lk")?,
+                stride_c: to_i64(d, op, "head_dim")?,
             };
             let (qa, ka, va, oa) = (
                 at.q + ((b * s.lq + r0) * s.ld_q) as u64 * tsz,
@@ -533,81 +495,6 @@ pub fn attention_materialized_plan<T: DeviceElem>(
         }
     }
     Ok(steps)
-}
-
-/// The output type of [`gemm_batched_f32_scalars`]: the inputs' storage type, or f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ctype {
-    T,
-    F32,
-}
-
-/// One `cublasGemmStridedBatchedEx` on raw device addresses with f32 alpha and beta and f32
-/// compute, for any storage type: [`BlasElem::gemm_batched_at`] goes through cudarc's typed
-/// `Gemm<T>`, which takes alpha in T, and 1 / sqrt(d) rounded to bf16 would be off by up to
-/// 2^-9 (a softmax temperature error of that size on every score).
-///
-/// # Safety
-/// Every batch's extents implied by `cfg` must lie inside live allocations of this device.
-unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
-    dev: &CudaDevice,
-    cfg: StridedBatchedConfig<f32>,
-    a: u64,
-    b: u64,
-    c: u64,
-    ctype: Ctype,
-) -> Result<()> {
-    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
-    let dtype = match T::SUFFIX {
-        "f32" => cudaDataType_t::CUDA_R_32F,
-        "f16" => cudaDataType_t::CUDA_R_16F,
-        "bf16" => cudaDataType_t::CUDA_R_16BF,
-        other => {
-            return Err(Error::Internal(format!(
-                "cuBLAS batched gemm: no cuBLAS type for {other}"
-            )))
-        }
-    };
-    // A and B in T with an f32 C and f32 compute is one of cuBLAS's supported GemmEx
-    // combinations for every T here (16F/16BF inputs, 32F output).
-    let c_dtype = match ctype {
-        Ctype::T => dtype,
-        Ctype::F32 => cudaDataType_t::CUDA_R_32F,
-    };
-    let g = cfg.gemm;
-    let (alpha, beta) = (g.alpha, g.beta);
-    guard("cuBLAS batched gemm", || {
-        // SAFETY: the caller checked the extents; alpha and beta are f32 as
-        // CUBLAS_COMPUTE_32F requires, and outlive the call.
-        unsafe {
-            cudarc::cublas::result::gemm_strided_batched_ex(
-                *dev.blas().handle(),
-                g.transa,
-                g.transb,
-                g.m,
-                g.n,
-                g.k,
-                (&alpha) as *const f32 as *const _,
-                a as *const _,
-                dtype,
-                g.lda,
-                cfg.stride_a,
-                b as *const _,
-                dtype,
-                g.ldb,
-                cfg.stride_b,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                c_dtype,
-                g.ldc,
-                cfg.stride_c,
-                cfg.batch_size,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
-    })
 }
 
 #[cfg(test)]

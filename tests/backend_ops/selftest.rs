@@ -5,7 +5,7 @@
 use cudarc::driver::LaunchConfig;
 use hdb::backend::cuda::ops::{KernelLaunch, Param};
 
-use crate::harness::{selftest_driver, Job};
+use crate::emu_harness::{selftest_driver, Job};
 
 fn launch(kernel: &str, smem: u32, params: Vec<Param>) -> KernelLaunch {
     KernelLaunch {
