@@ -273,6 +273,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         dy: &Self::Buf,
         planes_h_w: (usize, usize, usize),
     ) -> Result<Self::Buf>;
+    /// `a^T b` summed over the rows, in f32 on the host: a `[rows, m]`, b `[rows, n]` ->
+    /// `[m, n]` (an adapter factor's gradient, e.g. `dU = dy^T (x D^T)`; small outputs, f32
+    /// accumulation whatever the storage type).
+    fn outer_f32(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        rows_m_n: (usize, usize, usize),
+    ) -> Result<Vec<f32>>;
     /// `[batch, ca + cb, hw]` -> (`[batch, ca, hw]`, `[batch, cb, hw]`): concat_channels'
     /// input gradients.
     fn split_channels(

@@ -360,6 +360,10 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed("copies", |b| b.upsample_nearest2x_backward(dy, planes_h_w))
     }
 
+    fn outer_f32(&self, a: &B::Buf, b: &B::Buf, dims: (usize, usize, usize)) -> Result<Vec<f32>> {
+        self.timed("adapter gradients", |be| be.outer_f32(a, b, dims))
+    }
+
     fn split_channels(
         &self,
         x: &B::Buf,

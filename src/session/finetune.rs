@@ -1,13 +1,12 @@
 //! Training on an engine: adapter gradients (`hdb finetune grad`), finetuning an identity
 //! from a face photo, and personalization (the hypernetwork's prediction, then finetuning).
-//! The backward passes run on the CPU backend; an engine on a GPU refuses until the CUDA
-//! backend has backward kernels.
+//! Everything runs on the engine's placement (the CPU, or a GPU once its backend has the
+//! backward ops: until then a GPU engine's training calls fail naming the missing op).
 
 use super::{Engine, Placement};
-use crate::backend::Cpu;
 use crate::error::Result;
 use crate::io::safetensors::SafetensorsFile;
-use crate::placed::{Placed, PlacedHypernet};
+use crate::placed::{Place, Placed, PlacedHypernet};
 use crate::progress::Progress;
 use crate::train::finetune::{
     evaluate, finetune, initial, Face, FinetuneParams, Finetuned, Models, Start, StepProgress,
@@ -18,8 +17,7 @@ impl Engine {
     /// `hdb finetune grad`: the loss of `input` (mean squared error of the UNet's output
     /// against its target) with the adapter file `adapter` applied, and the gradient of every
     /// trainable tensor of that file in the file's own layout (the [`Trainable`] says which).
-    /// With token ids the text encoder runs too, with its adapted layers. The backward pass
-    /// runs on the CPU backend; a GPU runtime refuses (no backward kernels yet).
+    /// With token ids the text encoder runs too, with its adapted layers.
     pub fn adapter_gradients(
         &self,
         adapter: &SafetensorsFile,
@@ -29,38 +27,26 @@ impl Engine {
         let trainable = self
             .runtime
             .install(|| Trainable::from_file(adapter, &self.adaptable_layers(), &self.bases))?;
-        match &self.placement {
-            Placement::Cpu(p) => {
-                let unet = p.unet()?;
-                let te = match input.condition {
-                    Condition::Ids { .. } => Some(p.text_encoder()?),
-                    Condition::Hidden { .. } => None,
-                };
-                let (loss, grads) = self.runtime.install(|| {
-                    loss_and_gradients(&unet, te.as_deref(), &trainable, input, checkpoint)
-                })?;
-                Ok((loss, trainable, grads))
-            }
-            #[cfg(feature = "cuda")]
-            Placement::Cuda(_) => Err(no_gpu_training()),
-        }
+        on_placement!(&self.placement, p => {
+            let unet = p.unet()?;
+            let te = match input.condition {
+                Condition::Ids { .. } => Some(p.text_encoder()?),
+                Condition::Hidden { .. } => None,
+            };
+            let (loss, grads) = self.runtime.install(|| {
+                loss_and_gradients(&unet, te.as_deref(), &trainable, input, checkpoint)
+            })?;
+            Ok((loss, trainable, grads))
+        })
     }
 
-    /// The placed model on the CPU, or the refusal of a GPU engine.
-    fn cpu_placed(&self) -> Result<&Placed<Cpu>> {
-        match &self.placement {
-            Placement::Cpu(p) => Ok(p),
-            #[cfg(feature = "cuda")]
-            Placement::Cuda(_) => Err(no_gpu_training()),
-        }
-    }
-
-    /// The models a run uses, borrowed for `f`.
-    fn with_models<R>(&self, f: impl FnOnce(&Models<'_>) -> Result<R> + Send) -> Result<R>
-    where
-        R: Send,
-    {
-        let p = self.cpu_placed()?;
+    /// The models of `p` (this engine's placement) a run uses, borrowed for `f`, in the
+    /// runtime's threads.
+    fn with_models<B: Place, R: Send>(
+        &self,
+        p: &Placed<B>,
+        f: impl FnOnce(&Models<'_, B>) -> Result<R> + Send,
+    ) -> Result<R> {
         let (unet, te, vae) = (p.unet()?, p.text_encoder()?, p.vae()?);
         let tokenizer = self.tokenizer()?;
         let scheduler = self.scheduler()?;
@@ -79,7 +65,7 @@ impl Engine {
 
     /// The tensors a run with `params` starts from.
     pub fn initial_tensors(&self, start: Start, params: &FinetuneParams) -> Result<Trainable> {
-        self.with_models(|m| initial(m, start, params))
+        on_placement!(&self.placement, p => self.with_models(p, |m| initial(m, start, params)))
     }
 
     /// The mean diffusion loss of `t` on `face` over `draws` fixed draws of a stream seeded
@@ -92,7 +78,9 @@ impl Engine {
         draws: usize,
         seed: u64,
     ) -> Result<f64> {
-        self.with_models(|m| evaluate(m, face, t, params, draws, seed))
+        on_placement!(&self.placement, p => {
+            self.with_models(p, |m| evaluate(m, face, t, params, draws, seed))
+        })
     }
 
     /// Finetunes an identity on `face` from `start` (see [`crate::train::finetune`]);
@@ -105,7 +93,9 @@ impl Engine {
         progress: Option<StepProgress<'_>>,
     ) -> Result<Finetuned> {
         params.check()?;
-        self.with_models(|m| finetune(m, face, start, params, progress))
+        on_placement!(&self.placement, p => {
+            self.with_models(p, |m| finetune(m, face, start, params, progress))
+        })
     }
 
     /// Personalization in one call: the hypernetwork's prediction from `face`
@@ -123,7 +113,6 @@ impl Engine {
         progress: Option<StepProgress<'_>>,
     ) -> Result<Finetuned> {
         params.check()?;
-        self.cpu_placed()?;
         let predicted = self.predict(
             hypernet,
             (face.rgb, face.width, face.height, face.stride),
@@ -140,11 +129,4 @@ impl Engine {
             progress,
         )
     }
-}
-
-#[cfg(feature = "cuda")]
-fn no_gpu_training() -> crate::Error {
-    crate::Error::Unsupported(
-        "training on a GPU is not implemented yet: run it on a CPU runtime (--device cpu)".into(),
-    )
 }

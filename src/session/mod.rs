@@ -35,8 +35,6 @@ use crate::placed::{Lazy, Place, Placed, PlacedHypernet};
 use crate::progress::Progress;
 use crate::runtime::Runtime;
 
-mod finetune;
-
 /// Where an engine's model runs: its components on the CPU or on the runtime's GPU.
 #[derive(Debug)]
 pub enum Placement {
@@ -55,6 +53,9 @@ macro_rules! on_placement {
         }
     };
 }
+
+// After the macros, so the training methods can use them.
+mod finetune;
 
 /// A small model built in-process (the demo's random-weight model): configs, weights,
 /// tokenizer and scheduler.

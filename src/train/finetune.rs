@@ -22,7 +22,7 @@ use super::params::{Layout, TrainLayer, Trainable};
 use crate::adapter::lidb::{BasisCache, LidbMeta};
 use crate::adapter::lora::LoraFormat;
 use crate::adapter::Adapter;
-use crate::backend::Cpu;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::hypernet::preprocess::preprocess;
 use crate::model::adaptable::LayerTable;
@@ -128,11 +128,11 @@ impl FinetuneParams {
     }
 }
 
-/// The models a run uses, on the CPU.
-pub struct Models<'a> {
-    pub unet: &'a Unet<Cpu>,
-    pub text_encoder: &'a TextEncoder<Cpu>,
-    pub vae: &'a Vae<Cpu>,
+/// The models a run uses, on backend `B`.
+pub struct Models<'a, B: Backend> {
+    pub unet: &'a Unet<B>,
+    pub text_encoder: &'a TextEncoder<B>,
+    pub vae: &'a Vae<B>,
     pub tokenizer: &'a ClipTokenizer,
     pub scheduler: &'a SchedulerConfig,
     /// Adaptable layers and the LiDB basis cache of the model.
@@ -168,12 +168,20 @@ fn draw(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
 
 /// The tensors a run with these params starts from (the first draws of its stream), for
 /// comparing before and after.
-pub fn initial(m: &Models<'_>, start: Start, params: &FinetuneParams) -> Result<Trainable> {
+pub fn initial<B: Backend>(
+    m: &Models<'_, B>,
+    start: Start,
+    params: &FinetuneParams,
+) -> Result<Trainable> {
     start_tensors(m, start, &mut SplitMix64(params.seed))
 }
 
 /// The adapter a run starts from.
-fn start_tensors(m: &Models<'_>, start: Start, rng: &mut SplitMix64) -> Result<Trainable> {
+fn start_tensors<B: Backend>(
+    m: &Models<'_, B>,
+    start: Start,
+    rng: &mut SplitMix64,
+) -> Result<Trainable> {
     match start {
         Start::Tensors(t) => Ok(t),
         Start::LidbFromZero {
@@ -316,7 +324,12 @@ struct Data {
 }
 
 impl Data {
-    fn new(m: &Models<'_>, face: Face<'_>, t: &Trainable, params: &FinetuneParams) -> Result<Data> {
+    fn new<B: Backend>(
+        m: &Models<'_, B>,
+        face: Face<'_>,
+        t: &Trainable,
+        params: &FinetuneParams,
+    ) -> Result<Data> {
         let res = params.resolution;
         let f = m.vae.config.downscale();
         if res % f != 0 {
@@ -347,7 +360,7 @@ impl Data {
             Condition::Ids { ids, len }
         } else {
             Condition::Hidden {
-                values: m.text_encoder.forward(&ids, 1)?,
+                values: m.text_encoder.forward_hooked(&ids, 1, None)?,
                 len,
             }
         };
@@ -371,7 +384,7 @@ impl Data {
         let ts = ((u * steps_t as f64) as usize).min(steps_t - 1);
         let post = draw(rng, n);
         let noise = draw(rng, n);
-        let z = Vae::sample(&self.mean, &self.logvar, &post)?;
+        let z = Vae::<crate::backend::Cpu>::sample(&self.mean, &self.logvar, &post)?;
         let a = self.alphas_cumprod[ts];
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
         let sample = z
@@ -394,8 +407,8 @@ impl Data {
 /// Runs the finetuning: `params.steps` AdamW steps of the diffusion loss on the face. Stops at
 /// the first NaN or infinite loss or gradient (`diverged_at`, the tensors of the step before);
 /// `progress` may cancel after any step (`Error::Cancelled`).
-pub fn finetune(
-    m: &Models<'_>,
+pub fn finetune<B: Backend>(
+    m: &Models<'_, B>,
     face: Face<'_>,
     start: Start,
     params: &FinetuneParams,
@@ -472,8 +485,8 @@ pub fn finetune(
 
 /// The mean diffusion loss of `t` on the face over `draws` fixed draws from a stream seeded
 /// with `seed` (held out from training's): a yardstick that does not move with the draws.
-pub fn evaluate(
-    m: &Models<'_>,
+pub fn evaluate<B: Backend>(
+    m: &Models<'_, B>,
     face: Face<'_>,
     t: &Trainable,
     params: &FinetuneParams,

@@ -7,7 +7,7 @@
 
 use super::hook::TrainHook;
 use super::params::{LayerGrad, Trainable};
-use crate::backend::Cpu;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{read_as_f32, SafetensorsFile};
 use crate::model::grad::GradOptions;
@@ -160,14 +160,14 @@ pub fn mse(out: &[f32], target: &[f32]) -> Result<(f64, Vec<f32>)> {
 
 /// The loss and the gradient of every layer of `t` (in `t.layers`' order, the file's layout).
 /// `text_encoder` is needed when the condition is token ids.
-pub fn loss_and_gradients(
-    unet: &Unet<Cpu>,
-    text_encoder: Option<&TextEncoder<Cpu>>,
+pub fn loss_and_gradients<B: Backend>(
+    unet: &Unet<B>,
+    text_encoder: Option<&TextEncoder<B>>,
     t: &Trainable,
     input: &GradInput,
     checkpoint: bool,
 ) -> Result<(f64, Vec<LayerGrad>)> {
-    let hook = TrainHook::new(t);
+    let hook = TrainHook::new(unet.backend(), t)?;
     let b = input.batch;
     let (context, len, tape) = match &input.condition {
         Condition::Hidden { values, len } => (values.clone(), *len, None),

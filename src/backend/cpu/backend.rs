@@ -322,6 +322,20 @@ impl Backend for Cpu {
         Ok(dx)
     }
 
+    fn outer_f32(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        (rows, m, n): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let op = "outer_f32";
+        check_len(op, "a", a.len(), volume(op, &[rows, m])?)?;
+        check_len(op, "b", b.len(), volume(op, &[rows, n])?)?;
+        let mut c = vec![0.0; volume(op, &[m, n])?];
+        super::matmul_at(&mut c, a, b, m, rows, n, false);
+        Ok(c)
+    }
+
     fn split_channels(
         &self,
         x: &Vec<f32>,

@@ -453,6 +453,15 @@ impl<T: BlasElem> Backend for Cuda<T> {
         Err(no_backward("upsample_nearest2x_backward"))
     }
 
+    fn outer_f32(
+        &self,
+        _: &CudaSlice<T>,
+        _: &CudaSlice<T>,
+        _: (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        Err(no_backward("outer_f32"))
+    }
+
     fn split_channels(
         &self,
         _: &CudaSlice<T>,
