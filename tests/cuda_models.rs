@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use hdb::backend::cuda::ops::BlasElem;
 use hdb::backend::cuda::{Cuda, CudaDevice};
+use hdb::backend::Backend;
 use hdb::io::diffusers::Variant;
 use hdb::model::text_encoder::TextEncoder;
 use hdb::model::unet::Unet;
@@ -331,5 +332,51 @@ fn hypernet_on_cuda_matches_the_cpu() {
     let mut failures = Vec::new();
     hypernet_cases::<f32>(&dev, &mut failures);
     hypernet_cases::<half::f16>(&dev, &mut failures);
+    finish(failures);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training on a GPU: the adapter factors' gradient GEMM (Backend::outer_f32, f32 output from
+// storage-type inputs) against the CPU's, in every storage type.
+// ---------------------------------------------------------------------------------------------
+
+fn outer_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    let be = Cuda::<T>::new(dev.clone());
+    for (rows, m, n) in [(1, 1, 1), (77, 4, 768), (4096, 320, 4), (5, 3, 7)] {
+        // Inputs rounded to T, so both sides see the same values.
+        let a: Vec<f32> = noise(rows * m, 5)
+            .iter()
+            .map(|&x| T::from_f32(x).to_f32())
+            .collect();
+        let b: Vec<f32> = noise(rows * n, 6)
+            .iter()
+            .map(|&x| T::from_f32(x).to_f32())
+            .collect();
+        let want = hdb::backend::Cpu
+            .outer_f32(&a, &b, (rows, m, n))
+            .expect("cpu");
+        let got = be
+            .upload(&a)
+            .and_then(|ga| Ok((ga, be.upload(&b)?)))
+            .and_then(|(ga, gb)| be.outer_f32(&ga, &gb, (rows, m, n)));
+        // f32 accumulation on both sides: within 1e-4 whatever T.
+        failures.extend(common::judge(
+            &format!("outer_f32 {rows}x{m}x{n}"),
+            T::SUFFIX,
+            got,
+            &want,
+            1e-4,
+        ));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn adapter_gradient_gemm_on_cuda_matches_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    outer_cases::<f32>(&dev, &mut failures);
+    outer_cases::<half::f16>(&dev, &mut failures);
+    outer_cases::<half::bf16>(&dev, &mut failures);
     finish(failures);
 }

@@ -455,11 +455,20 @@ impl<T: BlasElem> Backend for Cuda<T> {
 
     fn outer_f32(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: (usize, usize, usize),
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        (rows, m, n): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        Err(no_backward("outer_f32"))
+        let op = "outer_f32";
+        check_len(op, "a", a.len(), volume(op, &[rows, m])?)?;
+        check_len(op, "b", b.len(), volume(op, &[rows, n])?)?;
+        let len = volume(op, &[m, n])?;
+        if len == 0 || rows == 0 {
+            return Ok(vec![0.0; len]);
+        }
+        let mut c = self.dev.alloc::<f32>(len)?;
+        ops::outer_f32(&self.dev, a, b, &mut c, rows, m, n)?;
+        self.dev.download(&c, len)
     }
 
     fn split_channels(

@@ -293,3 +293,52 @@ pub(super) unsafe fn gemm_batched_f32_scalars<T: DeviceElem>(
         .map_err(|e| Error::Device(format!("cuBLAS batched gemm: {e:?}")))
     })
 }
+
+/// c `[m, n]` (f32, row-major) = a^T b summed over `rows`, for a `[rows, m]` and b `[rows, n]`
+/// in T: one GemmEx with f32 output and compute (an adapter factor's gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn outer_f32<T: DeviceElem>(
+    dev: &CudaDevice,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    c: &mut CudaSlice<f32>,
+    rows: usize,
+    m: usize,
+    n: usize,
+) -> Result<()> {
+    let op = "outer_f32";
+    need(a, 0, rows * m, op, "a")?;
+    need(b, 0, rows * n, op, "b")?;
+    need(c, 0, m * n, op, "c")?;
+    // Row-major c [m, n] is column-major c^T [n, m] = b' a'^T, where b' = b read column-major
+    // ([n, rows], ld n) and a' = a read column-major ([m, rows], ld m).
+    let cfg = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_T,
+            m: to_i32(n, op, "n")?,
+            n: to_i32(m, op, "m")?,
+            k: to_i32(rows, op, "rows")?,
+            alpha: 1.0,
+            lda: to_i32(n.max(1), op, "n")?,
+            ldb: to_i32(m.max(1), op, "m")?,
+            beta: 0.0,
+            ldc: to_i32(n.max(1), op, "n")?,
+        },
+        batch_size: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
+    };
+    // SAFETY: the extents were checked above, on live allocations of this device.
+    unsafe {
+        gemm_batched_f32_scalars::<T>(
+            dev,
+            cfg,
+            addr(dev, b, 0),
+            addr(dev, a, 0),
+            addr(dev, c, 0),
+            Ctype::F32,
+        )
+    }
+}
