@@ -68,6 +68,11 @@ pub struct TrainArgs {
     /// CPU threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where training runs: cpu, cuda (= cuda:0), cuda:N or auto (the model's components and
+    /// the backward passes run there; the adapter's f32 tensors and AdamW's state stay on
+    /// the host).
+    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
+    pub device: hdb::runtime::DeviceRequest,
 }
 
 /// `hdb finetune`'s own arguments.
@@ -121,7 +126,7 @@ fn required<'a>(v: &'a Option<PathBuf>, flag: &'static str) -> hdb::Result<&'a P
 }
 
 fn setup(a: &TrainArgs) -> hdb::Result<Setup> {
-    let rt = super::runtime(hdb::runtime::DeviceRequest::Cpu, a.threads)?;
+    let rt = super::runtime(a.device, a.threads)?;
     let engine = Engine::new(
         Arc::new(rt),
         super::load_model(required(&a.model, "--model")?)?,
