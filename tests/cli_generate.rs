@@ -1,8 +1,11 @@
 //! `hdb generate` (from given latents, equal to diffusers) and `hdb demo`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::{assert_close, Tol};
 use hdb::io::safetensors::SafetensorsFile;
 
 fn fx(p: &str) -> PathBuf {
@@ -63,16 +66,7 @@ fn generate_from_latents_matches_diffusers_and_writes_pngs() {
         .expect("ref")
         .to_f32("latents")
         .expect("ref");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        got.len() == want.len() && worst <= 1e-4 * scale,
-        "latents differ by {worst} (max|ref| {scale})"
-    );
+    assert_close("latents", &got, &want, Tol::MaxAbsOfRef(1e-4));
     for i in 0..2 {
         assert_eq!(png_size(&dir.path().join(format!("img-{i}.png"))), (64, 64));
     }
