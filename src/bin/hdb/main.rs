@@ -16,6 +16,7 @@ mod demo;
 mod generate;
 mod hypernet_cmd;
 mod info_cmd;
+mod tokenize_cmd;
 mod unet_cmd;
 
 use clap::{Parser, Subcommand};
@@ -171,6 +172,21 @@ enum Command {
     Adapter {
         #[command(subcommand)]
         what: adapter_cmd::AdapterCmd,
+    },
+    /// Print the CLIP token ids of TEXT on one line: start token, the text's tokens, end token,
+    /// truncated to 77 (`tokenizer(text, max_length=77, truncation=True).input_ids` of
+    /// transformers' CLIPTokenizer).
+    Tokenize {
+        /// A diffusers folder with tokenizer/, or a tokenizer folder (tokenizer.json or
+        /// vocab.json + merges.txt).
+        #[arg(long)]
+        model: PathBuf,
+        /// Pad with the pad token to 77 ids, as the pipeline feeds the text encoder.
+        #[arg(long)]
+        padded: bool,
+        /// The text, after `--`; several arguments are joined with single spaces.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        text: Vec<String>,
     },
     /// Describe a model (diffusers folder, component folder, LDM single file) or any
     /// safetensors file: components, tensors, dtypes, parameter counts, architecture.
@@ -444,6 +460,11 @@ fn main() -> ExitCode {
             mode,
         ),
         Command::Adapter { what } => adapter_cmd::run(what),
+        Command::Tokenize {
+            model,
+            padded,
+            text,
+        } => tokenize_cmd::run(&model, &text.join(" "), padded),
         Command::Info {
             path,
             tensors,
