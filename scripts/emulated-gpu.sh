@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 
-cargo test -q --features cuda --test kernel_emulation -- --ignored --exact emulated_gpu_library \
+cargo test -q --test kernel_emulation -- --ignored --exact emulated_gpu_library \
   >/dev/null
 lib="$target/tmp/emulated-gpu"
 [ -e "$lib/libcuda.so" ] || { echo "emulated-gpu: $lib/libcuda.so was not built"; exit 1; }
@@ -35,13 +35,13 @@ if [ $# -gt 0 ]; then
   cargo_args=()
   while [ $# -gt 0 ] && [ "$1" != -- ]; do cargo_args+=("$1"); shift; done
   [ $# -gt 0 ] && shift
-  cargo test --features cuda "${cargo_args[@]}" -- --include-ignored --test-threads=1 "$@" 2>&1 |
+  cargo test "${cargo_args[@]}" -- --include-ignored --test-threads=1 "$@" 2>&1 |
     tee "$log_dir/all.log"
   rc=${PIPESTATUS[0]}
 else
   # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
   tests="cuda_unet cuda_models cuda_parity cuda_backend cuda_adapters"
-  cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
+  cargo test --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
     python3 scripts/test-binaries.py >"$log_dir/binaries"
   [ "$(wc -l <"$log_dir/binaries")" -eq 5 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
   # cuda_unet is the longest (about 9 minutes alone on one core): its adapter tests (about 5)
