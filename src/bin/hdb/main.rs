@@ -513,8 +513,8 @@ enum Mode {
     Runtime,
 }
 
-/// The CLI's runtime on `device` (the UNet runs there; everything else on the CPU) with
-/// `threads` CPU threads (0 = one per core).
+/// The CLI's runtime on `device` (the UNet, text encoder, VAE and hypernetwork run there; the
+/// tokenizer on the CPU) with `threads` CPU threads (0 = one per core).
 fn runtime(device: hdb::runtime::DeviceRequest, threads: usize) -> hdb::Result<hdb::Runtime> {
     hdb::Runtime::new(hdb::RuntimeOptions { device, threads })
 }
