@@ -65,6 +65,12 @@ fn unet_with_adapters_matches_diffusers() {
             "{mode}: {}",
             String::from_utf8_lossy(&r.stderr)
         );
+        // It says what it wrote.
+        let said = String::from_utf8_lossy(&r.stdout);
+        assert!(
+            said.contains(&format!("wrote {} (out [2, 4, ", s(&o))),
+            "{said}"
+        );
         // 1e-4 x max|ref| (1.12) as the UNet parity tests allow.
         assert_close(
             &format!("{mode}: hdb unet with two adapters"),

@@ -49,10 +49,20 @@ fn predict_writes_the_adapter_the_library_predicts() {
     let got = Lidb::load(&out).expect("written adapter");
     let net = Hypernet::load(&net_path).expect("hypernet");
     let image = net.preprocess(&rgb, w, h, w * 3).expect("preprocess");
-    let want = net
+    let mut want = net
         .to_lidb(&net.predict(&image, Some(2), None).expect("predict"))
         .expect("lidb");
+    // The file says which model it was predicted for (the library's own adapter cannot know).
+    assert_eq!(want.meta.base, None);
+    want.meta.base = Some("tiny-sd (SD 1.x)".into());
     assert_eq!(got, want);
+    let info = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["adapter", "info"])
+        .arg(&out)
+        .output()
+        .expect("run hdb");
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("base: tiny-sd (SD 1.x)"), "{text}");
 
     // A face smaller than 16x16 is refused with the argument named.
     let tiny = dir.path().join("tiny.png");

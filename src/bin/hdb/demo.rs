@@ -199,8 +199,10 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let mut adapters: Vec<Adapter> = Vec::new();
     for i in 0..2 {
         let (w, h) = (96, 80);
+        let rgb = face(i, w, h);
+        write_png(&a.out.join(format!("face-{i}.png")), &rgb, w, h)?;
         let t = Instant::now();
-        let image = net.preprocess(&face(i, w, h), w, h, w * 3)?;
+        let image = net.preprocess(&rgb, w, h, w * 3)?;
         let theta = rt.install(|| net.predict(&image, None, None))?;
         let lidb = net.to_lidb(&theta)?;
         rows.push((
@@ -324,9 +326,15 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         println!("{k:<width$}  {v:>12}");
     }
     println!(
-        "\nwrote {} (PNG images and the two identity files)",
+        "\nwrote {} (the two input faces, the images and the two identity files)",
         display(&a.out)
     );
+    if a.model.is_none() {
+        println!(
+            "the built-in model's weights are random, so its images are noise: the path and the \
+             timings are what is real (--model PATH renders with a real SD 1.5 model)"
+        );
+    }
     Ok(())
 }
 

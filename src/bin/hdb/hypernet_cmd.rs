@@ -71,7 +71,8 @@ pub fn predict(
     };
     let theta = rt.install(|| net.predict(&image, iterations, Some(&mut progress)))?;
     bar.finish_and_clear();
-    let lidb = net.to_lidb(&theta)?;
+    let mut lidb = net.to_lidb(&theta)?;
+    lidb.meta.base = Some(base_name(&m));
     rt.install(|| lidb.compose(&table))?; // the adapter must load into this model
     lidb.save(output)?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
@@ -82,6 +83,16 @@ pub fn predict(
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// What a predicted adapter's `base` says it was made for: the `--model` folder's or file's
+/// name and its architecture, e.g. `stable-diffusion-v1-5 (SD 1.x)`.
+fn base_name(m: &hdb::Model) -> String {
+    let name = m.path.file_name().map_or_else(
+        || m.path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    );
+    format!("{name} ({})", m.architecture.name())
 }
 
 /// `hdb info` for a hypernetwork file; `Ok(false)` when the file is not one.

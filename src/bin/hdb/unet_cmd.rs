@@ -135,8 +135,8 @@ pub fn unet(
             .map(|d| format!(" on {}", d.describe()))
             .unwrap_or_default()
     );
-    write_f32(
-        output,
-        &[("out", vec![b, unet.config.out_channels, h, w], &y)],
-    )
+    let shape = vec![b, unet.config.out_channels, h, w];
+    write_f32(output, &[("out", shape.clone(), &y)])?;
+    println!("wrote {} (out {shape:?}, f32)", output.display());
+    Ok(())
 }
