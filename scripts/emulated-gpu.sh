@@ -72,7 +72,7 @@ else
     done
   ) &
   heartbeat=$!
-  trap 'kill "$heartbeat" 2>/dev/null; rm -rf "$log_dir"' EXIT
+  trap 'kill "$heartbeat" 2>/dev/null || true; rm -rf "$log_dir"' EXIT
   pids=()
   while read -r name exe; do
     while [ "$(jobs -rp | grep -vxc "$heartbeat")" -ge "$jobs_max" ]; do wait -n || true; done
