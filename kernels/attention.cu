@@ -36,9 +36,10 @@
 //   SXM); realistic target ~40 % of peak = ~110 us; bytes (q, k, v, out) 21 MB = 6 us.
 //   Compute-bound. Cross-attention (lk = 77, two tiles of 64 with the second masked) is
 //   bytes-bound: q + out at 4096 x 320 x 2 B x 2 batches = 10.5 MB -> ~3 us.
-//   TODO(perf): ldmatrix(.trans) for the k and v fragments (v's B fragment is gathered from
-//   scalar 16-bit shared loads now), cp.async double buffering of k/v tiles, 16-byte global
-//   loads, more query rows per warp, and an sm_90 wgmma variant.
+//   This is the fallback for rows that are not 16-byte aligned: flash2_attn_* (below) takes
+//   its operands by ldmatrix(.trans), double-buffers k/v tiles with cp.async in 16-byte copies,
+//   and flash3_attn_d40_* gives each warp two m-tiles. What is left is an sm_90a wgmma kernel
+//   (docs/perf.md: the 4096-token d40 shape, 0.87x cuDNN's wgmma SDPA).
 //
 // attention_scalar_{f32,f16,bf16}(T* out, const T* q, const T* k, const T* v, int lq, int lk,
 //                                 int d, long long ld_q, long long ld_k, long long ld_v,

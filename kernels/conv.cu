@@ -18,7 +18,9 @@
 //   Napkin math, SD 1.5 3x3 conv at 64x64, 320 channels, fp16, one sample: cols = 2880 x 4096
 //   x 2 B = 23.6 MB written, 2.6 MB read (L2) -> ~8 us at 3.35 TB/s; the GEMM that follows
 //   does 2 * 320 * 2880 * 4096 = 7.5 GFLOP -> ~10 us at 750 TFLOP/s. im2col's traffic is the
-//   price of using cuBLAS; an implicit-GEMM kernel would avoid it (TODO(perf), measure).
+//   price of using cuBLAS; kernels/conv_igemm.cu avoids it, and the backend takes it wherever
+//   it measured faster (up to 512 output channels: `ops::conv2d_prefers_implicit`,
+//   docs/perf.md), so im2col now serves the 640- and 1280-channel convolutions.
 //
 // transpose_{f32,f16,bf16}(T* y, const T* x, long long batch, int rows, int cols)
 //   y [batch, cols, rows] = x [batch, rows, cols] transposed per batch. NCHW -> NHWC is

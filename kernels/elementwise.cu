@@ -14,7 +14,8 @@
 // size is correct. Tensors are contiguous, row-major; f32 math, one rounding per output.
 // All of these are bandwidth-bound: the bound is bytes / 3.35 TB/s (H100 SXM HBM3); at
 // SD 1.5 sizes (a few MB) launch latency (~3-5 us) dominates, so fusing them into
-// neighbours is the real win (TODO once the backend exists).
+// neighbours is the real win: GEGLU is one kernel here, and group norm carries its SiLU
+// (norm.cu); the others are still launches of their own.
 //
 // geglu_{f32,f16,bf16}(T* y, const T* x, long long rows, int d)
 //   x [rows, 2d] -> y [rows, d] = x[:, :d] * gelu(x[:, d:]), exact (erf) GELU: diffusers'

@@ -21,7 +21,8 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 
-cargo test -q --features cuda --test backend_ops -- --ignored --exact emulated_gpu_library \
+echo "emulated-gpu: building the emulated GPU (tests/emu/gpu.cpp) into $target/tmp/emulated-gpu"
+cargo test -q --test backend_ops -- --ignored --exact emulated_gpu_library \
   >/dev/null
 lib="$target/tmp/emulated-gpu"
 [ -e "$lib/libcuda.so" ] || { echo "emulated-gpu: $lib/libcuda.so was not built"; exit 1; }
@@ -36,13 +37,14 @@ if [ $# -gt 0 ]; then
   cargo_args=()
   while [ $# -gt 0 ] && [ "$1" != -- ]; do cargo_args+=("$1"); shift; done
   [ $# -gt 0 ] && shift
-  cargo test --features cuda "${cargo_args[@]}" -- --include-ignored --test-threads=1 "$@" 2>&1 |
+  cargo test "${cargo_args[@]}" -- --include-ignored --test-threads=1 "$@" 2>&1 |
     tee "$log_dir/all.log"
   rc=${PIPESTATUS[0]}
 else
   # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
   tests="cuda_unet cuda_models backend_ops"
-  cargo test --features cuda --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
+  echo "emulated-gpu: building the GPU test binaries ($tests)"
+  cargo test --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
     python3 scripts/test-binaries.py >"$log_dir/binaries"
   [ "$(wc -l <"$log_dir/binaries")" -eq 3 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
   # cuda_unet is the longest (about 9 minutes alone on one core): its adapter tests (about 5)
@@ -57,9 +59,26 @@ else
   echo "hdb-demo-cuda $target/debug/hdb" >>"$log_dir/binaries"
   jobs_max="$(nproc)"
   rc=0
+  n_jobs="$(wc -l <"$log_dir/binaries")"
+  start="$(date +%s)"
+  echo "emulated-gpu: $n_jobs test processes, $jobs_max at a time; a line as each ends and" \
+    "one every minute, then their output"
+  # A line a minute, so the long quiet stretch does not look like a hang.
+  (
+    while sleep 60; do
+      ended=$(find "$log_dir" -maxdepth 1 -name '*.rc' | wc -l)
+      lines=$(cat "$log_dir"/*.log 2>/dev/null | grep -c '^cuda-' || true)
+      echo "emulated-gpu: $((($(date +%s) - start) / 60)) min: $ended of $n_jobs processes" \
+        "ended, $lines parity lines so far"
+    done
+  ) &
+  heartbeat=$!
+  trap 'kill "$heartbeat" 2>/dev/null || true; rm -rf "$log_dir"' EXIT
+  pids=()
   while read -r name exe; do
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
+    while [ "$(jobs -rp | grep -vxc "$heartbeat")" -ge "$jobs_max" ]; do wait -n || true; done
     (
+      t0="$(date +%s)"
       if [ "$name" = hdb-bench-cuda-smoke ]; then
         "$exe" bench cuda --unet --smoke 2>&1
         echo $? >"$log_dir/$name.rc"
@@ -80,9 +99,13 @@ else
         "$exe" --include-ignored --test-threads=1 --nocapture 2>&1
         echo $? >"$log_dir/$name.rc"
       fi >"$log_dir/$name.log"
+      echo "emulated-gpu: $name $([ "$(cat "$log_dir/$name.rc")" = 0 ] && echo ok || echo FAILED)" \
+        "in $(($(date +%s) - t0)) s"
     ) &
+    pids+=($!)
   done <"$log_dir/binaries"
-  wait
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  kill "$heartbeat" 2>/dev/null || true
   while read -r name _; do
     echo "== $name"
     cat "$log_dir/$name.log"

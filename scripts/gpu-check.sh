@@ -34,8 +34,8 @@ done
 if [ "${1:-}" = --prepare ]; then
   set -e
   mkdir -p "$bin"
-  cargo build --release --features cuda --bin hdb
-  cargo test --release --features cuda --no-run $(printf -- '--test %s ' $gpu_tests) \
+  cargo build --release --bin hdb
+  cargo test --release --no-run $(printf -- '--test %s ' $gpu_tests) \
     --message-format=json 2>/dev/null | python3 scripts/test-binaries.py |
     while read -r name exe; do cp "$exe" "$bin/$name" && echo "prepared $name"; done
   cp target/release/hdb "$bin/hdb"

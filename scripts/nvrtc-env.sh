@@ -2,7 +2,7 @@
 # Makes NVRTC (the CUDA runtime compiler) available without a CUDA toolkit or a GPU, for the
 # kernel compile check (tests/kernels_compile.rs):
 #
-#   eval "$(scripts/nvrtc-env.sh)" && cargo test --features cuda --test kernels_compile
+#   eval "$(scripts/nvrtc-env.sh)" && cargo test --test kernels_compile -- --include-ignored
 #
 # Installs, once, the pip packages nvidia-cuda-nvrtc-cu12 (libnvrtc.so.12 and its builtins)
 # and nvidia-cuda-runtime-cu12 (cuda_fp16.h, cuda_bf16.h, ...) into a venv under the cargo

@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
-# Every check hdb has, in the order a failure is cheapest to read: formatting, lints, the Rust
-# and C test suites (C under AddressSanitizer + UBSan via cargo test), the CUDA kernels through
-# NVRTC, on a host emulation, and the GPU tests on an emulated GPU, then the C programs under
-# valgrind. This is the README's test command and what .ci/run runs.
+# Every check hdb has, in the order a failure is cheapest to read: formatting, lints and docs
+# of the default build (CPU + the CUDA backend, loaded at run time) and of the CPU-only build,
+# the Rust and C test suites (C under AddressSanitizer + UBSan via cargo test; the CUDA kernels
+# on a host emulation of CUDA), the kernels through NVRTC, the GPU tests on an emulated GPU,
+# then the C programs under valgrind. This is the README's test command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+phase() { echo "== test-all: $* ($(date -u +%T), ${SECONDS}s in)"; }
+phase "cargo fmt --check"
 cargo fmt --check
+phase "clippy, docs: default build"
 cargo clippy --all-targets -- -D warnings
-# The CUDA backend must keep compiling on machines without CUDA.
-cargo clippy --features cuda --all-targets -- -D warnings
 # Docs build without broken or private intra-doc links (docs/backend.md points newcomers here).
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
+# The CPU-only build (`--no-default-features --features cli`) must keep compiling, linking
+# and refusing cuda:N cleanly on machines without CUDA.
+phase "clippy, docs, build, unit tests: CPU-only build"
+cpu_only=(--no-default-features --features cli)
+cargo clippy "${cpu_only[@]}" --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps "${cpu_only[@]}"
+cargo build "${cpu_only[@]}"
+cargo test "${cpu_only[@]}" --lib
+# Every test of the default build; the kernels also run here without a GPU
+# (the emu:: rows of tests/backend_ops: tests/emu/cuda_emu.h emulates CUDA on the host, needs g++, and each
+# kernel's output must match the CPU backend's). The GPU tests are #[ignore]d (skipped) here.
+phase "cargo test"
 cargo test
-# The CUDA backend's host-side unit tests (launch plans, chunking, limits): no GPU needed.
-cargo test --features cuda --lib
 # The CUDA kernels must compile for sm_80 and sm_90: NVRTC from pip, no GPU needed.
+phase "kernels through NVRTC"
 nvrtc_env="$(scripts/nvrtc-env.sh)"
-( eval "$nvrtc_env"; cargo test --features cuda --test kernels_compile )
-# The kernels also run, without a GPU: tests/emu/cuda_emu.h emulates CUDA on the host (needs
-# g++), and each kernel's output must match the CPU backend's (the emu:: rows of the one op
-# table, tests/backend_ops/, whose gpu:: rows run on the emulated GPU below).
-cargo test --features cuda --test backend_ops
-# The GPU tests are #[ignore]d (counted as skipped) without a GPU; scripts/gpu-check.sh runs
-# them on a GPU machine, and here they run on an emulated GPU (tests/emu/gpu.cpp: the CUDA
-# driver API and cuBLAS on the host, the kernels under cuda_emu.h), every one of them.
+( eval "$nvrtc_env"; cargo test --test kernels_compile -- --include-ignored )
+# The GPU tests: scripts/gpu-check.sh runs them on a GPU machine, and here they run on an
+# emulated GPU (tests/emu/gpu.cpp: the CUDA driver API and cuBLAS on the host, the kernels
+# under cuda_emu.h), every one of them.
+phase "GPU tests on the emulated GPU"
 scripts/emulated-gpu.sh
+phase "C tests under valgrind"
 scripts/valgrind-c-tests.sh
+phase "every check passed"

@@ -23,13 +23,13 @@ impl SplitMix64 {
 }
 
 /// Uniform in (0, 1): `((next >> 11) + 0.5) * 2^-53`, never 0 so `ln` is finite.
-pub fn uniform_open(rng: &mut SplitMix64) -> f64 {
+fn uniform_open(rng: &mut SplitMix64) -> f64 {
     ((rng.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
 }
 
 /// hdb's documented normal generator (also the LiDB basis' and the pipeline's noise): `n`
 /// standard normals by Box-Muller on consecutive uniform pairs `(u1, u2)` of
-/// [`uniform_open`], `sqrt(-2 ln u1) cos(2 pi u2)` then `sqrt(-2 ln u1) sin(2 pi u2)`, in f64;
+/// `uniform_open`, `sqrt(-2 ln u1) cos(2 pi u2)` then `sqrt(-2 ln u1) sin(2 pi u2)`, in f64;
 /// an odd count drops the last sine.
 pub fn normals(rng: &mut SplitMix64, n: usize) -> Vec<f64> {
     let mut v = Vec::with_capacity(n + 1);

@@ -1,8 +1,9 @@
 //! The runtime: which device runs the ops and how many CPU threads they may use.
 //!
-//! With a CUDA device (feature `cuda`), the UNet runs there (fp16 weights, uploaded once per
-//! model on first use); the text encoder, the VAE, the tokenizer and the hypernetwork stay on
-//! the CPU, in this runtime's thread pool, which every runtime keeps.
+//! With a CUDA device (feature `cuda`), a model placed on the runtime (`crate::Engine`) runs
+//! its UNet, text encoder and VAE there (fp16 weights, uploaded once per model on first use),
+//! and a hypernetwork loaded on it too (f32); the tokenizer and everything on a CPU runtime run
+//! in this runtime's thread pool, which every runtime keeps.
 
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
@@ -87,8 +88,8 @@ impl Runtime {
     /// Opens the requested device: `Cuda(n)` fails as the device reports it
     /// ([`Error::NoDevice`] without a driver, a device, libnvrtc, or in a build without the
     /// `cuda` feature); `Auto` tries cuda:0 and falls back to the CPU (logged at info level).
-    /// Every runtime also starts its CPU thread pool (`threads`, 0 = one per core): the text
-    /// encoder, VAE, tokenizer and hypernetwork run there, and on a CPU runtime the UNet too.
+    /// Every runtime also starts its CPU thread pool (`threads`, 0 = one per core): the
+    /// tokenizer and host-side work run there, and on a CPU runtime every model too.
     pub fn new(opts: RuntimeOptions) -> Result<Runtime> {
         let (device, cuda) = match opts.device {
             DeviceRequest::Cpu => (Device::Cpu, None),
@@ -125,7 +126,8 @@ impl Runtime {
         })
     }
 
-    /// The CUDA device of a runtime created on one (the UNet runs there); None on the CPU.
+    /// The CUDA device of a runtime created on one (models placed on the runtime run there);
+    /// None on the CPU.
     #[cfg(feature = "cuda")]
     pub fn cuda(&self) -> Option<&Arc<CudaDevice>> {
         self.cuda.as_ref()

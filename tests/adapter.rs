@@ -2,8 +2,11 @@
 //! against an independent numpy implementation, and the UNet with LiDB / kohya / PEFT adapters
 //! in both apply modes against diffusers + peft on the same weights and inputs.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::{assert_close, compare, Tol};
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::{basis::basis, lidb::Lidb, lora, Adapter};
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
@@ -67,26 +70,6 @@ fn reference(file: &str) -> Vec<f32> {
         .expect("out")
 }
 
-/// max|got - want| <= rel * max|want|, printing the worst element otherwise.
-fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let (mut worst, mut at) = (0f32, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        if d > worst || d.is_nan() {
-            (worst, at) = (d, i);
-        }
-    }
-    println!("{what}: max abs error {worst:e} (max|ref| {scale:e}) at {at}");
-    assert!(
-        worst <= rel * scale,
-        "{what}: max abs error {worst:e} > {rel:e} x {scale:e}; worst at index {at}: hdb {} vs reference {}",
-        got[at],
-        want[at]
-    );
-}
-
 fn run(
     unet: &Unet,
     set: &[(&Adapter, f32)],
@@ -118,19 +101,17 @@ fn basis_equals_the_numpy_implementation() {
         128,
         "SD 1.5-shaped UNet: 128 adapted projections"
     );
-    let mut worst = 0f32;
+    let mut worst = 0f64;
     let mut check = |key: &str, a: usize, b: usize, din: usize, dout: usize| {
         let bs = basis(key, seed, a, b, din, dout).expect("basis");
         for (name, got) in [("d_aux", &bs.d_aux), ("u_aux", &bs.u_aux)] {
             let want = f
                 .to_f32(&format!("{key}.{name}"))
                 .expect("reference tensor");
-            assert_eq!(got.len(), want.len(), "{key}.{name}");
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let d = (g - w).abs();
-                worst = worst.max(d);
-                assert!(d <= 1e-6, "{key}.{name}[{i}]: hdb {g} vs numpy {w}");
-            }
+            let what = format!("{key}.{name} against numpy");
+            let d = common::check(&what, got, &want, Tol::MaxAbs(1e-6))
+                .unwrap_or_else(|e| panic!("{e}"));
+            worst = worst.max(d.max_abs);
         }
     };
     for (k, s) in &table {
@@ -157,23 +138,20 @@ fn lidb_in_both_modes_equals_diffusers_with_peft() {
         "id1 merge",
         &run(&unet, &[(&id1, 1.0)], ApplyMode::Merge, None),
         &want,
-        1e-4,
+        Tol::MaxAbsOfRef(1e-4),
     );
     assert_close(
         "id1 runtime",
         &run(&unet, &[(&id1, 1.0)], ApplyMode::Runtime, None),
         &want,
-        1e-4,
+        Tol::MaxAbsOfRef(1e-4),
     );
     let base = reference("unet/tiny-sd.out.safetensors");
-    let change = want
-        .iter()
-        .zip(&base)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let change = compare(&want, &base);
     assert!(
-        change > 1e-2,
-        "the adapter must visibly change the output (max change {change})"
+        change.non_finite == 0 && change.max_abs > 1e-2,
+        "the adapter must visibly change the output (max change {:e})",
+        change.max_abs
     );
 }
 
@@ -188,14 +166,14 @@ fn kohya_and_peft_files_import_as_the_same_adapter() {
             file,
             &run(&unet, &[(&a, 1.0)], ApplyMode::Merge, None),
             &want,
-            1e-4,
+            Tol::MaxAbsOfRef(1e-4),
         );
     }
     assert_close(
         "diffusers' own kohya loading",
         &reference("adapter/id1-kohya.out.safetensors"),
         &want,
-        1e-5,
+        Tol::MaxAbsOfRef(1e-5),
     );
 }
 
@@ -210,7 +188,12 @@ fn two_weighted_adapters_and_a_partial_one_match_diffusers() {
     let want = reference("adapter/id1x0.7-id2x0.5.out.safetensors");
     for mode in [ApplyMode::Merge, ApplyMode::Runtime] {
         let got = run(&unet, &[(&id1, 0.7), (&id2, 0.5)], mode, None);
-        assert_close(&format!("id1x0.7 + id2x0.5 {mode:?}"), &got, &want, 1e-4);
+        assert_close(
+            &format!("id1x0.7 + id2x0.5 {mode:?}"),
+            &got,
+            &want,
+            Tol::MaxAbsOfRef(1e-4),
+        );
     }
     let half = adapter(&m, "id1-half.lidb.safetensors");
     assert_eq!(half.layers.len(), 64);
@@ -219,7 +202,7 @@ fn two_weighted_adapters_and_a_partial_one_match_diffusers() {
         "id1-half",
         &got,
         &reference("adapter/id1-half.out.safetensors"),
-        1e-4,
+        Tol::MaxAbsOfRef(1e-4),
     );
 }
 
@@ -241,7 +224,7 @@ fn one_identity_per_sample_equals_separate_runs() {
         "per-sample [id1, id2]",
         &got,
         &reference("adapter/per-sample.out.safetensors"),
-        1e-4,
+        Tol::MaxAbsOfRef(1e-4),
     );
     // -1 leaves a sample on the base model.
     let got = run(&unet, &[(&id1, 1.0)], ApplyMode::Runtime, Some(&[-1, 0]));
@@ -254,9 +237,14 @@ fn one_identity_per_sample_equals_separate_runs() {
         "sample 0 without adapter",
         &got[..half],
         &base[..half],
-        1e-4,
+        Tol::MaxAbsOfRef(1e-4),
     );
-    assert_close("sample 1 with id1", &got[half..], &one[half..], 1e-4);
+    assert_close(
+        "sample 1 with id1",
+        &got[half..],
+        &one[half..],
+        Tol::MaxAbsOfRef(1e-4),
+    );
 }
 
 #[test]
@@ -346,12 +334,7 @@ fn export_to_kohya_and_peft_reimports_to_the_same_factors() {
         for (k, l) in &id2.layers {
             let b = &back.layers[k];
             assert_eq!((b.rank, &b.down), (l.rank, &l.down), "{fmt:?} {k} down");
-            let worst =
-                b.up.iter()
-                    .zip(&l.up)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
-            assert!(worst <= 1e-6, "{fmt:?} {k} up differs by {worst}");
+            assert_close(&format!("{fmt:?} {k} up"), &b.up, &l.up, Tol::MaxAbs(1e-6));
         }
     }
 }

@@ -328,6 +328,63 @@ fn readme_c_example_compiles_and_runs() {
     );
 }
 
+/// README.md's commands that build and run its C example work as printed: they run in a
+/// scratch folder laid out as the repository root they expect (`include/`, `tests/fixtures/`,
+/// `minimal.c` holding the example, `target/release/libhdb.so` this test's build of the
+/// library, which stands for the first command, `cargo build --release`). The SONAME link is
+/// one of the commands, so a program that could not start without it fails here.
+#[test]
+fn readme_c_build_commands_work_as_printed() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## Using it from C")
+        .nth(1)
+        .expect("README has a '## Using it from C' section");
+    let block = |fence: &str| {
+        section
+            .split(fence)
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap_or_else(|| panic!("the section has a {fence} block"))
+    };
+    let (commands, code) = (block("```sh\n"), block("```c\n"));
+    let mut lines = commands.lines().filter(|l| !l.trim().is_empty());
+    assert_eq!(lines.next(), Some("cargo build --release"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("target/release")).expect("target/release");
+    std::fs::create_dir_all(d.join("tests")).expect("tests");
+    let link = |from: &Path, to: &str| {
+        std::os::unix::fs::symlink(from, d.join(to)).unwrap_or_else(|e| panic!("{to}: {e}"))
+    };
+    let so = setup()
+        .lib_dir
+        .join("libhdb.so")
+        .canonicalize()
+        .expect("libhdb.so");
+    link(&so, "target/release/libhdb.so");
+    link(&root().join("include"), "include");
+    link(&root().join("tests/fixtures"), "tests/fixtures");
+    std::fs::write(d.join("minimal.c"), code).expect("write minimal.c");
+    let mut last = None;
+    for line in lines {
+        let out = Command::new("sh")
+            .args(["-c", line])
+            .current_dir(d)
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .expect("run sh");
+        assert!(out.status.success(), "`{line}` failed:\n{}", show(&out));
+        last = Some(out);
+    }
+    let out = last.expect("commands after cargo build");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("architecture 1") && stdout.contains(env!("CARGO_PKG_VERSION")),
+        "the last command should run the example: {stdout}"
+    );
+}
+
 /// The shared library exports the C API and nothing else, and carries its SONAME.
 #[test]
 fn shared_library_exports_only_hdb_symbols() {

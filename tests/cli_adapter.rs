@@ -1,9 +1,12 @@
 //! The adapter side of the CLI: `hdb unet --adapter/--scale/--mode` (with `adapter_index` in
 //! IN), `hdb adapter info|export|basis`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{assert_close, Tol};
 use hdb::io::safetensors::{read_as_f32, write_f32, SafetensorsFile};
 
 fn fx(p: &str) -> PathBuf {
@@ -28,14 +31,6 @@ fn out(p: &Path) -> Vec<f32> {
         .expect("output")
         .to_f32("out")
         .expect("out")
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 #[test]
@@ -70,11 +65,19 @@ fn unet_with_adapters_matches_diffusers() {
             "{mode}: {}",
             String::from_utf8_lossy(&r.stderr)
         );
-        let d = max_diff(
+        // It says what it wrote.
+        let said = String::from_utf8_lossy(&r.stdout);
+        assert!(
+            said.contains(&format!("wrote {} (out [2, 4, ", s(&o))),
+            "{said}"
+        );
+        // 1e-4 x max|ref| (1.12) as the UNet parity tests allow.
+        assert_close(
+            &format!("{mode}: hdb unet with two adapters"),
             &out(&o),
             &out(&fx("adapter/id1x0.7-id2x0.5.out.safetensors")),
+            Tol::MaxAbs(1e-4 * 1.12),
         );
-        assert!(d <= 1e-4 * 1.12, "{mode}: max diff {d}");
     }
 }
 
@@ -117,9 +120,8 @@ fn unet_reads_per_sample_adapter_indices_from_the_input() {
     let want = out(&fx("adapter/per-sample.out.safetensors"));
     let got = out(&o);
     let half = want.len() / 2;
-    let d0 = max_diff(&got[..half], &want[..half]);
-    let d1 = max_diff(&got[half..], &want[half..]);
-    assert!(d0 < 1e-4 && d1 < 1e-4, "per-sample diffs {d0} {d1}");
+    assert_close("sample 0", &got[..half], &want[..half], Tol::MaxAbs(1e-4));
+    assert_close("sample 1", &got[half..], &want[half..], Tol::MaxAbs(1e-4));
     // Merge mode cannot give samples different identities.
     let r = hdb(&[
         "unet",
@@ -180,8 +182,12 @@ fn adapter_info_export_and_basis() {
         s(&k),
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let d = max_diff(&out(&o), &out(&fx("adapter/id1.out.safetensors")));
-    assert!(d < 1.3e-4, "exported kohya file: max diff {d}");
+    assert_close(
+        "exported kohya file",
+        &out(&o),
+        &out(&fx("adapter/id1.out.safetensors")),
+        Tol::MaxAbs(1.3e-4),
+    );
 
     let b = dir.path().join("basis.safetensors");
     let r = hdb(&[
@@ -262,15 +268,17 @@ fn unet_device_option() {
     let r = run("cpu", &cpu);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let want = out(&fx("adapter/id1.out.safetensors"));
-    assert!(max_diff(&out(&cpu), &want) <= 1e-4 * 1.12);
+    assert_close("--device cpu", &out(&cpu), &want, Tol::MaxAbs(1e-4 * 1.12));
     let gpu = dir.path().join("gpu.safetensors");
     let r = run("cuda:0", &gpu);
     let err = String::from_utf8_lossy(&r.stderr);
     if r.status.success() {
-        let d = max_diff(&out(&gpu), &want);
-        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        println!("hdb unet --device cuda:0: max diff to diffusers {d:e} (max|ref| {scale:e})");
-        assert!(d <= 2e-2 * scale, "cuda: max diff {d}");
+        assert_close(
+            "hdb unet --device cuda:0 against diffusers",
+            &out(&gpu),
+            &want,
+            Tol::MaxAbsOfRef(2e-2),
+        );
     } else {
         assert!(err.contains("no device"), "{err}");
     }

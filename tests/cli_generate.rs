@@ -1,8 +1,11 @@
 //! `hdb generate` (from given latents, equal to diffusers) and `hdb demo`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::{assert_close, Tol};
 use hdb::io::safetensors::SafetensorsFile;
 
 fn fx(p: &str) -> PathBuf {
@@ -63,16 +66,7 @@ fn generate_from_latents_matches_diffusers_and_writes_pngs() {
         .expect("ref")
         .to_f32("latents")
         .expect("ref");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        got.len() == want.len() && worst <= 1e-4 * scale,
-        "latents differ by {worst} (max|ref| {scale})"
-    );
+    assert_close("latents", &got, &want, Tol::MaxAbsOfRef(1e-4));
     for i in 0..2 {
         assert_eq!(png_size(&dir.path().join(format!("img-{i}.png"))), (64, 64));
     }
@@ -107,6 +101,20 @@ fn generate_rejects_bad_arguments_clearly() {
         .output()
         .expect("run hdb");
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("plms"));
+    // hdb writes PNG only: another extension would get PNG bytes under the wrong name.
+    for name in ["x.jpg", "x", "x.png.webp"] {
+        let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+            .args(["generate", "--model"])
+            .arg(fx("tiny-sd"))
+            .args(["--prompt", "x", "-o", name])
+            .output()
+            .expect("run hdb");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success() && err.contains("-o") && err.contains(".png"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -151,6 +159,55 @@ fn demo_runs_the_whole_path_on_the_built_in_model() {
         assert_eq!(png_size(&dir.path().join(f)), (64, 64), "{f}");
     }
     assert!(dir.path().join("identity-0.lidb.safetensors").is_file());
+    // The synthetic input faces are saved beside the images, and the demo says why its
+    // images look like noise.
+    for f in ["face-0.png", "face-1.png"] {
+        assert_eq!(png_size(&dir.path().join(f)), (96, 80), "{f}");
+    }
+    assert!(
+        stdout.contains("weights are random, so its images are noise"),
+        "{stdout}"
+    );
+}
+
+/// `hdb demo | head -1`: when the reader of stdout goes away, hdb ends quietly (by SIGPIPE,
+/// as Unix tools do), never with a panic about the broken pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args([
+            "demo",
+            "--steps",
+            "1",
+            "--size",
+            "64",
+            "--threads",
+            "2",
+            "--out",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hdb demo");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("first line");
+    // The reader is dropped here: the pipe is closed while the demo still has lines to print.
+    assert!(first.starts_with("hdb demo on"), "{first}");
+    let r = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        r.status.success() || r.status.signal() == Some(13),
+        "{:?}: {err}",
+        r.status
+    );
 }
 
 /// `hdb generate --device cuda` runs the UNet on the GPU where there is one, else fails before

@@ -8,14 +8,20 @@
 //! a 100, b 50, with a one-block ViT-H/14-wide encoder, on 8 of SD 1.5's layers; its weights are
 //! hdb's RandomWeights, which the reference reproduces value for value).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::{assert_close, Tol};
 use hdb::adapter::lidb::Lidb;
 use hdb::hypernet::{preprocess, Hypernet, HypernetConfig};
 use hdb::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
 use hdb::model::Model;
 use hdb::Error;
 use hdb::{model::random::RandomWeights, rng::SplitMix64};
+
+/// The encoder's tokens, the decoder's output and theta: within 1e-4 x max|reference|.
+const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
 
 fn fx(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -30,34 +36,6 @@ fn open(p: &str) -> SafetensorsFile {
 fn tensor(f: &SafetensorsFile, name: &str) -> Vec<f32> {
     f.to_f32(name)
         .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"))
-}
-
-/// Passes if every |got - want| <= `bound`; prints the worst element either way.
-fn assert_within(what: &str, got: &[f32], want: &[f32], bound: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let (mut worst, mut at) = (0f32, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = (g - w).abs();
-        if e > worst || e.is_nan() {
-            (worst, at) = (if e.is_nan() { f32::INFINITY } else { e }, i);
-        }
-    }
-    println!(
-        "{what}: worst |err| {worst:.3e} at {at} (hdb {}, reference {}); bound {bound:.3e}",
-        got[at], want[at]
-    );
-    assert!(
-        worst <= bound,
-        "{what}: worst element {at}: hdb {} vs reference {} (|err| {worst:e} > {bound:e})",
-        got[at],
-        want[at]
-    );
-}
-
-/// Within 1e-4 x max|reference|.
-fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    assert_within(what, got, want, 1e-4 * scale);
 }
 
 /// tools/hypernet_ref.py's `test_image`: byte i of the RGB8 image (row-major y, x, c) is the top
@@ -102,7 +80,12 @@ fn preprocessing_matches_pillow() {
         let want = tensor(&f, &format!("pre.{w}x{h}.{s}"));
         let rgb = test_image(w, h, seed);
         let got = preprocess(&rgb, w, h, w * 3, s, clip_mean(), clip_std()).expect("preprocess");
-        assert_within(&format!("preprocess {w}x{h} -> {s}"), &got, &want, 1e-5);
+        assert_close(
+            &format!("preprocess {w}x{h} -> {s}"),
+            &got,
+            &want,
+            Tol::MaxAbs(1e-5),
+        );
         let got = preprocess(
             &padded(&rgb, w, 7),
             w,
@@ -113,11 +96,11 @@ fn preprocessing_matches_pillow() {
             clip_std(),
         )
         .expect("preprocess with a stride");
-        assert_within(
+        assert_close(
             &format!("preprocess {w}x{h} -> {s}, stride"),
             &got,
             &want,
-            1e-5,
+            Tol::MaxAbs(1e-5),
         );
     }
 }
@@ -128,17 +111,18 @@ fn compare_stages(name: &str, net: &Hypernet, rgb: (&[u8], usize, usize), refere
     let image = net
         .preprocess(rgb.0, rgb.1, rgb.2, rgb.1 * 3)
         .expect("preprocess");
-    assert_within(
+    assert_close(
         &format!("{name} preprocessed image"),
         &image,
         &tensor(&f, "image"),
-        1e-5,
+        Tol::MaxAbs(1e-5),
     );
     let trace = net.predict_trace(&image, Some(4), None).expect("predict");
     assert_close(
         &format!("{name} encoder tokens"),
         &trace.image_tokens,
         &tensor(&f, "tokens"),
+        TOL,
     );
     for i in [1, 2] {
         if f.get(&format!("decoded.{i}")).is_some() {
@@ -146,6 +130,7 @@ fn compare_stages(name: &str, net: &Hypernet, rgb: (&[u8], usize, usize), refere
                 &format!("{name} decoder output, iteration {i}"),
                 &trace.decoded[i - 1],
                 &tensor(&f, &format!("decoded.{i}")),
+                TOL,
             );
         }
     }
@@ -154,6 +139,7 @@ fn compare_stages(name: &str, net: &Hypernet, rgb: (&[u8], usize, usize), refere
             &format!("{name} theta after {i} iteration(s)"),
             &trace.thetas[i - 1],
             &tensor(&f, &format!("theta.{i}")),
+            TOL,
         );
     }
 }
@@ -215,9 +201,14 @@ fn default_iterations_progress_and_cancel() {
         .predict(&image, None, Some(&mut record))
         .expect("predict");
     assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)], "config default: 4");
-    assert_close("theta, default iterations", &theta, &tensor(&f, "theta.4"));
+    assert_close(
+        "theta, default iterations",
+        &theta,
+        &tensor(&f, "theta.4"),
+        TOL,
+    );
     let theta2 = net.predict(&image, Some(2), None).expect("predict 2");
-    assert_close("theta, 2 iterations", &theta2, &tensor(&f, "theta.2"));
+    assert_close("theta, 2 iterations", &theta2, &tensor(&f, "theta.2"), TOL);
     let mut stop = |done: usize, _: usize| done < 2;
     let r = net.predict(&image, None, Some(&mut stop));
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
@@ -390,7 +381,7 @@ fn bad_hypernetwork_files_name_what_is_wrong() {
     let theta = net
         .predict(&tensor(&f, "image"), None, None)
         .expect("predict");
-    assert_close("f32 copy theta", &theta, &tensor(&f, "theta.4"));
+    assert_close("f32 copy theta", &theta, &tensor(&f, "theta.4"), TOL);
 
     type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
     let cases: Vec<(&str, Edit)> = vec![

@@ -1,8 +1,11 @@
 //! Loading the tiny SD fixture (made by tools/make_io_fixtures.py with diffusers) from its
 //! diffusers folder, its fp16 variant, one component folder and the LDM single file.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::{assert_close, Tol};
 use hdb::io::diffusers::Variant;
 use hdb::io::keymap::Component;
 use hdb::model::{Architecture, LoadOptions, Model, SourceFormat};
@@ -82,12 +85,7 @@ fn fp16_variant_loads_in_f16_with_the_same_tensors() {
         .weights
         .to_f32("conv_in.weight")
         .expect("f16");
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= 1e-3, "f16 variant differs by {worst}");
+    assert_close("f16 variant conv_in.weight", &b, &a, Tol::MaxAbs(1e-3));
 }
 
 #[test]

@@ -2,10 +2,13 @@
 //! fixture, from the same latents (tools/make_pipeline_fixtures.py): images as floats in
 //! [0, 1] within 1e-3 (before 8-bit quantization), final latents within 1e-4 x max|ref|.
 
+mod common;
+
 use std::path::PathBuf;
 
 use std::sync::Arc;
 
+use common::{assert_close, Tol};
 use hdb::adapter::apply::ApplyMode;
 use hdb::adapter::Adapter;
 use hdb::io::safetensors::SafetensorsFile;
@@ -58,34 +61,17 @@ fn check(case: &str, got_pixels: &[f32], got_latents: &[f32]) {
         f.to_f32("images").expect("images"),
         f.to_f32("latents").expect("latents"),
     );
-    assert_eq!(got_pixels.len(), want_px.len(), "{case}: image size");
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .enumerate()
-            .fold((0f32, 0), |(w, at), (i, (x, y))| {
-                if (x - y).abs() > w {
-                    ((x - y).abs(), i)
-                } else {
-                    (w, at)
-                }
-            })
-    };
-    let (wp, ip) = worst(got_pixels, &want_px);
-    let (wl, il) = worst(got_latents, &want_lat);
-    let scale = want_lat.iter().fold(0f32, |m, x| m.max(x.abs()));
-    println!("{case}: pixels max abs error {wp:e}, latents {wl:e} (max|ref| {scale:e})");
-    assert!(
-        wp <= 1e-3,
-        "{case}: pixel {ip}: hdb {} vs diffusers {}",
-        got_pixels[ip],
-        want_px[ip]
+    assert_close(
+        &format!("{case}: pixels"),
+        got_pixels,
+        &want_px,
+        Tol::MaxAbs(1e-3),
     );
-    assert!(
-        wl <= 1e-4 * scale,
-        "{case}: latent {il}: hdb {} vs diffusers {}",
-        got_latents[il],
-        want_lat[il]
+    assert_close(
+        &format!("{case}: latents"),
+        got_latents,
+        &want_lat,
+        Tol::MaxAbsOfRef(1e-4),
     );
 }
 

@@ -14,14 +14,17 @@
 //!
 //! `cargo test --test scheduler -- --nocapture` prints the worst error per sampler.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::{compare, Tol};
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::scheduler::{make, SamplerKind, SchedulerConfig};
 use hdb::Error;
 
-const TOL: f32 = 1e-5;
+const TOL: Tol = Tol::MaxAbsOfRef(1e-5);
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/scheduler")
@@ -37,33 +40,18 @@ fn tensor(f: &SafetensorsFile, key: &str) -> Vec<f32> {
         .1
 }
 
-/// max|got - want| / max|want|, and where the worst element is.
-fn rel_err(got: &[f32], want: &[f32]) -> (f32, usize) {
-    assert_eq!(got.len(), want.len());
-    let scale = want
-        .iter()
-        .fold(0f32, |m, x| m.max(x.abs()))
-        .max(f32::MIN_POSITIVE);
-    let mut worst = (0f32, 0usize);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = (g - w).abs() / scale;
-        if e > worst.0 || e.is_nan() {
-            worst = (if e.is_nan() { f32::INFINITY } else { e }, i);
-        }
-    }
-    worst
-}
-
 #[derive(Default)]
 struct Report {
     failures: Vec<String>,
     /// Worst relative error per sampler and quantity.
-    worst: BTreeMap<(String, &'static str), (f32, String)>,
+    worst: BTreeMap<(String, &'static str), (f64, String)>,
 }
 
 impl Report {
     fn check(&mut self, case: &str, sampler: &str, what: &'static str, got: &[f32], want: &[f32]) {
-        let (e, i) = rel_err(got, want);
+        let d = compare(got, want);
+        // max|got - want| / max|want|, infinite on a NaN or infinity.
+        let e = d.max_abs / d.ref_max.max(f64::from(f32::MIN_POSITIVE));
         let entry = self
             .worst
             .entry((sampler.to_string(), what))
@@ -71,11 +59,9 @@ impl Report {
         if e > entry.0 || entry.1.is_empty() {
             *entry = (e, case.to_string());
         }
-        if e > TOL {
-            self.failures.push(format!(
-                "{case} {what}: rel err {e:.3e} > {TOL:e} at element {i}: hdb {} diffusers {}",
-                got[i], want[i]
-            ));
+        if !d.within(TOL) {
+            self.failures
+                .push(d.failure(&format!("{case} {what}"), TOL));
         }
     }
 }
@@ -200,7 +186,7 @@ fn samplers_match_diffusers() {
             ));
         }
     }
-    println!("{n_cases} cases; worst max|hdb - diffusers| / max|diffusers| (tolerance {TOL:e}):");
+    println!("{n_cases} cases; worst max|hdb - diffusers| / max|diffusers| (tolerance: {TOL}):");
     for ((sampler, what), (e, case)) in &report.worst {
         println!("  {sampler:16} {what:17} {e:.3e}  ({case})");
     }

@@ -3,35 +3,22 @@
 //! which diffusers' own LoRA loading reproduces to 4e-7; tools/make_text_encoder_fixtures.py).
 //! Tolerance: 1e-4 x max|reference|.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::{assert_close, Tol};
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::text_encoder::TextEncoder;
 use hdb::model::Model;
 
+const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
+
 fn fx(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(p)
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let (mut worst, mut at) = (0f32, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if (g - w).abs() > worst || (g - w).is_nan() {
-            (worst, at) = ((g - w).abs(), i);
-        }
-    }
-    println!("{what}: max abs error {worst:e} (max|ref| {scale:e})");
-    assert!(
-        worst <= 1e-4 * scale,
-        "{what}: worst element {at}: hdb {} vs transformers {}",
-        got[at],
-        want[at]
-    );
 }
 
 fn ids() -> Vec<u32> {
@@ -53,7 +40,7 @@ fn text_encoder_matches_transformers() {
         .expect("f")
         .to_f32("hidden")
         .expect("hidden");
-    assert_close("last_hidden_state", &got, &want);
+    assert_close("last_hidden_state", &got, &want, TOL);
 }
 
 #[test]
@@ -75,7 +62,7 @@ fn text_encoder_identity_in_both_modes_and_from_peft() {
                 per_sample: None,
             };
             let got = te.forward_adapted(&ids(), 2, &ad).expect("forward");
-            assert_close(&format!("{file} {mode:?}"), &got, &want);
+            assert_close(&format!("{file} {mode:?}"), &got, &want, TOL);
         }
     }
 }

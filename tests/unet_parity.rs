@@ -4,7 +4,7 @@
 //! f16-rounded weights, so the bound is the same).
 
 mod common;
-use common::{fixtures, read_input};
+use common::{assert_close, fixtures, read_input, Tol};
 use std::path::Path;
 
 use hdb::io::diffusers::Variant;
@@ -16,27 +16,6 @@ fn reference(case: &str) -> Vec<f32> {
     let f = SafetensorsFile::open(&fixtures().join(format!("unet/{case}.out.safetensors")))
         .expect("output fixture");
     f.to_f32("out").expect("out")
-}
-
-/// Asserts max|got - want| <= rel * max|want| and prints the worst element otherwise.
-fn assert_close(case: &str, got: &[f32], want: &[f32], rel: f32) {
-    assert_eq!(got.len(), want.len(), "{case}: length");
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let (mut worst, mut at) = (0f32, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        if d > worst || d.is_nan() {
-            worst = d;
-            at = i;
-        }
-    }
-    println!("{case}: max abs error {worst:e} (max|ref| {scale:e}) at index {at}");
-    assert!(
-        worst <= rel * scale,
-        "{case}: max abs error {worst:e} > {rel:e} x max|ref| {scale:e}; worst element at index {at}: hdb {} vs diffusers {}",
-        got[at],
-        want[at]
-    );
 }
 
 fn run(case: &str, model: &Path, variant: Variant) {
@@ -56,7 +35,7 @@ fn run(case: &str, model: &Path, variant: Variant) {
     })
     .expect("runtime");
     let got = rt.install(|| unet.forward(&inp.args())).expect("forward");
-    assert_close(case, &got, &reference(case), 1e-4);
+    assert_close(case, &got, &reference(case), Tol::MaxAbsOfRef(1e-4));
 }
 
 #[test]
@@ -111,7 +90,12 @@ fn cli_unet_verb_writes_the_same_output() {
         .expect("output")
         .to_f32("out")
         .expect("out");
-    assert_close("cli sd2-linear", &got, &reference("sd2-linear"), 1e-4);
+    assert_close(
+        "cli sd2-linear",
+        &got,
+        &reference("sd2-linear"),
+        Tol::MaxAbsOfRef(1e-4),
+    );
 }
 
 #[test]

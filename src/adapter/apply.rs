@@ -257,7 +257,7 @@ impl AdapterCtx<'_> {
 
     /// Runtime mode: y [rows, dout] += sum scale * (x [rows, din] . down^T) . up^T, where rows
     /// are `batch` equal runs of samples.
-    pub fn add_runtime(
+    fn add_runtime(
         &self,
         key: &str,
         y: &mut [f32],

@@ -17,7 +17,7 @@ pub enum LoraFormat {
 }
 
 /// kohya's name for canonical key K: `unet.a.b` -> `lora_unet_a_b`, `text_encoder.x` -> `lora_te_x`.
-pub fn kohya_name(k: &str) -> String {
+fn kohya_name(k: &str) -> String {
     let k = k
         .strip_prefix("text_encoder.")
         .map(|r| format!("te.{r}"))

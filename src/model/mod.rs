@@ -161,6 +161,16 @@ impl Model {
         out
     }
 
+    /// What adapters made for this model record as their base: the file or folder name and the
+    /// architecture, e.g. `stable-diffusion-v1-5 (SD 1.x)`.
+    pub fn base_name(&self) -> String {
+        let name = self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        );
+        format!("{name} ({})", self.architecture.name())
+    }
+
     /// The UNet's cross-attention width (768 for SD 1.x), read from its weights.
     pub fn cross_attention_dim(&self) -> Option<usize> {
         let unet = self.component(Component::Unet)?;

@@ -116,7 +116,7 @@ impl WeightStore {
     }
 
     /// The file a weight came from.
-    pub fn file_of(&self, w: &Weight) -> Option<&Path> {
+    fn file_of(&self, w: &Weight) -> Option<&Path> {
         self.files.get(w.file).map(|f| f.path())
     }
 

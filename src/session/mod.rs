@@ -240,7 +240,11 @@ impl Engine {
         let theta = self
             .runtime
             .install(|| hypernet.predict(&image, iterations, progress))?;
-        let lidb = hypernet.to_lidb(&theta)?;
+        let mut lidb = hypernet.to_lidb(&theta)?;
+        lidb.meta.base = Some(match &self.model {
+            Some(m) => m.base_name(),
+            None => "a model built in-process (random weights)".into(),
+        });
         self.runtime
             .install(|| lidb.compose_cached(&table, &self.bases))
     }

@@ -11,13 +11,6 @@ pub enum DType {
 }
 
 impl DType {
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",

@@ -37,9 +37,21 @@ static int test_main(int argc, char **argv) {
     CHECK(d.num_threads == 0, "params_default().num_threads == 0 (all cores)");
     CHECK(d.device == NULL, "params_default().device == NULL (auto)");
 
+    /* Whether this machine has a usable CUDA device (the default build loads CUDA at run time):
+     * auto takes it when it does, and runs on the CPU when it does not. */
+    hdb_runtime_params probe = hdb_runtime_params_default();
+    probe.device = "cuda:0";
+    hdb_runtime *probed = NULL;
+    hdb_status probe_status = hdb_runtime_new(&probe, &probed);
+    CHECK(probe_status == HDB_STATUS_OK || probe_status == HDB_STATUS_NO_DEVICE,
+          "cuda:0 opens or is HDB_STATUS_NO_DEVICE (%s)", hdb_status_name(probe_status));
+    const int have_cuda = probe_status == HDB_STATUS_OK;
+    const uint32_t auto_kind = have_cuda ? HDB_DEVICE_CUDA : HDB_DEVICE_CPU;
+    hdb_runtime_free(probed);
+
     hdb_runtime *rt = try_new(NULL, HDB_STATUS_OK, "NULL params");
     hdb_runtime_info info = get_info(rt, "NULL params");
-    CHECK(info.device_kind == HDB_DEVICE_CPU, "NULL params (auto) runs on the CPU here (no CUDA build)");
+    CHECK(info.device_kind == auto_kind, "NULL params (auto) runs on %s here", have_cuda ? "cuda:0" : "the CPU");
     CHECK(info.num_threads >= 1, "NULL params: num_threads %u >= 1", info.num_threads);
     hdb_runtime_free(rt);
 
@@ -91,12 +103,13 @@ static int test_main(int argc, char **argv) {
     p.device = "auto";
     rt = try_new(&p, HDB_STATUS_OK, "device auto");
     info = get_info(rt, "auto");
-    CHECK(info.device_kind == HDB_DEVICE_CPU, "auto falls back to the CPU (no CUDA here)");
+    CHECK(info.device_kind == auto_kind, "auto takes cuda:0 when it opens, else the CPU");
     hdb_runtime_free(rt);
 
-    /* CUDA is not available: this build has no cuda feature (and the machine no GPU). */
-    const char *cuda_devs[] = {"cuda:0", "cuda", "cuda:7"};
-    for (size_t i = 0; i < sizeof cuda_devs / sizeof cuda_devs[0]; i++) {
+    /* A device that does not exist: no GPU or CUDA driver here, a CPU-only build, or no
+     * machine with 4097 GPUs. */
+    const char *cuda_devs[] = {"cuda:0", "cuda", "cuda:4096"};
+    for (size_t i = have_cuda ? 2 : 0; i < sizeof cuda_devs / sizeof cuda_devs[0]; i++) {
         p = hdb_runtime_params_default();
         p.device = cuda_devs[i];
         char what[64];

@@ -39,25 +39,13 @@ pub fn seed(test: &str) -> SplitMix64 {
     SplitMix64(s)
 }
 
-/// ||got - want|| / ||want|| <= tol, every element finite; prints the figures.
+/// ||got - want|| / ||want|| <= tol, every element finite; prints the figures and, on a
+/// failure, the worst element (an unwritten or overflowed one is a NaN or infinity there).
 pub fn check(case: &str, got: &[f32], want: &[f32], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{case}: lengths");
-    if let Some((i, (g, c))) = got
-        .iter()
-        .zip(want)
-        .enumerate()
-        .find(|(_, (g, _))| !g.is_finite())
-    {
-        panic!("{case}: element {i} is {g} (cpu {c}): unwritten or overflowed");
-    }
-    let (rel, worst, wi) = super::compare(got, want);
-    println!("cuda-backend {case:<52} rel_l2={rel:.2e} max_abs={worst:.2e} (tol {tol:.0e})");
-    assert!(
-        rel <= tol,
-        "{case}: rel_l2 {rel:.3e} > {tol:.0e}; worst element {wi}: cuda {} cpu {}",
-        got[wi],
-        want[wi]
-    );
+    let tol = super::Tol::RelL2(tol);
+    let d = super::compare(got, want);
+    println!("cuda-backend {case:<52} {}", d.figures(tol));
+    assert!(d.within(tol), "{}", d.failure(case, tol));
 }
 
 pub fn sfx<T: BlasElem>(_: &Cuda<T>) -> &'static str {

@@ -1,9 +1,14 @@
-//! What several test files share: the fixture folder and the UNet parity inputs
-//! (`tests/fixtures/unet/<case>.in.safetensors`, written by tools/make_unet_fixtures.py).
+//! What several test files share: the fixture folder, the UNet parity inputs
+//! (`tests/fixtures/unet/<case>.in.safetensors`, written by tools/make_unet_fixtures.py) and
+//! the one comparison of float outputs with their references (`compare.rs`).
 #![allow(dead_code)] // each test crate uses its own part
 
+mod compare;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+#[allow(unused_imports)] // each test crate uses its own part
+pub use compare::{assert_close, check, compare, Diff, Tol};
 
 use std::path::PathBuf;
 
@@ -57,28 +62,6 @@ pub fn read_input(case: &str) -> Input {
     }
 }
 
-/// Relative L2 error ||got - want|| / ||want||, max abs error, and the index of the worst
-/// element (a NaN counts as the worst; a NaN error is infinite).
-pub fn compare(got: &[f32], want: &[f32]) -> (f64, f32, usize) {
-    let (mut num, mut den) = (0f64, 0f64);
-    let (mut worst, mut at) = (0f32, 0);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let d = g - w;
-        num += f64::from(d) * f64::from(d);
-        den += f64::from(w) * f64::from(w);
-        if d.abs() > worst || d.is_nan() {
-            worst = d.abs();
-            at = i;
-        }
-    }
-    let rel = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    };
-    (if rel.is_nan() { f64::INFINITY } else { rel }, worst, at)
-}
-
 /// Judges one GPU output against the CPU's: prints `cuda-parity <what> <dtype> rel_l2=...`
 /// and returns a failure message naming the worst element when the relative L2 error is above
 /// `tol` (or the output is an error or has the wrong length).
@@ -96,6 +79,7 @@ pub fn judge(
             return Some(format!("{what} {dtype}: {e}"));
         }
     };
+    let tol = Tol::RelL2(tol);
     if got.len() != want.len() {
         return Some(format!(
             "{what} {dtype}: {} outputs, the CPU gave {}",
@@ -103,15 +87,12 @@ pub fn judge(
             want.len()
         ));
     }
-    let (rel, max_abs, at) = compare(&got, want);
-    println!("cuda-parity {what} {dtype} rel_l2={rel:.3e} max_abs={max_abs:.3e}");
-    if rel <= tol {
+    let d = compare(&got, want);
+    println!("cuda-parity {what} {dtype} {}", d.figures(tol));
+    if d.within(tol) {
         return None;
     }
-    let msg = format!(
-        "{what} {dtype}: rel_l2 {rel:.3e} > {tol:e}; worst element at index {at}: gpu {} vs cpu {}",
-        got[at], want[at]
-    );
+    let msg = d.failure(&format!("{what} {dtype}"), tol);
     println!("  {msg}");
     Some(msg)
 }

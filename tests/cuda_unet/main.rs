@@ -14,7 +14,7 @@ mod session;
 
 #[path = "../common/mod.rs"]
 mod common;
-use common::{compare, fixtures, judge, read_input, Input};
+use common::{compare, fixtures, judge, read_input, Input, Tol};
 use std::path::PathBuf;
 use std::sync::Arc;
 

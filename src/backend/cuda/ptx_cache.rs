@@ -32,7 +32,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// [`cache_dir`] given the three variables' values.
-pub fn cache_dir_from(
+fn cache_dir_from(
     hdb: Option<OsString>,
     xdg: Option<OsString>,
     home: Option<OsString>,

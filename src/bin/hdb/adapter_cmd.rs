@@ -9,27 +9,41 @@ use hdb::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
 #[derive(Subcommand)]
 pub enum AdapterCmd {
     /// What an adapter file holds: kind, rank, layers, LiDB parameters, size.
-    Info { file: PathBuf },
+    Info {
+        /// A LiDB adapter or a kohya or PEFT LoRA (safetensors).
+        file: PathBuf,
+    },
     /// Write an adapter (LiDB or LoRA) as a standard kohya or PEFT LoRA file for `--model`.
     Export {
+        /// The model the adapter is for (its layers give the LoRA keys and shapes): a
+        /// diffusers folder, a component folder or an LDM single file.
         #[arg(long)]
         model: PathBuf,
+        /// kohya (`lora_unet_*.lora_down.weight`, what most SD tools read) or peft
+        /// (`unet.*.lora_A.weight`, diffusers' and peft's names).
         #[arg(long, value_enum)]
         format: Format,
+        /// The adapter to export: a LiDB file, or a kohya or PEFT LoRA.
         input: PathBuf,
+        /// The LoRA file to write (safetensors).
         output: PathBuf,
     },
     /// Write the LiDB basis of every adaptable layer K of `--model`: `K.d_aux` [a, in] and
     /// `K.u_aux` [out, b], so anyone can check it.
     Basis {
+        /// The model whose adaptable layers get a basis.
         #[arg(long)]
         model: PathBuf,
+        /// The basis seed (a LiDB file's `basis_seed`).
         #[arg(long)]
         seed: u64,
+        /// Rows of each layer's down basis D_aux [a, in].
         #[arg(long, default_value_t = 100)]
         a: usize,
+        /// Columns of each layer's up basis U_aux [out, b].
         #[arg(long, default_value_t = 50)]
         b: usize,
+        /// The safetensors file to write.
         #[arg(long)]
         output: PathBuf,
     },

@@ -184,8 +184,10 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
     let mut adapters: Vec<Adapter> = Vec::new();
     for i in 0..2 {
         let (w, h) = (96, 80);
+        let rgb = face(i, w, h);
+        write_png(&a.out.join(format!("face-{i}.png")), &rgb, w, h)?;
         let t = Instant::now();
-        let predicted = engine.predict(&net, (&face(i, w, h), w, h, w * 3), None, None)?;
+        let predicted = engine.predict(&net, (&rgb, w, h, w * 3), None, None)?;
         rows.push((
             format!(
                 "predict identity {i} from a face ({} iterations)",
@@ -306,9 +308,15 @@ pub fn run(a: DemoArgs) -> hdb::Result<()> {
         println!("{k:<width$}  {v:>12}");
     }
     println!(
-        "\nwrote {} (PNG images and the two identity files)",
+        "\nwrote {} (the two input faces, the images and the two identity files)",
         display(&a.out)
     );
+    if a.model.is_none() {
+        println!(
+            "the built-in model's weights are random, so its images are noise: the path and the \
+             timings are what is real (--model PATH renders with a real SD 1.5 model)"
+        );
+    }
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! `hdb generate` and `hdb demo`: text to PNG images, with identity adapters.
+//! `hdb generate`: text to PNG images with identity adapters, and the PNG and progress-bar
+//! helpers `hdb demo` shares.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

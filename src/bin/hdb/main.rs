@@ -18,6 +18,7 @@ mod finetune_cmd;
 mod generate;
 mod hypernet_cmd;
 mod info_cmd;
+mod tokenize_cmd;
 mod unet_cmd;
 
 use clap::{Parser, Subcommand};
@@ -42,8 +43,11 @@ struct Cli {
 enum Command {
     /// One face image (PNG) -> a LiDB identity adapter for a model, by the hypernetwork.
     Predict {
+        /// A hypernetwork v1 file (hdb info describes one).
         #[arg(long)]
         hypernet: PathBuf,
+        /// The SD model the identity is for: a diffusers folder, a component folder or an LDM
+        /// single file.
         #[arg(long)]
         model: PathBuf,
         /// A face crop (PNG, any size >= 16x16; center-cropped to a square, resized).
@@ -52,8 +56,10 @@ enum Command {
         /// Refinement iterations (default: the file's).
         #[arg(long)]
         iterations: Option<usize>,
+        /// The LiDB adapter to write (NAME.lidb.safetensors).
         #[arg(short, long)]
         output: PathBuf,
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// Where the network runs: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA when usable,
@@ -86,11 +92,13 @@ enum Command {
         /// Where the PNGs and identity files go.
         #[arg(long, default_value = "hdb-demo")]
         out: PathBuf,
+        /// Denoising steps per image.
         #[arg(long, default_value_t = 12)]
         steps: usize,
         /// Image size (default 128 built-in, 512 with --model).
         #[arg(long)]
         size: Option<usize>,
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// Where the UNet, text encoder, VAE and hypernetwork (f32) run: cpu, cuda, cuda:N or
@@ -106,10 +114,13 @@ enum Command {
         /// A diffusers folder (with tokenizer/) or an LDM single file.
         #[arg(long)]
         model: PathBuf,
+        /// The text to render.
         #[arg(long)]
         prompt: String,
+        /// What to steer away from (classifier-free guidance's unconditional prompt).
         #[arg(long, default_value = "")]
         negative: String,
+        /// Denoising steps.
         #[arg(long, default_value_t = 25)]
         steps: usize,
         /// Classifier-free guidance scale (<= 1 disables guidance).
@@ -118,10 +129,13 @@ enum Command {
         /// ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
         #[arg(long, default_value = "euler_a", value_parser = generate::parse_sampler)]
         sampler: hdb::model::scheduler::SamplerKind,
+        /// Seed of the initial noise (and of euler_a's per-step noise).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Image width in pixels (a multiple of 8).
         #[arg(long, default_value_t = 512)]
         width: usize,
+        /// Image height in pixels (a multiple of 8).
         #[arg(long, default_value_t = 512)]
         height: usize,
         /// Images per run (out.png becomes out-0.png, out-1.png, ...).
@@ -133,6 +147,7 @@ enum Command {
         /// Scale of each --adapter, in order (default 1.0).
         #[arg(long = "scale")]
         scales: Vec<f32>,
+        /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
         #[arg(long, value_enum, default_value = "merge")]
         mode: Mode,
         /// Start from `latents` [B,4,H/8,W/8] in this safetensors file (unscaled noise, as
@@ -142,8 +157,10 @@ enum Command {
         /// Also write the final denoised latents (diffusers' output_type="latent") here.
         #[arg(long)]
         dump_latents: Option<PathBuf>,
-        #[arg(short, long)]
+        /// The image to write, a .png (with --batch N: NAME-0.png ... NAME-<N-1>.png).
+        #[arg(short, long, value_parser = parse_png_path)]
         output: PathBuf,
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// Where the UNet, text encoder and VAE run: cpu, cuda (= cuda:0), cuda:N, or auto (CUDA
@@ -162,8 +179,11 @@ enum Command {
         /// A diffusers folder, a folder with just `unet/`, or an LDM single file.
         #[arg(long)]
         model: PathBuf,
+        /// A safetensors file with `sample`, `timestep` and `encoder_hidden_states` (and optionally
+        /// `adapter_index`).
         #[arg(long)]
         input: PathBuf,
+        /// The safetensors file to write `out` to.
         #[arg(long)]
         output: PathBuf,
         /// CPU threads (default: all cores).
@@ -190,9 +210,26 @@ enum Command {
         #[command(subcommand)]
         what: adapter_cmd::AdapterCmd,
     },
+    /// Print the CLIP token ids of TEXT on one line: start token, the text's tokens, end token,
+    /// truncated to 77 (`tokenizer(text, max_length=77, truncation=True).input_ids` of
+    /// transformers' CLIPTokenizer).
+    Tokenize {
+        /// A diffusers folder with tokenizer/, or a tokenizer folder (tokenizer.json or
+        /// vocab.json + merges.txt).
+        #[arg(long)]
+        model: PathBuf,
+        /// Pad with the pad token to 77 ids, as the pipeline feeds the text encoder.
+        #[arg(long)]
+        padded: bool,
+        /// The text, after `--`; several arguments are joined with single spaces.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        text: Vec<String>,
+    },
     /// Describe a model (diffusers folder, component folder, LDM single file) or any
     /// safetensors file: components, tensors, dtypes, parameter counts, architecture.
     Info {
+        /// A diffusers folder, component folder, LDM single file, hypernetwork or any safetensors
+        /// file.
         path: PathBuf,
         /// Also list every tensor (name, dtype, shape).
         #[arg(long)]
@@ -211,15 +248,20 @@ enum FinetuneWhat {
     /// encoder runs too); loss = mean over all elements of (unet(...) - target)^2. OUT gets
     /// `loss` and the gradients under the adapter's own tensor names and layout, f32.
     Grad {
+        /// A diffusers folder or an LDM single file.
         #[arg(long)]
         model: PathBuf,
         /// A LiDB (v1 or v2), kohya or PEFT LoRA file.
         #[arg(long)]
         adapter: PathBuf,
+        /// The safetensors input: sample, timestep, target, and encoder_hidden_states or
+        /// input_ids.
         #[arg(long)]
         input: PathBuf,
+        /// Where `loss` and the gradients go (safetensors, the adapter's own names).
         #[arg(long)]
         output: PathBuf,
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// Keep every activation instead of recomputing each UNet block in the backward
@@ -235,6 +277,7 @@ enum BenchWhat {
     /// UNet and text encoder) with random weights: time per step and peak memory with and
     /// without checkpointing, optionally against PyTorch (tools/bench_torch_finetune.py).
     Finetune {
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// Timed steps after one warm-up step; the median is reported.
@@ -243,16 +286,22 @@ enum BenchWhat {
         /// Latent size (64 = 512x512 images).
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Also run the PyTorch peer (tools/bench_torch_finetune.py: diffusers + peft) with
+        /// this Python, on the same threads, and print the ratios.
         #[arg(long)]
         peer_python: Option<PathBuf>,
     },
     /// One hypernetwork prediction at the default config (ViT-H/14, d_model 1024, 176 layer
     /// tokens, 4 iterations) with random weights, optionally against the PyTorch reference.
     Hypernet {
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Timed runs after one warm-up; the median is reported.
         #[arg(long, default_value_t = 2)]
         runs: usize,
+        /// Also run the PyTorch peer with this Python (torch, diffusers/transformers), in the same
+        /// run, and print the ratio.
         #[arg(long)]
         peer_python: Option<PathBuf>,
         /// Where the network runs: cpu, cuda (= cuda:0), cuda:N or auto; the peer runs on the
@@ -263,18 +312,24 @@ enum BenchWhat {
     /// SD 1.5's text encoder, one UNet step with guidance and the VAE decode at 512x512, with
     /// random weights, optionally against PyTorch (tools/bench_torch_pipeline.py) in the same run.
     Pipeline {
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Timed runs after one warm-up; the median is reported.
         #[arg(long, default_value_t = 2)]
         runs: usize,
+        /// Also run the PyTorch peer with this Python (torch, diffusers/transformers), in the same
+        /// run, and print the ratio.
         #[arg(long)]
         peer_python: Option<PathBuf>,
     },
     /// Identity swaps at SD 1.5 shapes: compose time, merge-mode swap against memcpy,
     /// runtime-mode swap, and a batch with one identity per sample against one identity.
     Adapter {
+        /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Timed runs after one warm-up; the median is reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Latent size of the batched forward.
@@ -328,6 +383,7 @@ enum BenchWhat {
         /// Latent size (64 = 512x512 images).
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Batch of the forward (2 = one image with classifier-free guidance).
         #[arg(long, default_value_t = 2)]
         batch: usize,
         /// Also run the PyTorch eager peer (tools/bench_torch_unet.py) with this Python, in
@@ -341,6 +397,7 @@ enum BenchWhat {
 }
 
 fn main() -> ExitCode {
+    die_quietly_on_a_closed_pipe();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
@@ -534,6 +591,11 @@ fn main() -> ExitCode {
             &output,
             (threads, !no_checkpointing),
         ),
+        Command::Tokenize {
+            model,
+            padded,
+            text,
+        } => tokenize_cmd::run(&model, &text.join(" "), padded),
         Command::Info {
             path,
             tensors,
@@ -582,8 +644,8 @@ enum Mode {
     Runtime,
 }
 
-/// The CLI's runtime on `device` (the UNet runs there; everything else on the CPU) with
-/// `threads` CPU threads (0 = one per core).
+/// The CLI's runtime on `device` (the UNet, text encoder, VAE and hypernetwork run there; the
+/// tokenizer on the CPU) with `threads` CPU threads (0 = one per core).
 fn runtime(device: hdb::runtime::DeviceRequest, threads: usize) -> hdb::Result<hdb::Runtime> {
     hdb::Runtime::new(hdb::RuntimeOptions { device, threads })
 }
@@ -592,6 +654,37 @@ fn runtime(device: hdb::runtime::DeviceRequest, threads: usize) -> hdb::Result<h
 fn cpu_runtime(threads: usize) -> hdb::Result<hdb::Runtime> {
     runtime(hdb::runtime::DeviceRequest::Cpu, threads)
 }
+
+/// `-o` of `hdb generate`: hdb writes PNG only, so any other name would get PNG bytes under
+/// the wrong extension.
+fn parse_png_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    match p.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("png") => Ok(p),
+        _ => Err("hdb writes PNG images only: give -o a file name ending in .png".into()),
+    }
+}
+
+/// Ends the process quietly, as Unix tools do, when stdout is a pipe whose reader has gone
+/// (`hdb demo | head -1`). Rust starts programs with SIGPIPE ignored, so a write to the closed
+/// pipe would fail with EPIPE and `println!` would panic; the default action ends the process
+/// by the signal instead.
+#[cfg(unix)]
+fn die_quietly_on_a_closed_pipe() {
+    extern "C" {
+        fn signal(signum: std::ffi::c_int, handler: usize) -> usize;
+    }
+    const SIGPIPE: std::ffi::c_int = 13; // on Linux, macOS and the BSDs alike
+    const SIG_DFL: usize = 0;
+    // SAFETY: restores a signal's default disposition before any thread starts; no handler
+    // code runs in this process.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn die_quietly_on_a_closed_pipe() {}
 
 /// `--device`: auto, cpu, cuda or cuda:N.
 fn parse_device(s: &str) -> Result<hdb::runtime::DeviceRequest, String> {

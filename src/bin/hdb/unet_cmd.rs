@@ -100,5 +100,8 @@ pub fn unet(
         t0.elapsed(),
         engine.describe()
     );
-    write_f32(output, &[("out", vec![b, cfg.out_channels, h, w], &y)])
+    let shape = vec![b, cfg.out_channels, h, w];
+    write_f32(output, &[("out", shape.clone(), &y)])?;
+    println!("wrote {} (out {shape:?}, f32)", output.display());
+    Ok(())
 }

@@ -61,11 +61,6 @@ impl SamplerKind {
             SamplerKind::DpmPp2MKarras => "dpmpp_2m_karras",
         }
     }
-
-    /// Whether [`Scheduler::step`] draws noise.
-    pub fn is_ancestral(self) -> bool {
-        self == SamplerKind::EulerAncestral
-    }
 }
 
 impl fmt::Display for SamplerKind {
@@ -347,7 +342,7 @@ impl SchedulerConfig {
     }
 
     /// The spacing sampler `kind` uses: the config's, else the diffusers class default.
-    pub fn spacing_for(&self, kind: SamplerKind) -> TimestepSpacing {
+    fn spacing_for(&self, kind: SamplerKind) -> TimestepSpacing {
         self.timestep_spacing.unwrap_or(match kind {
             SamplerKind::Ddim => TimestepSpacing::Leading,
             _ => TimestepSpacing::Linspace,

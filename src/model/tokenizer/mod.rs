@@ -403,11 +403,6 @@ impl ClipTokenizer {
         self.bos_id
     }
 
-    /// The id of a vocabulary entry (byte-level text, e.g. `"photo</w>"`).
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.vocab.get(token).copied()
-    }
-
     /// Start token, the text's tokens, end token; truncated to [`max_len`](Self::max_len)
     /// (keeping both ends), not padded.
     pub fn encode(&self, text: &str) -> Vec<u32> {
