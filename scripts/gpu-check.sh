@@ -9,7 +9,7 @@
 #   scripts/gpu-check.sh --prepare    on a build machine without a GPU: builds the test and
 #                                     bench binaries into .gpu/ (x86-64 Linux, glibc <= the
 #                                     GPU machine's) for a GPU machine without Rust
-#   scripts/gpu-check.sh parity memcheck   only those phases (of parity, memcheck, bench), e.g.
+#   scripts/gpu-check.sh parity memcheck   only those phases (of parity, memcheck, bench, train), e.g.
 #                                     to split a run across two device calls of at most 10
 #                                     minutes each; no phase named means all three
 #
@@ -28,7 +28,7 @@ out="${OUT:-$bin/out}"
 phases="${*:-parity memcheck bench}"
 want() { case " $phases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for p in $phases; do
-  case "$p" in parity|memcheck|bench|--prepare) ;; *) echo "gpu-check: unknown phase '$p' (parity, memcheck, bench)"; exit 2 ;; esac
+  case "$p" in parity|memcheck|bench|train|--prepare) ;; *) echo "gpu-check: unknown phase '$p' (parity, memcheck, bench, train)"; exit 2 ;; esac
 done
 
 if [ "${1:-}" = --prepare ]; then
@@ -199,6 +199,21 @@ if want bench; then
   fi
 fi
 
+# Training on the GPU (issue 16): rank-relaxed finetuning steps at 512x512 against the PyTorch
+# peer (diffusers + peft) on the same GPU. Not in the default phases: run it as its own call,
+# `scripts/gpu-check.sh train`, once the parity phase is green.
+if want train; then
+  t_train=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 ))
+  if [ "$t_train" -lt 60 ]; then
+    echo "gpu-check: $(left) s left before the deadline: train bench skipped"; status=1
+  else
+    echo "== train (hdb bench finetune --device cuda, PyTorch peer on the same GPU; at most $t_train s)"
+    timeout "$t_train" "$bin/hdb" bench finetune --device cuda --runs 5 --peer-python python3 2>&1 |
+      tee "$out/bench-finetune.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: finetune bench failed"; status=1; }
+  fi
+fi
+
 echo
 echo "== summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -212,6 +227,9 @@ if want bench; then
   else echo "bench cut short; what it measured:"; grep "^measured:" "$out/bench.log" 2>/dev/null; fi
   grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log" 2>/dev/null
   grep -E "^(render|  per denoising|swap|total)" "$out/demo.log" 2>/dev/null | sed 's/^/demo: /'
+fi
+if want train; then
+  grep -E "^(hdb |peer|ratio)" "$out/bench-finetune.log" 2>/dev/null
 fi
 want memcheck && grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"

@@ -9,7 +9,9 @@ UNet gradient checkpointing as hdb (on by default; --no-checkpointing turns both
 The VAE encoding of the face happens once before the steps in both, so it is not timed.
 Prints one JSON line: {"peer": "pytorch-eager", "torch": ..., "diffusers": ..., "peft": ...,
 "threads": N, "latent": S, "checkpointing": bool, "median_s": ..., "runs_s": [...],
-"peak_rss_mb": ...} (ru_maxrss: weights included).
+"peak_mb": ..., "peak_kind": ...} (CPU: ru_maxrss, weights included; CUDA: the caching
+allocator's peak reservation). --device cuda keeps the frozen weights in fp16 and the LoRA
+parameters in f32, as hdb does.
 
     /tmp/hdb-ref-venv/bin/python tools/bench_torch_finetune.py --threads 2 --runs 3 --size 64
 """
@@ -38,6 +40,7 @@ def main():
     ap.add_argument("--size", type=int, default=64, help="latent height = width (64 = 512x512)")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,18 +63,25 @@ def main():
         unet.enable_gradient_checkpointing()
     unet.train()
     te.train()
+    dev = torch.device(args.device)
+    if args.device == "cuda":
+        # fp16 frozen weights and f32 LoRA parameters, as hdb runs on a GPU.
+        for m in (unet, te):
+            for n, p in m.named_parameters():
+                p.data = p.data.to(dev, torch.float32 if p.requires_grad else torch.float16)
     params = [p for p in list(unet.parameters()) + list(te.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           num_train_timesteps=1000)
     s = args.size
-    latents = torch.randn(1, 4, s, s) * 0.18215
-    ids = torch.randint(0, 49408, (1, 77))
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    latents = (torch.randn(1, 4, s, s) * 0.18215).to(dev, dtype)
+    ids = torch.randint(0, 49408, (1, 77)).to(dev)
     times = []
     for i in range(args.runs + 1):
         t0 = time.perf_counter()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (1,))
+        t = torch.randint(0, 1000, (1,)).to(dev)
         noisy = sched.add_noise(latents, noise, t)
         ctx = te(ids).last_hidden_state
         pred = unet(noisy, t, encoder_hidden_states=ctx).sample
@@ -80,6 +90,8 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         print(f"{'warm-up' if i == 0 else 'run'} {dt:.3f} s, loss {loss.item():.4f}", file=sys.stderr)
         if i > 0:
@@ -88,7 +100,9 @@ def main():
         "peer": "pytorch-eager", "torch": torch.__version__, "diffusers": diffusers.__version__,
         "peft": peft.__version__, "threads": args.threads, "latent": s, "checkpointing": checkpointing,
         "median_s": statistics.median(times), "runs_s": times,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_mb": (torch.cuda.max_memory_reserved() / 2**20 if args.device == "cuda"
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
+        "peak_kind": "device memory reserved" if args.device == "cuda" else "RSS",
     }))
 
 

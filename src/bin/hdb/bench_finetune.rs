@@ -37,9 +37,30 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-pub fn run(threads: usize, runs: usize, size: usize, peer: Option<&Path>) -> hdb::Result<()> {
-    let rt = Arc::new(super::cpu_runtime(threads)?);
+/// Device memory in use on the runtime's GPU, in GB (the allocator's pool included: after a
+/// run, an upper bound of its peak); `None` on the CPU.
+fn device_memory_gb(engine: &Engine) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = engine.runtime().cuda() {
+        return dev
+            .memory()
+            .ok()
+            .map(|(free, total)| (total - free) as f64 / (1u64 << 30) as f64);
+    }
+    let _ = engine;
+    None
+}
+
+pub fn run(
+    threads: usize,
+    runs: usize,
+    size: usize,
+    device: hdb::runtime::DeviceRequest,
+    peer: Option<&Path>,
+) -> hdb::Result<()> {
+    let rt = Arc::new(super::runtime(device, threads)?);
     let threads = rt.threads();
+    let on_gpu = rt.device() != hdb::Device::Cpu;
     let t0 = Instant::now();
     let engine = Engine::from_parts(
         rt,
@@ -94,6 +115,7 @@ pub fn run(threads: usize, runs: usize, size: usize, peer: Option<&Path>) -> hdb
         };
         let run = engine.finetune(face, start, &params, Some(&mut progress))?;
         let peak = super::peak_rss_mb();
+        let device_gb = device_memory_gb(&engine);
         if run.diverged_at.is_some() {
             return Err(hdb::Error::Internal("the benchmark's run diverged".into()));
         }
@@ -104,15 +126,19 @@ pub fn run(threads: usize, runs: usize, size: usize, peer: Option<&Path>) -> hdb
             .map(|w| (w[1] - w[0]).as_secs_f64())
             .collect();
         let med = super::median(&mut steps);
+        let memory = match device_gb {
+            Some(gb) => format!("device memory in use after the run {gb:.2} GB (pool included)"),
+            None => format!("peak RSS {:.2} GB", peak / 1024.0),
+        };
         println!(
-            "hdb cpu f32, {threads} threads: one finetuning step ({res}x{res}, batch 1, rank-4 \
-             LoRA on 176 projections, UNet + text encoder, checkpointing {}): {med:.3} s (median \
-             of {}), peak RSS {:.2} GB",
+            "hdb {}, {threads} threads: one finetuning step ({res}x{res}, batch 1, rank-4 LoRA \
+             on 176 projections, UNet + text encoder, checkpointing {}): {med:.3} s (median of \
+             {}), {memory}",
+            engine.describe(),
             if checkpoint { "on" } else { "off" },
             steps.len(),
-            peak / 1024.0
         );
-        rows.push((checkpoint, med, peak));
+        rows.push((checkpoint, med, device_gb.map_or(peak, |g| g * 1024.0)));
     }
     if let Some(py) = peer {
         for (checkpoint, hdb_s, hdb_peak) in rows {
@@ -127,17 +153,22 @@ pub fn run(threads: usize, runs: usize, size: usize, peer: Option<&Path>) -> hdb
             if !checkpoint {
                 args.push("--no-checkpointing".into());
             }
+            if on_gpu {
+                args.push("--device".into());
+                args.push("cuda".into());
+            }
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             let json = super::bench_pipeline::run_peer(py, "tools/bench_torch_finetune.py", &a)?;
             let p = json["median_s"].as_f64().unwrap_or(f64::NAN);
-            let mem = json["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
+            let mem = json["peak_mb"].as_f64().unwrap_or(f64::NAN);
             println!(
                 "peer pytorch-eager (torch {}, diffusers {}, peft {}, checkpointing {}): {p:.3} s, \
-                 peak RSS {:.2} GB",
+                 peak {} {:.2} GB",
                 json["torch"].as_str().unwrap_or("?"),
                 json["diffusers"].as_str().unwrap_or("?"),
                 json["peft"].as_str().unwrap_or("?"),
                 if checkpoint { "on" } else { "off" },
+                json["peak_kind"].as_str().unwrap_or("memory"),
                 mem / 1024.0
             );
             println!(

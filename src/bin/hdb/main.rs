@@ -286,6 +286,9 @@ enum BenchWhat {
         /// Latent size (64 = 512x512 images).
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Where training runs: cpu, cuda, cuda:N or auto; the peer runs on the same kind.
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
         /// Also run the PyTorch peer (tools/bench_torch_finetune.py: diffusers + peft) with
         /// this Python, on the same threads, and print the ratios.
         #[arg(long)]
@@ -434,9 +437,10 @@ fn main() -> ExitCode {
                     threads,
                     runs,
                     size,
+                    device,
                     peer_python,
                 },
-        } => bench_finetune::run(threads, runs, size, peer_python.as_deref()),
+        } => bench_finetune::run(threads, runs, size, device, peer_python.as_deref()),
         Command::Bench {
             what:
                 BenchWhat::Hypernet {
