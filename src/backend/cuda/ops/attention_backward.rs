@@ -203,6 +203,32 @@ pub fn attention_backward_plan<T: DeviceElem>(
     Ok(steps)
 }
 
+/// P and dS (T) of `[rows, lk]` f32 scores s and dp, the chunk's rows starting at query `q0`
+/// with `rows_per_head` rows a head: [`attention_backward_with`]'s row step on its own.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_rows<T: DeviceElem>(
+    dev: &CudaDevice,
+    p: &CudaSlice<T>,
+    ds: &CudaSlice<T>,
+    s: &CudaSlice<f32>,
+    dp: &CudaSlice<f32>,
+    (rows, lk): (usize, usize),
+    rows_per_head: usize,
+    q0: usize,
+    causal: bool,
+) -> Result<()> {
+    let op = "attention_backward_rows";
+    let n = rows
+        .checked_mul(lk)
+        .ok_or_else(|| Error::Internal(format!("{op}: {rows} x {lk} overflows")))?;
+    need(s, 0, n, op, "s")?;
+    need(dp, 0, n, op, "dp")?;
+    need(p, 0, n, op, "p")?;
+    need(ds, 0, n, op, "ds")?;
+    let at = [dev.ptr(p), dev.ptr(ds), dev.ptr(s), dev.ptr(dp)];
+    attention_backward_rows_launch::<T>(at, rows, lk, rows_per_head, q0, causal)?.run(dev)
+}
+
 /// The launch of `attention_backward_rows_*` with P and dS (T) and S and dP (f32) at device
 /// addresses `[p, ds, s, dp]`: `rows` = heads * rows_per_head rows of `lk`, the chunk's rows
 /// starting at query `q0` (pure; see [`KernelLaunch`]). 8 rows (warps) a block.
