@@ -19,6 +19,11 @@
 //! with a mask, head dim <= 256); head dims above 256 (the VAE's single-head mid-block
 //! attention, d = 512) take [`ops::attention_materialized`]: f32 scores in chunks of query
 //! rows, at most 64 MiB of them plus their probabilities in `T` at any resolution.
+//!
+//! The backward ops (training: input gradients through frozen weights) mirror the CPU
+//! backend's: linear and 1x1 convolutions as cuBLAS GEMMs, other convolutions as an f32
+//! column GEMM and `col2im` ([`ops::conv2d_backward`]), the norms' reductions, attention
+//! materialised per chunk of query rows ([`ops::attention_backward`]), element-wise kernels.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU8, Ordering};
