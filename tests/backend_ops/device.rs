@@ -380,6 +380,124 @@ impl<T: BlasElem> Target for Device<T> {
         Ok(out)
     }
 
+    fn conv2d_backward_with(
+        &self,
+        dy: &[f32],
+        w: &[f32],
+        p: &Conv2d,
+        scratch_bytes: usize,
+    ) -> OpResult<Vec<f32>> {
+        let (dyd, wd) = (self.up(dy)?, self.up(w)?);
+        let n = p.batch * p.c_in * p.h * p.w;
+        let mut dx = self.poisoned(n)?;
+        ops::conv2d_backward_with(self.dev(), &mut dx, &dyd, &wd, p, scratch_bytes)?;
+        self.down(&dx, n)
+    }
+
+    fn group_norm_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: NormDims,
+        silu: bool,
+        chunks: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        let (xd, gd, bd, dyd) = (
+            self.up(&i[0])?,
+            self.up(&i[1])?,
+            self.up(&i[2])?,
+            self.up(&i[3])?,
+        );
+        let dx = self.poisoned(i[0].len())?;
+        let shape = (d.batch, d.channels, d.hw);
+        let used = ops::group_norm_backward_with(
+            self.dev(),
+            [&dx, &xd, &gd, &bd, &dyd],
+            shape,
+            d.groups,
+            d.eps,
+            silu,
+            chunks,
+        )?;
+        if let Some(c) = chunks {
+            if used != c {
+                return Err(OpError::Check(format!("ran {used} chunks, asked for {c}")));
+            }
+        }
+        self.down(&dx, i[0].len())
+    }
+
+    fn attention_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        chunk_rows: usize,
+    ) -> OpResult<Vec<f32>> {
+        let s = AttnShape::dense(d.batch, d.heads, d.lq, d.lk, d.head_dim);
+        let budget = 4 * d.heads * d.lk * chunk_rows;
+        let (rows, _) = ops::attention_materialized_chunk(&s, budget)
+            .ok_or_else(|| OpError::Check("no chunk".into()))?;
+        if rows != chunk_rows.min(d.lq) {
+            return Err(OpError::Check(format!(
+                "chunks of {rows} rows, asked for {chunk_rows}"
+            )));
+        }
+        let ins = [
+            self.up(&i[0])?,
+            self.up(&i[1])?,
+            self.up(&i[2])?,
+            self.up(&i[3])?,
+        ];
+        let (nq, nk) = (i[0].len(), i[1].len());
+        let (dq, dk, dv) = (self.poisoned(nq)?, self.poisoned(nk)?, self.poisoned(nk)?);
+        ops::attention_backward_with(
+            self.dev(),
+            [&dq, &dk, &dv],
+            [&ins[0], &ins[1], &ins[2], &ins[3]],
+            s,
+            d.causal,
+            budget,
+        )?;
+        Ok([
+            self.down(&dq, nq)?,
+            self.down(&dk, nk)?,
+            self.down(&dv, nk)?,
+        ]
+        .concat())
+    }
+
+    fn attention_backward_rows(
+        &self,
+        s: &[f32],
+        dp: &[f32],
+        lk: usize,
+        rows_per_head: usize,
+        q0: usize,
+        causal: bool,
+    ) -> OpResult<Out> {
+        let (sd, dpd) = (self.up32(s)?, self.up32(dp)?);
+        let (p, ds) = (self.poisoned(s.len())?, self.poisoned(s.len())?);
+        let rows_lk = (s.len() / lk, lk);
+        ops::attention_backward_rows(
+            self.dev(),
+            &p,
+            &ds,
+            &sd,
+            &dpd,
+            rows_lk,
+            rows_per_head,
+            q0,
+            causal,
+        )?;
+        Ok(vec![self.down(&p, s.len())?, self.down(&ds, s.len())?])
+    }
+
+    fn cast_from_f32(&self, x: &[f32]) -> OpResult<Vec<f32>> {
+        let xd = self.up32(x)?;
+        let y = self.poisoned(x.len())?;
+        ops::cast_from_f32(self.dev(), &y, &xd, x.len())?;
+        self.down(&y, x.len())
+    }
+
     fn lora_bgmv(&self, inputs: &[Vec<f32>], c: &Bgmv) -> OpResult<Vec<f32>> {
         let dev = self.dev();
         let s = c.shape;

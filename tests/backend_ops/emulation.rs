@@ -199,6 +199,149 @@ impl<T: Elem> Emu<T> {
     }
 }
 
+/// The backward ops' launches, as `Cuda<T>` makes them.
+impl<T: Elem> Emu<T> {
+    /// conv2d's input gradient as `ops::conv2d_backward_with` makes it: per sample and chunk
+    /// of input channels, the column gradient W_c^T dy_b on the host in f64 (cuBLAS's f32
+    /// output: rounded to f32), then the `col2im_*` launch onto the chunk's planes.
+    fn conv2d_backward_cols(
+        &self,
+        dy: &[f32],
+        w: &[f32],
+        p: &Conv2d,
+        scratch_bytes: usize,
+    ) -> OpResult<Vec<f32>> {
+        if ops::conv2d_scratch(p) == 0 {
+            return Err(OpError::NotHere(
+                "a 1x1 convolution's input gradient is one cuBLAS GEMM".into(),
+            ));
+        }
+        let (oh, ow) = p.out_hw();
+        let (kk, ohw, hw) = (p.kernel * p.kernel, oh * ow, p.h * p.w);
+        let ckk = p.c_in * kk;
+        if (p.batch * p.c_out * ohw * ckk) as f64 > crate::EMU_MAX_WORK {
+            return Err(OpError::NotHere(
+                "a GEMM too large for the host's f64 loop".into(),
+            ));
+        }
+        let chunk = ops::conv2d_backward_channels(p, scratch_bytes);
+        let mut job = Job::new();
+        let dxa = job.output(p.batch * p.c_in * hw * tsz::<T>());
+        for b in 0..p.batch {
+            let dyb = &dy[b * p.c_out * ohw..][..p.c_out * ohw];
+            for c0 in (0..p.c_in).step_by(chunk) {
+                let cc = chunk.min(p.c_in - c0);
+                let mut cols = vec![0f64; cc * kk * ohw];
+                for o in 0..p.c_out {
+                    for r in 0..cc * kk {
+                        let wv = w[o * ckk + c0 * kk + r] as f64;
+                        let row = &mut cols[r * ohw..][..ohw];
+                        for (c, &g) in row.iter_mut().zip(&dyb[o * ohw..][..ohw]) {
+                            *c += wv * g as f64;
+                        }
+                    }
+                }
+                let cols: Vec<f32> = cols.iter().map(|&v| v as f32).collect();
+                let ca = job.input(&f32::bytes(&cols));
+                let at = dxa + (((b * p.c_in + c0) * hw) * tsz::<T>()) as u64;
+                job.launch(&ops::col2im_launch::<T>(at, ca, p, cc)?);
+            }
+        }
+        Ok(run1::<T>(job, &format!("col2im_{} {p:?}", T::SUFFIX), dxa))
+    }
+
+    fn group_norm_backward_chunks(
+        &self,
+        i: &[Vec<f32>],
+        d: NormDims,
+        silu: bool,
+        chunks: usize,
+    ) -> OpResult<Vec<f32>> {
+        let mut job = Job::new();
+        let [xa, ga, ba, dya] = [0, 1, 2, 3].map(|k| job.input(&T::bytes(&i[k])));
+        let dxa = job.output(i[0].len() * tsz::<T>());
+        let shape = (d.batch, d.channels, d.hw);
+        let addrs = [dxa, xa, ga, ba, dya];
+        if chunks > 1 {
+            let n = d.batch * d.groups * chunks * 2 * 4;
+            let bufs = [job.output(n), job.output(n)];
+            for l in ops::group_norm_backward_split_launches::<T>(
+                addrs, bufs, shape, d.groups, chunks, d.eps, silu,
+            )? {
+                job.launch(&l);
+            }
+        } else {
+            job.launch(&ops::group_norm_backward_launch::<T>(
+                addrs, shape, d.groups, d.eps, silu,
+            )?);
+        }
+        Ok(run1::<T>(
+            job,
+            &format!("group_norm_backward_{} {d:?} chunks {chunks}", T::SUFFIX),
+            dxa,
+        ))
+    }
+
+    fn backward_op(&self, op: &Op, i: &[Vec<f32>]) -> OpResult<Vec<f32>> {
+        match *op {
+            Op::Conv2dBackward { p } => {
+                self.conv2d_backward_cols(&i[0], &i[1], &p, ops::CONV_BACKWARD_SCRATCH_BYTES)
+            }
+            Op::GroupNormBackward { d, silu } => self.group_norm_backward_with(i, d, silu, None),
+            Op::LayerNormBackward {
+                rows_dim: (rows, dim),
+                eps,
+            } => one_out::<T>(
+                &[&i[0], &i[1], &i[2]],
+                i[0].len(),
+                "layer_norm_backward",
+                |y, a| {
+                    Ok(vec![ops::layer_norm_backward_launch::<T>(
+                        [y, a[0], a[1], a[2]],
+                        rows,
+                        dim,
+                        eps,
+                    )?])
+                },
+            ),
+            Op::ActivateBackward(act) => {
+                let n = i[0].len();
+                one_out::<T>(&[&i[0], &i[1]], n, &format!("{act:?} backward"), |y, a| {
+                    Ok(vec![ops::activate_backward_launch::<T>(
+                        act,
+                        [y, a[0], a[1]],
+                        n,
+                    )?])
+                })
+            }
+            Op::GegluBackward { rows_d: (rows, d) } => {
+                one_out::<T>(&[&i[0], &i[1]], i[0].len(), "geglu_backward", |y, a| {
+                    Ok(vec![ops::geglu_backward_launch::<T>(
+                        [y, a[0], a[1]],
+                        rows,
+                        d,
+                    )?])
+                })
+            }
+            Op::UpsampleNearest2xBackward { dims: (p, h, w) } => one_out::<T>(
+                &[&i[0]],
+                p * h * w,
+                "upsample_nearest2x_backward",
+                |y, a| {
+                    Ok(vec![ops::upsample_nearest2x_backward_launch::<T>(
+                        y, a[0], p, h, w,
+                    )?])
+                },
+            ),
+            // cuBLAS GEMMs (attention's are checked by the emulated GPU and, as a plan, by
+            // the library's host test) and device copies.
+            _ => Err(OpError::NotHere(format!(
+                "{op:?} runs cuBLAS or device copies"
+            ))),
+        }
+    }
+}
+
 /// The Backend trait's ops that launch kernels, as `Cuda<T>` launches them.
 #[allow(clippy::too_many_arguments)]
 impl<T: Elem> Emu<T> {
@@ -368,6 +511,15 @@ impl<T: Elem> Target for Emu<T> {
             Op::Transpose { dims, to_tokens } => self.transpose(&i[0], dims, to_tokens),
             Op::UpsampleNearest2x { dims } => self.upsample_nearest2x(&i[0], dims),
             Op::PadBottomRight { dims } => self.pad_bottom_right(&i[0], dims),
+            Op::LinearBackward { .. }
+            | Op::Conv2dBackward { .. }
+            | Op::GroupNormBackward { .. }
+            | Op::LayerNormBackward { .. }
+            | Op::AttentionBackward(_)
+            | Op::ActivateBackward(_)
+            | Op::GegluBackward { .. }
+            | Op::UpsampleNearest2xBackward { .. }
+            | Op::SplitChannels { .. } => self.backward_op(op, i),
             // No kernel: memory copies, and linear's GEMM is cuBLAS.
             Op::RoundTrip
             | Op::Copy
@@ -660,6 +812,63 @@ impl<T: Elem> Target for Emu<T> {
             out.push(T::values(&g[s.offset * t..]));
         }
         Ok(out)
+    }
+
+    fn conv2d_backward_with(
+        &self,
+        dy: &[f32],
+        w: &[f32],
+        p: &Conv2d,
+        scratch_bytes: usize,
+    ) -> OpResult<Vec<f32>> {
+        self.conv2d_backward_cols(dy, w, p, scratch_bytes)
+    }
+    fn group_norm_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: NormDims,
+        silu: bool,
+        chunks: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        let runs = d.batch * d.groups;
+        let chunks =
+            chunks.unwrap_or_else(|| ops::group_norm_chunks(runs, i[0].len() / runs.max(1), SMS));
+        self.group_norm_backward_chunks(i, d, silu, chunks)
+    }
+    fn attention_backward_rows(
+        &self,
+        s: &[f32],
+        dp: &[f32],
+        lk: usize,
+        rows_per_head: usize,
+        q0: usize,
+        causal: bool,
+    ) -> OpResult<Out> {
+        let mut job = Job::new();
+        let (sa, dpa) = (job.input(&f32::bytes(s)), job.input(&f32::bytes(dp)));
+        let (pa, dsa) = (
+            job.output(s.len() * tsz::<T>()),
+            job.output(s.len() * tsz::<T>()),
+        );
+        let l = ops::attention_backward_rows_launch::<T>(
+            [pa, dsa, sa, dpa],
+            s.len() / lk,
+            lk,
+            rows_per_head,
+            q0,
+            causal,
+        )?;
+        let what = format!("{} lk {lk} q0 {q0} causal {causal}", l.kernel);
+        job.launch(&l);
+        let got = job.run(&what, &[pa, dsa]);
+        Ok(got.iter().map(|b| T::values(b)).collect())
+    }
+    fn cast_from_f32(&self, x: &[f32]) -> OpResult<Vec<f32>> {
+        let mut job = Job::new();
+        let xa = job.input(&f32::bytes(x));
+        let ya = job.output(x.len() * tsz::<T>());
+        job.launch(&ops::cast_from_f32_launch::<T>(ya, xa, x.len())?);
+        Ok(run1::<T>(job, "cast_from_f32", ya))
     }
 
     fn lora_bgmv(&self, inputs: &[Vec<f32>], c: &Bgmv) -> OpResult<Vec<f32>> {

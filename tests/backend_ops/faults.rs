@@ -84,6 +84,49 @@ pub fn shape_errors<T: BlasElem>(be: &Cuda<T>) {
         "timestep_embedding of no timesteps",
         be.timestep_embedding(&[], 8, true, 0.0).map(|_| ()),
     );
+    // The backward ops refuse as their forwards do (x and dy have 12 values, y 11).
+    internal(
+        "linear_backward dy",
+        be.linear_backward(&x, &w, (5, 2, 4)).map(|_| ()),
+    );
+    internal(
+        "conv2d_backward kernel larger than the image",
+        be.conv2d_backward(&x, &w27, &p).map(|_| ()),
+    );
+    internal(
+        "group_norm_backward groups",
+        be.group_norm_backward(&x, &g, &g, &x, nd, false)
+            .map(|_| ()),
+    );
+    internal(
+        "layer_norm_backward dy",
+        be.layer_norm_backward(&x, &g, &y, (3, 4), 1e-5).map(|_| ()),
+    );
+    internal(
+        "attention_backward causal lq != lk",
+        be.attention_backward(&q, &kv, &kv, &q, causal).map(|_| ()),
+    );
+    internal(
+        "activate_backward dy",
+        be.activate_backward(&x, &y, hdb::backend::Activation::Silu)
+            .map(|_| ()),
+    );
+    internal(
+        "geglu_backward dy",
+        be.geglu_backward(&x, &y, (2, 3)).map(|_| ()),
+    );
+    internal(
+        "upsample_nearest2x_backward dims",
+        be.upsample_nearest2x_backward(&x, (1, 2, 2)).map(|_| ()),
+    );
+    internal(
+        "split_channels dims",
+        be.split_channels(&x, (1, 2, 3, 3)).map(|_| ()),
+    );
+    internal(
+        "split_channels into an empty part",
+        be.split_channels(&x, (1, 0, 4, 3)).map(|_| ()),
+    );
     // The device still works.
     be.dev()
         .synchronize()
@@ -140,6 +183,17 @@ pub fn device_faults(dev: &CudaDevice) {
     let e = ops::softmax_rows_launch::<f32>(0, 1, 1 << 31).unwrap_err();
     assert!(
         e.to_string().contains("softmax_rows_f32") && e.to_string().contains("'n'"),
+        "{e}"
+    );
+    // The backward ops too: a short output refused before launch, naming it; a shape past a
+    // backward kernel's int refused by the launch builder.
+    let mut dx = dev.zeros::<f32>(63).unwrap();
+    let e = ops::conv2d_backward(dev, &mut dx, &yc, &wc, &p).unwrap_err();
+    assert!(e.to_string().contains("'dx'"), "{e}");
+    println!("cuda-fault conv2d_backward short dx -> {e}");
+    let e = ops::layer_norm_backward_launch::<half::f16>([0; 4], 1, 1 << 31, 1e-5).unwrap_err();
+    assert!(
+        e.to_string().contains("layer_norm_backward_f16") && e.to_string().contains("'dim'"),
         "{e}"
     );
     // Still usable.

@@ -28,7 +28,8 @@
 //!
 //! A new op, or a backward op, is one method on `Target` (its reference beside it) and rows
 //! in its family's file; a new kernel also needs a row the kernel emulation runs (see
-//! `every_kernel_has_a_case`).
+//! `every_kernel_has_a_case`). The backward ops' rows are in `backward.rs` and
+//! `attention_backward.rs`.
 //!
 //!     cargo test --features cuda --test backend_ops                  # the kernel emulation
 //!     scripts/emulated-gpu.sh --test backend_ops gpu:: -- --nocapture  # the emulated GPU
@@ -49,6 +50,8 @@ mod target;
 
 mod adapters;
 mod attention;
+mod attention_backward;
+mod backward;
 mod elementwise;
 mod gemm;
 mod layout;
@@ -184,7 +187,16 @@ macro_rules! families {
     };
 }
 
-families!(gemm, attention, norm, elementwise, layout, adapters);
+families!(
+    gemm,
+    attention,
+    norm,
+    elementwise,
+    layout,
+    adapters,
+    backward,
+    attention_backward
+);
 
 /// Every kernel of `KERNEL_FILES` some row runs under the kernel emulation, by name without
 /// its type suffix (the rows run each in f32, f16 and bf16 where the kernel has them).
@@ -231,6 +243,20 @@ const COVERED: &[&str] = &[
     "add",
     "add_channel_bias",
     "add_bias_rows",
+    // backward.rs
+    "col2im",
+    "group_norm_backward",
+    "group_norm_backward_sums",
+    "group_norm_backward_apply",
+    "layer_norm_backward",
+    "silu_backward",
+    "gelu_backward",
+    "quick_gelu_backward",
+    "geglu_backward",
+    "upsample_nearest2x_backward",
+    "cast_from_f32",
+    // attention_backward.rs
+    "attention_backward_rows",
 ];
 
 /// A new kernel fails this until a row runs it under the kernel emulation (and its name is

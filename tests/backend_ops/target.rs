@@ -194,6 +194,56 @@ pub trait Target {
         not_here(self.this(), "lora_bgmv")
     }
 
+    // --- backward: the CUDA ops' own choices ----------------------------------------------
+
+    /// conv2d's input gradient with at most `scratch_bytes` of f32 columns
+    /// (`ops::conv2d_backward_with`: chunks of input channels).
+    fn conv2d_backward_with(
+        &self,
+        dy: &[f32],
+        w: &[f32],
+        p: &Conv2d,
+        scratch_bytes: usize,
+    ) -> OpResult<Vec<f32>> {
+        not_here(self.this(), "conv2d_backward_with")
+    }
+    /// Group norm's input gradient through `ops::group_norm_backward_with`: `chunks` per run
+    /// (None: the heuristic's).
+    fn group_norm_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: NormDims,
+        silu: bool,
+        chunks: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        not_here(self.this(), "group_norm_backward_with")
+    }
+    /// Attention's input gradients (dq | dk | dv) in chunks of `chunk_rows` query rows.
+    fn attention_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        chunk_rows: usize,
+    ) -> OpResult<Vec<f32>> {
+        not_here(self.this(), "attention_backward_with")
+    }
+    /// `attention_backward_rows_*` on f32 scores s and dp `[rows, lk]`: (P, dS).
+    fn attention_backward_rows(
+        &self,
+        s: &[f32],
+        dp: &[f32],
+        lk: usize,
+        rows_per_head: usize,
+        q0: usize,
+        causal: bool,
+    ) -> OpResult<Out> {
+        not_here(self.this(), "attention_backward_rows")
+    }
+    /// `cast_from_f32_*`: f32 values rounded to T.
+    fn cast_from_f32(&self, x: &[f32]) -> OpResult<Vec<f32>> {
+        not_here(self.this(), "cast_from_f32")
+    }
+
     /// Self as a trait object (for the defaults' messages).
     fn this(&self) -> &dyn Target;
 }
@@ -250,6 +300,41 @@ pub enum Op {
     PadBottomRight {
         dims: (usize, usize, usize),
     },
+    // --- backward (inputs: the trait method's, in order; several outputs are concatenated) --
+    /// dy, w -> dx.
+    LinearBackward {
+        dims: (usize, usize, usize),
+    },
+    /// dy, w -> dx.
+    Conv2dBackward {
+        p: Conv2d,
+    },
+    /// x, gamma, beta, dy -> dx.
+    GroupNormBackward {
+        d: NormDims,
+        silu: bool,
+    },
+    /// x, gamma, dy -> dx.
+    LayerNormBackward {
+        rows_dim: (usize, usize),
+        eps: f32,
+    },
+    /// q, k, v, dout -> dq | dk | dv.
+    AttentionBackward(AttnDims),
+    /// x, dy -> dx.
+    ActivateBackward(Activation),
+    /// x, dy -> dx.
+    GegluBackward {
+        rows_d: (usize, usize),
+    },
+    /// dy -> dx.
+    UpsampleNearest2xBackward {
+        dims: (usize, usize, usize),
+    },
+    /// x -> a | b.
+    SplitChannels {
+        dims: (usize, usize, usize, usize),
+    },
 }
 
 impl Op {
@@ -266,6 +351,10 @@ impl Op {
             Op::ConcatChannels { .. } => i[0].len() + i[1].len(),
             Op::UpsampleNearest2x { .. } => 4 * i[0].len(),
             Op::PadBottomRight { dims: (p, h, w) } => p * (h + 1) * (w + 1),
+            Op::LinearBackward { dims } => dims.0 * dims.1,
+            Op::Conv2dBackward { p } => p.batch * p.c_in * p.h * p.w,
+            Op::GegluBackward { .. } => i[0].len(),
+            Op::UpsampleNearest2xBackward { .. } => i[0].len() / 4,
             _ => i.first().map_or(0, Vec::len),
         }
     }
@@ -350,6 +439,25 @@ pub fn on_backend<B: Backend>(be: &B, op: &Op, i: &[Vec<f32>]) -> OpResult<Vec<f
         Op::ConcatChannels { dims } => be.concat_channels(&up(0)?, &up(1)?, dims)?,
         Op::UpsampleNearest2x { dims } => be.upsample_nearest2x(&up(0)?, dims)?,
         Op::PadBottomRight { dims } => be.pad_bottom_right(&up(0)?, dims)?,
+        Op::LinearBackward { dims } => be.linear_backward(&up(0)?, &wt(1)?, dims)?,
+        Op::Conv2dBackward { p } => be.conv2d_backward(&up(0)?, &wt(1)?, &p)?,
+        Op::GroupNormBackward { d, silu } => {
+            be.group_norm_backward(&up(0)?, &wt(1)?, &wt(2)?, &up(3)?, d, silu)?
+        }
+        Op::LayerNormBackward { rows_dim, eps } => {
+            be.layer_norm_backward(&up(0)?, &wt(1)?, &up(2)?, rows_dim, eps)?
+        }
+        Op::AttentionBackward(d) => {
+            let (dq, dk, dv) = be.attention_backward(&up(0)?, &up(1)?, &up(2)?, &up(3)?, d)?;
+            return Ok([down(be, &dq)?, down(be, &dk)?, down(be, &dv)?].concat());
+        }
+        Op::ActivateBackward(act) => be.activate_backward(&up(0)?, &up(1)?, act)?,
+        Op::GegluBackward { rows_d } => be.geglu_backward(&up(0)?, &up(1)?, rows_d)?,
+        Op::UpsampleNearest2xBackward { dims } => be.upsample_nearest2x_backward(&up(0)?, dims)?,
+        Op::SplitChannels { dims } => {
+            let (a, b) = be.split_channels(&up(0)?, dims)?;
+            return Ok([down(be, &a)?, down(be, &b)?].concat());
+        }
     };
     down(be, &y)
 }
@@ -403,6 +511,35 @@ pub fn im2col_ref(x: &[f32], p: &Conv2d) -> Vec<f32> {
         }
     }
     cols
+}
+
+/// attention_backward.cu's row step in f64: per row (query q0 + r % rows_per_head; causal:
+/// keys after it masked), P = softmax(s) and dS = P (dp - rowsum(P dp)); 0 where masked.
+pub fn attention_backward_rows_ref(
+    s: &[f32],
+    dp: &[f32],
+    lk: usize,
+    rows_per_head: usize,
+    q0: usize,
+    causal: bool,
+) -> Out {
+    let rows = s.len() / lk;
+    let (mut p, mut ds) = (vec![0f32; s.len()], vec![0f32; s.len()]);
+    for r in 0..rows {
+        let qi = q0 + r % rows_per_head;
+        let visible = if causal { lk.min(qi + 1) } else { lk };
+        let (sr, dpr) = (&s[r * lk..][..visible], &dp[r * lk..][..visible]);
+        let m = sr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let e: Vec<f64> = sr.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        let dot: f64 = e.iter().zip(dpr).map(|(e, &g)| e / sum * g as f64).sum();
+        for j in 0..visible {
+            let pv = e[j] / sum;
+            p[r * lk + j] = pv as f32;
+            ds[r * lk + j] = (pv * (dpr[j] as f64 - dot)) as f32;
+        }
+    }
+    vec![p, ds]
 }
 
 /// The CPU's convolution.
@@ -557,6 +694,54 @@ impl Target for Reference {
             out.push(w.iter().map(|&v| v as f32).collect());
         }
         Ok(out)
+    }
+    fn conv2d_backward_with(
+        &self,
+        dy: &[f32],
+        w: &[f32],
+        p: &Conv2d,
+        _scratch_bytes: usize,
+    ) -> OpResult<Vec<f32>> {
+        let op = Op::Conv2dBackward { p: *p };
+        on_backend(&self.cpu, &op, &[dy.to_vec(), w.to_vec()])
+    }
+    fn group_norm_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: NormDims,
+        silu: bool,
+        _chunks: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        on_backend(&self.cpu, &Op::GroupNormBackward { d, silu }, i)
+    }
+    fn attention_backward_with(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        _chunk_rows: usize,
+    ) -> OpResult<Vec<f32>> {
+        on_backend(&self.cpu, &Op::AttentionBackward(d), i)
+    }
+    fn attention_backward_rows(
+        &self,
+        s: &[f32],
+        dp: &[f32],
+        lk: usize,
+        rows_per_head: usize,
+        q0: usize,
+        causal: bool,
+    ) -> OpResult<Out> {
+        Ok(attention_backward_rows_ref(
+            s,
+            dp,
+            lk,
+            rows_per_head,
+            q0,
+            causal,
+        ))
+    }
+    fn cast_from_f32(&self, x: &[f32]) -> OpResult<Vec<f32>> {
+        Ok(x.to_vec())
     }
     fn lora_bgmv(&self, inputs: &[Vec<f32>], c: &Bgmv) -> OpResult<Vec<f32>> {
         // y_i + scale * up (down x_i) in f64, rounded once.

@@ -19,6 +19,11 @@
 //! with a mask, head dim <= 256); head dims above 256 (the VAE's single-head mid-block
 //! attention, d = 512) take [`ops::attention_materialized`]: f32 scores in chunks of query
 //! rows, at most 64 MiB of them plus their probabilities in `T` at any resolution.
+//!
+//! The backward ops (training: input gradients through frozen weights) mirror the CPU
+//! backend's: linear and 1x1 convolutions as cuBLAS GEMMs, other convolutions as an f32
+//! column GEMM and `col2im` ([`ops::conv2d_backward`]), the norms' reductions, attention
+//! materialised per chunk of query rows ([`ops::attention_backward`]), element-wise kernels.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -377,80 +382,137 @@ impl<T: BlasElem> Backend for Cuda<T> {
 
     fn linear_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: (usize, usize, usize),
+        dy: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        (rows, din, dout): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("linear_backward"))
+        let op = "linear_backward";
+        check_len(op, "dy", dy.len(), volume(op, &[rows, dout])?)?;
+        check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
+        let dx = self.out(op, volume(op, &[rows, din])?)?;
+        ops::linear_backward(&self.dev, At::from(&dx), At::from(dy), w, (rows, din, dout))?;
+        Ok(dx)
     }
 
     fn conv2d_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: &Conv2d,
+        dy: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        p: &Conv2d,
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("conv2d_backward"))
+        let op = "conv2d_backward";
+        let n = volume(op, &[p.batch, p.c_in, p.h, p.w])?;
+        check_len(op, "dy", dy.len(), shapes::conv2d(n, w.len(), None, p)?)?;
+        let mut dx = self.out(op, n)?;
+        ops::conv2d_backward(&self.dev, &mut dx, dy, w, p)?;
+        Ok(dx)
     }
 
     fn group_norm_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: NormDims,
-        _: bool,
+        x: &CudaSlice<T>,
+        gamma: &CudaSlice<T>,
+        beta: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        d: NormDims,
+        silu: bool,
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("group_norm_backward"))
+        let op = "group_norm_backward";
+        shapes::group_norm(x.len(), gamma.len(), beta.len(), &d)?;
+        check_len(op, "dy", dy.len(), x.len())?;
+        let dx = self.out(op, x.len())?;
+        ops::group_norm_backward(
+            &self.dev,
+            &dx,
+            x,
+            gamma,
+            beta,
+            dy,
+            (d.batch, d.channels, d.hw),
+            d.groups,
+            d.eps,
+            silu,
+        )?;
+        Ok(dx)
     }
 
     fn layer_norm_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: (usize, usize),
-        _: f32,
+        x: &CudaSlice<T>,
+        gamma: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        (rows, dim): (usize, usize),
+        eps: f32,
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("layer_norm_backward"))
+        let op = "layer_norm_backward";
+        shapes::layer_norm(x.len(), gamma.len(), gamma.len(), (rows, dim))?;
+        check_len(op, "dy", dy.len(), x.len())?;
+        let dx = self.out(op, x.len())?;
+        ops::layer_norm_backward(&self.dev, &dx, x, gamma, dy, rows, dim, eps)?;
+        Ok(dx)
     }
 
     fn attention_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: AttnDims,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        dout: &CudaSlice<T>,
+        d: AttnDims,
     ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)> {
-        Err(no_backward("attention_backward"))
+        let op = "attention_backward";
+        shapes::attention(q.len(), k.len(), v.len(), &d)?;
+        check_len(op, "dout", dout.len(), q.len())?;
+        if d.heads == 0 || d.head_dim == 0 || d.lk == 0 {
+            return Err(Error::Internal(format!("{op}: empty shape {d:?}")));
+        }
+        let (dq, dk, dv) = (
+            self.out(op, q.len())?,
+            self.out(op, k.len())?,
+            self.out(op, v.len())?,
+        );
+        let s = AttnShape::dense(d.batch, d.heads, d.lq, d.lk, d.head_dim);
+        ops::attention_backward(&self.dev, [&dq, &dk, &dv], q, k, v, dout, s, d.causal)?;
+        Ok((dq, dk, dv))
     }
 
     fn activate_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: Activation,
+        x: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        act: Activation,
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("activate_backward"))
+        let op = "activate_backward";
+        check_len(op, "dy", dy.len(), x.len())?;
+        let dx = self.out(op, x.len())?;
+        ops::activate_backward(&self.dev, &dx, x, dy, x.len(), act)?;
+        Ok(dx)
     }
 
     fn geglu_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: &CudaSlice<T>,
-        _: (usize, usize),
+        x: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        (rows, d): (usize, usize),
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("geglu_backward"))
+        let op = "geglu_backward";
+        check_len(op, "dy", dy.len(), shapes::geglu(x.len(), (rows, d))?)?;
+        let dx = self.out(op, x.len())?;
+        ops::geglu_backward(&self.dev, &dx, x, dy, rows, d)?;
+        Ok(dx)
     }
 
     fn upsample_nearest2x_backward(
         &self,
-        _: &CudaSlice<T>,
-        _: (usize, usize, usize),
+        dy: &CudaSlice<T>,
+        (planes, h, w): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
-        Err(no_backward("upsample_nearest2x_backward"))
+        let op = "upsample_nearest2x_backward";
+        let n = volume(op, &[planes, h, w])?;
+        check_len(op, "dy", dy.len(), volume(op, &[4, n])?)?;
+        let dx = self.out(op, n)?;
+        ops::upsample_nearest2x_backward(&self.dev, &dx, dy, planes, h, w)?;
+        Ok(dx)
     }
 
     fn outer_f32(
@@ -473,16 +535,14 @@ impl<T: BlasElem> Backend for Cuda<T> {
 
     fn split_channels(
         &self,
-        _: &CudaSlice<T>,
-        _: (usize, usize, usize, usize),
+        x: &CudaSlice<T>,
+        (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
-        Err(no_backward("split_channels"))
+        let op = "split_channels";
+        shapes::split_channels(x.len(), (batch, ca, cb, hw))?;
+        let mut a = self.out(op, volume(op, &[batch, ca, hw])?)?;
+        let mut b = self.out(op, volume(op, &[batch, cb, hw])?)?;
+        ops::split_channels(&self.dev, &mut a, &mut b, x, (batch, ca, cb, hw))?;
+        Ok((a, b))
     }
-}
-
-/// The CUDA backend has no backward kernels yet: training runs on the CPU backend.
-fn no_backward(op: &str) -> crate::Error {
-    crate::Error::Unsupported(format!(
-        "{op} on CUDA: training is not implemented on the GPU yet (use a CPU runtime)"
-    ))
 }

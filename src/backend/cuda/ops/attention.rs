@@ -499,4 +499,4 @@ pub fn attention_materialized_plan<T: DeviceElem>(
 
 #[cfg(test)]
 #[path = "attention_tests.rs"]
-mod tests;
+pub(super) mod tests;

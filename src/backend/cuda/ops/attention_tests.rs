@@ -4,20 +4,21 @@
 use super::*;
 
 /// Host memory at fake device addresses: buffer i at (i + 1) << 40, holding f32 values
-/// whatever its element size (the plan's address arithmetic is what is under test).
-struct Mem {
-    bufs: Vec<(u64, usize, Vec<f32>)>,
+/// whatever its element size (the plan's address arithmetic is what is under test). The
+/// backward's plan test (attention_backward_tests.rs) uses it too.
+pub(crate) struct Mem {
+    pub(crate) bufs: Vec<(u64, usize, Vec<f32>)>,
 }
 
 impl Mem {
-    fn add(&mut self, esize: usize, v: Vec<f32>) -> u64 {
+    pub(crate) fn add(&mut self, esize: usize, v: Vec<f32>) -> u64 {
         let base = ((self.bufs.len() as u64) + 1) << 40;
         self.bufs.push((base, esize, v));
         base
     }
 
     /// Buffer and element index of `addr`, which must be an aligned element of a buffer.
-    fn at(&mut self, addr: u64, what: &str) -> (&mut Vec<f32>, usize) {
+    pub(crate) fn at(&mut self, addr: u64, what: &str) -> (&mut Vec<f32>, usize) {
         let (base, esize, v) = self
             .bufs
             .iter_mut()
@@ -33,18 +34,18 @@ impl Mem {
         (v, off / *esize)
     }
 
-    fn get(&mut self, addr: u64, esize: usize, i: i64, what: &str) -> f32 {
+    pub(crate) fn get(&mut self, addr: u64, esize: usize, i: i64, what: &str) -> f32 {
         let (v, e) = self.at(addr + (i as u64) * esize as u64, what);
         v[e]
     }
 
-    fn set(&mut self, addr: u64, esize: usize, i: i64, x: f32, what: &str) {
+    pub(crate) fn set(&mut self, addr: u64, esize: usize, i: i64, x: f32, what: &str) {
         let (v, e) = self.at(addr + (i as u64) * esize as u64, what);
         v[e] = x;
     }
 
     /// cublasGemmStridedBatchedEx's column-major semantics, in f64.
-    fn gemm(
+    pub(crate) fn gemm(
         &mut self,
         c: &StridedBatchedConfig<f32>,
         (a, b, cc): (u64, u64, u64),

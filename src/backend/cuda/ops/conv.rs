@@ -1,5 +1,6 @@
-//! conv2d as im2col + cuBLAS, and the layout kernels beside it: `kernels/conv.cu` (im2col, the
-//! NCHW <-> NHWC transpose, the per-channel bias, bottom-right padding).
+//! conv2d as im2col + cuBLAS and its input gradient (cuBLAS + col2im), and the layout kernels
+//! beside them: `kernels/conv.cu` (im2col, col2im, the NCHW <-> NHWC transpose, the
+//! per-channel bias, bottom-right padding); the channel concatenation and split (copies).
 
 use super::*;
 
@@ -228,4 +229,183 @@ pub fn concat_channels<T: DeviceElem>(
         copy(dev, y, base + la, b, i * lb, lb)?;
     }
     Ok(())
+}
+
+/// (a [batch, ca, hw], b [batch, cb, hw]) = x [batch, ca + cb, hw] split along the channels:
+/// [`concat_channels`]'s input gradients, as 2 * batch device copies (no kernel).
+pub fn split_channels<T: DeviceElem>(
+    dev: &CudaDevice,
+    a: &mut CudaSlice<T>,
+    b: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    (batch, ca, cb, hw): (usize, usize, usize, usize),
+) -> Result<()> {
+    let op = "split_channels";
+    let (la, lb) = (ca * hw, cb * hw);
+    need(x, 0, batch * (la + lb), op, "x")?;
+    need(a, 0, batch * la, op, "a")?;
+    need(b, 0, batch * lb, op, "b")?;
+    for i in 0..batch {
+        let base = i * (la + lb);
+        copy(dev, a, i * la, x, base, la)?;
+        copy(dev, b, i * lb, x, base + la, lb)?;
+    }
+    Ok(())
+}
+
+// --- conv2d's input gradient -----------------------------------------------------------------
+
+/// The f32 column gradient [`conv2d_backward`] holds at once (128 MiB): SD 1.5's UNet needs
+/// at most 47 MB (a 3x3 convolution of 320 channels at 64 x 64), so it runs in one chunk of
+/// channels there; larger images and the VAE's full-resolution convolutions (1.2 GB of
+/// columns at 512 x 512) run in chunks of input channels.
+pub const CONV_BACKWARD_SCRATCH_BYTES: usize = 128 << 20;
+
+/// Input channels per chunk of [`conv2d_backward_with`]: as many as keep the f32 columns
+/// (channels * k * k * oh * ow) within `scratch_bytes`, at least one, at most `c_in`.
+pub fn conv2d_backward_channels(p: &Conv2d, scratch_bytes: usize) -> usize {
+    let (oh, ow) = p.out_hw();
+    let per_channel = (p.kernel * p.kernel)
+        .saturating_mul(oh * ow)
+        .saturating_mul(4);
+    (scratch_bytes / per_channel.max(1)).clamp(1, p.c_in.max(1))
+}
+
+/// conv2d's input gradient: dx [batch, c_in, h, w] from dy [batch, c_out, oh, ow] and the
+/// frozen weight [c_out, c_in, k, k]. 1x1 stride-1 unpadded convolutions are one batched
+/// cuBLAS GEMM (dx_b = W^T dy_b, in T); the rest, per sample and chunk of input channels
+/// ([`conv2d_backward_channels`] under [`CONV_BACKWARD_SCRATCH_BYTES`]), the column gradient
+/// W_c^T dy_b by cuBLAS into f32 (so the k * k terms of a pixel are summed before the one
+/// rounding to T), then `col2im_*` onto those channels of dx.
+pub fn conv2d_backward<T: BlasElem>(
+    dev: &CudaDevice,
+    dx: &mut CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    p: &Conv2d,
+) -> Result<()> {
+    conv2d_backward_with(dev, dx, dy, weight, p, CONV_BACKWARD_SCRATCH_BYTES)
+}
+
+/// [`conv2d_backward`] with at most `scratch_bytes` of f32 columns (at least one channel's):
+/// the tests force many, uneven chunks through it.
+pub fn conv2d_backward_with<T: BlasElem>(
+    dev: &CudaDevice,
+    dx: &mut CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    p: &Conv2d,
+    scratch_bytes: usize,
+) -> Result<()> {
+    let op = "conv2d_backward";
+    let (oh, ow) = p.out_hw();
+    let (hw_in, hw_out) = (p.h * p.w, oh * ow);
+    let kk = p.kernel * p.kernel;
+    let ckk = p.c_in * kk;
+    if p.batch * p.c_in * hw_in == 0 {
+        return Ok(());
+    }
+    if p.c_out * hw_out == 0 {
+        return Err(Error::Internal(format!(
+            "{op}: no output gradient in {p:?}"
+        )));
+    }
+    need(dy, 0, p.batch * p.c_out * hw_out, op, "dy")?;
+    need(dx, 0, p.batch * p.c_in * hw_in, op, "dx")?;
+    need(weight, 0, p.c_out * ckk, op, "weight")?;
+    if conv2d_scratch(p) == 0 {
+        // Row-major dx_b [c_in, hw] = W^T [c_in, c_out] . dy_b [c_out, hw]; column-major
+        // dx_b^T [hw, c_in] = dy_b^T [hw, c_out] . W [c_out, c_in], W seen column-major as
+        // [c_in, c_out] (ld c_in) and transposed: m = hw, n = c_in, k = c_out.
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_T,
+                m: to_i32(hw_in, op, "h*w")?,
+                n: to_i32(p.c_in, op, "c_in")?,
+                k: to_i32(p.c_out, op, "c_out")?,
+                alpha: 1.0,
+                lda: to_i32(hw_in, op, "h*w")?,
+                ldb: to_i32(p.c_in, op, "c_in")?,
+                beta: 0.0,
+                ldc: to_i32(hw_in, op, "h*w")?,
+            },
+            batch_size: to_i32(p.batch, op, "batch")?,
+            stride_a: to_i64(p.c_out * hw_in, op, "c_out*h*w")?,
+            stride_b: 0,
+            stride_c: to_i64(p.c_in * hw_in, op, "c_in*h*w")?,
+        };
+        // SAFETY: extents checked above.
+        return unsafe {
+            T::gemm_batched_at(dev, cfg, At::new(dy, 0), At::new(weight, 0), dev.ptr(dx))
+        };
+    }
+    let chunk = conv2d_backward_channels(p, scratch_bytes);
+    // Freed stream-ordered, after the launches that read it.
+    let cols = dev.alloc::<f32>(chunk * kk * hw_out)?;
+    let tsz = std::mem::size_of::<T>() as u64;
+    let (dy_addr, w_addr, dx_addr, cols_addr) =
+        (dev.ptr(dy), dev.ptr(weight), dev.ptr(dx), dev.ptr(&cols));
+    for b in 0..p.batch {
+        for c0 in (0..p.c_in).step_by(chunk) {
+            let cc = chunk.min(p.c_in - c0);
+            // Row-major cols [cc k k, P] = W_c^T [cc k k, c_out] . dy_b [c_out, P] (W_c: the
+            // chunk's columns of W [c_out, c_in k k]); column-major cols^T [P, cc k k] =
+            // dy_b^T [P, c_out] . W_c [c_out, cc k k], W_c seen column-major as [c_in k k,
+            // c_out] (ld c_in k k) from its first column and transposed: m = P, n = cc k k,
+            // k = c_out.
+            let cfg = StridedBatchedConfig {
+                gemm: GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_N,
+                    transb: cublasOperation_t::CUBLAS_OP_T,
+                    m: to_i32(hw_out, op, "oh*ow")?,
+                    n: to_i32(cc * kk, op, "channels*k*k")?,
+                    k: to_i32(p.c_out, op, "c_out")?,
+                    alpha: 1.0,
+                    lda: to_i32(hw_out, op, "oh*ow")?,
+                    ldb: to_i32(ckk, op, "c_in*k*k")?,
+                    beta: 0.0,
+                    ldc: to_i32(hw_out, op, "oh*ow")?,
+                },
+                batch_size: 1,
+                stride_a: 0,
+                stride_b: 0,
+                stride_c: 0,
+            };
+            let dy_b = dy_addr + (b * p.c_out * hw_out) as u64 * tsz;
+            let w_c = w_addr + (c0 * kk) as u64 * tsz;
+            // SAFETY: dy's sample, W's columns and the chunk's columns are inside the buffers
+            // (extents checked above; cols holds chunk * k * k * P >= cc * k * k * P).
+            unsafe { gemm_batched_f32_scalars::<T>(dev, cfg, dy_b, w_c, cols_addr, Ctype::F32)? };
+            let dx_c = dx_addr + ((b * p.c_in + c0) * hw_in) as u64 * tsz;
+            col2im_launch::<T>(dx_c, cols_addr, p, cc)?.run(dev)?;
+        }
+    }
+    drop(cols);
+    Ok(())
+}
+
+/// The launch of `col2im_*` that [`conv2d_backward`] makes for each sample and chunk of
+/// `channels` input channels of shape `p`: f32 columns [channels * k * k, oh * ow] at `cols`
+/// onto those channels' planes at `x` (pure; see [`KernelLaunch`]).
+pub fn col2im_launch<T: DeviceElem>(
+    x: u64,
+    cols: u64,
+    p: &Conv2d,
+    channels: usize,
+) -> Result<KernelLaunch> {
+    let (oh, ow) = p.out_hw();
+    Launch::of::<T>("conv.cu", "col2im")
+        .elementwise(channels * p.h * p.w)
+        .ptr(x)
+        .ptr(cols)
+        .int("channels", channels)
+        .int("h", p.h)
+        .int("w", p.w)
+        .int("kernel", p.kernel)
+        .int("stride", p.stride)
+        .int("padding", p.padding)
+        .int("oh", oh)
+        .int("ow", ow)
+        .build()
 }

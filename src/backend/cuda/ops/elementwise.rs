@@ -1,8 +1,10 @@
-//! Element-wise ops, softmax, the timestep embedding and nearest upsampling:
-//! `kernels/elementwise.cu`. Most follow its element-wise contract ([`Launch::elementwise`]):
-//! 256 threads, grid-stride, so any grid is right.
+//! Element-wise ops, softmax, the timestep embedding and nearest upsampling, and the backward
+//! passes of the activations, GEGLU and the upsampling: `kernels/elementwise.cu`. Most follow
+//! its element-wise contract ([`Launch::elementwise`]): 256 threads, grid-stride, so any grid
+//! is right.
 
 use super::*;
+use crate::backend::api::Activation;
 
 /// y [rows, d] = x[:, :d] * gelu(x[:, d:]) for x [rows, 2d].
 pub fn geglu<T: DeviceElem>(
@@ -313,5 +315,136 @@ pub fn add_bias_rows_launch<T: DeviceElem>(
         .ptr(bias)
         .long("rows", rows)
         .int("n", n)
+        .build()
+}
+
+// --- backward --------------------------------------------------------------------------------
+
+/// dx = dy * act'(x) over n elements (x the activation's input); dx may equal dy, not x.
+pub fn activate_backward<T: DeviceElem>(
+    dev: &CudaDevice,
+    dx: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    n: usize,
+    act: Activation,
+) -> Result<()> {
+    let op = "activate_backward";
+    need(x, 0, n, op, "x")?;
+    need(dy, 0, n, op, "dy")?;
+    need(dx, 0, n, op, "dx")?;
+    activate_backward_launch::<T>(act, [dev.ptr(dx), dev.ptr(x), dev.ptr(dy)], n)?.run(dev)
+}
+
+/// [`activate_backward`]'s launch (`silu_backward_*`, `gelu_backward_*` or
+/// `quick_gelu_backward_*`) with dx, x and dy at device addresses `[dx, x, dy]` (pure; see
+/// [`KernelLaunch`]).
+pub fn activate_backward_launch<T: DeviceElem>(
+    act: Activation,
+    [dxa, xa, dya]: [u64; 3],
+    n: usize,
+) -> Result<KernelLaunch> {
+    let kernel = match act {
+        Activation::Silu => "silu_backward",
+        Activation::Gelu => "gelu_backward",
+        Activation::QuickGelu => "quick_gelu_backward",
+    };
+    Launch::of::<T>("elementwise.cu", kernel)
+        .elementwise(n)
+        .ptr(dxa)
+        .ptr(xa)
+        .ptr(dya)
+        .long("n", n)
+        .build()
+}
+
+/// GEGLU's input gradient: dx [rows, 2d] from x [rows, 2d] (its input) and dy [rows, d].
+pub fn geglu_backward<T: DeviceElem>(
+    dev: &CudaDevice,
+    dx: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    let op = "geglu_backward";
+    need(x, 0, rows * 2 * d, op, "x")?;
+    need(dx, 0, rows * 2 * d, op, "dx")?;
+    need(dy, 0, rows * d, op, "dy")?;
+    geglu_backward_launch::<T>([dev.ptr(dx), dev.ptr(x), dev.ptr(dy)], rows, d)?.run(dev)
+}
+
+/// [`geglu_backward`]'s launch with dx, x and dy at device addresses `[dx, x, dy]` (pure; see
+/// [`KernelLaunch`]): the element-wise contract over rows * d (each thread writes two).
+pub fn geglu_backward_launch<T: DeviceElem>(
+    [dxa, xa, dya]: [u64; 3],
+    rows: usize,
+    d: usize,
+) -> Result<KernelLaunch> {
+    Launch::of::<T>("elementwise.cu", "geglu_backward")
+        .elementwise(rows * d)
+        .ptr(dxa)
+        .ptr(xa)
+        .ptr(dya)
+        .long("rows", rows)
+        .int("d", d)
+        .build()
+}
+
+/// dx [planes, h, w] = the sums of dy [planes, 2h, 2w]'s 2x2 blocks (nearest upsampling's
+/// input gradient).
+pub fn upsample_nearest2x_backward<T: DeviceElem>(
+    dev: &CudaDevice,
+    dx: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<()> {
+    let op = "upsample_nearest2x_backward";
+    need(dx, 0, planes * h * w, op, "dx")?;
+    need(dy, 0, planes * 4 * h * w, op, "dy")?;
+    upsample_nearest2x_backward_launch::<T>(dev.ptr(dx), dev.ptr(dy), planes, h, w)?.run(dev)
+}
+
+/// [`upsample_nearest2x_backward`]'s launch with dx and dy at device addresses `dx` and `dy`
+/// (pure; see [`KernelLaunch`]).
+pub fn upsample_nearest2x_backward_launch<T: DeviceElem>(
+    dx: u64,
+    dy: u64,
+    planes: usize,
+    h: usize,
+    w: usize,
+) -> Result<KernelLaunch> {
+    Launch::of::<T>("elementwise.cu", "upsample_nearest2x_backward")
+        .elementwise(planes * h * w)
+        .ptr(dx)
+        .ptr(dy)
+        .long("planes", planes)
+        .int("h", h)
+        .int("w", w)
+        .build()
+}
+
+/// y = x (f32) rounded to T over n elements.
+pub fn cast_from_f32<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &CudaSlice<T>,
+    x: &CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    need(x, 0, n, "cast_from_f32", "x")?;
+    need(y, 0, n, "cast_from_f32", "y")?;
+    cast_from_f32_launch::<T>(dev.ptr(y), dev.ptr(x), n)?.run(dev)
+}
+
+/// [`cast_from_f32`]'s launch with y (T) and x (f32) at device addresses `y` and `x` (pure;
+/// see [`KernelLaunch`]).
+pub fn cast_from_f32_launch<T: DeviceElem>(y: u64, x: u64, n: usize) -> Result<KernelLaunch> {
+    Launch::of::<T>("elementwise.cu", "cast_from_f32")
+        .elementwise(n)
+        .ptr(y)
+        .ptr(x)
+        .long("n", n)
         .build()
 }

@@ -218,6 +218,42 @@ fn linear_gemm<T: BlasElem>(
     unsafe { T::gemm_at(dev, cfg, At::new(w, 0), x, addr(dev, y.buf, y.off)) }
 }
 
+/// dx [m, k] = dy [m, n] . w [n, k]: [`linear`]'s input gradient (w frozen), row-major, one
+/// cuBLAS call (column-major: dx^T [k, m] = w^T [k, n] . dy^T [n, m], w seen column-major as
+/// [k, n] with ld k).
+pub fn linear_backward<T: BlasElem>(
+    dev: &CudaDevice,
+    dx: At<'_, T>,
+    dy: At<'_, T>,
+    w: &CudaSlice<T>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    let op = "linear_backward";
+    if m * k == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        return Err(Error::Internal(format!("{op}: dout is 0")));
+    }
+    need(dy.buf, dy.off, m * n, op, "dy")?;
+    need(w, 0, n * k, op, "w")?;
+    need(dx.buf, dx.off, m * k, op, "dx")?;
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: to_i32(k, op, "din")?,
+        n: to_i32(m, op, "rows")?,
+        k: to_i32(n, op, "dout")?,
+        alpha: 1.0,
+        lda: to_i32(k, op, "din")?,
+        ldb: to_i32(n, op, "dout")?,
+        beta: 0.0,
+        ldc: to_i32(k, op, "din")?,
+    };
+    // SAFETY: extents checked above.
+    unsafe { T::gemm_at(dev, cfg, At::new(w, 0), dy, addr(dev, dx.buf, dx.off)) }
+}
+
 /// The output type of [`gemm_batched_f32_scalars`]: the inputs' storage type, or f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Ctype {

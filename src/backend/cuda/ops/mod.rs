@@ -2,7 +2,9 @@
 //! `kernels/attention.cu`, `norm.rs` `norm.cu`, ...; each op's launch contract is in its
 //! kernel file's top comment), plus the cuBLAS GEMMs (`gemm.rs`) and the launch builder
 //! (`launch.rs`). conv2d runs as im2col + cuBLAS (`conv.rs`) or, in f16/bf16, as an implicit
-//! GEMM on the tensor cores (`conv_igemm.rs`).
+//! GEMM on the tensor cores (`conv_igemm.rs`). The backward ops (training: input gradients
+//! through frozen weights) sit beside their forwards' (`norm.rs`, `elementwise.rs`, `conv.rs`,
+//! `gemm.rs`), attention's in `attention_backward.rs` (`kernels/attention_backward.cu`).
 //!
 //! Tensors are `CudaSlice<T>` with explicit shapes, like the CPU backend's `&[f32]`; an op
 //! checks that every buffer is large enough before it launches, so a shape error is an
@@ -21,6 +23,7 @@ use super::device::{driver_err, guard, CudaDevice, DeviceElem};
 use crate::error::{Error, Result};
 
 mod attention;
+mod attention_backward;
 mod conv;
 mod conv_igemm;
 mod elementwise;
@@ -31,6 +34,7 @@ mod lora;
 mod norm;
 
 pub use attention::*;
+pub use attention_backward::*;
 pub use conv::*;
 pub use conv_igemm::*;
 pub use elementwise::*;

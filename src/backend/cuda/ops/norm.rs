@@ -1,4 +1,4 @@
-//! Group norm (+ SiLU) and layer norm: `kernels/norm.cu`.
+//! Group norm (+ SiLU) and layer norm, and their backward passes: `kernels/norm.cu`.
 
 use super::*;
 
@@ -206,6 +206,207 @@ pub fn layer_norm_launch<T: DeviceElem>(
         .ptr(xa)
         .ptr(ga)
         .ptr(ba)
+        .long("rows", rows)
+        .int("dim", dim)
+        .float(eps)
+        .build()
+}
+
+/// Group norm's (+ SiLU's) input gradient: dx [batch, channels, hw] from dy and the forward's
+/// input x (statistics recomputed). dx may not overlap x or dy. Runs the one-block-per-run
+/// kernel, or the split trio where [`group_norm_chunks`] splits the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward<T: DeviceElem>(
+    dev: &CudaDevice,
+    dx: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<T>,
+    beta: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    shape: (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<()> {
+    let bufs = [dx, x, gamma, beta, dy];
+    group_norm_backward_with(dev, bufs, shape, groups, eps, silu, None).map(|_| ())
+}
+
+/// [`group_norm_backward`] on `[dx, x, gamma, beta, dy]` with the chunks per run chosen by
+/// the caller (`Some(1)`: the one-block-per-run kernel) or by [`group_norm_chunks`] (`None`).
+/// Returns the count it used (1 for an empty input).
+pub fn group_norm_backward_with<T: DeviceElem>(
+    dev: &CudaDevice,
+    [dx, x, gamma, beta, dy]: [&CudaSlice<T>; 5],
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    silu: bool,
+    chunks: Option<usize>,
+) -> Result<usize> {
+    let op = "group_norm_backward";
+    if groups == 0 || channels % groups != 0 {
+        return Err(Error::Internal(format!(
+            "{op}: {channels} channels do not split into {groups} groups"
+        )));
+    }
+    let n = batch * channels * hw;
+    if n == 0 {
+        return Ok(1);
+    }
+    need(x, 0, n, op, "x")?;
+    need(dy, 0, n, op, "dy")?;
+    need(dx, 0, n, op, "dx")?;
+    need(gamma, 0, channels, op, "gamma")?;
+    need(beta, 0, channels, op, "beta")?;
+    let addrs = [dx, x, gamma, beta, dy].map(|b| dev.ptr(b));
+    let runs = batch * groups;
+    let chunks = chunks.unwrap_or_else(|| group_norm_chunks(runs, n / runs, dev.sm_count()));
+    if chunks > 1 {
+        // Freed stream-ordered, after the launches have read them.
+        let stats = dev.alloc::<f32>(runs * chunks * 2)?;
+        let sums = dev.alloc::<f32>(runs * chunks * 2)?;
+        let at = [dev.ptr(&stats), dev.ptr(&sums)];
+        let shape = (batch, channels, hw);
+        for l in
+            group_norm_backward_split_launches::<T>(addrs, at, shape, groups, chunks, eps, silu)?
+        {
+            l.run(dev)?;
+        }
+        return Ok(chunks);
+    }
+    group_norm_backward_launch::<T>(addrs, (batch, channels, hw), groups, eps, silu)?.run(dev)?;
+    Ok(1)
+}
+
+/// [`group_norm_backward`]'s one-block-per-run launch with dx, x, gamma, beta and dy at device
+/// addresses `[dx, x, gamma, beta, dy]` (pure; see [`KernelLaunch`]). `groups` divides
+/// `channels` (the op checks).
+pub fn group_norm_backward_launch<T: DeviceElem>(
+    [dxa, xa, ga, ba, dya]: [u64; 5],
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<KernelLaunch> {
+    Launch::of::<T>("norm.cu", "group_norm_backward")
+        .grid((batch * groups, 1, 1))
+        .block(512)
+        .ptr(dxa)
+        .ptr(xa)
+        .ptr(ga)
+        .ptr(ba)
+        .ptr(dya)
+        .int("batch", batch)
+        .int("channels", channels)
+        .long("hw", hw)
+        .int("groups", groups)
+        .float(eps)
+        .flag(silu)
+        .build()
+}
+
+/// [`group_norm_backward`]'s split trio (`group_norm_stats_*`, `group_norm_backward_sums_*`,
+/// `group_norm_backward_apply_*`, kernels/norm.cu) with dx, x, gamma, beta and dy at device
+/// addresses `[dx, x, gamma, beta, dy]` and two f32 buffers of `batch * groups * chunks * 2`
+/// at `[stats, sums]` (pure; see [`KernelLaunch`]). `groups` divides `channels` (the op
+/// checks); `chunks` >= 1.
+pub fn group_norm_backward_split_launches<T: DeviceElem>(
+    [dxa, xa, ga, ba, dya]: [u64; 5],
+    [stats, sums]: [u64; 2],
+    (batch, channels, hw): (usize, usize, usize),
+    groups: usize,
+    chunks: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<[KernelLaunch; 3]> {
+    let runs = batch * groups;
+    let k = chunks.max(1);
+    let len = channels / groups.max(1) * hw;
+    let stats_launch = Launch::of::<T>("norm.cu", "group_norm_stats")
+        .grid((k, runs, 1))
+        .block(512)
+        .ptr(stats)
+        .ptr(xa)
+        .long("run length", len)
+        .int("chunks", k)
+        .build()?;
+    let sums_launch = Launch::of::<T>("norm.cu", "group_norm_backward_sums")
+        .grid((k, runs, 1))
+        .block(512)
+        .ptr(sums)
+        .ptr(xa)
+        .ptr(ga)
+        .ptr(ba)
+        .ptr(dya)
+        .ptr(stats)
+        .int("channels", channels)
+        .long("hw", hw)
+        .int("groups", groups)
+        .int("chunks", k)
+        .float(eps)
+        .flag(silu)
+        .build()?;
+    let apply = Launch::of::<T>("norm.cu", "group_norm_backward_apply")
+        .grid((k, runs, 1))
+        .block(512)
+        .ptr(dxa)
+        .ptr(xa)
+        .ptr(ga)
+        .ptr(ba)
+        .ptr(dya)
+        .ptr(stats)
+        .ptr(sums)
+        .int("channels", channels)
+        .long("hw", hw)
+        .int("groups", groups)
+        .int("chunks", k)
+        .float(eps)
+        .flag(silu)
+        .build()?;
+    Ok([stats_launch, sums_launch, apply])
+}
+
+/// Layer norm's input gradient over the last dim of x [rows, dim] (the forward's input), from
+/// dy; dx may not overlap x or dy.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<T: DeviceElem>(
+    dev: &CudaDevice,
+    dx: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    gamma: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let op = "layer_norm_backward";
+    if rows * dim == 0 {
+        return Ok(());
+    }
+    need(x, 0, rows * dim, op, "x")?;
+    need(dy, 0, rows * dim, op, "dy")?;
+    need(dx, 0, rows * dim, op, "dx")?;
+    need(gamma, 0, dim, op, "gamma")?;
+    let addrs = [dev.ptr(dx), dev.ptr(x), dev.ptr(gamma), dev.ptr(dy)];
+    layer_norm_backward_launch::<T>(addrs, rows, dim, eps)?.run(dev)
+}
+
+/// [`layer_norm_backward`]'s launch with dx, x, gamma and dy at device addresses
+/// `[dx, x, gamma, dy]` (pure; see [`KernelLaunch`]): 8 rows (warps) a block.
+pub fn layer_norm_backward_launch<T: DeviceElem>(
+    [dxa, xa, ga, dya]: [u64; 4],
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<KernelLaunch> {
+    Launch::of::<T>("norm.cu", "layer_norm_backward")
+        .grid((rows.div_ceil(8), 1, 1))
+        .block(256)
+        .ptr(dxa)
+        .ptr(xa)
+        .ptr(ga)
+        .ptr(dya)
         .long("rows", rows)
         .int("dim", dim)
         .float(eps)
