@@ -19,6 +19,7 @@ pub(crate) mod simd;
 pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;
 pub use backend::Cpu;
+pub use simd::instruction_set;
 pub use conv::conv2d;
 pub use linear::{linear, matmul, matmul_at};
 pub use misc::{

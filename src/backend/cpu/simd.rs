@@ -73,6 +73,16 @@ pub(crate) fn level() -> Level {
     l
 }
 
+/// The instruction set the CPU kernels run on this machine ("AVX-512", "AVX2+FMA" or "scalar"),
+/// for benchmark reports.
+pub fn instruction_set() -> &'static str {
+    match level() {
+        Level::Avx512 => "AVX-512",
+        Level::Avx2 => "AVX2+FMA",
+        Level::Scalar => "scalar",
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Level {
     if std::arch::is_x86_feature_detected!("avx512f")

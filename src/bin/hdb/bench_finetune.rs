@@ -180,6 +180,5 @@ pub fn run(
             );
         }
     }
-    println!("cpu: {}", cpu_model());
     Ok(())
 }

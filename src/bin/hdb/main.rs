@@ -414,6 +414,14 @@ fn main() -> ExitCode {
         })),
         level,
     );
+    if matches!(cli.command, Command::Bench { .. }) {
+        // Every benchmark's report starts with the machine it ran on.
+        println!(
+            "machine: {}; CPU kernels: {}",
+            bench_finetune::cpu_model(),
+            hdb::backend::cpu::instruction_set()
+        );
+    }
     let result = match cli.command {
         Command::Predict {
             hypernet,
