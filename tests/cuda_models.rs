@@ -409,7 +409,9 @@ fn grad_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
         TextEncoder::from_model_on(be.clone(), &m),
     ) {
         (Ok(u), Ok(t)) => (u, t),
-        (Err(e), _) | (_, Err(e)) => return failures.push(format!("grad {}: upload: {e}", T::SUFFIX)),
+        (Err(e), _) | (_, Err(e)) => {
+            return failures.push(format!("grad {}: upload: {e}", T::SUFFIX))
+        }
     };
     for (case, adapter) in [
         ("lidb-v1-hidden", "grad-id.v1.lidb.safetensors"),
@@ -434,7 +436,9 @@ fn grad_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
             }
         };
         let flat = |g: &[hdb::train::LayerGrad]| -> Vec<f32> {
-            g.iter().flat_map(|l| l.down.iter().chain(&l.up).copied()).collect()
+            g.iter()
+                .flat_map(|l| l.down.iter().chain(&l.up).copied())
+                .collect()
         };
         let (w, gv) = (flat(&want), flat(&got.1));
         let scale = w.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
@@ -512,14 +516,24 @@ fn finetuning_runs_on_a_cuda_runtime() {
     };
     let gpu = engine(hdb::runtime::DeviceRequest::Cuda(0));
     let cpu_e = engine(hdb::runtime::DeviceRequest::Cpu);
-    let on_gpu = gpu.finetune(face, start.clone(), &params, None).expect("cuda finetune");
-    let on_cpu = cpu_e.finetune(face, start, &params, None).expect("cpu finetune");
-    println!("finetune losses: cuda {:?} cpu {:?}", on_gpu.losses, on_cpu.losses);
+    let on_gpu = gpu
+        .finetune(face, start.clone(), &params, None)
+        .expect("cuda finetune");
+    let on_cpu = cpu_e
+        .finetune(face, start, &params, None)
+        .expect("cpu finetune");
+    println!(
+        "finetune losses: cuda {:?} cpu {:?}",
+        on_gpu.losses, on_cpu.losses
+    );
     assert_eq!(on_gpu.losses.len(), 3);
     for (g, c) in on_gpu.losses.iter().zip(&on_cpu.losses) {
         // fp16 on the GPU: the first step's loss equals the CPU's closely; later steps move
         // apart as the parameters do.
-        assert!(g.is_finite() && (g - c).abs() < 5e-2 * c.abs(), "cuda {g} vs cpu {c}");
+        assert!(
+            g.is_finite() && (g - c).abs() < 5e-2 * c.abs(),
+            "cuda {g} vs cpu {c}"
+        );
     }
     let adapter = on_gpu.trainable.to_adapter();
     gpu.adaptable_layers();

@@ -19,7 +19,6 @@ pub(crate) mod simd;
 pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;
 pub use backend::Cpu;
-pub use simd::instruction_set;
 pub use conv::conv2d;
 pub use linear::{linear, matmul, matmul_at};
 pub use misc::{
@@ -27,6 +26,7 @@ pub use misc::{
     upsample_nearest2x,
 };
 pub use norm::{group_norm, layer_norm};
+pub use simd::instruction_set;
 
 /// Below this many elements an element-wise op runs on the calling thread: rayon's fork/join
 /// costs more than the work.
