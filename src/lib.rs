@@ -10,6 +10,7 @@ pub mod error;
 pub mod ffi;
 pub mod hypernet;
 pub mod io;
+pub mod limits;
 pub mod logging;
 pub mod model;
 pub mod pipeline;

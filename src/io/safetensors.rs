@@ -110,6 +110,16 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         let (Some(start), Some(end)) = (start, end) else {
             return Err(invalid(format!("tensor '{name}': data offsets overflow")));
         };
+        // A zero dimension makes an empty tensor of any other dimensions; no tool writes one
+        // whose other dimensions could not be allocated, and readers multiply them with the
+        // model's (rank x din, ...): refuse what would overflow.
+        let nonzero: Vec<usize> = info.shape.iter().copied().filter(|&d| d != 0).collect();
+        if crate::limits::product(&nonzero).is_none() {
+            return Err(invalid(format!(
+                "tensor '{name}': shape {:?} is larger than any tensor can be",
+                info.shape
+            )));
+        }
         if start > end || end > bytes.len() {
             return Err(invalid(format!(
                 "tensor '{name}': data [{start}, {end}) lies outside the file ({} bytes)",
