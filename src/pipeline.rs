@@ -294,14 +294,10 @@ impl Pipeline {
         let vae_config = self.vae_config()?;
         let f = vae_config.downscale();
         let lc = self.unet_config()?.in_channels;
-        if p.batch == 0 {
-            return Err(Error::invalid_arg("batch", "must be at least 1"));
-        }
-        if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
-            return Err(Error::invalid_arg(
-                "width/height",
-                format!("{}x{} must be positive multiples of {f}", p.width, p.height),
-            ));
+        crate::limits::check_range("batch", p.batch, crate::limits::MAX_BATCH)?;
+        crate::limits::check_image_size(p.width, p.height, f)?;
+        if self.vae.is_some() {
+            vae_config.check_decode_memory(p.batch, p.height, p.width)?;
         }
         if !p.guidance.is_finite() {
             return Err(Error::invalid_arg(

@@ -173,3 +173,154 @@ fn cli_adapter_commands_refuse_the_wrapping_lora() {
     assert_cli_refuses(&r, "attn1.to_k");
     assert!(!out.exists());
 }
+
+// --- Finding 2: sizes from outside are bounded before anything is allocated ------------------
+
+/// A copy of tiny-sd (its parts symlinked) whose scheduler config is `scheduler`.
+fn tiny_sd_with_scheduler(dir: &Path, scheduler: &Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(m.join("scheduler")).expect("mkdir");
+    for part in [
+        "unet",
+        "text_encoder",
+        "vae",
+        "tokenizer",
+        "model_index.json",
+    ] {
+        std::os::unix::fs::symlink(fx("tiny-sd").join(part), m.join(part)).expect("symlink");
+    }
+    std::fs::copy(scheduler, m.join("scheduler/scheduler_config.json")).expect("copy");
+    m
+}
+
+#[test]
+fn scheduler_with_2p40_or_2p64_train_timesteps_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, file) in ["scheduler-2p40.json", "scheduler-2p64m1.json"]
+        .iter()
+        .enumerate()
+    {
+        let d = dir.path().join(i.to_string());
+        let path = tiny_sd_with_scheduler(&d, &hostile(file));
+        let m = Model::load(&path, Default::default()).expect("model");
+        let e = hdb::pipeline::Pipeline::from_model(&m).expect_err(file);
+        assert!(
+            matches!(e, Error::InvalidFile { .. })
+                && e.to_string().contains("num_train_timesteps")
+                && e.to_string().contains("scheduler_config.json"),
+            "{file}: {e}"
+        );
+        let r = hdb(&[
+            "generate",
+            "--model",
+            s(&path),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "-o",
+            s(&d.join("x.png")),
+        ]);
+        assert_cli_refuses(&r, "num_train_timesteps");
+    }
+}
+
+#[test]
+fn png_declaring_100000_squared_pixels_is_refused_before_allocating() {
+    let file = hostile("png-100000x100000.png");
+    let e = hdb::io::png::read_png(&file).expect_err("too large");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("png-100000x100000.png")
+            && msg.contains("100000x100000")
+            && msg.contains("limit"),
+        "{msg}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = hdb(&[
+        "predict",
+        "--hypernet",
+        s(&fx("hypernet/tiny.hypernet.safetensors")),
+        "--model",
+        s(&fx("tiny-sd")),
+        "--face",
+        s(&file),
+        "-o",
+        s(&dir.path().join("x.safetensors")),
+    ]);
+    assert_cli_refuses(&r, "limit");
+}
+
+#[test]
+fn cli_generate_refuses_widths_and_batches_of_2p32() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = dir.path().join("x.png");
+    let big = "4294967296";
+    for (w, h, batch, name) in [
+        (big, "64", "1", "'width'"),
+        ("64", big, "1", "'height'"),
+        ("64", "64", big, "'batch'"),
+    ] {
+        let r = hdb(&[
+            "generate",
+            "--model",
+            s(&fx("tiny-sd")),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--width",
+            w,
+            "--height",
+            h,
+            "--batch",
+            batch,
+            "-o",
+            s(&o),
+        ]);
+        assert_cli_refuses(&r, name);
+    }
+}
+
+#[test]
+fn cli_generate_refuses_latents_of_2p62_images() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = hdb(&[
+        "generate",
+        "--model",
+        s(&fx("tiny-sd")),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--latents",
+        s(&hostile("latents-2p62x0.safetensors")),
+        "-o",
+        s(&dir.path().join("x.png")),
+    ]);
+    assert_cli_refuses(&r, "'batch'");
+}
+
+#[test]
+fn unet_inputs_beyond_the_limits_are_refused_before_a_forward() {
+    let m = model();
+    let unet = m.unet().expect("unet");
+    let (b, h, w, l) = (300usize, 8usize, 8usize, 1usize);
+    let sample = vec![0f32; b * 4 * h * w];
+    let t = vec![1f32; b];
+    let ctx = vec![0f32; b * l * unet.config.cross_attention_dim];
+    let input = hdb::model::unet::UnetInput {
+        sample: &sample,
+        timesteps: &t,
+        context: &ctx,
+        batch: b,
+        height: h,
+        width: w,
+        context_len: l,
+    };
+    let e = unet.forward(&input).expect_err("batch 300");
+    assert!(
+        e.to_string().contains("'batch'") && e.to_string().contains("256"),
+        "{e}"
+    );
+}

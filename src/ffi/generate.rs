@@ -150,11 +150,43 @@ pub unsafe extern "C" fn hdb_generate(
                 ))
             }
         };
+        // Sizes first, before any buffer arithmetic or copy uses them.
+        crate::limits::check_range("params.batch", p.batch as usize, crate::limits::MAX_BATCH)?;
+        crate::limits::check_range(
+            "params.width",
+            p.width as usize,
+            crate::limits::MAX_IMAGE_SIDE,
+        )?;
+        crate::limits::check_range(
+            "params.height",
+            p.height as usize,
+            crate::limits::MAX_IMAGE_SIDE,
+        )?;
+        let pipeline = s.shared.pipeline()?;
         let latents = if p.latents.is_null() {
             None
         } else {
+            let (lc, f) = (
+                pipeline.unet_config()?.in_channels,
+                pipeline.vae_config()?.downscale(),
+            );
+            let dims = [
+                p.batch as usize,
+                lc,
+                p.height as usize / f,
+                p.width as usize / f,
+            ];
+            if crate::limits::product(&dims) != Some(p.latents_len) {
+                return Err(Error::invalid_arg(
+                    "params.latents_len",
+                    format!("is {}, expected {dims:?}", p.latents_len),
+                ));
+            }
             // SAFETY: valid for latents_len floats per the field's contract.
-            Some(unsafe { std::slice::from_raw_parts(p.latents, p.latents_len) }.to_vec())
+            let l = unsafe { std::slice::from_raw_parts(p.latents, p.latents_len) };
+            let mut v = crate::limits::try_with_capacity(l.len(), "params.latents")?;
+            v.extend_from_slice(l);
+            Some(v)
         };
         let gp = GenerateParams {
             prompt: text(p.prompt, "params.prompt")?,
@@ -183,7 +215,12 @@ pub unsafe extern "C" fn hdb_generate(
             } else {
                 img.stride as usize
             };
-            let need = gp.height.saturating_sub(1) * stride + row;
+            let need = (gp.height.saturating_sub(1))
+                .checked_mul(stride)
+                .and_then(|n| n.checked_add(row))
+                .ok_or_else(|| {
+                    Error::invalid_arg("out", format!("out[{i}].stride {stride} is too large"))
+                })?;
             if stride < row {
                 return Err(Error::invalid_arg(
                     "out",
@@ -200,7 +237,6 @@ pub unsafe extern "C" fn hdb_generate(
                 ));
             }
         }
-        let pipeline = s.shared.pipeline()?;
         let ad = GenerateAdapters {
             unet: s.applied.as_ref(),
             text_encoder: s.applied_te.as_ref(),

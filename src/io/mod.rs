@@ -3,4 +3,6 @@
 
 pub mod diffusers;
 pub mod keymap;
+#[cfg(feature = "png")]
+pub mod png;
 pub mod safetensors;

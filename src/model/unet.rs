@@ -671,6 +671,17 @@ pub(crate) fn check_input(
             "batch, height, width and context length must be positive",
         ));
     }
+    // Activations are ~100x the sample: bound the sizes before a forward allocates them.
+    crate::limits::check_range("batch", b, crate::limits::MAX_BATCH)?;
+    if h.max(w) > crate::limits::MAX_LATENT_SIDE {
+        return Err(Error::invalid_arg(
+            "sample",
+            format!(
+                "height {h} and width {w}: at most {} latent pixels a side (hdb's documented limit)",
+                crate::limits::MAX_LATENT_SIDE
+            ),
+        ));
+    }
     let factor = 1usize << (cfg.block_out_channels.len() - 1);
     if h % factor != 0 || w % factor != 0 {
         return Err(Error::invalid_arg(
