@@ -59,9 +59,24 @@ fn assert_cli_refuses(out: &std::process::Output, want: &str) {
     );
 }
 
-/// A safetensors file from (name, dtype, shape, bytes) in order, with a raw header.
+/// A safetensors file from (name, dtype, shape, bytes) in order.
 fn safetensors(tensors: &[(&str, &str, Vec<u64>, Vec<u8>)]) -> Vec<u8> {
+    safetensors_with_metadata(tensors, &[])
+}
+
+/// As [`safetensors`], with `__metadata__` pairs.
+fn safetensors_with_metadata(
+    tensors: &[(&str, &str, Vec<u64>, Vec<u8>)],
+    metadata: &[(&str, String)],
+) -> Vec<u8> {
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+            .collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(m));
+    }
     let mut data = Vec::new();
     for (name, dtype, shape, bytes) in tensors {
         let off = data.len();
@@ -323,4 +338,170 @@ fn unet_inputs_beyond_the_limits_are_refused_before_a_forward() {
         e.to_string().contains("'batch'") && e.to_string().contains("256"),
         "{e}"
     );
+}
+
+// --- Finding 3: documented limits on the work a small file can ask for ----------------------
+
+/// The tiny hypernetwork with its config changed by `edit`, written to `dir/name`.
+fn hypernet_variant(dir: &Path, name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let f = SafetensorsFile::open(&fx("hypernet/tiny.hypernet.safetensors")).expect("hypernet");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&f.metadata()["config"]).expect("config JSON");
+    edit(&mut config);
+    let mut entries: Vec<_> = f.tensors().collect();
+    entries.sort_by_key(|e| e.start);
+    let dtypes: Vec<String> = entries.iter().map(|e| format!("{:?}", e.dtype)).collect();
+    let tensors: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = entries
+        .iter()
+        .zip(&dtypes)
+        .map(|(e, dt)| {
+            let dims = e.shape.dims().iter().map(|&d| d as u64).collect();
+            (e.name.as_str(), dt.as_str(), dims, f.data(e).to_vec())
+        })
+        .collect();
+    let path = dir.join(name);
+    let bytes = safetensors_with_metadata(&tensors, &[("config", config.to_string())]);
+    std::fs::write(&path, bytes).expect("write");
+    path
+}
+
+#[test]
+fn hypernetwork_configs_of_2p20_layers_depth_or_iterations_fail_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (field, edit) in [
+        (
+            "layers",
+            &(|c: &mut serde_json::Value| c["layers"] = (1u64 << 20).into())
+                as &dyn Fn(&mut serde_json::Value),
+        ),
+        ("encoder.depth", &|c| {
+            c["encoder"]["depth"] = (1u64 << 20).into()
+        }),
+        ("iterations", &|c| c["iterations"] = (1u64 << 20).into()),
+    ] {
+        let path = hypernet_variant(dir.path(), &format!("{field}.safetensors"), edit);
+        let t = std::time::Instant::now();
+        let e = hdb::hypernet::Hypernet::load(&path).expect_err(field);
+        assert!(
+            t.elapsed().as_secs_f64() < 2.0,
+            "{field}: refusing took {:?}",
+            t.elapsed()
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("'{field}'")) && msg.contains("limit"),
+            "{field}: {msg}"
+        );
+    }
+    // Within the limits but beyond the file: refused by the tensor check, before building.
+    let path = hypernet_variant(dir.path(), "layers3.safetensors", |c| {
+        c["layers"] = 3.into()
+    });
+    let e = hdb::hypernet::Hypernet::load(&path).expect_err("layers 3");
+    assert!(
+        e.to_string().contains("decoder.layers.2.") && e.to_string().contains("lacks"),
+        "{e}"
+    );
+}
+
+#[test]
+fn prediction_iterations_above_the_limit_are_refused() {
+    let net =
+        hdb::hypernet::Hypernet::load(&fx("hypernet/tiny.hypernet.safetensors")).expect("hypernet");
+    let side = net.config.img_size();
+    let image = vec![0f32; 3 * side * side];
+    let e = net
+        .predict(&image, Some(usize::MAX), None)
+        .expect_err("2^64-1 iterations");
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                name: "iterations",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = hdb(&[
+        "predict",
+        "--hypernet",
+        s(&fx("hypernet/tiny.hypernet.safetensors")),
+        "--model",
+        s(&fx("tiny-sd")),
+        "--face",
+        s(&fx("hostile/png-20000x20000.png")),
+        "--iterations",
+        "18446744073709551615",
+        "-o",
+        s(&dir.path().join("x.safetensors")),
+    ]);
+    // The face is checked first here; either way the command fails cleanly at once.
+    assert_cli_refuses(&r, "limit");
+}
+
+#[test]
+fn adapters_above_the_rank_limit_are_refused() {
+    let m = model();
+    let table = adaptable_layers(&m);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // LiDB v1 of rank 4,000,000 (a = b = 1) on one layer: 16 MB of f16, as in the issue.
+    let key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k";
+    let r = 4_000_000u64;
+    let down = format!("{key}.lidb_down");
+    let up = format!("{key}.lidb_up");
+    let zeros = vec![0u8; 2 * r as usize];
+    let bytes = safetensors_with_metadata(
+        &[
+            (down.as_str(), "F16", vec![r, 1], zeros.clone()),
+            (up.as_str(), "F16", vec![1, r], zeros),
+        ],
+        &[
+            ("format", "hdb-lidb".into()),
+            ("version", "1".into()),
+            ("rank", r.to_string()),
+            ("a", "1".into()),
+            ("b", "1".into()),
+            ("basis_seed", "1".into()),
+            ("alpha", "1.0".into()),
+        ],
+    );
+    let path = dir.path().join("rank4m.lidb.safetensors");
+    std::fs::write(&path, bytes).expect("write");
+    let f = SafetensorsFile::open(&path).expect("valid safetensors");
+    let e = hdb::adapter::load(&f, &table).expect_err("rank 4M");
+    assert!(
+        e.to_string().contains("'rank'") && e.to_string().contains("1024"),
+        "{e}"
+    );
+    // A kohya LoRA of rank 2000.
+    let kohya = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k";
+    let (dn, un) = (
+        format!("{kohya}.lora_down.weight"),
+        format!("{kohya}.lora_up.weight"),
+    );
+    let bytes = safetensors(&[
+        (dn.as_str(), "F32", vec![2000, 4], vec![0; 32000]),
+        (un.as_str(), "F32", vec![4, 2000], vec![0; 32000]),
+    ]);
+    let f = SafetensorsFile::from_vec(Path::new("rank2000.safetensors"), bytes).expect("valid");
+    let e = hdb::adapter::load(&f, &table).expect_err("rank 2000");
+    assert!(
+        e.to_string().contains("rank 2000") && e.to_string().contains("1024"),
+        "{e}"
+    );
+}
+
+#[test]
+fn face_images_above_16_megapixels_are_refused_before_any_work() {
+    let e = hdb::hypernet::preprocess::check(20000 * 20000 * 3, 20000, 20000, 60000)
+        .expect_err("20000x20000");
+    assert!(
+        matches!(e, Error::InvalidArgument { name: "image", .. })
+            && e.to_string().contains("limit"),
+        "{e}"
+    );
+    let e = hdb::io::png::read_png(&hostile("png-20000x20000.png")).expect_err("PNG");
+    assert!(e.to_string().contains("20000x20000"), "{e}");
 }

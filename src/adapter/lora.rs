@@ -138,10 +138,11 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
             )));
         };
         let rank = down_shape.first().copied().unwrap_or(0);
-        if rank == 0 {
+        if rank == 0 || rank > crate::limits::MAX_RANK {
             return Err(Error::AdapterMismatch(format!(
-                "{}: layer '{k}' has rank 0",
-                path.display()
+                "{}: layer '{k}' has rank {rank}; 1..={} allowed (hdb's documented limit)",
+                path.display(),
+                crate::limits::MAX_RANK
             )));
         }
         let scale = alpha.map_or(1.0, |a| a / rank as f32);
