@@ -505,3 +505,127 @@ fn face_images_above_16_megapixels_are_refused_before_any_work() {
     let e = hdb::io::png::read_png(&hostile("png-20000x20000.png")).expect_err("PNG");
     assert!(e.to_string().contains("20000x20000"), "{e}");
 }
+
+// --- Finding 4: FIFOs and other non-regular files are refused, never opened for blocking ------
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(s(path)).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(r, 0, "mkfifo {}", path.display());
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within 20 s (a FIFO opened
+/// for reading with no writer blocks forever).
+fn within_20s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+fn assert_not_regular(what: &str, r: hdb::Result<impl std::fmt::Debug>, kind: &str) {
+    let e = r.expect_err(what);
+    let msg = e.to_string();
+    assert!(
+        msg.contains(kind) && msg.contains("regular file"),
+        "{what}: {msg}"
+    );
+}
+
+#[test]
+fn fifos_as_model_shard_adapter_hypernet_or_face_are_refused_without_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("model.safetensors");
+    mkfifo(&fifo);
+    let p = fifo.clone();
+    let r = within_20s("Model::load(FIFO)", move || {
+        Model::load(&p, Default::default()).map(|_| ())
+    });
+    assert_not_regular("model", r, "FIFO");
+    let p = fifo.clone();
+    let r = within_20s("SafetensorsFile::open(FIFO)", move || {
+        SafetensorsFile::open(&p).map(|_| ())
+    });
+    assert_not_regular("adapter", r, "FIFO");
+    let p = fifo.clone();
+    let r = within_20s("Hypernet::load(FIFO)", move || {
+        hdb::hypernet::Hypernet::load(&p).map(|_| ())
+    });
+    assert_not_regular("hypernet", r, "FIFO");
+    let face = dir.path().join("face.png");
+    mkfifo(&face);
+    let r = within_20s("read_png(FIFO)", move || {
+        hdb::io::png::read_png(&face).map(|_| ())
+    });
+    assert_not_regular("face", r, "FIFO");
+
+    // A sharded UNet whose index names a FIFO as a shard.
+    let m = dir.path().join("sharded");
+    std::fs::create_dir_all(m.join("unet")).expect("mkdir");
+    std::fs::copy(fx("tiny-sd/unet/config.json"), m.join("unet/config.json")).expect("copy");
+    std::fs::write(
+        m.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+        br#"{"weight_map":{"conv_in.weight":"shard-1.safetensors"}}"#,
+    )
+    .expect("index");
+    mkfifo(&m.join("unet/shard-1.safetensors"));
+    let r = within_20s("Model::load(sharded with a FIFO)", move || {
+        Model::load(&m, Default::default()).map(|_| ())
+    });
+    assert_not_regular("shard", r, "FIFO");
+}
+
+#[test]
+fn c_api_model_load_of_a_fifo_returns_an_io_error_at_once() {
+    use hdb::ffi::{model as fm, runtime as fr, status::hdb_status};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("model.safetensors");
+    mkfifo(&fifo);
+    let status = within_20s("hdb_model_load(FIFO)", move || {
+        let path = std::ffi::CString::new(s(&fifo)).expect("path");
+        let mut rp = fr::hdb_runtime_params_default();
+        rp.device = c"cpu".as_ptr();
+        let mut rt = std::ptr::null_mut();
+        // SAFETY: valid params and out-pointers; every object is freed below.
+        unsafe {
+            assert_eq!(fr::hdb_runtime_new(&rp, &mut rt), hdb_status::HDB_STATUS_OK);
+            let mut m = std::ptr::null_mut();
+            let st = fm::hdb_model_load(rt, path.as_ptr(), std::ptr::null(), &mut m);
+            fm::hdb_model_free(m);
+            fr::hdb_runtime_free(rt);
+            st
+        }
+    });
+    assert_eq!(status, hdb_status::HDB_STATUS_IO_ERROR);
+}
+
+#[test]
+fn directories_as_weights_or_adapter_files_say_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("adapter.safetensors");
+    std::fs::create_dir(&d).expect("mkdir");
+    assert_not_regular(
+        "directory adapter",
+        SafetensorsFile::open(&d).map(|_| ()),
+        "a directory",
+    );
+    let r = hdb(&["adapter", "info", s(&d)]);
+    assert_cli_refuses(&r, "is a directory");
+    // A directory where a component's weight file should be.
+    let m = dir.path().join("model");
+    std::fs::create_dir_all(m.join("unet/diffusion_pytorch_model.safetensors")).expect("mkdir");
+    std::fs::copy(fx("tiny-sd/unet/config.json"), m.join("unet/config.json")).expect("copy");
+    std::fs::write(
+        m.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+        br#"{"weight_map":{"conv_in.weight":"diffusion_pytorch_model.safetensors"}}"#,
+    )
+    .expect("index");
+    assert_not_regular(
+        "directory shard",
+        Model::load(&m, Default::default()).map(|_| ()),
+        "a directory",
+    );
+}

@@ -65,7 +65,7 @@ pub fn find_weights(dir: &Path, stem: &str, variant: Variant) -> Result<Option<V
 
 /// The shard files named by a `*.safetensors.index*.json` weight map, in name order.
 fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = super::read_text(index)?;
     let invalid = |reason: String| Error::InvalidFile {
         path: index.to_path_buf(),
         format: "safetensors index",
@@ -96,7 +96,7 @@ fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
 
 /// Reads and parses a JSON config file, naming the file on error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = super::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidFile {
         path: path.to_path_buf(),
         format: "JSON",

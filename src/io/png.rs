@@ -11,7 +11,7 @@ use crate::limits::{try_filled, MAX_IMAGE_PIXELS};
 /// Reads a PNG file as RGB8 (gray, alpha, palette and 16-bit images converted):
 /// (pixels, width, height). Errors name the file.
 pub fn read_png(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = super::open_file(path)?;
     decode_png(std::io::BufReader::new(file), path)
 }
 

@@ -3,7 +3,6 @@
 //! error is reported with the file's path.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -165,7 +164,7 @@ impl SafetensorsFile {
     /// The mapping is read-only; as with any mmap, the file must not be truncated by another
     /// process while hdb holds it.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = super::open_file(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
             // mmap of an empty file fails with EINVAL; say what is really wrong.
