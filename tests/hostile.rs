@@ -106,8 +106,9 @@ fn lora_of_rank_2p62_with_empty_factors_is_refused() {
         let f = SafetensorsFile::open(&hostile(file)).expect("valid safetensors");
         let e = hdb::adapter::load(&f, &table).expect_err(file);
         let msg = e.to_string();
+        // (kohya names the layer attn1_to_k, PEFT attn1.to_k)
         assert!(
-            msg.contains(file) && msg.contains("attn1.to_k"),
+            msg.contains(file) && msg.contains("attn1") && msg.contains("to_k"),
             "{file}: {msg}"
         );
     }
@@ -185,7 +186,7 @@ fn cli_adapter_commands_refuse_the_wrapping_lora() {
         s(&file),
         s(&out),
     ]);
-    assert_cli_refuses(&r, "attn1.to_k");
+    assert_cli_refuses(&r, "attn1_to_k");
     assert!(!out.exists());
 }
 
@@ -628,4 +629,33 @@ fn directories_as_weights_or_adapter_files_say_so() {
         Model::load(&m, Default::default()).map(|_| ()),
         "a directory",
     );
+}
+
+// --- Finding 5: files that used to be read silently wrong ------------------------------------
+
+#[test]
+fn lora_factors_are_checked_by_shape_and_alpha_is_one_number() {
+    let m = model();
+    let table = adaptable_layers(&m);
+    for (file, want) in [
+        ("lora-up-transposed.kohya.safetensors", "not [out, 1]"),
+        ("lora-alpha-3.kohya.safetensors", "alpha is one number"),
+        ("lora-alpha-empty.kohya.safetensors", "alpha is one number"),
+    ] {
+        let f = SafetensorsFile::open(&hostile(file)).expect("valid safetensors");
+        let e = hdb::adapter::load(&f, &table).expect_err(file);
+        let msg = e.to_string();
+        assert!(msg.contains(file) && msg.contains(want), "{file}: {msg}");
+        // `hdb adapter info` checks the same structure without a model.
+        let r = hdb(&["adapter", "info", s(&hostile(file))]);
+        assert_cli_refuses(&r, want);
+    }
+    // The fixtures' valid LoRAs still load (their alphas are scalars).
+    for file in [
+        "adapter/id1.kohya.safetensors",
+        "adapter/id1.peft.safetensors",
+    ] {
+        let f = SafetensorsFile::open(&fx(file)).expect("fixture");
+        hdb::adapter::load(&f, &table).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
 }
