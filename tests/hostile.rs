@@ -659,3 +659,14 @@ fn lora_factors_are_checked_by_shape_and_alpha_is_one_number() {
         hdb::adapter::load(&f, &table).unwrap_or_else(|e| panic!("{file}: {e}"));
     }
 }
+
+#[test]
+fn a_tensor_named_twice_in_a_header_is_refused() {
+    let file = hostile("duplicate-names.safetensors");
+    let e = SafetensorsFile::open(&file).expect_err("duplicate names");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("duplicate-names.safetensors") && msg.contains("lora_down.weight' twice"),
+        "{msg}"
+    );
+}

@@ -125,13 +125,14 @@ def main():
                 ]
             ),
         )
-    # The same name twice in one header (JSON allows it; the last one used to win).
+    # The same name twice in one header, both over the same bytes (JSON allows it; the last one,
+    # here of another shape, used to win without a word).
     dup = (
         '{"%s.lora_down.weight":{"dtype":"F32","shape":[1,4],"data_offsets":[0,16]},'
         '"%s.lora_up.weight":{"dtype":"F32","shape":[4,1],"data_offsets":[16,32]},'
-        '"%s.lora_down.weight":{"dtype":"F32","shape":[1,4],"data_offsets":[32,48]}}'
+        '"%s.lora_down.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}'
     ) % (KOHYA, KOHYA, KOHYA)
-    write("duplicate-names.safetensors", st_bytes([("x", "F32", [12], down * 3)], raw_header=dup))
+    write("duplicate-names.safetensors", st_bytes([("x", "F32", [8], down * 2)], raw_header=dup))
     nan = struct.pack("<f", float("nan"))
     write("latents-nan.safetensors", st_bytes([("latents", "F32", [1, 4, 8, 8], nan + f32(*[0.0] * 255))]))
     # Finding 9: random bytes with a pickle-like name are not called a pickle.

@@ -94,6 +94,16 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             bytes.len()
         )));
     }
+    // JSON allows a name twice and the header parser keeps the last: refuse the file first,
+    // so no reader can see a different tensor than the one another tool would.
+    let claimed = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+    let header = usize::try_from(claimed)
+        .ok()
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+        .and_then(|h| std::str::from_utf8(h).ok());
+    if let Some(dup) = header.and_then(duplicate_key) {
+        return Err(invalid(format!("the header names '{dup}' twice")));
+    }
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
         let claimed = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
         invalid(describe_error(&e, claimed, bytes.len()))
@@ -140,6 +150,52 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         .unwrap_or_default();
     Ok(Header { tensors, metadata })
+}
+
+/// The first key that appears twice in the header's top-level object or in its
+/// `__metadata__`, if any.
+fn duplicate_key(header: &str) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::collections::HashSet;
+
+    /// Visits an object's keys in order; `nested` also visits the `__metadata__` object.
+    /// Called on a header that already parsed as safetensors, so its shape is known.
+    struct Keys {
+        nested: bool,
+    }
+    impl<'de> serde::de::DeserializeSeed<'de> for Keys {
+        type Value = Option<String>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = HashSet::new();
+            let mut found = None;
+            while let Some(k) = map.next_key::<String>()? {
+                if self.nested && k == "__metadata__" {
+                    // (an object of strings: the header already parsed as safetensors)
+                    let inner = map.next_value_seed(Keys { nested: false })?;
+                    found = found.or(inner.map(|d| format!("__metadata__.{d}")));
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                if !seen.insert(k.clone()) {
+                    found = found.or(Some(k));
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(header);
+    serde::de::DeserializeSeed::deserialize(Keys { nested: true }, &mut de)
+        .ok()
+        .flatten()
 }
 
 fn describe_error(e: &safetensors::SafeTensorError, claimed: u64, file_len: usize) -> String {
@@ -365,6 +421,22 @@ mod tests {
         bytes[..8].copy_from_slice(&1000u64.to_le_bytes());
         let e = SafetensorsFile::from_vec(Path::new("h.safetensors"), bytes).expect_err("bad");
         assert!(e.to_string().contains("claims 1000 bytes"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let bytes = file_with_header(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        let e = SafetensorsFile::from_vec(Path::new("d.safetensors"), bytes).expect_err("dup");
+        assert!(e.to_string().contains("names 'a' twice"), "{e}");
+        let bytes = file_with_header(
+            r#"{"__metadata__":{"k":"1","k":"2"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        let e = SafetensorsFile::from_vec(Path::new("d.safetensors"), bytes).expect_err("dup");
+        assert!(e.to_string().contains("'__metadata__.k' twice"), "{e}");
     }
 
     #[test]
