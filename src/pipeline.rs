@@ -337,6 +337,19 @@ impl Pipeline {
         let cfg = p.guidance > 1.0;
         let mut sched = scheduler::make(p.sampler, &self.scheduler, p.steps)?;
         let mut rng = SplitMix64(p.seed);
+        if let Some((i, v)) = p
+            .latents
+            .iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            // They would run through every step and decode to a black image without a word.
+            return Err(Error::invalid_arg(
+                "latents",
+                format!("value {i} is {v}; starting latents must be finite"),
+            ));
+        }
         let mut latents: Vec<f32> = match &p.latents {
             Some(l) if l.len() == n => l.clone(),
             Some(l) => {

@@ -670,3 +670,29 @@ fn a_tensor_named_twice_in_a_header_is_refused() {
         "{msg}"
     );
 }
+
+#[test]
+fn nan_starting_latents_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = hdb(&[
+        "generate",
+        "--model",
+        s(&fx("tiny-sd")),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--latents",
+        s(&hostile("latents-nan.safetensors")),
+        "-o",
+        s(&dir.path().join("x.png")),
+    ]);
+    assert_cli_refuses(&r, "'latents'");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("NaN") && err.contains("value 0"), "{err}");
+    assert!(!dir.path().join("x.png").exists());
+}

@@ -133,6 +133,14 @@ static int test_main(int argc, char **argv) {
     q.latents_len = (size_t)1 << 62;
     CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "latents_len 2^62");
     CHECK_MSG("params.latents_len", "names latents_len");
+    /* NaN starting latents would decode to a black image with OK. */
+    static float nan_latents[2 * 4 * (H / 8) * (W / 8)];
+    nan_latents[5] = NAN;
+    q = p;
+    q.latents = nan_latents;
+    q.latents_len = sizeof nan_latents / sizeof nan_latents[0];
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "NaN latents");
+    CHECK_MSG("latents", "names the latents");
     hdb_image small[2] = {{.data = c0, .data_len = 100}, {.data = c1, .data_len = sizeof c1}};
     CHECK_STATUS(hdb_generate(s, &p, small, 2), HDB_STATUS_INVALID_ARGUMENT, "image buffer too small");
     CHECK_MSG("out[0]", "names out[0]");
