@@ -696,3 +696,113 @@ fn nan_starting_latents_are_refused() {
     assert!(err.contains("NaN") && err.contains("value 0"), "{err}");
     assert!(!dir.path().join("x.png").exists());
 }
+
+/// tiny-sd (parts symlinked) whose UNet weight file also holds `extra` tensors.
+fn tiny_sd_with_extra_unet_tensors(dir: &Path, extra: &[&str]) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(m.join("unet")).expect("mkdir");
+    for part in [
+        "text_encoder",
+        "vae",
+        "tokenizer",
+        "scheduler",
+        "model_index.json",
+    ] {
+        std::os::unix::fs::symlink(fx("tiny-sd").join(part), m.join(part)).expect("symlink");
+    }
+    std::fs::copy(fx("tiny-sd/unet/config.json"), m.join("unet/config.json")).expect("copy");
+    let f = SafetensorsFile::open(&fx("tiny-sd/unet/diffusion_pytorch_model.safetensors"))
+        .expect("unet");
+    let mut entries: Vec<_> = f.tensors().collect();
+    entries.sort_by_key(|e| e.start);
+    let dtypes: Vec<String> = entries.iter().map(|e| format!("{:?}", e.dtype)).collect();
+    let mut tensors: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = entries
+        .iter()
+        .zip(&dtypes)
+        .map(|(e, dt)| {
+            let dims = e.shape.dims().iter().map(|&d| d as u64).collect();
+            (e.name.as_str(), dt.as_str(), dims, f.data(e).to_vec())
+        })
+        .collect();
+    for name in extra {
+        tensors.push((name, "F32", vec![2], vec![0; 8]));
+    }
+    std::fs::write(
+        m.join("unet/diffusion_pytorch_model.safetensors"),
+        safetensors(&tensors),
+    )
+    .expect("write");
+    m
+}
+
+#[test]
+fn unknown_tensors_in_model_files_are_listed_in_the_log_and_by_hdb_info() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = ["mystery.weight", "down_blocks.0.extra_head.bias"];
+    let path = tiny_sd_with_extra_unet_tensors(dir.path(), &extra);
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = logged.clone();
+    hdb::logging::set_sink(
+        Some(Box::new(move |_, _, msg| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(msg.to_string());
+            }
+        })),
+        log::LevelFilter::Warn,
+    );
+    let m = Model::load(&path, Default::default()).expect("extra tensors are not an error");
+    hdb::logging::set_sink(None, log::LevelFilter::Off);
+    let log = logged.lock().expect("log").join("\n");
+    assert!(
+        log.contains("2 tensor(s)") && log.contains("mystery.weight"),
+        "log: {log}"
+    );
+    let unused = hdb::model::unused::unused_tensors(&m);
+    let mut want: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(unused.tensors, want);
+    assert!(unused.unchecked.is_empty(), "{:?}", unused.unchecked);
+    assert_eq!(
+        m.describe()["unused_tensors"]["tensors"][0],
+        want[0].as_str()
+    );
+    // The model still works, and the pristine fixture lists nothing.
+    m.unet().expect("unet builds");
+    assert!(hdb::model::unused::unused_tensors(&model())
+        .tensors
+        .is_empty());
+    let r = hdb(&["info", s(&path)]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success()
+            && out.contains("2 tensor(s) read by no component")
+            && out.contains("mystery.weight"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_keys_of_an_ldm_file_are_listed_but_known_non_weights_are_not() {
+    let f = SafetensorsFile::open(&fx("unet/ldm-sd1.safetensors")).expect("ldm");
+    let mut entries: Vec<_> = f.tensors().collect();
+    entries.sort_by_key(|e| e.start);
+    let dtypes: Vec<String> = entries.iter().map(|e| format!("{:?}", e.dtype)).collect();
+    let mut tensors: Vec<(&str, &str, Vec<u64>, Vec<u8>)> = entries
+        .iter()
+        .zip(&dtypes)
+        .map(|(e, dt)| {
+            let dims = e.shape.dims().iter().map(|&d| d as u64).collect();
+            (e.name.as_str(), dt.as_str(), dims, f.data(e).to_vec())
+        })
+        .collect();
+    for name in ["foo.bar", "model_ema.decay", "alphas_cumprod"] {
+        tensors.push((name, "F32", vec![2], vec![0; 8]));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ldm.safetensors");
+    std::fs::write(&path, safetensors(&tensors)).expect("write");
+    let m = Model::load(&path, Default::default()).expect("ldm");
+    let u = hdb::model::unused::unused_tensors(&m);
+    assert!(u.unchecked.is_empty(), "{:?}", u.unchecked);
+    assert_eq!(u.tensors, ["foo.bar"]);
+}

@@ -8,6 +8,7 @@ pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
+pub mod unused;
 pub mod vae;
 pub mod weights;
 
@@ -180,6 +181,7 @@ impl Model {
             load_ldm(path, opts)?
         };
         model.architecture = detect_architecture(&model);
+        unused::log_unused(&model);
         log::info!(
             "loaded {} ({}, {:?}): {}",
             path.display(),
@@ -496,6 +498,7 @@ impl Model {
             "cross_attention_dim": self.cross_attention_dim(),
             "tokenizer": self.tokenizer.as_ref().map(|p| p.display().to_string()),
             "components": comps,
+            "unused_tensors": unused::describe(self),
         })
     }
 }
