@@ -16,6 +16,13 @@
  *   once; a session belongs to one thread at a time. The log callback is the only
  *   process-wide setting.
  * - No panic crosses this boundary: a bug inside hdb returns HDB_STATUS_PANIC.
+ * - Files: only regular files are read. Model weights are memory-mapped by default, so a
+ *   loaded model's files must not be truncated (SIGBUS at the next use) or rewritten in place
+ *   (the outputs change) while it lives; hdb_model_params.storage = HDB_STORAGE_COPY reads
+ *   them into memory at load instead. Hypernetwork files are always mapped.
+ * - Sizes from files and arguments have documented limits (README, "Reliability"): beyond
+ *   them a call fails with a status naming the field; a request the machine cannot hold is
+ *   HDB_STATUS_OUT_OF_MEMORY.
  */
 
 #ifndef HDB_H
@@ -269,6 +276,11 @@ typedef void (*hdb_log_fn)(void *user_data, hdb_log_level level, const char *tar
 typedef uint32_t hdb_weights_variant;
 
 /**
+ * How a loaded model holds its weight files.
+ */
+typedef uint32_t hdb_weights_storage;
+
+/**
  * Options for `hdb_model_load`. Get the defaults from `hdb_model_params_default()`.
  */
 typedef struct hdb_model_params {
@@ -285,6 +297,15 @@ typedef struct hdb_model_params {
    * Passed to `progress` unchanged.
    */
   void *progress_user_data;
+  /**
+   * `HDB_STORAGE_MMAP` (default) or `HDB_STORAGE_COPY`: choose COPY when the weight files
+   * may be replaced, truncated or rewritten while the model is loaded.
+   */
+  hdb_weights_storage storage;
+  /**
+   * Reserved; must be 0.
+   */
+  uint32_t reserved;
 } hdb_model_params;
 
 /**
@@ -449,6 +470,19 @@ typedef uint32_t hdb_apply_mode;
  */
 #define HDB_WEIGHTS_FP16 2
 
+/**
+ * Memory-mapped (default): no copy. The files must not change while the model lives:
+ * truncating one kills the process with SIGBUS at the next use (the OS's rule for every
+ * mapping), and rewriting one in place changes the model's outputs.
+ */
+#define HDB_STORAGE_MMAP 0
+
+/**
+ * Read into memory at load: the model is immune to later changes of its files, at the cost
+ * of a private copy of their bytes (about 4 GB for SD 1.5 in f32, 2 GB in f16).
+ */
+#define HDB_STORAGE_COPY 1
+
 #define HDB_ARCH_UNKNOWN 0
 
 #define HDB_ARCH_SD1 1
@@ -604,8 +638,12 @@ struct hdb_model_params hdb_model_params_default(void);
 /**
  * Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
  * `tokenizer/`; `*.fp16.safetensors` and sharded files too), a folder holding one diffusers
- * component, or an LDM single-file `.safetensors` checkpoint. Weights are memory-mapped and
- * kept in their dtype. On success `*out` owns the model (free with `hdb_model_free`).
+ * component, or an LDM single-file `.safetensors` checkpoint. Weights are kept in their dtype,
+ * memory-mapped by default: then the files must not be truncated or rewritten while the model
+ * lives (a truncated file kills the process with SIGBUS at the next use; one rewritten in
+ * place changes the outputs). `params.storage = HDB_STORAGE_COPY` reads them into memory
+ * instead. Only regular files are read (a FIFO is refused, never opened for blocking). On
+ * success `*out` owns the model (free with `hdb_model_free`).
  *
  * # Safety
  * `rt` a live runtime; `path` a NUL-terminated path (any bytes on Unix); `params` NULL or

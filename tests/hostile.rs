@@ -806,3 +806,133 @@ fn unknown_keys_of_an_ldm_file_are_listed_but_known_non_weights_are_not() {
     assert!(u.unchecked.is_empty(), "{:?}", u.unchecked);
     assert_eq!(u.tensors, ["foo.bar"]);
 }
+
+// --- Finding 6: files that change under a loaded model ---------------------------------------
+
+/// A real copy of tiny-sd (its UNet file a copy, not a link, so it can be changed).
+fn tiny_sd_copy(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(m.join("unet")).expect("mkdir");
+    for part in [
+        "text_encoder",
+        "vae",
+        "tokenizer",
+        "scheduler",
+        "model_index.json",
+    ] {
+        std::os::unix::fs::symlink(fx("tiny-sd").join(part), m.join(part)).expect("symlink");
+    }
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fx("tiny-sd/unet").join(f), m.join("unet").join(f)).expect("copy");
+    }
+    m
+}
+
+fn unet_weights(model_dir: &Path) -> PathBuf {
+    model_dir.join("unet/diffusion_pytorch_model.safetensors")
+}
+
+/// Overwrites the middle of a file in place (no truncation) with other bytes.
+fn rewrite_in_place(path: &Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let len = std::fs::metadata(path).expect("stat").len();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for writing");
+    f.seek(SeekFrom::Start(len / 2)).expect("seek");
+    f.write_all(&[0x3f; 4096]).expect("write");
+}
+
+fn load_with(path: &Path, storage: hdb::io::safetensors::Storage) -> Model {
+    Model::load(
+        path,
+        hdb::model::LoadOptions {
+            storage,
+            ..Default::default()
+        },
+    )
+    .expect("load")
+}
+
+fn unet_output(m: &Model) -> Vec<f32> {
+    let f = SafetensorsFile::open(&fx("unet/tiny-sd.in.safetensors")).expect("inputs");
+    let (s, sample) = hdb::io::safetensors::read_as_f32(&f, "sample").expect("sample");
+    let (_, t) = hdb::io::safetensors::read_as_f32(&f, "timestep").expect("timestep");
+    let (c, ctx) = hdb::io::safetensors::read_as_f32(&f, "encoder_hidden_states").expect("context");
+    let input = hdb::model::unet::UnetInput {
+        sample: &sample,
+        timesteps: &t,
+        context: &ctx,
+        batch: s[0],
+        height: s[2],
+        width: s[3],
+        context_len: c[1],
+    };
+    m.unet().expect("unet").forward(&input).expect("forward")
+}
+
+#[test]
+fn copied_weights_are_immune_to_the_files_changing_and_mapped_ones_are_not() {
+    use hdb::io::safetensors::Storage;
+    let want = unet_output(&model());
+    assert!(want.iter().all(|x| x.is_finite()));
+    // Copied: rewritten in place, then truncated, before the UNet is even built.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = tiny_sd_copy(dir.path());
+    let m = load_with(&path, Storage::Copied);
+    rewrite_in_place(&unet_weights(&path));
+    std::fs::File::options()
+        .write(true)
+        .open(unet_weights(&path))
+        .and_then(|f| f.set_len(0))
+        .expect("truncate");
+    assert_eq!(
+        unet_output(&m),
+        want,
+        "copied weights changed with the file"
+    );
+    // Mapped: a rewrite in place reaches the model (documented; the reason COPY exists).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = tiny_sd_copy(dir.path());
+    let m = load_with(&path, Storage::Mapped);
+    rewrite_in_place(&unet_weights(&path));
+    assert_ne!(unet_output(&m), want, "a mapped file rewritten in place");
+}
+
+/// With mapped weights, truncating the file under a loaded model is fatal: the kernel sends
+/// SIGBUS on the next read of a lost page (the rule the header and README state). Run in a
+/// child process, this test's own binary.
+#[test]
+fn truncating_a_mapped_weights_file_under_a_loaded_model_is_sigbus() {
+    const CHILD: &str = "HDB_TEST_TRUNCATE_MAPPED_CHILD";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        let path = tiny_sd_copy(Path::new(&dir));
+        let m = load_with(&path, hdb::io::safetensors::Storage::Mapped);
+        std::fs::File::options()
+            .write(true)
+            .open(unet_weights(&path))
+            .and_then(|f| f.set_len(0))
+            .expect("truncate");
+        let _ = unet_output(&m);
+        return; // survived: the parent fails
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "truncating_a_mapped_weights_file_under_a_loaded_model_is_sigbus",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(CHILD, dir.path())
+        .output()
+        .expect("run the child");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "expected SIGBUS, got {:?}:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -20,7 +20,7 @@ fn load(p: &str, variant: Variant) -> Model {
         &path,
         LoadOptions {
             variant,
-            progress: None,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
@@ -135,6 +135,7 @@ fn progress_is_reported_and_can_cancel() {
         LoadOptions {
             variant: Variant::Full,
             progress: Some(&mut cb),
+            ..Default::default()
         },
     )
     .expect("load");
@@ -145,6 +146,7 @@ fn progress_is_reported_and_can_cancel() {
         LoadOptions {
             variant: Variant::Full,
             progress: Some(&mut stop),
+            ..Default::default()
         },
     )
     .expect_err("cancelled");

@@ -44,7 +44,7 @@ fn run(case: &str, model: &Path, variant: Variant) {
         model,
         LoadOptions {
             variant,
-            progress: None,
+            ..Default::default()
         },
     )
     .expect("model");

@@ -214,11 +214,33 @@ fn describe_error(e: &safetensors::SafeTensorError, claimed: u64, file_len: usiz
     }
 }
 
+/// How a file's bytes are held once opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// Memory-mapped (the default): no copy, pages shared with the OS cache. The file must not
+    /// change while it is held: truncating it makes the next read of a lost page a SIGBUS, and
+    /// writing it in place changes what hdb reads.
+    #[default]
+    Mapped,
+    /// Read into memory at open: changes to the file afterwards cannot reach hdb, at the cost
+    /// of a private copy of its bytes.
+    Copied,
+}
+
 impl SafetensorsFile {
+    /// Opens `path` held as `storage` says, validating its header.
+    pub fn open_with(path: &Path, storage: Storage) -> Result<Self> {
+        match storage {
+            Storage::Mapped => Self::open(path),
+            Storage::Copied => Self::from_bytes(path, Bytes::Owned(super::read_file(path)?)),
+        }
+    }
+
     /// Opens and memory-maps `path`, validating its header.
     ///
-    /// The mapping is read-only; as with any mmap, the file must not be truncated by another
-    /// process while hdb holds it.
+    /// The mapping is read-only; as with any mmap, the file must not be truncated or rewritten
+    /// by another process while hdb holds it ([`Storage::Mapped`]); [`Storage::Copied`] is the
+    /// choice for files that may change.
     pub fn open(path: &Path) -> Result<Self> {
         let file = super::open_file(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();

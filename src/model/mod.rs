@@ -74,6 +74,8 @@ pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize, &Path) -> bool;
 #[derive(Default)]
 pub struct LoadOptions<'a> {
     pub variant: Variant,
+    /// Weight files memory-mapped (default) or copied into memory at load.
+    pub storage: crate::io::safetensors::Storage,
     pub progress: Option<LoadProgress<'a>>,
 }
 
@@ -277,7 +279,7 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         };
         let mut store = WeightStore::default();
         for f in files {
-            let file = Arc::new(SafetensorsFile::open(&f)?);
+            let file = Arc::new(SafetensorsFile::open_with(&f, opts.storage)?);
             let idx = store.add_file(file.clone());
             for e in file.tensors() {
                 if is_skipped_buffer(e) {
@@ -355,7 +357,7 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
             path.display()
         )));
     }
-    let file = Arc::new(SafetensorsFile::open(path)?);
+    let file = Arc::new(SafetensorsFile::open_with(path, opts.storage)?);
     let has_unet = file
         .tensors()
         .any(|e| e.name.starts_with("model.diffusion_model."));

@@ -108,7 +108,7 @@ fn unet_on<B: hdb::backend::Backend>(source: &Source, be: B) -> hdb::Result<Unet
         Source::Fixture(model, variant) => {
             let options = LoadOptions {
                 variant: *variant,
-                progress: None,
+                ..Default::default()
             };
             Unet::from_model_on(be, &Model::load(model, options)?)
         }
