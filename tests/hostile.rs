@@ -936,3 +936,127 @@ fn truncating_a_mapped_weights_file_under_a_loaded_model_is_sigbus() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// --- Finding 9: sizes and messages -----------------------------------------------------------
+
+/// torch's `F.interpolate(x, size=(oh, ow), mode="nearest")`: source index floor(dst * in / out).
+fn torch_nearest(
+    x: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Vec<f32> {
+    let mut y = Vec::new();
+    for p in 0..planes {
+        for i in 0..oh {
+            for j in 0..ow {
+                let (si, sj) = (i * h / oh, j * w / ow);
+                y.push(x[(p * h + si) * w + sj]);
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn upsampling_to_an_odd_skip_size_is_torch_nearest_interpolation() {
+    use hdb::backend::{Backend, Cpu};
+    for (planes, h, w) in [(3, 5, 4), (2, 1, 1), (1, 9, 7), (4, 2, 3)] {
+        let x: Vec<f32> = (0..planes * h * w).map(|i| i as f32).collect();
+        let up = Cpu
+            .upsample_nearest2x(&x, (planes, h, w))
+            .expect("upsample");
+        for (oh, ow) in [
+            (2 * h - 1, 2 * w),
+            (2 * h, 2 * w - 1),
+            (2 * h - 1, 2 * w - 1),
+        ] {
+            let got = Cpu
+                .crop_top_left(&up, (planes, 2 * h, 2 * w), (oh, ow))
+                .expect("crop");
+            assert_eq!(
+                got,
+                torch_nearest(&x, planes, (h, w), (oh, ow)),
+                "{planes}x{h}x{w} -> {oh}x{ow}"
+            );
+        }
+    }
+    let e = Cpu
+        .crop_top_left(&vec![0.0; 8], (2, 2, 2), (3, 2))
+        .expect_err("larger");
+    assert!(e.to_string().contains("crop_top_left"), "{e}");
+}
+
+#[test]
+fn the_unet_takes_latents_that_are_not_multiples_of_its_downsampling() {
+    let m = model();
+    let unet = m.unet().expect("unet");
+    let cdim = unet.config.cross_attention_dim;
+    for (h, w) in [(9, 8), (8, 9), (5, 7), (1, 1)] {
+        let (b, l) = (2usize, 3usize);
+        let sample: Vec<f32> = (0..b * 4 * h * w)
+            .map(|i| ((i % 7) as f32 - 3.0) / 3.0)
+            .collect();
+        let ctx: Vec<f32> = (0..b * l * cdim)
+            .map(|i| ((i % 5) as f32 - 2.0) / 2.0)
+            .collect();
+        let input = hdb::model::unet::UnetInput {
+            sample: &sample,
+            timesteps: &[500.0, 10.0],
+            context: &ctx,
+            batch: b,
+            height: h,
+            width: w,
+            context_len: l,
+        };
+        let out = unet
+            .forward(&input)
+            .unwrap_or_else(|e| panic!("{h}x{w}: {e}"));
+        assert_eq!(out.len(), b * 4 * h * w, "{h}x{w}");
+        assert!(
+            out.iter().all(|x| x.is_finite()),
+            "{h}x{w}: non-finite output"
+        );
+    }
+}
+
+#[test]
+fn images_of_72x64_generate_and_sizes_off_the_vae_factor_name_the_side() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = dir.path().join("x.png");
+    let r = hdb(&[
+        "generate",
+        "--model",
+        s(&fx("tiny-sd")),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--width",
+        "72",
+        "--height",
+        "64",
+        "-o",
+        s(&o),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (_, w, h) = hdb::io::png::read_png(&o).expect("png");
+    assert_eq!((w, h), (72, 64));
+    let r = hdb(&[
+        "generate",
+        "--model",
+        s(&fx("tiny-sd")),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "60",
+        "-o",
+        s(&o),
+    ]);
+    assert_cli_refuses(&r, "'height'");
+    assert_cli_refuses(&r, "multiple of 8");
+}
