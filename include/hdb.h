@@ -195,6 +195,9 @@ typedef struct hdb_generate_params {
    * gets its own identity.
    */
   uint32_t batch;
+  /**
+   * Reserved; must be 0.
+   */
   uint32_t reserved;
   /**
    * UTF-8 prompt; NULL means "".

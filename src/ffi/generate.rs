@@ -58,6 +58,7 @@ pub struct hdb_generate_params {
     /// Images per call (default 1). With per-sample adapters set on the session, each image
     /// gets its own identity.
     pub batch: u32,
+    /// Reserved; must be 0.
     pub reserved: u32,
     /// UTF-8 prompt; NULL means "".
     pub prompt: *const c_char,
@@ -150,6 +151,9 @@ pub unsafe extern "C" fn hdb_generate(
                 ))
             }
         };
+        if p.reserved != 0 {
+            return Err(Error::invalid_arg("params.reserved", "must be 0"));
+        }
         // Sizes first, before any buffer arithmetic or copy uses them.
         crate::limits::check_range("params.batch", p.batch as usize, crate::limits::MAX_BATCH)?;
         crate::limits::check_range(
@@ -227,7 +231,22 @@ pub unsafe extern "C" fn hdb_generate(
                     format!("out[{i}].stride {stride} < width * 3 = {row}"),
                 ));
             }
-            if img.data.is_null() || img.data_len < need {
+            if img.data.is_null() {
+                const NAMES: [&str; 8] = [
+                    "out[0].data",
+                    "out[1].data",
+                    "out[2].data",
+                    "out[3].data",
+                    "out[4].data",
+                    "out[5].data",
+                    "out[6].data",
+                    "out[7].data",
+                ];
+                return Err(Error::NullArgument(
+                    NAMES.get(i).copied().unwrap_or("out[i].data"),
+                ));
+            }
+            if img.data_len < need {
                 return Err(Error::invalid_arg(
                     "out",
                     format!(

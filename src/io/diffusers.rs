@@ -55,6 +55,15 @@ pub fn find_weights(dir: &Path, stem: &str, variant: Variant) -> Result<Option<V
     }
     let bin = dir.join(format!("{stem}.bin"));
     if bin.is_file() {
+        if !super::looks_like_pickle(&bin)? {
+            return Err(Error::InvalidFile {
+                path: bin,
+                format: "weights",
+                reason: "named like PyTorch weights but not a PyTorch checkpoint; hdb reads \
+                         safetensors weights"
+                    .into(),
+            });
+        }
         return Err(Error::Unsupported(format!(
             "{}: pickle weights are not read (they can run code); convert them to safetensors",
             bin.display()

@@ -85,6 +85,19 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// Whether a file starts as a PyTorch checkpoint does: a zip archive (`torch.save` since 1.6)
+/// or a raw pickle stream (protocol 2 to 5). Used to tell a pickle checkpoint, which hdb
+/// refuses to read (unpickling can run code), from other bytes under a `.bin`/`.ckpt` name.
+pub fn looks_like_pickle(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4);
+    open_file(path)?
+        .take(4)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(head.starts_with(b"PK\x03\x04") || matches!(head[..], [0x80, 2..=5, ..]))
+}
+
 /// A regular file as UTF-8 text; errors name the file.
 pub fn read_text(path: &Path) -> Result<String> {
     String::from_utf8(read_file(path)?).map_err(|e| Error::InvalidFile {

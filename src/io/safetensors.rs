@@ -363,9 +363,30 @@ pub fn write_f32_with_metadata(
         format: "safetensors",
         reason: e.to_string(),
     })?;
+    // Errors name the file asked for, not the temporary one beside it.
+    let folder = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "cannot write it: the folder {} does not exist",
+                    folder.display()
+                ),
+            ),
+        });
+    }
     let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let written = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 /// A tensor of any numeric dtype as f32 (integers converted; used for inputs such as

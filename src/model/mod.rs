@@ -351,13 +351,22 @@ fn standalone_component(cfg: &Path) -> Option<Component> {
 
 fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if matches!(ext, "ckpt" | "pt" | "pth" | "bin") {
+    let pickle_name = matches!(ext, "ckpt" | "pt" | "pth" | "bin");
+    if pickle_name && crate::io::looks_like_pickle(path)? {
         return Err(Error::Unsupported(format!(
             "{}: pickle checkpoints are not read (they can run code); convert to safetensors",
             path.display()
         )));
     }
-    let file = Arc::new(SafetensorsFile::open_with(path, opts.storage)?);
+    let file = Arc::new(
+        SafetensorsFile::open_with(path, opts.storage).map_err(|e| match e {
+            Error::InvalidFile { reason, .. } if pickle_name => Error::not_a_model(
+                path,
+                format!("neither a PyTorch checkpoint nor a safetensors file ({reason})"),
+            ),
+            other => other,
+        })?,
+    );
     let has_unet = file
         .tensors()
         .any(|e| e.name.starts_with("model.diffusion_model."));

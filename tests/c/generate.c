@@ -141,6 +141,13 @@ static int test_main(int argc, char **argv) {
     q.latents_len = sizeof nan_latents / sizeof nan_latents[0];
     CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "NaN latents");
     CHECK_MSG("latents", "names the latents");
+    hdb_image nulldata[2] = {{.data = c0, .data_len = sizeof c0}, {.data = NULL, .data_len = sizeof c1}};
+    CHECK_STATUS(hdb_generate(s, &p, nulldata, 2), HDB_STATUS_NULL_ARGUMENT, "out[1].data NULL");
+    CHECK_MSG("out[1].data", "names out[1].data");
+    q = p;
+    q.reserved = 1;
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "reserved 1");
+    CHECK_MSG("params.reserved", "names params.reserved");
     hdb_image small[2] = {{.data = c0, .data_len = 100}, {.data = c1, .data_len = sizeof c1}};
     CHECK_STATUS(hdb_generate(s, &p, small, 2), HDB_STATUS_INVALID_ARGUMENT, "image buffer too small");
     CHECK_MSG("out[0]", "names out[0]");
