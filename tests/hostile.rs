@@ -1060,3 +1060,141 @@ fn images_of_72x64_generate_and_sizes_off_the_vae_factor_name_the_side() {
     assert_cli_refuses(&r, "'height'");
     assert_cli_refuses(&r, "multiple of 8");
 }
+
+#[test]
+fn random_bytes_named_like_a_checkpoint_are_not_called_a_pickle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["model.bin", "model.ckpt"] {
+        let p = dir.path().join(name);
+        std::fs::copy(hostile("random-bytes.bin"), &p).expect("copy");
+        let e = Model::load(&p, Default::default()).expect_err(name);
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::NotAModel { .. })
+                && msg.contains("neither a PyTorch checkpoint nor a safetensors file")
+                && !msg.contains("pickle checkpoints are not read"),
+            "{name}: {msg}"
+        );
+        // A real zip or pickle header still gets the pickle message.
+        for magic in [&b"PK\x03\x04rest"[..], &b"\x80\x02}q\x00"[..]] {
+            std::fs::write(&p, magic).expect("write");
+            let e = Model::load(&p, Default::default()).expect_err("pickle");
+            assert!(
+                e.to_string().contains("pickle checkpoints are not read"),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn saving_into_a_missing_folder_names_the_target_not_a_temporary_file() {
+    let m = model();
+    let f = SafetensorsFile::open(&fx("adapter/id1.lidb.safetensors")).expect("adapter");
+    let a = hdb::adapter::load(&f, &adaptable_layers(&m)).expect("load");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("no/such/folder/id.lidb.safetensors");
+    let e = a.save(&target).expect_err("missing folder");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no/such/folder/id.lidb.safetensors") && !msg.contains("safetensors.tmp"),
+        "{msg}"
+    );
+    assert!(msg.contains("does not exist"), "{msg}");
+}
+
+#[test]
+fn device_strings_are_exact() {
+    use hdb::runtime::DeviceRequest;
+    for bad in ["", "cpu ", " cpu", "Cpu", "cuda:+1"] {
+        let e = DeviceRequest::parse(bad).expect_err(bad);
+        assert!(e.to_string().contains("'device'"), "{bad:?}: {e}");
+    }
+    let r = hdb(&[
+        "predict",
+        "--hypernet",
+        "x",
+        "--model",
+        "x",
+        "--face",
+        "x",
+        "-o",
+        "x",
+        "--device",
+        "cpu ",
+    ]);
+    assert_eq!(r.status.code(), Some(2), "clap refuses the value");
+}
+
+/// A panic caught at the C boundary goes to the log callback, not the host's stderr: in the
+/// caller's thread and in hdb's worker threads. Run in a child process (this binary) so its
+/// stderr can be read.
+#[test]
+fn caught_panics_are_logged_not_printed_on_stderr() {
+    const CHILD: &str = "HDB_TEST_PANIC_ROUTING_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = got.clone();
+        hdb::logging::set_sink(
+            Some(Box::new(move |lvl, target, msg| {
+                if lvl == log::Level::Error {
+                    if let Ok(mut v) = sink.lock() {
+                        v.push(format!("{target}: {msg}"));
+                    }
+                }
+            })),
+            log::LevelFilter::Error,
+        );
+        use hdb::ffi::boundary::ffi_boundary;
+        let st = ffi_boundary("hdb_test_direct", || panic!("direct boom"));
+        assert_eq!(st, hdb::ffi::hdb_status::HDB_STATUS_PANIC);
+        let rt = hdb::Runtime::new(hdb::RuntimeOptions {
+            device: hdb::runtime::DeviceRequest::Cpu,
+            threads: 2,
+        })
+        .expect("runtime");
+        let st = ffi_boundary("hdb_test_worker", || {
+            use rayon::prelude::*;
+            rt.install(|| {
+                (0..64).into_par_iter().for_each(|i| {
+                    if i == 63 {
+                        panic!("worker boom")
+                    }
+                })
+            });
+            Ok(())
+        });
+        assert_eq!(st, hdb::ffi::hdb_status::HDB_STATUS_PANIC);
+        hdb::logging::set_sink(None, log::LevelFilter::Off);
+        for line in got.lock().expect("log").iter() {
+            println!("LOGGED {line}");
+        }
+        return;
+    }
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "caught_panics_are_logged_not_printed_on_stderr",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run the child");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    for boom in ["direct boom", "worker boom"] {
+        assert!(
+            stdout.contains("LOGGED hdb::panic: panic at ") && stdout.contains(boom),
+            "'{boom}' not logged:\n{stdout}"
+        );
+        assert!(
+            !stderr.contains(boom),
+            "'{boom}' printed on stderr:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked at"), "{stderr}");
+}
