@@ -7,6 +7,7 @@
 //! "No such device".
 
 pub mod diffusers;
+pub mod inputs;
 pub mod keymap;
 #[cfg(feature = "png")]
 pub mod png;

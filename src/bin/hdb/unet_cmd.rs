@@ -19,7 +19,7 @@ pub fn unet(
 ) -> hdb::Result<()> {
     use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
     use hdb::backend::device_unet::DeviceUnet;
-    use hdb::io::safetensors::{read_as_f32, write_f32};
+    use hdb::io::safetensors::write_f32;
     let rt = runtime(device, threads)?;
     let inp = SafetensorsFile::open(input)?;
     let bad = |name: &str, shape: &[usize], want: &str| hdb::Error::InvalidFile {
@@ -27,27 +27,10 @@ pub fn unet(
         format: "UNet input",
         reason: format!("'{name}' has shape {shape:?}, expected {want}"),
     };
-    let (s_shape, sample) = read_as_f32(&inp, "sample")?;
-    let [b, c, h, w] = s_shape[..] else {
-        return Err(bad("sample", &s_shape, "[B, 4, H, W]"));
-    };
-    let (t_shape, mut t) = read_as_f32(&inp, "timestep")?;
-    if t.len() == 1 && b > 1 {
-        t = vec![t[0]; b]; // a scalar timestep applies to the whole batch, as in diffusers
-    } else if t.len() != b || t_shape.len() > 1 {
-        return Err(bad("timestep", &t_shape, &format!("[{b}] or a scalar")));
-    }
-    let (c_shape, ctx) = read_as_f32(&inp, "encoder_hidden_states")?;
-    let [cb, l, _] = c_shape[..] else {
-        return Err(bad("encoder_hidden_states", &c_shape, "[B, L, C]"));
-    };
-    if cb != b {
-        return Err(bad(
-            "encoder_hidden_states",
-            &c_shape,
-            &format!("batch {b} like 'sample'"),
-        ));
-    }
+    let ins = hdb::io::inputs::UnetInputs::read(&inp)?;
+    let (b, c, h, w, l) = (ins.batch, ins.channels, ins.height, ins.width, ins.context_len);
+    let s_shape = [b, c, h, w];
+    let c_shape = [b, l, ins.context_dim];
     let model = load_model(model_path)?;
     let start = std::time::Instant::now();
     let unet = model.unet()?;
@@ -90,21 +73,12 @@ pub fn unet(
         Mode::Runtime => ApplyMode::Runtime,
     };
     let device_unet = DeviceUnet::for_runtime(&rt, &model)?;
-    let per_sample: Option<Vec<i32>> = match inp.get("adapter_index") {
-        None => None,
-        Some(_) => Some(
-            read_as_f32(&inp, "adapter_index")?
-                .1
-                .iter()
-                .map(|&v| v as i32)
-                .collect(),
-        ),
-    };
+    let per_sample = ins.adapter_index.clone();
     let with_adapters = !adapters.is_empty() || per_sample.is_some();
     let x = UnetInput {
-        sample: &sample,
-        timesteps: &t,
-        context: &ctx,
+        sample: &ins.sample,
+        timesteps: &ins.timesteps,
+        context: &ins.context,
         batch: b,
         height: h,
         width: w,
