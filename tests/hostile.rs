@@ -1198,3 +1198,13 @@ fn caught_panics_are_logged_not_printed_on_stderr() {
     }
     assert!(!stderr.contains("panicked at"), "{stderr}");
 }
+
+// --- Found by fuzzing ---------------------------------------------------------------------
+
+/// The png crate (0.18) panics expanding a palette that is not a whole number of RGB entries.
+#[test]
+fn a_png_palette_of_49_bytes_is_an_invalid_file_not_a_panic() {
+    let file = hostile("png-plte-49-bytes.png");
+    let e = hdb::io::png::read_png(&file).expect_err("bad palette");
+    assert!(e.to_string().contains("PLTE chunk has 49 bytes"), "{e}");
+}

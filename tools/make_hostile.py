@@ -101,6 +101,16 @@ def main():
     # Finding 3 (the hypernetwork configs of 2^20 layers are made in tests/hostile.rs, to keep
     # three copies of a 349 KB file out of the repository).
     write("png-20000x20000.png", png_header_only(20000, 20000))
+    # Found by the png fuzz target: a palette of 49 bytes (not a whole number of RGB entries)
+    # made the png crate index past it while expanding the image.
+    sig = b"\x89PNG\r\n\x1a\n"
+    ihdr = struct.pack(">IIBBBBB", 1, 16, 8, 3, 0, 0, 0)
+    rows = b"".join(b"\0\0" for _ in range(16))
+    write(
+        "png-plte-49-bytes.png",
+        sig + png_chunk(b"IHDR", ihdr) + png_chunk(b"PLTE", bytes(range(49)))
+        + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""),
+    )
     # Finding 5: silently misread before.
     # up declared [rank, out] = [1, 4]: the element count of [4, 1], the wrong layout.
     down = f32(0.1, 0.2, 0.3, 0.4)

@@ -50,7 +50,12 @@ impl UnetInputs {
             // the sample of b images is in the file).
             t = vec![t[0]; b];
         } else if t.len() != b || t_shape.len() > 1 {
-            return Err(bad(path, "timestep", &t_shape, &format!("[{b}] or a scalar")));
+            return Err(bad(
+                path,
+                "timestep",
+                &t_shape,
+                &format!("[{b}] or a scalar"),
+            ));
         }
         let (c_shape, context) = read_as_f32(f, "encoder_hidden_states")?;
         let [cb, l, d] = c_shape[..] else {

@@ -8,15 +8,72 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::limits::{try_filled, MAX_IMAGE_PIXELS};
 
+/// Largest PNG file read (an uncompressed 4096 x 4096 RGBA16 image is 128 MB).
+const MAX_FILE_BYTES: u64 = 512 << 20;
+
 /// Reads a PNG file as RGB8 (gray, alpha, palette and 16-bit images converted):
 /// (pixels, width, height). Errors name the file.
 pub fn read_png(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
-    let file = super::open_file(path)?;
-    decode_png(std::io::BufReader::new(file), path)
+    let len = super::open_file(path)?
+        .metadata()
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        return Err(Error::InvalidFile {
+            path: path.to_path_buf(),
+            format: "PNG",
+            reason: format!(
+                "the file is {len} bytes; hdb reads PNG files of at most {MAX_FILE_BYTES}"
+            ),
+        });
+    }
+    decode_png(&super::read_file(path)?, path)
 }
 
-/// As [`read_png`], from any reader; `path` names the image in errors.
-pub fn decode_png<R: BufRead + Seek>(r: R, path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+/// Checks what the `png` crate (0.18) does not and panics on: a palette (PLTE) whose length is
+/// not a whole number of RGB entries. Chunks are walked by their lengths; a malformed stream
+/// is left for the decoder to report.
+fn check_chunks(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut at = 8; // the signature
+    while let Some(head) = bytes.get(at..at + 8) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let kind = &head[4..8];
+        if kind == b"PLTE" && len % 3 != 0 {
+            return Err(format!(
+                "its PLTE chunk has {len} bytes, not a whole number of 3-byte RGB entries"
+            ));
+        }
+        if kind == b"IEND" {
+            break;
+        }
+        at = match at.checked_add(12).and_then(|a| a.checked_add(len)) {
+            Some(a) => a,
+            None => break,
+        };
+    }
+    Ok(())
+}
+
+/// As [`read_png`], from the file's bytes; `path` names the image in errors.
+pub fn decode_png(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let bad = |e: String| Error::InvalidFile {
+        path: path.to_path_buf(),
+        format: "PNG",
+        reason: e,
+    };
+    check_chunks(bytes).map_err(bad)?;
+    // The decoder is a dependency: should it still panic on some other malformed file, that
+    // is a refusal of the file, not a crash of the host.
+    std::panic::catch_unwind(|| decode_checked(std::io::Cursor::new(bytes), path)).unwrap_or_else(
+        |_| {
+            Err(bad(
+                "the PNG decoder failed on this file (malformed data)".into()
+            ))
+        },
+    )
+}
+
+fn decode_checked<R: BufRead + Seek>(r: R, path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     let bad = |e: String| Error::InvalidFile {
         path: path.to_path_buf(),
         format: "PNG",

@@ -28,7 +28,13 @@ pub fn unet(
         reason: format!("'{name}' has shape {shape:?}, expected {want}"),
     };
     let ins = hdb::io::inputs::UnetInputs::read(&inp)?;
-    let (b, c, h, w, l) = (ins.batch, ins.channels, ins.height, ins.width, ins.context_len);
+    let (b, c, h, w, l) = (
+        ins.batch,
+        ins.channels,
+        ins.height,
+        ins.width,
+        ins.context_len,
+    );
     let s_shape = [b, c, h, w];
     let c_shape = [b, l, ins.context_dim];
     let model = load_model(model_path)?;
