@@ -2,7 +2,8 @@
 # Every check hdb has, in the order a failure is cheapest to read: formatting, lints, the Rust
 # and C test suites (C under AddressSanitizer + UBSan via cargo test), the CUDA kernels through
 # NVRTC, on a host emulation, and the GPU tests on an emulated GPU, then the C programs under
-# valgrind. This is the README's test command and what .ci/run runs.
+# valgrind, then a short run of every fuzz target. This is the README's test command and what
+# .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --check
@@ -26,3 +27,6 @@ cargo test --features cuda --test kernel_emulation
 # driver API and cuBLAS on the host, the kernels under cuda_emu.h), every one of them.
 scripts/emulated-gpu.sh
 scripts/valgrind-c-tests.sh
+# Every parser and loader under coverage-guided fuzzing (cargo-fuzz), a few seconds a target:
+# a smoke run (the corpora replay under cargo test above; long runs: scripts/fuzz.sh --seconds N).
+scripts/fuzz.sh --sanitizer none --seconds 4
