@@ -260,7 +260,8 @@ c_tests!(
     session,
     adapter,
     generate,
-    hypernet
+    hypernet,
+    threads
 );
 
 #[test]
