@@ -3,7 +3,8 @@
 # (libFuzzer): builds the targets, makes the seed corpora from tests/fixtures
 # (scripts/fuzz-seeds.py), runs each target for a time box and prints one line of statistics
 # per target (executions, coverage, corpus). Fails when a target finds a crash (the input is
-# kept under fuzz/artifacts/<target>/). cargo-fuzz needs nightly features: on a stable
+# kept under fuzz/artifacts/<target>/; once fixed, it belongs in fuzz/regressions/<target>/,
+# which every run and tests/fuzz_corpus.rs replay and no merge ever drops). cargo-fuzz needs nightly features: on a stable
 # toolchain RUSTC_BOOTSTRAP=1 enables them (set here).
 #
 #   scripts/fuzz.sh [--seconds N] [--sanitizer address|none] [--merge] [TARGET...]
@@ -12,12 +13,13 @@
 # --sanitizer   address (default: AddressSanitizer, what long runs want) or none (faster to
 #               build and run; what CI's short run uses)
 # --merge       afterwards, minimize each target's committed corpus (fuzz/corpus/<target>)
-#               together with what this run found, keeping inputs of at most 64 KB
+#               together with what this run found, keeping inputs of at most 2 KB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=5
 sanitizer=address
 merge=0
+max_kb=2
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,11 +53,13 @@ status=0
 printf '%-16s %10s %9s %8s %8s %7s  %s\n' target runs exec/s cov ft corpus result
 for t in "${targets[@]}"; do
   work="target/fuzz-work/$t"
-  mkdir -p "$work" "fuzz/corpus/$t" "fuzz/artifacts/$t"
+  mkdir -p "$work" "fuzz/corpus/$t" "fuzz/artifacts/$t" "fuzz/regressions/$t"
   log="target/fuzz-work/$t.log"
-  # The first folder is where new inputs go; the committed corpus and the seeds are read only.
+  # The first folder is where new inputs go; the committed corpus, the crash regressions and
+  # the seeds are read only.
   if "$bin_dir/$t" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=3072 -print_final_stats=1 \
-      -artifact_prefix="fuzz/artifacts/$t/" "$work" "fuzz/corpus/$t" "target/fuzz-seeds/$t" \
+      -artifact_prefix="fuzz/artifacts/$t/" "$work" "fuzz/corpus/$t" "fuzz/regressions/$t" \
+      "target/fuzz-seeds/$t" \
       >"$log" 2>&1; then
     result=ok
   else
@@ -69,11 +73,13 @@ for t in "${targets[@]}"; do
   corpus=$(grep -o 'corp: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
   printf '%-16s %10s %9s %8s %8s %7s  %s\n' "$t" "${runs:-?}" "${speed:-?}" "${cov:-?}" "${ft:-?}" "${corpus:-?}" "$result"
   if [ "$merge" = 1 ] && [ "$result" = ok ]; then
-    merged="target/fuzz-work/$t.merged"
-    rm -rf "$merged" && mkdir -p "$merged"
-    "$bin_dir/$t" -merge=1 -max_len=65536 -timeout=20 -rss_limit_mb=3072 "$merged" \
-      "fuzz/corpus/$t" "$work" >"$log.merge" 2>&1
-    find "$merged" -type f -size +64k -delete
+    # Only small inputs are committed (the corpora stay a few hundred KB in all; large
+    # structured inputs come back from the seeds): the smallest set of them that keeps their
+    # coverage.
+    small="target/fuzz-work/$t.small" merged="target/fuzz-work/$t.merged"
+    rm -rf "$small" "$merged" && mkdir -p "$small" "$merged"
+    find "fuzz/corpus/$t" "$work" -type f -size -"$((max_kb + 1))"k -exec cp -n -t "$small" {} +
+    "$bin_dir/$t" -merge=1 -timeout=20 -rss_limit_mb=3072 "$merged" "$small" >"$log.merge" 2>&1
     rm -rf "fuzz/corpus/$t" && mv "$merged" "fuzz/corpus/$t"
   fi
 done

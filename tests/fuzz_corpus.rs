@@ -1,6 +1,7 @@
 //! The fuzz targets' inputs replayed as ordinary tests, so `cargo test` covers them without
 //! libFuzzer: every file of the committed corpora (`fuzz/corpus/<target>/`, minimized by
-//! `scripts/fuzz.sh --merge`) and the seeds `scripts/fuzz-seeds.py` makes from the fixtures
+//! `scripts/fuzz.sh --merge`), the inputs that once crashed a target (`fuzz/regressions/`)
+//! and the seeds `scripts/fuzz-seeds.py` makes from the fixtures
 //! go through the same `fuzz/harness.rs` functions the targets run. A panic names the target
 //! and the file.
 
@@ -50,7 +51,8 @@ fn replay(target: &str) {
         .find(|(n, _)| *n == target)
         .map(|(_, f)| *f)
         .unwrap_or_else(|| panic!("no harness for target {target}"));
-    let corpus = files(&root().join("fuzz/corpus").join(target));
+    let mut corpus = files(&root().join("fuzz/corpus").join(target));
+    corpus.extend(files(&root().join("fuzz/regressions").join(target)));
     let seeds = files(&seeds().join(target));
     assert!(!seeds.is_empty(), "{target}: no seeds");
     for p in corpus.iter().chain(&seeds) {
