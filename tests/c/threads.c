@@ -17,6 +17,7 @@ static hdb_model *g_model;
 static hdb_adapter *g_id1, *g_id2;
 static hdb_hypernet *g_net;
 static uint8_t g_face[40 * 40 * 3];
+static float g_sample[UNET_OUT], g_ctx[UB * UL * UCTX]; /* written once, before any thread */
 
 /* One job's output: two images, or a UNet output, or a predicted adapter's first image. */
 typedef struct {
@@ -70,14 +71,12 @@ static bool run_job(int j, result *r) {
         if (st == HDB_STATUS_OK) st = generate2(s, 5, r);
         break;
     }
-    case 5: { /* one UNet evaluation with id2 merged */
-        static float sample[UNET_OUT], ctx[UB * UL * UCTX];
+    case 5: { /* one UNet evaluation with id2 merged (inputs shared read-only by all threads) */
         const float t[UB] = {981.0f, 1.0f};
-        for (int i = 0; i < UNET_OUT; i++) sample[i] = (float)((i * 7919) % 200) / 100.0f - 1.0f;
-        for (int i = 0; i < UB * UL * UCTX; i++) ctx[i] = (float)((i * 104729) % 200) / 100.0f - 1.0f;
         st = hdb_session_set_adapters(s, both + 1, NULL, 1, HDB_APPLY_MERGE);
         if (st == HDB_STATUS_OK)
-            st = hdb_session_unet(s, sample, UNET_OUT, t, UB, ctx, UB * UL * UCTX, UB, UH, UW, UL, r->unet, UNET_OUT);
+            st = hdb_session_unet(s, g_sample, UNET_OUT, t, UB, g_ctx, UB * UL * UCTX, UB, UH, UW, UL, r->unet,
+                                  UNET_OUT);
         break;
     }
     case 6: { /* predict an identity from the face, use it at once */
@@ -136,6 +135,8 @@ static int test_main(int argc, char **argv) {
     path_join(id2, sizeof id2, fixtures, "adapter/id2.peft.safetensors");
     path_join(net, sizeof net, fixtures, "hypernet/tiny.hypernet.safetensors");
     for (size_t i = 0; i < sizeof g_face; i++) g_face[i] = (uint8_t)((i * 31) % 251);
+    for (int i = 0; i < UNET_OUT; i++) g_sample[i] = (float)((i * 7919) % 200) / 100.0f - 1.0f;
+    for (int i = 0; i < UB * UL * UCTX; i++) g_ctx[i] = (float)((i * 104729) % 200) / 100.0f - 1.0f;
 
     hdb_runtime_params rp = hdb_runtime_params_default();
     rp.device = "cpu";
