@@ -92,6 +92,15 @@ fn ldm_single_file_with_inferred_config_matches_diffusers() {
     );
 }
 
+/// Latent sizes that are not multiples of the UNet's downsampling (tiny-sd: 8): diffusers
+/// passes each skip's size to the upsampler (tools/make_odd_size_fixtures.py).
+#[test]
+fn odd_latent_sizes_match_diffusers() {
+    for case in ["tiny-sd-odd-9x8", "tiny-sd-odd-5x7"] {
+        run(case, &fixtures().join("tiny-sd"), Variant::Full);
+    }
+}
+
 #[test]
 fn cli_unet_verb_writes_the_same_output() {
     let dir = tempfile::tempdir().expect("tempdir");
