@@ -35,8 +35,8 @@ fn bad(path: &Path, name: &str, shape: &[usize], want: &str) -> Error {
 }
 
 impl UnetInputs {
-    /// Reads `sample` [B, C, H, W], `timestep` [B] or a scalar, `encoder_hidden_states`
-    /// [B, L, D] and the optional `adapter_index` [B] (integers or floats), checking the
+    /// Reads `sample` `[B, C, H, W]`, `timestep` `[B]` or a scalar, `encoder_hidden_states`
+    /// `[B, L, D]` and the optional `adapter_index` `[B]` (integers or floats), checking the
     /// shapes against each other. Whether C and D fit a model is the caller's check.
     pub fn read(f: &SafetensorsFile) -> Result<UnetInputs> {
         let path = f.path();
