@@ -100,9 +100,17 @@ unsafe fn round(o: &Objects, swaps: usize, gens: usize, k: usize, out: &mut [u8]
     }
     // SAFETY: valid paths and out-pointers; each object is freed at once.
     unsafe {
-        for f in ["adapter/id2.peft.safetensors", "adapter/id2.lidb.safetensors"].repeat(5) {
+        for f in [
+            "adapter/id2.peft.safetensors",
+            "adapter/id2.lidb.safetensors",
+        ]
+        .repeat(5)
+        {
             let mut a = ptr::null_mut();
-            ok(hdb_adapter_load(o.model, fx(f).as_ptr(), &mut a), "adapter_load");
+            ok(
+                hdb_adapter_load(o.model, fx(f).as_ptr(), &mut a),
+                "adapter_load",
+            );
             hdb_adapter_free(a);
         }
         let mut m = ptr::null_mut();
