@@ -59,6 +59,8 @@ else
   while read -r name exe; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
     (
+      # No errexit here: a failing binary must still write its status for the summary below.
+      set +e
       if [ "$name" = hdb-bench-cuda-smoke ]; then
         "$exe" bench cuda --unet --smoke 2>&1
         echo $? >"$log_dir/$name.rc"
