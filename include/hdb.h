@@ -18,6 +18,13 @@
  *   session another thread is using is still undefined). The log callback is the only
  *   process-wide setting.
  * - No panic crosses this boundary: a bug inside hdb returns HDB_STATUS_PANIC.
+ * - Files: only regular files are read. Model weights are memory-mapped by default, so a
+ *   loaded model's files must not be truncated (SIGBUS at the next use) or rewritten in place
+ *   (the outputs change) while it lives; hdb_model_params.storage = HDB_STORAGE_COPY reads
+ *   them into memory at load instead. Hypernetwork files are always mapped.
+ * - Sizes from files and arguments have documented limits (README, "Reliability"): beyond
+ *   them a call fails with a status naming the field; a request the machine cannot hold is
+ *   HDB_STATUS_OUT_OF_MEMORY.
  */
 
 #ifndef HDB_H
@@ -326,6 +333,9 @@ typedef struct hdb_generate_params {
    * gets its own identity.
    */
   uint32_t batch;
+  /**
+   * Reserved; must be 0.
+   */
   uint32_t reserved;
   /**
    * UTF-8 prompt; NULL means "".
@@ -366,6 +376,11 @@ typedef void (*hdb_log_fn)(void *user_data, hdb_log_level level, const char *tar
 typedef uint32_t hdb_weights_variant;
 
 /**
+ * How a loaded model holds its weight files.
+ */
+typedef uint32_t hdb_weights_storage;
+
+/**
  * Options for `hdb_model_load`. Get the defaults from `hdb_model_params_default()`.
  */
 typedef struct hdb_model_params {
@@ -382,6 +397,15 @@ typedef struct hdb_model_params {
    * Passed to `progress` unchanged.
    */
   void *progress_user_data;
+  /**
+   * `HDB_STORAGE_MMAP` (default) or `HDB_STORAGE_COPY`: choose COPY when the weight files
+   * may be replaced, truncated or rewritten while the model is loaded.
+   */
+  hdb_weights_storage storage;
+  /**
+   * Reserved; must be 0.
+   */
+  uint32_t reserved;
 } hdb_model_params;
 
 /**
@@ -569,6 +593,19 @@ typedef uint32_t hdb_apply_mode;
  */
 #define HDB_WEIGHTS_FP16 2
 
+/**
+ * Memory-mapped (default): no copy. The files must not change while the model lives:
+ * truncating one kills the process with SIGBUS at the next use (the OS's rule for every
+ * mapping), and rewriting one in place changes the model's outputs.
+ */
+#define HDB_STORAGE_MMAP 0
+
+/**
+ * Read into memory at load: the model is immune to later changes of its files, at the cost
+ * of a private copy of their bytes (about 4 GB for SD 1.5 in f32, 2 GB in f16).
+ */
+#define HDB_STORAGE_COPY 1
+
 #define HDB_ARCH_UNKNOWN 0
 
 #define HDB_ARCH_SD1 1
@@ -746,6 +783,12 @@ void hdb_hypernet_free(struct hdb_hypernet *hypernet);
  * one); a NULL callback or `HDB_LOG_LEVEL_OFF` stops logging. The callback must be
  * thread-safe: it may be called from hdb's worker threads. It may call hdb functions,
  * including this one (e.g. to stop logging). This is the only process-wide setting of hdb.
+ *
+ * Synchronous: when called outside any hdb log callback, this returns only after every call
+ * into the callbacks it replaced has returned on every thread, so the old `user_data` may be
+ * freed as soon as it returns. Called from inside a callback it cannot wait (its own call is
+ * in flight) and returns at once; free the user data after a later call from outside. Do not
+ * call it while holding a lock that the callback takes.
  */
 hdb_status hdb_set_log_callback(hdb_log_fn callback, void *user_data, hdb_log_level max_level);
 
@@ -757,8 +800,12 @@ struct hdb_model_params hdb_model_params_default(void);
 /**
  * Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
  * `tokenizer/`; `*.fp16.safetensors` and sharded files too), a folder holding one diffusers
- * component, or an LDM single-file `.safetensors` checkpoint. Weights are memory-mapped and
- * kept in their dtype. On success `*out` owns the model (free with `hdb_model_free`).
+ * component, or an LDM single-file `.safetensors` checkpoint. Weights are kept in their dtype,
+ * memory-mapped by default: then the files must not be truncated or rewritten while the model
+ * lives (a truncated file kills the process with SIGBUS at the next use; one rewritten in
+ * place changes the outputs). `params.storage = HDB_STORAGE_COPY` reads them into memory
+ * instead. Only regular files are read (a FIFO is refused, never opened for blocking). On
+ * success `*out` owns the model (free with `hdb_model_free`).
  *
  * # Safety
  * `rt` a live runtime; `path` a NUL-terminated path (any bytes on Unix); `params` NULL or

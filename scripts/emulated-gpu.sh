@@ -79,6 +79,8 @@ else
     while [ "$(jobs -rp | grep -vxc "$heartbeat")" -ge "$jobs_max" ]; do wait -n || true; done
     (
       t0="$(date +%s)"
+      # No errexit here: a failing binary must still write its status for the summary below.
+      set +e
       if [ "$name" = hdb-bench-cuda-smoke ]; then
         "$exe" bench cuda --unet --smoke 2>&1
         echo $? >"$log_dir/$name.rc"

@@ -3,7 +3,8 @@
 # of the default build (CPU + the CUDA backend, loaded at run time) and of the CPU-only build,
 # the Rust and C test suites (C under AddressSanitizer + UBSan via cargo test; the CUDA kernels
 # on a host emulation of CUDA), the kernels through NVRTC, the GPU tests on an emulated GPU,
-# then the C programs under valgrind. This is the README's test command and what .ci/run runs.
+# the C programs under valgrind, then a short run of every fuzz target. This is the README's
+# test command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase() { echo "== test-all: $* ($(date -u +%T), ${SECONDS}s in)"; }
@@ -37,4 +38,8 @@ phase "GPU tests on the emulated GPU"
 scripts/emulated-gpu.sh
 phase "C tests under valgrind"
 scripts/valgrind-c-tests.sh
+# Every parser and loader under coverage-guided fuzzing (cargo-fuzz), a few seconds a target:
+# a smoke run (the corpora replay under cargo test above; long runs: scripts/fuzz.sh --seconds N).
+phase "fuzz smoke run"
+scripts/fuzz.sh --sanitizer none --seconds 4
 phase "every check passed"

@@ -50,8 +50,9 @@ pub enum Error {
     NoDevice(String),
     #[error("device error: {0}")]
     Device(String),
-    /// A device allocation failed (the host's own allocations abort, as Rust's do).
-    #[error("out of device memory: {0}")]
+    /// An allocation failed: device memory, or a host buffer sized from a file or an argument
+    /// (reserved fallibly, see [`crate::limits`]).
+    #[error("out of memory: {0}")]
     OutOfMemory(String),
     #[error("cancelled by the progress callback")]
     Cancelled,

@@ -11,8 +11,9 @@
 //! Imports go down only: a module may use the modules on its own floor and below, never above
 //! (tests/module_order.rs reads this list and fails on an upward `crate::` path).
 //!
-//! 1. leaves: `tensor` (element types, shapes), `error` (the one error type), `rng` (hdb's
-//!    random stream), `progress` (progress callbacks), `logging`
+//! 1. leaves: `tensor` (element types, shapes), `error` (the one error type), `limits` (bounds
+//!    on sizes from outside, checked arithmetic), `rng` (hdb's random stream), `progress`
+//!    (progress callbacks), `logging`
 //! 2. `io`: files (safetensors, diffusers folders, LDM key names), f32 weights
 //! 3. `backend` (the op trait, CPU and CUDA backends), `runtime` (device, threads)
 //! 4. `model`: UNet, text encoder, VAE, tokenizer, schedulers, the list of adaptable layers
@@ -30,6 +31,7 @@ pub mod error;
 pub mod ffi;
 pub mod hypernet;
 pub mod io;
+pub mod limits;
 pub mod logging;
 pub mod model;
 pub mod pipeline;

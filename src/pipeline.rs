@@ -127,15 +127,9 @@ impl Run<'_> {
         let vae_config = s.placed.vae()?.config.clone();
         let f = vae_config.downscale();
         let lc = s.placed.unet()?.config.in_channels;
-        if p.batch == 0 {
-            return Err(Error::invalid_arg("batch", "must be at least 1"));
-        }
-        if p.width == 0 || p.height == 0 || p.width % f != 0 || p.height % f != 0 {
-            return Err(Error::invalid_arg(
-                "width/height",
-                format!("{}x{} must be positive multiples of {f}", p.width, p.height),
-            ));
-        }
+        crate::limits::check_range("batch", p.batch, crate::limits::MAX_BATCH)?;
+        crate::limits::check_image_size(p.width, p.height, f)?;
+        vae_config.check_decode_memory(p.batch, p.height, p.width)?;
         if !p.guidance.is_finite() {
             return Err(Error::invalid_arg(
                 "guidance",
@@ -147,6 +141,19 @@ impl Run<'_> {
         let cfg = p.guidance > 1.0;
         let mut sched = scheduler::make(p.sampler, self.scheduler, p.steps)?;
         let mut rng = SplitMix64(p.seed);
+        if let Some((i, v)) = p
+            .latents
+            .iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            // They would run through every step and decode to a black image without a word.
+            return Err(Error::invalid_arg(
+                "latents",
+                format!("value {i} is {v}; starting latents must be finite"),
+            ));
+        }
         let mut latents: Vec<f32> = match &p.latents {
             Some(l) if l.len() == n => l.clone(),
             Some(l) => {

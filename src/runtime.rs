@@ -25,13 +25,16 @@ pub enum DeviceRequest {
 impl DeviceRequest {
     /// Parses `auto`, `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
     pub fn parse(s: &str) -> Result<Self> {
-        let s = s.trim();
+        // Exact names only: "", " cpu" or "cuda:+1" are a host's bug, not a request.
         match s {
-            "" | "auto" => Ok(DeviceRequest::Auto),
+            "auto" => Ok(DeviceRequest::Auto),
             "cpu" => Ok(DeviceRequest::Cpu),
             "cuda" => Ok(DeviceRequest::Cuda(0)),
             _ => {
-                let n = s.strip_prefix("cuda:").and_then(|n| n.parse::<u32>().ok());
+                let n = s
+                    .strip_prefix("cuda:")
+                    .filter(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+                    .and_then(|n| n.parse::<u32>().ok());
                 n.map(DeviceRequest::Cuda).ok_or_else(|| {
                     Error::invalid_arg(
                         "device",
@@ -178,6 +181,11 @@ mod tests {
         );
         let e = DeviceRequest::parse("tpu").expect_err("bad");
         assert!(e.to_string().contains("'device'"), "{e}");
+        for bad in [
+            "", "cpu ", " cpu", "CPU", "cuda:", "cuda:+1", "cuda: 1", "cuda:1x",
+        ] {
+            assert!(DeviceRequest::parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

@@ -250,8 +250,19 @@ macro_rules! c_tests {
 }
 
 c_tests!(
-    version, runtime, null_args, bad_files, model_load, logging, session, adapter, generate,
-    hypernet, finetune
+    version,
+    runtime,
+    null_args,
+    bad_files,
+    model_load,
+    logging,
+    log_threads,
+    session,
+    adapter,
+    generate,
+    hypernet,
+    threads,
+    finetune
 );
 
 #[test]

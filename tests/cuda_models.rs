@@ -40,7 +40,7 @@ fn tiny_sd() -> Model {
         &fixtures().join("tiny-sd"),
         LoadOptions {
             variant: Variant::Full,
-            progress: None,
+            ..Default::default()
         },
     )
     .expect("tiny-sd")
@@ -116,7 +116,7 @@ fn vae_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
             &path,
             LoadOptions {
                 variant: Variant::Auto,
-                progress: None,
+                ..Default::default()
             },
         )
         .expect("model");

@@ -16,11 +16,14 @@ use hdb::runtime::{DeviceRequest, Runtime, RuntimeOptions};
 use hdb::train::GradInput;
 use hdb::{Engine, Model};
 
-const CASES: [(&str, &str); 4] = [
+const CASES: [(&str, &str); 5] = [
     ("lidb-v1-hidden", "grad-id.v1.lidb.safetensors"),
     ("lidb-v2-ids", "grad-id.v2.lidb.safetensors"),
     ("kohya-ids", "grad-lora.kohya.safetensors"),
     ("peft-hidden", "grad-lora.peft.safetensors"),
+    // A 9x9 latent: the up path crops its upsamples to the skips' sizes (and back in the
+    // backward).
+    ("peft-odd-hidden", "grad-lora.peft.safetensors"),
 ];
 
 fn grad_fixture(p: &str) -> PathBuf {

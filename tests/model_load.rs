@@ -23,7 +23,7 @@ fn load(p: &str, variant: Variant) -> Model {
         &path,
         LoadOptions {
             variant,
-            progress: None,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
@@ -133,6 +133,7 @@ fn progress_is_reported_and_can_cancel() {
         LoadOptions {
             variant: Variant::Full,
             progress: Some(&mut cb),
+            ..Default::default()
         },
     )
     .expect("load");
@@ -143,6 +144,7 @@ fn progress_is_reported_and_can_cancel() {
         LoadOptions {
             variant: Variant::Full,
             progress: Some(&mut stop),
+            ..Default::default()
         },
     )
     .expect_err("cancelled");

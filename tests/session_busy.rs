@@ -215,3 +215,71 @@ fn a_null_entry_in_the_adapters_array_is_a_null_argument_naming_it() {
         hdb_runtime_free(rt);
     }
 }
+
+/// Sizes a host passes to a session are bounded before anything is allocated or multiplied
+/// from them: a huge adapter count or per-sample count, a UNet call whose output size wraps,
+/// and a nonzero reserved field are INVALID_ARGUMENT naming the argument, never an abort.
+#[test]
+fn huge_counts_and_wrapping_sizes_are_invalid_arguments() {
+    use hdb::ffi::session::{hdb_session_params_default, hdb_session_unet};
+    let mut rp = hdb_runtime_params_default();
+    let cpu = CString::new("cpu").expect("device");
+    rp.device = cpu.as_ptr();
+    rp.num_threads = 1;
+    let (mut rt, mut model, mut session): (*mut hdb_runtime, *mut hdb_model, *mut hdb_session) =
+        Default::default();
+    // SAFETY: valid params, paths and out-pointers; the huge counts are refused before any
+    // pointer is read past its first element; each handle freed once.
+    unsafe {
+        assert_eq!(hdb_runtime_new(&rp, &mut rt), hdb_status::HDB_STATUS_OK);
+        let dir = fixture("tiny-sd");
+        let st = hdb_model_load(rt, dir.as_ptr(), std::ptr::null(), &mut model);
+        assert_eq!(st, hdb_status::HDB_STATUS_OK, "{}", last_error());
+        let mut sp = hdb_session_params_default();
+        sp.reserved = 1;
+        let st = hdb_session_new(model, &sp, &mut session);
+        assert_eq!(st, hdb_status::HDB_STATUS_INVALID_ARGUMENT);
+        assert!(last_error().contains("params.reserved"), "{}", last_error());
+        assert!(session.is_null(), "no session on failure");
+        assert_eq!(
+            hdb_session_new(model, std::ptr::null(), &mut session),
+            hdb_status::HDB_STATUS_OK
+        );
+        let one: [*const hdb_adapter; 1] = [std::ptr::null()];
+        let st = hdb_session_set_adapters(session, one.as_ptr(), std::ptr::null(), usize::MAX, 0);
+        assert_eq!(st, hdb_status::HDB_STATUS_INVALID_ARGUMENT);
+        assert!(last_error().contains("'n'"), "{}", last_error());
+        let idx = [0i32];
+        let st = hdb_session_set_sample_adapters(session, idx.as_ptr(), usize::MAX / 4);
+        assert_eq!(st, hdb_status::HDB_STATUS_INVALID_ARGUMENT);
+        assert!(last_error().contains("'n'"), "{}", last_error());
+        // batch * channels * height * width wraps on 64 bits.
+        let x = [0f32; 4];
+        let mut out = [0f32; 4];
+        let st = hdb_session_unet(
+            session,
+            x.as_ptr(),
+            4,
+            x.as_ptr(),
+            1,
+            x.as_ptr(),
+            4,
+            u32::MAX,
+            u32::MAX,
+            u32::MAX,
+            1,
+            out.as_mut_ptr(),
+            4,
+        );
+        assert_eq!(
+            st,
+            hdb_status::HDB_STATUS_INVALID_ARGUMENT,
+            "{}",
+            last_error()
+        );
+        assert!(last_error().contains("out_len"), "{}", last_error());
+        hdb_session_free(session);
+        hdb_model_free(model);
+        hdb_runtime_free(rt);
+    }
+}

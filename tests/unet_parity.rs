@@ -23,7 +23,7 @@ fn run(case: &str, model: &Path, variant: Variant) {
         model,
         LoadOptions {
             variant,
-            progress: None,
+            ..Default::default()
         },
     )
     .expect("model");
@@ -69,6 +69,15 @@ fn ldm_single_file_with_inferred_config_matches_diffusers() {
         &fixtures().join("unet/ldm-sd1.safetensors"),
         Variant::Auto,
     );
+}
+
+/// Latent sizes that are not multiples of the UNet's downsampling (tiny-sd: 8): diffusers
+/// passes each skip's size to the upsampler (tools/make_odd_size_fixtures.py).
+#[test]
+fn odd_latent_sizes_match_diffusers() {
+    for case in ["tiny-sd-odd-9x8", "tiny-sd-odd-5x7"] {
+        run(case, &fixtures().join("tiny-sd"), Variant::Full);
+    }
 }
 
 #[test]

@@ -56,7 +56,7 @@ fn load(path: &Path, variant: Variant) -> Model {
         path,
         LoadOptions {
             variant,
-            progress: None,
+            ..Default::default()
         },
     )
     .expect("model")

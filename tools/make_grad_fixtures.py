@@ -376,6 +376,11 @@ def main():
     run_case(out_dir, "peft-hidden", unet, te, unet_mods, pe, make_input(rng, tok, False),
              lambda: save_sorted(pe.tensors(), ad("grad-lora.peft.safetensors"), metadata={"generator": GENERATOR}),
              lambda: (pe.tensors(grad=True), {"generator": GENERATOR}))
+    # The same PEFT LoRA at an odd latent size (9x9: the UNet's upsamplers crop to the skips'
+    # sizes, as diffusers does). Last, so the cases above keep their random draws.
+    run_case(out_dir, "peft-odd-hidden", unet, te, unet_mods, pe, make_input(rng, tok, False, hw=9),
+             lambda: None,
+             lambda: (pe.tensors(grad=True), {"generator": GENERATOR}))
 
 
 if __name__ == "__main__":

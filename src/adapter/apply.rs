@@ -76,7 +76,7 @@ impl Applied {
                 })?;
                 // Adapters are validated against a model's layer table when loaded; this
                 // catches one loaded for another model (merge_rows would index past them).
-                if l.rank == 0 || l.down.len() != l.rank * din || l.up.len() != dout * l.rank {
+                if !l.fits(dout, din) {
                     return Err(Error::AdapterMismatch(format!(
                         "layer '{k}' of adapter #{i}: factors of rank {} with {} and {} values do not fit this model's [{dout}, {din}] weight",
                         l.rank,

@@ -128,6 +128,13 @@ impl Lidb {
                 .ok_or_else(|| bad("metadata 'alpha' must be a finite number".into()))?,
             base: meta.get("base").cloned(),
         };
+        if m.rank > crate::limits::MAX_RANK {
+            return Err(bad(format!(
+                "metadata 'rank' is {}; hdb's limit is {} (LiDB uses 1-16)",
+                m.rank,
+                crate::limits::MAX_RANK
+            )));
+        }
         if version == "2" {
             let keys = decode_layer_keys(field("layers")?)
                 .map_err(|r| bad(format!("metadata 'layers': {r}")))?;

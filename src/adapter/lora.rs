@@ -45,16 +45,151 @@ fn summarize(keys: &[String]) -> String {
     )
 }
 
-/// One layer's pieces as found in a file.
-#[derive(Default)]
-struct Parts {
-    down: Option<(String, Vec<usize>, Vec<f32>)>,
-    up: Option<(String, Vec<usize>, Vec<f32>)>,
-    alpha: Option<f32>,
+/// One layer of a LoRA file, as the file declares it (before any model is consulted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileLayer {
+    /// The layer's name in the file, without the factor suffix (kohya `lora_unet_...`, or the
+    /// canonical PEFT key).
+    pub stem: String,
+    /// Rows of the down factor, which must equal the columns of the up factor.
+    pub rank: usize,
+    /// `[din]` of the down factor `[rank, din]`.
+    pub din: usize,
+    /// `[dout]` of the up factor `[dout, rank]`.
+    pub dout: usize,
+    /// kohya's `.alpha`, a single value, if present.
+    pub alpha: Option<f32>,
+    down_name: String,
+    up_name: String,
+}
+
+/// The factor a tensor name is: 0 down, 1 up, 2 alpha; with its layer stem.
+fn classify(format: LoraFormat, n: &str) -> Option<(String, u8)> {
+    match format {
+        LoraFormat::Kohya => {
+            if let Some(s) = n.strip_suffix(".lora_down.weight") {
+                Some((s.to_string(), 0))
+            } else if let Some(s) = n.strip_suffix(".lora_up.weight") {
+                Some((s.to_string(), 1))
+            } else {
+                n.strip_suffix(".alpha").map(|s| (s.to_string(), 2))
+            }
+        }
+        LoraFormat::Peft => {
+            // PEFT state dicts may carry the adapter name: `.lora_A.default.weight`.
+            let base = n.strip_suffix(".weight").unwrap_or(n);
+            let base = base.strip_suffix(".default").unwrap_or(base);
+            if let Some(s) = base.strip_suffix(".lora_A") {
+                Some((normalize_peft(s), 0))
+            } else {
+                base.strip_suffix(".lora_B").map(|s| (normalize_peft(s), 1))
+            }
+        }
+    }
+}
+
+/// The structure of a LoRA file, read without a model ([`read_layers`]).
+#[derive(Clone, Debug)]
+pub struct LoraFile {
+    pub format: LoraFormat,
+    /// Layers with both factors, checked against each other.
+    pub layers: Vec<FileLayer>,
+    /// Layers with only one factor: (stem, the tensor names present).
+    pub partial: Vec<(String, Vec<String>)>,
+    /// Tensors that are no LoRA factor at all.
+    pub other: Vec<String>,
+}
+
+/// Reads the structure of a LoRA file without a model: its layout and, per layer, factors of
+/// consistent shapes (`down [rank, din]`, `up [dout, rank]`, both 2-D and of the same rank,
+/// 1..=[`crate::limits::MAX_RANK`]) and an optional single-valued alpha. Shapes are checked,
+/// not element counts: an up factor declared `[rank, out]` is the wrong layout even when its
+/// element count fits. Layers missing a factor and tensors that are no factor are returned
+/// apart, for the caller to judge against a model.
+pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
+    let path = f.path();
+    let bad = |reason: String| Error::InvalidFile {
+        path: path.to_path_buf(),
+        format: "LoRA",
+        reason,
+    };
+    let format = detect(f).ok_or_else(|| {
+        bad("neither kohya (*.lora_down.weight) nor PEFT (*.lora_A.weight) keys".into())
+    })?;
+    // stem -> [down, up, alpha] entries
+    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 3]> =
+        BTreeMap::new();
+    let mut other = Vec::new();
+    for e in f.tensors() {
+        match classify(format, &e.name) {
+            Some((stem, which)) => parts.entry(stem).or_default()[which as usize] = Some(e),
+            None => other.push(e.name.clone()),
+        }
+    }
+    let mut layers = Vec::with_capacity(parts.len());
+    let mut partial = Vec::new();
+    for (stem, [down, up, alpha]) in parts {
+        let (Some(down), Some(up)) = (down, up) else {
+            let names = [down, up, alpha].into_iter().flatten();
+            partial.push((stem, names.map(|e| e.name.clone()).collect()));
+            continue;
+        };
+        let (&[rank, din], &[dout, up_rank]) = (down.shape.dims(), up.shape.dims()) else {
+            return Err(bad(format!(
+                "layer '{stem}': factors '{}' {} and '{}' {} must both be matrices",
+                down.name, down.shape, up.name, up.shape
+            )));
+        };
+        if up_rank != rank {
+            return Err(bad(format!(
+                "layer '{stem}': down '{}' is {} ([rank, in]) but up '{}' is {}, not [out, {rank}]",
+                down.name, down.shape, up.name, up.shape
+            )));
+        }
+        if rank == 0 || rank > crate::limits::MAX_RANK {
+            return Err(bad(format!(
+                "layer '{stem}' has rank {rank}; 1..={} allowed (hdb's documented limit)",
+                crate::limits::MAX_RANK
+            )));
+        }
+        let alpha = match alpha {
+            None => None,
+            Some(a) => {
+                let v = f.to_f32(&a.name)?;
+                match v.as_slice() {
+                    [x] if x.is_finite() => Some(*x),
+                    [x] => return Err(bad(format!("'{}' is {x}, not a finite number", a.name))),
+                    _ => {
+                        return Err(bad(format!(
+                            "'{}' has shape {} ({} values); alpha is one number",
+                            a.name,
+                            a.shape,
+                            v.len()
+                        )))
+                    }
+                }
+            }
+        };
+        layers.push(FileLayer {
+            stem,
+            rank,
+            din,
+            dout,
+            alpha,
+            down_name: down.name.clone(),
+            up_name: up.name.clone(),
+        });
+    }
+    Ok(LoraFile {
+        format,
+        layers,
+        partial,
+        other,
+    })
 }
 
 /// One layer of a LoRA file as stored: its factors, raw (no alpha folded in), with their
-/// tensor names and shapes in the file.
+/// tensor names and shapes in the file (the training path writes gradients under them).
 #[derive(Clone, Debug)]
 pub struct NamedLayer {
     /// The canonical adapter key.
@@ -71,106 +206,86 @@ pub struct NamedLayer {
     pub alpha: Option<f32>,
 }
 
-/// Reads a LoRA file's layers as stored, matched against a model's adaptable layers; keys
-/// that match none are an error listing them.
+/// Reads a LoRA file's layers as stored, matched against a model's adaptable layers: every
+/// layer must name an adaptable layer and have exactly its `[dout, din]`; keys that match no
+/// layer are an error listing them.
 pub fn read_named(
     f: &SafetensorsFile,
     table: &BTreeMap<String, LayerShape>,
 ) -> Result<(LoraFormat, Vec<NamedLayer>)> {
     let path = f.path();
-    let format = detect(f).ok_or_else(|| Error::InvalidFile {
-        path: path.to_path_buf(),
-        format: "LoRA",
-        reason: "neither kohya (*.lora_down.weight) nor PEFT (*.lora_A.weight) keys".into(),
-    })?;
+    let LoraFile {
+        format,
+        layers: file_layers,
+        partial,
+        other: mut unmatched,
+    } = read_layers(f)?;
     // name in the file (without the factor suffix) -> canonical key
     let lookup: BTreeMap<String, &String> = match format {
         LoraFormat::Kohya => table.keys().map(|k| (kohya_name(k), k)).collect(),
         LoraFormat::Peft => table.keys().map(|k| (k.clone(), k)).collect(),
     };
-    let mut parts: BTreeMap<&String, Parts> = BTreeMap::new();
-    let mut unmatched = Vec::new();
-    for e in f.tensors() {
-        let n = e.name.as_str();
-        let (stem, which) = match format {
-            LoraFormat::Kohya => {
-                if let Some(s) = n.strip_suffix(".lora_down.weight") {
-                    (s.to_string(), 0)
-                } else if let Some(s) = n.strip_suffix(".lora_up.weight") {
-                    (s.to_string(), 1)
-                } else if let Some(s) = n.strip_suffix(".alpha") {
-                    (s.to_string(), 2)
-                } else {
-                    unmatched.push(e.name.clone());
-                    continue;
-                }
+    for (stem, names) in partial {
+        match lookup.get(&stem) {
+            Some(k) => {
+                return Err(Error::AdapterMismatch(format!(
+                    "{}: layer '{k}' lacks its down or up factor (has only {})",
+                    path.display(),
+                    names.join(", ")
+                )))
             }
-            LoraFormat::Peft => {
-                // PEFT state dicts may carry the adapter name: `.lora_A.default.weight`.
-                let base = n.strip_suffix(".weight").unwrap_or(n);
-                let base = base.strip_suffix(".default").unwrap_or(base);
-                if let Some(s) = base.strip_suffix(".lora_A") {
-                    (normalize_peft(s), 0)
-                } else if let Some(s) = base.strip_suffix(".lora_B") {
-                    (normalize_peft(s), 1)
-                } else {
-                    unmatched.push(e.name.clone());
-                    continue;
-                }
-            }
-        };
-        let Some(k) = lookup.get(&stem) else {
-            unmatched.push(e.name.clone());
-            continue;
-        };
-        let values = f.to_f32(n)?;
-        let slot = parts.entry(k).or_default();
-        let named = (e.name.clone(), e.shape.dims().to_vec(), values);
-        match which {
-            0 => slot.down = Some(named),
-            1 => slot.up = Some(named),
-            _ => slot.alpha = named.2.first().copied(),
+            None => unmatched.extend(names),
+        }
+    }
+    let mut known = Vec::with_capacity(file_layers.len());
+    for l in file_layers {
+        match lookup.get(&l.stem) {
+            Some(k) => known.push((*k, l)),
+            None => unmatched.extend([l.down_name, l.up_name]),
         }
     }
     if !unmatched.is_empty() {
+        unmatched.sort();
         return Err(Error::AdapterMismatch(format!(
             "{}: {}",
             path.display(),
             summarize(&unmatched)
         )));
     }
-    let mut layers = Vec::with_capacity(parts.len());
-    for (k, Parts { down, up, alpha }) in parts {
-        let (Some((down_name, down_shape, down)), Some((up_name, up_shape, up))) = (down, up)
-        else {
+    let mut layers = Vec::with_capacity(known.len());
+    for (k, l) in known {
+        let s = &table[k];
+        if (l.dout, l.din) != (s.dout, s.din) {
             return Err(Error::AdapterMismatch(format!(
-                "{}: layer '{k}' lacks its down or up factor",
-                path.display()
-            )));
-        };
-        let rank = down_shape.first().copied().unwrap_or(0);
-        if rank == 0 {
-            return Err(Error::AdapterMismatch(format!(
-                "{}: layer '{k}' has rank 0",
-                path.display()
+                "{}: layer '{k}': factors '{}' [{}, {}] and '{}' [{}, {}] do not fit the model's [{}, {}] weight",
+                path.display(),
+                l.down_name,
+                l.rank,
+                l.din,
+                l.up_name,
+                l.dout,
+                l.rank,
+                s.dout,
+                s.din
             )));
         }
         layers.push(NamedLayer {
             key: k.clone(),
-            rank,
-            down_name,
-            down_shape,
-            down,
-            up_name,
-            up_shape,
-            up,
-            alpha,
+            rank: l.rank,
+            down: f.to_f32(&l.down_name)?,
+            up: f.to_f32(&l.up_name)?,
+            down_shape: vec![l.rank, l.din],
+            up_shape: vec![l.dout, l.rank],
+            down_name: l.down_name,
+            up_name: l.up_name,
+            alpha: l.alpha,
         });
     }
     Ok((format, layers))
 }
 
-/// Imports a LoRA file against a model's adaptable layers.
+/// Imports a LoRA file against a model's adaptable layers ([`read_named`]), alpha / rank
+/// folded into the up factor.
 pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Result<Adapter> {
     let path = f.path();
     let (_, named) = read_named(f, table)?;

@@ -32,6 +32,17 @@ pub struct LoraLayer {
     pub up: Vec<f32>,
 }
 
+impl LoraLayer {
+    /// Whether the factors are exactly `down [rank, din]` and `up [dout, rank]` of a non-zero
+    /// rank. The products are checked: a rank read from a file (2^62, say) must not wrap to a
+    /// size that matches empty factors.
+    pub fn fits(&self, dout: usize, din: usize) -> bool {
+        self.rank > 0
+            && self.rank.checked_mul(din) == Some(self.down.len())
+            && dout.checked_mul(self.rank) == Some(self.up.len())
+    }
+}
+
 /// Where an adapter came from, so it can be saved in the same form.
 #[derive(Clone, Debug)]
 pub enum AdapterSource {
@@ -58,7 +69,7 @@ impl Adapter {
                     "layer '{k}' is not an adaptable layer of this model"
                 ))
             })?;
-            if l.rank == 0 || l.down.len() != l.rank * s.din || l.up.len() != s.dout * l.rank {
+            if !l.fits(s.dout, s.din) {
                 return Err(Error::AdapterMismatch(format!(
                     "layer '{k}': factors of rank {} with {} and {} values do not fit the model's [{}, {}] weight",
                     l.rank,

@@ -289,6 +289,66 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         x: &Self::Buf,
         batch_ca_cb_hw: (usize, usize, usize, usize),
     ) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// `[planes, h, w]` -> `[planes, oh, ow]`, the top-left `oh x ow` of each plane. After a 2x
+    /// nearest upsample this is torch's nearest interpolation to a size of `2h - 1` (the UNet's
+    /// skip sizes at odd latent sizes). The default goes through host memory: the UNet needs it
+    /// only for images whose size is not a multiple of 64.
+    fn crop_top_left(
+        &self,
+        x: &Self::Buf,
+        (planes, h, w): (usize, usize, usize),
+        (oh, ow): (usize, usize),
+    ) -> Result<Self::Buf> {
+        check_len(
+            "crop_top_left",
+            "x",
+            self.len(x),
+            volume("crop_top_left", &[planes, h, w])?,
+        )?;
+        if oh > h || ow > w {
+            return Err(Error::Internal(format!(
+                "crop_top_left: {oh}x{ow} is larger than {h}x{w}"
+            )));
+        }
+        let v = self.download(x)?;
+        let mut out = Vec::with_capacity(volume("crop_top_left", &[planes, oh, ow])?);
+        for p in v.chunks_exact(h * w).take(planes) {
+            for row in p.chunks_exact(w).take(oh) {
+                out.extend_from_slice(&row[..ow]);
+            }
+        }
+        self.upload(&out)
+    }
+    /// [`Backend::crop_top_left`]'s adjoint (its input gradient): `[planes, oh, ow]` ->
+    /// `[planes, h, w]`, each plane's values at the top left and zeros in the rows and columns
+    /// the crop dropped. Through host memory, as the crop.
+    fn uncrop_top_left(
+        &self,
+        dy: &Self::Buf,
+        (planes, oh, ow): (usize, usize, usize),
+        (h, w): (usize, usize),
+    ) -> Result<Self::Buf> {
+        check_len(
+            "uncrop_top_left",
+            "dy",
+            self.len(dy),
+            volume("uncrop_top_left", &[planes, oh, ow])?,
+        )?;
+        if oh > h || ow > w || ow == 0 {
+            return Err(Error::Internal(format!(
+                "uncrop_top_left: {oh}x{ow} does not fit in {h}x{w}"
+            )));
+        }
+        let v = self.download(dy)?;
+        let mut out = vec![0f32; volume("uncrop_top_left", &[planes, h, w])?];
+        for (src, dst) in v.chunks_exact(oh * ow).zip(out.chunks_exact_mut(h * w)) {
+            for (r, row) in src.chunks_exact(ow).enumerate() {
+                dst[r * w..r * w + ow].copy_from_slice(row);
+            }
+        }
+        self.upload(&out)
+    }
 }
 
 /// A session's identity adapters as a model's adaptable projections see them on backend `B`:

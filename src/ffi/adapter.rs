@@ -69,7 +69,11 @@ pub unsafe extern "C" fn hdb_adapter_load_from_memory(
         }
         let out = out_ptr(out, "out")?;
         // SAFETY: non-null, valid for len bytes per the caller's contract.
-        let data = unsafe { std::slice::from_raw_parts(bytes, len) }.to_vec();
+        let host = unsafe { std::slice::from_raw_parts(bytes, len) };
+        // The copy is as large as the host's buffer: reserved fallibly (OUT_OF_MEMORY, not an
+        // abort, when it cannot be held twice).
+        let mut data = crate::limits::try_with_capacity(len, "bytes")?;
+        data.extend_from_slice(host);
         let f = SafetensorsFile::from_vec(Path::new("<memory>"), data)?;
         let a = m.inner.load_adapter(&f)?;
         publish(a, out);

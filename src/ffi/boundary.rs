@@ -1,6 +1,6 @@
 //! The one place where Rust results and panics become C status codes and messages.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -9,6 +9,59 @@ use crate::ffi::status::hdb_status;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// Exported calls this thread is inside (a callback may call hdb again).
+    static IN_CALL: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether a panic on this thread belongs to hdb: raised inside an exported call, or on one of
+/// hdb's worker threads (named `hdb-*` by the runtime) while a call waits for it.
+fn panic_is_ours() -> bool {
+    IN_CALL.with(Cell::get) > 0
+        || std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("hdb-"))
+}
+
+/// Sends hdb's panics to the log (the host's callback) instead of the host's stderr; any
+/// other panic in the process goes to the hook that was there before. Installed on the
+/// first exported call, so Rust users of the crate keep their own hook untouched.
+fn route_panics_to_the_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !panic_is_ours() {
+                return previous(info);
+            }
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let bt = std::backtrace::Backtrace::capture();
+            let bt = match bt.status() {
+                std::backtrace::BacktraceStatus::Captured => format!("\n{bt}"),
+                _ => String::new(),
+            };
+            log::error!(target: "hdb::panic", "panic{at}: {}{bt}", panic_message(info.payload()));
+        }));
+    });
+}
+
+/// Counts the current thread into an exported call for as long as it lives.
+struct InCall;
+
+impl InCall {
+    fn enter() -> InCall {
+        route_panics_to_the_log();
+        IN_CALL.with(|c| c.set(c.get() + 1));
+        InCall
+    }
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        IN_CALL.with(|c| c.set(c.get().saturating_sub(1)));
+    }
 }
 
 fn set_last_error(msg: &str) {
@@ -30,6 +83,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Runs the body of an exported function: `Ok` -> `HDB_STATUS_OK`; `Err` -> its status and
 /// the thread's last-error message; a panic -> `HDB_STATUS_PANIC` with the panic's text.
 pub fn ffi_boundary(func: &'static str, f: impl FnOnce() -> Result<()>) -> hdb_status {
+    let _in = InCall::enter();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => hdb_status::HDB_STATUS_OK,
         Ok(Err(e)) => {
@@ -49,6 +103,7 @@ pub fn ffi_boundary(func: &'static str, f: impl FnOnce() -> Result<()>) -> hdb_s
 
 /// For the few exported functions that cannot fail: a panic yields `fallback`.
 pub fn ffi_infallible<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    let _in = InCall::enter();
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         set_last_error(&format!("panic: {}", panic_message(p.as_ref())));
         fallback

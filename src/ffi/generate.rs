@@ -91,6 +91,7 @@ pub struct hdb_generate_params {
     /// Images per call (default 1). With per-sample adapters set on the session, each image
     /// gets its own identity.
     pub batch: u32,
+    /// Reserved; must be 0.
     pub reserved: u32,
     /// UTF-8 prompt; NULL means "".
     pub prompt: *const c_char,
@@ -183,11 +184,47 @@ pub unsafe extern "C" fn hdb_generate(
                 ))
             }
         };
+        if p.reserved != 0 {
+            return Err(Error::invalid_arg("params.reserved", "must be 0"));
+        }
+        // Sizes first, before any buffer arithmetic or copy uses them.
+        crate::limits::check_range("params.batch", p.batch as usize, crate::limits::MAX_BATCH)?;
+        crate::limits::check_range(
+            "params.width",
+            p.width as usize,
+            crate::limits::MAX_IMAGE_SIDE,
+        )?;
+        crate::limits::check_range(
+            "params.height",
+            p.height as usize,
+            crate::limits::MAX_IMAGE_SIDE,
+        )?;
+        // Held from here: a second thread on this session gets HDB_STATUS_BUSY.
+        let s = s.lock()?;
         let latents = if p.latents.is_null() {
             None
         } else {
+            let (lc, f) = (
+                s.engine().unet_config()?.in_channels,
+                s.engine().vae_config()?.downscale(),
+            );
+            let dims = [
+                p.batch as usize,
+                lc,
+                p.height as usize / f,
+                p.width as usize / f,
+            ];
+            if crate::limits::product(&dims) != Some(p.latents_len) {
+                return Err(Error::invalid_arg(
+                    "params.latents_len",
+                    format!("is {}, expected {dims:?}", p.latents_len),
+                ));
+            }
             // SAFETY: valid for latents_len floats per the field's contract.
-            Some(unsafe { std::slice::from_raw_parts(p.latents, p.latents_len) }.to_vec())
+            let l = unsafe { std::slice::from_raw_parts(p.latents, p.latents_len) };
+            let mut v = crate::limits::try_with_capacity(l.len(), "params.latents")?;
+            v.extend_from_slice(l);
+            Some(v)
         };
         let gp = GenerateParams {
             prompt: text(p.prompt, "params.prompt")?,
@@ -216,14 +253,34 @@ pub unsafe extern "C" fn hdb_generate(
             } else {
                 img.stride as usize
             };
-            let need = gp.height.saturating_sub(1) * stride + row;
+            let need = (gp.height.saturating_sub(1))
+                .checked_mul(stride)
+                .and_then(|n| n.checked_add(row))
+                .ok_or_else(|| {
+                    Error::invalid_arg("out", format!("out[{i}].stride {stride} is too large"))
+                })?;
             if stride < row {
                 return Err(Error::invalid_arg(
                     "out",
                     format!("out[{i}].stride {stride} < width * 3 = {row}"),
                 ));
             }
-            if img.data.is_null() || img.data_len < need {
+            if img.data.is_null() {
+                const NAMES: [&str; 8] = [
+                    "out[0].data",
+                    "out[1].data",
+                    "out[2].data",
+                    "out[3].data",
+                    "out[4].data",
+                    "out[5].data",
+                    "out[6].data",
+                    "out[7].data",
+                ];
+                return Err(Error::NullArgument(
+                    NAMES.get(i).copied().unwrap_or("out[i].data"),
+                ));
+            }
+            if img.data_len < need {
                 return Err(Error::invalid_arg(
                     "out",
                     format!(
@@ -233,7 +290,6 @@ pub unsafe extern "C" fn hdb_generate(
                 ));
             }
         }
-        let s = s.lock()?;
         let stage = CString::new("denoise").unwrap_or_default();
         let host = HostProgress {
             cb: p.progress,

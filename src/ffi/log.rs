@@ -53,6 +53,12 @@ fn level_of(l: log::Level) -> hdb_log_level {
 /// one); a NULL callback or `HDB_LOG_LEVEL_OFF` stops logging. The callback must be
 /// thread-safe: it may be called from hdb's worker threads. It may call hdb functions,
 /// including this one (e.g. to stop logging). This is the only process-wide setting of hdb.
+///
+/// Synchronous: when called outside any hdb log callback, this returns only after every call
+/// into the callbacks it replaced has returned on every thread, so the old `user_data` may be
+/// freed as soon as it returns. Called from inside a callback it cannot wait (its own call is
+/// in flight) and returns at once; free the user data after a later call from outside. Do not
+/// call it while holding a lock that the callback takes.
 #[no_mangle]
 pub extern "C" fn hdb_set_log_callback(
     callback: hdb_log_fn,

@@ -41,6 +41,16 @@ pub const HDB_WEIGHTS_FULL: hdb_weights_variant = 1;
 /// Only `*.fp16.safetensors`.
 pub const HDB_WEIGHTS_FP16: hdb_weights_variant = 2;
 
+/// How a loaded model holds its weight files.
+pub type hdb_weights_storage = u32;
+/// Memory-mapped (default): no copy. The files must not change while the model lives:
+/// truncating one kills the process with SIGBUS at the next use (the OS's rule for every
+/// mapping), and rewriting one in place changes the model's outputs.
+pub const HDB_STORAGE_MMAP: hdb_weights_storage = 0;
+/// Read into memory at load: the model is immune to later changes of its files, at the cost
+/// of a private copy of their bytes (about 4 GB for SD 1.5 in f32, 2 GB in f16).
+pub const HDB_STORAGE_COPY: hdb_weights_storage = 1;
+
 /// Options for `hdb_model_load`. Get the defaults from `hdb_model_params_default()`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -52,10 +62,19 @@ pub struct hdb_model_params {
     pub progress: hdb_progress_fn,
     /// Passed to `progress` unchanged.
     pub progress_user_data: *mut c_void,
+    /// `HDB_STORAGE_MMAP` (default) or `HDB_STORAGE_COPY`: choose COPY when the weight files
+    /// may be replaced, truncated or rewritten while the model is loaded.
+    pub storage: hdb_weights_storage,
+    /// Reserved; must be 0.
+    pub reserved: u32,
 }
 
 impl Versioned for hdb_model_params {
-    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_model_params>()];
+    /// Version 1 ended after `progress_user_data`; version 2 added `storage` and `reserved`.
+    const SIZES: &'static [usize] = &[
+        std::mem::offset_of!(hdb_model_params, storage),
+        std::mem::size_of::<hdb_model_params>(),
+    ];
 }
 
 fn default_model_params() -> hdb_model_params {
@@ -64,6 +83,8 @@ fn default_model_params() -> hdb_model_params {
         weights_variant: HDB_WEIGHTS_AUTO,
         progress: None,
         progress_user_data: std::ptr::null_mut(),
+        storage: HDB_STORAGE_MMAP,
+        reserved: 0,
     }
 }
 
@@ -130,8 +151,12 @@ impl Versioned for hdb_model_info {
 
 /// Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
 /// `tokenizer/`; `*.fp16.safetensors` and sharded files too), a folder holding one diffusers
-/// component, or an LDM single-file `.safetensors` checkpoint. Weights are memory-mapped and
-/// kept in their dtype. On success `*out` owns the model (free with `hdb_model_free`).
+/// component, or an LDM single-file `.safetensors` checkpoint. Weights are kept in their dtype,
+/// memory-mapped by default: then the files must not be truncated or rewritten while the model
+/// lives (a truncated file kills the process with SIGBUS at the next use; one rewritten in
+/// place changes the outputs). `params.storage = HDB_STORAGE_COPY` reads them into memory
+/// instead. Only regular files are read (a FIFO is refused, never opened for blocking). On
+/// success `*out` owns the model (free with `hdb_model_free`).
 ///
 /// # Safety
 /// `rt` a live runtime; `path` a NUL-terminated path (any bytes on Unix); `params` NULL or
@@ -160,6 +185,19 @@ pub unsafe extern "C" fn hdb_model_load(
                 ))
             }
         };
+        let storage = match p.storage {
+            HDB_STORAGE_MMAP => crate::io::safetensors::Storage::Mapped,
+            HDB_STORAGE_COPY => crate::io::safetensors::Storage::Copied,
+            v => {
+                return Err(Error::invalid_arg(
+                    "params.storage",
+                    format!("{v} is not an HDB_STORAGE_* value"),
+                ))
+            }
+        };
+        if p.reserved != 0 {
+            return Err(Error::invalid_arg("params.reserved", "must be 0"));
+        }
         let stage = CString::new("load").unwrap_or_default();
         let mut report = |done: usize, total: usize, _f: &Path| match p.progress {
             // SAFETY: the host's callback with its own user data.
@@ -177,6 +215,7 @@ pub unsafe extern "C" fn hdb_model_load(
             &path,
             LoadOptions {
                 variant,
+                storage,
                 progress: Some(&mut report),
             },
         )?;

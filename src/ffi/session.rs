@@ -89,7 +89,10 @@ pub unsafe extern "C" fn hdb_session_new(
         // SAFETY: caller contract for each pointer.
         let m = unsafe { arg_ref(model, "model") }?;
         let out = out_ptr(out, "out")?;
-        let _p = unsafe { read_params(params, default_session_params(), "params") }?;
+        let p = unsafe { read_params(params, default_session_params(), "params") }?;
+        if p.reserved != 0 {
+            return Err(Error::invalid_arg("params.reserved", "must be 0"));
+        }
         let boxed = Box::new(hdb_session {
             inner: Mutex::new(Session::new(m.inner.clone())),
         });
@@ -153,7 +156,7 @@ pub unsafe extern "C" fn hdb_session_unet(
         );
         let s = s.lock()?;
         let out_channels = s.engine().unet_config()?.out_channels;
-        let want = b * out_channels * h * w;
+        let want = crate::limits::checked_len("out_len", &[b, out_channels, h, w])?;
         if out_len != want {
             return Err(Error::invalid_arg(
                 "out_len",
@@ -213,6 +216,15 @@ pub unsafe extern "C" fn hdb_session_set_adapters(
         if n > 0 && adapters.is_null() {
             return Err(Error::NullArgument("adapters"));
         }
+        if n > crate::limits::MAX_ADAPTERS {
+            return Err(Error::invalid_arg(
+                "n",
+                format!(
+                    "{n} adapters; at most {} in one set (hdb's documented limit)",
+                    crate::limits::MAX_ADAPTERS
+                ),
+            ));
+        }
         let mut set = Vec::with_capacity(n);
         for i in 0..n {
             // SAFETY: adapters valid for n pointers.
@@ -252,6 +264,8 @@ pub unsafe extern "C" fn hdb_session_set_sample_adapters(
         if indices.is_null() || n == 0 {
             return s.set_sample_adapters(None);
         }
+        // n must equal the batch of the next calls, so it is bounded like a batch.
+        crate::limits::check_range("n", n, crate::limits::MAX_BATCH)?;
         // SAFETY: valid for n values.
         let idx = unsafe { std::slice::from_raw_parts(indices, n) }.to_vec();
         s.set_sample_adapters(Some(idx))

@@ -97,9 +97,10 @@ pub fn sd15_layer_keys() -> Vec<String> {
     )
 }
 
-/// Any dimension of a config above this is refused (no real network comes near it; it keeps
-/// shape arithmetic far from overflow).
-const MAX_DIM: usize = 1 << 20;
+use crate::limits::{
+    MAX_DECODER_LAYERS, MAX_ENCODER_DEPTH, MAX_HYPERNET_DIM as MAX_DIM, MAX_ITERATIONS,
+    MAX_LAYER_KEYS, MAX_RANK,
+};
 
 impl HypernetConfig {
     /// Reads the config JSON of a v1 file. `path` names the file in errors; a missing field is
@@ -176,23 +177,35 @@ impl HypernetConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         let e = &self.encoder;
-        for (name, v) in [
-            ("encoder.img_size", e.img_size),
-            ("encoder.patch_size", e.patch_size),
-            ("encoder.width", e.width),
-            ("encoder.depth", e.depth),
-            ("encoder.heads", e.heads),
-            ("d_model", self.d_model),
-            ("heads", self.heads),
-            ("layers", self.layers),
-            ("rank", self.rank),
-            ("a", self.a),
-            ("b", self.b),
-            ("iterations", self.iterations),
+        // Counts that set the work (blocks, layers, iterations) have limits of their own,
+        // far above real networks and far below what a small file could make take minutes.
+        for (name, v, max) in [
+            ("encoder.img_size", e.img_size, MAX_DIM),
+            ("encoder.patch_size", e.patch_size, MAX_DIM),
+            ("encoder.width", e.width, MAX_DIM),
+            ("encoder.depth", e.depth, MAX_ENCODER_DEPTH),
+            ("encoder.heads", e.heads, MAX_DIM),
+            ("d_model", self.d_model, MAX_DIM),
+            ("heads", self.heads, MAX_DIM),
+            ("layers", self.layers, MAX_DECODER_LAYERS),
+            ("rank", self.rank, MAX_RANK),
+            ("a", self.a, MAX_DIM),
+            ("b", self.b, MAX_DIM),
+            ("iterations", self.iterations, MAX_ITERATIONS),
         ] {
-            if v == 0 || v > MAX_DIM {
-                return Err(format!("config '{name}' is {v}; 1..={MAX_DIM} allowed"));
+            if v == 0 || v > max {
+                return Err(format!(
+                    "config '{name}' is {v}; 1..={max} allowed (hdb's documented limit)"
+                ));
             }
+        }
+        if e.tokens() > MAX_DIM {
+            return Err(format!(
+                "config 'encoder.img_size' {} with 'encoder.patch_size' {} gives {} image tokens; at most {MAX_DIM}",
+                e.img_size,
+                e.patch_size,
+                e.tokens()
+            ));
         }
         if e.patch_size > e.img_size {
             return Err(format!(
@@ -233,8 +246,11 @@ impl HypernetConfig {
         if !self.alpha.is_finite() {
             return Err("config 'alpha' must be a finite number".into());
         }
-        if self.layer_keys.is_empty() || self.layer_keys.len() > MAX_DIM {
-            return Err("config 'layer_keys' must list 1 or more layers".into());
+        if self.layer_keys.is_empty() || self.layer_keys.len() > MAX_LAYER_KEYS {
+            return Err(format!(
+                "config 'layer_keys' lists {} layers; 1..={MAX_LAYER_KEYS} allowed",
+                self.layer_keys.len()
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         if let Some(k) = self.layer_keys.iter().find(|k| !seen.insert(k.as_str())) {
@@ -430,18 +446,49 @@ impl<B: Backend> Hypernet<B> {
                 reason: "no 'config' in the safetensors metadata".into(),
             })?;
         let config = HypernetConfig::from_json(text, path)?;
-        let known: std::collections::BTreeSet<String> =
-            config.tensor_shapes().into_iter().map(|(k, _)| k).collect();
+        let shapes = config.tensor_shapes();
+        let expected: BTreeMap<&str, &[usize]> = shapes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
         let mut store = WeightStore::default();
         let file = store.add_file(f.clone());
         for e in f.tensors() {
-            if !known.contains(&e.name) {
+            if !expected.contains_key(e.name.as_str()) {
                 return Err(Error::invalid_model(
                     path,
                     format!("unexpected tensor '{}' for this config", e.name),
                 ));
             }
             store.insert(e.name.clone(), file, &e.name, e.shape.clone())?;
+        }
+        // The config against the tensors present, before anything is built: a config that
+        // claims more than the file holds fails here, at once.
+        // (In the order the network is built, so the first problem named is the first a
+        // build would meet.)
+        let missing: Vec<&(String, Vec<usize>)> = shapes
+            .iter()
+            .filter(|(k, _)| store.get(k).is_none())
+            .collect();
+        if let Some((first, shape)) = missing.first() {
+            return Err(Error::invalid_model(
+                path,
+                format!(
+                    "the config needs {} tensor(s) the file lacks, e.g. '{first}' (shape {shape:?})",
+                    missing.len(),
+                ),
+            ));
+        }
+        for (k, shape) in &shapes {
+            if let Some(w) = store.get(k).filter(|w| w.shape.dims() != shape.as_slice()) {
+                return Err(Error::invalid_model(
+                    path,
+                    format!(
+                        "tensor '{k}' has shape {}, the config needs {shape:?}",
+                        w.shape
+                    ),
+                ));
+            }
         }
         Hypernet::from_source_on(be, config, &store)
     }
@@ -533,9 +580,7 @@ impl<B: Backend> Hypernet<B> {
             ));
         }
         let steps = iterations.unwrap_or(cfg.iterations);
-        if steps == 0 {
-            return Err(Error::invalid_arg("iterations", "must be at least 1"));
-        }
+        crate::limits::check_range("iterations", steps, MAX_ITERATIONS)?;
         let (n, l, t) = (cfg.encoder.tokens(), cfg.layer_keys.len(), cfg.token_dim());
         let be = &self.be;
         let tokens = self.encoder.forward(be, image)?;

@@ -84,6 +84,16 @@ pub fn check(len: usize, width: usize, height: usize, stride: usize) -> Result<(
             ));
         }
     }
+    // A face is resized to the network's input (224 px); a larger image only costs memory.
+    if width.saturating_mul(height) > crate::limits::MAX_IMAGE_PIXELS {
+        return Err(Error::invalid_arg(
+            "image",
+            format!(
+                "is {width}x{height}; hdb's limit for an input image is {} pixels (4096x4096)",
+                crate::limits::MAX_IMAGE_PIXELS
+            ),
+        ));
+    }
     let row = width
         .checked_mul(3)
         .ok_or_else(|| Error::invalid_arg("width", format!("{width} is too large")))?;

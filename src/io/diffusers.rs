@@ -55,6 +55,15 @@ pub fn find_weights(dir: &Path, stem: &str, variant: Variant) -> Result<Option<V
     }
     let bin = dir.join(format!("{stem}.bin"));
     if bin.is_file() {
+        if !super::looks_like_pickle(&bin)? {
+            return Err(Error::InvalidFile {
+                path: bin,
+                format: "weights",
+                reason: "named like PyTorch weights but not a PyTorch checkpoint; hdb reads \
+                         safetensors weights"
+                    .into(),
+            });
+        }
         return Err(Error::Unsupported(format!(
             "{}: pickle weights are not read (they can run code); convert them to safetensors",
             bin.display()
@@ -65,7 +74,7 @@ pub fn find_weights(dir: &Path, stem: &str, variant: Variant) -> Result<Option<V
 
 /// The shard files named by a `*.safetensors.index*.json` weight map, in name order.
 fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = super::read_text(index)?;
     let invalid = |reason: String| Error::InvalidFile {
         path: index.to_path_buf(),
         format: "safetensors index",
@@ -96,7 +105,7 @@ fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
 
 /// Reads and parses a JSON config file, naming the file on error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = super::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidFile {
         path: path.to_path_buf(),
         format: "JSON",

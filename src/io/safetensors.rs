@@ -3,7 +3,6 @@
 //! error is reported with the file's path.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -95,6 +94,16 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             bytes.len()
         )));
     }
+    // JSON allows a name twice and the header parser keeps the last: refuse the file first,
+    // so no reader can see a different tensor than the one another tool would.
+    let claimed = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+    let header = usize::try_from(claimed)
+        .ok()
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+        .and_then(|h| std::str::from_utf8(h).ok());
+    if let Some(dup) = header.and_then(duplicate_key) {
+        return Err(invalid(format!("the header names '{dup}' twice")));
+    }
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
         let claimed = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
         invalid(describe_error(&e, claimed, bytes.len()))
@@ -110,6 +119,16 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         let (Some(start), Some(end)) = (start, end) else {
             return Err(invalid(format!("tensor '{name}': data offsets overflow")));
         };
+        // A zero dimension makes an empty tensor of any other dimensions; no tool writes one
+        // whose other dimensions could not be allocated, and readers multiply them with the
+        // model's (rank x din, ...): refuse what would overflow.
+        let nonzero: Vec<usize> = info.shape.iter().copied().filter(|&d| d != 0).collect();
+        if crate::limits::product(&nonzero).is_none() {
+            return Err(invalid(format!(
+                "tensor '{name}': shape {:?} is larger than any tensor can be",
+                info.shape
+            )));
+        }
         if start > end || end > bytes.len() {
             return Err(invalid(format!(
                 "tensor '{name}': data [{start}, {end}) lies outside the file ({} bytes)",
@@ -133,6 +152,52 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     Ok(Header { tensors, metadata })
 }
 
+/// The first key that appears twice in the header's top-level object or in its
+/// `__metadata__`, if any.
+fn duplicate_key(header: &str) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::collections::HashSet;
+
+    /// Visits an object's keys in order; `nested` also visits the `__metadata__` object.
+    /// Called on a header that already parsed as safetensors, so its shape is known.
+    struct Keys {
+        nested: bool,
+    }
+    impl<'de> serde::de::DeserializeSeed<'de> for Keys {
+        type Value = Option<String>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = HashSet::new();
+            let mut found = None;
+            while let Some(k) = map.next_key::<String>()? {
+                if self.nested && k == "__metadata__" {
+                    // (an object of strings: the header already parsed as safetensors)
+                    let inner = map.next_value_seed(Keys { nested: false })?;
+                    found = found.or(inner.map(|d| format!("__metadata__.{d}")));
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                if !seen.insert(k.clone()) {
+                    found = found.or(Some(k));
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(header);
+    serde::de::DeserializeSeed::deserialize(Keys { nested: true }, &mut de)
+        .ok()
+        .flatten()
+}
+
 fn describe_error(e: &safetensors::SafeTensorError, claimed: u64, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
@@ -149,13 +214,35 @@ fn describe_error(e: &safetensors::SafeTensorError, claimed: u64, file_len: usiz
     }
 }
 
+/// How a file's bytes are held once opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// Memory-mapped (the default): no copy, pages shared with the OS cache. The file must not
+    /// change while it is held: truncating it makes the next read of a lost page a SIGBUS, and
+    /// writing it in place changes what hdb reads.
+    #[default]
+    Mapped,
+    /// Read into memory at open: changes to the file afterwards cannot reach hdb, at the cost
+    /// of a private copy of its bytes.
+    Copied,
+}
+
 impl SafetensorsFile {
+    /// Opens `path` held as `storage` says, validating its header.
+    pub fn open_with(path: &Path, storage: Storage) -> Result<Self> {
+        match storage {
+            Storage::Mapped => Self::open(path),
+            Storage::Copied => Self::from_bytes(path, Bytes::Owned(super::read_file(path)?)),
+        }
+    }
+
     /// Opens and memory-maps `path`, validating its header.
     ///
-    /// The mapping is read-only; as with any mmap, the file must not be truncated by another
-    /// process while hdb holds it.
+    /// The mapping is read-only; as with any mmap, the file must not be truncated or rewritten
+    /// by another process while hdb holds it ([`Storage::Mapped`]); [`Storage::Copied`] is the
+    /// choice for files that may change.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = super::open_file(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
             // mmap of an empty file fails with EINVAL; say what is really wrong.
@@ -276,9 +363,30 @@ pub fn write_f32_with_metadata(
         format: "safetensors",
         reason: e.to_string(),
     })?;
+    // Errors name the file asked for, not the temporary one beside it.
+    let folder = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "cannot write it: the folder {} does not exist",
+                    folder.display()
+                ),
+            ),
+        });
+    }
     let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let written = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 /// A tensor of any numeric dtype as f32 (integers converted; used for inputs such as
@@ -356,6 +464,22 @@ mod tests {
         bytes[..8].copy_from_slice(&1000u64.to_le_bytes());
         let e = SafetensorsFile::from_vec(Path::new("h.safetensors"), bytes).expect_err("bad");
         assert!(e.to_string().contains("claims 1000 bytes"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let bytes = file_with_header(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        let e = SafetensorsFile::from_vec(Path::new("d.safetensors"), bytes).expect_err("dup");
+        assert!(e.to_string().contains("names 'a' twice"), "{e}");
+        let bytes = file_with_header(
+            r#"{"__metadata__":{"k":"1","k":"2"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        let e = SafetensorsFile::from_vec(Path::new("d.safetensors"), bytes).expect_err("dup");
+        assert!(e.to_string().contains("'__metadata__.k' twice"), "{e}");
     }
 
     #[test]

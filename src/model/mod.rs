@@ -11,6 +11,7 @@ pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
+pub mod unused;
 pub mod vae;
 pub mod weights;
 
@@ -76,6 +77,8 @@ pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize, &Path) -> bool;
 #[derive(Default)]
 pub struct LoadOptions<'a> {
     pub variant: Variant,
+    /// Weight files memory-mapped (default) or copied into memory at load.
+    pub storage: crate::io::safetensors::Storage,
     pub progress: Option<LoadProgress<'a>>,
 }
 
@@ -101,6 +104,7 @@ impl Model {
             load_ldm(path, opts)?
         };
         model.architecture = detect_architecture(&model);
+        unused::log_unused(&model);
         log::info!(
             "loaded {} ({}, {:?}): {}",
             path.display(),
@@ -229,7 +233,7 @@ fn load_diffusers(dir: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         };
         let mut store = WeightStore::default();
         for f in files {
-            let file = Arc::new(SafetensorsFile::open(&f)?);
+            let file = Arc::new(SafetensorsFile::open_with(&f, opts.storage)?);
             let idx = store.add_file(file.clone());
             for e in file.tensors() {
                 if is_skipped_buffer(e) {
@@ -296,13 +300,22 @@ fn standalone_component(cfg: &Path) -> Option<Component> {
 
 fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if matches!(ext, "ckpt" | "pt" | "pth" | "bin") {
+    let pickle_name = matches!(ext, "ckpt" | "pt" | "pth" | "bin");
+    if pickle_name && crate::io::looks_like_pickle(path)? {
         return Err(Error::Unsupported(format!(
             "{}: pickle checkpoints are not read (they can run code); convert to safetensors",
             path.display()
         )));
     }
-    let file = Arc::new(SafetensorsFile::open(path)?);
+    let file = Arc::new(
+        SafetensorsFile::open_with(path, opts.storage).map_err(|e| match e {
+            Error::InvalidFile { reason, .. } if pickle_name => Error::not_a_model(
+                path,
+                format!("neither a PyTorch checkpoint nor a safetensors file ({reason})"),
+            ),
+            other => other,
+        })?,
+    );
     let has_unet = file
         .tensors()
         .any(|e| e.name.starts_with("model.diffusion_model."));
@@ -440,6 +453,7 @@ impl Model {
             "cross_attention_dim": self.cross_attention_dim(),
             "tokenizer": self.tokenizer.as_ref().map(|p| p.display().to_string()),
             "components": comps,
+            "unused_tensors": unused::describe(self),
         })
     }
 }

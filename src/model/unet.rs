@@ -578,13 +578,28 @@ impl<B: Backend> Unet<B> {
                 }
             }
             if let Some(us) = &blk.resample {
+                // diffusers passes the next skip's size to the upsampler when a latent side is
+                // not a multiple of the downsampling (a stride-2 conv rounds up): nearest
+                // interpolation to 2h - 1 is the 2x upsample without its last row.
+                let (th, tw) = skips.last().map_or((2 * x.h, 2 * x.w), |s| (s.h, s.w));
+                if th + 1 < 2 * x.h || th > 2 * x.h || tw + 1 < 2 * x.w || tw > 2 * x.w {
+                    return Err(Error::Internal(format!(
+                        "UNet: a {}x{} level cannot be upsampled to its skip's {th}x{tw}",
+                        x.h, x.w
+                    )));
+                }
                 let up = be.upsample_nearest2x(&x.data, (b * x.c, x.h, x.w))?;
+                let up = if (th, tw) == (2 * x.h, 2 * x.w) {
+                    up
+                } else {
+                    be.crop_top_left(&up, (b * x.c, 2 * x.h, 2 * x.w), (th, tw))?
+                };
                 x = us.forward(
                     be,
                     &Act {
                         data: up,
-                        h: 2 * x.h,
-                        w: 2 * x.w,
+                        h: th,
+                        w: tw,
                         ..x
                     },
                 )?;
@@ -636,12 +651,18 @@ pub(crate) fn check_input(
             "batch, height, width and context length must be positive",
         ));
     }
-    let factor = 1usize << (cfg.block_out_channels.len() - 1);
-    if h % factor != 0 || w % factor != 0 {
+    // Activations are ~100x the sample: bound the sizes before a forward allocates them.
+    crate::limits::check_range("batch", b, crate::limits::MAX_BATCH)?;
+    if h.max(w) > crate::limits::MAX_LATENT_SIDE {
         return Err(Error::invalid_arg(
             "sample",
-            format!("height {h} and width {w} must be multiples of {factor} for this UNet"),
+            format!(
+                "height {h} and width {w}: at most {} latent pixels a side (hdb's documented limit)",
+                crate::limits::MAX_LATENT_SIDE
+            ),
         ));
     }
+    // Any size works: like diffusers, the upsamplers take their skips' sizes where a
+    // stride-2 downsampling rounded up.
     Ok(())
 }

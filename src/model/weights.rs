@@ -94,6 +94,11 @@ impl WeightStore {
         Ok(())
     }
 
+    /// The files the weights come from.
+    pub fn files(&self) -> impl Iterator<Item = &Arc<SafetensorsFile>> {
+        self.files.iter()
+    }
+
     pub fn file_count(&self) -> usize {
         self.files.len()
     }

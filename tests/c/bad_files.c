@@ -182,7 +182,7 @@ static int test_main(int argc, char **argv) {
     path_join(q, sizeof q, p, "unet");
     make_dir(q);
     path_join(r, sizeof r, q, "diffusion_pytorch_model.bin");
-    write_file(r, "PK", 2);
+    write_file(r, "PK\x03\x04", 4); /* a zip archive, as torch.save writes */
     m = SENTINEL;
     CHECK_STATUS(hdb_model_load(g_rt, p, NULL, &m), HDB_STATUS_UNSUPPORTED,
                  "pipeline with only unet/diffusion_pytorch_model.bin -> UNSUPPORTED");

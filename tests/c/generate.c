@@ -112,6 +112,42 @@ static int test_main(int argc, char **argv) {
     q.prompt = "\xff\xfe not utf-8";
     CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "prompt not UTF-8");
     CHECK_MSG("params.prompt", "names the prompt");
+    /* Sizes far outside the documented limits are refused before any buffer arithmetic. */
+    q = p;
+    q.width = 1u << 31;
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "width 2^31");
+    CHECK_MSG("params.width", "names the width");
+    q = p;
+    q.batch = UINT32_MAX;
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "batch 2^32-1");
+    CHECK_MSG("params.batch", "names the batch");
+    q = p;
+    q.height = 4096 * 2 + 8;
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "height above 4096");
+    CHECK_MSG("4096", "states the limit");
+    /* A latents length that does not match is refused before the buffer is read (ASan would
+     * see a read past these 4 floats). */
+    static float few[4];
+    q = p;
+    q.latents = few;
+    q.latents_len = (size_t)1 << 62;
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "latents_len 2^62");
+    CHECK_MSG("params.latents_len", "names latents_len");
+    /* NaN starting latents would decode to a black image with OK. */
+    static float nan_latents[2 * 4 * (H / 8) * (W / 8)];
+    nan_latents[5] = NAN;
+    q = p;
+    q.latents = nan_latents;
+    q.latents_len = sizeof nan_latents / sizeof nan_latents[0];
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "NaN latents");
+    CHECK_MSG("latents", "names the latents");
+    hdb_image nulldata[2] = {{.data = c0, .data_len = sizeof c0}, {.data = NULL, .data_len = sizeof c1}};
+    CHECK_STATUS(hdb_generate(s, &p, nulldata, 2), HDB_STATUS_NULL_ARGUMENT, "out[1].data NULL");
+    CHECK_MSG("out[1].data", "names out[1].data");
+    q = p;
+    q.reserved = 1;
+    CHECK_STATUS(hdb_generate(s, &q, two, 2), HDB_STATUS_INVALID_ARGUMENT, "reserved 1");
+    CHECK_MSG("params.reserved", "names params.reserved");
     hdb_image small[2] = {{.data = c0, .data_len = 100}, {.data = c1, .data_len = sizeof c1}};
     CHECK_STATUS(hdb_generate(s, &p, small, 2), HDB_STATUS_INVALID_ARGUMENT, "image buffer too small");
     CHECK_MSG("out[0]", "names out[0]");

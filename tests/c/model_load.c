@@ -249,6 +249,30 @@ static int test_main(int argc, char **argv) {
     CHECK(m == SENTINEL, "weights_variant 7: *out untouched");
     CHECK_MSG("weights_variant", "weights_variant 7: message names weights_variant");
 
+    /* Weight storage: copied into memory, or the default mapping; other values refused. */
+    vp = hdb_model_params_default();
+    CHECK(vp.storage == HDB_STORAGE_MMAP && vp.reserved == 0, "storage defaults to MMAP");
+    vp.storage = HDB_STORAGE_COPY;
+    hm = load(rt, dir, &vp, "diffusers HDB_STORAGE_COPY");
+    hi = info_of(hm, "copied");
+    check_same_counts(&di.unet, &hi.unet, "unet mapped vs copied");
+    hdb_model_free(hm);
+    vp.storage = 2;
+    m = SENTINEL;
+    CHECK_STATUS(hdb_model_load(rt, dir, &vp, &m), HDB_STATUS_INVALID_ARGUMENT, "storage 2 -> INVALID_ARGUMENT");
+    CHECK(m == SENTINEL, "storage 2: *out untouched");
+    CHECK_MSG("params.storage", "storage 2: message names params.storage");
+    vp = hdb_model_params_default();
+    vp.reserved = 1;
+    CHECK_STATUS(hdb_model_load(rt, dir, &vp, &m), HDB_STATUS_INVALID_ARGUMENT, "reserved 1 -> INVALID_ARGUMENT");
+    CHECK_MSG("params.reserved", "reserved 1: message names params.reserved");
+    /* A caller built against the header before `storage` existed: its size is version 1's. */
+    vp = hdb_model_params_default();
+    vp.struct_size = (uint32_t)offsetof(hdb_model_params, storage);
+    vp.storage = 99; /* beyond the old struct: never read */
+    hm = load(rt, dir, &vp, "version 1 params (no storage field)");
+    hdb_model_free(hm);
+
     /* A struct_size ending before `progress` is no released size: refused, callback not called. */
     vp = hdb_model_params_default();
     vp.struct_size = (uint32_t)offsetof(hdb_model_params, progress);

@@ -118,7 +118,7 @@ static int test_main(int argc, char **argv) {
     }
 
     /* Invalid device strings. */
-    const char *bad_devs[] = {"tpu", "cuda:", "cuda:-1", "cuda:x", "CPU0", "cpu:0"};
+    const char *bad_devs[] = {"tpu", "cuda:", "cuda:-1", "cuda:x", "CPU0", "cpu:0", "", "cpu ", " cpu", "cuda:+1"};
     for (size_t i = 0; i < sizeof bad_devs / sizeof bad_devs[0]; i++) {
         p = hdb_runtime_params_default();
         p.device = bad_devs[i];

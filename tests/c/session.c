@@ -90,7 +90,11 @@ static int test_main(int argc, char **argv) {
                  HDB_STATUS_INVALID_ARGUMENT, "unet(out_len short)");
     CHECK_MSG("'out_len'", "names 'out_len'");
     CHECK_STATUS(hdb_session_unet(s, g_sample, n, g_t, B, g_ctx, B * L * CTX, B, 15, 17, L, g_out, 15 * 17 * C),
-                 HDB_STATUS_INVALID_ARGUMENT, "unet(15x17: not a multiple of the UNet's downsampling)");
+                 HDB_STATUS_INVALID_ARGUMENT, "unet(15x17 with a 16x16 sample_len)");
+    /* Any latent size works, as in diffusers (upsamplers take their skips' sizes). */
+    CHECK_STATUS(hdb_session_unet(s, g_sample, B * C * 15 * 17, g_t, B, g_ctx, B * L * CTX, B, 15, 17, L, g_out2,
+                                  B * C * 15 * 17),
+                 HDB_STATUS_OK, "unet(15x17): sizes that are not multiples of the downsampling");
     CHECK_STATUS(hdb_session_unet(s, g_sample, 0, g_t, 0, g_ctx, 0, 0, H, W, L, g_out, 0),
                  HDB_STATUS_INVALID_ARGUMENT, "unet(batch 0)");
 

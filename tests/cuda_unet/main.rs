@@ -108,7 +108,7 @@ fn unet_on<B: hdb::backend::Backend>(source: &Source, be: B) -> hdb::Result<Unet
         Source::Fixture(model, variant) => {
             let options = LoadOptions {
                 variant: *variant,
-                progress: None,
+                ..Default::default()
             };
             Unet::from_model_on(be, &Model::load(model, options)?)
         }
@@ -212,8 +212,9 @@ fn wrong_input_shapes_are_the_cpu_unets_errors() {
     let source = Source::Fixture(fixtures().join("tiny-sd"), Variant::Full);
     let g = on_device::<f32>(&dev, &source).expect("upload");
     let args = inp.args();
-    // A height that is no multiple of the UNet's downsampling factor.
-    let odd = vec![0.0; inp.sample.len() / inp.h * (inp.h - 1)];
+    // A height above the documented limit of 512 latent pixels (any smaller one is valid: odd
+    // sizes take the skips' sizes, as in diffusers), its sample sized to match.
+    let tall = vec![0.0; inp.sample.len() / inp.h * 600];
     let bad = [
         UnetInput {
             sample: &inp.sample[1..],
@@ -228,8 +229,8 @@ fn wrong_input_shapes_are_the_cpu_unets_errors() {
             ..args
         },
         UnetInput {
-            sample: &odd,
-            height: inp.h - 1,
+            sample: &tall,
+            height: 600,
             ..args
         },
         UnetInput {

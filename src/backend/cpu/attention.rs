@@ -7,7 +7,7 @@
 //! lq x lk matrix.
 
 use super::linear::{gemm_raw, Mat};
-use super::{simd, SendPtr};
+use super::{extent, simd, SendPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -44,10 +44,18 @@ pub fn attention(
     heads: usize,
     head_dim: usize,
 ) {
-    let hd = heads * head_dim;
-    assert_eq!(q.len(), batch * lq * hd, "attention: q");
+    let hd = extent("attention", &[heads, head_dim]);
+    assert_eq!(
+        q.len(),
+        extent("attention", &[batch, lq, hd]),
+        "attention: q"
+    );
     assert_eq!(out.len(), q.len(), "attention: out");
-    assert_eq!(k.len(), batch * lk * hd, "attention: k");
+    assert_eq!(
+        k.len(),
+        extent("attention", &[batch, lk, hd]),
+        "attention: k"
+    );
     assert_eq!(v.len(), k.len(), "attention: v");
     if out.is_empty() {
         return;

@@ -20,7 +20,7 @@
 //! the input (3x the input instead of 9x; same speed as im2col within noise, more code).
 
 use super::linear::{gemm_raw, par_for, Mat};
-use super::SendPtr;
+use super::{extent, SendPtr};
 use crate::backend::api::Conv2d;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -50,12 +50,24 @@ pub fn conv2d(y: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, p:
         "conv2d: kernel and stride must be positive: {p:?}"
     );
     let (ho, wo) = p.out_hw();
-    let n_out = ho * wo;
-    let n_in = p.h * p.w;
-    let kdim = p.c_in * p.kernel * p.kernel;
-    assert_eq!(x.len(), p.batch * p.c_in * n_in, "conv2d: x for {p:?}");
-    assert_eq!(weight.len(), p.c_out * kdim, "conv2d: weight for {p:?}");
-    assert_eq!(y.len(), p.batch * p.c_out * n_out, "conv2d: y for {p:?}");
+    let n_out = extent("conv2d", &[ho, wo]);
+    let n_in = extent("conv2d", &[p.h, p.w]);
+    let kdim = extent("conv2d", &[p.c_in, p.kernel, p.kernel]);
+    assert_eq!(
+        x.len(),
+        extent("conv2d", &[p.batch, p.c_in, n_in]),
+        "conv2d: x for {p:?}"
+    );
+    assert_eq!(
+        weight.len(),
+        extent("conv2d", &[p.c_out, kdim]),
+        "conv2d: weight for {p:?}"
+    );
+    assert_eq!(
+        y.len(),
+        extent("conv2d", &[p.batch, p.c_out, n_out]),
+        "conv2d: y for {p:?}"
+    );
     if let Some(b) = bias {
         assert_eq!(b.len(), p.c_out, "conv2d: bias for {p:?}");
     }

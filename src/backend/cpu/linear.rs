@@ -2,6 +2,8 @@
 
 use gemm::Parallelism;
 
+use super::extent;
+
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 18;
 
@@ -101,9 +103,9 @@ pub fn linear(
     k: usize,
     n: usize,
 ) {
-    assert_eq!(y.len(), m * n, "linear: y");
-    assert_eq!(x.len(), m * k, "linear: x");
-    assert_eq!(w.len(), n * k, "linear: w");
+    assert_eq!(y.len(), extent("linear", &[m, n]), "linear: y");
+    assert_eq!(x.len(), extent("linear", &[m, k]), "linear: x");
+    assert_eq!(w.len(), extent("linear", &[n, k]), "linear: w");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear: bias");
         if n > 0 {
@@ -128,7 +130,7 @@ pub fn linear(
             n,
             bias.is_some(),
             1.0,
-            par_for(m * k * n),
+            par_for(extent("linear", &[m, k, n])),
         )
     }
 }
@@ -146,9 +148,9 @@ pub fn matmul(
     b_transposed: bool,
     accumulate: bool,
 ) {
-    assert_eq!(c.len(), m * n, "matmul: c");
-    assert_eq!(a.len(), m * k, "matmul: a");
-    assert_eq!(b.len(), k * n, "matmul: b");
+    assert_eq!(c.len(), extent("matmul", &[m, n]), "matmul: c");
+    assert_eq!(a.len(), extent("matmul", &[m, k]), "matmul: a");
+    assert_eq!(b.len(), extent("matmul", &[k, n]), "matmul: b");
     let am = Mat::new(a, k, 1);
     let bm = if b_transposed {
         Mat::new(b, 1, k)
@@ -167,7 +169,7 @@ pub fn matmul(
             n,
             accumulate,
             1.0,
-            par_for(m * k * n),
+            par_for(extent("matmul", &[m, k, n])),
         )
     }
 }

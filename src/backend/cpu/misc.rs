@@ -1,13 +1,21 @@
 //! Data movement and small ops: upsampling, concatenation, layout transposes, additions and
 //! the timestep embedding.
 
-use super::{par_zip, simd, SendPtr, PAR_CHUNK, PAR_MIN};
+use super::{extent, par_zip, simd, SendPtr, PAR_CHUNK, PAR_MIN};
 use rayon::prelude::*;
 
 /// x [planes, h, w] -> y [planes, 2h, 2w], nearest neighbour (each pixel becomes 2x2).
 pub fn upsample_nearest2x(y: &mut [f32], x: &[f32], planes: usize, h: usize, w: usize) {
-    assert_eq!(x.len(), planes * h * w, "upsample_nearest2x: x");
-    assert_eq!(y.len(), 4 * x.len(), "upsample_nearest2x: y");
+    assert_eq!(
+        x.len(),
+        extent("upsample_nearest2x", &[planes, h, w]),
+        "upsample_nearest2x: x"
+    );
+    assert_eq!(
+        y.len(),
+        extent("upsample_nearest2x", &[4, x.len()]),
+        "upsample_nearest2x: y"
+    );
     if x.is_empty() {
         return;
     }
@@ -42,8 +50,16 @@ pub fn concat_channels(
     cb: usize,
     hw: usize,
 ) {
-    assert_eq!(a.len(), batch * ca * hw, "concat_channels: a");
-    assert_eq!(b.len(), batch * cb * hw, "concat_channels: b");
+    assert_eq!(
+        a.len(),
+        extent("concat_channels", &[batch, ca, hw]),
+        "concat_channels: a"
+    );
+    assert_eq!(
+        b.len(),
+        extent("concat_channels", &[batch, cb, hw]),
+        "concat_channels: b"
+    );
     assert_eq!(y.len(), a.len() + b.len(), "concat_channels: y");
     let (la, lb) = (ca * hw, cb * hw);
     if la + lb == 0 {
@@ -126,7 +142,7 @@ fn transpose_block(
 /// Transposes each of `batch` matrices [rows, cols] into [cols, rows], in parallel over
 /// (batch, BLOCK x BLOCK block).
 fn transpose_batched(y: &mut [f32], x: &[f32], batch: usize, rows: usize, cols: usize) {
-    assert_eq!(x.len(), batch * rows * cols);
+    assert_eq!(x.len(), extent("transpose", &[batch, rows, cols]));
     assert_eq!(y.len(), x.len());
     let plane = rows * cols;
     if plane == 0 {
@@ -161,14 +177,22 @@ fn transpose_batched(y: &mut [f32], x: &[f32], batch: usize, rows: usize, cols: 
 
 /// x [batch, c, hw] -> y [batch, hw, c].
 pub fn nchw_to_nhwc(y: &mut [f32], x: &[f32], batch: usize, c: usize, hw: usize) {
-    assert_eq!(x.len(), batch * c * hw, "nchw_to_nhwc: x");
+    assert_eq!(
+        x.len(),
+        extent("nchw_to_nhwc", &[batch, c, hw]),
+        "nchw_to_nhwc: x"
+    );
     assert_eq!(y.len(), x.len(), "nchw_to_nhwc: y");
     transpose_batched(y, x, batch, c, hw);
 }
 
 /// x [batch, hw, c] -> y [batch, c, hw].
 pub fn nhwc_to_nchw(y: &mut [f32], x: &[f32], batch: usize, c: usize, hw: usize) {
-    assert_eq!(x.len(), batch * c * hw, "nhwc_to_nchw: x");
+    assert_eq!(
+        x.len(),
+        extent("nhwc_to_nchw", &[batch, c, hw]),
+        "nhwc_to_nchw: x"
+    );
     assert_eq!(y.len(), x.len(), "nhwc_to_nchw: y");
     transpose_batched(y, x, batch, hw, c);
 }

@@ -36,6 +36,16 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// scheduling overhead).
 pub(crate) const PAR_CHUNK: usize = 1 << 14;
 
+/// The product of a kernel's dims, for the length checks every kernel makes before it touches
+/// memory through raw pointers or unchecked GEMMs. Overflow panics (caught at the C boundary as
+/// `HDB_STATUS_PANIC`) instead of wrapping to a small length that a short buffer would match;
+/// callers bound sizes from outside first (`crate::limits`), so this never fires on valid input.
+#[inline]
+pub(crate) fn extent(op: &str, dims: &[usize]) -> usize {
+    crate::limits::product(dims)
+        .unwrap_or_else(|| panic!("{op}: the extent {dims:?} overflows usize"))
+}
+
 /// A raw pointer that may cross threads. Users write disjoint ranges through it; each use
 /// states why the ranges are disjoint.
 #[derive(Clone, Copy)]

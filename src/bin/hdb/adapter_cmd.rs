@@ -146,25 +146,40 @@ fn info(file: &Path) -> hdb::Result<()> {
         );
         return Ok(());
     }
-    match lora::detect(&f) {
-        Some(fmt) => {
-            let downs: Vec<_> = f
-                .tensors()
-                .filter(|e| e.name.ends_with(".lora_down.weight") || e.name.contains(".lora_A."))
-                .collect();
-            let ranks: std::collections::BTreeSet<usize> = downs
-                .iter()
-                .filter_map(|e| e.shape.dims().first().copied())
-                .collect();
-            println!("{fmt:?} LoRA: {} ({size} bytes)", file.display());
-            println!("layers: {}, ranks: {ranks:?}", downs.len());
-            Ok(())
-        }
-        None => Err(hdb::Error::InvalidFile {
+    if lora::detect(&f).is_none() {
+        return Err(hdb::Error::InvalidFile {
             path: file.to_path_buf(),
             format: "adapter",
             reason: "neither a LiDB adapter (metadata format=hdb-lidb) nor a kohya/PEFT LoRA"
                 .into(),
-        }),
+        });
     }
+    // The file's own structure (factor shapes, ranks, alpha) is checked without a model.
+    let lora::LoraFile {
+        format: fmt,
+        layers,
+        partial,
+        other,
+    } = lora::read_layers(&f)?;
+    if let Some((stem, names)) = partial.first() {
+        return Err(hdb::Error::InvalidFile {
+            path: file.to_path_buf(),
+            format: "LoRA",
+            reason: format!(
+                "layer '{stem}' lacks its down or up factor (has only {})",
+                names.join(", ")
+            ),
+        });
+    }
+    let ranks: std::collections::BTreeSet<usize> = layers.iter().map(|l| l.rank).collect();
+    println!("{fmt:?} LoRA: {} ({size} bytes)", file.display());
+    println!("layers: {}, ranks: {ranks:?}", layers.len());
+    if !other.is_empty() {
+        println!(
+            "{} other tensor(s), e.g. {} (refused when loaded for a model)",
+            other.len(),
+            other[0]
+        );
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@ use hdb::train::finetune::{Face, FinetuneParams, Finetuned, Start};
 use hdb::train::GradInput;
 use hdb::Engine;
 
-use crate::hypernet_cmd::read_png;
+use hdb::io::png::read_png;
 
 /// The training settings `hdb finetune` and `hdb personalize` share.
 #[derive(clap::Args, Debug)]

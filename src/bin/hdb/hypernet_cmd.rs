@@ -11,43 +11,7 @@ use hdb::io::safetensors::SafetensorsFile;
 use hdb::model::random::RandomWeights;
 use hdb::placed::PlacedHypernet;
 
-/// Reads a PNG as RGB8 (gray, alpha and 16-bit images converted): (pixels, width, height).
-pub fn read_png(path: &Path) -> hdb::Result<(Vec<u8>, usize, usize)> {
-    let bad = |e: String| hdb::Error::InvalidFile {
-        path: path.to_path_buf(),
-        format: "PNG",
-        reason: e,
-    };
-    let file = std::fs::File::open(path).map_err(|e| hdb::Error::io(path, e))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
-    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = dec.read_info().map_err(|e| bad(e.to_string()))?;
-    let mut buf = vec![
-        0;
-        reader
-            .output_buffer_size()
-            .ok_or_else(|| bad("image too large".into()))?
-    ];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| bad(e.to_string()))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let px = &buf[..info.buffer_size()];
-    let rgb: Vec<u8> = match info.color_type {
-        png::ColorType::Rgb => px.to_vec(),
-        png::ColorType::Rgba => px
-            .chunks_exact(4)
-            .flat_map(|p| [p[0], p[1], p[2]])
-            .collect(),
-        png::ColorType::Grayscale => px.iter().flat_map(|&g| [g, g, g]).collect(),
-        png::ColorType::GrayscaleAlpha => px
-            .chunks_exact(2)
-            .flat_map(|p| [p[0], p[0], p[0]])
-            .collect(),
-        png::ColorType::Indexed => return Err(bad("palette image was not expanded".into())),
-    };
-    Ok((rgb, w, h))
-}
+use hdb::io::png::read_png;
 
 pub fn predict(
     hypernet: &Path,

@@ -56,6 +56,20 @@ pub fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
             dtypes.join(", ")
         );
     }
+    let unused = hdb::model::unused::unused_tensors(&model);
+    if !unused.tensors.is_empty() {
+        println!();
+        println!(
+            "unused:        {} tensor(s) read by no component (ignored):",
+            unused.tensors.len()
+        );
+        for k in &unused.tensors {
+            println!("  {k}");
+        }
+    }
+    for (c, why) in &unused.unchecked {
+        println!("unchecked:     {} (cannot be built here: {why})", c.name());
+    }
     if list_tensors {
         for (c, cw) in &model.components {
             for (name, w) in cw.weights.iter() {

@@ -13,6 +13,7 @@ mod bench_finetune;
 #[cfg(feature = "cuda")]
 mod bench_kernels;
 mod bench_pipeline;
+mod bench_soak;
 mod demo;
 mod finetune_cmd;
 mod generate;
@@ -375,6 +376,27 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Thousands of identity swaps and a run of small generations at SD 1.5's size (random
+    /// weights) in one process: resident memory, descriptors and mappings must stay flat.
+    Soak {
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Identity swaps (UNet and text encoder, merge and runtime modes).
+        #[arg(long, default_value_t = 2000)]
+        swaps: usize,
+        /// Generations of 2 images, one step each, with changing identities.
+        #[arg(long, default_value_t = 40)]
+        generations: usize,
+        /// Distinct identities swapped between.
+        #[arg(long, default_value_t = 4)]
+        identities: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Most resident-memory growth allowed in the second half, in MB.
+        #[arg(long, default_value_t = 32.0)]
+        max_growth_mb: f64,
+    },
     /// SD 1.5 UNet forward: batch 2 (classifier-free guidance), 64x64 latents, 77x768 context.
     Unet {
         /// CPU threads (default: all cores).
@@ -544,6 +566,24 @@ fn main() -> ExitCode {
         Command::Bench {
             what: BenchWhat::Kernels { arch, runs },
         } => bench_kernels::run(&arch, runs),
+        Command::Bench {
+            what:
+                BenchWhat::Soak {
+                    threads,
+                    swaps,
+                    generations,
+                    identities,
+                    size,
+                    max_growth_mb,
+                },
+        } => bench_soak::run(bench_soak::SoakArgs {
+            threads,
+            swaps,
+            generations,
+            identities,
+            size,
+            max_growth_mb,
+        }),
         Command::Bench {
             what:
                 BenchWhat::Adapter {

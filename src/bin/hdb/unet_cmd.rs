@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hdb::adapter::apply::ApplyMode;
-use hdb::io::safetensors::{read_as_f32, write_f32, SafetensorsFile};
+use hdb::io::safetensors::{write_f32, SafetensorsFile};
 use hdb::model::unet::UnetInput;
 use hdb::{Engine, Session};
 
@@ -28,27 +28,16 @@ pub fn unet(
         format: "UNet input",
         reason: format!("'{name}' has shape {shape:?}, expected {want}"),
     };
-    let (s_shape, sample) = read_as_f32(&inp, "sample")?;
-    let [b, c, h, w] = s_shape[..] else {
-        return Err(bad("sample", &s_shape, "[B, 4, H, W]"));
-    };
-    let (t_shape, mut t) = read_as_f32(&inp, "timestep")?;
-    if t.len() == 1 && b > 1 {
-        t = vec![t[0]; b]; // a scalar timestep applies to the whole batch, as in diffusers
-    } else if t.len() != b || t_shape.len() > 1 {
-        return Err(bad("timestep", &t_shape, &format!("[{b}] or a scalar")));
-    }
-    let (c_shape, ctx) = read_as_f32(&inp, "encoder_hidden_states")?;
-    let [cb, l, _] = c_shape[..] else {
-        return Err(bad("encoder_hidden_states", &c_shape, "[B, L, C]"));
-    };
-    if cb != b {
-        return Err(bad(
-            "encoder_hidden_states",
-            &c_shape,
-            &format!("batch {b} like 'sample'"),
-        ));
-    }
+    let ins = hdb::io::inputs::UnetInputs::read(&inp)?;
+    let (b, c, h, w, l) = (
+        ins.batch,
+        ins.channels,
+        ins.height,
+        ins.width,
+        ins.context_len,
+    );
+    let s_shape = [b, c, h, w];
+    let c_shape = [b, l, ins.context_dim];
     let model = load_model(model_path)?;
     let engine = Arc::new(Engine::new(Arc::new(rt), model));
     let start = std::time::Instant::now();
@@ -76,18 +65,13 @@ pub fn unet(
     };
     let mut session = Session::new(engine.clone());
     session.set_adapters(&set, mode)?;
-    if inp.get("adapter_index").is_some() {
-        let idx = read_as_f32(&inp, "adapter_index")?
-            .1
-            .iter()
-            .map(|&v| v as i32)
-            .collect();
-        session.set_sample_adapters(Some(idx))?;
+    if ins.adapter_index.is_some() {
+        session.set_sample_adapters(ins.adapter_index.clone())?;
     }
     let x = UnetInput {
-        sample: &sample,
-        timesteps: &t,
-        context: &ctx,
+        sample: &ins.sample,
+        timesteps: &ins.timesteps,
+        context: &ins.context,
         batch: b,
         height: h,
         width: w,

@@ -269,6 +269,19 @@ struct StepSaved<B: Backend> {
     attention: Option<T2dSaved<B>>,
 }
 
+/// The size an up block's upsampler produces: the next skip's (the one before `range`, which
+/// the next block consumes first), `None` for the last block.
+fn up_target<B: Backend>(
+    skips: &[Act<B>],
+    range: &std::ops::Range<usize>,
+) -> Option<(usize, usize)> {
+    range
+        .start
+        .checked_sub(1)
+        .and_then(|i| skips.get(i))
+        .map(|s| (s.h, s.w))
+}
+
 /// A block's saved state: its steps and the resampler's input.
 struct BlockState<B: Backend> {
     steps: Vec<StepSaved<B>>,
@@ -381,6 +394,7 @@ impl<B: Backend> Unet<B> {
         i: usize,
         x: Act<B>,
         skips: &[Act<B>],
+        target: Option<(usize, usize)>,
         keep: bool,
     ) -> Result<(Act<B>, Option<BlockState<B>>)> {
         let be = c.be;
@@ -413,11 +427,23 @@ impl<B: Backend> Unet<B> {
         let mut resample_in = None;
         if let Some(us) = &blk.resample {
             let pre = x.dims();
-            let up = be.upsample_nearest2x(&x.data, (x.b * x.c, x.h, x.w))?;
+            // As the forward (model/unet.rs): at odd latent sizes the upsample is cropped to
+            // the next skip's size.
+            let (th, tw) = target.unwrap_or((2 * x.h, 2 * x.w));
+            if th + 1 < 2 * x.h || th > 2 * x.h || tw + 1 < 2 * x.w || tw > 2 * x.w {
+                return Err(Error::Internal(format!(
+                    "UNet: a {}x{} level cannot be upsampled to its skip's {th}x{tw}",
+                    x.h, x.w
+                )));
+            }
+            let mut up = be.upsample_nearest2x(&x.data, (x.b * x.c, x.h, x.w))?;
+            if (th, tw) != (2 * x.h, 2 * x.w) {
+                up = be.crop_top_left(&up, (x.b * x.c, 2 * x.h, 2 * x.w), (th, tw))?;
+            }
             let up = Act {
                 data: up,
-                h: 2 * x.h,
-                w: 2 * x.w,
+                h: th,
+                w: tw,
                 ..x
             };
             x = us.forward(be, &up)?;
@@ -443,6 +469,10 @@ impl<B: Backend> Unet<B> {
         let blk = &self.up[i];
         if let (Some(us), Some((up, pre))) = (&blk.resample, &s.resample_in) {
             g = us.backward(be, up, &g)?.data;
+            if (up.h, up.w) != (2 * pre.h, 2 * pre.w) {
+                let planes = pre.b * pre.c;
+                g = be.uncrop_top_left(&g, (planes, up.h, up.w), (2 * pre.h, 2 * pre.w))?;
+            }
             g = be.upsample_nearest2x_backward(&g, (pre.b * pre.c, pre.h, pre.w))?;
         }
         let mut per_step = Vec::new();
@@ -540,7 +570,8 @@ impl<B: Backend> Unet<B> {
             let k = self.up[i].resnets.len();
             let range = used - k..used;
             up_in.push(if keep { None } else { Some(x.clone_act(be)?) });
-            let (y, st) = self.up_forward(&c, i, x, &skips[range.clone()], keep)?;
+            let target = up_target(&skips, &range);
+            let (y, st) = self.up_forward(&c, i, x, &skips[range.clone()], target, keep)?;
             up_state.push(st);
             up_skip_range.push(range);
             used -= k;
@@ -574,7 +605,14 @@ impl<B: Backend> Unet<B> {
                 None => {
                     let input = up_in[i].take().ok_or_else(lost)?;
                     recomputed = self
-                        .up_forward(&c, i, input, &skips[range.clone()], true)?
+                        .up_forward(
+                            &c,
+                            i,
+                            input,
+                            &skips[range.clone()],
+                            up_target(&skips, &range),
+                            true,
+                        )?
                         .1;
                     recomputed.as_ref().ok_or_else(lost)?
                 }

@@ -226,6 +226,17 @@ impl SchedulerConfig {
                 ),
             ));
         }
+        // Tables of this length are allocated below and at every generation: bound it first.
+        if num_train_timesteps > crate::limits::MAX_TRAIN_TIMESTEPS {
+            return Err(bad_file(
+                path,
+                format!(
+                    "key 'num_train_timesteps': {num_train_timesteps} is above hdb's limit of {} \
+                     (SD uses 1000)",
+                    crate::limits::MAX_TRAIN_TIMESTEPS
+                ),
+            ));
+        }
         let beta_schedule = match string("beta_schedule")?.unwrap_or("linear") {
             "linear" => BetaSchedule::Linear,
             "scaled_linear" => BetaSchedule::ScaledLinear,
@@ -314,13 +325,24 @@ impl SchedulerConfig {
                 "null (a UNet predicting only the noise)",
             ));
         }
+        let steps_offset = uint("steps_offset", 0)?;
+        if steps_offset >= num_train_timesteps {
+            // The first timestep would lie past the noise tables (diffusers fails on it too).
+            return Err(bad_file(
+                path,
+                format!(
+                    "key 'steps_offset': {steps_offset} is not below num_train_timesteps \
+                     {num_train_timesteps}"
+                ),
+            ));
+        }
         let cfg = SchedulerConfig {
             num_train_timesteps,
             beta_start: num("beta_start", 0.0001)?,
             beta_end: num("beta_end", 0.02)?,
             beta_schedule,
             trained_betas,
-            steps_offset: uint("steps_offset", 0)?,
+            steps_offset,
             timestep_spacing,
             prediction_type,
             set_alpha_to_one: boolean("set_alpha_to_one", true)?,

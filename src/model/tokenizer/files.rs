@@ -20,7 +20,7 @@ pub(super) fn invalid(path: &Path, format: &'static str, reason: impl Into<Strin
 }
 
 pub(super) fn read_json_file(path: &Path) -> Result<Value> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read_file(path)?;
     serde_json::from_slice(&bytes).map_err(|e| invalid(path, "JSON", e.to_string()))
 }
 

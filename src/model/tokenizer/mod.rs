@@ -226,7 +226,7 @@ impl ClipTokenizer {
                     ));
                 }
                 let v = parse_vocab(&vp, &read_json_file(&vp)?)?;
-                let text = std::fs::read_to_string(&mp).map_err(|e| Error::io(&mp, e))?;
+                let text = crate::io::read_text(&mp)?;
                 let m = parse_merges_txt(&text).map_err(|r| invalid(&mp, "merges.txt", r))?;
                 (v, m, vp, mp)
             }

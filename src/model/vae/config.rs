@@ -267,6 +267,24 @@ impl VaeConfig {
                 .saturating_sub(1)
     }
 
+    /// Checks that the decoder's largest activations for `batch` images of `height` x `width`
+    /// pixels could be allocated on the host now: its last block holds about four live
+    /// `[batch, block_out_channels[0], height, width]` f32 buffers. An image size the machine
+    /// cannot hold is then [`crate::Error::OutOfMemory`], not an abort halfway through.
+    pub fn check_decode_memory(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+    ) -> crate::Result<()> {
+        let c0 = self.block_out_channels.first().copied().unwrap_or(1);
+        let bytes = crate::limits::product(&[batch, c0, height, width, 4, 4]);
+        crate::limits::probe(
+            bytes.unwrap_or(usize::MAX),
+            &format!("the VAE decoder's activations for {batch} image(s) of {width}x{height}"),
+        )
+    }
+
     pub(super) fn validate(&self) -> std::result::Result<(), String> {
         let n = self.block_out_channels.len();
         if n == 0 || n > MAX_BLOCKS {
