@@ -9,7 +9,8 @@ UNet gradient checkpointing as hdb (on by default; --no-checkpointing turns both
 The VAE encoding of the face happens once before the steps in both, so it is not timed.
 Prints one JSON line: {"peer": "pytorch-eager", "torch": ..., "diffusers": ..., "peft": ...,
 "threads": N, "latent": S, "checkpointing": bool, "median_s": ..., "runs_s": [...],
-"peak_mb": ..., "peak_kind": ...} (CPU: ru_maxrss, weights included; CUDA: the caching
+"warmup_s": ..., "total_s": (warm-up step and runs together), "peak_mb": ..., "peak_kind": ...}
+(CPU: ru_maxrss, weights included; CUDA: the caching
 allocator's peak reservation). --device cuda keeps the frozen weights in fp16 and the LoRA
 parameters in f32, as hdb does.
 
@@ -78,6 +79,7 @@ def main():
     latents = (torch.randn(1, 4, s, s) * 0.18215).to(dev, dtype)
     ids = torch.randint(0, 49408, (1, 77)).to(dev)
     times = []
+    warmup = 0.0
     for i in range(args.runs + 1):
         t0 = time.perf_counter()
         noise = torch.randn_like(latents)
@@ -96,10 +98,13 @@ def main():
         print(f"{'warm-up' if i == 0 else 'run'} {dt:.3f} s, loss {loss.item():.4f}", file=sys.stderr)
         if i > 0:
             times.append(dt)
+        else:
+            warmup = dt
     print(json.dumps({
         "peer": "pytorch-eager", "torch": torch.__version__, "diffusers": diffusers.__version__,
         "peft": peft.__version__, "threads": args.threads, "latent": s, "checkpointing": checkpointing,
-        "median_s": statistics.median(times), "runs_s": times,
+        "median_s": statistics.median(times) if times else None, "runs_s": times,
+        "warmup_s": warmup, "total_s": warmup + sum(times),
         "peak_mb": (torch.cuda.max_memory_reserved() / 2**20 if args.device == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
         "peak_kind": "device memory reserved" if args.device == "cuda" else "RSS",

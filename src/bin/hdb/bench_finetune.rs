@@ -20,7 +20,7 @@ use hdb::Engine;
 
 /// Resets the kernel's peak-RSS counter of this process (Linux `clear_refs` 5), so the next
 /// reading covers only what follows.
-fn reset_peak_rss() {
+pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
@@ -39,7 +39,7 @@ pub fn cpu_model() -> String {
 
 /// Device memory in use on the runtime's GPU, in GB (the allocator's pool included: after a
 /// run, an upper bound of its peak); `None` on the CPU.
-fn device_memory_gb(engine: &Engine) -> Option<f64> {
+pub fn device_memory_gb(engine: &Engine) -> Option<f64> {
     #[cfg(feature = "cuda")]
     if let Some(dev) = engine.runtime().cuda() {
         return dev

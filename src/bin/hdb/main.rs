@@ -12,6 +12,7 @@ mod bench_cuda_models;
 mod bench_finetune;
 #[cfg(feature = "cuda")]
 mod bench_kernels;
+mod bench_personalize;
 mod bench_pipeline;
 mod bench_soak;
 mod demo;
@@ -295,6 +296,24 @@ enum BenchWhat {
         #[arg(long)]
         peer_python: Option<PathBuf>,
     },
+    /// One whole personalization at SD 1.5 shapes with random weights, as `hdb personalize`
+    /// runs it: the default hypernetwork's prediction from a 512x512 face, then rank-4
+    /// finetuning steps with checkpointing; wall time of each part and in all, peak memory.
+    Personalize {
+        /// CPU threads (default 0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Finetuning steps (the paper's and `hdb personalize`'s default: 40).
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// Where it runs: cpu, cuda, cuda:N or auto; the peer runs on the same kind.
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: hdb::runtime::DeviceRequest,
+        /// Also run the PyTorch peer (tools/hypernet_ref.py's prediction and
+        /// tools/bench_torch_finetune.py's steps) with this Python, on the same threads.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
     /// One hypernetwork prediction at the default config (ViT-H/14, d_model 1024, 176 layer
     /// tokens, 4 iterations) with random weights, optionally against the PyTorch reference.
     Hypernet {
@@ -471,6 +490,15 @@ fn main() -> ExitCode {
                     peer_python,
                 },
         } => bench_finetune::run(threads, runs, size, device, peer_python.as_deref()),
+        Command::Bench {
+            what:
+                BenchWhat::Personalize {
+                    threads,
+                    steps,
+                    device,
+                    peer_python,
+                },
+        } => bench_personalize::run(threads, steps, device, peer_python.as_deref()),
         Command::Bench {
             what:
                 BenchWhat::Hypernet {
