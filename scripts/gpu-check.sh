@@ -199,8 +199,8 @@ if want bench; then
   fi
 fi
 
-# Training on the GPU (issue 16): rank-relaxed finetuning steps at 512x512 against the PyTorch
-# peer (diffusers + peft) on the same GPU. Not in the default phases: run it as its own call,
+# Training on the GPU (issue 16): rank-relaxed finetuning steps at 512x512, then one whole
+# personalization, against the PyTorch peer (diffusers + peft) on the same GPU. Not in the default phases: run it as its own call,
 # `scripts/gpu-check.sh train`, once the parity phase is green.
 if want train; then
   t_train=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 ))
@@ -211,6 +211,16 @@ if want train; then
     timeout "$t_train" "$bin/hdb" bench finetune --device cuda --runs 5 --peer-python python3 2>&1 |
       tee "$out/bench-finetune.log"
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: finetune bench failed"; status=1; }
+  fi
+  # One whole personalization (prediction + 40 steps) against the paper's ~20 s and the peer.
+  t_pers=$(( $(left) - 20 < 240 ? $(left) - 20 : 240 ))
+  if [ "$t_pers" -lt 60 ]; then
+    echo "gpu-check: $(left) s left before the deadline: personalize bench skipped"; status=1
+  else
+    echo "== personalize (hdb bench personalize --device cuda, PyTorch peer; at most $t_pers s)"
+    timeout "$t_pers" "$bin/hdb" bench personalize --device cuda --peer-python python3 2>&1 |
+      grep -v '^step ' | tee "$out/bench-personalize.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: personalize bench failed"; status=1; }
   fi
 fi
 
@@ -229,7 +239,7 @@ if want bench; then
   grep -E "^(render|  per denoising|swap|total)" "$out/demo.log" 2>/dev/null | sed 's/^/demo: /'
 fi
 if want train; then
-  grep -E "^(hdb |peer|ratio)" "$out/bench-finetune.log" 2>/dev/null
+  grep -E "^(hdb |peer|ratio)" "$out/bench-finetune.log" "$out/bench-personalize.log" 2>/dev/null
 fi
 want memcheck && grep "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
 echo "gpu-check: $([ $status = 0 ] && echo PASS || echo FAIL)"
