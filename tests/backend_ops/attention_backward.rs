@@ -12,7 +12,7 @@
 
 use hdb::backend::AttnDims;
 
-use crate::harness::{Gen, OpCase, Out, Tol, Tols, ALL};
+use crate::harness::{Gen, OpCase, Out, Tol, Tols, ALL, HALF};
 use crate::target::Op;
 
 const BACKWARD: Tols = Tols::per(Tol::rel(1e-5), Tol::rel(1.5e-3), Tol::rel(1.2e-2));
@@ -121,6 +121,40 @@ pub fn cases() -> Vec<OpCase> {
             )
             .tol(BACKWARD)
             .run_outputs(move |t, i| Ok(split(t.attention_backward_with(i, d, rows)?, &d))),
+        );
+    }
+    // The flash kernels (f16, bf16: `flash_attn_bwd_*`) at shapes the kernel emulation runs:
+    // lq and lk off the 64- (d 160: 32-) row tiles, SD's 77 text tokens, one query row, causal,
+    // every head dim, and the key kernel's query tiles in one split, several, and the
+    // heuristic's; then SD-sized ones for a real GPU (cross-attention at 64 x 64 latents, where
+    // the heuristic splits; the other SD shapes above take the flash path through the backend).
+    for (d, splits) in [
+        (dims(1, 1, 70, 77, 40), Some(1)),
+        (dims(1, 1, 70, 77, 40), Some(2)),
+        (dims(1, 1, 64, 64, 64), None),
+        (dims(2, 1, 33, 20, 80), None),
+        (dims(1, 1, 40, 45, 160), Some(2)),
+        (dims(1, 1, 130, 9, 64), Some(3)),
+        (dims(1, 1, 1, 5, 40), None),
+        (causal(1, 1, 77, 64), Some(1)),
+        (causal(1, 1, 77, 64), None),
+        (causal(1, 1, 70, 40), Some(2)),
+        (causal(1, 1, 45, 160), None),
+        (dims(2, 8, 4096, 77, 40), None),
+        (dims(1, 8, 1024, 77, 80), Some(1)),
+    ] {
+        v.push(
+            inputs(
+                OpCase::new(format!(
+                    "{} splits {}",
+                    name("attention_backward_flash", &d),
+                    splits.map_or("auto".to_string(), |n| n.to_string())
+                )),
+                &d,
+            )
+            .dtypes(HALF)
+            .tol(BACKWARD)
+            .run_outputs(move |t, i| Ok(split(t.attention_backward_flash(i, d, splits)?, &d))),
         );
     }
     // The row kernel alone (f32 scores and dP of a few units): rows not a multiple of the
