@@ -429,12 +429,9 @@ fn compare_gradients<T: BlasElem>(
         worst.0,
         worst.1
     );
-    // NaN compares false: a NaN loss or max|grad| fails through `is_finite`.
-    if gv.len() != w.len()
-        || !(scale > 0.0 && loss.is_finite())
-        || worst.0 > tol
-        || !(loss_rel <= tol)
-    {
+    // A NaN loss or largest gradient fails here (NaN gradients make `worst` infinite).
+    let finite = scale.is_finite() && scale > 0.0 && loss_rel.is_finite();
+    if gv.len() != w.len() || !finite || worst.0 > tol || loss_rel > tol {
         failures.push(format!(
             "grad {case} {}: worst gradient {:.2e} of max|grad| {scale:.3e} at {} (hdb {} vs cpu {}), loss {loss} vs {cpu_loss}",
             T::SUFFIX,

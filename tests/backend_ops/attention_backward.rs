@@ -125,9 +125,11 @@ pub fn cases() -> Vec<OpCase> {
     }
     // The flash kernels (f16, bf16: `flash_attn_bwd_*`) at shapes the kernel emulation runs:
     // lq and lk off the 64- (d 160: 32-) row tiles, SD's 77 text tokens, one query row, causal,
-    // every head dim, and the key kernel's query tiles in one split, several, and the
-    // heuristic's; then SD-sized ones for a real GPU (cross-attention at 64 x 64 latents, where
-    // the heuristic splits; the other SD shapes above take the flash path through the backend).
+    // every head dim, several heads and batch elements (the head's columns, the statistics'
+    // rows), and the key kernel's query tiles in one split, several, and the heuristic's; then
+    // SD-sized ones for a real GPU (cross-attention at 64 x 64 latents, where the heuristic
+    // splits; the other SD shapes above take the flash path through the backend in f16 and
+    // bf16).
     for (d, splits) in [
         (dims(1, 1, 70, 77, 40), Some(1)),
         (dims(1, 1, 70, 77, 40), Some(2)),
@@ -140,6 +142,8 @@ pub fn cases() -> Vec<OpCase> {
         (causal(1, 1, 77, 64), None),
         (causal(1, 1, 70, 40), Some(2)),
         (causal(1, 1, 45, 160), None),
+        (dims(2, 3, 20, 77, 40), Some(2)),
+        (causal(2, 2, 33, 64), None),
         (dims(2, 8, 4096, 77, 40), None),
         (dims(1, 8, 1024, 77, 80), Some(1)),
     ] {
