@@ -647,7 +647,8 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<bf16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash1)?;
-    bench_cuda_backward::rows(&dev, &scale.attn_backward(), runs, &peer, &mut rows)?;
+    let backward_notes =
+        bench_cuda_backward::rows(&dev, &scale.attn_backward(), runs, &peer, &mut rows)?;
     linear_rows(&dev, &scale.linear, runs, &peer, &mut rows)?;
     let convs = conv_rows(&dev, &scale.conv, runs, &peer, &mut rows)?;
 
@@ -852,6 +853,9 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
         );
     }
     println!();
+    for n in &backward_notes {
+        println!("{n}");
+    }
     print_conv_summary(&convs);
     println!();
     println!(

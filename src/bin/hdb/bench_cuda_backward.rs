@@ -39,16 +39,18 @@ pub(crate) fn peer_args(shapes: &[BackwardShape]) -> Vec<String> {
         .collect()
 }
 
-/// The rows in f16 and bf16.
+/// The rows in f16 and bf16; returns a summary line per type for the notes after the table.
 pub(crate) fn rows(
     dev: &CudaDevice,
     shapes: &[BackwardShape],
     runs: usize,
     peer: &serde_json::Value,
     rows: &mut Rows,
-) -> Result<()> {
-    rows_of::<f16>(dev, shapes, runs, peer, rows)?;
-    rows_of::<bf16>(dev, shapes, runs, peer, rows)
+) -> Result<Vec<String>> {
+    Ok(vec![
+        rows_of::<f16>(dev, shapes, runs, peer, rows)?,
+        rows_of::<bf16>(dev, shapes, runs, peer, rows)?,
+    ])
 }
 
 fn rows_of<T: BlasElem>(
@@ -57,8 +59,11 @@ fn rows_of<T: BlasElem>(
     runs: usize,
     peer: &serde_json::Value,
     rows: &mut Rows,
-) -> Result<()> {
+) -> Result<String> {
     let mut rng = SplitMix64(23);
+    // Sums over the shapes: the backend's choice, the materialised path, PyTorch's backward
+    // (None once a shape lacks the peer's figure).
+    let (mut auto, mut mat, mut torch) = (0.0, 0.0, Some(0.0));
     for &(b, h, lq, lk, d, causal) in shapes {
         let hd = h * d;
         let (nq, nk) = (b * lq * hd, b * lk * hd);
@@ -98,6 +103,12 @@ fn rows_of<T: BlasElem>(
                 path = backward(kernel)?;
                 Ok(())
             })?;
+            if kernel == AttnBackwardKernel::Auto {
+                auto += ms;
+                torch = torch.zip(peer_ms("bwd_ms")).map(|(a, b)| a + b);
+            } else {
+                mat += ms;
+            }
             rows.push(Row {
                 what: format!("attention backward {label} ({path})"),
                 ours_ms: ms,
@@ -124,5 +135,14 @@ fn rows_of<T: BlasElem>(
             peer_ms: peer_ms("fwd_bwd_ms"),
         });
     }
-    Ok(())
+    let vs_torch = torch.map_or(String::new(), |t| {
+        format!(", PyTorch SDPA backward {t:.3} ms ({:.2}x)", t / auto)
+    });
+    Ok(format!(
+        "attention backward {}, all {} shapes: the backend's choice (flash where it applies) \
+         {auto:.3} ms, materialised {mat:.3} ms ({:.2}x){vs_torch}",
+        T::SUFFIX,
+        shapes.len(),
+        mat / auto
+    ))
 }
