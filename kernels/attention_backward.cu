@@ -72,11 +72,14 @@
 //
 // Checked (no GPU has run these kernels yet): against the CPU backend under the kernel
 // emulation (tests/backend_ops emu::attention_backward: tile edges, lk = 77, causal, every head
-// dim, splits), on the emulated GPU (gpu::attention_backward, and the whole-model gradients
-// of tests/cuda_models.rs on Cuda<f16|bf16>), and compiled by NVRTC for sm_80 and sm_90
-// (tests/kernels_compile.rs). Timing, register use and spills (d = 160: the dkv kernel holds
-// 160 f32 accumulators a thread) wait for a GPU: scripts/gpu-check.sh prints both paths'
-// times in `hdb bench cuda`.
+// dim, several heads and batch elements, splits), on the emulated GPU (gpu::attention_backward,
+// and the whole-model gradients of tests/cuda_models.rs on Cuda<f16|bf16> through these
+// kernels), and compiled by NVRTC for sm_80 and sm_90 (tests/kernels_compile.rs). Registers,
+// from ptxas through NVRTC 12.8 (cubin for sm_80 / sm_90, -Xptxas -v): no spills; dq 126-168
+// a thread, dkv 140 (d 40) to 251 (d 160: 160 f32 accumulators), so 2 to 4 blocks an SM by
+// registers and 2 (d 160) to 5 (d 40, on an H100) by shared memory. Timing waits for a GPU:
+// `hdb bench cuda` (scripts/gpu-check.sh's bench phase) prints both paths against PyTorch's
+// SDPA backward.
 //
 // ---------------------------------------------------------------------------------------------
 // attention_backward_rows_{f32,f16,bf16}(T* p, T* ds, const float* s, const float* dp,
@@ -155,9 +158,10 @@ HDB_FOR_EACH_DTYPE(HDB_ATTENTION_BACKWARD)
 // products over the head dim (d = 40 pads to 48), which the copies below never write.
 template <int D, int DP, int SK>
 __device__ __forceinline__ void bwd_zero_pad(unsigned short* s, int rows) {
+    constexpr int W = DP > D ? DP - D : 1; // never 0: NVRTC warns on `% 0` in the dead branch
     if (DP > D)
-        for (int i = threadIdx.x; i < rows * (DP - D); i += blockDim.x)
-            s[(i / (DP - D)) * SK + D + i % (DP - D)] = 0;
+        for (int i = threadIdx.x; i < rows * W; i += blockDim.x)
+            s[(i / W) * SK + D + i % W] = 0;
 }
 
 // `rows` rows of D elements, global rows r0 on (row stride ld), into shared memory at `dst`
