@@ -361,19 +361,6 @@ __device__ __forceinline__ void attention_scalar(T* __restrict__ out, const T* _
     }
 HDB_FOR_EACH_DTYPE(HDB_ATTN_SCALAR)
 
-__device__ __forceinline__ void ldsm_x2_t(unsigned int& r0, unsigned int& r1, unsigned int addr) {
-#ifdef HDB_EMULATE
-    unsigned int r[2];
-    hdb_emu::ldmatrix(2, true, r, addr);
-    r0 = r[0];
-    r1 = r[1];
-#else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-                 : "=r"(r0), "=r"(r1)
-                 : "r"(addr));
-#endif
-}
-
 template <typename T, int D, int BN, int WARPS>
 __device__ __forceinline__ void flash2_attn(T* __restrict__ out, const T* __restrict__ q,
                                             const T* __restrict__ k, const T* __restrict__ v,

@@ -308,3 +308,18 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned int (&r)[4], unsigned int add
                  : "r"(addr));
 #endif
 }
+
+// ldmatrix.x2.trans: the B fragment (b0, b1) of one 8-column n-tile from a row-major
+// [k][n] tile; lanes 0-15 give the row addresses (lanes 16-31's are ignored).
+__device__ __forceinline__ void ldsm_x2_t(unsigned int& r0, unsigned int& r1, unsigned int addr) {
+#ifdef HDB_EMULATE
+    unsigned int r[2];
+    hdb_emu::ldmatrix(2, true, r, addr);
+    r0 = r[0];
+    r1 = r[1];
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr));
+#endif
+}

@@ -389,6 +389,60 @@ fn adapter_gradient_gemm_on_cuda_matches_the_cpu() {
 // (fp16 and bf16 activations through two passes of the UNet and the text encoder).
 // ---------------------------------------------------------------------------------------------
 
+/// The gradient tolerance of [`grad_cases`] and [`flash_grad_case`], relative to the
+/// largest CPU gradient.
+fn grad_tol<T: BlasElem>() -> f64 {
+    match T::SUFFIX {
+        "f32" => 1e-4,
+        "f16" => 2e-2,
+        _ => 6e-2,
+    }
+}
+
+/// Pushes a failure unless every gradient of `got` is within [`grad_tol`] of the largest of
+/// `want` (and the loss within it relatively); prints the worst element either way.
+fn compare_gradients<T: BlasElem>(
+    case: &str,
+    (cpu_loss, want): (f64, &[hdb::train::LayerGrad]),
+    (loss, got): (f64, &[hdb::train::LayerGrad]),
+    failures: &mut Vec<String>,
+) {
+    let tol = grad_tol::<T>();
+    let flat = |g: &[hdb::train::LayerGrad]| -> Vec<f32> {
+        g.iter()
+            .flat_map(|l| l.down.iter().chain(&l.up).copied())
+            .collect()
+    };
+    let (w, gv) = (flat(want), flat(got));
+    let scale = w.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
+    let mut worst = (0f64, 0usize);
+    for (i, (a, b)) in gv.iter().zip(&w).enumerate() {
+        let e = (*a as f64 - *b as f64).abs() / scale;
+        if e.is_nan() || e > worst.0 {
+            worst = (if e.is_nan() { f64::INFINITY } else { e }, i);
+        }
+    }
+    let loss_rel = ((loss - cpu_loss) / cpu_loss).abs();
+    println!(
+        "cuda-parity grad/{case} {} loss {loss:.6} (cpu {cpu_loss:.6}) worst gradient {:.2e} of max|grad| at {} (tol {tol:e})",
+        T::SUFFIX,
+        worst.0,
+        worst.1
+    );
+    // A NaN loss or largest gradient fails here (NaN gradients make `worst` infinite).
+    let finite = scale.is_finite() && scale > 0.0 && loss_rel.is_finite();
+    if gv.len() != w.len() || !finite || worst.0 > tol || loss_rel > tol {
+        failures.push(format!(
+            "grad {case} {}: worst gradient {:.2e} of max|grad| {scale:.3e} at {} (hdb {} vs cpu {}), loss {loss} vs {cpu_loss}",
+            T::SUFFIX,
+            worst.0,
+            worst.1,
+            gv.get(worst.1).copied().unwrap_or(f32::NAN),
+            w.get(worst.1).copied().unwrap_or(f32::NAN),
+        ));
+    }
+}
+
 fn grad_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
     use hdb::io::safetensors::SafetensorsFile;
     use hdb::model::text_encoder::TextEncoder;
@@ -396,11 +450,6 @@ fn grad_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
     let m = tiny_sd();
     let bases = hdb::adapter::lidb::BasisCache::default();
     let table = m.adaptable_layers();
-    let tol = match T::SUFFIX {
-        "f32" => 1e-4,
-        "f16" => 2e-2,
-        _ => 6e-2,
-    };
     let cpu_unet = Unet::from_model(&m).expect("unet");
     let cpu_te = TextEncoder::from_model(&m).expect("text encoder");
     let be = Cuda::<T>::new(dev.clone());
@@ -435,41 +484,14 @@ fn grad_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
                 continue;
             }
         };
-        let flat = |g: &[hdb::train::LayerGrad]| -> Vec<f32> {
-            g.iter()
-                .flat_map(|l| l.down.iter().chain(&l.up).copied())
-                .collect()
-        };
-        let (w, gv) = (flat(&want), flat(&got.1));
-        let scale = w.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
-        let mut worst = (0f64, 0usize);
-        for (i, (a, b)) in gv.iter().zip(&w).enumerate() {
-            let e = (*a as f64 - *b as f64).abs() / scale;
-            if e.is_nan() || e > worst.0 {
-                worst = (if e.is_nan() { f64::INFINITY } else { e }, i);
-            }
-        }
-        let loss_rel = ((got.0 - cpu_loss) / cpu_loss).abs();
-        println!(
-            "cuda-parity grad/{case} {} loss {:.6} (cpu {cpu_loss:.6}) worst gradient {:.2e} of max|grad| at {} (tol {tol:e})",
-            T::SUFFIX,
-            got.0,
-            worst.0,
-            worst.1
-        );
-        if gv.len() != w.len() || worst.0 > tol || loss_rel > tol {
-            failures.push(format!(
-                "grad {case} {}: worst gradient {:.2e} of max|grad| at {} (hdb {} vs cpu {}), loss {} vs {}",
-                T::SUFFIX,
-                worst.0,
-                worst.1,
-                gv.get(worst.1).copied().unwrap_or(f32::NAN),
-                w.get(worst.1).copied().unwrap_or(f32::NAN),
-                got.0,
-                cpu_loss
-            ));
-        }
+        compare_gradients::<T>(case, (cpu_loss, &want), (got.0, &got.1), failures);
     }
+    // The tiny model's head dims (2 to 8) take the materialised attention backward.
+    let (flash, materialized) = be.attention_backward_paths();
+    println!(
+        "cuda-parity grad {}: attention backward calls: flash {flash}, materialized {materialized}",
+        T::SUFFIX
+    );
 }
 
 #[test]
@@ -480,6 +502,128 @@ fn adapter_gradients_on_cuda_match_the_cpu() {
     grad_cases::<f32>(&dev, &mut failures);
     grad_cases::<half::f16>(&dev, &mut failures);
     grad_cases::<half::bf16>(&dev, &mut failures);
+    finish(failures);
+}
+
+/// Whole-model gradients through the flash attention backward: a small random model whose
+/// head dims the flash kernels take (UNet channels 40 and 80 with one head: self-attention at
+/// d 40 over 10 x 10 = 100 latent tokens, two query tiles, the last partial, and d 80 in the mid
+/// block over 25; cross-attention over 77 text tokens; the text encoder's causal
+/// self-attention at d 64 over 77), a rank-2 LoRA on every adaptable layer, token ids so the
+/// text encoder's backward runs too, batch 2. The CPU computes the same model in f32.
+fn flash_grad_case<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {
+    use hdb::model::config::{BlockKind, UnetConfig};
+    use hdb::model::random::RandomWeights;
+    use hdb::model::text_encoder::TextEncoderConfig;
+    use hdb::model::Adaptable;
+    use hdb::train::params::{Layout, TrainLayer};
+    use hdb::train::{loss_and_gradients, Condition, GradInput, Trainable};
+    let te_cfg = TextEncoderConfig {
+        vocab_size: 100,
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        ..TextEncoderConfig::default()
+    };
+    let unet_cfg = UnetConfig {
+        block_out_channels: vec![40, 80],
+        layers_per_block: 1,
+        down_blocks: vec![BlockKind::CrossAttn, BlockKind::Plain],
+        up_blocks: vec![BlockKind::Plain, BlockKind::CrossAttn],
+        heads: vec![1, 1],
+        transformer_layers: vec![1, 1],
+        cross_attention_dim: 128,
+        norm_num_groups: 8,
+        ..UnetConfig::default()
+    };
+    let w = RandomWeights { seed: 16 };
+    let cpu_unet = Unet::load(unet_cfg.clone(), &w).expect("unet");
+    let cpu_te = TextEncoder::load(te_cfg.clone(), &w).expect("text encoder");
+    let be = Cuda::<T>::new(dev.clone());
+    let (gpu_unet, gpu_te) = match (
+        Unet::load_on(be.clone(), unet_cfg, &w),
+        TextEncoder::load_on(be.clone(), te_cfg, &w),
+    ) {
+        (Ok(u), Ok(t)) => (u, t),
+        (Err(e), _) | (_, Err(e)) => {
+            return failures.push(format!("grad flash {}: upload: {e}", T::SUFFIX))
+        }
+    };
+    let mut rng = SplitMix64(0x16f1a5);
+    let mut uniform = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| scale * (2.0 * rng.next_f32() - 1.0))
+            .collect()
+    };
+    let mut table = cpu_unet.adaptable_layers();
+    table.extend(cpu_te.adaptable_layers());
+    let rank = 2;
+    let layers = table
+        .iter()
+        .map(|(key, l)| TrainLayer {
+            key: key.clone(),
+            din: l.din,
+            dout: l.dout,
+            rank,
+            down: uniform(rank * l.din, 1.0 / (l.din as f32).sqrt()),
+            up: uniform(l.dout * rank, 0.5),
+            names: None,
+            scale: 1.0,
+            basis: None,
+        })
+        .collect();
+    let t = Trainable {
+        layout: Layout::Lora {
+            format: hdb::adapter::lora::LoraFormat::Kohya,
+        },
+        layers,
+    };
+    let (b, hw, len) = (2, 10, 77);
+    let input = GradInput {
+        sample: uniform(b * 4 * hw * hw, 1.5),
+        timesteps: vec![999.0, 37.0],
+        target: uniform(b * 4 * hw * hw, 1.5),
+        condition: Condition::Ids {
+            ids: (0..b * len).map(|i| (i * 37 % 100) as u32).collect(),
+            len,
+        },
+        batch: b,
+        height: hw,
+        width: hw,
+    };
+    let (cpu_loss, want) =
+        cpu(|| loss_and_gradients(&cpu_unet, Some(&cpu_te), &t, &input, true)).expect("cpu");
+    let case = "flash-lora-ids";
+    match loss_and_gradients(&gpu_unet, Some(&gpu_te), &t, &input, true) {
+        Ok((loss, got)) => compare_gradients::<T>(case, (cpu_loss, &want), (loss, &got), failures),
+        Err(e) => failures.push(format!("grad {case} {}: {e}", T::SUFFIX)),
+    }
+    // Every attention backward (9: self and cross in the 4 transformer blocks, one in down
+    // block 0, the mid block's, two in up block 1; the text encoder's layer) must have taken
+    // the flash kernels in f16 and bf16, the materialised path in f32.
+    let (flash, materialized) = be.attention_backward_paths();
+    println!(
+        "cuda-parity grad/{case} {}: attention backward calls: flash {flash}, materialized {materialized}",
+        T::SUFFIX
+    );
+    let want_flash = T::SUFFIX != "f32";
+    if (flash > 0) != want_flash || (materialized > 0) == want_flash {
+        failures.push(format!(
+            "grad {case} {}: attention backward took flash {flash} times, materialized {materialized}",
+            T::SUFFIX
+        ));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn adapter_gradients_through_the_flash_attention_backward_match_the_cpu() {
+    let Some(dev) = device() else { return };
+    let mut failures = Vec::new();
+    flash_grad_case::<f32>(&dev, &mut failures);
+    flash_grad_case::<half::f16>(&dev, &mut failures);
+    flash_grad_case::<half::bf16>(&dev, &mut failures);
     finish(failures);
 }
 

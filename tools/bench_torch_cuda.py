@@ -3,6 +3,9 @@
 Times, with CUDA events (median of --runs after --warmup):
 - F.scaled_dot_product_attention at each --attn shape, fp16 and bf16, q/k/v [B, H, L, D]
   contiguous (PyTorch's own best layout; it picks flash / memory-efficient / cuDNN itself);
+- its backward at each --attn-backward shape (b,h,lq,lk,d,causal), fp16 and bf16, q/k/v with
+  requires_grad: the backward alone (torch.autograd.grad of a retained graph, so the forward's
+  saved log-sum-exp is reused) as "bwd_ms", and forward + backward as "fwd_bwd_ms";
 - F.conv2d (cuDNN, fp16, NCHW contiguous, with bias; torch.backends.cudnn.benchmark on, so the
   warm-up runs pick cuDNN's fastest algorithm) at each --conv shape (f32 on --device cpu);
 - a device-to-device copy of --copy-bytes bytes (torch's Tensor.copy_);
@@ -14,7 +17,8 @@ Times, with CUDA events (median of --runs after --warmup):
 
 Prints one JSON line on stdout:
   {"peer": "pytorch", "torch": ..., "device": ..., "attention": [{"b","h","lq","lk","d","dtype",
-   "ms"}...], "conv": [{"b","c_in","c_out","h","w","k","stride","pad","dtype","ms"}...],
+   "ms"}...], "attention_backward": [{"b","h","lq","lk","d","causal","dtype","bwd_ms",
+   "fwd_bwd_ms"}...], "conv": [{"b","c_in","c_out","h","w","k","stride","pad","dtype","ms"}...],
    "copy": {"bytes", "ms"}, "unet": {"ms", "min_ms", "max_ms", "runs", "diffusers",
    "attn_processor"} | null}
 Eager diffusers is bound by Python launching ~1000 kernels a step, so its time follows the
@@ -23,7 +27,7 @@ host CPU: two runs on H100 machines of this workplace gave 24.7 and 49.9 ms (med
 Run on the GPU machine (scripts/gpu-check.sh does):
     python3 tools/bench_torch_cuda.py --attn 2,8,4096,4096,40 --copy-bytes 187000000 --unet
 A CPU smoke test of the argument handling: --device cpu --runs 1 --attn 1,1,16,16,8
---conv 1,4,8,9,9,3,1,1.
+--attn-backward 1,2,16,16,8,1 --conv 1,4,8,9,9,3,1,1.
 """
 
 import argparse
@@ -68,9 +72,33 @@ def timed(fn, warmup, runs, device, spread=None):
     return statistics.median(ts)
 
 
+def attention_backward(b, h, lq, lk, d, causal, name, dt, g, args, dev):
+    """SDPA's backward alone and with its forward, at one shape (grad mode on: the caller is
+    under no_grad)."""
+    with torch.enable_grad():
+        q, k, v = (
+            torch.randn(b, h, n, d, device=dev, dtype=dt, generator=g).requires_grad_()
+            for n in (lq, lk, lk)
+        )
+        do = torch.randn(b, h, lq, d, device=dev, dtype=dt, generator=g)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        # Fresh gradients each call (no accumulation into .grad), the graph kept for the next.
+        bwd = timed(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), args.warmup, args.runs, dev)
+
+        def step():
+            o2 = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.autograd.grad(o2, (q, k, v), do)
+
+        fwd_bwd = timed(step, args.warmup, args.runs, dev)
+    return dict(b=b, h=h, lq=lq, lk=lk, d=d, causal=causal, dtype=name, bwd_ms=bwd, fwd_bwd_ms=fwd_bwd)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attn", action="append", default=[], help="b,h,lq,lk,d (repeatable)")
+    ap.add_argument(
+        "--attn-backward", action="append", default=[], help="b,h,lq,lk,d,causal (0/1): SDPA backward (repeatable)"
+    )
     ap.add_argument(
         "--conv", action="append", default=[], help="b,c_in,c_out,h,w,k,stride,pad (repeatable)"
     )
@@ -93,6 +121,7 @@ def main():
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
         "attention": [],
+        "attention_backward": [],
         "conv": [],
         "linear": [],
         # Whether PyTorch's f32 matmuls may use TF32 (hdb's f32 GEMMs never do).
@@ -114,6 +143,12 @@ def main():
                 v = torch.randn(b, h, lk, d, device=dev, dtype=dt, generator=g)
                 ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup, args.runs, dev)
                 out["attention"].append(dict(b=b, h=h, lq=lq, lk=lk, d=d, dtype=name, ms=ms))
+        for spec in args.attn_backward:
+            b, h, lq, lk, d, causal = (int(v) for v in spec.split(","))
+            for name in args.dtypes.split(","):
+                out["attention_backward"].append(
+                    attention_backward(b, h, lq, lk, d, bool(causal), name, dtypes[name], g, args, dev)
+                )
         if args.conv and dev == "cuda":
             torch.backends.cudnn.benchmark = True
         for spec in args.conv:

@@ -1,18 +1,24 @@
-//! Attention's backward pass: through the backend (the materialised path: cuBLAS around
-//! `attention_backward_rows_*`), with the query chunks forced small, and the row kernel alone
-//! (the kernel emulation runs that; the GEMM plan is checked on the host by the library's
-//! `attention_backward` tests and, with the kernels, by the emulated GPU).
+//! Attention's backward pass: through the backend (f32 and other head dims: the materialised
+//! path, cuBLAS around `attention_backward_rows_*`; f16/bf16 at head dims 40, 64, 80, 160: the
+//! flash kernels `flash_attn_bwd_*`), the materialised path with the query chunks forced small,
+//! the flash kernels with the key kernel's query tiles split as asked, and the row kernel
+//! alone. The kernel emulation runs the flash rows and the row kernel's (the materialised GEMM
+//! plan is checked on the host by the library's `attention_backward` tests and, with the
+//! kernels, by the emulated GPU).
 //!
 //! Tolerances: in f32 every step is f32 with f32 accumulation (the CPU's dot products in
 //! f64): 1e-5 relative L2 (the emulated GPU measured at most 8.5e-7). In f16 and bf16, P and
-//! dS are rounded to T before the GEMMs that read them (dV = P^T dO, dQ = scale dS K,
+//! dS are rounded to T before the products that read them (dV = P^T dO, dQ = scale dS K,
 //! dK = scale dS^T Q), as the forward rounds P before P V, and dq, dk, dv once more at the
-//! end: 1.5e-3 (f16) and 1.2e-2 (bf16) on the relative L2 error of each gradient (the emulated
-//! GPU measured at most 3.5e-4 and 2.5e-3: a real GPU's GEMMs round more than its double sums).
+//! end, on both paths (the flash kernels' S, dP and accumulators are f32 too): 1.5e-3 (f16) and
+//! 1.2e-2 (bf16) on the relative L2 error of each gradient (the emulated GPU and the kernel
+//! emulation measured up to 4.9e-4 and 3.4e-3 over a few seeds on either path, the largest on
+//! the smallest rows, one query over 5 keys: a real GPU's products round more than its double
+//! sums).
 
 use hdb::backend::AttnDims;
 
-use crate::harness::{Gen, OpCase, Out, Tol, Tols, ALL};
+use crate::harness::{Gen, OpCase, Out, Tol, Tols, ALL, HALF};
 use crate::target::Op;
 
 const BACKWARD: Tols = Tols::per(Tol::rel(1e-5), Tol::rel(1.5e-3), Tol::rel(1.2e-2));
@@ -121,6 +127,44 @@ pub fn cases() -> Vec<OpCase> {
             )
             .tol(BACKWARD)
             .run_outputs(move |t, i| Ok(split(t.attention_backward_with(i, d, rows)?, &d))),
+        );
+    }
+    // The flash kernels (f16, bf16: `flash_attn_bwd_*`) at shapes the kernel emulation runs:
+    // lq and lk off the 64- (d 160: 32-) row tiles, SD's 77 text tokens, one query row, causal,
+    // every head dim, several heads and batch elements (the head's columns, the statistics'
+    // rows), and the key kernel's query tiles in one split, several, and the heuristic's; then
+    // SD-sized ones for a real GPU (cross-attention at 64 x 64 latents, where the heuristic
+    // splits; the other SD shapes above take the flash path through the backend in f16 and
+    // bf16).
+    for (d, splits) in [
+        (dims(1, 1, 70, 77, 40), Some(1)),
+        (dims(1, 1, 70, 77, 40), Some(2)),
+        (dims(1, 1, 64, 64, 64), None),
+        (dims(2, 1, 33, 20, 80), None),
+        (dims(1, 1, 40, 45, 160), Some(2)),
+        (dims(1, 1, 130, 9, 64), Some(3)),
+        (dims(1, 1, 1, 5, 40), None),
+        (causal(1, 1, 77, 64), Some(1)),
+        (causal(1, 1, 77, 64), None),
+        (causal(1, 1, 70, 40), Some(2)),
+        (causal(1, 1, 45, 160), None),
+        (dims(2, 2, 70, 20, 40), Some(2)),
+        (causal(2, 2, 33, 64), None),
+        (dims(2, 8, 4096, 77, 40), None),
+        (dims(1, 8, 1024, 77, 80), Some(1)),
+    ] {
+        v.push(
+            inputs(
+                OpCase::new(format!(
+                    "{} splits {}",
+                    name("attention_backward_flash", &d),
+                    splits.map_or("auto".to_string(), |n| n.to_string())
+                )),
+                &d,
+            )
+            .dtypes(HALF)
+            .tol(BACKWARD)
+            .run_outputs(move |t, i| Ok(split(t.attention_backward_flash(i, d, splits)?, &d))),
         );
     }
     // The row kernel alone (f32 scores and dP of a few units): rows not a multiple of the

@@ -465,6 +465,49 @@ impl<T: BlasElem> Target for Device<T> {
         .concat())
     }
 
+    fn attention_backward_flash(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        splits: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        let s = AttnShape::dense(d.batch, d.heads, d.lq, d.lk, d.head_dim);
+        if !ops::flash_backward_applies::<T>(&s) {
+            return Err(OpError::NotHere(format!(
+                "the flash backward in {} at head dim {}",
+                T::SUFFIX,
+                d.head_dim
+            )));
+        }
+        let ins = [
+            self.up(&i[0])?,
+            self.up(&i[1])?,
+            self.up(&i[2])?,
+            self.up(&i[3])?,
+        ];
+        let (nq, nk) = (i[0].len(), i[1].len());
+        let (dq, dk, dv) = (self.poisoned(nq)?, self.poisoned(nk)?, self.poisoned(nk)?);
+        let ran = ops::attention_backward_flash(
+            self.dev(),
+            [&dq, &dk, &dv],
+            [&ins[0], &ins[1], &ins[2], &ins[3]],
+            s,
+            d.causal,
+            splits,
+        )?;
+        if splits.is_some_and(|n| n != ran) {
+            return Err(OpError::Check(format!(
+                "ran {ran} splits, asked for {splits:?}"
+            )));
+        }
+        Ok([
+            self.down(&dq, nq)?,
+            self.down(&dk, nk)?,
+            self.down(&dv, nk)?,
+        ]
+        .concat())
+    }
+
     fn attention_backward_rows(
         &self,
         s: &[f32],

@@ -333,8 +333,10 @@ impl<T: Elem> Emu<T> {
                     )?])
                 },
             ),
-            // cuBLAS GEMMs (attention's are checked by the emulated GPU and, as a plan, by
-            // the library's host test) and device copies.
+            // Cuda::attention_backward's flash path (the materialised one is cuBLAS).
+            Op::AttentionBackward(d) => self.flash_backward(i, d, None),
+            // cuBLAS GEMMs (the materialised attention backward's are checked by the emulated
+            // GPU and, as a plan, by the library's host test) and device copies.
             _ => Err(OpError::NotHere(format!(
                 "{op:?} runs cuBLAS or device copies"
             ))),
@@ -834,6 +836,14 @@ impl<T: Elem> Target for Emu<T> {
         let chunks =
             chunks.unwrap_or_else(|| ops::group_norm_chunks(runs, i[0].len() / runs.max(1), SMS));
         self.group_norm_backward_chunks(i, d, silu, chunks)
+    }
+    fn attention_backward_flash(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        splits: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        self.flash_backward(i, d, splits)
     }
     fn attention_backward_rows(
         &self,

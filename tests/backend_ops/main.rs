@@ -43,6 +43,7 @@ mod emu_harness;
 
 mod device;
 mod emulation;
+mod emulation_flash;
 mod faults;
 mod harness;
 mod selftest;
@@ -257,6 +258,15 @@ const COVERED: &[&str] = &[
     "cast_from_f32",
     // attention_backward.rs
     "attention_backward_rows",
+    "flash_attn_bwd_dq_d40",
+    "flash_attn_bwd_dq_d64",
+    "flash_attn_bwd_dq_d80",
+    "flash_attn_bwd_dq_d160",
+    "flash_attn_bwd_dkv_d40",
+    "flash_attn_bwd_dkv_d64",
+    "flash_attn_bwd_dkv_d80",
+    "flash_attn_bwd_dkv_d160",
+    "flash_attn_bwd_reduce",
 ];
 
 /// A new kernel fails this until a row runs it under the kernel emulation (and its name is

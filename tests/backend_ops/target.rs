@@ -227,6 +227,17 @@ pub trait Target {
     ) -> OpResult<Vec<f32>> {
         not_here(self.this(), "attention_backward_with")
     }
+    /// Attention's input gradients (dq | dk | dv) by the flash kernels
+    /// (`ops::attention_backward_flash`) with `splits` splits of the key kernel's query tiles
+    /// (None: the heuristic's).
+    fn attention_backward_flash(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        splits: Option<usize>,
+    ) -> OpResult<Vec<f32>> {
+        not_here(self.this(), "attention_backward_flash")
+    }
     /// `attention_backward_rows_*` on f32 scores s and dp `[rows, lk]`: (P, dS).
     fn attention_backward_rows(
         &self,
@@ -719,6 +730,14 @@ impl Target for Reference {
         i: &[Vec<f32>],
         d: AttnDims,
         _chunk_rows: usize,
+    ) -> OpResult<Vec<f32>> {
+        on_backend(&self.cpu, &Op::AttentionBackward(d), i)
+    }
+    fn attention_backward_flash(
+        &self,
+        i: &[Vec<f32>],
+        d: AttnDims,
+        _splits: Option<usize>,
     ) -> OpResult<Vec<f32>> {
         on_backend(&self.cpu, &Op::AttentionBackward(d), i)
     }

@@ -22,17 +22,20 @@
 //!
 //! The backward ops (training: input gradients through frozen weights) mirror the CPU
 //! backend's: linear and 1x1 convolutions as cuBLAS GEMMs, other convolutions as an f32
-//! column GEMM and `col2im` ([`ops::conv2d_backward`]), the norms' reductions, attention
-//! materialised per chunk of query rows ([`ops::attention_backward`]), element-wise kernels.
+//! column GEMM and `col2im` ([`ops::conv2d_backward`]), the norms' reductions, attention by
+//! the flash kernels in f16/bf16 at head dims 40, 64, 80 and 160, else materialised per chunk
+//! of query rows ([`ops::attention_backward`]; [`Cuda::set_attention_backward`] can force the
+//! materialised path, [`Cuda::attention_backward_paths`] counts which ran), element-wise
+//! kernels.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
 use super::device::CudaDevice;
-use super::ops::{self, At, AttnKernel, AttnShape, BlasElem, Conv2d};
+use super::ops::{self, At, AttnBackwardKernel, AttnKernel, AttnShape, BlasElem, Conv2d};
 use crate::backend::api::{check_len, shapes, volume, Activation, AttnDims, Backend, NormDims};
 use crate::error::{Error, Result};
 use crate::io::F32Weight;
@@ -49,7 +52,18 @@ pub struct Cuda<T: BlasElem> {
     /// by this backend's clones: a model keeps a clone of the backend it was loaded on, so a
     /// bench can time one loaded model under each choice.
     attention: Arc<AtomicU8>,
+    /// The attention backward's choice and what ran, shared by the clones likewise.
+    backward: Arc<BackwardPaths>,
     _t: PhantomData<T>,
+}
+
+/// [`Cuda`]'s attention-backward state: the choice (1 = materialised only) and how many calls
+/// took each path, so a test or bench can say which kernels a model's gradients went through.
+#[derive(Default)]
+struct BackwardPaths {
+    materialized_only: AtomicU8,
+    flash: AtomicU64,
+    materialized: AtomicU64,
 }
 
 /// Every [`AttnKernel`], indexed as [`Cuda`] stores its choice.
@@ -68,6 +82,7 @@ impl<T: BlasElem> Cuda<T> {
         Cuda {
             dev,
             attention: Arc::new(AtomicU8::new(0)),
+            backward: Arc::default(),
             _t: PhantomData,
         }
     }
@@ -92,6 +107,34 @@ impl<T: BlasElem> Cuda<T> {
         ATTN_KERNELS[prev as usize % ATTN_KERNELS.len()]
     }
 
+    /// The path [`Backend::attention_backward`] takes where the flash kernels apply
+    /// ([`ops::attention_backward`]).
+    pub fn attention_backward_kernel(&self) -> AttnBackwardKernel {
+        match self.backward.materialized_only.load(Ordering::Relaxed) {
+            0 => AttnBackwardKernel::Auto,
+            _ => AttnBackwardKernel::Materialized,
+        }
+    }
+
+    /// Sets [`Cuda::attention_backward_kernel`] for this backend and its clones; returns the
+    /// previous choice. `hdb bench cuda` times both paths.
+    pub fn set_attention_backward(&self, k: AttnBackwardKernel) -> AttnBackwardKernel {
+        let v = (k == AttnBackwardKernel::Materialized) as u8;
+        match self.backward.materialized_only.swap(v, Ordering::Relaxed) {
+            0 => AttnBackwardKernel::Auto,
+            _ => AttnBackwardKernel::Materialized,
+        }
+    }
+
+    /// How many [`Backend::attention_backward`] calls on this backend and its clones took the
+    /// flash kernels and how many the materialised path: `(flash, materialized)`.
+    pub fn attention_backward_paths(&self) -> (u64, u64) {
+        (
+            self.backward.flash.load(Ordering::Relaxed),
+            self.backward.materialized.load(Ordering::Relaxed),
+        )
+    }
+
     /// An output of `n` elements, every one of which the op writes.
     fn out(&self, op: &str, n: usize) -> Result<CudaSlice<T>> {
         if n == 0 {
@@ -108,6 +151,7 @@ impl<T: BlasElem> Clone for Cuda<T> {
         Cuda {
             dev: self.dev.clone(),
             attention: self.attention.clone(),
+            backward: self.backward.clone(),
             _t: PhantomData,
         }
     }
@@ -119,6 +163,7 @@ impl<T: BlasElem> std::fmt::Debug for Cuda<T> {
             .field("dev", &self.dev)
             .field("dtype", &T::SUFFIX)
             .field("attention", &self.attention_kernel())
+            .field("attention_backward", &self.attention_backward_kernel())
             .finish()
     }
 }
@@ -472,7 +517,23 @@ impl<T: BlasElem> Backend for Cuda<T> {
             self.out(op, v.len())?,
         );
         let s = AttnShape::dense(d.batch, d.heads, d.lq, d.lk, d.head_dim);
-        ops::attention_backward(&self.dev, [&dq, &dk, &dv], q, k, v, dout, s, d.causal)?;
+        let path = ops::attention_backward(
+            &self.dev,
+            [&dq, &dk, &dv],
+            q,
+            k,
+            v,
+            dout,
+            s,
+            d.causal,
+            self.attention_backward_kernel(),
+        )?;
+        let count = if path == "flash" {
+            &self.backward.flash
+        } else {
+            &self.backward.materialized
+        };
+        count.fetch_add(1, Ordering::Relaxed);
         Ok((dq, dk, dv))
     }
 

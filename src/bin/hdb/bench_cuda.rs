@@ -2,8 +2,9 @@
 //! the same run (tools/bench_torch_cuda.py): fused attention per shape, the UNet's convolutions
 //! and the VAE's as im2col + cuBLAS against the implicit GEMM (and cuDNN), f32 linear layers,
 //! the LiDB merge of all 128 UNet projections against a device-to-device copy, the
-//! runtime-mode swap, a batch of 8 identities against one over the projections; then with
-//! --unet the whole models in fp16 (bench_cuda_models.rs).
+//! runtime-mode swap, a batch of 8 identities against one over the projections; attention's
+//! backward, flash and materialised, against SDPA's (bench_cuda_backward.rs); then with --unet
+//! the whole models in fp16 (bench_cuda_models.rs).
 //!
 //! Device times are CUDA events around the work, the median of `runs` after warm-up.
 
@@ -30,6 +31,7 @@ use hdb::{
 };
 use hdb::{Error, Result};
 
+use crate::bench_cuda_backward::{self, BackwardShape};
 use crate::bench_pipeline::run_peer;
 
 /// Median device time in ms of `f` (after `warmup` calls), timed with CUDA events around each
@@ -77,7 +79,7 @@ pub(crate) fn gpu_ms(
     Ok(v[v.len() / 2])
 }
 
-fn random<T: DeviceElem>(
+pub(crate) fn random<T: DeviceElem>(
     dev: &CudaDevice,
     rng: &mut SplitMix64,
     n: usize,
@@ -97,7 +99,11 @@ static SMOKE: AtomicBool = AtomicBool::new(false);
 /// ([`Scale::smoke`], `hdb bench cuda --smoke`) that take every path of the bench in seconds,
 /// e.g. on the emulated GPU (scripts/emulated-gpu.sh) before a GPU's time is spent on it.
 pub(crate) struct Scale {
+    /// Attention shapes (lq, lk, head dim) at batch 2, 8 heads.
     attn: Vec<(usize, usize, usize)>,
+    /// The text encoder's causal self-attention (batch, heads, length, head dim), for the
+    /// backward rows.
+    attn_causal: (usize, usize, usize, usize),
     /// f32 linear layers (rows, in, out): the hypernetwork's (it runs in f32).
     linear: Vec<(usize, usize, usize)>,
     conv: Vec<ConvShape>,
@@ -114,6 +120,7 @@ impl Scale {
     pub(crate) fn sd15() -> Scale {
         Scale {
             attn: ATTN.to_vec(),
+            attn_causal: (2, 12, 77, 64),
             linear: LINEAR_F32.to_vec(),
             conv: CONV.to_vec(),
             unet: UnetConfig::default(),
@@ -124,9 +131,20 @@ impl Scale {
         }
     }
 
+    /// The attention-backward rows' shapes: [`Scale::attn`]'s, then the causal one.
+    fn attn_backward(&self) -> Vec<BackwardShape> {
+        let (b, h, len, d) = self.attn_causal;
+        self.attn
+            .iter()
+            .map(|&(lq, lk, d)| (2, 8, lq, lk, d, false))
+            .chain([(b, h, len, len, d, true)])
+            .collect()
+    }
+
     pub(crate) fn smoke() -> Scale {
         Scale {
             attn: vec![(64, 64, 40), (64, 8, 40), (16, 16, 80), (16, 8, 160)],
+            attn_causal: (1, 2, 16, 64),
             linear: vec![(17, 64, 96)],
             conv: vec![
                 ("conv_in", 2, 4, 16, 8, 3, 1, 1),
@@ -598,6 +616,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
                     .iter()
                     .flat_map(|&(m, k, n)| ["--linear".to_string(), format!("{m},{k},{n}")]),
             );
+            args.extend(bench_cuda_backward::peer_args(&scale.attn_backward()));
             args.extend(["--copy-bytes".into(), copy_bytes.to_string()]);
             args.extend(["--runs".into(), runs.to_string()]);
             if with_unet {
@@ -628,6 +647,8 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<bf16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash2)?;
     attention_rows::<f16>(&dev, attn, runs, &peer, &mut rows, AttnKernel::Flash1)?;
+    let backward_notes =
+        bench_cuda_backward::rows(&dev, &scale.attn_backward(), runs, &peer, &mut rows)?;
     linear_rows(&dev, &scale.linear, runs, &peer, &mut rows)?;
     let convs = conv_rows(&dev, &scale.conv, runs, &peer, &mut rows)?;
 
@@ -832,6 +853,9 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
         );
     }
     println!();
+    for n in &backward_notes {
+        println!("{n}");
+    }
     print_conv_summary(&convs);
     println!();
     println!(

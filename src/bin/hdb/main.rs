@@ -8,6 +8,8 @@ mod bench_adapter;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
 #[cfg(feature = "cuda")]
+mod bench_cuda_backward;
+#[cfg(feature = "cuda")]
 mod bench_cuda_models;
 mod bench_finetune;
 #[cfg(feature = "cuda")]

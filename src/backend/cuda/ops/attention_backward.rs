@@ -1,6 +1,8 @@
-//! Attention's backward pass: the materialised path, cuBLAS GEMMs around the row kernel of
+//! Attention's backward pass, materialised: cuBLAS GEMMs around the row kernel of
 //! `kernels/attention_backward.cu`, per batch element and chunk of query rows with every head
 //! in one strided-batched GEMM (the forward's materialised path, `attention.rs`, is the model).
+//! f32 and head dims the flash kernels do not take run here; [`attention_backward`]
+//! (`flash_backward.rs`) chooses.
 
 use super::*;
 
@@ -255,33 +257,12 @@ pub fn attention_backward_rows_launch<T: DeviceElem>(
         .build()
 }
 
-/// Attention's input gradients (dq, dk, dv), dense `[batch, len, heads * d]` like q, k, v and
-/// dout, for the shape `s` (dense) and mask, through [`attention_backward_plan`] in chunks of
-/// at most [`BACKWARD_SCORES_BYTES`] of f32 scores. The probabilities are recomputed from q
-/// and k. Scratch is allocated per call (stream-ordered).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward<T: BlasElem>(
-    dev: &CudaDevice,
-    grads: [&CudaSlice<T>; 3],
-    q: &CudaSlice<T>,
-    k: &CudaSlice<T>,
-    v: &CudaSlice<T>,
-    dout: &CudaSlice<T>,
-    s: AttnShape,
-    causal: bool,
-) -> Result<()> {
-    attention_backward_with(
-        dev,
-        grads,
-        [q, k, v, dout],
-        s,
-        causal,
-        BACKWARD_SCORES_BYTES,
-    )
-}
-
-/// [`attention_backward`] with chunks of at most `scores_bytes` of f32 scores (at least one
-/// query row each): the tests force many, uneven chunks through it.
+/// Attention's input gradients (dq, dk, dv) by the materialised path: dense
+/// `[batch, len, heads * d]` like q, k, v and dout, for the shape `s` (dense) and mask, through
+/// [`attention_backward_plan`] in chunks of at most `scores_bytes` of f32 scores (at least one
+/// query row each; [`attention_backward`] passes [`BACKWARD_SCORES_BYTES`], the tests force
+/// many, uneven chunks). The probabilities are recomputed from q and k. Scratch is allocated
+/// per call (stream-ordered).
 pub fn attention_backward_with<T: BlasElem>(
     dev: &CudaDevice,
     [dq, dk, dv]: [&CudaSlice<T>; 3],

@@ -4,7 +4,8 @@
 //! (`launch.rs`). conv2d runs as im2col + cuBLAS (`conv.rs`) or, in f16/bf16, as an implicit
 //! GEMM on the tensor cores (`conv_igemm.rs`). The backward ops (training: input gradients
 //! through frozen weights) sit beside their forwards' (`norm.rs`, `elementwise.rs`, `conv.rs`,
-//! `gemm.rs`), attention's in `attention_backward.rs` (`kernels/attention_backward.cu`).
+//! `gemm.rs`), attention's in `attention_backward.rs` (materialised) and `flash_backward.rs`
+//! (`kernels/attention_backward.cu`).
 //!
 //! Tensors are `CudaSlice<T>` with explicit shapes, like the CPU backend's `&[f32]`; an op
 //! checks that every buffer is large enough before it launches, so a shape error is an
@@ -27,6 +28,7 @@ mod attention_backward;
 mod conv;
 mod conv_igemm;
 mod elementwise;
+mod flash_backward;
 mod gemm;
 mod launch;
 mod lidb;
@@ -38,6 +40,7 @@ pub use attention_backward::*;
 pub use conv::*;
 pub use conv_igemm::*;
 pub use elementwise::*;
+pub use flash_backward::*;
 pub use gemm::*;
 pub use launch::{KernelLaunch, Param};
 pub use lidb::*;
