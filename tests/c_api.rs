@@ -262,7 +262,10 @@ c_tests!(
     generate,
     hypernet,
     threads,
-    finetune
+    finetune,
+    error_copy,
+    cancel,
+    log_free
 );
 
 #[test]

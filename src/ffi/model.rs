@@ -94,6 +94,19 @@ pub extern "C" fn hdb_model_params_default() -> hdb_model_params {
     ffi_infallible(default_model_params(), default_model_params)
 }
 
+/// Writes the default model params into `*params`, `struct_size` included: the values of
+/// `hdb_model_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_model_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_params_init(params: *mut hdb_model_params) -> hdb_status {
+    ffi_boundary("hdb_model_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_model_params(), "params") }
+    })
+}
+
 /// Architectures reported in `hdb_model_info.architecture`.
 pub type hdb_architecture = u32;
 pub const HDB_ARCH_UNKNOWN: hdb_architecture = 0;
@@ -309,7 +322,11 @@ pub unsafe extern "C" fn hdb_model_describe(
     })
 }
 
-/// Frees a model; NULL is a no-op.
+/// Frees a model; NULL is a no-op. Sessions and adapters made from it keep what they need, so
+/// it may be freed before them, but not while another thread is inside a call that takes this
+/// model. May be called from any thread (a finalizer's).
+/// A second free, or any use after the free, is undefined behaviour (not detected: the
+/// handle's memory is gone).
 ///
 /// # Safety
 /// `model` NULL or a model from `hdb_model_load` not yet freed and no longer in use.
