@@ -265,7 +265,7 @@ typedef struct hdb_finetune_params {
    */
   uint64_t seed;
   /**
-   * UTF-8 training prompt, `[V]` standing for `token`; NULL = "a [V] face".
+   * UTF-8 training prompt, `[V]` standing for `token`; NULL = `"a [V] face"`.
    */
   const char *prompt;
   /**

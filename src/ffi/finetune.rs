@@ -72,7 +72,7 @@ pub struct hdb_finetune_params {
     pub checkpointing: u32,
     /// Seed of hdb's random stream (timesteps, posterior draws, noise; the README).
     pub seed: u64,
-    /// UTF-8 training prompt, `[V]` standing for `token`; NULL = "a [V] face".
+    /// UTF-8 training prompt, `[V]` standing for `token`; NULL = `"a [V] face"`.
     pub prompt: *const c_char,
     /// UTF-8 identity token; NULL = "sks".
     pub token: *const c_char,

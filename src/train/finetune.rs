@@ -7,7 +7,7 @@
 //!    (times the VAE's `scaling_factor`) and noise; the noisy latent is DDPM's
 //!    `sqrt(a_t) z + sqrt(1 - a_t) noise` (the model's scheduler config), the target the
 //!    noise; the loss is the mean squared error of the UNet's prediction (conditioned on the
-//!    prompt, "a [V] face" by default, through the text encoder with its adapted layers);
+//!    prompt, `"a [V] face"` by default, through the text encoder with its adapted layers);
 //! 3. AdamW (torch's) on the adapter's tensors, gradients clipped by global norm.
 //!
 //! Two starts: LiDB optimization from zero (`D_train` random, `U_train` zero, so the update

@@ -40,7 +40,7 @@ pub struct GradInput {
 
 impl GradInput {
     /// Reads the input file of `hdb finetune grad`: `sample` [B, C, H, W] (noisy latents),
-    /// `timestep` [B] (or a scalar for the whole batch), `target` [B, C, H, W], and either
+    /// `timestep` `[B]` (or a scalar for the whole batch), `target` `[B, C, H, W]`, and either
     /// `encoder_hidden_states` [B, L, D] or `input_ids` [B, L] (integers). Errors name the
     /// file and the tensor.
     pub fn from_safetensors(f: &SafetensorsFile) -> Result<GradInput> {

@@ -308,7 +308,7 @@ pub fn upsample_nearest2x_backward(dx: &mut [f32], dy: &[f32], planes: usize, h:
 const BWD_TQ: usize = 128;
 
 /// The input gradients of attention (`out = softmax(q k^T / sqrt(d) [+ causal mask]) v`, the
-/// layouts of [`super::attention`]): (dq, dk, dv) from dout. The probabilities are recomputed
+/// layouts of [`super::attention()`]): (dq, dk, dv) from dout. The probabilities are recomputed
 /// one query tile at a time, so memory is a [tile, lk] score block per worker, never lq x lk.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(

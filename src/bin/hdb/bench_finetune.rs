@@ -130,13 +130,22 @@ pub fn run(
             Some(gb) => format!("device memory in use after the run {gb:.2} GB (pool included)"),
             None => format!("peak RSS {:.2} GB", peak / 1024.0),
         };
+        // The UNet's work per step, counted as whole forwards: the forward, the backward (input
+        // gradients through frozen weights: the same GEMMs transposed, so about one forward;
+        // the adapters' own gradients are rank-4 and negligible) and, with checkpointing, the
+        // recomputed forward. The text encoder's share is under 1% at this size.
+        let unet_flops = UnetConfig::default().flops(1, size, size, 77);
+        let work = unet_flops * if checkpoint { 3.0 } else { 2.0 };
         println!(
             "hdb {}, {threads} threads: one finetuning step ({res}x{res}, batch 1, rank-4 LoRA \
              on 176 projections, UNet + text encoder, checkpointing {}): {med:.3} s (median of \
-             {}), {memory}",
+             {}), {:.0} GFLOP/s ({:.2} TFLOP counted as {} UNet forwards), {memory}",
             engine.describe(),
             if checkpoint { "on" } else { "off" },
             steps.len(),
+            work / med / 1e9,
+            work / 1e12,
+            if checkpoint { 3 } else { 2 },
         );
         rows.push((checkpoint, med, device_gb.map_or(peak, |g| g * 1024.0)));
     }
