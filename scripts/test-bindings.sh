@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The bindings and packaging checks (scripts/test-all.sh's "bindings" phase):
+#   - scripts/install.sh into a temporary prefix (target/debug's library: the one `cargo test`
+#     built, so nothing is compiled twice), then a C program built through
+#     `pkg-config --cflags --libs hdb` (shared, and `--static`) and a CMake project through
+#     find_package(hdb) (hdb::hdb, hdb::hdb_static, the C++ wrapper), all run;
+#   - include/hdb.hpp's test under ASan/UBSan, with exceptions and with -fno-exceptions
+#     -DHDB_NO_EXCEPTIONS;
+#   - each binding under bindings/ with the toolchain this machine has (see its README).
+# Every program runs on the tiny fixtures of tests/fixtures.
+#
+# Usage: scripts/test-bindings.sh [step ...]   (default: every step; steps: packaging hpp go
+#        python csharp swift unreal)
+# Env: KEEP=1 keeps the temporary directory; CC, CXX.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+fixtures="$root/tests/fixtures"
+cc="${CC:-cc}"
+cxx="${CXX:-c++}"
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(packaging hpp go python csharp swift unreal)
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/hdb-bindings.XXXXXX")"
+if [[ "${KEEP:-0}" == 1 ]]; then echo "(keeping $work)"; else trap 'rm -rf "$work"' EXIT; fi
+say() { echo "-- bindings: $*"; }
+
+prefix="$work/prefix"
+say "scripts/install.sh --debug $prefix"
+scripts/install.sh --debug "$prefix" >/dev/null
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+export LD_LIBRARY_PATH="$prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+step_packaging() {
+  local src="$root/bindings/tests/packaging"
+  [[ -L "$prefix/lib/libhdb.so" && -f "$prefix/lib/libhdb.so.$(hdb_abi)" ]] || { echo "no SONAME link" >&2; return 1; }
+  # Only hdb_* symbols leave the static library.
+  local stray
+  stray="$(nm -g --defined-only "$prefix/lib/libhdb.a" 2>/dev/null | awk 'NF == 3 && $3 !~ /^hdb_/' | head -5)"
+  [[ -z "$stray" ]] || { echo "libhdb.a exports non-hdb symbols:"$'\n'"$stray" >&2; return 1; }
+  say "pkg-config consumer (shared)"
+  # shellcheck disable=SC2046
+  "$cc" -std=c11 -Wall -Werror "$src/consumer.c" $(pkg-config --cflags --libs hdb) -o "$work/pc_shared"
+  "$work/pc_shared" "$fixtures/tiny-sd"
+  say "pkg-config consumer (static)"
+  # shellcheck disable=SC2046
+  "$cc" -std=c11 -Wall -Werror "$src/consumer.c" $(pkg-config --static --cflags hdb) \
+    "$prefix/lib/libhdb.a" $(pkg-config --static --libs-only-l hdb | sed 's/-lhdb//') -o "$work/pc_static"
+  ldd "$work/pc_static" | grep -q libhdb && { echo "the static consumer needs libhdb.so" >&2; return 1; }
+  env -u LD_LIBRARY_PATH "$work/pc_static" "$fixtures/tiny-sd"
+  say "CMake consumer (find_package(hdb))"
+  cmake -S "$src" -B "$work/cmake" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Debug >/dev/null
+  cmake --build "$work/cmake" >/dev/null
+  # CMake links imported shared libraries with an rpath: no LD_LIBRARY_PATH needed.
+  env -u LD_LIBRARY_PATH "$work/cmake/consumer_shared" "$fixtures/tiny-sd"
+  env -u LD_LIBRARY_PATH "$work/cmake/consumer_static" "$fixtures/tiny-sd"
+  env -u LD_LIBRARY_PATH "$work/cmake/consumer_cpp" "$fixtures/tiny-sd"
+}
+
+hdb_abi() { sed -n 's/^#define HDB_ABI_VERSION \([0-9]*\)$/\1/p' "$root/include/hdb.h"; }
+
+step_hpp() {
+  local san=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all -g)
+  local common=(-std=c++17 -Wall -Wextra -Werror -I"$prefix/include" "$root/bindings/tests/cpp/hpp_test.cpp"
+    -L"$prefix/lib" -lhdb -Wl,-rpath,"$prefix/lib")
+  say "hdb.hpp with exceptions (ASan/UBSan)"
+  "$cxx" "${san[@]}" "${common[@]}" -o "$work/hpp_exc"
+  "$work/hpp_exc" "$fixtures" | tail -1
+  say "hdb.hpp with -fno-exceptions -DHDB_NO_EXCEPTIONS (ASan/UBSan)"
+  "$cxx" "${san[@]}" -fno-exceptions -DHDB_NO_EXCEPTIONS "${common[@]}" -o "$work/hpp_noexc"
+  "$work/hpp_noexc" "$fixtures" | tail -1
+}
+
+for s in "${steps[@]}"; do
+  declare -F "step_$s" >/dev/null || { echo "test-bindings: unknown step $s" >&2; exit 2; }
+  "step_$s"
+done
+say "every step passed (${steps[*]})"
