@@ -71,6 +71,15 @@ step_hpp() {
   "$work/hpp_noexc" "$fixtures" | tail -1
 }
 
+step_go() {
+  say "go vet + go test (bindings/go)"
+  ( cd bindings/go
+    [[ -z "$(gofmt -l .)" ]] || { echo "gofmt: $(gofmt -l .)" >&2; exit 1; }
+    # No dependencies outside the standard library: nothing is downloaded.
+    GOFLAGS=-mod=mod GOPROXY=off go vet ./...
+    GOFLAGS=-mod=mod GOPROXY=off go test -count=1 ./... )
+}
+
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "test-bindings: unknown step $s" >&2; exit 2; }
   "step_$s"

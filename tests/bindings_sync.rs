@@ -99,28 +99,44 @@ const SKIP_ALL: &[&str] = &[
     "hdb_set_log_callback",
 ];
 
-const BINDINGS: &[Binding] = &[Binding {
-    name: "C++ (include/hdb.hpp)",
-    sources: &["include/hdb.hpp"],
-    exts: &[".hpp"],
-    skip: &[
-        // C++ takes the params structs by value from hdb_*_params_default().
-        "hdb_runtime_params_init",
-        "hdb_model_params_init",
-        "hdb_session_params_init",
-        "hdb_generate_params_init",
-        "hdb_predict_params_init",
-        "hdb_finetune_params_init",
-        // hdb.hpp hands out hdb.h's params structs themselves (hdb::GenerateParams =
-        // hdb_generate_params), so every field is there by construction.
-        "hdb_runtime_params.*",
-        "hdb_model_params.*",
-        "hdb_session_params.*",
-        "hdb_generate_params.*",
-        "hdb_predict_params.*",
-        "hdb_finetune_params.*",
-    ],
-}];
+const BINDINGS: &[Binding] = &[
+    Binding {
+        name: "C++ (include/hdb.hpp)",
+        sources: &["include/hdb.hpp"],
+        exts: &[".hpp"],
+        skip: &[
+            // C++ takes the params structs by value from hdb_*_params_default().
+            "hdb_runtime_params_init",
+            "hdb_model_params_init",
+            "hdb_session_params_init",
+            "hdb_generate_params_init",
+            "hdb_predict_params_init",
+            "hdb_finetune_params_init",
+            // hdb.hpp hands out hdb.h's params structs themselves (hdb::GenerateParams =
+            // hdb_generate_params), so every field is there by construction.
+            "hdb_runtime_params.*",
+            "hdb_model_params.*",
+            "hdb_session_params.*",
+            "hdb_generate_params.*",
+            "hdb_predict_params.*",
+            "hdb_finetune_params.*",
+        ],
+    },
+    Binding {
+        name: "Go (bindings/go)",
+        sources: &["bindings/go"],
+        exts: &[".go", ".c", ".h"],
+        skip: &[
+            // Go fills params through hdb_*_params_init (a pointer), never by value.
+            "hdb_runtime_params_default",
+            "hdb_model_params_default",
+            "hdb_session_params_default",
+            "hdb_generate_params_default",
+            "hdb_predict_params_default",
+            "hdb_finetune_params_default",
+        ],
+    },
+];
 
 fn normalize(s: &str) -> String {
     s.chars()

@@ -1,0 +1,212 @@
+package hdb
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+)
+
+var fixtures = filepath.Join("..", "..", "tests", "fixtures")
+
+func setup(t *testing.T) (*Runtime, *Model) {
+	t.Helper()
+	rt, err := NewRuntime(RuntimeOptions{Device: "cpu", NumThreads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModel(rt, filepath.Join(fixtures, "tiny-sd"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rt, m
+}
+
+func small(seed uint64) GenerateOptions {
+	ddim := uint32(0) // HDB_SAMPLER_DDIM
+	return GenerateOptions{Prompt: "a photo of sks person", Steps: 2, Width: 64, Height: 64, Seed: seed, Sampler: &ddim}
+}
+
+func TestVersionAndStatuses(t *testing.T) {
+	if ABIVersion() != HeaderABIVersion {
+		t.Fatalf("library ABI %d, header %d", ABIVersion(), HeaderABIVersion)
+	}
+	if StatusBusy.String() != "HDB_STATUS_BUSY" || StatusOK.String() != "HDB_STATUS_OK" {
+		t.Fatalf("status names: %s %s", StatusBusy, StatusOK)
+	}
+}
+
+func TestGenerate(t *testing.T) {
+	rt, m := setup(t)
+	defer rt.Close()
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil || info.Architecture != 1 || info.UNetParameters == 0 {
+		t.Fatalf("info %+v, %v", info, err)
+	}
+	s, err := NewSession(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	steps := 0
+	o := small(7)
+	o.Progress = func(done, total uint64, stage string) bool { steps++; return stage != "" }
+	a, err := s.Generate(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(a) != 1 || a[0].Width != 64 || len(a[0].Pix) != 64*64*3 || steps < 2 {
+		t.Fatalf("got %d images, %dx%d, %d progress calls", len(a), a[0].Width, a[0].Height, steps)
+	}
+	b, err := s.Generate(small(7))
+	if err != nil || !bytes.Equal(a[0].Pix, b[0].Pix) {
+		t.Fatalf("same seed, different image (%v)", err)
+	}
+	ad, err := LoadAdapter(m, filepath.Join(fixtures, "adapter", "id1.lidb.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetAdapters([]*Adapter{ad}, []float32{1}, ApplyMerge); err != nil {
+		t.Fatal(err)
+	}
+	ad.Close() // the session keeps its own reference
+	c, err := s.Generate(small(7))
+	if err != nil || bytes.Equal(a[0].Pix, c[0].Pix) {
+		t.Fatalf("the identity did not change the image (%v)", err)
+	}
+	if c[0].ToRGBA().Bounds().Dx() != 64 {
+		t.Fatal("ToRGBA size")
+	}
+}
+
+func TestErrorsCarryTheirMessage(t *testing.T) {
+	rt, m := setup(t)
+	defer rt.Close()
+	defer m.Close()
+	s, _ := NewSession(m)
+	defer s.Close()
+	o := small(1)
+	o.Width = 63
+	_, err := s.Generate(o)
+	var he *Error
+	if !errors.As(err, &he) || he.Status != StatusInvalidArgument || !strings.Contains(he.Message, "width") {
+		t.Fatalf("want InvalidArgument naming width, got %v", err)
+	}
+}
+
+// Many goroutines fail at once, each with its own path in the message, yielding between
+// calls so they hop OS threads: every error must name its own goroutine's path.
+func TestErrorsFromManyGoroutines(t *testing.T) {
+	rt, err := NewRuntime(RuntimeOptions{Device: "cpu", NumThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	const goroutines, rounds = 32, 50
+	var wrong sync.Map
+	var wg sync.WaitGroup
+	for g := 0; g < goroutines; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < rounds; i++ {
+				path := fmt.Sprintf("/nonexistent/hdb-go-%d-%d", g, i)
+				_, err := LoadModel(rt, path, nil)
+				runtime.Gosched()
+				var he *Error
+				if !errors.As(err, &he) || he.Status != StatusFileNotFound || !strings.Contains(he.Message, path) {
+					wrong.Store(path, fmt.Sprint(err))
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	n := 0
+	wrong.Range(func(k, v interface{}) bool {
+		if n < 3 {
+			t.Errorf("%s got %s", k, v)
+		}
+		n++
+		return true
+	})
+	if n > 0 {
+		t.Fatalf("%d of %d errors carried another call's message", n, goroutines*rounds)
+	}
+}
+
+func TestCancelAndPanickingCallbacks(t *testing.T) {
+	rt, m := setup(t)
+	defer rt.Close()
+	defer m.Close()
+	s, _ := NewSession(m)
+	defer s.Close()
+	o := small(3)
+	o.Steps = 20
+	o.Progress = func(done, total uint64, stage string) bool { s.Cancel(); return true }
+	_, err := s.Generate(o)
+	var he *Error
+	if !errors.As(err, &he) || he.Status != StatusCancelled {
+		t.Fatalf("Cancel from the progress function: want Cancelled, got %v", err)
+	}
+	o.Progress = func(done, total uint64, stage string) bool { panic("from the callback") }
+	_, err = s.Generate(o)
+	if !errors.As(err, &he) || he.Status != StatusCancelled {
+		t.Fatalf("a panicking progress function: want Cancelled, got %v", err)
+	}
+	// The session is still usable.
+	if _, err := s.Generate(small(3)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLogCallbackIsReleased(t *testing.T) {
+	var mu sync.Mutex
+	records := 0
+	err := SetLogCallback(func(level LogLevel, target, message string) {
+		mu.Lock()
+		records++
+		mu.Unlock()
+		if level == LogTrace {
+			panic("a panic here must not reach hdb")
+		}
+	}, LogTrace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, m := setup(t)
+	m.Close()
+	rt.Close()
+	if err := SetLogCallback(nil, LogOff); err != nil {
+		t.Fatal(err)
+	}
+	if logHandles.Load() != 0 {
+		t.Fatalf("%d log handles still held after removing the callback", logHandles.Load())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if records == 0 {
+		t.Fatal("no log records")
+	}
+}
+
+// Objects left to the garbage collector are freed by finalizers without harm.
+func TestFinalizers(t *testing.T) {
+	for i := 0; i < 3; i++ {
+		rt, m := setup(t)
+		s, err := NewSession(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Generate(small(1)); err != nil {
+			t.Fatal(err)
+		}
+		_ = rt
+	}
+	runtime.GC()
+	runtime.GC()
+}
