@@ -80,6 +80,23 @@ step_go() {
     GOFLAGS=-mod=mod GOPROXY=off go test -count=1 ./... )
 }
 
+step_python() {
+  # A venv under the target dir with the pinned test requirements (created once), the package
+  # pip-installed from bindings/python with the installed library bundled into it.
+  local venv="${CARGO_TARGET_DIR:-$root/target}/bindings-venv"
+  [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r bindings/python/requirements-test.txt
+  say "pip install bindings/python + pytest"
+  # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+  cp -r bindings/python "$work/python-src"
+  rm -rf "$work/python-src/build" "$work/python-src/"*.egg-info
+  HDB_LIBRARY="$prefix/lib/libhdb.so.$(hdb_abi)" "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --no-deps --force-reinstall "$work/python-src"
+  # From outside the source tree, so the installed package (with its bundled library) is tested.
+  ( cd "$work" && env -u LD_LIBRARY_PATH "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+      "$root/bindings/python/tests" )
+}
+
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "test-bindings: unknown step $s" >&2; exit 2; }
   "step_$s"
