@@ -97,6 +97,16 @@ step_python() {
       "$root/bindings/python/tests" )
 }
 
+step_csharp() {
+  say "C# (bindings/csharp): mcs + mono console test, Unity sample against stubs"
+  local cs=bindings/csharp
+  mcs -nologo -warnaserror -out:"$work/ConsoleTest.exe" "$cs"/Runtime/*.cs "$cs/Tests/ConsoleTest.cs"
+  mcs -nologo -warnaserror -target:library -out:"$work/Sample.dll" "$cs"/Runtime/*.cs \
+    "$cs/Tests/UnityStubs.cs" "$cs/Samples~/Example/HdbExample.cs"
+  # mono resolves DllImport("hdb") to libhdb.so on LD_LIBRARY_PATH (the installed prefix).
+  mono "$work/ConsoleTest.exe" "$fixtures" | tail -1
+}
+
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "test-bindings: unknown step $s" >&2; exit 2; }
   "step_$s"
