@@ -107,6 +107,18 @@ step_csharp() {
   mono "$work/ConsoleTest.exe" "$fixtures" | tail -1
 }
 
+step_unreal() {
+  say "Unreal plugin C++ (-fno-exceptions -fno-rtti, engine stubs; ASan/UBSan)"
+  local u=bindings/unreal
+  # vptr checks need RTTI, which Unreal modules are built without.
+  clang++ -std=c++17 -fno-exceptions -fno-rtti -DHDB_NO_EXCEPTIONS=1 -Wall -Wextra -Werror \
+    -fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=all -g \
+    -I"$u/Tests/stubs" -I"$prefix/include" -I"$u/Hdb/Source/HdbRuntime/Public" \
+    "$u"/Hdb/Source/HdbRuntime/Private/*.cpp "$u/Tests/unreal_driver.cpp" \
+    -L"$prefix/lib" -lhdb -Wl,-rpath,"$prefix/lib" -o "$work/unreal_driver"
+  "$work/unreal_driver" "$fixtures" 2>/dev/null | tail -1
+}
+
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "test-bindings: unknown step $s" >&2; exit 2; }
   "step_$s"
