@@ -119,6 +119,15 @@ step_unreal() {
   "$work/unreal_driver" "$fixtures" 2>/dev/null | tail -1
 }
 
+step_swift() {
+  # No Swift toolchain here: clang builds the CHdb module from the package's module map.
+  say "Swift: CHdb module map through clang -fmodules (the Swift layer is not compiled here)"
+  local sw=bindings/swift
+  clang -x objective-c -fmodules -fmodules-cache-path="$work/modules" \
+    -fmodule-map-file="$sw/Sources/CHdb/module.modulemap" -I"$prefix/include" -Wall -Werror \
+    -fsyntax-only "$sw/Tests/modulemap/check.m"
+}
+
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "test-bindings: unknown step $s" >&2; exit 2; }
   "step_$s"
