@@ -6,11 +6,12 @@
 #     find_package(hdb) (hdb::hdb, hdb::hdb_static, the C++ wrapper), all run;
 #   - include/hdb.hpp's test under ASan/UBSan, with exceptions and with -fno-exceptions
 #     -DHDB_NO_EXCEPTIONS;
-#   - each binding under bindings/ with the toolchain this machine has (see its README).
+#   - each binding under bindings/ with the toolchain this machine has (see its README);
+#   - the README's examples, compiled and run (the Unreal one compiled only).
 # Every program runs on the tiny fixtures of tests/fixtures.
 #
 # Usage: scripts/test-bindings.sh [step ...]   (default: every step; steps: packaging hpp go
-#        python csharp swift unreal)
+#        python csharp swift unreal readme; readme needs python's venv)
 # Env: KEEP=1 keeps the temporary directory; CC, CXX.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +20,7 @@ fixtures="$root/tests/fixtures"
 cc="${CC:-cc}"
 cxx="${CXX:-c++}"
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(packaging hpp go python csharp swift unreal)
+[[ ${#steps[@]} -gt 0 ]] || steps=(packaging hpp go python csharp swift unreal readme)
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/hdb-bindings.XXXXXX")"
 if [[ "${KEEP:-0}" == 1 ]]; then echo "(keeping $work)"; else trap 'rm -rf "$work"' EXIT; fi
@@ -30,6 +31,10 @@ say "scripts/install.sh --debug $prefix"
 scripts/install.sh --debug "$prefix" >/dev/null
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
 export LD_LIBRARY_PATH="$prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Go 1.19's build cache does not key a cgo package on pkg-config's output, so a package built
+# against an earlier (deleted) prefix would link with its stale -L; the CGO_* variables are
+# part of the key, so naming the prefix there keeps each run's build its own.
+export CGO_CFLAGS="-I$prefix/include" CGO_LDFLAGS="-L$prefix/lib"
 
 step_packaging() {
   local src="$root/bindings/tests/packaging"
@@ -126,6 +131,43 @@ step_swift() {
   clang -x objective-c -fmodules -fmodules-cache-path="$work/modules" \
     -fmodule-map-file="$sw/Sources/CHdb/module.modulemap" -I"$prefix/include" -Wall -Werror \
     -fsyntax-only "$sw/Tests/modulemap/check.m"
+}
+
+# The README's examples: the fenced block after each `<!-- readme-example: NAME -->` line.
+readme_example() {
+  awk -v name="$1" '
+    $0 == "<!-- readme-example: " name " -->" { found = 1; next }
+    found == 1 && /^```/ { found = 2; next }
+    found == 2 && /^```/ { exit }
+    found == 2 { print }
+  ' README.md
+}
+
+# Writes README example NAME to FILE; an empty one (a renamed marker) fails.
+extract() {
+  readme_example "$1" > "$2"
+  [[ -s "$2" ]] || { echo "README.md has no example '$1'" >&2; return 1; }
+}
+
+step_readme() {
+  say "README examples (C++, Go, Python, C#, Unreal)"
+  local ex="$work/readme" tiny="$fixtures/tiny-sd"
+  mkdir -p "$ex/go"
+  extract cpp "$ex/example.cpp"
+  # shellcheck disable=SC2046
+  "$cxx" -std=c++17 -Wall -Werror "$ex/example.cpp" $(pkg-config --cflags --libs hdb) -o "$ex/cpp"
+  "$ex/cpp" "$tiny"
+  extract go "$ex/go/main.go"
+  printf 'module example\n\ngo 1.19\n\nrequire hdb v0.0.0\n\nreplace hdb => %s\n' "$root/bindings/go" > "$ex/go/go.mod"
+  ( cd "$ex/go" && GOFLAGS=-mod=mod GOPROXY=off go run . "$tiny" )
+  extract python "$ex/example.py"
+  ( cd "$ex" && env -u LD_LIBRARY_PATH "${CARGO_TARGET_DIR:-$root/target}/bindings-venv/bin/python" example.py "$tiny" )
+  extract csharp "$ex/Example.cs"
+  mcs -nologo -warnaserror -out:"$ex/Example.exe" bindings/csharp/Runtime/*.cs "$ex/Example.cs"
+  mono "$ex/Example.exe" "$tiny"
+  extract unreal "$ex/unreal.cpp"
+  clang++ -std=c++17 -fno-exceptions -fno-rtti -DHDB_NO_EXCEPTIONS=1 -Wall -Werror -fsyntax-only \
+    -Ibindings/unreal/Tests/stubs -I"$prefix/include" -Ibindings/unreal/Hdb/Source/HdbRuntime/Public "$ex/unreal.cpp"
 }
 
 for s in "${steps[@]}"; do
