@@ -210,3 +210,46 @@ func TestFinalizers(t *testing.T) {
 	runtime.GC()
 	runtime.GC()
 }
+
+// The crash: a session whose last reference is the receiver of a running Generate,
+// with the collector running meanwhile. KeepAlive in every method keeps the finalizer from
+// freeing it mid-call (and hdb_session_free would leak, not free, a session still in a call,
+// so this checks the outcome, not which of the two guards acted).
+func TestNoFinalizerDuringACall(t *testing.T) {
+	rt, m := setup(t)
+	defer rt.Close()
+	defer m.Close()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				runtime.GC()
+			}
+		}
+	}()
+	var want []byte
+	for i := 0; i < 4; i++ {
+		s, err := NewSession(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := small(9)
+		o.Steps = 4
+		imgs, err := s.Generate(o) // s is unreachable after this call starts
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want == nil {
+			want = imgs[0].Pix
+		} else if !bytes.Equal(want, imgs[0].Pix) {
+			t.Fatal("an image changed while the collector ran")
+		}
+	}
+	close(stop)
+	<-done
+}
