@@ -404,6 +404,9 @@ class Adapter : public detail::Handle<hdb_adapter, hdb_adapter_free> {
 };
 
 namespace detail {
+// Takes the status of a call that already returned: never write
+// `adapter_result(hdb_x(..., &a), a)`, as the order arguments are evaluated in is unspecified
+// (GCC reads `a` before the call writes it).
 inline Ret<Adapter> adapter_result(hdb_status s, hdb_adapter *a) {
     if (s != HDB_STATUS_OK) return finish(Result<Adapter>(error_of(s)));
     return finish(Result<Adapter>(Adapter(a)));
@@ -422,13 +425,15 @@ class Hypernet : public detail::Handle<hdb_hypernet, hdb_hypernet_free> {
     /** The identity adapter of an RGB8 face crop. */
     Ret<Adapter> predict(const Model &model, const hdb_image &face, const PredictParams &params = predict_params()) const {
         hdb_adapter *a = nullptr;
-        return detail::adapter_result(hdb_hypernet_predict(get(), model.get(), &face, &params, &a), a);
+        hdb_status s = hdb_hypernet_predict(get(), model.get(), &face, &params, &a);
+        return detail::adapter_result(s, a);
     }
     /** Predict, then rank-relaxed finetuning (hdb_personalize). */
     Ret<Adapter> personalize(const Model &model, const hdb_image &face, const PredictParams &predict = predict_params(),
                              const FinetuneParams &finetune = finetune_params()) const {
         hdb_adapter *a = nullptr;
-        return detail::adapter_result(hdb_personalize(get(), model.get(), &face, &predict, &finetune, &a), a);
+        hdb_status s = hdb_personalize(get(), model.get(), &face, &predict, &finetune, &a);
+        return detail::adapter_result(s, a);
     }
 };
 
@@ -436,7 +441,8 @@ class Hypernet : public detail::Handle<hdb_hypernet, hdb_hypernet_free> {
 inline Ret<Adapter> finetune(const Model &model, const hdb_image &face, const Adapter *start,
                              const FinetuneParams &params = finetune_params()) {
     hdb_adapter *a = nullptr;
-    return detail::adapter_result(hdb_finetune(model.get(), &face, start ? start->get() : nullptr, &params, &a), a);
+    hdb_status s = hdb_finetune(model.get(), &face, start ? start->get() : nullptr, &params, &a);
+        return detail::adapter_result(s, a);
 }
 
 enum class ApplyMode : uint32_t { Merge = HDB_APPLY_MERGE, Runtime = HDB_APPLY_RUNTIME };

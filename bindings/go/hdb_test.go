@@ -253,3 +253,45 @@ func TestNoFinalizerDuringACall(t *testing.T) {
 	close(stop)
 	<-done
 }
+
+// Predict, finetune and personalize on the tiny fixtures: the params structs' layouts are
+// right when hdb runs exactly the steps asked for and reports finite losses.
+func TestIdentityFromAFace(t *testing.T) {
+	rt, m := setup(t)
+	defer rt.Close()
+	defer m.Close()
+	face := &Image{Width: 32, Height: 32, Pix: make([]byte, 32*32*3)}
+	for i := range face.Pix {
+		face.Pix[i] = byte(i * 7)
+	}
+	net, err := LoadHypernet(rt, filepath.Join(fixtures, "hypernet", "tiny.hypernet.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer net.Close()
+	iters := 0
+	pred, err := net.Predict(m, face, &PredictOptions{Iterations: 2, Progress: func(d, n uint64, s string) bool { iters++; return true }})
+	if err != nil || iters != 2 {
+		t.Fatalf("predict: %v, %d iterations reported", err, iters)
+	}
+	defer pred.Close()
+	steps := 0
+	opts := &FinetuneOptions{Steps: 2, Resolution: 64, Seed: 1, Progress: func(step, n uint64, loss float32) bool {
+		steps++
+		return n == 2 && loss == loss // false on NaN
+	}}
+	zero, err := Finetune(m, face, nil, opts)
+	if err != nil || steps != 2 {
+		t.Fatalf("finetune from zero: %v, %d steps", err, steps)
+	}
+	zero.Close()
+	steps = 0
+	tuned, err := net.Personalize(m, face, nil, opts)
+	if err != nil || steps != 2 {
+		t.Fatalf("personalize: %v, %d steps", err, steps)
+	}
+	if err := tuned.Save(filepath.Join(t.TempDir(), "me.safetensors")); err != nil {
+		t.Fatal(err)
+	}
+	tuned.Close()
+}

@@ -367,16 +367,22 @@ namespace Hdb
             var pp = new PredictParams();
             Native.hdb_predict_params_init(ref pp);
             pp.Iterations = iterations;
+            opts = opts ?? new FinetuneOptions();
             IntPtr[] strings;
-            var fp = (opts ?? new FinetuneOptions()).ToNative(out strings);
+            var fp = opts.ToNative(out strings);
             try
             {
-                return face.With(im =>
+                using (var st = opts.Progress != null ? new ProgressState(opts.Progress) : null)
                 {
-                    AdapterHandle h;
-                    HdbException.Check(Native.hdb_personalize(Handle, model.Handle, ref im, ref pp, ref fp, out h));
-                    return Adapter.Wrap(h);
-                });
+                    if (st != null) { fp.Progress = ProgressState.TrainPtr; fp.ProgressUserData = st.UserData; }
+                    return face.With(im =>
+                    {
+                        AdapterHandle h;
+                        var s = Native.hdb_personalize(Handle, model.Handle, ref im, ref pp, ref fp, out h);
+                        HdbException.Check(s, st);
+                        return Adapter.Wrap(h);
+                    });
+                }
             }
             finally { foreach (var s in strings) Marshal.FreeHGlobal(s); }
         }

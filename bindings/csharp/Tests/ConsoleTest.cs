@@ -103,6 +103,31 @@ static class ConsoleTest
             e = Throws(() => session.Generate(cancel));
             Check(e != null && e.Status == Status.Cancelled && e.InnerException is InvalidOperationException, "a throwing callback cancels and is rethrown inside");
             Check(session.Generate(Small(3)).Length == 1, "the session is still usable");
+
+            // Predict, finetune, personalize: the params layouts are right when hdb runs
+            // exactly the steps asked for.
+            var face = new Image { Width = 32, Height = 32, Rgb = new byte[32 * 32 * 3] };
+            for (int i = 0; i < face.Rgb.Length; i++) face.Rgb[i] = (byte)(i * 7);
+            using (var net = new Hypernet(rt, Path.Combine(fixtures, "hypernet", "tiny.hypernet.safetensors")))
+            using (var pred = net.Predict(model, face, 2))
+            {
+                int trainSteps = 0;
+                var opts = new FinetuneOptions { Steps = 2, Resolution = 64, Seed = 1, Progress = (st, n, loss) => { trainSteps++; return n == 2 && !float.IsNaN(loss); } };
+                using (var zero = Training.Finetune(model, face, null, opts))
+                    Check(trainSteps == 2, "LiDB from zero ran 2 steps", trainSteps.ToString());
+                trainSteps = 0;
+                using (var relaxed = Training.Finetune(model, face, pred, opts))
+                    Check(trainSteps == 2, "rank-relaxed from the prediction ran 2 steps", trainSteps.ToString());
+                trainSteps = 0;
+                using (var tuned = net.Personalize(model, face, 2, opts))
+                {
+                    Check(trainSteps == 2, "personalize ran 2 steps", trainSteps.ToString());
+                    string path = Path.Combine(Path.GetTempPath(), "hdb-cs-" + Guid.NewGuid() + ".safetensors");
+                    tuned.Save(path);
+                    Check(new FileInfo(path).Length > 0, "personalized adapter saved");
+                    File.Delete(path);
+                }
+            }
         }
         Hdb.Hdb.SetLogCallback(null, 0);
         Check(records > 0, "log records arrived");

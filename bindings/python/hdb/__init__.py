@@ -15,6 +15,7 @@ from it. A Session belongs to one thread at a time; Session.cancel() works from 
 import ctypes
 import enum
 import json
+import os
 import threading
 
 import numpy as np
@@ -93,7 +94,8 @@ def abi_version():
 
 
 def _path(p):
-    return p.encode() if isinstance(p, str) else bytes(p)
+    """A str, bytes or os.PathLike as the bytes hdb takes (any bytes on Unix)."""
+    return os.fsencode(p)
 
 
 class _Progress:

@@ -179,7 +179,7 @@ _protos = {
     "hdb_hypernet_free": (None, [_opaque]),
     "hdb_finetune_params_init": (_status, [P(FinetuneParams)]),
     "hdb_finetune_params_default": (FinetuneParams, []),
-    "hdb_finetune": (_status, [_opaque, _opaque, P(Image), _opaque, P(FinetuneParams), P(_opaque)]),
+    "hdb_finetune": (_status, [_opaque, P(Image), _opaque, P(FinetuneParams), P(_opaque)]),
     "hdb_personalize": (
         _status,
         [_opaque, _opaque, P(Image), P(PredictParams), P(FinetuneParams), P(_opaque)],

@@ -145,3 +145,23 @@ def test_describe_and_info(model):
     d = model.describe()
     assert isinstance(d, dict) and d
     assert model.info()["architecture"] == 1
+
+
+def test_identity_from_a_face(model, tmp_path):
+    # The params layouts are right when hdb runs exactly the steps asked for.
+    face = (np.arange(32 * 32 * 3) * 7 % 256).astype(np.uint8).reshape(32, 32, 3)
+    net = hdb.Hypernet(model.runtime, os.path.join(FIXTURES, "hypernet", "tiny.hypernet.safetensors"))
+    iters = []
+    with net, net.predict(model, face, iterations=2, callback=lambda *a: iters.append(a)) as pred:
+        assert len(iters) == 2
+        losses = []
+        kw = dict(steps=2, resolution=64, seed=1, callback=lambda step, n, loss: losses.append(loss))
+        with hdb.finetune(model, face, **kw):
+            assert len(losses) == 2 and np.isfinite(losses).all()
+        from PIL import Image
+
+        with net.personalize(model, Image.fromarray(face), **kw) as tuned:
+            assert len(losses) == 4
+            tuned.save(tmp_path / "me.safetensors")
+        assert (tmp_path / "me.safetensors").stat().st_size > 0
+        del pred

@@ -156,6 +156,27 @@ int main(int argc, char **argv) {
     std::vector<uint8_t> face(32 * 32 * 3, 128);
     hdb_image fv = hdb::image_view(face.data(), face.size(), 32, 32);
     check(fv.stride == 96 && fv.format == HDB_PIXEL_RGB8, "image view of a packed face");
+    for (size_t i = 0; i < face.size(); i++) face[i] = static_cast<uint8_t>(i * 7);
+
+    // Predict, finetune, personalize: exactly the steps asked for, finite losses.
+    hdb::Hypernet net = MUST(hdb::Hypernet::load(rt, (fixtures + "/hypernet/tiny.hypernet.safetensors").c_str()),
+                             "hypernetwork");
+    hdb::Adapter pred = MUST(net.predict(model, fv), "predict");
+    hdb::FinetuneParams fp = hdb::finetune_params();
+    fp.steps = 2;
+    fp.resolution = 64;
+    int steps = 0;
+    auto train = [&](uint64_t, uint64_t n, float loss) {
+        steps++;
+        return n == 2 && loss == loss;
+    };
+    hdb::with_progress(fp, train);
+    hdb::Adapter zero = MUST(hdb::finetune(model, fv, nullptr, fp), "LiDB from zero");
+    check(steps == 2, "2 training steps", std::to_string(steps));
+    hdb::Adapter relaxed = MUST(hdb::finetune(model, fv, &pred, fp), "rank-relaxed from the prediction");
+    hdb::Adapter mine = MUST(net.personalize(model, fv, hdb::predict_params(), fp), "personalize");
+    check(steps == 6, "2 steps each", std::to_string(steps));
+    check(pred && zero && relaxed && mine, "each call handed back its adapter");
 
     MUST(hdb::clear_log_callback(), "clear the log callback");
     check(g_live == 0, "hdb destroyed the log callable once cleared");
