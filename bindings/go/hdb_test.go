@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -294,4 +295,64 @@ func TestIdentityFromAFace(t *testing.T) {
 		t.Fatal(err)
 	}
 	tuned.Close()
+}
+
+// The remaining calls: per-image adapters from a file's bytes, one UNet evaluation, the
+// model's description and the runtime's info.
+func TestSampleAdaptersAndUNet(t *testing.T) {
+	rt, m := setup(t)
+	defer rt.Close()
+	defer m.Close()
+	if info, err := rt.Info(); err != nil || info.NumThreads != 2 || info.DeviceKind != 0 {
+		t.Fatalf("runtime info %+v, %v", info, err)
+	}
+	if d, err := m.Describe(); err != nil || !strings.HasPrefix(d, "{") {
+		t.Fatalf("describe %q, %v", d, err)
+	}
+	data, err := os.ReadFile(filepath.Join(fixtures, "adapter", "id1.lidb.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ad, err := LoadAdapterFromMemory(m, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ad.Close()
+	s, _ := NewSession(m)
+	defer s.Close()
+	if err := s.SetAdapters([]*Adapter{ad}, nil, ApplyRuntime); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetSampleAdapters([]int32{-1, 0}); err != nil {
+		t.Fatal(err)
+	}
+	o := small(4)
+	o.Batch = 2
+	two, err := s.Generate(o)
+	if err != nil || len(two) != 2 || bytes.Equal(two[0].Pix, two[1].Pix) {
+		t.Fatalf("two identities in one batch: %v", err)
+	}
+	info, _ := m.Info()
+	sample := make([]float32, 4*8*8)
+	for i := range sample {
+		sample[i] = float32(i%7) / 7
+	}
+	ctx := make([]float32, 77*int(info.CrossAttentionDim))
+	out := make([]float32, len(sample))
+	if err := s.SetSampleAdapters(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UNet(sample, []float32{10}, ctx, 1, 8, 8, 77, out); err != nil {
+		t.Fatal(err)
+	}
+	changed := false
+	for i, v := range out {
+		if v != v {
+			t.Fatalf("NaN at %d", i)
+		}
+		changed = changed || v != sample[i]
+	}
+	if !changed {
+		t.Fatal("the UNet returned its input")
+	}
 }

@@ -104,6 +104,23 @@ static class ConsoleTest
             Check(e != null && e.Status == Status.Cancelled && e.InnerException is InvalidOperationException, "a throwing callback cancels and is rethrown inside");
             Check(session.Generate(Small(3)).Length == 1, "the session is still usable");
 
+            // Per-image identities from a file's bytes, and one UNet evaluation.
+            using (var ad = Adapter.FromBytes(model, File.ReadAllBytes(Path.Combine(fixtures, "adapter", "id1.lidb.safetensors"))))
+                session.SetAdapters(new[] { ad }, null, 1);
+            session.SetSampleAdapters(new[] { -1, 0 });
+            var pair = Small(4);
+            pair.Batch = 2;
+            var two = session.Generate(pair);
+            Check(two.Length == 2 && !two[0].Rgb.SequenceEqual(two[1].Rgb), "one identity per image");
+            session.SetSampleAdapters(null);
+            var sample = Enumerable.Range(0, 4 * 8 * 8).Select(i => (i % 7) / 7f).ToArray();
+            var ctx = new float[77 * model.Info().CrossAttentionDim];
+            var eps = session.Unet(sample, new[] { 10f }, ctx, 1, 8, 8, 77);
+            Check(eps.All(v => !float.IsNaN(v)) && !eps.SequenceEqual(sample), "UNet evaluation");
+            int loads = 0;
+            using (var again = new Model(rt, Path.Combine(fixtures, "tiny-sd"), 0, 1, (d, t, s) => { loads++; return s == "load"; }))
+                Check(loads > 0, "model load progress, stage \"load\"", loads.ToString());
+
             // Predict, finetune, personalize: the params layouts are right when hdb runs
             // exactly the steps asked for.
             var face = new Image { Width = 32, Height = 32, Rgb = new byte[32 * 32 * 3] };

@@ -145,6 +145,10 @@ def test_describe_and_info(model):
     d = model.describe()
     assert isinstance(d, dict) and d
     assert model.info()["architecture"] == 1
+    assert model.runtime.info() == {"device": "cpu", "device_index": 0, "num_threads": 2}
+    stages = []
+    hdb.Model(model.runtime, TINY, storage=1, callback=lambda d, n, s: stages.append(s)).close()
+    assert stages and set(stages) == {"load"}
 
 
 def test_identity_from_a_face(model, tmp_path):

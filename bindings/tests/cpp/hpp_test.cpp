@@ -152,6 +152,33 @@ int main(int argc, char **argv) {
     check(bad.status == hdb::Status::InvalidArgument && bad.message.find("width") != std::string::npos,
           "a bad width is InvalidArgument naming it", bad.message);
 
+    // Per-image identities from a file's bytes, and one UNet evaluation.
+    {
+        std::FILE *f = std::fopen((fixtures + "/adapter/id1.lidb.safetensors").c_str(), "rb");
+        check(f != nullptr, "open the adapter file");
+        std::vector<uint8_t> bytes;
+        for (int ch; (ch = std::fgetc(f)) != EOF;) bytes.push_back(static_cast<uint8_t>(ch));
+        std::fclose(f);
+        hdb::Adapter mem = MUST(hdb::Adapter::load_from_memory(model, hdb::Span<const uint8_t>(bytes)), "from memory");
+        const hdb::Adapter *one[] = {&mem};
+        MUST(moved.set_adapters(one, {}, hdb::ApplyMode::Runtime), "runtime mode");
+        const int32_t idx[] = {-1, 0};
+        MUST(moved.set_sample_adapters(idx), "per-image indices");
+        hdb::GenerateParams p2 = p;
+        p2.batch = 2;
+        p2.width = 64; // p was left at the refused width above
+        auto two = MUST(moved.generate(p2), "a batch of two identities");
+        check(two.size() == 2 && two[0].pixels != two[1].pixels, "one identity per image");
+        MUST(moved.set_sample_adapters({}), "back to one set");
+        std::vector<float> sample(4 * 8 * 8), ctx(77 * info.cross_attention_dim), eps(sample.size());
+        for (size_t i = 0; i < sample.size(); i++) sample[i] = float(i % 7) / 7.0f;
+        const float t[] = {10.0f};
+        MUST(moved.unet(sample, t, ctx, 1, 8, 8, 77, eps), "UNet evaluation");
+        bool finite = true;
+        for (float v : eps) finite = finite && v == v;
+        check(finite && eps != sample, "the UNet's output is finite and not its input");
+    }
+
     // Faces: an image view of caller pixels.
     std::vector<uint8_t> face(32 * 32 * 3, 128);
     hdb_image fv = hdb::image_view(face.data(), face.size(), 32, 32);
