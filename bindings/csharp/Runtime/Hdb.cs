@@ -51,7 +51,7 @@ namespace Hdb
         public string HdbMessage { get; private set; }
 
         public HdbException(Status status, string message, Exception inner = null)
-            : base(Hdb.StatusName(status) + ": " + message, inner)
+            : base(Library.StatusName(status) + ": " + message, inner)
         {
             Status = status;
             HdbMessage = message;
@@ -117,7 +117,7 @@ namespace Hdb
     }
 
     /// <summary>Process-wide functions.</summary>
-    public static class Hdb
+    public static class Library
     {
         public static string Version { get { return Utf8.Read(Native.hdb_version_string()); } }
         public static uint AbiVersion { get { return Native.hdb_abi_version(); } }

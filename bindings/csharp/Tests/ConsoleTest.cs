@@ -36,11 +36,11 @@ static class ConsoleTest
     static int Main(string[] args)
     {
         string fixtures = args[0];
-        Check(Hdb.Hdb.AbiVersion == Hdb.Hdb.HeaderAbiVersion, "ABI version matches");
+        Check(Library.AbiVersion == Library.HeaderAbiVersion, "ABI version matches");
         foreach (Status s in Enum.GetValues(typeof(Status)))
         {
             string want = "HDB_STATUS_" + string.Concat(s.ToString().Select((c, i) => i > 0 && char.IsUpper(c) ? "_" + c : c.ToString())).ToUpperInvariant();
-            if (Hdb.Hdb.StatusName(s) != want) Check(false, "status name of " + s, Hdb.Hdb.StatusName(s) + " != " + want);
+            if (Library.StatusName(s) != want) Check(false, "status name of " + s, Library.StatusName(s) + " != " + want);
         }
         Check(true, "status names match the library");
 
@@ -48,7 +48,7 @@ static class ConsoleTest
         Check(Native_SizeOk(), "struct layouts match the library's struct_size");
 
         int records = 0;
-        Hdb.Hdb.SetLogCallback((level, target, msg) => { Interlocked.Increment(ref records); if (level == 5) throw new Exception("dropped"); }, 5);
+        Library.SetLogCallback((level, target, msg) => { Interlocked.Increment(ref records); if (level == 5) throw new Exception("dropped"); }, 5);
 
         using (var rt = new Runtime("cpu", 2))
         using (var model = new Model(rt, Path.Combine(fixtures, "tiny-sd")))
@@ -146,9 +146,9 @@ static class ConsoleTest
                 }
             }
         }
-        Hdb.Hdb.SetLogCallback(null, 0);
+        Library.SetLogCallback(null, 0);
         Check(records > 0, "log records arrived");
-        Check(Hdb.Hdb.LiveLogCallbacks == 0, "hdb released the log callback");
+        Check(Library.LiveLogCallbacks == 0, "hdb released the log callback");
         Console.WriteLine("all " + checks + " checks passed");
         return 0;
     }
