@@ -77,12 +77,13 @@ step_hpp() {
 }
 
 step_go() {
-  say "go vet + go test (bindings/go)"
+  say "go vet + go test -race (bindings/go)"
   ( cd bindings/go
     [[ -z "$(gofmt -l .)" ]] || { echo "gofmt: $(gofmt -l .)" >&2; exit 1; }
     # No dependencies outside the standard library: nothing is downloaded.
     GOFLAGS=-mod=mod GOPROXY=off go vet ./...
-    GOFLAGS=-mod=mod GOPROXY=off go test -count=1 ./... )
+    # The race detector watches the tests that fail and cancel from many goroutines at once.
+    GOFLAGS=-mod=mod GOPROXY=off go test -race -count=1 ./... )
 }
 
 step_python() {
