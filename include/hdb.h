@@ -936,6 +936,22 @@ hdb_status hdb_model_params_init(struct hdb_model_params *params);
 hdb_status hdb_model_load(struct hdb_runtime *rt, const char *path, const struct hdb_model_params *params, struct hdb_model **out);
 
 /**
+ * As `hdb_model_load`, for an LDM single-file `.safetensors` checkpoint held in memory (for
+ * hosts whose model ships inside a package, such as an Android APK's assets): `len` bytes at
+ * `bytes` are copied, so the caller may free its buffer when this returns (the copy costs the
+ * file's size in memory). `name` (UTF-8, NULL for `"<memory>"`) stands for the file's path in
+ * messages and in the base an adapter records. From `params` only `progress` (stage "load",
+ * once) applies; `weights_variant` and `storage` are ignored (the bytes are always the model's
+ * own copy) and `reserved` must be 0. A model from memory has no tokenizer folder, as one
+ * from a single file on disk.
+ *
+ * # Safety
+ * `rt` a live runtime; `bytes` valid for `len` bytes; `name` NULL or NUL-terminated;
+ * `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_model_load_from_memory(struct hdb_runtime *rt, const uint8_t *bytes, size_t len, const char *name, const struct hdb_model_params *params, struct hdb_model **out);
+
+/**
  * Reports what a model holds.
  *
  * # Safety

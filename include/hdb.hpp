@@ -361,6 +361,15 @@ class Model : public detail::Handle<hdb_model, hdb_model_free> {
     static Ret<Model> load(const Runtime &rt, const std::string &path, const ModelParams &params = model_params()) {
         return load(rt, path.c_str(), params);
     }
+    /** An LDM single-file checkpoint's bytes (copied; hdb_model_load_from_memory). `name`
+     * stands for its path in messages; only params.progress applies. */
+    static Ret<Model> load_from_memory(const Runtime &rt, Span<const uint8_t> bytes, const char *name = nullptr,
+                                       const ModelParams &params = model_params()) {
+        hdb_model *m = nullptr;
+        hdb_status s = hdb_model_load_from_memory(rt.get(), bytes.data(), bytes.size(), name, &params, &m);
+        if (s != HDB_STATUS_OK) return detail::finish(Result<Model>(detail::error_of(s)));
+        return detail::finish(Result<Model>(Model(m)));
+    }
     Ret<ModelInfo> info() const {
         ModelInfo i{};
         i.struct_size = sizeof i;

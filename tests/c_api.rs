@@ -265,7 +265,8 @@ c_tests!(
     finetune,
     error_copy,
     cancel,
-    log_free
+    log_free,
+    model_memory
 );
 
 #[test]

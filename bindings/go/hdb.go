@@ -214,6 +214,34 @@ func LoadModel(rt *Runtime, path string, opts *ModelOptions) (*Model, error) {
 	return m, nil
 }
 
+// LoadModelFromMemory loads an LDM single-file checkpoint from its bytes (copied: data may be
+// reused at once). name stands for its path in messages; of opts only Progress applies.
+func LoadModelFromMemory(rt *Runtime, data []byte, name string, opts *ModelOptions) (*Model, error) {
+	var p C.hdb_model_params
+	C.hdb_model_params_init(&p)
+	var progress ProgressFunc
+	if opts != nil {
+		progress = opts.Progress
+	}
+	h, del := handleOf(progress, progress == nil)
+	defer del()
+	// cgo's rules: hdb reads C memory, not the Go slice.
+	buf := C.CBytes(data)
+	defer C.free(buf)
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+	var e C.hdbgo_err
+	var out *C.hdb_model
+	err := check(C.hdbgo_model_load_from_memory(rt.p, (*C.uint8_t)(buf), C.size_t(len(data)), cname, &p, h, &out, &e), &e)
+	runtime.KeepAlive(rt)
+	if err != nil {
+		return nil, err
+	}
+	m := &Model{out}
+	runtime.SetFinalizer(m, (*Model).Close)
+	return m, nil
+}
+
 // ModelInfo is part of hdb_model_info.
 type ModelInfo struct {
 	Architecture      uint32 // HDB_ARCH_*

@@ -356,3 +356,38 @@ func TestSampleAdaptersAndUNet(t *testing.T) {
 		t.Fatal("the UNet returned its input")
 	}
 }
+
+// A single-file checkpoint from its bytes is the model loaded from its path.
+func TestModelFromMemory(t *testing.T) {
+	rt, err := NewRuntime(RuntimeOptions{Device: "cpu", NumThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	path := filepath.Join(fixtures, "tiny-sd-ldm.safetensors")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk, err := LoadModel(rt, path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer disk.Close()
+	loads := 0
+	mem, err := LoadModelFromMemory(rt, data, "tiny.safetensors", &ModelOptions{Progress: func(d, n uint64, s string) bool { loads++; return s == "load" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	a, _ := disk.Info()
+	b, _ := mem.Info()
+	if a != b || b.SourceFormat != 2 || loads == 0 {
+		t.Fatalf("from disk %+v, from memory %+v, %d progress calls", a, b, loads)
+	}
+	_, err = LoadModelFromMemory(rt, data[:1000], "cut.safetensors", nil)
+	var he *Error
+	if !errors.As(err, &he) || he.Status != StatusInvalidFile || !strings.Contains(he.Message, "cut.safetensors") {
+		t.Fatalf("a truncated buffer: %v", err)
+	}
+}

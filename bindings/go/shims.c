@@ -35,6 +35,14 @@ hdb_status hdbgo_model_load(hdb_runtime *rt, const char *path, hdb_model_params 
     }
     HDBGO_CALL(hdb_model_load(rt, path, p, out));
 }
+hdb_status hdbgo_model_load_from_memory(hdb_runtime *rt, const uint8_t *bytes, size_t len, const char *name,
+                                       hdb_model_params *p, uintptr_t progress, hdb_model **out, hdbgo_err *e) {
+    if (progress) {
+        p->progress = progress_tramp;
+        p->progress_user_data = (void *)progress;
+    }
+    HDBGO_CALL(hdb_model_load_from_memory(rt, bytes, len, name, p, out));
+}
 hdb_status hdbgo_model_get_info(const hdb_model *m, hdb_model_info *out, hdbgo_err *e) {
     HDBGO_CALL(hdb_model_get_info(m, out));
 }

@@ -20,6 +20,8 @@ hdb_status hdbgo_runtime_new(const hdb_runtime_params *p, hdb_runtime **out, hdb
 hdb_status hdbgo_runtime_get_info(const hdb_runtime *rt, hdb_runtime_info *out, hdbgo_err *e);
 hdb_status hdbgo_model_load(hdb_runtime *rt, const char *path, hdb_model_params *p, uintptr_t progress,
                             hdb_model **out, hdbgo_err *e);
+hdb_status hdbgo_model_load_from_memory(hdb_runtime *rt, const uint8_t *bytes, size_t len, const char *name,
+                                       hdb_model_params *p, uintptr_t progress, hdb_model **out, hdbgo_err *e);
 hdb_status hdbgo_model_get_info(const hdb_model *m, hdb_model_info *out, hdbgo_err *e);
 hdb_status hdbgo_model_describe(const hdb_model *m, char *buf, size_t len, size_t *needed, hdbgo_err *e);
 hdb_status hdbgo_adapter_load(const hdb_model *m, const char *path, hdb_adapter **out, hdbgo_err *e);

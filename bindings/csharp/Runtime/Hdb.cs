@@ -209,6 +209,25 @@ namespace Hdb
             }
         }
 
+        Model(ModelHandle h) { Handle = h; }
+
+        /// <summary>An LDM single-file checkpoint from its bytes (copied); name stands for its
+        /// path in messages (null: "&lt;memory&gt;").</summary>
+        public static Model FromBytes(Runtime rt, byte[] data, string name = null, Progress progress = null)
+        {
+            var p = new ModelParams();
+            Native.hdb_model_params_init(ref p);
+            using (var st = progress != null ? new ProgressState(progress) : null)
+            {
+                if (st != null) { p.Progress = ProgressState.ProgressPtr; p.ProgressUserData = st.UserData; }
+                ModelHandle h;
+                var s = Native.hdb_model_load_from_memory(rt.Handle, data, (UIntPtr)data.Length,
+                    name == null ? null : Utf8.Bytes(name), ref p, out h);
+                HdbException.Check(s, st);
+                return new Model(h);
+            }
+        }
+
         public ModelInfo Info()
         {
             var i = new ModelInfo { StructSize = (uint)Marshal.SizeOf(typeof(ModelInfo)) };

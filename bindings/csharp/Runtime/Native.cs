@@ -190,6 +190,7 @@ namespace Hdb
         [DllImport(Lib)] internal static extern Status hdb_model_params_init(ref ModelParams p);
         [DllImport(Lib)] internal static extern ModelParams hdb_model_params_default();
         [DllImport(Lib)] internal static extern Status hdb_model_load(RuntimeHandle rt, byte[] path, ref ModelParams p, out ModelHandle m);
+        [DllImport(Lib)] internal static extern Status hdb_model_load_from_memory(RuntimeHandle rt, byte[] bytes, UIntPtr len, byte[] name, ref ModelParams p, out ModelHandle m);
         [DllImport(Lib)] internal static extern Status hdb_model_get_info(ModelHandle m, ref ModelInfo info);
         [DllImport(Lib)] internal static extern Status hdb_model_describe(ModelHandle m, byte[] buf, UIntPtr len, out UIntPtr needed);
         [DllImport(Lib)] internal static extern void hdb_model_free(IntPtr m);

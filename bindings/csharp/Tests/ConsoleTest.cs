@@ -121,6 +121,21 @@ static class ConsoleTest
             using (var again = new Model(rt, Path.Combine(fixtures, "tiny-sd"), 0, 1, (d, t, s) => { loads++; return s == "load"; }))
                 Check(loads > 0, "model load progress, stage \"load\"", loads.ToString());
 
+            // A single-file checkpoint from its bytes is the model loaded from its path.
+            string ldm = Path.Combine(fixtures, "tiny-sd-ldm.safetensors");
+            using (var disk = new Model(rt, ldm))
+            using (var mem = Model.FromBytes(rt, File.ReadAllBytes(ldm), "tiny.safetensors"))
+            {
+                var di = disk.Info();
+                var mi = mem.Info();
+                Check(mi.SourceFormat == 2 && mi.Unet.ParameterCount == di.Unet.ParameterCount &&
+                      mi.Vae.TensorCount == di.Vae.TensorCount && mi.TextEncoder.Dtype == di.TextEncoder.Dtype,
+                      "a model from memory is the model from its path");
+                Check(mem.Describe().Contains("tiny.safetensors"), "named as given");
+            }
+            e = Throws(() => Model.FromBytes(rt, File.ReadAllBytes(ldm).Take(1000).ToArray(), "cut.safetensors"));
+            Check(e != null && e.Status == Status.InvalidFile && e.HdbMessage.Contains("cut.safetensors"), "a truncated buffer is refused by name");
+
             // Predict, finetune, personalize: the params layouts are right when hdb runs
             // exactly the steps asked for.
             var face = new Image { Width = 32, Height = 32, Rgb = new byte[32 * 32 * 3] };

@@ -183,6 +183,22 @@ class Model(_Handle):
         super().__init__(_new(lib.hdb_model_load, runtime, _path(path), ctypes.byref(p), callback=cb))
         self.runtime = runtime
 
+    @classmethod
+    def from_bytes(cls, runtime, data, name=None, callback=None):
+        """An LDM single-file checkpoint from its bytes (copied); `name` stands for its path in
+        messages. callback(done, total, stage) as for loading from a path."""
+        p = _capi.ModelParams()
+        lib.hdb_model_params_init(ctypes.byref(p))
+        cb = _Progress(callback) if callback else None
+        if cb:
+            p.progress = cb.c
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        self = cls.__new__(cls)
+        _Handle.__init__(self, _new(lib.hdb_model_load_from_memory, runtime, buf, len(data),
+                                    name.encode() if name else None, ctypes.byref(p), callback=cb))
+        self.runtime = runtime
+        return self
+
     def info(self):
         i = _capi.ModelInfo(struct_size=ctypes.sizeof(_capi.ModelInfo))
         _check(lib.hdb_model_get_info(self, ctypes.byref(i)))

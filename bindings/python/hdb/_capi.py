@@ -165,6 +165,10 @@ _protos = {
     "hdb_model_params_init": (_status, [P(ModelParams)]),
     "hdb_model_params_default": (ModelParams, []),
     "hdb_model_load": (_status, [_opaque, c_char_p, P(ModelParams), P(_opaque)]),
+    "hdb_model_load_from_memory": (
+        _status,
+        [_opaque, P(c_uint8), c_size_t, c_char_p, P(ModelParams), P(_opaque)],
+    ),
     "hdb_model_get_info": (_status, [_opaque, P(ModelInfo)]),
     "hdb_model_describe": (_status, [_opaque, P(c_char), c_size_t, P(c_size_t)]),
     "hdb_model_free": (None, [_opaque]),

@@ -1,6 +1,7 @@
 """The Python binding on the tiny SD fixture (run by scripts/test-bindings.sh)."""
 
 import ctypes
+import json
 import os
 import threading
 
@@ -169,3 +170,18 @@ def test_identity_from_a_face(model, tmp_path):
             tuned.save(tmp_path / "me.safetensors")
         assert (tmp_path / "me.safetensors").stat().st_size > 0
         del pred
+
+
+def test_model_from_bytes(model):
+    path = os.path.join(FIXTURES, "tiny-sd-ldm.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    stages = []
+    with hdb.Model(model.runtime, path) as disk, \
+            hdb.Model.from_bytes(model.runtime, data, "tiny.safetensors", callback=lambda d, n, s: stages.append(s)) as mem:
+        assert mem.info() == disk.info() and mem.info()["source_format"] == 2
+        assert stages and set(stages) == {"load"}
+        assert "tiny.safetensors" in json.dumps(mem.describe())
+    with pytest.raises(hdb.HdbError) as e:
+        hdb.Model.from_bytes(model.runtime, data[:1000], "cut.safetensors")
+    assert e.value.status == hdb.Status.INVALID_FILE and "cut.safetensors" in e.value.message

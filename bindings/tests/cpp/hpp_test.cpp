@@ -179,6 +179,27 @@ int main(int argc, char **argv) {
         check(finite && eps != sample, "the UNet's output is finite and not its input");
     }
 
+    // A single-file checkpoint from its bytes is the model loaded from its path.
+    {
+        const std::string ldm = fixtures + "/tiny-sd-ldm.safetensors";
+        std::FILE *f = std::fopen(ldm.c_str(), "rb");
+        check(f != nullptr, "open the single-file fixture");
+        std::vector<uint8_t> bytes;
+        for (int ch; (ch = std::fgetc(f)) != EOF;) bytes.push_back(static_cast<uint8_t>(ch));
+        std::fclose(f);
+        hdb::Model disk = MUST(hdb::Model::load(rt, ldm), "single file from disk");
+        hdb::Model mem = MUST(hdb::Model::load_from_memory(rt, bytes, "tiny.safetensors"), "from memory");
+        auto di = MUST(disk.info(), "info");
+        auto mi = MUST(mem.info(), "info");
+        check(mi.source_format == HDB_FORMAT_LDM_SINGLE_FILE && mi.unet.parameter_count == di.unet.parameter_count &&
+                  mi.vae.tensor_count == di.vae.tensor_count,
+              "a model from memory is the model from its path");
+        bytes.resize(1000);
+        Outcome cut = outcome([&] { return hdb::Model::load_from_memory(rt, bytes, "cut.safetensors"); });
+        check(cut.status == hdb::Status::InvalidFile && cut.message.find("cut.safetensors") != std::string::npos,
+              "a truncated buffer is refused by name", cut.message);
+    }
+
     // Faces: an image view of caller pixels.
     std::vector<uint8_t> face(32 * 32 * 3, 128);
     hdb_image fv = hdb::image_view(face.data(), face.size(), 32, 32);

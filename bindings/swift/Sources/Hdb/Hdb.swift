@@ -119,6 +119,17 @@ public final class Model {
         handle = out!
     }
 
+    /// An LDM single-file checkpoint from its bytes (copied); name stands for its path in messages.
+    public init(runtime: Runtime, bytes: [UInt8], name: String? = nil) throws {
+        var p = hdb_model_params()
+        _ = hdb_model_params_init(&p)
+        var out: OpaquePointer?
+        try withOptionalCString(name) { cName in
+            try check(hdb_model_load_from_memory(runtime.handle, bytes, bytes.count, cName, &p, &out))
+        }
+        handle = out!
+    }
+
     public func info() throws -> hdb_model_info {
         var i = hdb_model_info()
         i.struct_size = UInt32(MemoryLayout<hdb_model_info>.size)
