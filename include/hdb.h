@@ -4,19 +4,39 @@
  *
  * Conventions:
  * - Every fallible call returns hdb_status and writes its out-pointer only on HDB_STATUS_OK.
- *   On failure hdb_last_error_message() says what went wrong (naming the file, key or
- *   argument); it is thread-local and valid until the next failing call on that thread.
- * - NULL for a required pointer gives HDB_STATUS_NULL_ARGUMENT, never a crash.
+ *   On failure the thread's last-error message says what went wrong (naming the file, key or
+ *   argument): hdb_last_error_copy(buf, len) copies it, hdb_last_error_message() points at it.
+ *   The message belongs to the OS thread that made the failing call and stays until that
+ *   thread's next failing call: read it on that thread before its next hdb call. Hosts whose
+ *   code can move between OS threads between two native calls (Go goroutines, .NET async)
+ *   read it inside the same native call as the failing function (a cgo C shim; the same
+ *   P/Invoke sequence with no await between); the bindings in bindings/ do.
+ * - NULL for a required pointer gives HDB_STATUS_NULL_ARGUMENT, never a crash. A pointer
+ *   parameter may be NULL only where its function's "Safety" section says "NULL or ..."
+ *   (cbindgen cannot put _Nullable/_Nonnull on raw pointers; this is the nullability).
  * - Params and info structs start with uint32_t struct_size. Get params from
- *   hdb_<name>_params_default(); a NULL params pointer means the defaults. For info structs,
- *   set struct_size = sizeof(struct) before the call.
+ *   hdb_<name>_params_default() or hdb_<name>_params_init(&params) (the same values, for
+ *   hosts that cannot take structs by value); a NULL params pointer means the defaults. For
+ *   info structs, set struct_size = sizeof(struct) before the call. Strings in and out are
+ *   UTF-8 (paths: any bytes on Unix); bool is C's one-byte _Bool.
+ * - Constants (HDB_STATUS_*, HDB_SAMPLER_*, ...) are unsigned 32-bit values: hdb_status and
+ *   the other enum typedefs are uint32_t in C (convert #define literals where a language
+ *   types them as signed).
  * - Each object from hdb_*_new / hdb_*_load is freed with its hdb_*_free; NULL is a no-op.
- *   Objects keep what they depend on alive, so free order does not matter.
+ *   Objects keep what they depend on alive, so free order does not matter. A free may run on
+ *   any thread (a finalizer's) once no other thread is inside a call on that object; a second
+ *   free or a use after free is undefined behaviour (hdb_session_free detects a session still
+ *   in a call and leaks it instead, logging an error).
  * - Thread safety: const objects (model, adapter, hypernet) may be used from many threads at
  *   once; a session belongs to one thread at a time. A call on a session made while another
- *   thread is inside a call on it returns HDB_STATUS_BUSY and changes nothing (freeing a
- *   session another thread is using is still undefined). The log callback is the only
- *   process-wide setting.
+ *   thread is inside a call on it returns HDB_STATUS_BUSY and changes nothing.
+ *   hdb_session_cancel may be called from any thread at any time. The log callback is the
+ *   only process-wide setting.
+ * - Callbacks get their user_data first, unchanged. Each callback type says on which thread
+ *   it runs and whether it may call back into hdb. No callback may unwind: a C++ exception, a
+ *   C# exception or a Go panic leaving one aborts the process; bindings catch in their
+ *   trampolines. The only stored callback (the log's) takes a destructor for its user data
+ *   (hdb_set_log_callback_ex); progress callbacks live for one call.
  * - No panic crosses this boundary: a bug inside hdb returns HDB_STATUS_PANIC.
  * - Files: only regular files are read. Model weights are memory-mapped by default, so a
  *   loaded model's files must not be truncated (SIGBUS at the next use) or rewritten in place
@@ -25,6 +45,9 @@
  * - Sizes from files and arguments have documented limits (README, "Reliability"): beyond
  *   them a call fails with a status naming the field; a request the machine cannot hold is
  *   HDB_STATUS_OUT_OF_MEMORY.
+ * - Versions: functions, fields and values are only ever added within one HDB_ABI_VERSION
+ *   (the SONAME, libhdb.so.<HDB_ABI_VERSION>); a program using an addition needs a library
+ *   at least as new as its header (hdb_version_string() tells).
  */
 
 #ifndef HDB_H
@@ -181,9 +204,12 @@ typedef uint32_t hdb_lr_schedule;
 
 /**
  * Called after each training step with the step number (1-based), the total and the step's
- * loss, on the calling thread or an hdb worker thread while the caller waits; return false to
- * cancel (the call then returns `HDB_STATUS_CANCELLED` and writes nothing). It must not call
- * back into hdb on the same model, and must not unwind.
+ * loss; return false to cancel (the call then returns `HDB_STATUS_CANCELLED` and writes
+ * nothing). `bool` is C's one-byte `_Bool` (C#: `[return: MarshalAs(UnmanagedType.I1)]`).
+ *
+ * Thread: as `hdb_progress_fn`: on the calling thread or an hdb worker thread while the
+ * caller waits, one call at a time; it must not unwind and must not call back into hdb
+ * (except the functions `hdb_progress_fn` names).
  */
 typedef bool (*hdb_train_progress_fn)(void *user_data, uint64_t step, uint64_t steps, float loss);
 
@@ -275,8 +301,17 @@ typedef struct hdb_image {
 } hdb_image;
 
 /**
- * A progress callback: `done` of `total` units of `stage` (a short UTF-8 name) are finished.
- * Return `true` to go on, `false` to cancel (the call then returns `HDB_STATUS_CANCELLED`).
+ * A progress callback: `done` of `total` units of `stage` (a short UTF-8 name, valid during
+ * the call) are finished. Return `true` to go on, `false` to cancel (the call then returns
+ * `HDB_STATUS_CANCELLED`). `bool` is C's one-byte `_Bool` (C#: `[return:
+ * MarshalAs(UnmanagedType.I1)]`). `user_data` is the params' `progress_user_data`, passed
+ * unchanged; hdb stores neither beyond the call that received them.
+ *
+ * Thread: called on the calling thread or on an hdb worker thread while the calling thread
+ * waits inside the hdb call, one call at a time. It must not unwind (no C++ exception, C#
+ * exception or Go panic may leave it: catch inside) and must not call back into hdb, except
+ * `hdb_session_cancel`, `hdb_last_error_copy`/`hdb_last_error_message`, `hdb_status_name`
+ * and the version functions.
  */
 typedef bool (*hdb_progress_fn)(void *user_data, uint64_t done, uint64_t total, const char *stage);
 
@@ -366,9 +401,19 @@ typedef uint32_t hdb_log_level;
 
 /**
  * Receives one log record: its level, the emitting module (e.g. "hdb::model") and the
- * message, both UTF-8 and valid only during the call. May be called from any thread.
+ * message, both UTF-8 and valid only during the call.
+ *
+ * Thread: called from any thread (the one logging: a caller's or an hdb worker), from
+ * several at once. It must not unwind (catch inside), and may call hdb functions
+ * (`hdb_set_log_callback` included).
  */
 typedef void (*hdb_log_fn)(void *user_data, hdb_log_level level, const char *target, const char *message);
+
+/**
+ * Frees a stored callback's user data once hdb no longer uses it (see
+ * `hdb_set_log_callback_ex`): called once, must not unwind.
+ */
+typedef void (*hdb_free_fn)(void *user_data);
 
 /**
  * Which weight files of a diffusers folder to read.
@@ -678,7 +723,10 @@ hdb_status hdb_adapter_load_from_memory(const struct hdb_model *model, const uin
 hdb_status hdb_adapter_save(const struct hdb_adapter *adapter, const char *path);
 
 /**
- * Frees an adapter; NULL is a no-op. Sessions using it keep their own reference.
+ * Frees an adapter; NULL is a no-op. Sessions using it keep their own reference, so it may
+ * be freed once `hdb_session_set_adapters` has returned. May be called from any thread (a finalizer's).
+ * A second free, or any use after the free, is undefined behaviour (not detected: the
+ * handle's memory is gone).
  *
  * # Safety
  * `adapter` NULL or an adapter from `hdb_adapter_load*` not yet freed.
@@ -692,9 +740,35 @@ void hdb_adapter_free(struct hdb_adapter *adapter);
 const char *hdb_last_error_message(void);
 
 /**
+ * Copies the message of the last failing call on this thread into `buf` (`len` bytes),
+ * truncated to `len - 1` bytes and NUL-terminated (nothing is written when `len` is 0), and
+ * returns the message's full length in bytes, NUL excluded (as `snprintf` does: a result
+ * `>= len` means it was truncated). "" (0) if no call on this thread has failed.
+ *
+ * The message belongs to the OS thread that made the failing call: read it there, before
+ * that thread's next hdb call. Hosts whose code can move between OS threads between two
+ * native calls (Go goroutines, .NET tasks) call this inside the same native call as the
+ * failing function (a cgo C shim, or the same P/Invoke sequence with no `await` between):
+ * the bindings in `bindings/` do exactly that.
+ *
+ * # Safety
+ * `buf` NULL (only with `len` 0) or valid for `len` bytes.
+ */
+size_t hdb_last_error_copy(char *buf, size_t len);
+
+/**
  * The default finetune params.
  */
 struct hdb_finetune_params hdb_finetune_params_default(void);
+
+/**
+ * Writes the default finetune params into `*params`, `struct_size` included: the values of
+ * `hdb_finetune_params_default()`, for hosts that cannot take a struct returned by value.
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_finetune_params`.
+ */
+hdb_status hdb_finetune_params_init(struct hdb_finetune_params *params);
 
 /**
  * Trains an identity adapter for `model` on the face in `face` (RGB8, any size >= 16x16;
@@ -730,6 +804,15 @@ hdb_status hdb_personalize(const struct hdb_hypernet *hypernet, const struct hdb
 struct hdb_generate_params hdb_generate_params_default(void);
 
 /**
+ * Writes the default generate params into `*params`, `struct_size` included: the values of
+ * `hdb_generate_params_default()`, for hosts that cannot take a struct returned by value.
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_generate_params`.
+ */
+hdb_status hdb_generate_params_init(struct hdb_generate_params *params);
+
+/**
  * Renders `params.batch` images into `out[0..n_out]`: caller-allocated `data` of
  * `data_len` bytes each, rows `stride` bytes apart (0 = packed, `width * 3`); on success
  * width, height, stride and format are set. Uses the session's adapters (one set, or one identity per image after
@@ -746,6 +829,15 @@ hdb_status hdb_generate(struct hdb_session *session, const struct hdb_generate_p
  * The default predict params.
  */
 struct hdb_predict_params hdb_predict_params_default(void);
+
+/**
+ * Writes the default predict params into `*params`, `struct_size` included: the values of
+ * `hdb_predict_params_default()`, for hosts that cannot take a struct returned by value.
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_predict_params`.
+ */
+hdb_status hdb_predict_params_init(struct hdb_predict_params *params);
 
 /**
  * Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
@@ -771,7 +863,10 @@ hdb_status hdb_hypernet_load(struct hdb_runtime *rt, const char *path, struct hd
 hdb_status hdb_hypernet_predict(const struct hdb_hypernet *hypernet, const struct hdb_model *model, const struct hdb_image *face, const struct hdb_predict_params *params, struct hdb_adapter **out);
 
 /**
- * Frees a hypernetwork; NULL is a no-op.
+ * Frees a hypernetwork (NULL is a no-op) once no other thread is inside a call that takes
+ * it. May be called from any thread (a finalizer's).
+ * A second free, or any use after the free, is undefined behaviour (not detected: the
+ * handle's memory is gone).
  *
  * # Safety
  * `hypernet` NULL or from `hdb_hypernet_load`, not yet freed.
@@ -780,22 +875,49 @@ void hdb_hypernet_free(struct hdb_hypernet *hypernet);
 
 /**
  * Sends the library's log records up to `max_level` to `callback` (replacing any earlier
- * one); a NULL callback or `HDB_LOG_LEVEL_OFF` stops logging. The callback must be
- * thread-safe: it may be called from hdb's worker threads. It may call hdb functions,
- * including this one (e.g. to stop logging). This is the only process-wide setting of hdb.
+ * one); a NULL callback or `HDB_LOG_LEVEL_OFF` stops logging. The same as
+ * `hdb_set_log_callback_ex(callback, user_data, NULL, max_level)`.
+ *
+ * Thread: the callback may be called from any thread, hdb's workers included, and from
+ * several at once; it must be thread-safe and must not unwind (no C++ exception, C#
+ * exception or Go panic may leave it: catch inside). It may call hdb functions, including
+ * this one (e.g. to stop logging). This is the only process-wide setting of hdb.
  *
  * Synchronous: when called outside any hdb log callback, this returns only after every call
  * into the callbacks it replaced has returned on every thread, so the old `user_data` may be
  * freed as soon as it returns. Called from inside a callback it cannot wait (its own call is
- * in flight) and returns at once; free the user data after a later call from outside. Do not
- * call it while holding a lock that the callback takes.
+ * in flight) and returns at once; free the user data after a later call from outside, or use
+ * `hdb_set_log_callback_ex`, which frees it for you. Do not call it while holding a lock
+ * that the callback takes.
  */
 hdb_status hdb_set_log_callback(hdb_log_fn callback, void *user_data, hdb_log_level max_level);
+
+/**
+ * As `hdb_set_log_callback`, and hdb owns `user_data` from then on: `free_user_data` (may be
+ * NULL) is called with it exactly once, when hdb no longer uses it, that is when a later
+ * call replaces or removes this callback and every call into it has returned (during that
+ * later call when made outside a callback; otherwise on the thread whose call into the old
+ * callback returns last). It is called on that thread, must not unwind and must not call
+ * `hdb_set_log_callback*`. On failure (`max_level` out of range) nothing is stored and
+ * `free_user_data` is not called: the caller still owns `user_data`. Bindings use this to
+ * release the handle their trampoline's user data stands for (a Go `cgo.Handle`, a .NET
+ * `GCHandle`).
+ */
+hdb_status hdb_set_log_callback_ex(hdb_log_fn callback, void *user_data, hdb_free_fn free_user_data, hdb_log_level max_level);
 
 /**
  * The default model params.
  */
 struct hdb_model_params hdb_model_params_default(void);
+
+/**
+ * Writes the default model params into `*params`, `struct_size` included: the values of
+ * `hdb_model_params_default()`, for hosts that cannot take a struct returned by value.
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_model_params`.
+ */
+hdb_status hdb_model_params_init(struct hdb_model_params *params);
 
 /**
  * Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
@@ -812,6 +934,22 @@ struct hdb_model_params hdb_model_params_default(void);
  * valid; `out` valid.
  */
 hdb_status hdb_model_load(struct hdb_runtime *rt, const char *path, const struct hdb_model_params *params, struct hdb_model **out);
+
+/**
+ * As `hdb_model_load`, for an LDM single-file `.safetensors` checkpoint held in memory (for
+ * hosts whose model ships inside a package, such as an Android APK's assets): `len` bytes at
+ * `bytes` are copied, so the caller may free its buffer when this returns (the copy costs the
+ * file's size in memory). `name` (UTF-8, NULL for `"<memory>"`) stands for the file's path in
+ * messages and in the base an adapter records. From `params` only `progress` (stage "load",
+ * once) applies; `weights_variant` and `storage` are ignored (the bytes are always the model's
+ * own copy) and `reserved` must be 0. A model from memory has no tokenizer folder, as one
+ * from a single file on disk.
+ *
+ * # Safety
+ * `rt` a live runtime; `bytes` valid for `len` bytes; `name` NULL or NUL-terminated;
+ * `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_model_load_from_memory(struct hdb_runtime *rt, const uint8_t *bytes, size_t len, const char *name, const struct hdb_model_params *params, struct hdb_model **out);
 
 /**
  * Reports what a model holds.
@@ -833,7 +971,11 @@ hdb_status hdb_model_get_info(const struct hdb_model *model, struct hdb_model_in
 hdb_status hdb_model_describe(const struct hdb_model *model, char *buf, size_t buf_len, size_t *needed);
 
 /**
- * Frees a model; NULL is a no-op.
+ * Frees a model; NULL is a no-op. Sessions and adapters made from it keep what they need, so
+ * it may be freed before them, but not while another thread is inside a call that takes this
+ * model. May be called from any thread (a finalizer's).
+ * A second free, or any use after the free, is undefined behaviour (not detected: the
+ * handle's memory is gone).
  *
  * # Safety
  * `model` NULL or a model from `hdb_model_load` not yet freed and no longer in use.
@@ -844,6 +986,15 @@ void hdb_model_free(struct hdb_model *model);
  * The default runtime params: auto device, all cores.
  */
 struct hdb_runtime_params hdb_runtime_params_default(void);
+
+/**
+ * Writes the default runtime params into `*params`, `struct_size` included: the values of
+ * `hdb_runtime_params_default()`, for hosts that cannot take a struct returned by value.
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_runtime_params`.
+ */
+hdb_status hdb_runtime_params_init(struct hdb_runtime_params *params);
 
 /**
  * Creates a runtime. `params` may be NULL for the defaults. Asking for `"cuda:N"` where no
@@ -867,7 +1018,11 @@ hdb_status hdb_runtime_new(const struct hdb_runtime_params *params, struct hdb_r
 hdb_status hdb_runtime_get_info(const struct hdb_runtime *rt, struct hdb_runtime_info *out);
 
 /**
- * Frees a runtime; NULL is a no-op. Models loaded from it stay valid (they share it).
+ * Frees a runtime (NULL is a no-op) once no other thread is inside a call that takes it.
+ * Models loaded from it stay valid (they share it). May be called from any thread (a
+ * finalizer's).
+ * A second free, or any use after the free, is undefined behaviour (not detected: the
+ * handle's memory is gone).
  *
  * # Safety
  * `rt` NULL or a runtime from `hdb_runtime_new` not yet freed.
@@ -878,6 +1033,15 @@ void hdb_runtime_free(struct hdb_runtime *rt);
  * The default session params.
  */
 struct hdb_session_params hdb_session_params_default(void);
+
+/**
+ * Writes the default session params into `*params`, `struct_size` included: the values of
+ * `hdb_session_params_default()`, for hosts that cannot take a struct returned by value.
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_session_params`.
+ */
+hdb_status hdb_session_params_init(struct hdb_session_params *params);
 
 /**
  * Creates a session on `model`. On success `*out` owns it (free with `hdb_session_free`).
@@ -930,7 +1094,25 @@ hdb_status hdb_session_set_adapters(struct hdb_session *session, const struct hd
 hdb_status hdb_session_set_sample_adapters(struct hdb_session *session, const int32_t *indices, size_t n);
 
 /**
- * Frees a session; NULL is a no-op.
+ * Cancels the call running on `session` on another thread (`hdb_generate`,
+ * `hdb_session_unet`): it returns `HDB_STATUS_CANCELLED` at its next check (after each
+ * denoising step, and between the phases: component build on a model's first call, text
+ * encoding, denoising, VAE decode; a UNet evaluation after it). The only session call that
+ * may be made from any thread at any time, also from a progress callback. With no call
+ * running it does nothing: a request never carries over to the next call. Returns
+ * `HDB_STATUS_OK` either way.
+ *
+ * # Safety
+ * `session` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a live session (not yet freed).
+ */
+hdb_status hdb_session_cancel(const struct hdb_session *session);
+
+/**
+ * Frees a session; NULL is a no-op. May be called from any thread (a finalizer's), once no
+ * call on the session runs. Freeing it while another thread is inside a call on it is
+ * detected when that call already holds the session: the session is then not freed (it is
+ * leaked, so the running call is not broken) and an error is logged. A second free, or any
+ * use after the free, is undefined behaviour.
  *
  * # Safety
  * `session` NULL or a session from `hdb_session_new` not yet freed.

@@ -3,8 +3,8 @@
 # of the default build (CPU + the CUDA backend, loaded at run time) and of the CPU-only build,
 # the Rust and C test suites (C under AddressSanitizer + UBSan via cargo test; the CUDA kernels
 # on a host emulation of CUDA), the kernels through NVRTC, the GPU tests on an emulated GPU,
-# the C programs under valgrind, then a short run of every fuzz target. This is the README's
-# test command and what .ci/run runs.
+# the packaging and the language bindings, the C programs under valgrind, then a short run of
+# every fuzz target. This is the README's test command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase() { echo "== test-all: $* ($(date -u +%T), ${SECONDS}s in)"; }
@@ -36,6 +36,10 @@ nvrtc_env="$(scripts/nvrtc-env.sh)"
 # under cuda_emu.h), every one of them.
 phase "GPU tests on the emulated GPU"
 scripts/emulated-gpu.sh
+# The installed package (scripts/install.sh) through pkg-config and CMake, include/hdb.hpp
+# under ASan/UBSan in both error modes, and every binding in bindings/ (its README says what).
+phase "bindings"
+scripts/test-bindings.sh
 phase "C tests under valgrind"
 scripts/valgrind-c-tests.sh
 # Every parser and loader under coverage-guided fuzzing (cargo-fuzz), a few seconds a target:

@@ -5,7 +5,9 @@
 //! into an earlier sink made by another thread has returned, so a host may free the old
 //! callback's user data as soon as `hdb_set_log_callback` returns. A call made from inside a
 //! sink (to stop logging from the callback itself) cannot wait for the call it is part of, so
-//! it does not wait at all; the header says so.
+//! it does not wait at all; the header says so. A sink is dropped (running the destructor of
+//! the host's user data, `hdb_set_log_callback_ex`) by whoever lets go of it last: the
+//! replacing [`set_sink`] when it waited, otherwise the last call into it to return.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -76,17 +78,19 @@ impl Log for Router {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let (sink, generation) = {
+        // `sink` is bound after `_done`, so it is dropped first (also when unwinding): this
+        // call lets go of the sink before it counts out, so a set_sink waiting for it holds
+        // the last clone and runs the sink's destructor itself, before it returns.
+        let (_done, sink) = {
             let mut s = state();
             let Some(sink) = s.sink.clone() else {
                 return;
             };
             let g = s.generation;
             *s.in_flight.entry(g).or_insert(0) += 1;
-            (sink, g)
+            DEPTH.with(|d| d.set(d.get() + 1));
+            (InFlight(g), sink)
         };
-        DEPTH.with(|d| d.set(d.get() + 1));
-        let _done = InFlight(generation);
         // Called with no lock held: the sink may log or call set_sink.
         sink(r.level(), r.target(), &r.args().to_string());
     }
@@ -110,7 +114,7 @@ pub fn set_sink(sink: Option<Sink>, max_level: LevelFilter) -> bool {
         LevelFilter::Off
     };
     let mut s = state();
-    s.sink = sink.map(Arc::new);
+    let old = std::mem::replace(&mut s.sink, sink.map(Arc::new));
     s.generation += 1;
     let cutoff = s.generation;
     if active {
@@ -122,6 +126,11 @@ pub fn set_sink(sink: Option<Sink>, max_level: LevelFilter) -> bool {
             s = IDLE.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
+    drop(s);
+    // Dropped with no lock held: dropping a sink may run the host's destructor for its user
+    // data (`hdb_set_log_callback_ex`), which may log. Calls still inside it (only when this
+    // runs from inside a sink) hold their own clones; the last of them to return drops it.
+    drop(old);
     active
 }
 

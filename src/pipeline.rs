@@ -9,7 +9,7 @@ use crate::model::scheduler::{self, SamplerKind, SchedulerConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UnetInput;
 use crate::placed::Place;
-use crate::progress::Progress;
+use crate::progress::{Cancel, Progress};
 use crate::rng::{normals, SplitMix64};
 use crate::session::{on_sets, On, Session, Sets};
 
@@ -62,13 +62,17 @@ pub struct Generated {
 
 impl Session {
     /// Runs a generation with the session's adapters (and per-sample indices: one identity
-    /// per image). Errors name the parameter at fault; cancelling through `progress` returns
-    /// `Error::Cancelled` within one step.
+    /// per image). Errors name the parameter at fault; cancelling through `progress`, or from
+    /// another thread through [`Session::canceller`], returns `Error::Cancelled` at the next
+    /// check: after each step, and between the phases (component build, text encoding,
+    /// denoising, VAE decode).
     pub fn generate(
         &self,
         p: &GenerateParams,
         progress: Option<Progress<'_>>,
     ) -> Result<Generated> {
+        let cancel = self.cancel_flag();
+        let _running = cancel.begin();
         let engine = self.engine();
         let tokenizer = engine.tokenizer()?;
         let scheduler = engine.scheduler()?;
@@ -87,6 +91,7 @@ impl Session {
             scheduler: &scheduler,
             p,
             per_image,
+            cancel,
         };
         let rt = engine.runtime();
         on_sets!(&self.on, s => rt.install(|| run.generate(s, progress)))
@@ -99,6 +104,8 @@ struct Run<'a> {
     scheduler: &'a SchedulerConfig,
     p: &'a GenerateParams,
     per_image: Option<&'a [i32]>,
+    /// The session's flag, checked between phases and steps.
+    cancel: &'a Cancel,
 }
 
 impl Run<'_> {
@@ -127,6 +134,8 @@ impl Run<'_> {
         let vae_config = s.placed.vae()?.config.clone();
         let f = vae_config.downscale();
         let lc = s.placed.unet()?.config.in_channels;
+        // Building the components on a model's first call is a phase of its own.
+        self.cancel.check()?;
         crate::limits::check_range("batch", p.batch, crate::limits::MAX_BATCH)?;
         crate::limits::check_image_size(p.width, p.height, f)?;
         vae_config.check_decode_memory(p.batch, p.height, p.width)?;
@@ -184,6 +193,7 @@ impl Run<'_> {
         }
         texts.extend(std::iter::repeat_n(p.prompt.as_str(), b));
         let (context, l) = self.encode_prompts(s, &texts, doubled.as_deref())?;
+        self.cancel.check()?;
 
         let total = sched.timesteps().len();
         for i in 0..total {
@@ -222,6 +232,8 @@ impl Run<'_> {
                     .collect::<Vec<f32>>()
             };
             latents = sched.step(&eps, i, &latents, &mut noise)?;
+            // After the last step this is the check before the VAE decode.
+            self.cancel.check()?;
             if let Some(cb) = progress.as_mut() {
                 if !cb(i + 1, total) {
                     return Err(Error::Cancelled);

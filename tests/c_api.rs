@@ -262,7 +262,11 @@ c_tests!(
     generate,
     hypernet,
     threads,
-    finetune
+    finetune,
+    error_copy,
+    cancel,
+    log_free,
+    model_memory
 );
 
 #[test]

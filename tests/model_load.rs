@@ -120,6 +120,44 @@ fn ldm_single_file_matches_the_diffusers_folder_bit_for_bit() {
     }
 }
 
+/// The same checkpoint from a caller's bytes (hdb_model_load_from_memory) is the same model,
+/// weight for weight, named as the caller says.
+#[test]
+fn ldm_single_file_from_memory_matches_it_from_disk() {
+    let disk = load("tiny-sd-ldm.safetensors", Variant::Auto);
+    let bytes = std::fs::read(fixture("tiny-sd-ldm.safetensors")).expect("read the fixture");
+    let name = std::path::Path::new("asset://tiny.safetensors");
+    let mem =
+        Model::load_single_file_bytes(name, bytes, LoadOptions::default()).expect("from memory");
+    assert_eq!(mem.format, SourceFormat::LdmSingleFile);
+    assert_eq!(mem.architecture, disk.architecture);
+    assert_eq!(mem.path, name);
+    assert_eq!(counts(&disk), counts(&mem));
+    for (c, cw) in &disk.components {
+        let other = &mem.component(*c).expect("component").weights;
+        for (name, w) in cw.weights.iter() {
+            let o = other
+                .get(name)
+                .unwrap_or_else(|| panic!("{}.{name} missing", c.name()));
+            assert_eq!(w.shape, o.shape, "{}.{name} shape", c.name());
+            assert_eq!(
+                cw.weights.bytes(w),
+                other.bytes(o),
+                "{}.{name} bytes",
+                c.name()
+            );
+        }
+    }
+    let truncated =
+        std::fs::read(fixture("tiny-sd-ldm.safetensors")).expect("read")[..1000].to_vec();
+    let err = Model::load_single_file_bytes(name, truncated, LoadOptions::default())
+        .expect_err("truncated");
+    assert!(
+        err.to_string().contains("asset://tiny.safetensors"),
+        "{err}"
+    );
+}
+
 #[test]
 fn progress_is_reported_and_can_cancel() {
     let path = fixture("tiny-sd");

@@ -99,7 +99,10 @@ pub unsafe extern "C" fn hdb_adapter_save(
     })
 }
 
-/// Frees an adapter; NULL is a no-op. Sessions using it keep their own reference.
+/// Frees an adapter; NULL is a no-op. Sessions using it keep their own reference, so it may
+/// be freed once `hdb_session_set_adapters` has returned. May be called from any thread (a finalizer's).
+/// A second free, or any use after the free, is undefined behaviour (not detected: the
+/// handle's memory is gone).
 ///
 /// # Safety
 /// `adapter` NULL or an adapter from `hdb_adapter_load*` not yet freed.

@@ -212,6 +212,38 @@ pub extern "C" fn hdb_last_error_message() -> *const c_char {
     ffi_infallible(c"".as_ptr(), || LAST_ERROR.with(|e| e.borrow().as_ptr()))
 }
 
+/// Copies the message of the last failing call on this thread into `buf` (`len` bytes),
+/// truncated to `len - 1` bytes and NUL-terminated (nothing is written when `len` is 0), and
+/// returns the message's full length in bytes, NUL excluded (as `snprintf` does: a result
+/// `>= len` means it was truncated). "" (0) if no call on this thread has failed.
+///
+/// The message belongs to the OS thread that made the failing call: read it there, before
+/// that thread's next hdb call. Hosts whose code can move between OS threads between two
+/// native calls (Go goroutines, .NET tasks) call this inside the same native call as the
+/// failing function (a cgo C shim, or the same P/Invoke sequence with no `await` between):
+/// the bindings in `bindings/` do exactly that.
+///
+/// # Safety
+/// `buf` NULL (only with `len` 0) or valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_last_error_copy(buf: *mut c_char, len: usize) -> usize {
+    ffi_infallible(0, || {
+        LAST_ERROR.with(|e| {
+            let e = e.borrow();
+            let bytes = e.as_bytes();
+            if !buf.is_null() && len > 0 {
+                let n = bytes.len().min(len - 1);
+                // SAFETY: buf is valid for len > n bytes per the caller's contract.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n);
+                    *buf.add(n) = 0;
+                }
+            }
+            bytes.len()
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +264,34 @@ mod tests {
         // SAFETY: as above.
         let msg = unsafe { CStr::from_ptr(hdb_last_error_message()) };
         assert_eq!(msg.to_str().ok(), Some("hdb_test: argument 'out' is NULL"));
+    }
+
+    #[test]
+    fn last_error_copy_truncates_and_reports_the_full_length() {
+        let _ = ffi_boundary("hdb_test", || Err(Error::NullArgument("out")));
+        let full = "hdb_test: argument 'out' is NULL";
+        let mut buf = [0x55 as c_char; 64];
+        // SAFETY: buf holds 64 bytes.
+        let n = unsafe { hdb_last_error_copy(buf.as_mut_ptr(), buf.len()) };
+        assert_eq!(n, full.len());
+        // SAFETY: NUL-terminated by the call.
+        assert_eq!(
+            unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().ok(),
+            Some(full)
+        );
+        let mut small = [0x55 as c_char; 9];
+        // SAFETY: small holds 9 bytes.
+        let n = unsafe { hdb_last_error_copy(small.as_mut_ptr(), small.len()) };
+        assert_eq!(n, full.len());
+        // SAFETY: NUL-terminated by the call.
+        assert_eq!(
+            unsafe { CStr::from_ptr(small.as_ptr()) }.to_str().ok(),
+            Some("hdb_test")
+        );
+        // SAFETY: len 0 writes nothing.
+        assert_eq!(
+            unsafe { hdb_last_error_copy(std::ptr::null_mut(), 0) },
+            full.len()
+        );
     }
 }

@@ -34,9 +34,12 @@ pub const HDB_LR_CONSTANT_WITH_WARMUP: hdb_lr_schedule = 1;
 pub const HDB_LR_COSINE: hdb_lr_schedule = 2;
 
 /// Called after each training step with the step number (1-based), the total and the step's
-/// loss, on the calling thread or an hdb worker thread while the caller waits; return false to
-/// cancel (the call then returns `HDB_STATUS_CANCELLED` and writes nothing). It must not call
-/// back into hdb on the same model, and must not unwind.
+/// loss; return false to cancel (the call then returns `HDB_STATUS_CANCELLED` and writes
+/// nothing). `bool` is C's one-byte `_Bool` (C#: `[return: MarshalAs(UnmanagedType.I1)]`).
+///
+/// Thread: as `hdb_progress_fn`: on the calling thread or an hdb worker thread while the
+/// caller waits, one call at a time; it must not unwind and must not call back into hdb
+/// (except the functions `hdb_progress_fn` names).
 pub type hdb_train_progress_fn =
     Option<unsafe extern "C" fn(user_data: *mut c_void, step: u64, steps: u64, loss: f32) -> bool>;
 
@@ -106,6 +109,19 @@ fn default_finetune_params() -> hdb_finetune_params {
 #[no_mangle]
 pub extern "C" fn hdb_finetune_params_default() -> hdb_finetune_params {
     ffi_infallible(default_finetune_params(), default_finetune_params)
+}
+
+/// Writes the default finetune params into `*params`, `struct_size` included: the values of
+/// `hdb_finetune_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_finetune_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_finetune_params_init(params: *mut hdb_finetune_params) -> hdb_status {
+    ffi_boundary("hdb_finetune_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_finetune_params(), "params") }
+    })
 }
 
 /// The library's params from the C struct, for a run that is rank-relaxed or not.

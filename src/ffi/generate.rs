@@ -137,6 +137,19 @@ pub extern "C" fn hdb_generate_params_default() -> hdb_generate_params {
     ffi_infallible(default_generate_params(), default_generate_params)
 }
 
+/// Writes the default generate params into `*params`, `struct_size` included: the values of
+/// `hdb_generate_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_generate_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_generate_params_init(params: *mut hdb_generate_params) -> hdb_status {
+    ffi_boundary("hdb_generate_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_generate_params(), "params") }
+    })
+}
+
 /// Renders `params.batch` images into `out[0..n_out]`: caller-allocated `data` of
 /// `data_len` bytes each, rows `stride` bytes apart (0 = packed, `width * 3`); on success
 /// width, height, stride and format are set. Uses the session's adapters (one set, or one identity per image after

@@ -58,6 +58,19 @@ pub extern "C" fn hdb_predict_params_default() -> hdb_predict_params {
     ffi_infallible(default_predict_params(), default_predict_params)
 }
 
+/// Writes the default predict params into `*params`, `struct_size` included: the values of
+/// `hdb_predict_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_predict_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_predict_params_init(params: *mut hdb_predict_params) -> hdb_status {
+    ffi_boundary("hdb_predict_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_predict_params(), "params") }
+    })
+}
+
 /// Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
 /// `HDB_STATUS_INVALID_FILE` naming it. On a CUDA runtime predictions run on its GPU (f32).
 /// On success `*out` owns it (`hdb_hypernet_free`).
@@ -133,7 +146,10 @@ pub unsafe extern "C" fn hdb_hypernet_predict(
     })
 }
 
-/// Frees a hypernetwork; NULL is a no-op.
+/// Frees a hypernetwork (NULL is a no-op) once no other thread is inside a call that takes
+/// it. May be called from any thread (a finalizer's).
+/// A second free, or any use after the free, is undefined behaviour (not detected: the
+/// handle's memory is gone).
 ///
 /// # Safety
 /// `hypernet` NULL or from `hdb_hypernet_load`, not yet freed.

@@ -23,8 +23,17 @@ pub mod version;
 
 pub use status::hdb_status;
 
-/// A progress callback: `done` of `total` units of `stage` (a short UTF-8 name) are finished.
-/// Return `true` to go on, `false` to cancel (the call then returns `HDB_STATUS_CANCELLED`).
+/// A progress callback: `done` of `total` units of `stage` (a short UTF-8 name, valid during
+/// the call) are finished. Return `true` to go on, `false` to cancel (the call then returns
+/// `HDB_STATUS_CANCELLED`). `bool` is C's one-byte `_Bool` (C#: `[return:
+/// MarshalAs(UnmanagedType.I1)]`). `user_data` is the params' `progress_user_data`, passed
+/// unchanged; hdb stores neither beyond the call that received them.
+///
+/// Thread: called on the calling thread or on an hdb worker thread while the calling thread
+/// waits inside the hdb call, one call at a time. It must not unwind (no C++ exception, C#
+/// exception or Go panic may leave it: catch inside) and must not call back into hdb, except
+/// `hdb_session_cancel`, `hdb_last_error_copy`/`hdb_last_error_message`, `hdb_status_name`
+/// and the version functions.
 pub type hdb_progress_fn = Option<
     unsafe extern "C" fn(
         user_data: *mut std::ffi::c_void,

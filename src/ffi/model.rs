@@ -24,7 +24,7 @@ pub struct hdb_model {
 }
 
 impl hdb_model {
-    /// The model's weights (an `hdb_model` always has them: it was loaded from a path).
+    /// The model's weights (an `hdb_model` always has them: it was loaded from a file).
     pub(crate) fn model(&self) -> crate::Result<&Model> {
         self.inner
             .model()
@@ -92,6 +92,19 @@ fn default_model_params() -> hdb_model_params {
 #[no_mangle]
 pub extern "C" fn hdb_model_params_default() -> hdb_model_params {
     ffi_infallible(default_model_params(), default_model_params)
+}
+
+/// Writes the default model params into `*params`, `struct_size` included: the values of
+/// `hdb_model_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_model_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_params_init(params: *mut hdb_model_params) -> hdb_status {
+    ffi_boundary("hdb_model_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_model_params(), "params") }
+    })
 }
 
 /// Architectures reported in `hdb_model_info.architecture`.
@@ -228,6 +241,79 @@ pub unsafe extern "C" fn hdb_model_load(
     })
 }
 
+/// As `hdb_model_load`, for an LDM single-file `.safetensors` checkpoint held in memory (for
+/// hosts whose model ships inside a package, such as an Android APK's assets): `len` bytes at
+/// `bytes` are copied, so the caller may free its buffer when this returns (the copy costs the
+/// file's size in memory). `name` (UTF-8, NULL for `"<memory>"`) stands for the file's path in
+/// messages and in the base an adapter records. From `params` only `progress` (stage "load",
+/// once) applies; `weights_variant` and `storage` are ignored (the bytes are always the model's
+/// own copy) and `reserved` must be 0. A model from memory has no tokenizer folder, as one
+/// from a single file on disk.
+///
+/// # Safety
+/// `rt` a live runtime; `bytes` valid for `len` bytes; `name` NULL or NUL-terminated;
+/// `params` NULL or valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_model_load_from_memory(
+    rt: *mut hdb_runtime,
+    bytes: *const u8,
+    len: usize,
+    name: *const c_char,
+    params: *const hdb_model_params,
+    out: *mut *mut hdb_model,
+) -> hdb_status {
+    ffi_boundary("hdb_model_load_from_memory", || {
+        // SAFETY: caller contract for each pointer.
+        let rt = unsafe { arg_ref(rt, "rt") }?;
+        if bytes.is_null() {
+            return Err(Error::NullArgument("bytes"));
+        }
+        let name = if name.is_null() {
+            std::path::PathBuf::from("<memory>")
+        } else {
+            // SAFETY: non-null and NUL-terminated per the caller's contract.
+            unsafe { arg_path(name, "name") }?
+        };
+        let out = out_ptr(out, "out")?;
+        let p = unsafe { read_params(params, default_model_params(), "params") }?;
+        if p.reserved != 0 {
+            return Err(Error::invalid_arg("params.reserved", "must be 0"));
+        }
+        // SAFETY: non-null, valid for len bytes per the caller's contract.
+        let host = unsafe { std::slice::from_raw_parts(bytes, len) };
+        // Reserved fallibly: OUT_OF_MEMORY, not an abort, when it cannot be held twice.
+        let mut data = crate::limits::try_with_capacity(len, "bytes")?;
+        data.extend_from_slice(host);
+        let stage = CString::new("load").unwrap_or_default();
+        let mut report = |done: usize, total: usize, _f: &Path| match p.progress {
+            // SAFETY: the host's callback with its own user data.
+            Some(cb) => unsafe {
+                cb(
+                    p.progress_user_data,
+                    done as u64,
+                    total as u64,
+                    stage.as_ptr(),
+                )
+            },
+            None => true,
+        };
+        let model = Model::load_single_file_bytes(
+            &name,
+            data,
+            LoadOptions {
+                progress: Some(&mut report),
+                ..LoadOptions::default()
+            },
+        )?;
+        let boxed = Box::new(hdb_model {
+            inner: Arc::new(Engine::new(rt.inner.clone(), model)),
+        });
+        // SAFETY: out checked non-null.
+        unsafe { *out = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
 fn dtype_code(d: Option<DType>) -> hdb_dtype {
     match d {
         None => HDB_DTYPE_NONE,
@@ -309,7 +395,11 @@ pub unsafe extern "C" fn hdb_model_describe(
     })
 }
 
-/// Frees a model; NULL is a no-op.
+/// Frees a model; NULL is a no-op. Sessions and adapters made from it keep what they need, so
+/// it may be freed before them, but not while another thread is inside a call that takes this
+/// model. May be called from any thread (a finalizer's).
+/// A second free, or any use after the free, is undefined behaviour (not detected: the
+/// handle's memory is gone).
 ///
 /// # Safety
 /// `model` NULL or a model from `hdb_model_load` not yet freed and no longer in use.

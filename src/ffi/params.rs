@@ -83,3 +83,18 @@ pub unsafe fn write_out_struct<T: Versioned>(
     }
     Ok(())
 }
+
+/// The body of every `hdb_<name>_params_init(T *params)`: writes `default` (its
+/// `struct_size` included) into the caller's struct, for hosts that cannot take a struct
+/// returned by value (P/Invoke, some FFI generators).
+///
+/// # Safety
+/// `out` must be NULL or point to a writable `T` (the caller's header declares the same `T`).
+pub unsafe fn init_params<T: Versioned>(out: *mut T, default: T, name: &'static str) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::NullArgument(name));
+    }
+    // SAFETY: non-null and writable per the caller's contract.
+    unsafe { out.write(default) };
+    Ok(())
+}

@@ -37,6 +37,19 @@ pub extern "C" fn hdb_runtime_params_default() -> hdb_runtime_params {
     ffi_infallible(default_params(), default_params)
 }
 
+/// Writes the default runtime params into `*params`, `struct_size` included: the values of
+/// `hdb_runtime_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_runtime_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_runtime_params_init(params: *mut hdb_runtime_params) -> hdb_status {
+    ffi_boundary("hdb_runtime_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_params(), "params") }
+    })
+}
+
 fn default_params() -> hdb_runtime_params {
     hdb_runtime_params {
         struct_size: std::mem::size_of::<hdb_runtime_params>() as u32,
@@ -132,7 +145,11 @@ pub unsafe extern "C" fn hdb_runtime_get_info(
     })
 }
 
-/// Frees a runtime; NULL is a no-op. Models loaded from it stay valid (they share it).
+/// Frees a runtime (NULL is a no-op) once no other thread is inside a call that takes it.
+/// Models loaded from it stay valid (they share it). May be called from any thread (a
+/// finalizer's).
+/// A second free, or any use after the free, is undefined behaviour (not detected: the
+/// handle's memory is gone).
 ///
 /// # Safety
 /// `rt` NULL or a runtime from `hdb_runtime_new` not yet freed.

@@ -2,7 +2,7 @@
 //! UNet evaluations on caller buffers (for hosts that drive their own sampler) and
 //! generations (`ffi::generate`). This file only converts and checks arguments.
 
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use super::adapter::hdb_adapter;
 use super::boundary::{arg_ref, ffi_boundary, ffi_infallible, out_ptr};
@@ -13,6 +13,7 @@ use super::status::hdb_status;
 use crate::adapter::apply::ApplyMode;
 use crate::error::Error;
 use crate::model::unet::UnetInput;
+use crate::progress::Cancel;
 use crate::session::Session;
 
 /// Opaque session: a [`crate::Session`] on a model's engine. Belongs to one thread at a
@@ -20,6 +21,8 @@ use crate::session::Session;
 /// `HDB_STATUS_BUSY` instead of touching it. Keeps its model alive.
 pub struct hdb_session {
     inner: Mutex<Session>,
+    /// The session's cancel flag, reachable without the lock (`hdb_session_cancel`).
+    cancel: Arc<Cancel>,
 }
 
 impl hdb_session {
@@ -75,6 +78,19 @@ pub extern "C" fn hdb_session_params_default() -> hdb_session_params {
     ffi_infallible(default_session_params(), default_session_params)
 }
 
+/// Writes the default session params into `*params`, `struct_size` included: the values of
+/// `hdb_session_params_default()`, for hosts that cannot take a struct returned by value.
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_session_params`.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_session_params_init(params: *mut hdb_session_params) -> hdb_status {
+    ffi_boundary("hdb_session_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, default_session_params(), "params") }
+    })
+}
+
 /// Creates a session on `model`. On success `*out` owns it (free with `hdb_session_free`).
 ///
 /// # Safety
@@ -93,8 +109,10 @@ pub unsafe extern "C" fn hdb_session_new(
         if p.reserved != 0 {
             return Err(Error::invalid_arg("params.reserved", "must be 0"));
         }
+        let session = Session::new(m.inner.clone());
         let boxed = Box::new(hdb_session {
-            inner: Mutex::new(Session::new(m.inner.clone())),
+            cancel: session.canceller(),
+            inner: Mutex::new(session),
         });
         // SAFETY: out checked non-null.
         unsafe { *out = Box::into_raw(boxed) };
@@ -272,16 +290,49 @@ pub unsafe extern "C" fn hdb_session_set_sample_adapters(
     })
 }
 
-/// Frees a session; NULL is a no-op.
+/// Cancels the call running on `session` on another thread (`hdb_generate`,
+/// `hdb_session_unet`): it returns `HDB_STATUS_CANCELLED` at its next check (after each
+/// denoising step, and between the phases: component build on a model's first call, text
+/// encoding, denoising, VAE decode; a UNet evaluation after it). The only session call that
+/// may be made from any thread at any time, also from a progress callback. With no call
+/// running it does nothing: a request never carries over to the next call. Returns
+/// `HDB_STATUS_OK` either way.
+///
+/// # Safety
+/// `session` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a live session (not yet freed).
+#[no_mangle]
+pub unsafe extern "C" fn hdb_session_cancel(session: *const hdb_session) -> hdb_status {
+    ffi_boundary("hdb_session_cancel", || {
+        // SAFETY: caller contract.
+        let s = unsafe { arg_ref(session, "session") }?;
+        s.cancel.cancel();
+        Ok(())
+    })
+}
+
+/// Frees a session; NULL is a no-op. May be called from any thread (a finalizer's), once no
+/// call on the session runs. Freeing it while another thread is inside a call on it is
+/// detected when that call already holds the session: the session is then not freed (it is
+/// leaked, so the running call is not broken) and an error is logged. A second free, or any
+/// use after the free, is undefined behaviour.
 ///
 /// # Safety
 /// `session` NULL or a session from `hdb_session_new` not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn hdb_session_free(session: *mut hdb_session) {
     ffi_infallible((), || {
-        if !session.is_null() {
-            // SAFETY: created by Box::into_raw in hdb_session_new, freed once.
-            drop(unsafe { Box::from_raw(session) });
+        if session.is_null() {
+            return;
+        }
+        // SAFETY: created by Box::into_raw in hdb_session_new, freed once.
+        let boxed = unsafe { Box::from_raw(session) };
+        let busy = matches!(boxed.inner.try_lock(), Err(TryLockError::WouldBlock));
+        if busy {
+            log::error!(
+                "hdb_session_free: another thread is inside a call on this session; it is \
+                 leaked instead of freed (free a session only once its calls have returned)"
+            );
+            std::mem::forget(boxed);
         }
     })
 }

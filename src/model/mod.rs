@@ -98,11 +98,30 @@ impl Model {
     /// contents), or an LDM single-file `.safetensors` checkpoint.
     pub fn load(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        let mut model = if meta.is_dir() {
+        let model = if meta.is_dir() {
             load_diffusers(path, opts)?
         } else {
             load_ldm(path, opts)?
         };
+        Ok(Self::loaded(model, path))
+    }
+
+    /// Loads an LDM single-file `.safetensors` checkpoint held in memory (e.g. read from an
+    /// Android APK's assets); `name` stands for its path in messages and in
+    /// [`Model::base_name`]. `opts.variant` and `opts.storage` do not apply: the bytes are
+    /// the model's own copy.
+    pub fn load_single_file_bytes(
+        name: &Path,
+        bytes: Vec<u8>,
+        opts: LoadOptions<'_>,
+    ) -> Result<Model> {
+        let file = Arc::new(SafetensorsFile::from_vec(name, bytes)?);
+        let model = ldm_from_file(name, file, opts)?;
+        Ok(Self::loaded(model, name))
+    }
+
+    /// The steps after reading that every source shares.
+    fn loaded(mut model: Model, path: &Path) -> Model {
         model.architecture = detect_architecture(&model);
         unused::log_unused(&model);
         log::info!(
@@ -117,7 +136,7 @@ impl Model {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(model)
+        model
     }
 
     pub fn component(&self, c: Component) -> Option<&ComponentWeights> {
@@ -298,7 +317,7 @@ fn standalone_component(cfg: &Path) -> Option<Component> {
     }
 }
 
-fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
+fn load_ldm(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let pickle_name = matches!(ext, "ckpt" | "pt" | "pth" | "bin");
     if pickle_name && crate::io::looks_like_pickle(path)? {
@@ -316,6 +335,15 @@ fn load_ldm(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
             other => other,
         })?,
     );
+    ldm_from_file(path, file, opts)
+}
+
+/// An LDM checkpoint's tensors under diffusers names, from its opened file.
+fn ldm_from_file(
+    path: &Path,
+    file: Arc<SafetensorsFile>,
+    mut opts: LoadOptions<'_>,
+) -> Result<Model> {
     let has_unet = file
         .tensors()
         .any(|e| e.name.starts_with("model.diffusion_model."));

@@ -32,7 +32,7 @@ use crate::model::unet::{Unet, UnetInput};
 use crate::model::vae::VaeConfig;
 use crate::model::Model;
 use crate::placed::{Lazy, Place, Placed, PlacedHypernet};
-use crate::progress::Progress;
+use crate::progress::{Cancel, Progress};
 use crate::runtime::Runtime;
 
 /// Where an engine's model runs: its components on the CPU or on the runtime's GPU.
@@ -345,6 +345,8 @@ pub struct Session {
     active: Option<(ApplyMode, usize)>,
     /// Runtime mode: an adapter index per batch sample for the next calls.
     per_sample: Option<Vec<i32>>,
+    /// Cancels the call in flight from another thread ([`Session::canceller`]).
+    cancel: Arc<Cancel>,
 }
 
 impl std::fmt::Debug for Session {
@@ -369,7 +371,20 @@ impl Session {
             on,
             active: None,
             per_sample: None,
+            cancel: Arc::default(),
         }
+    }
+
+    /// The session's cancel flag, for another thread: [`Cancel::cancel`] stops the UNet
+    /// evaluation or generation in flight with `Error::Cancelled` (a generation between its
+    /// phases and steps), and does nothing when none runs.
+    pub fn canceller(&self) -> Arc<Cancel> {
+        self.cancel.clone()
+    }
+
+    /// The flag of this session's calls, for `pipeline`.
+    pub(crate) fn cancel_flag(&self) -> &Cancel {
+        &self.cancel
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -430,10 +445,14 @@ impl Session {
     /// encoder_hidden_states).sample`, with the session's adapters (and per-sample indices),
     /// on the engine's device (inputs and output f32 on the host).
     pub fn unet(&self, x: &UnetInput<'_>) -> Result<Vec<f32>> {
+        let _running = self.cancel.begin();
         let per_sample = self.per_sample.as_deref();
         self.check_batch(per_sample, x.batch)?;
         let rt = &self.engine.runtime;
-        on_sets!(&self.on, s => rt.install(|| s.unet(x, per_sample)))
+        // One evaluation is one phase: a request during the first call's build stops it here.
+        let y = on_sets!(&self.on, s => rt.install(|| s.unet(x, per_sample)))?;
+        self.cancel.check()?;
+        Ok(y)
     }
 
     /// As [`Engine::predict`].

@@ -1,0 +1,3 @@
+module hdb
+
+go 1.19

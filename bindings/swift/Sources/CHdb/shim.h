@@ -1,0 +1,2 @@
+/* The C API for Swift's CHdb module; the include path comes from pkg-config (hdb.pc). */
+#include <hdb.h>
