@@ -126,7 +126,7 @@ type PredictOptions struct {
 
 func predictParams(o *PredictOptions) (C.hdb_predict_params, ProgressFunc) {
 	var p C.hdb_predict_params
-	C.hdb_predict_params_init(&p)
+	C.hdb_predict_params_init(&p, C.sizeof_hdb_predict_params)
 	if o == nil {
 		return p, nil
 	}
@@ -180,7 +180,7 @@ type FinetuneOptions struct {
 // finetuneParams fills the C params; the strings are C memory freed by the func.
 func finetuneParams(o *FinetuneOptions) (C.hdb_finetune_params, TrainProgressFunc, func()) {
 	var p C.hdb_finetune_params
-	C.hdb_finetune_params_init(&p)
+	C.hdb_finetune_params_init(&p, C.sizeof_hdb_finetune_params)
 	if o == nil {
 		return p, nil, func() {}
 	}

@@ -137,7 +137,7 @@ type RuntimeOptions struct {
 // NewRuntime creates a runtime.
 func NewRuntime(opts RuntimeOptions) (*Runtime, error) {
 	var p C.hdb_runtime_params
-	C.hdb_runtime_params_init(&p)
+	C.hdb_runtime_params_init(&p, C.sizeof_hdb_runtime_params)
 	p.num_threads = C.uint32_t(opts.NumThreads)
 	if opts.Device != "" {
 		d := C.CString(opts.Device)
@@ -191,7 +191,7 @@ type ModelOptions struct {
 // LoadModel loads a diffusers folder or an LDM single-file checkpoint.
 func LoadModel(rt *Runtime, path string, opts *ModelOptions) (*Model, error) {
 	var p C.hdb_model_params
-	C.hdb_model_params_init(&p)
+	C.hdb_model_params_init(&p, C.sizeof_hdb_model_params)
 	var progress ProgressFunc
 	if opts != nil {
 		p.weights_variant = C.hdb_weights_variant(opts.WeightsVariant)
@@ -218,7 +218,7 @@ func LoadModel(rt *Runtime, path string, opts *ModelOptions) (*Model, error) {
 // reused at once). name stands for its path in messages; of opts only Progress applies.
 func LoadModelFromMemory(rt *Runtime, data []byte, name string, opts *ModelOptions) (*Model, error) {
 	var p C.hdb_model_params
-	C.hdb_model_params_init(&p)
+	C.hdb_model_params_init(&p, C.sizeof_hdb_model_params)
 	var progress ProgressFunc
 	if opts != nil {
 		progress = opts.Progress

@@ -61,13 +61,20 @@ pub extern "C" fn hdb_predict_params_default() -> hdb_predict_params {
 /// Writes the default predict params into `*params`, `struct_size` included: the values of
 /// `hdb_predict_params_default()`, for hosts that cannot take a struct returned by value.
 ///
+/// `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+/// header is shorter), and `struct_size` is set to the size written; a size no version has
+/// is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+///
 /// # Safety
-/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_predict_params`.
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn hdb_predict_params_init(params: *mut hdb_predict_params) -> hdb_status {
+pub unsafe extern "C" fn hdb_predict_params_init(
+    params: *mut hdb_predict_params,
+    size: usize,
+) -> hdb_status {
     ffi_boundary("hdb_predict_params_init", || {
         // SAFETY: caller contract.
-        unsafe { super::params::init_params(params, default_predict_params(), "params") }
+        unsafe { super::params::init_params(params, size, default_predict_params(), "params") }
     })
 }
 

@@ -11,7 +11,7 @@ pub trait Versioned: Copy {
 }
 
 /// The largest released size of `T` that `struct_size` covers, or an error naming `name`.
-fn usable_size<T: Versioned>(struct_size: u32, name: &'static str) -> Result<usize> {
+fn usable_size<T: Versioned>(struct_size: u32, name: &'static str, field: &str) -> Result<usize> {
     let size = struct_size as usize;
     let newest = std::mem::size_of::<T>();
     if size >= newest && size <= MAX_STRUCT_SIZE as usize {
@@ -26,8 +26,8 @@ fn usable_size<T: Versioned>(struct_size: u32, name: &'static str) -> Result<usi
             Error::invalid_arg(
                 name,
                 format!(
-                    "struct_size is {size}, which is not the size of any version of this struct \
-                 ({:?}); set it from the _default() function or sizeof",
+                    "{field} is {size}, which is not the size of any version of this struct \
+                     ({:?}); set it from the _default() function or sizeof",
                     T::SIZES
                 ),
             )
@@ -51,7 +51,7 @@ pub unsafe fn read_params<T: Versioned>(p: *const T, default: T, name: &'static 
     }
     // SAFETY: non-null; the caller's struct begins with its u32 size.
     let size = unsafe { (p as *const u32).read_unaligned() };
-    let n = usable_size::<T>(size, name)?;
+    let n = usable_size::<T>(size, name, "struct_size")?;
     let mut out = default;
     // SAFETY: n bytes are readable from p (its struct_size) and writable in out (size_of T).
     unsafe {
@@ -72,7 +72,7 @@ pub unsafe fn write_out_struct<T: Versioned>(
 ) -> Result<()> {
     // SAFETY: the caller set struct_size in the first u32.
     let size = unsafe { (out as *const u32).read_unaligned() };
-    let n = usable_size::<T>(size, name)?;
+    let n = usable_size::<T>(size, name, "struct_size")?;
     // SAFETY: the caller owns at least `size` bytes; we skip the size field itself.
     unsafe {
         std::ptr::copy_nonoverlapping(
@@ -84,17 +84,28 @@ pub unsafe fn write_out_struct<T: Versioned>(
     Ok(())
 }
 
-/// The body of every `hdb_<name>_params_init(T *params)`: writes `default` (its
-/// `struct_size` included) into the caller's struct, for hosts that cannot take a struct
-/// returned by value (P/Invoke, some FFI generators).
+/// The body of every `hdb_<name>_params_init(T *params, size_t size)`: writes `default` into
+/// the caller's struct, for hosts that cannot take a struct returned by value (P/Invoke, some
+/// FFI generators). Only the caller's `size` bytes are written (its struct may come from an
+/// older header, without the newest fields), with `struct_size` set to what was written.
 ///
 /// # Safety
-/// `out` must be NULL or point to a writable `T` (the caller's header declares the same `T`).
-pub unsafe fn init_params<T: Versioned>(out: *mut T, default: T, name: &'static str) -> Result<()> {
+/// `out` must be NULL or point to `size` writable bytes.
+pub unsafe fn init_params<T: Versioned>(
+    out: *mut T,
+    size: usize,
+    default: T,
+    name: &'static str,
+) -> Result<()> {
     if out.is_null() {
         return Err(Error::NullArgument(name));
     }
-    // SAFETY: non-null and writable per the caller's contract.
-    unsafe { out.write(default) };
+    let size = u32::try_from(size).unwrap_or(u32::MAX);
+    let n = usable_size::<T>(size, "size", "size")?;
+    let mut value = default;
+    // SAFETY: T starts with its u32 struct_size (the trait's contract).
+    unsafe { (&mut value as *mut T as *mut u32).write_unaligned(n as u32) };
+    // SAFETY: n <= size bytes are writable at out (caller's contract), n <= size_of T readable.
+    unsafe { std::ptr::copy_nonoverlapping(&value as *const T as *const u8, out as *mut u8, n) };
     Ok(())
 }

@@ -40,13 +40,20 @@ pub extern "C" fn hdb_runtime_params_default() -> hdb_runtime_params {
 /// Writes the default runtime params into `*params`, `struct_size` included: the values of
 /// `hdb_runtime_params_default()`, for hosts that cannot take a struct returned by value.
 ///
+/// `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+/// header is shorter), and `struct_size` is set to the size written; a size no version has
+/// is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+///
 /// # Safety
-/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_runtime_params`.
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn hdb_runtime_params_init(params: *mut hdb_runtime_params) -> hdb_status {
+pub unsafe extern "C" fn hdb_runtime_params_init(
+    params: *mut hdb_runtime_params,
+    size: usize,
+) -> hdb_status {
     ffi_boundary("hdb_runtime_params_init", || {
         // SAFETY: caller contract.
-        unsafe { super::params::init_params(params, default_params(), "params") }
+        unsafe { super::params::init_params(params, size, default_params(), "params") }
     })
 }
 

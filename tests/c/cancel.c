@@ -60,7 +60,7 @@ static int test_main(int argc, char **argv) {
     CHECK_STATUS(hdb_session_cancel(s), HDB_STATUS_OK, "cancel with no call running");
 
     hdb_generate_params p;
-    CHECK_STATUS(hdb_generate_params_init(&p), HDB_STATUS_OK, "params");
+    CHECK_STATUS(hdb_generate_params_init(&p, sizeof p), HDB_STATUS_OK, "params");
     p.steps = SHORT;
     g_watch.total = SHORT;
     p.width = W;

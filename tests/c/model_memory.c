@@ -51,7 +51,7 @@ static int test_main(int argc, char **argv) {
     uint8_t *bytes = slurp(ldm, &len);
     CHECK(bytes != NULL && len > 1000, "read the file (%zu bytes)", len);
     hdb_model_params mp;
-    CHECK_STATUS(hdb_model_params_init(&mp), HDB_STATUS_OK, "params");
+    CHECK_STATUS(hdb_model_params_init(&mp, sizeof mp), HDB_STATUS_OK, "params");
     mp.progress = count_loads;
     CHECK_STATUS(hdb_model_load_from_memory(rt, bytes, len, "tiny-ldm.safetensors", &mp, &from_memory), HDB_STATUS_OK,
                  "load from memory");

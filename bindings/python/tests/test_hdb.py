@@ -33,7 +33,7 @@ def test_struct_layouts_match_the_library(name):
     p = getattr(_capi.lib, f"hdb_{snake}_params_default")()
     assert p.struct_size == ctypes.sizeof(c_type)
     q = c_type()
-    assert getattr(_capi.lib, f"hdb_{snake}_params_init")(ctypes.byref(q)) == 0
+    assert getattr(_capi.lib, f"hdb_{snake}_params_init")(ctypes.byref(q), ctypes.sizeof(q)) == 0
     # Field by field: padding bytes are unspecified.
     for field, _ in c_type._fields_:
         a, b = getattr(q, field), getattr(p, field)
@@ -55,6 +55,10 @@ def test_generate_pil_and_numpy(model):
         images = s.generate(**SMALL, callback=lambda i, n, stage: steps.append((i, n, stage)))
         assert len(images) == 1 and images[0].size == (64, 64) and images[0].mode == "RGB"
         assert len(steps) >= 2 and all(stage for _, _, stage in steps)
+        stages = []
+        s.generate(**SMALL, progress_stages=True, callback=lambda i, n, st: stages.append((st, i, n)))
+        assert [st for st, _, _ in stages] == ["build"] * 4 + ["text"] * 2 + ["denoise"] * 3 + ["decode"] * 2
+        assert stages[-1] == ("decode", 1, 1), stages
         a = s.generate(**SMALL, output_type="np")
         assert a.shape == (1, 64, 64, 3) and a.dtype == np.uint8
         assert np.array_equal(np.asarray(images[0]), a[0]), "same seed, same image"

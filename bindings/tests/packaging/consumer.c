@@ -14,7 +14,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     hdb_runtime_params rp;
-    hdb_runtime_params_init(&rp);
+    hdb_runtime_params_init(&rp, sizeof rp);
     rp.device = "cpu";
     hdb_runtime *rt = NULL;
     hdb_model *model = NULL;

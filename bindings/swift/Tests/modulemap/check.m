@@ -5,13 +5,13 @@
 
 static int uses_the_module(void) {
     hdb_runtime_params rp;
-    hdb_runtime_params_init(&rp);
+    hdb_runtime_params_init(&rp, sizeof rp);
     hdb_runtime *rt = 0;
     hdb_status s = hdb_runtime_new(&rp, &rt);
     char msg[64];
     (void)hdb_last_error_copy(msg, sizeof msg);
     hdb_generate_params gp;
-    hdb_generate_params_init(&gp);
+    hdb_generate_params_init(&gp, sizeof gp);
     hdb_progress_fn progress = 0;
     hdb_log_fn log = 0;
     hdb_free_fn free_fn = 0;
