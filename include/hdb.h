@@ -15,10 +15,12 @@
  *   parameter may be NULL only where its function's "Safety" section says "NULL or ..."
  *   (cbindgen cannot put _Nullable/_Nonnull on raw pointers; this is the nullability).
  * - Params and info structs start with uint32_t struct_size. Get params from
- *   hdb_<name>_params_default() or hdb_<name>_params_init(&params) (the same values, for
- *   hosts that cannot take structs by value); a NULL params pointer means the defaults. For
- *   info structs, set struct_size = sizeof(struct) before the call. Strings in and out are
- *   UTF-8 (paths: any bytes on Unix); bool is C's one-byte _Bool.
+ *   hdb_<name>_params_default() or hdb_<name>_params_init(&params, sizeof params) (the same
+ *   values, for hosts that cannot take structs by value; only sizeof params bytes are
+ *   written, so a program built against an older header stays safe with a newer library);
+ *   a NULL params pointer means the defaults. For info structs, set struct_size =
+ *   sizeof(struct) before the call. Strings in and out are UTF-8 (paths: any bytes on Unix);
+ *   bool is C's one-byte _Bool.
  * - Constants (HDB_STATUS_*, HDB_SAMPLER_*, ...) are unsigned 32-bit values: hdb_status and
  *   the other enum typedefs are uint32_t in C (convert #define literals where a language
  *   types them as signed).
@@ -392,6 +394,15 @@ typedef struct hdb_generate_params {
    */
   hdb_progress_fn progress;
   void *progress_user_data;
+  /**
+   * 0 (default): `progress` hears the denoising steps only, as above. Nonzero: every
+   * phase, each when it starts (done 0) and after each of its units: "build" (the UNet,
+   * text encoder and VAE made ready on the device: slow on a model's first call, instant
+   * after; total 3), "text" (prompt encoding, total 1), "denoise" (total = steps),
+   * "decode" (the VAE decode, total 1). Returning false cancels at any of them.
+   * A struct from a header without this field ends before it: it then reads as 0.
+   */
+  uint32_t progress_stages;
 } hdb_generate_params;
 
 /**
@@ -765,10 +776,14 @@ struct hdb_finetune_params hdb_finetune_params_default(void);
  * Writes the default finetune params into `*params`, `struct_size` included: the values of
  * `hdb_finetune_params_default()`, for hosts that cannot take a struct returned by value.
  *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
  * # Safety
- * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_finetune_params`.
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
  */
-hdb_status hdb_finetune_params_init(struct hdb_finetune_params *params);
+hdb_status hdb_finetune_params_init(struct hdb_finetune_params *params, size_t size);
 
 /**
  * Trains an identity adapter for `model` on the face in `face` (RGB8, any size >= 16x16;
@@ -807,10 +822,14 @@ struct hdb_generate_params hdb_generate_params_default(void);
  * Writes the default generate params into `*params`, `struct_size` included: the values of
  * `hdb_generate_params_default()`, for hosts that cannot take a struct returned by value.
  *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
  * # Safety
- * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_generate_params`.
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
  */
-hdb_status hdb_generate_params_init(struct hdb_generate_params *params);
+hdb_status hdb_generate_params_init(struct hdb_generate_params *params, size_t size);
 
 /**
  * Renders `params.batch` images into `out[0..n_out]`: caller-allocated `data` of
@@ -834,10 +853,14 @@ struct hdb_predict_params hdb_predict_params_default(void);
  * Writes the default predict params into `*params`, `struct_size` included: the values of
  * `hdb_predict_params_default()`, for hosts that cannot take a struct returned by value.
  *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
  * # Safety
- * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_predict_params`.
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
  */
-hdb_status hdb_predict_params_init(struct hdb_predict_params *params);
+hdb_status hdb_predict_params_init(struct hdb_predict_params *params, size_t size);
 
 /**
  * Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
@@ -914,10 +937,14 @@ struct hdb_model_params hdb_model_params_default(void);
  * Writes the default model params into `*params`, `struct_size` included: the values of
  * `hdb_model_params_default()`, for hosts that cannot take a struct returned by value.
  *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
  * # Safety
- * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_model_params`.
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
  */
-hdb_status hdb_model_params_init(struct hdb_model_params *params);
+hdb_status hdb_model_params_init(struct hdb_model_params *params, size_t size);
 
 /**
  * Loads a model: a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
@@ -991,10 +1018,14 @@ struct hdb_runtime_params hdb_runtime_params_default(void);
  * Writes the default runtime params into `*params`, `struct_size` included: the values of
  * `hdb_runtime_params_default()`, for hosts that cannot take a struct returned by value.
  *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
  * # Safety
- * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_runtime_params`.
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
  */
-hdb_status hdb_runtime_params_init(struct hdb_runtime_params *params);
+hdb_status hdb_runtime_params_init(struct hdb_runtime_params *params, size_t size);
 
 /**
  * Creates a runtime. `params` may be NULL for the defaults. Asking for `"cuda:N"` where no
@@ -1038,10 +1069,14 @@ struct hdb_session_params hdb_session_params_default(void);
  * Writes the default session params into `*params`, `struct_size` included: the values of
  * `hdb_session_params_default()`, for hosts that cannot take a struct returned by value.
  *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
  * # Safety
- * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_session_params`.
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
  */
-hdb_status hdb_session_params_init(struct hdb_session_params *params);
+hdb_status hdb_session_params_init(struct hdb_session_params *params, size_t size);
 
 /**
  * Creates a session on `model`. On success `*out` owns it (free with `hdb_session_free`).

@@ -9,7 +9,7 @@ use crate::model::scheduler::{self, SamplerKind, SchedulerConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UnetInput;
 use crate::placed::Place;
-use crate::progress::{Cancel, Progress};
+use crate::progress::{Cancel, Progress, Stage, StageProgress};
 use crate::rng::{normals, SplitMix64};
 use crate::session::{on_sets, On, Session, Sets};
 
@@ -71,6 +71,25 @@ impl Session {
         p: &GenerateParams,
         progress: Option<Progress<'_>>,
     ) -> Result<Generated> {
+        match progress {
+            Some(cb) => {
+                let mut steps = |stage: Stage, done: usize, total: usize| {
+                    stage != Stage::Denoise || done == 0 || cb(done, total)
+                };
+                self.generate_stages(p, Some(&mut steps))
+            }
+            None => self.generate_stages(p, None),
+        }
+    }
+
+    /// [`Session::generate`] with progress for every phase ([`Stage`]): the component build
+    /// on a first call, the text encoding, each denoising step and the VAE decode, each
+    /// reported when it starts (0 done) and after each of its units; `false` cancels.
+    pub fn generate_stages(
+        &self,
+        p: &GenerateParams,
+        progress: Option<StageProgress<'_>>,
+    ) -> Result<Generated> {
         let cancel = self.cancel_flag();
         let _running = cancel.begin();
         let engine = self.engine();
@@ -128,14 +147,29 @@ impl Run<'_> {
     fn generate<B: Place>(
         &self,
         s: &Sets<B>,
-        mut progress: Option<Progress<'_>>,
+        mut progress: Option<StageProgress<'_>>,
     ) -> Result<Generated> {
         let p = self.p;
-        let vae_config = s.placed.vae()?.config.clone();
-        let f = vae_config.downscale();
-        let lc = s.placed.unet()?.config.in_channels;
+        // Reports (stage, done, total) to the host; its `false` cancels.
+        let mut report = |stage: Stage, done: usize, total: usize| -> Result<()> {
+            if progress.as_mut().is_none_or(|cb| cb(stage, done, total)) {
+                Ok(())
+            } else {
+                Err(Error::Cancelled)
+            }
+        };
         // Building the components on a model's first call is a phase of its own.
+        report(Stage::Build, 0, 3)?;
+        let vae_config = s.placed.vae()?.config.clone();
         self.cancel.check()?;
+        report(Stage::Build, 1, 3)?;
+        let lc = s.placed.unet()?.config.in_channels;
+        self.cancel.check()?;
+        report(Stage::Build, 2, 3)?;
+        s.placed.text_encoder()?;
+        self.cancel.check()?;
+        report(Stage::Build, 3, 3)?;
+        let f = vae_config.downscale();
         crate::limits::check_range("batch", p.batch, crate::limits::MAX_BATCH)?;
         crate::limits::check_image_size(p.width, p.height, f)?;
         vae_config.check_decode_memory(p.batch, p.height, p.width)?;
@@ -192,10 +226,13 @@ impl Run<'_> {
             texts.extend(std::iter::repeat_n(p.negative_prompt.as_str(), b));
         }
         texts.extend(std::iter::repeat_n(p.prompt.as_str(), b));
+        report(Stage::Text, 0, 1)?;
         let (context, l) = self.encode_prompts(s, &texts, doubled.as_deref())?;
         self.cancel.check()?;
+        report(Stage::Text, 1, 1)?;
 
         let total = sched.timesteps().len();
+        report(Stage::Denoise, 0, total)?;
         for i in 0..total {
             let t = sched.timesteps()[i];
             let x = sched.scale_model_input(&latents, i);
@@ -234,17 +271,15 @@ impl Run<'_> {
             latents = sched.step(&eps, i, &latents, &mut noise)?;
             // After the last step this is the check before the VAE decode.
             self.cancel.check()?;
-            if let Some(cb) = progress.as_mut() {
-                if !cb(i + 1, total) {
-                    return Err(Error::Cancelled);
-                }
-            }
+            report(Stage::Denoise, i + 1, total)?;
         }
+        report(Stage::Decode, 0, 1)?;
         let scaled: Vec<f32> = latents
             .iter()
             .map(|x| x / vae_config.scaling_factor)
             .collect();
         let img = s.decode(&scaled, b, h, w)?;
+        report(Stage::Decode, 1, 1)?;
         let (hh, ww) = (h * f, w * f);
         let oc = vae_config.out_channels;
         let mut pixels = vec![0f32; b * hh * ww * 3];

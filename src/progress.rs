@@ -11,6 +11,36 @@ use crate::error::{Error, Result};
 /// Called after each unit with (units done, units total); `false` cancels.
 pub type Progress<'a> = &'a mut (dyn FnMut(usize, usize) -> bool + Send);
 
+/// The phases of a generation, in order, as [`StageProgress`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Building the model's components on the device (weights converted and uploaded) on the
+    /// first call that needs them; instant afterwards. Units: the UNet, text encoder, VAE.
+    Build,
+    /// Encoding the prompts with the text encoder; one unit.
+    Text,
+    /// The denoising steps; one unit per step.
+    Denoise,
+    /// Decoding the latents to images with the VAE; one unit.
+    Decode,
+}
+
+impl Stage {
+    /// The name the C API passes to the host's progress callback.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Build => "build",
+            Stage::Text => "text",
+            Stage::Denoise => "denoise",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+/// Called with (stage, units done, units total) when a stage starts (0 done) and after each
+/// of its units; `false` cancels.
+pub type StageProgress<'a> = &'a mut (dyn FnMut(Stage, usize, usize) -> bool + Send);
+
 /// Set while a call runs.
 const RUNNING: u8 = 1;
 /// Set by [`Cancel::cancel`] while a call runs.

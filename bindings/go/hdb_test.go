@@ -68,6 +68,19 @@ func TestGenerate(t *testing.T) {
 	if err != nil || !bytes.Equal(a[0].Pix, b[0].Pix) {
 		t.Fatalf("same seed, different image (%v)", err)
 	}
+	// Every phase, each when it starts and after each unit.
+	var seen []string
+	o.Progress = func(done, total uint64, stage string) bool {
+		seen = append(seen, fmt.Sprintf("%s %d/%d", stage, done, total))
+		return true
+	}
+	o.ProgressStages = true
+	if _, err := s.Generate(o); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) < 4 || seen[0] != "build 0/3" || seen[len(seen)-1] != "decode 1/1" {
+		t.Fatalf("stages %v", seen)
+	}
 	ad, err := LoadAdapter(m, filepath.Join(fixtures, "adapter", "id1.lidb.safetensors"))
 	if err != nil {
 		t.Fatal(err)

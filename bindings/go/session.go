@@ -14,7 +14,7 @@ type Session struct{ p *C.hdb_session }
 // NewSession creates a session on m.
 func NewSession(m *Model) (*Session, error) {
 	var p C.hdb_session_params
-	C.hdb_session_params_init(&p)
+	C.hdb_session_params_init(&p, C.sizeof_hdb_session_params)
 	var e C.hdbgo_err
 	var out *C.hdb_session
 	err := check(C.hdbgo_session_new(m.p, &p, &out, &e), &e)
@@ -91,12 +91,15 @@ type GenerateOptions struct {
 	Batch          uint32
 	Latents        []float32 // optional [batch, 4, height/8, width/8]
 	Progress       ProgressFunc
+	// ProgressStages: Progress hears every phase ("build", "text", "denoise", "decode"),
+	// each when it starts (done 0) and after each unit; false: the denoising steps only.
+	ProgressStages bool
 }
 
 // Generate renders the images (packed RGB8).
 func (s *Session) Generate(o GenerateOptions) ([]Image, error) {
 	var p C.hdb_generate_params
-	C.hdb_generate_params_init(&p)
+	C.hdb_generate_params_init(&p, C.sizeof_hdb_generate_params)
 	if o.Steps != 0 {
 		p.steps = C.uint32_t(o.Steps)
 	}
@@ -117,6 +120,9 @@ func (s *Session) Generate(o GenerateOptions) ([]Image, error) {
 		p.batch = C.uint32_t(o.Batch)
 	}
 	p.reserved = 0
+	if o.ProgressStages {
+		p.progress_stages = 1
+	}
 	prompt := C.CString(o.Prompt)
 	defer C.free(unsafe.Pointer(prompt))
 	neg := C.CString(o.NegativePrompt)

@@ -10,6 +10,7 @@ use super::{hdb_progress_fn, HostProgress};
 use crate::error::Error;
 use crate::model::scheduler::SamplerKind;
 use crate::pipeline::GenerateParams;
+use crate::progress::Stage;
 
 /// Samplers (diffusers' schedulers with SD 1.5's config).
 pub type hdb_sampler = u32;
@@ -105,10 +106,22 @@ pub struct hdb_generate_params {
     /// caller waits; returning false cancels within one step (HDB_STATUS_CANCELLED).
     pub progress: hdb_progress_fn,
     pub progress_user_data: *mut c_void,
+    /// 0 (default): `progress` hears the denoising steps only, as above. Nonzero: every
+    /// phase, each when it starts (done 0) and after each of its units: "build" (the UNet,
+    /// text encoder and VAE made ready on the device: slow on a model's first call, instant
+    /// after; total 3), "text" (prompt encoding, total 1), "denoise" (total = steps),
+    /// "decode" (the VAE decode, total 1). Returning false cancels at any of them.
+    /// A struct from a header without this field ends before it: it then reads as 0.
+    pub progress_stages: u32,
 }
 
 impl Versioned for hdb_generate_params {
-    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_generate_params>()];
+    const SIZES: &'static [usize] = &[
+        // The first version ended after `progress_user_data`.
+        std::mem::offset_of!(hdb_generate_params, progress_stages)
+            .next_multiple_of(std::mem::align_of::<hdb_generate_params>()),
+        std::mem::size_of::<hdb_generate_params>(),
+    ];
 }
 
 fn default_generate_params() -> hdb_generate_params {
@@ -128,6 +141,7 @@ fn default_generate_params() -> hdb_generate_params {
         latents_len: 0,
         progress: None,
         progress_user_data: std::ptr::null_mut(),
+        progress_stages: 0,
     }
 }
 
@@ -140,13 +154,20 @@ pub extern "C" fn hdb_generate_params_default() -> hdb_generate_params {
 /// Writes the default generate params into `*params`, `struct_size` included: the values of
 /// `hdb_generate_params_default()`, for hosts that cannot take a struct returned by value.
 ///
+/// `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+/// header is shorter), and `struct_size` is set to the size written; a size no version has
+/// is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+///
 /// # Safety
-/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or a writable `hdb_generate_params`.
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn hdb_generate_params_init(params: *mut hdb_generate_params) -> hdb_status {
+pub unsafe extern "C" fn hdb_generate_params_init(
+    params: *mut hdb_generate_params,
+    size: usize,
+) -> hdb_status {
     ffi_boundary("hdb_generate_params_init", || {
         // SAFETY: caller contract.
-        unsafe { super::params::init_params(params, default_generate_params(), "params") }
+        unsafe { super::params::init_params(params, size, default_generate_params(), "params") }
     })
 }
 
@@ -303,13 +324,25 @@ pub unsafe extern "C" fn hdb_generate(
                 ));
             }
         }
-        let stage = CString::new("denoise").unwrap_or_default();
         let host = HostProgress {
             cb: p.progress,
             user_data: p.progress_user_data,
         };
-        let mut report = |done: usize, total: usize| host.call(done, total, &stage);
-        let res = s.generate(&gp, Some(&mut report))?;
+        let res = if p.progress_stages == 0 {
+            let stage = CString::new("denoise").unwrap_or_default();
+            let mut report = |done: usize, total: usize| host.call(done, total, &stage);
+            s.generate(&gp, Some(&mut report))?
+        } else {
+            let names = [Stage::Build, Stage::Text, Stage::Denoise, Stage::Decode]
+                .map(|st| (st, CString::new(st.name()).unwrap_or_default()));
+            let mut report = |stage: Stage, done: usize, total: usize| {
+                names
+                    .iter()
+                    .find(|(st, _)| *st == stage)
+                    .is_none_or(|(_, name)| host.call(done, total, name))
+            };
+            s.generate_stages(&gp, Some(&mut report))?
+        };
         for (img, rgb) in outs.iter_mut().zip(&res.images) {
             let stride = if img.stride == 0 {
                 row

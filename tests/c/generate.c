@@ -1,6 +1,7 @@
 /*
  * hdb_generate on the tiny SD fixture: defaults, RGB8 output with a caller stride, seeded
- * reproducibility, per-image identities, a progress callback that cancels, and bad arguments.
+ * reproducibility, per-image identities, a progress callback that cancels, progress for every
+ * stage (progress_stages), and bad arguments.
  * Parity with diffusers is tested in tests/pipeline.rs.
  */
 #include "common.h"
@@ -19,6 +20,20 @@ static bool on_progress(void *ud, uint64_t done, uint64_t total, const char *sta
     p->calls++;
     if (done > total || strcmp(stage, "denoise") != 0) return false;
     return p->cancel_at == 0 || p->calls < p->cancel_at;
+}
+
+/* Records every (stage, done, total) as "stage done/total," and cancels at `cancel_stage`
+ * (when set) once it starts. */
+typedef struct {
+    char log[1024];
+    const char *cancel_stage;
+} stages_ctx;
+
+static bool on_stage(void *ud, uint64_t done, uint64_t total, const char *stage) {
+    stages_ctx *c = ud;
+    size_t n = strlen(c->log);
+    snprintf(c->log + n, sizeof c->log - n, "%s %u/%u,", stage, (unsigned)done, (unsigned)total);
+    return c->cancel_stage == NULL || strcmp(stage, c->cancel_stage) != 0;
 }
 
 static int test_main(int argc, char **argv) {
@@ -87,6 +102,30 @@ static int test_main(int argc, char **argv) {
     CHECK_STATUS(hdb_generate(s, &p, two, 2), HDB_STATUS_OK, "generate after a cancel");
     CHECK(pc.calls == 3, "progress called once a step (%d)", pc.calls);
     p.progress = NULL;
+
+    /* progress_stages: every phase, each when it starts and after each unit. */
+    stages_ctx sc = {{0}, NULL};
+    hdb_generate_params st = p;
+    st.progress = on_stage;
+    st.progress_user_data = &sc;
+    st.progress_stages = 1;
+    CHECK_STATUS(hdb_generate(s, &st, two, 2), HDB_STATUS_OK, "generate with every stage");
+    const char *want = "build 0/3,build 1/3,build 2/3,build 3/3,text 0/1,text 1/1,denoise 0/3,"
+                       "denoise 1/3,denoise 2/3,denoise 3/3,decode 0/1,decode 1/1,";
+    CHECK(strcmp(sc.log, want) == 0, "stages in order: got \"%s\"", sc.log);
+    /* Cancelling as the decode starts: no image is decoded, the session stays usable. */
+    sc = (stages_ctx){{0}, "decode"};
+    CHECK_STATUS(hdb_generate(s, &st, two, 2), HDB_STATUS_CANCELLED, "cancel at the decode");
+    CHECK(strstr(sc.log, "decode 0/1,") && !strstr(sc.log, "decode 1/1"), "stopped at the decode: %s",
+          sc.log);
+    sc = (stages_ctx){{0}, "build"};
+    CHECK_STATUS(hdb_generate(s, &st, two, 2), HDB_STATUS_CANCELLED, "cancel at the build");
+    CHECK(strcmp(sc.log, "build 0/3,") == 0, "nothing ran after the build's first report: %s", sc.log);
+    /* A struct from a header without progress_stages ends before it: the field reads as 0. */
+    sc = (stages_ctx){{0}, NULL};
+    st.struct_size = (uint32_t)offsetof(hdb_generate_params, progress_stages);
+    CHECK_STATUS(hdb_generate(s, &st, two, 2), HDB_STATUS_OK, "the older struct size");
+    CHECK(strcmp(sc.log, "denoise 1/3,denoise 2/3,denoise 3/3,") == 0, "steps only: %s", sc.log);
 
     /* Bad arguments. */
     CHECK_STATUS(hdb_generate(NULL, &p, two, 2), HDB_STATUS_NULL_ARGUMENT, "NULL session");

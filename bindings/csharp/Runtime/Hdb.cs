@@ -174,7 +174,7 @@ namespace Hdb
         public Runtime(string device = "auto", uint numThreads = 0)
         {
             var p = new RuntimeParams();
-            Native.hdb_runtime_params_init(ref p);
+            Native.hdb_runtime_params_init(ref p, Native.SizeOf(p));
             p.NumThreads = numThreads;
             p.Device = Utf8.Alloc(device);
             try { HdbException.Check(Native.hdb_runtime_new(ref p, out Handle)); }
@@ -198,7 +198,7 @@ namespace Hdb
         public Model(Runtime rt, string path, uint weightsVariant = 0, uint storage = 0, Progress progress = null)
         {
             var p = new ModelParams();
-            Native.hdb_model_params_init(ref p);
+            Native.hdb_model_params_init(ref p, Native.SizeOf(p));
             p.WeightsVariant = weightsVariant;
             p.Storage = storage;
             using (var st = progress != null ? new ProgressState(progress) : null)
@@ -216,7 +216,7 @@ namespace Hdb
         public static Model FromBytes(Runtime rt, byte[] data, string name = null, Progress progress = null)
         {
             var p = new ModelParams();
-            Native.hdb_model_params_init(ref p);
+            Native.hdb_model_params_init(ref p, Native.SizeOf(p));
             using (var st = progress != null ? new ProgressState(progress) : null)
             {
                 if (st != null) { p.Progress = ProgressState.ProgressPtr; p.ProgressUserData = st.UserData; }
@@ -311,7 +311,7 @@ namespace Hdb
         internal FinetuneParams ToNative(out IntPtr[] strings)
         {
             var p = new FinetuneParams();
-            Native.hdb_finetune_params_init(ref p);
+            Native.hdb_finetune_params_init(ref p, Native.SizeOf(p));
             p.Mode = Mode; p.Steps = Steps; p.Rank = Rank; p.Lr = Lr;
             if (WeightDecay.HasValue) p.WeightDecay = WeightDecay.Value;
             if (MaxGradNorm.HasValue) p.MaxGradNorm = MaxGradNorm.Value;
@@ -371,7 +371,7 @@ namespace Hdb
         public Adapter Predict(Model model, Image face, uint iterations = 0)
         {
             var p = new PredictParams();
-            Native.hdb_predict_params_init(ref p);
+            Native.hdb_predict_params_init(ref p, Native.SizeOf(p));
             p.Iterations = iterations;
             return face.With(im =>
             {
@@ -384,7 +384,7 @@ namespace Hdb
         public Adapter Personalize(Model model, Image face, uint iterations = 0, FinetuneOptions opts = null)
         {
             var pp = new PredictParams();
-            Native.hdb_predict_params_init(ref pp);
+            Native.hdb_predict_params_init(ref pp, Native.SizeOf(pp));
             pp.Iterations = iterations;
             opts = opts ?? new FinetuneOptions();
             IntPtr[] strings;
@@ -419,6 +419,9 @@ namespace Hdb
         public ulong Seed;
         public float[] Latents;
         public Progress Progress;
+        /// <summary>Progress for every phase ("build", "text", "denoise", "decode"), each when it
+        /// starts (done 0) and after each unit; false: the denoising steps only.</summary>
+        public bool ProgressStages;
     }
 
     /// <summary>One thread's adapters on a model. Cancel() may be called from any thread.</summary>
@@ -429,7 +432,7 @@ namespace Hdb
         public Session(Model model)
         {
             var p = new SessionParams();
-            Native.hdb_session_params_init(ref p);
+            Native.hdb_session_params_init(ref p, Native.SizeOf(p));
             HdbException.Check(Native.hdb_session_new(model.Handle, ref p, out Handle));
         }
 
@@ -467,9 +470,10 @@ namespace Hdb
         public Image[] Generate(GenerateOptions o)
         {
             var p = new GenerateParams();
-            Native.hdb_generate_params_init(ref p);
+            Native.hdb_generate_params_init(ref p, Native.SizeOf(p));
             p.Steps = o.Steps; p.Guidance = o.Guidance; p.Sampler = o.Sampler; p.Seed = o.Seed;
             p.Width = o.Width; p.Height = o.Height; p.Batch = o.Batch; p.Reserved = 0;
+            p.ProgressStages = o.ProgressStages ? 1u : 0u;
             p.Prompt = Utf8.Alloc(o.Prompt);
             p.NegativePrompt = Utf8.Alloc(o.NegativePrompt);
             var images = new Image[o.Batch];

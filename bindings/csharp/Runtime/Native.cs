@@ -99,6 +99,7 @@ namespace Hdb
         public UIntPtr LatentsLen;
         public IntPtr Progress;
         public IntPtr ProgressUserData;
+        public uint ProgressStages;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -181,13 +182,16 @@ namespace Hdb
     {
         const string Lib = "hdb";
 
-        [DllImport(Lib)] internal static extern Status hdb_runtime_params_init(ref RuntimeParams p);
+        /// <summary>The native size of a params struct: the <c>size</c> of hdb_*_params_init.</summary>
+        internal static UIntPtr SizeOf<T>(T v) where T : struct { return (UIntPtr)Marshal.SizeOf(typeof(T)); }
+
+        [DllImport(Lib)] internal static extern Status hdb_runtime_params_init(ref RuntimeParams p, UIntPtr size);
         [DllImport(Lib)] internal static extern RuntimeParams hdb_runtime_params_default();
         [DllImport(Lib)] internal static extern Status hdb_runtime_new(ref RuntimeParams p, out RuntimeHandle rt);
         [DllImport(Lib)] internal static extern Status hdb_runtime_get_info(RuntimeHandle rt, ref RuntimeInfo info);
         [DllImport(Lib)] internal static extern void hdb_runtime_free(IntPtr rt);
 
-        [DllImport(Lib)] internal static extern Status hdb_model_params_init(ref ModelParams p);
+        [DllImport(Lib)] internal static extern Status hdb_model_params_init(ref ModelParams p, UIntPtr size);
         [DllImport(Lib)] internal static extern ModelParams hdb_model_params_default();
         [DllImport(Lib)] internal static extern Status hdb_model_load(RuntimeHandle rt, byte[] path, ref ModelParams p, out ModelHandle m);
         [DllImport(Lib)] internal static extern Status hdb_model_load_from_memory(RuntimeHandle rt, byte[] bytes, UIntPtr len, byte[] name, ref ModelParams p, out ModelHandle m);
@@ -201,22 +205,22 @@ namespace Hdb
         [DllImport(Lib)] internal static extern void hdb_adapter_free(IntPtr a);
 
         [DllImport(Lib)] internal static extern Status hdb_hypernet_load(RuntimeHandle rt, byte[] path, out HypernetHandle h);
-        [DllImport(Lib)] internal static extern Status hdb_predict_params_init(ref PredictParams p);
+        [DllImport(Lib)] internal static extern Status hdb_predict_params_init(ref PredictParams p, UIntPtr size);
         [DllImport(Lib)] internal static extern PredictParams hdb_predict_params_default();
         [DllImport(Lib)] internal static extern Status hdb_hypernet_predict(HypernetHandle h, ModelHandle m, ref NativeImage face, ref PredictParams p, out AdapterHandle a);
         [DllImport(Lib)] internal static extern void hdb_hypernet_free(IntPtr h);
 
-        [DllImport(Lib)] internal static extern Status hdb_finetune_params_init(ref FinetuneParams p);
+        [DllImport(Lib)] internal static extern Status hdb_finetune_params_init(ref FinetuneParams p, UIntPtr size);
         [DllImport(Lib)] internal static extern FinetuneParams hdb_finetune_params_default();
         [DllImport(Lib)] internal static extern Status hdb_finetune(ModelHandle m, ref NativeImage face, IntPtr start, ref FinetuneParams p, out AdapterHandle a);
         [DllImport(Lib)] internal static extern Status hdb_personalize(HypernetHandle h, ModelHandle m, ref NativeImage face, ref PredictParams pp, ref FinetuneParams fp, out AdapterHandle a);
 
-        [DllImport(Lib)] internal static extern Status hdb_session_params_init(ref SessionParams p);
+        [DllImport(Lib)] internal static extern Status hdb_session_params_init(ref SessionParams p, UIntPtr size);
         [DllImport(Lib)] internal static extern SessionParams hdb_session_params_default();
         [DllImport(Lib)] internal static extern Status hdb_session_new(ModelHandle m, ref SessionParams p, out SessionHandle s);
         [DllImport(Lib)] internal static extern Status hdb_session_set_adapters(SessionHandle s, IntPtr[] adapters, float[] scales, UIntPtr n, uint mode);
         [DllImport(Lib)] internal static extern Status hdb_session_set_sample_adapters(SessionHandle s, int[] indices, UIntPtr n);
-        [DllImport(Lib)] internal static extern Status hdb_generate_params_init(ref GenerateParams p);
+        [DllImport(Lib)] internal static extern Status hdb_generate_params_init(ref GenerateParams p, UIntPtr size);
         [DllImport(Lib)] internal static extern GenerateParams hdb_generate_params_default();
         [DllImport(Lib)] internal static extern Status hdb_generate(SessionHandle s, ref GenerateParams p, [In, Out] NativeImage[] images, UIntPtr n);
         [DllImport(Lib)] internal static extern Status hdb_session_unet(SessionHandle s, float[] sample, UIntPtr sampleLen, float[] timesteps, UIntPtr timestepsLen, float[] context, UIntPtr contextLen, uint batch, uint height, uint width, uint contextTokens, [Out] float[] output, UIntPtr outLen);

@@ -65,6 +65,12 @@ static class ConsoleTest
             Check(a.Length == 1 && a[0].Rgb.Length == 64 * 64 * 3 && steps >= 2, "generate with progress");
             var b = session.Generate(Small(7));
             Check(a[0].Rgb.SequenceEqual(b[0].Rgb), "same seed, same image");
+            var stages = new System.Collections.Generic.List<string>();
+            o.Progress = (d, t, stage) => { stages.Add(stage + " " + d + "/" + t); return true; };
+            o.ProgressStages = true;
+            session.Generate(o);
+            Check(stages.Count > 4 && stages[0] == "build 0/3" && stages[stages.Count - 1] == "decode 1/1",
+                "progress for every stage: " + string.Join(",", stages));
 
             using (var ad = Adapter.Load(model, Path.Combine(fixtures, "adapter", "id1.lidb.safetensors")))
                 session.SetAdapters(new[] { ad }, new[] { 1.0f }, 0);

@@ -155,7 +155,7 @@ class Runtime(_Handle):
 
     def __init__(self, device="auto", num_threads=0):
         p = _capi.RuntimeParams()
-        lib.hdb_runtime_params_init(ctypes.byref(p))
+        lib.hdb_runtime_params_init(ctypes.byref(p), ctypes.sizeof(p))
         p.device = device.encode()
         p.num_threads = num_threads
         super().__init__(_new(lib.hdb_runtime_new, ctypes.byref(p)))
@@ -174,7 +174,7 @@ class Model(_Handle):
 
     def __init__(self, runtime, path, weights_variant=0, storage=0, callback=None):
         p = _capi.ModelParams()
-        lib.hdb_model_params_init(ctypes.byref(p))
+        lib.hdb_model_params_init(ctypes.byref(p), ctypes.sizeof(p))
         p.weights_variant = weights_variant
         p.storage = storage
         cb = _Progress(callback) if callback else None
@@ -188,7 +188,7 @@ class Model(_Handle):
         """An LDM single-file checkpoint from its bytes (copied); `name` stands for its path in
         messages. callback(done, total, stage) as for loading from a path."""
         p = _capi.ModelParams()
-        lib.hdb_model_params_init(ctypes.byref(p))
+        lib.hdb_model_params_init(ctypes.byref(p), ctypes.sizeof(p))
         cb = _Progress(callback) if callback else None
         if cb:
             p.progress = cb.c
@@ -251,7 +251,7 @@ def _face(image):
 
 def _predict_params(iterations, callback):
     p = _capi.PredictParams()
-    lib.hdb_predict_params_init(ctypes.byref(p))
+    lib.hdb_predict_params_init(ctypes.byref(p), ctypes.sizeof(p))
     p.iterations = iterations
     cb = _Progress(callback) if callback else None
     if cb:
@@ -267,7 +267,7 @@ def _finetune_params(steps=0, rank=0, learning_rate=0.0, weight_decay=None, max_
                      gradient_checkpointing=True, seed=0, prompt=None, token=None, mode=0,
                      callback=None):
     p = _capi.FinetuneParams()
-    lib.hdb_finetune_params_init(ctypes.byref(p))
+    lib.hdb_finetune_params_init(ctypes.byref(p), ctypes.sizeof(p))
     p.mode, p.steps, p.rank, p.lr = mode, steps, rank, learning_rate
     if weight_decay is not None:
         p.weight_decay = weight_decay
@@ -334,7 +334,7 @@ class Session(_Handle):
 
     def __init__(self, model):
         p = _capi.SessionParams()
-        lib.hdb_session_params_init(ctypes.byref(p))
+        lib.hdb_session_params_init(ctypes.byref(p), ctypes.sizeof(p))
         super().__init__(_new(lib.hdb_session_new, model, ctypes.byref(p)))
         self.model = model
 
@@ -356,15 +356,18 @@ class Session(_Handle):
 
     def generate(self, prompt="", negative_prompt="", num_inference_steps=25, guidance_scale=7.5,
                  width=512, height=512, num_images_per_prompt=1, seed=0, sampler="euler_a",
-                 latents=None, callback=None, output_type="pil"):
+                 latents=None, callback=None, output_type="pil", progress_stages=False):
         """Renders images; names follow diffusers' pipeline call. output_type "pil" gives a
         list of PIL images, "np" a uint8 array [n, height, width, 3]. callback(step, steps,
-        stage) returning False cancels (HdbError CANCELLED)."""
+        stage) returning False cancels (HdbError CANCELLED); with progress_stages=True it hears
+        every phase ("build", "text", "denoise", "decode"), each at its start (done 0) and
+        after each unit, not only the denoising steps."""
         p = _capi.GenerateParams()
-        lib.hdb_generate_params_init(ctypes.byref(p))
+        lib.hdb_generate_params_init(ctypes.byref(p), ctypes.sizeof(p))
         p.prompt, p.negative_prompt = prompt.encode(), negative_prompt.encode()
         p.steps, p.guidance, p.sampler = num_inference_steps, guidance_scale, _SAMPLERS[sampler]
         p.seed, p.width, p.height, p.batch = seed, width, height, num_images_per_prompt
+        p.progress_stages = 1 if progress_stages else 0
         if latents is not None:
             lat = np.ascontiguousarray(latents, dtype=np.float32)
             p.latents = lat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))

@@ -62,6 +62,7 @@ class GenerateParams(Structure):
         ("latents_len", c_size_t),
         ("progress", PROGRESS_FN),
         ("progress_user_data", c_void_p),
+        ("progress_stages", c_uint32),
     ]
 
 
@@ -157,12 +158,12 @@ P = POINTER
 _status = c_uint32
 _opaque = c_void_p  # every handle is an opaque pointer
 _protos = {
-    "hdb_runtime_params_init": (_status, [P(RuntimeParams)]),
+    "hdb_runtime_params_init": (_status, [P(RuntimeParams), c_size_t]),
     "hdb_runtime_params_default": (RuntimeParams, []),
     "hdb_runtime_new": (_status, [P(RuntimeParams), P(_opaque)]),
     "hdb_runtime_get_info": (_status, [_opaque, P(RuntimeInfo)]),
     "hdb_runtime_free": (None, [_opaque]),
-    "hdb_model_params_init": (_status, [P(ModelParams)]),
+    "hdb_model_params_init": (_status, [P(ModelParams), c_size_t]),
     "hdb_model_params_default": (ModelParams, []),
     "hdb_model_load": (_status, [_opaque, c_char_p, P(ModelParams), P(_opaque)]),
     "hdb_model_load_from_memory": (
@@ -177,23 +178,23 @@ _protos = {
     "hdb_adapter_save": (_status, [_opaque, c_char_p]),
     "hdb_adapter_free": (None, [_opaque]),
     "hdb_hypernet_load": (_status, [_opaque, c_char_p, P(_opaque)]),
-    "hdb_predict_params_init": (_status, [P(PredictParams)]),
+    "hdb_predict_params_init": (_status, [P(PredictParams), c_size_t]),
     "hdb_predict_params_default": (PredictParams, []),
     "hdb_hypernet_predict": (_status, [_opaque, _opaque, P(Image), P(PredictParams), P(_opaque)]),
     "hdb_hypernet_free": (None, [_opaque]),
-    "hdb_finetune_params_init": (_status, [P(FinetuneParams)]),
+    "hdb_finetune_params_init": (_status, [P(FinetuneParams), c_size_t]),
     "hdb_finetune_params_default": (FinetuneParams, []),
     "hdb_finetune": (_status, [_opaque, P(Image), _opaque, P(FinetuneParams), P(_opaque)]),
     "hdb_personalize": (
         _status,
         [_opaque, _opaque, P(Image), P(PredictParams), P(FinetuneParams), P(_opaque)],
     ),
-    "hdb_session_params_init": (_status, [P(SessionParams)]),
+    "hdb_session_params_init": (_status, [P(SessionParams), c_size_t]),
     "hdb_session_params_default": (SessionParams, []),
     "hdb_session_new": (_status, [_opaque, P(SessionParams), P(_opaque)]),
     "hdb_session_set_adapters": (_status, [_opaque, P(_opaque), P(c_float), c_size_t, c_uint32]),
     "hdb_session_set_sample_adapters": (_status, [_opaque, P(c_int32), c_size_t]),
-    "hdb_generate_params_init": (_status, [P(GenerateParams)]),
+    "hdb_generate_params_init": (_status, [P(GenerateParams), c_size_t]),
     "hdb_generate_params_default": (GenerateParams, []),
     "hdb_generate": (_status, [_opaque, P(GenerateParams), P(Image), c_size_t]),
     "hdb_session_unet": (

@@ -84,7 +84,7 @@ public final class Runtime {
     /// device: "auto", "cpu", "cuda" or "cuda:N"; numThreads 0: one per core.
     public init(device: String = "auto", numThreads: UInt32 = 0) throws {
         var p = hdb_runtime_params()
-        _ = hdb_runtime_params_init(&p)
+        _ = hdb_runtime_params_init(&p, MemoryLayout<hdb_runtime_params>.size)
         p.num_threads = numThreads
         var out: OpaquePointer?
         try device.withCString { d in
@@ -109,7 +109,7 @@ public final class Model {
 
     public init(runtime: Runtime, path: String, weightsVariant: UInt32 = 0, storage: UInt32 = 0) throws {
         var p = hdb_model_params()
-        _ = hdb_model_params_init(&p)
+        _ = hdb_model_params_init(&p, MemoryLayout<hdb_model_params>.size)
         p.weights_variant = weightsVariant
         p.storage = storage
         p.progress = nil
@@ -122,7 +122,7 @@ public final class Model {
     /// An LDM single-file checkpoint from its bytes (copied); name stands for its path in messages.
     public init(runtime: Runtime, bytes: [UInt8], name: String? = nil) throws {
         var p = hdb_model_params()
-        _ = hdb_model_params_init(&p)
+        _ = hdb_model_params_init(&p, MemoryLayout<hdb_model_params>.size)
         var out: OpaquePointer?
         try withOptionalCString(name) { cName in
             try check(hdb_model_load_from_memory(runtime.handle, bytes, bytes.count, cName, &p, &out))
@@ -207,7 +207,7 @@ public struct FinetuneOptions {
     /// Runs body with the C params (strings valid during body).
     func withNative<T>(_ body: (inout hdb_finetune_params) throws -> T) rethrows -> T {
         var p = hdb_finetune_params()
-        _ = hdb_finetune_params_init(&p)
+        _ = hdb_finetune_params_init(&p, MemoryLayout<hdb_finetune_params>.size)
         p.mode = mode; p.steps = steps; p.rank = rank; p.lr = lr
         if let w = weightDecay { p.weight_decay = w }
         if let g = maxGradNorm { p.max_grad_norm = g }
@@ -249,7 +249,7 @@ public final class Hypernet {
 
     public func predict(model: Model, face: Image, iterations: UInt32 = 0) throws -> Adapter {
         var p = hdb_predict_params()
-        _ = hdb_predict_params_init(&p)
+        _ = hdb_predict_params_init(&p, MemoryLayout<hdb_predict_params>.size)
         p.iterations = iterations
         var out: OpaquePointer?
         try face.withNative { im in try check(hdb_hypernet_predict(handle, model.handle, &im, &p, &out)) }
@@ -258,7 +258,7 @@ public final class Hypernet {
 
     public func personalize(model: Model, face: Image, iterations: UInt32 = 0, options: FinetuneOptions = FinetuneOptions()) throws -> Adapter {
         var pp = hdb_predict_params()
-        _ = hdb_predict_params_init(&pp)
+        _ = hdb_predict_params_init(&pp, MemoryLayout<hdb_predict_params>.size)
         pp.iterations = iterations
         var out: OpaquePointer?
         try face.withNative { im in
@@ -281,6 +281,9 @@ public struct GenerateOptions {
     public var width: UInt32 = 512, height: UInt32 = 512, batch: UInt32 = 1
     public var latents: [Float]? = nil
     public var progress: ((UInt64, UInt64, String) -> Bool)? = nil
+    /// `progress` hears every phase ("build", "text", "denoise", "decode"), each when it
+    /// starts (done 0) and after each unit; false: the denoising steps only.
+    public var progressStages: Bool = false
     public init() {}
 }
 
@@ -291,7 +294,7 @@ public final class Session {
 
     public init(model: Model) throws {
         var p = hdb_session_params()
-        _ = hdb_session_params_init(&p)
+        _ = hdb_session_params_init(&p, MemoryLayout<hdb_session_params>.size)
         p.reserved = 0
         var out: OpaquePointer?
         try check(hdb_session_new(model.handle, &p, &out))
@@ -323,9 +326,10 @@ public final class Session {
 
     public func generate(_ o: GenerateOptions) throws -> [Image] {
         var p = hdb_generate_params()
-        _ = hdb_generate_params_init(&p)
+        _ = hdb_generate_params_init(&p, MemoryLayout<hdb_generate_params>.size)
         p.steps = o.steps; p.guidance = o.guidance; p.sampler = o.sampler.rawValue; p.seed = o.seed
         p.width = o.width; p.height = o.height; p.batch = o.batch; p.reserved = 0
+        p.progress_stages = o.progressStages ? 1 : 0
         let n = Int(o.batch), size = Int(o.width) * Int(o.height) * 3
         var pixels = [[UInt8]](repeating: [UInt8](repeating: 0, count: size), count: n)
         let box = o.progress.map { ProgressBox($0) }
