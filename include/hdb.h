@@ -406,6 +406,13 @@ typedef struct hdb_model_params {
    * Reserved; must be 0.
    */
   uint32_t reserved;
+  /**
+   * A tokenizer folder (`tokenizer.json` or `vocab.json` + `merges.txt`, or a diffusers
+   * folder with `tokenizer/`) to use instead of the model's own; NULL (default): the
+   * model's `tokenizer/`, else for SD 1.x models (LDM single files carry no tokenizer) the
+   * built-in CLIP ViT-L/14 tokenizer. Copied during the call.
+   */
+  const char *tokenizer;
 } hdb_model_params;
 
 /**
@@ -457,7 +464,8 @@ typedef struct hdb_model_info {
    */
   uint32_t cross_attention_dim;
   /**
-   * 1 when a `tokenizer/` folder was found.
+   * 1 when the model has a tokenizer folder (its `tokenizer/`, or `params.tokenizer`);
+   * 0: SD 1.x models use the built-in CLIP ViT-L/14 tokenizer.
    */
   uint32_t has_tokenizer;
   /**

@@ -80,6 +80,9 @@ pub struct LoadOptions<'a> {
     /// Weight files memory-mapped (default) or copied into memory at load.
     pub storage: crate::io::safetensors::Storage,
     pub progress: Option<LoadProgress<'a>>,
+    /// A tokenizer folder (or a diffusers folder with `tokenizer/`) to use instead of the
+    /// model's own; without either, SD 1.x models use the built-in CLIP ViT-L/14 tokenizer.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// A loaded, immutable model.
@@ -88,7 +91,8 @@ pub struct Model {
     pub path: PathBuf,
     pub format: SourceFormat,
     pub components: BTreeMap<Component, ComponentWeights>,
-    /// The `tokenizer/` folder, when the model has one.
+    /// The tokenizer folder: the model's `tokenizer/`, or the one [`LoadOptions::tokenizer`]
+    /// gave. `None`: the engine uses the built-in CLIP ViT-L/14 tokenizer (SD 1.x models).
     pub tokenizer: Option<PathBuf>,
     pub architecture: Architecture,
 }
@@ -96,13 +100,26 @@ pub struct Model {
 impl Model {
     /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
     /// contents), or an LDM single-file `.safetensors` checkpoint.
-    pub fn load(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
+    pub fn load(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let tokenizer = match opts.tokenizer.take() {
+            Some(t) => Some(tokenizer::find_folder(&t).ok_or_else(|| {
+                Error::not_a_model(
+                    &t,
+                    "the tokenizer given is neither a tokenizer folder (tokenizer.json or \
+                     vocab.json + merges.txt) nor a diffusers folder with tokenizer/",
+                )
+            })?),
+            None => None,
+        };
         let mut model = if meta.is_dir() {
             load_diffusers(path, opts)?
         } else {
             load_ldm(path, opts)?
         };
+        if tokenizer.is_some() {
+            model.tokenizer = tokenizer;
+        }
         model.architecture = detect_architecture(&model);
         unused::log_unused(&model);
         log::info!(

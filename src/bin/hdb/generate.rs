@@ -50,6 +50,7 @@ pub fn step_bar(total: usize) -> indicatif::ProgressBar {
 
 pub struct GenerateArgs {
     pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     pub params: GenerateParams,
     pub adapters: Vec<PathBuf>,
     pub scales: Vec<f32>,
@@ -85,7 +86,7 @@ pub fn load_adapters(
 
 pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
     let rt = Arc::new(super::runtime(a.device, a.threads)?);
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model_with(&a.model, a.tokenizer.as_deref())?;
     let engine = Arc::new(Engine::new(rt, model));
     if let Some(path) = &a.latents {
         let f = SafetensorsFile::open(path)?;

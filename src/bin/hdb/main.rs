@@ -112,9 +112,14 @@ enum Command {
     },
     /// Text to image (PNG): the whole SD pipeline with optional identity adapters.
     Generate {
-        /// A diffusers folder (with tokenizer/) or an LDM single file.
+        /// A diffusers folder or an LDM single file (SD 1.x ones without a tokenizer/ use the
+        /// built-in CLIP ViT-L/14 tokenizer).
         #[arg(long)]
         model: PathBuf,
+        /// A tokenizer folder (tokenizer.json or vocab.json + merges.txt), or a diffusers folder
+        /// with tokenizer/, to use instead of the model's own or the built-in one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// The text to render.
         #[arg(long)]
         prompt: String,
@@ -216,9 +221,10 @@ enum Command {
     /// transformers' CLIPTokenizer).
     Tokenize {
         /// A diffusers folder with tokenizer/, or a tokenizer folder (tokenizer.json or
-        /// vocab.json + merges.txt).
+        /// vocab.json + merges.txt); without it (or for a model file, such as an LDM single
+        /// file), the built-in CLIP ViT-L/14 tokenizer of SD 1.x.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// Pad with the pad token to 77 ids, as the pipeline feeds the text encoder.
         #[arg(long)]
         padded: bool,
@@ -509,6 +515,7 @@ fn main() -> ExitCode {
         }),
         Command::Generate {
             model,
+            tokenizer,
             prompt,
             negative,
             steps,
@@ -528,6 +535,7 @@ fn main() -> ExitCode {
             device,
         } => generate::generate(generate::GenerateArgs {
             model,
+            tokenizer,
             params: hdb::pipeline::GenerateParams {
                 prompt,
                 negative_prompt: negative,
@@ -647,7 +655,7 @@ fn main() -> ExitCode {
             model,
             padded,
             text,
-        } => tokenize_cmd::run(&model, &text.join(" "), padded),
+        } => tokenize_cmd::run(model.as_deref(), &text.join(" "), padded),
         Command::Info {
             path,
             tensors,
@@ -665,6 +673,11 @@ fn main() -> ExitCode {
 
 /// Loads a model with a progress bar on stderr when it spans several files.
 fn load_model(path: &Path) -> hdb::Result<Model> {
+    load_model_with(path, None)
+}
+
+/// As [`load_model`], with a tokenizer folder to use instead of the model's.
+fn load_model_with(path: &Path, tokenizer: Option<&Path>) -> hdb::Result<Model> {
     let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} files")
@@ -683,6 +696,7 @@ fn load_model(path: &Path) -> hdb::Result<Model> {
         path,
         LoadOptions {
             progress: Some(&mut progress),
+            tokenizer: tokenizer.map(Path::to_path_buf),
             ..Default::default()
         },
     );
