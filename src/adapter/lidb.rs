@@ -260,6 +260,12 @@ impl Lidb {
             .layers
             .par_iter()
             .map(|(k, (d_train, u_train))| {
+                if !crate::model::adaptable::is_identity_layer(k) {
+                    return Err(Error::AdapterMismatch(format!(
+                        "layer '{k}' is not an attention projection: LiDB identities are \
+                         defined over the attention projections only (DESIGN.md section 1)"
+                    )));
+                }
                 let s = table.get(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
                         "layer '{k}' is not an adaptable layer of this model"

@@ -1,6 +1,9 @@
-//! Standard LoRA files: import kohya (`lora_unet_*`, `lora_te_*`, `.alpha`) and PEFT/diffusers
-//! (`unet.*.lora_A.weight` / `lora_B`) files of any rank; export an adapter in either form.
-//! Keys that match no adaptable layer are an error listing them, never dropped silently.
+//! Standard LoRA files: import kohya (`lora_unet_*`, `lora_te_*`, `.alpha` per layer, rank when
+//! missing) and PEFT/diffusers files (`unet.*.lora_A.weight` / `lora_B`, optionally `.alpha`;
+//! diffusers' older attention-processor form `*.processor.to_q_lora.down.weight`, and
+//! `*.lora_linear_layer.down.weight`) of any rank, on every adaptable layer; export an adapter in
+//! kohya or PEFT form. Keys that match no adaptable layer are an error listing them, never
+//! dropped silently.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,7 +32,12 @@ fn kohya_name(k: &str) -> String {
 pub fn detect(f: &SafetensorsFile) -> Option<LoraFormat> {
     if f.tensors().any(|e| e.name.ends_with(".lora_down.weight")) {
         Some(LoraFormat::Kohya)
-    } else if f.tensors().any(|e| e.name.contains(".lora_A.")) {
+    } else if f.tensors().any(|e| {
+        let n = &e.name;
+        n.contains(".lora_A.")
+            || n.ends_with("_lora.down.weight")
+            || n.contains(".lora_linear_layer.down.")
+    }) {
         Some(LoraFormat::Peft)
     } else {
         None
@@ -59,6 +67,9 @@ pub struct FileLayer {
     pub dout: usize,
     /// kohya's `.alpha`, a single value, if present.
     pub alpha: Option<f32>,
+    /// Convolution factors (LoCon: down `[rank, din, kh, kw]`, up `[dout, rank, 1, 1]`): the
+    /// down factor's kernel `(kh, kw)`; `None` for matrices.
+    pub kernel: Option<(usize, usize)>,
     down_name: String,
     up_name: String,
 }
@@ -76,14 +87,31 @@ fn classify(format: LoraFormat, n: &str) -> Option<(String, u8)> {
             }
         }
         LoraFormat::Peft => {
+            if let Some(s) = n.strip_suffix(".alpha") {
+                return Some((normalize_peft(s), 2));
+            }
             // PEFT state dicts may carry the adapter name: `.lora_A.default.weight`.
             let base = n.strip_suffix(".weight").unwrap_or(n);
             let base = base.strip_suffix(".default").unwrap_or(base);
-            if let Some(s) = base.strip_suffix(".lora_A") {
-                Some((normalize_peft(s), 0))
-            } else {
-                base.strip_suffix(".lora_B").map(|s| (normalize_peft(s), 1))
+            // (suffix, factor, whether only the processor form ends so)
+            for (suffix, which, processor) in [
+                (".lora_A", 0, false),
+                (".lora_B", 1, false),
+                (".lora_linear_layer.down", 0, false),
+                (".lora_linear_layer.up", 1, false),
+                (".down", 0, true),
+                (".up", 1, true),
+            ] {
+                if let Some(s) = base.strip_suffix(suffix) {
+                    let stem = if processor {
+                        processor_form(s)?
+                    } else {
+                        s.to_string()
+                    };
+                    return Some((normalize_peft(&stem), which));
+                }
             }
+            None
         }
     }
 }
@@ -134,11 +162,19 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
             partial.push((stem, names.map(|e| e.name.clone()).collect()));
             continue;
         };
-        let (&[rank, din], &[dout, up_rank]) = (down.shape.dims(), up.shape.dims()) else {
-            return Err(bad(format!(
-                "layer '{stem}': factors '{}' {} and '{}' {} must both be matrices",
-                down.name, down.shape, up.name, up.shape
-            )));
+        let (rank, din, dout, up_rank, kernel) = match (down.shape.dims(), up.shape.dims()) {
+            (&[rank, din], &[dout, up_rank]) => (rank, din, dout, up_rank, None),
+            (&[rank, din, kh, kw], &[dout, up_rank, 1, 1]) => {
+                (rank, din, dout, up_rank, Some((kh, kw)))
+            }
+            _ => {
+                return Err(bad(format!(
+                    "layer '{stem}': factors '{}' {} and '{}' {} must both be matrices \
+                     ([rank, in] and [out, rank]) or convolution factors ([rank, in, kh, kw] \
+                     and [out, rank, 1, 1])",
+                    down.name, down.shape, up.name, up.shape
+                )))
+            }
         };
         if up_rank != rank {
             return Err(bad(format!(
@@ -176,6 +212,7 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
             din,
             dout,
             alpha,
+            kernel,
             down_name: down.name.clone(),
             up_name: up.name.clone(),
         });
@@ -213,6 +250,16 @@ pub fn read_named(
     f: &SafetensorsFile,
     table: &BTreeMap<String, LayerShape>,
 ) -> Result<(LoraFormat, Vec<NamedLayer>)> {
+    read_named_opts(f, table, false)
+}
+
+/// As [`read_named`]; with `allow_unmatched`, tensors that match no adaptable layer are skipped
+/// (listed in the log at warning level) instead of refused.
+pub fn read_named_opts(
+    f: &SafetensorsFile,
+    table: &BTreeMap<String, LayerShape>,
+    allow_unmatched: bool,
+) -> Result<(LoraFormat, Vec<NamedLayer>)> {
     let path = f.path();
     let LoraFile {
         format,
@@ -244,7 +291,15 @@ pub fn read_named(
             None => unmatched.extend([l.down_name, l.up_name]),
         }
     }
-    if !unmatched.is_empty() {
+    if !unmatched.is_empty() && allow_unmatched {
+        unmatched.sort();
+        log::warn!(
+            "{}: skipped as asked (allow unmatched): {}: {}",
+            path.display(),
+            summarize(&unmatched),
+            unmatched.join(", ")
+        );
+    } else if !unmatched.is_empty() {
         unmatched.sort();
         return Err(Error::AdapterMismatch(format!(
             "{}: {}",
@@ -255,6 +310,17 @@ pub fn read_named(
     let mut layers = Vec::with_capacity(known.len());
     for (k, l) in known {
         let s = &table[k];
+        if let Some((kh, kw)) = l.kernel {
+            // Every adaptable layer is linear (LayerKind::Linear) until convolutions are.
+            return Err(Error::AdapterMismatch(format!(
+                "{}: layer '{k}' is a linear layer, but '{}' is a {kh}x{kw} convolution factor \
+                 {} (LoCon); convolution layers are not adaptable",
+                path.display(),
+                l.down_name,
+                f.get(&l.down_name)
+                    .map_or_else(String::new, |e| e.shape.to_string()),
+            )));
+        }
         if (l.dout, l.din) != (s.dout, s.din) {
             return Err(Error::AdapterMismatch(format!(
                 "{}: layer '{k}': factors '{}' [{}, {}] and '{}' [{}, {}] do not fit the model's [{}, {}] weight",
@@ -287,8 +353,18 @@ pub fn read_named(
 /// Imports a LoRA file against a model's adaptable layers ([`read_named`]), alpha / rank
 /// folded into the up factor.
 pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Result<Adapter> {
+    import_opts(f, table, false)
+}
+
+/// As [`import`]; with `allow_unmatched`, keys that match no adaptable layer are skipped and
+/// logged ([`read_named_opts`]).
+pub fn import_opts(
+    f: &SafetensorsFile,
+    table: &BTreeMap<String, LayerShape>,
+    allow_unmatched: bool,
+) -> Result<Adapter> {
     let path = f.path();
-    let (_, named) = read_named(f, table)?;
+    let (_, named) = read_named_opts(f, table, allow_unmatched)?;
     let mut layers = BTreeMap::new();
     for n in named {
         let scale = n.alpha.map_or(1.0, |a| a / n.rank as f32);
@@ -313,11 +389,29 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
     Ok(adapter)
 }
 
-/// transformers >= 5.6 saves CLIP flat (no `text_model.`); canonical keys have it.
+/// The module a LoRA of diffusers' older attention-processor form adapts:
+/// `<attention>.processor.to_q_lora` -> `<attention>.to_q` (`to_out_lora` -> `to_out.0`).
+fn processor_form(stem: &str) -> Option<String> {
+    let (attn, proc) = stem.split_once(".processor.")?;
+    let proj = match proc {
+        "to_q_lora" => "to_q",
+        "to_k_lora" => "to_k",
+        "to_v_lora" => "to_v",
+        "to_out_lora" => "to_out.0",
+        _ => return None,
+    };
+    Some(format!("{attn}.{proj}"))
+}
+
+/// The canonical key of a PEFT/diffusers layer name: transformers >= 5.6 saves CLIP flat (no
+/// `text_model.`), canonical keys have it; names without a component prefix (UNet-only state
+/// dicts, the older processor form) are the UNet's.
 fn normalize_peft(s: &str) -> String {
     match s.strip_prefix("text_encoder.") {
         Some(r) if !r.starts_with("text_model.") => format!("text_encoder.text_model.{r}"),
-        _ => s.to_string(),
+        Some(_) => s.to_string(),
+        None if s.starts_with("unet.") => s.to_string(),
+        None => format!("unet.{s}"),
     }
 }
 

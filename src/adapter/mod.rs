@@ -95,11 +95,29 @@ pub fn load(f: &crate::io::safetensors::SafetensorsFile, table: &LayerTable) -> 
     load_cached(f, table, &lidb::BasisCache::default())
 }
 
+/// How adapter files are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// LoRA files: skip keys that match no adaptable layer of the model (they are logged at
+    /// warning level) instead of refusing the file. The layers that do match must still fit.
+    pub allow_unmatched: bool,
+}
+
 /// As [`load`], with LiDB bases from a model's cache.
 pub fn load_cached(
     f: &crate::io::safetensors::SafetensorsFile,
     table: &LayerTable,
     cache: &lidb::BasisCache,
+) -> Result<Adapter> {
+    load_with(f, table, cache, LoadOptions::default())
+}
+
+/// As [`load_cached`], with options.
+pub fn load_with(
+    f: &crate::io::safetensors::SafetensorsFile,
+    table: &LayerTable,
+    cache: &lidb::BasisCache,
+    opts: LoadOptions,
 ) -> Result<Adapter> {
     let with_path = |e: Error| match e {
         Error::AdapterMismatch(m) if !m.contains(&f.path().display().to_string()) => {
@@ -112,7 +130,7 @@ pub fn load_cached(
             .compose_cached(table, cache)
             .map_err(with_path)
     } else {
-        lora::import(f, table).map_err(with_path)
+        lora::import_opts(f, table, opts.allow_unmatched).map_err(with_path)
     }
 }
 

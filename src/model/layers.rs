@@ -280,7 +280,11 @@ impl<B: Backend> Resnet<B> {
             norm1: GroupNorm::load(be, src, &format!("{p}.norm1"), cin, groups, eps)?,
             conv1: Conv::load(be, src, &format!("{p}.conv1"), cin, cout, 3, 1)?,
             time_emb_proj: temb
-                .map(|t| Linear::load(be, src, &format!("{p}.time_emb_proj"), t, cout, true))
+                .map(|t| {
+                    let path = format!("{p}.time_emb_proj");
+                    Linear::load(be, src, &path, t, cout, true)
+                        .map(|l| l.adaptable_in(crate::io::keymap::Component::Unet, &path))
+                })
                 .transpose()?,
             norm2: GroupNorm::load(be, src, &format!("{p}.norm2"), cout, groups, eps)?,
             conv2: Conv::load(be, src, &format!("{p}.conv2"), cout, cout, 3, 1)?,
@@ -302,12 +306,23 @@ impl<B: Backend> Resnet<B> {
 
     /// `emb_silu`: SiLU(time embedding) [B, temb] for resnets that take one.
     pub(crate) fn forward(&self, be: &B, x: &Act<B>, emb_silu: Option<&B::Buf>) -> Result<Act<B>> {
+        self.forward_hooked(be, x, emb_silu, None)
+    }
+
+    /// As `forward`, with the session's adapters on `time_emb_proj`.
+    pub(crate) fn forward_hooked(
+        &self,
+        be: &B,
+        x: &Act<B>,
+        emb_silu: Option<&B::Buf>,
+        ad: Hook<'_, B>,
+    ) -> Result<Act<B>> {
         // Assignments, not shadowing: each intermediate is freed as soon as it is used (at
         // 512x512 one VAE activation is 128 MB or more).
         let mut h = self.norm1.forward(be, x, true)?;
         h = self.conv1.forward(be, &h)?;
         if let (Some(proj), Some(e)) = (&self.time_emb_proj, emb_silu) {
-            let t = proj.forward(be, e, x.b)?;
+            let t = proj.forward_adapted(be, e, x.b, x.b, ad)?;
             be.add_channel_bias(&mut h.data, &t, (h.b, h.c, h.h * h.w))?;
         }
         h = self.norm2.forward(be, &h, true)?;
@@ -332,10 +347,7 @@ pub(crate) fn layer_table<'a, B: Backend + 'a>(
         .filter_map(|l| {
             Some((
                 l.key.clone()?,
-                crate::model::LayerShape {
-                    din: l.din,
-                    dout: l.dout,
-                },
+                crate::model::LayerShape::linear(l.din, l.dout),
             ))
         })
         .collect()

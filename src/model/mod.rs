@@ -24,7 +24,7 @@ use crate::io::diffusers::{find_weights, read_json, weights_stem, Variant};
 use crate::io::keymap::{self, Component, LdmLayout};
 use crate::io::safetensors::SafetensorsFile;
 use crate::tensor::{DType, Shape};
-pub use adaptable::{Adaptable, LayerShape, LayerTable};
+pub use adaptable::{Adaptable, LayerKind, LayerShape, LayerTable};
 pub use weights::{Weight, WeightStore};
 
 /// How the model was stored on disk.
@@ -161,7 +161,8 @@ impl Model {
 
     /// The layers of this model that adapters may change, with their shapes, read from the
     /// weights alone (no component is built): every linear weight of the UNet and the text
-    /// encoder that [`adaptable::adapter_key`] names. SD 1.5 has 128 + 48.
+    /// encoder that [`adaptable::adapter_key`] names (SD 1.5: 128 + 48 attention projections,
+    /// the identity layers, and 56 + 24 other linear layers).
     pub fn adaptable_layers(&self) -> LayerTable {
         let mut out = LayerTable::new();
         for c in [Component::Unet, Component::TextEncoder] {
@@ -175,7 +176,7 @@ impl Model {
                 };
                 if let Some(key) = adaptable::adapter_key(c, path) {
                     let (din, dout) = (*din, *dout);
-                    out.insert(key, LayerShape { din, dout });
+                    out.insert(key, LayerShape::linear(din, dout));
                 }
             }
         }

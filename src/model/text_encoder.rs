@@ -203,6 +203,11 @@ impl<B: Backend> TextEncoder<B> {
                     Ok(Linear::load(&be, src, &path, d, d, true)?
                         .adaptable_in(Component::TextEncoder, &path))
                 };
+                let mlp = |name: &str, din: usize, dout: usize| -> Result<Linear<B>> {
+                    let path = format!("{p}.mlp.{name}");
+                    Ok(Linear::load(&be, src, &path, din, dout, true)?
+                        .adaptable_in(Component::TextEncoder, &path))
+                };
                 Ok(Layer {
                     ln1: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm1"), d, eps)?,
                     q: proj("q_proj")?,
@@ -210,8 +215,8 @@ impl<B: Backend> TextEncoder<B> {
                     v: proj("v_proj")?,
                     out: proj("out_proj")?,
                     ln2: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm2"), d, eps)?,
-                    fc1: Linear::load(&be, src, &format!("{p}.mlp.fc1"), d, ff, true)?,
-                    fc2: Linear::load(&be, src, &format!("{p}.mlp.fc2"), ff, d, true)?,
+                    fc1: mlp("fc1", d, ff)?,
+                    fc2: mlp("fc2", ff, d)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -286,9 +291,9 @@ impl<B: Backend> TextEncoder<B> {
             let o = l.out.forward_adapted(be, &a, rows, batch, ad)?;
             add(be, &mut h, &o)?;
             let n = l.ln2.forward(be, &h)?;
-            let mut f = l.fc1.forward(be, &n, rows)?;
+            let mut f = l.fc1.forward_adapted(be, &n, rows, batch, ad)?;
             be.activate(&mut f, act)?;
-            let f = l.fc2.forward(be, &f, rows)?;
+            let f = l.fc2.forward_adapted(be, &f, rows, batch, ad)?;
             add(be, &mut h, &f)?;
         }
         be.download(&self.final_ln.forward(be, &h)?)
@@ -348,8 +353,11 @@ impl<B: Backend> TextEncoder<B> {
         }
     }
 
+    /// Every adaptable linear layer: the attention projections and the MLP.
     fn projections(&self) -> impl Iterator<Item = &Linear<B>> {
-        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.out, &l.fc1, &l.fc2])
     }
 }
 

@@ -21,6 +21,17 @@ pub(crate) struct Attention<B: Backend = Cpu> {
     pub(crate) heads: usize,
 }
 
+/// A linear layer with a bias at `path`, marked adaptable ([`crate::model::adaptable::adapter_key`]'s list).
+fn adaptable_linear<B: Backend>(
+    be: &B,
+    src: &dyn WeightSource,
+    path: &str,
+    din: usize,
+    dout: usize,
+) -> Result<Linear<B>> {
+    Ok(Linear::load(be, src, path, din, dout, true)?.adaptable_in(Component::Unet, path))
+}
+
 impl<B: Backend> Attention<B> {
     fn load(
         be: &B,
@@ -100,8 +111,8 @@ impl<B: Backend> TransformerBlock<B> {
             norm2: LayerNorm::load(be, src, &format!("{p}.norm2"), c)?,
             attn2: Attention::load(be, src, &format!("{p}.attn2"), c, ctx_dim, heads)?,
             norm3: LayerNorm::load(be, src, &format!("{p}.norm3"), c)?,
-            ff_proj: Linear::load(be, src, &format!("{p}.ff.net.0.proj"), c, 8 * c, true)?,
-            ff_out: Linear::load(be, src, &format!("{p}.ff.net.2"), 4 * c, c, true)?,
+            ff_proj: adaptable_linear(be, src, &format!("{p}.ff.net.0.proj"), c, 8 * c)?,
+            ff_out: adaptable_linear(be, src, &format!("{p}.ff.net.2"), 4 * c, c)?,
         })
     }
 
@@ -125,9 +136,9 @@ impl<B: Backend> TransformerBlock<B> {
         let a = self.attn2.forward(be, &n, Some(ctx), b, t, l, ad)?;
         add(be, x, &a)?;
         let n = self.norm3.forward(be, x)?;
-        let f = self.ff_proj.forward(be, &n, b * t)?;
+        let f = self.ff_proj.forward_adapted(be, &n, b * t, b, ad)?;
         let g = be.geglu(&f, (b * t, 4 * c))?;
-        let f = self.ff_out.forward(be, &g, b * t)?;
+        let f = self.ff_out.forward_adapted(be, &g, b * t, b, ad)?;
         add(be, x, &f)
     }
 }
@@ -157,7 +168,7 @@ impl<B: Backend> Transformer2d<B> {
         let proj = |name: &str| -> Result<Proj<B>> {
             let p = format!("{p}.{name}");
             Ok(if cfg.use_linear_projection {
-                Proj::Linear(Linear::load(be, src, &p, c, c, true)?)
+                Proj::Linear(adaptable_linear(be, src, &p, c, c)?)
             } else {
                 Proj::Conv(Conv::load(be, src, &p, c, c, 1, 1)?)
             })
@@ -194,7 +205,8 @@ impl<B: Backend> Transformer2d<B> {
         let mut tokens = match &self.proj_in {
             Proj::Conv(conv) => transpose(be, &conv.forward(be, &h)?.data, b, c, hw, true)?,
             Proj::Linear(lin) => {
-                lin.forward(be, &transpose(be, &h.data, b, c, hw, true)?, b * hw)?
+                let t = transpose(be, &h.data, b, c, hw, true)?;
+                lin.forward_adapted(be, &t, b * hw, b, ad)?
             }
         };
         drop(h);
@@ -207,7 +219,7 @@ impl<B: Backend> Transformer2d<B> {
             }
             Proj::Linear(lin) => x.with(transpose(
                 be,
-                &lin.forward(be, &tokens, b * hw)?,
+                &lin.forward_adapted(be, &tokens, b * hw, b, ad)?,
                 b,
                 c,
                 hw,
@@ -461,8 +473,8 @@ impl<B: Backend> Unet<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Unet {
-            time_1: Linear::load(&be, src, "time_embedding.linear_1", ch[0], temb, true)?,
-            time_2: Linear::load(&be, src, "time_embedding.linear_2", temb, temb, true)?,
+            time_1: adaptable_linear(&be, src, "time_embedding.linear_1", ch[0], temb)?,
+            time_2: adaptable_linear(&be, src, "time_embedding.linear_2", temb, temb)?,
             conv_in: Conv::load(&be, src, "conv_in", cfg.in_channels, ch[0], 3, 1)?,
             down,
             mid,
@@ -481,8 +493,16 @@ impl<B: Backend> Unet<B> {
         })
     }
 
+    /// Every adaptable linear layer (identity layers and the others, [`crate::model::adaptable::adapter_key`]'s list).
     fn projections(&self) -> Vec<&Linear<B>> {
-        let mut out = Vec::new();
+        let mut out = vec![&self.time_1, &self.time_2];
+        let resnets = self
+            .down
+            .iter()
+            .chain(&self.up)
+            .flat_map(|b| &b.resnets)
+            .chain([&self.mid.0, &self.mid.2]);
+        out.extend(resnets.filter_map(|r| r.time_emb_proj.as_ref()));
         let blocks = self
             .down
             .iter()
@@ -490,10 +510,16 @@ impl<B: Backend> Unet<B> {
             .flat_map(|b| &b.attentions)
             .chain(std::iter::once(&self.mid.1));
         for t in blocks {
+            for p in [&t.proj_in, &t.proj_out] {
+                if let Proj::Linear(l) = p {
+                    out.push(l);
+                }
+            }
             for blk in &t.blocks {
                 for a in [&blk.attn1, &blk.attn2] {
                     out.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
                 }
+                out.extend([&blk.ff_proj, &blk.ff_out]);
             }
         }
         out
@@ -527,9 +553,9 @@ impl<B: Backend> Unet<B> {
         let be = &self.be;
         let c0 = cfg.block_out_channels[0];
         let temb = be.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift)?;
-        let mut e = self.time_1.forward(be, &temb, b)?;
+        let mut e = self.time_1.forward_adapted(be, &temb, b, b, ad)?;
         be.activate(&mut e, Activation::Silu)?;
-        let mut emb = self.time_2.forward(be, &e, b)?;
+        let mut emb = self.time_2.forward_adapted(be, &e, b, b, ad)?;
         be.activate(&mut emb, Activation::Silu)?; // every resnet applies SiLU first; do it once
         let context = be.upload(context)?;
         let x = Act {
@@ -544,7 +570,7 @@ impl<B: Backend> Unet<B> {
         let mut skips: Vec<Act<B>> = vec![x.clone_act(be)?];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(be, &x, Some(&emb))?;
+                x = r.forward_hooked(be, &x, Some(&emb), ad)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(be, &x, &context, l, ad)?;
                 }
@@ -555,16 +581,16 @@ impl<B: Backend> Unet<B> {
                 skips.push(x.clone_act(be)?);
             }
         }
-        x = self.mid.0.forward(be, &x, Some(&emb))?;
+        x = self.mid.0.forward_hooked(be, &x, Some(&emb), ad)?;
         x = self.mid.1.forward(be, &x, &context, l, ad)?;
-        x = self.mid.2.forward(be, &x, Some(&emb))?;
+        x = self.mid.2.forward_hooked(be, &x, Some(&emb), ad)?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Internal("UNet skip stack ran dry".into()))?;
                 let cat = be.concat_channels(&x.data, &skip.data, (b, x.c, skip.c, x.h * x.w))?;
-                x = r.forward(
+                x = r.forward_hooked(
                     be,
                     &Act {
                         data: cat,
@@ -572,6 +598,7 @@ impl<B: Backend> Unet<B> {
                         ..x
                     },
                     Some(&emb),
+                    ad,
                 )?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(be, &x, &context, l, ad)?;

@@ -239,9 +239,18 @@ impl Engine {
     /// Reads an adapter file of any supported kind for this model (LiDB bases from the
     /// engine's cache), in the runtime's threads.
     pub fn load_adapter(&self, f: &SafetensorsFile) -> Result<Adapter> {
+        self.load_adapter_with(f, Default::default())
+    }
+
+    /// As [`Engine::load_adapter`], with options (LoRA keys that match no layer skipped).
+    pub fn load_adapter_with(
+        &self,
+        f: &SafetensorsFile,
+        opts: crate::adapter::LoadOptions,
+    ) -> Result<Adapter> {
         let table = self.adaptable_layers();
         self.runtime
-            .install(|| crate::adapter::load_cached(f, &table, &self.bases))
+            .install(|| crate::adapter::load_with(f, &table, &self.bases, opts))
     }
 
     /// One identity for this model from a face image (RGB8, `stride` bytes a row) by

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::lidb::{Lidb, LidbMeta};
+use hdb::model::adaptable::identity_layers;
 use hdb::model::config::UnetConfig;
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::Adaptable;
@@ -18,8 +19,7 @@ fn random_identity(unet: &Unet, seed: u64) -> Lidb {
     let mut rng = SplitMix64(seed);
     let mut g =
         |n: usize| -> Vec<f32> { (0..n).map(|_| 0.5 * (2.0 * rng.next_f32() - 1.0)).collect() };
-    let layers = unet
-        .adaptable_layers()
+    let layers = identity_layers(&unet.adaptable_layers())
         .into_keys()
         .map(|k| (k, (g(100), g(50))))
         .collect();
@@ -40,7 +40,7 @@ pub fn run(threads: usize, runs: usize, size: usize, batch: usize) -> hdb::Resul
     let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
     let unet = rt.install(|| Unet::load(UnetConfig::default(), &RandomWeights { seed: 0x5D15 }))?;
-    let table = unet.adaptable_layers();
+    let table = identity_layers(&unet.adaptable_layers());
     let bytes: usize = table.values().map(|s| s.din * s.dout * 4).sum();
     println!(
         "SD 1.5 UNet: {} adapted projections, {:.1} MB of f32 weights; {threads} threads",

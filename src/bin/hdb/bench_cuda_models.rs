@@ -16,6 +16,7 @@ use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::ops::AttnKernel;
 use hdb::backend::cuda::{Cuda, CudaDevice};
 use hdb::backend::profile::Profiled;
+use hdb::model::adaptable::identity_layers;
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
@@ -204,8 +205,7 @@ fn identity_rows(
     };
     let ids: Vec<Adapter> = (0..8)
         .map(|_| Adapter {
-            layers: unet
-                .adaptable_layers()
+            layers: identity_layers(&unet.adaptable_layers())
                 .into_iter()
                 .map(|(k, l)| {
                     let rank = 1;

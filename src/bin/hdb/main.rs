@@ -153,6 +153,10 @@ enum Command {
         /// Scale of each --adapter, in order (default 1.0).
         #[arg(long = "scale")]
         scales: Vec<f32>,
+        /// Skip the keys of LoRA files that match no adaptable layer of the model (listed on
+        /// stderr) instead of refusing the file.
+        #[arg(long)]
+        allow_unmatched: bool,
         /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
         #[arg(long, value_enum, default_value = "merge")]
         mode: Mode,
@@ -203,6 +207,10 @@ enum Command {
         /// The scale of each --adapter, in order (default 1.0 each).
         #[arg(long = "scale")]
         scales: Vec<f32>,
+        /// Skip the keys of LoRA files that match no adaptable layer of the model (listed on
+        /// stderr) instead of refusing the file.
+        #[arg(long)]
+        allow_unmatched: bool,
         /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
         #[arg(long, value_enum, default_value = "merge")]
         mode: Mode,
@@ -527,6 +535,7 @@ fn main() -> ExitCode {
             batch,
             adapters,
             scales,
+            allow_unmatched,
             mode,
             latents,
             dump_latents,
@@ -550,6 +559,7 @@ fn main() -> ExitCode {
             },
             adapters,
             scales,
+            allow_unmatched,
             mode: match mode {
                 Mode::Merge => hdb::adapter::apply::ApplyMode::Merge,
                 Mode::Runtime => hdb::adapter::apply::ApplyMode::Runtime,
@@ -619,6 +629,7 @@ fn main() -> ExitCode {
             threads,
             adapters,
             scales,
+            allow_unmatched,
             mode,
             device,
         } => unet_cmd::unet(
@@ -626,8 +637,7 @@ fn main() -> ExitCode {
             &input,
             &output,
             (device, threads),
-            &adapters,
-            &scales,
+            (&adapters, &scales, allow_unmatched),
             mode,
         ),
         Command::Adapter { what } => adapter_cmd::run(what),

@@ -17,8 +17,7 @@ pub fn unet(
     input: &Path,
     output: &Path,
     (device, threads): (hdb::runtime::DeviceRequest, usize),
-    adapter_paths: &[PathBuf],
-    scales: &[f32],
+    (adapter_paths, scales, allow_unmatched): (&[PathBuf], &[f32], bool),
     mode: Mode,
 ) -> hdb::Result<()> {
     let rt = runtime(device, threads)?;
@@ -57,7 +56,7 @@ pub fn unet(
             &format!("[B, L, {}]", cfg.cross_attention_dim),
         ));
     }
-    let adapters = load_adapters(&engine, adapter_paths, scales)?;
+    let adapters = load_adapters(&engine, adapter_paths, scales, allow_unmatched)?;
     let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters.iter().map(|(a, s)| (a, *s)).collect();
     let mode = match mode {
         Mode::Merge => ApplyMode::Merge,

@@ -1,0 +1,353 @@
+//! LoRAs on every linear layer (attention, feed-forward, time embedding, resnets'
+//! `time_emb_proj`, the text encoder's MLP) in the layouts people have (kohya with per-layer
+//! and missing alphas, PEFT, diffusers' older attention-processor form), alone and stacked with
+//! an identity, in both apply modes, against diffusers' LoRA loader with peft on the tiny model
+//! (tools/make_lora_layers_fixtures.py). Tolerance: 1e-4 x max|reference|, as tests/adapter.rs.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{assert_close, compare, fixtures, Tol};
+use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
+use hdb::adapter::{lora, Adapter, LoadOptions};
+use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
+use hdb::model::adaptable::is_identity_layer;
+use hdb::model::text_encoder::TextEncoder;
+use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::Model;
+
+const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
+const MODES: [ApplyMode; 2] = [ApplyMode::Merge, ApplyMode::Runtime];
+
+fn fx(p: &str) -> PathBuf {
+    fixtures().join(p)
+}
+
+fn model() -> Model {
+    Model::load(&fx("tiny-sd"), Default::default()).expect("tiny-sd")
+}
+
+fn load(m: &Model, file: &str) -> Adapter {
+    let f = SafetensorsFile::open(&fx(file)).expect("adapter file");
+    hdb::adapter::load(&f, &m.adaptable_layers()).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn reference(file: &str, key: &str) -> Vec<f32> {
+    SafetensorsFile::open(&fx(&format!("lora-layers/{file}")))
+        .expect("reference")
+        .to_f32(key)
+        .expect(key)
+}
+
+struct Inputs {
+    sample: Vec<f32>,
+    t: Vec<f32>,
+    ctx: Vec<f32>,
+    dims: [usize; 4],
+}
+
+fn inputs() -> Inputs {
+    let f = SafetensorsFile::open(&fx("unet/tiny-sd.in.safetensors")).expect("inputs");
+    let (s, sample) = read_as_f32(&f, "sample").expect("sample");
+    let (_, t) = read_as_f32(&f, "timestep").expect("timestep");
+    let (c, ctx) = read_as_f32(&f, "encoder_hidden_states").expect("context");
+    Inputs {
+        sample,
+        t,
+        ctx,
+        dims: [s[0], s[2], s[3], c[1]],
+    }
+}
+
+fn unet_run(
+    unet: &Unet,
+    set: &[(&Adapter, f32)],
+    mode: ApplyMode,
+    per_sample: Option<&[i32]>,
+) -> Vec<f32> {
+    let applied = Applied::new(set, mode, unet).expect("apply");
+    let i = inputs();
+    let [batch, height, width, context_len] = i.dims;
+    let x = UnetInput {
+        sample: &i.sample,
+        timesteps: &i.t,
+        context: &i.ctx,
+        batch,
+        height,
+        width,
+        context_len,
+    };
+    let ad = AdapterCtx {
+        applied: &applied,
+        per_sample,
+    };
+    unet.forward_adapted(&x, &ad).expect("forward")
+}
+
+fn ids() -> Vec<u32> {
+    let f = SafetensorsFile::open(&fx("text_encoder/prompts.safetensors")).expect("ids");
+    let (_, v) = read_as_f32(&f, "input_ids").expect("input_ids");
+    v.iter().map(|&x| x as u32).collect()
+}
+
+#[test]
+fn every_linear_layer_is_adaptable_and_identity_layers_stay_the_attention_projections() {
+    let table = model().adaptable_layers();
+    let identity = hdb::model::adaptable::identity_layers(&table);
+    // tiny-sd: 128 + 8 attention projections; 32 feed-forward, 22 time_emb_proj, 2 time
+    // embedding layers in the UNet (proj_in/out are 1x1 convolutions); 4 MLP layers in the
+    // text encoder.
+    assert_eq!((table.len(), identity.len()), (196, 136));
+    for k in [
+        "unet.time_embedding.linear_1",
+        "unet.down_blocks.0.resnets.0.time_emb_proj",
+        "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "text_encoder.text_model.encoder.layers.1.mlp.fc2",
+    ] {
+        assert!(table.contains_key(k) && !identity.contains_key(k), "{k}");
+    }
+}
+
+#[test]
+fn style_lora_on_every_linear_layer_equals_diffusers_in_both_modes() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let te = TextEncoder::from_model(&m).expect("text encoder");
+    let want = reference("unet.out.safetensors", "out");
+    let want_06 = reference("unet-x0.6.out.safetensors", "out");
+    let want_te = reference("te.out.safetensors", "hidden");
+    let kohya = load(&m, "lora-layers/style.kohya.safetensors");
+    let peft = load(&m, "lora-layers/style.peft.safetensors");
+    assert_eq!(kohya.layers.len(), 196);
+    assert_eq!(
+        kohya.layers.keys().collect::<Vec<_>>(),
+        peft.layers.keys().collect::<Vec<_>>()
+    );
+    for (name, a) in [("kohya", &kohya), ("peft", &peft)] {
+        for mode in MODES {
+            let what = format!("style.{name} {mode:?}");
+            assert_close(
+                &format!("{what} UNet"),
+                &unet_run(&unet, &[(a, 1.0)], mode, None),
+                &want,
+                TOL,
+            );
+            assert_close(
+                &format!("{what} x0.6 UNet"),
+                &unet_run(&unet, &[(a, 0.6)], mode, None),
+                &want_06,
+                TOL,
+            );
+            let applied = Applied::new(&[(a, 1.0)], mode, &te).expect("apply");
+            let ad = AdapterCtx {
+                applied: &applied,
+                per_sample: None,
+            };
+            let got = te.forward_adapted(&ids(), 2, &ad).expect("forward");
+            assert_close(&format!("{what} text encoder"), &got, &want_te, TOL);
+        }
+    }
+    let base = reference("../unet/tiny-sd.out.safetensors", "out");
+    let change = compare(&want, &base);
+    assert!(
+        change.non_finite == 0 && change.max_abs > 1e-2,
+        "the style must visibly change the output (max change {:e})",
+        change.max_abs
+    );
+}
+
+#[test]
+fn identity_and_style_stack_in_both_modes_and_per_sample() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let style = load(&m, "lora-layers/style.kohya.safetensors");
+    let id1 = load(&m, "adapter/id1.lidb.safetensors");
+    let want = reference("unet-id1.out.safetensors", "out");
+    for mode in MODES {
+        assert_close(
+            &format!("id1 + style {mode:?}"),
+            &unet_run(&unet, &[(&id1, 1.0), (&style, 1.0)], mode, None),
+            &want,
+            TOL,
+        );
+    }
+    // Per sample: the style on sample 0, nothing on sample 1 equals those two runs apart.
+    let got = unet_run(&unet, &[(&style, 1.0)], ApplyMode::Runtime, Some(&[0, -1]));
+    let with = unet_run(&unet, &[(&style, 1.0)], ApplyMode::Runtime, None);
+    let without = unet_run(&unet, &[], ApplyMode::Runtime, None);
+    let half = got.len() / 2;
+    assert_close("sample 0 (style)", &got[..half], &with[..half], TOL);
+    assert_close(
+        "sample 1 (none)",
+        &got[half..],
+        &without[half..],
+        Tol::MaxAbs(0.0),
+    );
+}
+
+#[test]
+fn merge_mode_restores_the_base_bit_for_bit_on_every_layer_kind() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let style = load(&m, "lora-layers/style.peft.safetensors");
+    let base = unet_run(&unet, &[], ApplyMode::Merge, None);
+    let mut applied = Applied::new(&[(&style, 1.0)], ApplyMode::Merge, &unet).expect("merge");
+    let cleared =
+        Applied::replacing(Some(&mut applied), &[], ApplyMode::Merge, &unet).expect("clear");
+    assert!(cleared.layers.is_empty());
+    assert_eq!(unet_run(&unet, &[], ApplyMode::Merge, None), base);
+}
+
+#[test]
+fn the_older_attention_processor_form_loads() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let a = load(&m, "lora-layers/attn.old.safetensors");
+    assert_eq!(a.layers.len(), 128);
+    assert!(a.layers.keys().all(|k| is_identity_layer(k)));
+    let want = reference("attn.out.safetensors", "out");
+    for mode in MODES {
+        assert_close(
+            &format!("attn.old {mode:?}"),
+            &unet_run(&unet, &[(&a, 1.0)], mode, None),
+            &want,
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn export_round_trips_every_layer() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let style = load(&m, "lora-layers/style.kohya.safetensors");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for fmt in [lora::LoraFormat::Kohya, lora::LoraFormat::Peft] {
+        let p = dir.path().join(format!("{fmt:?}.safetensors"));
+        lora::export(&style, fmt, &p).expect("export");
+        let back =
+            hdb::adapter::load(&SafetensorsFile::open(&p).expect("open"), &table).expect("import");
+        assert_eq!(back.layers.len(), style.layers.len());
+        for (k, l) in &style.layers {
+            let b = &back.layers[k];
+            assert_eq!((b.rank, &b.down), (l.rank, &l.down), "{fmt:?} {k} down");
+            assert_close(&format!("{fmt:?} {k} up"), &b.up, &l.up, Tol::MaxAbs(1e-6));
+        }
+    }
+}
+
+/// A copy of `file` with `extra` tensors (name, shape) of zeros added.
+fn with_extra(file: &str, extra: &[(&str, Vec<usize>)], out: &std::path::Path) {
+    let f = SafetensorsFile::open(&fx(file)).expect("open");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
+        .tensors()
+        .map(|e| {
+            let v = f.to_f32(&e.name).expect("f32");
+            (e.name.clone(), e.shape.dims().to_vec(), v)
+        })
+        .collect();
+    for (n, s) in extra {
+        tensors.push((n.to_string(), s.clone(), vec![0.0; s.iter().product()]));
+    }
+    let refs: Vec<(&str, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice()))
+        .collect();
+    hdb::io::safetensors::write_f32(out, &refs).expect("write");
+}
+
+#[test]
+fn unmatched_keys_are_refused_unless_allowed() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("extra.safetensors");
+    // A conv layer (LoCon) and a layer SD 1.5 does not have.
+    with_extra(
+        "lora-layers/style.kohya.safetensors",
+        &[
+            ("lora_unet_conv_in.lora_down.weight", vec![2, 4, 3, 3]),
+            ("lora_unet_conv_in.lora_up.weight", vec![32, 2, 1, 1]),
+            ("lora_unet_no_such_layer.lora_down.weight", vec![2, 4]),
+            ("lora_unet_no_such_layer.lora_up.weight", vec![4, 2]),
+        ],
+        &p,
+    );
+    let f = SafetensorsFile::open(&p).expect("open");
+    let e = hdb::adapter::load(&f, &table).expect_err("unmatched keys");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("4 key(s)") && msg.contains("lora_unet_conv_in") && msg.contains("no_such"),
+        "{msg}"
+    );
+    let opts = LoadOptions {
+        allow_unmatched: true,
+    };
+    let a = hdb::adapter::load_with(&f, &table, &Default::default(), opts).expect("allowed");
+    assert_eq!(a.layers.len(), 196);
+    // Keys that do match must still fit: a wrong shape is refused even then.
+    let q = dir.path().join("bad.safetensors");
+    with_extra(
+        "adapter/id1.peft.safetensors",
+        &[
+            ("unet.time_embedding.linear_1.lora_A.weight", vec![1, 3]),
+            ("unet.time_embedding.linear_1.lora_B.weight", vec![128, 1]),
+        ],
+        &q,
+    );
+    let f = SafetensorsFile::open(&q).expect("open");
+    let e = hdb::adapter::load_with(&f, &table, &Default::default(), opts).expect_err("shape");
+    assert!(e.to_string().contains("time_embedding.linear_1"), "{e}");
+    // Convolution factors on a linear layer: refused naming the key, allowed or not.
+    let c = dir.path().join("conv-on-linear.safetensors");
+    let t = [
+        (
+            "lora_unet_time_embedding_linear_1.lora_down.weight",
+            vec![1, 32, 3, 3],
+        ),
+        (
+            "lora_unet_time_embedding_linear_1.lora_up.weight",
+            vec![128, 1, 1, 1],
+        ),
+    ];
+    let zeros: Vec<Vec<f32>> = t
+        .iter()
+        .map(|(_, s)| vec![0.0; s.iter().product()])
+        .collect();
+    let refs: Vec<(&str, Vec<usize>, &[f32])> = t
+        .iter()
+        .zip(&zeros)
+        .map(|((n, s), v)| (*n, s.clone(), v.as_slice()))
+        .collect();
+    hdb::io::safetensors::write_f32(&c, &refs).expect("write");
+    let f = SafetensorsFile::open(&c).expect("open");
+    let e = hdb::adapter::load_with(&f, &table, &Default::default(), opts).expect_err("conv");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("'unet.time_embedding.linear_1'") && msg.contains("3x3 convolution"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn training_refuses_loras_beyond_the_attention_projections() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let f = SafetensorsFile::open(&fx("lora-layers/style.peft.safetensors")).expect("open");
+    let Err(e) = hdb::train::Trainable::from_file(&f, &table, &Default::default()) else {
+        panic!("a LoRA on the MLP was taken for training");
+    };
+    let msg = e.to_string();
+    // The first such key in key order.
+    assert!(
+        msg.contains("'text_encoder.text_model.encoder.layers.0.mlp.fc1'")
+            && msg.contains("attention projection"),
+        "{msg}"
+    );
+    let style = load(&m, "lora-layers/style.peft.safetensors");
+    let Err(e) = hdb::train::finetune::relax(&style, 4, &table) else {
+        panic!("a LoRA on the MLP was relaxed for training");
+    };
+    assert!(e.to_string().contains("mlp.fc1"), "{e}");
+}

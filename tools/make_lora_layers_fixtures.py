@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Fixtures for LoRAs on every linear layer (tests/lora_layers.rs): a random "style" LoRA on all the
+linear layers kohya's default network and PEFT target in tests/fixtures/tiny-sd (UNet: attention
+projections, ff.net.0.proj, ff.net.2, resnets' time_emb_proj, time_embedding.linear_1/2; text encoder:
+q/k/v/out_proj, mlp.fc1, mlp.fc2), in the layouts people have, and what diffusers' LoRA loader makes of
+them. proj_in/proj_out are 1x1 convolutions in this SD 1.5-shaped model, not linear layers: not here.
+
+Writes under tests/fixtures/lora-layers/ (f32):
+  style.kohya.safetensors   lora_unet_* / lora_te_* with .lora_down/.lora_up and a per-layer .alpha
+                            (ALPHAS cycled), except every third layer, which has none (kohya: alpha = rank)
+  style.peft.safetensors    the same LoRA as diffusers/PEFT keys (`unet.<path>.lora_A.weight`,
+                            `text_encoder.text_model.<path>.lora_B.weight`), alpha / rank folded into lora_B
+  attn.old.safetensors      the UNet attention layers of the same LoRA in diffusers' older attention-
+                            processor form (`unet.<block>.processor.to_q_lora.down.weight`, `to_out_lora`),
+                            alpha / rank folded into `up`
+  unet.out.safetensors      `out`: the tiny-sd UNet on tests/fixtures/unet/tiny-sd.in.safetensors with
+                            style.peft loaded by StableDiffusionPipeline.load_lora_weights (peft),
+                            weight 1.0
+  unet-x0.6.out.safetensors the same at adapter weight 0.6
+  unet-id1.out.safetensors  style.peft at 1.0 together with tests/fixtures/adapter/id1.peft.safetensors at
+                            1.0 (an identity and a style stacked)
+  attn.out.safetensors      attn.old loaded by load_lora_weights
+  te.out.safetensors        `hidden`: the text encoder on tests/fixtures/text_encoder/prompts.safetensors with
+                            style.peft loaded, weight 1.0
+
+Checks (exits non-zero on failure): every reference also equals the UNet / text encoder with the weights
+merged by hand from the kohya file's semantics (W + weight * alpha / r * up @ down, missing alpha = r, in
+f64) within 1e-5 of max|out|, so style.kohya must give the same outputs; the LoRA visibly changes both.
+diffusers' own kohya loader is not used as the reference: with per-layer alphas it scales some layers
+by 1 instead of alpha / r (it keys their alphas wrongly; peft warns that they match no module).
+
+Fixed seeds, one thread; running it twice writes identical bytes. CI never runs it.
+Run from the repository root:  /tmp/hdb-ref-venv/bin/python tools/make_lora_layers_fixtures.py
+"""
+
+import copy
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lidb  # noqa: E402
+from make_unet_fixtures import run  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FX = os.path.join(ROOT, "tests", "fixtures")
+TINY = os.path.join(FX, "tiny-sd")
+OUT = os.path.join(FX, "lora-layers")
+SEED = 20261207
+RANKS = (2, 3, 1)
+ALPHAS = (1.0, 4.0, 0.5)
+UNET_RE = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
+                     r"|resnets\.\d+\.time_emb_proj|^time_embedding\.linear_[12])$")
+TE_RE = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+OLD_FORM = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+GENERATOR = f"tools/make_lora_layers_fixtures.py torch {torch.__version__}"
+
+
+def fail(msg):
+    sys.exit(f"FAIL {msg}")
+
+
+def linear_layers(module, pattern, prefix):
+    out = {}
+    for name, m in module.named_modules():
+        if pattern.search(name):
+            assert isinstance(m, torch.nn.Linear), name
+            out[prefix + name] = m
+    return dict(sorted(out.items()))
+
+
+def make_lora(layers):
+    """{key: (down [r,in], up [out,r], alpha or None)}: down ~ U(+-1/sqrt(in)), up scaled so each
+    layer's update is a few percent of its weight."""
+    rng = np.random.default_rng(SEED)
+    lora = {}
+    for i, (k, m) in enumerate(layers.items()):
+        r = RANKS[i % len(RANKS)]
+        down = (rng.uniform(-1, 1, (r, m.in_features)) / np.sqrt(m.in_features)).astype(np.float32)
+        up = (rng.uniform(-1, 1, (m.out_features, r)) * 0.5).astype(np.float32)
+        alpha = None if i % 3 == 2 else np.float32(ALPHAS[i % len(ALPHAS)])
+        lora[k] = (down, up, alpha)
+    return lora
+
+
+def scale_of(down, alpha):
+    r = down.shape[0]
+    return 1.0 if alpha is None else float(alpha) / r
+
+
+def kohya_file(lora):
+    sd = {}
+    for k, (down, up, alpha) in lora.items():
+        n = lidb.kohya_name(k)
+        sd[n + ".lora_down.weight"] = down
+        sd[n + ".lora_up.weight"] = up
+        if alpha is not None:
+            sd[n + ".alpha"] = np.array(alpha, dtype=np.float32)
+    return sd
+
+
+def peft_file(lora):
+    sd = {}
+    for k, (down, up, alpha) in lora.items():
+        sd[k + ".lora_A.weight"] = down
+        sd[k + ".lora_B.weight"] = (up * np.float32(scale_of(down, alpha))).astype(np.float32)
+    return sd
+
+
+def old_form_file(lora):
+    sd = {}
+    for k, (down, up, alpha) in lora.items():
+        m = re.match(r"(unet\..*\.attn[12])\.(to_q|to_k|to_v|to_out\.0)$", k)
+        if not m:
+            continue
+        stem = f"{m.group(1)}.processor.{OLD_FORM[m.group(2)]}"
+        sd[stem + ".down.weight"] = down
+        sd[stem + ".up.weight"] = (up * np.float32(scale_of(down, alpha))).astype(np.float32)
+    return sd
+
+
+def merged_by_hand(model, lora, prefix, weight):
+    """A copy of `model` with every LoRA layer of `prefix` merged in f64."""
+    m = copy.deepcopy(model)
+    mods = dict(m.named_modules())
+    for k, (down, up, alpha) in lora.items():
+        if not k.startswith(prefix):
+            continue
+        name = k[len(prefix):]
+        if prefix == "text_encoder." and name not in mods:
+            name = name.removeprefix("text_model.")
+        lin = mods[name]
+        dw = weight * scale_of(down, alpha) * (up.astype(np.float64) @ down.astype(np.float64))
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy((lin.weight.double().numpy() + dw).astype(np.float32)))
+    return m
+
+
+def rel(x, ref):
+    return (x - ref).abs().max().item() / ref.abs().max().item()
+
+
+def main():
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    os.makedirs(OUT, exist_ok=True)
+    inp = {k: v for k, v in load_file(os.path.join(FX, "unet", "tiny-sd.in.safetensors")).items()}
+    ids = load_file(os.path.join(FX, "text_encoder", "prompts.safetensors"))["input_ids"].long()
+
+    pipe = StableDiffusionPipeline.from_pretrained(TINY, local_files_only=True)
+    unet, te = pipe.unet.eval(), pipe.text_encoder.eval()
+    with torch.no_grad():
+        base_out, base_hidden = run(unet, inp), te(ids)[0]
+    layers = linear_layers(unet, UNET_RE, "unet.")
+    te_layers = linear_layers(te, TE_RE, "text_encoder.")
+    te_layers = {k if k.startswith("text_encoder.text_model.") else "text_encoder.text_model." + k[13:]: v
+                 for k, v in te_layers.items()}
+    layers.update(te_layers)
+    n_unet = sum(k.startswith("unet.") for k in layers)
+    print(f"ok   {n_unet} UNet and {len(layers) - n_unet} text-encoder linear layers")
+    lora = make_lora(layers)
+    meta = {"format": "pt", "generator": GENERATOR}
+    paths = {}
+    for name, sd in [("style.kohya", kohya_file(lora)), ("style.peft", peft_file(lora)),
+                     ("attn.old", old_form_file(lora))]:
+        paths[name] = os.path.join(OUT, f"{name}.safetensors")
+        lidb.save_tensors(sd, paths[name], metadata=meta)
+
+    def loaded(files_weights):
+        p = StableDiffusionPipeline.from_pretrained(TINY, local_files_only=True)
+        p.unet.eval()
+        p.text_encoder.eval()
+        names = []
+        for i, (f, _) in enumerate(files_weights):
+            p.load_lora_weights(f, adapter_name=f"a{i}")
+            names.append(f"a{i}")
+        p.set_adapters(names, [w for _, w in files_weights])
+        with torch.no_grad():
+            return run(p.unet, inp), p.text_encoder(ids)[0]
+
+    def by_hand(lora_weights):
+        u, t = unet, te
+        for lo, w in lora_weights:
+            u = merged_by_hand(u, lo, "unet.", w)
+            t = merged_by_hand(t, lo, "text_encoder.", w)
+        with torch.no_grad():
+            return run(u, inp), t(ids)[0]
+
+    def check(what, got, want):
+        r = rel(got, want)
+        if r > 1e-5:
+            fail(f"{what}: {r:.3g} of max|ref| apart")
+        print(f"ok   {what}: {r:.2g} of max|ref|")
+
+    def save(name, key, t, note):
+        if not bool(torch.isfinite(t).all()):
+            fail(f"{name}: non-finite")
+        lidb.save_tensors({key: t.numpy()}, os.path.join(OUT, f"{name}.out.safetensors"),
+                          metadata={"generator": GENERATOR, "adapters": note})
+
+    # diffusers' kohya conversion is not the reference for per-layer alphas: it keys some of them
+    # wrongly (peft warns "alpha_pattern keys did not match any targeted module" for to_out_lora and
+    # self_attn ones) and then scales those layers by 1 instead of alpha / rank. The PEFT form, with
+    # alpha / rank folded in, is loaded by diffusers as is; kohya's semantics are checked by hand.
+    out, hidden = loaded([(paths["style.peft"], 1.0)])
+    want_out, want_hidden = by_hand([(lora, 1.0)])
+    check("style.peft UNet, diffusers vs kohya's alpha / rank by hand", out, want_out)
+    check("style.peft text encoder, diffusers vs by hand", hidden, want_hidden)
+    for what, x, b in [("UNet", out, base_out), ("text encoder", hidden, base_hidden)]:
+        if rel(x, b) < 0.02:
+            fail(f"the style LoRA barely changes the {what} ({rel(x, b):.3g})")
+        print(f"ok   the style changes the {what} by {100 * rel(x, b):.1f}% of max|base|")
+    save("unet", "out", out, "style.peft x1.0")
+    save("te", "hidden", hidden, "style.peft x1.0")
+
+    out6, _ = loaded([(paths["style.peft"], 0.6)])
+    check("style.peft x0.6 UNet, diffusers vs by hand", out6, by_hand([(lora, 0.6)])[0])
+    save("unet-x0.6", "out", out6, "style.peft x0.6")
+
+    id1 = load_file(os.path.join(FX, "adapter", "id1.peft.safetensors"))
+    id1_lora = {k[: -len(".lora_A.weight")]: (v.numpy(), id1[k.replace("lora_A", "lora_B")].numpy(), None)
+                for k, v in id1.items() if k.endswith(".lora_A.weight")}
+    both, _ = loaded([(paths["style.peft"], 1.0), (os.path.join(FX, "adapter", "id1.peft.safetensors"), 1.0)])
+    check("style + id1 UNet, diffusers vs by hand", both, by_hand([(lora, 1.0), (id1_lora, 1.0)])[0])
+    save("unet-id1", "out", both, "style.peft x1.0 + adapter/id1.peft x1.0")
+
+    attn, _ = loaded([(paths["attn.old"], 1.0)])
+    attn_lora = {k: v for k, v in lora.items() if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", k)
+                 and k.startswith("unet.")}
+    check("attn.old UNet, diffusers vs by hand", attn, by_hand([(attn_lora, 1.0)])[0])
+    save("attn", "out", attn, "attn.old x1.0")
+    for f in sorted(os.listdir(OUT)):
+        print(f"{os.path.getsize(os.path.join(OUT, f)):>8}  {f}")
+
+
+if __name__ == "__main__":
+    main()
