@@ -15,7 +15,7 @@ use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::adaptable::is_identity_layer;
 use hdb::model::text_encoder::TextEncoder;
 use hdb::model::unet::{Unet, UnetInput};
-use hdb::model::Model;
+use hdb::model::{LayerKind, Model};
 
 const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
 const MODES: [ApplyMode; 2] = [ApplyMode::Merge, ApplyMode::Runtime];
@@ -92,13 +92,36 @@ fn ids() -> Vec<u32> {
 }
 
 #[test]
-fn every_linear_layer_is_adaptable_and_identity_layers_stay_the_attention_projections() {
+fn every_linear_and_conv_layer_is_adaptable_and_identity_layers_stay_the_attention_projections() {
     let table = model().adaptable_layers();
     let identity = hdb::model::adaptable::identity_layers(&table);
-    // tiny-sd: 128 + 8 attention projections; 32 feed-forward, 22 time_emb_proj, 2 time
-    // embedding layers in the UNet (proj_in/out are 1x1 convolutions); 4 MLP layers in the
-    // text encoder.
-    assert_eq!((table.len(), identity.len()), (196, 136));
+    // tiny-sd (SD 1.5's layout): 128 + 8 attention projections; 32 feed-forward, 22
+    // time_emb_proj, 2 time embedding layers in the UNet; 4 MLP layers in the text encoder;
+    // 98 UNet convolutions.
+    let convs = table
+        .values()
+        .filter(|s| s.kind != LayerKind::Linear)
+        .count();
+    assert_eq!((table.len(), identity.len(), convs), (196 + 98, 136, 98));
+    let kind = |k: &str| table[k].kind;
+    assert_eq!(
+        kind("unet.down_blocks.0.downsamplers.0.conv"),
+        LayerKind::Conv {
+            in_channels: 4, // block_out_channels [4, 8, 12, 12]
+            kernel: 3,
+            stride: 2,
+            padding: 1
+        }
+    );
+    assert_eq!(
+        kind("unet.mid_block.attentions.0.proj_in"),
+        LayerKind::Conv {
+            in_channels: 12,
+            kernel: 1,
+            stride: 1,
+            padding: 0
+        }
+    );
     for k in [
         "unet.time_embedding.linear_1",
         "unet.down_blocks.0.resnets.0.time_emb_proj",
@@ -263,12 +286,12 @@ fn unmatched_keys_are_refused_unless_allowed() {
     let table = m.adaptable_layers();
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("extra.safetensors");
-    // A conv layer (LoCon) and a layer SD 1.5 does not have.
+    // A convolution hdb does not adapt (the VAE's) and a layer SD 1.5 does not have.
     with_extra(
         "lora-layers/style.kohya.safetensors",
         &[
-            ("lora_unet_conv_in.lora_down.weight", vec![2, 4, 3, 3]),
-            ("lora_unet_conv_in.lora_up.weight", vec![32, 2, 1, 1]),
+            ("lora_vae_conv_in.lora_down.weight", vec![2, 4, 3, 3]),
+            ("lora_vae_conv_in.lora_up.weight", vec![32, 2, 1, 1]),
             ("lora_unet_no_such_layer.lora_down.weight", vec![2, 4]),
             ("lora_unet_no_such_layer.lora_up.weight", vec![4, 2]),
         ],
@@ -278,7 +301,7 @@ fn unmatched_keys_are_refused_unless_allowed() {
     let e = hdb::adapter::load(&f, &table).expect_err("unmatched keys");
     let msg = e.to_string();
     assert!(
-        msg.contains("4 key(s)") && msg.contains("lora_unet_conv_in") && msg.contains("no_such"),
+        msg.contains("4 key(s)") && msg.contains("lora_vae_conv_in") && msg.contains("no_such"),
         "{msg}"
     );
     let opts = LoadOptions {
@@ -350,4 +373,108 @@ fn training_refuses_loras_beyond_the_attention_projections() {
         panic!("a LoRA on the MLP was relaxed for training");
     };
     assert!(e.to_string().contains("mlp.fc1"), "{e}");
+}
+
+#[test]
+fn locon_on_every_convolution_equals_diffusers_in_both_modes() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let want = reference("locon.out.safetensors", "out");
+    let want_both = reference("locon-style.out.safetensors", "out");
+    let style = load(&m, "lora-layers/style.peft.safetensors");
+    for file in ["locon.kohya", "locon.peft"] {
+        let a = load(&m, &format!("lora-layers/{file}.safetensors"));
+        assert_eq!(a.layers.len(), 98);
+        for mode in MODES {
+            assert_close(
+                &format!("{file} {mode:?}"),
+                &unet_run(&unet, &[(&a, 1.0)], mode, None),
+                &want,
+                TOL,
+            );
+            assert_close(
+                &format!("{file} x0.8 + style {mode:?}"),
+                &unet_run(&unet, &[(&a, 0.8), (&style, 1.0)], mode, None),
+                &want_both,
+                TOL,
+            );
+        }
+    }
+    // Per sample (runtime): the LoCon on sample 1 only.
+    let a = load(&m, "lora-layers/locon.kohya.safetensors");
+    let got = unet_run(&unet, &[(&a, 1.0)], ApplyMode::Runtime, Some(&[-1, 0]));
+    let without = unet_run(&unet, &[], ApplyMode::Runtime, None);
+    let half = got.len() / 2;
+    assert_close(
+        "sample 0 (none)",
+        &got[..half],
+        &without[..half],
+        Tol::MaxAbs(0.0),
+    );
+    assert_close("sample 1 (LoCon)", &got[half..], &want[half..], TOL);
+    // Merge mode leaves the shared model as it was.
+    let base = unet_run(&unet, &[], ApplyMode::Merge, None);
+    let _ = unet_run(&unet, &[(&a, 1.0)], ApplyMode::Merge, None);
+    assert_eq!(unet_run(&unet, &[], ApplyMode::Merge, None), base);
+}
+
+#[test]
+fn locon_exports_as_convolution_factors_and_round_trips() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let a = load(&m, "lora-layers/locon.kohya.safetensors");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for fmt in [lora::LoraFormat::Kohya, lora::LoraFormat::Peft] {
+        let p = dir.path().join(format!("{fmt:?}.safetensors"));
+        lora::export(&a, fmt, &p).expect("export");
+        let f = SafetensorsFile::open(&p).expect("open");
+        let down = match fmt {
+            lora::LoraFormat::Kohya => {
+                "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight"
+            }
+            lora::LoraFormat::Peft => "unet.down_blocks.0.downsamplers.0.conv.lora_A.weight",
+        };
+        let e = f.get(down).unwrap_or_else(|| panic!("{fmt:?}: {down}"));
+        assert_eq!(e.shape.dims().len(), 4, "{down}: {}", e.shape);
+        let back = hdb::adapter::load(&f, &table).expect("import");
+        for (k, l) in &a.layers {
+            let b = &back.layers[k];
+            assert_eq!(
+                (b.rank, &b.down, b.conv_kernel),
+                (l.rank, &l.down, l.conv_kernel),
+                "{k}"
+            );
+            assert_close(&format!("{fmt:?} {k} up"), &b.up, &l.up, Tol::MaxAbs(1e-6));
+        }
+    }
+}
+
+#[test]
+fn conv_factors_of_the_wrong_kernel_are_refused_naming_the_key() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("bad.safetensors");
+    // conv_in is 3x3; a 1x1 down factor does not fit it.
+    let t = [
+        ("lora_unet_conv_in.lora_down.weight", vec![1, 4, 1, 1]),
+        ("lora_unet_conv_in.lora_up.weight", vec![32, 1, 1, 1]),
+    ];
+    let zeros: Vec<Vec<f32>> = t
+        .iter()
+        .map(|(_, s)| vec![0.0; s.iter().product()])
+        .collect();
+    let refs: Vec<(&str, Vec<usize>, &[f32])> = t
+        .iter()
+        .zip(&zeros)
+        .map(|((n, s), v)| (*n, s.clone(), v.as_slice()))
+        .collect();
+    hdb::io::safetensors::write_f32(&p, &refs).expect("write");
+    let e = hdb::adapter::load(&SafetensorsFile::open(&p).expect("open"), &table)
+        .expect_err("1x1 factor on a 3x3 conv");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("'unet.conv_in'") && msg.contains("3x3 convolution"),
+        "{msg}"
+    );
 }

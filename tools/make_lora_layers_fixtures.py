@@ -20,6 +20,11 @@ Writes under tests/fixtures/lora-layers/ (f32):
   unet-id1.out.safetensors  style.peft at 1.0 together with tests/fixtures/adapter/id1.peft.safetensors at
                             1.0 (an identity and a style stacked)
   attn.out.safetensors      attn.old loaded by load_lora_weights
+  locon.kohya.safetensors   a LoCon on every UNet convolution (resnets' conv1/conv2/conv_shortcut, down/upsamplers,
+  locon.peft.safetensors    proj_in/proj_out, conv_in, conv_out): down [r, in, kh, kw], up [out, r, 1, 1]; alphas
+                            as style.kohya; the PEFT form with alpha / rank folded into lora_B
+  locon.out.safetensors     `out`: the UNet with locon.peft loaded by load_lora_weights, weight 1.0
+  locon-style.out.safetensors  locon.peft at 0.8 and style.peft at 1.0 together
   te.out.safetensors        `hidden`: the text encoder on tests/fixtures/text_encoder/prompts.safetensors with
                             style.peft loaded, weight 1.0
 
@@ -56,6 +61,8 @@ ALPHAS = (1.0, 4.0, 0.5)
 UNET_RE = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
                      r"|resnets\.\d+\.time_emb_proj|^time_embedding\.linear_[12])$")
 TE_RE = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+CONV_RE = re.compile(r"(resnets\.\d+\.(conv1|conv2|conv_shortcut)|samplers\.0\.conv|attentions\.\d+\.proj_(in|out)"
+                     r"|^conv_in|^conv_out)$")
 OLD_FORM = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
 GENERATOR = f"tools/make_lora_layers_fixtures.py torch {torch.__version__}"
 
@@ -64,11 +71,11 @@ def fail(msg):
     sys.exit(f"FAIL {msg}")
 
 
-def linear_layers(module, pattern, prefix):
+def linear_layers(module, pattern, prefix, kind=torch.nn.Linear):
     out = {}
     for name, m in module.named_modules():
         if pattern.search(name):
-            assert isinstance(m, torch.nn.Linear), name
+            assert isinstance(m, kind), name
             out[prefix + name] = m
     return dict(sorted(out.items()))
 
@@ -80,6 +87,12 @@ def make_lora(layers):
     lora = {}
     for i, (k, m) in enumerate(layers.items()):
         r = RANKS[i % len(RANKS)]
+        if isinstance(m, torch.nn.Conv2d):  # LoCon: down [r, in, kh, kw], up [out, r, 1, 1]
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            down = (rng.uniform(-1, 1, (r, m.in_channels, *m.kernel_size)) / np.sqrt(fan_in)).astype(np.float32)
+            up = (rng.uniform(-1, 1, (m.out_channels, r, 1, 1)) * 0.5).astype(np.float32)
+            lora[k] = (down, up, None if i % 3 == 2 else np.float32(ALPHAS[i % len(ALPHAS)]))
+            continue
         down = (rng.uniform(-1, 1, (r, m.in_features)) / np.sqrt(m.in_features)).astype(np.float32)
         up = (rng.uniform(-1, 1, (m.out_features, r)) * 0.5).astype(np.float32)
         alpha = None if i % 3 == 2 else np.float32(ALPHAS[i % len(ALPHAS)])
@@ -134,7 +147,10 @@ def merged_by_hand(model, lora, prefix, weight):
         if prefix == "text_encoder." and name not in mods:
             name = name.removeprefix("text_model.")
         lin = mods[name]
-        dw = weight * scale_of(down, alpha) * (up.astype(np.float64) @ down.astype(np.float64))
+        r = down.shape[0]
+        dw = weight * scale_of(down, alpha) * (up.reshape(-1, r).astype(np.float64)
+                                               @ down.reshape(r, -1).astype(np.float64))
+        dw = dw.reshape(lin.weight.shape)
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy((lin.weight.double().numpy() + dw).astype(np.float32)))
     return m
@@ -229,6 +245,22 @@ def main():
     both, _ = loaded([(paths["style.peft"], 1.0), (os.path.join(FX, "adapter", "id1.peft.safetensors"), 1.0)])
     check("style + id1 UNet, diffusers vs by hand", both, by_hand([(lora, 1.0), (id1_lora, 1.0)])[0])
     save("unet-id1", "out", both, "style.peft x1.0 + adapter/id1.peft x1.0")
+
+    # LoCon: every UNet convolution (3x3, 1x1, stride 2), by kohya's alpha / rank.
+    convs = linear_layers(unet, CONV_RE, "unet.", torch.nn.Conv2d)
+    print(f"ok   {len(convs)} UNet convolutions")
+    locon = make_lora(convs)
+    for name, sd in [("locon.kohya", kohya_file(locon)), ("locon.peft", peft_file(locon))]:
+        paths[name] = os.path.join(OUT, f"{name}.safetensors")
+        lidb.save_tensors(sd, paths[name], metadata=meta)
+    conv_out, _ = loaded([(paths["locon.peft"], 1.0)])
+    check("locon.peft UNet, diffusers vs by hand", conv_out, by_hand([(locon, 1.0)])[0])
+    if rel(conv_out, base_out) < 0.02:
+        fail(f"the LoCon barely changes the UNet ({rel(conv_out, base_out):.3g})")
+    save("locon", "out", conv_out, "locon.peft x1.0")
+    both, _ = loaded([(paths["locon.peft"], 0.8), (paths["style.peft"], 1.0)])
+    check("locon x0.8 + style UNet, diffusers vs by hand", both, by_hand([(locon, 0.8), (lora, 1.0)])[0])
+    save("locon-style", "out", both, "locon.peft x0.8 + style.peft x1.0")
 
     attn, _ = loaded([(paths["attn.old"], 1.0)])
     attn_lora = {k: v for k, v in lora.items() if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", k)

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::Adapter;
 use crate::backend::cpu as ops;
-use crate::backend::{AdapterHook, Backend, Cpu};
+use crate::backend::{AdapterHook, Backend, Conv2d, Cpu};
 use crate::error::{Error, Result};
 use crate::io::F32Weight;
 use crate::model::Adaptable;
@@ -240,6 +240,67 @@ impl AdapterHook<Cpu> for AdapterCtx<'_> {
             )));
         }
         self.add_runtime(key, y, x, batch, din, dout);
+        Ok(())
+    }
+
+    fn add_conv(
+        &self,
+        _: &Cpu,
+        key: &str,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        p: &Conv2d,
+    ) -> Result<()> {
+        let Some(l) = self.applied.layers.get(key) else {
+            return Ok(());
+        };
+        let (ho, wo) = p.out_hw();
+        let (n_in, n_out) = (p.c_in * p.h * p.w, p.c_out * ho * wo);
+        if x.len() != p.batch * n_in || y.len() != p.batch * n_out {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': {} inputs and {} outputs do not match {p:?}",
+                x.len(),
+                y.len()
+            )));
+        }
+        for (i, down, up, r) in &l.runtime {
+            let r = *r;
+            // One run over `n` samples: t = conv(x, down) [n, r, ho, wo]; y += conv1x1(t, up).
+            let apply = |y: &mut [f32], x: &[f32], n: usize| {
+                let pd = Conv2d {
+                    batch: n,
+                    c_out: r,
+                    ..*p
+                };
+                let mut t = vec![0f32; n * r * ho * wo];
+                ops::conv::conv2d(&mut t, x, down, None, &pd);
+                let pu = Conv2d {
+                    batch: n,
+                    c_in: r,
+                    h: ho,
+                    w: wo,
+                    c_out: p.c_out,
+                    kernel: 1,
+                    stride: 1,
+                    padding: 0,
+                };
+                let mut u = vec![0f32; n * n_out];
+                ops::conv::conv2d(&mut u, &t, up, None, &pu);
+                y.iter_mut().zip(&u).for_each(|(a, b)| *a += b);
+            };
+            match self.per_sample {
+                None => apply(y, x, p.batch),
+                Some(idx) => {
+                    for (s, _) in idx.iter().enumerate().filter(|(_, &a)| a == *i as i32) {
+                        apply(
+                            &mut y[s * n_out..(s + 1) * n_out],
+                            &x[s * n_in..(s + 1) * n_in],
+                            1,
+                        );
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

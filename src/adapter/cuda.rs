@@ -171,6 +171,22 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
             ));
         }
         check_ranks(resolved, mode)?;
+        if mode == ApplyMode::Runtime {
+            // lora_bgmv is a per-row GEMV: it adds a linear layer's update; a convolution's
+            // needs its down factor run as a convolution (the CPU does; merge mode here does).
+            let table = model.adaptable_layers();
+            let conv = resolved.layers.keys().find(|k| {
+                table
+                    .get(k.as_str())
+                    .is_some_and(|s| s.kind != crate::model::LayerKind::Linear)
+            });
+            if let Some(k) = conv {
+                return Err(Error::Unsupported(format!(
+                    "layer '{k}' is a convolution: runtime mode on CUDA applies LoRAs to linear \
+                     layers only; use merge mode for convolution (LoCon) LoRAs"
+                )));
+            }
+        }
         let dev = be.dev();
         dev.bind_to_thread()?;
         let count = resolved.count;

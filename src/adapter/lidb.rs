@@ -292,7 +292,15 @@ impl Lidb {
                         up[o * r + i] = m.alpha * dot;
                     }
                 }
-                Ok((k.clone(), LoraLayer { rank: r, down, up }))
+                Ok((
+                    k.clone(),
+                    LoraLayer {
+                        rank: r,
+                        down,
+                        up,
+                        conv_kernel: None,
+                    },
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let layers: BTreeMap<String, LoraLayer> = composed.into_iter().collect();

@@ -11,6 +11,7 @@ use std::path::Path;
 use super::{Adapter, AdapterSource, LayerShape, LoraLayer};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
+use crate::model::LayerKind;
 
 /// The two file layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +242,8 @@ pub struct NamedLayer {
     /// `[out, rank]` values.
     pub up: Vec<f32>,
     pub alpha: Option<f32>,
+    /// The kernel of a convolution layer (`None`: linear).
+    pub conv_kernel: Option<usize>,
 }
 
 /// Reads a LoRA file's layers as stored, matched against a model's adaptable layers: every
@@ -310,20 +313,44 @@ pub fn read_named_opts(
     let mut layers = Vec::with_capacity(known.len());
     for (k, l) in known {
         let s = &table[k];
-        if let Some((kh, kw)) = l.kernel {
-            // Every adaptable layer is linear (LayerKind::Linear) until convolutions are.
+        // The factors' input width: a convolution's in channels, a linear layer's din.
+        let (want_in, conv_kernel) = match (s.kind, l.kernel) {
+            (LayerKind::Linear, None) => (s.din, None),
+            (LayerKind::Linear, Some((kh, kw))) => {
+                return Err(Error::AdapterMismatch(format!(
+                    "{}: layer '{k}' is a linear layer, but '{}' is a {kh}x{kw} convolution \
+                     factor {} (LoCon)",
+                    path.display(),
+                    l.down_name,
+                    f.get(&l.down_name)
+                        .map_or_else(String::new, |e| e.shape.to_string()),
+                )));
+            }
+            (
+                LayerKind::Conv {
+                    in_channels,
+                    kernel,
+                    ..
+                },
+                file,
+            ) => {
+                // Matrices fit a 1x1 convolution (SD 2.x-style files for SD 1.x's proj_in).
+                let (kh, kw) = file.unwrap_or((1, 1));
+                if (kh, kw) != (kernel, kernel) {
+                    return Err(Error::AdapterMismatch(format!(
+                        "{}: layer '{k}' is a {kernel}x{kernel} convolution, but its down factor \
+                         '{}' has a {kh}x{kw} kernel",
+                        path.display(),
+                        l.down_name
+                    )));
+                }
+                (in_channels, Some(kernel))
+            }
+        };
+        if (l.dout, l.din) != (s.dout, want_in) {
             return Err(Error::AdapterMismatch(format!(
-                "{}: layer '{k}' is a linear layer, but '{}' is a {kh}x{kw} convolution factor \
-                 {} (LoCon); convolution layers are not adaptable",
-                path.display(),
-                l.down_name,
-                f.get(&l.down_name)
-                    .map_or_else(String::new, |e| e.shape.to_string()),
-            )));
-        }
-        if (l.dout, l.din) != (s.dout, s.din) {
-            return Err(Error::AdapterMismatch(format!(
-                "{}: layer '{k}': factors '{}' [{}, {}] and '{}' [{}, {}] do not fit the model's [{}, {}] weight",
+                "{}: layer '{k}': factors '{}' [{}, {}] and '{}' [{}, {}] do not fit the model's \
+                 [{}, {}] weight",
                 path.display(),
                 l.down_name,
                 l.rank,
@@ -332,16 +359,25 @@ pub fn read_named_opts(
                 l.dout,
                 l.rank,
                 s.dout,
-                s.din
+                want_in
             )));
         }
+        let down_shape = match l.kernel {
+            Some((kh, kw)) => vec![l.rank, l.din, kh, kw],
+            None => vec![l.rank, l.din],
+        };
         layers.push(NamedLayer {
             key: k.clone(),
             rank: l.rank,
             down: f.to_f32(&l.down_name)?,
             up: f.to_f32(&l.up_name)?,
-            down_shape: vec![l.rank, l.din],
-            up_shape: vec![l.dout, l.rank],
+            up_shape: if l.kernel.is_some() {
+                vec![l.dout, l.rank, 1, 1]
+            } else {
+                vec![l.dout, l.rank]
+            },
+            down_shape,
+            conv_kernel,
             down_name: l.down_name,
             up_name: l.up_name,
             alpha: l.alpha,
@@ -375,6 +411,7 @@ pub fn import_opts(
                 rank: n.rank,
                 down: n.down,
                 up,
+                conv_kernel: n.conv_kernel,
             },
         );
     }
@@ -437,8 +474,16 @@ pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> 
     for ((d, u, a, l), alpha) in names.iter().zip(&alphas) {
         let din = l.down.len() / l.rank;
         let dout = l.up.len() / l.rank;
-        tensors.push((d.as_str(), vec![l.rank, din], &l.down));
-        tensors.push((u.as_str(), vec![dout, l.rank], &l.up));
+        // Convolutions as LoCon stores them: down [r, in, k, k], up [out, r, 1, 1].
+        let (down_shape, up_shape) = match l.conv_kernel {
+            Some(k) => (
+                vec![l.rank, din / (k * k).max(1), k, k],
+                vec![dout, l.rank, 1, 1],
+            ),
+            None => (vec![l.rank, din], vec![dout, l.rank]),
+        };
+        tensors.push((d.as_str(), down_shape, &l.down));
+        tensors.push((u.as_str(), up_shape, &l.up));
         if format == LoraFormat::Kohya {
             tensors.push((a.as_str(), vec![], alpha));
         }

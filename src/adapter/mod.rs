@@ -30,6 +30,9 @@ pub struct LoraLayer {
     pub down: Vec<f32>,
     /// [dout, rank], with alpha (and any LoRA scale) folded in.
     pub up: Vec<f32>,
+    /// For a convolution layer, its kernel k: `down` is then `[rank, din / k^2, k, k]` and
+    /// `up` `[dout, rank, 1, 1]` (how files store them); `None` for a linear layer.
+    pub conv_kernel: Option<usize>,
 }
 
 impl LoraLayer {

@@ -372,6 +372,18 @@ pub trait AdapterHook<B: Backend> {
         dout: usize,
     ) -> Result<()>;
 
+    /// y `[batch, c_out, ho, wo]` += the adapters' update of convolution `key` (dims `p`) for
+    /// input x `[batch, c_in, h, w]`: each adapter's down factor as a convolution with the
+    /// layer's kernel, stride and padding, then its up factor as a 1x1 convolution. Backends
+    /// without it refuse (merge mode still applies such adapters).
+    fn add_conv(&self, be: &B, key: &str, y: &mut B::Buf, x: &B::Buf, p: &Conv2d) -> Result<()> {
+        let _ = (be, y, x, p);
+        Err(Error::Unsupported(format!(
+            "adapter '{key}': convolution LoRA layers in runtime mode are not supported on \
+             this backend; use merge mode"
+        )))
+    }
+
     /// Training: dx `[rows, din]` += the adapters' share of the input gradient of projection
     /// `key` for dy `[rows, dout]` (x its input), and the gradients of the adapters' own
     /// parameters are accumulated in the hook. Hooks that do not train refuse.

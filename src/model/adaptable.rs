@@ -9,9 +9,10 @@
 //! - identity layers: the attention projections (DESIGN.md section 1: 128 in SD 1.5's UNet, 48
 //!   in its text encoder), over which LiDB files and the hypernetwork are defined
 //!   ([`is_identity_layer`], [`layer_keys`]);
-//! - adaptable layers: every linear layer of the UNet and the text encoder that LoRA files
-//!   adapt (the identity layers, feed-forward, linear `proj_in`/`proj_out`, time embedding,
-//!   `time_emb_proj`, the text encoder's MLP), [`adapter_key`].
+//! - adaptable layers: every linear and convolution layer of the UNet and the text encoder that
+//!   LoRA and LoCon files adapt (the identity layers, feed-forward, `proj_in`/`proj_out`, time
+//!   embedding, `time_emb_proj`, the text encoder's MLP; the resnets' convolutions and
+//!   shortcuts, the down/upsamplers, `conv_in`/`conv_out`), [`adapter_key`].
 //!
 //! The models mark their layers with [`adapter_key`]; the weight-only table
 //! ([`crate::Model::adaptable_layers`]) comes from the same function, with each layer's
@@ -78,14 +79,21 @@ const UNET_OTHER_LINEAR: [&str; 5] = [
 const UNET_TIME_EMBEDDING: [&str; 2] = ["time_embedding.linear_1", "time_embedding.linear_2"];
 /// The text encoder's MLP layers.
 const TEXT_OTHER_LINEAR: [&str; 2] = [".mlp.fc1", ".mlp.fc2"];
+/// The UNet's convolutions LoCon files adapt, by the end of their path (with `proj_in` and
+/// `proj_out` above, 1x1 convolutions in SD 1.x).
+const UNET_CONVS: [&str; 4] = [".conv1", ".conv2", ".conv_shortcut", "samplers.0.conv"];
 
-/// The adapter key of the linear layer at `path` (its canonical weight name without
-/// `.weight`) in component `c`, when adapters may change it; `None` otherwise.
+/// The adapter key of the linear or convolution layer at `path` (its canonical weight name
+/// without `.weight`) in component `c`, when adapters may change it; `None` otherwise.
 pub fn adapter_key(c: Component, path: &str) -> Option<String> {
     let other = match c {
         Component::Unet => {
             UNET_OTHER_LINEAR.iter().any(|s| path.ends_with(s))
                 || UNET_TIME_EMBEDDING.contains(&path)
+                || (path.contains("resnets.") || path.contains("samplers."))
+                    && UNET_CONVS.iter().any(|s| path.ends_with(s))
+                || path == "conv_in"
+                || path == "conv_out"
         }
         Component::TextEncoder => TEXT_OTHER_LINEAR.iter().any(|s| path.ends_with(s)),
         Component::Vae => return None,
@@ -118,6 +126,15 @@ pub fn identity_layers(table: &LayerTable) -> LayerTable {
 pub enum LayerKind {
     /// `y = x W^T + b`, W `[dout, din]`: factors `down [r, din]`, `up [dout, r]`.
     Linear,
+    /// A square convolution, W `[dout, in_channels, kernel, kernel]` (so `din` = in_channels x
+    /// kernel^2): LoCon factors `down [r, in_channels, kernel, kernel]` (applied with the
+    /// layer's stride and padding) and `up [dout, r, 1, 1]`.
+    Conv {
+        in_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
 }
 
 /// One adaptable layer: a `[dout, din]` weight of kind `kind`.
@@ -129,6 +146,35 @@ pub struct LayerShape {
 }
 
 impl LayerShape {
+    /// A convolution `[dout, in_channels, kernel, kernel]`.
+    pub fn conv(
+        in_channels: usize,
+        dout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
+        LayerShape {
+            din: in_channels * kernel * kernel,
+            dout,
+            kind: LayerKind::Conv {
+                in_channels,
+                kernel,
+                stride,
+                padding,
+            },
+        }
+    }
+
+    /// The stride of the UNet convolution at `path` (its downsamplers halve the size).
+    pub fn unet_conv_stride(path: &str) -> usize {
+        if path.contains("downsamplers.") {
+            2
+        } else {
+            1
+        }
+    }
+
     /// A linear layer `[dout, din]`.
     pub fn linear(din: usize, dout: usize) -> Self {
         LayerShape {
@@ -243,6 +289,10 @@ mod tests {
             "down_blocks.0.attentions.1.proj_in",
             "down_blocks.0.resnets.0.time_emb_proj",
             "time_embedding.linear_1",
+            "down_blocks.0.resnets.0.conv1",
+            "up_blocks.0.resnets.1.conv_shortcut",
+            "down_blocks.1.downsamplers.0.conv",
+            "conv_in",
         ] {
             let key = adapter_key(Component::Unet, other);
             assert_eq!(key.as_deref(), Some(&*format!("unet.{other}")), "{other}");
@@ -251,7 +301,8 @@ mod tests {
         for not in [
             "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.1",
             "to_q",
-            "down_blocks.0.resnets.0.conv1",
+            "down_blocks.0.resnets.0.norm1",
+            "conv_norm_out",
             "time_embedding.linear_3",
         ] {
             assert_eq!(adapter_key(Component::Unet, not), None, "{not}");

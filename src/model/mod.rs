@@ -160,9 +160,9 @@ impl Model {
     }
 
     /// The layers of this model that adapters may change, with their shapes, read from the
-    /// weights alone (no component is built): every linear weight of the UNet and the text
-    /// encoder that [`adaptable::adapter_key`] names (SD 1.5: 128 + 48 attention projections,
-    /// the identity layers, and 56 + 24 other linear layers).
+    /// weights alone (no component is built): every linear and convolution weight of the UNet
+    /// and the text encoder that [`adaptable::adapter_key`] names (SD 1.5: 128 + 48 attention
+    /// projections, the identity layers; 56 + 24 other linear layers; the UNet's convolutions).
     pub fn adaptable_layers(&self) -> LayerTable {
         let mut out = LayerTable::new();
         for c in [Component::Unet, Component::TextEncoder] {
@@ -170,13 +170,22 @@ impl Model {
                 continue;
             };
             for (name, w) in cw.weights.iter() {
-                let (Some(path), [dout, din]) = (name.strip_suffix(".weight"), w.shape.dims())
-                else {
+                let Some(path) = name.strip_suffix(".weight") else {
                     continue;
                 };
-                if let Some(key) = adaptable::adapter_key(c, path) {
-                    let (din, dout) = (*din, *dout);
-                    out.insert(key, LayerShape::linear(din, dout));
+                let Some(key) = adaptable::adapter_key(c, path) else {
+                    continue;
+                };
+                match *w.shape.dims() {
+                    [dout, din] => {
+                        out.insert(key, LayerShape::linear(din, dout));
+                    }
+                    // (the UNet's convolutions pad by k / 2, as hdb runs them)
+                    [dout, cin, k, kw] if k == kw => {
+                        let stride = LayerShape::unet_conv_stride(path);
+                        out.insert(key, LayerShape::conv(cin, dout, k, stride, k / 2));
+                    }
+                    _ => {}
                 }
             }
         }

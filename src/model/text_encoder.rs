@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::io::keymap::Component;
 use crate::io::F32Weight;
 use crate::model::adaptable::{Adaptable, LayerTable, TEXT_ENCODER_PREFIX};
-use crate::model::layers::{add, find_weight, layer_table, Hook, LayerNorm, Linear, WeightSource};
+use crate::model::layers::{
+    add, find_weight, layer_table, AdaptRef, Hook, LayerNorm, Linear, WeightSource,
+};
 use crate::model::WeightStore;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -367,10 +369,10 @@ impl<B: Backend> Adaptable<B> for TextEncoder<B> {
     }
 
     fn projection(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
-        find_weight(self.projections(), key)
+        find_weight(self.projections().map(AdaptRef::Linear), key)
     }
 
     fn adaptable_layers(&self) -> LayerTable {
-        layer_table(self.projections())
+        layer_table(self.projections().map(AdaptRef::Linear))
     }
 }

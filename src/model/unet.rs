@@ -10,7 +10,8 @@ use crate::model::adaptable::{Adaptable, LayerTable, UNET_PREFIX};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
 use crate::model::layers::{
-    add, find_weight, layer_table, transpose, Act, Conv, GroupNorm, Hook, LayerNorm, Linear, Resnet,
+    add, find_weight, layer_table, transpose, Act, AdaptRef, Conv, GroupNorm, Hook, LayerNorm,
+    Linear, Resnet,
 };
 
 pub(crate) struct Attention<B: Backend = Cpu> {
@@ -30,6 +31,30 @@ fn adaptable_linear<B: Backend>(
     dout: usize,
 ) -> Result<Linear<B>> {
     Ok(Linear::load(be, src, path, din, dout, true)?.adaptable_in(Component::Unet, path))
+}
+
+/// A convolution at `path` with the UNet's padding (k / 2), marked adaptable.
+fn adaptable_conv<B: Backend>(
+    be: &B,
+    src: &dyn WeightSource,
+    path: &str,
+    (cin, cout): (usize, usize),
+    k: usize,
+    stride: usize,
+) -> Result<Conv<B>> {
+    Ok(Conv::load(be, src, path, cin, cout, k, stride)?.adaptable_in(Component::Unet, path))
+}
+
+/// A UNet resnet at `p`, its layers marked adaptable.
+fn unet_resnet<B: Backend>(
+    be: &B,
+    src: &dyn WeightSource,
+    p: &str,
+    channels: (usize, usize),
+    norm: (usize, f32),
+    temb: Option<usize>,
+) -> Result<Resnet<B>> {
+    Ok(Resnet::load(be, src, p, channels, norm, temb)?.adaptable_in(Component::Unet, p))
 }
 
 impl<B: Backend> Attention<B> {
@@ -170,7 +195,7 @@ impl<B: Backend> Transformer2d<B> {
             Ok(if cfg.use_linear_projection {
                 Proj::Linear(adaptable_linear(be, src, &p, c, c)?)
             } else {
-                Proj::Conv(Conv::load(be, src, &p, c, c, 1, 1)?)
+                Proj::Conv(adaptable_conv(be, src, &p, (c, c), 1, 1)?)
             })
         };
         Ok(Transformer2d {
@@ -203,7 +228,9 @@ impl<B: Backend> Transformer2d<B> {
         let (b, c, hw) = (x.b, x.c, x.h * x.w);
         let h = self.norm.forward(be, x, false)?;
         let mut tokens = match &self.proj_in {
-            Proj::Conv(conv) => transpose(be, &conv.forward(be, &h)?.data, b, c, hw, true)?,
+            Proj::Conv(conv) => {
+                transpose(be, &conv.forward_adapted(be, &h, ad)?.data, b, c, hw, true)?
+            }
             Proj::Linear(lin) => {
                 let t = transpose(be, &h.data, b, c, hw, true)?;
                 lin.forward_adapted(be, &t, b * hw, b, ad)?
@@ -215,7 +242,7 @@ impl<B: Backend> Transformer2d<B> {
         }
         let mut out = match &self.proj_out {
             Proj::Conv(conv) => {
-                conv.forward(be, &x.with(transpose(be, &tokens, b, c, hw, false)?))?
+                conv.forward_adapted(be, &x.with(transpose(be, &tokens, b, c, hw, false)?), ad)?
             }
             Proj::Linear(lin) => x.with(transpose(
                 be,
@@ -335,7 +362,7 @@ impl<B: Backend> Unet<B> {
                 let p = format!("down_blocks.{i}");
                 let resnets = (0..cfg.layers_per_block)
                     .map(|j| {
-                        Resnet::load(
+                        unet_resnet(
                             &be,
                             src,
                             &format!("{p}.resnets.{j}"),
@@ -362,12 +389,11 @@ impl<B: Backend> Unet<B> {
                     BlockKind::Plain => Vec::new(),
                 };
                 let resample = if i + 1 < n {
-                    Some(Conv::load(
+                    Some(adaptable_conv(
                         &be,
                         src,
                         &format!("{p}.downsamplers.0.conv"),
-                        ch[i],
-                        ch[i],
+                        (ch[i], ch[i]),
                         3,
                         2,
                     )?)
@@ -383,7 +409,7 @@ impl<B: Backend> Unet<B> {
             .collect::<Result<Vec<_>>>()?;
         let top = ch[n - 1];
         let mid = (
-            Resnet::load(
+            unet_resnet(
                 &be,
                 src,
                 "mid_block.resnets.0",
@@ -400,7 +426,7 @@ impl<B: Backend> Unet<B> {
                 cfg.transformer_layers[n - 1],
                 cfg,
             )?,
-            Resnet::load(
+            unet_resnet(
                 &be,
                 src,
                 "mid_block.resnets.1",
@@ -426,7 +452,7 @@ impl<B: Backend> Unet<B> {
                             out
                         };
                         let res_in = if j == 0 { prev } else { out };
-                        Resnet::load(
+                        unet_resnet(
                             &be,
                             src,
                             &format!("{p}.resnets.{j}"),
@@ -453,12 +479,11 @@ impl<B: Backend> Unet<B> {
                     BlockKind::Plain => Vec::new(),
                 };
                 let resample = if i + 1 < n {
-                    Some(Conv::load(
+                    Some(adaptable_conv(
                         &be,
                         src,
                         &format!("{p}.upsamplers.0.conv"),
-                        out,
-                        out,
+                        (out, out),
                         3,
                         1,
                     )?)
@@ -475,7 +500,7 @@ impl<B: Backend> Unet<B> {
         Ok(Unet {
             time_1: adaptable_linear(&be, src, "time_embedding.linear_1", ch[0], temb)?,
             time_2: adaptable_linear(&be, src, "time_embedding.linear_2", temb, temb)?,
-            conv_in: Conv::load(&be, src, "conv_in", cfg.in_channels, ch[0], 3, 1)?,
+            conv_in: adaptable_conv(&be, src, "conv_in", (cfg.in_channels, ch[0]), 3, 1)?,
             down,
             mid,
             up,
@@ -487,22 +512,26 @@ impl<B: Backend> Unet<B> {
                 cfg.norm_num_groups,
                 cfg.norm_eps,
             )?,
-            conv_out: Conv::load(&be, src, "conv_out", ch[0], cfg.out_channels, 3, 1)?,
+            conv_out: adaptable_conv(&be, src, "conv_out", (ch[0], cfg.out_channels), 3, 1)?,
             config,
             be,
         })
     }
 
-    /// Every adaptable linear layer (identity layers and the others, [`crate::model::adaptable::adapter_key`]'s list).
-    fn projections(&self) -> Vec<&Linear<B>> {
-        let mut out = vec![&self.time_1, &self.time_2];
-        let resnets = self
-            .down
-            .iter()
-            .chain(&self.up)
-            .flat_map(|b| &b.resnets)
-            .chain([&self.mid.0, &self.mid.2]);
-        out.extend(resnets.filter_map(|r| r.time_emb_proj.as_ref()));
+    /// Every adaptable layer ([`crate::model::adaptable::adapter_key`]'s list): linear layers
+    /// and convolutions.
+    fn projections(&self) -> Vec<AdaptRef<'_, B>> {
+        let mut out = vec![
+            AdaptRef::Linear(&self.time_1),
+            AdaptRef::Linear(&self.time_2),
+            AdaptRef::Conv(&self.conv_in),
+            AdaptRef::Conv(&self.conv_out),
+        ];
+        for blk in self.down.iter().chain(&self.up) {
+            out.extend(blk.resnets.iter().flat_map(|r| r.adaptable()));
+            out.extend(blk.resample.iter().map(AdaptRef::Conv));
+        }
+        out.extend(self.mid.0.adaptable().chain(self.mid.2.adaptable()));
         let blocks = self
             .down
             .iter()
@@ -511,15 +540,20 @@ impl<B: Backend> Unet<B> {
             .chain(std::iter::once(&self.mid.1));
         for t in blocks {
             for p in [&t.proj_in, &t.proj_out] {
-                if let Proj::Linear(l) = p {
-                    out.push(l);
-                }
+                out.push(match p {
+                    Proj::Linear(l) => AdaptRef::Linear(l),
+                    Proj::Conv(c) => AdaptRef::Conv(c),
+                });
             }
             for blk in &t.blocks {
                 for a in [&blk.attn1, &blk.attn2] {
-                    out.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
+                    let l = [&a.to_q, &a.to_k, &a.to_v, &a.to_out];
+                    out.extend(l.map(AdaptRef::Linear));
                 }
-                out.extend([&blk.ff_proj, &blk.ff_out]);
+                out.extend([
+                    AdaptRef::Linear(&blk.ff_proj),
+                    AdaptRef::Linear(&blk.ff_out),
+                ]);
             }
         }
         out
@@ -565,7 +599,7 @@ impl<B: Backend> Unet<B> {
             h,
             w,
         };
-        let mut x = self.conv_in.forward(be, &x)?;
+        let mut x = self.conv_in.forward_adapted(be, &x, ad)?;
         // diffusers keeps conv_in's output and every down layer's output as skips.
         let mut skips: Vec<Act<B>> = vec![x.clone_act(be)?];
         for blk in &self.down {
@@ -577,7 +611,7 @@ impl<B: Backend> Unet<B> {
                 skips.push(x.clone_act(be)?);
             }
             if let Some(ds) = &blk.resample {
-                x = ds.forward(be, &x)?;
+                x = ds.forward_adapted(be, &x, ad)?;
                 skips.push(x.clone_act(be)?);
             }
         }
@@ -621,7 +655,7 @@ impl<B: Backend> Unet<B> {
                 } else {
                     be.crop_top_left(&up, (b * x.c, 2 * x.h, 2 * x.w), (th, tw))?
                 };
-                x = us.forward(
+                x = us.forward_adapted(
                     be,
                     &Act {
                         data: up,
@@ -629,11 +663,12 @@ impl<B: Backend> Unet<B> {
                         w: tw,
                         ..x
                     },
+                    ad,
                 )?;
             }
         }
         let hn = self.norm_out.forward(be, &x, true)?;
-        be.download(&self.conv_out.forward(be, &hn)?.data)
+        be.download(&self.conv_out.forward_adapted(be, &hn, ad)?.data)
     }
 }
 

@@ -529,6 +529,7 @@ mod tests {
                     rank: 1,
                     down: down.clone(),
                     up: up.clone(),
+                    conv_kernel: None,
                 },
             )]
             .into(),

@@ -238,6 +238,8 @@ impl Trainable {
                         rank: e.rank,
                         down: e.down,
                         up: e.up,
+                        // (training adapts the attention projections only)
+                        conv_kernel: None,
                     },
                 )
             })

@@ -210,7 +210,15 @@ fn identity_rows(
                 .map(|(k, l)| {
                     let rank = 1;
                     let (down, up) = (u(rank * l.din, 0.02), u(l.dout * rank, 0.02));
-                    (k, LoraLayer { rank, down, up })
+                    (
+                        k,
+                        LoraLayer {
+                            rank,
+                            down,
+                            up,
+                            conv_kernel: None,
+                        },
+                    )
                 })
                 .collect(),
             source: AdapterSource::Lora,
