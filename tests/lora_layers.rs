@@ -478,3 +478,108 @@ fn conv_factors_of_the_wrong_kernel_are_refused_naming_the_key() {
         "{msg}"
     );
 }
+
+#[test]
+fn per_sample_identities_share_a_stacked_style() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let style = load(&m, "lora-layers/style.kohya.safetensors");
+    let locon = load(&m, "lora-layers/locon.peft.safetensors");
+    let (id1, id2) = (
+        load(&m, "adapter/id1.lidb.safetensors"),
+        load(&m, "adapter/id2.lidb.safetensors"),
+    );
+    // A stacked adapter is both at once, in either mode.
+    let both = hdb::adapter::stack(&[(&id1, 1.0), (&style, 1.0)]).expect("stack");
+    let want = reference("unet-id1.out.safetensors", "out");
+    for mode in MODES {
+        assert_close(
+            &format!("stack(id1, style) {mode:?}"),
+            &unet_run(&unet, &[(&both, 1.0)], mode, None),
+            &want,
+            TOL,
+        );
+    }
+    // Per sample: id1 + style (+ LoCon at 0.8) on sample 0, id2 + style on sample 1, each equal
+    // to its own whole-batch run.
+    let s1 = hdb::adapter::stack(&[(&id1, 1.0), (&style, 1.0), (&locon, 0.8)]).expect("stack");
+    let s2 = hdb::adapter::stack(&[(&id2, 1.0), (&style, 1.0)]).expect("stack");
+    let got = unet_run(
+        &unet,
+        &[(&s1, 1.0), (&s2, 1.0)],
+        ApplyMode::Runtime,
+        Some(&[0, 1]),
+    );
+    let half = got.len() / 2;
+    let one = unet_run(
+        &unet,
+        &[(&id1, 1.0), (&style, 1.0), (&locon, 0.8)],
+        ApplyMode::Runtime,
+        None,
+    );
+    let two = unet_run(
+        &unet,
+        &[(&id2, 1.0), (&style, 1.0)],
+        ApplyMode::Runtime,
+        None,
+    );
+    assert_close(
+        "sample 0: id1 + style + LoCon",
+        &got[..half],
+        &one[..half],
+        TOL,
+    );
+    assert_close("sample 1: id2 + style", &got[half..], &two[half..], TOL);
+    // Scales are checked.
+    let e = hdb::adapter::stack(&[(&id1, f32::NAN)]).expect_err("NaN scale");
+    assert!(e.to_string().contains("scale #0"), "{e}");
+}
+
+#[test]
+fn cli_shared_adapter_is_stacked_into_each_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = SafetensorsFile::open(&fx("unet/tiny-sd.in.safetensors")).expect("input");
+    let names = ["sample", "timestep", "encoder_hidden_states"];
+    let tensors: Vec<(Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|n| read_as_f32(&f, n).expect("tensor"))
+        .collect();
+    let idx = [0.0f32, -1.0];
+    let mut list: Vec<(&str, Vec<usize>, &[f32])> = names
+        .iter()
+        .zip(&tensors)
+        .map(|(n, (sh, v))| (*n, sh.clone(), v.as_slice()))
+        .collect();
+    list.push(("adapter_index", vec![2], &idx));
+    let input = dir.path().join("in.safetensors");
+    hdb::io::safetensors::write_f32(&input, &list).expect("write input");
+    let o = dir.path().join("o.safetensors");
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["unet", "--mode", "runtime", "--model"])
+        .arg(fx("tiny-sd"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&o)
+        .arg("--adapter")
+        .arg(fx("adapter/id1.lidb.safetensors"))
+        .arg("--shared-adapter")
+        .arg(fx("lora-layers/style.kohya.safetensors"))
+        .output()
+        .expect("run hdb");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = SafetensorsFile::open(&o)
+        .expect("out")
+        .to_f32("out")
+        .expect("out");
+    let half = got.len() / 2;
+    let want = reference("unet-id1.out.safetensors", "out");
+    let base = reference("../unet/tiny-sd.out.safetensors", "out");
+    assert_close(
+        "sample 0: id1 + shared style",
+        &got[..half],
+        &want[..half],
+        TOL,
+    );
+    assert_close("sample 1: -1, nothing", &got[half..], &base[half..], TOL);
+}

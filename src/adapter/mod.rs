@@ -137,6 +137,79 @@ pub fn load_with(
     }
 }
 
+/// One adapter that applies `parts` (each with its scale) at once: per layer, their factors
+/// side by side (ranks add, each scale folded into its `up` columns), so `dW = sum scale_i up_i
+/// down_i` in either apply mode. A set of such adapters gives per-sample identities a shared
+/// style in runtime mode: `[id1 + style, id2 + style]` with one index per sample.
+pub fn stack(parts: &[(&Adapter, f32)]) -> Result<Adapter> {
+    let mut layers: BTreeMap<String, LoraLayer> = BTreeMap::new();
+    for (i, (a, scale)) in parts.iter().enumerate() {
+        if !scale.is_finite() {
+            return Err(Error::invalid_arg(
+                "scales",
+                format!("scale #{i} is {scale}"),
+            ));
+        }
+        for (k, l) in &a.layers {
+            let (din, dout) = match l.rank {
+                0 => (0, 0),
+                r => (l.down.len() / r, l.up.len() / r),
+            };
+            if !l.fits(dout, din) {
+                return Err(Error::AdapterMismatch(format!(
+                    "layer '{k}' of adapter #{i}: factors of rank {} with {} and {} values",
+                    l.rank,
+                    l.down.len(),
+                    l.up.len()
+                )));
+            }
+            let up = l.up.iter().map(|x| x * scale);
+            let Some(e) = layers.get_mut(k) else {
+                layers.insert(
+                    k.clone(),
+                    LoraLayer {
+                        rank: l.rank,
+                        down: l.down.clone(),
+                        up: up.collect(),
+                        conv_kernel: l.conv_kernel,
+                    },
+                );
+                continue;
+            };
+            let rank = e.rank + l.rank;
+            if !e.fits(dout, din)
+                || e.conv_kernel != l.conv_kernel
+                || rank > crate::limits::MAX_RANK
+            {
+                return Err(Error::AdapterMismatch(format!(
+                    "layer '{k}': adapter #{i} does not stack with the ones before it (a \
+                     different layer shape or kind, or ranks adding up to {rank}, above {})",
+                    crate::limits::MAX_RANK
+                )));
+            }
+            e.down.extend_from_slice(&l.down);
+            // up is [dout, rank] row-major: each row gets this adapter's columns appended.
+            let up: Vec<f32> = up.collect();
+            let mut merged = Vec::with_capacity(dout * rank);
+            for (old, new) in e.up.chunks(e.rank).zip(up.chunks(l.rank)) {
+                merged.extend_from_slice(old);
+                merged.extend_from_slice(new);
+            }
+            e.up = merged;
+            e.rank = rank;
+        }
+    }
+    if layers.is_empty() {
+        return Err(Error::AdapterMismatch(
+            "the adapters to stack have no layers".into(),
+        ));
+    }
+    Ok(Adapter {
+        layers,
+        source: AdapterSource::Lora,
+    })
+}
+
 impl Adapter {
     /// Saves in the form it came in: LiDB adapters as LiDB v2, imported LoRAs as PEFT files.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {

@@ -207,6 +207,13 @@ enum Command {
         /// The scale of each --adapter, in order (default 1.0 each).
         #[arg(long = "scale")]
         scales: Vec<f32>,
+        /// An adapter stacked into every --adapter (a style shared by per-sample identities:
+        /// each sample gets its identity and this; index -1 still gets nothing); repeatable.
+        #[arg(long = "shared-adapter")]
+        shared_adapters: Vec<PathBuf>,
+        /// The scale of each --shared-adapter, in order (default 1.0 each).
+        #[arg(long = "shared-scale")]
+        shared_scales: Vec<f32>,
         /// Skip the keys of LoRA files that match no adaptable layer of the model (listed on
         /// stderr) instead of refusing the file.
         #[arg(long)]
@@ -629,6 +636,8 @@ fn main() -> ExitCode {
             threads,
             adapters,
             scales,
+            shared_adapters,
+            shared_scales,
             allow_unmatched,
             mode,
             device,
@@ -637,7 +646,13 @@ fn main() -> ExitCode {
             &input,
             &output,
             (device, threads),
-            (&adapters, &scales, allow_unmatched),
+            unet_cmd::AdapterArgs {
+                paths: &adapters,
+                scales: &scales,
+                shared: &shared_adapters,
+                shared_scales: &shared_scales,
+                allow_unmatched,
+            },
             mode,
         ),
         Command::Adapter { what } => adapter_cmd::run(what),
