@@ -583,3 +583,72 @@ fn cli_shared_adapter_is_stacked_into_each_identity() {
     );
     assert_close("sample 1: -1, nothing", &got[half..], &base[half..], TOL);
 }
+
+#[test]
+fn loha_and_lokr_merge_as_peft_computes_them_and_runtime_mode_refuses_them() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let style = load(&m, "lora-layers/style.peft.safetensors");
+    for (name, layers) in [("loha", 182), ("lokr", 232)] {
+        let a = load(&m, &format!("lora-layers/{name}.kohya.safetensors"));
+        assert_eq!(a.layers.len(), layers, "{name}");
+        let want = reference(&format!("{name}.out.safetensors"), "out");
+        assert_close(
+            &format!("{name} merge"),
+            &unet_run(&unet, &[(&a, 1.0)], ApplyMode::Merge, None),
+            &want,
+            TOL,
+        );
+        // Stacked with a LoRA in one merged set; clearing restores the base bit for bit.
+        let base = unet_run(&unet, &[], ApplyMode::Merge, None);
+        let both = unet_run(&unet, &[(&a, 1.0), (&style, 1.0)], ApplyMode::Merge, None);
+        assert!(compare(&both, &want).max_abs > 1e-3, "{name} + style");
+        assert_eq!(unet_run(&unet, &[], ApplyMode::Merge, None), base);
+        let e = hdb::adapter::set::AdapterSet::build(
+            unet.backend(),
+            &unet,
+            &[(&style, 1.0), (&a, 1.0)],
+            ApplyMode::Runtime,
+            None,
+        )
+        .expect_err("runtime mode");
+        let msg = e.to_string();
+        let layout = if name == "loha" { "LoHa" } else { "LoKr" };
+        assert!(
+            msg.contains("adapter #1") && msg.contains(layout) && msg.contains("merge mode"),
+            "{msg}"
+        );
+        assert!(hdb::adapter::set::AdapterSet::build(
+            unet.backend(),
+            &unet,
+            &[(&a, 1.0)],
+            ApplyMode::Merge,
+            None
+        )
+        .is_ok());
+    }
+}
+
+#[test]
+fn dora_and_cp_decomposed_factors_are_refused_naming_the_key() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    for (extra, want) in [("dora_scale", "DoRA"), ("hada_t1", "CP-decomposed")] {
+        let p = dir.path().join(format!("{extra}.safetensors"));
+        let name = format!("{key}.{extra}");
+        with_extra(
+            "lora-layers/loha.kohya.safetensors",
+            &[(name.as_str(), vec![1, 4])],
+            &p,
+        );
+        let e =
+            hdb::adapter::load(&SafetensorsFile::open(&p).expect("open"), &table).expect_err(extra);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("attn1.to_q'") && msg.contains(want) && msg.contains(extra),
+            "{msg}"
+        );
+    }
+}

@@ -25,6 +25,13 @@ Writes under tests/fixtures/lora-layers/ (f32):
                             as style.kohya; the PEFT form with alpha / rank folded into lora_B
   locon.out.safetensors     `out`: the UNet with locon.peft loaded by load_lora_weights, weight 1.0
   locon-style.out.safetensors  locon.peft at 0.8 and style.peft at 1.0 together
+  loha.kohya.safetensors    LyCORIS LoHa (hada_w1_a/b, hada_w2_a/b, .alpha) on the UNet's linear layers, and
+  lokr.kohya.safetensors    LoKr (lokr_w1[_a/_b], lokr_w2[_a/_b], .alpha) on its linear layers and resnet/sampler
+                            convolutions: made by peft (LoHaConfig / LoKrConfig, init_weights=False, factors
+                            scaled by 1 and 0.35), renamed to kohya names; LoKr layers with both w1 and w2
+                            full get peft's alpha / r folded into lokr_w2 (LyCORIS scales them by 1)
+  loha.out.safetensors,     the UNet with them, by peft (unmerged; checked against each layer's merge())
+  lokr.out.safetensors
   te.out.safetensors        `hidden`: the text encoder on tests/fixtures/text_encoder/prompts.safetensors with
                             style.peft loaded, weight 1.0
 
@@ -156,6 +163,43 @@ def merged_by_hand(model, lora, prefix, weight):
     return m
 
 
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+
+
+def lycoris_configs():
+    """LoHa on the linear layers (peft's convolution LoHa is CP-decomposed, which hdb refuses);
+    LoKr on linear layers and convolutions, w1 and w2 both decomposed where peft can."""
+    from peft import LoHaConfig, LoKrConfig
+
+    linear = r"^(?!.*\.(proj_in|proj_out)$).*(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|time_emb_proj)$"
+    conv = r"^.*(resnets\.\d+\.(conv1|conv2)|samplers\.0\.conv)$"
+    return [
+        ("loha", 1.0, LoHaConfig(r=2, alpha=3.0, target_modules=linear, init_weights=False)),
+        ("lokr", 0.35, LoKrConfig(r=1, alpha=0.5, target_modules=f"({linear})|({conv})", init_weights=False,
+                            decompose_both=True, decompose_factor=-1)),
+    ]
+
+
+def inject_lycoris(unet, cfg, shrink):
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(SEED)
+    model = inject_adapter_in_model(cfg, copy.deepcopy(unet))
+    # Every factor times `shrink`, so the updates change the output by percents, not by
+    # multiples (peft's random init is sized for training, not for a visible fixed update).
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(t in n for t in ("hada_", "lokr_")):
+                p.mul_(shrink)
+    return model
+
+
+def get_peft_model_state_dict(model):
+    from peft import get_peft_model_state_dict as g
+
+    return g(model)
+
+
 def rel(x, ref):
     return (x - ref).abs().max().item() / ref.abs().max().item()
 
@@ -261,6 +305,38 @@ def main():
     both, _ = loaded([(paths["locon.peft"], 0.8), (paths["style.peft"], 1.0)])
     check("locon x0.8 + style UNet, diffusers vs by hand", both, by_hand([(locon, 0.8), (lora, 1.0)])[0])
     save("locon-style", "out", both, "locon.peft x0.8 + style.peft x1.0")
+
+    # LoHa and LoKr made by peft (init_weights=False: random), as LyCORIS/kohya files.
+    for name, shrink, cfg in lycoris_configs():
+        model = inject_lycoris(unet, cfg, shrink)
+        sd = {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+        with torch.no_grad():
+            got = run(model, inp)
+            fused = copy.deepcopy(model)
+            for mod in fused.modules():
+                if isinstance(mod, BaseTunerLayer):
+                    mod.merge()
+            merged = run(fused, inp)
+        check(f"{name} peft unmerged vs merged", got, merged)
+        r = rel(got, base_out)
+        if not 0.02 < r < 1.0:
+            fail(f"{name} changes the UNet by {r:.3g} of max|base|")
+        kohya = {}
+        for k, v in sd.items():
+            path, part = k.rsplit(".", 1)
+            v = v.numpy()
+            # LyCORIS scales a LoKr layer whose w1 and w2 are both full by 1 (it saves alpha =
+            # its dim then), peft by alpha / r: fold peft's scale into such layers' w2.
+            if part == "lokr_w2" and f"{path}.lokr_w1" in sd:
+                v = (v * np.float32(cfg.alpha / cfg.r)).astype(np.float32)
+            kohya[f"{lidb.kohya_name('unet.' + path)}.{part}"] = v
+        for path in sorted({k.rsplit(".", 1)[0] for k in sd}):
+            kohya[f"{lidb.kohya_name('unet.' + path)}.alpha"] = np.array(cfg.alpha, dtype=np.float32)
+        lidb.save_tensors(kohya, os.path.join(OUT, f"{name}.kohya.safetensors"), metadata=meta)
+        save(name, "out", got, f"{name} by peft, alpha {cfg.alpha}, r {cfg.r}")
+        parts = sorted({k.rsplit(".", 1)[1] for k in sd})
+        print(f"ok   {name}: {len({k.rsplit('.', 1)[0] for k in sd})} layers, parts {parts}, changes the UNet by "
+              f"{100 * r:.1f}%")
 
     attn, _ = loaded([(paths["attn.old"], 1.0)])
     attn_lora = {k: v for k, v in lora.items() if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", k)

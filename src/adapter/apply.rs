@@ -160,6 +160,11 @@ fn merge_rows(
                 for (_, down, up, r) in factors {
                     for q in 0..*r {
                         let c = up[row * r + q];
+                        // (x + 0 * y is x for finite y, up to a zero's sign; merge-only
+                        // layouts hold identity factors, mostly zeros)
+                        if c == 0.0 {
+                            continue;
+                        }
                         let d = &down[q * din..(q + 1) * din];
                         orow.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
                     }

@@ -21,7 +21,7 @@ pub enum LoraFormat {
 }
 
 /// kohya's name for canonical key K: `unet.a.b` -> `lora_unet_a_b`, `text_encoder.x` -> `lora_te_x`.
-fn kohya_name(k: &str) -> String {
+pub(crate) fn kohya_name(k: &str) -> String {
     let k = k
         .strip_prefix("text_encoder.")
         .map(|r| format!("te.{r}"))
@@ -45,7 +45,7 @@ pub fn detect(f: &SafetensorsFile) -> Option<LoraFormat> {
     }
 }
 
-fn summarize(keys: &[String]) -> String {
+pub(crate) fn summarize(keys: &[String]) -> String {
     let first: Vec<&str> = keys.iter().take(5).map(String::as_str).collect();
     format!(
         "{} key(s) match no adaptable layer of this model, e.g. {}",
@@ -443,7 +443,7 @@ fn processor_form(stem: &str) -> Option<String> {
 /// The canonical key of a PEFT/diffusers layer name: transformers >= 5.6 saves CLIP flat (no
 /// `text_model.`), canonical keys have it; names without a component prefix (UNet-only state
 /// dicts, the older processor form) are the UNet's.
-fn normalize_peft(s: &str) -> String {
+pub(crate) fn normalize_peft(s: &str) -> String {
     match s.strip_prefix("text_encoder.") {
         Some(r) if !r.starts_with("text_model.") => format!("text_encoder.text_model.{r}"),
         Some(_) => s.to_string(),

@@ -1,6 +1,8 @@
-//! Identity adapters: LiDB files ([`lidb`], versions 1 and 2), their basis ([`basis`]), standard LoRA files
-//! ([`lora`]), and applying them to a model ([`apply`]). Every adapter is held in its effective
-//! form: per adapted layer, `dW = up . down`, alpha and scale folded into `up`.
+//! Adapters: LiDB identities ([`lidb`], versions 1 and 2) and their basis ([`basis`]), standard
+//! LoRA and LoCon files ([`lora`]), LyCORIS LoHa and LoKr files ([`lycoris`], merge mode only),
+//! stacking several into one ([`stack`]), and applying them to a model ([`apply`], [`set`]).
+//! Every adapter is held in its effective form: per adapted layer, `dW = up . down`, alpha and
+//! scale folded into `up`.
 
 pub mod apply;
 pub mod basis;
@@ -8,6 +10,7 @@ pub mod basis;
 pub mod cuda;
 pub mod lidb;
 pub mod lora;
+pub mod lycoris;
 pub mod set;
 
 use std::collections::BTreeMap;
@@ -51,6 +54,9 @@ impl LoraLayer {
 pub enum AdapterSource {
     Lidb(lidb::Lidb),
     Lora,
+    /// A layout whose updates are full matrices (LoHa, LoKr: [`lycoris`]), named here: merge
+    /// mode only.
+    MergeOnly(&'static str),
 }
 
 /// An adapter validated against one model: effective factors for a subset of its layers.
@@ -132,6 +138,8 @@ pub fn load_with(
         lidb::Lidb::from_safetensors(f)?
             .compose_cached(table, cache)
             .map_err(with_path)
+    } else if lycoris::is_lycoris(f) {
+        lycoris::import(f, table, opts.allow_unmatched).map_err(with_path)
     } else {
         lora::import_opts(f, table, opts.allow_unmatched).map_err(with_path)
     }
@@ -215,7 +223,10 @@ impl Adapter {
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         match &self.source {
             AdapterSource::Lidb(l) => l.save(path),
-            AdapterSource::Lora => lora::export(self, lora::LoraFormat::Peft, path),
+            // (a merge-only layout's updates are exact as full-rank factors)
+            AdapterSource::Lora | AdapterSource::MergeOnly(_) => {
+                lora::export(self, lora::LoraFormat::Peft, path)
+            }
         }
     }
 }
