@@ -349,7 +349,10 @@ enum BenchWhat {
         peer_python: Option<PathBuf>,
     },
     /// Identity swaps at SD 1.5 shapes: compose time, merge-mode swap against memcpy,
-    /// runtime-mode swap, and a batch with one identity per sample against one identity.
+    /// runtime-mode swap, and a batch with one identity per sample against one identity; then a
+    /// rank-32 style LoRA on every linear and convolution layer: its merge swap against memcpy
+    /// of the touched weights, its runtime swap, and runtime mode's per-step cost with each
+    /// identity plus the style against the base UNet.
     Adapter {
         /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
