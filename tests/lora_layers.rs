@@ -652,3 +652,19 @@ fn dora_and_cp_decomposed_factors_are_refused_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn high_rank_merge_by_gemm_equals_runtime_mode() {
+    // Ranks from 8 on merge by a GEMM (src/adapter/apply.rs); runtime mode is independent.
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let a = common::random_lora(m.adaptable_layers(), 7, 12, |_| true);
+    let merged = unet_run(&unet, &[(&a, 0.5)], ApplyMode::Merge, None);
+    let runtime = unet_run(&unet, &[(&a, 0.5)], ApplyMode::Runtime, None);
+    assert_close("rank 12 merge vs runtime", &merged, &runtime, TOL);
+    let base = unet_run(&unet, &[], ApplyMode::Merge, None);
+    assert!(
+        compare(&merged, &base).max_abs > 1e-2,
+        "the adapter changes the output"
+    );
+}

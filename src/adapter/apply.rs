@@ -139,8 +139,14 @@ impl Applied {
     }
 }
 
-/// `out = w + sum up . down` in one pass over the rows of `w` [dout, din]: each base row is
-/// read once and each merged row written once (bandwidth-bound; rows in parallel).
+/// From this rank on a factor pair is merged by a GEMM: the row loop below does `rank` passes
+/// of FMAs over each row, fine for identities (rank 1 to 4, bandwidth-bound) but compute-bound
+/// for a rank-32 style LoRA on every layer.
+const GEMM_MIN_RANK: usize = 8;
+
+/// `out = w + sum up . down`: one pass over the rows of `w` [dout, din] for the low-rank
+/// factors (each base row read once and each merged row written once; rows in parallel), then
+/// a GEMM per factor pair of rank [`GEMM_MIN_RANK`] or more.
 fn merge_rows(
     out: &mut [f32],
     w: &[f32],
@@ -157,7 +163,7 @@ fn merge_rows(
             for (j, (orow, brow)) in o.chunks_mut(din).zip(b.chunks(din)).enumerate() {
                 let row = t * rows_per_task + j;
                 orow.copy_from_slice(brow);
-                for (_, down, up, r) in factors {
+                for (_, down, up, r) in factors.iter().filter(|f| f.3 < GEMM_MIN_RANK) {
                     for q in 0..*r {
                         let c = up[row * r + q];
                         // (x + 0 * y is x for finite y, up to a zero's sign; merge-only
@@ -171,7 +177,9 @@ fn merge_rows(
                 }
             }
         });
-    let _ = dout;
+    for (_, down, up, r) in factors.iter().filter(|f| f.3 >= GEMM_MIN_RANK) {
+        ops::matmul(out, up, down, dout, *r, din, false, true);
+    }
 }
 
 /// What a UNet evaluation applies: the set, and optionally an adapter index per sample
