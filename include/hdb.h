@@ -170,6 +170,18 @@ typedef struct hdb_runtime hdb_runtime;
 typedef struct hdb_session hdb_session;
 
 /**
+ * Options for `hdb_adapter_load_ex`. Get the defaults from `hdb_adapter_load_params_default()`.
+ */
+typedef struct hdb_adapter_load_params {
+  uint32_t struct_size;
+  /**
+   * 1: skip the keys of a LoRA file that match no adaptable layer of the model (logged at
+   * warning level) instead of refusing the file; 0 (default): refuse, listing them.
+   */
+  uint32_t allow_unmatched;
+} hdb_adapter_load_params;
+
+/**
  * How `hdb_finetune` starts.
  */
 typedef uint32_t hdb_finetune_mode;
@@ -657,8 +669,8 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), or a
- * kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
+ * Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), a kohya
+ * or PEFT/diffusers LoRA or LoCon of any rank, or a LyCORIS LoHa/LoKr (merge mode only). Layers or shapes that do not fit the model, keys
  * that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
  * naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
  *
@@ -666,6 +678,19 @@ extern "C" {
  * `model` a live model; `path` a NUL-terminated path; `out` valid.
  */
 hdb_status hdb_adapter_load(const struct hdb_model *model, const char *path, struct hdb_adapter **out);
+
+/**
+ * The default adapter-load params.
+ */
+struct hdb_adapter_load_params hdb_adapter_load_params_default(void);
+
+/**
+ * As `hdb_adapter_load`, with options (`params` NULL: the defaults, as `hdb_adapter_load`).
+ *
+ * # Safety
+ * `model` a live model; `path` a NUL-terminated path; `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_adapter_load_ex(const struct hdb_model *model, const char *path, const struct hdb_adapter_load_params *params, struct hdb_adapter **out);
 
 /**
  * As `hdb_adapter_load`, from `len` bytes of a file held in memory (copied; the caller keeps

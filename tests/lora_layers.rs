@@ -668,3 +668,61 @@ fn high_rank_merge_by_gemm_equals_runtime_mode() {
         "the adapter changes the output"
     );
 }
+
+#[test]
+fn c_api_adapter_load_ex_allows_unmatched_keys_knowingly() {
+    use hdb::ffi::adapter::*;
+    use hdb::ffi::hdb_status;
+    use hdb::ffi::model::*;
+    use hdb::ffi::runtime::*;
+    use std::ffi::CString;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("extra.safetensors");
+    with_extra(
+        "lora-layers/style.kohya.safetensors",
+        &[
+            ("lora_vae_conv_in.lora_down.weight", vec![2, 4]),
+            ("lora_vae_conv_in.lora_up.weight", vec![4, 2]),
+        ],
+        &p,
+    );
+    let path = CString::new(p.to_str().expect("utf-8")).expect("no NUL");
+    let tiny = CString::new(fx("tiny-sd").to_str().expect("utf-8")).expect("no NUL");
+    let mut rp = hdb_runtime_params_default();
+    rp.device = c"cpu".as_ptr();
+    let (mut rt, mut m) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: valid params, NUL-terminated paths, out pointers; freed below.
+    unsafe {
+        assert_eq!(hdb_runtime_new(&rp, &mut rt), hdb_status::HDB_STATUS_OK);
+        assert_eq!(
+            hdb_model_load(rt, tiny.as_ptr(), std::ptr::null(), &mut m),
+            hdb_status::HDB_STATUS_OK
+        );
+        let mut a = std::ptr::null_mut();
+        assert_eq!(
+            hdb_adapter_load(m, path.as_ptr(), &mut a),
+            hdb_status::HDB_STATUS_ADAPTER_MISMATCH
+        );
+        assert_eq!(
+            hdb_adapter_load_ex(m, path.as_ptr(), std::ptr::null(), &mut a),
+            hdb_status::HDB_STATUS_ADAPTER_MISMATCH,
+            "NULL params: the defaults"
+        );
+        let mut params = hdb_adapter_load_params_default();
+        params.allow_unmatched = 2;
+        assert_eq!(
+            hdb_adapter_load_ex(m, path.as_ptr(), &params, &mut a),
+            hdb_status::HDB_STATUS_INVALID_ARGUMENT
+        );
+        params.allow_unmatched = 1;
+        assert_eq!(
+            hdb_adapter_load_ex(m, path.as_ptr(), &params, &mut a),
+            hdb_status::HDB_STATUS_OK
+        );
+        assert!(!a.is_null());
+        hdb_adapter_free(a);
+        hdb_model_free(m);
+        hdb_runtime_free(rt);
+    }
+}
