@@ -726,3 +726,18 @@ fn c_api_adapter_load_ex_allows_unmatched_keys_knowingly() {
         hdb_runtime_free(rt);
     }
 }
+
+#[test]
+fn cli_adapter_info_describes_lycoris_files() {
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_hdb"))
+        .args(["adapter", "info"])
+        .arg(fx("lora-layers/loha.kohya.safetensors"))
+        .output()
+        .expect("run hdb");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success() && out.contains("LyCORIS") && out.contains("layers: 182"),
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}

@@ -54,6 +54,20 @@ pub fn is_lycoris(f: &SafetensorsFile) -> bool {
     })
 }
 
+/// What a LoHa/LoKr file holds, read without a model: its layer count and the parts it uses
+/// (`hada_w1_a`, `lokr_w1`, `alpha`, ...).
+pub fn describe(f: &SafetensorsFile) -> (usize, Vec<String>) {
+    let mut layers = std::collections::BTreeSet::new();
+    let mut parts = std::collections::BTreeSet::new();
+    for e in f.tensors() {
+        if let Some((stem, part)) = split(&e.name) {
+            layers.insert(stem.to_string());
+            parts.insert(part.to_string());
+        }
+    }
+    (layers.len(), parts.into_iter().collect())
+}
+
 /// A matrix `[rows, cols]` of tensor `name` (4-D `[o, i, k, k]` read as `[o, i k k]`).
 fn matrix(f: &SafetensorsFile, name: &str) -> Result<(usize, usize, Vec<f32>)> {
     let e = f
