@@ -741,3 +741,97 @@ fn cli_adapter_info_describes_lycoris_files() {
         String::from_utf8_lossy(&r.stderr)
     );
 }
+
+/// A file of the given (name, shape) zeros.
+fn file_of(dir: &std::path::Path, name: &str, t: &[(&str, Vec<usize>)]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let zeros: Vec<Vec<f32>> = t
+        .iter()
+        .map(|(_, s)| vec![0.0; s.iter().product()])
+        .collect();
+    let refs: Vec<(&str, Vec<usize>, &[f32])> = t
+        .iter()
+        .zip(&zeros)
+        .map(|((n, s), v)| (*n, s.clone(), v.as_slice()))
+        .collect();
+    hdb::io::safetensors::write_f32(&p, &refs).expect("write");
+    p
+}
+
+#[test]
+fn sdxl_and_sd2_loras_are_refused_naming_the_key() {
+    let m = model();
+    let table = m.adaptable_layers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let load = |p: &std::path::Path| {
+        hdb::adapter::load(&SafetensorsFile::open(p).expect("open"), &table)
+            .expect_err("refused")
+            .to_string()
+    };
+    // SDXL (kohya): LDM block names and two text encoders match nothing here.
+    let sdxl = file_of(
+        dir.path(),
+        "sdxl.safetensors",
+        &[
+            (
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight",
+                vec![4, 2048],
+            ),
+            (
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight",
+                vec![640, 4],
+            ),
+            (
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                vec![4, 768],
+            ),
+            (
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                vec![768, 4],
+            ),
+        ],
+    );
+    let msg = load(&sdxl);
+    assert!(
+        msg.contains("4 key(s)") && msg.contains("lora_te1_") && msg.contains("input_blocks"),
+        "{msg}"
+    );
+    // SD 2.x: the same names, but cross-attention reads 1024-wide text features.
+    let sd2 = file_of(
+        dir.path(),
+        "sd2.safetensors",
+        &[
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
+                vec![4, 1024],
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight",
+                vec![4, 4],
+            ),
+        ],
+    );
+    let msg = load(&sd2);
+    assert!(
+        msg.contains("'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k'")
+            && msg.contains("do not fit"),
+        "{msg}"
+    );
+    // Ranks that disagree between down and up, and NaN values, name the layer too.
+    let bad_rank = file_of(
+        dir.path(),
+        "rank.safetensors",
+        &[
+            (
+                "lora_unet_time_embedding_linear_1.lora_down.weight",
+                vec![4, 4],
+            ),
+            (
+                "lora_unet_time_embedding_linear_1.lora_up.weight",
+                vec![16, 2],
+            ),
+        ],
+    );
+    let msg = load(&bad_rank);
+    assert!(msg.contains("lora_unet_time_embedding_linear_1"), "{msg}");
+}
