@@ -15,7 +15,7 @@ use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::adaptable::is_identity_layer;
 use hdb::model::text_encoder::TextEncoder;
 use hdb::model::unet::{Unet, UnetInput};
-use hdb::model::{LayerKind, Model};
+use hdb::model::{Adaptable, LayerKind, Model};
 
 const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
 const MODES: [ApplyMode; 2] = [ApplyMode::Merge, ApplyMode::Runtime];
@@ -93,7 +93,8 @@ fn ids() -> Vec<u32> {
 
 #[test]
 fn every_linear_and_conv_layer_is_adaptable_and_identity_layers_stay_the_attention_projections() {
-    let table = model().adaptable_layers();
+    let m = model();
+    let table = m.adaptable_layers();
     let identity = hdb::model::adaptable::identity_layers(&table);
     // tiny-sd (SD 1.5's layout): 128 + 8 attention projections; 32 feed-forward, 22
     // time_emb_proj, 2 time embedding layers in the UNet; 4 MLP layers in the text encoder;
@@ -103,6 +104,10 @@ fn every_linear_and_conv_layer_is_adaptable_and_identity_layers_stay_the_attenti
         .filter(|s| s.kind != LayerKind::Linear)
         .count();
     assert_eq!((table.len(), identity.len(), convs), (196 + 98, 136, 98));
+    // The weights-only table is the built components' (kinds, strides and paddings included).
+    let mut built = Unet::from_model(&m).expect("unet").adaptable_layers();
+    built.extend(TextEncoder::from_model(&m).expect("te").adaptable_layers());
+    assert_eq!(built, table);
     let kind = |k: &str| table[k].kind;
     assert_eq!(
         kind("unet.down_blocks.0.downsamplers.0.conv"),
