@@ -840,3 +840,39 @@ fn sdxl_and_sd2_loras_are_refused_naming_the_key() {
     let msg = load(&bad_rank);
     assert!(msg.contains("lora_unet_time_embedding_linear_1"), "{msg}");
 }
+
+#[test]
+fn dora_merges_as_peft_computes_it_and_is_refused_where_it_cannot_apply() {
+    let m = model();
+    let unet = Unet::from_model(&m).expect("unet");
+    let a = load(&m, "lora-layers/dora.peft.safetensors");
+    assert_eq!(a.layers.len(), 210);
+    assert!(matches!(a.source, hdb::adapter::AdapterSource::Dora(_)));
+    let want = reference("dora.out.safetensors", "out");
+    let got = unet_run(&unet, &[(&a, 1.0)], ApplyMode::Merge, None);
+    assert_close("dora merge", &got, &want, TOL);
+    let base = unet_run(&unet, &[], ApplyMode::Merge, None);
+    assert_eq!(unet_run(&unet, &[], ApplyMode::Merge, None), base);
+    // Runtime mode, stacking and kohya export refuse it; PEFT export keeps the magnitudes.
+    let e = Applied::new(&[(&a, 1.0)], ApplyMode::Runtime, &unet).expect_err("runtime");
+    assert!(e.to_string().contains("DoRA"), "{e}");
+    let e = hdb::adapter::stack(&[(&a, 1.0)]).expect_err("stack");
+    assert!(e.to_string().contains("DoRA"), "{e}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("k.safetensors");
+    let e = lora::export(&a, lora::LoraFormat::Kohya, &p).expect_err("kohya");
+    assert!(e.to_string().contains("DoRA"), "{e}");
+    let p = dir.path().join("p.safetensors");
+    lora::export(&a, lora::LoraFormat::Peft, &p).expect("peft");
+    let back = hdb::adapter::load(
+        &SafetensorsFile::open(&p).expect("open"),
+        &m.adaptable_layers(),
+    )
+    .expect("reimport");
+    assert_close(
+        "dora re-imported, merged",
+        &unet_run(&unet, &[(&back, 1.0)], ApplyMode::Merge, None),
+        &want,
+        TOL,
+    );
+}

@@ -32,6 +32,11 @@ Writes under tests/fixtures/lora-layers/ (f32):
                             full get peft's alpha / r folded into lokr_w2 (LyCORIS scales them by 1)
   loha.out.safetensors,     the UNet with them, by peft (unmerged; checked against each layer's merge())
   lokr.out.safetensors
+  dora.peft.safetensors     DoRA by peft (LoraConfig(use_dora=True), init_lora_weights=False, lora_B x 0.05,
+                            magnitudes x U(0.9, 1.1)) on the UNet's attention/feed-forward layers and resnet/
+                            sampler convolutions: unet.<path>.lora_A/.lora_B (alpha / r folded in) and
+                            .lora_magnitude_vector ([out]; [1, out, 1, 1] for convolutions, as peft)
+  dora.out.safetensors      the UNet with it, by peft (unmerged; checked against merge())
   te.out.safetensors        `hidden`: the text encoder on tests/fixtures/text_encoder/prompts.safetensors with
                             style.peft loaded, weight 1.0
 
@@ -42,7 +47,7 @@ diffusers' own kohya loader is not used as the reference: with per-layer alphas 
 by 1 instead of alpha / r (it keys their alphas wrongly; peft warns that they match no module).
 
 With `--hdb PATH` (an hdb binary) it also checks the export round trip: `hdb adapter export` of
-style.kohya, locon.kohya and loha.kohya to PEFT, each loaded by diffusers' load_lora_weights,
+style.kohya, locon.kohya, loha.kohya and dora.peft to PEFT, each loaded by diffusers' load_lora_weights,
 gives the reference output within 1e-5 of max|out| (nothing is written). Kohya exports are not
 checked through diffusers: its kohya loader mis-scales files whose layers differ in rank.
 
@@ -350,10 +355,47 @@ def main():
         print(f"ok   {name}: {len({k.rsplit('.', 1)[0] for k in sd})} layers, parts {parts}, changes the UNet by "
               f"{100 * r:.1f}%")
 
+    # DoRA (peft LoraConfig(use_dora=True)) on linear layers and convolutions, as a PEFT file.
+    from peft import LoraConfig
+
+    linear = r"^(?!.*\.(proj_in|proj_out)$).*(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2)$"
+    conv = r"^.*(resnets\.\d+\.(conv1|conv2)|samplers\.0\.conv)$"
+    cfg = LoraConfig(r=2, lora_alpha=3.0, target_modules=f"({linear})|({conv})", init_lora_weights=False,
+                     use_dora=True)
+    model = inject_lycoris(unet, cfg, 1.0)
+    gen = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+            if "lora_magnitude_vector" in n:  # peft starts at |W|_row: move it
+                p.mul_(0.9 + 0.2 * torch.rand(p.shape, generator=gen))
+        dora_out = run(model, inp)
+        fused = copy.deepcopy(model)
+        for mod in fused.modules():
+            if isinstance(mod, BaseTunerLayer):
+                mod.merge()
+        check("dora peft unmerged vs merged", dora_out, run(fused, inp))
+    r = rel(dora_out, base_out)
+    if not 0.02 < r < 1.0:
+        fail(f"dora changes the UNet by {r:.3g} of max|base|")
+    scale = cfg.lora_alpha / cfg.r
+    dora = {}
+    for k, v in get_peft_model_state_dict(model).items():
+        v = v.detach()
+        if "lora_B" in k:
+            v = v * scale
+        dora["unet." + k] = v.numpy().astype(np.float32)
+    lidb.save_tensors(dora, os.path.join(OUT, "dora.peft.safetensors"), metadata=meta)
+    save("dora", "out", dora_out, f"dora.peft by peft (use_dora), lora_alpha {cfg.lora_alpha}, r {cfg.r}")
+    print(f"ok   dora: {sum(k.endswith('lora_magnitude_vector') for k in dora)} layers, changes the UNet by "
+          f"{100 * r:.1f}%")
+
     if args.hdb:
         with tempfile.TemporaryDirectory() as tmp:
             for src, ref in [("style.kohya", out), ("locon.kohya", conv_out),
-                             ("loha.kohya", load_file(os.path.join(OUT, "loha.out.safetensors"))["out"])]:
+                             ("loha.kohya", load_file(os.path.join(OUT, "loha.out.safetensors"))["out"]),
+                             ("dora.peft", dora_out)]:
                 # (kohya exports are not loaded by diffusers here: its kohya loader mis-scales
                 # files whose layers have different ranks, such as these (a layer exported with
                 # alpha = rank 2 got peft scaling 2.0); hdb re-imports them exactly,

@@ -27,6 +27,8 @@ pub struct LayerApply {
     pub merged: Option<F32Weight>,
     /// Runtime mode: (index of the adapter in the set, down [r, din], up [dout, r] x scale, rank).
     pub runtime: Vec<(usize, Vec<f32>, Vec<f32>, usize)>,
+    /// Per `runtime` entry, a DoRA adapter's magnitudes `[dout]` (merge mode only).
+    pub magnitudes: Vec<Option<Vec<f32>>>,
 }
 
 /// A session's active adapter set, resolved per layer key (`unet.<path>`).
@@ -68,6 +70,15 @@ impl Applied {
                 ));
             }
             let prefix = target.key_prefix();
+            let magnitudes = match &a.source {
+                super::AdapterSource::Dora(m) => Some(m),
+                _ => None,
+            };
+            if mode == ApplyMode::Runtime && magnitudes.is_some() {
+                return Err(Error::Unsupported(format!(
+                    "adapter #{i} is a DoRA adapter: merge mode only"
+                )));
+            }
             for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with(prefix)) {
                 let (_, dout, din) = target.projection(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
@@ -86,12 +97,10 @@ impl Applied {
                 }
                 dims.insert(k.clone(), (dout, din));
                 let up: Vec<f32> = l.up.iter().map(|x| x * scale).collect();
-                per_layer.entry(k.clone()).or_default().runtime.push((
-                    i,
-                    l.down.clone(),
-                    up,
-                    l.rank,
-                ));
+                let la = per_layer.entry(k.clone()).or_default();
+                la.runtime.push((i, l.down.clone(), up, l.rank));
+                la.magnitudes
+                    .push(magnitudes.and_then(|m| m.get(k).cloned()));
             }
         }
         if mode == ApplyMode::Merge {
@@ -126,9 +135,10 @@ impl Applied {
                     Some(i) => spare.swap_remove(i),
                     None => vec![0.0; w.len()],
                 };
-                merge_rows(&mut m, w, &la.runtime, dout, din);
+                merge_rows(&mut m, w, &la.runtime, &la.magnitudes, dout, din);
                 la.merged = Some(F32Weight::Owned(m));
                 la.runtime.clear();
+                la.magnitudes.clear();
             }
         }
         Ok(Applied {
@@ -139,6 +149,10 @@ impl Applied {
     }
 }
 
+/// One adapter's factors of a layer: (index in the set, down `[r, din]`, up `[dout, r]` x
+/// scale, r).
+type Factors = (usize, Vec<f32>, Vec<f32>, usize);
+
 /// From this rank on a factor pair is merged by a GEMM: the row loop below does `rank` passes
 /// of FMAs over each row, fine for identities (rank 1 to 4, bandwidth-bound) but compute-bound
 /// for a rank-32 style LoRA on every layer.
@@ -147,14 +161,30 @@ const GEMM_MIN_RANK: usize = 8;
 /// `out = w + sum up . down`: one pass over the rows of `w` [dout, din] for the low-rank
 /// factors (each base row read once and each merged row written once; rows in parallel), then
 /// a GEMM per factor pair of rank [`GEMM_MIN_RANK`] or more.
+///
+/// A factor pair with DoRA magnitudes `m` instead adds `m / |w + up . down|_row * (w + up .
+/// down) - w` per row (peft's merge; the norm in f64).
 fn merge_rows(
     out: &mut [f32],
     w: &[f32],
     factors: &[(usize, Vec<f32>, Vec<f32>, usize)],
+    magnitudes: &[Option<Vec<f32>>],
     dout: usize,
     din: usize,
 ) {
     use rayon::prelude::*;
+    let is_dora = |j: usize| magnitudes.get(j).is_some_and(Option::is_some);
+    let plain: Vec<&Factors> = factors
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| !is_dora(*j))
+        .map(|(_, f)| f)
+        .collect();
+    let dora: Vec<(&Factors, &Vec<f32>)> = factors
+        .iter()
+        .zip(magnitudes)
+        .filter_map(|(f, m)| Some((f, m.as_ref()?)))
+        .collect();
     let rows_per_task = (1 << 16) / din.max(1) + 1;
     out.par_chunks_mut(rows_per_task * din)
         .zip(w.par_chunks(rows_per_task * din))
@@ -163,7 +193,7 @@ fn merge_rows(
             for (j, (orow, brow)) in o.chunks_mut(din).zip(b.chunks(din)).enumerate() {
                 let row = t * rows_per_task + j;
                 orow.copy_from_slice(brow);
-                for (_, down, up, r) in factors.iter().filter(|f| f.3 < GEMM_MIN_RANK) {
+                for (_, down, up, r) in plain.iter().copied().filter(|f| f.3 < GEMM_MIN_RANK) {
                     for q in 0..*r {
                         let c = up[row * r + q];
                         // (x + 0 * y is x for finite y, up to a zero's sign; merge-only
@@ -175,9 +205,26 @@ fn merge_rows(
                         orow.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
                     }
                 }
+                for ((_, down, up, r), m) in &dora {
+                    let mut full: Vec<f32> = brow.to_vec();
+                    for q in 0..*r {
+                        let c = up[row * r + q];
+                        let d = &down[q * din..(q + 1) * din];
+                        full.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
+                    }
+                    let norm = full
+                        .iter()
+                        .map(|&x| f64::from(x).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    let g = (f64::from(m[row]) / norm.max(f64::MIN_POSITIVE)) as f32;
+                    for ((o, f), b) in orow.iter_mut().zip(&full).zip(brow) {
+                        *o += g * f - b;
+                    }
+                }
             }
         });
-    for (_, down, up, r) in factors.iter().filter(|f| f.3 >= GEMM_MIN_RANK) {
+    for (_, down, up, r) in plain.into_iter().filter(|f| f.3 >= GEMM_MIN_RANK) {
         ops::matmul(out, up, down, dout, *r, din, false, true);
     }
 }

@@ -455,6 +455,22 @@ impl<T: BlasElem> SetBackend for Cuda<T> {
         mode: ApplyMode,
         _previous: Option<&mut CudaLayerAdapters<T>>,
     ) -> Result<CudaLayerAdapters<T>> {
+        // Full-rank (LoHa, LoKr) and DoRA updates merge on the host only: the device merge
+        // adds low-rank products, and DoRA needs the base weights' row norms.
+        if let Some((i, layout)) = set
+            .iter()
+            .enumerate()
+            .find_map(|(i, (a, _))| match a.source {
+                super::AdapterSource::MergeOnly(l) => Some((i, l)),
+                super::AdapterSource::Dora(_) => Some((i, "DoRA")),
+                _ => None,
+            })
+        {
+            return Err(Error::Unsupported(format!(
+                "adapter #{i} is a {layout} adapter, which hdb merges on the CPU only; on CUDA \
+                 use LoRA, LoCon or LiDB adapters"
+            )));
+        }
         let resolved = Applied::new(set, ApplyMode::Runtime, target)?;
         let built = CudaLayerAdapters::new(self, target, &resolved, mode)?;
         log::debug!(
@@ -503,6 +519,7 @@ mod tests {
                     LayerApply {
                         merged: None,
                         runtime,
+                        magnitudes: Vec::new(),
                     },
                 )
             })

@@ -71,6 +71,8 @@ pub struct FileLayer {
     /// Convolution factors (LoCon: down `[rank, din, kh, kw]`, up `[dout, rank, 1, 1]`): the
     /// down factor's kernel `(kh, kw)`; `None` for matrices.
     pub kernel: Option<(usize, usize)>,
+    /// DoRA: the tensor of the layer's magnitudes (one per output), if present.
+    pub magnitude_name: Option<String>,
     down_name: String,
     up_name: String,
 }
@@ -90,6 +92,12 @@ fn classify(format: LoraFormat, n: &str) -> Option<(String, u8)> {
         LoraFormat::Peft => {
             if let Some(s) = n.strip_suffix(".alpha") {
                 return Some((normalize_peft(s), 2));
+            }
+            // DoRA's magnitudes (peft: `.lora_magnitude_vector[.default][.weight]`).
+            let m = n.strip_suffix(".weight").unwrap_or(n);
+            let m = m.strip_suffix(".default").unwrap_or(m);
+            if let Some(s) = m.strip_suffix(".lora_magnitude_vector") {
+                return Some((normalize_peft(s), 3));
             }
             // PEFT state dicts may carry the adapter name: `.lora_A.default.weight`.
             let base = n.strip_suffix(".weight").unwrap_or(n);
@@ -145,8 +153,8 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
     let format = detect(f).ok_or_else(|| {
         bad("neither kohya (*.lora_down.weight) nor PEFT (*.lora_A.weight) keys".into())
     })?;
-    // stem -> [down, up, alpha] entries
-    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 3]> =
+    // stem -> [down, up, alpha, DoRA magnitude] entries
+    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 4]> =
         BTreeMap::new();
     let mut other = Vec::new();
     for e in f.tensors() {
@@ -157,9 +165,9 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
     }
     let mut layers = Vec::with_capacity(parts.len());
     let mut partial = Vec::new();
-    for (stem, [down, up, alpha]) in parts {
+    for (stem, [down, up, alpha, magnitude]) in parts {
         let (Some(down), Some(up)) = (down, up) else {
-            let names = [down, up, alpha].into_iter().flatten();
+            let names = [down, up, alpha, magnitude].into_iter().flatten();
             partial.push((stem, names.map(|e| e.name.clone()).collect()));
             continue;
         };
@@ -214,6 +222,7 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
             dout,
             alpha,
             kernel,
+            magnitude_name: magnitude.map(|e| e.name.clone()),
             down_name: down.name.clone(),
             up_name: up.name.clone(),
         });
@@ -244,6 +253,8 @@ pub struct NamedLayer {
     pub alpha: Option<f32>,
     /// The kernel of a convolution layer (`None`: linear).
     pub conv_kernel: Option<usize>,
+    /// DoRA: the magnitude of each output (`[dout]`).
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// Reads a LoRA file's layers as stored, matched against a model's adaptable layers: every
@@ -378,6 +389,22 @@ pub fn read_named_opts(
             },
             down_shape,
             conv_kernel,
+            magnitude: match &l.magnitude_name {
+                None => None,
+                Some(n) => {
+                    let v = f.to_f32(n)?;
+                    if v.len() != l.dout || v.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                        return Err(Error::AdapterMismatch(format!(
+                            "{}: layer '{k}': DoRA magnitude '{n}' must hold {} finite, \
+                             non-negative values (has {})",
+                            path.display(),
+                            l.dout,
+                            v.len()
+                        )));
+                    }
+                    Some(v)
+                }
+            },
             down_name: l.down_name,
             up_name: l.up_name,
             alpha: l.alpha,
@@ -402,7 +429,11 @@ pub fn import_opts(
     let path = f.path();
     let (_, named) = read_named_opts(f, table, allow_unmatched)?;
     let mut layers = BTreeMap::new();
+    let mut magnitudes = BTreeMap::new();
     for n in named {
+        if let Some(m) = n.magnitude {
+            magnitudes.insert(n.key.clone(), m);
+        }
         let scale = n.alpha.map_or(1.0, |a| a / n.rank as f32);
         let up = n.up.iter().map(|x| x * scale).collect();
         layers.insert(
@@ -415,10 +446,18 @@ pub fn import_opts(
             },
         );
     }
-    let adapter = Adapter {
-        layers,
-        source: AdapterSource::Lora,
+    let source = if magnitudes.is_empty() {
+        AdapterSource::Lora
+    } else {
+        if let Some(k) = layers.keys().find(|k| !magnitudes.contains_key(*k)) {
+            return Err(Error::AdapterMismatch(format!(
+                "{}: layer '{k}' has no DoRA magnitude while others do",
+                path.display()
+            )));
+        }
+        AdapterSource::Dora(magnitudes)
     };
+    let adapter = Adapter { layers, source };
     adapter.validate(table).map_err(|e| match e {
         Error::AdapterMismatch(m) => Error::AdapterMismatch(format!("{}: {m}", path.display())),
         other => other,
@@ -455,6 +494,15 @@ pub(crate) fn normalize_peft(s: &str) -> String {
 /// Writes an adapter as a standard LoRA file. Alpha and scales are already folded into `up`,
 /// so kohya's `.alpha` is the rank (scale 1) and PEFT needs `lora_alpha = r`.
 pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> {
+    let magnitudes = match (&adapter.source, format) {
+        (AdapterSource::Dora(m), LoraFormat::Peft) => Some(m),
+        (AdapterSource::Dora(_), LoraFormat::Kohya) => {
+            return Err(Error::Unsupported(
+                "a DoRA adapter is written as PEFT (lora_magnitude_vector), not kohya".into(),
+            ))
+        }
+        _ => None,
+    };
     let mut names = Vec::new();
     for (k, l) in &adapter.layers {
         let (d, u) = match format {
@@ -487,6 +535,25 @@ pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> 
         if format == LoraFormat::Kohya {
             tensors.push((a.as_str(), vec![], alpha));
         }
+    }
+    let magnitude_names: Vec<(String, &Vec<f32>)> = magnitudes
+        .into_iter()
+        .flatten()
+        .map(|(k, m)| (format!("{k}.lora_magnitude_vector"), m))
+        .collect();
+    for (n, m) in &magnitude_names {
+        // peft's shapes: [out] for a linear layer, [1, out, 1, 1] for a convolution.
+        let key = n.trim_end_matches(".lora_magnitude_vector");
+        let conv = adapter
+            .layers
+            .get(key)
+            .is_some_and(|l| l.conv_kernel.is_some());
+        let shape = if conv {
+            vec![1, m.len(), 1, 1]
+        } else {
+            vec![m.len()]
+        };
+        tensors.push((n.as_str(), shape, m));
     }
     let meta = vec![("generator".to_string(), format!("hdb {}", crate::VERSION))];
     write_f32_with_metadata(path, &tensors, &meta)

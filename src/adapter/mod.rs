@@ -57,6 +57,9 @@ pub enum AdapterSource {
     /// A layout whose updates are full matrices (LoHa, LoKr: [`lycoris`]), named here: merge
     /// mode only.
     MergeOnly(&'static str),
+    /// A DoRA LoRA (merge mode only): per layer, the magnitude of each output row; the merged
+    /// weight is `m / |W + dW|_row * (W + dW)`, which depends on the base weight.
+    Dora(BTreeMap<String, Vec<f32>>),
 }
 
 /// An adapter validated against one model: effective factors for a subset of its layers.
@@ -151,7 +154,19 @@ pub fn load_with(
 /// style in runtime mode: `[id1 + style, id2 + style]` with one index per sample.
 pub fn stack(parts: &[(&Adapter, f32)]) -> Result<Adapter> {
     let mut layers: BTreeMap<String, LoraLayer> = BTreeMap::new();
+    let mut merge_only = None;
     for (i, (a, scale)) in parts.iter().enumerate() {
+        match a.source {
+            // DoRA normalizes each adapter's own W + dW: no sum of updates is the same.
+            AdapterSource::Dora(_) => {
+                return Err(Error::Unsupported(format!(
+                    "adapter #{i} is a DoRA adapter, which does not stack; give it to the set \
+                     on its own"
+                )))
+            }
+            AdapterSource::MergeOnly(l) => merge_only = Some(l),
+            _ => {}
+        }
         if !scale.is_finite() {
             return Err(Error::invalid_arg(
                 "scales",
@@ -214,7 +229,8 @@ pub fn stack(parts: &[(&Adapter, f32)]) -> Result<Adapter> {
     }
     Ok(Adapter {
         layers,
-        source: AdapterSource::Lora,
+        // (a merge-only part keeps the stack merge-only)
+        source: merge_only.map_or(AdapterSource::Lora, AdapterSource::MergeOnly),
     })
 }
 
@@ -224,7 +240,7 @@ impl Adapter {
         match &self.source {
             AdapterSource::Lidb(l) => l.save(path),
             // (a merge-only layout's updates are exact as full-rank factors)
-            AdapterSource::Lora | AdapterSource::MergeOnly(_) => {
+            AdapterSource::Lora | AdapterSource::MergeOnly(_) | AdapterSource::Dora(_) => {
                 lora::export(self, lora::LoraFormat::Peft, path)
             }
         }
