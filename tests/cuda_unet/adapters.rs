@@ -296,8 +296,9 @@ fn adapter_limits_and_mismatches_are_clear_errors() {
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn lora_files_on_every_layer_kind_match_the_cpu() {
     // The style LoRA (every linear layer) and the LoCon (every convolution) of
-    // tests/lora_layers.rs: merge mode takes both through lidb_merge, runtime mode the linear
-    // layers through lora_bgmv and refuses convolutions naming the layer.
+    // tests/lora_layers.rs: merge mode takes both through lidb_merge; runtime mode the linear
+    // layers through lora_bgmv and the convolutions as two conv2d each, on every sample (with
+    // per-sample indices a set with convolutions is refused naming the layer).
     let Some(dev) = device() else { return };
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
     let table = m.adaptable_layers();
@@ -325,6 +326,11 @@ fn lora_files_on_every_layer_kind_match_the_cpu() {
             vec![(&locon, 0.8), (&style, 1.0)],
             ApplyMode::Merge,
         ),
+        (
+            "locon+style runtime",
+            vec![(&locon, 0.8), (&style, 1.0)],
+            ApplyMode::Runtime,
+        ),
     ] {
         let applied = Applied::new(&set, mode, &*unet).expect("cpu set");
         let ad = AdapterCtx {
@@ -351,12 +357,17 @@ fn lora_files_on_every_layer_kind_match_the_cpu() {
             Err(e) => failures.push(format!("{label}: {e}")),
         }
     }
-    match build(&g, &[(&locon, 1.0)], ApplyMode::Runtime) {
-        Ok(_) => failures.push("locon runtime: built on CUDA".into()),
+    let per_sample: Vec<i32> = (0..inp.b as i32)
+        .map(|i| if i % 2 == 0 { 0 } else { -1 })
+        .collect();
+    let refused = build(&g, &[(&locon, 1.0)], ApplyMode::Runtime)
+        .and_then(|a| a.with_samples(Some(&per_sample)).map(|_| ()));
+    match refused {
+        Ok(()) => failures.push("locon per sample: accepted on CUDA".into()),
         Err(e) => {
             let msg = e.to_string();
             if !(msg.contains("convolution") && msg.contains("'unet.")) {
-                failures.push(format!("locon runtime: unclear error: {msg}"));
+                failures.push(format!("locon per sample: unclear error: {msg}"));
             }
         }
     }
