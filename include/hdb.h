@@ -195,6 +195,18 @@ typedef struct hdb_runtime hdb_runtime;
 typedef struct hdb_session hdb_session;
 
 /**
+ * Options for `hdb_adapter_load_ex`. Get the defaults from `hdb_adapter_load_params_default()`.
+ */
+typedef struct hdb_adapter_load_params {
+  uint32_t struct_size;
+  /**
+   * 1: skip the keys of a LoRA file that match no adaptable layer of the model (logged at
+   * warning level) instead of refusing the file; 0 (default): refuse, listing them.
+   */
+  uint32_t allow_unmatched;
+} hdb_adapter_load_params;
+
+/**
  * How `hdb_finetune` starts.
  */
 typedef uint32_t hdb_finetune_mode;
@@ -462,6 +474,13 @@ typedef struct hdb_model_params {
    * Reserved; must be 0.
    */
   uint32_t reserved;
+  /**
+   * A tokenizer folder (`tokenizer.json` or `vocab.json` + `merges.txt`, or a diffusers
+   * folder with `tokenizer/`) to use instead of the model's own; NULL (default): the
+   * model's `tokenizer/`, else for SD 1.x models (LDM single files carry no tokenizer) the
+   * built-in CLIP ViT-L/14 tokenizer. Copied during the call.
+   */
+  const char *tokenizer;
 } hdb_model_params;
 
 /**
@@ -513,7 +532,8 @@ typedef struct hdb_model_info {
    */
   uint32_t cross_attention_dim;
   /**
-   * 1 when a `tokenizer/` folder was found.
+   * 1 when the model has a tokenizer folder (its `tokenizer/`, or `params.tokenizer`);
+   * 0: SD 1.x models use the built-in CLIP ViT-L/14 tokenizer.
    */
   uint32_t has_tokenizer;
   /**
@@ -705,8 +725,8 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), or a
- * kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
+ * Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), a kohya
+ * or PEFT/diffusers LoRA or LoCon of any rank, or a LyCORIS LoHa/LoKr (merge mode only). Layers or shapes that do not fit the model, keys
  * that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
  * naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
  *
@@ -714,6 +734,33 @@ extern "C" {
  * `model` a live model; `path` a NUL-terminated path; `out` valid.
  */
 hdb_status hdb_adapter_load(const struct hdb_model *model, const char *path, struct hdb_adapter **out);
+
+/**
+ * The default adapter-load params.
+ */
+struct hdb_adapter_load_params hdb_adapter_load_params_default(void);
+
+/**
+ * Writes the default adapter-load params into `*params`, `struct_size` included: the values
+ * of `hdb_adapter_load_params_default()`, for hosts that cannot take a struct returned by
+ * value.
+ *
+ * `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+ * header is shorter), and `struct_size` is set to the size written; a size no version has
+ * is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+ *
+ * # Safety
+ * `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
+ */
+hdb_status hdb_adapter_load_params_init(struct hdb_adapter_load_params *params, size_t size);
+
+/**
+ * As `hdb_adapter_load`, with options (`params` NULL: the defaults, as `hdb_adapter_load`).
+ *
+ * # Safety
+ * `model` a live model; `path` a NUL-terminated path; `params` NULL or valid; `out` valid.
+ */
+hdb_status hdb_adapter_load_ex(const struct hdb_model *model, const char *path, const struct hdb_adapter_load_params *params, struct hdb_adapter **out);
 
 /**
  * As `hdb_adapter_load`, from `len` bytes of a file held in memory (copied; the caller keeps
@@ -967,10 +1014,10 @@ hdb_status hdb_model_load(struct hdb_runtime *rt, const char *path, const struct
  * hosts whose model ships inside a package, such as an Android APK's assets): `len` bytes at
  * `bytes` are copied, so the caller may free its buffer when this returns (the copy costs the
  * file's size in memory). `name` (UTF-8, NULL for `"<memory>"`) stands for the file's path in
- * messages and in the base an adapter records. From `params` only `progress` (stage "load",
- * once) applies; `weights_variant` and `storage` are ignored (the bytes are always the model's
- * own copy) and `reserved` must be 0. A model from memory has no tokenizer folder, as one
- * from a single file on disk.
+ * messages and in the base an adapter records. From `params`, `progress` (stage "load",
+ * once) and `tokenizer` apply; `weights_variant` and `storage` are ignored (the bytes are
+ * always the model's own copy) and `reserved` must be 0. Without `tokenizer`, an SD 1.x
+ * model from memory uses the built-in CLIP tokenizer, as a single file on disk does.
  *
  * # Safety
  * `rt` a live runtime; `bytes` valid for `len` bytes; `name` NULL or NUL-terminated;

@@ -401,6 +401,15 @@ class Adapter : public detail::Handle<hdb_adapter, hdb_adapter_free> {
         return detail::finish(Result<Adapter>(Adapter(a)));
     }
     static Ret<Adapter> load(const Model &model, const std::string &path) { return load(model, path.c_str()); }
+    /** With options (hdb_adapter_load_ex), e.g. allow_unmatched: skip a LoRA's keys that
+     * match no layer of the model instead of refusing the file. */
+    static Ret<Adapter> load(const Model &model, const char *path, const hdb_adapter_load_params &params) {
+        hdb_adapter *a = nullptr;
+        hdb_status s = hdb_adapter_load_ex(model.get(), path, &params, &a);
+        if (s != HDB_STATUS_OK) return detail::finish(Result<Adapter>(detail::error_of(s)));
+        return detail::finish(Result<Adapter>(Adapter(a)));
+    }
+    static hdb_adapter_load_params load_params() { return hdb_adapter_load_params_default(); }
     /** From a file's bytes (copied). */
     static Ret<Adapter> load_from_memory(const Model &model, Span<const uint8_t> bytes) {
         hdb_adapter *a = nullptr;

@@ -112,6 +112,7 @@ const BINDINGS: &[Binding] = &[
             "hdb_generate_params_init",
             "hdb_predict_params_init",
             "hdb_finetune_params_init",
+            "hdb_adapter_load_params_init",
             // hdb.hpp hands out hdb.h's params structs themselves (hdb::GenerateParams =
             // hdb_generate_params), so every field is there by construction.
             "hdb_runtime_params.*",
@@ -120,6 +121,7 @@ const BINDINGS: &[Binding] = &[
             "hdb_generate_params.*",
             "hdb_predict_params.*",
             "hdb_finetune_params.*",
+            "hdb_adapter_load_params.*",
         ],
     },
     Binding {
@@ -134,6 +136,7 @@ const BINDINGS: &[Binding] = &[
             "hdb_generate_params_default",
             "hdb_predict_params_default",
             "hdb_finetune_params_default",
+            "hdb_adapter_load_params_default",
         ],
     },
 ];

@@ -126,6 +126,7 @@ fn adapter_whose_rank_wraps_is_refused_by_both_apply_modes() {
         rank,
         down: Vec::new(),
         up: Vec::new(),
+        conv_kernel: None,
     };
     assert!(!layer.fits(4, 4), "rank 2^62 x 4 must not wrap to 0");
     let a = Adapter {

@@ -54,7 +54,8 @@ fn bytes_to_unicode() -> Vec<char> {
 fn clip_parts() -> &'static Parts {
     static PARTS: OnceLock<Parts> = OnceLock::new();
     PARTS.get_or_init(|| {
-        let path = fixtures().join("tokenizer/bpe_simple_vocab_16e6.txt.gz");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("data/clip/bpe_simple_vocab_16e6.txt.gz");
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut text = String::new();
         flate2::read::GzDecoder::new(file)
@@ -281,6 +282,21 @@ fn sd15_folder_matches_the_pipeline() {
     assert_eq!(fx["pad_id"], 49407);
     let cases = fx["cases"].as_array().expect("cases");
     let failures = check_cases("sd15 folder", &tok, cases, 49407, "ids");
+    finish(failures, cases.len() * 2);
+}
+
+/// The built-in tokenizer (what LDM single files get): exactly the SD 1.5 pipeline's input_ids,
+/// and the same vocabulary as the one rebuilt here from the merge list.
+#[test]
+fn builtin_tokenizer_matches_the_pipeline() {
+    let tok = ClipTokenizer::clip_vit_l14().expect("built-in tokenizer");
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_len()),
+        (49406, 49407, 49407, 77)
+    );
+    let fx = prompts_fixture();
+    let cases = fx["cases"].as_array().expect("cases");
+    let failures = check_cases("built-in", &tok, cases, 49407, "ids");
     finish(failures, cases.len() * 2);
 }
 

@@ -15,8 +15,8 @@ vocab.json + merges.txt) is rebuilt from open_clip's bpe_simple_vocab_16e6.txt.g
 CLIP SimpleTokenizer builds its vocabulary, with SD 1.5's tokenizer_config.json/special_tokens_map.json,
 and loaded with `CLIPTokenizer.from_pretrained` as diffusers does.
 
-Writes under tests/fixtures/tokenizer/:
-  bpe_simple_vocab_16e6.txt.gz  copied from open_clip
+Writes data/clip/bpe_simple_vocab_16e6.txt.gz (copied from open_clip: the merge list hdb embeds as its
+built-in SD 1.x tokenizer, src/model/tokenizer/builtin.rs) and under tests/fixtures/tokenizer/:
   prompts.json                  SD 1.5 prompts and their ids: `ids` unpadded, `pads` pad ids after them
                                 make the pipeline's input_ids (checked against transformers' padding)
   configs.json                  tokenizer_config/special_tokens_map/tokenizer.json variants: which
@@ -465,7 +465,7 @@ def make_fixtures():
     from open_clip.tokenizer import default_bpe
 
     os.makedirs(OUT, exist_ok=True)
-    gz = os.path.join(OUT, "bpe_simple_vocab_16e6.txt.gz")
+    gz = os.path.join(REPO, "data", "clip", "bpe_simple_vocab_16e6.txt.gz")
     shutil.copyfile(default_bpe(), gz)
     enc, merges = clip_vocab(gz)
     with tempfile.TemporaryDirectory() as tmp:

@@ -68,6 +68,32 @@ func LoadAdapter(m *Model, path string) (*Adapter, error) {
 	return newAdapter(out), nil
 }
 
+// AdapterOptions are hdb_adapter_load_params' fields.
+type AdapterOptions struct {
+	// AllowUnmatched skips the keys of a LoRA file that match no adaptable layer of the model
+	// (logged as warnings) instead of refusing the file.
+	AllowUnmatched bool
+}
+
+// LoadAdapterWith loads an adapter file with options (hdb_adapter_load_ex).
+func LoadAdapterWith(m *Model, path string, opts AdapterOptions) (*Adapter, error) {
+	var p C.hdb_adapter_load_params
+	C.hdb_adapter_load_params_init(&p, C.sizeof_hdb_adapter_load_params)
+	if opts.AllowUnmatched {
+		p.allow_unmatched = 1
+	}
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	var e C.hdbgo_err
+	var out *C.hdb_adapter
+	err := check(C.hdbgo_adapter_load_ex(m.p, cpath, &p, &out, &e), &e)
+	runtime.KeepAlive(m)
+	if err != nil {
+		return nil, err
+	}
+	return newAdapter(out), nil
+}
+
 // LoadAdapterFromMemory loads an adapter from a file's bytes.
 func LoadAdapterFromMemory(m *Model, data []byte) (*Adapter, error) {
 	buf := C.CBytes(data)

@@ -186,6 +186,19 @@ type ModelOptions struct {
 	WeightsVariant uint32       // HDB_WEIGHTS_*: 0 auto, 1 full, 2 fp16
 	Storage        uint32       // HDB_STORAGE_*: 0 mmap, 1 copy
 	Progress       ProgressFunc // after each weight file (stage "load"); may be nil
+	// Tokenizer: a tokenizer folder (or a diffusers folder with tokenizer/) used instead of
+	// the model's own; "": the model's, else the built-in CLIP tokenizer for SD 1.x.
+	Tokenizer string
+}
+
+// setTokenizer points p.tokenizer at a C copy of opts' tokenizer; free it after the call.
+func setTokenizer(p *C.hdb_model_params, opts *ModelOptions) unsafe.Pointer {
+	if opts == nil || opts.Tokenizer == "" {
+		return nil
+	}
+	t := C.CString(opts.Tokenizer)
+	p.tokenizer = t
+	return unsafe.Pointer(t)
 }
 
 // LoadModel loads a diffusers folder or an LDM single-file checkpoint.
@@ -200,6 +213,7 @@ func LoadModel(rt *Runtime, path string, opts *ModelOptions) (*Model, error) {
 	}
 	h, del := handleOf(progress, progress == nil)
 	defer del()
+	defer C.free(setTokenizer(&p, opts))
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	var e C.hdbgo_err
@@ -215,7 +229,7 @@ func LoadModel(rt *Runtime, path string, opts *ModelOptions) (*Model, error) {
 }
 
 // LoadModelFromMemory loads an LDM single-file checkpoint from its bytes (copied: data may be
-// reused at once). name stands for its path in messages; of opts only Progress applies.
+// reused at once). name stands for its path in messages; of opts Progress and Tokenizer apply.
 func LoadModelFromMemory(rt *Runtime, data []byte, name string, opts *ModelOptions) (*Model, error) {
 	var p C.hdb_model_params
 	C.hdb_model_params_init(&p, C.sizeof_hdb_model_params)
@@ -225,6 +239,7 @@ func LoadModelFromMemory(rt *Runtime, data []byte, name string, opts *ModelOptio
 	}
 	h, del := handleOf(progress, progress == nil)
 	defer del()
+	defer C.free(setTokenizer(&p, opts))
 	// cgo's rules: hdb reads C memory, not the Go slice.
 	buf := C.CBytes(data)
 	defer C.free(buf)

@@ -404,3 +404,29 @@ func TestModelFromMemory(t *testing.T) {
 		t.Fatalf("a truncated buffer: %v", err)
 	}
 }
+
+func TestTokenizerAndAllowUnmatched(t *testing.T) {
+	rt, err := NewRuntime(RuntimeOptions{Device: "cpu", NumThreads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	m, err := LoadModel(rt, filepath.Join(fixtures, "tiny-sd-ldm.safetensors"),
+		&ModelOptions{Tokenizer: filepath.Join(fixtures, "tiny-sd")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if info, err := m.Info(); err != nil || !info.HasTokenizer {
+		t.Fatalf("the given tokenizer is not the model's: %+v, %v", info, err)
+	}
+	if _, err := LoadModel(rt, filepath.Join(fixtures, "tiny-sd-ldm.safetensors"),
+		&ModelOptions{Tokenizer: t.TempDir()}); err == nil || !strings.Contains(err.Error(), "tokenizer") {
+		t.Fatalf("a folder without a tokenizer: %v", err)
+	}
+	ad, err := LoadAdapterWith(m, filepath.Join(fixtures, "adapter", "id1.lidb.safetensors"), AdapterOptions{AllowUnmatched: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ad.Close()
+}

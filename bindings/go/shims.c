@@ -52,6 +52,10 @@ hdb_status hdbgo_model_describe(const hdb_model *m, char *buf, size_t len, size_
 hdb_status hdbgo_adapter_load(const hdb_model *m, const char *path, hdb_adapter **out, hdbgo_err *e) {
     HDBGO_CALL(hdb_adapter_load(m, path, out));
 }
+hdb_status hdbgo_adapter_load_ex(const hdb_model *m, const char *path, const hdb_adapter_load_params *p,
+                                 hdb_adapter **out, hdbgo_err *e) {
+    HDBGO_CALL(hdb_adapter_load_ex(m, path, p, out));
+}
 hdb_status hdbgo_adapter_load_from_memory(const hdb_model *m, const uint8_t *bytes, size_t len, hdb_adapter **out,
                                           hdbgo_err *e) {
     HDBGO_CALL(hdb_adapter_load_from_memory(m, bytes, len, out));

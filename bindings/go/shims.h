@@ -25,6 +25,8 @@ hdb_status hdbgo_model_load_from_memory(hdb_runtime *rt, const uint8_t *bytes, s
 hdb_status hdbgo_model_get_info(const hdb_model *m, hdb_model_info *out, hdbgo_err *e);
 hdb_status hdbgo_model_describe(const hdb_model *m, char *buf, size_t len, size_t *needed, hdbgo_err *e);
 hdb_status hdbgo_adapter_load(const hdb_model *m, const char *path, hdb_adapter **out, hdbgo_err *e);
+hdb_status hdbgo_adapter_load_ex(const hdb_model *m, const char *path, const hdb_adapter_load_params *p,
+                                 hdb_adapter **out, hdbgo_err *e);
 hdb_status hdbgo_adapter_load_from_memory(const hdb_model *m, const uint8_t *bytes, size_t len, hdb_adapter **out,
                                           hdbgo_err *e);
 hdb_status hdbgo_adapter_save(const hdb_adapter *a, const char *path, hdbgo_err *e);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::Adapter;
 use crate::backend::cpu as ops;
-use crate::backend::{AdapterHook, Backend, Cpu};
+use crate::backend::{AdapterHook, Backend, Conv2d, Cpu};
 use crate::error::{Error, Result};
 use crate::io::F32Weight;
 use crate::model::Adaptable;
@@ -27,6 +27,8 @@ pub struct LayerApply {
     pub merged: Option<F32Weight>,
     /// Runtime mode: (index of the adapter in the set, down [r, din], up [dout, r] x scale, rank).
     pub runtime: Vec<(usize, Vec<f32>, Vec<f32>, usize)>,
+    /// Per `runtime` entry, a DoRA adapter's magnitudes `[dout]` (merge mode only).
+    pub magnitudes: Vec<Option<Vec<f32>>>,
 }
 
 /// A session's active adapter set, resolved per layer key (`unet.<path>`).
@@ -68,6 +70,15 @@ impl Applied {
                 ));
             }
             let prefix = target.key_prefix();
+            let magnitudes = match &a.source {
+                super::AdapterSource::Dora(m) => Some(m),
+                _ => None,
+            };
+            if mode == ApplyMode::Runtime && magnitudes.is_some() {
+                return Err(Error::Unsupported(format!(
+                    "adapter #{i} is a DoRA adapter: merge mode only"
+                )));
+            }
             for (k, l) in a.layers.iter().filter(|(k, _)| k.starts_with(prefix)) {
                 let (_, dout, din) = target.projection(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
@@ -86,12 +97,10 @@ impl Applied {
                 }
                 dims.insert(k.clone(), (dout, din));
                 let up: Vec<f32> = l.up.iter().map(|x| x * scale).collect();
-                per_layer.entry(k.clone()).or_default().runtime.push((
-                    i,
-                    l.down.clone(),
-                    up,
-                    l.rank,
-                ));
+                let la = per_layer.entry(k.clone()).or_default();
+                la.runtime.push((i, l.down.clone(), up, l.rank));
+                la.magnitudes
+                    .push(magnitudes.and_then(|m| m.get(k).cloned()));
             }
         }
         if mode == ApplyMode::Merge {
@@ -126,9 +135,10 @@ impl Applied {
                     Some(i) => spare.swap_remove(i),
                     None => vec![0.0; w.len()],
                 };
-                merge_rows(&mut m, w, &la.runtime, dout, din);
+                merge_rows(&mut m, w, &la.runtime, &la.magnitudes, dout, din);
                 la.merged = Some(F32Weight::Owned(m));
                 la.runtime.clear();
+                la.magnitudes.clear();
             }
         }
         Ok(Applied {
@@ -139,16 +149,42 @@ impl Applied {
     }
 }
 
-/// `out = w + sum up . down` in one pass over the rows of `w` [dout, din]: each base row is
-/// read once and each merged row written once (bandwidth-bound; rows in parallel).
+/// One adapter's factors of a layer: (index in the set, down `[r, din]`, up `[dout, r]` x
+/// scale, r).
+type Factors = (usize, Vec<f32>, Vec<f32>, usize);
+
+/// From this rank on a factor pair is merged by a GEMM: the row loop below does `rank` passes
+/// of FMAs over each row, fine for identities (rank 1 to 4, bandwidth-bound) but compute-bound
+/// for a rank-32 style LoRA on every layer.
+const GEMM_MIN_RANK: usize = 8;
+
+/// `out = w + sum up . down`: one pass over the rows of `w` [dout, din] for the low-rank
+/// factors (each base row read once and each merged row written once; rows in parallel), then
+/// a GEMM per factor pair of rank [`GEMM_MIN_RANK`] or more.
+///
+/// A factor pair with DoRA magnitudes `m` instead adds `m / |w + up . down|_row * (w + up .
+/// down) - w` per row (peft's merge; the norm in f64).
 fn merge_rows(
     out: &mut [f32],
     w: &[f32],
     factors: &[(usize, Vec<f32>, Vec<f32>, usize)],
+    magnitudes: &[Option<Vec<f32>>],
     dout: usize,
     din: usize,
 ) {
     use rayon::prelude::*;
+    let is_dora = |j: usize| magnitudes.get(j).is_some_and(Option::is_some);
+    let plain: Vec<&Factors> = factors
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| !is_dora(*j))
+        .map(|(_, f)| f)
+        .collect();
+    let dora: Vec<(&Factors, &Vec<f32>)> = factors
+        .iter()
+        .zip(magnitudes)
+        .filter_map(|(f, m)| Some((f, m.as_ref()?)))
+        .collect();
     let rows_per_task = (1 << 16) / din.max(1) + 1;
     out.par_chunks_mut(rows_per_task * din)
         .zip(w.par_chunks(rows_per_task * din))
@@ -157,16 +193,40 @@ fn merge_rows(
             for (j, (orow, brow)) in o.chunks_mut(din).zip(b.chunks(din)).enumerate() {
                 let row = t * rows_per_task + j;
                 orow.copy_from_slice(brow);
-                for (_, down, up, r) in factors {
+                for (_, down, up, r) in plain.iter().copied().filter(|f| f.3 < GEMM_MIN_RANK) {
                     for q in 0..*r {
                         let c = up[row * r + q];
+                        // (x + 0 * y is x for finite y, up to a zero's sign; merge-only
+                        // layouts hold identity factors, mostly zeros)
+                        if c == 0.0 {
+                            continue;
+                        }
                         let d = &down[q * din..(q + 1) * din];
                         orow.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
                     }
                 }
+                for ((_, down, up, r), m) in &dora {
+                    let mut full: Vec<f32> = brow.to_vec();
+                    for q in 0..*r {
+                        let c = up[row * r + q];
+                        let d = &down[q * din..(q + 1) * din];
+                        full.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
+                    }
+                    let norm = full
+                        .iter()
+                        .map(|&x| f64::from(x).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    let g = (f64::from(m[row]) / norm.max(f64::MIN_POSITIVE)) as f32;
+                    for ((o, f), b) in orow.iter_mut().zip(&full).zip(brow) {
+                        *o += g * f - b;
+                    }
+                }
             }
         });
-    let _ = dout;
+    for (_, down, up, r) in plain.into_iter().filter(|f| f.3 >= GEMM_MIN_RANK) {
+        ops::matmul(out, up, down, dout, *r, din, false, true);
+    }
 }
 
 /// What a UNet evaluation applies: the set, and optionally an adapter index per sample
@@ -240,6 +300,67 @@ impl AdapterHook<Cpu> for AdapterCtx<'_> {
             )));
         }
         self.add_runtime(key, y, x, batch, din, dout);
+        Ok(())
+    }
+
+    fn add_conv(
+        &self,
+        _: &Cpu,
+        key: &str,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        p: &Conv2d,
+    ) -> Result<()> {
+        let Some(l) = self.applied.layers.get(key) else {
+            return Ok(());
+        };
+        let (ho, wo) = p.out_hw();
+        let (n_in, n_out) = (p.c_in * p.h * p.w, p.c_out * ho * wo);
+        if x.len() != p.batch * n_in || y.len() != p.batch * n_out {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': {} inputs and {} outputs do not match {p:?}",
+                x.len(),
+                y.len()
+            )));
+        }
+        for (i, down, up, r) in &l.runtime {
+            let r = *r;
+            // One run over `n` samples: t = conv(x, down) [n, r, ho, wo]; y += conv1x1(t, up).
+            let apply = |y: &mut [f32], x: &[f32], n: usize| {
+                let pd = Conv2d {
+                    batch: n,
+                    c_out: r,
+                    ..*p
+                };
+                let mut t = vec![0f32; n * r * ho * wo];
+                ops::conv::conv2d(&mut t, x, down, None, &pd);
+                let pu = Conv2d {
+                    batch: n,
+                    c_in: r,
+                    h: ho,
+                    w: wo,
+                    c_out: p.c_out,
+                    kernel: 1,
+                    stride: 1,
+                    padding: 0,
+                };
+                let mut u = vec![0f32; n * n_out];
+                ops::conv::conv2d(&mut u, &t, up, None, &pu);
+                y.iter_mut().zip(&u).for_each(|(a, b)| *a += b);
+            };
+            match self.per_sample {
+                None => apply(y, x, p.batch),
+                Some(idx) => {
+                    for (s, _) in idx.iter().enumerate().filter(|(_, &a)| a == *i as i32) {
+                        apply(
+                            &mut y[s * n_out..(s + 1) * n_out],
+                            &x[s * n_in..(s + 1) * n_in],
+                            1,
+                        );
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

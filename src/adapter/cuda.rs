@@ -8,7 +8,12 @@
 //!   [`AdapterHook::weight`] hands to the projection's GEMM.
 //! - Runtime mode: every adapted projection gets a device table of [`Factor`]s, one per
 //!   adapter of the set; after the projection's GEMM, `lora_bgmv` adds the update in place, one
-//!   launch per projection with per-sample indices, else one per adapter that changes it.
+//!   launch per projection with per-sample indices, else one per adapter that changes it. An
+//!   adapted convolution (LoCon) holds each adapter's factors as conv weights instead: two
+//!   conv2d (down with the layer's kernel, up 1x1) and an add, every adapter on every sample
+//!   (per-sample sets with convolutions are refused).
+//! - LoHa, LoKr and DoRA adapters are refused in both modes (their updates are full-rank or
+//!   depend on the base weights; the CPU merges them).
 //!
 //! [`CudaLayerAdapters`] is the set (build it when the set changes); [`LayerAdaptersCtx`] is
 //! the set with one evaluation's per-sample indices uploaded: the hook the model runs with.
@@ -128,6 +133,9 @@ struct Layer<T> {
     dout: usize,
     merged: Option<CudaSlice<T>>,
     lora: Option<Lora>,
+    /// Runtime mode on a convolution: per adapter, (its index, down `[r, in, k, k]`, up
+    /// `[out, r, 1, 1]` x scale) on the device.
+    conv: Vec<(usize, CudaSlice<T>, CudaSlice<T>)>,
 }
 
 /// A session's adapter set on one generic model over [`Cuda`]. Immutable once built.
@@ -171,6 +179,14 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
             ));
         }
         check_ranks(resolved, mode)?;
+        // Convolutions (LoCon) in runtime mode run their factors as two convolutions (down with
+        // the layer's kernel, up 1x1) on the backend's conv2d: lora_bgmv is a per-row GEMV.
+        let table = model.adaptable_layers();
+        let is_conv = |k: &str| {
+            table
+                .get(k)
+                .is_some_and(|s| s.kind != crate::model::LayerKind::Linear)
+        };
         let dev = be.dev();
         dev.bind_to_thread()?;
         let count = resolved.count;
@@ -232,6 +248,29 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
         match mode {
             ApplyMode::Runtime => {
                 for (key, (_, dout, din, factors)) in &located {
+                    if is_conv(key) {
+                        let la = &resolved.layers[*key];
+                        let conv = la
+                            .runtime
+                            .iter()
+                            .map(|(i, down, up, _)| {
+                                let w =
+                                    |v: &[f32]| be.weight(crate::io::F32Weight::Owned(v.to_vec()));
+                                Ok((*i, w(down)?, w(up)?))
+                            })
+                            .collect::<Result<_>>()?;
+                        layers.insert(
+                            key.to_string(),
+                            Layer {
+                                din: *din,
+                                dout: *dout,
+                                merged: None,
+                                lora: None,
+                                conv,
+                            },
+                        );
+                        continue;
+                    }
                     let mut table = vec![Factor::default(); count.max(1)];
                     let mut present: Vec<usize> = factors.iter().map(|f| f.0).collect();
                     for f in factors {
@@ -257,6 +296,7 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
                             dout: *dout,
                             merged: None,
                             lora: Some(lora),
+                            conv: Vec::new(),
                         },
                     );
                 }
@@ -289,6 +329,7 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
                             dout: *dout,
                             merged: Some(copy),
                             lora: None,
+                            conv: Vec::new(),
                         },
                     );
                 }
@@ -334,6 +375,13 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
     ) -> Result<LayerAdaptersCtx<'a, T>> {
         if let Some(idx) = per_sample {
             validate_per_sample(self.mode, self.count, Some(idx), idx.len())?;
+            if let Some((k, _)) = self.layers.iter().find(|(_, l)| !l.conv.is_empty()) {
+                return Err(Error::Unsupported(format!(
+                    "layer '{k}' is a convolution: per-sample adapters on CUDA apply to linear \
+                     layers only (a LoCon applies to every sample of a batch there; the CPU runs \
+                     it per sample)"
+                )));
+            }
         }
         let per_mask = per_sample
             .map(|idx| per_mask_indices(&self.dev, &self.masks, idx))
@@ -358,6 +406,51 @@ pub struct LayerAdaptersCtx<'a, T: BlasElem> {
 impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
     fn validate(&self, batch: usize) -> Result<()> {
         validate_per_sample(self.set.mode, self.set.count, self.per_sample, batch)
+    }
+
+    /// Every adapter of the set on every sample (per-sample sets with convolutions are refused
+    /// when prepared): t = conv(x, down) with the layer's kernel, stride and padding, then
+    /// y += conv1x1(t, up).
+    fn add_conv(
+        &self,
+        be: &Cuda<T>,
+        key: &str,
+        y: &mut CudaSlice<T>,
+        x: &CudaSlice<T>,
+        p: &crate::backend::Conv2d,
+    ) -> Result<()> {
+        let Some(layer) = self.set.layers.get(key).filter(|l| !l.conv.is_empty()) else {
+            return Ok(());
+        };
+        if !Arc::ptr_eq(be.dev(), &self.set.dev) || self.per_sample.is_some() {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': a convolution set on another device, or per sample"
+            )));
+        }
+        let kk = p.c_in * p.kernel * p.kernel;
+        let (ho, wo) = p.out_hw();
+        for (i, down, up) in &layer.conv {
+            let r = down.len() / kk.max(1);
+            if r == 0 || r * kk != down.len() || up.len() != p.c_out * r {
+                return Err(Error::Internal(format!(
+                    "adapter '{key}': factors of adapter #{i} do not fit {p:?}"
+                )));
+            }
+            let t = be.conv2d(x, down, None, &crate::backend::Conv2d { c_out: r, ..*p })?;
+            let up_dims = crate::backend::Conv2d {
+                batch: p.batch,
+                c_in: r,
+                h: ho,
+                w: wo,
+                c_out: p.c_out,
+                kernel: 1,
+                stride: 1,
+                padding: 0,
+            };
+            let u = be.conv2d(&t, up, None, &up_dims)?;
+            be.add_inplace(y, &u)?;
+        }
+        Ok(())
     }
 
     fn weight(&self, key: &str) -> Option<&CudaSlice<T>> {
@@ -439,6 +532,22 @@ impl<T: BlasElem> SetBackend for Cuda<T> {
         mode: ApplyMode,
         _previous: Option<&mut CudaLayerAdapters<T>>,
     ) -> Result<CudaLayerAdapters<T>> {
+        // Full-rank (LoHa, LoKr) and DoRA updates merge on the host only: the device merge
+        // adds low-rank products, and DoRA needs the base weights' row norms.
+        if let Some((i, layout)) = set
+            .iter()
+            .enumerate()
+            .find_map(|(i, (a, _))| match a.source {
+                super::AdapterSource::MergeOnly(l) => Some((i, l)),
+                super::AdapterSource::Dora(_) => Some((i, "DoRA")),
+                _ => None,
+            })
+        {
+            return Err(Error::Unsupported(format!(
+                "adapter #{i} is a {layout} adapter, which hdb merges on the CPU only; on CUDA \
+                 use LoRA, LoCon or LiDB adapters"
+            )));
+        }
         let resolved = Applied::new(set, ApplyMode::Runtime, target)?;
         let built = CudaLayerAdapters::new(self, target, &resolved, mode)?;
         log::debug!(
@@ -487,6 +596,7 @@ mod tests {
                     LayerApply {
                         merged: None,
                         runtime,
+                        magnitudes: Vec::new(),
                     },
                 )
             })

@@ -260,6 +260,12 @@ impl Lidb {
             .layers
             .par_iter()
             .map(|(k, (d_train, u_train))| {
+                if !crate::model::adaptable::is_identity_layer(k) {
+                    return Err(Error::AdapterMismatch(format!(
+                        "layer '{k}' is not an attention projection: LiDB identities are \
+                         defined over the attention projections only (DESIGN.md section 1)"
+                    )));
+                }
                 let s = table.get(k).ok_or_else(|| {
                     Error::AdapterMismatch(format!(
                         "layer '{k}' is not an adaptable layer of this model"
@@ -286,7 +292,15 @@ impl Lidb {
                         up[o * r + i] = m.alpha * dot;
                     }
                 }
-                Ok((k.clone(), LoraLayer { rank: r, down, up }))
+                Ok((
+                    k.clone(),
+                    LoraLayer {
+                        rank: r,
+                        down,
+                        up,
+                        conv_kernel: None,
+                    },
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let layers: BTreeMap<String, LoraLayer> = composed.into_iter().collect();

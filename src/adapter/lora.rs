@@ -1,6 +1,9 @@
-//! Standard LoRA files: import kohya (`lora_unet_*`, `lora_te_*`, `.alpha`) and PEFT/diffusers
-//! (`unet.*.lora_A.weight` / `lora_B`) files of any rank; export an adapter in either form.
-//! Keys that match no adaptable layer are an error listing them, never dropped silently.
+//! Standard LoRA files: import kohya (`lora_unet_*`, `lora_te_*`, `.alpha` per layer, rank when
+//! missing) and PEFT/diffusers files (`unet.*.lora_A.weight` / `lora_B`, optionally `.alpha`;
+//! diffusers' older attention-processor form `*.processor.to_q_lora.down.weight`, and
+//! `*.lora_linear_layer.down.weight`) of any rank, on every adaptable layer; export an adapter in
+//! kohya or PEFT form. Keys that match no adaptable layer are an error listing them, never
+//! dropped silently.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +11,7 @@ use std::path::Path;
 use super::{Adapter, AdapterSource, LayerShape, LoraLayer};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
+use crate::model::LayerKind;
 
 /// The two file layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +21,7 @@ pub enum LoraFormat {
 }
 
 /// kohya's name for canonical key K: `unet.a.b` -> `lora_unet_a_b`, `text_encoder.x` -> `lora_te_x`.
-fn kohya_name(k: &str) -> String {
+pub(crate) fn kohya_name(k: &str) -> String {
     let k = k
         .strip_prefix("text_encoder.")
         .map(|r| format!("te.{r}"))
@@ -29,14 +33,19 @@ fn kohya_name(k: &str) -> String {
 pub fn detect(f: &SafetensorsFile) -> Option<LoraFormat> {
     if f.tensors().any(|e| e.name.ends_with(".lora_down.weight")) {
         Some(LoraFormat::Kohya)
-    } else if f.tensors().any(|e| e.name.contains(".lora_A.")) {
+    } else if f.tensors().any(|e| {
+        let n = &e.name;
+        n.contains(".lora_A.")
+            || n.ends_with("_lora.down.weight")
+            || n.contains(".lora_linear_layer.down.")
+    }) {
         Some(LoraFormat::Peft)
     } else {
         None
     }
 }
 
-fn summarize(keys: &[String]) -> String {
+pub(crate) fn summarize(keys: &[String]) -> String {
     let first: Vec<&str> = keys.iter().take(5).map(String::as_str).collect();
     format!(
         "{} key(s) match no adaptable layer of this model, e.g. {}",
@@ -59,6 +68,11 @@ pub struct FileLayer {
     pub dout: usize,
     /// kohya's `.alpha`, a single value, if present.
     pub alpha: Option<f32>,
+    /// Convolution factors (LoCon: down `[rank, din, kh, kw]`, up `[dout, rank, 1, 1]`): the
+    /// down factor's kernel `(kh, kw)`; `None` for matrices.
+    pub kernel: Option<(usize, usize)>,
+    /// DoRA: the tensor of the layer's magnitudes (one per output), if present.
+    pub magnitude_name: Option<String>,
     down_name: String,
     up_name: String,
 }
@@ -76,14 +90,37 @@ fn classify(format: LoraFormat, n: &str) -> Option<(String, u8)> {
             }
         }
         LoraFormat::Peft => {
+            if let Some(s) = n.strip_suffix(".alpha") {
+                return Some((normalize_peft(s), 2));
+            }
+            // DoRA's magnitudes (peft: `.lora_magnitude_vector[.default][.weight]`).
+            let m = n.strip_suffix(".weight").unwrap_or(n);
+            let m = m.strip_suffix(".default").unwrap_or(m);
+            if let Some(s) = m.strip_suffix(".lora_magnitude_vector") {
+                return Some((normalize_peft(s), 3));
+            }
             // PEFT state dicts may carry the adapter name: `.lora_A.default.weight`.
             let base = n.strip_suffix(".weight").unwrap_or(n);
             let base = base.strip_suffix(".default").unwrap_or(base);
-            if let Some(s) = base.strip_suffix(".lora_A") {
-                Some((normalize_peft(s), 0))
-            } else {
-                base.strip_suffix(".lora_B").map(|s| (normalize_peft(s), 1))
+            // (suffix, factor, whether only the processor form ends so)
+            for (suffix, which, processor) in [
+                (".lora_A", 0, false),
+                (".lora_B", 1, false),
+                (".lora_linear_layer.down", 0, false),
+                (".lora_linear_layer.up", 1, false),
+                (".down", 0, true),
+                (".up", 1, true),
+            ] {
+                if let Some(s) = base.strip_suffix(suffix) {
+                    let stem = if processor {
+                        processor_form(s)?
+                    } else {
+                        s.to_string()
+                    };
+                    return Some((normalize_peft(&stem), which));
+                }
             }
+            None
         }
     }
 }
@@ -116,8 +153,8 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
     let format = detect(f).ok_or_else(|| {
         bad("neither kohya (*.lora_down.weight) nor PEFT (*.lora_A.weight) keys".into())
     })?;
-    // stem -> [down, up, alpha] entries
-    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 3]> =
+    // stem -> [down, up, alpha, DoRA magnitude] entries
+    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 4]> =
         BTreeMap::new();
     let mut other = Vec::new();
     for e in f.tensors() {
@@ -128,17 +165,25 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
     }
     let mut layers = Vec::with_capacity(parts.len());
     let mut partial = Vec::new();
-    for (stem, [down, up, alpha]) in parts {
+    for (stem, [down, up, alpha, magnitude]) in parts {
         let (Some(down), Some(up)) = (down, up) else {
-            let names = [down, up, alpha].into_iter().flatten();
+            let names = [down, up, alpha, magnitude].into_iter().flatten();
             partial.push((stem, names.map(|e| e.name.clone()).collect()));
             continue;
         };
-        let (&[rank, din], &[dout, up_rank]) = (down.shape.dims(), up.shape.dims()) else {
-            return Err(bad(format!(
-                "layer '{stem}': factors '{}' {} and '{}' {} must both be matrices",
-                down.name, down.shape, up.name, up.shape
-            )));
+        let (rank, din, dout, up_rank, kernel) = match (down.shape.dims(), up.shape.dims()) {
+            (&[rank, din], &[dout, up_rank]) => (rank, din, dout, up_rank, None),
+            (&[rank, din, kh, kw], &[dout, up_rank, 1, 1]) => {
+                (rank, din, dout, up_rank, Some((kh, kw)))
+            }
+            _ => {
+                return Err(bad(format!(
+                    "layer '{stem}': factors '{}' {} and '{}' {} must both be matrices \
+                     ([rank, in] and [out, rank]) or convolution factors ([rank, in, kh, kw] \
+                     and [out, rank, 1, 1])",
+                    down.name, down.shape, up.name, up.shape
+                )))
+            }
         };
         if up_rank != rank {
             return Err(bad(format!(
@@ -176,6 +221,8 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
             din,
             dout,
             alpha,
+            kernel,
+            magnitude_name: magnitude.map(|e| e.name.clone()),
             down_name: down.name.clone(),
             up_name: up.name.clone(),
         });
@@ -204,6 +251,10 @@ pub struct NamedLayer {
     /// `[out, rank]` values.
     pub up: Vec<f32>,
     pub alpha: Option<f32>,
+    /// The kernel of a convolution layer (`None`: linear).
+    pub conv_kernel: Option<usize>,
+    /// DoRA: the magnitude of each output (`[dout]`).
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// Reads a LoRA file's layers as stored, matched against a model's adaptable layers: every
@@ -212,6 +263,16 @@ pub struct NamedLayer {
 pub fn read_named(
     f: &SafetensorsFile,
     table: &BTreeMap<String, LayerShape>,
+) -> Result<(LoraFormat, Vec<NamedLayer>)> {
+    read_named_opts(f, table, false)
+}
+
+/// As [`read_named`]; with `allow_unmatched`, tensors that match no adaptable layer are skipped
+/// (listed in the log at warning level) instead of refused.
+pub fn read_named_opts(
+    f: &SafetensorsFile,
+    table: &BTreeMap<String, LayerShape>,
+    allow_unmatched: bool,
 ) -> Result<(LoraFormat, Vec<NamedLayer>)> {
     let path = f.path();
     let LoraFile {
@@ -244,7 +305,15 @@ pub fn read_named(
             None => unmatched.extend([l.down_name, l.up_name]),
         }
     }
-    if !unmatched.is_empty() {
+    if !unmatched.is_empty() && allow_unmatched {
+        unmatched.sort();
+        log::warn!(
+            "{}: skipped as asked (allow unmatched): {}: {}",
+            path.display(),
+            summarize(&unmatched),
+            unmatched.join(", ")
+        );
+    } else if !unmatched.is_empty() {
         unmatched.sort();
         return Err(Error::AdapterMismatch(format!(
             "{}: {}",
@@ -255,9 +324,44 @@ pub fn read_named(
     let mut layers = Vec::with_capacity(known.len());
     for (k, l) in known {
         let s = &table[k];
-        if (l.dout, l.din) != (s.dout, s.din) {
+        // The factors' input width: a convolution's in channels, a linear layer's din.
+        let (want_in, conv_kernel) = match (s.kind, l.kernel) {
+            (LayerKind::Linear, None) => (s.din, None),
+            (LayerKind::Linear, Some((kh, kw))) => {
+                return Err(Error::AdapterMismatch(format!(
+                    "{}: layer '{k}' is a linear layer, but '{}' is a {kh}x{kw} convolution \
+                     factor {} (LoCon)",
+                    path.display(),
+                    l.down_name,
+                    f.get(&l.down_name)
+                        .map_or_else(String::new, |e| e.shape.to_string()),
+                )));
+            }
+            (
+                LayerKind::Conv {
+                    in_channels,
+                    kernel,
+                    ..
+                },
+                file,
+            ) => {
+                // Matrices fit a 1x1 convolution (SD 2.x-style files for SD 1.x's proj_in).
+                let (kh, kw) = file.unwrap_or((1, 1));
+                if (kh, kw) != (kernel, kernel) {
+                    return Err(Error::AdapterMismatch(format!(
+                        "{}: layer '{k}' is a {kernel}x{kernel} convolution, but its down factor \
+                         '{}' has a {kh}x{kw} kernel",
+                        path.display(),
+                        l.down_name
+                    )));
+                }
+                (in_channels, Some(kernel))
+            }
+        };
+        if (l.dout, l.din) != (s.dout, want_in) {
             return Err(Error::AdapterMismatch(format!(
-                "{}: layer '{k}': factors '{}' [{}, {}] and '{}' [{}, {}] do not fit the model's [{}, {}] weight",
+                "{}: layer '{k}': factors '{}' [{}, {}] and '{}' [{}, {}] do not fit the model's \
+                 [{}, {}] weight",
                 path.display(),
                 l.down_name,
                 l.rank,
@@ -266,16 +370,41 @@ pub fn read_named(
                 l.dout,
                 l.rank,
                 s.dout,
-                s.din
+                want_in
             )));
         }
+        let down_shape = match l.kernel {
+            Some((kh, kw)) => vec![l.rank, l.din, kh, kw],
+            None => vec![l.rank, l.din],
+        };
         layers.push(NamedLayer {
             key: k.clone(),
             rank: l.rank,
             down: f.to_f32(&l.down_name)?,
             up: f.to_f32(&l.up_name)?,
-            down_shape: vec![l.rank, l.din],
-            up_shape: vec![l.dout, l.rank],
+            up_shape: if l.kernel.is_some() {
+                vec![l.dout, l.rank, 1, 1]
+            } else {
+                vec![l.dout, l.rank]
+            },
+            down_shape,
+            conv_kernel,
+            magnitude: match &l.magnitude_name {
+                None => None,
+                Some(n) => {
+                    let v = f.to_f32(n)?;
+                    if v.len() != l.dout || v.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                        return Err(Error::AdapterMismatch(format!(
+                            "{}: layer '{k}': DoRA magnitude '{n}' must hold {} finite, \
+                             non-negative values (has {})",
+                            path.display(),
+                            l.dout,
+                            v.len()
+                        )));
+                    }
+                    Some(v)
+                }
+            },
             down_name: l.down_name,
             up_name: l.up_name,
             alpha: l.alpha,
@@ -287,10 +416,24 @@ pub fn read_named(
 /// Imports a LoRA file against a model's adaptable layers ([`read_named`]), alpha / rank
 /// folded into the up factor.
 pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Result<Adapter> {
+    import_opts(f, table, false)
+}
+
+/// As [`import`]; with `allow_unmatched`, keys that match no adaptable layer are skipped and
+/// logged ([`read_named_opts`]).
+pub fn import_opts(
+    f: &SafetensorsFile,
+    table: &BTreeMap<String, LayerShape>,
+    allow_unmatched: bool,
+) -> Result<Adapter> {
     let path = f.path();
-    let (_, named) = read_named(f, table)?;
+    let (_, named) = read_named_opts(f, table, allow_unmatched)?;
     let mut layers = BTreeMap::new();
+    let mut magnitudes = BTreeMap::new();
     for n in named {
+        if let Some(m) = n.magnitude {
+            magnitudes.insert(n.key.clone(), m);
+        }
         let scale = n.alpha.map_or(1.0, |a| a / n.rank as f32);
         let up = n.up.iter().map(|x| x * scale).collect();
         layers.insert(
@@ -299,13 +442,22 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
                 rank: n.rank,
                 down: n.down,
                 up,
+                conv_kernel: n.conv_kernel,
             },
         );
     }
-    let adapter = Adapter {
-        layers,
-        source: AdapterSource::Lora,
+    let source = if magnitudes.is_empty() {
+        AdapterSource::Lora
+    } else {
+        if let Some(k) = layers.keys().find(|k| !magnitudes.contains_key(*k)) {
+            return Err(Error::AdapterMismatch(format!(
+                "{}: layer '{k}' has no DoRA magnitude while others do",
+                path.display()
+            )));
+        }
+        AdapterSource::Dora(magnitudes)
     };
+    let adapter = Adapter { layers, source };
     adapter.validate(table).map_err(|e| match e {
         Error::AdapterMismatch(m) => Error::AdapterMismatch(format!("{}: {m}", path.display())),
         other => other,
@@ -313,17 +465,44 @@ pub fn import(f: &SafetensorsFile, table: &BTreeMap<String, LayerShape>) -> Resu
     Ok(adapter)
 }
 
-/// transformers >= 5.6 saves CLIP flat (no `text_model.`); canonical keys have it.
-fn normalize_peft(s: &str) -> String {
+/// The module a LoRA of diffusers' older attention-processor form adapts:
+/// `<attention>.processor.to_q_lora` -> `<attention>.to_q` (`to_out_lora` -> `to_out.0`).
+fn processor_form(stem: &str) -> Option<String> {
+    let (attn, proc) = stem.split_once(".processor.")?;
+    let proj = match proc {
+        "to_q_lora" => "to_q",
+        "to_k_lora" => "to_k",
+        "to_v_lora" => "to_v",
+        "to_out_lora" => "to_out.0",
+        _ => return None,
+    };
+    Some(format!("{attn}.{proj}"))
+}
+
+/// The canonical key of a PEFT/diffusers layer name: transformers >= 5.6 saves CLIP flat (no
+/// `text_model.`), canonical keys have it; names without a component prefix (UNet-only state
+/// dicts, the older processor form) are the UNet's.
+pub(crate) fn normalize_peft(s: &str) -> String {
     match s.strip_prefix("text_encoder.") {
         Some(r) if !r.starts_with("text_model.") => format!("text_encoder.text_model.{r}"),
-        _ => s.to_string(),
+        Some(_) => s.to_string(),
+        None if s.starts_with("unet.") => s.to_string(),
+        None => format!("unet.{s}"),
     }
 }
 
 /// Writes an adapter as a standard LoRA file. Alpha and scales are already folded into `up`,
 /// so kohya's `.alpha` is the rank (scale 1) and PEFT needs `lora_alpha = r`.
 pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> {
+    let magnitudes = match (&adapter.source, format) {
+        (AdapterSource::Dora(m), LoraFormat::Peft) => Some(m),
+        (AdapterSource::Dora(_), LoraFormat::Kohya) => {
+            return Err(Error::Unsupported(
+                "a DoRA adapter is written as PEFT (lora_magnitude_vector), not kohya".into(),
+            ))
+        }
+        _ => None,
+    };
     let mut names = Vec::new();
     for (k, l) in &adapter.layers {
         let (d, u) = match format {
@@ -343,11 +522,38 @@ pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> 
     for ((d, u, a, l), alpha) in names.iter().zip(&alphas) {
         let din = l.down.len() / l.rank;
         let dout = l.up.len() / l.rank;
-        tensors.push((d.as_str(), vec![l.rank, din], &l.down));
-        tensors.push((u.as_str(), vec![dout, l.rank], &l.up));
+        // Convolutions as LoCon stores them: down [r, in, k, k], up [out, r, 1, 1].
+        let (down_shape, up_shape) = match l.conv_kernel {
+            Some(k) => (
+                vec![l.rank, din / (k * k).max(1), k, k],
+                vec![dout, l.rank, 1, 1],
+            ),
+            None => (vec![l.rank, din], vec![dout, l.rank]),
+        };
+        tensors.push((d.as_str(), down_shape, &l.down));
+        tensors.push((u.as_str(), up_shape, &l.up));
         if format == LoraFormat::Kohya {
             tensors.push((a.as_str(), vec![], alpha));
         }
+    }
+    let magnitude_names: Vec<(String, &Vec<f32>)> = magnitudes
+        .into_iter()
+        .flatten()
+        .map(|(k, m)| (format!("{k}.lora_magnitude_vector"), m))
+        .collect();
+    for (n, m) in &magnitude_names {
+        // peft's shapes: [out] for a linear layer, [1, out, 1, 1] for a convolution.
+        let key = n.trim_end_matches(".lora_magnitude_vector");
+        let conv = adapter
+            .layers
+            .get(key)
+            .is_some_and(|l| l.conv_kernel.is_some());
+        let shape = if conv {
+            vec![1, m.len(), 1, 1]
+        } else {
+            vec![m.len()]
+        };
+        tensors.push((n.as_str(), shape, m));
     }
     let meta = vec![("generator".to_string(), format!("hdb {}", crate::VERSION))];
     write_f32_with_metadata(path, &tensors, &meta)

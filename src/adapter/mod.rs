@@ -1,6 +1,8 @@
-//! Identity adapters: LiDB files ([`lidb`], versions 1 and 2), their basis ([`basis`]), standard LoRA files
-//! ([`lora`]), and applying them to a model ([`apply`]). Every adapter is held in its effective
-//! form: per adapted layer, `dW = up . down`, alpha and scale folded into `up`.
+//! Adapters: LiDB identities ([`lidb`], versions 1 and 2) and their basis ([`basis`]), standard
+//! LoRA and LoCon files ([`lora`]), LyCORIS LoHa and LoKr files ([`lycoris`], merge mode only),
+//! stacking several into one ([`stack`]), and applying them to a model ([`apply`], [`set`]).
+//! Every adapter is held in its effective form: per adapted layer, `dW = up . down`, alpha and
+//! scale folded into `up`.
 
 pub mod apply;
 pub mod basis;
@@ -8,6 +10,7 @@ pub mod basis;
 pub mod cuda;
 pub mod lidb;
 pub mod lora;
+pub mod lycoris;
 pub mod set;
 
 use std::collections::BTreeMap;
@@ -30,6 +33,9 @@ pub struct LoraLayer {
     pub down: Vec<f32>,
     /// [dout, rank], with alpha (and any LoRA scale) folded in.
     pub up: Vec<f32>,
+    /// For a convolution layer, its kernel k: `down` is then `[rank, din / k^2, k, k]` and
+    /// `up` `[dout, rank, 1, 1]` (how files store them); `None` for a linear layer.
+    pub conv_kernel: Option<usize>,
 }
 
 impl LoraLayer {
@@ -48,6 +54,12 @@ impl LoraLayer {
 pub enum AdapterSource {
     Lidb(lidb::Lidb),
     Lora,
+    /// A layout whose updates are full matrices (LoHa, LoKr: [`lycoris`]), named here: merge
+    /// mode only.
+    MergeOnly(&'static str),
+    /// A DoRA LoRA (merge mode only): per layer, the magnitude of each output row; the merged
+    /// weight is `m / |W + dW|_row * (W + dW)`, which depends on the base weight.
+    Dora(BTreeMap<String, Vec<f32>>),
 }
 
 /// An adapter validated against one model: effective factors for a subset of its layers.
@@ -95,11 +107,29 @@ pub fn load(f: &crate::io::safetensors::SafetensorsFile, table: &LayerTable) -> 
     load_cached(f, table, &lidb::BasisCache::default())
 }
 
+/// How adapter files are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// LoRA files: skip keys that match no adaptable layer of the model (they are logged at
+    /// warning level) instead of refusing the file. The layers that do match must still fit.
+    pub allow_unmatched: bool,
+}
+
 /// As [`load`], with LiDB bases from a model's cache.
 pub fn load_cached(
     f: &crate::io::safetensors::SafetensorsFile,
     table: &LayerTable,
     cache: &lidb::BasisCache,
+) -> Result<Adapter> {
+    load_with(f, table, cache, LoadOptions::default())
+}
+
+/// As [`load_cached`], with options.
+pub fn load_with(
+    f: &crate::io::safetensors::SafetensorsFile,
+    table: &LayerTable,
+    cache: &lidb::BasisCache,
+    opts: LoadOptions,
 ) -> Result<Adapter> {
     let with_path = |e: Error| match e {
         Error::AdapterMismatch(m) if !m.contains(&f.path().display().to_string()) => {
@@ -111,9 +141,97 @@ pub fn load_cached(
         lidb::Lidb::from_safetensors(f)?
             .compose_cached(table, cache)
             .map_err(with_path)
+    } else if lycoris::is_lycoris(f) {
+        lycoris::import(f, table, opts.allow_unmatched).map_err(with_path)
     } else {
-        lora::import(f, table).map_err(with_path)
+        lora::import_opts(f, table, opts.allow_unmatched).map_err(with_path)
     }
+}
+
+/// One adapter that applies `parts` (each with its scale) at once: per layer, their factors
+/// side by side (ranks add, each scale folded into its `up` columns), so `dW = sum scale_i up_i
+/// down_i` in either apply mode. A set of such adapters gives per-sample identities a shared
+/// style in runtime mode: `[id1 + style, id2 + style]` with one index per sample.
+pub fn stack(parts: &[(&Adapter, f32)]) -> Result<Adapter> {
+    let mut layers: BTreeMap<String, LoraLayer> = BTreeMap::new();
+    let mut merge_only = None;
+    for (i, (a, scale)) in parts.iter().enumerate() {
+        match a.source {
+            // DoRA normalizes each adapter's own W + dW: no sum of updates is the same.
+            AdapterSource::Dora(_) => {
+                return Err(Error::Unsupported(format!(
+                    "adapter #{i} is a DoRA adapter, which does not stack; give it to the set \
+                     on its own"
+                )))
+            }
+            AdapterSource::MergeOnly(l) => merge_only = Some(l),
+            _ => {}
+        }
+        if !scale.is_finite() {
+            return Err(Error::invalid_arg(
+                "scales",
+                format!("scale #{i} is {scale}"),
+            ));
+        }
+        for (k, l) in &a.layers {
+            let (din, dout) = match l.rank {
+                0 => (0, 0),
+                r => (l.down.len() / r, l.up.len() / r),
+            };
+            if !l.fits(dout, din) {
+                return Err(Error::AdapterMismatch(format!(
+                    "layer '{k}' of adapter #{i}: factors of rank {} with {} and {} values",
+                    l.rank,
+                    l.down.len(),
+                    l.up.len()
+                )));
+            }
+            let up = l.up.iter().map(|x| x * scale);
+            let Some(e) = layers.get_mut(k) else {
+                layers.insert(
+                    k.clone(),
+                    LoraLayer {
+                        rank: l.rank,
+                        down: l.down.clone(),
+                        up: up.collect(),
+                        conv_kernel: l.conv_kernel,
+                    },
+                );
+                continue;
+            };
+            let rank = e.rank + l.rank;
+            if !e.fits(dout, din)
+                || e.conv_kernel != l.conv_kernel
+                || rank > crate::limits::MAX_RANK
+            {
+                return Err(Error::AdapterMismatch(format!(
+                    "layer '{k}': adapter #{i} does not stack with the ones before it (a \
+                     different layer shape or kind, or ranks adding up to {rank}, above {})",
+                    crate::limits::MAX_RANK
+                )));
+            }
+            e.down.extend_from_slice(&l.down);
+            // up is [dout, rank] row-major: each row gets this adapter's columns appended.
+            let up: Vec<f32> = up.collect();
+            let mut merged = Vec::with_capacity(dout * rank);
+            for (old, new) in e.up.chunks(e.rank).zip(up.chunks(l.rank)) {
+                merged.extend_from_slice(old);
+                merged.extend_from_slice(new);
+            }
+            e.up = merged;
+            e.rank = rank;
+        }
+    }
+    if layers.is_empty() {
+        return Err(Error::AdapterMismatch(
+            "the adapters to stack have no layers".into(),
+        ));
+    }
+    Ok(Adapter {
+        layers,
+        // (a merge-only part keeps the stack merge-only)
+        source: merge_only.map_or(AdapterSource::Lora, AdapterSource::MergeOnly),
+    })
 }
 
 impl Adapter {
@@ -121,7 +239,10 @@ impl Adapter {
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         match &self.source {
             AdapterSource::Lidb(l) => l.save(path),
-            AdapterSource::Lora => lora::export(self, lora::LoraFormat::Peft, path),
+            // (a merge-only layout's updates are exact as full-rank factors)
+            AdapterSource::Lora | AdapterSource::MergeOnly(_) | AdapterSource::Dora(_) => {
+                lora::export(self, lora::LoraFormat::Peft, path)
+            }
         }
     }
 }

@@ -115,6 +115,22 @@ impl<B: SetBackend, M: Adaptable<B>> AdapterSet<B, M> {
                 format!("scale #{i} is {s}"),
             ));
         }
+        if mode == ApplyMode::Runtime {
+            if let Some((i, layout)) =
+                set.iter()
+                    .enumerate()
+                    .find_map(|(i, (a, _))| match a.source {
+                        super::AdapterSource::MergeOnly(l) => Some((i, l)),
+                        super::AdapterSource::Dora(_) => Some((i, "DoRA")),
+                        _ => None,
+                    })
+            {
+                return Err(crate::Error::Unsupported(format!(
+                    "adapter #{i} is a {layout} adapter: its updates are full matrices, applied in \
+                     merge mode only (runtime mode runs low-rank LoRA and LiDB adapters)"
+                )));
+            }
+        }
         if !touches {
             return Ok(None);
         }

@@ -372,6 +372,16 @@ pub trait AdapterHook<B: Backend> {
         dout: usize,
     ) -> Result<()>;
 
+    /// y `[batch, c_out, ho, wo]` += the adapters' update of convolution `key` (dims `p`) for
+    /// input x `[batch, c_in, h, w]`: each adapter's down factor as a convolution with the
+    /// layer's kernel, stride and padding, then its up factor as a 1x1 convolution. The
+    /// default adds nothing: hooks that hold no runtime factors for convolutions (training
+    /// adapts the attention projections only) need no more.
+    fn add_conv(&self, be: &B, key: &str, y: &mut B::Buf, x: &B::Buf, p: &Conv2d) -> Result<()> {
+        let _ = (be, key, y, x, p);
+        Ok(())
+    }
+
     /// Training: dx `[rows, din]` += the adapters' share of the input gradient of projection
     /// `key` for dy `[rows, dout]` (x its input), and the gradients of the adapters' own
     /// parameters are accumulated in the hook. Hooks that do not train refuse.

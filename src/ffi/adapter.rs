@@ -24,8 +24,8 @@ fn publish(adapter: Adapter, out: *mut *mut hdb_adapter) {
     unsafe { *out = Box::into_raw(boxed) };
 }
 
-/// Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), or a
-/// kohya or PEFT/diffusers LoRA of any rank. Layers or shapes that do not fit the model, keys
+/// Loads an adapter file for `model`: a LiDB v1/v2 adapter (composed with its basis), a kohya
+/// or PEFT/diffusers LoRA or LoCon of any rank, or a LyCORIS LoHa/LoKr (merge mode only). Layers or shapes that do not fit the model, keys
 /// that match no adaptable layer, and NaN/Inf values are `HDB_STATUS_ADAPTER_MISMATCH`,
 /// naming the layer. On success `*out` owns the adapter (free with `hdb_adapter_free`).
 ///
@@ -44,6 +44,90 @@ pub unsafe extern "C" fn hdb_adapter_load(
         let out = out_ptr(out, "out")?;
         let f = SafetensorsFile::open(&path)?;
         let a = m.inner.load_adapter(&f)?;
+        publish(a, out);
+        Ok(())
+    })
+}
+
+/// Options for `hdb_adapter_load_ex`. Get the defaults from `hdb_adapter_load_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct hdb_adapter_load_params {
+    pub struct_size: u32,
+    /// 1: skip the keys of a LoRA file that match no adaptable layer of the model (logged at
+    /// warning level) instead of refusing the file; 0 (default): refuse, listing them.
+    pub allow_unmatched: u32,
+}
+
+impl super::params::Versioned for hdb_adapter_load_params {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<hdb_adapter_load_params>()];
+}
+
+fn default_load_params() -> hdb_adapter_load_params {
+    hdb_adapter_load_params {
+        struct_size: std::mem::size_of::<hdb_adapter_load_params>() as u32,
+        allow_unmatched: 0,
+    }
+}
+
+/// The default adapter-load params.
+#[no_mangle]
+pub extern "C" fn hdb_adapter_load_params_default() -> hdb_adapter_load_params {
+    ffi_infallible(default_load_params(), default_load_params)
+}
+
+/// Writes the default adapter-load params into `*params`, `struct_size` included: the values
+/// of `hdb_adapter_load_params_default()`, for hosts that cannot take a struct returned by
+/// value.
+///
+/// `size` is `sizeof` the caller's struct: only that much is written (a struct from an older
+/// header is shorter), and `struct_size` is set to the size written; a size no version has
+/// is refused (`HDB_STATUS_INVALID_ARGUMENT`).
+///
+/// # Safety
+/// `params` NULL (`HDB_STATUS_NULL_ARGUMENT`) or `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_adapter_load_params_init(
+    params: *mut hdb_adapter_load_params,
+    size: usize,
+) -> hdb_status {
+    ffi_boundary("hdb_adapter_load_params_init", || {
+        // SAFETY: caller contract.
+        unsafe { super::params::init_params(params, size, default_load_params(), "params") }
+    })
+}
+
+/// As `hdb_adapter_load`, with options (`params` NULL: the defaults, as `hdb_adapter_load`).
+///
+/// # Safety
+/// `model` a live model; `path` a NUL-terminated path; `params` NULL or valid; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn hdb_adapter_load_ex(
+    model: *const hdb_model,
+    path: *const c_char,
+    params: *const hdb_adapter_load_params,
+    out: *mut *mut hdb_adapter,
+) -> hdb_status {
+    ffi_boundary("hdb_adapter_load_ex", || {
+        // SAFETY: caller contract for each pointer.
+        let m = unsafe { arg_ref(model, "model") }?;
+        let path = unsafe { arg_path(path, "path") }?;
+        let out = out_ptr(out, "out")?;
+        // SAFETY: NULL or a valid params struct per the caller's contract.
+        let p = unsafe { super::params::read_params(params, default_load_params(), "params") }?;
+        let allow_unmatched = match p.allow_unmatched {
+            0 => false,
+            1 => true,
+            v => {
+                return Err(Error::invalid_arg(
+                    "params.allow_unmatched",
+                    format!("{v}; must be 0 or 1"),
+                ))
+            }
+        };
+        let f = SafetensorsFile::open(&path)?;
+        let opts = crate::adapter::LoadOptions { allow_unmatched };
+        let a = m.inner.load_adapter_with(&f, opts)?;
         publish(a, out);
         Ok(())
     })

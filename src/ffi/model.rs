@@ -67,12 +67,19 @@ pub struct hdb_model_params {
     pub storage: hdb_weights_storage,
     /// Reserved; must be 0.
     pub reserved: u32,
+    /// A tokenizer folder (`tokenizer.json` or `vocab.json` + `merges.txt`, or a diffusers
+    /// folder with `tokenizer/`) to use instead of the model's own; NULL (default): the
+    /// model's `tokenizer/`, else for SD 1.x models (LDM single files carry no tokenizer) the
+    /// built-in CLIP ViT-L/14 tokenizer. Copied during the call.
+    pub tokenizer: *const c_char,
 }
 
 impl Versioned for hdb_model_params {
-    /// Version 1 ended after `progress_user_data`; version 2 added `storage` and `reserved`.
+    /// Version 1 ended after `progress_user_data`; version 2 added `storage` and `reserved`;
+    /// version 3 `tokenizer`.
     const SIZES: &'static [usize] = &[
         std::mem::offset_of!(hdb_model_params, storage),
+        std::mem::offset_of!(hdb_model_params, tokenizer),
         std::mem::size_of::<hdb_model_params>(),
     ];
 }
@@ -85,6 +92,7 @@ fn default_model_params() -> hdb_model_params {
         progress_user_data: std::ptr::null_mut(),
         storage: HDB_STORAGE_MMAP,
         reserved: 0,
+        tokenizer: std::ptr::null(),
     }
 }
 
@@ -156,7 +164,8 @@ pub struct hdb_model_info {
     pub source_format: hdb_source_format,
     /// The UNet's cross-attention width (768 for SD 1.x); 0 when unknown.
     pub cross_attention_dim: u32,
-    /// 1 when a `tokenizer/` folder was found.
+    /// 1 when the model has a tokenizer folder (its `tokenizer/`, or `params.tokenizer`);
+    /// 0: SD 1.x models use the built-in CLIP ViT-L/14 tokenizer.
     pub has_tokenizer: u32,
     /// Always 0 (explicit, so no uninitialised padding bytes are copied out).
     pub reserved0: u32,
@@ -218,6 +227,12 @@ pub unsafe extern "C" fn hdb_model_load(
         if p.reserved != 0 {
             return Err(Error::invalid_arg("params.reserved", "must be 0"));
         }
+        let tokenizer = if p.tokenizer.is_null() {
+            None
+        } else {
+            // SAFETY: caller contract: NULL or a NUL-terminated path.
+            Some(unsafe { arg_path(p.tokenizer, "params.tokenizer") }?)
+        };
         let stage = CString::new("load").unwrap_or_default();
         let mut report = |done: usize, total: usize, _f: &Path| match p.progress {
             // SAFETY: the host's callback with its own user data.
@@ -237,6 +252,7 @@ pub unsafe extern "C" fn hdb_model_load(
                 variant,
                 storage,
                 progress: Some(&mut report),
+                tokenizer,
             },
         )?;
         let boxed = Box::new(hdb_model {
@@ -252,10 +268,10 @@ pub unsafe extern "C" fn hdb_model_load(
 /// hosts whose model ships inside a package, such as an Android APK's assets): `len` bytes at
 /// `bytes` are copied, so the caller may free its buffer when this returns (the copy costs the
 /// file's size in memory). `name` (UTF-8, NULL for `"<memory>"`) stands for the file's path in
-/// messages and in the base an adapter records. From `params` only `progress` (stage "load",
-/// once) applies; `weights_variant` and `storage` are ignored (the bytes are always the model's
-/// own copy) and `reserved` must be 0. A model from memory has no tokenizer folder, as one
-/// from a single file on disk.
+/// messages and in the base an adapter records. From `params`, `progress` (stage "load",
+/// once) and `tokenizer` apply; `weights_variant` and `storage` are ignored (the bytes are
+/// always the model's own copy) and `reserved` must be 0. Without `tokenizer`, an SD 1.x
+/// model from memory uses the built-in CLIP tokenizer, as a single file on disk does.
 ///
 /// # Safety
 /// `rt` a live runtime; `bytes` valid for `len` bytes; `name` NULL or NUL-terminated;
@@ -304,11 +320,18 @@ pub unsafe extern "C" fn hdb_model_load_from_memory(
             },
             None => true,
         };
+        let tokenizer = if p.tokenizer.is_null() {
+            None
+        } else {
+            // SAFETY: caller contract: NULL or a NUL-terminated path.
+            Some(unsafe { arg_path(p.tokenizer, "params.tokenizer") }?)
+        };
         let model = Model::load_single_file_bytes(
             &name,
             data,
             LoadOptions {
                 progress: Some(&mut report),
+                tokenizer,
                 ..LoadOptions::default()
             },
         )?;

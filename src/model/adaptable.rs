@@ -4,11 +4,19 @@
 //! An adaptable layer is named by its adapter key: the component's prefix (`unet.` or
 //! `text_encoder.`) and the layer's canonical diffusers path, e.g.
 //! `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
-//! `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. Today these are the attention
-//! projections (DESIGN.md section 1: 128 in SD 1.5's UNet, 48 in its text encoder). Which
-//! layers they are is decided here and nowhere else: the models mark their layers with
-//! [`adapter_key`], the weight-only table ([`crate::Model::adaptable_layers`]) and the
-//! hypernetwork's default layer order ([`layer_keys`]) come from the same lists.
+//! `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. Two lists, both decided here
+//! and nowhere else:
+//! - identity layers: the attention projections (DESIGN.md section 1: 128 in SD 1.5's UNet, 48
+//!   in its text encoder), over which LiDB files and the hypernetwork are defined
+//!   ([`is_identity_layer`], [`layer_keys`]);
+//! - adaptable layers: every linear and convolution layer of the UNet and the text encoder that
+//!   LoRA and LoCon files adapt (the identity layers, feed-forward, `proj_in`/`proj_out`, time
+//!   embedding, `time_emb_proj`, the text encoder's MLP; the resnets' convolutions and
+//!   shortcuts, the down/upsamplers, `conv_in`/`conv_out`), [`adapter_key`].
+//!
+//! The models mark their layers with [`adapter_key`]; the weight-only table
+//! ([`crate::Model::adaptable_layers`]) comes from the same function, with each layer's
+//! [`LayerKind`] so a file's factors can be checked against it.
 
 use std::collections::BTreeMap;
 
@@ -40,29 +48,141 @@ pub fn prefix(c: Component) -> Option<&'static str> {
     }
 }
 
-/// The adapter key of the linear layer at `path` (its canonical weight name without
-/// `.weight`) in component `c`, when adapters may change it; `None` otherwise.
-pub fn adapter_key(c: Component, path: &str) -> Option<String> {
+/// Whether the linear layer at `path` in component `c` is an attention projection (an identity
+/// layer).
+fn is_attention_projection(c: Component, path: &str) -> bool {
     let (modules, projections): (&[&str], &[&str]) = match c {
         Component::Unet => (&UNET_ATTENTIONS, &UNET_PROJECTIONS),
         Component::TextEncoder => (&[TEXT_ATTENTION], &TEXT_PROJECTIONS),
-        Component::Vae => return None,
+        Component::Vae => return false,
     };
-    let adaptable = projections.iter().any(|p| {
+    projections.iter().any(|p| {
         path.strip_suffix(p)
             .and_then(|s| s.strip_suffix('.'))
             .and_then(|parent| parent.rsplit('.').next())
             .is_some_and(|m| modules.contains(&m))
-    });
-    let prefix = prefix(c)?;
-    adaptable.then(|| format!("{prefix}{path}"))
+    })
 }
 
-/// One adaptable layer: a linear `[dout, din]` weight.
+/// The UNet's other linear layers LoRA files adapt, by the end of their path: kohya's default
+/// network and PEFT's `target_modules` cover the transformer blocks' feed-forward layers,
+/// `proj_in`/`proj_out` (linear in SD 2.x; 1x1 convolutions in SD 1.x, which are not linear
+/// layers and so not named by the weight table), the resnets' time-embedding projections and
+/// the time embedding itself.
+const UNET_OTHER_LINEAR: [&str; 5] = [
+    ".ff.net.0.proj",
+    ".ff.net.2",
+    ".proj_in",
+    ".proj_out",
+    ".time_emb_proj",
+];
+const UNET_TIME_EMBEDDING: [&str; 2] = ["time_embedding.linear_1", "time_embedding.linear_2"];
+/// The text encoder's MLP layers.
+const TEXT_OTHER_LINEAR: [&str; 2] = [".mlp.fc1", ".mlp.fc2"];
+/// The UNet's convolutions LoCon files adapt, by the end of their path (with `proj_in` and
+/// `proj_out` above, 1x1 convolutions in SD 1.x).
+const UNET_CONVS: [&str; 4] = [".conv1", ".conv2", ".conv_shortcut", "samplers.0.conv"];
+
+/// The adapter key of the linear or convolution layer at `path` (its canonical weight name
+/// without `.weight`) in component `c`, when adapters may change it; `None` otherwise.
+pub fn adapter_key(c: Component, path: &str) -> Option<String> {
+    let other = match c {
+        Component::Unet => {
+            UNET_OTHER_LINEAR.iter().any(|s| path.ends_with(s))
+                || UNET_TIME_EMBEDDING.contains(&path)
+                || (path.contains("resnets.") || path.contains("samplers."))
+                    && UNET_CONVS.iter().any(|s| path.ends_with(s))
+                || path == "conv_in"
+                || path == "conv_out"
+        }
+        Component::TextEncoder => TEXT_OTHER_LINEAR.iter().any(|s| path.ends_with(s)),
+        Component::Vae => return None,
+    };
+    let prefix = prefix(c)?;
+    (other || is_attention_projection(c, path)).then(|| format!("{prefix}{path}"))
+}
+
+/// Whether adapter key `key` names an identity layer (an attention projection): the layers
+/// LiDB files and the hypernetwork are defined over.
+pub fn is_identity_layer(key: &str) -> bool {
+    if let Some(path) = key.strip_prefix(UNET_PREFIX) {
+        is_attention_projection(Component::Unet, path)
+    } else if let Some(path) = key.strip_prefix(TEXT_ENCODER_PREFIX) {
+        is_attention_projection(Component::TextEncoder, path)
+    } else {
+        false
+    }
+}
+
+/// The identity layers of a table of adaptable layers.
+pub fn identity_layers(table: &LayerTable) -> LayerTable {
+    let mut t = table.clone();
+    t.retain(|k, _| is_identity_layer(k));
+    t
+}
+
+/// How an adaptable layer computes, which decides the shape of a LoRA's factors for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// `y = x W^T + b`, W `[dout, din]`: factors `down [r, din]`, `up [dout, r]`.
+    Linear,
+    /// A square convolution, W `[dout, in_channels, kernel, kernel]` (so `din` = in_channels x
+    /// kernel^2): LoCon factors `down [r, in_channels, kernel, kernel]` (applied with the
+    /// layer's stride and padding) and `up [dout, r, 1, 1]`.
+    Conv {
+        in_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+}
+
+/// One adaptable layer: a `[dout, din]` weight of kind `kind`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerShape {
     pub din: usize,
     pub dout: usize,
+    pub kind: LayerKind,
+}
+
+impl LayerShape {
+    /// A convolution `[dout, in_channels, kernel, kernel]`.
+    pub fn conv(
+        in_channels: usize,
+        dout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
+        LayerShape {
+            din: in_channels * kernel * kernel,
+            dout,
+            kind: LayerKind::Conv {
+                in_channels,
+                kernel,
+                stride,
+                padding,
+            },
+        }
+    }
+
+    /// The stride of the UNet convolution at `path` (its downsamplers halve the size).
+    pub fn unet_conv_stride(path: &str) -> usize {
+        if path.contains("downsamplers.") {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// A linear layer `[dout, din]`.
+    pub fn linear(din: usize, dout: usize) -> Self {
+        LayerShape {
+            din,
+            dout,
+            kind: LayerKind::Linear,
+        }
+    }
 }
 
 /// Adaptable layers by adapter key.
@@ -162,12 +282,28 @@ mod tests {
             adapter_key(Component::Unet, unet).as_deref(),
             Some(&*format!("unet.{unet}"))
         );
-        for not in [
+        assert!(is_identity_layer(&format!("unet.{unet}")));
+        for other in [
             "down_blocks.0.attentions.1.transformer_blocks.0.ff.net.2",
+            "down_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj",
             "down_blocks.0.attentions.1.proj_in",
             "down_blocks.0.resnets.0.time_emb_proj",
+            "time_embedding.linear_1",
+            "down_blocks.0.resnets.0.conv1",
+            "up_blocks.0.resnets.1.conv_shortcut",
+            "down_blocks.1.downsamplers.0.conv",
+            "conv_in",
+        ] {
+            let key = adapter_key(Component::Unet, other);
+            assert_eq!(key.as_deref(), Some(&*format!("unet.{other}")), "{other}");
+            assert!(!is_identity_layer(&format!("unet.{other}")), "{other}");
+        }
+        for not in [
             "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.1",
             "to_q",
+            "down_blocks.0.resnets.0.norm1",
+            "conv_norm_out",
+            "time_embedding.linear_3",
         ] {
             assert_eq!(adapter_key(Component::Unet, not), None, "{not}");
         }
@@ -176,11 +312,14 @@ mod tests {
             adapter_key(Component::TextEncoder, &te).as_deref(),
             Some(&*format!("text_encoder.{te}"))
         );
+        let fc1 = "text_model.encoder.layers.0.mlp.fc1";
         assert_eq!(
-            adapter_key(
-                Component::TextEncoder,
-                "text_model.encoder.layers.0.mlp.fc1"
-            ),
+            adapter_key(Component::TextEncoder, fc1).as_deref(),
+            Some(&*format!("text_encoder.{fc1}"))
+        );
+        assert!(!is_identity_layer(&format!("text_encoder.{fc1}")));
+        assert_eq!(
+            adapter_key(Component::TextEncoder, "text_model.final_layer_norm"),
             None
         );
         assert_eq!(
@@ -216,6 +355,7 @@ mod tests {
                 None => (Component::TextEncoder, &k[TEXT_ENCODER_PREFIX.len()..]),
             };
             assert_eq!(adapter_key(c, path).as_ref(), Some(k), "{k}");
+            assert!(is_identity_layer(k), "{k}");
         }
     }
 }

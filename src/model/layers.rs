@@ -92,6 +92,8 @@ pub(crate) struct Conv<B: Backend = Cpu> {
     pub(crate) cout: usize,
     pub(crate) k: usize,
     pub(crate) stride: usize,
+    /// The adapter key (`unet.<path>`) of an adaptable convolution.
+    pub(crate) key: Option<String>,
 }
 
 impl<B: Backend> Conv<B> {
@@ -111,11 +113,51 @@ impl<B: Backend> Conv<B> {
             cout,
             k,
             stride,
+            key: None,
         })
+    }
+
+    /// Marks this convolution, at `path` in component `c`, as adaptable when the one list of
+    /// adaptable layers ([`crate::model::adaptable::adapter_key`]) names it.
+    pub(crate) fn adaptable_in(mut self, c: crate::io::keymap::Component, path: &str) -> Self {
+        self.key = crate::model::adaptable::adapter_key(c, path);
+        self
     }
 
     pub(crate) fn forward(&self, be: &B, x: &Act<B>) -> Result<Act<B>> {
         self.forward_padded(be, x, self.k / 2)
+    }
+
+    /// As `forward`, with the session's adapters (merged weight, or the low-rank path added).
+    pub(crate) fn forward_adapted(&self, be: &B, x: &Act<B>, ad: Hook<'_, B>) -> Result<Act<B>> {
+        let (Some(ad), Some(key)) = (ad, &self.key) else {
+            return self.forward(be, x);
+        };
+        let p = self.dims(x, self.k / 2);
+        let w = ad.weight(key).unwrap_or(&self.w);
+        let (h, wd) = p.out_hw();
+        let mut y = be.conv2d(&x.data, w, Some(&self.b), &p)?;
+        ad.add_conv(be, key, &mut y, &x.data, &p)?;
+        Ok(Act {
+            data: y,
+            b: x.b,
+            c: self.cout,
+            h,
+            w: wd,
+        })
+    }
+
+    fn dims(&self, x: &Act<B>, padding: usize) -> Conv2d {
+        Conv2d {
+            batch: x.b,
+            c_in: self.cin,
+            h: x.h,
+            w: x.w,
+            c_out: self.cout,
+            kernel: self.k,
+            stride: self.stride,
+            padding,
+        }
     }
 
     /// With `padding` zeros on every side instead of the usual k / 2.
@@ -300,21 +342,56 @@ impl<B: Backend> Resnet<B> {
         })
     }
 
+    /// Marks this resnet's layers (at `p` in component `c`) adaptable where the one list of
+    /// adaptable layers names them (the UNet's; the VAE's resnets are not adapted).
+    pub(crate) fn adaptable_in(mut self, c: crate::io::keymap::Component, p: &str) -> Self {
+        self.conv1 = self.conv1.adaptable_in(c, &format!("{p}.conv1"));
+        self.conv2 = self.conv2.adaptable_in(c, &format!("{p}.conv2"));
+        self.shortcut = self
+            .shortcut
+            .map(|s| s.adaptable_in(c, &format!("{p}.conv_shortcut")));
+        self.time_emb_proj = self
+            .time_emb_proj
+            .map(|l| l.adaptable_in(c, &format!("{p}.time_emb_proj")));
+        self
+    }
+
+    /// The adaptable layers among this resnet's.
+    pub(crate) fn adaptable(&self) -> impl Iterator<Item = AdaptRef<'_, B>> {
+        let convs = [Some(&self.conv1), Some(&self.conv2), self.shortcut.as_ref()];
+        convs
+            .into_iter()
+            .flatten()
+            .map(AdaptRef::Conv)
+            .chain(self.time_emb_proj.iter().map(AdaptRef::Linear))
+    }
+
     /// `emb_silu`: SiLU(time embedding) [B, temb] for resnets that take one.
     pub(crate) fn forward(&self, be: &B, x: &Act<B>, emb_silu: Option<&B::Buf>) -> Result<Act<B>> {
+        self.forward_hooked(be, x, emb_silu, None)
+    }
+
+    /// As `forward`, with the session's adapters on its adaptable layers.
+    pub(crate) fn forward_hooked(
+        &self,
+        be: &B,
+        x: &Act<B>,
+        emb_silu: Option<&B::Buf>,
+        ad: Hook<'_, B>,
+    ) -> Result<Act<B>> {
         // Assignments, not shadowing: each intermediate is freed as soon as it is used (at
         // 512x512 one VAE activation is 128 MB or more).
         let mut h = self.norm1.forward(be, x, true)?;
-        h = self.conv1.forward(be, &h)?;
+        h = self.conv1.forward_adapted(be, &h, ad)?;
         if let (Some(proj), Some(e)) = (&self.time_emb_proj, emb_silu) {
-            let t = proj.forward(be, e, x.b)?;
+            let t = proj.forward_adapted(be, e, x.b, x.b, ad)?;
             be.add_channel_bias(&mut h.data, &t, (h.b, h.c, h.h * h.w))?;
         }
         h = self.norm2.forward(be, &h, true)?;
-        h = self.conv2.forward(be, &h)?;
+        h = self.conv2.forward_adapted(be, &h, ad)?;
         match &self.shortcut {
             Some(s) => {
-                let sc = s.forward(be, x)?;
+                let sc = s.forward_adapted(be, x, ad)?;
                 add(be, &mut h.data, &sc.data)?;
             }
             None => add(be, &mut h.data, &x.data)?,
@@ -323,32 +400,56 @@ impl<B: Backend> Resnet<B> {
     }
 }
 
-/// The adapter keys and shapes of the adaptable projections among `layers`.
+/// One adaptable layer of a model component: a linear layer or a convolution.
+pub(crate) enum AdaptRef<'a, B: Backend> {
+    Linear(&'a Linear<B>),
+    Conv(&'a Conv<B>),
+}
+
+impl<'a, B: Backend> AdaptRef<'a, B> {
+    fn key(&self) -> Option<&'a str> {
+        match self {
+            AdaptRef::Linear(l) => l.key.as_deref(),
+            AdaptRef::Conv(c) => c.key.as_deref(),
+        }
+    }
+
+    fn shape(&self) -> crate::model::LayerShape {
+        match self {
+            AdaptRef::Linear(l) => crate::model::LayerShape::linear(l.din, l.dout),
+            AdaptRef::Conv(c) => {
+                crate::model::LayerShape::conv(c.cin, c.cout, c.k, c.stride, c.k / 2)
+            }
+        }
+    }
+
+    /// The weight, `[dout, din]` with a convolution's `[in, k, k]` as its `din`.
+    fn weight(&self) -> &'a B::Weight {
+        match self {
+            AdaptRef::Linear(l) => &l.w,
+            AdaptRef::Conv(c) => &c.w,
+        }
+    }
+}
+
+/// The adapter keys and shapes of the adaptable layers among `layers`.
 pub(crate) fn layer_table<'a, B: Backend + 'a>(
-    layers: impl IntoIterator<Item = &'a Linear<B>>,
+    layers: impl IntoIterator<Item = AdaptRef<'a, B>>,
 ) -> crate::model::LayerTable {
     layers
         .into_iter()
-        .filter_map(|l| {
-            Some((
-                l.key.clone()?,
-                crate::model::LayerShape {
-                    din: l.din,
-                    dout: l.dout,
-                },
-            ))
-        })
+        .filter_map(|l| Some((l.key()?.to_string(), l.shape())))
         .collect()
 }
 
-/// The weight `[dout, din]` and (dout, din) of the projection with adapter key `key` among
-/// `layers` ([`crate::model::Adaptable::projection`]).
+/// The weight `[dout, din]` and (dout, din) of the layer with adapter key `key` among `layers`
+/// ([`crate::model::Adaptable::projection`]).
 pub(crate) fn find_weight<'a, B: Backend + 'a>(
-    layers: impl IntoIterator<Item = &'a Linear<B>>,
+    layers: impl IntoIterator<Item = AdaptRef<'a, B>>,
     key: &str,
 ) -> Option<(&'a B::Weight, usize, usize)> {
-    layers
-        .into_iter()
-        .find(|l| l.key.as_deref() == Some(key))
-        .map(|l| (&l.w, l.dout, l.din))
+    layers.into_iter().find(|l| l.key() == Some(key)).map(|l| {
+        let s = l.shape();
+        (l.weight(), s.dout, s.din)
+    })
 }

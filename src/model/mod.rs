@@ -24,7 +24,7 @@ use crate::io::diffusers::{find_weights, read_json, weights_stem, Variant};
 use crate::io::keymap::{self, Component, LdmLayout};
 use crate::io::safetensors::SafetensorsFile;
 use crate::tensor::{DType, Shape};
-pub use adaptable::{Adaptable, LayerShape, LayerTable};
+pub use adaptable::{Adaptable, LayerKind, LayerShape, LayerTable};
 pub use weights::{Weight, WeightStore};
 
 /// How the model was stored on disk.
@@ -80,6 +80,9 @@ pub struct LoadOptions<'a> {
     /// Weight files memory-mapped (default) or copied into memory at load.
     pub storage: crate::io::safetensors::Storage,
     pub progress: Option<LoadProgress<'a>>,
+    /// A tokenizer folder (or a diffusers folder with `tokenizer/`) to use instead of the
+    /// model's own; without either, SD 1.x models use the built-in CLIP ViT-L/14 tokenizer.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// A loaded, immutable model.
@@ -88,7 +91,8 @@ pub struct Model {
     pub path: PathBuf,
     pub format: SourceFormat,
     pub components: BTreeMap<Component, ComponentWeights>,
-    /// The `tokenizer/` folder, when the model has one.
+    /// The tokenizer folder: the model's `tokenizer/`, or the one [`LoadOptions::tokenizer`]
+    /// gave. `None`: the engine uses the built-in CLIP ViT-L/14 tokenizer (SD 1.x models).
     pub tokenizer: Option<PathBuf>,
     pub architecture: Architecture,
 }
@@ -96,14 +100,15 @@ pub struct Model {
 impl Model {
     /// Loads a diffusers folder, a single diffusers component folder (e.g. just `unet/`'s
     /// contents), or an LDM single-file `.safetensors` checkpoint.
-    pub fn load(path: &Path, opts: LoadOptions<'_>) -> Result<Model> {
+    pub fn load(path: &Path, mut opts: LoadOptions<'_>) -> Result<Model> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let tokenizer = Self::given_tokenizer(&mut opts)?;
         let model = if meta.is_dir() {
             load_diffusers(path, opts)?
         } else {
             load_ldm(path, opts)?
         };
-        Ok(Self::loaded(model, path))
+        Ok(Self::loaded(model, path, tokenizer))
     }
 
     /// Loads an LDM single-file `.safetensors` checkpoint held in memory (e.g. read from an
@@ -113,15 +118,34 @@ impl Model {
     pub fn load_single_file_bytes(
         name: &Path,
         bytes: Vec<u8>,
-        opts: LoadOptions<'_>,
+        mut opts: LoadOptions<'_>,
     ) -> Result<Model> {
+        let tokenizer = Self::given_tokenizer(&mut opts)?;
         let file = Arc::new(SafetensorsFile::from_vec(name, bytes)?);
         let model = ldm_from_file(name, file, opts)?;
-        Ok(Self::loaded(model, name))
+        Ok(Self::loaded(model, name, tokenizer))
     }
 
-    /// The steps after reading that every source shares.
-    fn loaded(mut model: Model, path: &Path) -> Model {
+    /// The tokenizer folder `opts.tokenizer` names (taken out of `opts`), checked before the
+    /// weights are read.
+    fn given_tokenizer(opts: &mut LoadOptions<'_>) -> Result<Option<PathBuf>> {
+        match opts.tokenizer.take() {
+            Some(t) => Ok(Some(tokenizer::find_folder(&t).ok_or_else(|| {
+                Error::not_a_model(
+                    &t,
+                    "the tokenizer given is neither a tokenizer folder (tokenizer.json or \
+                     vocab.json + merges.txt) nor a diffusers folder with tokenizer/",
+                )
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The steps after reading that every source shares; `tokenizer` overrides the model's.
+    fn loaded(mut model: Model, path: &Path, tokenizer: Option<PathBuf>) -> Model {
+        if tokenizer.is_some() {
+            model.tokenizer = tokenizer;
+        }
         model.architecture = detect_architecture(&model);
         unused::log_unused(&model);
         log::info!(
@@ -162,8 +186,9 @@ impl Model {
     }
 
     /// The layers of this model that adapters may change, with their shapes, read from the
-    /// weights alone (no component is built): every linear weight of the UNet and the text
-    /// encoder that [`adaptable::adapter_key`] names. SD 1.5 has 128 + 48.
+    /// weights alone (no component is built): every linear and convolution weight of the UNet
+    /// and the text encoder that [`adaptable::adapter_key`] names (SD 1.5: 128 + 48 attention
+    /// projections, the identity layers; 56 + 24 other linear layers; the UNet's convolutions).
     pub fn adaptable_layers(&self) -> LayerTable {
         let mut out = LayerTable::new();
         for c in [Component::Unet, Component::TextEncoder] {
@@ -171,13 +196,22 @@ impl Model {
                 continue;
             };
             for (name, w) in cw.weights.iter() {
-                let (Some(path), [dout, din]) = (name.strip_suffix(".weight"), w.shape.dims())
-                else {
+                let Some(path) = name.strip_suffix(".weight") else {
                     continue;
                 };
-                if let Some(key) = adaptable::adapter_key(c, path) {
-                    let (din, dout) = (*din, *dout);
-                    out.insert(key, LayerShape { din, dout });
+                let Some(key) = adaptable::adapter_key(c, path) else {
+                    continue;
+                };
+                match *w.shape.dims() {
+                    [dout, din] => {
+                        out.insert(key, LayerShape::linear(din, dout));
+                    }
+                    // (the UNet's convolutions pad by k / 2, as hdb runs them)
+                    [dout, cin, k, kw] if k == kw => {
+                        let stride = LayerShape::unet_conv_stride(path);
+                        out.insert(key, LayerShape::conv(cin, dout, k, stride, k / 2));
+                    }
+                    _ => {}
                 }
             }
         }

@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::io::keymap::Component;
 use crate::io::F32Weight;
 use crate::model::adaptable::{Adaptable, LayerTable, TEXT_ENCODER_PREFIX};
-use crate::model::layers::{add, find_weight, layer_table, Hook, LayerNorm, Linear, WeightSource};
+use crate::model::layers::{
+    add, find_weight, layer_table, AdaptRef, Hook, LayerNorm, Linear, WeightSource,
+};
 use crate::model::WeightStore;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +205,11 @@ impl<B: Backend> TextEncoder<B> {
                     Ok(Linear::load(&be, src, &path, d, d, true)?
                         .adaptable_in(Component::TextEncoder, &path))
                 };
+                let mlp = |name: &str, din: usize, dout: usize| -> Result<Linear<B>> {
+                    let path = format!("{p}.mlp.{name}");
+                    Ok(Linear::load(&be, src, &path, din, dout, true)?
+                        .adaptable_in(Component::TextEncoder, &path))
+                };
                 Ok(Layer {
                     ln1: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm1"), d, eps)?,
                     q: proj("q_proj")?,
@@ -210,8 +217,8 @@ impl<B: Backend> TextEncoder<B> {
                     v: proj("v_proj")?,
                     out: proj("out_proj")?,
                     ln2: LayerNorm::load_eps(&be, src, &format!("{p}.layer_norm2"), d, eps)?,
-                    fc1: Linear::load(&be, src, &format!("{p}.mlp.fc1"), d, ff, true)?,
-                    fc2: Linear::load(&be, src, &format!("{p}.mlp.fc2"), ff, d, true)?,
+                    fc1: mlp("fc1", d, ff)?,
+                    fc2: mlp("fc2", ff, d)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -286,9 +293,9 @@ impl<B: Backend> TextEncoder<B> {
             let o = l.out.forward_adapted(be, &a, rows, batch, ad)?;
             add(be, &mut h, &o)?;
             let n = l.ln2.forward(be, &h)?;
-            let mut f = l.fc1.forward(be, &n, rows)?;
+            let mut f = l.fc1.forward_adapted(be, &n, rows, batch, ad)?;
             be.activate(&mut f, act)?;
-            let f = l.fc2.forward(be, &f, rows)?;
+            let f = l.fc2.forward_adapted(be, &f, rows, batch, ad)?;
             add(be, &mut h, &f)?;
         }
         be.download(&self.final_ln.forward(be, &h)?)
@@ -348,8 +355,11 @@ impl<B: Backend> TextEncoder<B> {
         }
     }
 
+    /// Every adaptable linear layer: the attention projections and the MLP.
     fn projections(&self) -> impl Iterator<Item = &Linear<B>> {
-        self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.out])
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.out, &l.fc1, &l.fc2])
     }
 }
 
@@ -359,10 +369,10 @@ impl<B: Backend> Adaptable<B> for TextEncoder<B> {
     }
 
     fn projection(&self, key: &str) -> Option<(&B::Weight, usize, usize)> {
-        find_weight(self.projections(), key)
+        find_weight(self.projections().map(AdaptRef::Linear), key)
     }
 
     fn adaptable_layers(&self) -> LayerTable {
-        layer_table(self.projections())
+        layer_table(self.projections().map(AdaptRef::Linear))
     }
 }

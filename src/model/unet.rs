@@ -10,7 +10,8 @@ use crate::model::adaptable::{Adaptable, LayerTable, UNET_PREFIX};
 use crate::model::config::{BlockKind, UnetConfig};
 pub use crate::model::layers::WeightSource;
 use crate::model::layers::{
-    add, find_weight, layer_table, transpose, Act, Conv, GroupNorm, Hook, LayerNorm, Linear, Resnet,
+    add, find_weight, layer_table, transpose, Act, AdaptRef, Conv, GroupNorm, Hook, LayerNorm,
+    Linear, Resnet,
 };
 
 pub(crate) struct Attention<B: Backend = Cpu> {
@@ -19,6 +20,41 @@ pub(crate) struct Attention<B: Backend = Cpu> {
     pub(crate) to_v: Linear<B>,
     pub(crate) to_out: Linear<B>,
     pub(crate) heads: usize,
+}
+
+/// A linear layer with a bias at `path`, marked adaptable ([`crate::model::adaptable::adapter_key`]'s list).
+fn adaptable_linear<B: Backend>(
+    be: &B,
+    src: &dyn WeightSource,
+    path: &str,
+    din: usize,
+    dout: usize,
+) -> Result<Linear<B>> {
+    Ok(Linear::load(be, src, path, din, dout, true)?.adaptable_in(Component::Unet, path))
+}
+
+/// A convolution at `path` with the UNet's padding (k / 2), marked adaptable.
+fn adaptable_conv<B: Backend>(
+    be: &B,
+    src: &dyn WeightSource,
+    path: &str,
+    (cin, cout): (usize, usize),
+    k: usize,
+    stride: usize,
+) -> Result<Conv<B>> {
+    Ok(Conv::load(be, src, path, cin, cout, k, stride)?.adaptable_in(Component::Unet, path))
+}
+
+/// A UNet resnet at `p`, its layers marked adaptable.
+fn unet_resnet<B: Backend>(
+    be: &B,
+    src: &dyn WeightSource,
+    p: &str,
+    channels: (usize, usize),
+    norm: (usize, f32),
+    temb: Option<usize>,
+) -> Result<Resnet<B>> {
+    Ok(Resnet::load(be, src, p, channels, norm, temb)?.adaptable_in(Component::Unet, p))
 }
 
 impl<B: Backend> Attention<B> {
@@ -100,8 +136,8 @@ impl<B: Backend> TransformerBlock<B> {
             norm2: LayerNorm::load(be, src, &format!("{p}.norm2"), c)?,
             attn2: Attention::load(be, src, &format!("{p}.attn2"), c, ctx_dim, heads)?,
             norm3: LayerNorm::load(be, src, &format!("{p}.norm3"), c)?,
-            ff_proj: Linear::load(be, src, &format!("{p}.ff.net.0.proj"), c, 8 * c, true)?,
-            ff_out: Linear::load(be, src, &format!("{p}.ff.net.2"), 4 * c, c, true)?,
+            ff_proj: adaptable_linear(be, src, &format!("{p}.ff.net.0.proj"), c, 8 * c)?,
+            ff_out: adaptable_linear(be, src, &format!("{p}.ff.net.2"), 4 * c, c)?,
         })
     }
 
@@ -125,9 +161,9 @@ impl<B: Backend> TransformerBlock<B> {
         let a = self.attn2.forward(be, &n, Some(ctx), b, t, l, ad)?;
         add(be, x, &a)?;
         let n = self.norm3.forward(be, x)?;
-        let f = self.ff_proj.forward(be, &n, b * t)?;
+        let f = self.ff_proj.forward_adapted(be, &n, b * t, b, ad)?;
         let g = be.geglu(&f, (b * t, 4 * c))?;
-        let f = self.ff_out.forward(be, &g, b * t)?;
+        let f = self.ff_out.forward_adapted(be, &g, b * t, b, ad)?;
         add(be, x, &f)
     }
 }
@@ -157,9 +193,9 @@ impl<B: Backend> Transformer2d<B> {
         let proj = |name: &str| -> Result<Proj<B>> {
             let p = format!("{p}.{name}");
             Ok(if cfg.use_linear_projection {
-                Proj::Linear(Linear::load(be, src, &p, c, c, true)?)
+                Proj::Linear(adaptable_linear(be, src, &p, c, c)?)
             } else {
-                Proj::Conv(Conv::load(be, src, &p, c, c, 1, 1)?)
+                Proj::Conv(adaptable_conv(be, src, &p, (c, c), 1, 1)?)
             })
         };
         Ok(Transformer2d {
@@ -192,9 +228,12 @@ impl<B: Backend> Transformer2d<B> {
         let (b, c, hw) = (x.b, x.c, x.h * x.w);
         let h = self.norm.forward(be, x, false)?;
         let mut tokens = match &self.proj_in {
-            Proj::Conv(conv) => transpose(be, &conv.forward(be, &h)?.data, b, c, hw, true)?,
+            Proj::Conv(conv) => {
+                transpose(be, &conv.forward_adapted(be, &h, ad)?.data, b, c, hw, true)?
+            }
             Proj::Linear(lin) => {
-                lin.forward(be, &transpose(be, &h.data, b, c, hw, true)?, b * hw)?
+                let t = transpose(be, &h.data, b, c, hw, true)?;
+                lin.forward_adapted(be, &t, b * hw, b, ad)?
             }
         };
         drop(h);
@@ -203,11 +242,11 @@ impl<B: Backend> Transformer2d<B> {
         }
         let mut out = match &self.proj_out {
             Proj::Conv(conv) => {
-                conv.forward(be, &x.with(transpose(be, &tokens, b, c, hw, false)?))?
+                conv.forward_adapted(be, &x.with(transpose(be, &tokens, b, c, hw, false)?), ad)?
             }
             Proj::Linear(lin) => x.with(transpose(
                 be,
-                &lin.forward(be, &tokens, b * hw)?,
+                &lin.forward_adapted(be, &tokens, b * hw, b, ad)?,
                 b,
                 c,
                 hw,
@@ -323,7 +362,7 @@ impl<B: Backend> Unet<B> {
                 let p = format!("down_blocks.{i}");
                 let resnets = (0..cfg.layers_per_block)
                     .map(|j| {
-                        Resnet::load(
+                        unet_resnet(
                             &be,
                             src,
                             &format!("{p}.resnets.{j}"),
@@ -350,12 +389,11 @@ impl<B: Backend> Unet<B> {
                     BlockKind::Plain => Vec::new(),
                 };
                 let resample = if i + 1 < n {
-                    Some(Conv::load(
+                    Some(adaptable_conv(
                         &be,
                         src,
                         &format!("{p}.downsamplers.0.conv"),
-                        ch[i],
-                        ch[i],
+                        (ch[i], ch[i]),
                         3,
                         2,
                     )?)
@@ -371,7 +409,7 @@ impl<B: Backend> Unet<B> {
             .collect::<Result<Vec<_>>>()?;
         let top = ch[n - 1];
         let mid = (
-            Resnet::load(
+            unet_resnet(
                 &be,
                 src,
                 "mid_block.resnets.0",
@@ -388,7 +426,7 @@ impl<B: Backend> Unet<B> {
                 cfg.transformer_layers[n - 1],
                 cfg,
             )?,
-            Resnet::load(
+            unet_resnet(
                 &be,
                 src,
                 "mid_block.resnets.1",
@@ -414,7 +452,7 @@ impl<B: Backend> Unet<B> {
                             out
                         };
                         let res_in = if j == 0 { prev } else { out };
-                        Resnet::load(
+                        unet_resnet(
                             &be,
                             src,
                             &format!("{p}.resnets.{j}"),
@@ -441,12 +479,11 @@ impl<B: Backend> Unet<B> {
                     BlockKind::Plain => Vec::new(),
                 };
                 let resample = if i + 1 < n {
-                    Some(Conv::load(
+                    Some(adaptable_conv(
                         &be,
                         src,
                         &format!("{p}.upsamplers.0.conv"),
-                        out,
-                        out,
+                        (out, out),
                         3,
                         1,
                     )?)
@@ -461,9 +498,9 @@ impl<B: Backend> Unet<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Unet {
-            time_1: Linear::load(&be, src, "time_embedding.linear_1", ch[0], temb, true)?,
-            time_2: Linear::load(&be, src, "time_embedding.linear_2", temb, temb, true)?,
-            conv_in: Conv::load(&be, src, "conv_in", cfg.in_channels, ch[0], 3, 1)?,
+            time_1: adaptable_linear(&be, src, "time_embedding.linear_1", ch[0], temb)?,
+            time_2: adaptable_linear(&be, src, "time_embedding.linear_2", temb, temb)?,
+            conv_in: adaptable_conv(&be, src, "conv_in", (cfg.in_channels, ch[0]), 3, 1)?,
             down,
             mid,
             up,
@@ -475,14 +512,26 @@ impl<B: Backend> Unet<B> {
                 cfg.norm_num_groups,
                 cfg.norm_eps,
             )?,
-            conv_out: Conv::load(&be, src, "conv_out", ch[0], cfg.out_channels, 3, 1)?,
+            conv_out: adaptable_conv(&be, src, "conv_out", (ch[0], cfg.out_channels), 3, 1)?,
             config,
             be,
         })
     }
 
-    fn projections(&self) -> Vec<&Linear<B>> {
-        let mut out = Vec::new();
+    /// Every adaptable layer ([`crate::model::adaptable::adapter_key`]'s list): linear layers
+    /// and convolutions.
+    fn projections(&self) -> Vec<AdaptRef<'_, B>> {
+        let mut out = vec![
+            AdaptRef::Linear(&self.time_1),
+            AdaptRef::Linear(&self.time_2),
+            AdaptRef::Conv(&self.conv_in),
+            AdaptRef::Conv(&self.conv_out),
+        ];
+        for blk in self.down.iter().chain(&self.up) {
+            out.extend(blk.resnets.iter().flat_map(|r| r.adaptable()));
+            out.extend(blk.resample.iter().map(AdaptRef::Conv));
+        }
+        out.extend(self.mid.0.adaptable().chain(self.mid.2.adaptable()));
         let blocks = self
             .down
             .iter()
@@ -490,10 +539,21 @@ impl<B: Backend> Unet<B> {
             .flat_map(|b| &b.attentions)
             .chain(std::iter::once(&self.mid.1));
         for t in blocks {
+            for p in [&t.proj_in, &t.proj_out] {
+                out.push(match p {
+                    Proj::Linear(l) => AdaptRef::Linear(l),
+                    Proj::Conv(c) => AdaptRef::Conv(c),
+                });
+            }
             for blk in &t.blocks {
                 for a in [&blk.attn1, &blk.attn2] {
-                    out.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
+                    let l = [&a.to_q, &a.to_k, &a.to_v, &a.to_out];
+                    out.extend(l.map(AdaptRef::Linear));
                 }
+                out.extend([
+                    AdaptRef::Linear(&blk.ff_proj),
+                    AdaptRef::Linear(&blk.ff_out),
+                ]);
             }
         }
         out
@@ -527,9 +587,9 @@ impl<B: Backend> Unet<B> {
         let be = &self.be;
         let c0 = cfg.block_out_channels[0];
         let temb = be.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift)?;
-        let mut e = self.time_1.forward(be, &temb, b)?;
+        let mut e = self.time_1.forward_adapted(be, &temb, b, b, ad)?;
         be.activate(&mut e, Activation::Silu)?;
-        let mut emb = self.time_2.forward(be, &e, b)?;
+        let mut emb = self.time_2.forward_adapted(be, &e, b, b, ad)?;
         be.activate(&mut emb, Activation::Silu)?; // every resnet applies SiLU first; do it once
         let context = be.upload(context)?;
         let x = Act {
@@ -539,32 +599,32 @@ impl<B: Backend> Unet<B> {
             h,
             w,
         };
-        let mut x = self.conv_in.forward(be, &x)?;
+        let mut x = self.conv_in.forward_adapted(be, &x, ad)?;
         // diffusers keeps conv_in's output and every down layer's output as skips.
         let mut skips: Vec<Act<B>> = vec![x.clone_act(be)?];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(be, &x, Some(&emb))?;
+                x = r.forward_hooked(be, &x, Some(&emb), ad)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(be, &x, &context, l, ad)?;
                 }
                 skips.push(x.clone_act(be)?);
             }
             if let Some(ds) = &blk.resample {
-                x = ds.forward(be, &x)?;
+                x = ds.forward_adapted(be, &x, ad)?;
                 skips.push(x.clone_act(be)?);
             }
         }
-        x = self.mid.0.forward(be, &x, Some(&emb))?;
+        x = self.mid.0.forward_hooked(be, &x, Some(&emb), ad)?;
         x = self.mid.1.forward(be, &x, &context, l, ad)?;
-        x = self.mid.2.forward(be, &x, Some(&emb))?;
+        x = self.mid.2.forward_hooked(be, &x, Some(&emb), ad)?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Internal("UNet skip stack ran dry".into()))?;
                 let cat = be.concat_channels(&x.data, &skip.data, (b, x.c, skip.c, x.h * x.w))?;
-                x = r.forward(
+                x = r.forward_hooked(
                     be,
                     &Act {
                         data: cat,
@@ -572,6 +632,7 @@ impl<B: Backend> Unet<B> {
                         ..x
                     },
                     Some(&emb),
+                    ad,
                 )?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(be, &x, &context, l, ad)?;
@@ -594,7 +655,7 @@ impl<B: Backend> Unet<B> {
                 } else {
                     be.crop_top_left(&up, (b * x.c, 2 * x.h, 2 * x.w), (th, tw))?
                 };
-                x = us.forward(
+                x = us.forward_adapted(
                     be,
                     &Act {
                         data: up,
@@ -602,11 +663,12 @@ impl<B: Backend> Unet<B> {
                         w: tw,
                         ..x
                     },
+                    ad,
                 )?;
             }
         }
         let hn = self.norm_out.forward(be, &x, true)?;
-        be.download(&self.conv_out.forward(be, &hn)?.data)
+        be.download(&self.conv_out.forward_adapted(be, &hn, ad)?.data)
     }
 }
 

@@ -50,7 +50,8 @@ impl Engine {
         let (unet, te, vae) = (p.unet()?, p.text_encoder()?, p.vae()?);
         let tokenizer = self.tokenizer()?;
         let scheduler = self.scheduler()?;
-        let layers = self.adaptable_layers();
+        // Training adapts the identity layers only (the gradient path hooks just those).
+        let layers = crate::model::adaptable::identity_layers(&self.adaptable_layers());
         let models = Models {
             unet: &unet,
             text_encoder: &te,

@@ -30,7 +30,7 @@ use crate::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{Unet, UnetInput};
 use crate::model::vae::VaeConfig;
-use crate::model::Model;
+use crate::model::{Architecture, Model};
 use crate::placed::{Lazy, Place, Placed, PlacedHypernet};
 use crate::progress::{Cancel, Progress};
 use crate::runtime::Runtime;
@@ -185,17 +185,38 @@ impl Engine {
         on_placement!(&self.placement, p => Ok(p.vae()?.config.clone()))
     }
 
-    /// The CLIP tokenizer: the model's `tokenizer/` folder, read on first use.
+    /// The CLIP tokenizer, made on first use: the model's tokenizer folder (its `tokenizer/`,
+    /// or the one given at load), else, for SD 1.x models, the built-in CLIP ViT-L/14
+    /// tokenizer all of them use (LDM single files carry none).
     pub fn tokenizer(&self) -> Result<Arc<ClipTokenizer>> {
         self.tokenizer.get_or_try("the tokenizer", || {
             let m = self
                 .model
                 .as_ref()
                 .ok_or_else(|| Error::Internal("a built model was given no tokenizer".into()))?;
-            let tok = m.tokenizer.as_ref().ok_or_else(|| {
-                Error::invalid_model(&m.path, "the model has no tokenizer/ folder")
-            })?;
-            ClipTokenizer::from_folder(tok)
+            if let Some(tok) = &m.tokenizer {
+                return ClipTokenizer::from_folder(tok);
+            }
+            match m.architecture {
+                Architecture::Sd1 | Architecture::Unknown => {
+                    log::info!(
+                        "{}: no tokenizer folder; using the built-in CLIP ViT-L/14 tokenizer (SD 1.x)",
+                        m.path.display()
+                    );
+                    ClipTokenizer::clip_vit_l14()
+                }
+                // SD 2.x's OpenCLIP tokenizer pads with "!", not <|endoftext|>: the built-in
+                // one would condition it on different ids.
+                a => Err(Error::invalid_model(
+                    &m.path,
+                    format!(
+                        "the model has no tokenizer folder and the built-in one is SD 1.x's, not \
+                         {}'s; give a tokenizer folder (hdb --tokenizer PATH, \
+                         hdb_model_params.tokenizer)",
+                        a.name()
+                    ),
+                )),
+            }
         })
     }
 
@@ -218,9 +239,18 @@ impl Engine {
     /// Reads an adapter file of any supported kind for this model (LiDB bases from the
     /// engine's cache), in the runtime's threads.
     pub fn load_adapter(&self, f: &SafetensorsFile) -> Result<Adapter> {
+        self.load_adapter_with(f, Default::default())
+    }
+
+    /// As [`Engine::load_adapter`], with options (LoRA keys that match no layer skipped).
+    pub fn load_adapter_with(
+        &self,
+        f: &SafetensorsFile,
+        opts: crate::adapter::LoadOptions,
+    ) -> Result<Adapter> {
         let table = self.adaptable_layers();
         self.runtime
-            .install(|| crate::adapter::load_cached(f, &table, &self.bases))
+            .install(|| crate::adapter::load_with(f, &table, &self.bases, opts))
     }
 
     /// One identity for this model from a face image (RGB8, `stride` bytes a row) by

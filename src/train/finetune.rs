@@ -135,7 +135,7 @@ pub struct Models<'a, B: Backend> {
     pub vae: &'a Vae<B>,
     pub tokenizer: &'a ClipTokenizer,
     pub scheduler: &'a SchedulerConfig,
-    /// Adaptable layers and the LiDB basis cache of the model.
+    /// The model's identity layers (what training adapts) and its LiDB basis cache.
     pub layers: &'a LayerTable,
     pub bases: &'a BasisCache,
 }
@@ -242,6 +242,13 @@ fn start_tensors<B: Backend>(
 /// to theirs (norm 1/sqrt 3, PEFT's default init's expected row norm) with zero up columns.
 pub fn relax(from: &Adapter, rank: usize, table: &LayerTable) -> Result<Trainable> {
     let mut layers = Vec::with_capacity(from.layers.len());
+    if let Some(key) = from
+        .layers
+        .keys()
+        .find(|k| !crate::model::adaptable::is_identity_layer(k))
+    {
+        return Err(super::params::untrainable("the adapter to finetune", key));
+    }
     for (key, l) in &from.layers {
         let s = table.get(key).ok_or_else(|| {
             Error::AdapterMismatch(format!(
@@ -522,12 +529,13 @@ mod tests {
                     rank: 1,
                     down: down.clone(),
                     up: up.clone(),
+                    conv_kernel: None,
                 },
             )]
             .into(),
             source: AdapterSource::Lora,
         };
-        let table: LayerTable = [(key.clone(), crate::model::LayerShape { din, dout })].into();
+        let table: LayerTable = [(key.clone(), crate::model::LayerShape::linear(din, dout))].into();
         let t = relax(&a, 4, &table).expect("relax");
         let l = &t.layers[0];
         assert_eq!((l.rank, l.down.len(), l.up.len()), (4, 4 * din, dout * 4));

@@ -22,6 +22,7 @@ use crate::adapter::{Adapter, AdapterSource, LoraLayer};
 use crate::backend::cpu::{matmul, matmul_at};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_f32_with_metadata, SafetensorsFile};
+use crate::model::adaptable::is_identity_layer;
 use crate::model::LayerTable;
 
 /// Where an adapter's tensors live in its file.
@@ -148,6 +149,7 @@ impl Trainable {
             })
         };
         if is_lidb(f) {
+            // (composing refuses layers other than the attention projections)
             let lidb = Lidb::from_safetensors(f)?;
             // Composing checks every layer against the model (names, sizes for the basis).
             lidb.compose_cached(table, bases)?;
@@ -182,6 +184,9 @@ impl Trainable {
             });
         }
         let (format, named) = lora::read_named(f, table)?;
+        if let Some(n) = named.iter().find(|n| !is_identity_layer(&n.key)) {
+            return Err(untrainable(&format!("{}", f.path().display()), &n.key));
+        }
         let layers = named
             .into_iter()
             .map(|n| {
@@ -233,6 +238,8 @@ impl Trainable {
                         rank: e.rank,
                         down: e.down,
                         up: e.up,
+                        // (training adapts the attention projections only)
+                        conv_kernel: None,
                     },
                 )
             })
@@ -314,6 +321,17 @@ impl Trainable {
         );
         write_f32_with_metadata(path, &tensors, &meta)
     }
+}
+
+/// The error for an adapter that adapts layer `key`, which is no attention projection: the
+/// gradient path hooks only those (src/model/grad), so training it would silently train a
+/// subset of the adapter. `what` names the adapter.
+pub(crate) fn untrainable(what: &str, key: &str) -> Error {
+    Error::Unsupported(format!(
+        "{what}: layer '{key}' is not an attention projection; hdb trains adapters on the \
+         attention projections only (LoRAs that also adapt feed-forward, projection, \
+         time-embedding or MLP layers apply, but cannot be finetuned)"
+    ))
 }
 
 #[cfg(test)]

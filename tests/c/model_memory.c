@@ -84,7 +84,22 @@ static int test_main(int argc, char **argv) {
                  "a truncated buffer");
     CHECK_MSG("<memory>", "named <memory> when no name is given");
     CHECK_STATUS(hdb_model_load_from_memory(rt, bytes, 0, "empty", NULL, &m), HDB_STATUS_INVALID_FILE, "0 bytes");
+    /* params.tokenizer applies to a model from memory as to one from a path. */
+    char tiny[4096];
+    path_join(tiny, sizeof tiny, fixtures, "tiny-sd");
     mp.progress = NULL;
+    mp.tokenizer = tiny;
+    CHECK_STATUS(hdb_model_load_from_memory(rt, bytes, len, NULL, &mp, &m), HDB_STATUS_OK, "with a tokenizer");
+    hdb_model_info ti = {.struct_size = sizeof ti};
+    CHECK_STATUS(hdb_model_get_info(m, &ti), HDB_STATUS_OK, "info");
+    CHECK(ti.has_tokenizer == 1, "the given tokenizer is the model's");
+    hdb_model_free(m);
+    m = NULL;
+    mp.tokenizer = work; /* an empty folder: no tokenizer there */
+    CHECK_STATUS(hdb_model_load_from_memory(rt, bytes, len, NULL, &mp, &m), HDB_STATUS_NOT_A_MODEL,
+                 "a tokenizer path that holds none");
+    CHECK_MSG("tokenizer", "says the tokenizer is at fault");
+    mp.tokenizer = NULL;
     mp.reserved = 1;
     CHECK_STATUS(hdb_model_load_from_memory(rt, bytes, len, NULL, &mp, &m), HDB_STATUS_INVALID_ARGUMENT,
                  "reserved != 0");

@@ -121,7 +121,8 @@ pub fn gpu_pipeline_params() -> hdb::pipeline::GenerateParams {
 /// Random LoRA factors of `rank` (down ~ U(+-1/sqrt(din)), up ~ U(+-0.5/sqrt(rank)), from a
 /// SplitMix64 seeded with `seed`) on the layers of `table` (a component's adaptable layers, in
 /// key order) whose index `keep` accepts: sets can then mix adapters that touch a projection
-/// with ones that do not.
+/// with ones that do not. Linear layers only: the GPU tests that use it run runtime mode,
+/// which runs convolution LoRAs on the CPU only.
 pub fn random_lora(
     table: std::collections::BTreeMap<String, hdb::adapter::LayerShape>,
     seed: u64,
@@ -134,12 +135,21 @@ pub fn random_lora(
     };
     let layers = table
         .into_iter()
+        .filter(|(_, s)| s.kind == hdb::model::LayerKind::Linear)
         .enumerate()
         .filter(|(i, _)| keep(*i))
         .map(|(_, (k, s))| {
             let down = u(rank * s.din, 1.0 / (s.din as f32).sqrt());
             let up = u(s.dout * rank, 0.5 / (rank as f32).sqrt());
-            (k, hdb::adapter::LoraLayer { rank, down, up })
+            (
+                k,
+                hdb::adapter::LoraLayer {
+                    rank,
+                    down,
+                    up,
+                    conv_kernel: None,
+                },
+            )
         })
         .collect();
     hdb::adapter::Adapter {

@@ -291,3 +291,85 @@ fn adapter_limits_and_mismatches_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn lora_files_on_every_layer_kind_match_the_cpu() {
+    // The style LoRA (every linear layer) and the LoCon (every convolution) of
+    // tests/lora_layers.rs: merge mode takes both through lidb_merge; runtime mode the linear
+    // layers through lora_bgmv and the convolutions as two conv2d each, on every sample (with
+    // per-sample indices a set with convolutions is refused naming the layer).
+    let Some(dev) = device() else { return };
+    let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
+    let table = m.adaptable_layers();
+    let load = |file: &str| {
+        let f = SafetensorsFile::open(&fixtures().join(format!("lora-layers/{file}")))
+            .expect("fixture");
+        hdb::adapter::load(&f, &table).unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let (style, locon) = (
+        load("style.kohya.safetensors"),
+        load("locon.kohya.safetensors"),
+    );
+    let (unet, inp) = tiny_sd();
+    let g = on_device::<f32>(
+        &dev,
+        &Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
+    )
+    .expect("upload");
+    let mut failures = Vec::new();
+    for (label, set, mode) in [
+        ("style merge", vec![(&style, 1.0)], ApplyMode::Merge),
+        ("style runtime", vec![(&style, 1.0)], ApplyMode::Runtime),
+        (
+            "locon+style merge",
+            vec![(&locon, 0.8), (&style, 1.0)],
+            ApplyMode::Merge,
+        ),
+        (
+            "locon+style runtime",
+            vec![(&locon, 0.8), (&style, 1.0)],
+            ApplyMode::Runtime,
+        ),
+    ] {
+        let applied = Applied::new(&set, mode, &*unet).expect("cpu set");
+        let ad = AdapterCtx {
+            applied: &applied,
+            per_sample: None,
+        };
+        let want = cpu_forward_with(&unet, &inp, Some(&ad));
+        let got = build(&g, &set, mode).and_then(|a| {
+            let hook = a.with_samples(None)?;
+            g.forward_hooked(&inp.args(), Some(&hook))
+        });
+        match got {
+            Ok(got) => {
+                let tol = Tol::RelL2(1e-4);
+                let d = compare(&got, &want);
+                println!(
+                    "cuda-parity unet-lora-layers/{label} f32 {}",
+                    d.figures(tol)
+                );
+                if !d.within(tol) {
+                    failures.push(d.failure(label, tol));
+                }
+            }
+            Err(e) => failures.push(format!("{label}: {e}")),
+        }
+    }
+    let per_sample: Vec<i32> = (0..inp.b as i32)
+        .map(|i| if i % 2 == 0 { 0 } else { -1 })
+        .collect();
+    let refused = build(&g, &[(&locon, 1.0)], ApplyMode::Runtime)
+        .and_then(|a| a.with_samples(Some(&per_sample)).map(|_| ()));
+    match refused {
+        Ok(()) => failures.push("locon per sample: accepted on CUDA".into()),
+        Err(e) => {
+            let msg = e.to_string();
+            if !(msg.contains("convolution") && msg.contains("'unet.")) {
+                failures.push(format!("locon per sample: unclear error: {msg}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -195,18 +195,26 @@ namespace Hdb
     {
         internal readonly ModelHandle Handle;
 
-        public Model(Runtime rt, string path, uint weightsVariant = 0, uint storage = 0, Progress progress = null)
+        /// <summary>tokenizer: a tokenizer folder (or a diffusers folder with tokenizer/) used
+        /// instead of the model's own; null: the model's, else the built-in CLIP tokenizer for SD 1.x.</summary>
+        public Model(Runtime rt, string path, uint weightsVariant = 0, uint storage = 0, Progress progress = null,
+            string tokenizer = null)
         {
             var p = new ModelParams();
             Native.hdb_model_params_init(ref p, Native.SizeOf(p));
             p.WeightsVariant = weightsVariant;
             p.Storage = storage;
-            using (var st = progress != null ? new ProgressState(progress) : null)
+            p.Tokenizer = Utf8.Alloc(tokenizer);
+            try
             {
-                if (st != null) { p.Progress = ProgressState.ProgressPtr; p.ProgressUserData = st.UserData; }
-                var s = Native.hdb_model_load(rt.Handle, Utf8.Bytes(path), ref p, out Handle);
-                HdbException.Check(s, st);
+                using (var st = progress != null ? new ProgressState(progress) : null)
+                {
+                    if (st != null) { p.Progress = ProgressState.ProgressPtr; p.ProgressUserData = st.UserData; }
+                    var s = Native.hdb_model_load(rt.Handle, Utf8.Bytes(path), ref p, out Handle);
+                    HdbException.Check(s, st);
+                }
             }
+            finally { Marshal.FreeHGlobal(p.Tokenizer); }
         }
 
         Model(ModelHandle h) { Handle = h; }
@@ -258,6 +266,18 @@ namespace Hdb
         {
             AdapterHandle h;
             HdbException.Check(Native.hdb_adapter_load(model.Handle, Utf8.Bytes(path), out h));
+            return new Adapter(h);
+        }
+
+        /// <summary>allowUnmatched: skip the keys of a LoRA file that match no layer of the model
+        /// (logged as warnings) instead of refusing the file (hdb_adapter_load_ex).</summary>
+        public static Adapter Load(Model model, string path, bool allowUnmatched)
+        {
+            var p = new AdapterLoadParams();
+            Native.hdb_adapter_load_params_init(ref p, Native.SizeOf(p));
+            p.AllowUnmatched = allowUnmatched ? 1u : 0u;
+            AdapterHandle h;
+            HdbException.Check(Native.hdb_adapter_load_ex(model.Handle, Utf8.Bytes(path), ref p, out h));
             return new Adapter(h);
         }
 

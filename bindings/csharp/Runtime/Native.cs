@@ -72,6 +72,14 @@ namespace Hdb
         public IntPtr ProgressUserData;
         public uint Storage;
         public uint Reserved;
+        public IntPtr Tokenizer;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct AdapterLoadParams
+    {
+        public uint StructSize;
+        public uint AllowUnmatched;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -200,6 +208,9 @@ namespace Hdb
         [DllImport(Lib)] internal static extern void hdb_model_free(IntPtr m);
 
         [DllImport(Lib)] internal static extern Status hdb_adapter_load(ModelHandle m, byte[] path, out AdapterHandle a);
+        [DllImport(Lib)] internal static extern Status hdb_adapter_load_params_init(ref AdapterLoadParams p, UIntPtr size);
+        [DllImport(Lib)] internal static extern AdapterLoadParams hdb_adapter_load_params_default();
+        [DllImport(Lib)] internal static extern Status hdb_adapter_load_ex(ModelHandle m, byte[] path, ref AdapterLoadParams p, out AdapterHandle a);
         [DllImport(Lib)] internal static extern Status hdb_adapter_load_from_memory(ModelHandle m, byte[] bytes, UIntPtr len, out AdapterHandle a);
         [DllImport(Lib)] internal static extern Status hdb_adapter_save(AdapterHandle a, byte[] path);
         [DllImport(Lib)] internal static extern void hdb_adapter_free(IntPtr a);

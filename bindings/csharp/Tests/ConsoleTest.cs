@@ -139,6 +139,11 @@ static class ConsoleTest
                       "a model from memory is the model from its path");
                 Check(mem.Describe().Contains("tiny.safetensors"), "named as given");
             }
+            // A tokenizer given at load is the model's (the field after Reserved: layout checked).
+            using (var withTok = new Model(rt, ldm, tokenizer: Path.Combine(fixtures, "tiny-sd")))
+                Check(withTok.Info().HasTokenizer == 1, "the given tokenizer is the model's");
+            using (var ad = Adapter.Load(model, Path.Combine(fixtures, "adapter", "id1.lidb.safetensors"), true))
+                Check(ad != null, "hdb_adapter_load_ex with allow_unmatched");
             e = Throws(() => Model.FromBytes(rt, File.ReadAllBytes(ldm).Take(1000).ToArray(), "cut.safetensors"));
             Check(e != null && e.Status == Status.InvalidFile && e.HdbMessage.Contains("cut.safetensors"), "a truncated buffer is refused by name");
 

@@ -172,11 +172,14 @@ class Model(_Handle):
 
     _free = lib.hdb_model_free
 
-    def __init__(self, runtime, path, weights_variant=0, storage=0, callback=None):
+    def __init__(self, runtime, path, weights_variant=0, storage=0, callback=None, tokenizer=None):
+        """tokenizer: a tokenizer folder (or a diffusers folder with tokenizer/) used instead of
+        the model's own; None: the model's, else the built-in CLIP tokenizer for SD 1.x."""
         p = _capi.ModelParams()
         lib.hdb_model_params_init(ctypes.byref(p), ctypes.sizeof(p))
         p.weights_variant = weights_variant
         p.storage = storage
+        p.tokenizer = _path(tokenizer) if tokenizer is not None else None
         cb = _Progress(callback) if callback else None
         if cb:
             p.progress = cb.c
@@ -184,11 +187,12 @@ class Model(_Handle):
         self.runtime = runtime
 
     @classmethod
-    def from_bytes(cls, runtime, data, name=None, callback=None):
+    def from_bytes(cls, runtime, data, name=None, callback=None, tokenizer=None):
         """An LDM single-file checkpoint from its bytes (copied); `name` stands for its path in
-        messages. callback(done, total, stage) as for loading from a path."""
+        messages. callback(done, total, stage) and tokenizer as for loading from a path."""
         p = _capi.ModelParams()
         lib.hdb_model_params_init(ctypes.byref(p), ctypes.sizeof(p))
+        p.tokenizer = _path(tokenizer) if tokenizer is not None else None
         cb = _Progress(callback) if callback else None
         if cb:
             p.progress = cb.c
@@ -225,8 +229,15 @@ class Adapter(_Handle):
     _free = lib.hdb_adapter_free
 
     @classmethod
-    def load(cls, model, path):
-        return cls(_new(lib.hdb_adapter_load, model, _path(path)))
+    def load(cls, model, path, allow_unmatched=False):
+        """allow_unmatched: skip the keys of a LoRA file that match no layer of the model
+        (logged as warnings) instead of refusing the file."""
+        if not allow_unmatched:
+            return cls(_new(lib.hdb_adapter_load, model, _path(path)))
+        p = _capi.AdapterLoadParams()
+        lib.hdb_adapter_load_params_init(ctypes.byref(p), ctypes.sizeof(p))
+        p.allow_unmatched = 1
+        return cls(_new(lib.hdb_adapter_load_ex, model, _path(path), ctypes.byref(p)))
 
     @classmethod
     def from_bytes(cls, model, data):

@@ -38,7 +38,12 @@ class ModelParams(Structure):
         ("progress_user_data", c_void_p),
         ("storage", c_uint32),
         ("reserved", c_uint32),
+        ("tokenizer", c_char_p),
     ]
+
+
+class AdapterLoadParams(Structure):
+    _fields_ = [("struct_size", c_uint32), ("allow_unmatched", c_uint32)]
 
 
 class SessionParams(Structure):
@@ -174,6 +179,9 @@ _protos = {
     "hdb_model_describe": (_status, [_opaque, P(c_char), c_size_t, P(c_size_t)]),
     "hdb_model_free": (None, [_opaque]),
     "hdb_adapter_load": (_status, [_opaque, c_char_p, P(_opaque)]),
+    "hdb_adapter_load_params_init": (_status, [P(AdapterLoadParams), c_size_t]),
+    "hdb_adapter_load_params_default": (AdapterLoadParams, []),
+    "hdb_adapter_load_ex": (_status, [_opaque, c_char_p, P(AdapterLoadParams), P(_opaque)]),
     "hdb_adapter_load_from_memory": (_status, [_opaque, P(c_uint8), c_size_t, P(_opaque)]),
     "hdb_adapter_save": (_status, [_opaque, c_char_p]),
     "hdb_adapter_free": (None, [_opaque]),

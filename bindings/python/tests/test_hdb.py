@@ -24,12 +24,13 @@ def model():
         yield m
 
 
-@pytest.mark.parametrize("name", ["Runtime", "Model", "Session", "Generate", "Predict", "Finetune"])
+@pytest.mark.parametrize("name", ["Runtime", "Model", "Session", "Generate", "Predict", "Finetune",
+                                  "AdapterLoad"])
 def test_struct_layouts_match_the_library(name):
     # hdb writes struct_size = sizeof(struct) in C: a ctypes layout that differs is caught here.
     c_type = getattr(_capi, name + "Params")
     snake = {"Runtime": "runtime", "Model": "model", "Session": "session", "Generate": "generate",
-             "Predict": "predict", "Finetune": "finetune"}[name]
+             "Predict": "predict", "Finetune": "finetune", "AdapterLoad": "adapter_load"}[name]
     p = getattr(_capi.lib, f"hdb_{snake}_params_default")()
     assert p.struct_size == ctypes.sizeof(c_type)
     q = c_type()
@@ -37,7 +38,8 @@ def test_struct_layouts_match_the_library(name):
     # Field by field: padding bytes are unspecified.
     for field, _ in c_type._fields_:
         a, b = getattr(q, field), getattr(p, field)
-        if field.startswith("progress") or field in ("latents", "prompt", "negative_prompt", "token", "device"):
+        if field.startswith("progress") or field in ("latents", "prompt", "negative_prompt", "token",
+                                                     "device", "tokenizer"):
             assert not a and not b, field  # NULL by default
         else:
             assert a == b, field
@@ -189,3 +191,28 @@ def test_model_from_bytes(model):
     with pytest.raises(hdb.HdbError) as e:
         hdb.Model.from_bytes(model.runtime, data[:1000], "cut.safetensors")
     assert e.value.status == hdb.Status.INVALID_FILE and "cut.safetensors" in e.value.message
+
+
+def _with_extra_lora_keys(src, dst):
+    """src (a kohya LoRA) plus a LoRA pair for a layer the model lacks, in safetensors form."""
+    raw = open(src, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    end = len(data)
+    for key, shape in (("lora_vae_conv_in.lora_down.weight", [2, 4]),
+                       ("lora_vae_conv_in.lora_up.weight", [4, 2])):
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end + 32]}
+        end += 32
+    h = json.dumps(header).encode()
+    with open(dst, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + data + bytes(64))
+
+
+def test_adapter_load_allow_unmatched(model, tmp_path):
+    path = tmp_path / "extra.safetensors"
+    _with_extra_lora_keys(os.path.join(FIXTURES, "lora-layers", "style.kohya.safetensors"), path)
+    with pytest.raises(hdb.HdbError) as e:
+        hdb.Adapter.load(model, path)
+    assert e.value.status == hdb.Status.ADAPTER_MISMATCH and "lora_vae_conv_in" in str(e.value)
+    with hdb.Adapter.load(model, path, allow_unmatched=True) as a, hdb.Session(model) as s:
+        s.set_adapters([a])

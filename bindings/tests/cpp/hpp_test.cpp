@@ -95,6 +95,13 @@ int main(int argc, char **argv) {
     check(json.size() > 2 && json.front() == '{' && json.back() == '}', "describe gives JSON", json);
 
     hdb::Adapter id1 = MUST(hdb::Adapter::load(model, fixtures + "/adapter/id1.lidb.safetensors"), "adapter");
+    {
+        hdb_adapter_load_params lp = hdb::Adapter::load_params();
+        lp.allow_unmatched = 1;
+        std::string p = fixtures + "/adapter/id1.lidb.safetensors";
+        hdb::Adapter ex = MUST(hdb::Adapter::load(model, p.c_str(), lp), "adapter with options");
+        check(ex.get() != nullptr, "hdb_adapter_load_ex through hdb.hpp", p);
+    }
     hdb::Session session = MUST(hdb::Session::create(model), "session");
     // Moves keep exactly one owner.
     hdb::Session moved = std::move(session);

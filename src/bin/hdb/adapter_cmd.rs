@@ -146,6 +146,13 @@ fn info(file: &Path) -> hdb::Result<()> {
         );
         return Ok(());
     }
+    if hdb::adapter::lycoris::is_lycoris(&f) {
+        let (layers, parts) = hdb::adapter::lycoris::describe(&f);
+        println!("LyCORIS adapter: {} ({size} bytes)", file.display());
+        println!("layers: {layers}, parts: {}", parts.join(", "));
+        println!("merge mode only (the updates are full matrices)");
+        return Ok(());
+    }
     if lora::detect(&f).is_none() {
         return Err(hdb::Error::InvalidFile {
             path: file.to_path_buf(),

@@ -20,6 +20,7 @@ use hdb::backend::cuda::ops::{
 use hdb::backend::cuda::{CudaDevice, DeviceElem};
 use hdb::backend::profile::Profiled;
 use hdb::backend::Backend;
+use hdb::model::adaptable::identity_layers;
 use hdb::model::config::UnetConfig;
 use hdb::model::text_encoder::TextEncoderConfig;
 use hdb::model::unet::Unet;
@@ -579,8 +580,7 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
     let t0 = std::time::Instant::now();
     let cfg = scale.unet.clone();
     let unet = Unet::load(cfg.clone(), &RandomWeights { seed: 0x5D15 })?;
-    let layers: Vec<(String, usize, usize)> = unet
-        .adaptable_layers()
+    let layers: Vec<(String, usize, usize)> = identity_layers(&unet.adaptable_layers())
         .into_iter()
         .map(|(k, s)| (k, s.dout, s.din))
         .collect();

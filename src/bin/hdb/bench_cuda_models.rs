@@ -16,6 +16,7 @@ use hdb::adapter::{Adapter, AdapterSource, LoraLayer};
 use hdb::backend::cuda::ops::AttnKernel;
 use hdb::backend::cuda::{Cuda, CudaDevice};
 use hdb::backend::profile::Profiled;
+use hdb::model::adaptable::identity_layers;
 use hdb::model::text_encoder::{TextEncoder, TextEncoderConfig};
 use hdb::model::unet::{Unet, UnetInput};
 use hdb::model::vae::{Vae, VaeConfig};
@@ -204,13 +205,20 @@ fn identity_rows(
     };
     let ids: Vec<Adapter> = (0..8)
         .map(|_| Adapter {
-            layers: unet
-                .adaptable_layers()
+            layers: identity_layers(&unet.adaptable_layers())
                 .into_iter()
                 .map(|(k, l)| {
                     let rank = 1;
                     let (down, up) = (u(rank * l.din, 0.02), u(l.dout * rank, 0.02));
-                    (k, LoraLayer { rank, down, up })
+                    (
+                        k,
+                        LoraLayer {
+                            rank,
+                            down,
+                            up,
+                            conv_kernel: None,
+                        },
+                    )
                 })
                 .collect(),
             source: AdapterSource::Lora,

@@ -11,6 +11,7 @@ use std::time::Instant;
 use hdb::adapter::apply::ApplyMode;
 use hdb::adapter::lidb::{BasisCache, Lidb, LidbMeta};
 use hdb::adapter::Adapter;
+use hdb::model::adaptable::identity_layers;
 use hdb::model::config::UnetConfig;
 use hdb::model::random::RandomWeights;
 use hdb::model::scheduler::{SamplerKind, SchedulerConfig};
@@ -79,7 +80,7 @@ pub fn run(a: SoakArgs) -> hdb::Result<()> {
             scheduler: SchedulerConfig::default(),
         },
     )?);
-    let table = engine.adaptable_layers();
+    let table = identity_layers(&engine.adaptable_layers());
     let cache = BasisCache::default();
     let ids: Vec<Adapter> = (0..a.identities.max(2) as u64)
         .map(|i| rt.install(|| identity(&table, 100 + i).compose_cached(&table, &cache)))

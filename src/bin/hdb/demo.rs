@@ -10,6 +10,7 @@ use hdb::adapter::apply::ApplyMode;
 use hdb::adapter::Adapter;
 use hdb::hypernet::{EncoderConfig, HypernetConfig};
 use hdb::io::safetensors::SafetensorsFile;
+use hdb::model::adaptable::identity_layers;
 use hdb::model::config::{BlockKind, UnetConfig};
 use hdb::model::random::RandomWeights;
 use hdb::model::scheduler::{SamplerKind, SchedulerConfig};
@@ -96,7 +97,7 @@ fn hypernet(
     if let Some(f) = file {
         return PlacedHypernet::load(rt, f);
     }
-    let table = engine.adaptable_layers();
+    let table = identity_layers(&engine.adaptable_layers());
     let a = table.values().map(|l| l.din).min().unwrap_or(1).min(100);
     let b = table.values().map(|l| l.dout).min().unwrap_or(1).min(50);
     let mut cfg = HypernetConfig {

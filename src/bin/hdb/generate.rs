@@ -50,9 +50,11 @@ pub fn step_bar(total: usize) -> indicatif::ProgressBar {
 
 pub struct GenerateArgs {
     pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     pub params: GenerateParams,
     pub adapters: Vec<PathBuf>,
     pub scales: Vec<f32>,
+    pub allow_unmatched: bool,
     pub mode: ApplyMode,
     pub latents: Option<PathBuf>,
     pub dump_latents: Option<PathBuf>,
@@ -66,6 +68,7 @@ pub fn load_adapters(
     engine: &Engine,
     paths: &[PathBuf],
     scales: &[f32],
+    allow_unmatched: bool,
 ) -> hdb::Result<Vec<(Adapter, f32)>> {
     if !scales.is_empty() && scales.len() != paths.len() {
         return Err(hdb::Error::invalid_arg(
@@ -77,7 +80,8 @@ pub fn load_adapters(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let a = engine.load_adapter(&SafetensorsFile::open(p)?)?;
+            let opts = hdb::adapter::LoadOptions { allow_unmatched };
+            let a = engine.load_adapter_with(&SafetensorsFile::open(p)?, opts)?;
             Ok((a, scales.get(i).copied().unwrap_or(1.0)))
         })
         .collect()
@@ -85,7 +89,7 @@ pub fn load_adapters(
 
 pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
     let rt = Arc::new(super::runtime(a.device, a.threads)?);
-    let model = super::load_model(&a.model)?;
+    let model = super::load_model_with(&a.model, a.tokenizer.as_deref())?;
     let engine = Arc::new(Engine::new(rt, model));
     if let Some(path) = &a.latents {
         let f = SafetensorsFile::open(path)?;
@@ -93,7 +97,7 @@ pub fn generate(mut a: GenerateArgs) -> hdb::Result<()> {
         a.params.batch = shape.first().copied().unwrap_or(1);
         a.params.latents = Some(v);
     }
-    let adapters = load_adapters(&engine, &a.adapters, &a.scales)?;
+    let adapters = load_adapters(&engine, &a.adapters, &a.scales, a.allow_unmatched)?;
     let mut session = Session::new(engine.clone());
     let set: Vec<(&Adapter, f32)> = adapters.iter().map(|(a, s)| (a, *s)).collect();
     session.set_adapters(&set, a.mode)?;

@@ -34,7 +34,7 @@ pub fn info(path: &Path, list_tensors: bool, json: bool) -> hdb::Result<()> {
     }
     match &model.tokenizer {
         Some(t) => println!("tokenizer:     {}", t.display()),
-        None => println!("tokenizer:     none"),
+        None => println!("tokenizer:     none (SD 1.x: the built-in CLIP ViT-L/14 one)"),
     }
     println!();
     println!(

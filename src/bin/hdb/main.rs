@@ -115,9 +115,14 @@ enum Command {
     },
     /// Text to image (PNG): the whole SD pipeline with optional identity adapters.
     Generate {
-        /// A diffusers folder (with tokenizer/) or an LDM single file.
+        /// A diffusers folder or an LDM single file (SD 1.x ones without a tokenizer/ use the
+        /// built-in CLIP ViT-L/14 tokenizer).
         #[arg(long)]
         model: PathBuf,
+        /// A tokenizer folder (tokenizer.json or vocab.json + merges.txt), or a diffusers folder
+        /// with tokenizer/, to use instead of the model's own or the built-in one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// The text to render.
         #[arg(long)]
         prompt: String,
@@ -151,6 +156,10 @@ enum Command {
         /// Scale of each --adapter, in order (default 1.0).
         #[arg(long = "scale")]
         scales: Vec<f32>,
+        /// Skip the keys of LoRA files that match no adaptable layer of the model (listed on
+        /// stderr) instead of refusing the file.
+        #[arg(long)]
+        allow_unmatched: bool,
         /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
         #[arg(long, value_enum, default_value = "merge")]
         mode: Mode,
@@ -201,6 +210,17 @@ enum Command {
         /// The scale of each --adapter, in order (default 1.0 each).
         #[arg(long = "scale")]
         scales: Vec<f32>,
+        /// An adapter stacked into every --adapter (a style shared by per-sample identities:
+        /// each sample gets its identity and this; index -1 still gets nothing); repeatable.
+        #[arg(long = "shared-adapter")]
+        shared_adapters: Vec<PathBuf>,
+        /// The scale of each --shared-adapter, in order (default 1.0 each).
+        #[arg(long = "shared-scale")]
+        shared_scales: Vec<f32>,
+        /// Skip the keys of LoRA files that match no adaptable layer of the model (listed on
+        /// stderr) instead of refusing the file.
+        #[arg(long)]
+        allow_unmatched: bool,
         /// merge: W = W_base + sum scale * dW; runtime: y = x W^T + sum scale * up(down(x)).
         #[arg(long, value_enum, default_value = "merge")]
         mode: Mode,
@@ -219,9 +239,10 @@ enum Command {
     /// transformers' CLIPTokenizer).
     Tokenize {
         /// A diffusers folder with tokenizer/, or a tokenizer folder (tokenizer.json or
-        /// vocab.json + merges.txt).
+        /// vocab.json + merges.txt); without it (or for a model file, such as an LDM single
+        /// file), the built-in CLIP ViT-L/14 tokenizer of SD 1.x.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// Pad with the pad token to 77 ids, as the pipeline feeds the text encoder.
         #[arg(long)]
         padded: bool,
@@ -349,7 +370,10 @@ enum BenchWhat {
         peer_python: Option<PathBuf>,
     },
     /// Identity swaps at SD 1.5 shapes: compose time, merge-mode swap against memcpy,
-    /// runtime-mode swap, and a batch with one identity per sample against one identity.
+    /// runtime-mode swap, and a batch with one identity per sample against one identity; then a
+    /// rank-32 style LoRA on every linear and convolution layer: its merge swap against memcpy
+    /// of the touched weights, its runtime swap, and runtime mode's per-step cost with each
+    /// identity plus the style against the base UNet.
     Adapter {
         /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
@@ -539,6 +563,7 @@ fn main() -> ExitCode {
         }),
         Command::Generate {
             model,
+            tokenizer,
             prompt,
             negative,
             steps,
@@ -550,6 +575,7 @@ fn main() -> ExitCode {
             batch,
             adapters,
             scales,
+            allow_unmatched,
             mode,
             latents,
             dump_latents,
@@ -558,6 +584,7 @@ fn main() -> ExitCode {
             device,
         } => generate::generate(generate::GenerateArgs {
             model,
+            tokenizer,
             params: hdb::pipeline::GenerateParams {
                 prompt,
                 negative_prompt: negative,
@@ -572,6 +599,7 @@ fn main() -> ExitCode {
             },
             adapters,
             scales,
+            allow_unmatched,
             mode: match mode {
                 Mode::Merge => hdb::adapter::apply::ApplyMode::Merge,
                 Mode::Runtime => hdb::adapter::apply::ApplyMode::Runtime,
@@ -641,6 +669,9 @@ fn main() -> ExitCode {
             threads,
             adapters,
             scales,
+            shared_adapters,
+            shared_scales,
+            allow_unmatched,
             mode,
             device,
         } => unet_cmd::unet(
@@ -648,8 +679,13 @@ fn main() -> ExitCode {
             &input,
             &output,
             (device, threads),
-            &adapters,
-            &scales,
+            unet_cmd::AdapterArgs {
+                paths: &adapters,
+                scales: &scales,
+                shared: &shared_adapters,
+                shared_scales: &shared_scales,
+                allow_unmatched,
+            },
             mode,
         ),
         Command::Adapter { what } => adapter_cmd::run(what),
@@ -677,7 +713,7 @@ fn main() -> ExitCode {
             model,
             padded,
             text,
-        } => tokenize_cmd::run(&model, &text.join(" "), padded),
+        } => tokenize_cmd::run(model.as_deref(), &text.join(" "), padded),
         Command::Info {
             path,
             tensors,
@@ -695,6 +731,11 @@ fn main() -> ExitCode {
 
 /// Loads a model with a progress bar on stderr when it spans several files.
 fn load_model(path: &Path) -> hdb::Result<Model> {
+    load_model_with(path, None)
+}
+
+/// As [`load_model`], with a tokenizer folder to use instead of the model's.
+fn load_model_with(path: &Path, tokenizer: Option<&Path>) -> hdb::Result<Model> {
     let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} files")
@@ -713,6 +754,7 @@ fn load_model(path: &Path) -> hdb::Result<Model> {
         path,
         LoadOptions {
             progress: Some(&mut progress),
+            tokenizer: tokenizer.map(Path::to_path_buf),
             ..Default::default()
         },
     );

@@ -12,13 +12,22 @@ use hdb::{Engine, Session};
 use crate::generate::load_adapters;
 use crate::{load_model, runtime, Mode};
 
+/// The adapters of `hdb unet`: `--adapter` files with their scales, and `--shared-adapter`
+/// files stacked into each of them.
+pub struct AdapterArgs<'a> {
+    pub paths: &'a [PathBuf],
+    pub scales: &'a [f32],
+    pub shared: &'a [PathBuf],
+    pub shared_scales: &'a [f32],
+    pub allow_unmatched: bool,
+}
+
 pub fn unet(
     model_path: &Path,
     input: &Path,
     output: &Path,
     (device, threads): (hdb::runtime::DeviceRequest, usize),
-    adapter_paths: &[PathBuf],
-    scales: &[f32],
+    adapter_args: AdapterArgs<'_>,
     mode: Mode,
 ) -> hdb::Result<()> {
     let rt = runtime(device, threads)?;
@@ -57,7 +66,31 @@ pub fn unet(
             &format!("[B, L, {}]", cfg.cross_attention_dim),
         ));
     }
-    let adapters = load_adapters(&engine, adapter_paths, scales)?;
+    let AdapterArgs {
+        paths,
+        scales,
+        shared,
+        shared_scales,
+        allow_unmatched,
+    } = adapter_args;
+    let mut adapters = load_adapters(&engine, paths, scales, allow_unmatched)?;
+    if !shared.is_empty() {
+        if adapters.is_empty() {
+            return Err(hdb::Error::invalid_arg(
+                "--shared-adapter",
+                "is stacked into each --adapter; give at least one --adapter",
+            ));
+        }
+        let shared = load_adapters(&engine, shared, shared_scales, allow_unmatched)?;
+        adapters = adapters
+            .iter()
+            .map(|(a, s)| {
+                let mut parts = vec![(a, *s)];
+                parts.extend(shared.iter().map(|(b, t)| (b, *t)));
+                Ok((hdb::adapter::stack(&parts)?, 1.0))
+            })
+            .collect::<hdb::Result<_>>()?;
+    }
     let set: Vec<(&hdb::adapter::Adapter, f32)> = adapters.iter().map(|(a, s)| (a, *s)).collect();
     let mode = match mode {
         Mode::Merge => ApplyMode::Merge,

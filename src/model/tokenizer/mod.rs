@@ -39,6 +39,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+mod builtin;
 mod files;
 mod nfc;
 
@@ -137,6 +138,20 @@ struct Specials {
     pad: AddedToken,
     /// Every added token, flags final (named ones included).
     added: Vec<AddedToken>,
+}
+
+/// The tokenizer folder at `path`: its `tokenizer/` sub-folder (a diffusers model folder) or
+/// `path` itself, whichever holds `tokenizer.json` or `vocab.json`.
+pub fn find_folder(path: &Path) -> Option<std::path::PathBuf> {
+    let holds = |d: &Path| d.join("tokenizer.json").is_file() || d.join("vocab.json").is_file();
+    let sub = path.join("tokenizer");
+    if holds(&sub) {
+        Some(sub)
+    } else if holds(path) {
+        Some(path.to_path_buf())
+    } else {
+        None
+    }
 }
 
 impl ClipTokenizer {

@@ -107,7 +107,10 @@ public final class Runtime {
 public final class Model {
     let handle: OpaquePointer
 
-    public init(runtime: Runtime, path: String, weightsVariant: UInt32 = 0, storage: UInt32 = 0) throws {
+    /// tokenizer: a tokenizer folder (or a diffusers folder with tokenizer/) used instead of
+    /// the model's own; nil: the model's, else the built-in CLIP tokenizer for SD 1.x.
+    public init(runtime: Runtime, path: String, weightsVariant: UInt32 = 0, storage: UInt32 = 0,
+                tokenizer: String? = nil) throws {
         var p = hdb_model_params()
         _ = hdb_model_params_init(&p, MemoryLayout<hdb_model_params>.size)
         p.weights_variant = weightsVariant
@@ -115,7 +118,10 @@ public final class Model {
         p.progress = nil
         p.progress_user_data = nil
         var out: OpaquePointer?
-        try check(hdb_model_load(runtime.handle, path, &p, &out))
+        try withOptionalCString(tokenizer) { tok in
+            p.tokenizer = tok
+            try check(hdb_model_load(runtime.handle, path, &p, &out))
+        }
         handle = out!
     }
 
@@ -157,6 +163,17 @@ public final class Adapter {
     public convenience init(model: Model, path: String) throws {
         var out: OpaquePointer?
         try check(hdb_adapter_load(model.handle, path, &out))
+        self.init(out!)
+    }
+
+    /// allowUnmatched: skip the keys of a LoRA file that match no layer of the model (logged
+    /// as warnings) instead of refusing the file (hdb_adapter_load_ex).
+    public convenience init(model: Model, path: String, allowUnmatched: Bool) throws {
+        var p = hdb_adapter_load_params()
+        _ = hdb_adapter_load_params_init(&p, MemoryLayout<hdb_adapter_load_params>.size)
+        p.allow_unmatched = allowUnmatched ? 1 : 0
+        var out: OpaquePointer?
+        try check(hdb_adapter_load_ex(model.handle, path, &p, &out))
         self.init(out!)
     }
 
