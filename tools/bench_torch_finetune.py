@@ -10,7 +10,7 @@ The VAE encoding of the face happens once before the steps in both, so it is not
 Prints one JSON line: {"peer": "pytorch-eager", "torch": ..., "diffusers": ..., "peft": ...,
 "threads": N, "latent": S, "checkpointing": bool, "median_s": ..., "runs_s": [...],
 "warmup_s": ..., "total_s": (warm-up step and runs together), "peak_mb": ..., "peak_kind": ...}
-(CPU: ru_maxrss, weights included; CUDA: the caching
+(CPU: the process's own peak RSS, VmHWM, weights included; CUDA: the caching
 allocator's peak reservation). --device cuda keeps the frozen weights in fp16 and the LoRA
 parameters in f32, as hdb does.
 
@@ -19,7 +19,6 @@ parameters in f32, as hdb does.
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_torch_unet import SD15_UNET  # noqa: E402
+from bench_torch_unet import SD15_UNET, peak_rss_mb  # noqa: E402
 
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -106,7 +105,7 @@ def main():
         "median_s": statistics.median(times) if times else None, "runs_s": times,
         "warmup_s": warmup, "total_s": warmup + sum(times),
         "peak_mb": (torch.cuda.max_memory_reserved() / 2**20 if args.device == "cuda"
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
+                    else peak_rss_mb()),
         "peak_kind": "device memory reserved" if args.device == "cuda" else "RSS",
     }))
 

@@ -6,7 +6,7 @@ Input: batch 2 (one classifier-free-guidance step), sample [2,4,S,S], encoder_hi
 timestep [2]. Writes nothing; prints the attention processor on stderr and one JSON line on stdout:
   {"peer": "pytorch-eager", "torch": ..., "diffusers": ..., "threads": N, "batch": 2, "latent": S,
    "median_s": ..., "runs_s": [...], "peak_rss_mb": ..., "attn_processor": ...}
-peak_rss_mb is the process's ru_maxrss (model build included: ~3.4 GB of f32 weights at full size).
+peak_rss_mb is the process's own peak RSS (VmHWM; model build included: ~3.4 GB of f32 weights at full size).
 
 Nothing is downloaded (the config is written out below; weights are diffusers' default init, which
 times the same as trained weights). CI never runs this tool. Full size (S=64) takes ~10 s a run
@@ -49,6 +49,21 @@ SD15_UNET = dict(
 BATCH = 2
 
 
+
+def peak_rss_mb():
+    """This process's own peak RSS in MB: VmHWM on Linux (the address space's high-water mark,
+    fresh at exec), not ru_maxrss, which Linux carries over from the parent across fork and
+    exec (spawned by hdb's benchmark, ru_maxrss would report hdb's own peak when larger)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -86,8 +101,7 @@ def main():
                 times.append(dt)
     assert out.shape == sample.shape and bool(torch.isfinite(out).all())
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss_mb = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    rss_mb = peak_rss_mb()
     print(json.dumps({
         "peer": "pytorch-eager",
         "torch": torch.__version__,
