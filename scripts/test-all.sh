@@ -3,7 +3,8 @@
 # of the default build (CPU + the CUDA backend, loaded at run time) and of the CPU-only build,
 # the Rust and C test suites (C under AddressSanitizer + UBSan via cargo test; the CUDA kernels
 # on a host emulation of CUDA), the kernels through NVRTC, the GPU tests on an emulated GPU,
-# the packaging and the language bindings, the C programs under valgrind, then a short run of
+# the packaging and the language bindings, the CPU ops on aarch64 under qemu-user, the C
+# programs under valgrind, then a short run of
 # every fuzz target. This is the README's test command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,9 @@ scripts/emulated-gpu.sh
 # under ASan/UBSan in both error modes, and every binding in bindings/ (its README says what).
 phase "bindings"
 scripts/test-bindings.sh
+# The CPU ops on ARM: cross-compiled for aarch64 and run under qemu-user.
+phase "CPU op tests on aarch64 (qemu-user)"
+scripts/arm-tests.sh
 phase "C tests under valgrind"
 scripts/valgrind-c-tests.sh
 # Every parser and loader under coverage-guided fuzzing (cargo-fuzz), a few seconds a target:
