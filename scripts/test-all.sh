@@ -4,8 +4,8 @@
 # the Rust and C test suites (C under AddressSanitizer + UBSan via cargo test; the CUDA kernels
 # on a host emulation of CUDA), the kernels through NVRTC, the GPU tests on an emulated GPU,
 # the packaging and the language bindings, the CPU ops on aarch64 under qemu-user, the C
-# programs under valgrind, then a short run of
-# every fuzz target. This is the README's test command and what .ci/run runs.
+# programs under valgrind, then a short run of every fuzz target. This is the README's test
+# command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase() { echo "== test-all: $* ($(date -u +%T), ${SECONDS}s in)"; }
