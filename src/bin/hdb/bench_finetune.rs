@@ -51,6 +51,22 @@ pub fn device_memory_gb(engine: &Engine) -> Option<f64> {
     None
 }
 
+/// SD 1.5 (UNet, text encoder, VAE) with random weights on `rt`: what the training
+/// benchmarks run (no download).
+pub fn random_sd15(rt: Arc<hdb::Runtime>) -> hdb::Result<Engine> {
+    Engine::from_parts(
+        rt,
+        BuiltModel {
+            unet: UnetConfig::default(),
+            text_encoder: TextEncoderConfig::default(),
+            vae: VaeConfig::default(),
+            weights: &RandomWeights { seed: 0x5D15 },
+            tokenizer: ClipTokenizer::byte_level(77)?,
+            scheduler: SchedulerConfig::default(),
+        },
+    )
+}
+
 pub fn run(
     threads: usize,
     runs: usize,
@@ -62,17 +78,7 @@ pub fn run(
     let threads = rt.threads();
     let on_gpu = rt.device() != hdb::Device::Cpu;
     let t0 = Instant::now();
-    let engine = Engine::from_parts(
-        rt,
-        BuiltModel {
-            unet: UnetConfig::default(),
-            text_encoder: TextEncoderConfig::default(),
-            vae: VaeConfig::default(),
-            weights: &RandomWeights { seed: 0x5D15 },
-            tokenizer: ClipTokenizer::byte_level(77)?,
-            scheduler: SchedulerConfig::default(),
-        },
-    )?;
+    let engine = random_sd15(rt)?;
     eprintln!(
         "random SD 1.5 weights (UNet, text encoder, VAE) made in {:.1} s",
         t0.elapsed().as_secs_f64()

@@ -10,16 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hdb::hypernet::HypernetConfig;
-use hdb::model::config::UnetConfig;
 use hdb::model::random::RandomWeights;
-use hdb::model::scheduler::SchedulerConfig;
-use hdb::model::text_encoder::TextEncoderConfig;
-use hdb::model::tokenizer::ClipTokenizer;
-use hdb::model::vae::VaeConfig;
 use hdb::placed::PlacedHypernet;
-use hdb::session::BuiltModel;
 use hdb::train::finetune::{Face, FinetuneParams};
-use hdb::Engine;
 
 pub fn run(
     threads: usize,
@@ -34,17 +27,7 @@ pub fn run(
     let threads = rt.threads();
     let on_gpu = rt.device() != hdb::Device::Cpu;
     let t0 = Instant::now();
-    let engine = Engine::from_parts(
-        rt.clone(),
-        BuiltModel {
-            unet: UnetConfig::default(),
-            text_encoder: TextEncoderConfig::default(),
-            vae: VaeConfig::default(),
-            weights: &RandomWeights { seed: 0x5D15 },
-            tokenizer: ClipTokenizer::byte_level(77)?,
-            scheduler: SchedulerConfig::default(),
-        },
-    )?;
+    let engine = super::bench_finetune::random_sd15(rt.clone())?;
     let cfg = HypernetConfig::default();
     let iterations = cfg.iterations;
     let net = PlacedHypernet::from_source(&rt, cfg, &RandomWeights { seed: 1 })?;
