@@ -580,7 +580,7 @@ pub(crate) fn normalize_peft(s: &str) -> String {
 }
 
 /// Writes an adapter as a standard LoRA file. Alpha and scales are already folded into `up`,
-/// so kohya's `.alpha` is the rank (scale 1) and PEFT needs `lora_alpha = r`.
+/// so PEFT needs `lora_alpha = r`; kohya files get one `.alpha` for every layer (see below).
 pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> {
     let magnitudes =
         match (&adapter.source, format) {
@@ -612,9 +612,36 @@ pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> 
         };
         names.push((d, u, format!("{}.alpha", kohya_name(k)), l));
     }
-    let alphas: Vec<[f32; 1]> = names.iter().map(|(_, _, _, l)| [l.rank as f32]).collect();
+    // Kohya: one alpha for every layer, the most common rank A (the smallest of a tie), and a
+    // layer of rank r stores `up * r / A`, so `A / r * up' . down` is the update. With the
+    // alphas all equal, a reader that keys some of them wrongly still scales right (diffusers
+    // 0.42.1 drops attention layers' alphas for its default, which is then A).
+    let common = {
+        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+        names
+            .iter()
+            .for_each(|(_, _, _, l)| *counts.entry(l.rank).or_default() += 1);
+        // (max_by_key keeps the last maximum: iterate ranks from the largest down)
+        counts
+            .iter()
+            .rev()
+            .max_by_key(|(_, c)| **c)
+            .map_or(1, |(r, _)| *r)
+    };
+    let alpha = [common as f32];
+    let ups: Vec<std::borrow::Cow<'_, [f32]>> = names
+        .iter()
+        .map(|(_, _, _, l)| {
+            if format == LoraFormat::Kohya && l.rank != common {
+                let f = l.rank as f64 / common as f64;
+                std::borrow::Cow::Owned(l.up.iter().map(|&x| (f64::from(x) * f) as f32).collect())
+            } else {
+                std::borrow::Cow::Borrowed(l.up.as_slice())
+            }
+        })
+        .collect();
     let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = Vec::new();
-    for ((d, u, a, l), alpha) in names.iter().zip(&alphas) {
+    for ((d, u, a, l), up) in names.iter().zip(&ups) {
         let din = l.down.len() / l.rank;
         let dout = l.up.len() / l.rank;
         // Convolutions as LoCon stores them: down [r, in, k, k], up [out, r, 1, 1].
@@ -626,9 +653,9 @@ pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> 
             None => (vec![l.rank, din], vec![dout, l.rank]),
         };
         tensors.push((d.as_str(), down_shape, &l.down));
-        tensors.push((u.as_str(), up_shape, &l.up));
+        tensors.push((u.as_str(), up_shape, up));
         if format == LoraFormat::Kohya {
-            tensors.push((a.as_str(), vec![], alpha));
+            tensors.push((a.as_str(), vec![], &alpha));
         }
     }
     let magnitude_names: Vec<(String, &Vec<f32>)> = magnitudes
