@@ -64,6 +64,26 @@ def st_names(path):
     return [k for k in h if k != "__metadata__"], h.get("__metadata__", {})
 
 
+def st_subset(path, prefixes):
+    """The safetensors file at `path` with only the tensors whose names start with one of
+    `prefixes` (offsets renumbered, metadata dropped)."""
+    b = read(path)
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8 : 8 + n])
+    body, out, off = b[8 + n :], {}, 0
+    parts = []
+    for k in sorted(h):
+        if k == "__metadata__" or not k.startswith(prefixes):
+            continue
+        s, e = h[k]["data_offsets"]
+        parts.append(body[s:e])
+        out[k] = {"dtype": h[k]["dtype"], "shape": h[k]["shape"], "data_offsets": [off, off + e - s]}
+        off += e - s
+    head = json.dumps(out, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(parts)
+
+
 def png(w, h, color, depth, rows):
     """A PNG of `rows` (already filtered scanlines)."""
 
@@ -102,6 +122,15 @@ def main():
     copy("lora", "adapter/*.peft.safetensors")
     copy("lora", "text_encoder/te-id.peft.safetensors")
     copy("lora", "hostile/lora-*.safetensors")
+    # LyCORIS layouts (LoHa, LoKr, Tucker cores, dora_scale): two layers of each fixture (a 3x3
+    # convolution and an attention projection), small enough for the fuzzer to mutate.
+    keep = ("lora_unet_down_blocks_0_resnets_0_conv1.",
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.")
+    for pattern in ["lycoris/*[!t].safetensors", "lora-layers/lo[hk][ar].kohya.safetensors"]:
+        for p in sorted(glob.glob(os.path.join(FIX, pattern))):
+            if p.endswith(".out.safetensors"):
+                continue
+            add("lora", "few-" + os.path.basename(p), st_subset(p, keep))
     copy("hypernet", "hypernet/tiny.hypernet.safetensors")
     _, meta = st_names(os.path.join(FIX, "hypernet/tiny.hypernet.safetensors"))
     add("hypernet_config", "tiny.json", meta["config"].encode())
