@@ -117,7 +117,17 @@ fn tucker_and_dora_scale_merge_as_lycoris_does_at_any_multiplier() {
 
 /// `file` with tensor `name` replaced by (or added as) `shape` filled with `value`.
 fn with_tensor(file: &str, name: &str, shape: &[usize], value: f32, out: &std::path::Path) {
-    let f = SafetensorsFile::open(&fx(file)).expect("open");
+    with_tensor_at(&fx(file), name, shape, value, out)
+}
+
+fn with_tensor_at(
+    file: &std::path::Path,
+    name: &str,
+    shape: &[usize],
+    value: f32,
+    out: &std::path::Path,
+) {
+    let f = SafetensorsFile::open(file).expect("open");
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
         .tensors()
         .filter(|e| e.name != name)
@@ -219,6 +229,22 @@ fn bad_tucker_cores_and_dora_scales_are_errors_naming_the_key() {
             "case {i} ({name}): {msg}"
         );
     }
+    // Factors whose product would be far larger than the layer (1e5 x 1e5) are refused before
+    // it is computed.
+    let (p1, p2) = (dir.path().join("big1.st"), dir.path().join("big2.st"));
+    with_tensor(
+        "lycoris/loha-tucker-dora-in.safetensors",
+        &format!("{attn}.hada_w1_a"),
+        &[100_000, 2],
+        0.1,
+        &p1,
+    );
+    with_tensor_at(&p1, &format!("{attn}.hada_w1_b"), &[2, 100_000], 0.1, &p2);
+    let msg = load(&m, &p2).expect_err("huge").to_string();
+    assert!(
+        msg.contains("attn1.to_q") && msg.contains("larger than the layer"),
+        "{msg}"
+    );
     // Half a Tucker LoHa.
     let p = dir.path().join("half.safetensors");
     let f = SafetensorsFile::open(&fx("lycoris/loha-tucker-dora-in.safetensors")).expect("open");

@@ -98,6 +98,7 @@ fn product(
     a: &(usize, usize, Vec<f32>),
     b: &(usize, usize, Vec<f32>),
     what: &str,
+    layer: (usize, usize),
 ) -> Result<Vec<f64>> {
     let ((n, r), (r2, m)) = ((a.0, a.1), (b.0, b.1));
     if r != r2 {
@@ -105,6 +106,7 @@ fn product(
             "{what}: factors [{n}, {r}] and [{r2}, {m}] disagree on the rank"
         )));
     }
+    within(n, Some(m), layer, what)?;
     let mut out = vec![0f64; n * m];
     for i in 0..n {
         for q in 0..r {
@@ -119,6 +121,21 @@ fn product(
     Ok(out)
 }
 
+/// Checks a factor product's size `[rows, cols]` against the layer's `[dout, din]` before it
+/// is computed: no part of a layer's update is larger than the layer (hostile shapes would
+/// otherwise allocate their product).
+fn within(rows: usize, cols: Option<usize>, layer: (usize, usize), what: &str) -> Result<()> {
+    match cols {
+        Some(c) if rows <= layer.0 && c <= layer.1 => Ok(()),
+        _ => Err(Error::AdapterMismatch(format!(
+            "{what}: factors make [{rows}, {}], larger than the layer's [{}, {}]",
+            cols.map_or_else(|| "overflow".to_string(), |c| c.to_string()),
+            layer.0,
+            layer.1
+        ))),
+    }
+}
+
 /// A Tucker-decomposed factor `einsum("i j ..., i p, j q -> p (q ...)", t, a, b)` as
 /// `[p, q kh kw]`: core `t [r, r, kh, kw]`, `a [r, p]`, `b [r, q]`; errors name the core.
 fn tucker(
@@ -127,6 +144,7 @@ fn tucker(
     a: &(usize, usize, Vec<f32>),
     b: &(usize, usize, Vec<f32>),
     what: &str,
+    layer: (usize, usize),
 ) -> Result<(usize, usize, Vec<f64>)> {
     let dims = f
         .get(t_name)
@@ -143,8 +161,9 @@ fn tucker(
             )))
         }
     };
-    let t = f.to_f32(t_name)?;
     let (p, q) = (a.1, b.1);
+    within(p, q.checked_mul(kk), layer, what)?;
+    let t = f.to_f32(t_name)?;
     // tb[i, (q, s)] = sum_j t[i, j, s] b[j, q]; then out[p, (q, s)] = sum_i a[i, p] tb[i, (q, s)]
     let mut tb = vec![0f64; r * q * kk];
     for i in 0..r {
@@ -209,8 +228,8 @@ fn delta(
         };
         let half = |a, b, t: &str| -> Result<(usize, usize, Vec<f64>)> {
             match parts.get(t) {
-                Some(n) => tucker(f, n, a, b, &what),
-                None => Ok((a.0, b.1, product(a, b, &what)?)),
+                Some(n) => tucker(f, n, a, b, &what, want),
+                None => Ok((a.0, b.1, product(a, b, &what, want)?)),
             }
         };
         if parts.contains_key("hada_t1") != parts.contains_key("hada_t2") {
@@ -244,10 +263,10 @@ fn delta(
                     let r = fb.0;
                     match parts.get("lokr_t2").filter(|_| w == "lokr_w2") {
                         Some(t) => {
-                            let (rows, cols, m) = tucker(f, t, &fa, &fb, &what)?;
+                            let (rows, cols, m) = tucker(f, t, &fa, &fb, &what, want)?;
                             Ok((rows, cols, m, Some(r)))
                         }
-                        None => Ok((fa.0, fb.1, product(&fa, &fb, &what)?, Some(r))),
+                        None => Ok((fa.0, fb.1, product(&fa, &fb, &what, want)?, Some(r))),
                     }
                 }
                 _ => Err(Error::AdapterMismatch(format!(
@@ -262,13 +281,10 @@ fn delta(
     }
     let (a, b, w1, r1) = full_or_product("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
     let (c, d, w2, r2) = full_or_product("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
-    if (a * c, b * d) != want {
+    if (a.checked_mul(c), b.checked_mul(d)) != (Some(want.0), Some(want.1)) {
         return Err(Error::AdapterMismatch(format!(
-            "{what}: kron of [{a}, {b}] and [{c}, {d}] is [{}, {}], the layer is [{}, {}]",
-            a * c,
-            b * d,
-            want.0,
-            want.1
+            "{what}: kron of [{a}, {b}] and [{c}, {d}] does not make the layer's [{}, {}]",
+            want.0, want.1
         )));
     }
     let scale = match (r1.or(r2), alpha) {
