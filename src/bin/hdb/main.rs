@@ -12,6 +12,7 @@ mod bench_cuda_backward;
 #[cfg(feature = "cuda")]
 mod bench_cuda_models;
 mod bench_finetune;
+mod bench_gemm;
 #[cfg(feature = "cuda")]
 mod bench_kernels;
 mod bench_personalize;
@@ -369,6 +370,21 @@ enum BenchWhat {
         #[arg(long)]
         peer_python: Option<PathBuf>,
     },
+    /// The CPU GEMM under hdb's linear layers and convolutions (the `gemm` crate) against the
+    /// BLAS PyTorch calls, at the UNet's, the text encoder's and the ViT-H/14's shapes, in the
+    /// same run (tools/bench_torch_gemm.py): time, GFLOP/s and ratio per shape.
+    Gemm {
+        /// CPU threads (default 0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed runs after one warm-up; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also run the PyTorch peer with this Python (torch), in the same run, and print the
+        /// ratio.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
     /// Identity swaps at SD 1.5 shapes: compose time, merge-mode swap against memcpy,
     /// runtime-mode swap, and a batch with one identity per sample against one identity; then a
     /// rank-32 style LoRA on every linear and convolution layer: its merge swap against memcpy
@@ -542,6 +558,14 @@ fn main() -> ExitCode {
                     peer_python,
                 },
         } => bench_pipeline::run(threads, runs, peer_python.as_deref()),
+        Command::Bench {
+            what:
+                BenchWhat::Gemm {
+                    threads,
+                    runs,
+                    peer_python,
+                },
+        } => bench_gemm::run(threads, runs, peer_python.as_deref()),
         Command::Demo {
             model,
             hypernet,

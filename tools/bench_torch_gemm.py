@@ -1,0 +1,52 @@
+"""The PyTorch peer for `hdb bench gemm`: `torch.nn.functional.linear(x [m, k], w [n, k])` (the BLAS
+PyTorch's CPU build calls: MKL or oneDNN, named in the output), f32, no_grad, at the shapes given as
+m,k,n triples. Prints one JSON line: {"peer": "pytorch", "torch", "threads", "blas", "shapes":
+[{"m", "k", "n", "s"}]} (medians of --runs after one warm-up). CI never runs this.
+
+  /tmp/hdb-ref-venv/bin/python tools/bench_torch_gemm.py --threads 2 --runs 5 154,768,768 8192,320,320
+"""
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, runs):
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("shapes", nargs="+", help="m,k,n")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", cfg)
+    out = []
+    with torch.no_grad():
+        for s in args.shapes:
+            m, k, n = (int(v) for v in s.split(","))
+            x, w = torch.randn(m, k), torch.randn(n, k)
+            y = torch.empty(m, n)
+            out.append({"m": m, "k": k, "n": n,
+                        "s": timed(lambda: torch.matmul(x, w.t(), out=y), args.runs)})
+    print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "threads": args.threads,
+                      "blas": blas.group(1) if blas else "unknown",
+                      "mkldnn": bool(torch.backends.mkldnn.is_available()), "shapes": out}))
+
+
+if __name__ == "__main__":
+    main()
