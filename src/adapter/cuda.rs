@@ -10,8 +10,9 @@
 //!   adapter of the set; after the projection's GEMM, `lora_bgmv` adds the update in place, one
 //!   launch per projection with per-sample indices, else one per adapter that changes it. An
 //!   adapted convolution (LoCon) holds each adapter's factors as conv weights instead: two
-//!   conv2d (down with the layer's kernel, up 1x1) and an add, every adapter on every sample
-//!   (per-sample sets with convolutions are refused).
+//!   conv2d (down with the layer's kernel, up 1x1) and an add per adapter, on every sample,
+//!   or with per-sample indices on just the samples that carry it (gathered into one batch,
+//!   the update added back at their offsets; no launch where no sample does).
 //! - LoHa, LoKr and DoRA adapters are refused in both modes (their updates are full-rank or
 //!   depend on the base weights; the CPU merges them).
 //!
@@ -115,6 +116,23 @@ fn per_mask_indices(
             }
         })
         .collect()
+}
+
+/// The samples whose index in `idx` is `adapter`, as runs of consecutive ones (first sample,
+/// count): a convolution adapter gathers and scatters them a run per copy.
+fn sample_runs(idx: &[i32], adapter: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (s, _) in idx
+        .iter()
+        .enumerate()
+        .filter(|(_, &a)| i64::from(a) == adapter as i64)
+    {
+        match runs.last_mut() {
+            Some((first, len)) if *first + *len == s => *len += 1,
+            _ => runs.push((s, 1)),
+        }
+    }
+    runs
 }
 
 /// Runtime mode: one projection's factors.
@@ -375,13 +393,6 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
     ) -> Result<LayerAdaptersCtx<'a, T>> {
         if let Some(idx) = per_sample {
             validate_per_sample(self.mode, self.count, Some(idx), idx.len())?;
-            if let Some((k, _)) = self.layers.iter().find(|(_, l)| !l.conv.is_empty()) {
-                return Err(Error::Unsupported(format!(
-                    "layer '{k}' is a convolution: per-sample adapters on CUDA apply to linear \
-                     layers only (a LoCon applies to every sample of a batch there; the CPU runs \
-                     it per sample)"
-                )));
-            }
         }
         let per_mask = per_sample
             .map(|idx| per_mask_indices(&self.dev, &self.masks, idx))
@@ -408,9 +419,9 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
         validate_per_sample(self.set.mode, self.set.count, self.per_sample, batch)
     }
 
-    /// Every adapter of the set on every sample (per-sample sets with convolutions are refused
-    /// when prepared): t = conv(x, down) with the layer's kernel, stride and padding, then
-    /// y += conv1x1(t, up).
+    /// t = conv(x, down) with the layer's kernel, stride and padding, then y += conv1x1(t, up),
+    /// per adapter: on every sample, or with per-sample indices on the samples that carry it,
+    /// gathered into one batch (no launch where none does).
     fn add_conv(
         &self,
         be: &Cuda<T>,
@@ -422,13 +433,23 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
         let Some(layer) = self.set.layers.get(key).filter(|l| !l.conv.is_empty()) else {
             return Ok(());
         };
-        if !Arc::ptr_eq(be.dev(), &self.set.dev) || self.per_sample.is_some() {
-            return Err(Error::Internal(format!(
-                "adapter '{key}': a convolution set on another device, or per sample"
-            )));
-        }
         let kk = p.c_in * p.kernel * p.kernel;
         let (ho, wo) = p.out_hw();
+        let (n_in, n_out) = (p.c_in * p.h * p.w, p.c_out * ho * wo);
+        if !Arc::ptr_eq(be.dev(), &self.set.dev)
+            || x.len() != p.batch * n_in
+            || y.len() != p.batch * n_out
+            || self.per_sample.is_some_and(|idx| idx.len() != p.batch)
+        {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': a convolution set on another device, or {} inputs and {} \
+                 outputs (with {:?} sample indices) that do not fit {p:?}",
+                x.len(),
+                y.len(),
+                self.per_sample.map(<[i32]>::len)
+            )));
+        }
+        let dev = &self.set.dev;
         for (i, down, up) in &layer.conv {
             let r = down.len() / kk.max(1);
             if r == 0 || r * kk != down.len() || up.len() != p.c_out * r {
@@ -436,9 +457,37 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                     "adapter '{key}': factors of adapter #{i} do not fit {p:?}"
                 )));
             }
-            let t = be.conv2d(x, down, None, &crate::backend::Conv2d { c_out: r, ..*p })?;
+            let runs = match self.per_sample {
+                Some(idx) => sample_runs(idx, *i),
+                None => vec![(0, p.batch)],
+            };
+            let n: usize = runs.iter().map(|run| run.1).sum();
+            if n == 0 {
+                continue;
+            }
+            let every = n == p.batch;
+            // The adapter's samples, in order, as one batch of n (x itself where it is all).
+            let gathered;
+            let xs = if every {
+                x
+            } else {
+                let mut g = dev.alloc::<T>(n * n_in)?;
+                let mut j = 0;
+                for &(s, len) in &runs {
+                    ops::copy(dev, &mut g, j * n_in, x, s * n_in, len * n_in)?;
+                    j += len;
+                }
+                gathered = g;
+                &gathered
+            };
+            let down_dims = crate::backend::Conv2d {
+                batch: n,
+                c_out: r,
+                ..*p
+            };
+            let t = be.conv2d(xs, down, None, &down_dims)?;
             let up_dims = crate::backend::Conv2d {
-                batch: p.batch,
+                batch: n,
                 c_in: r,
                 h: ho,
                 w: wo,
@@ -448,7 +497,15 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                 padding: 0,
             };
             let u = be.conv2d(&t, up, None, &up_dims)?;
-            be.add_inplace(y, &u)?;
+            if every {
+                be.add_inplace(y, &u)?;
+            } else {
+                let mut j = 0;
+                for &(s, len) in &runs {
+                    ops::add_inplace_at(dev, y, s * n_out, &u, j * n_out, len * n_out)?;
+                    j += len;
+                }
+            }
         }
         Ok(())
     }
@@ -626,5 +683,15 @@ mod tests {
             "{e}"
         );
         check_ranks(&applied(&[&[4, 129]]), ApplyMode::Merge).expect("129 merges");
+    }
+
+    #[test]
+    fn a_convolution_adapter_runs_on_its_samples_in_runs_of_consecutive_ones() {
+        let idx = [0, 0, -1, 1, 0, 0, 0, 1];
+        assert_eq!(sample_runs(&idx, 0), vec![(0, 2), (4, 3)]);
+        assert_eq!(sample_runs(&idx, 1), vec![(3, 1), (7, 1)]);
+        assert_eq!(sample_runs(&idx, 2), Vec::new());
+        assert_eq!(sample_runs(&[-1, -1], 0), Vec::new());
+        assert_eq!(sample_runs(&[3, 3, 3], 3), vec![(0, 3)]);
     }
 }
