@@ -8,7 +8,13 @@
 # command and what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-phase() { echo "== test-all: $* ($(date -u +%T), ${SECONDS}s in)"; }
+# One build per configuration, never rebuilt: incremental caches would only take disk (the CI
+# machine's disk is shared; a full one kills the linker with SIGBUS). Each phase prints the
+# space left, so a failure from a full disk reads as one.
+export CARGO_INCREMENTAL=0
+phase() {
+  echo "== test-all: $* ($(date -u +%T), ${SECONDS}s in, $(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ') free)"
+}
 phase "cargo fmt --check"
 cargo fmt --check
 phase "clippy, docs: default build"

@@ -27,8 +27,17 @@ pub struct LayerApply {
     pub merged: Option<F32Weight>,
     /// Runtime mode: (index of the adapter in the set, down [r, din], up [dout, r] x scale, rank).
     pub runtime: Vec<(usize, Vec<f32>, Vec<f32>, usize)>,
-    /// Per `runtime` entry, a DoRA adapter's magnitudes `[dout]` (merge mode only).
-    pub magnitudes: Vec<Option<Vec<f32>>>,
+    /// Per `runtime` entry, a DoRA adapter's magnitudes and its scale (merge mode only).
+    pub magnitudes: Vec<Option<DoraApply>>,
+}
+
+/// One DoRA layer of a set: its magnitudes and the adapter's scale. For
+/// [`super::DoraStyle::Lycoris`] the entry's `up` is unscaled (the scale interpolates the
+/// rescale instead); for peft it is scaled like any LoRA's.
+#[derive(Clone, Debug)]
+pub struct DoraApply {
+    pub dora: super::Dora,
+    pub scale: f32,
 }
 
 /// A session's active adapter set, resolved per layer key (`unet.<path>`).
@@ -53,11 +62,31 @@ impl Applied {
     /// As [`Applied::new`], reusing the merged-weight buffers of `previous` (the set this one
     /// replaces) so a swap writes into memory that is already mapped. `previous` is only
     /// touched once the new set has been validated, so on error it stays usable.
-    pub fn replacing<'a, B: Backend>(
+    pub fn replacing<B: Backend>(
+        previous: Option<&mut Applied>,
+        adapters: &[(&Adapter, f32)],
+        mode: ApplyMode,
+        target: &dyn Adaptable<B>,
+    ) -> Result<Applied> {
+        Applied::resolve(previous, adapters, mode, target, true)
+    }
+
+    /// The set's per-layer factors for merge mode (DoRA magnitudes included), validated
+    /// against `target`'s dims but not merged: for a backend that merges each layer itself
+    /// from its own copy of the base ([`merge_layer`]). No host weights are needed.
+    pub fn resolve_factors<B: Backend>(
+        adapters: &[(&Adapter, f32)],
+        target: &dyn Adaptable<B>,
+    ) -> Result<Applied> {
+        Applied::resolve(None, adapters, ApplyMode::Merge, target, false)
+    }
+
+    fn resolve<'a, B: Backend>(
         previous: Option<&mut Applied>,
         adapters: &[(&Adapter, f32)],
         mode: ApplyMode,
         target: &'a dyn Adaptable<B>,
+        merge_on_host: bool,
     ) -> Result<Applied> {
         // key -> (adapter index, down, up x scale, rank), in adapter order
         let mut per_layer: BTreeMap<String, LayerApply> = BTreeMap::new();
@@ -71,7 +100,7 @@ impl Applied {
             }
             let prefix = target.key_prefix();
             let magnitudes = match &a.source {
-                super::AdapterSource::Dora(m) => Some(m),
+                super::AdapterSource::Dora { magnitudes, .. } => Some(magnitudes),
                 _ => None,
             };
             if mode == ApplyMode::Runtime && magnitudes.is_some() {
@@ -96,14 +125,20 @@ impl Applied {
                     )));
                 }
                 dims.insert(k.clone(), (dout, din));
-                let up: Vec<f32> = l.up.iter().map(|x| x * scale).collect();
+                let dora = magnitudes.and_then(|m| m.get(k)).map(|d| DoraApply {
+                    dora: d.clone(),
+                    scale: *scale,
+                });
+                let up: Vec<f32> = match &dora {
+                    Some(d) if d.dora.style == super::DoraStyle::Lycoris => l.up.clone(),
+                    _ => l.up.iter().map(|x| x * scale).collect(),
+                };
                 let la = per_layer.entry(k.clone()).or_default();
                 la.runtime.push((i, l.down.clone(), up, l.rank));
-                la.magnitudes
-                    .push(magnitudes.and_then(|m| m.get(k).cloned()));
+                la.magnitudes.push(dora);
             }
         }
-        if mode == ApplyMode::Merge {
+        if mode == ApplyMode::Merge && merge_on_host {
             // Every base first, so a target without host weights fails before `previous` is
             // touched.
             let mut bases: Vec<&'a [f32]> = Vec::with_capacity(per_layer.len());
@@ -158,17 +193,22 @@ type Factors = (usize, Vec<f32>, Vec<f32>, usize);
 /// for a rank-32 style LoRA on every layer.
 const GEMM_MIN_RANK: usize = 8;
 
+/// One layer's merged weight `out` [dout, din] from its `base` and the set's factors for it
+/// (`la` as [`Applied::resolve_factors`] gives it): the merge every backend uses.
+pub fn merge_layer(out: &mut [f32], base: &[f32], la: &LayerApply, dout: usize, din: usize) {
+    merge_rows(out, base, &la.runtime, &la.magnitudes, dout, din);
+}
+
 /// `out = w + sum up . down`: one pass over the rows of `w` [dout, din] for the low-rank
 /// factors (each base row read once and each merged row written once; rows in parallel), then
 /// a GEMM per factor pair of rank [`GEMM_MIN_RANK`] or more.
 ///
-/// A factor pair with DoRA magnitudes `m` instead adds `m / |w + up . down|_row * (w + up .
-/// down) - w` per row (peft's merge; the norm in f64).
+/// A factor pair with DoRA magnitudes instead adds `W' - w` ([`dora_weight`]).
 fn merge_rows(
     out: &mut [f32],
     w: &[f32],
     factors: &[(usize, Vec<f32>, Vec<f32>, usize)],
-    magnitudes: &[Option<Vec<f32>>],
+    magnitudes: &[Option<DoraApply>],
     dout: usize,
     din: usize,
 ) {
@@ -179,11 +219,6 @@ fn merge_rows(
         .enumerate()
         .filter(|(j, _)| !is_dora(*j))
         .map(|(_, f)| f)
-        .collect();
-    let dora: Vec<(&Factors, &Vec<f32>)> = factors
-        .iter()
-        .zip(magnitudes)
-        .filter_map(|(f, m)| Some((f, m.as_ref()?)))
         .collect();
     let rows_per_task = (1 << 16) / din.max(1) + 1;
     out.par_chunks_mut(rows_per_task * din)
@@ -205,28 +240,80 @@ fn merge_rows(
                         orow.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
                     }
                 }
-                for ((_, down, up, r), m) in &dora {
-                    let mut full: Vec<f32> = brow.to_vec();
-                    for q in 0..*r {
-                        let c = up[row * r + q];
-                        let d = &down[q * din..(q + 1) * din];
-                        full.iter_mut().zip(d).for_each(|(x, y)| *x += c * y);
-                    }
-                    let norm = full
-                        .iter()
-                        .map(|&x| f64::from(x).powi(2))
-                        .sum::<f64>()
-                        .sqrt();
-                    let g = (f64::from(m[row]) / norm.max(f64::MIN_POSITIVE)) as f32;
-                    for ((o, f), b) in orow.iter_mut().zip(&full).zip(brow) {
-                        *o += g * f - b;
-                    }
-                }
             }
         });
     for (_, down, up, r) in plain.into_iter().filter(|f| f.3 >= GEMM_MIN_RANK) {
         ops::matmul(out, up, down, dout, *r, din, false, true);
     }
+    for ((_, down, up, r), d) in factors
+        .iter()
+        .zip(magnitudes)
+        .filter_map(|(f, m)| Some((f, m.as_ref()?)))
+    {
+        let merged = dora_weight(w, down, up, *r, d, dout, din);
+        out.iter_mut()
+            .zip(merged.iter().zip(w))
+            .for_each(|(o, (m, b))| *o += m - b);
+    }
+}
+
+/// A DoRA layer's weight `W'` from the base `w` and its factors (`up` scaled as
+/// [`DoraApply`] says), in f32 with the norms in f64:
+/// - peft: `m / |w + up . down| * (w + up . down)`;
+/// - LyCORIS: `(w + up . down) * (s (m / (|w + up . down| + eps) - 1) + 1)`, eps = f32's
+///   machine epsilon, as `lycoris.functional.general.weight_decompose`.
+///
+/// The norm runs over each output row, or with `on_out` false over each input channel's
+/// columns (`din / in_channels` of them: a convolution's kernel window) across all rows.
+fn dora_weight(
+    w: &[f32],
+    down: &[f32],
+    up: &[f32],
+    r: usize,
+    d: &DoraApply,
+    dout: usize,
+    din: usize,
+) -> Vec<f32> {
+    let mut full = w.to_vec();
+    ops::matmul(&mut full, up, down, dout, r, din, false, true);
+    let m = &d.dora.magnitude;
+    let lycoris = d.dora.style == super::DoraStyle::Lycoris;
+    let eps = if lycoris {
+        f64::from(f32::EPSILON)
+    } else {
+        0.0
+    };
+    // the rescale of one group from its squared norm and magnitude
+    let factor = |sq: f64, mag: f32| -> f32 {
+        let g = f64::from(mag) / (sq.sqrt() + eps).max(f64::MIN_POSITIVE);
+        if lycoris {
+            (f64::from(d.scale) * (g - 1.0) + 1.0) as f32
+        } else {
+            g as f32
+        }
+    };
+    if d.dora.on_out {
+        for (row, mag) in full.chunks_mut(din).zip(m) {
+            let sq: f64 = row.iter().map(|&x| f64::from(x).powi(2)).sum();
+            let g = factor(sq, *mag);
+            row.iter_mut().for_each(|x| *x *= g);
+        }
+    } else {
+        let per = din / m.len().max(1);
+        let mut sq = vec![0f64; m.len()];
+        for row in full.chunks(din) {
+            for (c, x) in row.iter().enumerate() {
+                sq[c / per] += f64::from(*x).powi(2);
+            }
+        }
+        let g: Vec<f32> = sq.iter().zip(m).map(|(s, mag)| factor(*s, *mag)).collect();
+        for row in full.chunks_mut(din) {
+            row.iter_mut()
+                .enumerate()
+                .for_each(|(c, x)| *x *= g[c / per]);
+        }
+    }
+    full
 }
 
 /// What a UNet evaluation applies: the set, and optionally an adapter index per sample

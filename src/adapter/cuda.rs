@@ -596,7 +596,7 @@ impl<T: BlasElem> SetBackend for Cuda<T> {
             .enumerate()
             .find_map(|(i, (a, _))| match a.source {
                 super::AdapterSource::MergeOnly(l) => Some((i, l)),
-                super::AdapterSource::Dora(_) => Some((i, "DoRA")),
+                super::AdapterSource::Dora { layout, .. } => Some((i, layout)),
                 _ => None,
             })
         {

@@ -71,24 +71,29 @@ pub struct FileLayer {
     /// Convolution factors (LoCon: down `[rank, din, kh, kw]`, up `[dout, rank, 1, 1]`): the
     /// down factor's kernel `(kh, kw)`; `None` for matrices.
     pub kernel: Option<(usize, usize)>,
-    /// DoRA: the tensor of the layer's magnitudes (one per output), if present.
+    /// DoRA: the tensor of the layer's magnitudes (peft `lora_magnitude_vector`, one per
+    /// output; LyCORIS `dora_scale`, per output or per input channel), if present.
     pub magnitude_name: Option<String>,
+    /// LyCORIS' CP-decomposed (Tucker) convolution: the core `lora_mid [rank, rank, kh, kw]`
+    /// between a 1x1 down and a 1x1 up factor, if present.
+    pub mid_name: Option<String>,
     down_name: String,
     up_name: String,
 }
 
-/// The factor a tensor name is: 0 down, 1 up, 2 alpha; with its layer stem.
+/// The factor a tensor name is: 0 down, 1 up, 2 alpha, 3 DoRA magnitude, 4 Tucker core; with
+/// its layer stem.
 fn classify(format: LoraFormat, n: &str) -> Option<(String, u8)> {
     match format {
-        LoraFormat::Kohya => {
-            if let Some(s) = n.strip_suffix(".lora_down.weight") {
-                Some((s.to_string(), 0))
-            } else if let Some(s) = n.strip_suffix(".lora_up.weight") {
-                Some((s.to_string(), 1))
-            } else {
-                n.strip_suffix(".alpha").map(|s| (s.to_string(), 2))
-            }
-        }
+        LoraFormat::Kohya => [
+            (".lora_down.weight", 0),
+            (".lora_up.weight", 1),
+            (".alpha", 2),
+            (".dora_scale", 3),
+            (".lora_mid.weight", 4),
+        ]
+        .into_iter()
+        .find_map(|(suffix, which)| Some((n.strip_suffix(suffix)?.to_string(), which))),
         LoraFormat::Peft => {
             if let Some(s) = n.strip_suffix(".alpha") {
                 return Some((normalize_peft(s), 2));
@@ -153,8 +158,8 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
     let format = detect(f).ok_or_else(|| {
         bad("neither kohya (*.lora_down.weight) nor PEFT (*.lora_A.weight) keys".into())
     })?;
-    // stem -> [down, up, alpha, DoRA magnitude] entries
-    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 4]> =
+    // stem -> [down, up, alpha, DoRA magnitude, Tucker core] entries
+    let mut parts: BTreeMap<String, [Option<&crate::io::safetensors::TensorEntry>; 5]> =
         BTreeMap::new();
     let mut other = Vec::new();
     for e in f.tensors() {
@@ -165,22 +170,35 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
     }
     let mut layers = Vec::with_capacity(parts.len());
     let mut partial = Vec::new();
-    for (stem, [down, up, alpha, magnitude]) in parts {
+    for (stem, [down, up, alpha, magnitude, mid]) in parts {
         let (Some(down), Some(up)) = (down, up) else {
-            let names = [down, up, alpha, magnitude].into_iter().flatten();
+            let names = [down, up, alpha, magnitude, mid].into_iter().flatten();
             partial.push((stem, names.map(|e| e.name.clone()).collect()));
             continue;
         };
-        let (rank, din, dout, up_rank, kernel) = match (down.shape.dims(), up.shape.dims()) {
-            (&[rank, din], &[dout, up_rank]) => (rank, din, dout, up_rank, None),
-            (&[rank, din, kh, kw], &[dout, up_rank, 1, 1]) => {
+        let (rank, din, dout, up_rank, kernel) = match (down.shape.dims(), up.shape.dims(), mid) {
+            (&[rank, din], &[dout, up_rank], None) => (rank, din, dout, up_rank, None),
+            (&[rank, din, kh, kw], &[dout, up_rank, 1, 1], None) => {
                 (rank, din, dout, up_rank, Some((kh, kw)))
             }
+            // Tucker: the kernel is the core's.
+            (&[rank, din, 1, 1], &[dout, up_rank, 1, 1], Some(m)) => match m.shape.dims() {
+                &[r1, r2, kh, kw] if r1 == rank && r2 == rank => {
+                    (rank, din, dout, up_rank, Some((kh, kw)))
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "layer '{stem}': Tucker core '{}' is {}, not [{rank}, {rank}, kh, kw] \
+                         for the rank of '{}'",
+                        m.name, m.shape, down.name
+                    )))
+                }
+            },
             _ => {
                 return Err(bad(format!(
                     "layer '{stem}': factors '{}' {} and '{}' {} must both be matrices \
                      ([rank, in] and [out, rank]) or convolution factors ([rank, in, kh, kw] \
-                     and [out, rank, 1, 1])",
+                     and [out, rank, 1, 1]; with a Tucker core lora_mid, [rank, in, 1, 1])",
                     down.name, down.shape, up.name, up.shape
                 )))
             }
@@ -223,6 +241,7 @@ pub fn read_layers(f: &SafetensorsFile) -> Result<LoraFile> {
             alpha,
             kernel,
             magnitude_name: magnitude.map(|e| e.name.clone()),
+            mid_name: mid.map(|e| e.name.clone()),
             down_name: down.name.clone(),
             up_name: up.name.clone(),
         });
@@ -253,8 +272,11 @@ pub struct NamedLayer {
     pub alpha: Option<f32>,
     /// The kernel of a convolution layer (`None`: linear).
     pub conv_kernel: Option<usize>,
-    /// DoRA: the magnitude of each output (`[dout]`).
-    pub magnitude: Option<Vec<f32>>,
+    /// DoRA: the layer's magnitudes and how they apply.
+    pub dora: Option<super::Dora>,
+    /// Whether `down` was folded from a Tucker core (`lora_mid`) and a 1x1 down factor: it is
+    /// then not the file's `down_name` tensor.
+    pub tucker: bool,
 }
 
 /// Reads a LoRA file's layers as stored, matched against a model's adaptable layers: every
@@ -377,10 +399,19 @@ pub fn read_named_opts(
             Some((kh, kw)) => vec![l.rank, l.din, kh, kw],
             None => vec![l.rank, l.din],
         };
+        let mut down = f.to_f32(&l.down_name)?;
+        if let Some(mid) = &l.mid_name {
+            let (kh, kw) = l.kernel.unwrap_or((1, 1));
+            down = fold_tucker(&f.to_f32(mid)?, &down, l.rank, l.din, kh * kw);
+        }
+        let dora = match &l.magnitude_name {
+            None => None,
+            Some(n) => Some(read_dora(f, n, format, k, l.dout, want_in)?),
+        };
         layers.push(NamedLayer {
             key: k.clone(),
             rank: l.rank,
-            down: f.to_f32(&l.down_name)?,
+            down,
             up: f.to_f32(&l.up_name)?,
             up_shape: if l.kernel.is_some() {
                 vec![l.dout, l.rank, 1, 1]
@@ -389,28 +420,82 @@ pub fn read_named_opts(
             },
             down_shape,
             conv_kernel,
-            magnitude: match &l.magnitude_name {
-                None => None,
-                Some(n) => {
-                    let v = f.to_f32(n)?;
-                    if v.len() != l.dout || v.iter().any(|x| !x.is_finite() || *x < 0.0) {
-                        return Err(Error::AdapterMismatch(format!(
-                            "{}: layer '{k}': DoRA magnitude '{n}' must hold {} finite, \
-                             non-negative values (has {})",
-                            path.display(),
-                            l.dout,
-                            v.len()
-                        )));
-                    }
-                    Some(v)
-                }
-            },
+            dora,
+            tucker: l.mid_name.is_some(),
             down_name: l.down_name,
             up_name: l.up_name,
             alpha: l.alpha,
         });
     }
     Ok((format, layers))
+}
+
+/// LyCORIS' Tucker convolution as plain LoCon factors: `down [r, in, kk]` with
+/// `down[m, j, s] = sum_n mid[m, n, s] down1[n, j]` (`mid [r, r, kk]`, `down1 [r, in]`), so
+/// `up . down` is LyCORIS' `einsum("m n ..., i m, n j -> i j ...", mid, up, down1)`.
+fn fold_tucker(mid: &[f32], down1: &[f32], r: usize, din: usize, kk: usize) -> Vec<f32> {
+    let mut out = vec![0f32; r * din * kk];
+    for m in 0..r {
+        for n in 0..r {
+            let core = &mid[(m * r + n) * kk..(m * r + n + 1) * kk];
+            for (j, &d) in down1[n * din..(n + 1) * din].iter().enumerate() {
+                let o = &mut out[(m * din + j) * kk..(m * din + j + 1) * kk];
+                o.iter_mut().zip(core).for_each(|(o, &c)| *o += c * d);
+            }
+        }
+    }
+    out
+}
+
+/// A layer's DoRA magnitudes `name`: peft's `lora_magnitude_vector` (`[out]`, or `[1, out, 1,
+/// 1]` for a convolution), or LyCORIS' `dora_scale`, `[out, 1(, 1, 1)]` (norms per output) or
+/// `[1, in(, 1, 1)]` (per input channel); finite and non-negative.
+pub(crate) fn read_dora(
+    f: &SafetensorsFile,
+    name: &str,
+    format: LoraFormat,
+    key: &str,
+    dout: usize,
+    in_channels: usize,
+) -> Result<super::Dora> {
+    let path = f.path();
+    let dims = f
+        .get(name)
+        .map(|e| e.shape.dims().to_vec())
+        .unwrap_or_default();
+    let v = f.to_f32(name)?;
+    let ones = |d: &[usize]| d.iter().all(|&x| x == 1);
+    let (on_out, style, want) = match format {
+        LoraFormat::Peft => (true, super::DoraStyle::Peft, dout),
+        LoraFormat::Kohya => match dims.as_slice() {
+            [o, rest @ ..] if *o == dout && !rest.is_empty() && ones(rest) => {
+                (true, super::DoraStyle::Lycoris, dout)
+            }
+            [1, i, rest @ ..] if *i == in_channels && ones(rest) => {
+                (false, super::DoraStyle::Lycoris, in_channels)
+            }
+            _ => {
+                return Err(Error::AdapterMismatch(format!(
+                    "{}: layer '{key}': DoRA scale '{name}' has shape {dims:?}; expected \
+                     [{dout}, 1, ...] (per output) or [1, {in_channels}, ...] (per input channel)",
+                    path.display()
+                )))
+            }
+        },
+    };
+    if v.len() != want || v.iter().any(|x| !x.is_finite() || *x < 0.0) {
+        return Err(Error::AdapterMismatch(format!(
+            "{}: layer '{key}': DoRA magnitude '{name}' must hold {want} finite, non-negative \
+             values (has {})",
+            path.display(),
+            v.len()
+        )));
+    }
+    Ok(super::Dora {
+        magnitude: v,
+        on_out,
+        style,
+    })
 }
 
 /// Imports a LoRA file against a model's adaptable layers ([`read_named`]), alpha / rank
@@ -431,8 +516,8 @@ pub fn import_opts(
     let mut layers = BTreeMap::new();
     let mut magnitudes = BTreeMap::new();
     for n in named {
-        if let Some(m) = n.magnitude {
-            magnitudes.insert(n.key.clone(), m);
+        if let Some(d) = n.dora {
+            magnitudes.insert(n.key.clone(), d);
         }
         let scale = n.alpha.map_or(1.0, |a| a / n.rank as f32);
         let up = n.up.iter().map(|x| x * scale).collect();
@@ -455,7 +540,10 @@ pub fn import_opts(
                 path.display()
             )));
         }
-        AdapterSource::Dora(magnitudes)
+        AdapterSource::Dora {
+            layout: "DoRA",
+            magnitudes,
+        }
     };
     let adapter = Adapter { layers, source };
     adapter.validate(table).map_err(|e| match e {
@@ -494,15 +582,22 @@ pub(crate) fn normalize_peft(s: &str) -> String {
 /// Writes an adapter as a standard LoRA file. Alpha and scales are already folded into `up`,
 /// so kohya's `.alpha` is the rank (scale 1) and PEFT needs `lora_alpha = r`.
 pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> {
-    let magnitudes = match (&adapter.source, format) {
-        (AdapterSource::Dora(m), LoraFormat::Peft) => Some(m),
-        (AdapterSource::Dora(_), LoraFormat::Kohya) => {
-            return Err(Error::Unsupported(
-                "a DoRA adapter is written as PEFT (lora_magnitude_vector), not kohya".into(),
-            ))
-        }
-        _ => None,
-    };
+    let magnitudes =
+        match (&adapter.source, format) {
+            (AdapterSource::Dora { magnitudes, .. }, LoraFormat::Peft)
+                if magnitudes
+                    .values()
+                    .all(|d| d.on_out && d.style == super::DoraStyle::Peft) =>
+            {
+                Some(magnitudes)
+            }
+            (AdapterSource::Dora { .. }, _) => return Err(Error::Unsupported(
+                "a DoRA adapter is written as PEFT (lora_magnitude_vector) only, and only when \
+                 it came as one (LyCORIS dora_scale rescales differently)"
+                    .into(),
+            )),
+            _ => None,
+        };
     let mut names = Vec::new();
     for (k, l) in &adapter.layers {
         let (d, u) = match format {
@@ -539,7 +634,7 @@ pub fn export(adapter: &Adapter, format: LoraFormat, path: &Path) -> Result<()> 
     let magnitude_names: Vec<(String, &Vec<f32>)> = magnitudes
         .into_iter()
         .flatten()
-        .map(|(k, m)| (format!("{k}.lora_magnitude_vector"), m))
+        .map(|(k, d)| (format!("{k}.lora_magnitude_vector"), &d.magnitude))
         .collect();
     for (n, m) in &magnitude_names {
         // peft's shapes: [out] for a linear layer, [1, out, 1, 1] for a convolution.

@@ -9,12 +9,17 @@
 //!   (flattened); scale `alpha / r` with r the rank of a decomposed factor, 1 when both are full
 //!   (LyCORIS saves alpha = its dim then).
 //!
-//! Missing alpha: scale 1 (alpha = rank). The CP-decomposed convolutions (`hada_t1`/`hada_t2`,
-//! `lokr_t2`) and DoRA magnitudes (`dora_scale`) are refused naming the key.
+//! Missing alpha: scale 1 (alpha = rank). LyCORIS' CP-decomposed (Tucker) convolutions:
+//! `hada_t1 [r, r, kh, kw]` with `hada_w1_a [r, out]`, `hada_w1_b [r, in]` make
+//! `w1 = einsum("i j ..., j r, i p -> p r ...", t1, w1_b, w1_a)` (the same for `w2`), and
+//! `lokr_t2` with `lokr_w2_a [r, c]`, `lokr_w2_b [r, d]` makes `w2 [c, d, kh, kw]` alike.
+//! `dora_scale` (LyCORIS' DoRA, [`super::DoraStyle::Lycoris`]): `[out, 1, ...]` normalizes per
+//! output row, `[1, in, ...]` per input channel.
 //!
 //! The update is held as a [`LoraLayer`] whose smaller side is the identity (rank
 //! `min(out, in)`), so merging `W + up . down` adds exactly `dW`; the adapter's source is
-//! [`AdapterSource::MergeOnly`], which runtime mode refuses.
+//! [`AdapterSource::MergeOnly`] (or [`AdapterSource::Dora`] with `dora_scale`), which runtime
+//! mode refuses.
 
 use std::collections::BTreeMap;
 
@@ -114,6 +119,60 @@ fn product(
     Ok(out)
 }
 
+/// A Tucker-decomposed factor `einsum("i j ..., i p, j q -> p (q ...)", t, a, b)` as
+/// `[p, q kh kw]`: core `t [r, r, kh, kw]`, `a [r, p]`, `b [r, q]`; errors name the core.
+fn tucker(
+    f: &SafetensorsFile,
+    t_name: &str,
+    a: &(usize, usize, Vec<f32>),
+    b: &(usize, usize, Vec<f32>),
+    what: &str,
+) -> Result<(usize, usize, Vec<f64>)> {
+    let dims = f
+        .get(t_name)
+        .map(|e| e.shape.dims().to_vec())
+        .unwrap_or_default();
+    let r = a.0;
+    let kk = match dims.as_slice() {
+        [r1, r2, kh, kw] if *r1 == r && *r2 == r && b.0 == r => kh * kw,
+        _ => {
+            return Err(Error::AdapterMismatch(format!(
+                "{what}: Tucker core '{t_name}' is {dims:?}; with factors of {} and {} rows it \
+                 must be [{r}, {r}, kh, kw] (the factors then [{r}, out] and [{r}, in])",
+                a.0, b.0
+            )))
+        }
+    };
+    let t = f.to_f32(t_name)?;
+    let (p, q) = (a.1, b.1);
+    // tb[i, (q, s)] = sum_j t[i, j, s] b[j, q]; then out[p, (q, s)] = sum_i a[i, p] tb[i, (q, s)]
+    let mut tb = vec![0f64; r * q * kk];
+    for i in 0..r {
+        for j in 0..r {
+            let core = &t[(i * r + j) * kk..(i * r + j + 1) * kk];
+            for (qi, &bv) in b.2[j * q..(j + 1) * q].iter().enumerate() {
+                let o = &mut tb[(i * q + qi) * kk..(i * q + qi + 1) * kk];
+                o.iter_mut()
+                    .zip(core)
+                    .for_each(|(o, &c)| *o += f64::from(c) * f64::from(bv));
+            }
+        }
+    }
+    let cols = q * kk;
+    let mut out = vec![0f64; p * cols];
+    for i in 0..r {
+        let row = &tb[i * cols..(i + 1) * cols];
+        for pi in 0..p {
+            let c = f64::from(a.2[i * p + pi]);
+            out[pi * cols..(pi + 1) * cols]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, &x)| *o += c * x);
+        }
+    }
+    Ok((p, cols, out))
+}
+
 /// One layer's update `[dout, din]` from its parts, and the layout's name.
 fn delta(
     f: &SafetensorsFile,
@@ -122,21 +181,6 @@ fn delta(
     s: &LayerShape,
 ) -> Result<(Vec<f64>, &'static str)> {
     let get = |p: &str| parts.get(p).map(|n| matrix(f, n)).transpose();
-    for p in ["hada_t1", "hada_t2", "lokr_t2"] {
-        if let Some(n) = parts.get(p) {
-            return Err(Error::Unsupported(format!(
-                "{}: layer '{key}': '{n}' is a CP-decomposed (Tucker) convolution factor, which \
-                 hdb does not read",
-                f.path().display()
-            )));
-        }
-    }
-    if let Some(n) = parts.get("dora_scale") {
-        return Err(Error::Unsupported(format!(
-            "{}: layer '{key}': '{n}' is a DoRA magnitude, which hdb does not apply yet",
-            f.path().display()
-        )));
-    }
     let alpha = match parts.get("alpha") {
         None => None,
         Some(n) => match f.to_f32(n)?.as_slice() {
@@ -163,16 +207,28 @@ fn delta(
                 "{what}: a LoHa layer needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b"
             )));
         };
-        for (a, b) in [(&w1a, &w1b), (&w2a, &w2b)] {
-            if (a.0, b.1) != want {
+        let half = |a, b, t: &str| -> Result<(usize, usize, Vec<f64>)> {
+            match parts.get(t) {
+                Some(n) => tucker(f, n, a, b, &what),
+                None => Ok((a.0, b.1, product(a, b, &what)?)),
+            }
+        };
+        if parts.contains_key("hada_t1") != parts.contains_key("hada_t2") {
+            return Err(Error::AdapterMismatch(format!(
+                "{what}: a Tucker LoHa layer needs both hada_t1 and hada_t2"
+            )));
+        }
+        let (p1, p2) = (half(&w1a, &w1b, "hada_t1")?, half(&w2a, &w2b, "hada_t2")?);
+        for p in [&p1, &p2] {
+            if (p.0, p.1) != want {
                 return Err(Error::AdapterMismatch(format!(
                     "{what}: LoHa factors make [{}, {}], the layer is [{}, {}]",
-                    a.0, b.1, want.0, want.1
+                    p.0, p.1, want.0, want.1
                 )));
             }
         }
         let scale = alpha.map_or(1.0, |a| a / w1b.0 as f64);
-        let (p1, p2) = (product(&w1a, &w1b, &what)?, product(&w2a, &w2b, &what)?);
+        let (p1, p2) = (p1.2, p2.2);
         return Ok((
             p1.iter().zip(&p2).map(|(x, y)| x * y * scale).collect(),
             "LoHa",
@@ -186,13 +242,24 @@ fn delta(
                 }
                 (None, Some(fa), Some(fb)) => {
                     let r = fb.0;
-                    Ok((fa.0, fb.1, product(&fa, &fb, &what)?, Some(r)))
+                    match parts.get("lokr_t2").filter(|_| w == "lokr_w2") {
+                        Some(t) => {
+                            let (rows, cols, m) = tucker(f, t, &fa, &fb, &what)?;
+                            Ok((rows, cols, m, Some(r)))
+                        }
+                        None => Ok((fa.0, fb.1, product(&fa, &fb, &what)?, Some(r))),
+                    }
                 }
                 _ => Err(Error::AdapterMismatch(format!(
                     "{what}: a LoKr layer needs {w}, or {a} and {b}"
                 ))),
             }
         };
+    if parts.contains_key("lokr_t2") && !parts.contains_key("lokr_w2_a") {
+        return Err(Error::AdapterMismatch(format!(
+            "{what}: a Tucker core lokr_t2 needs lokr_w2_a and lokr_w2_b"
+        )));
+    }
     let (a, b, w1, r1) = full_or_product("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
     let (c, d, w2, r2) = full_or_product("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
     if (a * c, b * d) != want {
@@ -291,10 +358,26 @@ pub fn import(
         );
     }
     let mut layers = BTreeMap::new();
+    let mut doras = BTreeMap::new();
     let mut layout = "LyCORIS";
     for (k, parts) in by_layer {
         let s = &table[k];
         let (dw, name) = delta(f, k, &parts, s)?;
+        if let Some(n) = parts.get("dora_scale") {
+            let in_channels = match s.kind {
+                crate::model::LayerKind::Conv { in_channels, .. } => in_channels,
+                crate::model::LayerKind::Linear => s.din,
+            };
+            let d = super::lora::read_dora(
+                f,
+                n,
+                super::lora::LoraFormat::Kohya,
+                k,
+                s.dout,
+                in_channels,
+            )?;
+            doras.insert(k.clone(), d);
+        }
         if dw.iter().any(|x| !x.is_finite()) {
             return Err(Error::AdapterMismatch(format!(
                 "{}: layer '{k}' holds NaN or Inf values",
@@ -310,7 +393,14 @@ pub fn import(
     }
     let adapter = Adapter {
         layers,
-        source: AdapterSource::MergeOnly(layout),
+        source: if doras.is_empty() {
+            AdapterSource::MergeOnly(layout)
+        } else {
+            AdapterSource::Dora {
+                layout,
+                magnitudes: doras,
+            }
+        },
     };
     adapter.validate(table).map_err(|e| match e {
         Error::AdapterMismatch(m) => Error::AdapterMismatch(format!("{}: {m}", path.display())),

@@ -57,9 +57,34 @@ pub enum AdapterSource {
     /// A layout whose updates are full matrices (LoHa, LoKr: [`lycoris`]), named here: merge
     /// mode only.
     MergeOnly(&'static str),
-    /// A DoRA LoRA (merge mode only): per layer, the magnitude of each output row; the merged
-    /// weight is `m / |W + dW|_row * (W + dW)`, which depends on the base weight.
-    Dora(BTreeMap<String, Vec<f32>>),
+    /// DoRA (merge mode only): a LoRA with peft's `lora_magnitude_vector` or LyCORIS'
+    /// `dora_scale`, or a LoHa/LoKr with `dora_scale` (`layout` names which); per layer, the
+    /// magnitudes [`Dora`] rescales `W + dW` to, which depends on the base weight.
+    Dora {
+        layout: &'static str,
+        magnitudes: BTreeMap<String, Dora>,
+    },
+}
+
+/// How a DoRA layer's scale acts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoraStyle {
+    /// peft: `W' = m / |W + s dW| * (W + s dW)`, the norm per output row.
+    Peft,
+    /// LyCORIS: `W' = (W + dW) * (s (m / (|W + dW| + eps) - 1) + 1)`, the norm per output row
+    /// or per input channel; the adapter's scale `s` interpolates the rescale, not `dW`.
+    Lycoris,
+}
+
+/// One DoRA layer's magnitudes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dora {
+    /// One per output row (`on_out`), else one per input channel.
+    pub magnitude: Vec<f32>,
+    /// Norms per output row (peft; LyCORIS' `wd_on_out`, its default), else per input channel
+    /// (the column, or for a convolution the `[out, kh, kw]` slab of that channel).
+    pub on_out: bool,
+    pub style: DoraStyle,
 }
 
 /// An adapter validated against one model: effective factors for a subset of its layers.
@@ -158,7 +183,7 @@ pub fn stack(parts: &[(&Adapter, f32)]) -> Result<Adapter> {
     for (i, (a, scale)) in parts.iter().enumerate() {
         match a.source {
             // DoRA normalizes each adapter's own W + dW: no sum of updates is the same.
-            AdapterSource::Dora(_) => {
+            AdapterSource::Dora { .. } => {
                 return Err(Error::Unsupported(format!(
                     "adapter #{i} is a DoRA adapter, which does not stack; give it to the set \
                      on its own"
@@ -240,7 +265,7 @@ impl Adapter {
         match &self.source {
             AdapterSource::Lidb(l) => l.save(path),
             // (a merge-only layout's updates are exact as full-rank factors)
-            AdapterSource::Lora | AdapterSource::MergeOnly(_) | AdapterSource::Dora(_) => {
+            AdapterSource::Lora | AdapterSource::MergeOnly(_) | AdapterSource::Dora { .. } => {
                 lora::export(self, lora::LoraFormat::Peft, path)
             }
         }

@@ -121,7 +121,7 @@ impl<B: SetBackend, M: Adaptable<B>> AdapterSet<B, M> {
                     .enumerate()
                     .find_map(|(i, (a, _))| match a.source {
                         super::AdapterSource::MergeOnly(l) => Some((i, l)),
-                        super::AdapterSource::Dora(_) => Some((i, "DoRA")),
+                        super::AdapterSource::Dora { layout, .. } => Some((i, layout)),
                         _ => None,
                     })
             {

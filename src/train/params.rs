@@ -184,6 +184,15 @@ impl Trainable {
             });
         }
         let (format, named) = lora::read_named(f, table)?;
+        // (DoRA magnitudes and Tucker cores have no gradient here)
+        if let Some(n) = named.iter().find(|n| n.dora.is_some() || n.tucker) {
+            return Err(Error::Unsupported(format!(
+                "{}: layer '{}' is a DoRA or Tucker (lora_mid) layer, which applies in merge \
+                 mode but cannot be finetuned",
+                f.path().display(),
+                n.key
+            )));
+        }
         if let Some(n) = named.iter().find(|n| !is_identity_layer(&n.key)) {
             return Err(untrainable(&format!("{}", f.path().display()), &n.key));
         }
