@@ -13,8 +13,10 @@
 //!   conv2d (down with the layer's kernel, up 1x1) and an add per adapter, on every sample,
 //!   or with per-sample indices on just the samples that carry it (gathered into one batch,
 //!   the update added back at their offsets; no launch where no sample does).
-//! - LoHa, LoKr and DoRA adapters are refused in both modes (their updates are full-rank or
-//!   depend on the base weights; the CPU merges them).
+//! - LoHa, LoKr and DoRA adapters apply in merge mode only (as on the CPU): their updates are
+//!   full-rank or depend on the base weights, so each layer they touch is merged on the host
+//!   by the CPU's own merge from the device base, downloaded, and its merged copy uploaded
+//!   ([`CudaLayerAdapters::merged_with_host`]); the set's other layers take `lidb_merge`.
 //!
 //! [`CudaLayerAdapters`] is the set (build it when the set changes); [`LayerAdaptersCtx`] is
 //! the set with one evaluation's per-sample indices uploaded: the hook the model runs with.
@@ -30,7 +32,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::apply::{validate_per_sample, Applied, ApplyMode};
+use super::apply::{merge_layer, validate_per_sample, Applied, ApplyMode, LayerApply};
 use super::set::SetBackend;
 use super::Adapter;
 use crate::backend::api::AdapterHook;
@@ -371,6 +373,45 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
         })
     }
 
+    /// A merge-mode set: the layers of `host` (factors as [`Applied::resolve_factors`] gives
+    /// them) merged on the host by the CPU's own [`merge_layer`] from the model's device base
+    /// (downloaded to f32), the others (`device`: low-rank factors in runtime form, as
+    /// [`CudaLayerAdapters::new`] takes them) by `lidb_merge`. For LoHa, LoKr and DoRA layers:
+    /// the first two are full-rank (no low-rank product for the kernel), the last depends on
+    /// the base weights' norms. Errors name the layer.
+    pub fn merged_with_host(
+        be: &Cuda<T>,
+        model: &dyn Adaptable<Cuda<T>>,
+        device: &Applied,
+        host: &BTreeMap<String, LayerApply>,
+    ) -> Result<Self> {
+        let mut set = Self::new(be, model, device, ApplyMode::Merge)?;
+        let dev = be.dev();
+        for (key, la) in host {
+            let (w, dout, din) = model.projection(key).ok_or_else(|| {
+                Error::AdapterMismatch(format!("layer '{key}' is not a projection of this model"))
+            })?;
+            if w.len() != dout * din || set.layers.contains_key(key) {
+                return Err(Error::Internal(format!(
+                    "layer '{key}': a base of {} values for [{dout}, {din}], or merged twice",
+                    w.len()
+                )));
+            }
+            let base = dev.download_f32(w, w.len())?;
+            let mut merged = vec![0f32; base.len()];
+            merge_layer(&mut merged, &base, la, dout, din);
+            let layer = Layer {
+                din,
+                dout,
+                merged: Some(dev.upload_f32(&merged)?),
+                lora: None,
+                conv: Vec::new(),
+            };
+            set.layers.insert(key.clone(), layer);
+        }
+        Ok(set)
+    }
+
     pub fn mode(&self) -> ApplyMode {
         self.mode
     }
@@ -589,21 +630,43 @@ impl<T: BlasElem> SetBackend for Cuda<T> {
         mode: ApplyMode,
         _previous: Option<&mut CudaLayerAdapters<T>>,
     ) -> Result<CudaLayerAdapters<T>> {
-        // Full-rank (LoHa, LoKr) and DoRA updates merge on the host only: the device merge
-        // adds low-rank products, and DoRA needs the base weights' row norms.
-        if let Some((i, layout)) = set
-            .iter()
-            .enumerate()
-            .find_map(|(i, (a, _))| match a.source {
-                super::AdapterSource::MergeOnly(l) => Some((i, l)),
-                super::AdapterSource::Dora { layout, .. } => Some((i, layout)),
-                _ => None,
+        // Full-rank (LoHa, LoKr) and DoRA updates merge on the host, layer by layer: the
+        // device merge adds low-rank products, and DoRA needs the base weights' norms.
+        let on_host = |i: usize| {
+            set.get(i).is_some_and(|(a, _)| {
+                matches!(
+                    a.source,
+                    super::AdapterSource::MergeOnly(_) | super::AdapterSource::Dora { .. }
+                )
             })
-        {
-            return Err(Error::Unsupported(format!(
-                "adapter #{i} is a {layout} adapter, which hdb merges on the CPU only; on CUDA \
-                 use LoRA, LoCon or LiDB adapters"
-            )));
+        };
+        if let Some(i) = (0..set.len()).find(|&i| on_host(i)) {
+            if mode == ApplyMode::Runtime {
+                // (AdapterSet::build refuses these first, with the CPU's words)
+                return Err(Error::Unsupported(format!(
+                    "adapter #{i} is a LoHa, LoKr or DoRA adapter: merge mode only"
+                )));
+            }
+            let factors = Applied::resolve_factors(set, target)?;
+            let (host, device): (BTreeMap<_, _>, BTreeMap<_, _>) = factors
+                .layers
+                .into_iter()
+                .partition(|(_, la)| la.runtime.iter().any(|f| on_host(f.0)));
+            // The other layers' factors are the runtime form (`up` x scale) the kernels take.
+            let device = Applied {
+                mode: ApplyMode::Runtime,
+                count: factors.count,
+                layers: device,
+            };
+            let built = CudaLayerAdapters::merged_with_host(self, target, &device, &host)?;
+            log::debug!(
+                "{} adapter(s) on {} projections of {} merged ({} on the host)",
+                built.count(),
+                built.layers(),
+                self.describe(),
+                host.len()
+            );
+            return Ok(built);
         }
         let resolved = Applied::new(set, ApplyMode::Runtime, target)?;
         let built = CudaLayerAdapters::new(self, target, &resolved, mode)?;

@@ -399,3 +399,128 @@ fn lora_files_on_every_layer_kind_match_the_cpu() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn loha_lokr_and_dora_merge_on_cuda_as_on_the_cpu() {
+    // Merge-only layouts on CUDA: each layer a LoHa, LoKr or DoRA touches is merged on the host
+    // by the CPU's merge from the device base; a LoCon stacked with one keeps lidb_merge on the
+    // layers only it touches. f32 within rel_l2 1e-4 of the CPU UNet with the same set, and
+    // within tests/lora_layers.rs's 1e-4 x max|ref| of the reference (peft, LyCORIS) output;
+    // dropping the set restores the base bit for bit; runtime mode refuses them.
+    use hdb::adapter::set::AdapterSet;
+    let Some(dev) = device() else { return };
+    let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
+    let table = m.adaptable_layers();
+    let load = |file: &str| {
+        let f = SafetensorsFile::open(&fixtures().join(file)).expect("fixture");
+        hdb::adapter::load(&f, &table).unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let reference = |file: &str| {
+        SafetensorsFile::open(&fixtures().join(file))
+            .expect("reference")
+            .to_f32("out")
+            .expect("out")
+    };
+    let loha = load("lora-layers/loha.kohya.safetensors");
+    let lokr = load("lora-layers/lokr.kohya.safetensors");
+    let dora = load("lora-layers/dora.peft.safetensors");
+    // LyCORIS' dora_scale per input channel on a LoHa with Tucker convolutions.
+    let lycoris = load("lycoris/loha-tucker-dora-in.safetensors");
+    let locon = load("lora-layers/locon.kohya.safetensors");
+    let (unet, inp) = tiny_sd();
+    let g = on_device::<f32>(
+        &dev,
+        &Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
+    )
+    .expect("upload");
+    let args = inp.args();
+    let base = bits(&g.forward_hooked(&args, None).expect("base"));
+    let cpu_base = cpu_forward(&unet, &inp);
+    // (label, set, the reference's output)
+    type Case<'a> = (&'a str, Vec<(&'a Adapter, f32)>, Option<&'a str>);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "loha",
+            vec![(&loha, 1.0)],
+            Some("lora-layers/loha.out.safetensors"),
+        ),
+        (
+            "lokr",
+            vec![(&lokr, 1.0)],
+            Some("lora-layers/lokr.out.safetensors"),
+        ),
+        (
+            "dora",
+            vec![(&dora, 1.0)],
+            Some("lora-layers/dora.out.safetensors"),
+        ),
+        (
+            "lycoris loha dora_scale x0.6",
+            vec![(&lycoris, 0.6)],
+            Some("lycoris/loha-tucker-dora-in-x0.6.out.safetensors"),
+        ),
+        ("locon x0.8 + loha", vec![(&locon, 0.8), (&loha, 1.0)], None),
+    ];
+    let mut failures = Vec::new();
+    for (label, set, ref_file) in cases {
+        let applied = Applied::new(&set, ApplyMode::Merge, &*unet).expect("cpu set");
+        let ad = AdapterCtx {
+            applied: &applied,
+            per_sample: None,
+        };
+        let want = cpu_forward_with(&unet, &inp, Some(&ad));
+        let change = compare(&want, &cpu_base).rel_l2;
+        if !(change.is_finite() && change >= 1e-2) {
+            failures.push(format!(
+                "{label}: the adapters barely change the output ({change:e})"
+            ));
+        }
+        let got = AdapterSet::build(g.backend(), &g, &set, ApplyMode::Merge, None).and_then(|s| {
+            let s = s.ok_or_else(|| hdb::Error::Internal("the set touches no layer".into()))?;
+            s.with_hook(None, |h| g.forward_hooked(&args, Some(h)))
+        });
+        let got = match got {
+            Ok(got) => got,
+            Err(e) => {
+                failures.push(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        let tol = Tol::RelL2(1e-4);
+        let d = compare(&got, &want);
+        println!(
+            "cuda-parity unet-merge-host/{label} f32 {} (the adapters change the output by \
+             rel_l2 {change:.2e})",
+            d.figures(tol)
+        );
+        if !d.within(tol) {
+            failures.push(d.failure(label, tol));
+        }
+        if let Some(file) = ref_file {
+            let tol = Tol::MaxAbsOfRef(1e-4);
+            let d = compare(&got, &reference(file));
+            println!(
+                "cuda-parity unet-merge-host/{label} f32 against {file}: {}",
+                d.figures(tol)
+            );
+            if !d.within(tol) {
+                failures.push(d.failure(&format!("{label} against {file}"), tol));
+            }
+        }
+        // The set is dropped: the model's own weights were never written.
+        let after = bits(&g.forward_hooked(&args, None).expect("base again"));
+        if after != base {
+            failures.push(format!("{label}: the base output changed after the set"));
+        }
+        let refused = AdapterSet::build(g.backend(), &g, &set, ApplyMode::Runtime, None);
+        match refused {
+            Ok(_) => failures.push(format!("{label}: runtime mode accepted")),
+            Err(e) if !e.to_string().contains("merge mode") => {
+                failures.push(format!("{label}: runtime mode: unclear error: {e}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
