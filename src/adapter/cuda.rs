@@ -25,7 +25,8 @@
 //! rank above `MERGE_MAX_RANK` in merge mode, an adapter's rank above `LORA_MAX_RANK` in
 //! runtime mode. Building allocates, uploads and launches before it returns, and changes
 //! nothing else, so a failure leaves the caller's previous set intact. Checked against the CPU
-//! on an H100 (tests/cuda_models.rs, tests/cuda_unet/session.rs; docs/perf.md).
+//! on an H100 (tests/cuda_models.rs, tests/cuda_unet/session.rs; docs/perf.md); per-sample
+//! LoCon and the host merge so far on the emulated GPU only (tests/cuda_unet/adapters.rs).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
