@@ -400,15 +400,18 @@ fn lora_files_on_every_layer_kind_match_the_cpu() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// (label, set, the reference's output) of the host-merge test.
+type MergeCase<'a> = (&'a str, Vec<(&'a Adapter, f32)>, Option<&'a str>);
+
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn loha_lokr_and_dora_merge_on_cuda_as_on_the_cpu() {
     // Merge-only layouts on CUDA: each layer a LoHa, LoKr or DoRA touches is merged on the host
     // by the CPU's merge from the device base; a LoCon stacked with one keeps lidb_merge on the
-    // layers only it touches. f32 within rel_l2 1e-4 of the CPU UNet with the same set, and
-    // within tests/lora_layers.rs's 1e-4 x max|ref| of the reference (peft, LyCORIS) output;
-    // dropping the set restores the base bit for bit; runtime mode refuses them.
-    use hdb::adapter::set::AdapterSet;
+    // layers only it touches. Against the CPU UNet with the same set: f32 storage within rel_l2
+    // 1e-4, and within tests/lora_layers.rs's 1e-4 x max|ref| of the reference (peft, LyCORIS)
+    // output; f16 storage (the base downloaded from f16, the merge uploaded to it) within
+    // 1e-2 (the adapters change the output by 2e-2 to 0.7). Dropping the set restores the base bit for bit; runtime mode refuses them.
     let Some(dev) = device() else { return };
     let m = Model::load(&fixtures().join("tiny-sd"), Default::default()).expect("tiny-sd");
     let table = m.adaptable_layers();
@@ -416,30 +419,13 @@ fn loha_lokr_and_dora_merge_on_cuda_as_on_the_cpu() {
         let f = SafetensorsFile::open(&fixtures().join(file)).expect("fixture");
         hdb::adapter::load(&f, &table).unwrap_or_else(|e| panic!("{file}: {e}"))
     };
-    let reference = |file: &str| {
-        SafetensorsFile::open(&fixtures().join(file))
-            .expect("reference")
-            .to_f32("out")
-            .expect("out")
-    };
     let loha = load("lora-layers/loha.kohya.safetensors");
     let lokr = load("lora-layers/lokr.kohya.safetensors");
     let dora = load("lora-layers/dora.peft.safetensors");
     // LyCORIS' dora_scale per input channel on a LoHa with Tucker convolutions.
     let lycoris = load("lycoris/loha-tucker-dora-in.safetensors");
     let locon = load("lora-layers/locon.kohya.safetensors");
-    let (unet, inp) = tiny_sd();
-    let g = on_device::<f32>(
-        &dev,
-        &Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
-    )
-    .expect("upload");
-    let args = inp.args();
-    let base = bits(&g.forward_hooked(&args, None).expect("base"));
-    let cpu_base = cpu_forward(&unet, &inp);
-    // (label, set, the reference's output)
-    type Case<'a> = (&'a str, Vec<(&'a Adapter, f32)>, Option<&'a str>);
-    let cases: Vec<Case<'_>> = vec![
+    let cases: Vec<MergeCase<'_>> = vec![
         (
             "loha",
             vec![(&loha, 1.0)],
@@ -462,9 +448,38 @@ fn loha_lokr_and_dora_merge_on_cuda_as_on_the_cpu() {
         ),
         ("locon x0.8 + loha", vec![(&locon, 0.8), (&loha, 1.0)], None),
     ];
+    let mut failures = check_host_merge::<f32>(&dev, &cases, 1e-4);
+    // f16 on the DoRA and the mixed set only (the emulated GPU takes 10 s per case in f16).
+    let f16_cases: Vec<MergeCase<'_>> = cases
+        .into_iter()
+        .filter(|c| matches!(c.0, "dora" | "locon x0.8 + loha"))
+        .collect();
+    failures.extend(check_host_merge::<half::f16>(&dev, &f16_cases, 1e-2));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// [`loha_lokr_and_dora_merge_on_cuda_as_on_the_cpu`] in storage type T (the references are
+/// compared in f32 only); returns failures.
+fn check_host_merge<T: BlasElem>(
+    dev: &Arc<CudaDevice>,
+    cases: &[MergeCase<'_>],
+    tol: f64,
+) -> Vec<String> {
+    use hdb::adapter::set::AdapterSet;
+    let dtype = T::SUFFIX;
+    let (unet, inp) = tiny_sd();
+    let g = on_device::<T>(
+        dev,
+        &Source::Fixture(fixtures().join("tiny-sd"), Variant::Full),
+    )
+    .expect("upload");
+    let args = inp.args();
+    let base = bits(&g.forward_hooked(&args, None).expect("base"));
+    let cpu_base = cpu_forward(&unet, &inp);
     let mut failures = Vec::new();
     for (label, set, ref_file) in cases {
-        let applied = Applied::new(&set, ApplyMode::Merge, &*unet).expect("cpu set");
+        let what = format!("{label} {dtype}");
+        let applied = Applied::new(set, ApplyMode::Merge, &*unet).expect("cpu set");
         let ad = AdapterCtx {
             applied: &applied,
             per_sample: None,
@@ -473,54 +488,57 @@ fn loha_lokr_and_dora_merge_on_cuda_as_on_the_cpu() {
         let change = compare(&want, &cpu_base).rel_l2;
         if !(change.is_finite() && change >= 1e-2) {
             failures.push(format!(
-                "{label}: the adapters barely change the output ({change:e})"
+                "{what}: the adapters barely change the output ({change:e})"
             ));
         }
-        let got = AdapterSet::build(g.backend(), &g, &set, ApplyMode::Merge, None).and_then(|s| {
+        let got = AdapterSet::build(g.backend(), &g, set, ApplyMode::Merge, None).and_then(|s| {
             let s = s.ok_or_else(|| hdb::Error::Internal("the set touches no layer".into()))?;
             s.with_hook(None, |h| g.forward_hooked(&args, Some(h)))
         });
         let got = match got {
             Ok(got) => got,
             Err(e) => {
-                failures.push(format!("{label}: {e}"));
+                failures.push(format!("{what}: {e}"));
                 continue;
             }
         };
-        let tol = Tol::RelL2(1e-4);
+        let t = Tol::RelL2(tol);
         let d = compare(&got, &want);
         println!(
-            "cuda-parity unet-merge-host/{label} f32 {} (the adapters change the output by \
+            "cuda-parity unet-merge-host/{label} {dtype} {} (the adapters change the output by \
              rel_l2 {change:.2e})",
-            d.figures(tol)
+            d.figures(t)
         );
-        if !d.within(tol) {
-            failures.push(d.failure(label, tol));
+        if !d.within(t) {
+            failures.push(d.failure(&what, t));
         }
-        if let Some(file) = ref_file {
-            let tol = Tol::MaxAbsOfRef(1e-4);
-            let d = compare(&got, &reference(file));
+        if let (Some(file), "f32") = (ref_file, dtype) {
+            let reference = SafetensorsFile::open(&fixtures().join(file))
+                .expect("reference")
+                .to_f32("out")
+                .expect("out");
+            let t = Tol::MaxAbsOfRef(1e-4);
+            let d = compare(&got, &reference);
             println!(
-                "cuda-parity unet-merge-host/{label} f32 against {file}: {}",
-                d.figures(tol)
+                "cuda-parity unet-merge-host/{label} {dtype} against {file}: {}",
+                d.figures(t)
             );
-            if !d.within(tol) {
-                failures.push(d.failure(&format!("{label} against {file}"), tol));
+            if !d.within(t) {
+                failures.push(d.failure(&format!("{what} against {file}"), t));
             }
         }
         // The set is dropped: the model's own weights were never written.
         let after = bits(&g.forward_hooked(&args, None).expect("base again"));
         if after != base {
-            failures.push(format!("{label}: the base output changed after the set"));
+            failures.push(format!("{what}: the base output changed after the set"));
         }
-        let refused = AdapterSet::build(g.backend(), &g, &set, ApplyMode::Runtime, None);
-        match refused {
-            Ok(_) => failures.push(format!("{label}: runtime mode accepted")),
+        match AdapterSet::build(g.backend(), &g, set, ApplyMode::Runtime, None) {
+            Ok(_) => failures.push(format!("{what}: runtime mode accepted")),
             Err(e) if !e.to_string().contains("merge mode") => {
-                failures.push(format!("{label}: runtime mode: unclear error: {e}"))
+                failures.push(format!("{what}: runtime mode: unclear error: {e}"))
             }
             Err(_) => {}
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    failures
 }
