@@ -10,10 +10,13 @@
 //!   adapter of the set; after the projection's GEMM, `lora_bgmv` adds the update in place, one
 //!   launch per projection with per-sample indices, else one per adapter that changes it. An
 //!   adapted convolution (LoCon) holds each adapter's factors as conv weights instead: two
-//!   conv2d (down with the layer's kernel, up 1x1) and an add, every adapter on every sample
-//!   (per-sample sets with convolutions are refused).
-//! - LoHa, LoKr and DoRA adapters are refused in both modes (their updates are full-rank or
-//!   depend on the base weights; the CPU merges them).
+//!   conv2d (down with the layer's kernel, up 1x1) and an add per adapter, on every sample,
+//!   or with per-sample indices on just the samples that carry it (gathered into one batch,
+//!   the update added back at their offsets; no launch where no sample does).
+//! - LoHa, LoKr and DoRA adapters apply in merge mode only (as on the CPU): their updates are
+//!   full-rank or depend on the base weights, so each layer they touch is merged on the host
+//!   by the CPU's own merge from the device base, downloaded, and its merged copy uploaded
+//!   ([`CudaLayerAdapters::merged_with_host`]); the set's other layers take `lidb_merge`.
 //!
 //! [`CudaLayerAdapters`] is the set (build it when the set changes); [`LayerAdaptersCtx`] is
 //! the set with one evaluation's per-sample indices uploaded: the hook the model runs with.
@@ -22,14 +25,15 @@
 //! rank above `MERGE_MAX_RANK` in merge mode, an adapter's rank above `LORA_MAX_RANK` in
 //! runtime mode. Building allocates, uploads and launches before it returns, and changes
 //! nothing else, so a failure leaves the caller's previous set intact. Checked against the CPU
-//! on an H100 (tests/cuda_models.rs, tests/cuda_unet/session.rs; docs/perf.md).
+//! on an H100 (tests/cuda_models.rs, tests/cuda_unet/session.rs; docs/perf.md); per-sample
+//! LoCon and the host merge so far on the emulated GPU only (tests/cuda_unet/adapters.rs).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::apply::{validate_per_sample, Applied, ApplyMode};
+use super::apply::{merge_layer, validate_per_sample, Applied, ApplyMode, LayerApply};
 use super::set::SetBackend;
 use super::Adapter;
 use crate::backend::api::AdapterHook;
@@ -115,6 +119,23 @@ fn per_mask_indices(
             }
         })
         .collect()
+}
+
+/// The samples whose index in `idx` is `adapter`, as runs of consecutive ones (first sample,
+/// count): a convolution adapter gathers and scatters them a run per copy.
+fn sample_runs(idx: &[i32], adapter: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (s, _) in idx
+        .iter()
+        .enumerate()
+        .filter(|(_, &a)| i64::from(a) == adapter as i64)
+    {
+        match runs.last_mut() {
+            Some((first, len)) if *first + *len == s => *len += 1,
+            _ => runs.push((s, 1)),
+        }
+    }
+    runs
 }
 
 /// Runtime mode: one projection's factors.
@@ -353,6 +374,45 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
         })
     }
 
+    /// A merge-mode set: the layers of `host` (factors as [`Applied::resolve_factors`] gives
+    /// them) merged on the host by the CPU's own [`merge_layer`] from the model's device base
+    /// (downloaded to f32), the others (`device`: low-rank factors in runtime form, as
+    /// [`CudaLayerAdapters::new`] takes them) by `lidb_merge`. For LoHa, LoKr and DoRA layers:
+    /// the first two are full-rank (no low-rank product for the kernel), the last depends on
+    /// the base weights' norms. Errors name the layer.
+    pub fn merged_with_host(
+        be: &Cuda<T>,
+        model: &dyn Adaptable<Cuda<T>>,
+        device: &Applied,
+        host: &BTreeMap<String, LayerApply>,
+    ) -> Result<Self> {
+        let mut set = Self::new(be, model, device, ApplyMode::Merge)?;
+        let dev = be.dev();
+        for (key, la) in host {
+            let (w, dout, din) = model.projection(key).ok_or_else(|| {
+                Error::AdapterMismatch(format!("layer '{key}' is not a projection of this model"))
+            })?;
+            if w.len() != dout * din || set.layers.contains_key(key) {
+                return Err(Error::Internal(format!(
+                    "layer '{key}': a base of {} values for [{dout}, {din}], or merged twice",
+                    w.len()
+                )));
+            }
+            let base = dev.download_f32(w, w.len())?;
+            let mut merged = vec![0f32; base.len()];
+            merge_layer(&mut merged, &base, la, dout, din);
+            let layer = Layer {
+                din,
+                dout,
+                merged: Some(dev.upload_f32(&merged)?),
+                lora: None,
+                conv: Vec::new(),
+            };
+            set.layers.insert(key.clone(), layer);
+        }
+        Ok(set)
+    }
+
     pub fn mode(&self) -> ApplyMode {
         self.mode
     }
@@ -375,13 +435,6 @@ impl<T: BlasElem> CudaLayerAdapters<T> {
     ) -> Result<LayerAdaptersCtx<'a, T>> {
         if let Some(idx) = per_sample {
             validate_per_sample(self.mode, self.count, Some(idx), idx.len())?;
-            if let Some((k, _)) = self.layers.iter().find(|(_, l)| !l.conv.is_empty()) {
-                return Err(Error::Unsupported(format!(
-                    "layer '{k}' is a convolution: per-sample adapters on CUDA apply to linear \
-                     layers only (a LoCon applies to every sample of a batch there; the CPU runs \
-                     it per sample)"
-                )));
-            }
         }
         let per_mask = per_sample
             .map(|idx| per_mask_indices(&self.dev, &self.masks, idx))
@@ -408,9 +461,9 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
         validate_per_sample(self.set.mode, self.set.count, self.per_sample, batch)
     }
 
-    /// Every adapter of the set on every sample (per-sample sets with convolutions are refused
-    /// when prepared): t = conv(x, down) with the layer's kernel, stride and padding, then
-    /// y += conv1x1(t, up).
+    /// t = conv(x, down) with the layer's kernel, stride and padding, then y += conv1x1(t, up),
+    /// per adapter: on every sample, or with per-sample indices on the samples that carry it,
+    /// gathered into one batch (no launch where none does).
     fn add_conv(
         &self,
         be: &Cuda<T>,
@@ -422,13 +475,23 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
         let Some(layer) = self.set.layers.get(key).filter(|l| !l.conv.is_empty()) else {
             return Ok(());
         };
-        if !Arc::ptr_eq(be.dev(), &self.set.dev) || self.per_sample.is_some() {
-            return Err(Error::Internal(format!(
-                "adapter '{key}': a convolution set on another device, or per sample"
-            )));
-        }
         let kk = p.c_in * p.kernel * p.kernel;
         let (ho, wo) = p.out_hw();
+        let (n_in, n_out) = (p.c_in * p.h * p.w, p.c_out * ho * wo);
+        if !Arc::ptr_eq(be.dev(), &self.set.dev)
+            || x.len() != p.batch * n_in
+            || y.len() != p.batch * n_out
+            || self.per_sample.is_some_and(|idx| idx.len() != p.batch)
+        {
+            return Err(Error::Internal(format!(
+                "adapter '{key}': a convolution set on another device, or {} inputs and {} \
+                 outputs (with {:?} sample indices) that do not fit {p:?}",
+                x.len(),
+                y.len(),
+                self.per_sample.map(<[i32]>::len)
+            )));
+        }
+        let dev = &self.set.dev;
         for (i, down, up) in &layer.conv {
             let r = down.len() / kk.max(1);
             if r == 0 || r * kk != down.len() || up.len() != p.c_out * r {
@@ -436,9 +499,37 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                     "adapter '{key}': factors of adapter #{i} do not fit {p:?}"
                 )));
             }
-            let t = be.conv2d(x, down, None, &crate::backend::Conv2d { c_out: r, ..*p })?;
+            let runs = match self.per_sample {
+                Some(idx) => sample_runs(idx, *i),
+                None => vec![(0, p.batch)],
+            };
+            let n: usize = runs.iter().map(|run| run.1).sum();
+            if n == 0 {
+                continue;
+            }
+            let every = n == p.batch;
+            // The adapter's samples, in order, as one batch of n (x itself where it is all).
+            let gathered;
+            let xs = if every {
+                x
+            } else {
+                let mut g = dev.alloc::<T>(n * n_in)?;
+                let mut j = 0;
+                for &(s, len) in &runs {
+                    ops::copy(dev, &mut g, j * n_in, x, s * n_in, len * n_in)?;
+                    j += len;
+                }
+                gathered = g;
+                &gathered
+            };
+            let down_dims = crate::backend::Conv2d {
+                batch: n,
+                c_out: r,
+                ..*p
+            };
+            let t = be.conv2d(xs, down, None, &down_dims)?;
             let up_dims = crate::backend::Conv2d {
-                batch: p.batch,
+                batch: n,
                 c_in: r,
                 h: ho,
                 w: wo,
@@ -448,7 +539,15 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                 padding: 0,
             };
             let u = be.conv2d(&t, up, None, &up_dims)?;
-            be.add_inplace(y, &u)?;
+            if every {
+                be.add_inplace(y, &u)?;
+            } else {
+                let mut j = 0;
+                for &(s, len) in &runs {
+                    ops::add_inplace_at(dev, y, s * n_out, &u, j * n_out, len * n_out)?;
+                    j += len;
+                }
+            }
         }
         Ok(())
     }
@@ -532,21 +631,43 @@ impl<T: BlasElem> SetBackend for Cuda<T> {
         mode: ApplyMode,
         _previous: Option<&mut CudaLayerAdapters<T>>,
     ) -> Result<CudaLayerAdapters<T>> {
-        // Full-rank (LoHa, LoKr) and DoRA updates merge on the host only: the device merge
-        // adds low-rank products, and DoRA needs the base weights' row norms.
-        if let Some((i, layout)) = set
-            .iter()
-            .enumerate()
-            .find_map(|(i, (a, _))| match a.source {
-                super::AdapterSource::MergeOnly(l) => Some((i, l)),
-                super::AdapterSource::Dora { layout, .. } => Some((i, layout)),
-                _ => None,
+        // Full-rank (LoHa, LoKr) and DoRA updates merge on the host, layer by layer: the
+        // device merge adds low-rank products, and DoRA needs the base weights' norms.
+        let on_host = |i: usize| {
+            set.get(i).is_some_and(|(a, _)| {
+                matches!(
+                    a.source,
+                    super::AdapterSource::MergeOnly(_) | super::AdapterSource::Dora { .. }
+                )
             })
-        {
-            return Err(Error::Unsupported(format!(
-                "adapter #{i} is a {layout} adapter, which hdb merges on the CPU only; on CUDA \
-                 use LoRA, LoCon or LiDB adapters"
-            )));
+        };
+        if let Some(i) = (0..set.len()).find(|&i| on_host(i)) {
+            if mode == ApplyMode::Runtime {
+                // (AdapterSet::build refuses these first, with the CPU's words)
+                return Err(Error::Unsupported(format!(
+                    "adapter #{i} is a LoHa, LoKr or DoRA adapter: merge mode only"
+                )));
+            }
+            let factors = Applied::resolve_factors(set, target)?;
+            let (host, device): (BTreeMap<_, _>, BTreeMap<_, _>) = factors
+                .layers
+                .into_iter()
+                .partition(|(_, la)| la.runtime.iter().any(|f| on_host(f.0)));
+            // The other layers' factors are the runtime form (`up` x scale) the kernels take.
+            let device = Applied {
+                mode: ApplyMode::Runtime,
+                count: factors.count,
+                layers: device,
+            };
+            let built = CudaLayerAdapters::merged_with_host(self, target, &device, &host)?;
+            log::debug!(
+                "{} adapter(s) on {} projections of {} merged ({} on the host)",
+                built.count(),
+                built.layers(),
+                self.describe(),
+                host.len()
+            );
+            return Ok(built);
         }
         let resolved = Applied::new(set, ApplyMode::Runtime, target)?;
         let built = CudaLayerAdapters::new(self, target, &resolved, mode)?;
@@ -626,5 +747,15 @@ mod tests {
             "{e}"
         );
         check_ranks(&applied(&[&[4, 129]]), ApplyMode::Merge).expect("129 merges");
+    }
+
+    #[test]
+    fn a_convolution_adapter_runs_on_its_samples_in_runs_of_consecutive_ones() {
+        let idx = [0, 0, -1, 1, 0, 0, 0, 1];
+        assert_eq!(sample_runs(&idx, 0), vec![(0, 2), (4, 3)]);
+        assert_eq!(sample_runs(&idx, 1), vec![(3, 1), (7, 1)]);
+        assert_eq!(sample_runs(&idx, 2), Vec::new());
+        assert_eq!(sample_runs(&[-1, -1], 0), Vec::new());
+        assert_eq!(sample_runs(&[3, 3, 3], 3), vec![(0, 3)]);
     }
 }

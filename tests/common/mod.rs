@@ -121,8 +121,8 @@ pub fn gpu_pipeline_params() -> hdb::pipeline::GenerateParams {
 /// Random LoRA factors of `rank` (down ~ U(+-1/sqrt(din)), up ~ U(+-0.5/sqrt(rank)), from a
 /// SplitMix64 seeded with `seed`) on the layers of `table` (a component's adaptable layers, in
 /// key order) whose index `keep` accepts: sets can then mix adapters that touch a projection
-/// with ones that do not. Linear layers only: the GPU tests that use it run runtime mode,
-/// which runs convolution LoRAs on the CPU only.
+/// with ones that do not. Linear layers only: the GPU tests that use it check the linear
+/// kernels (`lidb_merge`, `lora_bgmv`); the LoCon fixtures cover convolutions.
 pub fn random_lora(
     table: std::collections::BTreeMap<String, hdb::adapter::LayerShape>,
     seed: u64,

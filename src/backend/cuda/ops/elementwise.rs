@@ -221,10 +221,26 @@ pub fn add_inplace<T: DeviceElem>(
     x: &CudaSlice<T>,
     n: usize,
 ) -> Result<()> {
-    need(x, 0, n, "add", "x")?;
-    need(y, 0, n, "add", "y")?;
-    let ya = dev.ptr(y);
-    add_launch::<T>(ya, ya, dev.ptr(x), n)?.run(dev)
+    add_inplace_at(dev, y, 0, x, 0, n)
+}
+
+/// y[y_off..] += x[x_off..] over n elements: some samples of one batch added into others of
+/// another (per-sample adapters). No launch for n = 0.
+pub fn add_inplace_at<T: DeviceElem>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    y_off: usize,
+    x: &CudaSlice<T>,
+    x_off: usize,
+    n: usize,
+) -> Result<()> {
+    need(x, x_off, n, "add", "x")?;
+    need(y, y_off, n, "add", "y")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let ya = addr(dev, y, y_off);
+    add_launch::<T>(ya, ya, addr(dev, x, x_off), n)?.run(dev)
 }
 
 /// The launch of `add_*` (y = a + b over n elements) with y, a and b at device addresses `y`,
