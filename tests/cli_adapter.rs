@@ -151,6 +151,20 @@ fn adapter_info_export_and_basis() {
         "{text}"
     );
 
+    // LyCORIS' DoRA and Tucker forms are named.
+    let r = hdb(&[
+        "adapter",
+        "info",
+        s(&fx("lycoris/locon-tucker-dora.safetensors")),
+    ]);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success()
+            && text.contains("DoRA magnitudes on 160 layer(s)")
+            && text.contains("Tucker convolutions (lora_mid) on"),
+        "{text}"
+    );
+
     let k = dir.path().join("k.safetensors");
     let r = hdb(&[
         "adapter",

@@ -181,6 +181,14 @@ fn info(file: &Path) -> hdb::Result<()> {
     let ranks: std::collections::BTreeSet<usize> = layers.iter().map(|l| l.rank).collect();
     println!("{fmt:?} LoRA: {} ({size} bytes)", file.display());
     println!("layers: {}, ranks: {ranks:?}", layers.len());
+    let dora = layers.iter().filter(|l| l.magnitude_name.is_some()).count();
+    let tucker = layers.iter().filter(|l| l.mid_name.is_some()).count();
+    if dora > 0 {
+        println!("DoRA magnitudes on {dora} layer(s): merge mode only");
+    }
+    if tucker > 0 {
+        println!("Tucker convolutions (lora_mid) on {tucker} layer(s)");
+    }
     if !other.is_empty() {
         println!(
             "{} other tensor(s), e.g. {} (refused when loaded for a model)",
