@@ -94,7 +94,7 @@ pub(crate) fn random<T: DeviceElem>(
 }
 
 /// `--smoke`: every timed call runs once, without warm-up.
-static SMOKE: AtomicBool = AtomicBool::new(false);
+pub(crate) static SMOKE: AtomicBool = AtomicBool::new(false);
 
 /// The sizes a run uses: SD 1.5's ([`Scale::sd15`], what the figures are), or small ones
 /// ([`Scale::smoke`], `hdb bench cuda --smoke`) that take every path of the bench in seconds,

@@ -130,6 +130,7 @@ pub fn rows(
         peer_ms: peer["unet"]["ms"].as_f64(),
     });
     let identities = identity_rows(dev, scale, runs, &unet, out)?;
+    let locons = locon_rows(dev, scale, runs, &unet, out)?;
     drop(unet);
     // The same UNet again (same seed, same weights) on the profiling wrapper: the identity
     // rows need the plain one for their adapters, and both at once would double the memory.
@@ -143,6 +144,7 @@ pub fn rows(
     })?);
     drop(unet);
     notes.push(identities);
+    notes.push(locons);
 
     // The text encoder: two 77-token prompts (one guided generation).
     let tc = scale.text.clone();
@@ -306,5 +308,110 @@ fn identity_rows(
         "UNet batch 8: 8 identities vs 1: {:+.1}% (target <= +10%); 1 identity vs none: {:+.1}%",
         100.0 * (eight_ms / one_ms - 1.0),
         100.0 * (one_ms / none_ms - 1.0)
+    ))
+}
+
+/// LoCon on the UNet at batch 8 in runtime mode (issue 20's convolution variant): 8 random
+/// rank-4 LoCons over every adapted convolution (98 in SD 1.5), all on every sample and one per
+/// sample (each adapter's samples gathered into one batch for its two convolutions). `--smoke`
+/// takes 2 LoCons (samples alternate), to keep the emulated GPU's run short.
+fn locon_rows(
+    dev: &Arc<CudaDevice>,
+    scale: &Scale,
+    runs: usize,
+    unet: &Unet<Cuda<f16>>,
+    out: &mut Rows,
+) -> Result<String> {
+    let mut rng = SplitMix64(37);
+    let mut u = |n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
+    };
+    let convs: Vec<(String, hdb::model::LayerShape)> = unet
+        .adaptable_layers()
+        .into_iter()
+        .filter(|(_, l)| l.kind != hdb::model::LayerKind::Linear)
+        .collect();
+    let n = if crate::bench_cuda::SMOKE.load(std::sync::atomic::Ordering::Relaxed) {
+        2
+    } else {
+        8
+    };
+    let locons: Vec<Adapter> = (0..n)
+        .map(|_| Adapter {
+            layers: convs
+                .iter()
+                .map(|(k, l)| {
+                    let rank = 4;
+                    let kernel = match l.kind {
+                        hdb::model::LayerKind::Conv { kernel, .. } => kernel,
+                        hdb::model::LayerKind::Linear => 1,
+                    };
+                    let layer = LoraLayer {
+                        rank,
+                        down: u(rank * l.din, 0.02),
+                        up: u(l.dout * rank, 0.02),
+                        conv_kernel: Some(kernel),
+                    };
+                    (k.clone(), layer)
+                })
+                .collect(),
+            source: AdapterSource::Lora,
+        })
+        .collect();
+    let set: Vec<(&Adapter, f32)> = locons.iter().map(|a| (a, 1.0)).collect();
+    let resolved = Applied::new(&set, ApplyMode::Runtime, unet)?;
+    let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
+    let b = 8;
+    let mut noise = |n: usize| u(n, 1.0);
+    let (lat, tokens) = (scale.latent, scale.tokens);
+    let (sample, ctx, ts) = (
+        noise(b * 4 * lat * lat),
+        noise(b * tokens * scale.unet.cross_attention_dim),
+        vec![981.0f32; b],
+    );
+    let x = UnetInput {
+        sample: &sample,
+        timesteps: &ts,
+        context: &ctx,
+        batch: b,
+        height: lat,
+        width: lat,
+        context_len: tokens,
+    };
+    let none_ms = gpu_ms(dev, 1, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
+    let all = fused.with_samples(None)?;
+    let all_ms = gpu_ms(dev, 1, runs, || {
+        unet.forward_hooked(&x, Some(&all)).map(|_| ())
+    })?;
+    let eight: Vec<i32> = (0..b as i32).map(|i| i % n).collect();
+    let hook8 = fused.with_samples(Some(&eight))?;
+    let eight_ms = gpu_ms(dev, 1, runs, || {
+        unet.forward_hooked(&x, Some(&hook8)).map(|_| ())
+    })?;
+    let flops = scale.unet.flops(b, lat, lat, tokens);
+    for (what, ms) in [
+        ("UNet fp16 batch 8, no LoCon", none_ms),
+        (
+            &format!("UNet fp16 batch 8, {n} rank-4 LoCons on every sample (runtime)"),
+            all_ms,
+        ),
+        (
+            &format!("UNet fp16 batch 8, {n} rank-4 LoCons, one per sample (runtime)"),
+            eight_ms,
+        ),
+    ] {
+        out.push(Row {
+            what: what.to_string(),
+            ours_ms: ms,
+            rate: format!("{:.1} TFLOP/s", flops / ms / 1e9),
+            peer_ms: None,
+        });
+    }
+    Ok(format!(
+        "UNet batch 8, LoCon on {} convolutions: {n} one per sample vs none {:+.1}%; all {n} on \
+         every sample vs none {:+.1}%",
+        convs.len(),
+        100.0 * (eight_ms / none_ms - 1.0),
+        100.0 * (all_ms / none_ms - 1.0)
     ))
 }
