@@ -14,7 +14,7 @@ use hdb::adapter::{lora, Adapter, LoadOptions};
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::adaptable::is_identity_layer;
 use hdb::model::text_encoder::TextEncoder;
-use hdb::model::unet::{Unet, UnetInput};
+use hdb::model::unet::Unet;
 use hdb::model::{Adaptable, LayerKind, Model};
 
 const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
@@ -40,26 +40,6 @@ fn reference(file: &str, key: &str) -> Vec<f32> {
         .expect(key)
 }
 
-struct Inputs {
-    sample: Vec<f32>,
-    t: Vec<f32>,
-    ctx: Vec<f32>,
-    dims: [usize; 4],
-}
-
-fn inputs() -> Inputs {
-    let f = SafetensorsFile::open(&fx("unet/tiny-sd.in.safetensors")).expect("inputs");
-    let (s, sample) = read_as_f32(&f, "sample").expect("sample");
-    let (_, t) = read_as_f32(&f, "timestep").expect("timestep");
-    let (c, ctx) = read_as_f32(&f, "encoder_hidden_states").expect("context");
-    Inputs {
-        sample,
-        t,
-        ctx,
-        dims: [s[0], s[2], s[3], c[1]],
-    }
-}
-
 fn unet_run(
     unet: &Unet,
     set: &[(&Adapter, f32)],
@@ -67,22 +47,12 @@ fn unet_run(
     per_sample: Option<&[i32]>,
 ) -> Vec<f32> {
     let applied = Applied::new(set, mode, unet).expect("apply");
-    let i = inputs();
-    let [batch, height, width, context_len] = i.dims;
-    let x = UnetInput {
-        sample: &i.sample,
-        timesteps: &i.t,
-        context: &i.ctx,
-        batch,
-        height,
-        width,
-        context_len,
-    };
+    let i = common::read_input("tiny-sd");
     let ad = AdapterCtx {
         applied: &applied,
         per_sample,
     };
-    unet.forward_adapted(&x, &ad).expect("forward")
+    unet.forward_adapted(&i.args(), &ad).expect("forward")
 }
 
 fn ids() -> Vec<u32> {

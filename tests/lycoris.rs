@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use common::{assert_close, fixtures, Tol};
 use hdb::adapter::apply::{AdapterCtx, Applied, ApplyMode};
 use hdb::adapter::{Adapter, AdapterSource, DoraStyle};
-use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
-use hdb::model::unet::{Unet, UnetInput};
+use hdb::io::safetensors::SafetensorsFile;
+use hdb::model::unet::Unet;
 use hdb::model::Model;
 
 const TOL: Tol = Tol::MaxAbsOfRef(1e-4);
@@ -33,24 +33,12 @@ fn load(m: &Model, path: &std::path::Path) -> hdb::Result<Adapter> {
 
 fn unet_run(unet: &Unet, set: &[(&Adapter, f32)]) -> Vec<f32> {
     let applied = Applied::new(set, ApplyMode::Merge, unet).expect("apply");
-    let f = SafetensorsFile::open(&fx("unet/tiny-sd.in.safetensors")).expect("inputs");
-    let (s, sample) = read_as_f32(&f, "sample").expect("sample");
-    let (_, t) = read_as_f32(&f, "timestep").expect("timestep");
-    let (c, ctx) = read_as_f32(&f, "encoder_hidden_states").expect("context");
-    let x = UnetInput {
-        sample: &sample,
-        timesteps: &t,
-        context: &ctx,
-        batch: s[0],
-        height: s[2],
-        width: s[3],
-        context_len: c[1],
-    };
     let ad = AdapterCtx {
         applied: &applied,
         per_sample: None,
     };
-    unet.forward_adapted(&x, &ad).expect("forward")
+    unet.forward_adapted(&common::read_input("tiny-sd").args(), &ad)
+        .expect("forward")
 }
 
 /// (fixture, layout, DoRA per output row)
