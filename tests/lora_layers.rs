@@ -247,22 +247,9 @@ fn export_round_trips_every_layer() {
 
 /// A copy of `file` with `extra` tensors (name, shape) of zeros added.
 fn with_extra(file: &str, extra: &[(&str, Vec<usize>)], out: &std::path::Path) {
-    let f = SafetensorsFile::open(&fx(file)).expect("open");
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
-        .tensors()
-        .map(|e| {
-            let v = f.to_f32(&e.name).expect("f32");
-            (e.name.clone(), e.shape.dims().to_vec(), v)
-        })
-        .collect();
-    for (n, s) in extra {
-        tensors.push((n.to_string(), s.clone(), vec![0.0; s.iter().product()]));
-    }
-    let refs: Vec<(&str, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice()))
-        .collect();
-    hdb::io::safetensors::write_f32(out, &refs).expect("write");
+    let add: Vec<(&str, Vec<usize>, f32)> =
+        extra.iter().map(|(n, s)| (*n, s.clone(), 0.0)).collect();
+    common::rewrite_safetensors(&fx(file), out, &[], &add);
 }
 
 #[test]

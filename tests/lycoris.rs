@@ -105,35 +105,7 @@ fn tucker_and_dora_scale_merge_as_lycoris_does_at_any_multiplier() {
 
 /// `file` with tensor `name` replaced by (or added as) `shape` filled with `value`.
 fn with_tensor(file: &str, name: &str, shape: &[usize], value: f32, out: &std::path::Path) {
-    with_tensor_at(&fx(file), name, shape, value, out)
-}
-
-fn with_tensor_at(
-    file: &std::path::Path,
-    name: &str,
-    shape: &[usize],
-    value: f32,
-    out: &std::path::Path,
-) {
-    let f = SafetensorsFile::open(file).expect("open");
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
-        .tensors()
-        .filter(|e| e.name != name)
-        .map(|e| {
-            let v = f.to_f32(&e.name).expect("f32");
-            (e.name.clone(), e.shape.dims().to_vec(), v)
-        })
-        .collect();
-    tensors.push((
-        name.to_string(),
-        shape.to_vec(),
-        vec![value; shape.iter().product()],
-    ));
-    let refs: Vec<(&str, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice()))
-        .collect();
-    hdb::io::safetensors::write_f32(out, &refs).expect("write");
+    common::rewrite_safetensors(&fx(file), out, &[], &[(name, shape.to_vec(), value)]);
 }
 
 #[test]
@@ -219,15 +191,17 @@ fn bad_tucker_cores_and_dora_scales_are_errors_naming_the_key() {
     }
     // Factors whose product would be far larger than the layer (1e5 x 1e5) are refused before
     // it is computed.
-    let (p1, p2) = (dir.path().join("big1.st"), dir.path().join("big2.st"));
-    with_tensor(
-        "lycoris/loha-tucker-dora-in.safetensors",
-        &format!("{attn}.hada_w1_a"),
-        &[100_000, 2],
-        0.1,
-        &p1,
+    let p2 = dir.path().join("big.safetensors");
+    let (w1a, w1b) = (format!("{attn}.hada_w1_a"), format!("{attn}.hada_w1_b"));
+    common::rewrite_safetensors(
+        &fx("lycoris/loha-tucker-dora-in.safetensors"),
+        &p2,
+        &[],
+        &[
+            (w1a.as_str(), vec![100_000, 2], 0.1),
+            (w1b.as_str(), vec![2, 100_000], 0.1),
+        ],
     );
-    with_tensor_at(&p1, &format!("{attn}.hada_w1_b"), &[2, 100_000], 0.1, &p2);
     let msg = load(&m, &p2).expect_err("huge").to_string();
     assert!(
         msg.contains("attn1.to_q") && msg.contains("larger than the layer"),
@@ -235,20 +209,13 @@ fn bad_tucker_cores_and_dora_scales_are_errors_naming_the_key() {
     );
     // Half a Tucker LoHa.
     let p = dir.path().join("half.safetensors");
-    let f = SafetensorsFile::open(&fx("lycoris/loha-tucker-dora-in.safetensors")).expect("open");
-    let kept: Vec<(String, Vec<usize>, Vec<f32>)> = f
-        .tensors()
-        .filter(|e| e.name != format!("{conv}.hada_t2"))
-        .map(|e| {
-            let v = f.to_f32(&e.name).expect("f32");
-            (e.name.clone(), e.shape.dims().to_vec(), v)
-        })
-        .collect();
-    let refs: Vec<(&str, Vec<usize>, &[f32])> = kept
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice()))
-        .collect();
-    hdb::io::safetensors::write_f32(&p, &refs).expect("write");
+    let t2 = format!("{conv}.hada_t2");
+    common::rewrite_safetensors(
+        &fx("lycoris/loha-tucker-dora-in.safetensors"),
+        &p,
+        &[t2.as_str()],
+        &[],
+    );
     let msg = load(&m, &p).expect_err("half").to_string();
     assert!(
         msg.contains("resnets.0.conv1") && msg.contains("hada_t2"),

@@ -10,7 +10,7 @@ pub mod cuda;
 #[allow(unused_imports)] // each test crate uses its own part
 pub use compare::{assert_close, check, compare, Diff, Tol};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hdb::io::safetensors::{read_as_f32, SafetensorsFile};
 use hdb::model::unet::UnetInput;
@@ -156,4 +156,31 @@ pub fn random_lora(
         layers,
         source: hdb::adapter::AdapterSource::Lora,
     }
+}
+
+/// Writes `src`'s tensors (as f32) to `out`, without those named in `drop`, then `add`:
+/// (name, shape, every value) tensors appended, replacing any of the same name. For tests that
+/// feed a fixture with one part broken.
+pub fn rewrite_safetensors(src: &Path, out: &Path, drop: &[&str], add: &[(&str, Vec<usize>, f32)]) {
+    let f = SafetensorsFile::open(src).expect("open");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
+        .tensors()
+        .filter(|e| !drop.contains(&e.name.as_str()) && add.iter().all(|a| a.0 != e.name))
+        .map(|e| {
+            let v = f.to_f32(&e.name).expect("f32");
+            (e.name.clone(), e.shape.dims().to_vec(), v)
+        })
+        .collect();
+    for (n, shape, value) in add {
+        tensors.push((
+            n.to_string(),
+            shape.clone(),
+            vec![*value; shape.iter().product()],
+        ));
+    }
+    let refs: Vec<(&str, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice()))
+        .collect();
+    hdb::io::safetensors::write_f32(out, &refs).expect("write");
 }
