@@ -8,21 +8,14 @@ m,k,n triples. Prints one JSON line: {"peer": "pytorch", "torch", "threads", "bl
 
 import argparse
 import json
+import os
 import re
-import statistics
-import time
+import sys
 
 import torch
 
-
-def timed(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_torch_pipeline import timed  # noqa: E402
 
 
 def main():
