@@ -129,8 +129,9 @@ pub fn rows(
         rate: format!("{:.1} TFLOP/s", flops / flash2_ms / 1e9),
         peer_ms: peer["unet"]["ms"].as_f64(),
     });
-    let identities = identity_rows(dev, scale, runs, &unet, out)?;
-    let locons = locon_rows(dev, scale, runs, &unet, out)?;
+    let batch8 = Batch8::new(scale);
+    let (identities, none_ms) = identity_rows(dev, scale, runs, &unet, &batch8.input(), out)?;
+    let locons = locon_rows(dev, scale, runs, &unet, &batch8.input(), none_ms, out)?;
     drop(unet);
     // The same UNet again (same seed, same weights) on the profiling wrapper: the identity
     // rows need the plain one for their adapters, and both at once would double the memory.
@@ -193,14 +194,16 @@ pub fn rows(
 /// projection, applied by the fused kernels (`CudaLayerAdapters`, runtime mode): no identity,
 /// one identity on every sample, and eight, one per sample (issue 7's target: eight within 10%
 /// of one); then the host-side cost of switching identities (resolve, build on the device, and
-/// for merge mode the lidb_merge launch), waited for.
+/// for merge mode the lidb_merge launch), waited for. Returns the note and the time without
+/// adapters.
 fn identity_rows(
     dev: &Arc<CudaDevice>,
     scale: &Scale,
     runs: usize,
     unet: &Unet<Cuda<f16>>,
+    x: &UnetInput<'_>,
     out: &mut Rows,
-) -> Result<String> {
+) -> Result<(String, f64)> {
     let mut rng = SplitMix64(31);
     let mut u = |n: usize, s: f32| -> Vec<f32> {
         (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
@@ -229,35 +232,19 @@ fn identity_rows(
     let set: Vec<(&Adapter, f32)> = ids.iter().map(|a| (a, 1.0)).collect();
     let resolved = Applied::new(&set, ApplyMode::Runtime, unet)?;
     let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
-    let b = 8;
-    let mut noise = |n: usize| u(n, 1.0);
-    let (lat, tokens) = (scale.latent, scale.tokens);
-    let (sample, ctx, ts) = (
-        noise(b * 4 * lat * lat),
-        noise(b * tokens * scale.unet.cross_attention_dim),
-        vec![981.0f32; b],
-    );
-    let x = UnetInput {
-        sample: &sample,
-        timesteps: &ts,
-        context: &ctx,
-        batch: b,
-        height: lat,
-        width: lat,
-        context_len: tokens,
-    };
+    let b = x.batch;
     let one: Vec<i32> = vec![0; b];
     let eight: Vec<i32> = (0..b as i32).collect();
-    let none_ms = gpu_ms(dev, 1, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
+    let none_ms = gpu_ms(dev, 1, runs, || unet.forward_hooked(x, None).map(|_| ()))?;
     let hook1 = fused.with_samples(Some(&one))?;
     let one_ms = gpu_ms(dev, 1, runs, || {
-        unet.forward_hooked(&x, Some(&hook1)).map(|_| ())
+        unet.forward_hooked(x, Some(&hook1)).map(|_| ())
     })?;
     let hook8 = fused.with_samples(Some(&eight))?;
     let eight_ms = gpu_ms(dev, 1, runs, || {
-        unet.forward_hooked(&x, Some(&hook8)).map(|_| ())
+        unet.forward_hooked(x, Some(&hook8)).map(|_| ())
     })?;
-    let flops = scale.unet.flops(b, lat, lat, tokens);
+    let flops = scale.unet.flops(b, x.height, x.width, x.context_len);
     for (what, ms) in [
         ("UNet fp16 batch 8, no identity", none_ms),
         (
@@ -304,22 +291,64 @@ fn identity_rows(
             peer_ms: None,
         });
     }
-    Ok(format!(
+    let note = format!(
         "UNet batch 8: 8 identities vs 1: {:+.1}% (target <= +10%); 1 identity vs none: {:+.1}%",
         100.0 * (eight_ms / one_ms - 1.0),
         100.0 * (one_ms / none_ms - 1.0)
-    ))
+    );
+    Ok((note, none_ms))
+}
+
+/// The batch-8 UNet inputs of the adapter rows: random latents and context at the bench's
+/// scale, time step 981.
+struct Batch8 {
+    sample: Vec<f32>,
+    ctx: Vec<f32>,
+    ts: Vec<f32>,
+    lat: usize,
+    tokens: usize,
+}
+
+impl Batch8 {
+    fn new(scale: &Scale) -> Batch8 {
+        let mut rng = SplitMix64(41);
+        let mut noise =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect() };
+        let (lat, tokens) = (scale.latent, scale.tokens);
+        Batch8 {
+            sample: noise(8 * 4 * lat * lat),
+            ctx: noise(8 * tokens * scale.unet.cross_attention_dim),
+            ts: vec![981.0; 8],
+            lat,
+            tokens,
+        }
+    }
+
+    fn input(&self) -> UnetInput<'_> {
+        UnetInput {
+            sample: &self.sample,
+            timesteps: &self.ts,
+            context: &self.ctx,
+            batch: 8,
+            height: self.lat,
+            width: self.lat,
+            context_len: self.tokens,
+        }
+    }
 }
 
 /// LoCon on the UNet at batch 8 in runtime mode (issue 20's convolution variant): 8 random
 /// rank-4 LoCons over every adapted convolution (98 in SD 1.5), all on every sample and one per
 /// sample (each adapter's samples gathered into one batch for its two convolutions). `--smoke`
-/// takes 2 LoCons (samples alternate), to keep the emulated GPU's run short.
+/// takes 2 LoCons (samples alternate), to keep the emulated GPU's run short. `none_ms`: the
+/// same inputs without adapters ([`identity_rows`]).
 fn locon_rows(
     dev: &Arc<CudaDevice>,
     scale: &Scale,
     runs: usize,
     unet: &Unet<Cuda<f16>>,
+    x: &UnetInput<'_>,
+    none_ms: f64,
     out: &mut Rows,
 ) -> Result<String> {
     let mut rng = SplitMix64(37);
@@ -361,36 +390,18 @@ fn locon_rows(
     let set: Vec<(&Adapter, f32)> = locons.iter().map(|a| (a, 1.0)).collect();
     let resolved = Applied::new(&set, ApplyMode::Runtime, unet)?;
     let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
-    let b = 8;
-    let mut noise = |n: usize| u(n, 1.0);
-    let (lat, tokens) = (scale.latent, scale.tokens);
-    let (sample, ctx, ts) = (
-        noise(b * 4 * lat * lat),
-        noise(b * tokens * scale.unet.cross_attention_dim),
-        vec![981.0f32; b],
-    );
-    let x = UnetInput {
-        sample: &sample,
-        timesteps: &ts,
-        context: &ctx,
-        batch: b,
-        height: lat,
-        width: lat,
-        context_len: tokens,
-    };
-    let none_ms = gpu_ms(dev, 1, runs, || unet.forward_hooked(&x, None).map(|_| ()))?;
+    let b = x.batch;
     let all = fused.with_samples(None)?;
     let all_ms = gpu_ms(dev, 1, runs, || {
-        unet.forward_hooked(&x, Some(&all)).map(|_| ())
+        unet.forward_hooked(x, Some(&all)).map(|_| ())
     })?;
     let eight: Vec<i32> = (0..b as i32).map(|i| i % n).collect();
     let hook8 = fused.with_samples(Some(&eight))?;
     let eight_ms = gpu_ms(dev, 1, runs, || {
-        unet.forward_hooked(&x, Some(&hook8)).map(|_| ())
+        unet.forward_hooked(x, Some(&hook8)).map(|_| ())
     })?;
-    let flops = scale.unet.flops(b, lat, lat, tokens);
+    let flops = scale.unet.flops(b, x.height, x.width, x.context_len);
     for (what, ms) in [
-        ("UNet fp16 batch 8, no LoCon", none_ms),
         (
             &format!("UNet fp16 batch 8, {n} rank-4 LoCons on every sample (runtime)"),
             all_ms,
