@@ -414,23 +414,9 @@ impl AdapterHook<Cpu> for AdapterCtx<'_> {
             let r = *r;
             // One run over `n` samples: t = conv(x, down) [n, r, ho, wo]; y += conv1x1(t, up).
             let apply = |y: &mut [f32], x: &[f32], n: usize| {
-                let pd = Conv2d {
-                    batch: n,
-                    c_out: r,
-                    ..*p
-                };
+                let (pd, pu) = p.locon(n, r);
                 let mut t = vec![0f32; n * r * ho * wo];
                 ops::conv::conv2d(&mut t, x, down, None, &pd);
-                let pu = Conv2d {
-                    batch: n,
-                    c_in: r,
-                    h: ho,
-                    w: wo,
-                    c_out: p.c_out,
-                    kernel: 1,
-                    stride: 1,
-                    padding: 0,
-                };
                 let mut u = vec![0f32; n * n_out];
                 ops::conv::conv2d(&mut u, &t, up, None, &pu);
                 y.iter_mut().zip(&u).for_each(|(a, b)| *a += b);

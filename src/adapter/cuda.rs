@@ -522,22 +522,8 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
                 gathered = g;
                 &gathered
             };
-            let down_dims = crate::backend::Conv2d {
-                batch: n,
-                c_out: r,
-                ..*p
-            };
+            let (down_dims, up_dims) = p.locon(n, r);
             let t = be.conv2d(xs, down, None, &down_dims)?;
-            let up_dims = crate::backend::Conv2d {
-                batch: n,
-                c_in: r,
-                h: ho,
-                w: wo,
-                c_out: p.c_out,
-                kernel: 1,
-                stride: 1,
-                padding: 0,
-            };
             let u = be.conv2d(&t, up, None, &up_dims)?;
             if every {
                 be.add_inplace(y, &u)?;

@@ -41,6 +41,29 @@ impl Conv2d {
         };
         (o(self.h), o(self.w))
     }
+
+    /// A rank-`r` LoCon update of this convolution over `batch` samples, as two convolutions:
+    /// the down factor's (this kernel, stride and padding, `r` outputs) and the up factor's
+    /// 1x1 over the first one's output.
+    pub fn locon(&self, batch: usize, r: usize) -> (Conv2d, Conv2d) {
+        let (ho, wo) = self.out_hw();
+        let down = Conv2d {
+            batch,
+            c_out: r,
+            ..*self
+        };
+        let up = Conv2d {
+            batch,
+            c_in: r,
+            h: ho,
+            w: wo,
+            c_out: self.c_out,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        };
+        (down, up)
+    }
 }
 
 /// An element-wise activation.
