@@ -433,7 +433,7 @@ pub fn read_named_opts(
 /// LyCORIS' Tucker convolution as plain LoCon factors: `down [r, in, kk]` with
 /// `down[m, j, s] = sum_n mid[m, n, s] down1[n, j]` (`mid [r, r, kk]`, `down1 [r, in]`), so
 /// `up . down` is LyCORIS' `einsum("m n ..., i m, n j -> i j ...", mid, up, down1)`.
-fn fold_tucker(mid: &[f32], down1: &[f32], r: usize, din: usize, kk: usize) -> Vec<f32> {
+pub(super) fn fold_tucker(mid: &[f32], down1: &[f32], r: usize, din: usize, kk: usize) -> Vec<f32> {
     let mut out = vec![0f32; r * din * kk];
     for m in 0..r {
         for n in 0..r {

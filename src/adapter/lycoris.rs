@@ -164,19 +164,9 @@ fn tucker(
     let (p, q) = (a.1, b.1);
     within(p, q.checked_mul(kk), layer, what)?;
     let t = f.to_f32(t_name)?;
-    // tb[i, (q, s)] = sum_j t[i, j, s] b[j, q]; then out[p, (q, s)] = sum_i a[i, p] tb[i, (q, s)]
-    let mut tb = vec![0f64; r * q * kk];
-    for i in 0..r {
-        for j in 0..r {
-            let core = &t[(i * r + j) * kk..(i * r + j + 1) * kk];
-            for (qi, &bv) in b.2[j * q..(j + 1) * q].iter().enumerate() {
-                let o = &mut tb[(i * q + qi) * kk..(i * q + qi + 1) * kk];
-                o.iter_mut()
-                    .zip(core)
-                    .for_each(|(o, &c)| *o += f64::from(c) * f64::from(bv));
-            }
-        }
-    }
+    // tb [r, q kk]: the core folded into b, as a Tucker LoCon's down factor is; then
+    // out[p, (q, s)] = sum_i a[i, p] tb[i, (q, s)]
+    let tb = super::lora::fold_tucker(&t, &b.2, r, q, kk);
     let cols = q * kk;
     let mut out = vec![0f64; p * cols];
     for i in 0..r {
@@ -186,7 +176,7 @@ fn tucker(
             out[pi * cols..(pi + 1) * cols]
                 .iter_mut()
                 .zip(row)
-                .for_each(|(o, &x)| *o += c * x);
+                .for_each(|(o, &x)| *o += c * f64::from(x));
         }
     }
     Ok((p, cols, out))
