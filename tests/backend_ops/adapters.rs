@@ -33,9 +33,11 @@ fn compose(
         work += r * a * din + dout * b * r;
     }
     // Sums of a (or b) f32 products: |result| ~ sqrt(a), f32 accumulation error a few ulps of
-    // the partial sums.
+    // the partial sums. With bounded inputs that is an absolute bound: an output of a single
+    // element (the (77, 1) layer's up factor at r 1) can cancel to near zero, where any
+    // relative bound fails by chance (seen: 1.99e-7 off a result of 8.6e-3, rel 2.3e-5).
     let tol = if bounded {
-        Tol::both(1e-6, 1e-5)
+        Tol::both(f64::INFINITY, 1e-5)
     } else {
         Tol::rel(1e-5)
     };

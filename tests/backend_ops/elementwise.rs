@@ -21,12 +21,15 @@ fn activation_tails() -> Gen {
 
 /// One rounding of the output: half an ulp of the type, relative (plus the f32 erf/exp
 /// differences, a few f32 ulps); element by element too, since the tail values are tiny
-/// (f16 flushes results below its subnormal range: its smallest step is allowed there).
+/// (f16 flushes results below its subnormal range: its smallest step is allowed there). In
+/// f32's negative tail the rounding of erfc's argument z = -x/sqrt(2) alone moves the result
+/// by 2 z^2 ulps relative (1.0e-5 at x = -13, where GELU reaches f32's subnormals), on each
+/// side: 4e-5 per element (1e-5 failed by chance at x = -11.6, off by 1.0e-5).
 const TAILS: Tols = Tols::per(
     Tol {
         rel_l2: 1e-6,
         max_abs: 1e-5,
-        elem: Some((1e-5, 1e-37)),
+        elem: Some((4e-5, 1e-37)),
     },
     Tol {
         rel_l2: 1e-3,
