@@ -14,7 +14,7 @@
 #               of building and installing the release one.
 #   --no-build  install what is already built.
 # Env: CARGO_TARGET_DIR, CARGO_FLAGS (extra flags for `cargo build`, e.g.
-#      "--no-default-features" for a CPU-only library).
+#      "--no-default-features --features avx512" for a CPU-only library).
 #
 # A plain script rather than cargo-c: cargo-c is a cargo subcommand that compiles cargo
 # itself (several hundred crates, long on the 2-core CI machine) to do what these few lines

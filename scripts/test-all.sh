@@ -22,7 +22,8 @@ cargo clippy --all-targets -- -D warnings
 # Docs build without broken or private intra-doc links (docs/backend.md points newcomers here).
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 # The CPU-only build (`--no-default-features --features cli`) must keep compiling, linking
-# and refusing cuda:N cleanly on machines without CUDA.
+# and refusing cuda:N cleanly on machines without CUDA. Without the `avx512` feature it also
+# runs the unit tests on the AVX2+FMA kernels (hdb's and gemm's), as an AVX2 machine would.
 phase "clippy, docs, build, unit tests: CPU-only build"
 cpu_only=(--no-default-features --features cli)
 cargo clippy "${cpu_only[@]}" --all-targets -- -D warnings

@@ -100,7 +100,8 @@ def main():
         else:
             warmup = dt
     print(json.dumps({
-        "peer": "pytorch-eager", "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "peer": "pytorch-eager", "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "diffusers": diffusers.__version__,
         "peft": peft.__version__, "threads": args.threads, "latent": s, "checkpointing": checkpointing,
         "median_s": statistics.median(times) if times else None, "runs_s": times,
         "warmup_s": warmup, "total_s": warmup + sum(times),

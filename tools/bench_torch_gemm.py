@@ -36,7 +36,8 @@ def main():
             y = torch.empty(m, n)
             out.append({"m": m, "k": k, "n": n,
                         "s": timed(lambda: torch.matmul(x, w.t(), out=y), args.runs)})
-    print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "threads": args.threads,
+    print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "threads": args.threads,
                       "blas": blas.group(1) if blas else "unknown",
                       "mkldnn": bool(torch.backends.mkldnn.is_available()), "shapes": out}))
 

@@ -52,6 +52,7 @@ def main():
         out = {
             "peer": "pytorch-eager",
             "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": args.threads,
             "text_encoder_s": timed(lambda: te(ids), args.runs),
             "unet_step_s": timed(lambda: unet(sample, t, encoder_hidden_states=ctx), args.runs),

@@ -105,6 +105,7 @@ def main():
     print(json.dumps({
         "peer": "pytorch-eager",
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "diffusers": diffusers.__version__,
         "threads": args.threads,
         "batch": args.batch,

@@ -552,7 +552,8 @@ def bench(threads, repeat, device="cpu"):
                 times.append(dt)
             print(f"{'warm-up' if i == 0 else 'run'}: {dt * 1e3:.0f} ms (max|theta| {theta.abs().max():.3f})")
     print(f"pytorch {torch.__version__}, {threads} threads: best {min(times) * 1e3:.0f} ms")
-    print(json.dumps({"peer": "pytorch-eager", "torch": torch.__version__, "threads": threads,
+    print(json.dumps({"peer": "pytorch-eager", "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "threads": threads,
                       "device": device,
                       "median_s": statistics.median(times), "best_s": min(times), "runs_s": times}))
 

@@ -74,7 +74,8 @@ pub(crate) fn level() -> Level {
 }
 
 /// The instruction set the CPU kernels run on this machine ("AVX-512", "AVX2+FMA" or "scalar"),
-/// for benchmark reports.
+/// for benchmark reports. The gemm crate's matmul kernels are chosen by the same rule (its
+/// AVX-512 ones need only AVX-512F, which every CPU with the four checked here has).
 pub fn instruction_set() -> &'static str {
     match level() {
         Level::Avx512 => "AVX-512",
@@ -83,9 +84,13 @@ pub fn instruction_set() -> &'static str {
     }
 }
 
+/// The widest variant this CPU runs. Without the `avx512` feature the AVX-512 variant is never
+/// chosen (nor the gemm crate's AVX-512 kernels, which the feature also gates): such a build runs
+/// what an AVX2 machine runs.
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Level {
-    if std::arch::is_x86_feature_detected!("avx512f")
+    if cfg!(feature = "avx512")
+        && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx512dq")
         && std::arch::is_x86_feature_detected!("avx512bw")

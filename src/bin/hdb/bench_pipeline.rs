@@ -11,12 +11,29 @@ use hdb::model::vae::{Vae, VaeConfig};
 use hdb::{model::random::RandomWeights, rng::SplitMix64};
 
 /// Runs a PyTorch peer script of tools/ with `python` and returns the JSON line it prints last.
+///
+/// Where hdb's CPU kernels run AVX2 (an AVX2 machine, or a build without the `avx512` feature on
+/// an AVX-512 one) the peer is held to AVX2 as well: PyTorch's own kernels
+/// (`ATEN_CPU_CAPABILITY`), oneDNN's (`ONEDNN_MAX_CPU_ISA`) and MKL's (`MKL_ENABLE_INSTRUCTIONS`),
+/// so both sides of a ratio run the same instruction set. On an AVX2 machine these change nothing.
 pub fn run_peer(python: &Path, script: &str, args: &[&str]) -> hdb::Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let mut cmd = std::process::Command::new(python);
     cmd.arg(&script).args(args);
+    if cfg!(target_arch = "x86_64") && hdb::backend::cpu::instruction_set() == "AVX2+FMA" {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            println!(
+                "peer held to AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+                 MKL_ENABLE_INSTRUCTIONS=AVX2"
+            )
+        });
+        cmd.env("ATEN_CPU_CAPABILITY", "avx2")
+            .env("ONEDNN_MAX_CPU_ISA", "AVX2")
+            .env("MKL_ENABLE_INSTRUCTIONS", "AVX2");
+    }
     let out = cmd.output().map_err(|e| hdb::Error::io(python, e))?;
-    String::from_utf8_lossy(&out.stdout)
+    let json = String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -26,7 +43,11 @@ pub fn run_peer(python: &Path, script: &str, args: &[&str]) -> hdb::Result<serde
                 script.display(),
                 String::from_utf8_lossy(&out.stderr)
             ))
-        })
+        })?;
+    if let Some(isa) = json.get("cpu_capability").and_then(|v| v.as_str()) {
+        println!("peer: PyTorch's CPU kernels ran {isa}");
+    }
+    Ok(json)
 }
 
 fn median_time(runs: usize, mut f: impl FnMut() -> hdb::Result<()>) -> hdb::Result<f64> {
