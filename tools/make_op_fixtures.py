@@ -9,6 +9,8 @@ Keys (shapes in brackets; <op>.y is always the reference output):
   conv3x3.{x [2,5,7,6], w [4,5,3,3], b [4], y}       F.conv2d(x, w, b, stride=1, padding=1)
   conv1x1.{x [2,5,7,6], w [3,5,1,1], b [3], y}       F.conv2d(x, w, b)
   conv3x3s2.{x [2,5,7,6], w [4,5,3,3], b [4], y}     F.conv2d(x, w, b, stride=2, padding=1)
+  conv3x3_wino.{x [2,16,33,34], w [12,16,3,3], b [12], y}
+                                                     F.conv2d(x, w, b, stride=1, padding=1)
   group_norm.{x [2,8,5,3], w [8], b [8], y}          F.group_norm(x, 4, w, b, eps=1e-5)
   group_norm_silu.y                                  F.silu(group_norm.y)
   layer_norm.{x [3,5,16], w [16], b [16], y}         F.layer_norm(x, (16,), w, b, eps=1e-5)
@@ -132,6 +134,11 @@ def build():
         q, k, v = randn(b, lq, heads * d, scale=qscale), randn(b, lk, heads * d), randn(b, lk, heads * d)
         y = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
         t.update({f"{name}.q": q, f"{name}.k": k, f"{name}.v": v, f"{name}.y": merge_heads(y)})
+
+    # Large enough a plane (33x34 >= 32x32) for hdb's Winograd F(2x2, 3x3) path; odd height.
+    x, w, b = randn(2, 16, 33, 34), randn(12, 16, 3, 3, scale=0.2), randn(12, scale=0.5)
+    t.update({"conv3x3_wino.x": x, "conv3x3_wino.w": w, "conv3x3_wino.b": b,
+              "conv3x3_wino.y": F.conv2d(x, w, b, stride=1, padding=1)})
 
     for k_, v_ in t.items():
         assert v_.dtype == torch.float32 and bool(torch.isfinite(v_).all()), k_

@@ -3,6 +3,8 @@
 //! `y[b]` (c_out x HWo) = W (c_out x c_in*k*k) · col (c_in*k*k x HWo), with `col` built for a
 //! bounded number of output columns at a time, so the extra memory stays a few MB per thread
 //! whatever the image size. Strategy by shape:
+//! - 3x3, stride 1, padding 1 with planes of 32x32 and more: Winograd F(2x2, 3x3)
+//!   (`super::winograd`), 2.25x fewer FLOPs than im2col's GEMM.
 //! - 1x1, stride 1, no padding: `col` is the input itself (no copy); one GEMM per image,
 //!   split across the pool's threads.
 //! - Small outputs (HWo below `GROUP_BELOW`, batch > 1): several images share one GEMM
@@ -82,6 +84,10 @@ pub fn conv2d(y: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, p:
         return;
     }
 
+    if super::winograd::applies(p) {
+        super::winograd::conv3x3(y, x, weight, bias, p);
+        return;
+    }
     if let Some(b) = bias {
         fill_bias(y, b, n_out);
     }
@@ -155,12 +161,12 @@ thread_local! {
     /// thread it grows to max(COL_BUDGET, kdim x HWo) plus one grouped output block (at SD
     /// 1.5 shapes at most 13 MB: 1280 channels, 3x3, 16x16); on other pool threads
     /// (`per_worker`) to at most max(WORKER_BUDGET, 128 kdim) floats (4 MB; 5.9 MB for
-    /// 1280 input channels).
+    /// 1280 input channels); Winograd tasks take up to 16 MB on any thread.
     static WORKSPACE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a workspace of at least `len` floats (contents unspecified).
-fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     WORKSPACE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut ws) => {
             if ws.len() < len {
@@ -554,9 +560,17 @@ mod tests {
         // Several column chunks per image: shared (kdim * n_out > COL_BUDGET) and per worker.
         check(shape(1, 520, 45, 47, 3, 3, 1, 1), true);
         check(shape(2, 40, 41, 39, 6, 3, 2, 1), false);
+        // Winograd F(2x2, 3x3) (3x3, stride 1, padding 1, planes of 32x32 and more): odd and
+        // even heights and widths (partial tiles), one and several tile rows per task.
+        for (h, w) in [(32, 32), (33, 35), (35, 33), (31, 40), (64, 17)] {
+            check(shape(2, 9, h, w, 10, 3, 1, 1), true);
+        }
+        check(shape(1, 130, 45, 47, 8, 3, 1, 1), false);
+        check(shape(3, 8, 1, 1500, 12, 3, 1, 1), true);
+        check(shape(1, 8, 1500, 1, 12, 3, 1, 1), true);
     }
 
-    /// Against PyTorch `F.conv2d`; tolerance 1e-5 x max|ref|.
+    /// Against PyTorch `F.conv2d` (im2col, 1x1 and Winograd paths); tolerance 1e-5 x max|ref|.
     #[test]
     fn conv2d_matches_torch() {
         let f = fixtures();
@@ -574,6 +588,31 @@ mod tests {
             let mut y = vec![0f32; want.len()];
             conv2d(&mut y, &x, &w, Some(&b), &p);
             assert_close(&format!("torch {key}"), &y, &want, TORCH_TOL);
+        }
+        // The Winograd path (a 33x34 plane), one thread and three.
+        let key = "conv3x3_wino";
+        let [x, w, b, want] = ["x", "w", "b", "y"].map(|s| fixture(&f, &format!("{key}.{s}")));
+        let p = shape(2, 16, 33, 34, 12, 3, 1, 1);
+        assert!(
+            super::super::winograd::applies(&p),
+            "{p:?} should take the Winograd path"
+        );
+        assert_eq!(
+            (x.len(), w.len()),
+            (2 * 16 * 33 * 34, 12 * 16 * 9),
+            "{key} shapes"
+        );
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+            let pool = pool.unwrap_or_else(|e| panic!("thread pool: {e}"));
+            let mut y = vec![f32::NAN; want.len()];
+            pool.install(|| conv2d(&mut y, &x, &w, Some(&b), &p));
+            assert_close(
+                &format!("torch {key}, {threads} threads"),
+                &y,
+                &want,
+                TORCH_TOL,
+            );
         }
     }
 }

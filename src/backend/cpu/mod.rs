@@ -15,6 +15,7 @@ pub mod linear;
 pub mod misc;
 pub mod norm;
 pub(crate) mod simd;
+mod winograd;
 
 pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;
