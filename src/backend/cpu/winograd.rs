@@ -48,9 +48,26 @@ pub(super) fn applies(p: &Conv2d) -> bool {
 /// y = conv2d(x, weight) + bias for a 3x3, stride 1, padding 1 convolution (NCHW; shapes
 /// checked by the caller).
 pub(super) fn conv3x3(y: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2d) {
+    let u = transform_weight(weight, p.c_in, p.c_out, false);
+    run(y, x, &u, bias, p);
+}
+
+/// dx = the input gradient of the convolution `p` (3x3, stride 1, padding 1) for dy: the
+/// convolution of dy with `weight` transposed (c_in <-> c_out) and flipped.
+pub(super) fn conv3x3_input_grad(dx: &mut [f32], dy: &[f32], weight: &[f32], p: &Conv2d) {
+    let pt = Conv2d {
+        c_in: p.c_out,
+        c_out: p.c_in,
+        ..*p
+    };
+    let u = transform_weight(weight, pt.c_in, pt.c_out, true);
+    run(dx, dy, &u, None, &pt);
+}
+
+/// y = the convolution `p` of x with the transformed filters `u`, + bias.
+fn run(y: &mut [f32], x: &[f32], u: &[f32], bias: Option<&[f32]>, p: &Conv2d) {
     let (c_in, c_out, h, w) = (p.c_in, p.c_out, p.h, p.w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let u = transform_weight(weight, c_in, c_out);
     // Tile rows per task: about TASK_TILES tiles within the workspace budget, but at least two
     // tasks per thread over the batch so uneven task times still balance.
     let per_tile = 16 * (c_in + c_out);
@@ -98,16 +115,22 @@ pub(super) fn conv3x3(y: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f
     });
 }
 
-/// U[k][co][ci] = (G g G^T)[k] for each 3x3 filter g = weight[co][ci], with
+/// U[k][co][ci] = (G g G^T)[k] for each 3x3 filter g = weight[co][ci] (`flip`: g =
+/// weight[ci][co] rotated by 180 degrees, i.e. the transposed convolution's), with
 /// G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
-fn transform_weight(weight: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
+fn transform_weight(weight: &[f32], c_in: usize, c_out: usize, flip: bool) -> Vec<f32> {
     let plane = c_out * c_in;
     let mut u = vec![0f32; 16 * plane];
     let up = SendPtr(u.as_mut_ptr());
     let fold = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
     (0..c_out).into_par_iter().for_each(|co| {
         for ci in 0..c_in {
-            let g = &weight[(co * c_in + ci) * 9..][..9];
+            let g: [f32; 9] = if flip {
+                let f = &weight[(ci * c_out + co) * 9..][..9];
+                std::array::from_fn(|j| f[8 - j])
+            } else {
+                std::array::from_fn(|j| weight[(co * c_in + ci) * 9 + j])
+            };
             // cols[j]: column j of G g (G applied to column j of g).
             let cols: [[f32; 4]; 3] = std::array::from_fn(|j| fold(g[j], g[3 + j], g[6 + j]));
             let rows: [[f32; 4]; 4] =
