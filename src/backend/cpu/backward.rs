@@ -46,8 +46,9 @@ pub fn linear_backward(
 /// For a 3x3, stride 1, padding 1 convolution that is the same convolution of dy with the
 /// filters transposed (c_in <-> c_out) and flipped; from 32x32 planes up it runs as Winograd
 /// F(2x2, 3x3), which transposes and flips while transforming the filters (measured on 2 Zen 5
-/// cores, batch 1: 2.7-3.1x col2im at 64x64, 1.3-1.7x at 32x32, AVX-512 and AVX2). Otherwise, per image, the column
-/// gradient `w^T · dy` [c_in k k, oh ow] is scattered back onto the input (col2im).
+/// cores, batch 1: 2.7-3.1x col2im at 64x64, 1.3-1.7x at 32x32, AVX-512 and AVX2). Otherwise,
+/// per image, the column gradient `w^T · dy` [c_in k k, oh ow] is scattered back onto the input
+/// (col2im).
 pub fn conv2d_backward(dx: &mut [f32], dy: &[f32], w: &[f32], p: &Conv2d) {
     if super::winograd::applies(p) {
         let (ohw, hw) = (p.h * p.w, p.h * p.w);
