@@ -45,6 +45,21 @@ const WORKER_MAX_COLS: usize = 512;
 /// Output planes smaller than this share GEMMs across images.
 const GROUP_BELOW: usize = 1024;
 
+/// The algorithm [`conv2d`] runs for `p` ("winograd F(2x2,3x3)", "1x1 GEMM", "grouped
+/// im2col" or "im2col"), for benchmark reports.
+pub fn algorithm(p: &Conv2d) -> &'static str {
+    let (ho, wo) = p.out_hw();
+    if ho * wo < GROUP_BELOW && p.batch > 1 {
+        "grouped im2col"
+    } else if super::winograd::applies(p) {
+        "winograd F(2x2,3x3)"
+    } else if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
+        "1x1 GEMM"
+    } else {
+        "im2col"
+    }
+}
+
 /// y = conv2d(x, weight) + bias; see [`Conv2d`] for the layouts.
 pub fn conv2d(y: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, p: &Conv2d) {
     assert!(

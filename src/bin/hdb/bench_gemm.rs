@@ -3,7 +3,9 @@
 //! `torch.nn.functional.linear` (tools/bench_torch_gemm.py), at the shapes of SD 1.5's UNet
 //! (batch 2, 64x64: attention projections, GEGLU, the 3x3 convolutions as im2col GEMMs), of its
 //! text encoder (2 x 77 tokens) and of the hypernetwork's ViT-H/14 (257 tokens), in the same
-//! run on the same threads.
+//! run on the same threads. Then whole 3x3 convolutions (`hdb::backend::cpu::conv2d`: Winograd
+//! from 32x32 up, im2col below) against `F.conv2d` (oneDNN) at the UNet's and the VAE decoder's
+//! shapes; their GFLOP/s count a direct convolution's FLOPs.
 
 use std::path::Path;
 use std::time::Instant;
@@ -26,6 +28,32 @@ const SHAPES: [(&str, usize, usize, usize); 12] = [
     ("ViT-H/14 fc2", 257, 5120, 1280),
 ];
 
+/// (what, batch, c_in, c_out, size): 3x3, stride 1, padding 1 convolutions.
+const CONVS: [(&str, usize, usize, usize, usize); 8] = [
+    ("UNet 64x64", 2, 320, 320, 64),
+    ("UNet 32x32", 2, 640, 640, 32),
+    ("UNet 16x16", 2, 1280, 1280, 16),
+    ("UNet 8x8", 2, 1280, 1280, 8),
+    ("VAE 64x64", 1, 512, 512, 64),
+    ("VAE 128x128", 1, 512, 512, 128),
+    ("VAE 256x256", 1, 256, 256, 256),
+    ("VAE 512x512", 1, 128, 128, 512),
+];
+
+/// Median of `runs` timed calls of `f` after one warm-up, in seconds.
+fn median(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
     let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
@@ -36,17 +64,24 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
         let x: Vec<f32> = (0..m * k).map(|_| rng.next_f32() - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.next_f32() - 0.5).collect();
         let mut y = vec![0f32; m * n];
-        let mut once = || rt.install(|| hdb::backend::cpu::linear(&mut y, &x, &w, None, m, k, n));
-        once(); // warm-up
-        let mut v: Vec<f64> = (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                once();
-                t.elapsed().as_secs_f64()
-            })
+        times.push(median(runs, || {
+            rt.install(|| hdb::backend::cpu::linear(&mut y, &x, &w, None, m, k, n))
+        }));
+    }
+    let mut conv_times = Vec::with_capacity(CONVS.len());
+    for (_, batch, c_in, c_out, size) in CONVS {
+        let p = conv_shape(batch, c_in, c_out, size);
+        let x: Vec<f32> = (0..batch * c_in * size * size)
+            .map(|_| rng.next_f32() - 0.5)
             .collect();
-        v.sort_by(f64::total_cmp);
-        times.push(v[v.len() / 2]);
+        let w: Vec<f32> = (0..c_out * c_in * 9)
+            .map(|_| (rng.next_f32() - 0.5) * 0.1)
+            .collect();
+        let bias: Vec<f32> = (0..c_out).map(|_| rng.next_f32() - 0.5).collect();
+        let mut y = vec![0f32; batch * c_out * size * size];
+        conv_times.push(median(runs, || {
+            rt.install(|| hdb::backend::cpu::conv2d(&mut y, &x, &w, Some(&bias), &p))
+        }));
     }
     let peer_json = match peer {
         None => None,
@@ -56,7 +91,14 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
                 .iter()
                 .map(|(_, m, k, n)| format!("{m},{k},{n}"))
                 .collect();
+            let convs: Vec<String> = CONVS
+                .iter()
+                .map(|(_, b, ci, co, hw)| format!("{b},{ci},{co},{hw}"))
+                .collect();
             let mut args = vec!["--threads", t.as_str(), "--runs", r.as_str()];
+            for c in &convs {
+                args.extend(["--conv", c.as_str()]);
+            }
             args.extend(shapes.iter().map(String::as_str));
             Some(super::bench_pipeline::run_peer(
                 py,
@@ -100,5 +142,55 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
             ),
         }
     }
+    println!(
+        "\nf32 3x3 convolutions (stride 1, padding 1, with bias) against F.conv2d; GFLOP/s count \
+         a direct convolution's FLOPs"
+    );
+    println!(
+        "{:<14} {:>22} {:>20} {:>9} {:>10} {:>10} {:>10} {:>7}",
+        "shape",
+        "batch x c_in>c_out x HW",
+        "hdb algorithm",
+        "hdb ms",
+        "GFLOP/s",
+        "torch ms",
+        "GFLOP/s",
+        "ratio"
+    );
+    for (i, ((what, batch, c_in, c_out, size), t)) in CONVS.iter().zip(&conv_times).enumerate() {
+        let p = conv_shape(*batch, *c_in, *c_out, *size);
+        let flop = 2.0 * (batch * c_out * c_in * 9 * size * size) as f64;
+        let dims = format!("{batch}x{c_in}>{c_out}x{size}^2");
+        let algo = hdb::backend::cpu::conv::algorithm(&p);
+        let peer_t = peer_json.as_ref().and_then(|j| j["convs"][i]["s"].as_f64());
+        match peer_t {
+            Some(pt) => println!(
+                "{what:<14} {dims:>22} {algo:>20} {:>9.3} {:>10.1} {:>10.3} {:>10.1} {:>6.2}x",
+                t * 1e3,
+                flop / t / 1e9,
+                pt * 1e3,
+                flop / pt / 1e9,
+                pt / t
+            ),
+            None => println!(
+                "{what:<14} {dims:>22} {algo:>20} {:>9.3} {:>10.1}",
+                t * 1e3,
+                flop / t / 1e9
+            ),
+        }
+    }
     Ok(())
+}
+
+fn conv_shape(batch: usize, c_in: usize, c_out: usize, size: usize) -> hdb::backend::api::Conv2d {
+    hdb::backend::api::Conv2d {
+        batch,
+        c_in,
+        h: size,
+        w: size,
+        c_out,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    }
 }

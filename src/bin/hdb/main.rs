@@ -371,8 +371,9 @@ enum BenchWhat {
         peer_python: Option<PathBuf>,
     },
     /// The CPU GEMM under hdb's linear layers and convolutions (the `gemm` crate) against the
-    /// BLAS PyTorch calls, at the UNet's, the text encoder's and the ViT-H/14's shapes, in the
-    /// same run (tools/bench_torch_gemm.py): time, GFLOP/s and ratio per shape.
+    /// BLAS PyTorch calls, at the UNet's, the text encoder's and the ViT-H/14's shapes, then the
+    /// UNet's and VAE's 3x3 convolutions against F.conv2d, in the same run
+    /// (tools/bench_torch_gemm.py): time, GFLOP/s and ratio per shape.
     Gemm {
         /// CPU threads (default 0: one per core).
         #[arg(long, default_value_t = 0)]
