@@ -73,13 +73,15 @@ pub(crate) fn level() -> Level {
     l
 }
 
-/// The instruction set the CPU kernels run on this machine ("AVX-512", "AVX2+FMA" or "scalar"),
+/// The instruction set the CPU kernels run on this machine ("AVX-512", "AVX2+FMA", "scalar", or
+/// on aarch64 "NEON": its baseline, which the plain loops vectorise to and gemm has kernels for),
 /// for benchmark reports. The gemm crate's matmul kernels are chosen by the same rule (its
 /// AVX-512 ones need only AVX-512F, which every CPU with the four checked here has).
 pub fn instruction_set() -> &'static str {
     match level() {
         Level::Avx512 => "AVX-512",
         Level::Avx2 => "AVX2+FMA",
+        Level::Scalar if cfg!(target_arch = "aarch64") => "NEON",
         Level::Scalar => "scalar",
     }
 }
