@@ -45,18 +45,41 @@ const WORKER_MAX_COLS: usize = 512;
 /// Output planes smaller than this share GEMMs across images.
 const GROUP_BELOW: usize = 1024;
 
-/// The algorithm [`conv2d`] runs for `p` ("winograd F(2x2,3x3)", "1x1 GEMM", "grouped
-/// im2col" or "im2col"), for benchmark reports.
-pub fn algorithm(p: &Conv2d) -> &'static str {
+/// The ways [`conv2d`] computes a convolution (the module doc's strategies).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// Small output planes, batch > 1: images share one im2col GEMM.
+    Grouped,
+    /// 3x3, stride 1, padding 1 from 32x32 up (`super::winograd`).
+    Winograd,
+    /// 1x1, stride 1, no padding: the input is the GEMM operand.
+    Direct,
+    /// im2col chunks, per worker or shared.
+    Im2col,
+}
+
+/// The path [`conv2d`] takes for `p`: the one place that decides it.
+fn path(p: &Conv2d) -> Path {
     let (ho, wo) = p.out_hw();
-    if ho * wo < GROUP_BELOW && p.batch > 1 {
-        "grouped im2col"
+    if ho.saturating_mul(wo) < GROUP_BELOW && p.batch > 1 {
+        Path::Grouped
     } else if super::winograd::applies(p) {
-        "winograd F(2x2,3x3)"
+        Path::Winograd
     } else if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
-        "1x1 GEMM"
+        Path::Direct
     } else {
-        "im2col"
+        Path::Im2col
+    }
+}
+
+/// The algorithm [`conv2d`] runs for `p` ("grouped im2col", "winograd F(2x2,3x3)", "1x1 GEMM"
+/// or "im2col"), for benchmark reports.
+pub fn algorithm(p: &Conv2d) -> &'static str {
+    match path(p) {
+        Path::Grouped => "grouped im2col",
+        Path::Winograd => "winograd F(2x2,3x3)",
+        Path::Direct => "1x1 GEMM",
+        Path::Im2col => "im2col",
     }
 }
 
@@ -91,23 +114,18 @@ pub fn conv2d(y: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, p:
     if y.is_empty() {
         return;
     }
-    let direct = p.kernel == 1 && p.stride == 1 && p.padding == 0;
+    let path = path(p);
     let w = Mat::new(weight, kdim, 1);
-
-    if n_out < GROUP_BELOW && p.batch > 1 {
-        grouped(y, x, w, bias, p, kdim, n_out, n_in);
-        return;
-    }
-
-    if super::winograd::applies(p) {
-        super::winograd::conv3x3(y, x, weight, bias, p);
-        return;
+    match path {
+        Path::Grouped => return grouped(y, x, w, bias, p, kdim, n_out, n_in),
+        Path::Winograd => return super::winograd::conv3x3(y, x, weight, bias, p),
+        Path::Direct | Path::Im2col => {}
     }
     if let Some(b) = bias {
         fill_bias(y, b, n_out);
     }
     let acc = bias.is_some();
-    if direct {
+    if path == Path::Direct {
         for (yb, xb) in y
             .chunks_exact_mut(p.c_out * n_out)
             .zip(x.chunks_exact(p.c_in * n_in))
@@ -608,10 +626,7 @@ mod tests {
         let key = "conv3x3_wino";
         let [x, w, b, want] = ["x", "w", "b", "y"].map(|s| fixture(&f, &format!("{key}.{s}")));
         let p = shape(2, 16, 33, 34, 12, 3, 1, 1);
-        assert!(
-            super::super::winograd::applies(&p),
-            "{p:?} should take the Winograd path"
-        );
+        assert_eq!(path(&p), Path::Winograd, "{p:?}");
         assert_eq!(
             (x.len(), w.len()),
             (2 * 16 * 33 * 34, 12 * 16 * 9),
