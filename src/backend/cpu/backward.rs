@@ -50,28 +50,33 @@ pub fn linear_backward(
 /// per image, the column gradient `w^T · dy` [c_in k k, oh ow] is scattered back onto the input
 /// (col2im).
 pub fn conv2d_backward(dx: &mut [f32], dy: &[f32], w: &[f32], p: &Conv2d) {
-    if super::winograd::applies(p) {
-        let (ohw, hw) = (p.h * p.w, p.h * p.w);
-        assert_eq!(dx.len(), p.batch * p.c_in * hw, "conv2d_backward: dx");
-        assert_eq!(dy.len(), p.batch * p.c_out * ohw, "conv2d_backward: dy");
-        assert_eq!(w.len(), p.c_out * p.c_in * 9, "conv2d_backward: w");
-        super::winograd::conv3x3_input_grad(dx, dy, w, p);
+    let (oh, ow) = p.out_hw();
+    assert_eq!(
+        dx.len(),
+        p.batch * p.c_in * p.h * p.w,
+        "conv2d_backward: dx"
+    );
+    assert_eq!(dy.len(), p.batch * p.c_out * oh * ow, "conv2d_backward: dy");
+    assert_eq!(
+        w.len(),
+        p.c_out * p.c_in * p.kernel * p.kernel,
+        "conv2d_backward: w"
+    );
+    if dx.is_empty() {
         return;
     }
-    conv2d_backward_col2im(dx, dy, w, p);
+    if super::winograd::applies(p) {
+        super::winograd::conv3x3_input_grad(dx, dy, w, p);
+    } else {
+        conv2d_backward_col2im(dx, dy, w, p);
+    }
 }
 
-/// [`conv2d_backward`] by col2im, for any stride and padding.
+/// [`conv2d_backward`] by col2im, for any stride and padding (lengths checked by the caller).
 fn conv2d_backward_col2im(dx: &mut [f32], dy: &[f32], w: &[f32], p: &Conv2d) {
     let (oh, ow) = p.out_hw();
     let (k, ohw, hw) = (p.kernel, oh * ow, p.h * p.w);
     let ckk = p.c_in * k * k;
-    assert_eq!(dx.len(), p.batch * p.c_in * hw, "conv2d_backward: dx");
-    assert_eq!(dy.len(), p.batch * p.c_out * ohw, "conv2d_backward: dy");
-    assert_eq!(w.len(), p.c_out * ckk, "conv2d_backward: w");
-    if dx.is_empty() {
-        return;
-    }
     let direct = k == 1 && p.stride == 1 && p.padding == 0;
     let mut col = if direct {
         Vec::new()
