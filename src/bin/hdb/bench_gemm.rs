@@ -8,7 +8,8 @@
 //! shapes; their GFLOP/s count a direct convolution's FLOPs.
 
 use std::path::Path;
-use std::time::Instant;
+
+use super::bench_pipeline::median_time;
 
 use hdb::rng::SplitMix64;
 
@@ -40,20 +41,6 @@ const CONVS: [(&str, usize, usize, usize, usize); 8] = [
     ("VAE 512x512", 1, 128, 128, 512),
 ];
 
-/// Median of `runs` timed calls of `f` after one warm-up, in seconds.
-fn median(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> {
     let rt = super::cpu_runtime(threads)?;
     let threads = rt.threads();
@@ -64,9 +51,10 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
         let x: Vec<f32> = (0..m * k).map(|_| rng.next_f32() - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.next_f32() - 0.5).collect();
         let mut y = vec![0f32; m * n];
-        times.push(median(runs, || {
-            rt.install(|| hdb::backend::cpu::linear(&mut y, &x, &w, None, m, k, n))
-        }));
+        times.push(median_time(runs, || {
+            rt.install(|| hdb::backend::cpu::linear(&mut y, &x, &w, None, m, k, n));
+            Ok(())
+        })?);
     }
     let mut conv_times = Vec::with_capacity(CONVS.len());
     for (_, batch, c_in, c_out, size) in CONVS {
@@ -79,9 +67,10 @@ pub fn run(threads: usize, runs: usize, peer: Option<&Path>) -> hdb::Result<()> 
             .collect();
         let bias: Vec<f32> = (0..c_out).map(|_| rng.next_f32() - 0.5).collect();
         let mut y = vec![0f32; batch * c_out * size * size];
-        conv_times.push(median(runs, || {
-            rt.install(|| hdb::backend::cpu::conv2d(&mut y, &x, &w, Some(&bias), &p))
-        }));
+        conv_times.push(median_time(runs, || {
+            rt.install(|| hdb::backend::cpu::conv2d(&mut y, &x, &w, Some(&bias), &p));
+            Ok(())
+        })?);
     }
     let peer_json = match peer {
         None => None,

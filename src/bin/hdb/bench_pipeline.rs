@@ -50,7 +50,8 @@ pub fn run_peer(python: &Path, script: &str, args: &[&str]) -> hdb::Result<serde
     Ok(json)
 }
 
-fn median_time(runs: usize, mut f: impl FnMut() -> hdb::Result<()>) -> hdb::Result<f64> {
+/// Median of `runs` (at least 1) timed calls of `f` after one warm-up call, in seconds.
+pub fn median_time(runs: usize, mut f: impl FnMut() -> hdb::Result<()>) -> hdb::Result<f64> {
     f()?; // warm-up
     let mut v = Vec::new();
     for _ in 0..runs.max(1) {
