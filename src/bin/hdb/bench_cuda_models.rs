@@ -205,9 +205,7 @@ fn identity_rows(
     out: &mut Rows,
 ) -> Result<(String, f64)> {
     let mut rng = SplitMix64(31);
-    let mut u = |n: usize, s: f32| -> Vec<f32> {
-        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
-    };
+    let mut u = |n: usize, s: f32| uniform(&mut rng, n, s);
     let ids: Vec<Adapter> = (0..8)
         .map(|_| Adapter {
             layers: identity_layers(&unet.adaptable_layers())
@@ -230,8 +228,7 @@ fn identity_rows(
         })
         .collect();
     let set: Vec<(&Adapter, f32)> = ids.iter().map(|a| (a, 1.0)).collect();
-    let resolved = Applied::new(&set, ApplyMode::Runtime, unet)?;
-    let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
+    let fused = runtime_adapters(unet, &set)?;
     let b = x.batch;
     let one: Vec<i32> = vec![0; b];
     let eight: Vec<i32> = (0..b as i32).collect();
@@ -352,9 +349,7 @@ fn locon_rows(
     out: &mut Rows,
 ) -> Result<String> {
     let mut rng = SplitMix64(37);
-    let mut u = |n: usize, s: f32| -> Vec<f32> {
-        (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
-    };
+    let mut u = |n: usize, s: f32| uniform(&mut rng, n, s);
     let convs: Vec<(String, hdb::model::LayerShape)> = unet
         .adaptable_layers()
         .into_iter()
@@ -388,8 +383,7 @@ fn locon_rows(
         })
         .collect();
     let set: Vec<(&Adapter, f32)> = locons.iter().map(|a| (a, 1.0)).collect();
-    let resolved = Applied::new(&set, ApplyMode::Runtime, unet)?;
-    let fused = CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)?;
+    let fused = runtime_adapters(unet, &set)?;
     let b = x.batch;
     let all = fused.with_samples(None)?;
     let all_ms = gpu_ms(dev, 1, runs, || {
@@ -425,4 +419,18 @@ fn locon_rows(
         100.0 * (eight_ms / none_ms - 1.0),
         100.0 * (all_ms / none_ms - 1.0)
     ))
+}
+
+/// n values uniform in [-s, s).
+fn uniform(rng: &mut SplitMix64, n: usize, s: f32) -> Vec<f32> {
+    (0..n).map(|_| (2.0 * rng.next_f32() - 1.0) * s).collect()
+}
+
+/// `set` resolved for runtime mode and built on the UNet's device, applied in runtime mode.
+fn runtime_adapters(
+    unet: &Unet<Cuda<f16>>,
+    set: &[(&Adapter, f32)],
+) -> Result<CudaLayerAdapters<f16>> {
+    let resolved = Applied::new(set, ApplyMode::Runtime, unet)?;
+    CudaLayerAdapters::new(unet.backend(), unet, &resolved, ApplyMode::Runtime)
 }
