@@ -911,7 +911,11 @@ hdb_status hdb_predict_params_init(struct hdb_predict_params *params, size_t siz
 
 /**
  * Loads a hypernetwork v1 file (DESIGN.md section 4). A config missing a field is
- * `HDB_STATUS_INVALID_FILE` naming it. On a CUDA runtime predictions run on its GPU (f32).
+ * `HDB_STATUS_INVALID_FILE` naming it. On a CUDA runtime predictions run on its GPU in the
+ * file's storage type: an f32 file in f32 (equal to the CPU's to rounding), an f16 or bf16
+ * file in half precision with f32 accumulation (faster; theta equal to f32's within a
+ * relative L2 error of 1e-2 for f16 and 4e-2 for bf16, the tolerances of hdb's GPU tests).
+ * The CPU computes in f32 whatever the file holds.
  * On success `*out` owns it (`hdb_hypernet_free`).
  *
  * # Safety

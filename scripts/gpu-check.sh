@@ -184,10 +184,14 @@ if want bench; then
     if [ "$t_hyp" -lt 30 ]; then
       echo "gpu-check: $(left) s left before the deadline: hypernet bench skipped"; status=1
     else
-      echo "== bench (hdb bench hypernet --device cuda, PyTorch peer on the same GPU; at most $t_hyp s)"
-      timeout "$t_hyp" "$bin/hdb" bench hypernet --device cuda --runs 5 --peer-python python3 2>&1 |
-        tee "$out/bench-hypernet.log"
-      [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench failed"; status=1; }
+      # Half precision (an f16 file's type on a GPU) first, then f32; each against the peer
+      # in the same type.
+      for dt in f16 f32; do
+        echo "== bench (hdb bench hypernet --device cuda --dtype $dt, PyTorch peer on the same GPU; at most $((t_hyp / 2)) s)"
+        timeout "$((t_hyp / 2))" "$bin/hdb" bench hypernet --device cuda --dtype "$dt" --runs 5 \
+          --peer-python python3 2>&1 | tee "$out/bench-hypernet-$dt.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-check: hypernet bench ($dt) failed"; status=1; }
+      done
     fi
     # The main job end to end on the GPU: hypernetwork, identities, swaps, images.
     if [ "$(left)" -gt 60 ]; then
@@ -235,7 +239,7 @@ fi
 if want bench; then
   if grep -q "^what " "$out/bench.log" 2>/dev/null; then awk '/^what /,0' "$out/bench.log"
   else echo "bench cut short; what it measured:"; grep "^measured:" "$out/bench.log" 2>/dev/null; fi
-  grep -E "^(hdb cuda|peer|ratio)" "$out/bench-hypernet.log" 2>/dev/null
+  grep -hE "^(hdb cuda|peer|ratio)" "$out"/bench-hypernet-*.log 2>/dev/null
   grep -E "^(render|  per denoising|swap|total)" "$out/demo.log" 2>/dev/null | sed 's/^/demo: /'
 fi
 if want train; then

@@ -5,8 +5,10 @@
 //! typed by backend and component too (`crate::adapter::set::AdapterSet`). The one choice of
 //! backend is made where a model meets a runtime (`crate::session::Engine`), never per call.
 //!
-//! [`PlacedHypernet`] is the hypernetwork on a runtime's device (f32 on either, so a
-//! prediction matches the CPU's to rounding: theta becomes adapter weights).
+//! [`PlacedHypernet`] is the hypernetwork on a runtime's device: f32 on the CPU; on a GPU in
+//! its file's storage type: an f32 file in f32 (a prediction matches the CPU's to rounding),
+//! an f16 or bf16 file in half precision with f32 accumulation (faster; theta within the
+//! tolerance `tests/cuda_models.rs` states of f32's).
 
 use std::sync::{Arc, Mutex};
 
@@ -185,8 +187,15 @@ impl<B: Place> Placed<B> {
 #[derive(Debug)]
 pub enum PlacedHypernet {
     Cpu(Box<Hypernet<Cpu>>),
+    /// On a GPU in f32.
     #[cfg(feature = "cuda")]
     Cuda(Box<Hypernet<crate::backend::cuda::Cuda<f32>>>),
+    /// On a GPU in f16 storage, f32 accumulation.
+    #[cfg(feature = "cuda")]
+    CudaF16(Box<Hypernet<crate::backend::cuda::Cuda<half::f16>>>),
+    /// On a GPU in bf16 storage, f32 accumulation.
+    #[cfg(feature = "cuda")]
+    CudaBf16(Box<Hypernet<crate::backend::cuda::Cuda<half::bf16>>>),
 }
 
 /// `$body` with `$n` bound to the network, whichever backend it is on.
@@ -196,35 +205,97 @@ macro_rules! on_net {
             PlacedHypernet::Cpu($n) => $body,
             #[cfg(feature = "cuda")]
             PlacedHypernet::Cuda($n) => $body,
+            #[cfg(feature = "cuda")]
+            PlacedHypernet::CudaF16($n) => $body,
+            #[cfg(feature = "cuda")]
+            PlacedHypernet::CudaBf16($n) => $body,
         }
     };
 }
 
+/// The storage type most of a hypernetwork file's parameters are in (f32 when it has none).
+pub fn hypernet_file_dtype(path: &std::path::Path) -> Result<crate::tensor::DType> {
+    let f = crate::io::safetensors::SafetensorsFile::open(path)?;
+    let mut counts = std::collections::BTreeMap::new();
+    for e in f.tensors() {
+        if let Some(d) = crate::io::safetensors::float_dtype(e.dtype) {
+            *counts.entry(d).or_insert(0u64) += e.shape.numel().unwrap_or(0) as u64;
+        }
+    }
+    Ok(counts
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .map_or(crate::tensor::DType::F32, |(d, _)| d))
+}
+
 impl PlacedHypernet {
-    /// The hypernetwork file at `path` on `rt`'s device.
+    /// The hypernetwork file at `path` on `rt`'s device: on a GPU in the file's storage type
+    /// ([`hypernet_file_dtype`]), on the CPU in f32.
     pub fn load(rt: &Runtime, path: &std::path::Path) -> Result<PlacedHypernet> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
-            let be = crate::backend::cuda::Cuda::<f32>::new(dev.clone());
-            return Ok(PlacedHypernet::Cuda(Box::new(Hypernet::load_on(be, path)?)));
+            use crate::backend::cuda::Cuda;
+            use crate::tensor::DType;
+            return Ok(match hypernet_file_dtype(path)? {
+                DType::F32 => PlacedHypernet::Cuda(Box::new(Hypernet::load_on(
+                    Cuda::<f32>::new(dev.clone()),
+                    path,
+                )?)),
+                DType::F16 => PlacedHypernet::CudaF16(Box::new(Hypernet::load_on(
+                    Cuda::<half::f16>::new(dev.clone()),
+                    path,
+                )?)),
+                DType::BF16 => PlacedHypernet::CudaBf16(Box::new(Hypernet::load_on(
+                    Cuda::<half::bf16>::new(dev.clone()),
+                    path,
+                )?)),
+            });
         }
         rt.install(|| Hypernet::load(path))
             .map(|n| PlacedHypernet::Cpu(Box::new(n)))
     }
 
     /// A hypernetwork of `config` from `src` (random weights in benchmarks and the demo) on
-    /// `rt`'s device.
+    /// `rt`'s device, in f32.
     pub fn from_source(
         rt: &Runtime,
         config: HypernetConfig,
         src: &(dyn WeightSource + Sync),
     ) -> Result<PlacedHypernet> {
+        Self::from_source_as(rt, config, src, crate::tensor::DType::F32)
+    }
+
+    /// As [`PlacedHypernet::from_source`], stored in `dtype` on a GPU (the CPU computes and
+    /// stores f32 whatever `dtype` says).
+    pub fn from_source_as(
+        rt: &Runtime,
+        config: HypernetConfig,
+        src: &(dyn WeightSource + Sync),
+        dtype: crate::tensor::DType,
+    ) -> Result<PlacedHypernet> {
         #[cfg(feature = "cuda")]
         if let Some(dev) = rt.cuda() {
-            let be = crate::backend::cuda::Cuda::<f32>::new(dev.clone());
-            let net = Hypernet::from_source_on(be, config, src)?;
-            return Ok(PlacedHypernet::Cuda(Box::new(net)));
+            use crate::backend::cuda::Cuda;
+            use crate::tensor::DType;
+            return Ok(match dtype {
+                DType::F32 => PlacedHypernet::Cuda(Box::new(Hypernet::from_source_on(
+                    Cuda::<f32>::new(dev.clone()),
+                    config,
+                    src,
+                )?)),
+                DType::F16 => PlacedHypernet::CudaF16(Box::new(Hypernet::from_source_on(
+                    Cuda::<half::f16>::new(dev.clone()),
+                    config,
+                    src,
+                )?)),
+                DType::BF16 => PlacedHypernet::CudaBf16(Box::new(Hypernet::from_source_on(
+                    Cuda::<half::bf16>::new(dev.clone()),
+                    config,
+                    src,
+                )?)),
+            });
         }
+        let _ = dtype;
         rt.install(|| Hypernet::from_source(config, src))
             .map(|n| PlacedHypernet::Cpu(Box::new(n)))
     }
@@ -264,7 +335,7 @@ impl PlacedHypernet {
         on_net!(self, n => n.check_layers(table))
     }
 
-    /// Where it runs, for logs: `cpu f32`, `cuda:0 f32`.
+    /// Where it runs and in which storage type, for logs: `cpu f32`, `cuda:0 (...) f16`.
     pub fn describe(&self) -> String {
         on_net!(self, n => n.backend().describe())
     }

@@ -332,6 +332,99 @@ fn hypernet_on_cuda_matches_the_cpu() {
     let mut failures = Vec::new();
     hypernet_cases::<f32>(&dev, &mut failures);
     hypernet_cases::<half::f16>(&dev, &mut failures);
+    hypernet_cases::<half::bf16>(&dev, &mut failures);
+    finish(failures);
+}
+
+/// `src` (a hypernetwork file) rewritten with every tensor in `dtype` (its values as f32,
+/// rounded), metadata kept.
+fn retyped_copy(src: &std::path::Path, out: &std::path::Path, dtype: hdb::tensor::DType) {
+    use hdb::io::safetensors::SafetensorsFile;
+    use hdb::tensor::DType;
+    use safetensors::tensor::{Dtype, TensorView};
+    let f = SafetensorsFile::open(src).expect("open");
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = f
+        .tensors()
+        .map(|e| {
+            let v = f.to_f32(&e.name).expect("f32");
+            let bytes = v
+                .iter()
+                .flat_map(|&x| match dtype {
+                    DType::F32 => x.to_le_bytes().to_vec(),
+                    DType::F16 => half::f16::from_f32(x).to_le_bytes().to_vec(),
+                    DType::BF16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
+                })
+                .collect();
+            (e.name.clone(), e.shape.dims().to_vec(), bytes)
+        })
+        .collect();
+    let dtype = match dtype {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+    };
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                TensorView::new(dtype, shape.clone(), b).expect("view"),
+            )
+        })
+        .collect();
+    let meta: std::collections::HashMap<String, String> = f
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    safetensors::tensor::serialize_to_file(views, Some(meta), out).expect("write");
+}
+
+/// On a CUDA runtime a hypernetwork runs in its file's storage type (`PlacedHypernet::load`,
+/// what `hdb_hypernet_load` and `hdb predict` use): the tiny fixture's f32 copy in f32, its
+/// f16 and bf16 copies in half precision with f32 accumulation. Each prediction against the CPU's f32 one
+/// of the same file, at that type's tolerance (1e-4, 1e-2, 4e-2 relative L2 error).
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn hypernet_runs_in_its_files_storage_type_on_a_gpu() {
+    use hdb::placed::PlacedHypernet;
+    use hdb::runtime::DeviceRequest;
+    use hdb::tensor::DType;
+    let Some(_dev) = device() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture = fixtures().join("hypernet/tiny.hypernet.safetensors");
+    let path = |t: DType| {
+        let p = dir.path().join(format!("{t}.safetensors"));
+        retyped_copy(&fixture, &p, t);
+        p
+    };
+    let (f32_path, f16_path, bf16_path) = (path(DType::F32), path(DType::F16), path(DType::BF16));
+    let runtime =
+        |device| hdb::Runtime::new(hdb::RuntimeOptions { device, threads: 2 }).expect("runtime");
+    let (gpu, host) = (runtime(DeviceRequest::Cuda(0)), runtime(DeviceRequest::Cpu));
+    let mut failures = Vec::new();
+    for (path, dtype, tol) in [
+        (&f32_path, "f32", 1e-4),
+        (&f16_path, "f16", 1e-2),
+        (&bf16_path, "bf16", 4e-2),
+    ] {
+        let on_cpu = PlacedHypernet::load(&host, path).expect("cpu load");
+        let s = on_cpu.config().img_size();
+        let image = noise(3 * s * s, 31);
+        let want = host
+            .install(|| on_cpu.predict(&image, Some(3), None))
+            .expect("cpu predict");
+        let on_gpu = PlacedHypernet::load(&gpu, path).expect("gpu load");
+        let described = on_gpu.describe();
+        println!("hypernetwork file in {dtype}: runs on {described}");
+        if !described.starts_with("cuda") || !described.ends_with(dtype) {
+            failures.push(format!(
+                "the {dtype} file runs on '{described}', not cuda {dtype}"
+            ));
+        }
+        let got = on_gpu.predict(&image, Some(3), None);
+        failures.extend(common::judge("hypernet-file-theta", dtype, got, &want, tol));
+    }
     finish(failures);
 }
 

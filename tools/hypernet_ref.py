@@ -245,7 +245,7 @@ class Hypernet(nn.Module):
         tokens = self.image_tokens(image)
         memory = self.feature_proj(tokens)
         theta = torch.zeros(image.shape[0], len(self.cfg["layer_keys"]), token_dim(self.cfg),
-                            device=image.device)
+                            device=image.device, dtype=memory.dtype)
         thetas, decoded = [], []
         for _ in range(s):
             h = self.decode(theta, memory)
@@ -528,17 +528,19 @@ def check_preprocess():
 # Commands
 
 
-def bench(threads, repeat, device="cpu"):
+def bench(threads, repeat, device="cpu", dtype="f32"):
     """One prediction (preprocessed 224 px image in, theta out) at the default config with random
-    weights, f32, after one warm-up; prints each time and the best. On cuda each time ends with
-    a synchronize."""
+    weights, in `dtype` (f32, f16 or bf16: the model and the image cast to it, as `hdb bench
+    hypernet --dtype` stores its weights), after one warm-up; prints each time and the best. On
+    cuda each time ends with a synchronize."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
     t0 = time.perf_counter()
-    model = Hypernet(default_config()).to(device)
+    model = Hypernet(default_config()).to(device, torch_dtype)
     print(f"built the default hypernetwork ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
           f"parameters) in {time.perf_counter() - t0:.1f} s")
-    image = torch.from_numpy(preprocess(test_image(256, 256, 1), default_config()))[None].to(device)
+    image = torch.from_numpy(preprocess(test_image(256, 256, 1), default_config()))[None].to(device, torch_dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     with torch.inference_mode():
@@ -554,7 +556,7 @@ def bench(threads, repeat, device="cpu"):
     print(f"pytorch {torch.__version__}, {threads} threads: best {min(times) * 1e3:.0f} ms")
     print(json.dumps({"peer": "pytorch-eager", "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "threads": threads,
-                      "device": device,
+                      "device": device, "dtype": dtype,
                       "median_s": statistics.median(times), "best_s": min(times), "runs_s": times}))
 
 
@@ -577,6 +579,7 @@ def main():
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--repeat", type=int, default=2)
     b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     a = ap.parse_args()
     if a.cmd == "fixtures":
         make_fixtures()
@@ -597,7 +600,7 @@ def main():
             theta = model.predict(image, a.iterations)[-1][0].numpy()
         lidb.save_lidb(to_lidb(theta, model.cfg), a.output)
     elif a.cmd == "bench":
-        bench(a.threads, a.repeat, a.device)
+        bench(a.threads, a.repeat, a.device, a.dtype)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ pub fn bench(
     runs: usize,
     peer: Option<&Path>,
     device: hdb::runtime::DeviceRequest,
+    dtype: hdb::tensor::DType,
 ) -> hdb::Result<()> {
     let rt = super::runtime(device, threads)?;
     let t = Instant::now();
@@ -112,21 +113,61 @@ pub fn bench(
     // On the profiling wrapper, collecting only for the one profiled prediction at the end.
     #[cfg(feature = "cuda")]
     if let Some(dev) = rt.cuda() {
-        // A GPU's work is queued: each profiled op waits for the device.
-        let d = dev.clone();
-        let be = Profiled::synced(
-            hdb::backend::cuda::Cuda::<f32>::new(dev.clone()),
-            move || {
-                // A failed wait shows up as the op's own error.
-                let _ = d.synchronize();
-            },
-        );
-        let net = Hypernet::from_source_on(be, cfg, &src)?;
-        return bench_net(&rt, &net, t, runs, peer, "cuda");
+        use hdb::backend::cuda::Cuda;
+        use hdb::tensor::DType;
+        return match dtype {
+            DType::F32 => bench_cuda(&rt, Cuda::<f32>::new(dev.clone()), cfg, &src, t, runs, peer),
+            DType::F16 => bench_cuda(
+                &rt,
+                Cuda::<half::f16>::new(dev.clone()),
+                cfg,
+                &src,
+                t,
+                runs,
+                peer,
+            ),
+            DType::BF16 => bench_cuda(
+                &rt,
+                Cuda::<half::bf16>::new(dev.clone()),
+                cfg,
+                &src,
+                t,
+                runs,
+                peer,
+            ),
+        };
+    }
+    if dtype != hdb::tensor::DType::F32 {
+        return Err(hdb::Error::invalid_arg(
+            "--dtype",
+            format!(
+                "{dtype}: the CPU runs the hypernetwork in f32; half precision needs --device cuda"
+            ),
+        ));
     }
     let be = Profiled::new(hdb::backend::Cpu);
     let net = rt.install(|| Hypernet::from_source_on(be, cfg, &src))?;
     bench_net(&rt, &net, t, runs, peer, "cpu")
+}
+
+/// [`bench`] on a GPU backend `be` (each profiled op waits for the device).
+#[cfg(feature = "cuda")]
+fn bench_cuda<T: hdb::backend::cuda::ops::BlasElem>(
+    rt: &hdb::Runtime,
+    be: hdb::backend::cuda::Cuda<T>,
+    cfg: HypernetConfig,
+    src: &RandomWeights,
+    t: Instant,
+    runs: usize,
+    peer: Option<&Path>,
+) -> hdb::Result<()> {
+    let d = be.dev().clone();
+    let be = Profiled::synced(be, move || {
+        // A failed wait shows up as the op's own error.
+        let _ = d.synchronize();
+    });
+    let net = Hypernet::from_source_on(be, cfg, src)?;
+    bench_net(rt, &net, t, runs, peer, "cuda")
 }
 
 /// [`bench`] of `net` (made at `t`) on `rt`, against the PyTorch peer on `peer_device`.
@@ -181,10 +222,13 @@ fn bench_net<B: Backend>(
             d.as_secs_f64() * 1e3
         );
     }
+    // The peer runs in the storage type hdb runs (the last word of `describe`: f32, f16, bf16).
+    let described = be.describe();
+    let dtype = described.rsplit(' ').next().unwrap_or("f32");
     let where_ = if peer_device == "cpu" {
         format!("cpu f32, {threads} threads")
     } else {
-        be.describe()
+        described.clone()
     };
     println!(
         "hdb {where_}: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations): {med:.4} s (median of {}), {:.1} TFLOP/s",
@@ -205,12 +249,15 @@ fn bench_net<B: Backend>(
                 &r,
                 "--device",
                 peer_device,
+                "--dtype",
+                dtype,
             ],
         )?;
         let p = json["median_s"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "peer pytorch-eager (torch {}, {peer_device}, f32): {p:.4} s, {:.1} TFLOP/s",
+            "peer pytorch-eager (torch {}, {peer_device}, {}): {p:.4} s, {:.1} TFLOP/s",
             json["torch"].as_str().unwrap_or("?"),
+            json["dtype"].as_str().unwrap_or("?"),
             flops / p / 1e12
         );
         println!("ratio: hdb is {:.2}x the speed of PyTorch eager", p / med);

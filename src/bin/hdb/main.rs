@@ -355,6 +355,10 @@ enum BenchWhat {
         /// same kind of device.
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: hdb::runtime::DeviceRequest,
+        /// Storage type on a GPU: f32, f16 or bf16 (f32 accumulation); the peer runs in the
+        /// same type. The CPU runs f32 only.
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: hdb::tensor::DType,
     },
     /// SD 1.5's text encoder, one UNet step with guidance and the VAE decode at 512x512, with
     /// random weights, optionally against PyTorch (tools/bench_torch_pipeline.py) in the same run.
@@ -549,8 +553,9 @@ fn main() -> ExitCode {
                     runs,
                     peer_python,
                     device,
+                    dtype,
                 },
-        } => hypernet_cmd::bench(threads, runs, peer_python.as_deref(), device),
+        } => hypernet_cmd::bench(threads, runs, peer_python.as_deref(), device, dtype),
         Command::Bench {
             what:
                 BenchWhat::Pipeline {
@@ -836,6 +841,14 @@ fn die_quietly_on_a_closed_pipe() {
 fn die_quietly_on_a_closed_pipe() {}
 
 /// `--device`: auto, cpu, cuda or cuda:N.
+fn parse_dtype(s: &str) -> Result<hdb::tensor::DType, String> {
+    use hdb::tensor::DType;
+    [DType::F32, DType::F16, DType::BF16]
+        .into_iter()
+        .find(|d| d.name() == s)
+        .ok_or_else(|| format!("'{s}' is not a storage type: f32, f16 or bf16"))
+}
+
 fn parse_device(s: &str) -> Result<hdb::runtime::DeviceRequest, String> {
     hdb::runtime::DeviceRequest::parse(s).map_err(|e| e.to_string())
 }
