@@ -42,11 +42,12 @@ if [ $# -gt 0 ]; then
   rc=${PIPESTATUS[0]}
 else
   # Every GPU test binary, as many at once as there are cores (the emulation is one thread).
-  tests="cuda_unet cuda_models backend_ops"
+  # (cli_predict: `hdb predict --device cuda` on the emulated GPU against the CPU's adapter.)
+  tests="cuda_unet cuda_models backend_ops cli_predict"
   echo "emulated-gpu: building the GPU test binaries ($tests)"
   cargo test --no-run $(printf -- '--test %s ' $tests) --message-format=json 2>/dev/null |
     python3 scripts/test-binaries.py >"$log_dir/binaries"
-  [ "$(wc -l <"$log_dir/binaries")" -eq 3 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
+  [ "$(wc -l <"$log_dir/binaries")" -eq 4 ] || { echo "emulated-gpu: building the GPU tests failed"; exit 1; }
   # cuda_unet is the longest (about 9 minutes alone on one core): its adapter tests (about 5)
   # run as a second process beside the rest of it, both first, so two cores share it.
   awk '$1 == "cuda_unet" {print; print "cuda_unet-adapters", $2}' "$log_dir/binaries" >"$log_dir/first"

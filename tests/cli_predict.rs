@@ -82,8 +82,10 @@ fn predict_writes_the_adapter_the_library_predicts() {
     assert!(!r.status.success() && err.contains("16"), "{err}");
 }
 
-/// `hdb predict --device cuda` predicts on the GPU where there is one (the same adapter as the
-/// CPU's to f32 rounding), else fails before writing anything, saying there is no device.
+/// `hdb predict --device cuda` predicts on the GPU where there is one, else fails before writing
+/// anything, saying there is no device. On the GPU the network runs in its file's storage type:
+/// the fixture is stored in f16, so the adapter is the CPU's within f16's tolerance (1e-2
+/// relative L2 error, tests/cuda_models.rs's).
 #[test]
 fn predict_device_option() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -116,7 +118,11 @@ fn predict_device_option() {
     let want = net
         .to_lidb(&net.predict(&image, Some(2), None).expect("predict"))
         .expect("lidb");
-    assert_eq!(got.meta, want.meta);
+    // The CLI names the model the identity is for; the bare network does not.
+    assert_eq!(got.meta.base.as_deref(), Some("tiny-sd (SD 1.x)"));
+    let mut want_meta = want.meta.clone();
+    want_meta.base = got.meta.base.clone();
+    assert_eq!(got.meta, want_meta);
     let keys = |l: &Lidb| l.layers.keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&got), keys(&want));
     // Every layer's factors, in key order.
@@ -127,9 +133,9 @@ fn predict_device_option() {
             .collect()
     };
     assert_close(
-        "hdb predict --device cuda against the CPU's adapter",
+        "hdb predict --device cuda (f16) against the CPU's adapter",
         &flat(&got),
         &flat(&want),
-        Tol::RelL2(1e-4),
+        Tol::RelL2(1e-2),
     );
 }
