@@ -13,14 +13,18 @@ Times, with CUDA events (median of --runs after --warmup):
   (a 512x512 image);
 - with --unet: diffusers' UNet2DConditionModel with SD 1.5's config (tools/bench_torch_unet.py),
   randomly initialised, fp16, eval, no_grad, default attention processor (SDPA), batch 2,
-  64x64 latents, 77 tokens: PyTorch eager, the issue's peer.
+  64x64 latents, 77 tokens: PyTorch eager, the issue's peer;
+- with --generate SIZE,STEPS: diffusers' StableDiffusionPipeline with SD 1.5's configs and random
+  weights, fp16, one SIZExSIZE image in STEPS Euler ancestral steps with guidance 7.5, wall time
+  of the whole call (see `generate`).
 
 Prints one JSON line on stdout:
   {"peer": "pytorch", "torch": ..., "device": ..., "attention": [{"b","h","lq","lk","d","dtype",
    "ms"}...], "attention_backward": [{"b","h","lq","lk","d","causal","dtype","bwd_ms",
    "fwd_bwd_ms"}...], "conv": [{"b","c_in","c_out","h","w","k","stride","pad","dtype","ms"}...],
    "copy": {"bytes", "ms"}, "unet": {"ms", "min_ms", "max_ms", "runs", "diffusers",
-   "attn_processor"} | null}
+   "attn_processor"} | null, "generate": {"ms", "min_ms", "max_ms", "runs", "size", "steps",
+   ...} | null}
 Eager diffusers is bound by Python launching ~1000 kernels a step, so its time follows the
 host CPU: two runs on H100 machines of this workplace gave 24.7 and 49.9 ms (median).
 
@@ -36,6 +40,7 @@ import os
 import statistics
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,6 +115,12 @@ def main():
     ap.add_argument(
         "--text-encoder", action="store_true", help="SD 1.5 CLIP text encoder (transformers), 2 x 77 tokens, fp16"
     )
+    ap.add_argument(
+        "--generate",
+        default=None,
+        metavar="SIZE,STEPS",
+        help="diffusers' StableDiffusionPipeline with SD 1.5's configs: one SIZExSIZE image, STEPS steps",
+    )
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--device", default="cuda")
@@ -131,6 +142,7 @@ def main():
         "unet": None,
         "vae": None,
         "text_encoder": None,
+        "generate": None,
     }
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
@@ -242,7 +254,71 @@ def main():
                 out["text_encoder"] = dict(
                     ms=ms, transformers=transformers.__version__, attn=cfg._attn_implementation, **spread
                 )
+        if args.generate:
+            size, steps = (int(v) for v in args.generate.split(","))
+            out["generate"] = generate(size, steps, dev, args.runs)
     print(json.dumps(out))
+
+
+def generate(size, steps, dev, runs):
+    """diffusers' StableDiffusionPipeline as an application runs it: SD 1.5's CLIP text encoder,
+    UNet and VAE with random weights (fp16 on cuda, f32 on cpu), the Euler ancestral sampler
+    with SD 1.5's scheduler config (hdb's default sampler), guidance 7.5, one image, pixels
+    back on the host (output_type="np"). The prompts go in as token ids (no tokenizer files
+    here): the timed call runs the text encoder on them, then the pipeline from the two
+    embeddings, so it times the same work as `hdb generate` (tokenizing is microseconds). Wall
+    time of the whole call (its result is on the host), median of `runs` after one warm-up."""
+    import time
+
+    import diffusers
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench_torch_unet import SD15_UNET
+
+    dt = torch.float16 if dev == "cuda" else torch.float32
+    torch.manual_seed(0)
+    te = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    ).to(dev, dt).eval()
+    unet = UNet2DConditionModel(**SD15_UNET).to(dev, dt).eval()
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    ).to(dev, dt).eval()
+    # SD 1.5's scheduler_config.json, as hdb's SchedulerConfig::default.
+    sched = EulerAncestralDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                            beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ids = torch.randint(0, 49408, (2, 77), device=dev)
+
+    def run():
+        emb = te(input_ids=ids).last_hidden_state
+        return pipe(prompt_embeds=emb[1:], negative_prompt_embeds=emb[:1], num_inference_steps=steps,
+                    guidance_scale=7.5, height=size, width=size, output_type="np",
+                    generator=torch.Generator(dev).manual_seed(0)).images
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(max(3, runs // 4) + 1):
+            sync()
+            t0 = time.perf_counter()
+            images = run()
+            sync()
+            if i > 0:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return dict(ms=statistics.median(times), min_ms=min(times), max_ms=max(times), runs=len(times),
+                size=size, steps=steps, shape=list(images.shape), finite=bool(np.isfinite(images).all()),
+                diffusers=diffusers.__version__, scheduler=type(pipe.scheduler).__name__)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 //! the LiDB merge of all 128 UNet projections against a device-to-device copy, the
 //! runtime-mode swap, a batch of 8 identities against one over the projections; attention's
 //! backward, flash and materialised, against SDPA's (bench_cuda_backward.rs); then with --unet
-//! the whole models in fp16 (bench_cuda_models.rs).
+//! the whole models in fp16 and a whole 25-step 512x512 generation against diffusers' pipeline
+//! (bench_cuda_models.rs).
 //!
 //! Device times are CUDA events around the work, the median of `runs` after warm-up.
 
@@ -623,6 +624,12 @@ pub fn run(runs: usize, peer_python: Option<&Path>, with_unet: bool, smoke: bool
                 args.push("--unet".into());
                 args.push("--vae".into());
                 args.push("--text-encoder".into());
+                args.push("--generate".into());
+                args.push(format!(
+                    "{},{}",
+                    crate::bench_cuda_models::generate_size(&scale),
+                    crate::bench_cuda_models::generate_steps()
+                ));
             }
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             let t = std::time::Instant::now();

@@ -2,7 +2,9 @@
 //! what sessions and the pipeline run on a GPU) at SD 1.5 shapes with random weights: the UNet
 //! step against diffusers' `UNet2DConditionModel` eager, identities on the UNet at batch 8, the
 //! text encoder against transformers' `CLIPTextModel`, and the VAE decode at 512x512 against
-//! diffusers' `AutoencoderKL`, all fp16 (tools/bench_torch_cuda.py).
+//! diffusers' `AutoencoderKL`, all fp16 (tools/bench_torch_cuda.py); then a whole generation
+//! (`Session::generate` on a CUDA runtime: 512x512, 25 steps, guidance) against diffusers'
+//! `StableDiffusionPipeline`.
 //!
 //! These go through the models' public entry points, so each time includes copying the inputs
 //! to the device and the output back (a few MB at most: ~0.1-0.3 ms on PCIe 5).
@@ -187,7 +189,128 @@ pub fn rows(
     notes.push(device_profile(&profiled, dev, "the VAE decode", || {
         vae.decode(&z, 1, lat, lat).map(|_| ())
     })?);
+    drop(vae);
+
+    notes.push(generate_row(scale, runs, peer, out)?);
     Ok((notes, step_ms))
+}
+
+/// Denoising steps of the whole-generation row (2 in a smoke run).
+pub(crate) fn generate_steps() -> usize {
+    if crate::bench_cuda::SMOKE.load(std::sync::atomic::Ordering::Relaxed) {
+        2
+    } else {
+        25
+    }
+}
+
+/// Image side of the whole-generation row: the scale's latents through its VAE (512 at SD 1.5).
+pub(crate) fn generate_size(scale: &Scale) -> usize {
+    scale.latent << (scale.vae.block_out_channels.len() - 1)
+}
+
+/// The whole generation as `hdb generate` runs it on a GPU: one 512x512 image, 25 steps of the
+/// default sampler (Euler ancestral) with classifier-free guidance 7.5, through the library's
+/// `Session::generate` on a CUDA runtime (prompt tokenized and encoded, the denoising loop, the
+/// VAE decode, pixels back on the host), random SD 1.5 weights; wall time of the call, median
+/// of `runs` after one warm-up. The peer is diffusers' `StableDiffusionPipeline` in fp16 with
+/// the same sampler, steps, guidance and size (tools/bench_torch_cuda.py --generate). Returns
+/// the note with where the time went (each stage's start as the pipeline reports it).
+fn generate_row(
+    scale: &Scale,
+    runs: usize,
+    peer: &serde_json::Value,
+    out: &mut Rows,
+) -> Result<String> {
+    use hdb::model::scheduler::SchedulerConfig;
+    use hdb::model::tokenizer::ClipTokenizer;
+    use hdb::pipeline::GenerateParams;
+    use hdb::progress::Stage;
+    use hdb::session::BuiltModel;
+    use std::time::Instant;
+
+    let rt = Arc::new(hdb::Runtime::new(hdb::RuntimeOptions {
+        device: hdb::runtime::DeviceRequest::Cuda(0),
+        threads: 0,
+    })?);
+    let t = Instant::now();
+    let engine = Arc::new(hdb::Engine::from_parts(
+        rt,
+        BuiltModel {
+            unet: scale.unet.clone(),
+            text_encoder: scale.text.clone(),
+            vae: scale.vae.clone(),
+            weights: &RandomWeights { seed: 0x6E4 },
+            tokenizer: ClipTokenizer::byte_level(77)?,
+            scheduler: SchedulerConfig::default(),
+        },
+    )?);
+    println!(
+        "built the pipeline's models on {} in {:.1} s",
+        engine.describe(),
+        t.elapsed().as_secs_f64()
+    );
+    let session = hdb::Session::new(engine);
+    let (steps, px) = (generate_steps(), generate_size(scale));
+    let params = GenerateParams {
+        prompt: "a portrait photo of a person, studio light".into(),
+        negative_prompt: String::new(),
+        steps,
+        width: px,
+        height: px,
+        seed: 1,
+        ..GenerateParams::default()
+    };
+    // Host wall time of each call (it returns the pixels on the host, so the device is done),
+    // and the time each stage started in the last call.
+    let mut times = Vec::new();
+    let mut marks: Vec<(Stage, f64)> = Vec::new();
+    let mut finite = true;
+    for i in 0..=runs {
+        let t = Instant::now();
+        let mut stages = Vec::new();
+        let mut progress = |stage: Stage, done: usize, _total: usize| {
+            if done == 0 {
+                stages.push((stage, t.elapsed().as_secs_f64() * 1e3));
+            }
+            true
+        };
+        let g = session.generate_stages(&params, Some(&mut progress))?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        finite &= g.pixels.iter().all(|v| v.is_finite());
+        if i > 0 {
+            times.push(ms);
+        }
+        stages.push((Stage::Decode, ms));
+        marks = stages;
+        if crate::bench_cuda::SMOKE.load(std::sync::atomic::Ordering::Relaxed) {
+            times.push(ms);
+            break;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    out.push(Row {
+        what: format!(
+            "whole generate: {px}x{px}, {steps} steps, CFG 7.5, Euler a (host in/out; finite: {finite})"
+        ),
+        ours_ms: ms,
+        rate: format!("{:.1} ms/step", ms / steps as f64),
+        peer_ms: peer["generate"]["ms"].as_f64(),
+    });
+    // Stage starts -> durations (the last mark is the call's end).
+    let mut note = format!(
+        "where the whole generate's time goes (the last call, {:.1} ms):",
+        marks.last().map_or(0.0, |m| m.1)
+    );
+    for w in marks.windows(2) {
+        note += &format!(
+            "\n  {:<24} {:>9.3} ms",
+            format!("{:?}", w[0].0).to_lowercase(),
+            w[1].1 - w[0].1
+        );
+    }
+    Ok(note)
 }
 
 /// The UNet at batch 8 (64x64, 77 tokens) with 8 random rank-1 identities over every adapted
