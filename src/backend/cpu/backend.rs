@@ -47,7 +47,9 @@ impl Backend for Cpu {
     }
 
     fn copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(x.clone())
+        let mut y = super::zeroed(x.len());
+        y.copy_from_slice(x);
+        Ok(y)
     }
 
     fn linear(
@@ -58,7 +60,7 @@ impl Backend for Cpu {
         (rows, din, dout): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let n = shapes::linear(x.len(), w.len(), b.map(|b| b.len()), (rows, din, dout))?;
-        let mut y = vec![0.0; n];
+        let mut y = super::zeroed(n);
         linear(&mut y, x, w, b.map(|b| &b[..]), rows, din, dout);
         Ok(y)
     }
@@ -71,7 +73,7 @@ impl Backend for Cpu {
         p: &Conv2d,
     ) -> Result<Vec<f32>> {
         let n = shapes::conv2d(x.len(), w.len(), b.map(|b| b.len()), p)?;
-        let mut y = vec![0.0; n];
+        let mut y = super::zeroed(n);
         conv2d(&mut y, x, w, b.map(|b| &b[..]), p);
         Ok(y)
     }
@@ -85,7 +87,7 @@ impl Backend for Cpu {
         silu: bool,
     ) -> Result<Vec<f32>> {
         shapes::group_norm(x.len(), gamma.len(), beta.len(), &d)?;
-        let mut y = vec![0.0; x.len()];
+        let mut y = super::zeroed(x.len());
         group_norm(
             &mut y, x, gamma, beta, d.batch, d.channels, d.hw, d.groups, d.eps, silu,
         );
@@ -101,14 +103,14 @@ impl Backend for Cpu {
         eps: f32,
     ) -> Result<Vec<f32>> {
         shapes::layer_norm(x.len(), gamma.len(), beta.len(), (rows, dim))?;
-        let mut y = vec![0.0; x.len()];
+        let mut y = super::zeroed(x.len());
         layer_norm(&mut y, x, gamma, beta, rows, dim, eps);
         Ok(y)
     }
 
     fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, d: AttnDims) -> Result<Vec<f32>> {
         shapes::attention(q.len(), k.len(), v.len(), &d)?;
-        let mut out = vec![0.0; q.len()];
+        let mut out = super::zeroed(q.len());
         if d.causal {
             causal_attention(&mut out, q, k, v, d);
         } else {
@@ -130,7 +132,7 @@ impl Backend for Cpu {
     }
 
     fn geglu(&self, x: &Vec<f32>, (rows, d): (usize, usize)) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; shapes::geglu(x.len(), (rows, d))?];
+        let mut y = super::zeroed(shapes::geglu(x.len(), (rows, d))?);
         geglu(&mut y, x, rows, d);
         Ok(y)
     }
@@ -159,7 +161,7 @@ impl Backend for Cpu {
         flip_sin_to_cos: bool,
         shift: f32,
     ) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; volume("timestep_embedding", &[t.len(), dim])?];
+        let mut y = super::zeroed(volume("timestep_embedding", &[t.len(), dim])?);
         timestep_embedding(&mut y, t, dim, flip_sin_to_cos, shift, 10000.0);
         Ok(y)
     }
@@ -171,7 +173,7 @@ impl Backend for Cpu {
         to_tokens: bool,
     ) -> Result<Vec<f32>> {
         shapes::transpose(x.len(), (batch, c, hw))?;
-        let mut y = vec![0.0; x.len()];
+        let mut y = super::zeroed(x.len());
         if to_tokens {
             nchw_to_nhwc(&mut y, x, batch, c, hw);
         } else {
@@ -186,7 +188,11 @@ impl Backend for Cpu {
         b: &Vec<f32>,
         (batch, ca, cb, hw): (usize, usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; shapes::concat_channels(a.len(), b.len(), (batch, ca, cb, hw))?];
+        let mut y = super::zeroed(shapes::concat_channels(
+            a.len(),
+            b.len(),
+            (batch, ca, cb, hw),
+        )?);
         concat_channels(&mut y, a, b, batch, ca, cb, hw);
         Ok(y)
     }
@@ -196,7 +202,7 @@ impl Backend for Cpu {
         x: &Vec<f32>,
         (planes, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; shapes::upsample_nearest2x(x.len(), (planes, h, w))?];
+        let mut y = super::zeroed(shapes::upsample_nearest2x(x.len(), (planes, h, w))?);
         upsample_nearest2x(&mut y, x, planes, h, w);
         Ok(y)
     }
@@ -206,7 +212,7 @@ impl Backend for Cpu {
         x: &Vec<f32>,
         (planes, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; shapes::pad_bottom_right(x.len(), (planes, h, w))?];
+        let mut y = super::zeroed(shapes::pad_bottom_right(x.len(), (planes, h, w))?);
         let (ph, pw) = (h + 1, w + 1);
         if w > 0 {
             for (yp, xp) in y.chunks_exact_mut(ph * pw).zip(x.chunks_exact(h * w)) {
@@ -227,7 +233,7 @@ impl Backend for Cpu {
         let op = "linear_backward";
         check_len(op, "dy", dy.len(), volume(op, &[rows, dout])?)?;
         check_len(op, "weight", w.len(), volume(op, &[dout, din])?)?;
-        let mut dx = vec![0.0; volume(op, &[rows, din])?];
+        let mut dx = super::zeroed(volume(op, &[rows, din])?);
         bwd::linear_backward(&mut dx, dy, w, rows, din, dout);
         Ok(dx)
     }
@@ -236,7 +242,7 @@ impl Backend for Cpu {
         let op = "conv2d_backward";
         let out = shapes::conv2d(volume(op, &[p.batch, p.c_in, p.h, p.w])?, w.len(), None, p)?;
         check_len(op, "dy", dy.len(), out)?;
-        let mut dx = vec![0.0; volume(op, &[p.batch, p.c_in, p.h, p.w])?];
+        let mut dx = super::zeroed(volume(op, &[p.batch, p.c_in, p.h, p.w])?);
         bwd::conv2d_backward(&mut dx, dy, w, p);
         Ok(dx)
     }
@@ -252,7 +258,7 @@ impl Backend for Cpu {
     ) -> Result<Vec<f32>> {
         shapes::group_norm(x.len(), gamma.len(), beta.len(), &d)?;
         check_len("group_norm_backward", "dy", dy.len(), x.len())?;
-        let mut dx = vec![0.0; x.len()];
+        let mut dx = super::zeroed(x.len());
         let dims = (d.batch, d.channels, d.hw, d.groups);
         bwd::group_norm_backward(&mut dx, x, gamma, beta, dy, dims, d.eps, silu);
         Ok(dx)
@@ -268,7 +274,7 @@ impl Backend for Cpu {
     ) -> Result<Vec<f32>> {
         shapes::layer_norm(x.len(), gamma.len(), gamma.len(), (rows, dim))?;
         check_len("layer_norm_backward", "dy", dy.len(), x.len())?;
-        let mut dx = vec![0.0; x.len()];
+        let mut dx = super::zeroed(x.len());
         bwd::layer_norm_backward(&mut dx, x, gamma, dy, rows, dim, eps);
         Ok(dx)
     }
@@ -283,7 +289,11 @@ impl Backend for Cpu {
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         shapes::attention(q.len(), k.len(), v.len(), &d)?;
         check_len("attention_backward", "dout", dout.len(), q.len())?;
-        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let (mut dq, mut dk, mut dv) = (
+            super::zeroed(q.len()),
+            super::zeroed(k.len()),
+            super::zeroed(v.len()),
+        );
         let dims = (d.batch, d.lq, d.lk, d.heads, d.head_dim);
         bwd::attention_backward(&mut dq, &mut dk, &mut dv, q, k, v, dout, dims, d.causal);
         Ok((dq, dk, dv))
@@ -291,7 +301,7 @@ impl Backend for Cpu {
 
     fn activate_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, act: Activation) -> Result<Vec<f32>> {
         check_len("activate_backward", "dy", dy.len(), x.len())?;
-        let mut dx = vec![0.0; x.len()];
+        let mut dx = super::zeroed(x.len());
         bwd::activation_backward(&mut dx, x, dy, act);
         Ok(dx)
     }
@@ -304,7 +314,7 @@ impl Backend for Cpu {
     ) -> Result<Vec<f32>> {
         let n = shapes::geglu(x.len(), (rows, d))?;
         check_len("geglu_backward", "dy", dy.len(), n)?;
-        let mut dx = vec![0.0; x.len()];
+        let mut dx = super::zeroed(x.len());
         bwd::geglu_backward(&mut dx, x, dy, rows, d);
         Ok(dx)
     }
@@ -317,7 +327,7 @@ impl Backend for Cpu {
         let op = "upsample_nearest2x_backward";
         let n = volume(op, &[planes, h, w])?;
         check_len(op, "dy", dy.len(), volume(op, &[4, n])?)?;
-        let mut dx = vec![0.0; n];
+        let mut dx = super::zeroed(n);
         bwd::upsample_nearest2x_backward(&mut dx, dy, planes, h, w);
         Ok(dx)
     }
@@ -331,7 +341,7 @@ impl Backend for Cpu {
         let op = "outer_f32";
         check_len(op, "a", a.len(), volume(op, &[rows, m])?)?;
         check_len(op, "b", b.len(), volume(op, &[rows, n])?)?;
-        let mut c = vec![0.0; volume(op, &[m, n])?];
+        let mut c = super::zeroed(volume(op, &[m, n])?);
         super::matmul_at(&mut c, a, b, m, rows, n, false);
         Ok(c)
     }

@@ -37,6 +37,36 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// scheduling overhead).
 pub(crate) const PAR_CHUNK: usize = 1 << 14;
 
+/// Activations at least this large are advised onto transparent huge pages ([`zeroed`]).
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+
+/// A zeroed buffer of `n` floats for an op's output or scratch.
+///
+/// A large allocation is a fresh mapping from the allocator (glibc maps every block above 32
+/// MB, and smaller ones once trimmed), so its pages fault in one 4 KB page at a time as the
+/// op first writes them: about 420,000 faults per SD 1.5 UNet forward, 14% of the process's
+/// CPU time in the kernel (measured on a 2-core Zen 3 VM, 2026-12-07). On Linux such a buffer
+/// is advised onto transparent huge pages (`madvise(MADV_HUGEPAGE)` on its 2 MB-aligned
+/// interior, before anything touches it), so it faults in 2 MB at a time. The advice is only
+/// that: where huge pages are off, or already always on, nothing changes.
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    let v = vec![0f32; n];
+    #[cfg(target_os = "linux")]
+    if n.saturating_mul(4) >= HUGE_PAGE_MIN_BYTES {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let (lo, hi) = (start.next_multiple_of(HUGE), (start + n * 4) / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside v's allocation; MADV_HUGEPAGE changes no contents
+            // (zero pages stay zero) and its failure (e.g. huge pages compiled out) is harmless.
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v
+}
+
 /// The product of a kernel's dims, for the length checks every kernel makes before it touches
 /// memory through raw pointers or unchecked GEMMs. Overflow panics (caught at the C boundary as
 /// `HDB_STATUS_PANIC`) instead of wrapping to a small length that a short buffer would match;
@@ -172,6 +202,22 @@ mod tests {
         match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
             Ok(p) => p,
             Err(e) => panic!("thread pool: {e}"),
+        }
+    }
+
+    /// Op buffers are zero and of the asked length on both sides of the huge-page threshold,
+    /// and a large one holds what is written to it across its huge-page boundaries.
+    #[test]
+    fn zeroed_buffers_are_zero_and_usable_at_every_size() {
+        let big = HUGE_PAGE_MIN_BYTES / 4;
+        for n in [0, 1, 1000, big - 1, big, big + 3, 3 * big + 12345] {
+            let mut v = zeroed(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x == 0.0), "a non-zero element at n = {n}");
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = i as f32;
+            }
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32), "n = {n}");
         }
     }
 

@@ -121,7 +121,7 @@ fn run(y: &mut [f32], x: &[f32], u: &[f32], bias: Option<&[f32]>, p: &Conv2d) {
 /// G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
 fn transform_weight(weight: &[f32], c_in: usize, c_out: usize, flip: bool) -> Vec<f32> {
     let plane = c_out * c_in;
-    let mut u = vec![0f32; 16 * plane];
+    let mut u = super::zeroed(16 * plane);
     let up = SendPtr(u.as_mut_ptr());
     let fold = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
     (0..c_out).into_par_iter().for_each(|co| {
