@@ -14,7 +14,7 @@ use super::bench_pipeline::median_time;
 use hdb::rng::SplitMix64;
 
 /// (what, m, k, n): `y [m, n] = x [m, k] . w [n, k]^T`.
-const SHAPES: [(&str, usize, usize, usize); 12] = [
+const SHAPES: [(&str, usize, usize, usize); 15] = [
     ("UNet 64x64 attention proj", 8192, 320, 320),
     ("UNet 64x64 GEGLU in", 8192, 320, 2560),
     ("UNet 64x64 ff out", 8192, 1280, 320),
@@ -27,6 +27,9 @@ const SHAPES: [(&str, usize, usize, usize); 12] = [
     ("ViT-H/14 qkv", 257, 1280, 3840),
     ("ViT-H/14 fc1", 257, 1280, 5120),
     ("ViT-H/14 fc2", 257, 5120, 1280),
+    ("hypernet decoder q/k/v", 176, 1024, 3072),
+    ("hypernet decoder ff in", 176, 1024, 4096),
+    ("hypernet decoder ff out", 176, 4096, 1024),
 ];
 
 /// (what, batch, c_in, c_out, size): 3x3, stride 1, padding 1 convolutions.
