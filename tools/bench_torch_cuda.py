@@ -47,6 +47,27 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+# SD 1.5's VAE (AutoencoderKL) and text encoder (CLIP ViT-L/14's text tower) configs.
+SD15_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+
+
 def timed(fn, warmup, runs, device, spread=None):
     for _ in range(warmup):
         fn()
@@ -216,15 +237,7 @@ def main():
             from diffusers import AutoencoderKL
 
             torch.manual_seed(0)
-            vae = AutoencoderKL(
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2,
-                latent_channels=4,
-                norm_num_groups=32,
-                sample_size=512,
-            ).to(dev, torch.float16).eval()
+            vae = AutoencoderKL(**SD15_VAE).to(dev, torch.float16).eval()
             z = torch.randn(1, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
             spread = {}
             ms = timed(lambda: vae.decode(z).sample, max(2, args.warmup), max(5, args.runs), dev, spread)
@@ -237,16 +250,7 @@ def main():
                 out["text_encoder"] = dict(error=f"transformers not importable: {e}")
             else:
                 torch.manual_seed(0)
-                # SD 1.5's text encoder: CLIP ViT-L/14's text tower.
-                cfg = CLIPTextConfig(
-                    vocab_size=49408,
-                    hidden_size=768,
-                    intermediate_size=3072,
-                    num_hidden_layers=12,
-                    num_attention_heads=12,
-                    max_position_embeddings=77,
-                    hidden_act="quick_gelu",
-                )
+                cfg = CLIPTextConfig(**SD15_TEXT)
                 te = CLIPTextModel(cfg).to(dev, torch.float16).eval()
                 ids = torch.randint(0, 49408, (2, 77), device=dev, generator=g)
                 spread = {}
@@ -278,20 +282,9 @@ def generate(size, steps, dev, runs):
 
     dt = torch.float16 if dev == "cuda" else torch.float32
     torch.manual_seed(0)
-    te = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    ).to(dev, dt).eval()
+    te = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(dev, dt).eval()
     unet = UNet2DConditionModel(**SD15_UNET).to(dev, dt).eval()
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-    ).to(dev, dt).eval()
+    vae = AutoencoderKL(**SD15_VAE).to(dev, dt).eval()
     # SD 1.5's scheduler_config.json, as hdb's SchedulerConfig::default.
     sched = EulerAncestralDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                             beta_schedule="scaled_linear", steps_offset=1)
