@@ -213,46 +213,13 @@ macro_rules! on_net {
     };
 }
 
-/// The storage type most of a hypernetwork file's parameters are in (f32 when it has none).
-pub fn hypernet_file_dtype(path: &std::path::Path) -> Result<crate::tensor::DType> {
-    let f = crate::io::safetensors::SafetensorsFile::open(path)?;
-    let mut counts = std::collections::BTreeMap::new();
-    for e in f.tensors() {
-        if let Some(d) = crate::io::safetensors::float_dtype(e.dtype) {
-            *counts.entry(d).or_insert(0u64) += e.shape.numel().unwrap_or(0) as u64;
-        }
-    }
-    Ok(counts
-        .into_iter()
-        .max_by_key(|&(_, n)| n)
-        .map_or(crate::tensor::DType::F32, |(d, _)| d))
-}
-
 impl PlacedHypernet {
     /// The hypernetwork file at `path` on `rt`'s device: on a GPU in the file's storage type
-    /// ([`hypernet_file_dtype`]), on the CPU in f32.
+    /// (the dtype holding most of its parameters), on the CPU in f32.
     pub fn load(rt: &Runtime, path: &std::path::Path) -> Result<PlacedHypernet> {
-        #[cfg(feature = "cuda")]
-        if let Some(dev) = rt.cuda() {
-            use crate::backend::cuda::Cuda;
-            use crate::tensor::DType;
-            return Ok(match hypernet_file_dtype(path)? {
-                DType::F32 => PlacedHypernet::Cuda(Box::new(Hypernet::load_on(
-                    Cuda::<f32>::new(dev.clone()),
-                    path,
-                )?)),
-                DType::F16 => PlacedHypernet::CudaF16(Box::new(Hypernet::load_on(
-                    Cuda::<half::f16>::new(dev.clone()),
-                    path,
-                )?)),
-                DType::BF16 => PlacedHypernet::CudaBf16(Box::new(Hypernet::load_on(
-                    Cuda::<half::bf16>::new(dev.clone()),
-                    path,
-                )?)),
-            });
-        }
-        rt.install(|| Hypernet::load(path))
-            .map(|n| PlacedHypernet::Cpu(Box::new(n)))
+        let (config, store) = crate::hypernet::read(path)?;
+        let dtype = store.main_dtype().unwrap_or(crate::tensor::DType::F32);
+        Self::from_source_as(rt, config, &store, dtype)
     }
 
     /// A hypernetwork of `config` from `src` (random weights in benchmarks and the demo) on

@@ -433,63 +433,71 @@ impl Hypernet<Cpu> {
     }
 }
 
-impl<B: Backend> Hypernet<B> {
-    /// As [`Hypernet::load`], on backend `be`.
-    pub fn load_on(be: B, path: &Path) -> Result<Hypernet<B>> {
-        let f = Arc::new(SafetensorsFile::open(path)?);
-        let text = f
-            .metadata()
-            .get("config")
-            .ok_or_else(|| Error::InvalidFile {
-                path: path.to_path_buf(),
-                format: "hypernetwork",
-                reason: "no 'config' in the safetensors metadata".into(),
-            })?;
-        let config = HypernetConfig::from_json(text, path)?;
-        let shapes = config.tensor_shapes();
-        let expected: BTreeMap<&str, &[usize]> = shapes
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        let mut store = WeightStore::default();
-        let file = store.add_file(f.clone());
-        for e in f.tensors() {
-            if !expected.contains_key(e.name.as_str()) {
-                return Err(Error::invalid_model(
-                    path,
-                    format!("unexpected tensor '{}' for this config", e.name),
-                ));
-            }
-            store.insert(e.name.clone(), file, &e.name, e.shape.clone())?;
+/// A hypernetwork v1 file's config and its tensors (memory-mapped, not converted), each checked
+/// against the config: what [`Hypernet::load_on`] builds from. Errors name the file and the
+/// field or tensor at fault.
+pub fn read(path: &Path) -> Result<(HypernetConfig, WeightStore)> {
+    let f = Arc::new(SafetensorsFile::open(path)?);
+    let text = f
+        .metadata()
+        .get("config")
+        .ok_or_else(|| Error::InvalidFile {
+            path: path.to_path_buf(),
+            format: "hypernetwork",
+            reason: "no 'config' in the safetensors metadata".into(),
+        })?;
+    let config = HypernetConfig::from_json(text, path)?;
+    let shapes = config.tensor_shapes();
+    let expected: BTreeMap<&str, &[usize]> = shapes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let mut store = WeightStore::default();
+    let file = store.add_file(f.clone());
+    for e in f.tensors() {
+        if !expected.contains_key(e.name.as_str()) {
+            return Err(Error::invalid_model(
+                path,
+                format!("unexpected tensor '{}' for this config", e.name),
+            ));
         }
-        // The config against the tensors present, before anything is built: a config that
-        // claims more than the file holds fails here, at once.
-        // (In the order the network is built, so the first problem named is the first a
-        // build would meet.)
-        let missing: Vec<&(String, Vec<usize>)> = shapes
-            .iter()
-            .filter(|(k, _)| store.get(k).is_none())
-            .collect();
-        if let Some((first, shape)) = missing.first() {
+        store.insert(e.name.clone(), file, &e.name, e.shape.clone())?;
+    }
+    // The config against the tensors present, before anything is built: a config that
+    // claims more than the file holds fails here, at once.
+    // (In the order the network is built, so the first problem named is the first a
+    // build would meet.)
+    let missing: Vec<&(String, Vec<usize>)> = shapes
+        .iter()
+        .filter(|(k, _)| store.get(k).is_none())
+        .collect();
+    if let Some((first, shape)) = missing.first() {
+        return Err(Error::invalid_model(
+            path,
+            format!(
+                "the config needs {} tensor(s) the file lacks, e.g. '{first}' (shape {shape:?})",
+                missing.len(),
+            ),
+        ));
+    }
+    for (k, shape) in &shapes {
+        if let Some(w) = store.get(k).filter(|w| w.shape.dims() != shape.as_slice()) {
             return Err(Error::invalid_model(
                 path,
                 format!(
-                    "the config needs {} tensor(s) the file lacks, e.g. '{first}' (shape {shape:?})",
-                    missing.len(),
+                    "tensor '{k}' has shape {}, the config needs {shape:?}",
+                    w.shape
                 ),
             ));
         }
-        for (k, shape) in &shapes {
-            if let Some(w) = store.get(k).filter(|w| w.shape.dims() != shape.as_slice()) {
-                return Err(Error::invalid_model(
-                    path,
-                    format!(
-                        "tensor '{k}' has shape {}, the config needs {shape:?}",
-                        w.shape
-                    ),
-                ));
-            }
-        }
+    }
+    Ok((config, store))
+}
+
+impl<B: Backend> Hypernet<B> {
+    /// As [`Hypernet::load`], on backend `be`.
+    pub fn load_on(be: B, path: &Path) -> Result<Hypernet<B>> {
+        let (config, store) = read(path)?;
         Hypernet::from_source_on(be, config, &store)
     }
 

@@ -475,11 +475,7 @@ impl ComponentWeights {
 
     /// The dtype holding most parameters.
     pub fn main_dtype(&self) -> Option<DType> {
-        self.weights
-            .dtype_counts()
-            .into_iter()
-            .max_by_key(|(_, n)| *n)
-            .map(|(d, _)| d)
+        self.weights.main_dtype()
     }
 }
 

@@ -208,4 +208,12 @@ impl WeightStore {
         }
         m
     }
+
+    /// The dtype holding most parameters (`None` for an empty store).
+    pub fn main_dtype(&self) -> Option<DType> {
+        self.dtype_counts()
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(d, _)| d)
+    }
 }

@@ -147,7 +147,7 @@ pub fn bench(
     }
     let be = Profiled::new(hdb::backend::Cpu);
     let net = rt.install(|| Hypernet::from_source_on(be, cfg, &src))?;
-    bench_net(&rt, &net, t, runs, peer, "cpu")
+    bench_net(&rt, &net, t, runs, peer, ("cpu", "f32"))
 }
 
 /// [`bench`] on a GPU backend `be` (each profiled op waits for the device).
@@ -167,17 +167,18 @@ fn bench_cuda<T: hdb::backend::cuda::ops::BlasElem>(
         let _ = d.synchronize();
     });
     let net = Hypernet::from_source_on(be, cfg, src)?;
-    bench_net(rt, &net, t, runs, peer, "cuda")
+    bench_net(rt, &net, t, runs, peer, ("cuda", T::SUFFIX))
 }
 
-/// [`bench`] of `net` (made at `t`) on `rt`, against the PyTorch peer on `peer_device`.
+/// [`bench`] of `net` (made at `t`) on `rt`, against the PyTorch peer on `peer_device` in
+/// `dtype` (the storage type `net` runs in: "f32", "f16" or "bf16").
 fn bench_net<B: Backend>(
     rt: &hdb::Runtime,
     net: &Hypernet<Profiled<B>>,
     t: Instant,
     runs: usize,
     peer: Option<&Path>,
-    peer_device: &str,
+    (peer_device, dtype): (&str, &str),
 ) -> hdb::Result<()> {
     let threads = rt.threads();
     eprintln!(
@@ -222,13 +223,10 @@ fn bench_net<B: Backend>(
             d.as_secs_f64() * 1e3
         );
     }
-    // The peer runs in the storage type hdb runs (the last word of `describe`: f32, f16, bf16).
-    let described = be.describe();
-    let dtype = described.rsplit(' ').next().unwrap_or("f32");
     let where_ = if peer_device == "cpu" {
         format!("cpu f32, {threads} threads")
     } else {
-        described.clone()
+        be.describe()
     };
     println!(
         "hdb {where_}: one prediction at the default config (ViT-H/14 224 px, d_model 1024, 176 layer tokens, {} iterations): {med:.4} s (median of {}), {:.1} TFLOP/s",
