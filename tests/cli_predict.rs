@@ -139,3 +139,34 @@ fn predict_device_option() {
         Tol::RelL2(1e-2),
     );
 }
+
+/// `hdb bench hypernet --dtype`: a type that is not one is refused by name, and half precision
+/// on the CPU is refused naming the argument, before the (large) network is built.
+#[test]
+fn bench_hypernet_dtype_errors_name_the_argument() {
+    let run = |args: &[&str]| {
+        let r = Command::new(env!("CARGO_BIN_EXE_hdb"))
+            .args(["bench", "hypernet", "--device", "cpu"])
+            .args(args)
+            .output()
+            .expect("run hdb");
+        (
+            r.status.success(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["--dtype", "f8"]);
+    assert!(
+        !ok && err.contains("'f8' is not a storage type: f32, f16 or bf16"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--dtype", "f16"]);
+    assert!(
+        !ok && err.contains("--dtype") && err.contains("needs --device cuda"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("made in"),
+        "the network was built before the refusal: {err}"
+    );
+}
