@@ -9,21 +9,32 @@
 #include <stdatomic.h>
 #include <time.h>
 
-/* STEPS leaves the cancelling thread ample time to land mid-run; the runs that must finish
- * use SHORT steps (valgrind runs these programs too: every step there costs seconds). */
-enum { W = 64, H = 64, STEPS = 40, SHORT = 4 };
+/* The cancelled runs ask for STEPS and must stop well before; the runs that must finish use
+ * SHORT steps (valgrind runs these programs too: every step there costs seconds). */
+enum { W = 64, H = 64, STEPS = 12, SHORT = 4 };
 
 typedef struct {
     atomic_int steps;     /* steps reported so far */
     int total;            /* the steps the running call was asked for */
     hdb_session *session; /* cancelled from the callback at cancel_at (0: never) */
     int cancel_at;
+    /* The first step's callback waits (up to a minute) until the cancelling thread has
+     * sent its request, so the request lands while the call runs however the threads are
+     * scheduled (valgrind runs one thread at a time and can starve the canceller). */
+    bool hold_first_step;
+    atomic_bool cancel_sent;
 } watch;
 
 static bool on_step(void *ud, uint64_t done, uint64_t total, const char *stage) {
     watch *w = ud;
     if (total != (uint64_t)w->total || done > total || strcmp(stage, "denoise") != 0) return false;
     int n = atomic_fetch_add(&w->steps, 1) + 1;
+    if (w->hold_first_step && n == 1) {
+        for (int i = 0; i < 600000 && !atomic_load(&w->cancel_sent); i++) {
+            struct timespec ts = {0, 100 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
     if (w->cancel_at != 0 && n == w->cancel_at &&
         hdb_session_cancel(w->session) != HDB_STATUS_OK) return false;
     return true;
@@ -39,6 +50,7 @@ static void *canceller(void *arg) {
         nanosleep(&ts, NULL);
     }
     if (hdb_session_cancel(s) != HDB_STATUS_OK) abort();
+    atomic_store(&g_watch.cancel_sent, true);
     return NULL;
 }
 
@@ -78,10 +90,13 @@ static int test_main(int argc, char **argv) {
     atomic_store(&g_watch.steps, 0);
     p.steps = STEPS;
     g_watch.total = STEPS;
+    g_watch.hold_first_step = true;
     pthread_t t;
     CHECK(pthread_create(&t, NULL, canceller, s) == 0, "start the cancelling thread");
     CHECK_STATUS(hdb_generate(s, &p, &img, 1), HDB_STATUS_CANCELLED, "cancelled from another thread");
     pthread_join(t, NULL);
+    g_watch.hold_first_step = false;
+    CHECK(atomic_load(&g_watch.cancel_sent), "the cancelling thread sent its request");
     int ran = atomic_load(&g_watch.steps);
     CHECK(ran >= 1 && ran < STEPS, "it stopped early (%d of %d steps)", ran, STEPS);
     CHECK(last_error_nonempty(), "with a message");
