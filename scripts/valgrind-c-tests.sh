@@ -10,7 +10,8 @@
 # proving the leak check works.
 #
 # Usage: scripts/valgrind-c-tests.sh [program ...]   (default: every tests/c/*.c)
-# Env:   CC (default cc), CARGO_TARGET_DIR, KEEP=1 to keep the build/run dir.
+# Env:   CC (default cc), CARGO_TARGET_DIR, KEEP=1 to keep the build/run dir, JOBS (programs
+#        under valgrind at once; default: the number of cores).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,20 +54,36 @@ run_valgrind() { # run_valgrind <name> <exe> <log>
 if [[ $# -gt 0 ]]; then
     programs=("$@")
 else
-    programs=()
-    for src in tests/c/*.c; do programs+=("$(basename "$src" .c)"); done
+    # The longest first (threads: about 3 minutes), so the others fill the other cores.
+    programs=(threads)
+    for src in tests/c/*.c; do
+        [[ "$(basename "$src" .c)" == threads ]] || programs+=("$(basename "$src" .c)")
+    done
 fi
+
+# Each program under valgrind uses one core (valgrind runs one thread at a time): run as many
+# at once as there are cores, then report in order.
+jobs_max="${JOBS:-$(nproc)}"
+for name in "${programs[@]}"; do build "tests/c/$name.c" "$work/bin/$name"; done
+run_one() { # run_one <name>: writes $work/<name>.log and $work/<name>.rc
+    local start=$SECONDS rc=0
+    run_valgrind "$1" "$work/bin/$1" "$work/$1.log" || rc=$?
+    echo "$rc $((SECONDS - start))" >"$work/$1.rc"
+}
+for name in "${programs[@]}"; do
+    while [[ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]]; do wait -n || true; done
+    run_one "$name" &
+done
+wait
 
 failed=()
 for name in "${programs[@]}"; do
-    exe="$work/bin/$name"
     log="$work/$name.log"
-    build "tests/c/$name.c" "$exe"
-    start=$SECONDS
-    if run_valgrind "$name" "$exe" "$log" && grep -q "^PASS $name: " "$log"; then
-        echo "ok    $name ($(grep "^PASS $name: " "$log" | sed 's/.*: //'), $((SECONDS - start))s)"
+    read -r rc secs <"$work/$name.rc"
+    if [[ $rc == 0 ]] && grep -q "^PASS $name: " "$log"; then
+        echo "ok    $name ($(grep "^PASS $name: " "$log" | sed 's/.*: //'), ${secs}s)"
     else
-        echo "FAIL  $name ($((SECONDS - start))s):"
+        echo "FAIL  $name (exit $rc, ${secs}s):"
         grep -v '^ok [0-9]*: ' "$log" | sed 's/^/    /'
         failed+=("$name")
     fi
