@@ -45,6 +45,7 @@
 #include "cuda_emu.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -138,14 +139,29 @@ bool in_device(uintptr_t p, size_t bytes, const std::string& what) {
     return false;
 }
 
+// Whether both guard bands of an allocation of `bytes` at `base` still hold kGuardByte: two
+// memcmp calls against a constant band, since checking every allocation after every launch
+// byte by byte was 9% of the emulated GPU tests' time (perf).
+bool guards_intact(const unsigned char* base, size_t bytes) {
+    static const auto band = [] {
+        std::array<unsigned char, kGuard> b;
+        b.fill(kGuardByte);
+        return b;
+    }();
+    return std::memcmp(base, band.data(), kGuard) == 0 &&
+           std::memcmp(base + kGuard + bytes, band.data(), kGuard) == 0;
+}
+
 void check_guards(const std::string& after) {
-    for (auto& [addr, a] : g_allocs)
+    for (auto& [addr, a] : g_allocs) {
+        if (guards_intact(a.base, a.bytes)) continue; // the usual case, fast
         for (size_t i = 0; i < kGuard; ++i)
             if (a.base[i] != kGuardByte || a.base[kGuard + a.bytes + i] != kGuardByte)
                 die(after + " wrote outside the device allocation at " + hex(addr) + " (" +
                     std::to_string(a.bytes) + " bytes): guard byte " +
                     (a.base[i] != kGuardByte ? "-" + std::to_string(kGuard - i)
                                              : "+" + std::to_string(i)));
+    }
 }
 
 int mem_alloc(unsigned long long* dptr, size_t bytes) {
