@@ -22,8 +22,8 @@
 // Every buffer lies between 256-byte guard zones; a launch that writes one is an error.
 // Errors go to stderr with exit status 2 (job) or 3 (emulated kernel).
 #include "cuda_emu.h"
+#include "guard.h"
 
-#include <array>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -44,8 +44,8 @@ namespace {
     std::exit(2);
 }
 
-constexpr size_t kGuard = 256;
-constexpr unsigned char kGuardByte = 0x5a;
+using hdb_emu_guard::kGuard;
+using hdb_emu_guard::kGuardByte;
 
 struct Buffer {
     unsigned char* base = nullptr; // guard, data, guard
@@ -131,22 +131,9 @@ const std::map<std::string, Launcher>& kernels() {
     return m;
 }
 
-// Whether both guard bands of an allocation of `bytes` at `base` still hold kGuardByte: two
-// memcmp calls against a constant band, since checking every allocation after every launch
-// byte by byte was 9% of the emulated GPU tests' time (perf).
-bool guards_intact(const unsigned char* base, size_t bytes) {
-    static const auto band = [] {
-        std::array<unsigned char, kGuard> b;
-        b.fill(kGuardByte);
-        return b;
-    }();
-    return std::memcmp(base, band.data(), kGuard) == 0 &&
-           std::memcmp(base + kGuard + bytes, band.data(), kGuard) == 0;
-}
-
 void check_guards(const std::string& kernel) {
     for (auto& [id, b] : g_buffers) {
-        if (guards_intact(b.base, b.bytes)) continue; // the usual case, fast
+        if (hdb_emu_guard::intact(b.base, b.bytes)) continue; // the usual case, fast
         for (size_t i = 0; i < kGuard; ++i)
             if (b.base[i] != kGuardByte || b.base[kGuard + b.bytes + i] != kGuardByte)
                 job_fail(kernel + " wrote outside buffer " + std::to_string(id) + " (" +

@@ -43,9 +43,9 @@
 // forms, column-major as documented: C = alpha op(A) op(B) + beta C with f32 accumulation
 // (products summed in double, rounded once), C not read when beta is 0, f32/f16/bf16 storage.
 #include "cuda_emu.h"
+#include "guard.h"
 
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -88,8 +88,8 @@ void note(const std::string& msg) {
 // Device memory
 // ---------------------------------------------------------------------------------------------
 
-constexpr size_t kGuard = 256;
-constexpr unsigned char kGuardByte = 0x5a;
+using hdb_emu_guard::kGuard;
+using hdb_emu_guard::kGuardByte;
 
 struct Alloc {
     unsigned char* base; // guard, data, guard
@@ -139,22 +139,9 @@ bool in_device(uintptr_t p, size_t bytes, const std::string& what) {
     return false;
 }
 
-// Whether both guard bands of an allocation of `bytes` at `base` still hold kGuardByte: two
-// memcmp calls against a constant band, since checking every allocation after every launch
-// byte by byte was 9% of the emulated GPU tests' time (perf).
-bool guards_intact(const unsigned char* base, size_t bytes) {
-    static const auto band = [] {
-        std::array<unsigned char, kGuard> b;
-        b.fill(kGuardByte);
-        return b;
-    }();
-    return std::memcmp(base, band.data(), kGuard) == 0 &&
-           std::memcmp(base + kGuard + bytes, band.data(), kGuard) == 0;
-}
-
 void check_guards(const std::string& after) {
     for (auto& [addr, a] : g_allocs) {
-        if (guards_intact(a.base, a.bytes)) continue; // the usual case, fast
+        if (hdb_emu_guard::intact(a.base, a.bytes)) continue; // the usual case, fast
         for (size_t i = 0; i < kGuard; ++i)
             if (a.base[i] != kGuardByte || a.base[kGuard + a.bytes + i] != kGuardByte)
                 die(after + " wrote outside the device allocation at " + hex(addr) + " (" +

@@ -109,6 +109,7 @@ fn build(main: &str, extra: &[&str], dir: &Path, stem: &str) -> PathBuf {
     (inc.as_str(), &cxx, CXX_FLAGS, extra).hash(&mut h);
     let mut sources = vec![
         root.join("tests/emu/cuda_emu.h"),
+        root.join("tests/emu/guard.h"),
         root.join("tests/emu").join(main),
         root.join("tests/emu/selftest.cuh"),
         root.join("kernels/common.cuh"),
