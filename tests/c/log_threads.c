@@ -2,8 +2,9 @@
  * hdb_set_log_callback is synchronous: once it returns, no other thread is still inside the
  * callback it replaced, so the host may free that callback's user data at once. Eight threads
  * log without pause (failing loads log at DEBUG) while the main thread swaps the callback to a
- * freshly malloc'd user data and frees the old one, 40 times (8 under valgrind); a call that was still running
- * would touch freed memory, which AddressSanitizer reports (and valgrind, in its run).
+ * freshly malloc'd user data and frees the old one, 40 times (8 under valgrind); a call that
+ * was still running would touch freed memory, which AddressSanitizer reports (and valgrind, in
+ * its run).
  */
 #include "common.h"
 
