@@ -179,7 +179,7 @@ fn random_adapter(
     seed: u64,
     rank: usize,
 ) -> Adapter {
-    common::random_lora(table, seed, rank, |i| (i + seed as usize) % 2 == 0)
+    common::random_lora(table, seed, rank, |i| (i + seed as usize).is_multiple_of(2))
 }
 
 fn adapter_cases<T: BlasElem>(dev: &Arc<CudaDevice>, failures: &mut Vec<String>) {

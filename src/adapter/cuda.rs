@@ -568,7 +568,7 @@ impl<T: BlasElem> AdapterHook<Cuda<T>> for LayerAdaptersCtx<'_, T> {
             || x.len() != rows * din
             || y.len() != rows * dout
             || batch == 0
-            || rows % batch != 0
+            || !rows.is_multiple_of(batch)
         {
             return Err(Error::Internal(format!(
                 "adapter '{key}': {} inputs and {} outputs in {batch} samples do not fit \

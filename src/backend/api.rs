@@ -492,7 +492,7 @@ pub(crate) mod shapes {
         check_len(op, "x", x, volume(op, &[d.batch, d.channels, d.hw])?)?;
         check_len(op, "gamma", gamma, d.channels)?;
         check_len(op, "beta", beta, d.channels)?;
-        if d.groups == 0 || d.channels % d.groups != 0 {
+        if d.groups == 0 || !d.channels.is_multiple_of(d.groups) {
             return Err(Error::Internal(format!(
                 "{op}: {} groups do not divide {} channels",
                 d.groups, d.channels

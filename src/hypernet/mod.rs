@@ -213,13 +213,13 @@ impl HypernetConfig {
                 e.patch_size, e.img_size
             ));
         }
-        if e.width % e.heads != 0 {
+        if !e.width.is_multiple_of(e.heads) {
             return Err(format!(
                 "config 'encoder.width' {} is not a multiple of 'encoder.heads' {}",
                 e.width, e.heads
             ));
         }
-        if self.d_model % self.heads != 0 {
+        if !self.d_model.is_multiple_of(self.heads) {
             return Err(format!(
                 "config 'd_model' {} is not a multiple of 'heads' {}",
                 self.d_model, self.heads

@@ -38,7 +38,7 @@ fn check_chunks(bytes: &[u8]) -> std::result::Result<(), String> {
     while let Some(head) = bytes.get(at..at + 8) {
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let kind = &head[4..8];
-        if kind == b"PLTE" && len % 3 != 0 {
+        if kind == b"PLTE" && !len.is_multiple_of(3) {
             return Err(format!(
                 "its PLTE chunk has {len} bytes, not a whole number of 3-byte RGB entries"
             ));

@@ -412,7 +412,7 @@ impl UnetConfig {
                 ));
             }
         }
-        if self.block_out_channels[0] % 2 != 0 {
+        if !self.block_out_channels[0].is_multiple_of(2) {
             return Err("block_out_channels[0] (the timestep embedding width) must be even".into());
         }
         Ok(())

@@ -94,7 +94,7 @@ impl TextEncoderConfig {
                 .map_or(d.layer_norm_eps, |x| x as f32),
             hidden_act,
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(invalid(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
@@ -306,7 +306,7 @@ impl<B: Backend> TextEncoder<B> {
     pub(crate) fn embed(&self, ids: &[u32], batch: usize) -> Result<(B::Buf, usize)> {
         let cfg = &self.config;
         let d = cfg.hidden_size;
-        if batch == 0 || ids.len() % batch != 0 {
+        if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(Error::invalid_arg(
                 "ids",
                 format!("{} ids do not split into {batch} sequences", ids.len()),

@@ -177,7 +177,7 @@ impl WeightStore {
             ));
         }
         let bytes = self.bytes(w);
-        let aligned = bytes.as_ptr() as usize % std::mem::align_of::<f32>() == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>());
         if w.dtype == DType::F32 && aligned {
             if let Some(file) = self.files.get(w.file) {
                 return Ok(F32Weight::Mapped {

@@ -339,7 +339,7 @@ impl Data {
     ) -> Result<Data> {
         let res = params.resolution;
         let f = m.vae.config.downscale();
-        if res % f != 0 {
+        if !res.is_multiple_of(f) {
             return Err(Error::invalid_arg(
                 "resolution",
                 format!("{res} is not a multiple of the VAE's factor {f}"),

@@ -66,7 +66,7 @@ impl<B: Backend> TrainHook<B> {
         let Some(l) = self.layers.get(key) else {
             return Ok(None);
         };
-        if din == 0 || x_len % din != 0 {
+        if din == 0 || !x_len.is_multiple_of(din) {
             return Err(Error::Internal(format!(
                 "trained adapter '{key}': {x_len} inputs are not rows of {din}"
             )));

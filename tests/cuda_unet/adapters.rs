@@ -27,7 +27,7 @@ pub(crate) fn random_adapter(
     skip: usize,
 ) -> Adapter {
     common::random_lora(unet.adaptable_layers(), seed, rank, |i| {
-        i >= skip && (i - skip) % every == 0
+        i >= skip && (i - skip).is_multiple_of(every)
     })
 }
 

@@ -18,6 +18,22 @@ const SPLIT_COLS_MAX_ROWS: usize = 4096;
 /// The width of one column slice.
 const SPLIT_COLS: usize = 128;
 
+/// Whether `x[m, k] · w[n, k]^T` runs on hdb's own AVX-512 kernel (`xwt.rs`) rather than the
+/// gemm crate: on AVX-512 CPUs, below [`SPLIT_COLS_MAX_ROWS`] rows (at the UNet's 8192 the
+/// crate's own kernel is as fast: `hdb bench gemm`), at least one full register tile wide and
+/// 16 deep (narrower products, LoRA's rank-4 factors say, would waste most of its lanes).
+fn xwt_fits(m: usize, k: usize, n: usize) -> bool {
+    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+    {
+        m < SPLIT_COLS_MAX_ROWS && n >= 32 && k >= 16 && super::xwt::available()
+    }
+    #[cfg(not(all(target_arch = "x86_64", feature = "avx512")))]
+    {
+        let _ = (m, k, n);
+        false
+    }
+}
+
 pub(crate) fn par_for(macs: usize) -> Parallelism {
     let t = rayon::current_num_threads();
     if t > 1 && macs >= PAR_MIN_MACS {
@@ -128,6 +144,10 @@ pub fn linear(
     let a = Mat::new(x, k, 1);
     let bt = Mat::new(w, 1, k);
     let macs = extent("linear", &[m, k, n]);
+    if xwt_fits(m, k, n) {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        return super::xwt::xwt(y, x, w, m, k, n, bias.is_some());
+    }
     if m < SPLIT_COLS_MAX_ROWS && n > SPLIT_COLS && macs >= PAR_MIN_MACS {
         // Column slices of SPLIT_COLS, in parallel, each one single-threaded GEMM. The slices
         // do not depend on the thread count, so neither do the results.

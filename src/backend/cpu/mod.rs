@@ -16,6 +16,8 @@ pub mod misc;
 pub mod norm;
 pub(crate) mod simd;
 mod winograd;
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+mod xwt;
 
 pub use act::{geglu, gelu_inplace, silu_inplace, softmax_rows};
 pub use attention::attention;

@@ -36,7 +36,7 @@ pub fn group_norm(
     assert_eq!(gamma.len(), channels, "group_norm: gamma");
     assert_eq!(beta.len(), channels, "group_norm: beta");
     assert!(
-        groups > 0 && channels % groups == 0,
+        groups > 0 && channels.is_multiple_of(groups),
         "group_norm: {channels} channels in {groups} groups"
     );
     let cg = channels / groups;

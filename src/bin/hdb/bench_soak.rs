@@ -108,7 +108,7 @@ pub fn run(a: SoakArgs) -> hdb::Result<()> {
     };
     let generate = |session: &mut Session, g: usize| -> hdb::Result<()> {
         let set: Vec<(&Adapter, f32)> = ids.iter().map(|x| (x, 1.0)).collect();
-        if g % 2 == 0 {
+        if g.is_multiple_of(2) {
             session.set_adapters(&set[g % set.len()..][..1], ApplyMode::Merge)?;
             session.set_sample_adapters(None)?;
         } else {

@@ -96,7 +96,7 @@ pub(super) fn decompose_into(t: &NfcTables, c: char, out: &mut Vec<char>) {
         let push = |out: &mut Vec<char>, cp: u32| out.push(char::from_u32(cp).unwrap_or(c));
         push(out, L_BASE + s / N_COUNT);
         push(out, V_BASE + (s % N_COUNT) / T_COUNT);
-        if s % T_COUNT != 0 {
+        if !s.is_multiple_of(T_COUNT) {
             push(out, T_BASE + s % T_COUNT);
         }
         return;
@@ -118,7 +118,7 @@ pub(super) fn compose_pair(t: &NfcTables, a: char, b: char) -> Option<char> {
         return char::from_u32(S_BASE + ((a32 - L_BASE) * V_COUNT + (b32 - V_BASE)) * T_COUNT);
     }
     if (S_BASE..S_BASE + S_COUNT).contains(&a32)
-        && (a32 - S_BASE) % T_COUNT == 0
+        && (a32 - S_BASE).is_multiple_of(T_COUNT)
         && (T_BASE + 1..T_BASE + T_COUNT).contains(&b32)
     {
         return char::from_u32(a32 + (b32 - T_BASE));

@@ -451,7 +451,7 @@ impl<B: Backend> Vae<B> {
                 "batch, height and width must be positive",
             ));
         }
-        if h % f != 0 || w % f != 0 {
+        if !h.is_multiple_of(f) || !w.is_multiple_of(f) {
             return Err(Error::invalid_arg(
                 "image",
                 format!("height {h} and width {w} must be multiples of {f} for this VAE"),
