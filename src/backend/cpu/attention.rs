@@ -61,6 +61,10 @@ pub fn attention(
         return;
     }
     assert!(lk > 0, "attention: no keys");
+    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+    if super::attn512::fits(head_dim) {
+        return super::attn512::attention(out, q, k, v, batch, lq, lk, heads, head_dim);
+    }
     let d = head_dim;
     let scale = 1.0 / (d as f32).sqrt();
     let threads = rayon::current_num_threads();

@@ -8,6 +8,8 @@
 
 pub mod act;
 pub mod attention;
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+mod attn512;
 mod backend;
 pub mod backward;
 pub mod conv;
