@@ -133,6 +133,13 @@ pub fn linear(
     assert_eq!(w.len(), extent("linear", &[n, k]), "linear: w");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear: bias");
+    }
+    if xwt_fits(m, k, n) {
+        // The kernel adds the bias as it stores its first k block: no separate pass over y.
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        return super::xwt::xwt(y, x, w, bias, m, k, n, false);
+    }
+    if let Some(b) = bias {
         if n > 0 {
             super::par_each(y, n * (super::PAR_CHUNK / n.max(1)).max(1), |rows| {
                 for r in rows.chunks_exact_mut(n) {
@@ -144,10 +151,6 @@ pub fn linear(
     let a = Mat::new(x, k, 1);
     let bt = Mat::new(w, 1, k);
     let macs = extent("linear", &[m, k, n]);
-    if xwt_fits(m, k, n) {
-        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
-        return super::xwt::xwt(y, x, w, m, k, n, bias.is_some());
-    }
     if m < SPLIT_COLS_MAX_ROWS && n > SPLIT_COLS && macs >= PAR_MIN_MACS {
         // Column slices of SPLIT_COLS, in parallel, each one single-threaded GEMM. The slices
         // do not depend on the thread count, so neither do the results.

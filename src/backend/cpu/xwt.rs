@@ -159,10 +159,13 @@ unsafe fn pack_x(dst: *mut f32, x: *const f32, ldx: usize, mr: usize, kc: usize)
 }
 
 /// The register tile: y[0..M, 0..nr] (+)= xp · wp over kc steps, from packed x (`xp[p * M + i]`)
-/// and packed w (`wp[p * 32 + j]`); y's rows are `ldy` apart. `load`: add to y's contents.
+/// and packed w (`wp[p * 32 + j]`); y's rows are `ldy` apart. `load`: add to y's contents;
+/// otherwise, unless `bias` is null, add `bias[0..nr]` to every row.
 ///
 /// # Safety
-/// `xp` readable for kc * M floats, `wp` for kc * 32, y read/writable for M rows of nr.
+/// `xp` readable for kc * M floats, `wp` for kc * 32, y read/writable for M rows of nr, `bias`
+/// null or readable for nr floats.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const M: usize>(
     kc: usize,
@@ -172,6 +175,7 @@ unsafe fn tile<const M: usize>(
     ldy: usize,
     nr: usize,
     load: bool,
+    bias: *const f32,
 ) {
     let mut acc0 = [_mm512_setzero_ps(); M];
     let mut acc1 = [_mm512_setzero_ps(); M];
@@ -206,11 +210,23 @@ unsafe fn tile<const M: usize>(
     } else {
         ((1u32 << (nr - 16)) - 1) as __mmask16
     };
+    let with_bias = !load && !bias.is_null();
+    let (b0, b1) = if with_bias {
+        (
+            _mm512_maskz_loadu_ps(m0, bias),
+            _mm512_maskz_loadu_ps(m1, bias.add(16)),
+        )
+    } else {
+        (_mm512_setzero_ps(), _mm512_setzero_ps())
+    };
     for i in 0..M {
         let yr = y.add(i * ldy);
         if load {
             acc0[i] = _mm512_add_ps(acc0[i], _mm512_maskz_loadu_ps(m0, yr));
             acc1[i] = _mm512_add_ps(acc1[i], _mm512_maskz_loadu_ps(m1, yr.add(16)));
+        } else if with_bias {
+            acc0[i] = _mm512_add_ps(acc0[i], b0);
+            acc1[i] = _mm512_add_ps(acc1[i], b1);
         }
         _mm512_mask_storeu_ps(yr, m0, acc0[i]);
         _mm512_mask_storeu_ps(yr.add(16), m1, acc1[i]);
@@ -232,22 +248,23 @@ unsafe fn tile_rows(
     ldy: usize,
     nr: usize,
     load: bool,
+    bias: *const f32,
 ) {
     match mr {
-        14 => tile::<14>(kc, xp, wp, y, ldy, nr, load),
-        13 => tile::<13>(kc, xp, wp, y, ldy, nr, load),
-        12 => tile::<12>(kc, xp, wp, y, ldy, nr, load),
-        11 => tile::<11>(kc, xp, wp, y, ldy, nr, load),
-        10 => tile::<10>(kc, xp, wp, y, ldy, nr, load),
-        9 => tile::<9>(kc, xp, wp, y, ldy, nr, load),
-        8 => tile::<8>(kc, xp, wp, y, ldy, nr, load),
-        7 => tile::<7>(kc, xp, wp, y, ldy, nr, load),
-        6 => tile::<6>(kc, xp, wp, y, ldy, nr, load),
-        5 => tile::<5>(kc, xp, wp, y, ldy, nr, load),
-        4 => tile::<4>(kc, xp, wp, y, ldy, nr, load),
-        3 => tile::<3>(kc, xp, wp, y, ldy, nr, load),
-        2 => tile::<2>(kc, xp, wp, y, ldy, nr, load),
-        1 => tile::<1>(kc, xp, wp, y, ldy, nr, load),
+        14 => tile::<14>(kc, xp, wp, y, ldy, nr, load, bias),
+        13 => tile::<13>(kc, xp, wp, y, ldy, nr, load, bias),
+        12 => tile::<12>(kc, xp, wp, y, ldy, nr, load, bias),
+        11 => tile::<11>(kc, xp, wp, y, ldy, nr, load, bias),
+        10 => tile::<10>(kc, xp, wp, y, ldy, nr, load, bias),
+        9 => tile::<9>(kc, xp, wp, y, ldy, nr, load, bias),
+        8 => tile::<8>(kc, xp, wp, y, ldy, nr, load, bias),
+        7 => tile::<7>(kc, xp, wp, y, ldy, nr, load, bias),
+        6 => tile::<6>(kc, xp, wp, y, ldy, nr, load, bias),
+        5 => tile::<5>(kc, xp, wp, y, ldy, nr, load, bias),
+        4 => tile::<4>(kc, xp, wp, y, ldy, nr, load, bias),
+        3 => tile::<3>(kc, xp, wp, y, ldy, nr, load, bias),
+        2 => tile::<2>(kc, xp, wp, y, ldy, nr, load, bias),
+        1 => tile::<1>(kc, xp, wp, y, ldy, nr, load, bias),
         _ => unreachable!("xwt: tile of {mr} rows"),
     }
 }
@@ -258,6 +275,8 @@ struct Args {
     y: *mut f32,
     x: *const f32,
     w: *const f32,
+    /// Null, or n floats added to every row (unless `acc`).
+    bias: *const f32,
     k: usize,
     n: usize,
     acc: bool,
@@ -322,7 +341,12 @@ unsafe fn block(
                     while i < mc {
                         let mr = MR.min(mc - i);
                         let y = a.y.add((ic + i) * n + jc + j);
-                        tile_rows(mr, kc, xb.add(i * kc), wb, y, n, nr, load);
+                        let bias = if a.bias.is_null() {
+                            a.bias
+                        } else {
+                            a.bias.add(jc + j)
+                        };
+                        tile_rows(mr, kc, xb.add(i * kc), wb, y, n, nr, load, bias);
                         i += mr;
                     }
                     j += NR;
@@ -340,20 +364,37 @@ pub(crate) fn available() -> bool {
     super::simd::level() == super::simd::Level::Avx512
 }
 
-/// `y[m, n] = (acc ? y : 0) + x[m, k] · w[n, k]^T`, on the current rayon pool's threads.
+/// `y[m, n] = (acc ? y : bias) + x[m, k] · w[n, k]^T` (bias[n] broadcast over the rows, 0 when
+/// None), on the current rayon pool's threads.
 ///
 /// Panics unless [`available`] and the lengths match.
-pub(crate) fn xwt(y: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn xwt(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: bool,
+) {
     assert!(available(), "xwt: needs AVX-512");
     assert_eq!(y.len(), super::extent("xwt", &[m, n]), "xwt: y");
     assert_eq!(x.len(), super::extent("xwt", &[m, k]), "xwt: x");
     assert_eq!(w.len(), super::extent("xwt", &[n, k]), "xwt: w");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "xwt: bias");
+    }
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !acc {
-            y.fill(0.0);
+            match bias {
+                Some(b) => y.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b)),
+                None => y.fill(0.0),
+            }
         }
         return;
     }
@@ -361,6 +402,7 @@ pub(crate) fn xwt(y: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: us
         y: y.as_mut_ptr(),
         x: x.as_ptr(),
         w: w.as_ptr(),
+        bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
         k,
         n,
         acc,
@@ -407,10 +449,12 @@ mod tests {
     use super::*;
     use crate::backend::cpu::testutil::rand_vec;
 
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         x: &[f32],
         w: &[f32],
         y0: &[f32],
+        bias: Option<&[f32]>,
         m: usize,
         k: usize,
         n: usize,
@@ -422,15 +466,19 @@ mod tests {
                 let s: f64 = (0..k)
                     .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
                     .sum();
-                y[i * n + j] = s + if acc { y0[i * n + j] as f64 } else { 0.0 };
+                y[i * n + j] = s + match (acc, bias) {
+                    (true, _) => y0[i * n + j] as f64,
+                    (false, Some(b)) => b[j] as f64,
+                    (false, None) => 0.0,
+                };
             }
         }
         y
     }
 
     /// Every tail: rows 1..=14 and beyond a block, columns around 16 and 32, k around 16 and
-    /// KC, with and without accumulation, against an f64 reference; and the same bits on one
-    /// thread as on four.
+    /// KC (and 0), plain, with a bias and accumulating, against an f64 reference; and the same
+    /// bits on one thread as on four.
     #[test]
     fn xwt_matches_naive_at_odd_shapes() {
         if !available() {
@@ -439,6 +487,7 @@ mod tests {
         }
         let shapes = [
             (1, 1, 1),
+            (4, 0, 33),
             (3, 17, 5),
             (14, 16, 32),
             (15, 15, 33),
@@ -450,11 +499,13 @@ mod tests {
             (7, 600, 1100),
         ];
         for (idx, &(m, k, n)) in shapes.iter().enumerate() {
-            for acc in [false, true] {
+            for (acc, with_bias) in [(false, false), (false, true), (true, false)] {
                 let x = rand_vec(m * k, 10 + idx as u64);
                 let w = rand_vec(n * k, 20 + idx as u64);
                 let y0 = rand_vec(m * n, 30 + idx as u64);
-                let want = naive(&x, &w, &y0, m, k, n, acc);
+                let b = rand_vec(n, 40 + idx as u64);
+                let bias = with_bias.then_some(&b[..]);
+                let want = naive(&x, &w, &y0, bias, m, k, n, acc);
                 let mut outs = Vec::new();
                 for threads in [1, 4] {
                     let pool = rayon::ThreadPoolBuilder::new()
@@ -462,7 +513,7 @@ mod tests {
                         .build()
                         .unwrap();
                     let mut y = y0.clone();
-                    pool.install(|| xwt(&mut y, &x, &w, m, k, n, acc));
+                    pool.install(|| xwt(&mut y, &x, &w, bias, m, k, n, acc));
                     outs.push(y);
                 }
                 // Tolerance: f32 accumulation over k terms of |x w| <= 0.25 each.
@@ -476,7 +527,7 @@ mod tests {
                 }
                 assert!(
                     worst <= tol,
-                    "xwt {m}x{k}x{n} acc={acc}: worst |error| {worst:e} at {at} (got {}, want {}), tolerance {tol:e}",
+                    "xwt {m}x{k}x{n} acc={acc} bias={with_bias}: worst |error| {worst:e} at {at} (got {}, want {}), tolerance {tol:e}",
                     outs[0][at],
                     want[at]
                 );
@@ -485,7 +536,7 @@ mod tests {
                         .iter()
                         .zip(&outs[1])
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "xwt {m}x{k}x{n} acc={acc}: 1 and 4 threads differ"
+                    "xwt {m}x{k}x{n} acc={acc} bias={with_bias}: 1 and 4 threads differ"
                 );
             }
         }
