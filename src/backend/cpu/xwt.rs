@@ -13,14 +13,17 @@
 //!   broadcast of the 32 registers. It runs at 98% of the FMA peak on data in L1.
 //!
 //! Blocks: k in chunks of [`KC`] (a panel of w is 32 KB), columns in chunks of [`NC`] so the
-//! rows of y being accumulated stay in L2. Up to [`SPLIT_N_MAX_M`] rows, threads take disjoint
-//! column ranges (each streams only its part of w) with all of x packed per thread; above it,
-//! disjoint row ranges. Every output is summed in the same order (k blocks of [`KC`], each
-//! block's FMAs in k order) whatever the thread count or split, so results do not depend on
-//! the number of threads.
+//! rows of y being accumulated stay in L2. Up to [`SPLIT_N_MAX_M`] rows, x is packed once and
+//! tasks take 128-column chunks (each streams only its part of w); above it, tasks take blocks
+//! of [`MC`] rows. Tasks are smaller than a thread's share and taken dynamically, so one core
+//! slowed by other work does not hold up the product. Every output is summed in the same order
+//! (k blocks of [`KC`], each block's FMAs in k order) whatever the thread count or split, so
+//! results do not depend on the number of threads.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+
+use super::SendPtr;
 
 /// Columns of the register tile (two AVX-512 vectors).
 const NR: usize = 32;
@@ -32,8 +35,10 @@ const KC: usize = 256;
 const NC: usize = 1024;
 /// Row block when rows are split across threads.
 const MC: usize = 476;
-/// Up to this many rows, threads split the columns; above, the rows.
+/// Up to this many rows, tasks take column chunks; above, row blocks.
 const SPLIT_N_MAX_M: usize = 1024;
+/// Panels of w per column task (128 columns).
+const CHUNK_PANELS: usize = 4;
 
 /// Per-thread packing buffers, kept between calls (a fresh allocation per call would fault its
 /// pages in every time).
@@ -43,6 +48,8 @@ struct Bufs {
 }
 
 std::thread_local! {
+    /// All of x packed, on the thread that called [`xwt`], read by its tasks.
+    static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static BUFS: RefCell<Bufs> = const { RefCell::new(Bufs { w: Vec::new(), x: Vec::new() }) };
 }
 
@@ -288,10 +295,12 @@ unsafe impl Send for Args {}
 unsafe impl Sync for Args {}
 
 /// Rows i_lo..i_hi and columns j_lo..j_hi of y, on this thread, rows in blocks of `mcb`.
+/// `xpre`: null, or all of x already packed by [`pack_all_x`] (then i_lo = 0 and mcb = m).
 ///
 /// # Safety
 /// The ranges must lie inside y ([m, n]), x ([m, k]) and w ([n, k]); no other thread may touch
-/// this part of y.
+/// this part of y; a non-null `xpre` holds m * k packed floats.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn block(
     a: Args,
@@ -300,13 +309,16 @@ unsafe fn block(
     j_lo: usize,
     j_hi: usize,
     mcb: usize,
+    xpre: *const f32,
     b: &mut Bufs,
 ) {
     let (k, n) = (a.k, a.n);
     let kcb = KC.min(k);
     b.w.resize(kcb * NR, 0.0);
-    b.x.resize(kcb * mcb.div_ceil(MR) * MR, 0.0);
-    let (wb, xb) = (b.w.as_mut_ptr(), b.x.as_mut_ptr());
+    if xpre.is_null() {
+        b.x.resize(kcb * mcb.div_ceil(MR) * MR, 0.0);
+    }
+    let wb = b.w.as_mut_ptr();
     let mut jc = j_lo;
     while jc < j_hi {
         let nc = NC.min(j_hi - jc);
@@ -317,12 +329,18 @@ unsafe fn block(
             let mut ic = i_lo;
             while ic < i_hi {
                 let mc = mcb.min(i_hi - ic);
-                let mut i = 0;
-                while i < mc {
-                    let mr = MR.min(mc - i);
-                    pack_x(xb.add(i * kc), a.x.add((ic + i) * k + p0), k, mr, kc);
-                    i += mr;
-                }
+                let xb: *const f32 = if xpre.is_null() {
+                    let xb = b.x.as_mut_ptr();
+                    let mut i = 0;
+                    while i < mc {
+                        let mr = MR.min(mc - i);
+                        pack_x(xb.add(i * kc), a.x.add((ic + i) * k + p0), k, mr, kc);
+                        i += mr;
+                    }
+                    xb
+                } else {
+                    xpre.add(p0 * mc)
+                };
                 let mut j = 0;
                 while j < nc {
                     let nr = NR.min(nc - j);
@@ -357,6 +375,36 @@ unsafe fn block(
         }
         jc += nc;
     }
+}
+
+/// Packs all of x ([m, k]) for [`block`]: k block p0 (of [`KC`] columns, fewer in the last)
+/// at `dst + p0 * m`, its 14-row panels `[kc][14]` one after another. One task per k block.
+///
+/// # Safety
+/// AVX-512 must be available; `x` readable for m * k floats; `dst` writable for m * k.
+unsafe fn pack_all_x(dst: *mut f32, x: *const f32, m: usize, k: usize) {
+    use rayon::prelude::*;
+    let (dst, x) = (SendPtr(dst), SendPtr(x as *mut f32));
+    (0..k.div_ceil(KC)).into_par_iter().for_each(|kb| {
+        let p0 = kb * KC;
+        let kc = KC.min(k - p0);
+        let mut i = 0;
+        while i < m {
+            let mr = MR.min(m - i);
+            // SAFETY: rows i..i+mr, columns p0..p0+kc of x; their packed place in dst lies
+            // inside block kb's m * kc floats, which no other task writes.
+            unsafe {
+                pack_x(
+                    dst.get().add(p0 * m + i * kc),
+                    x.get().add(i * k + p0),
+                    k,
+                    mr,
+                    kc,
+                )
+            };
+            i += mr;
+        }
+    });
 }
 
 /// Whether [`xwt`] runs on this CPU.
@@ -407,41 +455,43 @@ pub(crate) fn xwt(
         n,
         acc,
     };
-    let run = |i_lo: usize, i_hi: usize, j_lo: usize, j_hi: usize, mcb: usize| {
+    use rayon::prelude::*;
+    let run = |i_lo: usize, i_hi: usize, j_lo: usize, j_hi: usize, mcb: usize, xpre: SendPtr| {
         BUFS.with(|b| {
             let mut b = b.borrow_mut();
-            // SAFETY: AVX-512 was checked above; the ranges lie inside the checked lengths and
-            // the parts given to the threads below are disjoint.
-            unsafe { block(a, i_lo, i_hi, j_lo, j_hi, mcb, &mut b) }
+            // SAFETY: AVX-512 was checked above; the ranges lie inside the checked lengths, the
+            // tasks below own disjoint parts of y, and xpre is null or all of x packed.
+            unsafe { block(a, i_lo, i_hi, j_lo, j_hi, mcb, xpre.get(), &mut b) }
         })
     };
-    let threads = rayon::current_num_threads();
-    let (units, unit, len) = if m <= SPLIT_N_MAX_M {
-        (n.div_ceil(NR), NR, n)
-    } else {
-        (m.div_ceil(MR), MR, m)
-    };
-    let parts = threads.min(units).max(1);
-    let range = |c: usize| {
-        (
-            units * c / parts * unit,
-            (units * (c + 1) / parts * unit).min(len),
-        )
-    };
-    let part = |c: usize| {
-        let (lo, hi) = range(c);
-        if m <= SPLIT_N_MAX_M {
-            run(0, m, lo, hi, m)
-        } else {
-            run(lo, hi, 0, n, MC)
-        }
-    };
-    if parts == 1 {
-        part(0);
-    } else {
-        use rayon::prelude::*;
-        (0..parts).into_par_iter().for_each(part);
+    // Tasks smaller than a thread's share, taken dynamically, so a thread slowed by other work
+    // on its core (a busy machine or VM) does not hold up the whole product.
+    if m > SPLIT_N_MAX_M {
+        // Row blocks, each packing its own rows of x.
+        let null = SendPtr(std::ptr::null_mut());
+        (0..m.div_ceil(MC)).into_par_iter().for_each(|c| {
+            run(c * MC, (c * MC + MC).min(m), 0, n, MC, null);
+        });
+        return;
     }
+    // Column chunks over all rows, x packed once for all of them.
+    XPACK.with(|cell| {
+        // A nested call on this thread (work stolen while this one waits) packs into its own.
+        let mut own = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let buf: &mut Vec<f32> = match borrowed {
+            Ok(ref mut v) => v,
+            Err(_) => &mut own,
+        };
+        buf.resize(m * k, 0.0);
+        // SAFETY: AVX-512 was checked above; x holds m * k floats, buf as many.
+        unsafe { pack_all_x(buf.as_mut_ptr(), x.as_ptr(), m, k) };
+        let xpre = SendPtr(buf.as_mut_ptr());
+        let chunk = CHUNK_PANELS * NR;
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            run(0, m, c * chunk, (c * chunk + chunk).min(n), m, xpre);
+        });
+    });
 }
 
 #[cfg(test)]
